@@ -1,0 +1,19 @@
+"""Based linear attention kernels (installed as ``based_compile.kernels``).
+
+- ``naive_parallel_based`` / ``naive_chunk_based``: plain-PyTorch references.
+- ``parallel_based``: Triton parallel kernel (training; forward and backward).
+- ``fused_chunk_based``: Triton fused-chunk kernel (long context, O(T) memory).
+"""
+from .arguments import BasedArguments, check_arguments
+from .fused_chunk import fused_chunk_based
+from .naive import naive_chunk_based, naive_parallel_based
+from .parallel import parallel_based
+
+__all__ = [
+    "BasedArguments",
+    "check_arguments",
+    "naive_parallel_based",
+    "naive_chunk_based",
+    "parallel_based",
+    "fused_chunk_based",
+]

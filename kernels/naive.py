@@ -1,0 +1,97 @@
+"""Plain-PyTorch references for Based linear attention (../shared/DESIGN.md section 1).
+
+Both functions compute, per head, with s_ij = scale * q_i . k_j and
+f(s) = c0 + c1 s + c2 s^2:
+
+    n_i = sum_{j <= i} f(s_ij) v_j,   z_i = sum_{j <= i} f(s_ij),   o_i = n_i / (z_i + eps)
+
+(non-causal sums run over all j; ``normalize=False`` returns n_i). They compute in the
+input dtype, so a float64 input gives the float64 reference every fast path is
+tested against. Both are differentiable by autograd.
+
+``naive_parallel_based`` is the quadratic form (a T x T matrix); ``naive_chunk_based``
+the chunked state recurrence (states S0, S1, S2 over earlier chunks, DESIGN.md
+section 2), O(T) memory in T.
+"""
+from __future__ import annotations
+
+import torch
+
+from .arguments import DEFAULT_COEFFS, check_arguments
+
+
+def _to_bhtd(q, k, v, layout):
+    if layout == "BTHD":
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q, k, v
+
+
+def _from_bhtd(o, layout):
+    return o.transpose(1, 2) if layout == "BTHD" else o
+
+
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    # [B, Hkv, T, D] -> [B, Hkv * group, T, D]; query head h uses kv head h // group.
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def naive_parallel_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, normalize=True,
+                         eps=1e-6, layout="BHTD"):
+    """Quadratic-form Based attention. q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv]."""
+    a = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
+    q, k, v = _to_bhtd(q, k, v, layout)
+    k, v = _repeat_kv(k, a.group), _repeat_kv(v, a.group)
+    c0, c1, c2 = a.coeffs
+    s = (q @ k.transpose(-2, -1)) * a.scale                      # [B, H, T, T]
+    w = c0 + c1 * s + c2 * s * s
+    if causal:
+        keep = torch.ones(a.length, a.length, dtype=torch.bool, device=q.device).tril()
+        w = w.masked_fill(~keep, 0.0)
+    o = w @ v                                                    # [B, H, T, Dv]
+    if normalize:
+        o = o / (w.sum(-1, keepdim=True) + a.eps)
+    return _from_bhtd(o, layout)
+
+
+def _outer(x: torch.Tensor) -> torch.Tensor:
+    # [..., D] -> [..., D * D], the flattened x (x) x.
+    return (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+
+
+def naive_chunk_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, normalize=True,
+                      eps=1e-6, layout="BHTD", chunk_size=64):
+    """Chunked-recurrence Based attention: O(T) memory in T, any T (the last chunk may be short)."""
+    a = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    q, k, v = _to_bhtd(q, k, v, layout)
+    k, v = _repeat_kv(k, a.group), _repeat_kv(v, a.group)
+    c0, c1, c2 = a.coeffs
+    if normalize:                                                # V' = [V, 1]: z is the last column
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    q = q * a.scale                                              # fold the scale into q
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    s0 = q.new_zeros(b, h, 1, dv)                                # sum v_j
+    s1 = q.new_zeros(b, h, dk, dv)                               # sum k_j v_j^T
+    s2 = q.new_zeros(b, h, dk * dk, dv)                          # sum (k_j (x) k_j) v_j^T
+    if not causal:
+        s0 = v.sum(2, keepdim=True)
+        s1 = k.transpose(-2, -1) @ v
+        s2 = _outer(k).transpose(-2, -1) @ v
+        o = c0 * s0 + c1 * (q @ s1) + c2 * (_outer(q) @ s2)
+    else:
+        outs = []
+        for start in range(0, t, chunk_size):
+            qc, kc, vc = (x[:, :, start:start + chunk_size] for x in (q, k, v))
+            inter = c0 * s0 + c1 * (qc @ s1) + c2 * (_outer(qc) @ s2)
+            sc = qc @ kc.transpose(-2, -1)
+            w = (c0 + c1 * sc + c2 * sc * sc).tril()
+            outs.append(inter + w @ vc)
+            s0 = s0 + vc.sum(2, keepdim=True)
+            s1 = s1 + kc.transpose(-2, -1) @ vc
+            s2 = s2 + _outer(kc).transpose(-2, -1) @ vc
+        o = torch.cat(outs, dim=2)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + a.eps)
+    return _from_bhtd(o, layout)
