@@ -1,0 +1,41 @@
+"""The spec: the small explicit record that the graph pass derives and the op consumes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class BasedSpec:
+    """Everything that defines one Based attention site (../shared/DESIGN.md section 3).
+
+    layout: "BHTD" ([B, H, T, D]) or "BTHD" ([B, T, H, D]) of q, k, v and the output.
+    scale: multiplies q . k (an explicit float; the matcher resolves defaults).
+    c0, c1, c2: f(s) = c0 + c1 s + c2 s^2.
+    causal, normalize, eps: o_i = n_i / (z_i + eps) when normalize, else n_i.
+    group: query heads per key/value head (1 without grouped-query attention); the
+    operator infers it from the shapes, the spec records it for explain().
+    """
+
+    layout: str = "BHTD"
+    scale: float = 0.25
+    c0: float = 1.0
+    c1: float = 1.0
+    c2: float = 0.5
+    causal: bool = True
+    normalize: bool = True
+    eps: float = 1e-6
+    group: int = 1
+
+    @property
+    def coeffs(self) -> tuple[float, float, float]:
+        return (self.c0, self.c1, self.c2)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        poly = f"{self.c0:g} + {self.c1:g}*s + {self.c2:g}*s^2"
+        norm = f"normalised (eps={self.eps:g})" if self.normalize else "unnormalised"
+        gqa = f", GQA group {self.group}" if self.group != 1 else ""
+        return (f"{self.layout}, s = {self.scale:.6g} * q.k, f(s) = {poly}, "
+                f"{'causal' if self.causal else 'non-causal'}, {norm}{gqa}")

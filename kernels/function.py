@@ -1,0 +1,28 @@
+"""The autograd wrapper shared by the Triton kernels' public functions.
+
+Each kernel module provides a ``forward(q, k, v, args) -> (o, z)`` and a
+``backward(q, k, v, o, z, do, args) -> (dq, dk, dv)`` (z: the float32 normaliser
+[B, H, T] for ``normalize=True``, else None); this turns such a pair into a
+differentiable function. The ``torch.ops.based`` operator registers the same pair
+with ``torch.library`` instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from .arguments import BasedArguments
+
+
+class BasedKernelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, args: BasedArguments, forward, backward):
+        o, z = forward(q, k, v, args)
+        ctx.save_for_backward(q, k, v, o, z)
+        ctx.args, ctx.kernel_backward = args, backward
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, z = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel_backward(q, k, v, o, z, do, ctx.args)
+        return dq, dk, dv, None, None, None
