@@ -1,6 +1,518 @@
-"""Placeholder: the Triton fused_chunk kernel is being written (issue 3)."""
+"""Fused-chunk Based attention in Triton: O(T) memory, one pass over T (DESIGN.md section 2).
+
+T is split into chunks of BT tokens. One program owns one (batch, head, value block of BV
+columns) and walks the chunks in order, carrying in registers the states over the chunks
+before it (with q~ = scale * q, the scale folded into the queries):
+
+    S0 = sum_j v_j  [BV],   S1 = sum_j k_j v_j^T  [BK, BV],   S2 = sum_j (k_j (x) k_j) v_j^T  [BK*BK, BV]
+
+and, for the normaliser, the same states with v_j = 1 (z-states: a count, S1z [BK], S2z [BK, BK]).
+A query i of the chunk gets
+
+    n_i = c0 S0 + c1 q~_i^T S1 + c2 (q~_i (x) q~_i)^T S2          (inter-chunk: tensor-core dots)
+        + sum_{j in chunk, j <= i} f(q~_i . k_j) v_j                (intra-chunk: the parallel form, masked)
+
+Non-causal: a first pass sums the states over all of T, a second computes n_i from them alone.
+Nothing of size T x T exists and no per-chunk state goes to memory.
+
+Backward (two kernels, states recomputed, never stored):
+  - dq: a forward-direction pass with the same states S1, S2 (and S1z, S2z):
+        dq~_i = c1 S1 dn_i + 2 c2 [S2 dn_i]_(a,b) q~_ib + (dz_i terms) + intra-chunk dS K.
+  - dk, dv: a reverse-direction pass with states over later queries
+        R0 = sum_i dn_i, R1 = sum_i q~_i dn_i^T, R2 = sum_i (q~_i (x) q~_i) dn_i^T (+ dz-states),
+        dv_j = c0 R0 + c1 k_j^T R1 + c2 (k_j (x) k_j)^T R2 + intra,
+        dk_j = c1 R1 v_j + 2 c2 [R2 v_j]_(a,b) k_jb + (dz_i terms) + intra.
+  where dn_i = do_i / (z_i + eps) and dz_i = -(do_i . o_i) / (z_i + eps) (plain do, no dz, when
+  normalize=False). Each program handles one value block, so dq and dk are partial sums over
+  value blocks, and for grouped heads dk and dv are per query head: they go to float32 buffers
+  that the host sums. Backward memory: O(T) - float32 buffers of NV*B*H*T*Dk (dq and dk, NV =
+  number of value blocks), B*H*T*Dv (dv, only with grouped heads or several value blocks
+  needing a dtype cast), and two [B, H, T] float32 vectors (1/(z+eps), dz); no chunk states.
+
+Precision: states and accumulators are float32. Matmul operands are the input dtype (float16 /
+bfloat16 tensor cores; float32 inputs use exact float32 dots, no tf32), so the inter-chunk
+states are rounded to the input dtype before their dot: with float16 inputs the value states
+sum_j k_ja k_jb v_j must stay within float16's range (65504). The normaliser's states and dots
+stay float32 throughout.
+
+S2's symmetry (Dk(Dk+1)/2 distinct rows) is not exploited: Triton blocks are powers of two, so
+the 136 rows of Dk=16 would be padded back to 256.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
+from .function import BasedKernelFunction
+
+ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_DK = 32                  # the states S2 [BK*BK, BV] live in registers: Dk <= 32 keeps them there
+# When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
+POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces of the math
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _poly(s, c0, c1, c2):
+    # f(s) = c0 + c1 s + c2 s^2
+    return c0 + s * (c1 + c2 * s)
+
+
+@triton.jit
+def _poly_slope(s, c1, c2):
+    # f'(s) = c1 + 2 c2 s
+    return c1 + 2.0 * c2 * s
+
+
+@triton.jit
+def _outer(x, BT: tl.constexpr, BK: tl.constexpr):
+    # [BT, BK] -> [BT, BK*BK]: row t is the flattened x_t (x) x_t (column a*BK + b holds x_ta x_tb)
+    return tl.reshape(x[:, :, None] * x[:, None, :], (BT, BK * BK))
+
+
+@triton.jit
+def _contract_pairs(g, x, BT: tl.constexpr, BK: tl.constexpr):
+    # g [BT, BK*BK] (column a*BK + b), x [BT, BK] -> [BT, BK]: out_ta = sum_b g_t(a,b) x_tb
+    return tl.sum(tl.reshape(g, (BT, BK, BK)) * x[:, None, :], axis=2)
+
+
+@triton.jit
+def _load_rows(ptr, rows, cols, s_t, s_d, T, D):
+    # [len(rows), len(cols)] tile of a [T, D] matrix with strides (s_t, s_d); zeros outside
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, cols, s_t, s_d, T, D):
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    tl.store(ptr + rows[:, None] * s_t + cols[None, :] * s_d, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fused_chunk_fwd_kernel(
+    q, k, v, o, z,
+    sq_b, sq_h, sq_t, sq_d,           # strides of q, k, v, o in logical [B, H, T, D] order
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    so_b, so_h, so_t, so_d,
+    T, H, GROUP, DK, DV,
+    scale, c0, c1, c2, eps,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q += b * sq_b + h * sq_h
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    o += b * so_b + h * so_h
+    z += pid_bh.to(tl.int64) * T
+    dt = q.dtype.element_ty                                     # dot operand dtype
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+
+    s0 = tl.zeros([BV], dtype=tl.float32)                       # sum v_j
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)                   # sum k_j v_j^T
+    s2 = tl.zeros([BK * BK, BV], dtype=tl.float32)              # sum (k_j (x) k_j) v_j^T
+    s1z = tl.zeros([BK], dtype=tl.float32)                      # sum k_j
+    s2z = tl.zeros([BK, BK], dtype=tl.float32)                  # sum k_j k_j^T
+    if not CAUSAL:                                              # states over all of T first
+        for start in range(0, T, BT):
+            rows = start + offs_t
+            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)  # [BT, BK]
+            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)  # [BT, BV]
+            s0 += tl.sum(vc.to(tl.float32), axis=0)
+            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
+            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)      # [BT, BK*BK]
+            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
+            if NORMALIZE:
+                kf = kc.to(tl.float32)
+                s1z += tl.sum(kf, axis=0)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+
+    for start in range(0, T, BT):
+        rows = start + offs_t
+        qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale   # q~ [BT, BK]
+        qc = qf.to(dt)
+        q2 = _outer(qf, BT, BK).to(dt)                                               # [BT, BK*BK]
+        # inter-chunk: c0 S0 + c1 q~ S1 + c2 (q~ (x) q~) S2                            [BT, BV]
+        acc = c1 * tl.dot(qc, s1.to(dt), input_precision=PRECISION)
+        acc += c2 * tl.dot(q2, s2.to(dt), input_precision=PRECISION)
+        acc += c0 * s0[None, :]
+        if NORMALIZE:
+            if CAUSAL:
+                zc = c0 * start + c1 * tl.sum(qf * s1z[None, :], axis=1)   # the states hold `start` tokens
+            else:
+                zc = c0 * T + c1 * tl.sum(qf * s1z[None, :], axis=1)       # the states hold all T tokens
+            zc += c2 * tl.sum(tl.dot(qf, s2z, input_precision="ieee") * qf, axis=1)   # [BT]
+        if CAUSAL:
+            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            # intra-chunk: A = f(q~ k^T) masked to j <= i                               [BT, BT]
+            a = _poly(tl.dot(qc, tl.trans(kc), input_precision=PRECISION), c0, c1, c2)
+            a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
+            acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
+            # fold this chunk into the states
+            s0 += tl.sum(vc.to(tl.float32), axis=0)
+            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
+            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)
+            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
+            if NORMALIZE:
+                zc += tl.sum(a, axis=1)
+                kf = kc.to(tl.float32)
+                s1z += tl.sum(kf, axis=0)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+        if NORMALIZE:
+            acc = acc / (zc[:, None] + eps)
+            if pid_v == 0:
+                tl.store(z + rows, zc, mask=rows < T)
+        _store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dq (forward direction)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fused_chunk_bwd_dq_kernel(
+    q, k, v, do, rz, dz, dq,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,       # dq buffer: [NV, B, H, T, Dk] (value block first)
+    T, H, GROUP, DK, DV,
+    scale, c1, c2,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q += b * sq_b + h * sq_h
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    do += b * sdo_b + h * sdo_h
+    dq += pid_v.to(tl.int64) * sdq_v + b * sdq_b + h * sdq_h
+    rz += pid_bh.to(tl.int64) * T
+    dz += pid_bh.to(tl.int64) * T
+    dt = q.dtype.element_ty
+    zw = (pid_v == 0).to(tl.float32)          # the normaliser's terms are added by value block 0 only
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)                   # sum k_j v_j^T
+    s2 = tl.zeros([BK * BK, BV], dtype=tl.float32)              # sum (k_j (x) k_j) v_j^T
+    s1z = tl.zeros([BK], dtype=tl.float32)                      # sum k_j
+    s2z = tl.zeros([BK, BK], dtype=tl.float32)                  # sum k_j k_j^T
+    if not CAUSAL:
+        for start in range(0, T, BT):
+            rows = start + offs_t
+            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
+            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)
+            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
+            if NORMALIZE:
+                kf = kc.to(tl.float32)
+                s1z += tl.sum(kf, axis=0)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+
+    for start in range(0, T, BT):
+        rows = start + offs_t
+        qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale   # q~ [BT, BK]
+        qc = qf.to(dt)
+        dn = _load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)        # [BT, BV]
+        if NORMALIZE:
+            dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
+            dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)                 # [BT]
+        dnc = dn.to(dt)
+        # inter-chunk: dq~ = c1 dn S1^T + 2 c2 sum_b [dn S2^T]_(a,b) q~_b             [BT, BK]
+        acc = c1 * tl.dot(dnc, tl.trans(s1.to(dt)), input_precision=PRECISION)
+        g2 = tl.dot(dnc, tl.trans(s2.to(dt)), input_precision=PRECISION)             # [BT, BK*BK]
+        acc += 2.0 * c2 * _contract_pairs(g2, qf, BT, BK)
+        if NORMALIZE:
+            gz = c1 * s1z[None, :] + 2.0 * c2 * tl.dot(qf, s2z, input_precision="ieee")
+            acc += dzc[:, None] * gz
+        if CAUSAL:
+            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            # intra-chunk: dA = dn v^T (+ dz), dS = dA f'(s) masked, dq~ += dS k        [BT, BT]
+            sc = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)
+            da = tl.dot(dnc, tl.trans(vc), input_precision=PRECISION)
+            if NORMALIZE:
+                da += dzc[:, None]
+            ds = tl.where(offs_t[:, None] >= offs_t[None, :], da * _poly_slope(sc, c1, c2), 0.0)
+            acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
+            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
+            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)
+            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
+            if NORMALIZE:
+                kf = kc.to(tl.float32)
+                s1z += tl.sum(kf, axis=0)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+        _store_rows(dq, acc * scale, rows, offs_k, sdq_t, sdq_d, T, DK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dk, dv (reverse direction)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fused_chunk_bwd_dkv_kernel(
+    q, k, v, do, rz, dz, dk, dv,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sdo_b, sdo_h, sdo_t, sdo_d,
+    sdk_v, sdk_b, sdk_h, sdk_t, sdk_d,       # dk buffer: [NV, B, H, T, Dk], per query head
+    sdv_b, sdv_h, sdv_t, sdv_d,              # dv buffer: [B, H, T, Dv], per query head
+    T, H, GROUP, DK, DV,
+    scale, c0, c1, c2,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q += b * sq_b + h * sq_h
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    do += b * sdo_b + h * sdo_h
+    dk += pid_v.to(tl.int64) * sdk_v + b * sdk_b + h * sdk_h
+    dv += b * sdv_b + h * sdv_h
+    rz += pid_bh.to(tl.int64) * T
+    dz += pid_bh.to(tl.int64) * T
+    dt = q.dtype.element_ty
+    zw = (pid_v == 0).to(tl.float32)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+
+    r0 = tl.zeros([BV], dtype=tl.float32)                       # sum dn_i
+    r1 = tl.zeros([BK, BV], dtype=tl.float32)                   # sum q~_i dn_i^T
+    r2 = tl.zeros([BK * BK, BV], dtype=tl.float32)              # sum (q~_i (x) q~_i) dn_i^T
+    r1z = tl.zeros([BK], dtype=tl.float32)                      # sum dz_i q~_i
+    r2z = tl.zeros([BK, BK], dtype=tl.float32)                  # sum dz_i q~_i q~_i^T
+    n_chunks = tl.cdiv(T, BT)
+    if not CAUSAL:
+        for c in range(0, n_chunks):
+            rows = c * BT + offs_t
+            qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
+            dn = _load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)
+            if NORMALIZE:
+                dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
+                dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)
+                r1z += tl.sum(dzc[:, None] * qf, axis=0)
+                r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision="ieee")
+            dnc = dn.to(dt)
+            r0 += tl.sum(dn, axis=0)
+            r1 = tl.dot(tl.trans(qf.to(dt)), dnc, r1, input_precision=PRECISION)
+            r2 = tl.dot(tl.trans(_outer(qf, BT, BK).to(dt)), dnc, r2, input_precision=PRECISION)
+
+    for c in range(0, n_chunks):
+        rows = (n_chunks - 1 - c) * BT + offs_t                 # chunks from last to first
+        kf = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK).to(tl.float32)           # [BT, BK]
+        kc = kf.to(dt)
+        vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
+        # inter-chunk: dv = c0 R0 + c1 k R1 + c2 (k (x) k) R2                          [BT, BV]
+        acc_v = c1 * tl.dot(kc, r1.to(dt), input_precision=PRECISION)
+        acc_v += c2 * tl.dot(_outer(kf, BT, BK).to(dt), r2.to(dt), input_precision=PRECISION)
+        acc_v += c0 * r0[None, :]
+        # inter-chunk: dk = c1 v R1^T + 2 c2 sum_b [v R2^T]_(a,b) k_b                   [BT, BK]
+        acc_k = c1 * tl.dot(vc, tl.trans(r1.to(dt)), input_precision=PRECISION)
+        g2 = tl.dot(vc, tl.trans(r2.to(dt)), input_precision=PRECISION)              # [BT, BK*BK]
+        acc_k += 2.0 * c2 * _contract_pairs(g2, kf, BT, BK)
+        if NORMALIZE:
+            acc_k += c1 * r1z[None, :] + 2.0 * c2 * tl.dot(kf, r2z, input_precision="ieee")
+        if CAUSAL:
+            qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
+            qc = qf.to(dt)
+            dn = _load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)
+            if NORMALIZE:
+                dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
+                dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)
+            dnc = dn.to(dt)
+            # intra-chunk, transposed (rows: keys j, columns: queries i >= j)           [BT, BT]
+            keep = offs_t[None, :] >= offs_t[:, None]
+            st = tl.dot(kc, tl.trans(qc), input_precision=PRECISION)
+            at = tl.where(keep, _poly(st, c0, c1, c2), 0.0)
+            acc_v = tl.dot(at.to(dt), dnc, acc_v, input_precision=PRECISION)
+            dat = tl.dot(vc, tl.trans(dnc), input_precision=PRECISION)
+            if NORMALIZE:
+                dat += dzc[None, :]
+            dst = tl.where(keep, dat * _poly_slope(st, c1, c2), 0.0)
+            acc_k = tl.dot(dst.to(dt), qc, acc_k, input_precision=PRECISION)
+            # fold this chunk's queries into the states
+            r0 += tl.sum(dn, axis=0)
+            r1 = tl.dot(tl.trans(qc), dnc, r1, input_precision=PRECISION)
+            r2 = tl.dot(tl.trans(_outer(qf, BT, BK).to(dt)), dnc, r2, input_precision=PRECISION)
+            if NORMALIZE:
+                r1z += tl.sum(dzc[:, None] * qf, axis=0)
+                r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision="ieee")
+        _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
+        _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FusedChunkConfig:
+    """Block sizes of one launch: chunk length BT, value block BV, warps and pipeline stages."""
+
+    bt: int
+    bv: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def _block_k(dk: int) -> int:
+    return max(16, triton.next_power_of_2(dk))
+
+
+def forward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfig:
+    """The forward's block sizes for these arguments (one fixed choice under the interpreter)."""
+    if triton_interpreting():
+        return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
+    if _block_k(args.dk) > 16:
+        return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
+    return FusedChunkConfig(bt=64, bv=32, num_warps=4, num_stages=1)
+
+
+def backward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfig:
+    """The backward kernels' block sizes (one fixed choice under the interpreter)."""
+    if triton_interpreting():
+        return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
+    if _block_k(args.dk) > 16:
+        return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
+    return FusedChunkConfig(bt=32, bv=32, num_warps=4, num_stages=1)
+
+
+def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
+    if q.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"q, k, v dtype must be one of (float16, bfloat16, float32), got {q.dtype}")
+    if not 1 <= args.dk <= MAX_DK:
+        raise ValueError(f"fused_chunk_based supports feature dims Dk from 1 to {MAX_DK}, got Dk={args.dk}")
+    check_kernel_device(q)
+
+
+def _bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    sb, s1, s2, sd = x.stride()
+    return (sb, s1, s2, sd) if layout == "BHTD" else (sb, s2, s1, sd)
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    x = torch.empty(shape, dtype=dtype, device=device)
+    return x.fill_(float("nan")) if POISON_OUTPUTS else x
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"   # only float32 operands read it
+
+
+def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig):
+    b, h, t = args.batch, args.heads, args.length
+    o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)   # q's layout, last dim Dv
+    z = _new_buffer((b, h, t), torch.float32, q.device) if args.normalize else o  # o: unused pointer
+    grid = (triton.cdiv(args.dv, cfg.bv), b * h)
+    c0, c1, c2 = args.coeffs
+    _fused_chunk_fwd_kernel[grid](
+        q, k, v, o, z,
+        *_bhtd_strides(q, args.layout), *_bhtd_strides(k, args.layout),
+        *_bhtd_strides(v, args.layout), *_bhtd_strides(o, args.layout),
+        t, h, args.group, args.dk, args.dv,
+        args.scale, c0, c1, c2, args.eps,
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+        BT=cfg.bt, BK=_block_k(args.dk), BV=cfg.bv,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, (z if args.normalize else None)
+
+
+def fused_chunk_forward(q, k, v, args: BasedArguments):
+    """Kernel contract: (o, z), o like q (dtype and layout), z the float32 normaliser [B, H, T] or None."""
+    _check_supported(q, args)
+    return _forward(q, k, v, args, forward_config(args, q.dtype))
+
+
+def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
+    b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
+    dev = q.device
+    n_v = triton.cdiv(dv_, cfg.bv)
+    if args.normalize:
+        rz = 1.0 / (z + args.eps)                                                     # [B, H, T]
+        dot_o = (do.float() * o.float()).sum(-1)
+        dz = -(dot_o if args.layout == "BHTD" else dot_o.transpose(1, 2)) * rz          # [B, H, T]
+        rz, dz = rz.contiguous(), dz.contiguous()
+    else:
+        rz = dz = torch.empty(1, dtype=torch.float32, device=dev)                     # unused
+    # dq: straight into q's dtype and layout when one value block holds all of Dv
+    if n_v == 1:
+        dq = _new_buffer(q.shape, q.dtype, dev)
+        dq_strides = (0, *_bhtd_strides(dq, args.layout))
+    else:
+        dq_buf = _new_buffer((n_v, b, h, t, dk_), torch.float32, dev)
+        dq_strides = dq_buf.stride()
+    dq_target = dq if n_v == 1 else dq_buf
+    direct_kv = n_v == 1 and args.group == 1
+    if direct_kv:
+        dk = _new_buffer(k.shape, k.dtype, dev)
+        dv = _new_buffer(v.shape, v.dtype, dev)
+        dk_strides = (0, *_bhtd_strides(dk, args.layout))
+        dv_strides = _bhtd_strides(dv, args.layout)
+        dk_target, dv_target = dk, dv
+    else:
+        dk_target = _new_buffer((n_v, b, h, t, dk_), torch.float32, dev)
+        dv_target = _new_buffer((b, h, t, dv_), torch.float32, dev)
+        dk_strides, dv_strides = dk_target.stride(), dv_target.stride()
+    c0, c1, c2 = args.coeffs
+    grid = (n_v, b * h)
+    common = dict(CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+                  BT=cfg.bt, BK=_block_k(dk_), BV=cfg.bv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    in_strides = (*_bhtd_strides(q, args.layout), *_bhtd_strides(k, args.layout),
+                  *_bhtd_strides(v, args.layout), *_bhtd_strides(do, args.layout))
+    _fused_chunk_bwd_dq_kernel[grid](
+        q, k, v, do, rz, dz, dq_target, *in_strides, *dq_strides,
+        t, h, args.group, dk_, dv_, args.scale, c1, c2, **common)
+    _fused_chunk_bwd_dkv_kernel[grid](
+        q, k, v, do, rz, dz, dk_target, dv_target, *in_strides, *dk_strides, *dv_strides,
+        t, h, args.group, dk_, dv_, args.scale, c0, c1, c2, **common)
+    if n_v > 1:
+        dq = dq_buf.sum(0).to(q.dtype)                                               # [B, H, T, Dk]
+        dq = dq if args.layout == "BHTD" else dq.transpose(1, 2).contiguous()
+    if not direct_kv:
+        dk = dk_target.sum(0).view(b, hk, args.group, t, dk_).sum(2).to(k.dtype)     # [B, Hkv, T, Dk]
+        dv = dv_target.view(b, hk, args.group, t, dv_).sum(2).to(v.dtype)            # [B, Hkv, T, Dv]
+        if args.layout == "BTHD":
+            dk, dv = dk.transpose(1, 2).contiguous(), dv.transpose(1, 2).contiguous()
+    return dq, dk, dv
+
+
+def fused_chunk_backward(q, k, v, o, z, do, args: BasedArguments):
+    """Kernel contract: (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv summed over a group)."""
+    _check_supported(q, args)
+    return _backward(q, k, v, o, z, do, args, backward_config(args, q.dtype))
 
 
 def fused_chunk_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, normalize=True, eps=1e-6,
-               layout="BHTD"):
-    raise NotImplementedError("fused_chunk_based is not implemented yet")
+                      layout="BHTD"):
+    """Differentiable fused-chunk Based attention (O(T) memory); see ``naive_parallel_based`` for the math.
+
+    q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv] (or [B, T, H, D] with layout="BTHD");
+    Dk from 1 to 32; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1).
+    """
+    args = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout, dtypes=ACCEPTED_DTYPES)
+    _check_supported(q, args)
+    return BasedKernelFunction.apply(q, k, v, args, fused_chunk_forward, fused_chunk_backward)
