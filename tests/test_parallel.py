@@ -1,0 +1,216 @@
+"""The Triton parallel kernel (kernels/parallel.py) against the float64 naive reference.
+
+CPU: the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py) at
+small shapes; fp32 and fp16 (the interpreter mishandles bf16). GPU (-m gpu): realistic shapes
+in fp32 (tf32 off), fp16 and bf16. Outputs are poisoned (NaN) before the kernels write them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from compare import assert_rel_close, poison_, rel_error
+from conftest import make_inputs
+
+from based_compile.kernels import naive_parallel_based, parallel_based
+from based_compile.kernels.arguments import check_arguments, triton_interpreting
+from based_compile.kernels.parallel import parallel_backward, parallel_forward
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BASED = (1.0, 1.0, 0.5)
+OTHER = (0.3, -0.7, 0.25)          # any coefficients: not positive, not the Taylor map
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled memory, so an output element the kernels never write fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*a, **kw):
+        x = real_empty(*a, **kw)
+        return poison_(x) if x.dtype.is_floating_point else x
+
+    def empty_like(*a, **kw):
+        x = real_empty_like(*a, **kw)
+        return poison_(x) if x.dtype.is_floating_point else x
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def _check(b, h, t, dk, dv, *, kv_heads=None, dtype=torch.float32, layout="BHTD", causal=True, normalize=True,
+           coeffs=BASED, scale=None, grads=True, tol=None):
+    """Values and gradients of q, k, v against float64, fresh random inputs."""
+    tol = tol or TOL[dtype]
+    q, k, v = make_inputs(b, h, t, dk, dv, kv_heads=kv_heads, dtype=torch.float64, device=DEVICE, layout=layout)
+    kw = dict(scale=scale, coeffs=coeffs, causal=causal, normalize=normalize, layout=layout)
+    q64, k64, v64 = (x.clone().requires_grad_(grads) for x in (q, k, v))
+    ref = naive_parallel_based(q64, k64, v64, **kw)
+    qx, kx, vx = (x.to(dtype).requires_grad_(grads) for x in (q, k, v))
+    out = parallel_based(qx, kx, vx, **kw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_rel_close(out, ref, tol, "o")
+    if not grads:
+        return
+    do = torch.randn_like(ref)
+    ref.backward(do)
+    out.backward(do.to(dtype))
+    for name, x, x64 in (("dq", qx, q64), ("dk", kx, k64), ("dv", vx, v64)):
+        assert x.grad.dtype == dtype and x.grad.shape == x64.shape
+        assert_rel_close(x.grad, x64.grad, tol, name)
+
+
+# ---------------------------------------------------------------------------------------------- CPU (interpreter)
+
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_layouts_causal_normalize(layout, causal, normalize):
+    _check(2, 2, 33, 16, 24, layout=layout, causal=causal, normalize=normalize)
+
+
+@pytest.mark.parametrize("t", [1, 7, 16, 47])
+def test_odd_lengths(t):
+    # T=1 normalised: o = v up to eps, so dq, dk are eps-sized and ill-conditioned; test them unnormalised.
+    _check(1, 2, t, 16, 32, normalize=t > 1, causal=True)
+
+
+@pytest.mark.parametrize("coeffs", [BASED, OTHER])
+@pytest.mark.parametrize("causal", [True, False])
+def test_coefficients_and_scale(coeffs, causal):
+    _check(1, 2, 40, 16, 16, coeffs=coeffs, causal=causal, scale=0.37)
+
+
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+def test_gqa(layout):
+    _check(2, 4, 35, 16, 16, kv_heads=2, layout=layout)
+    _check(1, 3, 20, 8, 16, kv_heads=1, layout=layout, causal=False)
+
+
+@pytest.mark.parametrize("dk,dv", [(1, 16), (32, 40), (64, 64), (5, 3)])
+def test_feature_dims(dk, dv):
+    _check(1, 1, 36, dk, dv)
+
+
+def test_large_dims():
+    _check(1, 1, 20, 128, 256, causal=True)
+
+
+def test_float16():
+    _check(1, 2, 48, 16, 32, dtype=torch.float16)
+    _check(1, 2, 33, 32, 24, dtype=torch.float16, layout="BTHD", causal=False, normalize=False, kv_heads=1)
+
+
+def test_strided_bthd_view_is_not_copied():
+    """A BHTD view of [B, T, H, D] memory passes through its strides, and so does BTHD's transposed view."""
+    b, h, t, dk, dv = 1, 2, 24, 16, 16
+    q, k, v = make_inputs(b, h, t, dk, dv, dtype=torch.float32, device=DEVICE, layout="BTHD")
+    ref = naive_parallel_based(*(x.double() for x in (q, k, v)), layout="BTHD")
+    views = [x.transpose(1, 2) for x in (q, k, v)]         # BHTD-shaped views, not contiguous
+    assert not views[0].is_contiguous()
+    pointers = [x.data_ptr() for x in views]
+    args = check_arguments(*views, layout="BHTD")
+    seen = []
+    import based_compile.kernels.parallel as mod
+    real = mod._parallel_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.extend(x.data_ptr() for x in a[:3])
+                return real[grid](*a, **kw)
+            return launch
+
+    mod._parallel_fwd_kernel = Spy()
+    try:
+        o, _ = parallel_forward(*views, args)
+    finally:
+        mod._parallel_fwd_kernel = real
+    assert seen == pointers, "the kernel must read the strided views themselves, not copies"
+    assert_rel_close(o.transpose(1, 2), ref, 1e-4, "o of the strided view")
+    # The differentiable entry point on views too.
+    views = [x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    out = parallel_based(*views, layout="BHTD")
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in views)
+
+
+def test_forward_z_and_contract():
+    q, k, v = make_inputs(2, 2, 19, 16, 8, dtype=torch.float32, device=DEVICE)
+    args = check_arguments(q, k, v)
+    o, z = parallel_forward(q, k, v, args)
+    s = (q.double() @ k.double().transpose(-1, -2)) * args.scale
+    w = (1 + s + 0.5 * s * s).tril()
+    assert z.dtype == torch.float32 and z.shape == (2, 2, 19)
+    assert_rel_close(z, w.sum(-1), 1e-5, "z")
+    o2, z2 = parallel_forward(q, k, v, check_arguments(q, k, v, normalize=False))
+    assert z2 is None
+    do = torch.randn_like(o)
+    dq, dk, dv = parallel_backward(q, k, v, o, z, do, args)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_bad_arguments():
+    q, k, v = make_inputs(1, 2, 8, 16, 8, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32"):
+        parallel_based(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="dtype"):
+        parallel_based(q, k.half(), v)
+    with pytest.raises(ValueError, match="sequence length"):
+        parallel_based(q, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match="heads"):
+        parallel_based(q, k.repeat(1, 3, 1, 1)[:, :3], v.repeat(1, 3, 1, 1)[:, :3])
+    with pytest.raises(ValueError, match="layout"):
+        parallel_based(q, k, v, layout="BHDT")
+    with pytest.raises(ValueError, match="Dk"):
+        big = torch.randn(1, 1, 4, 129, device=DEVICE)
+        parallel_based(big, big, torch.randn(1, 1, 4, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="Dv"):
+        parallel_based(q, k, torch.randn(1, 2, 8, 257, device=DEVICE))
+    with pytest.raises(ValueError, match="coeffs"):
+        parallel_based(q, k, v, coeffs=(1.0, 2.0))
+    with pytest.raises(TypeError, match="q"):
+        parallel_based(q.numpy() if DEVICE == "cpu" else q.cpu().numpy(), k, v)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="CPU tensors are refused only without the interpreter")
+def test_cpu_refused_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = make_inputs(1, 1, 4, 16, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CUDA"):
+        parallel_based(q, k, v)
+
+
+def test_poisoned_outputs_are_overwritten():
+    """The poisoning is live (torch.empty gives NaN) and the kernels overwrite every element."""
+    assert torch.isnan(torch.empty(4)).all()
+    q, k, v = make_inputs(1, 2, 21, 16, 8, dtype=torch.float32, device=DEVICE)
+    o, z = parallel_forward(q, k, v, check_arguments(q, k, v))
+    assert torch.isfinite(o).all() and torch.isfinite(z).all()
+    assert rel_error(torch.full((2,), float("nan")), torch.ones(2)) == float("inf")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.fixture
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,dk,dv", [(8192, 16, 64), (4096, 64, 128), (2000, 16, 128), (1537, 64, 64)])
+def test_gpu_realistic(_no_tf32, dtype, t, dk, dv):
+    _check(1, 2, t, dk, dv, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_variants(_no_tf32, dtype):
+    _check(2, 4, 1000, 16, 64, kv_heads=2, dtype=dtype, layout="BTHD")
+    _check(1, 2, 777, 16, 64, dtype=dtype, causal=False, normalize=False, coeffs=OTHER)
+    _check(1, 2, 513, 128, 256, dtype=dtype, layout="BTHD")
+    _check(1, 2, 1, 16, 64, dtype=dtype, normalize=False)
