@@ -1,0 +1,38 @@
+"""User settings of based_compile.
+
+``kernel``: which implementation the ``based`` operator runs.
+
+- ``"auto"`` (default): ``based_compile.policy`` picks by mode (training or inference) and shape.
+- ``"parallel"``, ``"fused_chunk"``: force that Triton kernel. CUDA tensors run it; CPU tensors run it
+  under Triton's interpreter (``TRITON_INTERPRET=1``), and otherwise run the PyTorch form of the same
+  algorithm (parallel -> ``cpu_quadratic``, fused_chunk -> ``cpu_chunked``).
+- ``"cpu_quadratic"``, ``"cpu_chunked"``: force a PyTorch form; CPU tensors only (a CUDA tensor raises).
+
+Set it in Python (``based_compile.config.kernel = "fused_chunk"``) or with the environment variable
+``BASED_COMPILE_KERNEL`` (same values). The Python setting wins when it is not ``"auto"``. Both are read
+each time the operator runs (not when a model is compiled), and the backward reads them again: change
+them between calls, not between a forward and its backward. An invalid value raises ``ValueError``
+naming the setting and the accepted values.
+"""
+from __future__ import annotations
+
+import os
+
+KERNEL_CHOICES = ("auto", "parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked")
+KERNEL_ENV_VAR = "BASED_COMPILE_KERNEL"
+
+kernel = "auto"
+
+
+def forced_kernel() -> tuple[str, str]:
+    """(choice, where it came from): the kernel the user forced, or ("auto", "") when none is forced."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"based_compile.config.kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    if kernel != "auto":
+        return kernel, "based_compile.config.kernel"
+    env = os.environ.get(KERNEL_ENV_VAR, "").strip()
+    if env in ("", "auto"):
+        return "auto", ""
+    if env not in KERNEL_CHOICES:
+        raise ValueError(f"environment variable {KERNEL_ENV_VAR} must be one of {KERNEL_CHOICES}, got {env!r}")
+    return env, KERNEL_ENV_VAR

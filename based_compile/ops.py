@@ -1,0 +1,175 @@
+"""The ``based`` custom operators: what the graph pass rewrites Based attention onto.
+
+Public entry point: ``based_attention(q, k, v, spec) -> o``.
+
+Operators (namespace ``based``, visible as ``based::attention`` in traces and compiled code):
+
+- ``based::attention(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training=False)
+  -> (o, z)``: o in q's dtype and layout; z the normaliser sum_j f(s_ij) as [B, H, T]
+  (float32, float64 for float64 inputs) when ``normalize``, else an empty float32 tensor. z is
+  what the backward needs and is not differentiable. ``training`` only steers the kernel choice
+  (policy.py); it is decided by ``based_attention`` from grad mode and requires_grad, because the
+  operator's implementation runs below autograd and cannot see them.
+- ``based::attention_backward(do, q, k, v, o, z, layout, scale, c0, c1, c2, causal, normalize, eps,
+  training) -> (dq, dk, dv)``: registered as the operator's autograd formula, so the backward is as
+  opaque to Inductor as the forward. It runs the backward of the kernel the forward chose (the choice
+  is a pure function of the same arguments, recomputed).
+
+Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk, float16,
+bfloat16, float32); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
+the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
+
+Autocast: inside ``torch.autocast(device, dtype)`` the operator casts floating q, k, v to the
+autocast dtype of their device, then runs with autocast off (Based attention is matmul-like, and
+the naive PyTorch code it replaces runs its matmuls in that dtype). The output has that dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from based_compile import cpu_path, policy
+from based_compile.kernels.arguments import BasedArguments, check_arguments
+from based_compile.spec import BasedSpec
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps) -> BasedArguments:
+    dtypes = CPU_DTYPES if q.device.type == "cpu" else KERNEL_DTYPES
+    return check_arguments(q, k, v, scale, (c0, c1, c2), causal, normalize, eps, layout, dtypes=dtypes)
+
+
+def _z_dtype(dtype: torch.dtype) -> torch.dtype:
+    return cpu_path.compute_dtype(dtype)
+
+
+def _no_z(q: Tensor) -> Tensor:
+    # Stand-in for "no normaliser" (normalize=False): custom operators return tensors, not None.
+    return q.new_empty((0,), dtype=torch.float32)
+
+
+def _kernel_pair(kernel: str):
+    """(forward, backward) of a Triton kernel module, following the kernel contract."""
+    from based_compile.kernels import fused_chunk, parallel
+
+    module = {"parallel": parallel, "fused_chunk": fused_chunk}[kernel]
+    names = (f"{kernel}_forward", f"{kernel}_backward")
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise NotImplementedError(f"based_compile.kernels.{kernel} does not provide {', '.join(missing)} yet")
+    return getattr(module, names[0]), getattr(module, names[1])
+
+
+@torch.library.custom_op("based::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, layout: str, scale: float, c0: float, c1: float, c2: float,
+              causal: bool, normalize: bool, eps: float, training: bool = False) -> tuple[Tensor, Tensor]:
+    args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
+    kernel = policy.choose_kernel(args, q, k, v, training)
+    if kernel in policy.TRITON_KERNELS:
+        forward, _ = _kernel_pair(kernel)
+        o, z = forward(q, k, v, args)
+        o = o.contiguous()
+    else:
+        o, z = cpu_path.cpu_forward(q, k, v, args, kernel.removeprefix("cpu_"))
+    if z is None:
+        return o, _no_z(q)
+    return o, z.contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training=False):
+    args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
+    if layout == "BHTD":
+        o = q.new_empty((args.batch, args.heads, args.length, args.dv))
+    else:
+        o = q.new_empty((args.batch, args.length, args.heads, args.dv))
+    if not normalize:
+        return o, _no_z(q)
+    return o, q.new_empty((args.batch, args.heads, args.length), dtype=_z_dtype(q.dtype))
+
+
+@torch.library.custom_op("based::attention_backward", mutates_args=())
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, z: Tensor, layout: str,
+                       scale: float, c0: float, c1: float, c2: float, causal: bool, normalize: bool,
+                       eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
+    kernel = policy.choose_kernel(args, q, k, v, training)
+    if kernel in policy.TRITON_KERNELS:
+        _, backward = _kernel_pair(kernel)
+        grads = backward(q, k, v, o, z if normalize else None, do, args)
+    else:
+        grads = cpu_path.cpu_backward(q, k, v, o, z, do, args, kernel.removeprefix("cpu_"))
+    return tuple(g.contiguous() for g in grads)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(do, q, k, v, o, z, layout, scale, c0, c1, c2, causal, normalize, eps, training):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *params = inputs
+    o, z = output
+    ctx.save_for_backward(q, k, v, o, z)
+    ctx.params = tuple(params)
+    ctx.mark_non_differentiable(z)
+
+
+def _backward(ctx, do, _dz):
+    q, k, v, o, z = ctx.saved_tensors
+    if do is None:
+        return (None,) * (3 + len(ctx.params))
+    if len(ctx.params) == 8:        # called without the trailing `training` argument: its default
+        ctx.params = ctx.params + (False,)
+    dq, dk, dv = torch.ops.based.attention_backward(do.contiguous(), q, k, v, o, z, *ctx.params)
+    return (dq, dk, dv) + (None,) * len(ctx.params)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_autocast(device_type: str) -> None:
+    """Cast floating q, k, v to the current autocast dtype of ``device_type`` (not a fixed dtype,
+    which is all ``torch.library.register_autocast`` offers), then run with autocast off."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    op = torch.ops.based.attention.default
+
+    def cast_and_run(*args):
+        target = torch.get_autocast_dtype(device_type)
+
+        def cast(x):
+            if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == device_type:
+                return x.to(target)
+            return x
+
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*(cast(a) for a in args))
+
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key)
+    op.py_impl(key)(cast_and_run)
+    _LIBRARY.impl("attention", lambda _keyset, *args: cast_and_run(*args), key_name, with_keyset=True)
+
+
+_LIBRARY = torch.library.Library("based", "FRAGMENT")
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
+def based_attention(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec) -> Tensor:
+    """Based linear attention o = f(scale Q K^T) V (normalised per ``spec``) through ``based::attention``.
+
+    q: [B, H, T, Dk] ("BHTD") or [B, T, H, Dk] ("BTHD"); k: like q with Hkv heads (H % Hkv == 0, query
+    head h uses kv head h // (H / Hkv)); v: like k with Dv features. Returns o like q with Dv features.
+    Differentiable in q, k, v. Works eagerly and inside torch.compile (fullgraph, dynamic shapes).
+    """
+    if not isinstance(spec, BasedSpec):
+        raise TypeError(f"spec must be a based_compile.spec.BasedSpec, got {type(spec).__name__}")
+    training = policy.is_training(q, k, v)
+    o, _ = torch.ops.based.attention(q, k, v, spec.layout, float(spec.scale), float(spec.c0), float(spec.c1),
+                                     float(spec.c2), bool(spec.causal), bool(spec.normalize), float(spec.eps),
+                                     training)
+    return o

@@ -1,0 +1,147 @@
+"""Kernel choice for one Based attention call: by device, mode and shape, unless the user forces one.
+
+Kernels: "parallel", "fused_chunk" (Triton, CUDA; CPU only under TRITON_INTERPRET=1) and
+"cpu_quadratic", "cpu_chunked" (PyTorch, ``based_compile.cpu_path``).
+
+Mode: training when grad mode is on and any of q, k, v requires grad (``is_training``), else
+inference. The operator cannot see this itself (its implementation runs below autograd, with grad
+mode off), so ``based_compile.ops.based_attention`` decides it when it is called (or traced) and
+passes it to the operator; the shape-dependent part is decided when the operator runs.
+
+Forcing: ``based_compile.config.kernel`` or the environment variable ``BASED_COMPILE_KERNEL``
+(see ``based_compile.config``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from based_compile import config
+from based_compile.kernels.arguments import BasedArguments, triton_interpreting
+
+KERNELS = ("parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked")
+TRITON_KERNELS = ("parallel", "fused_chunk")
+CPU_FORM_OF = {"parallel": "cpu_quadratic", "fused_chunk": "cpu_chunked"}
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """One row of a crossover table: for calls matching the row, use the linear-memory kernel
+    (fused_chunk / cpu_chunked) from T >= ``t`` on, the quadratic one (parallel / cpu_quadratic) below.
+
+    A row matches when the mode is ``training``, Dk <= ``max_dk``, Dv <= ``max_dv``,
+    B * H >= ``min_bh`` and the dtype is in ``dtypes`` (empty: any). The first matching row wins.
+    """
+
+    training: bool
+    t: int
+    max_dk: int = 1 << 30
+    max_dv: int = 1 << 30
+    min_bh: int = 1
+    dtypes: tuple = ()
+
+    def matches(self, training: bool, dk: int, dv: int, bh: int, dtype: torch.dtype) -> bool:
+        return (self.training == training and dk <= self.max_dk and dv <= self.max_dv and bh >= self.min_bh
+                and (not self.dtypes or dtype in self.dtypes))
+
+
+# CUDA: PROVISIONAL values (not measured yet; the lead fills the H100 numbers measured with
+# benchmarks/ and records date, device and command here). Reasoning behind the guesses: fused_chunk
+# keeps O(T) memory and wins at long T, but parallelises only over B * H (it walks T in order), so
+# with few heads the parallel kernel stays ahead for longer; its states grow as Dk^2 * Dv.
+CUDA_CROSSOVERS = (
+    Crossover(training=False, t=2048, max_dk=16, min_bh=64),
+    Crossover(training=False, t=4096, max_dk=16),
+    Crossover(training=False, t=8192, max_dk=64),
+    Crossover(training=True, t=8192, max_dk=16, min_bh=64),
+    Crossover(training=True, t=16384, max_dk=64),
+)
+# Beyond every row (e.g. Dk > 64): parallel at every T.
+CUDA_FALLBACK_T = 1 << 62
+
+# CPU: measured with benchmarks/cpu_crossover.py (see the numbers in that file's docstring).
+CPU_CROSSOVERS = (
+    Crossover(training=False, t=512),
+    Crossover(training=True, t=512),
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kernel: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kernel}: {self.reason}"
+
+
+def is_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Training mode: grad mode on and any of q, k, v requires grad."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _sizes(spec_or_args, q, v):
+    if isinstance(spec_or_args, BasedArguments):
+        a = spec_or_args
+        return a.batch * a.heads, a.length, a.dk, a.dv
+    layout = spec_or_args.layout
+    if layout == "BHTD":
+        b, h, t, dk = q.shape
+    elif layout == "BTHD":
+        b, t, h, dk = q.shape
+    else:
+        raise ValueError(f"layout must be one of ('BHTD', 'BTHD'), got {layout!r}")
+    return b * h, t, dk, v.shape[-1]
+
+
+def _crossover_t(table, training, dk, dv, bh, dtype) -> int:
+    for row in table:
+        if row.matches(training, dk, dv, bh, dtype):
+            return row.t
+    return CUDA_FALLBACK_T
+
+
+def decide(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> Decision:
+    """The kernel for this call and why. ``spec_or_args``: a BasedSpec or BasedArguments (for the layout)."""
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {training!r}")
+    bh, t, dk, dv = _sizes(spec_or_args, q, v)
+    mode = "training" if training else "inference"
+    device = q.device.type
+    forced, source = config.forced_kernel()
+    if forced != "auto":
+        if device == "cuda":
+            if forced not in TRITON_KERNELS:
+                raise ValueError(f"{source}={forced!r} runs on CPU tensors only; q is on {q.device} "
+                                 f"(accepted for CUDA: auto, {', '.join(TRITON_KERNELS)})")
+            return Decision(forced, f"forced by {source}")
+        if device == "cpu":
+            if forced in TRITON_KERNELS and not triton_interpreting():
+                return Decision(CPU_FORM_OF[forced],
+                                f"forced {forced} by {source}; CPU tensors run its PyTorch form")
+            return Decision(forced, f"forced by {source}")
+        raise ValueError(f"q, k, v are on {q.device}; based attention runs on cpu or cuda tensors")
+    if device == "cuda":
+        cross = _crossover_t(CUDA_CROSSOVERS, training, dk, dv, bh, q.dtype)
+        short, long = "parallel", "fused_chunk"
+    elif device == "cpu":
+        cross = _crossover_t(CPU_CROSSOVERS, training, dk, dv, bh, q.dtype)
+        short, long = "cpu_quadratic", "cpu_chunked"
+    else:
+        raise ValueError(f"q, k, v are on {q.device}; based attention runs on cpu or cuda tensors")
+    if t >= cross:
+        return Decision(long, f"{mode}, T={t} >= {cross}")
+    if cross >= CUDA_FALLBACK_T:
+        return Decision(short, f"{mode}, Dk={dk} Dv={dv}: no crossover row, always {short}")
+    return Decision(short, f"{mode}, T={t} < {cross}")
+
+
+def choose_kernel(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> str:
+    """One of KERNELS for this call (see ``decide``)."""
+    return decide(spec_or_args, q, k, v, training).kernel
+
+
+def describe(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> str:
+    """A one-line reason for explain(), e.g. "fused_chunk: inference, T=8192 >= 2048"."""
+    return str(decide(spec_or_args, q, k, v, training))
