@@ -568,12 +568,13 @@ def projected(**kwargs):
 
 class TwoLayers(nn.Module):
     """Two Based attentions in one graph (two sites): a polynomial one feeding a feature-map one
-    (the first's output is the second's v), both with the default spec."""
+    (the first's output is the second's v), both with the default spec; ``cubic``: both with
+    a third-order term."""
 
-    def __init__(self):
+    def __init__(self, cubic=False):
         super().__init__()
-        self.first = Handwritten(Recipe())
-        self.second = FeatureMapQuadratic("based")
+        self.first = Handwritten(Recipe(cubic=cubic))
+        self.second = FeatureMapQuadratic("cubic" if cubic else "based")
 
     def forward(self, q, k, v):
         o = self.first(q, k, v)                                         # [B, H, T, Dv]
@@ -785,11 +786,13 @@ def _other_family() -> list[Entry]:
           ("mask:buffer", "input:projected"), inputs="x"),
         E("projected_layer_buffer__shifted", projected(buffer_shift=1), Refuse("mask"),
           twin="projected_layer_buffer", inputs="x"),
-        E("projected_layer_gqa", projected(kv_heads=HKV), Accept(scale=DK ** -0.5, group=H // HKV, strict_layout=False),
+        E("projected_layer_gqa", projected(kv_heads=HKV),
+          Accept(scale=DK ** -0.5, group=H // HKV, strict_layout=False),
           ("gqa:repeat_interleave", "input:projected"), inputs="x"),
         E("projected_layer_gqa__shifted", projected(kv_heads=HKV, buffer_shift=-1), Refuse("mask"),
           twin="projected_layer_gqa", inputs="x"),
         E("two_sites", qkv_module(TwoLayers), Accept(scale=DK ** -0.5, count=2), ("count:2",)),
+        E("two_sites__cubic", qkv_module(TwoLayers, cubic=True), Refuse("polynomial"), twin="two_sites"),
         E("softmax_by_hand", qkv_module(SoftmaxAttention), Refuse(None), twin="poly_taylor"),
         E("softmax_sdpa", qkv_module(SoftmaxAttention, sdpa=True), Refuse(None), twin="poly_taylor"),
     ]

@@ -1,0 +1,293 @@
+"""Pattern-match tests of the `based` backend, driven by the zoo (tests/zoo.py).
+
+For every accepted entry: explain() finds the expected sites with the expected spec; the
+compiled module matches eager in values and gradients (inputs and parameters); and the
+`based` operator really runs in the compiled code (counted with a TorchDispatchMode).
+For every near-miss: no site, the expected refusal category, no `based` operator at run
+time, and the compiled module still matches eager.
+
+The first group of tests checks the catalogue itself (no backend needed): each accepted
+entry computes exactly the Based function its spec describes (against the float64
+reference), each near-miss computes a different function from its twin, and the catalogue
+covers every axis and every refusal class of issue 5.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import zoo
+from compare import assert_rel_close, rel_error
+from based_compile.kernels import naive_parallel_based
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# A float32 run for a spread of forms (one per family and layout).
+FLOAT32_NAMES = ("matmul_at", "matmul_bmm_folded", "mask_buffer", "layout_bthd_transposed", "gqa_expand_reshape",
+                 "featmap_quadratic_based", "linear_cumsum_based", "einsum_time_first", "projected_layer_gqa")
+
+
+def ids(entry):
+    return entry.name
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class BasedOpCounter(TorchDispatchMode):
+    """Counts calls of operators in the `based` namespace (torch.ops.based.*)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "based":
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def reference(spec: zoo.Accept, q, k, v):
+    """The float64-grade Based reference with an Accept's spec."""
+    return naive_parallel_based(q, k, v, scale=spec.scale, coeffs=(spec.c0, spec.c1, spec.c2), causal=spec.causal,
+                                normalize=spec.normalize, eps=spec.eps, layout=spec.layout)
+
+
+def entry_reference(entry: zoo.Entry, inputs):
+    spec = entry.expected
+    q, k, v = inputs
+    o = reference(spec, q, k, v)
+    for _ in range(spec.count - 1):                           # stacked sites: each output is the next v
+        o = reference(spec, q, k, o)
+    return o
+
+
+def forward_backward(module, inputs, seed):
+    """Output and gradients (inputs, then parameters) for a fixed random cotangent."""
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    params = [p for p in module.parameters() if p.requires_grad]
+    out = module(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, inputs + params, cot)
+    return out.detach(), grads
+
+
+def compile_with(entry, dtype, inner="aot_eager", seed=0, **options):
+    import based_compile
+
+    module, inputs = entry.make(dtype, seed)
+    compiled = torch.compile(module, backend=based_compile.backend(inner=inner, **options))
+    return module, compiled, inputs
+
+
+def assert_matches_eager(module, compiled, inputs, tol, seed=1):
+    out_c, grads_c = forward_backward(compiled, inputs, seed)
+    out_e, grads_e = forward_backward(module, inputs, seed)
+    assert_rel_close(out_c, out_e, tol, "compiled output vs eager")
+    names = [f"input {i}" for i in range(len(inputs))] + [f"parameter {n}" for n, p in module.named_parameters()
+                                                            if p.requires_grad]
+    for name, gc, ge in zip(names, grads_c, grads_e):
+        assert_rel_close(gc, ge, tol, f"gradient of {name}, compiled vs eager")
+
+
+def count_based_calls(compiled, inputs, backward=True):
+    """Calls of torch.ops.based.* in one forward (and backward) of already-compiled code."""
+    inputs = [x.detach().clone().requires_grad_(backward) for x in inputs]
+    with BasedOpCounter() as fwd:
+        out = compiled(*inputs)
+    with BasedOpCounter() as bwd:
+        if backward:
+            out.backward(torch.ones_like(out))
+    return fwd.total, bwd.total
+
+
+# --------------------------------------------------------------------------- the catalogue itself
+
+
+def test_catalogue_names_unique_and_twins_exist():
+    assert len({e.name for e in zoo.ZOO}) == len(zoo.ZOO)
+    for e in zoo.REFUSED:
+        assert e.twin in zoo.BY_NAME, f"{e.name}: twin {e.twin!r} is not in the zoo"
+        assert zoo.BY_NAME[e.twin].accepted, f"{e.name}: twin {e.twin!r} is not an accepted entry"
+
+
+def test_catalogue_every_accepted_form_has_a_near_miss():
+    twins = {e.twin for e in zoo.REFUSED}
+    missing = [e.name for e in zoo.ACCEPTED if e.name not in twins]
+    assert not missing, f"accepted entries without a refused near-miss: {missing}"
+
+
+def test_catalogue_covers_every_axis_and_refusal_class():
+    covered = {a for e in zoo.ACCEPTED for a in e.axes}
+    assert set(zoo.AXES) - covered == set(), f"axes not covered: {sorted(set(zoo.AXES) - covered)}"
+    assert covered - set(zoo.AXES) == set(), f"unknown axes in the zoo: {sorted(covered - set(zoo.AXES))}"
+    for cls, member in zoo.REFUSAL_CLASSES.items():
+        assert any(member(e) for e in zoo.REFUSED), f"no near-miss of class {cls!r}"
+
+
+@pytest.mark.parametrize("entry", [e for e in zoo.ACCEPTED if e.inputs == "qkv"], ids=ids)
+def test_catalogue_accepted_entry_is_the_based_function_of_its_spec(entry):
+    module, inputs = entry.make(torch.float64, 0)
+    assert_rel_close(module(*inputs), entry_reference(entry, inputs), 1e-12, f"{entry.name} vs its spec")
+
+
+@pytest.mark.parametrize("entry", zoo.REFUSED, ids=ids)
+def test_catalogue_near_miss_differs_from_its_twin(entry):
+    twin = zoo.BY_NAME[entry.twin]
+    module, inputs = entry.make(torch.float64, 0)
+    twin_module, twin_inputs = twin.make(torch.float64, 0)
+    if twin.inputs == "qkv":
+        ref = entry_reference(twin, inputs)
+    else:                                                     # same seed: same weights, same x
+        twin_module.load_state_dict(dict(module.named_parameters()), strict=False)   # buffers stay the twin's
+        ref = twin_module(*inputs)
+    assert rel_error(module(*inputs), ref) > 1e-3, f"{entry.name} computes the same function as {twin.name}"
+
+
+# --------------------------------------------------------------------------- explain()
+
+
+def check_site_spec(name, spec, expected: zoo.Accept):
+    from based_compile.spec import BasedSpec
+
+    assert isinstance(spec, BasedSpec), f"{name}: site.spec is {type(spec).__name__}, not BasedSpec"
+    if expected.strict_layout:
+        assert spec.layout == expected.layout, f"{name}: layout {spec.layout}, expected {expected.layout}"
+    else:
+        assert spec.layout in ("BHTD", "BTHD"), f"{name}: layout {spec.layout!r}"
+    got = (spec.c0, spec.c1 * spec.scale, spec.c2 * spec.scale ** 2)
+    for what, g, e in zip(("c0", "c1*scale", "c2*scale^2"), got, expected.effective):
+        assert math.isclose(g, e, rel_tol=1e-9, abs_tol=1e-12), \
+            f"{name}: {what} = {g!r}, expected {e!r} (spec: {spec})"
+    assert spec.causal == expected.causal, f"{name}: causal={spec.causal}, expected {expected.causal}"
+    assert spec.normalize == expected.normalize, f"{name}: normalize={spec.normalize}, expected {expected.normalize}"
+    if expected.normalize:
+        assert math.isclose(spec.eps, expected.eps, rel_tol=1e-9, abs_tol=1e-30), \
+            f"{name}: eps={spec.eps!r}, expected {expected.eps!r}"
+    assert spec.group == expected.group, f"{name}: group={spec.group}, expected {expected.group}"
+
+
+@pytest.mark.parametrize("entry", zoo.ACCEPTED, ids=ids)
+def test_explain_finds_accepted_site(entry):
+    import based_compile
+
+    module, inputs = entry.make(torch.float64, 0)
+    ex = based_compile.explain(module, *inputs)
+    assert len(ex.sites) == entry.expected.count, \
+        f"{entry.name}: {len(ex.sites)} sites, expected {entry.expected.count}; refusals: {ex.refusals}"
+    for site in ex.sites:
+        check_site_spec(entry.name, site.spec, entry.expected)
+        assert isinstance(site.source, str) and site.source.strip(), f"{entry.name}: empty site.source"
+        assert isinstance(site.form, str) and site.form.strip(), f"{entry.name}: empty site.form"
+        assert isinstance(site.kernel, str) and site.kernel.strip(), f"{entry.name}: empty site.kernel"
+    assert str(ex).strip(), "explain() prints nothing"
+
+
+@pytest.mark.parametrize("entry", zoo.REFUSED, ids=ids)
+def test_explain_refuses_near_miss(entry):
+    import based_compile
+
+    module, inputs = entry.make(torch.float64, 0)
+    ex = based_compile.explain(module, *inputs)
+    assert not ex.sites, f"{entry.name}: near-miss rewritten: {[str(s.spec) for s in ex.sites]}"
+    for r in ex.refusals:
+        assert r.category in zoo.CATEGORIES, f"{entry.name}: unknown refusal category {r.category!r}"
+        assert isinstance(r.reason, str) and r.reason.strip(), f"{entry.name}: refusal without a reason"
+    want = entry.expected.category
+    if want is not None:
+        got = [r.category for r in ex.refusals]
+        assert want in got, f"{entry.name}: expected a {want!r} refusal, got {got} ({ex.refusals})"
+        assert want in str(ex), f"{entry.name}: explain() does not print the {want!r} refusal"
+
+
+def test_explain_source_points_at_user_code():
+    import based_compile
+
+    module, inputs = zoo.BY_NAME["matmul_at"].make(torch.float64, 0)
+    ex = based_compile.explain(module, *inputs)
+    assert ex.sites and any("zoo.py" in s.source for s in ex.sites), \
+        f"site.source does not name the user's file: {[s.source for s in ex.sites]}"
+
+
+# --------------------------------------------------------------------------- compiled vs eager
+
+
+@pytest.mark.parametrize("entry", zoo.ACCEPTED, ids=ids)
+def test_compiled_accepted_matches_eager_and_runs_based_op(entry):
+    module, compiled, inputs = compile_with(entry, torch.float64)
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+    fwd, _ = count_based_calls(compiled, inputs)
+    assert fwd == entry.expected.count, f"{entry.name}: {fwd} torch.ops.based calls in the forward, " \
+                                        f"expected {entry.expected.count}"
+
+
+@pytest.mark.parametrize("entry", zoo.REFUSED, ids=ids)
+def test_compiled_near_miss_matches_eager_without_based_op(entry):
+    module, compiled, inputs = compile_with(entry, torch.float64)
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+    assert count_based_calls(compiled, inputs) == (0, 0), f"{entry.name}: the based op ran on a near-miss"
+
+
+@pytest.mark.parametrize("entry", [zoo.BY_NAME[n] for n in FLOAT32_NAMES], ids=ids)
+def test_compiled_accepted_float32(entry):
+    module, compiled, inputs = compile_with(entry, torch.float32, inner="eager")
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float32])
+    assert count_based_calls(compiled, inputs)[0] == entry.expected.count
+
+
+def test_compiled_inference_without_grad_runs_based_op():
+    entry = zoo.BY_NAME["featmap_quadratic_based"]
+    module, compiled, inputs = compile_with(entry, torch.float64)
+    with torch.no_grad():
+        with BasedOpCounter() as counter:
+            out = compiled(*inputs)
+        assert_rel_close(out, module(*inputs), TOL[torch.float64], "inference output")
+    assert counter.total == 1
+
+
+def test_rewrite_off_runs_no_based_op():
+    """The counter is not vacuous: with rewrite=False the same accepted form runs without the op."""
+    entry = zoo.BY_NAME["matmul_at"]
+    module, compiled, inputs = compile_with(entry, torch.float64, rewrite=False)
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+    assert count_based_calls(compiled, inputs) == (0, 0)
+
+
+@pytest.mark.parametrize("name", ["poly_taylor", "linear_cumsum_based__total_norm"])
+def test_inductor_inner(name):
+    entry = zoo.BY_NAME[name]
+    module, compiled, inputs = compile_with(entry, torch.float32, inner="inductor")
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float32])
+    want = entry.expected.count if entry.accepted else 0
+    assert count_based_calls(compiled, inputs)[0] == want
+
+
+def test_backend_by_name_after_import():
+    import based_compile  # noqa: F401  (registers "based")
+
+    entry = zoo.BY_NAME["gqa_repeat_interleave"]
+    module, inputs = entry.make(torch.float32, 0)
+    compiled = torch.compile(module, backend="based")
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float32])
+    assert count_based_calls(compiled, inputs)[0] == 1
+
+
+def test_pass_logs_to_based_compile_logger(caplog):
+    entry = zoo.BY_NAME["matmul_at__cubic"]
+    module, compiled, inputs = compile_with(entry, torch.float64)
+    with caplog.at_level(logging.DEBUG, logger="based_compile"):
+        compiled(*inputs)
+    assert any(r.name.startswith("based_compile") for r in caplog.records), "the pass logged nothing"
