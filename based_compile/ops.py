@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from based_compile import cpu_path, policy
+from based_compile.kernels import fused_chunk as fused_chunk_kernel
+from based_compile.kernels import parallel as parallel_kernel
 from based_compile.kernels.arguments import BasedArguments, check_arguments
 from based_compile.spec import BasedSpec
 
@@ -37,8 +39,25 @@ CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps) -> BasedArguments:
+    """Checked arguments; CUDA tensors also within the Triton kernels' dtypes and feature dims."""
     dtypes = CPU_DTYPES if q.device.type == "cpu" else KERNEL_DTYPES
-    return check_arguments(q, k, v, scale, (c0, c1, c2), causal, normalize, eps, layout, dtypes=dtypes)
+    args = check_arguments(q, k, v, scale, (c0, c1, c2), causal, normalize, eps, layout, dtypes=dtypes)
+    if q.device.type != "cpu":
+        _check_kernel_limits(q, args)
+    return args
+
+
+def _check_kernel_limits(q, args: BasedArguments) -> None:
+    """The Triton kernels' limits (the parallel kernel's: it runs whenever fused_chunk cannot)."""
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"q, k, v dtype must be one of (float16, bfloat16, float32) for the Triton kernels, "
+                        f"got {q.dtype}")
+    if args.dk > parallel_kernel.MAX_DK:
+        raise ValueError(f"q, k feature dim Dk must be in 1..{parallel_kernel.MAX_DK} on {q.device.type}, "
+                         f"got {args.dk}")
+    if args.dv > parallel_kernel.MAX_DV:
+        raise ValueError(f"v feature dim Dv must be in 1..{parallel_kernel.MAX_DV} on {q.device.type}, "
+                         f"got {args.dv}")
 
 
 def _z_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,15 +70,10 @@ def _no_z(q: Tensor) -> Tensor:
 
 
 def _kernel_pair(kernel: str):
-    """(forward, backward) of a Triton kernel module, following the kernel contract."""
-    from based_compile.kernels import fused_chunk, parallel
-
-    module = {"parallel": parallel, "fused_chunk": fused_chunk}[kernel]
-    names = (f"{kernel}_forward", f"{kernel}_backward")
-    missing = [n for n in names if not hasattr(module, n)]
-    if missing:
-        raise NotImplementedError(f"based_compile.kernels.{kernel} does not provide {', '.join(missing)} yet")
-    return getattr(module, names[0]), getattr(module, names[1])
+    """(forward, backward) of a Triton kernel, following the kernel contract."""
+    if kernel == "parallel":
+        return parallel_kernel.parallel_forward, parallel_kernel.parallel_backward
+    return fused_chunk_kernel.fused_chunk_forward, fused_chunk_kernel.fused_chunk_backward
 
 
 @torch.library.custom_op("based::attention", mutates_args=())
@@ -68,6 +82,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: str, scale: float, c0: fl
     args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
     kernel = policy.choose_kernel(args, q, k, v, training)
     if kernel in policy.TRITON_KERNELS:
+        _check_kernel_limits(q, args)
         forward, _ = _kernel_pair(kernel)
         o, z = forward(q, k, v, args)
         o = o.contiguous()
@@ -97,6 +112,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, z
     args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
     kernel = policy.choose_kernel(args, q, k, v, training)
     if kernel in policy.TRITON_KERNELS:
+        _check_kernel_limits(q, args)
         _, backward = _kernel_pair(kernel)
         grads = backward(q, k, v, o, z if normalize else None, do, args)
     else:

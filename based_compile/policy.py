@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from based_compile import config
+from based_compile.kernels import fused_chunk
 from based_compile.kernels.arguments import BasedArguments, triton_interpreting
 
 KERNELS = ("parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked")
@@ -50,14 +51,15 @@ class Crossover:
 # benchmarks/ and records date, device and command here). Reasoning behind the guesses: fused_chunk
 # keeps O(T) memory and wins at long T, but parallelises only over B * H (it walks T in order), so
 # with few heads the parallel kernel stays ahead for longer; its states grow as Dk^2 * Dv.
+# fused_chunk supports Dk <= fused_chunk.MAX_DK (32); above it every call runs parallel.
 CUDA_CROSSOVERS = (
     Crossover(training=False, t=2048, max_dk=16, min_bh=64),
     Crossover(training=False, t=4096, max_dk=16),
-    Crossover(training=False, t=8192, max_dk=64),
+    Crossover(training=False, t=8192, max_dk=fused_chunk.MAX_DK),
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
-    Crossover(training=True, t=16384, max_dk=64),
+    Crossover(training=True, t=16384, max_dk=fused_chunk.MAX_DK),
 )
-# Beyond every row (e.g. Dk > 64): parallel at every T.
+# No matching row: the quadratic kernel at every T.
 CUDA_FALLBACK_T = 1 << 62
 
 # CPU: measured with benchmarks/cpu_crossover.py (see the numbers in that file's docstring).
@@ -133,6 +135,8 @@ def decide(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, trai
     if t >= cross:
         return Decision(long, f"{mode}, T={t} >= {cross}")
     if cross >= CUDA_FALLBACK_T:
+        if device == "cuda" and dk > fused_chunk.MAX_DK:
+            return Decision(short, f"{mode}, Dk={dk} > {fused_chunk.MAX_DK} (fused_chunk's limit)")
         return Decision(short, f"{mode}, Dk={dk} Dv={dv}: no crossover row, always {short}")
     return Decision(short, f"{mode}, T={t} < {cross}")
 
