@@ -4,3 +4,9 @@ from .ops import based_attention
 from .spec import BasedSpec
 
 __all__ = ["kernels", "config", "based_attention", "BasedSpec"]
+from .backend import backend, based_backend
+from .explain import Explanation, Refusal, Site, explain
+from .backend import register as _register_backend
+
+_register_backend()
+__all__ += ["backend", "based_backend", "explain", "Explanation", "Site", "Refusal"]

@@ -1,0 +1,186 @@
+"""The ``based`` torch.compile backend: canonicalise -> find candidates -> verify -> rewrite -> inner compiler.
+
+``based_compile.backend(inner="inductor", rewrite=True, kernel="auto", verify=True)`` returns a
+backend for ``torch.compile(model, backend=...)``; ``backend="based"`` (registered on import
+and through the ``torch_dynamo_backends`` entry point ``based_backend``) is the default one.
+
+- ``inner``: the compiler that gets the rewritten graph: "inductor" (default), "eager",
+  "aot_eager", any registered backend name, or a backend callable ``(gm, example_inputs)``.
+- ``rewrite``: False runs the inner compiler on Dynamo's graph untouched (the pass still logs).
+- ``kernel``: "auto", "parallel" or "fused_chunk" (also "cpu_quadratic", "cpu_chunked"):
+  forwarded to ``based_compile.config.kernel``, which the operator reads at run time; a
+  forced kernel is a process-wide setting.
+- ``verify``: run the numerical probe on each matched site (default True).
+
+A graph without any matched site is handed to the inner compiler exactly as Dynamo built it;
+a graph with sites is lowered to ATen (``canonicalize.lower_to_aten``), rewritten there, and
+the ATen graph goes to the inner compiler.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.fx as fx
+
+from .canonicalize import example_value, has_stateful_nodes, hint_shape, lower_to_aten
+from .evaluate import GraphEvaluator
+from .explain import Explanation, Refusal, Site, source_of
+from .match import Matcher, find_matches
+from .refusal import Refused
+from .rewrite import rewrite_sites
+from .verify import settle
+
+log = logging.getLogger("based_compile")
+
+INNER_NAMES = ("inductor", "eager", "aot_eager")
+# Dynamo graphs without any of these cannot hold an attention site: skip lowering them.
+_CANDIDATE_WORDS = ("matmul", "bmm", "einsum", "cumsum")
+
+# Seconds spent in the pass itself (lowering, matching, probing, rewriting), for benchmarks.
+pass_seconds = 0.0
+
+
+def _might_contain_attention(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            if any(word in str(name) for word in _CANDIDATE_WORDS):
+                return True
+    return False
+
+
+def _constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
+    """Per placeholder: True when it is a registered buffer or a size (compile-time constant)."""
+    flags = []
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
+        if not isinstance(value, torch.Tensor):
+            flags.append(True)
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = node.name
+        if grapharg is not None and grapharg.source is not None:
+            name = grapharg.source.name           # a property in newer torch, a method in older
+            source = name() if callable(name) else name
+        flags.append("buffers" in source and not value.requires_grad)
+    return flags
+
+
+def _kernel_description(spec, q_node, k_node, v_node) -> str:
+    try:
+        from . import policy
+        fakes = [example_value(n) for n in (q_node, k_node, v_node)]
+        reals = [torch.empty((), dtype=f.dtype, device=f.device).expand(hint_shape(n))
+                 for f, n in zip(fakes, (q_node, k_node, v_node))]
+        training = torch.is_grad_enabled() and any(f.requires_grad for f in fakes)
+        return policy.describe(spec, *reals, training)
+    except Exception as err:                  # explain() must still report the site
+        return f"auto (the policy could not decide at compile time: {type(err).__name__}: {err})"
+
+
+def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
+             report: Explanation | None = None) -> fx.GraphModule | None:
+    """Find, verify and (if ``rewrite``) rewrite Based attention; returns the rewritten ATen graph or None."""
+    global pass_seconds
+    start = time.perf_counter()
+    try:
+        if not _might_contain_attention(gm):
+            return None
+        if has_stateful_nodes(gm):
+            log.debug("based_compile: graph toggles grad mode or calls higher-order ops; not rewritten")
+            return None
+        aten_gm = lower_to_aten(gm)
+        flags = _constant_placeholders(gm, example_inputs)
+        placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+        variable = {p for p, const in zip(placeholders, flags) if not const}
+        evaluator = GraphEvaluator(aten_gm, list(example_inputs), variable_placeholders=variable)
+        matcher = Matcher(aten_gm, evaluator, variable)
+        settled = []
+        for result, node in find_matches(matcher):
+            if isinstance(result, Refused):
+                _refuse(result, report)
+                continue
+            try:
+                site = settle(result, evaluator, probe=verify)
+            except Refused as refusal:
+                _refuse(refusal, report)
+                continue
+            settled.append(site)
+            entry = Site(source_of(result.anchor), result.form, site.spec,
+                         _kernel_description(site.spec, result.q, result.k, result.v))
+            if report is not None:
+                report.sites.append(entry)
+            log.info("based_compile: %s Based attention at %s -> based::attention (%s)%s", result.form,
+                     entry.source, site.spec, "" if rewrite else " [not rewritten: report only]")
+        if not settled or not rewrite:
+            return None
+        return rewrite_sites(aten_gm, settled)
+    finally:
+        pass_seconds += time.perf_counter() - start
+
+
+def _refuse(refusal: Refused, report: Explanation | None) -> None:
+    entry = Refusal(source_of(refusal.node), refusal.category, refusal.reason)
+    log.debug("based_compile: refused at %s (%s): %s", entry.source, entry.category, entry.reason)
+    if report is not None:
+        report.add_refusal(entry)
+
+
+def _inner_compiler(inner):
+    if callable(inner):
+        return inner
+    if not isinstance(inner, str):
+        raise TypeError(f"inner must be a backend name ({', '.join(INNER_NAMES)}, ...) or a callable, got {inner!r}")
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx
+    if inner == "eager":
+        return lambda gm, example_inputs: gm.forward
+    try:
+        return torch._dynamo.lookup_backend(inner)
+    except Exception as err:
+        raise ValueError(f"inner must be one of {INNER_NAMES}, a registered backend name, or a callable; "
+                         f"got {inner!r}") from err
+
+
+def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", verify: bool = True):
+    """A configured ``based`` backend for ``torch.compile(model, backend=based_compile.backend(...))``."""
+    from . import config
+
+    if not isinstance(rewrite, bool):
+        raise TypeError(f"rewrite must be a bool, got {rewrite!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
+    if kernel not in config.KERNEL_CHOICES:
+        raise ValueError(f"kernel must be one of {config.KERNEL_CHOICES}, got {kernel!r}")
+    inner_compile = _inner_compiler(inner)
+    if kernel != "auto":
+        config.kernel = kernel
+        log.info("based_compile: kernel forced to %r for this process (based_compile.config.kernel)", kernel)
+
+    def based(gm: fx.GraphModule, example_inputs):
+        rewritten = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify)
+        return inner_compile(rewritten if rewritten is not None else gm, example_inputs)
+
+    based.options = {"inner": inner, "rewrite": rewrite, "kernel": kernel, "verify": verify}
+    return based
+
+
+_default_backend = None
+
+
+def based_backend(gm: fx.GraphModule, example_inputs):
+    """The entry-point target: ``torch.compile(model, backend="based")`` (Inductor inside)."""
+    global _default_backend
+    if _default_backend is None:
+        _default_backend = backend()
+    return _default_backend(gm, example_inputs)
+
+
+def register() -> None:
+    """Register ``based_backend`` under the name "based" (idempotent)."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "based" not in _COMPILER_FNS:
+        register_backend(name="based")(based_backend)

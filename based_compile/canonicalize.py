@@ -1,0 +1,196 @@
+"""Canonicalise a Dynamo graph for matching: lower it to ATen, then read through views and scalars.
+
+Lowering (``lower_to_aten``) uses PyTorch's own machinery: ``make_fx`` under the fake mode
+of Dynamo's example values, with ``functionalize`` (in-place ``masked_fill_`` becomes
+``masked_fill``) and ``preserve_node_meta`` (every ATen node keeps the user's stack trace).
+After lowering, ``@``, ``matmul``, ``einsum`` and ``bmm`` are all ``bmm`` between views,
+``.mT`` / ``transpose`` / ``permute`` are ``permute``/``transpose``, ``repeat_interleave``
+is ``expand`` + ``clone`` + ``view``.
+
+Reading helpers (one axis each):
+- ``VIEW_OPS``: ops that only rearrange or broadcast a tensor's elements;
+- ``scalar_value``: the Python float of a scalar operand (number, SymInt/SymFloat node,
+  0-d constant tensor), or None;
+- ``walk_operand``: from a matmul operand back through views and scalar factors, to the
+  tensor the user multiplied, collecting the scalar factor on the way.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.clone.default,
+    aten.alias.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.flatten.using_ints, aten.contiguous.default,
+    aten._to_copy.default, aten.lift_fresh_copy.default,
+}
+
+# Graph-level state Dynamo may record that post-dispatch lowering would bake in (grad mode).
+_STATEFUL_TARGETS = {torch._C._set_grad_enabled}
+
+
+def example_value(node: fx.Node):
+    """The fake value (tensor, SymInt, ...) FX recorded for a node, or None."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def shape_of(node) -> tuple | None:
+    val = example_value(node) if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def hint(x) -> int | float:
+    """Concrete value of an int/float or the example value of a SymInt/SymFloat."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat)):
+        return x.node.hint if x.node.hint is not None else x.node.require_hint()
+    return x
+
+
+def hint_shape(node) -> tuple[int, ...] | None:
+    shape = shape_of(node)
+    return None if shape is None else tuple(int(hint(s)) for s in shape)
+
+
+def has_stateful_nodes(gm: fx.GraphModule) -> bool:
+    """True when the graph toggles grad mode (lowering would lose that), or calls higher-order ops."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            if node.target in _STATEFUL_TARGETS:
+                return True
+            if isinstance(node.target, torch._ops.HigherOrderOperator):
+                return True
+    return False
+
+
+def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
+    """Dynamo graph -> functional ATen graph with the same placeholders and outputs.
+
+    Traced with the fake (possibly symbolic) example values Dynamo recorded, so dynamic
+    shapes stay symbolic. Nodes keep their ``stack_trace`` meta.
+    """
+    fake_args = [example_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = next((a.fake_mode for a in fake_args if isinstance(a, torch._subclasses.FakeTensor)), None)
+    if fake_mode is None:
+        raise ValueError("lower_to_aten: the Dynamo graph has no fake tensor example values")
+
+    def run(*args):
+        return fx.Interpreter(gm).run(*args)
+
+    with fx_traceback.preserve_node_meta(), fake_mode:
+        return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="real")(*fake_args)
+
+
+def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The real tensor behind a get_attr node (a lifted constant), else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def scalar_value(gm: fx.GraphModule, arg) -> float | None:
+    """A scalar operand as a float: a Python number, a sym node (guarded), or a 0-d constant."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if not isinstance(arg, fx.Node):
+        return None
+    val = example_value(arg)
+    if isinstance(val, (torch.SymInt, torch.SymFloat)):
+        # The spec bakes this number in; specialise on it (a guard), so a graph traced
+        # for another value recompiles instead of reusing a wrong spec.
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+        return float(guard_scalar(val))
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
+        return float(val)
+    const = constant_tensor(gm, arg)
+    if const is not None and const.numel() == 1 and const.dim() == 0:
+        return float(const.item())
+    if arg.op == "call_function" and arg.target in (aten.scalar_tensor.default, aten.lift_fresh_copy.default):
+        if arg.target is aten.scalar_tensor.default:
+            return scalar_value(gm, arg.args[0])
+        return scalar_value(gm, arg.args[0])
+    if arg.op == "call_function" and arg.target in (aten.full.default,) and not arg.args[0]:
+        return scalar_value(gm, arg.args[1])
+    if arg.op == "call_function" and arg.target in (operator.truediv, operator.mul, operator.pow,
+                                                     operator.add, operator.sub, operator.neg):
+        vals = [scalar_value(gm, a) for a in arg.args]
+        if any(v is None for v in vals):
+            return None
+        return float(arg.target(*vals))
+    return None
+
+
+_SCALE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
+
+
+def scalar_factor(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, float] | None:
+    """If ``node`` is ``x * c``, ``c * x``, ``x / c`` or ``-x`` with a scalar c: (x, factor), else None."""
+    if node.op != "call_function" or node.target not in _SCALE_OPS:
+        return None
+    if node.target is aten.neg.default:
+        return node.args[0], -1.0
+    a, b = node.args[0], node.args[1]
+    if node.target is aten.div.Tensor:
+        c = scalar_value(gm, b)
+        return (a, 1.0 / c) if c not in (None, 0.0) and isinstance(a, fx.Node) else None
+    cb = scalar_value(gm, b)
+    if cb is not None and isinstance(a, fx.Node) and shape_of(a) is not None:
+        return a, cb
+    ca = scalar_value(gm, a)
+    if ca is not None and isinstance(b, fx.Node) and shape_of(b) is not None:
+        return b, ca
+    return None
+
+
+@dataclass
+class Operand:
+    """What a matmul operand is once views and scalar factors are read through.
+
+    source: the tensor the user multiplied (the deepest 4-D tensor on the chain, else the
+    deepest tensor); factor: product of the scalar factors between source and the matmul;
+    stop: the first node that is neither a view nor a scalar factor (where the walk ended).
+    """
+
+    source: fx.Node
+    factor: float
+    stop: fx.Node
+
+
+def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = True) -> Operand:
+    chain: list[tuple[fx.Node, float]] = []   # (node, factor accumulated from the operand to here)
+    factor = 1.0
+    current = node
+    while True:
+        chain.append((current, factor))
+        if current.op == "call_function" and current.target in VIEW_OPS and isinstance(current.args[0], fx.Node):
+            current = current.args[0]
+            continue
+        scaled = scalar_factor(gm, current) if through_scalars else None
+        if scaled is not None:
+            factor *= scaled[1]
+            current = scaled[0]
+            continue
+        break
+    four_d = [(n, f) for n, f in chain if shape_of(n) is not None and len(shape_of(n)) == 4]
+    source, f = four_d[-1] if four_d else chain[-1]
+    return Operand(source=source, factor=f, stop=current)
+
+
+def strip_views(node: fx.Node) -> fx.Node:
+    """Read back through view-like ops only."""
+    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node

@@ -1,0 +1,91 @@
+"""Concrete evaluation of parts of a lowered graph (masks at compile time, the numerical probe).
+
+``GraphEvaluator(gm, real_inputs)`` evaluates any node on real tensors: placeholders take
+the real example inputs Dynamo handed the backend (registered buffers included, so a
+sliced ``tril`` buffer is checked by value), SymInt placeholders their concrete values,
+get_attr nodes the module's constants. ``substitute`` replaces chosen nodes by given
+tensors (the probe feeds fresh q, k, v that way).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+class NotConstant(Exception):
+    """Raised when a node depends on a tensor the caller declared non-constant."""
+
+
+class GraphEvaluator:
+    def __init__(self, gm: fx.GraphModule, real_inputs, *, variable_placeholders=()):
+        self.gm = gm
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(real_inputs):
+            raise ValueError(f"GraphEvaluator: graph has {len(placeholders)} placeholders, "
+                             f"got {len(real_inputs)} inputs")
+        self.inputs = dict(zip(placeholders, real_inputs))
+        self.variable = set(variable_placeholders)
+
+    def evaluate(self, node: fx.Node, substitute: dict | None = None):
+        """Value of ``node`` with ``substitute`` (node -> value) taking precedence."""
+        env: dict[fx.Node, object] = dict(substitute or {})
+        with torch.no_grad():
+            return self._eval(node, env)
+
+    def _eval(self, root: fx.Node, env: dict):
+        # Iterative post-order so deep graphs do not hit the recursion limit.
+        stack = [root]
+        while stack:
+            node = stack[-1]
+            if node in env:
+                stack.pop()
+                continue
+            pending = [a for a in node.all_input_nodes if a not in env]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            env[node] = self._run(node, env)
+        return env[root]
+
+    def _run(self, node: fx.Node, env: dict):
+        if node.op == "placeholder":
+            if node in self.variable:
+                raise NotConstant(node.name)
+            value = self.inputs[node]
+            return value.detach() if isinstance(value, torch.Tensor) else value
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if node.op == "call_function":
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            return node.target(*args, **kwargs)
+        raise NotConstant(f"{node.op} {node.name}")
+
+    def depends_on(self, node: fx.Node, targets: set) -> bool:
+        """True when ``node`` reads any node of ``targets`` (transitively)."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in targets:
+                return True
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return False
+
+    def placeholders_read(self, node: fx.Node) -> list[fx.Node]:
+        seen, stack, found = set(), [node], []
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder":
+                found.append(n)
+            stack.extend(n.all_input_nodes)
+        return found

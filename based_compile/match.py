@@ -1,0 +1,473 @@
+"""Find Based attention in a lowered (ATen) graph and derive what it computes.
+
+Quadratic forms are anchored on the ``bmm`` that multiplies the weights by V. Its first
+operand is read backwards as an abstract value ``Weights = keep * P(q.k)``:
+
+- the scores ``bmm`` gives P(x) = sigma * x (sigma: the scalar factors on q, k and the
+  scores wherever they sit), or, when q and k went through explicit Taylor feature maps,
+  phi(q).phi(k) as a polynomial (``feature_map.py``);
+- scalar add / sub / mul / div / neg, ``pow``, ``square``, ``x * x`` build P (``polynomial.py``);
+- ``masked_fill`` / ``where`` / multiplication by a 0/1 constant / ``tril`` / ``triu``
+  intersect ``keep`` with a pattern evaluated at compile time (``mask.py``).
+
+The normaliser is read from the user of the numerator: division by (or multiplication by
+the reciprocal of) the row sums of weights, plus eps; those weights must be the same
+abstract value as the numerator's. The linear (cumsum) feature-map form is anchored on the
+``cumsum`` of k (x) v (``match_linear``). Everything the reading cannot explain either ends
+the candidate silently (``NotACandidate``: nothing Based-like) or refuses it with a
+category (``Refused``); ``verify.py`` then settles layout and GQA group with a numerical probe.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import mask as masks
+from . import polynomial
+from .canonicalize import (VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, strip_views,
+                           walk_operand)
+from .evaluate import GraphEvaluator, NotConstant
+from .feature_map import pair_feature_maps, read_feature_map
+from .refusal import NotACandidate, Refused
+
+aten = torch.ops.aten
+log = logging.getLogger("based_compile")
+
+
+@dataclass
+class Weights:
+    """A T x T weight tensor read as keep * P(q.k) (P in the raw dot product)."""
+
+    poly: polynomial.Poly
+    keep: torch.Tensor | None     # bool [T, T]; None: nothing masked
+    junk: bool                    # entries outside ``keep`` are not zero (masked before f)
+    scores: fx.Node               # the bmm of the scores
+    q: fx.Node
+    k: fx.Node
+    form: str
+    s_scale: float | None         # the factor of q.k inside the squared term (the user's scale)
+    t: int
+    buffers: frozenset = field(default_factory=frozenset)
+
+    def same_function(self, other: "Weights") -> bool:
+        same_keep = (self.keep is None and other.keep is None) or (
+            self.keep is not None and other.keep is not None and torch.equal(self.keep, other.keep))
+        return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
+                and polynomial.close(self.poly, other.poly))
+
+    def describe(self) -> str:
+        return f"{polynomial.describe(self.poly)} (x = q.k){'' if self.keep is None else ', masked'}"
+
+
+@dataclass
+class Match:
+    """A structurally matched site, before the numerical probe settles layout and group."""
+
+    form: str
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    t: int
+    coeffs: tuple[float, float, float]
+    scale: float
+    causal: bool
+    normalize: bool
+    eps: float
+    anchor: fx.Node               # the node whose stack trace names the user's line
+
+
+def _last_dims_tt(node, t: int) -> bool:
+    shape = hint_shape(node)
+    return shape is not None and len(shape) >= 2 and shape[-1] == t and shape[-2] == t
+
+
+def _normalise_dims(dims, rank: int) -> list[int]:
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted(d % rank for d in dims)
+
+
+class Matcher:
+    """Matches one lowered graph. ``variable``: placeholders that are not compile-time constants."""
+
+    def __init__(self, gm: fx.GraphModule, evaluator: GraphEvaluator, variable: set):
+        self.gm = gm
+        self.evaluator = evaluator
+        self.variable = variable
+        self._weights: dict[fx.Node, Weights | Exception] = {}
+
+    # ------------------------------------------------------------------ constants
+
+    def constant(self, node) -> torch.Tensor | None:
+        """The compile-time value of a tensor that depends only on constants and buffers."""
+        if not isinstance(node, fx.Node) or not isinstance(shape_of(node), tuple):
+            return None
+        if self.evaluator.depends_on(node, self.variable):
+            return None
+        try:
+            return self.evaluator.evaluate(node)
+        except NotConstant:
+            return None
+
+    def _buffers(self, node) -> frozenset:
+        return frozenset(p for p in self.evaluator.placeholders_read(node)
+                         if isinstance(self.evaluator.inputs[p], torch.Tensor))
+
+    # ------------------------------------------------------------------ scores
+
+    def scores(self, node: fx.Node) -> Weights:
+        t = hint_shape(node)[-1]
+        x, y = walk_operand(self.gm, node.args[0]), walk_operand(self.gm, node.args[1])
+        phi_q = read_feature_map(self.gm, x.stop) if x.stop.op == "call_function" else None
+        phi_k = read_feature_map(self.gm, y.stop) if y.stop.op == "call_function" else None
+        if phi_q is not None or phi_k is not None:
+            if phi_q is None or phi_k is None:
+                raise Refused("feature_map", "only one of q and k goes through a feature map", node)
+            poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), x.factor * y.factor)
+            return Weights(poly, None, False, node, phi_q.source, phi_k.source, "feature-map quadratic",
+                           None, t)
+        if shape_of(x.source) is None or shape_of(y.source) is None:
+            raise NotACandidate("scores operands are not tensors")
+        sigma = x.factor * y.factor
+        return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t)
+
+    # ------------------------------------------------------------------ weights
+
+    def weights(self, node: fx.Node) -> Weights:
+        cached = self._weights.get(node)
+        if isinstance(cached, Exception):
+            raise cached
+        if cached is not None:
+            return cached
+        try:
+            value = self._read_weights(node)
+        except (NotACandidate, Refused) as err:
+            self._weights[node] = err
+            raise
+        self._weights[node] = value
+        return value
+
+    def _mask(self, w: Weights, keep: torch.Tensor, source) -> Weights:
+        new_keep = keep if w.keep is None else (w.keep & keep)
+        junk = w.junk
+        if junk and w.keep is not None and not bool((new_keep & ~w.keep).any()):
+            junk = False                    # the new mask hides everything the old one left behind
+        buffers = w.buffers | (self._buffers(source) if isinstance(source, fx.Node) else frozenset())
+        return Weights(w.poly, new_keep, junk, w.scores, w.q, w.k, w.form, w.s_scale, w.t, buffers)
+
+    def _with_poly(self, w: Weights, poly, *, junk=None, s_scale=None) -> Weights:
+        return Weights(poly, w.keep, w.junk if junk is None else junk, w.scores, w.q, w.k, w.form,
+                       w.s_scale if s_scale is None else s_scale, w.t, w.buffers)
+
+    def _keep_of(self, value: torch.Tensor, t: int, invert: bool) -> torch.Tensor:
+        try:
+            return masks.keep_from_constant(value, t, invert=invert)
+        except masks.MaskError as err:
+            raise Refused("mask", str(err)) from err
+
+    def _read_weights(self, node: fx.Node) -> Weights:
+        if node.op != "call_function":
+            raise NotACandidate(f"{node.op} {node.name}")
+        target = node.target
+        args = node.args
+        if target is aten.bmm.default:
+            if not _last_dims_tt(node, hint_shape(node)[-1]):
+                raise NotACandidate("bmm output is not square")
+            return self.scores(node)
+        if target in VIEW_OPS:
+            src = args[0]
+            w = self.weights(src)
+            if not _last_dims_tt(node, w.t):
+                raise NotACandidate("view changes the [T, T] axes")
+            if target is aten.permute.default and list(args[1])[-2:] != [len(args[1]) - 2, len(args[1]) - 1]:
+                raise Refused("unsupported", "the weights are transposed (keys on the query axis)", node)
+            if target is aten.transpose.int:
+                rank = len(hint_shape(node))
+                if {args[1] % rank, args[2] % rank} & {rank - 2, rank - 1}:
+                    raise Refused("unsupported", "the weights are transposed (keys on the query axis)", node)
+            return w
+        scaled = scalar_factor(self.gm, node)
+        if scaled is not None:
+            w = self.weights(scaled[0])
+            return self._with_poly(w, polynomial.scale(w.poly, scaled[1]))
+        if target in (aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar, aten.rsub.Tensor):
+            return self._read_add(node)
+        if target in (aten.pow.Tensor_Scalar, aten.square.default):
+            w = self.weights(args[0])
+            n = 2.0 if target is aten.square.default else scalar_value(self.gm, args[1])
+            if n is None or n != int(n) or n < 1:
+                raise Refused("polynomial", f"weights raised to the power {args[1]!r}", node)
+            s_scale = w.poly[1] if (int(n) == 2 and polynomial.is_monomial(w.poly, 1)) else None
+            return self._with_poly(w, polynomial.power(w.poly, int(n)), s_scale=s_scale)
+        if target is aten.mul.Tensor:
+            return self._read_mul(node)
+        if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            w = self.weights(args[0])
+            fill = scalar_value(self.gm, args[2])
+            if fill is None or fill != 0.0:
+                cat = "unsupported" if fill is not None and fill == float("-inf") else "mask"
+                raise Refused(cat, f"masked_fill with {args[2]!r}, not 0 (softmax-style masking)" if cat ==
+                              "unsupported" else f"masked entries are set to {args[2]!r}, not 0", node)
+            cond = self.constant(args[1])
+            if cond is None:
+                raise Refused("mask", "the mask is not a compile-time constant (it depends on inputs)", node)
+            return self._mask(w, self._keep_of(cond, w.t, invert=True), args[1])
+        if target is aten.where.self:
+            cond, a, b = args
+            for weights_arg, other, invert in ((a, b, False), (b, a, True)):
+                try:
+                    w = self.weights(weights_arg) if isinstance(weights_arg, fx.Node) else None
+                except NotACandidate:
+                    continue
+                if w is None:
+                    continue
+                if scalar_value(self.gm, other) != 0.0:
+                    raise Refused("mask", f"torch.where fills masked weights with {other!r}, not 0", node)
+                value = self.constant(cond)
+                if value is None:
+                    raise Refused("mask", "the mask is not a compile-time constant (it depends on inputs)", node)
+                return self._mask(w, self._keep_of(value, w.t, invert=invert), cond)
+            raise NotACandidate("where without weights")
+        if target in (aten.tril.default, aten.triu.default):
+            w = self.weights(args[0])
+            diagonal = int(args[1]) if len(args) > 1 else int(node.kwargs.get("diagonal", 0))
+            ones = torch.ones(w.t, w.t, dtype=torch.bool)
+            keep = torch.tril(ones, diagonal) if target is aten.tril.default else torch.triu(ones, diagonal)
+            return self._mask(w, keep, None)
+        if target in (aten._softmax.default, aten.exp.default, aten.elu.default, aten.relu.default,
+                      aten.sigmoid.default):
+            raise NotACandidate(f"{target} of the scores: not Based attention")
+        raise NotACandidate(f"unsupported op {target}")
+
+    def _read_add(self, node: fx.Node) -> Weights:
+        target, args = node.target, node.args
+        alpha = node.kwargs.get("alpha", 1)
+        a, b = args[0], args[1]
+        sign_a, sign_b = 1.0, float(alpha)
+        if target is aten.sub.Tensor:
+            sign_b = -float(alpha)
+        elif target in (aten.rsub.Scalar, aten.rsub.Tensor):        # b - alpha * a
+            sign_a, sign_b = -float(alpha), 1.0
+        ca, cb = scalar_value(self.gm, a), scalar_value(self.gm, b)
+        if ca is not None or cb is not None:
+            tensor_arg, const, sign_t, sign_c = (b, ca, sign_b, sign_a) if ca is not None else (a, cb, sign_a, sign_b)
+            w = self.weights(tensor_arg)
+            poly = polynomial.add(polynomial.scale(w.poly, sign_t), (sign_c * const,))
+            junk = w.junk or (w.keep is not None and const != 0.0)
+            return self._with_poly(w, poly, junk=junk)
+        wa, wb = self.weights(a), self.weights(b)
+        if wa.q is not wb.q or wa.k is not wb.k:
+            raise NotACandidate("sum of weights of different scores")
+        poly = polynomial.add(polynomial.scale(wa.poly, sign_a), polynomial.scale(wb.poly, sign_b))
+        same_keep = (wa.keep is None and wb.keep is None) or (
+            wa.keep is not None and wb.keep is not None and torch.equal(wa.keep, wb.keep))
+        keep = wa.keep if same_keep else (wb.keep if wa.keep is None else
+                                          (wa.keep if wb.keep is None else wa.keep & wb.keep))
+        junk = wa.junk or wb.junk or not same_keep
+        s_scale = wa.s_scale if wa.s_scale is not None else wb.s_scale
+        return Weights(poly, keep, junk, wa.scores, wa.q, wa.k, wa.form, s_scale, wa.t, wa.buffers | wb.buffers)
+
+    def _read_mul(self, node: fx.Node) -> Weights:
+        a, b = node.args[0], node.args[1]
+        wa = wb = None
+        errors = []
+        for arg in (a, b):
+            try:
+                errors.append(None)
+                if arg is a:
+                    wa = self.weights(a)
+                else:
+                    wb = self.weights(b)
+            except NotACandidate as err:
+                errors[-1] = err
+        if wa is not None and wb is not None:
+            if wa.q is not wb.q or wa.k is not wb.k:
+                raise NotACandidate("product of weights of different scores")
+            s_scale = None
+            if a is b and polynomial.is_monomial(wa.poly, 1):
+                s_scale = wa.poly[1]
+            else:
+                s_scale = wa.s_scale if wa.s_scale is not None else wb.s_scale
+            keep = wa.keep if wb.keep is None else (wb.keep if wa.keep is None else wa.keep & wb.keep)
+            return Weights(polynomial.mul(wa.poly, wb.poly), keep, wa.junk or wb.junk, wa.scores, wa.q, wa.k,
+                           wa.form, s_scale, wa.t, wa.buffers | wb.buffers)
+        w, other = (wa, b) if wa is not None else (wb, a)
+        if w is None:
+            raise NotACandidate("product without weights")
+        value = self.constant(other)
+        if value is None:
+            raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
+        if value.numel() == 1:
+            return self._with_poly(w, polynomial.scale(w.poly, float(value.reshape(()).item())))
+        return self._mask(w, self._keep_of(value, w.t, invert=False), other)
+
+    # ------------------------------------------------------------------ normaliser
+
+    def normaliser(self, node) -> tuple[Weights, float, bool]:
+        """(weights summed, eps, inverted) for a row-sum normaliser expression."""
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            raise NotACandidate("not a normaliser")
+        target, args = node.target, node.args
+        if target in VIEW_OPS:
+            return self.normaliser(args[0])
+        if target is aten.add.Tensor:
+            alpha = float(node.kwargs.get("alpha", 1))
+            ca, cb = scalar_value(self.gm, args[0]), scalar_value(self.gm, args[1])
+            if cb is not None or ca is not None:
+                tensor_arg, c = (args[0], cb * alpha) if cb is not None else (args[1], ca)
+                w, eps, inverted = self.normaliser(tensor_arg)
+                if inverted:
+                    raise Refused("normaliser", "eps is added after the reciprocal of the row sums", node)
+                return w, eps + c, inverted
+            raise NotACandidate("sum of two tensors")
+        if target is aten.reciprocal.default:
+            w, eps, inverted = self.normaliser(args[0])
+            return w, eps, not inverted
+        scaled = scalar_factor(self.gm, node)
+        if scaled is not None:
+            w, eps, inverted = self.normaliser(scaled[0])
+            if scaled[1] != 1.0:
+                raise Refused("normaliser", f"the row sums are scaled by {scaled[1]:g}", node)
+            return w, eps, inverted
+        if target in (aten.sum.dim_IntList, aten.sum.default):
+            x = args[0]
+            rank = len(hint_shape(x))
+            dims = _normalise_dims(args[1], rank) if len(args) > 1 and args[1] is not None else list(range(rank))
+            w = self.weights(x)
+            if dims != [rank - 1]:
+                raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
+            return w, 0.0, False
+        if target in (aten.clamp.default, aten.clamp_min.default, aten.maximum.default, aten.abs.default):
+            try:
+                self.normaliser(args[0])
+            except NotACandidate:
+                raise
+            raise Refused("normaliser", f"the normaliser goes through {target}, not + eps", node)
+        raise NotACandidate("not a normaliser")
+
+    def _find_normaliser(self, path: list[fx.Node]):
+        for p in path:
+            for u in p.users:
+                if u.op != "call_function":
+                    continue
+                if u.target is aten.div.Tensor and u.args[0] is p and isinstance(u.args[1], fx.Node):
+                    try:
+                        w, eps, inverted = self.normaliser(u.args[1])
+                    except NotACandidate:
+                        continue
+                    if inverted:
+                        raise Refused("normaliser", "divides by the reciprocal of the row sums", u)
+                    return u, w, eps
+                if u.target is aten.mul.Tensor and p in u.args[:2]:
+                    other = u.args[1] if u.args[0] is p else u.args[0]
+                    try:
+                        w, eps, inverted = self.normaliser(other)
+                    except NotACandidate:
+                        continue
+                    if not inverted:
+                        raise Refused("normaliser", "multiplies by the row sums instead of dividing", u)
+                    return u, w, eps
+        return None
+
+    # ------------------------------------------------------------------ sites
+
+    def match_quadratic(self, bmm: fx.Node) -> Match:
+        a_node = bmm.args[0]
+        w = self.weights(a_node)
+        if w.scores is bmm:
+            raise NotACandidate("scores")
+        if hint_shape(bmm.args[0])[-1] != w.t:
+            raise NotACandidate("weights do not contract over keys")
+        v = walk_operand(self.gm, bmm.args[1], through_scalars=False).source
+        path = _view_chain(bmm)
+        found = self._find_normaliser(path)
+        normalize, eps = False, 0.0
+        start = bmm
+        if found is not None:
+            start, wz, eps = found
+            if not wz.same_function(w):
+                raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
+                                            f"{w.describe()}", start)
+            normalize = True
+        output = _pick_output(start)
+        return self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
+                            normalize, eps, w.scores, bmm)
+
+    def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
+        if w.junk:
+            raise Refused("mask", "the mask is applied before the polynomial: masked scores still pass "
+                                  "through f (f(0) != 0)", where)
+        deg = polynomial.degree(w.poly)
+        if deg > 2:
+            raise Refused("polynomial", f"f has a term of degree {deg}: {polynomial.describe(w.poly)} "
+                                        "(x = q.k); Based is second order", where)
+        if polynomial.coefficient(w.poly, 2) == 0.0:
+            raise Refused("polynomial", f"f = {polynomial.describe(w.poly)} (x = q.k) has no second-order term",
+                          where)
+        causal = False
+        if w.keep is not None:
+            kind, why = masks.classify(w.keep)
+            if kind == "refuse":
+                raise Refused("mask", why, where)
+            causal = kind == "causal"
+        for buf in w.buffers:
+            value = self.evaluator.inputs[buf]
+            if value.dim() >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > w.t:
+                pattern = value.reshape(-1, value.shape[-2], value.shape[-1])
+                if not bool((pattern == pattern[:1]).all()) or not masks.is_triangular_family(pattern[0] != 0):
+                    raise Refused("mask", f"the registered mask buffer ({tuple(value.shape)}) is not "
+                                          "triangular beyond the traced length", where)
+        p0, p1, p2 = (polynomial.coefficient(w.poly, i) for i in range(3))
+        s = w.s_scale if w.s_scale not in (None, 0.0) else (p1 if p1 != 0.0 else 1.0)
+        return Match(form, output, q, k, v, w.t, (p0, p1 / s, p2 / (s * s)), s, causal, normalize, eps, anchor)
+
+    # ------------------------------------------------------------------ linear (cumsum) form
+
+    def match_linear(self, node: fx.Node) -> Match:
+        from .linear_form import match_linear
+        return match_linear(self, node)
+
+
+def _view_chain(node: fx.Node) -> list[fx.Node]:
+    path = [node]
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
+            node = user
+            path.append(node)
+            continue
+        break
+    return path
+
+
+def _pick_output(start: fx.Node) -> fx.Node:
+    chain = _view_chain(start)
+    for node in chain:
+        if len(hint_shape(node)) == 4:
+            return node
+    return start
+
+
+def find_matches(matcher: Matcher):
+    """Yield (Match | Refused, node) for every candidate site in the graph."""
+    for node in list(matcher.gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        try:
+            if node.target is aten.bmm.default:
+                yield matcher.match_quadratic(node), node
+            elif node.target is aten.cumsum.default:
+                result = matcher.match_linear(node)
+                if result is not None:
+                    yield result, node
+        except Refused as refusal:
+            if refusal.node is None:
+                refusal.node = node
+            yield refusal, node
+        except NotACandidate as why:
+            if node.target is aten.bmm.default:
+                log.debug("based_compile: %s is not Based attention: %s", node.name, why)

@@ -1,0 +1,138 @@
+"""The numerical probe: does the matched subgraph compute the Based function of the derived spec?
+
+Structure fixes the polynomial, the mask and the normaliser; what the shapes alone leave
+open (which axis is heads and which is time when H == T, how the output is laid out, the
+GQA head mapping) is settled here. ``settle`` enumerates the readings the shapes allow,
+evaluates the matched subgraph on fresh random float64 q, k, v (buffers and constants at
+their real values) and keeps the first reading whose reference
+(``naive_parallel_based``) agrees; if none agrees the site is refused with "verify".
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .canonicalize import example_value, hint_shape
+from .evaluate import GraphEvaluator
+from .kernels.naive import naive_parallel_based
+from .match import Match
+from .refusal import Refused
+from .spec import BasedSpec
+
+log = logging.getLogger("based_compile")
+
+# The probe evaluates the matched subgraph at the traced shapes; above this many elements in
+# its largest intermediate ([B, H, T, T] or [B, H, T, F, Dv]) it is skipped (structure only).
+PROBE_MAX_ELEMENTS = 1 << 25
+_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class Settled:
+    """A site ready to rewrite: the spec plus how op inputs/outputs map onto the user's tensors."""
+
+    match: Match
+    spec: BasedSpec
+    unsqueeze_inputs: bool        # q, k, v are [B*H, T, D]: the op sees them as [1, B*H, T, D]
+    transpose_out: bool           # the user's output has T and H swapped relative to the op's
+    flatten_out: bool             # the user's output folds the first two axes
+    probed: bool
+
+
+def _readings(m: Match):
+    shapes = [hint_shape(n) for n in (m.q, m.k, m.v)]
+    ranks = {len(s) for s in shapes}
+    if len(ranks) != 1 or ranks.pop() not in (3, 4):
+        raise Refused("unsupported", f"q, k, v have shapes {shapes}: expected [B, H, T, D] or [B, T, H, D] "
+                                     "(or [B*H, T, D])")
+    unsqueeze = len(shapes[0]) == 3
+    qs, ks, vs = [((1,) + s) if unsqueeze else s for s in shapes]
+    out_shape = hint_shape(m.output)
+    readings = []
+    for layout, tdim, hdim in (("BHTD", 2, 1), ("BTHD", 1, 2)):
+        if not (qs[tdim] == ks[tdim] == vs[tdim] == m.t):
+            continue
+        heads, kv_heads = qs[hdim], ks[hdim]
+        if kv_heads == 0 or heads % kv_heads or vs[hdim] != kv_heads or not (qs[0] == ks[0] == vs[0]):
+            continue
+        if qs[3] != ks[3]:
+            continue
+        op_shape = list(qs[:3]) + [vs[3]]
+        for transpose in (False, True):
+            shape = list(op_shape)
+            if transpose:
+                shape[1], shape[2] = shape[2], shape[1]
+            for flatten in (False, True):
+                final = [shape[0] * shape[1]] + shape[2:] if flatten else shape
+                if tuple(final) == tuple(out_shape):
+                    spec = BasedSpec(layout=layout, scale=m.scale, c0=m.coeffs[0], c1=m.coeffs[1],
+                                     c2=m.coeffs[2], causal=m.causal, normalize=m.normalize, eps=m.eps,
+                                     group=heads // kv_heads)
+                    readings.append(Settled(m, spec, unsqueeze, transpose, flatten, False))
+    if not readings:
+        raise Refused("unsupported", f"q {shapes[0]}, k {shapes[1]}, v {shapes[2]} and output {out_shape} "
+                                     "are not a [B, H, T, D] / [B, T, H, D] attention layout")
+    return readings, (qs, ks, vs)
+
+
+def _reference(reading: Settled, q, k, v) -> torch.Tensor:
+    s = reading.spec
+    if reading.unsqueeze_inputs:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    o = naive_parallel_based(q, k, v, scale=s.scale, coeffs=s.coeffs, causal=s.causal, normalize=s.normalize,
+                             eps=s.eps, layout=s.layout)
+    if reading.transpose_out:
+        o = o.transpose(1, 2)
+    if reading.flatten_out:
+        o = o.flatten(0, 1)
+    return o
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if out.shape != ref.shape or not torch.isfinite(out).all():
+        return math.inf
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True) -> Settled:
+    readings, (qs, ks, vs) = _readings(m)
+    if not probe:
+        return readings[0]
+    size = math.prod(qs) * m.t + math.prod(vs) * qs[-1] * qs[-1]
+    if size > PROBE_MAX_ELEMENTS:
+        log.info("based_compile: numerical probe skipped at %s (%d elements > %d); structure only",
+                 m.output.name, size, PROBE_MAX_ELEMENTS)
+        return readings[0]
+    fake_q = example_value(m.q)
+    device = fake_q.device
+    errors = []
+    for dtype in (torch.float64, fake_q.dtype):
+        gen = torch.Generator().manual_seed(1234)
+        values = {}
+        for node in (m.q, m.k, m.v):
+            if node not in values:
+                values[node] = torch.randn(hint_shape(node), generator=gen, dtype=torch.float64).to(
+                    device=device, dtype=dtype)
+        try:
+            out = evaluator.evaluate(m.output, substitute=values)
+        except Exception as err:            # e.g. float64 probe against float32 parameters: retry in q's dtype
+            errors.append(f"{type(err).__name__}: {err}")
+            continue
+        tol = max(_TOLERANCE.get(out.dtype, 1e-3), _TOLERANCE.get(dtype, 1e-3))
+        best = math.inf
+        for reading in readings:
+            ref = _reference(reading, *(values[n].to(torch.float64) for n in (m.q, m.k, m.v)))
+            err = _rel_error(out, ref)
+            best = min(best, err)
+            if err < tol:
+                reading.probed = True
+                return reading
+        raise Refused("verify", f"structure matched ({readings[0].spec}) but the numerical probe disagrees: "
+                                f"relative error {best:.2e} >= {tol:.0e} on random inputs", m.output)
+    raise Refused("verify", f"the numerical probe could not evaluate the matched subgraph ({'; '.join(errors)})",
+                  m.output)
