@@ -6,11 +6,12 @@ Configuration (DESIGN.md section 4): B=16, H=16, Dk=16, Dv=64, bf16, causal, nor
 inputs included) and the ratio of each time to the physical floor measured in the same run
 (benchmarks/floor.py). Entries:
   ours_parallel, ours_fused_chunk       based_compile.kernels (fused chunk skipped if not implemented)
+  ours_parallel_atomic_dq               ours_parallel with the atomic-dq backward (parallel_backward(atomic_dq=True))
   fla_parallel, fla_fused_chunk         fla.ops.based (if importable; verified against our reference first)
   inductor_naive                        torch.compile of the naive quadratic form (where it fits)
   sdpa_causal_d64                       scaled_dot_product_attention(is_causal=True), head dim 64
 
-Usage: python benchmarks/kernels.py --out DIR [--quick] [--ts 1024,4096] [--tune]
+Usage: python benchmarks/kernels.py --out DIR [--quick] [--ts 1024,4096] [--tune [fwd,dq,dkv,dkv_atomic]]
 Prints the table last; writes kernels.json (and kernels.png with matplotlib) into --out.
 --tune first sweeps launch configurations of our parallel kernels (printed, and in kernels.json).
 """
@@ -54,6 +55,19 @@ def _inputs(t: int, layout: str = "BHTD", dk: int = DK, dv: int = DV):
 
 def ours_parallel():
     return "BHTD", lambda q, k, v: parallel_based(q, k, v)
+
+
+def ours_parallel_atomic_dq():
+    """Our parallel kernel with the fused backward (dq added atomically by the dk/dv kernel)."""
+    import functools
+
+    from based_compile.kernels.function import BasedKernelFunction
+    from based_compile.kernels.parallel import check_parallel_arguments, parallel_backward, parallel_forward
+    backward = functools.partial(parallel_backward, atomic_dq=True)
+
+    def run(q, k, v):
+        return BasedKernelFunction.apply(q, k, v, check_parallel_arguments(q, k, v), parallel_forward, backward)
+    return "BHTD", run
 
 
 def ours_fused_chunk():
@@ -124,6 +138,7 @@ def sdpa_causal_d64():
 
 ENTRIES = {
     "ours_parallel": ours_parallel,
+    "ours_parallel_atomic_dq": ours_parallel_atomic_dq,
     "ours_fused_chunk": ours_fused_chunk,
     "fla_parallel": fla_parallel,
     "fla_fused_chunk": fla_fused_chunk,
@@ -194,9 +209,13 @@ TUNE_DKV = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (6
             (128, 128, 8, 2), (32, 32, 4, 2), (128, 32, 4, 2)]
 
 
-def tune(ts):
-    """Sweep launch configurations of our three parallel kernels; others held at the defaults."""
+def tune(ts, kernels):
+    """Sweep launch configurations of our parallel kernels (others held at the defaults).
+
+    kernels: subset of fwd, dq, dkv, dkv_atomic (the dk/dv kernel of the atomic-dq backward).
+    """
     from based_compile.kernels.parallel import LaunchConfig, launch_configs, parallel_backward, parallel_forward
+    tables = {"fwd": TUNE_FWD, "dq": TUNE_DQ, "dkv": TUNE_DKV, "dkv_atomic": TUNE_DKV}
     results = []
     for t in ts:
         q, k, v = (x.detach() for x in _inputs(t))
@@ -204,22 +223,23 @@ def tune(ts):
         base = launch_configs(args)
         o, z = parallel_forward(q, k, v, args)
         do = torch.randn_like(o)
-        for kernel, table in (("fwd", TUNE_FWD), ("dq", TUNE_DQ), ("dkv", TUNE_DKV)):
-            for bt, bs, w, st in table:
+        for kernel in kernels:
+            for bt, bs, w, st in tables[kernel]:
                 cfgs = dict(base)
-                cfgs[kernel] = LaunchConfig(bt, bs, w, st)
+                cfgs[kernel.replace("_atomic", "")] = LaunchConfig(bt, bs, w, st)
                 try:
                     if kernel == "fwd":
                         ms = _median_ms(lambda: parallel_forward(q, k, v, args, cfgs))
                     else:
-                        ms = _median_ms(lambda: parallel_backward(q, k, v, o, z, do, args, cfgs))
+                        atomic = kernel == "dkv_atomic"
+                        ms = _median_ms(lambda: parallel_backward(q, k, v, o, z, do, args, cfgs, atomic_dq=atomic))
                 except Exception as e:
                     ms = None
                     print(f"tune {kernel} {(bt, bs, w, st)} T={t}: {type(e).__name__}: {str(e)[:120]}")
                 results.append({"T": t, "kernel": kernel, "config": [bt, bs, w, st], "ms": ms})
-                print(f"tune T={t:6d} {kernel:4s} BT={bt:4d} BS={bs:4d} warps={w} stages={st}: "
+                print(f"tune T={t:6d} {kernel:10s} BT={bt:4d} BS={bs:4d} warps={w} stages={st}: "
                       f"{'-' if ms is None else f'{ms:.3f} ms'}", flush=True)
-        for kernel in ("fwd", "dq", "dkv"):
+        for kernel in kernels:
             rows = [r for r in results if r["T"] == t and r["kernel"] == kernel and r["ms"] is not None]
             if rows:
                 best = min(rows, key=lambda r: r["ms"])
@@ -266,7 +286,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out", help="directory for kernels.json and kernels.png")
     parser.add_argument("--quick", action="store_true", help=f"only T in {QUICK_TS}")
     parser.add_argument("--ts", default=None, help="comma-separated sequence lengths")
-    parser.add_argument("--tune", action="store_true", help="sweep our parallel kernel's launch configs first")
+    parser.add_argument("--tune", default=None, const="fwd,dq,dkv,dkv_atomic", nargs="?",
+                        help="sweep our parallel kernels' launch configs first (subset of fwd,dq,dkv,dkv_atomic)")
     parser.add_argument("--entries", default=",".join(ENTRIES), help="comma-separated subset of entries")
     opts = parser.parse_args()
     ts = [int(x) for x in opts.ts.split(",")] if opts.ts else (QUICK_TS if opts.quick else ALL_TS)
@@ -288,14 +309,14 @@ def main() -> None:
             json.dump(report, fh, indent=1)
 
     if opts.tune:
-        report["tune"] = tune([2048, 8192])
+        report["tune"] = tune([2048, 8192], opts.tune.split(","))
         save()
 
     runs = {}
     for name in opts.entries.split(","):
         try:
             layout, run = ENTRIES[name]()
-            if name in ("ours_parallel", "ours_fused_chunk"):
+            if name.startswith(("ours_", "fla_")):
                 err = verify(run, layout)
                 if not err < 2e-2:
                     raise RuntimeError(f"relative error {err:.2e} against the float64 reference")

@@ -35,6 +35,9 @@ from .arguments import DEFAULT_COEFFS, BasedArguments, check_arguments, check_ke
 from .function import BasedKernelFunction
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Backward scheme: False = separate dq and dk/dv kernels (deterministic); True = dq added
+# atomically by the dk/dv kernel (see parallel_backward). Chosen from the H100 measurements.
+ATOMIC_DQ_DEFAULT = False
 MAX_DK = 128
 MAX_DV = 256
 
@@ -259,11 +262,12 @@ def _parallel_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dkv_step(dk_acc, dv_acc, k, v, q_base, dn_base, dz_base, cols, t0, T, sq_t, sq_d, sdn_t, sdn_d,
+def _dkv_step(dk_acc, dv_acc, k, v, q_base, dn_base, dz_base, dq_base, cols, t0, T, sq_t, sq_d, sdn_t, sdn_d,
               c0, c1, c2, c2x2,
               DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr):
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+              ATOMIC_DQ: tl.constexpr):
     rows = t0 + tl.arange(0, BT)                                                      # [BT] query positions
     q = _load_tile(q_base, rows, tl.arange(0, BK), T, DK, sq_t, sq_d, MASK, EVEN_DK)   # [BT, BK]
     dn = _load_tile(dn_base, rows, tl.arange(0, BV), T, DV, sdn_t, sdn_d, MASK, EVEN_DV)  # [BT, BV]
@@ -283,21 +287,31 @@ def _dkv_step(dk_acc, dv_acc, k, v, q_base, dn_base, dz_base, cols, t0, T, sq_t,
             keep_t = keep_t & (rows[None, :] >= cols[:, None])
         a_t = tl.where(keep_t, a_t, 0.0)
         dr_t = tl.where(keep_t, dr_t, 0.0)
-    dk_acc += tl.dot(dr_t.to(q.dtype), q, input_precision=PRECISION)                  # [BS, BK]
+    dr_t = dr_t.to(q.dtype)
+    dk_acc += tl.dot(dr_t, q, input_precision=PRECISION)                              # [BS, BK]
     dv_acc += tl.dot(a_t.to(dn.dtype), dn, input_precision=PRECISION)                 # [BS, BV]
+    if ATOMIC_DQ:  # dq[rows] += dR k, summed over key blocks in a float32 buffer [B, H, T, BK]
+        dq_part = tl.dot(tl.trans(dr_t), k, input_precision=PRECISION)                 # [BT, BK]
+        dq_ptrs = dq_base + rows[:, None] * BK + tl.arange(0, BK)[None, :]
+        if MASK:
+            tl.atomic_add(dq_ptrs, dq_part, mask=(rows < T)[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq_part, sem="relaxed")
     return dk_acc, dv_acc
 
 
 @triton.jit
 def _parallel_dkv_kernel(
-    q, k, v, dn, dz, dk, dv,
+    q, k, v, dn, dz, dk, dv, dq,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
     sdn_b, sdn_h, sdn_t, sdn_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
     T, H, HK, G, c0, c1, c2, c2x2,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    # ATOMIC_DQ: also accumulate dq (float32 buffer [B, H, T, BK], zeroed) with atomic adds,
+    # which saves the separate dq kernel's recomputation of r and dA.
     i_s, i_bhk = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bhk // HK, i_bhk % HK
     EVEN_DK: tl.constexpr = DK == BK
@@ -317,23 +331,24 @@ def _parallel_dkv_kernel(
         q_base = q + i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
         dn_base = dn + i_b.to(tl.int64) * sdn_b + i_h.to(tl.int64) * sdn_h
         dz_base = dz + (i_b * H + i_h).to(tl.int64) * T
+        dq_base = dq + (i_b * H + i_h).to(tl.int64) * T * BK
         if CAUSAL:  # the diagonal block (masked), then the queries after it
             diag_end = tl.minimum(i_s * BS + BS, T)
             for t0 in range(i_s * BS, diag_end, BT):
-                dk_acc, dv_acc = _dkv_step(dk_acc, dv_acc, k_blk, v_blk, q_base, dn_base, dz_base, cols, t0, T,
+                dk_acc, dv_acc = _dkv_step(dk_acc, dv_acc, k_blk, v_blk, q_base, dn_base, dz_base, dq_base, cols, t0, T,
                                            sq_t, sq_d, sdn_t, sdn_d, c0, c1, c2, c2x2, DK, DV, BT, BK, BV,
-                                           EVEN_DK, EVEN_DV, True, CAUSAL, NORMALIZE, PRECISION)
+                                           EVEN_DK, EVEN_DV, True, CAUSAL, NORMALIZE, PRECISION, ATOMIC_DQ)
             full_start = i_s * BS + BS
         else:
             full_start = 0
         for t0 in range(full_start, full_end, BT):
-            dk_acc, dv_acc = _dkv_step(dk_acc, dv_acc, k_blk, v_blk, q_base, dn_base, dz_base, cols, t0, T,
+            dk_acc, dv_acc = _dkv_step(dk_acc, dv_acc, k_blk, v_blk, q_base, dn_base, dz_base, dq_base, cols, t0, T,
                                        sq_t, sq_d, sdn_t, sdn_d, c0, c1, c2, c2x2, DK, DV, BT, BK, BV,
-                                       EVEN_DK, EVEN_DV, False, CAUSAL, NORMALIZE, PRECISION)
+                                       EVEN_DK, EVEN_DV, False, CAUSAL, NORMALIZE, PRECISION, ATOMIC_DQ)
         for t0 in range(tl.maximum(full_start, full_end), T, BT):  # the partial last query block
-            dk_acc, dv_acc = _dkv_step(dk_acc, dv_acc, k_blk, v_blk, q_base, dn_base, dz_base, cols, t0, T,
+            dk_acc, dv_acc = _dkv_step(dk_acc, dv_acc, k_blk, v_blk, q_base, dn_base, dz_base, dq_base, cols, t0, T,
                                        sq_t, sq_d, sdn_t, sdn_d, c0, c1, c2, c2x2, DK, DV, BT, BK, BV,
-                                       EVEN_DK, EVEN_DV, True, CAUSAL, NORMALIZE, PRECISION)
+                                       EVEN_DK, EVEN_DV, True, CAUSAL, NORMALIZE, PRECISION, ATOMIC_DQ)
     _store_tile(dk + i_b.to(tl.int64) * sdk_b + i_hk.to(tl.int64) * sdk_h, dk_acc, cols, tl.arange(0, BK), T, DK,
                 sdk_t, sdk_d, EVEN_DK)
     _store_tile(dv + i_b.to(tl.int64) * sdv_b + i_hk.to(tl.int64) * sdv_h, dv_acc, cols, tl.arange(0, BV), T, DV,
@@ -368,9 +383,9 @@ def launch_configs(args: BasedArguments) -> dict[str, LaunchConfig]:
     if triton_interpreting():
         return {"fwd": LaunchConfig(32, 16, 4, 1), "dq": LaunchConfig(32, 16, 4, 1), "dkv": LaunchConfig(32, 16, 4, 1)}
     bk, bv = _pow2(args.dk), _pow2(args.dv)
-    if bk <= 32 and bv <= 64:
-        return {"fwd": LaunchConfig(128, 64, 4, 2), "dq": LaunchConfig(64, 64, 4, 2),
-                "dkv": LaunchConfig(64, 64, 4, 2)}
+    if bk <= 32 and bv <= 64:  # H100 sweep at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md)
+        return {"fwd": LaunchConfig(128, 32, 4, 3), "dq": LaunchConfig(64, 64, 4, 2),
+                "dkv": LaunchConfig(64, 64, 4, 3)}
     if bk <= 64 and bv <= 128:
         return {"fwd": LaunchConfig(128, 64, 8, 2), "dq": LaunchConfig(64, 64, 4, 2),
                 "dkv": LaunchConfig(64, 32, 4, 2)}
@@ -423,10 +438,17 @@ def parallel_forward(q, k, v, args: BasedArguments, configs: dict[str, LaunchCon
     return o, z
 
 
-def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str, LaunchConfig] | None = None):
-    """(dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv sum over each GQA group."""
+def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str, LaunchConfig] | None = None,
+                      atomic_dq: bool | None = None):
+    """(dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv sum over each GQA group.
+
+    atomic_dq=False: a dq kernel and a dk/dv kernel (deterministic, no atomics);
+    atomic_dq=True: one dk/dv kernel that also adds dq into a float32 buffer atomically.
+    None: ATOMIC_DQ_DEFAULT.
+    """
     check_kernel_device(q)
     cfgs = configs or launch_configs(args)
+    atomic_dq = ATOMIC_DQ_DEFAULT if atomic_dq is None else atomic_dq
     b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
     bk, bv = _pow2(args.dk), _pow2(args.dv)
     if args.normalize:
@@ -446,19 +468,26 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
     common = dict(DK=args.dk, DV=args.dv, BK=bk, BV=bv, CAUSAL=args.causal, NORMALIZE=args.normalize,
                   PRECISION=_dot_precision(q))
     qs, ks, vs = (_bhtd_strides(x, args.layout) for x in (q, k, v))
-    cfg = cfgs["dq"]
-    _parallel_dq_kernel[(triton.cdiv(t, cfg.block_t), b * h)](
-        q, k, v, dn, dz, dq, *qs, *ks, *vs, *dn_strides, *_bhtd_strides(dq, args.layout),
-        t, h, args.group, c1, 2.0 * c2, BT=cfg.block_t, BS=cfg.block_s, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if atomic_dq:
+        dq_acc = torch.zeros(b, h, t, bk, dtype=torch.float32, device=q.device)    # [B, H, T, BK]
+    else:
+        dq_acc = dq  # unused by the dk/dv kernel
+        cfg = cfgs["dq"]
+        _parallel_dq_kernel[(triton.cdiv(t, cfg.block_t), b * h)](
+            q, k, v, dn, dz, dq, *qs, *ks, *vs, *dn_strides, *_bhtd_strides(dq, args.layout),
+            t, h, args.group, c1, 2.0 * c2, BT=cfg.block_t, BS=cfg.block_s, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     cfg = cfgs["dkv"]
     _parallel_dkv_kernel[(triton.cdiv(t, cfg.block_t), b * hk)](
-        q, k, v, dn, dz, dk, dv, *qs, *ks, *vs, *dn_strides,
+        q, k, v, dn, dz, dk, dv, dq_acc, *qs, *ks, *vs, *dn_strides,
         *_bhtd_strides(dk, args.layout), *_bhtd_strides(dv, args.layout),
         t, h, hk, args.group, c0, c1, c2, 2.0 * c2, BT=cfg.block_s, BS=cfg.block_t, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ATOMIC_DQ=atomic_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if atomic_dq:  # [B, H, T, BK] float32 -> dq's dtype and layout
+        dq_bhtd = dq if args.layout == "BHTD" else dq.transpose(1, 2)
+        dq_bhtd.copy_(dq_acc[..., :args.dk])
     return dq, dk, dv
 
 

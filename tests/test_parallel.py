@@ -92,6 +92,15 @@ def test_feature_dims(dk, dv):
     _check(1, 1, 36, dk, dv)
 
 
+@pytest.mark.parametrize("layout,kv_heads,causal", [("BHTD", 2, True), ("BTHD", 1, False)])
+def test_atomic_dq_backward(monkeypatch, layout, kv_heads, causal):
+    """The fused backward (dq added atomically by the dk/dv kernel) against float64 too."""
+    import based_compile.kernels.parallel as mod
+    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", True)
+    _check(1, 2, 37, 5, 24, kv_heads=kv_heads, layout=layout, causal=causal)
+    _check(1, 2, 30, 16, 16, layout=layout, causal=causal, normalize=False)
+
+
 def test_large_dims():
     _check(1, 1, 20, 128, 256, causal=True)
 
@@ -205,6 +214,15 @@ def _no_tf32():
 @pytest.mark.parametrize("t,dk,dv", [(8192, 16, 64), (4096, 64, 128), (2000, 16, 128), (1537, 64, 64)])
 def test_gpu_realistic(_no_tf32, dtype, t, dk, dv):
     _check(1, 2, t, dk, dv, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,dk,dv", [(8192, 16, 64), (1000, 64, 128)])
+def test_gpu_atomic_dq(_no_tf32, monkeypatch, dtype, t, dk, dv):
+    import based_compile.kernels.parallel as mod
+    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", True)
+    _check(1, 2, t, dk, dv, dtype=dtype, kv_heads=1, layout="BTHD")
 
 
 @pytest.mark.gpu
