@@ -125,7 +125,8 @@ def _parallel_fwd_kernel(
     BT: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Causal: the last query blocks have the most keys; launch them first for a balanced tail.
+    i_t, i_v, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     EVEN_DK: tl.constexpr = DK == BK
@@ -221,7 +222,7 @@ def _parallel_dq_kernel(
     BT: tl.constexpr, BS: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # heaviest query blocks first
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     EVEN_DK: tl.constexpr = DK == BK
