@@ -1,0 +1,171 @@
+"""Data-parallel training of the naive Based LM with ``backend="based"``: DDP and FSDP2.
+
+Used by ``tests/test_distributed.py`` (2 CPU processes, gloo) and by
+``benchmarks/distributed.py`` (N GPUs, NCCL). Each rank trains the same model on its slice
+of a global batch; the loss it reports is the mean over ranks, which for equal slices is the
+loss a single process sees on the whole batch, so the two can be compared step by step.
+
+    python examples/distributed_training.py --mode ddp --world 2 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from naive_based_lm import BasedLM  # noqa: E402
+
+MODES = ("single", "ddp", "fsdp2")
+MODEL = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, feature_dim=8, max_len=256, conv_size=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_batch(step: int, batch: int, seqlen: int, vocab: int) -> torch.Tensor:
+    """The same [batch, seqlen + 1] token batch on every rank for a given step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (batch, seqlen + 1), generator=g)
+
+
+def build_model(model_kwargs: dict, dtype: torch.dtype, device: torch.device) -> BasedLM:
+    torch.manual_seed(0)
+    return BasedLM(**model_kwargs).to(device=device, dtype=dtype)
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard            # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def wrap(model: BasedLM, mode: str, device: torch.device):
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Small buckets (1 MB, the smallest Dynamo's DDP optimizer accepts: its first bucket is
+        # 1 MB) make it split the graph into several pieces, so the pass is seen at work in each.
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=1)
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        fully_shard = _fully_shard()
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return model
+
+
+def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int, batch: int, seqlen: int,
+          dtype=torch.float32, inner="inductor", compile=True, model_kwargs=None, lr: float = 0.05):
+    """Train ``steps`` steps under ``backend=based_compile.backend(inner=inner)`` (eagerly if not ``compile``).
+
+    Returns a dict: ``losses`` (averaged over ranks), ``step_s`` (median step seconds),
+    ``graphs`` (how many graphs Dynamo handed to the backend: more than one when DDP's graph
+    splitting is on) and ``based_calls`` (``based::attention`` calls in the last step's forward).
+    """
+    import based_compile
+
+    model_kwargs = dict(MODEL if model_kwargs is None else model_kwargs)
+    model = build_model(model_kwargs, dtype, device)
+    model = wrap(model, mode, device)
+    based = based_compile.backend(inner=inner)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return based(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting_backend) if compile else model
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    per_rank = batch // world
+    losses, times, based_calls = [], [], 0
+    for step in range(steps):
+        tokens = global_batch(step, batch, seqlen, model_kwargs["vocab_size"])
+        tokens = tokens[rank * per_rank:(rank + 1) * per_rank].to(device)
+        start = time.perf_counter()
+        if step == steps - 1:
+            logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
+        else:
+            logits = compiled(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        losses.append(mean.item())
+    times = sorted(times[1:] or times)
+    return dict(losses=losses, step_s=times[len(times) // 2], graphs=len(graphs), based_calls=based_calls)
+
+
+def count_based_calls(fn):
+    """(fn(), the number of forward ``based::attention`` calls the profiler recorded meanwhile)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = [e.name for e in prof.events()]
+    return out, sum(1 for n in names if n.startswith("based::attention") and "backward" not in n)
+
+
+def worker(rank: int, world: int, port: int, mode: str, device_type: str, kwargs: dict, results) -> None:
+    """Entry point of one spawned rank: trains, then reports its results through ``results``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        results.put((rank, train(mode, rank, world, device, **kwargs)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(mode: str, world: int, device_type: str, **kwargs):
+    """Spawn ``world`` ranks; returns each rank's ``train`` result, in rank order."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(worker, args=(world, free_port(), mode, device_type, kwargs, results), nprocs=world,
+                       start_method="spawn", join=True)
+    return [r for _, r in sorted((results.get() for _ in range(world)), key=lambda x: x[0])]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=MODES, default="ddp")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4, help="global batch (split over ranks)")
+    p.add_argument("--seqlen", type=int, default=64)
+    args = p.parse_args()
+    kw = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen)
+    ref = train("single", 0, 1, torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"), **kw)
+    out = run_distributed(args.mode, args.world, args.device, **kw)
+    for step, r in enumerate(ref["losses"]):
+        print(f"step {step}: single {r:.6f}  {args.mode} x{args.world} {out[0]['losses'][step]:.6f}")
+    print(f"median step: single {ref['step_s'] * 1e3:.1f} ms, {args.mode} x{args.world} "
+          f"{out[0]['step_s'] * 1e3:.1f} ms; graphs per rank {[o['graphs'] for o in out]}, "
+          f"based::attention calls per forward {[o['based_calls'] for o in out]}")
+
+
+if __name__ == "__main__":
+    main()
