@@ -1,0 +1,144 @@
+"""Issue-4 device check: the ``based::attention`` operator against the kernels called directly,
+CUDA graphs / max-autotune through torch.compile, and the parallel / fused-chunk crossovers
+that ``based_compile/policy.py`` records.
+
+    python benchmarks/op.py --out DIR [--quick]
+
+1. Overhead at the reference configuration (B=16, H=16, Dk=16, Dv=64, bf16, causal,
+   normalised; DESIGN.md section 4): median forward (inference) and forward+backward
+   (training) of ``based_attention`` with the policy on "auto", next to the best kernel
+   called directly (``parallel_based`` / ``fused_chunk_based``). Bar: within 5%.
+2. ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and ``mode="max-autotune"`` of a
+   function calling the op: output checked against the float64 reference, replay time.
+3. Crossovers: forward and forward+backward of both kernels over T for a few (B*H, Dk, Dv),
+   and the smallest T from which fused chunk is faster.
+Prints tables; writes op.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton.testing
+
+import based_compile
+from based_compile import config
+from based_compile.kernels import fused_chunk_based, naive_parallel_based, parallel_based
+from based_compile.ops import based_attention
+from based_compile.spec import BasedSpec
+
+B, H, DK, DV = 16, 16, 16, 64
+DTYPE = torch.bfloat16
+
+
+def inputs(b, h, t, dk, dv, grad=False):
+    q, k = (torch.randn(b, h, t, dk, device="cuda", dtype=DTYPE, requires_grad=grad) for _ in range(2))
+    v = torch.randn(b, h, t, dv, device="cuda", dtype=DTYPE, requires_grad=grad)
+    return q, k, v
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_ms(fn, q, k, v):
+    with torch.no_grad():
+        return median_ms(lambda: fn(q, k, v))
+
+
+def fwd_bwd_ms(fn, q, k, v):
+    do = torch.randn_like(fn(q, k, v))
+
+    def step():
+        torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+    return median_ms(step)
+
+
+def overhead(ts):
+    spec = BasedSpec(scale=DK ** -0.5)
+    op = lambda q, k, v: based_attention(q, k, v, spec)  # noqa: E731
+    rows = []
+    for t in ts:
+        q, k, v = inputs(B, H, t, DK, DV, grad=True)
+        row = {"T": t}
+        row["op_fwd"] = fwd_ms(op, q, k, v)
+        row["parallel_fwd"] = fwd_ms(parallel_based, q, k, v)
+        row["fused_chunk_fwd"] = fwd_ms(fused_chunk_based, q, k, v)
+        row["op_fwdbwd"] = fwd_bwd_ms(op, q, k, v)
+        row["parallel_fwdbwd"] = fwd_bwd_ms(parallel_based, q, k, v)
+        row["fused_chunk_fwdbwd"] = fwd_bwd_ms(fused_chunk_based, q, k, v)
+        row["fwd_ratio"] = row["op_fwd"] / min(row["parallel_fwd"], row["fused_chunk_fwd"])
+        row["fwdbwd_ratio"] = row["op_fwdbwd"] / min(row["parallel_fwdbwd"], row["fused_chunk_fwdbwd"])
+        rows.append(row)
+        del q, k, v
+    return rows
+
+
+def compiled_modes(t=2048):
+    spec = BasedSpec(scale=DK ** -0.5)
+    out = {}
+    for mode in ("reduce-overhead", "max-autotune"):
+        torch._dynamo.reset()
+        try:
+            fn = torch.compile(lambda q, k, v: based_attention(q, k, v, spec) * 2.0, mode=mode, fullgraph=True)
+            q, k, v = inputs(2, 4, t, DK, DV)
+            with torch.no_grad():
+                for _ in range(3):
+                    o = fn(q, k, v)
+                ref = naive_parallel_based(q.double(), k.double(), v.double()) * 2.0
+                err = ((o.double() - ref).norm() / ref.norm()).item()
+                ms = median_ms(lambda: fn(q, k, v))
+            out[mode] = {"rel_err": err, "ms": ms, "ok": err < 1e-2}
+        except Exception as e:  # report and go on
+            out[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def crossovers(ts, shapes):
+    rows = []
+    for bh, dk, dv in shapes:
+        for t in ts:
+            b = max(1, bh // 16)
+            h = bh // b
+            q, k, v = inputs(b, h, t, dk, dv, grad=True)
+            row = {"BH": bh, "Dk": dk, "Dv": dv, "T": t}
+            for name, fn in (("parallel", parallel_based), ("fused_chunk", fused_chunk_based)):
+                row[f"{name}_fwd"] = fwd_ms(fn, q, k, v)
+                row[f"{name}_fwdbwd"] = fwd_bwd_ms(fn, q, k, v)
+            rows.append(row)
+            del q, k, v
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=".")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    config.kernel = "auto"
+    ts = (1024, 4096) if args.quick else (1024, 2048, 4096, 8192, 16384)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "overhead": overhead(ts), "compiled": compiled_modes()}
+    cts = (256, 512, 1024, 2048, 4096, 8192, 16384)
+    shapes = ((16, 16, 64), (256, 16, 64), (256, 16, 128), (256, 32, 64))
+    res["crossover"] = crossovers(cts, shapes[:2] if args.quick else shapes)
+    with open(os.path.join(args.out, "op.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n== crossovers (ms) on {res['device']}")
+    print(f"{'BH':>5}{'Dk':>4}{'Dv':>5}{'T':>7}{'par fwd':>9}{'fc fwd':>9}{'par f+b':>9}{'fc f+b':>9}")
+    for r in res["crossover"]:
+        print(f"{r['BH']:>5}{r['Dk']:>4}{r['Dv']:>5}{r['T']:>7}{r['parallel_fwd']:>9.3f}{r['fused_chunk_fwd']:>9.3f}"
+              f"{r['parallel_fwdbwd']:>9.3f}{r['fused_chunk_fwdbwd']:>9.3f}")
+    print("\n== compiled modes:", json.dumps(res["compiled"]))
+    print(f"\n== based::attention vs best kernel called directly ({res['device']}, ms, B={B} H={H} Dk={DK} Dv={DV} bf16)")
+    print(f"{'T':>6}{'op fwd':>9}{'best fwd':>9}{'ratio':>7}{'op f+b':>9}{'best f+b':>9}{'ratio':>7}")
+    for r in res["overhead"]:
+        print(f"{r['T']:>6}{r['op_fwd']:>9.3f}{min(r['parallel_fwd'], r['fused_chunk_fwd']):>9.3f}{r['fwd_ratio']:>7.3f}"
+              f"{r['op_fwdbwd']:>9.3f}{min(r['parallel_fwdbwd'], r['fused_chunk_fwdbwd']):>9.3f}{r['fwdbwd_ratio']:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
