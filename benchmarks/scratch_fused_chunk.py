@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 import torch
 from triton.testing import do_bench
@@ -62,12 +64,65 @@ def compiled_kernel_report() -> list:
     return rows
 
 
+def parse_configs(text: str) -> list:
+    """"bt:bv:warps[:stages[:pairs_by_dot]]" entries separated by commas."""
+    out = []
+    for item in text.split(","):
+        f = [int(x) for x in item.split(":")]
+        out.append(FusedChunkConfig(f[0], f[1], f[2], f[3] if len(f) > 3 else 1, bool(f[4]) if len(f) > 4 else False))
+    return out
+
+
+def probe(spec: str, t: int) -> None:
+    """One backward launch (spec "which:bt:bv:warps:pairs_by_dot", which in dq/dkv/all) vs float64."""
+    from based_compile.kernels.naive import naive_chunk_based
+    which, bt, bv, w, pd = spec.split(":")
+    cfg = FusedChunkConfig(int(bt), int(bv), int(w), 1, bool(int(pd)))
+
+    class Skip:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+    if which == "dq":
+        fused_chunk._fused_chunk_bwd_dkv_kernel = Skip()
+    if which == "dkv":
+        fused_chunk._fused_chunk_bwd_dq_kernel = Skip()
+    q, k = (torch.randn(2, t, 4, DK, device="cuda").to(torch.bfloat16) for _ in range(2))
+    v, do = (torch.randn(2, t, 4, DV, device="cuda").to(torch.bfloat16) for _ in range(2))
+    args = check_arguments(q, k, v, layout="BTHD")
+    o, z = fused_chunk._forward(q, k, v, args, cfg)
+    grads = fused_chunk._backward(q, k, v, o, z, do, args, cfg)
+    torch.cuda.synchronize()
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = naive_chunk_based(qd, kd, vd, layout="BTHD")
+    rg = torch.autograd.grad(ref, (qd, kd, vd), do.double())
+    err = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, rg)]
+    print(f"PROBE {spec} T={t} o={((o.double() - ref).norm() / ref.norm()).item():.2e} "
+          f"dq={err[0]:.2e} dk={err[1]:.2e} dv={err[2]:.2e}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     p.add_argument("--bwd-lengths", default="1024,4096,8192")
+    p.add_argument("--fwd-configs", default=None)
+    p.add_argument("--bwd-configs", default=None)
+    p.add_argument("--probe", default=None, help="which:bt:bv:warps:pairs_by_dot")
+    p.add_argument("--probe-t", type=int, default=1000)
+    p.add_argument("--probes", default=None, help="several probes, each in its own process")
     a = p.parse_args()
+    if a.probe:
+        return probe(a.probe, a.probe_t)
+    if a.probes:
+        for spec in a.probes.split(","):
+            r = subprocess.run([sys.executable, __file__, "--probe", spec, "--probe-t", str(a.probe_t)],
+                               capture_output=True, text=True, timeout=40)
+            lines = [x for x in (r.stdout + r.stderr).splitlines() if "PROBE" in x or "Error" in x]
+            print(f"probe {spec}: rc={r.returncode}", *lines[-3:], flush=True)
+        return
+    global FWD_CONFIGS, BWD_CONFIGS
+    FWD_CONFIGS = parse_configs(a.fwd_configs) if a.fwd_configs else FWD_CONFIGS
+    BWD_CONFIGS = parse_configs(a.bwd_configs) if a.bwd_configs else BWD_CONFIGS
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = ceilings()
     print("ceilings", ceil, torch.cuda.get_device_name(), flush=True)
@@ -82,7 +137,7 @@ def main():
         our_parallel = None
     results = {"ceilings": ceil, "device": torch.cuda.get_device_name(), "fwd": [], "fwdbwd": []}
     table = []
-    for t in [int(x) for x in a.lengths.split(",")]:
+    for t in [int(x) for x in a.lengths.split(",") if x != "none"]:
         g = torch.Generator(device="cuda").manual_seed(t)
         q, k = (torch.randn(B, t, H, DK, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
         v = torch.randn(B, t, H, DV, device="cuda", generator=g).to(torch.bfloat16)
@@ -127,7 +182,7 @@ def main():
         o, z = fused_chunk.fused_chunk_forward(q, k, v, args)
         fwd_ms = ms(lambda: fused_chunk.fused_chunk_forward(q, k, v, args))
         for cfg in BWD_CONFIGS:
-            name = f"bwd_bt{cfg.bt}_bv{cfg.bv}_w{cfg.num_warps}_s{cfg.num_stages}"
+            name = f"bwd_bt{cfg.bt}_bv{cfg.bv}_w{cfg.num_warps}_s{cfg.num_stages}_d{int(cfg.pairs_by_dot)}"
             try:
                 row[name + "_ms"] = ms(lambda: fused_chunk._backward(q, k, v, o, z, do, args, cfg))
             except Exception as e:
