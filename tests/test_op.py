@@ -1,0 +1,326 @@
+"""The ``based::attention`` operator: registration (opcheck), values and gradients vs float64,
+compiled use (fullgraph, dynamic shapes, autocast), O(T) memory on the CPU, GPU variants."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from based_compile import config, cpu_path, policy
+from based_compile.kernels import naive_parallel_based
+from based_compile.ops import based_attention
+from based_compile.spec import BasedSpec
+from compare import assert_rel_close
+from conftest import make_inputs
+
+COEFFS = [(1.0, 1.0, 0.5), (0.3, -0.7, 0.25)]
+ATTENTION = torch.ops.based.attention.default
+ATTENTION_BACKWARD = torch.ops.based.attention_backward.default
+
+
+@pytest.fixture
+def kernel_setting(monkeypatch):
+    """Set based_compile.config.kernel for one test (restored afterwards); the env var cleared."""
+    monkeypatch.delenv(config.KERNEL_ENV_VAR, raising=False)
+
+    def set_kernel(name: str) -> None:
+        monkeypatch.setattr(config, "kernel", name)
+
+    set_kernel("auto")
+    return set_kernel
+
+
+def reference(q, k, v, spec: BasedSpec):
+    """float64 reference output and its input gradients for the output gradient ``do``."""
+    return naive_parallel_based(q, k, v, spec.scale, spec.coeffs, spec.causal, spec.normalize, spec.eps, spec.layout)
+
+
+def op_args(q, k, v, spec: BasedSpec, training: bool):
+    return (q, k, v, spec.layout, spec.scale, spec.c0, spec.c1, spec.c2, spec.causal, spec.normalize, spec.eps,
+            training)
+
+
+def check_against_float64(q, k, v, spec: BasedSpec, tol: float):
+    """Output and gradients of based_attention (inputs of any dtype) vs the float64 reference."""
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    o = based_attention(q, k, v, spec)
+    assert o.dtype == q.dtype and o.is_contiguous()
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    ref = reference(q64, k64, v64, spec)
+    do = torch.randn_like(ref)
+    grads = torch.autograd.grad(o, (q, k, v), do.to(o.dtype))
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do)
+    assert_rel_close(o, ref, tol, "o")
+    for name, g, r, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert_rel_close(g, r, tol, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+OPCHECK_CASES = [
+    # (b, h, kv_heads, t, dk, dv, layout, causal, normalize, dtype)
+    (1, 2, 2, 9, 4, 3, "BHTD", True, True, torch.float32),
+    (2, 4, 2, 17, 8, 5, "BTHD", True, False, torch.float64),
+    (1, 2, 1, 12, 4, 6, "BHTD", False, True, torch.float64),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck_cpu(case, kernel_setting):
+    b, h, hk, t, dk, dv, layout, causal, normalize, dtype = case
+    q, k, v = make_inputs(b, h, t, dk, dv, kv_heads=hk, layout=layout, dtype=dtype, requires_grad=True)
+    spec = BasedSpec(layout=layout, scale=dk ** -0.5, causal=causal, normalize=normalize)
+    args = op_args(q, k, v, spec, True)
+    torch.library.opcheck(ATTENTION, args)
+    o, z = ATTENTION(*args)
+    assert z.dtype == (cpu_path.compute_dtype(dtype) if normalize else torch.float32)
+    assert z.shape == ((b, h, t) if normalize else (0,))
+    do = torch.randn_like(o)
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), z) + args[3:]
+    torch.library.opcheck(ATTENTION_BACKWARD, bwd_args)
+
+
+def test_schema_names_the_spec_arguments():
+    schema = str(ATTENTION._schema)
+    assert schema.startswith("based::attention(Tensor q, Tensor k, Tensor v, str layout, float scale, float c0, "
+                             "float c1, float c2, bool causal, bool normalize, float eps, bool training=False)")
+    assert str(ATTENTION_BACKWARD._schema).startswith("based::attention_backward(Tensor do, Tensor q")
+
+
+def test_normaliser_is_not_differentiable(kernel_setting):
+    q, k, v = make_inputs(1, 2, 8, 4, 4, requires_grad=True)
+    o, z = torch.ops.based.attention(q, k, v, "BHTD", 0.5, 1.0, 1.0, 0.5, True, True, 1e-6, True)
+    assert o.requires_grad and not z.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and gradients vs float64 on the CPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["cpu_quadratic", "cpu_chunked"])
+@pytest.mark.parametrize("layout,causal,normalize", list(itertools.product(["BHTD", "BTHD"], [True, False],
+                                                                            [True, False])))
+def test_cpu_paths_match_float64(kernel, layout, causal, normalize, kernel_setting):
+    kernel_setting(kernel)
+    for coeffs, kv_heads, t in ((COEFFS[0], 4, 150), (COEFFS[1], 2, 67)):   # T: several chunks, a short last one
+        spec = BasedSpec(layout=layout, scale=0.3, c0=coeffs[0], c1=coeffs[1], c2=coeffs[2], causal=causal,
+                         normalize=normalize, eps=1e-6, group=4 // kv_heads)
+        q, k, v = make_inputs(2, 4, t, 8, 5, kv_heads=kv_heads, layout=layout)
+        check_against_float64(q, k, v, spec, 1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("kernel", ["cpu_quadratic", "cpu_chunked"])
+def test_cpu_paths_low_precision(dtype, tol, kernel, kernel_setting):
+    kernel_setting(kernel)
+    q, k, v = make_inputs(1, 2, 100, 16, 8, dtype=dtype)
+    check_against_float64(q, k, v, BasedSpec(scale=0.25), tol)
+
+
+def test_auto_policy_runs_both_cpu_forms(kernel_setting, monkeypatch):
+    calls = []
+    for name in ("quadratic_forward", "chunked_forward", "quadratic_backward", "chunked_backward"):
+        fn = getattr(cpu_path, name)
+        monkeypatch.setattr(cpu_path, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
+    short = policy.CPU_CROSSOVERS[0].t - 1
+    for t, form in ((short, "quadratic"), (policy.CPU_CROSSOVERS[0].t + 3, "chunked")):
+        calls.clear()
+        q, k, v = make_inputs(1, 1, t, 4, 4)
+        check_against_float64(q, k, v, BasedSpec(scale=0.5), 1e-10)
+        assert calls == [f"{form}_forward", f"{form}_backward"]
+
+
+def test_arguments_are_checked(kernel_setting):
+    q, k, v = make_inputs(1, 2, 8, 4, 4)
+    with pytest.raises(TypeError, match="spec"):
+        based_attention(q, k, v, {"scale": 0.5})
+    with pytest.raises(ValueError, match="layout"):
+        based_attention(q, k, v, BasedSpec(layout="BHDT"))
+    with pytest.raises(ValueError, match="eps"):
+        based_attention(q, k, v, BasedSpec(eps=-1.0))
+    with pytest.raises(ValueError, match="multiple"):
+        based_attention(q, k[:, :1].expand(1, 3, 8, 4), v[:, :1].expand(1, 3, 8, 4), BasedSpec())
+    with pytest.raises(TypeError, match="dtype"):
+        based_attention(q, k.float(), v, BasedSpec())
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled code
+# ---------------------------------------------------------------------------------------------
+def test_compile_dynamic_no_recompile(kernel_setting):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    spec = BasedSpec(layout="BTHD", scale=0.35, c0=COEFFS[1][0], c1=COEFFS[1][1], c2=COEFFS[1][2])
+
+    def fn(q, k, v):
+        return based_attention(q, k, v, spec) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for t in (24, 61, 130):                 # 130 > the CPU crossover: the same graph picks another form
+        q, k, v = make_inputs(1, 2, t, 4, 6, kv_heads=1, layout="BTHD", dtype=torch.float32, requires_grad=True)
+        o = compiled(q, k, v)
+        o.backward(torch.ones_like(o))
+        q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+        ref = reference(q64, k64, v64, spec) * 2.0
+        ref.backward(torch.ones_like(ref))
+        assert_rel_close(o, ref, 1e-5, f"o at T={t}")
+        for x, x64, name in ((q, q64, "dq"), (k, k64, "dk"), (v, v64, "dv")):
+            assert_rel_close(x.grad, x64.grad, 1e-5, f"{name} at T={t}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_compile_inference_graph_contains_the_op(kernel_setting):
+    spec = BasedSpec(scale=0.5)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    q, k, v = make_inputs(1, 2, 20, 4, 4, dtype=torch.float32)
+    with torch.no_grad():
+        o = torch.compile(lambda q, k, v: based_attention(q, k, v, spec), backend=backend, fullgraph=True)(q, k, v)
+    assert_rel_close(o, reference(q.double(), k.double(), v.double(), spec), 1e-5)
+    (gm,) = graphs
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.based.attention.default in targets or torch.ops.based.attention in targets
+
+
+def test_autocast_cpu_casts_to_the_autocast_dtype(kernel_setting):
+    spec = BasedSpec(scale=0.25)
+    q, k, v = make_inputs(1, 2, 40, 16, 8, dtype=torch.float32, requires_grad=True)
+    ref = reference(q.detach().double(), k.detach().double(), v.detach().double(), spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = based_attention(q, k, v, spec)
+        oc = torch.compile(lambda q, k, v: based_attention(q, k, v, spec), fullgraph=True)(q, k, v)
+    for out in (o, oc):
+        assert out.dtype == torch.bfloat16
+        assert_rel_close(out, ref, 3e-2)
+    o.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert based_attention(q, k.half(), v, spec).dtype == torch.float16    # mixed inputs: all cast
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: long-context inference on the CPU never builds T x T
+# ---------------------------------------------------------------------------------------------
+class LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an operator returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in torch.utils._pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+def test_long_context_cpu_inference_is_linear_in_memory(kernel_setting):
+    t = 32768
+    q, k, v = make_inputs(1, 1, t, 16, 16, dtype=torch.float32, seed=0)
+    assert policy.choose_kernel(BasedSpec(), q, k, v, training=False) == "cpu_chunked"
+    with torch.no_grad(), LargestTensor() as mode:
+        o = based_attention(q, k, v, BasedSpec(scale=0.25))
+    assert mode.largest < 64 * t, f"a tensor of {mode.largest} elements (T x T = {t * t})"
+    # The tail of the sequence against the quadratic reference on that window's full prefix is too big;
+    # check a prefix instead: causal attention on the first 1024 tokens is the same computation.
+    ref = reference(q[:, :, :1024].double(), k[:, :, :1024].double(), v[:, :, :1024].double(), BasedSpec(scale=0.25))
+    assert_rel_close(o[:, :, :1024], ref, 1e-5)
+    assert torch.isfinite(o).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernels behind the operator, on the CPU under TRITON_INTERPRET=1 (forced)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["parallel", "fused_chunk"])
+def test_forced_triton_kernel_through_the_op(kernel, kernel_setting, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("covered by the GPU tests")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel_setting(kernel)
+    q, k, v = make_inputs(1, 4, 40, 8, 20, kv_heads=2, layout="BTHD", dtype=torch.float32)
+    assert policy.choose_kernel(BasedSpec(layout="BTHD"), q, k, v, True) == kernel
+    spec = BasedSpec(layout="BTHD", scale=0.3, c0=COEFFS[1][0], c1=COEFFS[1][1], c2=COEFFS[1][2], group=2)
+    check_against_float64(q, k, v, spec, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run by the lead with -m gpu)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [True, False])
+def test_opcheck_cuda(normalize, kernel_setting):
+    for kernel in ("parallel", "fused_chunk"):
+        kernel_setting(kernel)
+        q, k, v = make_inputs(1, 4, 80, 16, 32, kv_heads=2, dtype=torch.float32, device="cuda", requires_grad=True)
+        spec = BasedSpec(scale=0.25, normalize=normalize)
+        args = op_args(q, k, v, spec, True)
+        torch.library.opcheck(ATTENTION, args)
+        o, z = ATTENTION(*args)
+        do = torch.randn_like(o)
+        torch.library.opcheck(ATTENTION_BACKWARD, (do, q.detach(), k.detach(), v.detach(), o.detach(), z) + args[3:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "parallel", "fused_chunk"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_matches_float64(kernel, dtype, tol, kernel_setting):
+    kernel_setting(kernel)
+    for layout, kv_heads, coeffs in (("BHTD", 4, COEFFS[0]), ("BTHD", 2, COEFFS[1])):
+        q, k, v = make_inputs(2, 4, 300, 16, 64, kv_heads=kv_heads, layout=layout, dtype=dtype, device="cuda")
+        spec = BasedSpec(layout=layout, scale=0.25, c0=coeffs[0], c1=coeffs[1], c2=coeffs[2])
+        check_against_float64(q, k, v, spec, tol)
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_float64(kernel_setting):
+    q, k, v = make_inputs(1, 2, 16, 16, 16, device="cuda")
+    with pytest.raises(TypeError, match="float16, bfloat16, float32"):
+        based_attention(q, k, v, BasedSpec())
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_bf16(kernel_setting):
+    spec = BasedSpec(scale=0.25)
+    q, k, v = make_inputs(2, 4, 256, 16, 64, dtype=torch.float32, device="cuda", requires_grad=True)
+    ref = reference(q.detach().double(), k.detach().double(), v.detach().double(), spec)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o = torch.compile(lambda q, k, v: based_attention(q, k, v, spec), fullgraph=True)(q, k, v)
+    assert o.dtype == torch.bfloat16
+    assert_rel_close(o, ref, 2e-2)
+    o.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+@pytest.mark.parametrize("training", [False, True])
+def test_cuda_compile_modes(mode, training, kernel_setting):
+    torch._dynamo.reset()
+    spec = BasedSpec(scale=0.25)
+    proj = torch.nn.Linear(64, 64, device="cuda")
+
+    def step(q, k, v):
+        return proj(based_attention(q, k, v, spec))
+
+    compiled = torch.compile(step, mode=mode, fullgraph=True)
+    for t in (512, 4096):                   # both sides of the inference crossover
+        q, k, v = make_inputs(2, 8, t, 16, 64, dtype=torch.bfloat16, device="cuda", requires_grad=training)
+        with torch.set_grad_enabled(training):
+            for _ in range(3):              # CUDA graphs: warm-up, record, replay
+                out = compiled(q, k, v)
+                if training:
+                    out.float().sum().backward()
+        ref = proj(reference(q.detach().double(), k.detach().double(), v.detach().double(), spec).float())
+        assert_rel_close(out, ref, 3e-2, f"{mode} T={t}")
