@@ -1,0 +1,185 @@
+"""Kernel policy: decisions by device, mode and shape; forcing through config and the environment."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from based_compile import config, cpu_path, policy
+from based_compile.kernels import fused_chunk
+from based_compile.ops import based_attention
+from based_compile.policy import Crossover, decide_for
+from based_compile.spec import BasedSpec
+from conftest import make_inputs
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+@pytest.fixture(autouse=True)
+def no_forcing(monkeypatch):
+    """Every test starts from the default settings: config.kernel = "auto", no environment variable."""
+    monkeypatch.setattr(config, "kernel", "auto")
+    monkeypatch.delenv(config.KERNEL_ENV_VAR, raising=False)
+
+
+# (device, training, T, Dk, Dv, B*H, dtype) -> kernel
+CASES = [
+    ("cpu", False, 16, 16, 64, 4, F32, "cpu_quadratic"),
+    ("cpu", False, 32768, 16, 64, 4, F32, "cpu_chunked"),
+    ("cpu", True, 16, 16, 64, 4, F32, "cpu_quadratic"),
+    ("cpu", True, 32768, 16, 64, 4, F32, "cpu_chunked"),
+    ("cpu", False, 32768, 128, 128, 1, torch.float64, "cpu_chunked"),
+    ("cuda", False, 128, 16, 64, 256, BF16, "parallel"),
+    ("cuda", False, 65536, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", False, 65536, 16, 64, 1, F32, "fused_chunk"),
+    ("cuda", True, 1024, 16, 64, 256, BF16, "parallel"),
+    ("cuda", True, 65536, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", False, 65536, 32, 64, 256, BF16, "fused_chunk"),
+    ("cuda", False, 65536, 64, 64, 256, BF16, "parallel"),      # fused_chunk supports Dk <= 32
+    ("cuda", True, 1 << 20, 128, 256, 256, BF16, "parallel"),
+]
+
+
+@pytest.mark.parametrize("device,training,t,dk,dv,bh,dtype,expected", CASES)
+def test_decision_table(device, training, t, dk, dv, bh, dtype, expected):
+    d = decide_for(device, training, t, dk, dv, bh, dtype)
+    assert d.kernel == expected, d
+    assert ("training" if training else "inference") in d.reason
+
+
+@pytest.mark.parametrize("device,table", [("cuda", policy.CUDA_CROSSOVERS), ("cpu", policy.CPU_CROSSOVERS)])
+def test_every_crossover_row_switches_at_its_t(device, table):
+    short, long = ("parallel", "fused_chunk") if device == "cuda" else ("cpu_quadratic", "cpu_chunked")
+    checked = 0
+    for row in table:
+        dk = row.max_dk if row.max_dk < 1 << 30 else 16
+        dv = row.max_dv if row.max_dv < 1 << 30 else 64
+        dtype = row.dtypes[0] if row.dtypes else BF16
+        # The first row matching these sizes must be this one for the boundary to be its own.
+        first = next(r for r in table if r.matches(row.training, dk, dv, row.min_bh, dtype))
+        if first is not row:
+            continue
+        assert decide_for(device, row.training, row.t - 1, dk, dv, row.min_bh, dtype).kernel == short
+        d = decide_for(device, row.training, row.t, dk, dv, row.min_bh, dtype)
+        assert d.kernel == long and f"T={row.t} >= {row.t}" in d.reason
+        checked += 1
+    assert checked == len(table), "a row that no call can reach"
+
+
+def test_fused_chunk_limit_is_respected_at_every_length():
+    for t in (1, 4096, 1 << 22):
+        for training in (False, True):
+            d = decide_for("cuda", training, t, fused_chunk.MAX_DK + 1, 64, 1024, BF16)
+            assert d.kernel == "parallel" and "limit" in d.reason
+
+
+def test_fewer_heads_never_switch_earlier():
+    """fused_chunk parallelises over B*H only: with fewer heads it must not be chosen at a shorter T."""
+    def crossover(bh, training):
+        return next(t for t in (2 ** i for i in range(6, 24))
+                    if decide_for("cuda", training, t, 16, 64, bh, BF16).kernel == "fused_chunk")
+
+    for training in (False, True):
+        assert crossover(1, training) >= crossover(1024, training)
+    assert crossover(1024, True) >= crossover(1024, False)
+
+
+def test_crossover_row_matching():
+    row = Crossover(training=False, t=100, max_dk=16, max_dv=64, min_bh=8, dtypes=(BF16,))
+    assert row.matches(False, 16, 64, 8, BF16)
+    assert not row.matches(True, 16, 64, 8, BF16)
+    assert not row.matches(False, 17, 64, 8, BF16)
+    assert not row.matches(False, 16, 65, 8, BF16)
+    assert not row.matches(False, 16, 64, 7, BF16)
+    assert not row.matches(False, 16, 64, 8, F32)
+
+
+def test_describe_reads_sizes_through_the_layout():
+    q, k, v = make_inputs(2, 3, 40, 8, 4, layout="BTHD", dtype=F32)       # [B, T, H, D]
+    text = policy.describe(BasedSpec(layout="BTHD"), q, k, v, training=False)
+    assert text == "cpu_quadratic: inference, T=40 < %d" % policy.CPU_CROSSOVERS[0].t
+    cuda_row = policy.CUDA_CROSSOVERS[0]
+    assert str(decide_for("cuda", False, 8192, 16, 64, 256, BF16)) == f"fused_chunk: inference, T=8192 >= {cuda_row.t}"
+
+
+def test_is_training():
+    q, k, v = make_inputs(1, 1, 4, 2, 2)
+    assert not policy.is_training(q, k, v)
+    k.requires_grad_(True)
+    assert policy.is_training(q, k, v)
+    with torch.no_grad():
+        assert not policy.is_training(q, k, v)
+    with torch.inference_mode():
+        assert not policy.is_training(q, k, v)
+    with pytest.raises(TypeError, match="training"):
+        decide_for("cpu", 1, 4, 2, 2, 1, F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forcing
+# ---------------------------------------------------------------------------------------------
+def test_force_by_config(monkeypatch):
+    monkeypatch.setattr(config, "kernel", "fused_chunk")
+    d = decide_for("cuda", True, 16, 16, 64, 1, BF16)
+    assert d.kernel == "fused_chunk" and "based_compile.config.kernel" in d.reason
+    monkeypatch.setattr(config, "kernel", "parallel")
+    assert decide_for("cuda", False, 1 << 20, 16, 64, 1024, BF16).kernel == "parallel"
+
+
+def test_force_by_environment(monkeypatch):
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "fused_chunk")
+    d = decide_for("cuda", True, 16, 16, 64, 1, BF16)
+    assert d.kernel == "fused_chunk" and config.KERNEL_ENV_VAR in d.reason
+    monkeypatch.setattr(config, "kernel", "parallel")                       # the Python setting wins
+    assert decide_for("cuda", True, 16, 16, 64, 1, BF16).kernel == "parallel"
+    monkeypatch.setattr(config, "kernel", "auto")
+    for auto in ("auto", ""):
+        monkeypatch.setenv(config.KERNEL_ENV_VAR, auto)
+        assert decide_for("cuda", False, 128, 16, 64, 1, BF16).kernel == "parallel"
+
+
+def test_invalid_settings_raise(monkeypatch):
+    monkeypatch.setattr(config, "kernel", "flash")
+    with pytest.raises(ValueError, match=r"based_compile\.config\.kernel.*'flash'"):
+        decide_for("cpu", False, 16, 16, 64, 1, F32)
+    monkeypatch.setattr(config, "kernel", "auto")
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "Parallel")
+    with pytest.raises(ValueError, match=f"{config.KERNEL_ENV_VAR}.*'Parallel'"):
+        decide_for("cpu", False, 16, 16, 64, 1, F32)
+    q, k, v = make_inputs(1, 1, 8, 4, 4)
+    with pytest.raises(ValueError, match=config.KERNEL_ENV_VAR):                # through the operator
+        based_attention(q, k, v, BasedSpec())
+
+
+def test_cpu_kernels_cannot_be_forced_on_cuda(monkeypatch):
+    monkeypatch.setattr(config, "kernel", "cpu_chunked")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        decide_for("cuda", False, 16, 16, 64, 1, BF16)
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        decide_for("mps", False, 16, 16, 64, 1, F32)
+
+
+def test_forced_triton_kernel_on_cpu(monkeypatch):
+    monkeypatch.setattr(config, "kernel", "fused_chunk")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    d = decide_for("cpu", False, 16, 16, 64, 1, F32)
+    assert d.kernel == "cpu_chunked" and "PyTorch form" in d.reason
+    monkeypatch.setattr(config, "kernel", "parallel")
+    assert decide_for("cpu", False, 1 << 20, 16, 64, 1, F32).kernel == "cpu_quadratic"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert decide_for("cpu", False, 16, 16, 64, 1, F32).kernel == "parallel"
+
+
+def test_operator_follows_the_environment_and_the_mode(monkeypatch):
+    seen = []
+    decide = policy.decide_for
+    monkeypatch.setattr(policy, "decide_for", lambda *a: seen.append(a[1]) or decide(*a))
+    chunked = []
+    forward = cpu_path.chunked_forward
+    monkeypatch.setattr(cpu_path, "chunked_forward", lambda *a, **kw: chunked.append(1) or forward(*a, **kw))
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "cpu_chunked")
+    q, k, v = make_inputs(1, 2, 10, 4, 4, requires_grad=True)
+    based_attention(q, k, v, BasedSpec(scale=0.5)).sum().backward()
+    assert chunked == [1] and seen == [True, True]                           # forward and backward: training
+    with torch.no_grad():
+        based_attention(q, k, v, BasedSpec(scale=0.5))
+    assert chunked == [1, 1] and seen[-1] is False
