@@ -35,7 +35,8 @@ from .verify import settle
 log = logging.getLogger("based_compile")
 
 INNER_NAMES = ("inductor", "eager", "aot_eager")
-# Dynamo graphs without any of these cannot hold an attention site: skip lowering them.
+# Dynamo graphs without any of these (or without both a cat and a sum) cannot hold an
+# attention site: they are not lowered.
 _CANDIDATE_WORDS = ("matmul", "bmm", "einsum", "cumsum")
 
 # Seconds spent in the pass itself (lowering, matching, probing, rewriting), for benchmarks.
@@ -43,12 +44,15 @@ pass_seconds = 0.0
 
 
 def _might_contain_attention(gm: fx.GraphModule) -> bool:
+    names = set()
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            if any(word in str(name) for word in _CANDIDATE_WORDS):
-                return True
-    return False
+            names.add(str(name))
+    if any(word in name for name in names for word in _CANDIDATE_WORDS):
+        return True
+    # the non-causal linear form: a feature map (cat) contracted with sums
+    return any("cat" in name for name in names) and any("sum" in name for name in names)
 
 
 def _constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:

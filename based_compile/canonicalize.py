@@ -194,3 +194,40 @@ def strip_views(node: fx.Node) -> fx.Node:
     while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def track_axis(node: fx.Node, axis: int) -> int | None:
+    """Where axis ``axis`` of a view op's input lands in its output (None: merged, split or reduced)."""
+    src = hint_shape(node.args[0])
+    out = hint_shape(node)
+    if src is None or out is None:
+        return None
+    target, args = node.target, node.args
+    if target is aten.permute.default:
+        dims = [d % len(src) for d in args[1]]
+        return dims.index(axis)
+    if target is aten.transpose.int:
+        d0, d1 = args[1] % len(src), args[2] % len(src)
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if target is aten.t.default:
+        return (1 - axis) if len(src) == 2 else axis
+    if target in (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.contiguous.default,
+                  aten.lift_fresh_copy.default):
+        return axis
+    if target is aten.expand.default:
+        return axis + (len(out) - len(src)) if src[axis] == out[axis + len(out) - len(src)] else None
+    # view / reshape / unsqueeze / squeeze / flatten: match by the product of the axes before it.
+    before = _prod(src[:axis])
+    for x in range(len(out)):
+        if _prod(out[:x]) == before and out[x] == src[axis]:
+            if out[x] == 1 and src[axis] != 1:
+                continue
+            return x
+    return None

@@ -4,7 +4,8 @@
 - "const": a ones column (``torch.ones``, ``x[..., :1] ** 0``, ``ones_like``, ``full``) times c;
 - "linear": the source x times a;
 - "outer": the flattened outer product x (x) x times b (width D^2);
-- "square": an elementwise x * x (width D): not a function of q.k, refused.
+- "square": an elementwise x * x (width D): not a function of q.k, refused;
+- "degreeN": a flattened N-fold outer product (N >= 3): a higher-order term, refused.
 ``pair_feature_maps`` turns phi(q) . phi(k) into a polynomial in q.k:
 c_q c_k w + a_q a_k (q.k) + b_q b_k (q.k)^2, when both maps have the same pieces in the same order.
 """
@@ -66,26 +67,45 @@ def _const_value(gm, node: fx.Node) -> float | None:
     return None
 
 
-def _piece(gm, node: fx.Node) -> Piece:
-    width = hint_shape(node)[-1]
+def _monomial(gm, node: fx.Node):
+    """(degree, factor, source) of a product of copies of one tensor x, or None."""
     stop, factor = _strip(gm, node)
     if stop.op == "call_function":
         const = _const_value(gm, stop)
         if const is not None:
-            return Piece("const", factor * const, width, None)
-        if stop.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in stop.args[:2]):
-            a, fa = _strip(gm, stop.args[0])
-            b, fb = _strip(gm, stop.args[1])
-            if a is b:
-                src = walk_operand(gm, a).source
-                d = hint_shape(src)[-1]
-                if width == d * d:
-                    return Piece("outer", factor * fa * fb, width, src)
-                return Piece("square", factor * fa * fb, width, src)
+            return 0, factor * const, None
+        if stop.target is aten.mul.Tensor and all(isinstance(a, fx.Node) and hint_shape(a) is not None
+                                                  for a in stop.args[:2]):
+            ma, mb = _monomial(gm, stop.args[0]), _monomial(gm, stop.args[1])
+            if ma is None or mb is None:
+                return None
+            if ma[2] is not None and mb[2] is not None and ma[2] is not mb[2]:
+                return None
+            return ma[0] + mb[0], factor * ma[1] * mb[1], ma[2] if ma[2] is not None else mb[2]
         if stop.target in (aten.pow.Tensor_Scalar, aten.square.default):
-            if stop.target is aten.square.default or scalar_value(gm, stop.args[1]) == 2.0:
-                return Piece("square", factor, width, walk_operand(gm, stop.args[0]).source)
-    return Piece("linear", walk_operand(gm, node).factor, width, walk_operand(gm, node).source)
+            n = 2.0 if stop.target is aten.square.default else scalar_value(gm, stop.args[1])
+            inner = _monomial(gm, stop.args[0])
+            if n is None or n != int(n) or n < 1 or inner is None:
+                return None
+            return inner[0] * int(n), factor * inner[1] ** int(n), inner[2]
+    operand = walk_operand(gm, node)
+    return 1, operand.factor, operand.source
+
+
+def _piece(gm, node: fx.Node) -> Piece | None:
+    width = hint_shape(node)[-1]
+    mono = _monomial(gm, node)
+    if mono is None:
+        return None
+    degree, factor, source = mono
+    if degree == 0:
+        return Piece("const", factor, width, None)
+    d = hint_shape(source)[-1]
+    if degree == 1:
+        return Piece("linear", factor, width, source) if width == d else None
+    if width != d ** degree:
+        return Piece("square", factor, width, source)       # elementwise powers: not a function of q.k
+    return Piece("outer" if degree == 2 else f"degree{degree}", factor, width, source)
 
 
 def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
@@ -98,9 +118,11 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     if dim not in (-1, rank - 1):
         return None
     pieces = tuple(_piece(gm, t) for t in tensors)
+    if any(p is None for p in pieces):
+        return None
     kinds = {p.kind for p in pieces}
     sources = {p.source for p in pieces if p.source is not None}
-    if not (kinds & {"const", "outer", "square"}) or len(sources) != 1:
+    if kinds <= {"linear"} or len(sources) != 1:
         return None                          # e.g. a rotary split: an ordinary q, not a feature map
     return FeatureMap(pieces, sources.pop())
 
@@ -115,6 +137,10 @@ def pair_feature_maps(phi_q: FeatureMap, phi_k: FeatureMap) -> polynomial.Poly:
             [p.width for p in phi_q.pieces] != [p.width for p in phi_k.pieces]:
         raise Refused("feature_map", "q and k go through different feature maps (pieces differ: "
                                      f"{[p.kind for p in phi_q.pieces]} vs {[p.kind for p in phi_k.pieces]})")
+    higher = sorted({p.kind for p in phi_q.pieces if p.kind.startswith("degree")})
+    if higher:
+        raise Refused("polynomial", f"the feature map has a term of {higher[-1].replace('degree', 'degree ')} "
+                                    "(x (x) x (x) x ...): Based is second order")
     poly: polynomial.Poly = (0.0,)
     for pq, pk in zip(phi_q.pieces, phi_k.pieces):
         power = {"const": 0, "linear": 1, "outer": 2}[pq.kind]

@@ -14,24 +14,34 @@ class MaskError(Exception):
     """The constant is not a single 0/1 pattern over the [T, T] scores."""
 
 
-def keep_from_constant(value: torch.Tensor, t: int, *, invert: bool = False) -> torch.Tensor:
-    """[..., T|1, T|1] bool or 0/1 tensor -> bool [T, T] (True = keep), identical across leading dims."""
+def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[int, int], *,
+                       invert: bool = False) -> torch.Tensor:
+    """A bool or 0/1 tensor broadcast against weights of ``weights_shape`` -> bool [T, T] (True = keep).
+
+    ``axes``: where the query and key axes sit in the weights. The pattern must be the same for
+    every index of the other axes (batch, heads).
+    """
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"mask is a {type(value).__name__}, not a tensor")
-    if value.dim() < 2:
-        value = value.reshape((1,) * (2 - value.dim()) + tuple(value.shape))
+    rank = len(weights_shape)
+    if value.dim() > rank:
+        raise MaskError(f"mask of shape {tuple(value.shape)} has more axes than the weights {weights_shape}")
+    value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+    for d in range(rank):
+        if value.shape[d] not in (1, weights_shape[d]):
+            raise MaskError(f"mask of shape {tuple(value.shape)} does not broadcast to the weights {weights_shape}")
     if value.dtype != torch.bool:
         if not bool(((value == 0) | (value == 1)).all()):
             raise MaskError("multiplies the weights by a matrix that is not 0/1")
         value = value != 0
-    try:
-        full = torch.broadcast_to(value, tuple(value.shape[:-2]) + (t, t))
-    except RuntimeError as err:
-        raise MaskError(f"mask of shape {tuple(value.shape)} does not broadcast to [{t}, {t}]") from err
-    flat = full.reshape(-1, t, t)
+    ai, aj = axes
+    others = [d for d in range(rank) if d not in (ai, aj)]
+    value = value.permute(others + [ai, aj])
+    flat = value.reshape(-1, value.shape[-2], value.shape[-1])
     if not bool((flat == flat[:1]).all()):
         raise MaskError("mask differs between batch entries or heads")
-    keep = flat[0].clone()
+    t = weights_shape[ai]
+    keep = torch.broadcast_to(flat[0], (t, t)).clone()
     return ~keep if invert else keep
 
 

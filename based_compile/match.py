@@ -20,14 +20,14 @@ category (``Refused``); ``verify.py`` then settles layout and GQA group with a n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
 
 from . import mask as masks
 from . import polynomial
-from .canonicalize import (VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, strip_views,
+from .canonicalize import (VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import pair_feature_maps, read_feature_map
@@ -50,6 +50,9 @@ class Weights:
     form: str
     s_scale: float | None         # the factor of q.k inside the squared term (the user's scale)
     t: int
+    shape: tuple = ()             # hint shape of the tensor this value describes
+    axes: tuple = (-2, -1)        # where the query (i) and key (j) axes sit in it
+    row_normalised: float | None = None   # eps when the weights were already divided by their row sums
     buffers: frozenset = field(default_factory=frozenset)
 
     def same_function(self, other: "Weights") -> bool:
@@ -129,11 +132,12 @@ class Matcher:
                 raise Refused("feature_map", "only one of q and k goes through a feature map", node)
             poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), x.factor * y.factor)
             return Weights(poly, None, False, node, phi_q.source, phi_k.source, "feature-map quadratic",
-                           None, t)
+                           None, t, hint_shape(node), (1, 2))
         if shape_of(x.source) is None or shape_of(y.source) is None:
             raise NotACandidate("scores operands are not tensors")
         sigma = x.factor * y.factor
-        return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t)
+        return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t,
+                       hint_shape(node), (1, 2))
 
     # ------------------------------------------------------------------ weights
 
@@ -152,20 +156,45 @@ class Matcher:
         return value
 
     def _mask(self, w: Weights, keep: torch.Tensor, source) -> Weights:
+        _not_normalised(w)
         new_keep = keep if w.keep is None else (w.keep & keep)
         junk = w.junk
         if junk and w.keep is not None and not bool((new_keep & ~w.keep).any()):
             junk = False                    # the new mask hides everything the old one left behind
         buffers = w.buffers | (self._buffers(source) if isinstance(source, fx.Node) else frozenset())
-        return Weights(w.poly, new_keep, junk, w.scores, w.q, w.k, w.form, w.s_scale, w.t, buffers)
+        return replace(w, keep=new_keep, junk=junk, buffers=buffers)
 
     def _with_poly(self, w: Weights, poly, *, junk=None, s_scale=None) -> Weights:
-        return Weights(poly, w.keep, w.junk if junk is None else junk, w.scores, w.q, w.k, w.form,
-                       w.s_scale if s_scale is None else s_scale, w.t, w.buffers)
+        _not_normalised(w)
+        return replace(w, poly=poly, junk=w.junk if junk is None else junk,
+                       s_scale=w.s_scale if s_scale is None else s_scale)
 
-    def _keep_of(self, value: torch.Tensor, t: int, invert: bool) -> torch.Tensor:
+    def _row_normalised(self, node, weights_arg, z_arg, *, divide: bool) -> Weights:
+        """weights / (row sums + eps) (or * reciprocal): normalised before the matmul with V."""
+        w = self.weights(weights_arg)
+        wz, eps, inverted = self.normaliser(z_arg)
+        if inverted == divide:
+            raise Refused("normaliser", "divides by the reciprocal of the row sums" if divide else
+                          "multiplies the weights by their row sums instead of dividing", node)
+        _not_normalised(w)
+        if not wz.same_function(w):
+            raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
+                                        f"{w.describe()}", node)
+        return replace(self._broadcast(node, w), row_normalised=eps)
+
+    def _broadcast(self, node: fx.Node, w: Weights) -> Weights:
+        """``w`` as seen in the (possibly broadcast, higher-rank) output of ``node``."""
+        out = hint_shape(node)
+        shift = len(out) - len(w.shape)
+        if shift < 0 or any(out[a + shift] != w.shape[a] for a in w.axes):
+            raise NotACandidate("broadcast changes the [T, T] axes")
+        if shift == 0 and out == w.shape:
+            return w
+        return replace(w, shape=out, axes=(w.axes[0] + shift, w.axes[1] + shift))
+
+    def _keep_of(self, value: torch.Tensor, w: Weights, invert: bool) -> torch.Tensor:
         try:
-            return masks.keep_from_constant(value, t, invert=invert)
+            return masks.keep_from_constant(value, w.shape, w.axes, invert=invert)
         except masks.MaskError as err:
             raise Refused("mask", str(err)) from err
 
@@ -179,17 +208,13 @@ class Matcher:
                 raise NotACandidate("bmm output is not square")
             return self.scores(node)
         if target in VIEW_OPS:
-            src = args[0]
-            w = self.weights(src)
-            if not _last_dims_tt(node, w.t):
-                raise NotACandidate("view changes the [T, T] axes")
-            if target is aten.permute.default and list(args[1])[-2:] != [len(args[1]) - 2, len(args[1]) - 1]:
+            w = self.weights(args[0])
+            ai, aj = (track_axis(node, a) for a in w.axes)
+            if ai is None or aj is None:
+                raise NotACandidate("a view merges or splits the [T, T] axes of the weights")
+            if ai > aj:
                 raise Refused("unsupported", "the weights are transposed (keys on the query axis)", node)
-            if target is aten.transpose.int:
-                rank = len(hint_shape(node))
-                if {args[1] % rank, args[2] % rank} & {rank - 2, rank - 1}:
-                    raise Refused("unsupported", "the weights are transposed (keys on the query axis)", node)
-            return w
+            return replace(w, shape=hint_shape(node), axes=(ai, aj))
         scaled = scalar_factor(self.gm, node)
         if scaled is not None:
             w = self.weights(scaled[0])
@@ -205,6 +230,8 @@ class Matcher:
             return self._with_poly(w, polynomial.power(w.poly, int(n)), s_scale=s_scale)
         if target is aten.mul.Tensor:
             return self._read_mul(node)
+        if target is aten.div.Tensor and isinstance(args[1], fx.Node):
+            return self._row_normalised(node, args[0], args[1], divide=True)
         if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             w = self.weights(args[0])
             fill = scalar_value(self.gm, args[2])
@@ -215,7 +242,8 @@ class Matcher:
             cond = self.constant(args[1])
             if cond is None:
                 raise Refused("mask", "the mask is not a compile-time constant (it depends on inputs)", node)
-            return self._mask(w, self._keep_of(cond, w.t, invert=True), args[1])
+            w = self._broadcast(node, w)
+            return self._mask(w, self._keep_of(cond, w, invert=True), args[1])
         if target is aten.where.self:
             cond, a, b = args
             for weights_arg, other, invert in ((a, b, False), (b, a, True)):
@@ -230,10 +258,13 @@ class Matcher:
                 value = self.constant(cond)
                 if value is None:
                     raise Refused("mask", "the mask is not a compile-time constant (it depends on inputs)", node)
-                return self._mask(w, self._keep_of(value, w.t, invert=invert), cond)
+                w = self._broadcast(node, w)
+                return self._mask(w, self._keep_of(value, w, invert=invert), cond)
             raise NotACandidate("where without weights")
         if target in (aten.tril.default, aten.triu.default):
             w = self.weights(args[0])
+            if w.axes != (len(w.shape) - 2, len(w.shape) - 1):
+                raise Refused("unsupported", "tril/triu over axes that are not the weights' [T, T] axes", node)
             diagonal = int(args[1]) if len(args) > 1 else int(node.kwargs.get("diagonal", 0))
             ones = torch.ones(w.t, w.t, dtype=torch.bool)
             keep = torch.tril(ones, diagonal) if target is aten.tril.default else torch.triu(ones, diagonal)
@@ -260,6 +291,8 @@ class Matcher:
             junk = w.junk or (w.keep is not None and const != 0.0)
             return self._with_poly(w, poly, junk=junk)
         wa, wb = self.weights(a), self.weights(b)
+        _not_normalised(wa)
+        _not_normalised(wb)
         if wa.q is not wb.q or wa.k is not wb.k:
             raise NotACandidate("sum of weights of different scores")
         poly = polynomial.add(polynomial.scale(wa.poly, sign_a), polynomial.scale(wb.poly, sign_b))
@@ -269,22 +302,25 @@ class Matcher:
                                           (wa.keep if wb.keep is None else wa.keep & wb.keep))
         junk = wa.junk or wb.junk or not same_keep
         s_scale = wa.s_scale if wa.s_scale is not None else wb.s_scale
-        return Weights(poly, keep, junk, wa.scores, wa.q, wa.k, wa.form, s_scale, wa.t, wa.buffers | wb.buffers)
+        wa, wb = self._broadcast(node, wa), self._broadcast(node, wb)
+        if wa.axes != wb.axes:
+            raise NotACandidate("sum of weights with different axes")
+        return replace(wa, poly=poly, keep=keep, junk=junk, s_scale=s_scale, buffers=wa.buffers | wb.buffers)
 
     def _read_mul(self, node: fx.Node) -> Weights:
         a, b = node.args[0], node.args[1]
         wa = wb = None
-        errors = []
-        for arg in (a, b):
-            try:
-                errors.append(None)
-                if arg is a:
-                    wa = self.weights(a)
-                else:
-                    wb = self.weights(b)
-            except NotACandidate as err:
-                errors[-1] = err
+        try:
+            wa = self.weights(a) if isinstance(a, fx.Node) else None
+        except NotACandidate:
+            pass
+        try:
+            wb = self.weights(b) if isinstance(b, fx.Node) else None
+        except NotACandidate:
+            pass
         if wa is not None and wb is not None:
+            _not_normalised(wa)
+            _not_normalised(wb)
             if wa.q is not wb.q or wa.k is not wb.k:
                 raise NotACandidate("product of weights of different scores")
             s_scale = None
@@ -293,17 +329,25 @@ class Matcher:
             else:
                 s_scale = wa.s_scale if wa.s_scale is not None else wb.s_scale
             keep = wa.keep if wb.keep is None else (wb.keep if wa.keep is None else wa.keep & wb.keep)
-            return Weights(polynomial.mul(wa.poly, wb.poly), keep, wa.junk or wb.junk, wa.scores, wa.q, wa.k,
-                           wa.form, s_scale, wa.t, wa.buffers | wb.buffers)
+            wa, wb = self._broadcast(node, wa), self._broadcast(node, wb)
+            if wa.axes != wb.axes:
+                raise NotACandidate("product of weights with different axes")
+            return replace(wa, poly=polynomial.mul(wa.poly, wb.poly), keep=keep, junk=wa.junk or wb.junk,
+                           s_scale=s_scale, buffers=wa.buffers | wb.buffers)
         w, other = (wa, b) if wa is not None else (wb, a)
         if w is None:
             raise NotACandidate("product without weights")
         value = self.constant(other)
         if value is None:
+            try:
+                return self._row_normalised(node, a if w is wa else b, other, divide=False)
+            except NotACandidate:
+                pass
             raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
         if value.numel() == 1:
             return self._with_poly(w, polynomial.scale(w.poly, float(value.reshape(()).item())))
-        return self._mask(w, self._keep_of(value, w.t, invert=False), other)
+        w = self._broadcast(node, w)
+        return self._mask(w, self._keep_of(value, w, invert=False), other)
 
     # ------------------------------------------------------------------ normaliser
 
@@ -338,7 +382,7 @@ class Matcher:
             rank = len(hint_shape(x))
             dims = _normalise_dims(args[1], rank) if len(args) > 1 and args[1] is not None else list(range(rank))
             w = self.weights(x)
-            if dims != [rank - 1]:
+            if dims != [w.axes[1]]:
                 raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
             return w, 0.0, False
         if target in (aten.clamp.default, aten.clamp_min.default, aten.maximum.default, aten.abs.default):
@@ -380,13 +424,15 @@ class Matcher:
         w = self.weights(a_node)
         if w.scores is bmm:
             raise NotACandidate("scores")
-        if hint_shape(bmm.args[0])[-1] != w.t:
-            raise NotACandidate("weights do not contract over keys")
+        if w.axes != (1, 2):
+            raise NotACandidate("the matmul does not contract the weights over the key axis")
         v = walk_operand(self.gm, bmm.args[1], through_scalars=False).source
         path = _view_chain(bmm)
         found = self._find_normaliser(path)
-        normalize, eps = False, 0.0
+        normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
         start = bmm
+        if found is not None and normalize:
+            raise Refused("normaliser", "the output is normalised twice (weights and output)", found[0])
         if found is not None:
             start, wz, eps = found
             if not wz.same_function(w):
@@ -432,6 +478,11 @@ class Matcher:
         return match_linear(self, node)
 
 
+def _not_normalised(w: Weights) -> None:
+    if w.row_normalised is not None:
+        raise NotACandidate("the weights are changed after they were normalised")
+
+
 def _view_chain(node: fx.Node) -> list[fx.Node]:
     path = [node]
     while len(node.users) == 1:
@@ -460,7 +511,7 @@ def find_matches(matcher: Matcher):
         try:
             if node.target is aten.bmm.default:
                 yield matcher.match_quadratic(node), node
-            elif node.target is aten.cumsum.default:
+            elif node.target in (aten.cumsum.default, aten.sum.dim_IntList):
                 result = matcher.match_linear(node)
                 if result is not None:
                     yield result, node
@@ -471,3 +522,7 @@ def find_matches(matcher: Matcher):
         except NotACandidate as why:
             if node.target is aten.bmm.default:
                 log.debug("based_compile: %s is not Based attention: %s", node.name, why)
+        except Exception as err:            # a defect of the pass must not break the user's model
+            log.warning("based_compile: internal error while matching at %s (%s: %s); not rewritten",
+                        node.name, type(err).__name__, err)
+            yield Refused("unsupported", f"internal error of the pass: {type(err).__name__}: {err}", node), node
