@@ -192,6 +192,21 @@ def test_compile_inference_graph_contains_the_op(kernel_setting):
     assert torch.ops.based.attention.default in targets or torch.ops.based.attention in targets
 
 
+def test_export_with_dynamic_length(kernel_setting):
+    spec = BasedSpec(scale=0.5, causal=False)
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return based_attention(q, k, v, spec)
+
+    q, k, v = make_inputs(1, 2, 40, 4, 3, dtype=torch.float32)
+    length = torch.export.Dim("T", min=2, max=1 << 20)
+    ep = torch.export.export(Attention(), (q, k, v), dynamic_shapes=({2: length},) * 3)
+    assert "torch.ops.based.attention.default" in ep.graph_module.code
+    q, k, v = make_inputs(1, 2, 77, 4, 3, dtype=torch.float32)
+    assert_rel_close(ep.module()(q, k, v), reference(q.double(), k.double(), v.double(), spec), 1e-5)
+
+
 def test_autocast_cpu_casts_to_the_autocast_dtype(kernel_setting):
     spec = BasedSpec(scale=0.25)
     q, k, v = make_inputs(1, 2, 40, 16, 8, dtype=torch.float32, requires_grad=True)
