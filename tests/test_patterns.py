@@ -19,7 +19,6 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo
 from compare import assert_rel_close, rel_error
@@ -42,17 +41,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-class BasedOpCounter(TorchDispatchMode):
-    """Counts calls of operators in the `based` namespace (torch.ops.based.*)."""
+class BasedOpCounter:
+    """Counts calls of operators in the `based` namespace (based::attention, ...) while active.
 
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
+    A profiler, not a TorchDispatchMode: Dynamo runs frames eagerly while a dispatch mode is
+    active, which would count the eager code instead of the compiled one. Use it only around
+    calls that do not compile (Dynamo's own tracing would be recorded too).
+    """
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "based":
-            self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
+    def __enter__(self):
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        self.calls = Counter(e.name for e in self._profile.events() if e.name.startswith("based::"))
+        return False
 
     @property
     def total(self) -> int:
@@ -85,11 +90,25 @@ def forward_backward(module, inputs, seed):
     return out.detach(), grads
 
 
-def compile_with(entry, dtype, inner="aot_eager", seed=0, **options):
-    import based_compile
+class CountingBackend:
+    """The configured based backend, counting the graphs it compiles."""
 
+    def __init__(self, **options):
+        import based_compile
+
+        self.backend = based_compile.backend(**options)
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.backend(gm, example_inputs)
+
+
+def compile_with(entry, dtype, inner="aot_eager", seed=0, **options):
     module, inputs = entry.make(dtype, seed)
-    compiled = torch.compile(module, backend=based_compile.backend(inner=inner, **options))
+    backend = CountingBackend(inner=inner, **options)
+    compiled = torch.compile(module, backend=backend)
+    compiled.counting_backend = backend
     return module, compiled, inputs
 
 
@@ -103,14 +122,19 @@ def assert_matches_eager(module, compiled, inputs, tol, seed=1):
         assert_rel_close(gc, ge, tol, f"gradient of {name}, compiled vs eager")
 
 
-def count_based_calls(compiled, inputs, backward=True):
-    """Calls of torch.ops.based.* in one forward (and backward) of already-compiled code."""
-    inputs = [x.detach().clone().requires_grad_(backward) for x in inputs]
+def count_based_calls(compiled, inputs):
+    """Calls of torch.ops.based.* in one forward and one backward of already-compiled code.
+
+    Called the way ``forward_backward`` called it (inputs requiring grad), so that nothing
+    recompiles; checked through the backend's graph count.
+    """
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    graphs = compiled.counting_backend.graphs
     with BasedOpCounter() as fwd:
         out = compiled(*inputs)
     with BasedOpCounter() as bwd:
-        if backward:
-            out.backward(torch.ones_like(out))
+        out.backward(torch.ones_like(out))
+    assert compiled.counting_backend.graphs == graphs, "counting the op calls recompiled the module"
     return fwd.total, bwd.total
 
 
@@ -245,17 +269,20 @@ def test_compiled_near_miss_matches_eager_without_based_op(entry):
 def test_compiled_accepted_float32(entry):
     module, compiled, inputs = compile_with(entry, torch.float32, inner="eager")
     assert_matches_eager(module, compiled, inputs, TOL[torch.float32])
-    assert count_based_calls(compiled, inputs)[0] == entry.expected.count
+    fwd, _ = count_based_calls(compiled, inputs)
+    assert fwd == entry.expected.count, f"{entry.name}: {fwd} torch.ops.based calls, expected {entry.expected.count}"
 
 
 def test_compiled_inference_without_grad_runs_based_op():
     entry = zoo.BY_NAME["featmap_quadratic_based"]
     module, compiled, inputs = compile_with(entry, torch.float64)
     with torch.no_grad():
-        with BasedOpCounter() as counter:
-            out = compiled(*inputs)
+        out = compiled(*inputs)                               # compiles the inference graph
         assert_rel_close(out, module(*inputs), TOL[torch.float64], "inference output")
-    assert counter.total == 1
+        with BasedOpCounter() as counter:
+            compiled(*inputs)
+    assert compiled.counting_backend.graphs == 1
+    assert counter.total == 1, f"torch.ops.based calls in inference: {counter.calls}"
 
 
 def test_rewrite_off_runs_no_based_op():
@@ -272,7 +299,8 @@ def test_inductor_inner(name):
     module, compiled, inputs = compile_with(entry, torch.float32, inner="inductor")
     assert_matches_eager(module, compiled, inputs, TOL[torch.float32])
     want = entry.expected.count if entry.accepted else 0
-    assert count_based_calls(compiled, inputs)[0] == want
+    fwd, _ = count_based_calls(compiled, inputs)
+    assert fwd == want, f"{name}: {fwd} torch.ops.based calls, expected {want}"
 
 
 def test_backend_by_name_after_import():
@@ -282,7 +310,10 @@ def test_backend_by_name_after_import():
     module, inputs = entry.make(torch.float32, 0)
     compiled = torch.compile(module, backend="based")
     assert_matches_eager(module, compiled, inputs, TOL[torch.float32])
-    assert count_based_calls(compiled, inputs)[0] == 1
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    with BasedOpCounter() as counter:
+        compiled(*inputs)
+    assert counter.total == 1, f"torch.ops.based calls: {counter.calls}"
 
 
 def test_pass_logs_to_based_compile_logger(caplog):
