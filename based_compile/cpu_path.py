@@ -26,9 +26,8 @@ from based_compile.kernels.arguments import BasedArguments
 
 FORMS = ("quadratic", "chunked")
 
-# Tokens per chunk of the chunked form. Measured with benchmarks/cpu_crossover.py (see policy.py
-# for the date, machine and numbers): 64 and 128 are within a few per cent of each other; 64 keeps
-# the in-chunk [T, C] scores small.
+# Tokens per chunk of the chunked form. Measured with benchmarks/cpu_crossover.py (numbers in its
+# docstring): 64 and 128 are within the noise of each other; 64 keeps the in-chunk [T, C] scores small.
 CHUNK_SIZE = 64
 
 

@@ -62,10 +62,16 @@ CUDA_CROSSOVERS = (
 # No matching row: the quadratic kernel at every T.
 CUDA_FALLBACK_T = 1 << 62
 
-# CPU: measured with benchmarks/cpu_crossover.py (see the numbers in that file's docstring).
+# CPU: measured 2026-11-25 on this project's CI-like VM (2 cores, x86-64, torch 2.13.0+cpu, float32,
+# Dk=16, Dv=64, causal, best of 9, one thread: the VM was shared with other jobs, load average ~8, and
+# two OpenMP threads then slow tiny ops down 10-100x, so timings are noisy) with
+#   python benchmarks/cpu_crossover.py --reps 9 --threads 1 --lengths 128,192,256,320,384,448,512,640,768,1024
+#   (and the same with --heads 16). Chunked (C=64) faster than quadratic, inference: from T=512 (H=4)
+#   and T=384 (H=16), e.g. T=768: 30.3 vs 10.7 ms (H=4); training (forward+backward): from T=640 for
+#   both, e.g. T=1024 H=16: 1259 vs 517 ms. Below ~256 the quadratic form is 3-10x faster.
 CPU_CROSSOVERS = (
     Crossover(training=False, t=512),
-    Crossover(training=True, t=512),
+    Crossover(training=True, t=640),
 )
 
 
@@ -104,41 +110,39 @@ def _crossover_t(table, training, dk, dv, bh, dtype) -> int:
     return CUDA_FALLBACK_T
 
 
-def decide(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> Decision:
-    """The kernel for this call and why. ``spec_or_args``: a BasedSpec or BasedArguments (for the layout)."""
+def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype) -> Decision:
+    """The kernel for a call on ``device`` ("cpu" or "cuda") with these sizes, and why."""
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
-    bh, t, dk, dv = _sizes(spec_or_args, q, v)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"q, k, v are on {device}; based attention runs on cpu or cuda tensors")
     mode = "training" if training else "inference"
-    device = q.device.type
     forced, source = config.forced_kernel()
     if forced != "auto":
-        if device == "cuda":
-            if forced not in TRITON_KERNELS:
-                raise ValueError(f"{source}={forced!r} runs on CPU tensors only; q is on {q.device} "
-                                 f"(accepted for CUDA: auto, {', '.join(TRITON_KERNELS)})")
-            return Decision(forced, f"forced by {source}")
-        if device == "cpu":
-            if forced in TRITON_KERNELS and not triton_interpreting():
-                return Decision(CPU_FORM_OF[forced],
-                                f"forced {forced} by {source}; CPU tensors run its PyTorch form")
-            return Decision(forced, f"forced by {source}")
-        raise ValueError(f"q, k, v are on {q.device}; based attention runs on cpu or cuda tensors")
+        if device == "cuda" and forced not in TRITON_KERNELS:
+            raise ValueError(f"{source}={forced!r} runs on CPU tensors only, these are CUDA tensors "
+                             f"(accepted for CUDA: auto, {', '.join(TRITON_KERNELS)})")
+        if device == "cpu" and forced in TRITON_KERNELS and not triton_interpreting():
+            return Decision(CPU_FORM_OF[forced], f"forced {forced} by {source}; CPU tensors run its PyTorch form")
+        return Decision(forced, f"forced by {source}")
     if device == "cuda":
-        cross = _crossover_t(CUDA_CROSSOVERS, training, dk, dv, bh, q.dtype)
-        short, long = "parallel", "fused_chunk"
-    elif device == "cpu":
-        cross = _crossover_t(CPU_CROSSOVERS, training, dk, dv, bh, q.dtype)
-        short, long = "cpu_quadratic", "cpu_chunked"
+        table, short, long = CUDA_CROSSOVERS, "parallel", "fused_chunk"
     else:
-        raise ValueError(f"q, k, v are on {q.device}; based attention runs on cpu or cuda tensors")
+        table, short, long = CPU_CROSSOVERS, "cpu_quadratic", "cpu_chunked"
+    cross = _crossover_t(table, training, dk, dv, bh, dtype)
     if t >= cross:
         return Decision(long, f"{mode}, T={t} >= {cross}")
-    if cross >= CUDA_FALLBACK_T:
-        if device == "cuda" and dk > fused_chunk.MAX_DK:
-            return Decision(short, f"{mode}, Dk={dk} > {fused_chunk.MAX_DK} (fused_chunk's limit)")
-        return Decision(short, f"{mode}, Dk={dk} Dv={dv}: no crossover row, always {short}")
-    return Decision(short, f"{mode}, T={t} < {cross}")
+    if cross < CUDA_FALLBACK_T:
+        return Decision(short, f"{mode}, T={t} < {cross}")
+    if device == "cuda" and dk > fused_chunk.MAX_DK:
+        return Decision(short, f"{mode}, Dk={dk} > {fused_chunk.MAX_DK} (fused_chunk's limit)")
+    return Decision(short, f"{mode}, Dk={dk} Dv={dv}: no crossover row, always {short}")
+
+
+def decide(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> Decision:
+    """The kernel for this call and why. ``spec_or_args``: a BasedSpec or BasedArguments (for the layout)."""
+    bh, t, dk, dv = _sizes(spec_or_args, q, v)
+    return decide_for(q.device.type, training, t, dk, dv, bh, q.dtype)
 
 
 def choose_kernel(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> str:

@@ -7,6 +7,30 @@ the chunked form is faster at every larger T measured.
 
     python benchmarks/cpu_crossover.py                      # B=1 H=4 Dk=16 Dv=64 float32
     python benchmarks/cpu_crossover.py --heads 16 --dv 128 --threads 2
+
+Measured 2026-11-25 (2-core VM shared with other jobs, load average ~8; one thread, because two
+OpenMP threads on an oversubscribed machine make small ops 10-100x slower), best ms of 9:
+
+    python benchmarks/cpu_crossover.py --reps 9 --threads 1 --lengths 128,192,256,320,384,448,512,640,768,1024
+
+    B=1 H=4 Dk=16 Dv=64 float32
+    inference     T:  128   256   384   512   640   768  1024
+      quadratic      0.19  0.76  3.49  9.88 17.89 30.33 80.11
+      chunk 64       1.10  2.04  7.98  7.96  5.65 10.71 17.55
+    training      T:  128   256   384   512   640   768  1024
+      quadratic      0.72  2.77 10.34 24.91 132.2 227.6 234.0
+      chunk 64       3.80 10.62 23.70 68.19 99.61 36.17 85.84
+
+    same with --heads 16
+    inference     T:  128   256   384   512   640   768  1024
+      quadratic      1.03 22.78 101.4  82.4 131.1 155.5 191.2
+      chunk 64      17.14 42.62 61.38 37.00 52.78 36.87 46.00
+    training      T:  128   256   384   512   640   768  1024
+      quadratic      3.12 14.52 66.18 151.7 295.9 744.5  1259
+      chunk 64      19.70 56.38 112.4 168.8 258.3 332.7 516.7
+
+Chunked faster from T=512 / 384 (inference, H=4 / 16) and T=640 (training): policy.CPU_CROSSOVERS
+uses 512 and 640. Chunk sizes 64 and 128 are within noise of each other; cpu_path.CHUNK_SIZE = 64.
 """
 from __future__ import annotations
 

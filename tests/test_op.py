@@ -125,8 +125,8 @@ def test_auto_policy_runs_both_cpu_forms(kernel_setting, monkeypatch):
     for name in ("quadratic_forward", "chunked_forward", "quadratic_backward", "chunked_backward"):
         fn = getattr(cpu_path, name)
         monkeypatch.setattr(cpu_path, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
-    short = policy.CPU_CROSSOVERS[0].t - 1
-    for t, form in ((short, "quadratic"), (policy.CPU_CROSSOVERS[0].t + 3, "chunked")):
+    cross = next(row.t for row in policy.CPU_CROSSOVERS if row.training)       # the inputs require grad
+    for t, form in ((cross - 1, "quadratic"), (cross + 3, "chunked")):
         calls.clear()
         q, k, v = make_inputs(1, 1, t, 4, 4)
         check_against_float64(q, k, v, BasedSpec(scale=0.5), 1e-10)
