@@ -83,17 +83,6 @@ def _contract_pairs(g, x, BT: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _contract_pairs_by_dot(g, x, BK: tl.constexpr, PRECISION: tl.constexpr):
-    # the same contraction as _contract_pairs with two selection matmuls instead of a 3-D reshape:
-    # xb [BT, BK*BK] holds x_tb in column a*BK + b; (g * xb) summed over each column group a
-    cols = tl.arange(0, BK * BK)
-    spread = (tl.arange(0, BK)[:, None] == (cols % BK)[None, :]).to(tl.float32)   # [BK, BK*BK]
-    gather = ((cols // BK)[:, None] == tl.arange(0, BK)[None, :]).to(tl.float32)  # [BK*BK, BK]
-    xb = tl.dot(x, spread, input_precision=PRECISION)
-    return tl.dot(g * xb, gather, input_precision=PRECISION)
-
-
-@triton.jit
 def _load_rows(ptr, rows, cols, s_t, s_d, T, D):
     # [len(rows), len(cols)] tile of a [T, D] matrix with strides (s_t, s_d); zeros outside
     mask = (rows[:, None] < T) & (cols[None, :] < D)
@@ -118,7 +107,7 @@ def _fused_chunk_fwd_kernel(
     so_b, so_h, so_t, so_d,
     T, H, GROUP, DK, DV,
     scale, c0, c1, c2, eps,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZPRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -151,7 +140,7 @@ def _fused_chunk_fwd_kernel(
             if NORMALIZE:
                 kf = kc.to(tl.float32)
                 s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision=ZPRECISION)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
 
     for start in range(0, T, BT):
         rows = start + offs_t
@@ -167,7 +156,7 @@ def _fused_chunk_fwd_kernel(
                 zc = c0 * start + c1 * tl.sum(qf * s1z[None, :], axis=1)   # the states hold `start` tokens
             else:
                 zc = c0 * T + c1 * tl.sum(qf * s1z[None, :], axis=1)       # the states hold all T tokens
-            zc += c2 * tl.sum(tl.dot(qf, s2z, input_precision=ZPRECISION) * qf, axis=1)   # [BT]
+            zc += c2 * tl.sum(tl.dot(qf, s2z, input_precision="ieee") * qf, axis=1)   # [BT]
         if CAUSAL:
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
@@ -184,7 +173,7 @@ def _fused_chunk_fwd_kernel(
                 zc += tl.sum(a, axis=1)
                 kf = kc.to(tl.float32)
                 s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision=ZPRECISION)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
         if NORMALIZE:
             acc = acc / (zc[:, None] + eps)
             if pid_v == 0:
@@ -205,8 +194,8 @@ def _fused_chunk_bwd_dq_kernel(
     sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,       # dq buffer: [NV, B, H, T, Dk] (value block first)
     T, H, GROUP, DK, DV,
     scale, c1, c2,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZPRECISION: tl.constexpr,
-    PAIRS_BY_DOT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -239,7 +228,7 @@ def _fused_chunk_bwd_dq_kernel(
             if NORMALIZE:
                 kf = kc.to(tl.float32)
                 s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision=ZPRECISION)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
 
     for start in range(0, T, BT):
         rows = start + offs_t
@@ -253,12 +242,9 @@ def _fused_chunk_bwd_dq_kernel(
         # inter-chunk: dq~ = c1 dn S1^T + 2 c2 sum_b [dn S2^T]_(a,b) q~_b             [BT, BK]
         acc = c1 * tl.dot(dnc, tl.trans(s1.to(dt)), input_precision=PRECISION)
         g2 = tl.dot(dnc, tl.trans(s2.to(dt)), input_precision=PRECISION)             # [BT, BK*BK]
-        if PAIRS_BY_DOT:
-            acc += 2.0 * c2 * _contract_pairs_by_dot(g2, qf, BK, ZPRECISION)
-        else:
-            acc += 2.0 * c2 * _contract_pairs(g2, qf, BT, BK)
+        acc += 2.0 * c2 * _contract_pairs(g2, qf, BT, BK)
         if NORMALIZE:
-            gz = c1 * s1z[None, :] + 2.0 * c2 * tl.dot(qf, s2z, input_precision=ZPRECISION)
+            gz = c1 * s1z[None, :] + 2.0 * c2 * tl.dot(qf, s2z, input_precision="ieee")
             acc += dzc[:, None] * gz
         if CAUSAL:
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
@@ -276,7 +262,7 @@ def _fused_chunk_bwd_dq_kernel(
             if NORMALIZE:
                 kf = kc.to(tl.float32)
                 s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision=ZPRECISION)
+                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
         _store_rows(dq, acc * scale, rows, offs_k, sdq_t, sdq_d, T, DK)
 
 
@@ -294,8 +280,8 @@ def _fused_chunk_bwd_dkv_kernel(
     sdv_b, sdv_h, sdv_t, sdv_d,              # dv buffer: [B, H, T, Dv], per query head
     T, H, GROUP, DK, DV,
     scale, c0, c1, c2,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZPRECISION: tl.constexpr,
-    PAIRS_BY_DOT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -329,7 +315,7 @@ def _fused_chunk_bwd_dkv_kernel(
                 dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
                 dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)
                 r1z += tl.sum(dzc[:, None] * qf, axis=0)
-                r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision=ZPRECISION)
+                r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision="ieee")
             dnc = dn.to(dt)
             r0 += tl.sum(dn, axis=0)
             r1 = tl.dot(tl.trans(qf.to(dt)), dnc, r1, input_precision=PRECISION)
@@ -347,12 +333,9 @@ def _fused_chunk_bwd_dkv_kernel(
         # inter-chunk: dk = c1 v R1^T + 2 c2 sum_b [v R2^T]_(a,b) k_b                   [BT, BK]
         acc_k = c1 * tl.dot(vc, tl.trans(r1.to(dt)), input_precision=PRECISION)
         g2 = tl.dot(vc, tl.trans(r2.to(dt)), input_precision=PRECISION)              # [BT, BK*BK]
-        if PAIRS_BY_DOT:
-            acc_k += 2.0 * c2 * _contract_pairs_by_dot(g2, kf, BK, ZPRECISION)
-        else:
-            acc_k += 2.0 * c2 * _contract_pairs(g2, kf, BT, BK)
+        acc_k += 2.0 * c2 * _contract_pairs(g2, kf, BT, BK)
         if NORMALIZE:
-            acc_k += c1 * r1z[None, :] + 2.0 * c2 * tl.dot(kf, r2z, input_precision=ZPRECISION)
+            acc_k += c1 * r1z[None, :] + 2.0 * c2 * tl.dot(kf, r2z, input_precision="ieee")
         if CAUSAL:
             qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
             qc = qf.to(dt)
@@ -377,7 +360,7 @@ def _fused_chunk_bwd_dkv_kernel(
             r2 = tl.dot(tl.trans(_outer(qf, BT, BK).to(dt)), dnc, r2, input_precision=PRECISION)
             if NORMALIZE:
                 r1z += tl.sum(dzc[:, None] * qf, axis=0)
-                r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision=ZPRECISION)
+                r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision="ieee")
         _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
         _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
 
@@ -387,17 +370,12 @@ def _fused_chunk_bwd_dkv_kernel(
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FusedChunkConfig:
-    """Block sizes of one launch: chunk length BT, value block BV, warps and pipeline stages.
-
-    ``pairs_by_dot`` (backward only): contract the [BT, BK*BK] pair gradients with selection
-    matmuls instead of a 3-D reshape and a sum.
-    """
+    """Block sizes of one launch: chunk length BT, value block BV, warps and pipeline stages."""
 
     bt: int
     bv: int
     num_warps: int = 4
     num_stages: int = 1
-    pairs_by_dot: bool = False
 
 
 def _block_k(dk: int) -> int:
@@ -414,12 +392,16 @@ def forward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfig
 
 
 def backward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfig:
-    """The backward kernels' block sizes (one fixed choice under the interpreter)."""
+    """The backward kernels' block sizes (one fixed choice under the interpreter).
+
+    Chunks of 32 tokens at most: with BT=64 (8 warps) Triton 3.6 on an H100 produced a wrong dq or
+    an illegal memory access, while the interpreter agreed with float64 at BT=64.
+    """
     if triton_interpreting():
         return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
     if _block_k(args.dk) > 16:
-        return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1, pairs_by_dot=True)
-    return FusedChunkConfig(bt=32, bv=32, num_warps=4, num_stages=1, pairs_by_dot=True)
+        return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
+    return FusedChunkConfig(bt=32, bv=32, num_warps=4, num_stages=1)
 
 
 def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
@@ -440,11 +422,10 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
     return x.fill_(float("nan")) if POISON_OUTPUTS else x
 
 
-def _precisions(dtype: torch.dtype) -> dict:
-    """Dot precisions: exact float32 for float32 inputs; for half inputs the float32 dots of the
-    normaliser's states (and selection matmuls) run as tf32 on tensor cores."""
-    exact = dtype == torch.float32
-    return dict(PRECISION="ieee" if exact else "tf32", ZPRECISION="ieee" if exact else "tf32")
+def _precision(dtype: torch.dtype) -> str:
+    # float32 operands: exact float32 dots (no tf32). Half operands ignore the setting.
+    # (The normaliser's float32 dots are always exact: as tf32 they made the H100 forward 20% slower.)
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig):
@@ -459,7 +440,7 @@ def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig):
         *_bhtd_strides(v, args.layout), *_bhtd_strides(o, args.layout),
         t, h, args.group, args.dk, args.dv,
         args.scale, c0, c1, c2, args.eps,
-        CAUSAL=args.causal, NORMALIZE=args.normalize, **_precisions(q.dtype),
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
         BT=cfg.bt, BK=_block_k(args.dk), BV=cfg.bv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -504,8 +485,8 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
         dk_strides, dv_strides = dk_target.stride(), dv_target.stride()
     c0, c1, c2 = args.coeffs
     grid = (n_v, b * h)
-    common = dict(CAUSAL=args.causal, NORMALIZE=args.normalize, **_precisions(q.dtype),
-                  PAIRS_BY_DOT=cfg.pairs_by_dot, BT=cfg.bt, BK=_block_k(dk_), BV=cfg.bv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+                  BT=cfg.bt, BK=_block_k(dk_), BV=cfg.bv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     in_strides = (*_bhtd_strides(q, args.layout), *_bhtd_strides(k, args.layout),
                   *_bhtd_strides(v, args.layout), *_bhtd_strides(do, args.layout))
     _fused_chunk_bwd_dq_kernel[grid](
