@@ -137,8 +137,6 @@ def _backward(ctx, do, _dz):
     q, k, v, o, z = ctx.saved_tensors
     if do is None:
         return (None,) * (3 + len(ctx.params))
-    if len(ctx.params) == 8:        # called without the trailing `training` argument: its default
-        ctx.params = ctx.params + (False,)
     dq, dk, dv = torch.ops.based.attention_backward(do.contiguous(), q, k, v, o, z, *ctx.params)
     return (dq, dk, dv) + (None,) * len(ctx.params)
 
