@@ -1,0 +1,155 @@
+"""Smoke tests of the examples' pieces on the CPU: the naive Based LM, the MQAR data, quickstart."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from based_compile.kernels.naive import naive_parallel_based
+from compare import assert_rel_close
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from mqar_data import IGNORE, mqar_batch, recall_accuracy  # noqa: E402
+from naive_based_lm import ATTENTION_FORMS, BasedLM, BasedMixer, sdpa_softmax_attention  # noqa: E402
+from train_mqar import learning_rate  # noqa: E402
+from train_mqar import main as train_main  # noqa: E402
+
+
+def _lm(form, n_kv_heads=None, seed=0):
+    torch.manual_seed(seed)
+    return BasedLM(50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, max_len=64,
+                   attention_form=form).double()
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_lm_forms_agree_float64(n_kv_heads):
+    ids = torch.randint(0, 50, (2, 37))
+    outs, grads = {}, {}
+    for form in ATTENTION_FORMS:
+        model = _lm(form, n_kv_heads)                          # same seed: the same weights
+        logits = model(ids)
+        weights = torch.randn_like(logits, generator=torch.Generator().manual_seed(1))
+        (logits * weights).sum().backward()
+        outs[form] = logits.detach()
+        grads[form] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    for form in ATTENTION_FORMS[1:]:
+        assert_rel_close(outs[form], outs["feature_map"], 1e-12, f"{form} logits")
+        assert_rel_close(grads[form], grads["feature_map"], 1e-10, f"{form} parameter grads")
+
+
+@pytest.mark.parametrize("form", ATTENTION_FORMS)
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_mixer_attention_is_based_attention(form, n_kv_heads):
+    # Each form, called inside the mixer, equals the package's float64 reference with scale d^-1/2,
+    # coefficients (1, 1, 1/2): swap the reference in through the attention_impl hook and compare.
+    torch.manual_seed(3)
+    mixer = BasedMixer(32, 4, feature_dim=8, n_kv_heads=n_kv_heads, attention_form=form, eps=1e-6).double()
+    x = torch.randn(2, 29, 32, dtype=torch.float64)
+    naive_out = mixer(x)
+    calls = []
+
+    def reference(q, k, v):                                    # [B, H, T, d], [B, H, T, d], [B, H, T, Dv]
+        calls.append(q.shape)
+        return naive_parallel_based(q, k, v, scale=8 ** -0.5, eps=1e-6)
+
+    mixer.attention_impl = reference
+    assert_rel_close(naive_out, mixer(x), 1e-12, f"{form} mixer vs naive_parallel_based")
+    assert calls == [torch.Size([2, 4, 29, 8])]
+
+
+def test_sdpa_impl_is_softmax_attention():
+    q, k = torch.randn(2, 3, 11, 8, dtype=torch.float64), torch.randn(2, 3, 11, 8, dtype=torch.float64)
+    v = torch.randn(2, 3, 11, 16, dtype=torch.float64)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    s = s.masked_fill(~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf"))
+    assert_rel_close(sdpa_softmax_attention(q, k, v), s.softmax(-1) @ v, 1e-12, "sdpa impl")
+
+
+def test_lm_set_attention_impl_and_errors():
+    model = _lm("polynomial")
+    with torch.no_grad():                                      # scores far from 0: softmax != Based
+        for block in model.blocks:
+            block.attn.q_proj.weight.mul_(100)
+            block.attn.k_proj.weight.mul_(100)
+    ids = torch.randint(0, 50, (1, 9))
+    before = model(ids)
+    model.set_attention_impl("sdpa")
+    assert (model(ids) - before).abs().max() > 1e-3            # softmax attention is another function
+    model.set_attention_impl(None)
+    assert torch.equal(model(ids), before)
+    with pytest.raises(ValueError, match="attention_impl"):
+        model.set_attention_impl("flash")
+    with pytest.raises(ValueError, match="attention_form"):
+        BasedLM(10, attention_form="softmax")
+    with pytest.raises(ValueError, match="max_len"):
+        BasedLM(10, d_model=16, n_layers=1, n_heads=2, max_len=4)(torch.zeros(1, 5, dtype=torch.long))
+    assert model.lm_head.weight is model.embed.weight          # tied head
+
+
+@pytest.mark.parametrize("seq_len,pairs", [(32, 4), (33, 4), (64, 31)])
+def test_mqar_batch_is_valid(seq_len, pairs):
+    vocab = 80
+    ids, targets = mqar_batch(16, seq_len, vocab, pairs, torch.Generator().manual_seed(seq_len))
+    assert ids.shape == targets.shape == (16, seq_len)
+    num_keys = (vocab - 1) // 2
+    queries = (seq_len + 1 - 2 * pairs) // 2
+    for row_ids, row_targets in zip(ids.tolist(), targets.tolist()):
+        keys, values = row_ids[0:2 * pairs:2], row_ids[1:2 * pairs:2]
+        assert len(set(keys)) == pairs and all(1 <= key <= num_keys for key in keys)
+        assert all(num_keys < value < vocab for value in values)
+        value_of = dict(zip(keys, values))
+        answers = [(p, t) for p, t in enumerate(row_targets) if t != IGNORE]
+        assert len(answers) == queries
+        for pos, answer in answers:
+            assert pos >= 2 * pairs and row_ids[pos] in value_of
+            assert answer == value_of[row_ids[pos]]            # the value of the earlier key
+            if pos + 1 < seq_len:
+                assert row_ids[pos + 1] == answer              # the answer follows its query in the stream
+        assert all(t == IGNORE for t in row_targets[:2 * pairs])
+
+
+def test_mqar_batch_errors_and_accuracy():
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        mqar_batch(2, 64, 20, 10)
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar_batch(2, 8, 80, 4)
+    ids, targets = mqar_batch(4, 32, 80, 4, torch.Generator().manual_seed(0))
+    perfect = torch.nn.functional.one_hot(targets.clamp(min=0), 80).double()
+    assert recall_accuracy(perfect, targets) == 1.0
+    wrong = torch.nn.functional.one_hot((targets.clamp(min=0) + 1) % 80, 80).double()
+    assert recall_accuracy(wrong, targets) == 0.0
+
+
+def test_learning_rate_schedule():
+    assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert learning_rate(99, 100, 1.0, 10) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_train_mqar_eager_runs():
+    runs = train_main(["--eager", "--device", "cpu", "--steps", "4", "--batch", "4", "--seq-len", "24",
+                       "--num-kv-pairs", "4", "--d-model", "16", "--layers", "1", "--heads", "2"])
+    assert len(runs) == 1 and len(runs[0]["losses"]) == 4
+    assert all(math.isfinite(loss) for loss in runs[0]["losses"])
+    assert 0.0 <= runs[0]["eval_acc"] <= 1.0
+
+
+def test_quickstart_runs():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), "--device", "cpu", "--batch", "1", "--seq-len", "48",
+         "--d-model", "32", "--heads", "2", "--reps", "1"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 Based attention site(s)" in proc.stdout
+    assert "MISMATCH" not in proc.stdout
+    for name in ("eager", "inductor", "based"):
+        assert f"{name:>8} vs eager" in proc.stdout or name == "eager"
+        assert any(line.strip().startswith(name) and "ms" in line for line in proc.stdout.splitlines())
