@@ -245,18 +245,55 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_long_context_cpu_inference_is_linear_in_memory(kernel_setting):
+def watch_largest_tensor(monkeypatch, names):
+    """Run the named cpu_path functions under LargestTensor (inside the operator, so that the aten
+    ops of the implementation are seen, not just the operator's outputs); {name: largest numel}."""
+    seen = {}
+    for name in names:
+        fn = getattr(cpu_path, name)
+
+        def watched(*args, _fn=fn, _name=name, **kwargs):
+            with LargestTensor() as mode:
+                out = _fn(*args, **kwargs)
+            seen[_name] = mode.largest
+            return out
+
+        monkeypatch.setattr(cpu_path, name, watched)
+    return seen
+
+
+def test_long_context_cpu_inference_is_linear_in_memory(kernel_setting, monkeypatch):
     t = 32768
+    spec = BasedSpec(scale=0.25)
     q, k, v = make_inputs(1, 1, t, 16, 16, dtype=torch.float32, seed=0)
-    assert policy.choose_kernel(BasedSpec(), q, k, v, training=False) == "cpu_chunked"
-    with torch.no_grad(), LargestTensor() as mode:
-        o = based_attention(q, k, v, BasedSpec(scale=0.25))
-    assert mode.largest < 64 * t, f"a tensor of {mode.largest} elements (T x T = {t * t})"
-    # The tail of the sequence against the quadratic reference on that window's full prefix is too big;
-    # check a prefix instead: causal attention on the first 1024 tokens is the same computation.
-    ref = reference(q[:, :, :1024].double(), k[:, :, :1024].double(), v[:, :, :1024].double(), BasedSpec(scale=0.25))
+    assert policy.choose_kernel(spec, q, k, v, training=False) == "cpu_chunked"
+    seen = watch_largest_tensor(monkeypatch, ["quadratic_forward", "chunked_forward"])
+    with torch.no_grad():
+        o = based_attention(q, k, v, spec)
+    assert list(seen) == ["chunked_forward"]
+    # The largest tensors are the query features [T, Dk(Dk+1)/2]: 136 T here, against T x T = 32768 T.
+    assert seen["chunked_forward"] <= 256 * t, f"a tensor of {seen['chunked_forward']} elements"
+    # Causal attention on the first 1024 tokens is the same computation: check it against float64.
+    ref = reference(q[:, :, :1024].double(), k[:, :, :1024].double(), v[:, :, :1024].double(), spec)
     assert_rel_close(o[:, :, :1024], ref, 1e-5)
     assert torch.isfinite(o).all()
+    # The watcher does see a T x T matrix when there is one.
+    kernel_setting("cpu_quadratic")
+    with torch.no_grad():
+        based_attention(q[:, :, :1024], k[:, :, :1024], v[:, :, :1024], spec)
+    assert seen["quadratic_forward"] >= 1024 * 1024
+
+
+def test_long_context_cpu_training_is_linear_in_memory(kernel_setting, monkeypatch):
+    t = 16384
+    spec = BasedSpec(scale=0.25)
+    q, k, v = make_inputs(1, 1, t, 16, 16, dtype=torch.float32, seed=1, requires_grad=True)
+    seen = watch_largest_tensor(monkeypatch, ["quadratic_backward", "chunked_forward", "chunked_backward"])
+    based_attention(q, k, v, spec).sum().backward()
+    assert sorted(seen) == ["chunked_backward", "chunked_forward"], seen
+    # The backward's largest: q (x) dn' [T, Dk * (Dv + 1)] = 272 T here, against T x T = 16384 T.
+    assert seen["chunked_backward"] <= 512 * t, f"a tensor of {seen['chunked_backward']} elements"
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------
