@@ -6,7 +6,7 @@ Configuration (DESIGN.md section 4): B=16, H=16, Dk=16, Dv=64, bf16, causal, nor
 inputs included) and the ratio of each time to the physical floor measured in the same run
 (benchmarks/floor.py). Entries:
   ours_parallel, ours_fused_chunk       based_compile.kernels (fused chunk skipped if not implemented)
-  ours_parallel_atomic_dq               ours_parallel with the atomic-dq backward (parallel_backward(atomic_dq=True))
+  ours_parallel_split                   ours_parallel with the deterministic split backward (default: atomic dq)
   fla_parallel, fla_fused_chunk         fla.ops.based (if importable; verified against our reference first)
   inductor_naive                        torch.compile of the naive quadratic form (where it fits)
   sdpa_causal_d64                       scaled_dot_product_attention(is_causal=True), head dim 64
@@ -57,13 +57,13 @@ def ours_parallel():
     return "BHTD", lambda q, k, v: parallel_based(q, k, v)
 
 
-def ours_parallel_atomic_dq():
-    """Our parallel kernel with the fused backward (dq added atomically by the dk/dv kernel)."""
+def ours_parallel_split():
+    """Our parallel kernel with the deterministic split backward (parallel_backward(atomic_dq=False))."""
     import functools
 
     from based_compile.kernels.function import BasedKernelFunction
     from based_compile.kernels.parallel import check_parallel_arguments, parallel_backward, parallel_forward
-    backward = functools.partial(parallel_backward, atomic_dq=True)
+    backward = functools.partial(parallel_backward, atomic_dq=False)
 
     def run(q, k, v):
         return BasedKernelFunction.apply(q, k, v, check_parallel_arguments(q, k, v), parallel_forward, backward)
@@ -138,7 +138,7 @@ def sdpa_causal_d64():
 
 ENTRIES = {
     "ours_parallel": ours_parallel,
-    "ours_parallel_atomic_dq": ours_parallel_atomic_dq,
+    "ours_parallel_split": ours_parallel_split,
     "ours_fused_chunk": ours_fused_chunk,
     "fla_parallel": fla_parallel,
     "fla_fused_chunk": fla_fused_chunk,
@@ -165,7 +165,9 @@ def verify(run, layout: str, t: int = 300) -> float:
 # ---------------------------------------------------------------------------------------------- timing
 
 def _median_ms(fn, grad_to_none=None) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    # 100 ms of warm-up: the first entry after a CPU-bound pause (compilation) otherwise ran up to 2x
+    # slow at T=1024-2048 (device call 2, benchmarks/NOTES.md).
+    return triton.testing.do_bench(fn, warmup=100, rep=150, grad_to_none=grad_to_none, return_mode="median")
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -226,7 +228,7 @@ def tune(ts, kernels):
         for kernel in kernels:
             for bt, bs, w, st in tables[kernel]:
                 cfgs = dict(base)
-                cfgs[kernel.replace("_atomic", "")] = LaunchConfig(bt, bs, w, st)
+                cfgs[kernel] = LaunchConfig(bt, bs, w, st)
                 try:
                     if kernel == "fwd":
                         ms = _median_ms(lambda: parallel_forward(q, k, v, args, cfgs))

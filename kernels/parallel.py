@@ -36,8 +36,9 @@ from .function import BasedKernelFunction
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backward scheme: False = separate dq and dk/dv kernels (deterministic); True = dq added
-# atomically by the dk/dv kernel (see parallel_backward). Chosen from the H100 measurements.
-ATOMIC_DQ_DEFAULT = False
+# atomically by the dk/dv kernel (see parallel_backward): 8-20% faster fwd+bwd on an H100 at
+# T >= 2048 (benchmarks/NOTES.md). torch.use_deterministic_algorithms(True) selects the split scheme.
+ATOMIC_DQ_DEFAULT = True
 MAX_DK = 128
 MAX_DV = 256
 
@@ -375,23 +376,30 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def launch_configs(args: BasedArguments) -> dict[str, LaunchConfig]:
-    """Configurations of the 'fwd', 'dq' and 'dkv' kernels for these arguments.
+def launch_configs(args: BasedArguments, dtype: torch.dtype = torch.bfloat16) -> dict[str, LaunchConfig]:
+    """Configurations of the 'fwd', 'dq', 'dkv' and 'dkv_atomic' kernels for these arguments.
 
     fwd/dq: block_t queries per program, block_s keys per step (block_t % block_s == 0);
-    dkv: block_t keys per program, block_s queries per step (block_t % block_s == 0).
+    dkv (split backward) and dkv_atomic (the dk/dv kernel that also adds dq): block_t keys per
+    program, block_s queries per step (block_t % block_s == 0).
     """
     if triton_interpreting():
-        return {"fwd": LaunchConfig(32, 16, 4, 1), "dq": LaunchConfig(32, 16, 4, 1), "dkv": LaunchConfig(32, 16, 4, 1)}
+        small = LaunchConfig(32, 16, 4, 1)
+        return {"fwd": small, "dq": small, "dkv": small, "dkv_atomic": small}
+    if dtype == torch.float32:
+        # Exact fp32 dots run on the FMA pipes, and their unrolled code compiles slowly (a 64 x 64
+        # dk/dv tile took ~90 s to compile): small tiles; fp32 is the reference path, not the fast one.
+        small = LaunchConfig(32, 32, 4, 1)
+        return {"fwd": LaunchConfig(64, 32, 4, 1), "dq": small, "dkv": small, "dkv_atomic": small}
     bk, bv = _pow2(args.dk), _pow2(args.dv)
-    if bk <= 32 and bv <= 64:  # H100 sweep at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md)
+    if bk <= 32 and bv <= 64:  # H100 sweeps at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md)
         return {"fwd": LaunchConfig(128, 32, 4, 3), "dq": LaunchConfig(64, 64, 4, 2),
-                "dkv": LaunchConfig(64, 64, 4, 3)}
+                "dkv": LaunchConfig(64, 64, 4, 3), "dkv_atomic": LaunchConfig(128, 64, 4, 2)}
     if bk <= 64 and bv <= 128:
         return {"fwd": LaunchConfig(128, 64, 8, 2), "dq": LaunchConfig(64, 64, 4, 2),
-                "dkv": LaunchConfig(64, 32, 4, 2)}
+                "dkv": LaunchConfig(64, 32, 4, 2), "dkv_atomic": LaunchConfig(64, 32, 4, 2)}
     return {"fwd": LaunchConfig(64, 32, 4, 2), "dq": LaunchConfig(64, 32, 8, 1),
-            "dkv": LaunchConfig(64, 32, 8, 1)}
+            "dkv": LaunchConfig(64, 32, 8, 1), "dkv_atomic": LaunchConfig(64, 32, 8, 1)}
 
 
 def _bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -419,7 +427,7 @@ def _output_shape(args: BasedArguments, d: int) -> tuple[int, int, int, int]:
 def parallel_forward(q, k, v, args: BasedArguments, configs: dict[str, LaunchConfig] | None = None):
     """(o, z): o [B, H, T, Dv] or [B, T, H, Dv] in q's dtype, z [B, H, T] float32 (None unnormalised)."""
     check_kernel_device(q)
-    cfg = (configs or launch_configs(args))["fwd"]
+    cfg = (configs or launch_configs(args, q.dtype))["fwd"]
     b, h, t = args.batch, args.heads, args.length
     bk = _pow2(args.dk)
     bv = min(_pow2(args.dv), 128)
@@ -444,12 +452,14 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
     """(dq, dk, dv) with the shapes and dtypes of (q, k, v); dk/dv sum over each GQA group.
 
     atomic_dq=False: a dq kernel and a dk/dv kernel (deterministic, no atomics);
-    atomic_dq=True: one dk/dv kernel that also adds dq into a float32 buffer atomically.
-    None: ATOMIC_DQ_DEFAULT.
+    atomic_dq=True: one dk/dv kernel that also adds dq into a float32 buffer atomically (saves the
+    dq kernel's recomputation of q.k and dn.v; dq's float32 sums then vary in the last bits from
+    run to run). None: ATOMIC_DQ_DEFAULT, unless torch.use_deterministic_algorithms(True) is on.
     """
     check_kernel_device(q)
-    cfgs = configs or launch_configs(args)
-    atomic_dq = ATOMIC_DQ_DEFAULT if atomic_dq is None else atomic_dq
+    cfgs = configs or launch_configs(args, q.dtype)
+    if atomic_dq is None:
+        atomic_dq = ATOMIC_DQ_DEFAULT and not torch.are_deterministic_algorithms_enabled()
     b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
     bk, bv = _pow2(args.dk), _pow2(args.dv)
     if args.normalize:
@@ -479,7 +489,7 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
             t, h, args.group, c1, 2.0 * c2, BT=cfg.block_t, BS=cfg.block_s, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    cfg = cfgs["dkv"]
+    cfg = cfgs["dkv_atomic" if atomic_dq else "dkv"]
     _parallel_dkv_kernel[(triton.cdiv(t, cfg.block_t), b * hk)](
         q, k, v, dn, dz, dk, dv, dq_acc, *qs, *ks, *vs, *dn_strides,
         *_bhtd_strides(dk, args.layout), *_bhtd_strides(dv, args.layout),

@@ -93,12 +93,41 @@ def test_feature_dims(dk, dv):
 
 
 @pytest.mark.parametrize("layout,kv_heads,causal", [("BHTD", 2, True), ("BTHD", 1, False)])
-def test_atomic_dq_backward(monkeypatch, layout, kv_heads, causal):
-    """The fused backward (dq added atomically by the dk/dv kernel) against float64 too."""
+def test_split_backward(monkeypatch, layout, kv_heads, causal):
+    """The split backward (a dq kernel and a dk/dv kernel, no atomics) against float64 too."""
     import based_compile.kernels.parallel as mod
-    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", True)
+    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", False)
     _check(1, 2, 37, 5, 24, kv_heads=kv_heads, layout=layout, causal=causal)
     _check(1, 2, 30, 16, 16, layout=layout, causal=causal, normalize=False)
+
+
+def test_deterministic_algorithms_select_the_split_backward(monkeypatch):
+    import based_compile.kernels.parallel as mod
+    launches = []
+    real = mod._parallel_dq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(mod, "_parallel_dq_kernel", Spy())
+    q, k, v = make_inputs(1, 2, 20, 16, 8, dtype=torch.float32, device=DEVICE)
+    args = check_arguments(q, k, v)
+    o, z = parallel_forward(q, k, v, args)
+    do = torch.randn_like(o)
+    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", True)
+    parallel_backward(q, k, v, o, z, do, args)
+    assert launches == [], "the default backward adds dq atomically"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = parallel_backward(q, k, v, o, z, do, args)
+        second = parallel_backward(q, k, v, o, z, do, args)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(launches) == 2, "deterministic mode must use the dq kernel, not atomics"
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_large_dims():
@@ -209,25 +238,28 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+# Each case compiles its own kernels (dtype, Dk, Dv): a handful of cases covers the realistic shapes.
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("t,dk,dv", [(8192, 16, 64), (4096, 64, 128), (2000, 16, 128), (1537, 64, 64)])
-def test_gpu_realistic(_no_tf32, dtype, t, dk, dv):
+@pytest.mark.parametrize("t,dk,dv,dtype", [
+    (8192, 16, 64, torch.bfloat16), (8192, 16, 64, torch.float32), (8192, 16, 64, torch.float16),
+    (4096, 64, 128, torch.bfloat16), (4096, 64, 128, torch.float32), (2000, 16, 128, torch.float16),
+    (1537, 64, 64, torch.bfloat16),
+])
+def test_gpu_realistic(_no_tf32, t, dk, dv, dtype):
     _check(1, 2, t, dk, dv, dtype=dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,dk,dv", [(8192, 16, 64), (1000, 64, 128)])
-def test_gpu_atomic_dq(_no_tf32, monkeypatch, dtype, t, dk, dv):
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_gpu_backward_schemes(_no_tf32, monkeypatch, atomic_dq):
     import based_compile.kernels.parallel as mod
-    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", True)
-    _check(1, 2, t, dk, dv, dtype=dtype, kv_heads=1, layout="BTHD")
+    monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", atomic_dq)
+    _check(2, 4, 8192, 16, 64, dtype=torch.bfloat16, kv_heads=2, layout="BTHD")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_variants(_no_tf32, dtype):
+def test_gpu_variants(_no_tf32):
+    dtype = torch.bfloat16
     _check(2, 4, 1000, 16, 64, kv_heads=2, dtype=dtype, layout="BTHD")
     _check(1, 2, 777, 16, 64, dtype=dtype, causal=False, normalize=False, coeffs=OTHER)
     _check(1, 2, 513, 128, 256, dtype=dtype, layout="BTHD")
