@@ -388,6 +388,7 @@ def forward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfig
         return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
     if _block_k(args.dk) > 16:
         return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
+    # H100, B=H=16, Dk=16, Dv=64, bf16, T=16384: 3.94 ms (BV=64: 4.08 ms; BT=32: 4.6-6.3 ms; 8 warps: 4.7-6.9 ms)
     return FusedChunkConfig(bt=64, bv=32, num_warps=4, num_stages=1)
 
 
@@ -401,7 +402,8 @@ def backward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfi
         return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
     if _block_k(args.dk) > 16:
         return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
-    return FusedChunkConfig(bt=32, bv=32, num_warps=4, num_stages=1)
+    # H100, B=H=16, Dk=16, Dv=64, bf16: 5.24 ms at T=4096 against 6.82 ms for (32, 32, 4 warps)
+    return FusedChunkConfig(bt=16, bv=64, num_warps=4, num_stages=1)
 
 
 def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
