@@ -25,9 +25,11 @@ Backward (two kernels, states recomputed, never stored):
   where dn_i = do_i / (z_i + eps) and dz_i = -(do_i . o_i) / (z_i + eps) (plain do, no dz, when
   normalize=False). Each program handles one value block, so dq and dk are partial sums over
   value blocks, and for grouped heads dk and dv are per query head: they go to float32 buffers
-  that the host sums. Backward memory: O(T) - float32 buffers of NV*B*H*T*Dk (dq and dk, NV =
-  number of value blocks), B*H*T*Dv (dv, only with grouped heads or several value blocks
-  needing a dtype cast), and two [B, H, T] float32 vectors (1/(z+eps), dz); no chunk states.
+  that the host sums. Backward memory, all O(T), no chunk states: with one value block (Dv <= BV)
+  and no grouping the kernels write dq, dk, dv directly; otherwise float32 buffers of
+  NV*B*H*T*Dk for dq (NV > 1 only) and for dk, and B*H*T*Dv for dv (NV = number of value
+  blocks, H = query heads); plus, when normalised, two [B, H, T] float32 vectors (1/(z+eps), dz)
+  and a float32 [B, T, H] temporary of do . o.
 
 Precision: states and accumulators are float32. Matmul operands are the input dtype (float16 /
 bfloat16 tensor cores; float32 inputs use exact float32 dots, no tf32), so the inter-chunk
