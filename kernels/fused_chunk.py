@@ -29,7 +29,7 @@ Backward (two kernels, states recomputed, never stored):
   and no grouping the kernels write dq, dk, dv directly; otherwise float32 buffers of
   NV*B*H*T*Dk for dq (NV > 1 only) and for dk, and B*H*T*Dv for dv (NV = number of value
   blocks, H = query heads); plus, when normalised, two [B, H, T] float32 vectors (1/(z+eps), dz)
-  and a float32 [B, T, H] temporary of do . o.
+  and float32 copies of do and o (B*H*T*Dv each) to form do . o.
 
 Precision: states and accumulators are float32. Matmul operands are the input dtype (float16 /
 bfloat16 tensor cores; float32 inputs use exact float32 dots, no tf32), so the inter-chunk
