@@ -47,20 +47,24 @@ class Crossover:
                 and (not self.dtypes or dtype in self.dtypes))
 
 
-# CUDA: PROVISIONAL values (not measured yet; the lead fills the H100 numbers measured with
-# benchmarks/ and records date, device and command here). Reasoning behind the guesses: fused_chunk
-# keeps O(T) memory and wins at long T, but parallelises only over B * H (it walks T in order), so
-# with few heads the parallel kernel stays ahead for longer; its states grow as Dk^2 * Dv.
-# fused_chunk supports Dk <= fused_chunk.MAX_DK (32); above it every call runs parallel.
+# CUDA: PROVISIONAL (the lead replaces them with a crossover sweep of benchmarks/op.py on the H100 and
+# records date, device and command here). The B*H >= 64, Dk <= 16 rows follow the kernel engineers' H100
+# timings in benchmarks/NOTES.md (2026-11-25, H100 80GB HBM3, torch 2.11, triton 3.6, B=16 H=16 Dk=16
+# Dv=64 bf16 causal, do_bench medians, ms):
+#   forward          T=1024: parallel 0.109 / fused_chunk 0.255   4096: 1.009 / 1.004   8192: 3.26 / 1.97
+#   forward+backward T=4096: parallel 3.48 / fused_chunk 6.23     8192: 13.35 / 12.46
+# The other rows are guesses: fused_chunk parallelises over B * H only (it walks T in order), so with
+# fewer heads the parallel kernel stays ahead for longer; for Dk in 17..32 fused_chunk runs smaller
+# blocks (its [Dk^2, Dv] states grow), and above fused_chunk.MAX_DK (32) only parallel runs.
 CUDA_CROSSOVERS = (
-    Crossover(training=False, t=2048, max_dk=16, min_bh=64),
-    Crossover(training=False, t=4096, max_dk=16),
+    Crossover(training=False, t=4096, max_dk=16, min_bh=64),
+    Crossover(training=False, t=8192, max_dk=16),
     Crossover(training=False, t=8192, max_dk=fused_chunk.MAX_DK),
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
     Crossover(training=True, t=16384, max_dk=fused_chunk.MAX_DK),
 )
 # No matching row: the quadratic kernel at every T.
-CUDA_FALLBACK_T = 1 << 62
+NO_CROSSOVER_T = 1 << 62
 
 # CPU: measured 2026-11-25 on this project's CI-like VM (2 cores, x86-64, torch 2.13.0+cpu, float32,
 # Dk=16, Dv=64, causal, best of 9, one thread: the VM was shared with other jobs, load average ~8, and
@@ -107,7 +111,7 @@ def _crossover_t(table, training, dk, dv, bh, dtype) -> int:
     for row in table:
         if row.matches(training, dk, dv, bh, dtype):
             return row.t
-    return CUDA_FALLBACK_T
+    return NO_CROSSOVER_T
 
 
 def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype) -> Decision:
@@ -132,7 +136,7 @@ def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, d
     cross = _crossover_t(table, training, dk, dv, bh, dtype)
     if t >= cross:
         return Decision(long, f"{mode}, T={t} >= {cross}")
-    if cross < CUDA_FALLBACK_T:
+    if cross < NO_CROSSOVER_T:
         return Decision(short, f"{mode}, T={t} < {cross}")
     if device == "cuda" and dk > fused_chunk.MAX_DK:
         return Decision(short, f"{mode}, Dk={dk} > {fused_chunk.MAX_DK} (fused_chunk's limit)")
