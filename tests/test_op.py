@@ -115,6 +115,18 @@ def test_cpu_paths_match_float64(kernel, layout, causal, normalize, kernel_setti
         check_against_float64(q, k, v, spec, 1e-10)
 
 
+@pytest.mark.parametrize("kernel", ["cpu_quadratic", "cpu_chunked"])
+def test_cpu_paths_edge_shapes(kernel, kernel_setting):
+    """T = 1, one chunk exactly, one token more; Dk = Dv = 1; a strided (non-contiguous) q."""
+    kernel_setting(kernel)
+    for t, (dk, dv), causal in ((1, (3, 2), True), (cpu_path.CHUNK_SIZE, (1, 1), True),
+                                (cpu_path.CHUNK_SIZE + 1, (5, 3), True), (cpu_path.CHUNK_SIZE + 1, (5, 3), False)):
+        q, k, v = make_inputs(2, 3, t, dk, dv, kv_heads=1)
+        q = torch.cat([q, q], dim=-1)[..., :dk]                  # strided view
+        spec = BasedSpec(scale=0.7, c0=COEFFS[1][0], c1=COEFFS[1][1], c2=COEFFS[1][2], causal=causal, group=3)
+        check_against_float64(q, k, v, spec, 1e-10)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("kernel", ["cpu_quadratic", "cpu_chunked"])
 def test_cpu_paths_low_precision(dtype, tol, kernel, kernel_setting):
