@@ -39,10 +39,12 @@ CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps) -> BasedArguments:
-    """Checked arguments; CUDA tensors also within the Triton kernels' dtypes and feature dims."""
-    dtypes = CPU_DTYPES if q.device.type == "cpu" else KERNEL_DTYPES
+    """Checked arguments; CUDA tensors also within the Triton kernels' dtypes and feature dims
+    (meta tensors, which have no kernel, are checked like CPU tensors)."""
+    on_cuda = q.device.type == "cuda"
+    dtypes = KERNEL_DTYPES if on_cuda else CPU_DTYPES
     args = check_arguments(q, k, v, scale, (c0, c1, c2), causal, normalize, eps, layout, dtypes=dtypes)
-    if q.device.type != "cpu":
+    if on_cuda:
         _check_kernel_limits(q, args)
     return args
 
