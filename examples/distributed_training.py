@@ -100,7 +100,9 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
             logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
         else:
             logits = compiled(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
