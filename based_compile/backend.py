@@ -184,7 +184,10 @@ def based_backend(gm: fx.GraphModule, example_inputs):
 
 def register() -> None:
     """Register ``based_backend`` under the name "based" (idempotent)."""
-    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
-    if "based" not in _COMPILER_FNS:
-        register_backend(name="based")(based_backend)
+    if "based" in _COMPILER_FNS:
+        return
+    if _BACKENDS.get("based") is not None:
+        return            # Dynamo found the entry point: looking "based" up loads based_backend itself
+    register_backend(name="based")(based_backend)

@@ -1,7 +1,7 @@
 """Canonicalise a Dynamo graph for matching: lower it to ATen, then read through views and scalars.
 
 Lowering (``lower_to_aten``) uses PyTorch's own machinery: ``make_fx`` under the fake mode
-of Dynamo's example values, with ``functionalize`` (in-place ``masked_fill_`` becomes
+of Dynamo's example values, functionalised (in-place ``masked_fill_`` becomes
 ``masked_fill``) and ``preserve_node_meta`` (every ATen node keeps the user's stack trace).
 After lowering, ``@``, ``matmul``, ``einsum`` and ``bmm`` are all ``bmm`` between views,
 ``.mT`` / ``transpose`` / ``permute`` are ``permute``/``transpose``, ``repeat_interleave``
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 aten = torch.ops.aten
@@ -50,7 +53,7 @@ def shape_of(node) -> tuple | None:
 
 def hint(x) -> int | float:
     """Concrete value of an int/float or the example value of a SymInt/SymFloat."""
-    if isinstance(x, (torch.SymInt, torch.SymFloat)):
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return x.node.hint if x.node.hint is not None else x.node.require_hint()
     return x
 
@@ -71,6 +74,13 @@ def has_stateful_nodes(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _from_functional(x):
+    if isinstance(x, FunctionalTensor):
+        torch._sync(x)
+        return torch._from_functional_tensor(x.elem)
+    return x
+
+
 def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     """Dynamo graph -> functional ATen graph with the same placeholders and outputs.
 
@@ -83,10 +93,17 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
         raise ValueError("lower_to_aten: the Dynamo graph has no fake tensor example values")
 
     def run(*args):
-        return fx.Interpreter(gm).run(*args)
+        # Functionalise the way AOTAutograd does (FunctionalTensorMode): in-place ops become
+        # their functional forms and size queries stay symbolic.
+        with FunctionalTensorMode():
+            wrapped = [FunctionalTensor.to_functional(a) if isinstance(a, torch.Tensor) else a for a in args]
+            out = fx.Interpreter(gm).run(*wrapped)
+        return pytree.tree_map(_from_functional, out)
 
-    with fx_traceback.preserve_node_meta(), fake_mode:
-        return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="real")(*fake_args)
+    # The Python dispatcher keeps size queries symbolic (as AOTAutograd does): without it a
+    # dynamic length would be specialised to the example's.
+    with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
+        return make_fx(run, tracing_mode="real")(*fake_args)
 
 
 def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:

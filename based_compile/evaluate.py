@@ -4,12 +4,19 @@
 the real example inputs Dynamo handed the backend (registered buffers included, so a
 sliced ``tril`` buffer is checked by value), SymInt placeholders their concrete values,
 get_attr nodes the module's constants. ``substitute`` replaces chosen nodes by given
-tensors (the probe feeds fresh q, k, v that way).
+tensors (the probe feeds fresh q, k, v that way). ``depends_on`` tells whether a value
+reads a given set of nodes (a mask that reads an input is not a compile-time constant).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from .canonicalize import hint
+
+
+_SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+             torch.ops.aten.sym_storage_offset.default}
 
 
 class NotConstant(Exception):
@@ -50,9 +57,9 @@ class GraphEvaluator:
 
     def _run(self, node: fx.Node, env: dict):
         if node.op == "placeholder":
-            if node in self.variable:
-                raise NotConstant(node.name)
             value = self.inputs[node]
+            if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return hint(value)           # Dynamo passes sizes as symbols: use the example's value
             return value.detach() if isinstance(value, torch.Tensor) else value
         if node.op == "get_attr":
             obj = self.gm
@@ -66,7 +73,10 @@ class GraphEvaluator:
         raise NotConstant(f"{node.op} {node.name}")
 
     def depends_on(self, node: fx.Node, targets: set) -> bool:
-        """True when ``node`` reads any node of ``targets`` (transitively)."""
+        """True when the value of ``node`` reads any node of ``targets`` (transitively).
+
+        Reading only a size (``sym_size``) of a tensor is not reading its value.
+        """
         seen, stack = set(), [node]
         while stack:
             n = stack.pop()
@@ -75,6 +85,8 @@ class GraphEvaluator:
             if n in seen:
                 continue
             seen.add(n)
+            if n.op == "call_function" and n.target in _SIZE_OPS:
+                continue
             stack.extend(n.all_input_nodes)
         return False
 
