@@ -107,36 +107,40 @@ def sdpa_softmax_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5)
 
 
-def fla_based_attention(kind: str) -> Callable:
+def fla_based_attention(kind: str, layout: str = "auto") -> Callable:
     """fla-core's Based kernel (``kind``: "parallel" or "fused_chunk") as an ``attention_impl``.
 
-    The call is adapted to the installed fla version by inspecting the signature at run
-    time (fla has moved between head-first [B, H, T, D] and time-first [B, T, H, D] layouts).
-    Raises ImportError when fla-core is not installed.
+    ``layout``: the tensor layout fla expects, "BHTD" or "BTHD"; "auto" reads it from the
+    installed version's signature (a ``head_first`` argument: BHTD through head_first=True;
+    none: BTHD, fla's current convention). fla's layout conventions have moved between
+    versions, so a benchmark should check the result against the naive form (as
+    benchmarks/e2e.py does). Raises ImportError when fla-core is not installed.
     """
     if kind not in ("parallel", "fused_chunk"):
         raise ValueError(f"kind must be 'parallel' or 'fused_chunk', got {kind!r}")
+    if layout not in ("auto", "BHTD", "BTHD"):
+        raise ValueError(f"layout must be 'auto', 'BHTD' or 'BTHD', got {layout!r}")
     import fla.ops.based as fla_based                        # optional opponent, never a dependency
 
     fn = getattr(fla_based, f"{kind}_based")
     params = inspect.signature(fn).parameters
+    if layout == "auto":
+        layout = "BHTD" if "head_first" in params else "BTHD"
+    kwargs = {}
+    if "use_norm" in params:
+        kwargs["use_norm"] = True
+    if "head_first" in params:
+        kwargs["head_first"] = layout == "BHTD"
 
     def impl(q, k, v):                                         # [B, H, T, d], [B, H, T, d], [B, H, T, Dv]
-        kwargs = {}
-        if "scale" in params:
-            kwargs["scale"] = q.shape[-1] ** -0.5
-        if "use_norm" in params:
-            kwargs["use_norm"] = True
-        if "head_first" in params:
-            kwargs["head_first"] = True
-            o = fn(q, k, v, **kwargs)
-        else:                                                  # time-first API: [B, T, H, D]
-            o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs)
-            o = o[0] if isinstance(o, tuple) else o
-            return o.transpose(1, 2)
-        return o[0] if isinstance(o, tuple) else o
+        scale = {"scale": q.shape[-1] ** -0.5} if "scale" in params else {}
+        if layout == "BTHD":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        o = fn(q, k, v, **kwargs, **scale)
+        o = o[0] if isinstance(o, (tuple, list)) else o
+        return o.transpose(1, 2) if layout == "BTHD" else o
 
-    impl.__name__ = f"fla_{kind}_based"
+    impl.__name__ = f"fla_{kind}_based_{layout}"
     return impl
 
 
