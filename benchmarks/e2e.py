@@ -28,6 +28,11 @@ out of memory is retried at half the batch (down to 1) and the batch it ran with
 that fails otherwise prints its error and the run goes on. Results are merged into
 ``OUT/e2e.json`` after every entry (keyed by mode, T, variant), so runs split over several device
 calls add up; the table is printed last and ``OUT/e2e.png`` is drawn when matplotlib is installed.
+
+Budget: every compiled entry compiles the 12-layer model (tens of seconds to a few minutes each, and
+again when an OOM halves the batch), so the full run may not fit one 10-minute device call. Split it,
+with the same --out, for example: (1) --modes train --lengths 2048, (2) --modes train --lengths 8192,
+(3) --modes prefill; then --report. Progress lines are flushed as entries finish.
 """
 from __future__ import annotations
 
@@ -72,6 +77,8 @@ def parse_args(argv=None):
                    help="bf16: bf16 weights; autocast: fp32 weights under bf16 autocast; fp32")
     p.add_argument("--reps", type=int, help="timed repetitions per entry (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation happens here)")
+    p.add_argument("--min-batch", type=int, default=1, dest="min_batch",
+                   help="halve the batch on OOM down to this (set it to the requested batch to never halve)")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
     quick = args.quick
@@ -257,8 +264,9 @@ def run_entry(args, model, initial_state, variant, mode, t, device, dtype) -> di
                 traceback.print_exc(limit=4)
             print(f"  {mode} T={t} {variant} B={batch}: {'OOM' if oom else 'FAILED'}: "
                   f"{entry['error'].splitlines()[0][:200]}", flush=True)
-            if not oom or batch == 1:
+            if not oom or batch <= args.min_batch:
                 break
+            entry.setdefault("oom_at_batch", []).append(batch)
             batch //= 2
         finally:
             model.set_attention_impl(None)
@@ -315,7 +323,9 @@ def print_table(data: dict) -> None:
         vs_ind = f"{r['tokens_per_s'] / ind['tokens_per_s']:.2f}x" if ind else "-"
         vs_fla = f"{r['tokens_per_s'] / fla['tokens_per_s']:.2f}x" if fla else "-"
         loss0 = f"{r['first_losses'][0]:.4f}" if r.get("first_losses") else "-"
-        print(f"| {r['mode']} | {r['seq_len']} | {r['variant']} | {r['batch']} | {r['ms']:.1f} | "
+        oom_at = r.get("oom_at_batch")
+        batch = f"{r['batch']} (OOM at {', '.join(map(str, oom_at))})" if oom_at else f"{r['batch']}"
+        print(f"| {r['mode']} | {r['seq_len']} | {r['variant']} | {batch} | {r['ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {fmt_bytes(r['peak_bytes'])} | {vs_ind} | {vs_fla} | {loss0} |")
     print("(vs: throughput ratio, tokens/s of the row over tokens/s of Inductor / of the faster fla entry, "
           "at the same mode and T; batches may differ where an entry had to halve it. first loss: the loss of "

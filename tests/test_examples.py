@@ -153,3 +153,71 @@ def test_quickstart_runs():
     for name in ("eager", "inductor", "based"):
         assert f"{name:>8} vs eager" in proc.stdout or name == "eager"
         assert any(line.strip().startswith(name) and "ms" in line for line in proc.stdout.splitlines())
+
+
+def _fake_fla(monkeypatch, head_first: bool):
+    """A stand-in fla.ops.based whose kernels compute Based attention with fla's argument conventions."""
+    import types
+
+    def kernel(q, k, v, scale=None, use_norm=True, **kw):
+        bthd = not kw.get("head_first", False)                 # the time-first layout unless head_first
+        if bthd:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        o = naive_parallel_based(q, k, v, scale=scale, normalize=use_norm, eps=1e-6)
+        return o.transpose(1, 2) if bthd else o
+
+    def with_head_first(q, k, v, scale=None, use_norm=True, head_first=True):
+        return kernel(q, k, v, scale, use_norm, head_first=head_first)
+
+    def time_first(q, k, v, scale=None, use_norm=True):
+        return kernel(q, k, v, scale, use_norm)
+
+    fn = with_head_first if head_first else time_first
+    based = types.ModuleType("fla.ops.based")
+    based.parallel_based = based.fused_chunk_based = fn
+    ops = types.ModuleType("fla.ops")
+    ops.based = based
+    fla = types.ModuleType("fla")
+    fla.ops = ops
+    for name, module in (("fla", fla), ("fla.ops", ops), ("fla.ops.based", based)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+@pytest.mark.parametrize("kind", ["parallel", "fused_chunk"])
+def test_fla_adapter_layouts(monkeypatch, head_first, kind):
+    from naive_based_lm import fla_based_attention
+
+    _fake_fla(monkeypatch, head_first)
+    q, k = torch.randn(2, 3, 13, 8, dtype=torch.float64), torch.randn(2, 3, 13, 8, dtype=torch.float64)
+    v = torch.randn(2, 3, 13, 5, dtype=torch.float64)
+    ref = naive_parallel_based(q, k, v, scale=8 ** -0.5, eps=1e-6)
+    assert_rel_close(fla_based_attention(kind)(q, k, v), ref, 1e-12, "fla adapter, auto layout")
+    wrong = "BTHD" if head_first else "BHTD"                    # the other layout must not match
+    if head_first:
+        assert_rel_close(fla_based_attention(kind, "BTHD")(q, k, v), ref, 1e-12, "head_first=False path")
+    else:
+        assert (fla_based_attention(kind, wrong)(q, k, v) - ref).abs().max() > 1e-3
+
+
+def test_e2e_benchmark_smoke(tmp_path, monkeypatch):
+    # The benchmark on the CPU with a tiny model: eager and fla (a stand-in module) train and prefill,
+    # and a missing fla is reported as unavailable, not a crash; the JSON merges across runs.
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    import e2e
+
+    common = ["--device", "cpu", "--out", str(tmp_path), "--layers", "1", "--d-model", "32", "--heads", "2",
+              "--vocab-size", "64", "--lengths", "32", "--tokens", "64", "--reps", "1", "--warmup", "1",
+              "--precision", "fp32"]
+    data = e2e.main(common + ["--variants", "eager,fla"])
+    status = {(r["mode"], r["variant"]): r["status"] for r in data["results"]}
+    assert status[("train", "eager")] == status[("prefill", "eager")] == "ok"
+    assert status[("train", "fla")] == "unavailable" or "fla" in sys.modules
+    _fake_fla(monkeypatch, head_first=False)
+    data = e2e.main(common + ["--variants", "fla"])
+    results = {(r["mode"], r["variant"]): r for r in data["results"]}
+    assert len(results) == 4 and len(data["runs"]) == 2
+    assert results[("train", "fla")]["status"] == "ok"
+    assert results[("train", "fla")]["first_losses"][0] == pytest.approx(
+        results[("train", "eager")]["first_losses"][0], rel=1e-5)
+    assert (tmp_path / "e2e.json").exists()
