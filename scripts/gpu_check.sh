@@ -15,7 +15,7 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"
   export PYTHONPATH="/tmp/pkg:${PYTHONPATH:-}"
 fi
 python3 -c "import torch, triton, based_compile; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest_gpu.log"
+python3 -P -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest_gpu.log"
 rc=${PIPESTATUS[0]}
 for b in ${BENCH:-}; do python3 "$b" --out "$OUT" 2>&1 | tee "$OUT/$(basename "$b" .py).log"; done
 exit $rc
