@@ -171,7 +171,7 @@ def test_fullgraph():
 
 
 def test_dynamic_three_lengths_one_graph():
-    model = make_model(attention_form="feature_map")
+    model = make_model(attention_form="feature_map", n_layers=1)
     graphs = []
     inner = based_backend()
 
@@ -191,7 +191,7 @@ def test_dynamic_three_lengths_one_graph():
         assert len(graphs) == first, f"T={t}: recompiled ({len(graphs)} graphs, {first} at the first length)"
         with BasedOpCounter() as counter:
             lm_loss(compiled, tokens)
-        assert counter.total == LAYERS, f"T={t}: {counter.total} torch.ops.based calls, expected {LAYERS}"
+        assert counter.total == 1, f"T={t}: {counter.total} torch.ops.based calls, expected 1"
 
 
 
