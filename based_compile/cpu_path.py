@@ -14,9 +14,12 @@ as [B, H, T] in the compute dtype when ``normalize`` (o_i = n_i / (z_i + eps)), 
 Grouped-query attention: query head h uses key/value head h // group (k, v are broadcast,
 never repeated in memory).
 
-The backward recomputes the chosen forward under autograd and differentiates it
-(``torch.autograd.grad``): O(T) memory on the chunked path, and the same function as the
-forward by construction.
+Backward: analytic, per form, from the forward's o and z (dn = do / (z + eps),
+dz = -(do . o) / (z + eps), the column of dN' that V' = [V, 1] turns into the normaliser's
+gradient). ``quadratic_backward`` forms T x T matrices; ``chunked_backward`` uses prefix states
+over key chunks for dq and suffix states over query chunks for dk, dv: O(T) memory, the largest
+tensors [T, Dk * (Dv + 1)] and [T/C, Dk^2, Dv + 1]. (Autograd through a recomputed forward is not
+an option here: the operator's implementation runs below the autograd dispatch key.)
 """
 from __future__ import annotations
 
