@@ -36,7 +36,7 @@ def kernel_setting(monkeypatch):
 
 
 def reference(q, k, v, spec: BasedSpec):
-    """float64 reference output and its input gradients for the output gradient ``do``."""
+    """The reference output (naive_parallel_based) in the dtype of q, k, v: float64 in the tests."""
     return naive_parallel_based(q, k, v, spec.scale, spec.coeffs, spec.causal, spec.normalize, spec.eps, spec.layout)
 
 
