@@ -85,6 +85,9 @@ class Entry:
     axes: tuple[str, ...] = ()
     twin: str | None = None
     inputs: str = "qkv"                         # "qkv" (attention inputs) or "x" (module projects)
+    # the q, k, v the spec applies to, from the example inputs (None: the inputs themselves);
+    # for k/v heads tiled with .repeat, the spec's group is 1 over the tiled tensors
+    reference_inputs: Callable | None = None
 
     @property
     def accepted(self) -> bool:
@@ -121,7 +124,8 @@ class Recipe:
     norm: str = "keepdim"          # keepdim index reciprocal one_over weights none
     eps: float = 1e-6              # 0 writes no "+ eps" at all
     layout: str = "BHTD"           # BHTD, BTHD (transposed to BHTD inside the module)
-    gqa: str | None = None         # None, repeat_interleave, expand
+    gqa: str | None = None         # None, repeat_interleave, expand; repeat_tiled, expand_tiled (head h
+                                   # uses kv head h % Hkv: Based attention over the tiled k, v, group 1)
     # defects: each turns the recipe into a near-miss that differs in one thing
     cubic: bool = False            # add s^3 / 6 in the poly's own spelling
     shift: int = 0                 # mask diagonal offset: -1 drops the diagonal, +1 leaks one future key
@@ -149,7 +153,7 @@ NORMS = ("keepdim", "index", "reciprocal", "one_over", "weights", "none")
 def recipe_spec(r: Recipe) -> Accept:
     """The spec a recipe without defects computes."""
     c0, c1, c2 = POLYS[r.poly]
-    group = 1 if r.gqa is None else H // HKV
+    group = H // HKV if r.gqa in ("repeat_interleave", "expand") else 1
     return Accept(layout=r.layout, scale=SCALES[r.scale], c0=c0, c1=c1, c2=c2, causal=r.mask != "none",
                   normalize=r.norm != "none", eps=r.eps if r.norm != "none" else 1e-6, group=group,
                   strict_layout=r.layout == "BHTD")
@@ -354,6 +358,15 @@ class Handwritten(nn.Module):
             group = q.shape[1] // hkv
             k = k[:, :, None].expand(b, hkv, group, t, dk).reshape(b, hkv * group, t, dk)
             v = v[:, :, None].expand(b, hkv, group, t, v.shape[-1]).reshape(b, hkv * group, t, v.shape[-1])
+        elif r.gqa == "repeat_tiled":
+            group = q.shape[1] // k.shape[1]
+            k = k.repeat(1, group, 1, 1)
+            v = v.repeat(1, group, 1, 1)
+        elif r.gqa == "expand_tiled":
+            b, hkv, t, dk = k.shape
+            group = q.shape[1] // hkv
+            k = k[:, None].expand(b, group, hkv, t, dk).reshape(b, group * hkv, t, dk)
+            v = v[:, None].expand(b, group, hkv, t, v.shape[-1]).reshape(b, group * hkv, t, v.shape[-1])
         b, h, t, _ = q.shape
         if r.matmul == "bmm":                                 # heads folded into the batch
             q = q.reshape(b * h, t, q.shape[-1])
@@ -600,8 +613,16 @@ class SoftmaxAttention(nn.Module):
 # --------------------------------------------------------------------------- the catalogue
 
 
+def tile_kv(q, k, v):
+    """k, v with their heads tiled as .repeat does (head h uses kv head h % Hkv)."""
+    group = q.shape[1] // k.shape[1]
+    return q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)
+
+
 def _accept_recipe(name, recipe, axes, **overrides):
-    return Entry(name, handwritten(recipe), replace(recipe_spec(recipe), **overrides), tuple(axes))
+    tiled = recipe.gqa in ("repeat_tiled", "expand_tiled")
+    return Entry(name, handwritten(recipe), replace(recipe_spec(recipe), **overrides), tuple(axes),
+                 reference_inputs=tile_kv if tiled else None)
 
 
 def _refuse_recipe(name, recipe, category, twin):
@@ -689,6 +710,9 @@ def _polynomial_family() -> list[Entry]:
          dict(shift=-1), "mask"),
         ("gqa_expand_reshape", R(gqa="expand", matmul="einsum"), ["gqa:expand"], "cubic", dict(cubic=True),
          "polynomial"),
+        # k/v heads tiled (h uses kv head h % Hkv), not grouped: Based attention over the tiled tensors
+        ("gqa_repeat_tiled", R(gqa="repeat_tiled"), ["gqa:tiled"], "cubic", dict(cubic=True), "polynomial"),
+        ("gqa_expand_tiled", R(gqa="expand_tiled"), ["gqa:tiled"], "shifted", dict(shift=-1), "mask"),
         # combinations
         ("combo_bthd_gqa_einsum_reciprocal", R(layout="BTHD", gqa="repeat_interleave", matmul="einsum",
                                                norm="reciprocal", poly="square", scale="k/sqrt"),
@@ -814,7 +838,7 @@ AXES = (
     "mask:buffer", "mask:none", "mask:masked_fill_",
     "norm:keepdim", "norm:index", "norm:reciprocal", "norm:one_over", "norm:weights", "norm:cumsum_features",
     "norm:none", "eps:1e-12", "eps:0", "eps:other",
-    "layout:BTHD", "gqa:repeat_interleave", "gqa:expand", "input:projected", "count:2",
+    "layout:BTHD", "gqa:repeat_interleave", "gqa:expand", "gqa:tiled", "input:projected", "count:2",
 )
 
 # Every refusal class of issue 5 "What it must refuse", with the near-misses that exercise it.
