@@ -29,7 +29,7 @@ from naive_based_lm import ATTENTION_FORMS, BasedLM, count_parameters  # noqa: E
 PRESETS = {
     "cuda": dict(seq_len=256, num_kv_pairs=32, vocab_size=2048, d_model=256, n_layers=2, n_heads=4,
                  steps=3000, batch=64, lr=3e-3),
-    "cpu": dict(seq_len=64, num_kv_pairs=8, vocab_size=128, d_model=64, n_layers=2, n_heads=2, steps=500,
+    "cpu": dict(seq_len=64, num_kv_pairs=8, vocab_size=128, d_model=64, n_layers=2, n_heads=2, steps=800,
                 batch=32, lr=1e-2),
 }
 
