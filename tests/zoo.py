@@ -22,7 +22,7 @@ c2*scale^2); ``Accept.scale`` is the natural reading of the source.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
