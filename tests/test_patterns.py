@@ -2,7 +2,7 @@
 
 For every accepted entry: explain() finds the expected sites with the expected spec; the
 compiled module matches eager in values and gradients (inputs and parameters); and the
-`based` operator really runs in the compiled code (counted with a TorchDispatchMode).
+`based` operator really runs in the compiled code (counted with the profiler).
 For every near-miss: no site, the expected refusal category, no `based` operator at run
 time, and the compiled module still matches eager.
 
