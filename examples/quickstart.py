@@ -7,13 +7,14 @@ to queries and keys of a small feature dim, apply the second-order Taylor featur
 the causal T x T attention matrix, normalise by its row sums. Nothing in it knows about
 based_compile. The script
   1. prints what ``based_compile.explain()`` finds in it,
-  2. checks the compiled output (and gradients) against eager,
+  2. checks each entry's output and input gradient against a float32 eager reference,
   3. times eager, torch.compile (Inductor) and torch.compile(backend="based") side by side,
      forward and forward + backward, with the peak memory of each.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -92,20 +93,24 @@ def main(argv=None) -> int:
         "based": torch.compile(layer, backend="based"),
     }
 
-    # correctness: forward output and input gradient against eager
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    xg = x.clone().requires_grad_(True)
-    ref = layer(xg)
-    ref_grad, = torch.autograd.grad(ref.float().square().mean(), xg)
-    ok = True
-    for name in ("inductor", "based"):
+    # correctness: output and input gradient of each entry against a float32 copy of the eager layer;
+    # in half precision, compiled entries may differ from it by a few times eager's own rounding error
+    reference = copy.deepcopy(layer).float()
+    xf = x.float().requires_grad_(True)
+    ref = reference(xf)
+    ref_grad, = torch.autograd.grad(ref.square().mean(), xf)
+    errors = {}
+    for name, fn in compiled.items():
         xg = x.clone().requires_grad_(True)
-        out = compiled[name](xg)
+        out = fn(xg)
         grad, = torch.autograd.grad(out.float().square().mean(), xg)
-        err_o, err_g = rel_error(out, ref), rel_error(grad, ref_grad)
+        errors[name] = (rel_error(out, ref), rel_error(grad, ref_grad))
+    tol = max(1e-4, 3 * max(errors["eager"]))
+    ok = True
+    for name, (err_o, err_g) in errors.items():
         good = err_o < tol and err_g < tol
         ok &= good
-        print(f"{name:>8} vs eager: output rel. error {err_o:.2e}, input-grad rel. error {err_g:.2e} "
+        print(f"{name:>8} vs float32 eager: output rel. error {err_o:.2e}, input-grad rel. error {err_g:.2e} "
               f"({'ok' if good else 'MISMATCH'})")
     print()
 
