@@ -47,21 +47,21 @@ class Crossover:
                 and (not self.dtypes or dtype in self.dtypes))
 
 
-# CUDA: PROVISIONAL (the lead replaces them with a crossover sweep of benchmarks/op.py on the H100 and
-# records date, device and command here). The B*H >= 64, Dk <= 16 rows follow the kernel engineers' H100
-# timings in benchmarks/NOTES.md (2026-11-25, H100 80GB HBM3, torch 2.11, triton 3.6, B=16 H=16 Dk=16
-# Dv=64 bf16 causal, do_bench medians, ms):
-#   forward          T=1024: parallel 0.109 / fused_chunk 0.255   4096: 1.009 / 1.004   8192: 3.26 / 1.97
-#   forward+backward T=4096: parallel 3.48 / fused_chunk 6.23     8192: 13.35 / 12.46
-# The other rows are guesses: fused_chunk parallelises over B * H only (it walks T in order), so with
-# fewer heads the parallel kernel stays ahead for longer; for Dk in 17..32 fused_chunk runs smaller
-# blocks (its [Dk^2, Dv] states grow), and above fused_chunk.MAX_DK (32) only parallel runs.
+# CUDA: measured 2026-11-25 on an H100 80GB HBM3 (torch 2.11.0+cu130, triton 3.6.0, bf16, causal,
+# normalised, do_bench medians) with `python benchmarks/op.py --out OUT` (the "crossovers" table;
+# JSON in benchmarks/results/op.json). Forward / forward+backward, ms, parallel vs fused_chunk:
+#   B*H=256 Dk=16 Dv=64   T=4096: 0.79/1.00  3.26/6.15    T=8192: 3.27/1.95  11.5/12.3   T=16384: 12.3/3.9  44.1/24.6
+#   B*H=256 Dk=16 Dv=128  T=2048: 0.59/0.96  2.01/6.44    T=4096: 1.94/1.93  6.93/12.8   T=8192:  6.82/3.82 25.2/25.4
+#   B*H=16  Dk=16 Dv=64   T=16384: 0.84/1.67  3.02/13.7   (parallel ahead at every T measured: fused_chunk
+#                         walks T in order and has only B*H*(Dv/BV) programs; the rows below extrapolate x4)
+#   B*H=256 Dk=32 Dv=64   fused_chunk 10-35x slower than parallel at every T (register spills): never chosen.
 CUDA_CROSSOVERS = (
+    Crossover(training=False, t=8192, max_dk=16, max_dv=64, min_bh=64),
     Crossover(training=False, t=4096, max_dk=16, min_bh=64),
-    Crossover(training=False, t=8192, max_dk=16),
-    Crossover(training=False, t=8192, max_dk=fused_chunk.MAX_DK),
+    Crossover(training=False, t=32768, max_dk=16),
+    Crossover(training=True, t=16384, max_dk=16, max_dv=64, min_bh=64),
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
-    Crossover(training=True, t=16384, max_dk=fused_chunk.MAX_DK),
+    Crossover(training=True, t=65536, max_dk=16),
 )
 # No matching row: the quadratic kernel at every T.
 NO_CROSSOVER_T = 1 << 62

@@ -33,7 +33,13 @@ CASES = [
     ("cuda", False, 65536, 16, 64, 1, F32, "fused_chunk"),
     ("cuda", True, 1024, 16, 64, 256, BF16, "parallel"),
     ("cuda", True, 65536, 16, 64, 256, BF16, "fused_chunk"),
-    ("cuda", False, 65536, 32, 64, 256, BF16, "fused_chunk"),
+    ("cuda", False, 4096, 16, 64, 256, BF16, "parallel"),       # measured crossovers (policy.py)
+    ("cuda", False, 8192, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", False, 4096, 16, 128, 256, BF16, "fused_chunk"),
+    ("cuda", False, 16384, 16, 64, 16, BF16, "parallel"),       # few heads: parallel stays ahead
+    ("cuda", True, 8192, 16, 64, 256, BF16, "parallel"),
+    ("cuda", True, 16384, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", False, 65536, 32, 64, 256, BF16, "parallel"),      # fused_chunk measured slower at Dk=32
     ("cuda", False, 65536, 64, 64, 256, BF16, "parallel"),      # fused_chunk supports Dk <= 32
     ("cuda", True, 1 << 20, 128, 256, 256, BF16, "parallel"),
 ]
@@ -52,11 +58,12 @@ def test_every_crossover_row_switches_at_its_t(device, table):
     checked = 0
     for row in table:
         dk = row.max_dk if row.max_dk < 1 << 30 else 16
-        dv = row.max_dv if row.max_dv < 1 << 30 else 64
         dtype = row.dtypes[0] if row.dtypes else BF16
-        # The first row matching these sizes must be this one for the boundary to be its own.
-        first = next(r for r in table if r.matches(row.training, dk, dv, row.min_bh, dtype))
-        if first is not row:
+        # Sizes for which this row is the first that matches, so that the boundary is its own.
+        dvs = [row.max_dv] if row.max_dv < 1 << 30 else [64, 128, 256]
+        dv = next((dv for dv in dvs
+                   if next(r for r in table if r.matches(row.training, dk, dv, row.min_bh, dtype)) is row), None)
+        if dv is None:
             continue
         assert decide_for(device, row.training, row.t - 1, dk, dv, row.min_bh, dtype).kernel == short
         d = decide_for(device, row.training, row.t, dk, dv, row.min_bh, dtype)
