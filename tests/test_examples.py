@@ -221,3 +221,36 @@ def test_e2e_benchmark_smoke(tmp_path, monkeypatch):
     assert results[("train", "fla")]["first_losses"][0] == pytest.approx(
         results[("train", "eager")]["first_losses"][0], rel=1e-5)
     assert (tmp_path / "e2e.json").exists()
+
+
+def test_e2e_halves_batch_on_out_of_memory(tmp_path, monkeypatch):
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    import e2e
+
+    real = e2e.measure_prefill
+
+    def fake_prefill(args, model, run, batch, t, device):
+        if batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(args, model, run, batch, t, device)
+
+    monkeypatch.setattr(e2e, "measure_prefill", fake_prefill)
+    data = e2e.main(["--device", "cpu", "--out", str(tmp_path), "--layers", "1", "--d-model", "16", "--heads", "2",
+                     "--vocab-size", "32", "--lengths", "16", "--tokens", "64", "--reps", "1", "--warmup", "1",
+                     "--precision", "fp32", "--modes", "prefill", "--variants", "eager"])
+    entry, = data["results"]
+    assert entry["status"] == "ok" and entry["batch"] == 1 and entry["oom_at_batch"] == [4, 2]
+
+
+def test_long_context_eager_and_sdpa_run(tmp_path):
+    import json
+
+    from long_context import main as long_context_main
+
+    out = tmp_path / "long.json"
+    results = long_context_main(["--device", "cpu", "--lengths", "16,32", "--d-model", "32", "--layers", "1",
+                                 "--heads", "2", "--vocab-size", "64", "--reps", "1", "--variants", "eager,sdpa",
+                                 "--json", str(out)])
+    assert [(r["seq_len"], r["variant"], r["status"]) for r in results] == [
+        (16, "eager", "ok"), (16, "sdpa", "ok"), (32, "eager", "ok"), (32, "sdpa", "ok")]
+    assert len(json.loads(out.read_text())["results"]) == 4
