@@ -12,9 +12,9 @@ and through the ``torch_dynamo_backends`` entry point ``based_backend``) is the 
   forced kernel is a process-wide setting.
 - ``verify``: run the numerical probe on each matched site (default True).
 
-A graph without any matched site is handed to the inner compiler exactly as Dynamo built it;
-a graph with sites is lowered to ATen (``canonicalize.lower_to_aten``), rewritten there, and
-the ATen graph goes to the inner compiler.
+The pass lowers only the neighbourhoods of possible sites to ATen (``canonicalize``), matches
+there, and replaces each site's output in Dynamo's own graph; the inner compiler gets Dynamo's
+graph (unchanged when nothing matched).
 """
 from __future__ import annotations
 
@@ -24,35 +24,19 @@ import time
 import torch
 import torch.fx as fx
 
-from .canonicalize import example_value, has_stateful_nodes, hint_shape, lower_to_aten
+from .canonicalize import attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten
 from .evaluate import GraphEvaluator
 from .explain import Explanation, Refusal, Site, source_of
 from .match import Matcher, find_matches
 from .refusal import Refused
-from .rewrite import rewrite_sites
+from .rewrite import rewrite_dynamo_sites
 from .verify import settle
 
 log = logging.getLogger("based_compile")
 
 INNER_NAMES = ("inductor", "eager", "aot_eager")
-# Dynamo graphs without any of these (or without both a cat and a sum) cannot hold an
-# attention site: they are not lowered.
-_CANDIDATE_WORDS = ("matmul", "bmm", "einsum", "cumsum")
-
 # Seconds spent in the pass itself (lowering, matching, probing, rewriting), for benchmarks.
 pass_seconds = 0.0
-
-
-def _might_contain_attention(gm: fx.GraphModule) -> bool:
-    names = set()
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-            names.add(str(name))
-    if any(word in name for name in names for word in _CANDIDATE_WORDS):
-        return True
-    # the non-causal linear form: a feature map (cat) contracted with sums
-    return any("cat" in name for name in names) and any("sum" in name for name in names)
 
 
 def _constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
@@ -85,20 +69,28 @@ def _kernel_description(spec, q_node, k_node, v_node) -> str:
 
 def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
              report: Explanation | None = None) -> fx.GraphModule | None:
-    """Find, verify and (if ``rewrite``) rewrite Based attention; returns the rewritten ATen graph or None."""
+    """Find, verify and (if ``rewrite``) rewrite Based attention in Dynamo's graph ``gm``.
+
+    Returns ``gm`` rewritten in place, or None when nothing was rewritten.
+    """
     global pass_seconds
     start = time.perf_counter()
     try:
-        if not _might_contain_attention(gm):
+        region = attention_region(gm)
+        if not region:
             return None
-        if has_stateful_nodes(gm):
-            log.debug("based_compile: graph toggles grad mode or calls higher-order ops; not rewritten")
-            return None
-        aten_gm = lower_to_aten(gm)
-        flags = _constant_placeholders(gm, example_inputs)
-        placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-        variable = {p for p, const in zip(placeholders, flags) if not const}
-        evaluator = GraphEvaluator(aten_gm, list(example_inputs), variable_placeholders=variable)
+        sub, inputs, outputs = extract_region(gm, region)
+        aten_gm = lower_to_aten(sub)
+        aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+        output_node = next(n for n in aten_gm.graph.nodes if n.op == "output")
+        aten_outputs = output_node.args[0]
+        output_node.args = ((),)      # every node was an output only to map it back: not a real user
+        to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
+        for dynamo_node, aten_node in zip(outputs, aten_outputs):
+            if isinstance(aten_node, fx.Node):
+                to_dynamo.setdefault(aten_node, dynamo_node)
+        real, variable = _region_inputs(gm, example_inputs, inputs, aten_inputs)
+        evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
         matcher = Matcher(aten_gm, evaluator, variable)
         settled = []
         for result, node in find_matches(matcher):
@@ -106,22 +98,57 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
                 _refuse(result, report)
                 continue
             try:
-                site = settle(result, evaluator, probe=verify)
+                site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
+                missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output)
+                           if n not in to_dynamo]
+                if missing:
+                    raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
+                                                 "decomposed operation, not values of the model's graph", result.output)
             except Refused as refusal:
                 _refuse(refusal, report)
                 continue
             settled.append(site)
             entry = Site(source_of(result.anchor), result.form, site.spec,
-                         _kernel_description(site.spec, result.q, result.k, result.v))
+                         _kernel_description(site.spec, site.match.q, site.match.k, site.match.v))
             if report is not None:
                 report.sites.append(entry)
             log.info("based_compile: %s Based attention at %s -> based::attention (%s)%s", result.form,
                      entry.source, site.spec, "" if rewrite else " [not rewritten: report only]")
         if not settled or not rewrite:
             return None
-        return rewrite_sites(aten_gm, settled)
+        return rewrite_dynamo_sites(gm, settled, to_dynamo)
     finally:
         pass_seconds += time.perf_counter() - start
+
+
+def _region_inputs(gm, example_inputs, inputs, aten_inputs):
+    """Real values for the region's inputs, and which of them are not compile-time constants.
+
+    Dynamo placeholders take the real example inputs (buffers are constants); sizes their
+    example values; activations computed outside the region random tensors of their shape
+    (only the numerical probe reads them, and only through q, k, v or shapes if the site is Based).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    constant_flags = dict(zip(placeholders, _constant_placeholders(gm, example_inputs)))
+    real_of = dict(zip(placeholders, example_inputs))
+    real, variable = [], set()
+    gen = torch.Generator().manual_seed(0)
+    for dynamo_node, aten_node in zip(inputs, aten_inputs):
+        if dynamo_node in real_of:
+            real.append(real_of[dynamo_node])
+            if not constant_flags[dynamo_node]:
+                variable.add(aten_node)
+            continue
+        value = example_value(dynamo_node)
+        if isinstance(value, torch.Tensor):
+            shape = tuple(int(hint(s)) for s in value.shape)
+            fresh = torch.randn(shape, generator=gen, dtype=torch.float64) if value.is_floating_point() \
+                else torch.zeros(shape, dtype=torch.int64)
+            real.append(fresh.to(dtype=value.dtype, device=value.device))
+            variable.add(aten_node)
+        else:
+            real.append(hint(value) if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else value)
+    return real, variable
 
 
 def _refuse(refusal: Refused, report: Explanation | None) -> None:

@@ -184,6 +184,7 @@ class Operand:
     source: fx.Node
     factor: float
     stop: fx.Node
+    alternatives: tuple = ()      # other 4-D tensors on the chain with the same factor, nearest first
 
 
 def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = True) -> Operand:
@@ -203,7 +204,8 @@ def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = T
         break
     four_d = [(n, f) for n, f in chain if shape_of(n) is not None and len(shape_of(n)) == 4]
     source, f = four_d[-1] if four_d else chain[-1]
-    return Operand(source=source, factor=f, stop=current)
+    alternatives = tuple(n for n, g in four_d[:-1] if g == f)
+    return Operand(source=source, factor=f, stop=current, alternatives=alternatives)
 
 
 def strip_views(node: fx.Node) -> fx.Node:
@@ -248,3 +250,76 @@ def track_axis(node: fx.Node, axis: int) -> int | None:
                 continue
             return x
     return None
+
+
+# ---------------------------------------------------------------------- attention regions
+#
+# Lowering a whole 12-layer graph costs about a second, so only the neighbourhoods of
+# possible sites are lowered: nodes within REGION_DEPTH hops (either direction) of an
+# anchor (a matmul, einsum, bmm or cumsum), not crossing "barrier" ops (linear layers,
+# convolutions, embeddings, norms) nor anything stateful. The region becomes a small
+# GraphModule whose outputs are every region node, so each ATen value found by the matcher
+# maps back to the Dynamo node that computes it.
+
+REGION_DEPTH = 16
+_ANCHOR_WORDS = ("matmul", "bmm", "einsum", "cumsum")
+_BARRIER_WORDS = ("linear", "conv", "embedding", "norm", "dropout", "softmax", "attention", "lstm", "gru")
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _eligible(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method", "get_attr"):
+        return False
+    if node.op == "call_function":
+        if node.target in _STATEFUL_TARGETS or isinstance(node.target, torch._ops.HigherOrderOperator):
+            return False
+        if node.is_impure():
+            return False
+    name = _target_name(node).lower()
+    return not any(word in name for word in _BARRIER_WORDS)
+
+
+def attention_region(gm: fx.GraphModule) -> list[fx.Node]:
+    """The region nodes in graph order ([] when the graph has no anchor)."""
+    names = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            names[node] = _target_name(node)
+    anchors = [n for n, name in names.items() if any(w in name for w in _ANCHOR_WORDS) and _eligible(n)]
+    if not anchors and any("cat" in s for s in names.values()):
+        # the non-causal linear form: a feature map (cat) contracted with sums
+        anchors = [n for n, name in names.items() if name in ("sum", "cat") and _eligible(n)]
+    region = set(anchors)
+    frontier = list(anchors)
+    for _ in range(REGION_DEPTH):
+        nxt = []
+        for node in frontier:
+            for other in list(node.all_input_nodes) + list(node.users):
+                if other not in region and _eligible(other):
+                    region.add(other)
+                    nxt.append(other)
+        frontier = nxt
+    return [n for n in gm.graph.nodes if n in region]
+
+
+def extract_region(gm: fx.GraphModule, region: list[fx.Node]):
+    """(sub GraphModule, its inputs (Dynamo nodes), its outputs (Dynamo nodes)) for ``region``."""
+    inside = set(region)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[fx.Node] = []
+    for node in region:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg not in env:
+                placeholder = graph.placeholder(arg.name)
+                placeholder.meta = dict(arg.meta)
+                env[arg] = placeholder
+                inputs.append(arg)
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    outputs = [n for n in region if isinstance(example_value(n), torch.Tensor)]
+    graph.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(gm, graph), inputs, outputs

@@ -54,6 +54,7 @@ class Weights:
     axes: tuple = (-2, -1)        # where the query (i) and key (j) axes sit in it
     row_normalised: float | None = None   # eps when the weights were already divided by their row sums
     buffers: frozenset = field(default_factory=frozenset)
+    k_alternatives: tuple = ()
 
     def same_function(self, other: "Weights") -> bool:
         same_keep = (self.keep is None and other.keep is None) or (
@@ -81,6 +82,8 @@ class Match:
     normalize: bool
     eps: float
     anchor: fx.Node               # the node whose stack trace names the user's line
+    k_alternatives: tuple = ()    # other readings of k and v (e.g. the repeated heads), tried in order
+    v_alternatives: tuple = ()
 
 
 def _last_dims_tt(node, t: int) -> bool:
@@ -137,7 +140,7 @@ class Matcher:
             raise NotACandidate("scores operands are not tensors")
         sigma = x.factor * y.factor
         return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t,
-                       hint_shape(node), (1, 2))
+                       hint_shape(node), (1, 2), k_alternatives=y.alternatives)
 
     # ------------------------------------------------------------------ weights
 
@@ -426,7 +429,8 @@ class Matcher:
             raise NotACandidate("scores")
         if w.axes != (1, 2):
             raise NotACandidate("the matmul does not contract the weights over the key axis")
-        v = walk_operand(self.gm, bmm.args[1], through_scalars=False).source
+        v_operand = walk_operand(self.gm, bmm.args[1], through_scalars=False)
+        v = v_operand.source
         path = _view_chain(bmm)
         found = self._find_normaliser(path)
         normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
@@ -440,8 +444,9 @@ class Matcher:
                                             f"{w.describe()}", start)
             normalize = True
         output = _pick_output(start)
-        return self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
-                            normalize, eps, w.scores, bmm)
+        match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
+                             normalize, eps, w.scores, bmm)
+        return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives)
 
     def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
         if w.junk:

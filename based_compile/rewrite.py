@@ -4,6 +4,11 @@ The inserted node calls ``based_attention_call`` with plain arguments (FX prints
 literals); it builds the BasedSpec and calls ``based_compile.ops.based_attention``, so the
 inner compiler traces ``torch.ops.based.attention`` into its graph. Nodes that only fed the
 old subgraph are erased.
+
+``rewrite_dynamo_sites`` edits Dynamo's own graph (the sites were found in a lowered copy of
+a region of it; ``to_dynamo`` maps the lowered q, k, v and output back to Dynamo's nodes), so
+the inner compiler gets Dynamo's graph with only the attention replaced.
+``rewrite_sites`` edits a lowered ATen graph directly.
 """
 from __future__ import annotations
 
@@ -49,6 +54,51 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Settled]) -> fx.GraphModule:
         out.meta["stack_trace"] = m.output.meta.get("stack_trace")
         m.output.replace_all_uses_with(out)
         replaced[m.output] = out
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _fake_run(fake_mode, fn, *args, **kwargs):
+    with fake_mode:
+        return fn(*args, **kwargs)
+
+
+def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: dict) -> fx.GraphModule:
+    """Replace each site's output in Dynamo's graph; ``to_dynamo``: lowered node -> Dynamo node."""
+    graph = gm.graph
+    replaced: dict[fx.Node, fx.Node] = {}
+    for site in sites:
+        m, s = site.match, site.spec
+        q, k, v, output = (to_dynamo[n] for n in (m.q, m.k, m.v, m.output))
+        q, k, v = (replaced.get(n, n) for n in (q, k, v))
+        fakes = [example_value(n) for n in (q, k, v)]
+        fake_mode = next(f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor))
+
+        def add(target, args, kwargs=None, *, method=False):
+            node = (graph.call_method if method else graph.call_function)(target, args, kwargs or {})
+            values = fx.node.map_arg((args, kwargs or {}), lambda n: example_value(n))
+            fn = (lambda x, *a, **kw: getattr(x, target)(*a, **kw)) if method else target
+            node.meta["example_value"] = _fake_run(fake_mode, fn, *values[0], **values[1])
+            node.meta["stack_trace"] = output.meta.get("stack_trace")
+            return node
+
+        with graph.inserting_before(output):
+            if site.unsqueeze_inputs:
+                q, k, v = (add(torch.unsqueeze, (x, 0)) for x in (q, k, v))
+            out = add(based_attention_call, (q, k, v, s.layout, float(s.scale), float(s.c0), float(s.c1),
+                                             float(s.c2), bool(s.causal), bool(s.normalize), float(s.eps),
+                                             int(s.group)))
+            if site.transpose_out:
+                out = add(torch.transpose, (out, 1, 2))
+            if site.flatten_out:
+                out = add(torch.flatten, (out, 0, 1))
+            want = example_value(output)
+            if want.dtype != example_value(out).dtype:
+                out = add("to", (out, want.dtype), method=True)
+        output.replace_all_uses_with(out)
+        replaced[output] = out
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .canonicalize import example_value, hint_shape
+from .canonicalize import VIEW_OPS, example_value, hint_shape, track_axis
 from .evaluate import GraphEvaluator
 from .kernels.naive import naive_parallel_based
 from .match import Match
@@ -99,9 +99,63 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
-def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True) -> Settled:
+def _grouped_structure(m: Match, layout: str) -> bool:
+    """Without the probe: are k and v repeated per group (head h uses kv head h // group)?
+
+    The lowered repeat is unsqueeze -> expand -> view; the new axis must come right after
+    the heads axis (``repeat_interleave``, ``x[:, :, None].expand``), not before it (tiling).
+    """
+    for source in (m.k, m.v):
+        verdicts = _repeat_axes(source, 1 if layout == "BHTD" else 2, depth=4)
+        if not verdicts or not all(verdicts):
+            return False
+    return True
+
+
+def _repeat_axes(node, head: int, depth: int) -> list[bool]:
+    """For each unsqueeze reached from ``node`` through views: is the new axis right after the heads?"""
+    found = []
+    if depth == 0 or head is None:
+        return found
+    for user in node.users:
+        if user.op != "call_function" or user.target not in VIEW_OPS or user.args[0] is not node:
+            continue
+        if user.target is torch.ops.aten.unsqueeze.default:
+            found.append(user.args[1] % (len(hint_shape(node)) + 1) == head + 1)
+        elif user.target not in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
+                                 torch.ops.aten.reshape.default, torch.ops.aten.expand.default):
+            found.extend(_repeat_axes(user, track_axis(user, head), depth - 1))
+    return found
+
+
+def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available=None) -> Settled:
+    """The first reading of ``m`` the probe confirms: k and v as found (the un-repeated heads
+    under GQA), then each alternative pair (e.g. heads repeated by tiling, which the op must
+    see repeated)."""
+    pairs = [(m.k, m.v)] + [(k, v) for k in m.k_alternatives for v in m.v_alternatives
+                             if hint_shape(k)[:3] == hint_shape(v)[:3]]
+    if available is not None:
+        pairs = [(k, v) for k, v in pairs if available(k) and available(v)]
+    if not pairs:
+        raise Refused("unsupported", "k and v are intermediate values of a decomposed operation", m.output)
+    first_refusal = None
+    for k, v in pairs:
+        try:
+            return _settle_one(replace(m, k=k, v=v), evaluator, probe=probe)
+        except Refused as refusal:
+            first_refusal = first_refusal or refusal
+            if refusal.category != "verify" and refusal.category != "unsupported":
+                raise
+    raise first_refusal
+
+
+def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
     readings, (qs, ks, vs) = _readings(m)
     if not probe:
+        readings = [r for r in readings if r.spec.group == 1 or _grouped_structure(m, r.spec.layout)]
+        if not readings:
+            raise Refused("verify", "grouped-query heads whose repetition the structure does not show "
+                                    "(and the numerical probe is off)", m.output)
         return readings[0]
     size = math.prod(qs) * m.t + math.prod(vs) * qs[-1] * qs[-1]
     if size > PROBE_MAX_ELEMENTS:
