@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten
-from .evaluate import GraphEvaluator
+from .evaluate import GraphEvaluator, LazyTensor
 from .explain import Explanation, Refusal, Site, source_of
 from .match import Matcher, find_matches
 from .refusal import Refused
@@ -132,8 +132,7 @@ def _region_inputs(gm, example_inputs, inputs, aten_inputs):
     constant_flags = dict(zip(placeholders, _constant_placeholders(gm, example_inputs)))
     real_of = dict(zip(placeholders, example_inputs))
     real, variable = [], set()
-    gen = torch.Generator().manual_seed(0)
-    for dynamo_node, aten_node in zip(inputs, aten_inputs):
+    for index, (dynamo_node, aten_node) in enumerate(zip(inputs, aten_inputs)):
         if dynamo_node in real_of:
             real.append(real_of[dynamo_node])
             if not constant_flags[dynamo_node]:
@@ -142,9 +141,7 @@ def _region_inputs(gm, example_inputs, inputs, aten_inputs):
         value = example_value(dynamo_node)
         if isinstance(value, torch.Tensor):
             shape = tuple(int(hint(s)) for s in value.shape)
-            fresh = torch.randn(shape, generator=gen, dtype=torch.float64) if value.is_floating_point() \
-                else torch.zeros(shape, dtype=torch.int64)
-            real.append(fresh.to(dtype=value.dtype, device=value.device))
+            real.append(LazyTensor(shape, value.dtype, value.device, seed=index))
             variable.add(aten_node)
         else:
             real.append(hint(value) if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else value)

@@ -37,7 +37,7 @@ VIEW_OPS = {
     aten._to_copy.default, aten.lift_fresh_copy.default,
 }
 
-# Graph-level state Dynamo may record that post-dispatch lowering would bake in (grad mode).
+# Graph-level state (grad mode) that must stay in Dynamo's graph: never part of a region.
 _STATEFUL_TARGETS = {torch._C._set_grad_enabled}
 
 
@@ -61,17 +61,6 @@ def hint(x) -> int | float:
 def hint_shape(node) -> tuple[int, ...] | None:
     shape = shape_of(node)
     return None if shape is None else tuple(int(hint(s)) for s in shape)
-
-
-def has_stateful_nodes(gm: fx.GraphModule) -> bool:
-    """True when the graph toggles grad mode (lowering would lose that), or calls higher-order ops."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            if node.target in _STATEFUL_TARGETS:
-                return True
-            if isinstance(node.target, torch._ops.HigherOrderOperator):
-                return True
-    return False
 
 
 def _from_functional(x):

@@ -23,6 +23,21 @@ class NotConstant(Exception):
     """Raised when a node depends on a tensor the caller declared non-constant."""
 
 
+class LazyTensor:
+    """A random input made only when an evaluation reads it (activations from outside a region)."""
+
+    def __init__(self, shape, dtype, device, seed: int):
+        self.shape, self.dtype, self.device, self.seed = shape, dtype, device, seed
+
+    def materialise(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.dtype.is_floating_point:
+            x = torch.randn(self.shape, generator=gen, dtype=torch.float64)
+        else:
+            x = torch.zeros(self.shape, dtype=torch.int64)
+        return x.to(device=self.device, dtype=self.dtype)
+
+
 class GraphEvaluator:
     def __init__(self, gm: fx.GraphModule, real_inputs, *, variable_placeholders=()):
         self.gm = gm
@@ -58,6 +73,8 @@ class GraphEvaluator:
     def _run(self, node: fx.Node, env: dict):
         if node.op == "placeholder":
             value = self.inputs[node]
+            if isinstance(value, LazyTensor):
+                value = self.inputs[node] = value.materialise()
             if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
                 return hint(value)           # Dynamo passes sizes as symbols: use the example's value
             return value.detach() if isinstance(value, torch.Tensor) else value

@@ -7,6 +7,8 @@ shifted, windowed, other), which the matcher reports as a "mask" refusal.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -24,6 +26,10 @@ def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[in
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"mask is a {type(value).__name__}, not a tensor")
     rank = len(weights_shape)
+    ai, aj = axes
+    if value.dtype == torch.bool and value.dim() == 2 and (ai, aj) == (rank - 2, rank - 1) \
+            and tuple(value.shape) == (weights_shape[ai], weights_shape[aj]):
+        return ~value if invert else value          # the common case: a [T, T] boolean pattern
     if value.dim() > rank:
         raise MaskError(f"mask of shape {tuple(value.shape)} has more axes than the weights {weights_shape}")
     value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
@@ -34,7 +40,6 @@ def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[in
         if not bool(((value == 0) | (value == 1)).all()):
             raise MaskError("multiplies the weights by a matrix that is not 0/1")
         value = value != 0
-    ai, aj = axes
     others = [d for d in range(rank) if d not in (ai, aj)]
     value = value.permute(others + [ai, aj])
     flat = value.reshape(-1, value.shape[-2], value.shape[-1])
@@ -45,11 +50,16 @@ def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[in
     return ~keep if invert else keep
 
 
+@functools.lru_cache(maxsize=16)
+def _tril(t: int) -> torch.Tensor:
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
 def classify(keep: torch.Tensor) -> tuple[str, str]:
     """("causal", "") or ("refuse", why) for a bool [T, T] keep-pattern."""
     t = keep.shape[-1]
     ones = torch.ones(t, t, dtype=torch.bool)
-    if torch.equal(keep, torch.tril(ones)):
+    if torch.equal(keep, _tril(t)):
         return "causal", ""
     if keep.all():
         return "none", ""

@@ -105,6 +105,7 @@ class Matcher:
         self.evaluator = evaluator
         self.variable = variable
         self._weights: dict[fx.Node, Weights | Exception] = {}
+        self._constants: dict[fx.Node, torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------ constants
 
@@ -112,12 +113,16 @@ class Matcher:
         """The compile-time value of a tensor that depends only on constants and buffers."""
         if not isinstance(node, fx.Node) or not isinstance(shape_of(node), tuple):
             return None
-        if self.evaluator.depends_on(node, self.variable):
-            return None
-        try:
-            return self.evaluator.evaluate(node)
-        except NotConstant:
-            return None
+        if node in self._constants:
+            return self._constants[node]
+        value = None
+        if not self.evaluator.depends_on(node, self.variable):
+            try:
+                value = self.evaluator.evaluate(node)
+            except NotConstant:
+                value = None
+        self._constants[node] = value
+        return value
 
     def _buffers(self, node) -> frozenset:
         return frozenset(p for p in self.evaluator.placeholders_read(node)

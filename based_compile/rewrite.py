@@ -8,7 +8,6 @@ old subgraph are erased.
 ``rewrite_dynamo_sites`` edits Dynamo's own graph (the sites were found in a lowered copy of
 a region of it; ``to_dynamo`` maps the lowered q, k, v and output back to Dynamo's nodes), so
 the inner compiler gets Dynamo's graph with only the attention replaced.
-``rewrite_sites`` edits a lowered ATen graph directly.
 """
 from __future__ import annotations
 
@@ -30,34 +29,6 @@ def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: floa
     spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
                      eps=eps, group=group)
     return based_attention(q, k, v, spec)
-
-
-def rewrite_sites(gm: fx.GraphModule, sites: list[Settled]) -> fx.GraphModule:
-    graph = gm.graph
-    replaced: dict[fx.Node, fx.Node] = {}
-    for site in sites:
-        m, s = site.match, site.spec
-        q, k, v = (replaced.get(n, n) for n in (m.q, m.k, m.v))
-        with graph.inserting_before(m.output):
-            if site.unsqueeze_inputs:
-                q, k, v = (graph.call_function(aten.unsqueeze.default, (x, 0)) for x in (q, k, v))
-            out = graph.call_function(based_attention_call, (q, k, v, s.layout, float(s.scale), float(s.c0),
-                                                             float(s.c1), float(s.c2), bool(s.causal),
-                                                             bool(s.normalize), float(s.eps), int(s.group)))
-            if site.transpose_out:
-                out = graph.call_function(aten.transpose.int, (out, 1, 2))
-            if site.flatten_out:
-                out = graph.call_function(aten.flatten.using_ints, (out, 0, 1))
-            want, have = example_value(m.output), example_value(m.q)
-            if isinstance(want, torch.Tensor) and isinstance(have, torch.Tensor) and want.dtype != have.dtype:
-                out = graph.call_function(aten._to_copy.default, (out,), {"dtype": want.dtype})
-        out.meta["stack_trace"] = m.output.meta.get("stack_trace")
-        m.output.replace_all_uses_with(out)
-        replaced[m.output] = out
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _fake_run(fake_mode, fn, *args, **kwargs):
