@@ -390,6 +390,8 @@ def test_cuda_compile_modes(mode, training, kernel_setting):
         with torch.set_grad_enabled(training):
             for _ in range(3):              # CUDA graphs: warm-up, record, replay
                 torch.compiler.cudagraph_mark_step_begin()   # a new iteration (training loops need it)
+                for x in (q, k, v, *proj.parameters()):     # as optimizer.zero_grad(set_to_none=True):
+                    x.grad = None                           # accumulating into last replay's grads is an error
                 out = compiled(q, k, v)
                 if training:
                     out.float().sum().backward()
