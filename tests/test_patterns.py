@@ -258,6 +258,34 @@ def test_compiled_accepted_matches_eager_and_runs_based_op(entry):
                                         f"expected {entry.expected.count}"
 
 
+def first_entry_per_axis(prefixes):
+    chosen = {}
+    for axis in zoo.AXES:
+        if axis.startswith(prefixes):
+            entry = next(e for e in zoo.ACCEPTED if axis in e.axes)
+            chosen[entry.name] = entry
+    return list(chosen.values())
+
+
+# Every mask spelling and both feature-map forms (both linear shapes), under dynamic shapes.
+DYNAMIC = first_entry_per_axis(("mask:", "form:")) + [zoo.BY_NAME["linear_cumsum_outer_shape"]]
+
+
+@pytest.mark.parametrize("entry", DYNAMIC, ids=ids)
+def test_compiled_dynamic_two_lengths_one_graph(entry):
+    """dynamic=True: a second length reuses the graph, still rewritten, still exact."""
+    module, _ = entry.make(torch.float64, 0)
+    backend = CountingBackend(inner="eager")
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    compiled.counting_backend = backend
+    for t in (9, 16):
+        _, inputs = entry.make(torch.float64, t, t=t)
+        assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+        fwd = count_based_calls(compiled, inputs)
+        assert fwd == entry.expected.count, f"{entry.name}, T={t}: {fwd} torch.ops.based calls"
+    assert backend.graphs == 1, f"{entry.name}: {backend.graphs} graphs for two lengths with dynamic=True"
+
+
 # Forms whose structure is easy to misread (head mapping, layouts, folded batches, einsum
 # letters, stacked sites, cumsum shapes): the structural match alone must be right.
 STRUCTURE_AXES = ("gqa:", "layout:", "matmul:bmm", "matmul:einsum", "input:projected", "count:", "form:linear")

@@ -2,8 +2,8 @@
 
 Every entry is an ``Entry(name, make, expected, axes, twin)``:
 
-- ``make(dtype, seed) -> (module, inputs)`` builds a small ``nn.Module`` and fresh random
-  example inputs (q, k, v; or x for modules that project) of that dtype;
+- ``make(dtype, seed, t=T) -> (module, inputs)`` builds a small ``nn.Module`` and fresh random
+  example inputs (q, k, v; or x for modules that project) of that dtype and length;
 - ``expected`` is ``Accept(...)`` (the backend must rewrite it: the spec fields to check and
   the number of sites) or ``Refuse(category)`` (no site; ``category`` is the refusal
   category explain() must report, ``None`` for "not rewritten, category unspecified");
@@ -390,9 +390,9 @@ class Handwritten(nn.Module):
 
 
 def handwritten(recipe: Recipe):
-    def make(dtype=torch.float64, seed=0):
+    def make(dtype=torch.float64, seed=0, t=T):
         kv = HKV if recipe.gqa else H
-        return Handwritten(recipe).to(dtype), random_qkv(dtype, seed, layout=recipe.layout, kv_heads=kv)
+        return Handwritten(recipe).to(dtype), random_qkv(dtype, seed, layout=recipe.layout, kv_heads=kv, t=t)
     return make
 
 
@@ -510,8 +510,8 @@ class LinearCumsum(nn.Module):
 
 
 def qkv_module(cls, *args, layout="BHTD", kv_heads=H, **kwargs):
-    def make(dtype=torch.float64, seed=0):
-        return cls(*args, **kwargs).to(dtype), random_qkv(dtype, seed, layout=layout, kv_heads=kv_heads)
+    def make(dtype=torch.float64, seed=0, t=T):
+        return cls(*args, **kwargs).to(dtype), random_qkv(dtype, seed, layout=layout, kv_heads=kv_heads, t=t)
     return make
 
 
@@ -571,10 +571,10 @@ class ProjectedAttention(nn.Module):
 
 
 def projected(**kwargs):
-    def make(dtype=torch.float64, seed=0):
+    def make(dtype=torch.float64, seed=0, t=T):
         torch.manual_seed(seed)
         m = ProjectedAttention(**kwargs).to(dtype)
-        x = torch.randn(B, T, 16, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        x = torch.randn(B, t, 16, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
         return m, (x.to(dtype),)
     return make
 
