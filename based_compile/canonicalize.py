@@ -63,6 +63,24 @@ def hint_shape(node) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(hint(s)) for s in shape)
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                      operator.iand, operator.ior, operator.setitem}
+
+
+def has_inplace_ops(gm: fx.GraphModule) -> bool:
+    """True when a Dynamo graph calls in-place tensor ops (``masked_fill_``, ``+=``, ``x[i] = ...``)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
+            return True
+        if node.op == "call_function":
+            if node.target in _INPLACE_OPERATORS:
+                return True
+            name = getattr(node.target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_"):
+                return True
+    return False
+
+
 def _from_functional(x):
     if isinstance(x, FunctionalTensor):
         torch._sync(x)
@@ -82,8 +100,10 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
         raise ValueError("lower_to_aten: the Dynamo graph has no fake tensor example values")
 
     def run(*args):
+        if not has_inplace_ops(gm):           # functionalising costs ~40% of the lowering time
+            return fx.Interpreter(gm).run(*args)
         # Functionalise the way AOTAutograd does (FunctionalTensorMode): in-place ops become
-        # their functional forms and size queries stay symbolic.
+        # their functional forms.
         with FunctionalTensorMode():
             wrapped = [FunctionalTensor.to_functional(a) if isinstance(a, torch.Tensor) else a for a in args]
             out = fx.Interpreter(gm).run(*wrapped)
@@ -92,7 +112,21 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     # The Python dispatcher keeps size queries symbolic (as AOTAutograd does): without it a
     # dynamic length would be specialised to the example's.
     with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
-        return make_fx(run, tracing_mode="real")(*fake_args)
+        lowered = make_fx(run, tracing_mode="real")(*fake_args)
+    _drop_full_slices(lowered)
+    return lowered
+
+
+def _drop_full_slices(gm: fx.GraphModule) -> None:
+    """``x[..., :, None]`` lowers to a slice over the whole axis: use x itself (the node stays
+    in the graph, unused, so a map from nodes to Dynamo's graph keeps working)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.slice.Tensor:
+            continue
+        args = list(node.args) + [None] * (5 - len(node.args))
+        _, _, start, end, step = args[:5]
+        if start in (None, 0) and step in (None, 1) and (end is None or (isinstance(end, int) and end >= (1 << 62))):
+            node.replace_all_uses_with(node.args[0], delete_user_cb=lambda user: user.op != "output")
 
 
 def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:

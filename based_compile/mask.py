@@ -25,6 +25,7 @@ def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[in
     """
     if not isinstance(value, torch.Tensor):
         raise MaskError(f"mask is a {type(value).__name__}, not a tensor")
+    value = value.cpu()                              # patterns are classified on the CPU
     rank = len(weights_shape)
     ai, aj = axes
     if value.dtype == torch.bool and value.dim() == 2 and (ai, aj) == (rank - 2, rank - 1) \

@@ -471,7 +471,7 @@ class Matcher:
                 raise Refused("mask", why, where)
             causal = kind == "causal"
         for buf in w.buffers:
-            value = self.evaluator.inputs[buf]
+            value = self.evaluator.inputs[buf].detach().cpu()
             if value.dim() >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > w.t:
                 pattern = value.reshape(-1, value.shape[-2], value.shape[-1])
                 if not bool((pattern == pattern[:1]).all()) or not masks.is_triangular_family(pattern[0] != 0):
