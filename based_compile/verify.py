@@ -25,8 +25,10 @@ from .spec import BasedSpec
 log = logging.getLogger("based_compile")
 
 # The probe evaluates the matched subgraph at the traced shapes; above this many elements in
-# its largest intermediate ([B, H, T, T] or [B, H, T, F, Dv]) it is skipped (structure only).
-PROBE_MAX_ELEMENTS = 1 << 25
+# its intermediates ([B, H, T, T], or [B, H, T, F, Dv] with F = 1 + Dk + Dk^2 for the linear
+# form) it is skipped and the structural match stands alone (logged at info). 4M float64
+# elements keep the probe under ~0.1 s; small and test shapes are always probed.
+PROBE_MAX_ELEMENTS = 1 << 22
 _TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
@@ -157,7 +159,9 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             raise Refused("verify", "grouped-query heads whose repetition the structure does not show "
                                     "(and the numerical probe is off)", m.output)
         return readings[0]
-    size = math.prod(qs) * m.t + math.prod(vs) * qs[-1] * qs[-1]
+    rows = math.prod(qs[:3])                                     # B * H * T
+    features = 1 + qs[-1] + qs[-1] * qs[-1]
+    size = rows * (m.t if "linear" not in m.form else features * vs[-1])
     if size > PROBE_MAX_ELEMENTS:
         log.info("based_compile: numerical probe skipped at %s (%d elements > %d); structure only",
                  m.output.name, size, PROBE_MAX_ELEMENTS)

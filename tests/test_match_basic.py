@@ -1,0 +1,259 @@
+"""The backend's own quick tests: options, registration, explain(), the probe, and pass details
+the zoo (tests/zoo.py, tests/test_patterns.py) does not single out.
+
+Sizes are tiny and the inner compiler is "eager"; every test checks that the rewrite did (or
+did not) happen, not only that outputs match.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import based_compile
+from based_compile import config
+from based_compile.refusal import Refused
+from compare import assert_rel_close
+
+B, H, T, DK, DV = 2, 2, 8, 4, 3
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def qkv(t=T, seed=0, h=H, hkv=H):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, h, t, DK, generator=g, dtype=torch.float64),
+            torch.randn(B, hkv, t, DK, generator=g, dtype=torch.float64),
+            torch.randn(B, hkv, t, DV, generator=g, dtype=torch.float64))
+
+
+def based(q, k, v, eps=1e-6):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    a = 1 + s + 0.5 * s ** 2
+    t = q.shape[-2]
+    a = a.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0.0)
+    return (a @ v) / (a.sum(-1, keepdim=True) + eps)
+
+
+class Based(nn.Module):
+    def forward(self, q, k, v):
+        return based(q, k, v)
+
+
+class InputMasked(nn.Module):
+    """The mask comes from an input: not a compile-time constant, so not rewritten."""
+
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-2, -1) / 2.0
+        a = (1 + s + 0.5 * s ** 2) * keep
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+class WithNoGrad(nn.Module):
+    """Grad-mode changes elsewhere in the graph stay where they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(DK, DK).double()
+
+    def forward(self, q, k, v):
+        with torch.no_grad():
+            frozen = self.proj(q)
+        return based(q + 0 * frozen, k, v) + frozen.sum()
+
+
+def based_calls(fn, *args):
+    """Number of torch.ops.based.attention calls in the profiler trace of one call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*args)
+    return sum(e.count for e in prof.key_averages() if e.key == "based::attention")
+
+
+# --------------------------------------------------------------------------- options and registration
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="kernel"):
+        based_compile.backend(kernel="fastest")
+    with pytest.raises(ValueError, match="inner"):
+        based_compile.backend(inner="no-such-backend")
+    with pytest.raises(TypeError, match="rewrite"):
+        based_compile.backend(rewrite="yes")
+    with pytest.raises(TypeError, match="verify"):
+        based_compile.backend(verify=1)
+
+
+def test_based_is_registered_on_import():
+    assert torch._dynamo.lookup_backend("based") is based_compile.based_backend
+
+
+def test_inner_callable_receives_rewritten_graph():
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(gm.code)
+        return gm.forward
+
+    q, k, v = qkv()
+    out = torch.compile(Based(), backend=based_compile.backend(inner=inner))(q, k, v)
+    assert_rel_close(out, based(q, k, v), 1e-12)
+    assert len(seen) == 1 and "based_attention_call" in seen[0]
+
+
+def test_rewrite_false_leaves_graph_alone():
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(gm.code)
+        return gm.forward
+
+    q, k, v = qkv()
+    torch.compile(Based(), backend=based_compile.backend(inner=inner, rewrite=False))(q, k, v)
+    assert "based_attention_call" not in seen[0] and "matmul" in seen[0]
+
+
+def test_kernel_option_is_forwarded_to_config():
+    q, k, v = qkv()
+    try:
+        compiled = torch.compile(Based(), backend=based_compile.backend(inner="eager", kernel="cpu_chunked"))
+        assert config.kernel == "cpu_chunked"
+        assert_rel_close(compiled(q, k, v), based(q, k, v), 1e-10)
+        assert based_calls(compiled, q, k, v) == 1
+    finally:
+        config.kernel = "auto"
+
+
+# --------------------------------------------------------------------------- explain()
+
+
+def test_explain_reports_site_and_leaves_no_compiled_state():
+    model = Based()
+    ex = based_compile.explain(model, *qkv())
+    assert len(ex.sites) == 1 and not ex.refusals
+    site = ex.sites[0]
+    assert "test_match_basic.py" in site.source and site.form == "quadratic"
+    assert site.spec.causal and site.spec.normalize and math.isclose(site.spec.scale, 0.5)
+    assert (site.spec.c0, site.spec.c1, site.spec.c2) == (1.0, 1.0, 0.5)
+    assert "cpu_" in site.kernel
+    text = str(ex)
+    assert "1 Based attention site" in text and "causal" in text and site.kernel in text
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(Based.forward.__code__)
+    assert entries == [], "explain() left compiled code behind"
+
+
+def test_explain_refuses_mask_from_input():
+    q, k, v = qkv()
+    keep = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    model = InputMasked()
+    ex = based_compile.explain(model, q, k, v, keep)
+    assert not ex.sites
+    assert [r.category for r in ex.refusals] == ["mask"]
+    assert "compile-time constant" in ex.refusals[0].reason
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    assert_rel_close(compiled(q, k, v, keep), model(q, k, v, keep), 1e-12)
+    assert based_calls(compiled, q, k, v, keep) == 0
+
+
+def test_pass_logs_rewrite_at_info(caplog):
+    with caplog.at_level(logging.INFO, logger="based_compile"):
+        torch.compile(Based(), backend=based_compile.backend(inner="eager"))(*qkv())
+    assert any("Based attention at" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def _matched_site(model, *inputs):
+    """The Match and evaluator the pass builds for a one-site model (captured, not rewritten)."""
+    from based_compile import backend as _  # noqa: F401
+    import importlib
+
+    backend_module = importlib.import_module("based_compile.backend")
+    captured = {}
+    original = backend_module.settle
+
+    def spy(match, evaluator, **kwargs):
+        captured["match"], captured["evaluator"] = match, evaluator
+        return original(match, evaluator, **kwargs)
+
+    backend_module.settle = spy
+    try:
+        based_compile.explain(model, *inputs)
+    finally:
+        backend_module.settle = original
+    return captured["match"], captured["evaluator"]
+
+
+def test_probe_refuses_a_wrong_spec():
+    """The probe can fail: the same subgraph with a wrong causal flag or coefficient is refused."""
+    from based_compile.verify import settle
+
+    match, evaluator = _matched_site(Based(), *qkv())
+    assert settle(match, evaluator).spec.causal
+    for wrong in (replace(match, causal=False), replace(match, coeffs=(1.0, 1.0, 0.25)),
+                  replace(match, normalize=False)):
+        with pytest.raises(Refused) as info:
+            settle(wrong, evaluator)
+        assert info.value.category == "verify"
+
+
+# --------------------------------------------------------------------------- graphs around the site
+
+
+def test_grad_mode_region_elsewhere_in_graph():
+    model = WithNoGrad()
+    q, k, v = (x.requires_grad_() for x in qkv())
+    compiled = torch.compile(model, backend=based_compile.backend(inner="aot_eager"))
+    out_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(out_c.sum(), (q, k, v) + tuple(model.parameters()), allow_unused=True)
+    out_e = model(q, k, v)
+    grads_e = torch.autograd.grad(out_e.sum(), (q, k, v) + tuple(model.parameters()), allow_unused=True)
+    assert_rel_close(out_c, out_e, 1e-10)
+    for gc, ge in zip(grads_c, grads_e):
+        assert (gc is None) == (ge is None)
+        if gc is not None:
+            assert_rel_close(gc, ge, 1e-10, "gradient")
+    assert based_calls(compiled, q, k, v) == 1
+
+
+def test_dynamic_lengths_one_graph_and_grads():
+    graphs = []
+    inner = based_compile.backend(inner="eager")
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    compiled = torch.compile(Based(), backend=counting, dynamic=True)
+    for t in (5, 8, 13):
+        q, k, v = (x.requires_grad_() for x in qkv(t=t, seed=t))
+        out = compiled(q, k, v)
+        ref = based(q, k, v)
+        assert_rel_close(out, ref, 1e-10, f"T={t}")
+        for gc, ge in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+            assert_rel_close(gc, ge, 1e-9, f"gradient at T={t}")
+        assert based_calls(compiled, q, k, v) == 1
+    assert len(graphs) == 1, f"{len(graphs)} graphs for three lengths"
+
+
+def test_gqa_group_is_derived():
+    class GQA(nn.Module):
+        def forward(self, q, k, v):
+            k = k.repeat_interleave(2, dim=1)
+            v = v.repeat_interleave(2, dim=1)
+            return based(q, k, v)
+
+    q, k, v = qkv(h=4, hkv=2)
+    ex = based_compile.explain(GQA(), q, k, v)
+    assert [s.spec.group for s in ex.sites] == [2]
+    compiled = torch.compile(GQA(), backend=based_compile.backend(inner="eager"))
+    assert_rel_close(compiled(q, k, v), GQA()(q, k, v), 1e-12)
