@@ -286,7 +286,8 @@ def track_axis(node: fx.Node, axis: int) -> int | None:
 
 REGION_DEPTH = 16
 _ANCHOR_WORDS = ("matmul", "bmm", "einsum", "cumsum")
-_BARRIER_WORDS = ("linear", "conv", "embedding", "norm", "dropout", "softmax", "attention", "lstm", "gru")
+_BARRIER_WORDS = ("linear", "conv", "embedding", "norm", "dropout", "softmax", "attention", "lstm", "gru",
+                  "autocast", "grad", "rng", "seed")
 
 
 def _target_name(node: fx.Node) -> str:
