@@ -116,7 +116,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
                      entry.source, site.spec, "" if rewrite else " [not rewritten: report only]")
         if not settled or not rewrite:
             return None
-        return rewrite_dynamo_sites(gm, settled, to_dynamo)
+        return rewrite_dynamo_sites(gm, settled, to_dynamo, region)
     finally:
         pass_seconds += time.perf_counter() - start
 

@@ -63,7 +63,7 @@ def hint_shape(node) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(hint(s)) for s in shape)
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
                       operator.iand, operator.ior, operator.setitem}
 
 
@@ -73,7 +73,7 @@ def has_inplace_ops(gm: fx.GraphModule) -> bool:
         if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
             return True
         if node.op == "call_function":
-            if node.target in _INPLACE_OPERATORS:
+            if node.target in INPLACE_OPERATORS:
                 return True
             name = getattr(node.target, "__name__", "")
             if name.endswith("_") and not name.startswith("_"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .canonicalize import example_value
+from .canonicalize import INPLACE_OPERATORS, example_value
 from .spec import BasedSpec
 from .verify import Settled
 
@@ -36,8 +36,52 @@ def _fake_run(fake_mode, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: dict) -> fx.GraphModule:
-    """Replace each site's output in Dynamo's graph; ``to_dynamo``: lowered node -> Dynamo node."""
+def _mutates(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+                or node.is_impure())
+    return node.op != "get_attr"
+
+
+_VIEW_NAMES = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten", "getitem",
+               "contiguous", "t", "narrow", "select", "as_strided", "unflatten", "split", "chunk", "unbind",
+               "detach", "view_as", "expand_as", "movedim", "swapaxes", "__getitem__", "alias"}
+
+
+def _mutates_only_a_temporary(node: fx.Node, candidates: set) -> bool:
+    """An in-place op on a tensor the region itself allocated (``a.masked_fill_(...)`` on the
+    weights): dead once nothing reads that tensor."""
+    base = node.args[0] if node.args else None
+    if not isinstance(base, fx.Node) or base not in candidates:
+        return False
+    name = base.target if isinstance(base.target, str) else getattr(base.target, "__name__", "")
+    return base.op in ("call_function", "call_method") and name not in _VIEW_NAMES \
+        and all(user is node or user in candidates for user in base.users)
+
+
+def _erase_dead(graph: fx.Graph, candidates: set) -> None:
+    """Erase the nodes of the matched regions that nothing uses any more. A mutation stays
+    unless it updates a temporary of the region (Dynamo's graph keeps in-place updates of
+    buffers that no node reads)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node in candidates and not node.users and (
+                    not _mutates(node) or _mutates_only_a_temporary(node, candidates)):
+                graph.erase_node(node)
+                candidates.discard(node)
+                changed = True
+
+
+def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: dict,
+                         region: list[fx.Node]) -> fx.GraphModule:
+    """Replace each site's output in Dynamo's graph; ``to_dynamo``: lowered node -> Dynamo node.
+
+    Only nodes of ``region`` (the lowered neighbourhoods) are erased when left unused."""
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
@@ -70,7 +114,7 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                 out = add("to", (out, want.dtype), method=True)
         output.replace_all_uses_with(out)
         replaced[output] = out
-    graph.eliminate_dead_code()
+    _erase_dead(graph, set(region))
     graph.lint()
     gm.recompile()
     return gm

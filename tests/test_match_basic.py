@@ -257,3 +257,34 @@ def test_gqa_group_is_derived():
     assert [s.spec.group for s in ex.sites] == [2]
     compiled = torch.compile(GQA(), backend=based_compile.backend(inner="eager"))
     assert_rel_close(compiled(q, k, v), GQA()(q, k, v), 1e-12)
+
+
+def test_mutations_outside_the_site_survive_the_rewrite():
+    """Only the site's own nodes are erased: a buffer updated in place stays updated; the
+    in-place mask on the weights (a temporary of the site) goes away with the site."""
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, q, k, v):
+            self.calls.add_(1)
+            a = q @ k.transpose(-2, -1) / 2.0
+            a = 1 + a + 0.5 * a * a
+            t = q.shape[-2]
+            a.masked_fill_(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0)
+            return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    codes = []
+
+    def inner(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    model = Counting()
+    q, k, v = qkv()
+    out = torch.compile(model, backend=based_compile.backend(inner=inner))(q, k, v)
+    assert_rel_close(out, based(q, k, v), 1e-12)
+    assert model.calls.item() == 1.0
+    assert "add_" in codes[0] and "masked_fill_" not in codes[0] and "based_attention_call" in codes[0]
