@@ -277,9 +277,13 @@ class Matcher:
             ones = torch.ones(w.t, w.t, dtype=torch.bool)
             keep = torch.tril(ones, diagonal) if target is aten.tril.default else torch.triu(ones, diagonal)
             return self._mask(w, keep, None)
-        if target in (aten._softmax.default, aten.exp.default, aten.elu.default, aten.relu.default,
-                      aten.sigmoid.default):
-            raise NotACandidate(f"{target} of the scores: not Based attention")
+        if target in (aten._softmax.default, aten.exp.default):
+            try:
+                self.weights(args[0])
+            except (NotACandidate, Refused):
+                raise NotACandidate(f"{target} of something that is not attention scores") from None
+            raise Refused("unsupported", "softmax attention (exp of the scores): not Based's polynomial "
+                                         "kernel, left to the inner compiler", node)
         raise NotACandidate(f"unsupported op {target}")
 
     def _read_add(self, node: fx.Node) -> Weights:
