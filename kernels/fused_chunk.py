@@ -101,6 +101,21 @@ def _store_rows(ptr, x, rows, cols, s_t, s_d, T, D):
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT: tl.constexpr, BK: tl.constexpr, NORMALIZE: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Fold one chunk (kc [BT, BK], vc [BT, BV]) into the states: S1 += k^T v [BK, BV],
+    S2 += (k (x) k)^T v [BK*BK, BV]; with the normaliser also S1z += sum k [BK], S2z += k^T k [BK, BK]."""
+    s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
+    k2 = _outer(kc.to(tl.float32), BT, BK).to(kc.dtype)                         # [BT, BK*BK]
+    s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
+    if NORMALIZE:
+        kf = kc.to(tl.float32)
+        s1z += tl.sum(kf, axis=0)
+        s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+    return s1, s2, s1z, s2z
+
+
+@triton.jit
 def _fused_chunk_fwd_kernel(
     q, k, v, o, z,
     sq_b, sq_h, sq_t, sq_d,           # strides of q, k, v, o in logical [B, H, T, D] order
@@ -136,13 +151,7 @@ def _fused_chunk_fwd_kernel(
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)  # [BT, BK]
             vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)  # [BT, BV]
             s0 += tl.sum(vc.to(tl.float32), axis=0)
-            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
-            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)      # [BT, BK*BK]
-            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
-            if NORMALIZE:
-                kf = kc.to(tl.float32)
-                s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
 
     for start in range(0, T, BT):
         rows = start + offs_t
@@ -168,14 +177,9 @@ def _fused_chunk_fwd_kernel(
             acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
             # fold this chunk into the states
             s0 += tl.sum(vc.to(tl.float32), axis=0)
-            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
-            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)
-            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
+            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
             if NORMALIZE:
                 zc += tl.sum(a, axis=1)
-                kf = kc.to(tl.float32)
-                s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
         if NORMALIZE:
             acc = acc / (zc[:, None] + eps)
             if pid_v == 0:
@@ -224,13 +228,7 @@ def _fused_chunk_bwd_dq_kernel(
             rows = start + offs_t
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
-            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
-            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)
-            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
-            if NORMALIZE:
-                kf = kc.to(tl.float32)
-                s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
 
     for start in range(0, T, BT):
         rows = start + offs_t
@@ -258,13 +256,7 @@ def _fused_chunk_bwd_dq_kernel(
                 da += dzc[:, None]
             ds = tl.where(offs_t[:, None] >= offs_t[None, :], da * _poly_slope(sc, c1, c2), 0.0)
             acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
-            s1 = tl.dot(tl.trans(kc), vc, s1, input_precision=PRECISION)
-            k2 = _outer(kc.to(tl.float32), BT, BK).to(dt)
-            s2 = tl.dot(tl.trans(k2), vc, s2, input_precision=PRECISION)
-            if NORMALIZE:
-                kf = kc.to(tl.float32)
-                s1z += tl.sum(kf, axis=0)
-                s2z = tl.dot(tl.trans(kf), kf, s2z, input_precision="ieee")
+            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
         _store_rows(dq, acc * scale, rows, offs_k, sdq_t, sdq_d, T, DK)
 
 
