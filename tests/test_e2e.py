@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from based_calls import BasedOpCounter
 from compare import assert_rel_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,24 +48,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class BasedOpCounter:
-    """Counts calls of operators in the `based` namespace (based::attention, ...) while active.
-
-    A profiler, not a TorchDispatchMode: Dynamo runs frames eagerly while a dispatch mode is
-    active. Use it only around calls that do not compile (Dynamo's tracing would be recorded).
-    """
-
-    def __enter__(self):
-        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        self._profile.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._profile.__exit__(*exc)
-        self.total = sum(1 for e in self._profile.events() if e.name.startswith("based::"))
-        return False
 
 
 def make_model(dtype=torch.float64, seed=0, **kwargs):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 
 import pytest
 import torch
 
 import zoo
+from based_calls import BasedOpCounter
 from compare import assert_rel_close, rel_error
 from based_compile.kernels import naive_parallel_based
 
@@ -39,29 +39,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class BasedOpCounter:
-    """Counts calls of operators in the `based` namespace (based::attention, ...) while active.
-
-    A profiler, not a TorchDispatchMode: Dynamo runs frames eagerly while a dispatch mode is
-    active, which would count the eager code instead of the compiled one. Use it only around
-    calls that do not compile (Dynamo's own tracing would be recorded too).
-    """
-
-    def __enter__(self):
-        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        self._profile.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._profile.__exit__(*exc)
-        self.calls = Counter(e.name for e in self._profile.events() if e.name.startswith("based::"))
-        return False
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
 
 
 def reference(spec: zoo.Accept, q, k, v):
