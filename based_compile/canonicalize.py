@@ -231,13 +231,6 @@ def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = T
     return Operand(source=source, factor=f, stop=current, alternatives=alternatives)
 
 
-def strip_views(node: fx.Node) -> fx.Node:
-    """Read back through view-like ops only."""
-    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _prod(xs) -> int:
     out = 1
     for x in xs:
