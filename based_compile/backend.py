@@ -76,49 +76,66 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
     global pass_seconds
     start = time.perf_counter()
     try:
-        region = attention_region(gm)
-        if not region:
-            return None
-        sub, inputs, outputs = extract_region(gm, region)
-        aten_gm = lower_to_aten(sub)
-        aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-        output_node = next(n for n in aten_gm.graph.nodes if n.op == "output")
-        aten_outputs = output_node.args[0]
-        output_node.args = ((),)      # every node was an output only to map it back: not a real user
-        to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
-        for dynamo_node, aten_node in zip(outputs, aten_outputs):
-            if isinstance(aten_node, fx.Node):
-                to_dynamo.setdefault(aten_node, dynamo_node)
-        real, variable = _region_inputs(gm, example_inputs, inputs, aten_inputs)
-        evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
-        matcher = Matcher(aten_gm, evaluator, variable)
-        settled = []
-        for result, node in find_matches(matcher):
-            if isinstance(result, Refused):
-                _refuse(result, report)
-                continue
-            try:
-                site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
-                missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output)
-                           if n not in to_dynamo]
-                if missing:
-                    raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
-                                                 "decomposed operation, not values of the model's graph", result.output)
-            except Refused as refusal:
-                _refuse(refusal, report)
-                continue
-            settled.append(site)
-            entry = Site(source_of(result.anchor), result.form, site.spec,
-                         _kernel_description(site.spec, site.match.q, site.match.k, site.match.v))
+        try:
+            found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report)
+        except Exception as err:      # a bug of the pass must not stop the model from compiling
+            log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
+                        type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
             if report is not None:
-                report.sites.append(entry)
-            log.info("based_compile: %s Based attention at %s -> based::attention (%s)%s", result.form,
-                     entry.source, site.spec, "" if rewrite else " [not rewritten: report only]")
-        if not settled or not rewrite:
+                report.add_refusal(Refusal("<graph>", "unsupported",
+                                           f"internal error of the pass: {type(err).__name__}: {err}"))
             return None
+        if found is None:
+            return None
+        settled, to_dynamo, region = found
         return rewrite_dynamo_sites(gm, settled, to_dynamo, region)
     finally:
         pass_seconds += time.perf_counter() - start
+
+
+def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None):
+    """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None."""
+    region = attention_region(gm)
+    if not region:
+        return None
+    sub, inputs, outputs = extract_region(gm, region)
+    aten_gm = lower_to_aten(sub)
+    aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    output_node = next(n for n in aten_gm.graph.nodes if n.op == "output")
+    aten_outputs = output_node.args[0]
+    output_node.args = ((),)      # every node was an output only to map it back: not a real user
+    to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
+    for dynamo_node, aten_node in zip(outputs, aten_outputs):
+        if isinstance(aten_node, fx.Node):
+            to_dynamo.setdefault(aten_node, dynamo_node)
+    real, variable = _region_inputs(gm, example_inputs, inputs, aten_inputs)
+    evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
+    matcher = Matcher(aten_gm, evaluator, variable)
+    settled = []
+    for result, node in find_matches(matcher):
+        if isinstance(result, Refused):
+            _refuse(result, report)
+            continue
+        try:
+            site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
+            missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output)
+                       if n not in to_dynamo]
+            if missing:
+                raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
+                                             "decomposed operation, not values of the model's graph", result.output)
+        except Refused as refusal:
+            _refuse(refusal, report)
+            continue
+        settled.append(site)
+        entry = Site(source_of(result.anchor), result.form, site.spec,
+                     _kernel_description(site.spec, site.match.q, site.match.k, site.match.v))
+        if report is not None:
+            report.sites.append(entry)
+        log.info("based_compile: %s Based attention at %s -> based::attention (%s)%s", result.form,
+                 entry.source, site.spec, "" if rewrite else " [not rewritten: report only]")
+    if not settled or not rewrite:
+        return None
+    return settled, to_dynamo, region
 
 
 def _region_inputs(gm, example_inputs, inputs, aten_inputs):

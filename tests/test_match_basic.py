@@ -288,3 +288,29 @@ def test_mutations_outside_the_site_survive_the_rewrite():
     assert_rel_close(out, based(q, k, v), 1e-12)
     assert model.calls.item() == 1.0
     assert "add_" in codes[0] and "masked_fill_" not in codes[0] and "based_attention_call" in codes[0]
+
+
+def test_a_failing_pass_leaves_the_graph_to_the_inner_compiler(monkeypatch, caplog):
+    """A bug in detection is logged and reported; the model still compiles and computes the same."""
+    import importlib
+
+    backend_module = importlib.import_module("based_compile.backend")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(backend_module, "attention_region", broken)
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        a = (1 + s + 0.5 * s * s).tril()
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="based_compile"):
+        out = torch.compile(attn, backend=based_compile.backend(inner="eager"))(q, k, v)
+    torch.testing.assert_close(out, attn(q, k, v), rtol=0, atol=0)
+    assert "planted failure" in caplog.text
+    report = based_compile.explain(attn, q, k, v)
+    assert not report.sites and any("planted failure" in r.reason for r in report.refusals)
