@@ -139,7 +139,7 @@ def _backward(ctx, do, _dz):
     q, k, v, o, z = ctx.saved_tensors
     if do is None:
         return (None,) * (3 + len(ctx.params))
-    dq, dk, dv = torch.ops.based.attention_backward(do.contiguous(), q, k, v, o, z, *ctx.params)
+    dq, dk, dv = torch.ops.based.attention_backward(do, q, k, v, o, z, *ctx.params)   # kernels read strides
     return (dq, dk, dv) + (None,) * len(ctx.params)
 
 
