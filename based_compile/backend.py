@@ -67,6 +67,15 @@ def _kernel_description(spec, q_node, k_node, v_node) -> str:
         return f"auto (the policy could not decide at compile time: {type(err).__name__}: {err})"
 
 
+def _unsupported_reason(site) -> str | None:
+    from .ops import unsupported_reason
+
+    values = [example_value(n) for n in (site.match.q, site.match.k, site.match.v)]
+    if not all(isinstance(x, torch.Tensor) for x in values):
+        return None
+    return unsupported_reason(*values)
+
+
 def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
              report: Explanation | None = None) -> fx.GraphModule | None:
     """Find, verify and (if ``rewrite``) rewrite Based attention in Dynamo's graph ``gm``.
@@ -118,6 +127,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             continue
         try:
             site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
+            reason = _unsupported_reason(site)
+            if reason is not None:
+                raise Refused("unsupported", f"{reason}: left to the inner compiler", result.output)
             missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output)
                        if n not in to_dynamo]
             if missing:

@@ -62,6 +62,30 @@ def _check_kernel_limits(q, args: BasedArguments) -> None:
                          f"got {args.dv}")
 
 
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why ``based::attention`` could not run on tensors like these (fake ones will do), or None.
+
+    The graph pass asks before it rewrites, so that a site the operator would refuse (a CUDA
+    feature dim over the kernels' limits, float64 on CUDA, another device) stays with the inner
+    compiler instead of failing at run time. Sizes are read in the last dimension (Dk of q, Dv of v).
+    """
+    device = q.device.type
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
+    if device == "cpu":
+        return None if q.dtype in CPU_DTYPES else f"the CPU path takes {CPU_DTYPES}, not {q.dtype}"
+    if device != "cuda":
+        return f"based::attention runs on cpu and cuda tensors, these are on {device}"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the Triton kernels take float16, bfloat16 and float32, not {q.dtype}"
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dk > parallel_kernel.MAX_DK:
+        return f"Dk={dk} is over the Triton kernels' limit of {parallel_kernel.MAX_DK}"
+    if dv > parallel_kernel.MAX_DV:
+        return f"Dv={dv} is over the Triton kernels' limit of {parallel_kernel.MAX_DV}"
+    return None
+
+
 def _z_dtype(dtype: torch.dtype) -> torch.dtype:
     return cpu_path.compute_dtype(dtype)
 

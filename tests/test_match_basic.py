@@ -314,3 +314,40 @@ def test_a_failing_pass_leaves_the_graph_to_the_inner_compiler(monkeypatch, capl
     assert "planted failure" in caplog.text
     report = based_compile.explain(attn, q, k, v)
     assert not report.sites and any("planted failure" in r.reason for r in report.refusals)
+
+
+def test_sites_the_operator_cannot_run_are_left_to_the_inner_compiler(monkeypatch):
+    """A site on tensors the operator would refuse (here: a planted reason) is refused at compile time."""
+    from based_compile import ops
+
+    monkeypatch.setattr(ops, "unsupported_reason", lambda q, k, v: "planted limit")
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        a = (1 + s + 0.5 * s * s).tril()
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    report = based_compile.explain(attn, q, k, v)
+    assert not report.sites
+    assert [r.category for r in report.refusals] == ["unsupported"] and "planted limit" in report.refusals[0].reason
+
+
+def test_operator_limits_are_known_at_compile_time():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from based_compile.ops import unsupported_reason
+
+    with FakeTensorMode():
+        def qkv(device, dtype, dk=16, dv=64):
+            return (torch.empty(1, 2, 8, dk, device=device, dtype=dtype),
+                    torch.empty(1, 2, 8, dk, device=device, dtype=dtype),
+                    torch.empty(1, 2, 8, dv, device=device, dtype=dtype))
+
+        assert unsupported_reason(*qkv("cpu", torch.float64)) is None
+        assert unsupported_reason(*qkv("cuda", torch.bfloat16)) is None
+        assert "float64" in unsupported_reason(*qkv("cuda", torch.float64))
+        assert "Dk=256" in unsupported_reason(*qkv("cuda", torch.float32, dk=256))
+        assert "Dv=512" in unsupported_reason(*qkv("cuda", torch.float32, dv=512))
+        q, k, v = qkv("cpu", torch.float32)
+        assert "different dtypes" in unsupported_reason(q, k, v.double())
