@@ -75,10 +75,12 @@ def test_odd_lengths(t):
     _check(1, 2, t, 16, 32, normalize=t > 1, causal=True)
 
 
-@pytest.mark.parametrize("coeffs", [BASED, OTHER])
+# A sign-changing polynomial (OTHER) only unnormalised: its normaliser can cross zero, which makes the
+# normalised output ill-conditioned for any implementation.
+@pytest.mark.parametrize("coeffs,normalize", [(BASED, True), (OTHER, False), ((1.0, 1.0, 1.0), True)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_coefficients_and_scale(coeffs, causal):
-    _check(1, 2, 40, 16, 16, coeffs=coeffs, causal=causal, scale=0.37)
+def test_coefficients_and_scale(coeffs, normalize, causal):
+    _check(1, 2, 40, 16, 16, coeffs=coeffs, normalize=normalize, causal=causal, scale=0.37)
 
 
 @pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
