@@ -200,19 +200,28 @@ def measure_train(args, model, run, batch, t, device) -> dict:
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+        times = timed_calls(step, args.reps, device)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        return dict(ms=statistics.median(times) * 1e3, ms_all=[s * 1e3 for s in times],
-                    tokens_per_s=batch * t / statistics.median(times), peak_bytes=peak,
-                    first_losses=losses)
+        return dict(**time_summary(times, batch * t), peak_bytes=peak, first_losses=losses)
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
+
+
+def timed_calls(fn, reps: int, device) -> list[float]:
+    """Seconds taken by each of ``reps`` calls of ``fn``, the device synchronised after each."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_summary(times: list[float], tokens: int) -> dict:
+    median = statistics.median(times)
+    return dict(ms=median * 1e3, ms_all=[s * 1e3 for s in times], tokens_per_s=tokens / median)
 
 
 def measure_prefill(args, model, run, batch, t, device) -> dict:
@@ -229,15 +238,9 @@ def measure_prefill(args, model, run, batch, t, device) -> dict:
     before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.reps):
-        start = time.perf_counter()
-        forward()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = timed_calls(forward, args.reps, device)
     peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else None
-    return dict(ms=statistics.median(times) * 1e3, ms_all=[s * 1e3 for s in times],
-                tokens_per_s=batch * t / statistics.median(times), peak_bytes=peak)
+    return dict(**time_summary(times, batch * t), peak_bytes=peak)
 
 
 def run_entry(args, model, initial_state, variant, mode, t, device, dtype) -> dict:
