@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Device call C: the CUDA-graph training tests, then the issue-6 end-to-end training benchmark.
+# Carry .whl (git-ignored) holding fla-core, fetched here first with:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 BENCH="" timeout 100 bash scripts/gpu_check.sh tests/test_op.py -k "compile_modes" 2>&1 | grep -v "^DEBUG" | tail -4
