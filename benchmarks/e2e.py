@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+from measure import synchronize, timed_calls  # noqa: E402
 from naive_based_lm import BasedLM, count_parameters, fla_based_attention  # noqa: E402
 
 VARIANTS = ("eager", "inductor", "based", "fla", "fla_inductor")
@@ -97,11 +98,6 @@ def parse_args(argv=None):
 def is_out_of_memory(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "outofmemory" in text
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def free_memory(device):
@@ -200,23 +196,12 @@ def measure_train(args, model, run, batch, t, device) -> dict:
         synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = timed_calls(step, args.reps, device)
+        times = timed_calls(step, device, args.reps)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         return dict(**time_summary(times, batch * t), peak_bytes=peak, first_losses=losses)
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
-
-
-def timed_calls(fn, reps: int, device) -> list[float]:
-    """Seconds taken by each of ``reps`` calls of ``fn``, the device synchronised after each."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def time_summary(times: list[float], tokens: int) -> dict:
@@ -238,7 +223,7 @@ def measure_prefill(args, model, run, batch, t, device) -> dict:
     before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = timed_calls(forward, args.reps, device)
+    times = timed_calls(forward, device, args.reps)
     peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else None
     return dict(**time_summary(times, batch * t), peak_bytes=peak)
 

@@ -1,6 +1,7 @@
 """Time and peak memory of one call, on CUDA or on the CPU, for the examples and benchmarks.
 
-``median_time(fn, warmup, reps)``: median wall time in seconds (CUDA-synchronised).
+``median_time(fn, device, warmup, reps)``: median wall time in seconds (CUDA-synchronised);
+``timed_calls(fn, device, reps)``: the time of each call.
 ``peak_memory(fn, device)``: bytes allocated by tensors at the peak of one call of ``fn``
 above what was live before it. CUDA: ``torch.cuda.max_memory_allocated``. CPU: PyTorch
 keeps no allocator statistics there, so the call runs once under the profiler's memory
@@ -27,13 +28,18 @@ def median_time(fn, device, warmup: int = 1, reps: int = 3) -> float:
     for _ in range(warmup):
         fn()
     synchronize(device)
+    return statistics.median(timed_calls(fn, device, reps))
+
+
+def timed_calls(fn, device, reps: int) -> list[float]:
+    """Seconds taken by each of ``reps`` calls of ``fn()``, the device synchronised after each."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def peak_memory(fn, device) -> int | None:
