@@ -101,6 +101,34 @@ def test_normaliser_is_not_differentiable(kernel_setting):
     assert o.requires_grad and not z.requires_grad
 
 
+def test_training_argument_left_at_its_default(kernel_setting):
+    """The dispatcher drops an argument equal to its default before the autograd kernel sees it:
+    the gradients must still be those of the float64 reference."""
+    q, k, v = make_inputs(1, 2, 10, 4, 3, dtype=torch.float64, requires_grad=True)
+    spec = BasedSpec(scale=0.5)
+    o, _ = torch.ops.based.attention(q, k, v, "BHTD", 0.5, 1.0, 1.0, 0.5, True, True, 1e-6)
+    q64, k64, v64 = (x.detach().requires_grad_(True) for x in (q, k, v))
+    ref = reference(q64, k64, v64, spec)
+    assert_rel_close(o, ref, 1e-10)
+    do = torch.randn_like(o)
+    for g, r in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(ref, (q64, k64, v64), do)):
+        assert_rel_close(g, r, 1e-10)
+
+
+def test_create_graph_gives_first_order_grads_and_refuses_the_second(kernel_setting):
+    q, k, v = make_inputs(1, 2, 10, 4, 3, dtype=torch.float64, requires_grad=True)
+    spec = BasedSpec(scale=0.5)
+    o = based_attention(q, k, v, spec)
+    q64, k64, v64 = (x.detach().requires_grad_(True) for x in (q, k, v))
+    ref_grads = torch.autograd.grad(reference(q64, k64, v64, spec).square().sum(), (q64, k64, v64))
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v), create_graph=True)
+    for g, r in zip(grads, ref_grads):
+        assert_rel_close(g, r, 1e-10)
+    assert grads[0].requires_grad
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(grads[0].sum(), q)
+
+
 # ---------------------------------------------------------------------------------------------
 # Values and gradients vs float64 on the CPU
 # ---------------------------------------------------------------------------------------------
