@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 import triton.testing
 
 from based_compile import config
 from based_compile.kernels import fused_chunk_based, naive_parallel_based, parallel_based
+from based_compile.kernels.arguments import check_arguments
+from based_compile.kernels.parallel import parallel_backward, parallel_forward
 from based_compile.ops import based_attention
 from based_compile.spec import BasedSpec
 
@@ -80,6 +83,56 @@ def overhead(ts):
     return rows
 
 
+def host_us(fn, n=300) -> float:
+    """Host (CPU) time of one call in microseconds: at a tiny shape the GPU finishes each kernel
+    before the next launch, so the wall time of n calls, synchronised once, is the CPU's."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+    return best
+
+
+def host_overhead(profile: bool):
+    """Per-call host time of the op and of the kernels called directly (B=1 H=1 T=64), and of the
+    kernels' launch functions alone (parallel_forward + parallel_backward, no autograd, no checks):
+    what is left for the GPU to hide at small T."""
+    spec = BasedSpec(scale=DK ** -0.5)
+    q, k, v = inputs(1, 1, 64, DK, DV, grad=True)
+    do = torch.randn(1, 1, 64, DV, device="cuda", dtype=DTYPE)
+    args = check_arguments(q, k, v, spec.scale)
+    o, z = parallel_forward(q, k, v, args)
+
+    def op_step():
+        torch.autograd.grad(based_attention(q, k, v, spec), (q, k, v), do)
+
+    def direct_step():
+        torch.autograd.grad(parallel_based(q, k, v, scale=spec.scale), (q, k, v), do)
+
+    def launches():
+        parallel_forward(q, k, v, args)
+        parallel_backward(q, k, v, o, z, do, args)
+
+    out = {"op_fwdbwd_us": host_us(op_step), "parallel_fwdbwd_us": host_us(direct_step),
+           "launches_only_us": host_us(launches)}
+    with torch.no_grad():
+        out["op_fwd_us"] = host_us(lambda: based_attention(q, k, v, spec))
+        out["parallel_fwd_us"] = host_us(lambda: parallel_based(q, k, v, scale=spec.scale))
+    if profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [op_step() for _ in range(300)])
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return out
+
+
 def compiled_modes(t=2048):
     spec = BasedSpec(scale=DK ** -0.5)
     out = {}
@@ -121,12 +174,13 @@ def main():
     p.add_argument("--out", default=".")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-crossover", action="store_true", help="skip the crossover sweep")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the op's host time")
     args = p.parse_args()
     torch.manual_seed(0)
     config.kernel = "auto"
     ts = (1024, 4096) if args.quick else (1024, 2048, 4096, 8192, 16384)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "overhead": overhead(ts), "compiled": compiled_modes()}
+           "host": host_overhead(args.profile), "overhead": overhead(ts), "compiled": compiled_modes()}
     cts = (256, 512, 1024, 2048, 4096, 8192, 16384)
     shapes = ((16, 16, 64), (256, 16, 64), (256, 16, 128), (256, 32, 64))
     res["crossover"] = [] if args.no_crossover else crossovers(cts, shapes[:2] if args.quick else shapes)
@@ -138,6 +192,7 @@ def main():
         print(f"{r['BH']:>5}{r['Dk']:>4}{r['Dv']:>5}{r['T']:>7}{r['parallel_fwd']:>9.3f}{r['fused_chunk_fwd']:>9.3f}"
               f"{r['parallel_fwdbwd']:>9.3f}{r['fused_chunk_fwdbwd']:>9.3f}")
     print("\n== compiled modes:", json.dumps(res["compiled"]))
+    print("\n== host time per call (us, B=1 H=1 T=64):", json.dumps({k: round(v, 1) for k, v in res["host"].items()}))
     print(f"\n== based::attention vs best kernel called directly ({res['device']}, ms, B={B} H={H} Dk={DK} Dv={DV} bf16)")
     print(f"{'T':>6}{'op fwd':>9}{'best fwd':>9}{'ratio':>7}{'op f+b':>9}{'best f+b':>9}{'ratio':>7}")
     for r in res["overhead"]:
