@@ -233,4 +233,4 @@ def test_gpu_training_step_matches_float64(form, monkeypatch):
         assert_rel_close(g.cpu().double(), r, 2e-3, f"gradient of {name}")
     with BasedOpCounter() as counter:
         compiled(tokens.cuda()[:, :-1])                               # the same strides: no recompile
-    assert counter.total == LAYERS
+    assert counter.total == LAYERS, dict(counter.calls)
