@@ -53,7 +53,8 @@ def check_against_float64(q, k, v, spec: BasedSpec, tol: float):
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
     ref = reference(q64, k64, v64, spec)
     # A non-contiguous output gradient, as a transpose or reshape after the attention produces it.
-    do = torch.randn(*ref.shape[:-3], ref.shape[-2], ref.shape[-3], ref.shape[-1], dtype=ref.dtype).transpose(-3, -2)
+    do = torch.randn(*ref.shape[:-3], ref.shape[-2], ref.shape[-3], ref.shape[-1], dtype=ref.dtype,
+                     device=ref.device).transpose(-3, -2)
     grads = torch.autograd.grad(o, (q, k, v), do.to(o.dtype))
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do)
     assert_rel_close(o, ref, tol, "o")
