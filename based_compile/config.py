@@ -10,8 +10,9 @@
 
 Set it in Python (``based_compile.config.kernel = "fused_chunk"``) or with the environment variable
 ``BASED_COMPILE_KERNEL`` (same values). The Python setting wins when it is not ``"auto"``. Both are read
-each time the operator runs (not when a model is compiled), and the backward reads them again: change
-them between calls, not between a forward and its backward. An invalid value raises ``ValueError``
+each time the operator runs (not when a model is compiled). An eager backward runs the kernel its
+forward chose; in compiled code the backward operator reads the setting again when it runs, so change
+it between steps, not between a forward and its backward. An invalid value raises ``ValueError``
 naming the setting and the accepted values.
 """
 from __future__ import annotations

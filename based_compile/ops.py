@@ -116,19 +116,41 @@ _LIBRARY.define(f"attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Te
                 f"bool training) -> (Tensor, Tensor, Tensor)", tags=_TAGS)
 
 
-def _attention(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training=False):
+def _plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training) -> tuple[BasedArguments, str]:
+    """The checked arguments and the kernel (policy.py) of one call; the backward reuses both."""
     args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
     kernel = policy.choose_kernel(args, q, k, v, training)
     if kernel in policy.TRITON_KERNELS:
         _check_kernel_limits(q, args)
-        forward, _ = _kernel_pair(kernel)
-        o, z = forward(q, k, v, args)
+    return args, kernel
+
+
+def _run_forward(q, k, v, args: BasedArguments, kernel: str) -> tuple[Tensor, Tensor]:
+    if kernel in policy.TRITON_KERNELS:
+        o, z = _kernel_pair(kernel)[0](q, k, v, args)
         o = o.contiguous()
     else:
         o, z = cpu_path.cpu_forward(q, k, v, args, kernel.removeprefix("cpu_"))
     if z is None:
         return o, _no_z(q)
     return o, z.contiguous()
+
+
+def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    if kernel in policy.TRITON_KERNELS:
+        grads = _kernel_pair(kernel)[1](q, k, v, o, z if args.normalize else None, do, args)
+    else:
+        grads = cpu_path.cpu_backward(q, k, v, o, z, do, args, kernel.removeprefix("cpu_"))
+    return tuple(g.contiguous() for g in grads)
+
+
+def _attention(q, k, v, *params):
+    return _run_forward(q, k, v, *_plan(q, k, v, *_with_training(params)))
+
+
+def _with_training(params: tuple) -> tuple:
+    """The spec arguments with ``training`` (the dispatcher drops it when it equals its default)."""
+    return params if len(params) == 9 else (*params, False)
 
 
 def _attention_fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training=False):
@@ -142,16 +164,8 @@ def _attention_fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, 
     return o, q.new_empty((args.batch, args.heads, args.length), dtype=_z_dtype(q.dtype))
 
 
-def _attention_backward(do, q, k, v, o, z, layout, scale, c0, c1, c2, causal, normalize, eps, training):
-    args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
-    kernel = policy.choose_kernel(args, q, k, v, training)
-    if kernel in policy.TRITON_KERNELS:
-        _check_kernel_limits(q, args)
-        _, backward = _kernel_pair(kernel)
-        grads = backward(q, k, v, o, z if normalize else None, do, args)
-    else:
-        grads = cpu_path.cpu_backward(q, k, v, o, z, do, args, kernel.removeprefix("cpu_"))
-    return tuple(g.contiguous() for g in grads)
+def _attention_backward(do, q, k, v, o, z, *params):
+    return _run_backward(do, q, k, v, o, z, *_plan(q, k, v, *params))
 
 
 def _attention_backward_fake(do, q, k, v, o, z, layout, scale, c0, c1, c2, causal, normalize, eps, training):
@@ -168,18 +182,51 @@ _ATTENTION = torch.ops.based.attention.default
 _ATTENTION_BACKWARD = torch.ops.based.attention_backward.default
 
 
+_BACKEND_KEYS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def _straight_to_backend(keyset) -> bool:
+    """True when, below autograd, a call with this dispatch key set reaches the CPU or CUDA kernel
+    directly: no tracing (Dynamo, AOTAutograd, export), fake tensors, functionalization or tensor
+    subclass in between. Then the autograd kernel may run the implementation itself."""
+    return (keyset & torch._C._after_autograd_keyset).highestPriorityTypeId() in _BACKEND_KEYS
+
+
+# Keys every plain tensor carries that have nothing to do for a functional operator.
+_PASS_THROUGH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.BackendSelect) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.ADInplaceOrView)
+
+
+def _keyset_of(*tensors):
+    """The dispatch key set a call on these tensors would see (as the dispatcher hands it to an
+    autograd kernel)."""
+    keyset = torch._C._dispatch_tls_local_include_set()
+    for t in tensors:
+        keyset = keyset | torch._C._dispatch_keys(t)
+    return keyset - torch._C._dispatch_tls_local_exclude_set() - _PASS_THROUGH_KEYS
+
+
 class _AttentionAutograd(torch.autograd.Function):
     """The autograd formula of ``based::attention``, installed as the operator's Autograd kernel
-    (below): forward redispatches to the operator's own CPU/CUDA/fake implementation, backward is
-    the ``based::attention_backward`` operator. This is what ``torch.library.register_autograd``
-    builds, without its per-call cost (it re-reads the 12-argument schema once per argument, ~35 us
-    a call, more than the Triton launch itself); AOTAutograd traces through it the same way, so
-    compiled graphs hold the two operators, not this class."""
+    (below), the structure ``torch.library.register_autograd`` builds (which is not used: it
+    re-reads the 12-argument schema once per argument, ~35 us a call).
+
+    Traced (Dynamo, AOTAutograd, export, fake tensors, compiled autograd): forward redispatches to
+    the operator's CPU/CUDA/fake implementation and backward calls ``based::attention_backward``,
+    so compiled graphs hold the two operators and not this class. Eager on plain tensors: the same
+    implementation is called without the second trip through the dispatcher, and the backward
+    reuses the forward's checked arguments and kernel choice (a few tens of microseconds a step,
+    which is what the kernels themselves take at T <= 1024)."""
 
     @staticmethod
-    def forward(ctx, keyset, q, k, v, *params):
-        with torch._C._AutoDispatchBelowAutograd():
-            o, z = _ATTENTION.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params)
+    def forward(ctx, keyset, q, k, v, params):
+        if _straight_to_backend(keyset):
+            ctx.plan = _plan(q, k, v, *params)
+            o, z = _run_forward(q, k, v, *ctx.plan)
+        else:
+            ctx.plan = None
+            with torch._C._AutoDispatchBelowAutograd():
+                o, z = _ATTENTION.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params)
         ctx.save_for_backward(q, k, v, o, z)
         ctx.params = params
         ctx.mark_non_differentiable(z)
@@ -188,15 +235,23 @@ class _AttentionAutograd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dz):
         q, k, v, o, z = ctx.saved_tensors
-        dq, dk, dv = _ATTENTION_BACKWARD(do, q, k, v, o, z, *ctx.params)   # the kernels read strides
-        return (None, dq, dk, dv) + (None,) * len(ctx.params)
+        if ctx.plan is not None and not torch.is_grad_enabled() and _straight_to_backend(_keyset_of(do, q)):
+            if torch._C._autograd._profiler_enabled():
+                with torch.profiler.record_function("based::attention_backward"):
+                    dq, dk, dv = _run_backward(do, q, k, v, o, z, *ctx.plan)
+            else:
+                dq, dk, dv = _run_backward(do, q, k, v, o, z, *ctx.plan)
+        else:
+            dq, dk, dv = _ATTENTION_BACKWARD(do, q, k, v, o, z, *ctx.params)   # the kernels read strides
+        return None, dq, dk, dv, None
 
 
 def _attention_autograd(keyset, q, k, v, *params):
-    if len(params) == 8:   # the dispatcher drops an argument equal to its default (training=False)
-        params = (*params, False)
+    params = _with_training(params)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionAutograd.apply(keyset, q, k, v, *params)
+        return _AttentionAutograd.apply(keyset, q, k, v, params)
+    if _straight_to_backend(keyset):
+        return _attention(q, k, v, *params)
     with torch._C._AutoDispatchBelowAutograd():
         return _ATTENTION.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params)
 

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from based_compile import config, cpu_path, policy
 from based_compile.kernels import naive_chunk_based, naive_parallel_based
+from based_calls import BasedOpCounter
 from based_compile.ops import based_attention
 from based_compile.spec import BasedSpec
 from compare import assert_rel_close
@@ -128,6 +129,45 @@ def test_create_graph_gives_first_order_grads_and_refuses_the_second(kernel_sett
     assert grads[0].requires_grad
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(grads[0].sum(), q)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_shortcut_still_shows_both_operators(kernel_setting):
+    """Eager calls on plain tensors skip the second trip through the dispatcher; a dispatch mode
+    (the Python key) or the profiler must still see based::attention and its backward."""
+    q, k, v = make_inputs(1, 2, 12, 4, 3, dtype=torch.float64, requires_grad=True)
+    spec = BasedSpec(scale=0.5)
+    with _OpLog() as log:
+        o = based_attention(q, k, v, spec)
+        torch.autograd.grad(o.sum(), (q, k, v))
+    assert "based.attention.default" in log.ops and "based.attention_backward.default" in log.ops, log.ops
+    with BasedOpCounter() as counter:
+        o = based_attention(q, k, v, spec)
+        torch.autograd.grad(o.sum(), (q, k, v))
+    assert counter.calls == {"based::attention": 1, "based::attention_backward": 1}, counter.calls
+
+
+def test_compiled_autograd_traces_the_backward_operator(kernel_setting):
+    q, k, v = make_inputs(1, 2, 12, 4, 3, dtype=torch.float64, requires_grad=True)
+    spec = BasedSpec(scale=0.5)
+    q64, k64, v64 = (x.detach().requires_grad_(True) for x in (q, k, v))
+    ref_grads = torch.autograd.grad(reference(q64, k64, v64, spec).square().sum(), (q64, k64, v64))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: based_attention(q, k, v, spec).square().sum(), backend="aot_eager")
+    loss = fn(q, k, v)
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    for x, r in zip((q, k, v), ref_grads):
+        assert_rel_close(x.grad, r, 1e-10)
 
 
 # ---------------------------------------------------------------------------------------------

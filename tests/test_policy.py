@@ -181,12 +181,17 @@ def test_operator_follows_the_environment_and_the_mode(monkeypatch):
     decide = policy.decide_for
     monkeypatch.setattr(policy, "decide_for", lambda *a: seen.append(a[1]) or decide(*a))
     chunked = []
-    forward = cpu_path.chunked_forward
+    forward, chunked_backward = cpu_path.chunked_forward, cpu_path.chunked_backward
     monkeypatch.setattr(cpu_path, "chunked_forward", lambda *a, **kw: chunked.append(1) or forward(*a, **kw))
     monkeypatch.setenv(config.KERNEL_ENV_VAR, "cpu_chunked")
     q, k, v = make_inputs(1, 2, 10, 4, 4, requires_grad=True)
-    based_attention(q, k, v, BasedSpec(scale=0.5)).sum().backward()
-    assert chunked == [1] and seen == [True, True]                           # forward and backward: training
+    o = based_attention(q, k, v, BasedSpec(scale=0.5))
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "cpu_quadratic")   # too late: the backward is the forward's kernel's
+    backward = []
+    monkeypatch.setattr(cpu_path, "chunked_backward", lambda *a, **kw: backward.append(1) or chunked_backward(*a, **kw))
+    o.sum().backward()
+    assert chunked == [1] and backward == [1] and seen == [True]              # decided once, in training mode
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "cpu_chunked")
     with torch.no_grad():
         based_attention(q, k, v, BasedSpec(scale=0.5))
     assert chunked == [1, 1] and seen[-1] is False
