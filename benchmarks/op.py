@@ -2,12 +2,16 @@
 CUDA graphs / max-autotune through torch.compile, and the parallel / fused-chunk crossovers
 that ``based_compile/policy.py`` records.
 
-    python benchmarks/op.py --out DIR [--quick]
+    python benchmarks/op.py --out DIR [--quick] [--no-crossover] [--profile]
 
+0. Host time per call (B=1 H=1 T=64, where the GPU waits on the host): the op, the kernels'
+   own autograd.Function, and the bare Triton launches; ``--profile`` prints a cProfile of the op.
 1. Overhead at the reference configuration (B=16, H=16, Dk=16, Dv=64, bf16, causal,
    normalised; DESIGN.md section 4): median forward (inference) and forward+backward
    (training) of ``based_attention`` with the policy on "auto", next to the best kernel
-   called directly (``parallel_based`` / ``fused_chunk_based``). Bar: within 5%.
+   called directly (``parallel_based`` / ``fused_chunk_based``). Bar: within 5%. Eager at small T
+   this compares host overheads (rows "T"); rows "Tg" take the host out (CUDA graphs: the forward
+   captured, forward+backward through ``torch.cuda.make_graphed_callables``) at the two smallest T.
 2. ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and ``mode="max-autotune"`` of a
    function calling the op: output checked against the float64 reference, replay time.
 3. Crossovers: forward and forward+backward of both kernels over T for a few (B*H, Dk, Dv),
@@ -80,6 +84,37 @@ def overhead(ts):
             row[f"{kind}_ratio"] = row[f"op_{kind}"] / min(row[f"parallel_{kind}"], row[f"fused_chunk_{kind}"])
         rows.append(row)
         del q, k, v
+    return rows
+
+
+def graphed(ts):
+    """The same comparison with the host out of the way: forward captured in a CUDA graph, forward +
+    backward through ``torch.cuda.make_graphed_callables``, so the times are the GPU's alone."""
+    spec = BasedSpec(scale=DK ** -0.5)
+    fns = {"op": lambda q, k, v: based_attention(q, k, v, spec),
+           "parallel": parallel_based, "fused_chunk": fused_chunk_based}
+    rows = []
+    for t in ts:
+        row = {"T": t}
+        for name, fn in fns.items():
+            q, k, v = inputs(B, H, t, DK, DV)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(3):
+                    fn(q, k, v)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                fn(q, k, v)
+            row[f"{name}_fwd"] = median_ms(graph.replay)
+            q, k, v = inputs(B, H, t, DK, DV, grad=True)
+            train = torch.cuda.make_graphed_callables(fn, (q, k, v))
+            row[f"{name}_fwdbwd"] = fwd_bwd_ms(train, q, k, v)
+            del graph, train, q, k, v
+        for kind in ("fwd", "fwdbwd"):
+            row[f"{kind}_ratio"] = row[f"op_{kind}"] / min(row[f"parallel_{kind}"], row[f"fused_chunk_{kind}"])
+        rows.append(row)
     return rows
 
 
@@ -180,7 +215,8 @@ def main():
     config.kernel = "auto"
     ts = (1024, 4096) if args.quick else (1024, 2048, 4096, 8192, 16384)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "host": host_overhead(args.profile), "overhead": overhead(ts), "compiled": compiled_modes()}
+           "host": host_overhead(args.profile), "overhead": overhead(ts), "graphed": graphed(ts[:2]),
+           "compiled": compiled_modes()}
     cts = (256, 512, 1024, 2048, 4096, 8192, 16384)
     shapes = ((16, 16, 64), (256, 16, 64), (256, 16, 128), (256, 32, 64))
     res["crossover"] = [] if args.no_crossover else crossovers(cts, shapes[:2] if args.quick else shapes)
@@ -195,7 +231,7 @@ def main():
     print("\n== host time per call (us, B=1 H=1 T=64):", json.dumps({k: round(v, 1) for k, v in res["host"].items()}))
     print(f"\n== based::attention vs best kernel called directly ({res['device']}, ms, B={B} H={H} Dk={DK} Dv={DV} bf16)")
     print(f"{'T':>6}{'op fwd':>9}{'best fwd':>9}{'ratio':>7}{'op f+b':>9}{'best f+b':>9}{'ratio':>7}")
-    for r in res["overhead"]:
+    for r in res["overhead"] + [{**r, "T": f"{r['T']}g"} for r in res["graphed"]]:   # g: CUDA graphs
         print(f"{r['T']:>6}{r['op_fwd']:>9.3f}{min(r['parallel_fwd'], r['fused_chunk_fwd']):>9.3f}{r['fwd_ratio']:>7.3f}"
               f"{r['op_fwdbwd']:>9.3f}{min(r['parallel_fwdbwd'], r['fused_chunk_fwdbwd']):>9.3f}{r['fwdbwd_ratio']:>7.3f}")
 
