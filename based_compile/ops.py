@@ -206,6 +206,18 @@ def _keyset_of(*tensors):
     return keyset - torch._C._dispatch_tls_local_exclude_set() - _PASS_THROUGH_KEYS
 
 
+# Plain CPU / CUDA tensors under autograd, and nothing else.
+_PLAIN_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.CPU) | torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+               | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCPU)
+               | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCUDA))
+
+
+def _plain(*tensors) -> bool:
+    """True when a call on these tensors goes through autograd alone to the CPU or CUDA kernel: no
+    autocast, tracing, fake tensors, dispatch modes, functionalization, vmap or tensor subclass."""
+    return (_keyset_of(*tensors) - _PLAIN_KEYS).highestPriorityTypeId() == torch._C.DispatchKey.Undefined
+
+
 class _AttentionAutograd(torch.autograd.Function):
     """The autograd formula of ``based::attention``, installed as the operator's Autograd kernel
     (below), the structure ``torch.library.register_autograd`` builds (which is not used: it
@@ -220,7 +232,7 @@ class _AttentionAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, keyset, q, k, v, params):
-        if _straight_to_backend(keyset):
+        if keyset is None or _straight_to_backend(keyset):       # None: based_attention checked _plain
             ctx.plan = _plan(q, k, v, *params)
             o, z = _run_forward(q, k, v, *ctx.plan)
         else:
@@ -235,7 +247,7 @@ class _AttentionAutograd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dz):
         q, k, v, o, z = ctx.saved_tensors
-        if ctx.plan is not None and not torch.is_grad_enabled() and _straight_to_backend(_keyset_of(do, q)):
+        if ctx.plan is not None and not torch.is_grad_enabled() and _straight_to_backend(_keyset_of(do)):
             if torch._C._autograd._profiler_enabled():
                 with torch.profiler.record_function("based::attention_backward"):
                     dq, dk, dv = _run_backward(do, q, k, v, o, z, *ctx.plan)
@@ -320,7 +332,25 @@ def based_attention(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec) -> Tensor:
     if not isinstance(spec, BasedSpec):
         raise TypeError(f"spec must be a based_compile.spec.BasedSpec, got {type(spec).__name__}")
     training = policy.is_training(q, k, v)
-    o, _ = torch.ops.based.attention(q, k, v, spec.layout, float(spec.scale), float(spec.c0), float(spec.c1),
-                                     float(spec.c2), bool(spec.causal), bool(spec.normalize), float(spec.eps),
-                                     training)
+    params = (spec.layout, float(spec.scale), float(spec.c0), float(spec.c1), float(spec.c2), bool(spec.causal),
+              bool(spec.normalize), float(spec.eps), training)
+    if not torch.compiler.is_compiling() and _plain(q, k, v) and q.device.type in ("cpu", "cuda"):
+        return _eager_attention(q, k, v, params)
+    o, _ = _ATTENTION(q, k, v, *params)
     return o
+
+
+def _eager_attention(q, k, v, params) -> Tensor:
+    """What the dispatcher would run for ``based::attention`` on plain tensors (the Autograd kernel
+    and the implementation), without the trip through it: on a slow host at T <= 1024 the trip
+    costs as much as the GPU work. The profiler still sees a ``based::attention`` range."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function("based::attention"):
+            return _eager_attention_unprofiled(q, k, v, params)
+    return _eager_attention_unprofiled(q, k, v, params)
+
+
+def _eager_attention_unprofiled(q, k, v, params) -> Tensor:
+    if params[-1]:   # training
+        return _AttentionAutograd.apply(None, q, k, v, params)[0]
+    return _attention(q, k, v, *params)[0]

@@ -156,6 +156,12 @@ def test_eager_shortcut_still_shows_both_operators(kernel_setting):
     assert counter.calls == {"based::attention": 1, "based::attention_backward": 1}, counter.calls
 
 
+def test_meta_tensors_take_the_fake_implementation():
+    q, k, v = (torch.empty(2, 3, 40, d, device="meta") for d in (4, 4, 5))
+    o = based_attention(q, k, v, BasedSpec(scale=0.5))
+    assert o.device.type == "meta" and o.shape == (2, 3, 40, 5)
+
+
 def test_compiled_autograd_traces_the_backward_operator(kernel_setting):
     q, k, v = make_inputs(1, 2, 12, 4, 3, dtype=torch.float64, requires_grad=True)
     spec = BasedSpec(scale=0.5)
