@@ -53,7 +53,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 from measure import synchronize, timed_calls  # noqa: E402
-from naive_based_lm import BasedLM, count_parameters, fla_based_attention  # noqa: E402
+from naive_based_lm import ATTENTION_FORMS, BasedLM, count_parameters, fla_based_attention  # noqa: E402
 
 VARIANTS = ("eager", "inductor", "based", "fla", "fla_inductor")
 MODES = ("train", "prefill")
@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--min-batch", type=int, default=1, dest="min_batch",
                    help="halve the batch on OOM down to this (set it to the requested batch to never halve)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--attention-form", default="feature_map", choices=ATTENTION_FORMS, dest="attention_form",
+                   help="how the naive mixers spell Based attention (examples/naive_based_lm.py)")
     args = p.parse_args(argv)
     quick = args.quick
     args.lengths = [int(t) for t in (args.lengths or ("2048" if quick else "2048,8192")).split(",")]
@@ -110,7 +112,7 @@ def free_memory(device):
 def build_model(args, device) -> BasedLM:
     torch.manual_seed(0)
     model = BasedLM(args.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                    feature_dim=16, mlp_ratio=4.0, max_len=max(args.lengths))
+                    feature_dim=16, mlp_ratio=4.0, max_len=max(args.lengths), attention_form=args.attention_form)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype)
 
@@ -388,7 +390,7 @@ def main(argv=None) -> dict:
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     run_info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     device=describe_device(device), torch=torch.__version__, params=params,
-                    layers=args.layers, d_model=args.d_model, heads=args.heads, precision=args.precision,
+                    attention_form=args.attention_form, layers=args.layers, d_model=args.d_model, heads=args.heads, precision=args.precision,
                     reps=args.reps, tokens=args.tokens, quick=args.quick)
     try:
         import triton
