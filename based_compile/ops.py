@@ -20,6 +20,13 @@ Registration is the low-level ``torch.library`` one (``Library.define`` + ``impl
 structure ``torch.library.custom_op`` + ``register_autograd`` build, at less than half their
 per-call cost in eager mode (which matters at T <= 1024, where a kernel takes tens of microseconds).
 
+Eager cost: ``based_attention`` on plain CPU/CUDA tensors (no autocast, dispatch mode, fake or
+functional tensor, vmap, subclass; not under Dynamo) calls that autograd formula itself, and an
+eager backward reuses the forward's checked arguments and kernel choice, which are remembered per
+(shapes, dtypes, devices, spec, kernel setting). Everything else goes through the dispatcher, so
+traces and compiled graphs always hold ``based::attention`` and ``based::attention_backward``; the
+profiler shows both names in either case.
+
 Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk, float16,
 bfloat16, float32); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
 the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
@@ -33,10 +40,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from based_compile import cpu_path, policy
+from based_compile import config, cpu_path, policy
 from based_compile.kernels import fused_chunk as fused_chunk_kernel
 from based_compile.kernels import parallel as parallel_kernel
-from based_compile.kernels.arguments import BasedArguments, check_arguments
+from based_compile.kernels.arguments import BasedArguments, check_arguments, triton_interpreting
 from based_compile.spec import BasedSpec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,8 +123,28 @@ _LIBRARY.define(f"attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Te
                 f"bool training) -> (Tensor, Tensor, Tensor)", tags=_TAGS)
 
 
-def _plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training) -> tuple[BasedArguments, str]:
-    """The checked arguments and the kernel (policy.py) of one call; the backward reuses both."""
+def _plan(q, k, v, *params) -> tuple[BasedArguments, str]:
+    """The checked arguments and the kernel (policy.py) of one call; the backward reuses both.
+
+    Remembered per (shapes, dtypes, devices, spec arguments, kernel setting): both are functions of
+    these alone, and checking them again on every call of a training loop costs as much as a
+    Triton launch."""
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, params,
+           config.forced_kernel(), triton_interpreting())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(q, k, v, *params)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training) -> tuple[BasedArguments, str]:
     args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
     kernel = policy.choose_kernel(args, q, k, v, training)
     if kernel in policy.TRITON_KERNELS:
@@ -197,13 +224,18 @@ _PASS_THROUGH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.BackendSelect)
     torch._C.DispatchKey.ADInplaceOrView)
 
 
+_tls_include = torch._C._dispatch_tls_local_include_set
+_tls_exclude = torch._C._dispatch_tls_local_exclude_set
+_dispatch_keys = torch._C._dispatch_keys
+
+
 def _keyset_of(*tensors):
     """The dispatch key set a call on these tensors would see (as the dispatcher hands it to an
     autograd kernel)."""
-    keyset = torch._C._dispatch_tls_local_include_set()
+    keyset = _tls_include()
     for t in tensors:
-        keyset = keyset | torch._C._dispatch_keys(t)
-    return keyset - torch._C._dispatch_tls_local_exclude_set() - _PASS_THROUGH_KEYS
+        keyset = keyset | _dispatch_keys(t)
+    return keyset - _tls_exclude() - _PASS_THROUGH_KEYS
 
 
 # Plain CPU / CUDA tensors under autograd, and nothing else.
@@ -331,6 +363,9 @@ def based_attention(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec) -> Tensor:
     """
     if not isinstance(spec, BasedSpec):
         raise TypeError(f"spec must be a based_compile.spec.BasedSpec, got {type(spec).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     training = policy.is_training(q, k, v)
     params = (spec.layout, float(spec.scale), float(spec.c0), float(spec.c1), float(spec.c2), bool(spec.causal),
               bool(spec.normalize), float(spec.eps), training)

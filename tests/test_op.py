@@ -3,6 +3,7 @@ compiled use (fullgraph, dynamic shapes, autocast), O(T) memory on the CPU, GPU 
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -243,6 +244,26 @@ def test_arguments_are_checked(kernel_setting):
         based_attention(q, k[:, :1].expand(1, 3, 8, 4), v[:, :1].expand(1, 3, 8, 4), BasedSpec())
     with pytest.raises(TypeError, match="dtype"):
         based_attention(q, k.float(), v, BasedSpec())
+    with pytest.raises(TypeError, match="^k must be a torch.Tensor"):
+        based_attention(q, k.tolist(), v, BasedSpec())
+    with pytest.raises(ValueError, match="sequence length"):   # after a call of the same spec: checked again
+        based_attention(q, k[:, :, :5], v, BasedSpec())
+
+
+def test_plan_follows_the_kernel_setting_between_calls(kernel_setting):
+    """The checked arguments and kernel choice are remembered per shapes and spec; the kernel setting
+    is part of what they are remembered by."""
+    q, k, v = make_inputs(1, 2, 8, 4, 4)
+    spec = BasedSpec(scale=0.5)
+    ran = []
+    with torch.no_grad():
+        for kernel in ("cpu_quadratic", "cpu_chunked", "cpu_quadratic"):
+            kernel_setting(kernel)
+            with mock.patch.object(cpu_path, f"{kernel.removeprefix('cpu_')}_forward",
+                                   wraps=getattr(cpu_path, f"{kernel.removeprefix('cpu_')}_forward")) as spy:
+                based_attention(q, k, v, spec)
+            ran.append(spy.call_count)
+    assert ran == [1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------
