@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full precision (no TF32) for one test: GPU references are compared at 1e-4."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def make_inputs(b, h, t, dk, dv, *, kv_heads=None, dtype=torch.float64, device="cpu", layout="BHTD",
                 requires_grad=False, seed=None):
     """Fresh random q, k, v (never zeros). q: H heads, k/v: kv_heads heads (GQA when fewer)."""

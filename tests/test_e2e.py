@@ -213,13 +213,12 @@ def test_backend_by_name_in_fresh_interpreter_without_import():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", ["feature_map", "polynomial", "linear_cumsum"])
-def test_gpu_training_step_matches_float64(form, monkeypatch):
+def test_gpu_training_step_matches_float64(form, no_tf32):
     """On CUDA the rewritten model runs the Triton kernels (one based::attention call per layer, the
     masks built on the GPU): loss and every gradient of a float32 training step with Inductor as the
     inner compiler agree with the same model in float64 on the CPU."""
     import based_compile  # noqa: F401
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = make_model(torch.float32, attention_form=form, conv_size=4, max_len=1024).cuda()
     reference = copy.deepcopy(model).double().cpu()
     tokens = batches(1, t=300, seed=3)[0]

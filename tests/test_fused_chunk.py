@@ -138,14 +138,6 @@ def test_bad_arguments_raise_naming_the_argument(monkeypatch):
 GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,dk,dv,dtype,layout,kv_heads,causal", [
     (8192, 16, 64, torch.bfloat16, "BHTD", None, True),

@@ -233,14 +233,6 @@ def test_poisoned_outputs_are_overwritten():
 
 # ---------------------------------------------------------------------------------------------- GPU
 
-@pytest.fixture
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 # Each case compiles its own kernels (dtype, Dk, Dv): a handful of cases covers the realistic shapes.
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,dk,dv,dtype", [
@@ -248,20 +240,20 @@ def _no_tf32():
     (4096, 64, 128, torch.bfloat16), (4096, 64, 128, torch.float32), (2000, 16, 128, torch.float16),
     (1537, 64, 64, torch.bfloat16),
 ])
-def test_gpu_realistic(_no_tf32, t, dk, dv, dtype):
+def test_gpu_realistic(no_tf32, t, dk, dv, dtype):
     _check(1, 2, t, dk, dv, dtype=dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("atomic_dq", [False, True])
-def test_gpu_backward_schemes(_no_tf32, monkeypatch, atomic_dq):
+def test_gpu_backward_schemes(no_tf32, monkeypatch, atomic_dq):
     import based_compile.kernels.parallel as mod
     monkeypatch.setattr(mod, "ATOMIC_DQ_DEFAULT", atomic_dq)
     _check(2, 4, 8192, 16, 64, dtype=torch.bfloat16, kv_heads=2, layout="BTHD")
 
 
 @pytest.mark.gpu
-def test_gpu_variants(_no_tf32):
+def test_gpu_variants(no_tf32):
     dtype = torch.bfloat16
     _check(2, 4, 1000, 16, 64, kv_heads=2, dtype=dtype, layout="BTHD")
     _check(1, 2, 777, 16, 64, dtype=dtype, causal=False, normalize=False, coeffs=OTHER)
