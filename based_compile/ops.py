@@ -37,13 +37,15 @@ the naive PyTorch code it replaces runs its matmuls in that dtype). The output h
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from based_compile import config, cpu_path, policy
 from based_compile.kernels import fused_chunk as fused_chunk_kernel
 from based_compile.kernels import parallel as parallel_kernel
-from based_compile.kernels.arguments import BasedArguments, check_arguments, triton_interpreting
+from based_compile.kernels.arguments import BasedArguments, check_arguments
 from based_compile.spec import BasedSpec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -123,14 +125,16 @@ _LIBRARY.define(f"attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Te
                 f"bool training) -> (Tensor, Tensor, Tensor)", tags=_TAGS)
 
 
-def _plan(q, k, v, *params) -> tuple[BasedArguments, str]:
-    """The checked arguments and the kernel (policy.py) of one call; the backward reuses both.
+def _plan(q, k, v, *params) -> tuple[BasedArguments, str, object, object]:
+    """The checked arguments, the kernel (policy.py) and its forward and backward functions for one
+    call; the backward reuses them.
 
-    Remembered per (shapes, dtypes, devices, spec arguments, kernel setting): both are functions of
+    Remembered per (shapes, dtypes, devices, spec arguments, kernel setting): all are functions of
     these alone, and checking them again on every call of a training loop costs as much as a
-    Triton launch."""
+    Triton launch. The key holds the settings as written (``config.kernel`` and the two environment
+    variables); they are validated when a plan is made, so an invalid value raises every time."""
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, params,
-           config.forced_kernel(), triton_interpreting())
+           config.kernel, _environ.get(config.KERNEL_ENV_VAR), _environ.get("TRITON_INTERPRET"))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _make_plan(q, k, v, *params)
@@ -142,33 +146,40 @@ def _plan(q, k, v, *params) -> tuple[BasedArguments, str]:
 
 _PLANS: dict = {}
 _MAX_PLANS = 256
+_environ = os.environ
 
 
-def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training) -> tuple[BasedArguments, str]:
+def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training):
     args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
     kernel = policy.choose_kernel(args, q, k, v, training)
     if kernel in policy.TRITON_KERNELS:
         _check_kernel_limits(q, args)
-    return args, kernel
-
-
-def _run_forward(q, k, v, args: BasedArguments, kernel: str) -> tuple[Tensor, Tensor]:
-    if kernel in policy.TRITON_KERNELS:
-        o, z = _kernel_pair(kernel)[0](q, k, v, args)
-        o = o.contiguous()
+        forward, backward = _kernel_pair(kernel)
     else:
-        o, z = cpu_path.cpu_forward(q, k, v, args, kernel.removeprefix("cpu_"))
+        forward, backward = _cpu_pair(kernel.removeprefix("cpu_"))
+    return args, kernel, forward, backward
+
+
+def _cpu_pair(form: str):
+    """(forward, backward) of a PyTorch CPU form, with the Triton kernels' signatures."""
+    def forward(q, k, v, args):
+        return cpu_path.cpu_forward(q, k, v, args, form)
+
+    def backward(q, k, v, o, z, do, args):
+        return cpu_path.cpu_backward(q, k, v, o, z, do, args, form)
+    return forward, backward
+
+
+def _run_forward(q, k, v, args: BasedArguments, kernel: str, forward, backward) -> tuple[Tensor, Tensor]:
+    o, z = forward(q, k, v, args)
     if z is None:
-        return o, _no_z(q)
-    return o, z.contiguous()
+        return o.contiguous(), _no_z(q)
+    return o.contiguous(), z.contiguous()
 
 
-def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
-    if kernel in policy.TRITON_KERNELS:
-        grads = _kernel_pair(kernel)[1](q, k, v, o, z if args.normalize else None, do, args)
-    else:
-        grads = cpu_path.cpu_backward(q, k, v, o, z, do, args, kernel.removeprefix("cpu_"))
-    return tuple(g.contiguous() for g in grads)
+def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str, forward, backward):
+    dq, dk, dv = backward(q, k, v, o, z if args.normalize else None, do, args)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def _attention(q, k, v, *params):
@@ -219,35 +230,32 @@ def _straight_to_backend(keyset) -> bool:
     return (keyset & torch._C._after_autograd_keyset).highestPriorityTypeId() in _BACKEND_KEYS
 
 
-# Keys every plain tensor carries that have nothing to do for a functional operator.
-_PASS_THROUGH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.BackendSelect) | torch._C.DispatchKeySet(
-    torch._C.DispatchKey.ADInplaceOrView)
-
-
+_Key, _KeySet = torch._C.DispatchKey, torch._C.DispatchKeySet
 _tls_include = torch._C._dispatch_tls_local_include_set
 _tls_exclude = torch._C._dispatch_tls_local_exclude_set
 _dispatch_keys = torch._C._dispatch_keys
 
-
-def _keyset_of(*tensors):
-    """The dispatch key set a call on these tensors would see (as the dispatcher hands it to an
-    autograd kernel)."""
-    keyset = _tls_include()
-    for t in tensors:
-        keyset = keyset | _dispatch_keys(t)
-    return keyset - _tls_exclude() - _PASS_THROUGH_KEYS
-
-
-# Plain CPU / CUDA tensors under autograd, and nothing else.
-_PLAIN_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.CPU) | torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-               | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCPU)
-               | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCUDA))
+# A call on plain CPU / CUDA tensors under autograd meets these keys and nothing else (BackendSelect
+# and ADInplaceOrView have nothing to do for a functional operator). As raw bits: a key set holds a
+# bit per backend (CPU, CUDA, ..., Meta) and a bit per functionality (Dense, Autograd, Python, ...).
+_PLAIN_BITS = (_KeySet(_Key.CPU) | _KeySet(_Key.CUDA) | _KeySet(_Key.AutogradCPU) | _KeySet(_Key.AutogradCUDA)
+               | _KeySet(_Key.ADInplaceOrView) | _KeySet(_Key.BackendSelect)).raw_repr()
+_DENSE_BIT = _KeySet(_Key.CPU).raw_repr() & _KeySet(_Key.CUDA).raw_repr()
+_FUNCTIONALITY_BITS = ~(_DENSE_BIT - 1)      # the backend bits sit below Dense
 
 
 def _plain(*tensors) -> bool:
     """True when a call on these tensors goes through autograd alone to the CPU or CUDA kernel: no
-    autocast, tracing, fake tensors, dispatch modes, functionalization, vmap or tensor subclass."""
-    return (_keyset_of(*tensors) - _PLAIN_KEYS).highestPriorityTypeId() == torch._C.DispatchKey.Undefined
+    autocast, tracing, fake or meta tensors, dispatch modes, functionalization, vmap or tensor
+    subclass. Read from the dispatch keys the call would meet (the tensors' and the thread's), as
+    raw bits: this runs on every eager call, and the bit arithmetic costs about half of what the
+    key-set objects' does (the thread's excluded functionalities, e.g. autocast while it is off, do
+    not count)."""
+    bits = _tls_include().raw_repr()
+    for t in tensors:
+        bits |= _dispatch_keys(t).raw_repr()
+    bits &= ~(_tls_exclude().raw_repr() & _FUNCTIONALITY_BITS)
+    return bits & ~_PLAIN_BITS == 0
 
 
 class _AttentionAutograd(torch.autograd.Function):
@@ -264,6 +272,7 @@ class _AttentionAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, keyset, q, k, v, params):
+        ctx.set_materialize_grads(False)     # no zeros for z's gradient, which is never used
         if keyset is None or _straight_to_backend(keyset):       # None: based_attention checked _plain
             ctx.plan = _plan(q, k, v, *params)
             o, z = _run_forward(q, k, v, *ctx.plan)
@@ -273,13 +282,17 @@ class _AttentionAutograd(torch.autograd.Function):
                 o, z = _ATTENTION.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params)
         ctx.save_for_backward(q, k, v, o, z)
         ctx.params = params
+        if keyset is None:      # based_attention returns o alone: z need not be an output
+            return o
         ctx.mark_non_differentiable(z)
         return o, z
 
     @staticmethod
-    def backward(ctx, do, _dz):
+    def backward(ctx, do, *_dz):
+        if do is None:       # o took no part in what is differentiated
+            return None, None, None, None, None
         q, k, v, o, z = ctx.saved_tensors
-        if ctx.plan is not None and not torch.is_grad_enabled() and _straight_to_backend(_keyset_of(do)):
+        if ctx.plan is not None and not torch.is_grad_enabled() and _plain(do):
             if torch._C._autograd._profiler_enabled():
                 with torch.profiler.record_function("based::attention_backward"):
                     dq, dk, dv = _run_backward(do, q, k, v, o, z, *ctx.plan)
@@ -363,13 +376,13 @@ def based_attention(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec) -> Tensor:
     """
     if not isinstance(spec, BasedSpec):
         raise TypeError(f"spec must be a based_compile.spec.BasedSpec, got {type(spec).__name__}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     training = policy.is_training(q, k, v)
-    params = (spec.layout, float(spec.scale), float(spec.c0), float(spec.c1), float(spec.c2), bool(spec.causal),
-              bool(spec.normalize), float(spec.eps), training)
-    if not torch.compiler.is_compiling() and _plain(q, k, v) and q.device.type in ("cpu", "cuda"):
+    params = (*spec.op_arguments, training)
+    if not torch.compiler.is_compiling() and _plain(q, k, v):      # _plain: CPU or CUDA tensors only
         return _eager_attention(q, k, v, params)
     o, _ = _ATTENTION(q, k, v, *params)
     return o
@@ -387,5 +400,5 @@ def _eager_attention(q, k, v, params) -> Tensor:
 
 def _eager_attention_unprofiled(q, k, v, params) -> Tensor:
     if params[-1]:   # training
-        return _AttentionAutograd.apply(None, q, k, v, params)[0]
+        return _AttentionAutograd.apply(None, q, k, v, params)
     return _attention(q, k, v, *params)[0]

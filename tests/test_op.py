@@ -157,6 +157,67 @@ def test_eager_shortcut_still_shows_both_operators(kernel_setting):
     assert counter.calls == {"based::attention": 1, "based::attention_backward": 1}, counter.calls
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass that sees every operator (the Python dispatch key)."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.as_subclass(torch.Tensor) if isinstance(x, _Subclass) else x  # noqa: E731
+        return func(*(unwrap(a) for a in args), **(kwargs or {}))
+
+
+def _plain_in(context: str) -> bool:
+    """ops._plain for three CPU tensors made and checked inside ``context``."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from based_compile import ops
+
+    make = lambda **kw: torch.randn(2, 3, **kw)  # noqa: E731
+    if context == "vmap":
+        return torch.vmap(lambda x: torch.tensor(ops._plain(x, x, x)))(make()).all().item()
+    if context == "functionalize":
+        out = []
+        torch.func.functionalize(lambda x: out.append(ops._plain(x, x, x)) or x)(make())
+        return out[0]
+    if context == "subclass":
+        return ops._plain(make(), make(), make().as_subclass(_Subclass))
+    if context == "meta":
+        return ops._plain(make(), make(device="meta"), make())
+    if context == "sparse":
+        return ops._plain(make(), make(), make().to_sparse())
+    ctx = {"plain": nullcontext(), "autocast": torch.autocast("cpu", torch.bfloat16), "fake": FakeTensorMode(),
+           "dispatch_mode": _OpLog(), "below_autograd": torch._C._AutoDispatchBelowAutograd()}[context]
+    with ctx:
+        tensors = (make(), make(requires_grad=context != "fake"), make())
+        return ops._plain(*tensors)
+
+
+@pytest.mark.parametrize("context,plain", [
+    ("plain", True), ("below_autograd", True), ("autocast", False), ("fake", False), ("dispatch_mode", False),
+    ("vmap", False), ("functionalize", False), ("subclass", False), ("meta", False), ("sparse", False)])
+def test_eager_shortcut_only_for_plain_tensors(context, plain):
+    """The eager shortcut (no trip through the dispatcher) is taken for plain CPU/CUDA tensors only:
+    anything else that would see the operator in the dispatcher still does."""
+    assert _plain_in(context) is plain
+
+
+def test_invalid_kernel_setting_raises_on_every_call(kernel_setting, monkeypatch):
+    """Settings are part of the remembered plan's key as written and validated when a plan is made:
+    an invalid value is never remembered, and a valid one set between calls takes effect."""
+    q, k, v = make_inputs(1, 2, 8, 4, 4)
+    spec = BasedSpec(scale=0.5)
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "no_such_kernel")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=config.KERNEL_ENV_VAR):
+            based_attention(q, k, v, spec)
+    monkeypatch.setenv(config.KERNEL_ENV_VAR, "cpu_chunked")
+    with mock.patch.object(cpu_path, "chunked_forward", wraps=cpu_path.chunked_forward) as spy:
+        based_attention(q, k, v, spec)
+    assert spy.call_count == 1
+
+
 def test_meta_tensors_take_the_fake_implementation():
     q, k, v = (torch.empty(2, 3, 40, d, device="meta") for d in (4, 4, 5))
     o = based_attention(q, k, v, BasedSpec(scale=0.5))
@@ -248,6 +309,19 @@ def test_arguments_are_checked(kernel_setting):
         based_attention(q, k.tolist(), v, BasedSpec())
     with pytest.raises(ValueError, match="sequence length"):   # after a call of the same spec: checked again
         based_attention(q, k[:, :, :5], v, BasedSpec())
+
+
+@pytest.mark.parametrize("field,value", [("scale", None), ("c2", "0.5"), ("eps", True), ("c0", torch.tensor(1.0))])
+def test_spec_fields_must_be_numbers(field, value):
+    with pytest.raises(TypeError, match=f"BasedSpec.{field} must be a number"):
+        BasedSpec(**{field: value})
+
+
+def test_spec_operator_arguments():
+    import numpy as np
+    spec = BasedSpec(scale=np.float32(0.5), c0=1, causal=False)
+    assert spec.op_arguments == ("BHTD", 0.5, 1.0, 1.0, 0.5, False, True, 1e-6)
+    assert all(type(a) in (str, float, bool) for a in spec.op_arguments)
 
 
 def test_plan_follows_the_kernel_setting_between_calls(kernel_setting):
