@@ -2,14 +2,15 @@
 CUDA graphs / max-autotune through torch.compile, and the parallel / fused-chunk crossovers
 that ``based_compile/policy.py`` records.
 
-    python benchmarks/op.py --out DIR [--quick] [--no-crossover] [--profile]
+    python benchmarks/op.py --out DIR [--quick] [--no-crossover] [--profile] [--blocks N]
 
 0. Host time per call (B=1 H=1 T=64, where the GPU waits on the host): the op, the kernels'
    own autograd.Function, and the bare Triton launches; ``--profile`` prints a cProfile of the op.
 1. Overhead at the reference configuration (B=16, H=16, Dk=16, Dv=64, bf16, causal,
    normalised; DESIGN.md section 4): median forward (inference) and forward+backward
    (training) of ``based_attention`` with the policy on "auto", next to the best kernel
-   called directly (``parallel_based`` / ``fused_chunk_based``). Bar: within 5%. Eager at small T
+   called directly (``parallel_based`` / ``fused_chunk_based``), timed in short blocks that
+   alternate between the three (``--blocks``, median per step). Bar: within 5%. Eager at small T
    this compares host overheads (rows "T"); rows "Tg" take the host out (CUDA graphs: the forward
    captured, forward+backward through ``torch.cuda.make_graphed_callables``) at the two smallest T.
 2. ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and ``mode="max-autotune"`` of a
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import statistics
 
 import torch
 import triton.testing
@@ -37,6 +38,7 @@ from based_compile.spec import BasedSpec
 
 B, H, DK, DV = 16, 16, 16, 64
 DTYPE = torch.bfloat16
+BLOCKS = 30         # alternating timing blocks per function and T in the op-vs-kernel comparison
 
 
 def inputs(b, h, t, dk, dv, grad=False):
@@ -62,28 +64,56 @@ def fwd_bwd_ms(fn, q, k, v):
     return median_ms(step)
 
 
-def overhead(ts):
-    """Op vs kernels at each T. Every function runs once first (Triton compiles), then each is
-    timed twice in alternating order and the lower median kept: the first timing after a compile
-    pause can read slow while the GPU clocks ramp back up."""
+def interleaved_ms(steps: dict, blocks: int, per_block: int) -> dict:
+    """Median time per step of each callable in ``steps``, timed (CUDA events) in blocks of
+    ``per_block`` back-to-back steps that alternate between the callables, the order reversed every
+    other block. Where the GPU waits on the host (small T) a step's time is the host's, and this
+    host's speed drifts by tens of percent over seconds: alternating every few milliseconds puts
+    the same drift on every callable, where timing each for a second in turn does not."""
+    for step in steps.values():
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = {name: [] for name in steps}
+    for block in range(blocks):
+        for name, step in (steps.items() if block % 2 == 0 else reversed(steps.items())):
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(per_block):
+                step()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / per_block)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def overhead(ts, blocks=BLOCKS):
+    """Op vs kernels at each T, eager: forward without grad (inference) and forward+backward
+    (``torch.autograd.grad``), per-step medians from ``interleaved_ms`` (about 20 ms per block)."""
     spec = BasedSpec(scale=DK ** -0.5)
     fns = {"op": lambda q, k, v: based_attention(q, k, v, spec),
            "parallel": parallel_based, "fused_chunk": fused_chunk_based}
     rows = []
     for t in ts:
         q, k, v = inputs(B, H, t, DK, DV, grad=True)
-        for fn in fns.values():
-            fwd_bwd_ms(fn, q, k, v)
-        row = {"T": t}
-        for rep in range(2):
-            for name, fn in (fns.items() if rep == 0 else reversed(fns.items())):
-                for kind, timer in (("fwd", fwd_ms), ("fwdbwd", fwd_bwd_ms)):
-                    ms = timer(fn, q, k, v)
-                    row[f"{name}_{kind}"] = min(ms, row.get(f"{name}_{kind}", ms))
-        for kind in ("fwd", "fwdbwd"):
+        do = torch.randn(B, H, t, DV, device="cuda", dtype=DTYPE)
+        per_block = max(2, 20 * 1024 // t)
+
+        def forward(fn):
+            def step():
+                with torch.no_grad():
+                    fn(q, k, v)
+            return step
+
+        def forward_backward(fn):
+            return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+
+        row = {"T": t, "steps_per_block": per_block, "blocks": blocks}
+        for kind, make in (("fwd", forward), ("fwdbwd", forward_backward)):
+            medians = interleaved_ms({name: make(fn) for name, fn in fns.items()}, blocks, per_block)
+            row.update({f"{name}_{kind}": ms for name, ms in medians.items()})
             row[f"{kind}_ratio"] = row[f"op_{kind}"] / min(row[f"parallel_{kind}"], row[f"fused_chunk_{kind}"])
         rows.append(row)
-        del q, k, v
+        del q, k, v, do
     return rows
 
 
@@ -118,26 +148,10 @@ def graphed(ts):
     return rows
 
 
-def host_us(fn, n=300) -> float:
-    """Host (CPU) time of one call in microseconds: at a tiny shape the GPU finishes each kernel
-    before the next launch, so the wall time of n calls, synchronised once, is the CPU's."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / n * 1e6)
-    return best
-
-
 def host_overhead(profile: bool):
     """Per-call host time of the op and of the kernels called directly (B=1 H=1 T=64), and of the
     kernels' launch functions alone (parallel_forward + parallel_backward, no autograd, no checks):
-    what is left for the GPU to hide at small T."""
+    what is left for the GPU to hide at small T. Medians of alternating blocks (interleaved_ms)."""
     spec = BasedSpec(scale=DK ** -0.5)
     q, k, v = inputs(1, 1, 64, DK, DV, grad=True)
     do = torch.randn(1, 1, 64, DV, device="cuda", dtype=DTYPE)
@@ -154,11 +168,17 @@ def host_overhead(profile: bool):
         parallel_forward(q, k, v, args)
         parallel_backward(q, k, v, o, z, do, args)
 
-    out = {"op_fwdbwd_us": host_us(op_step), "parallel_fwdbwd_us": host_us(direct_step),
-           "launches_only_us": host_us(launches)}
-    with torch.no_grad():
-        out["op_fwd_us"] = host_us(lambda: based_attention(q, k, v, spec))
-        out["parallel_fwd_us"] = host_us(lambda: parallel_based(q, k, v, scale=spec.scale))
+    def no_grad(fn):
+        def step():
+            with torch.no_grad():
+                fn()
+        return step
+
+    # At this size the GPU finishes each kernel before the next launch: a step's time is the host's.
+    steps = {"op_fwdbwd_us": op_step, "parallel_fwdbwd_us": direct_step, "launches_only_us": launches,
+             "op_fwd_us": no_grad(lambda: based_attention(q, k, v, spec)),
+             "parallel_fwd_us": no_grad(lambda: parallel_based(q, k, v, scale=spec.scale))}
+    out = {name: ms * 1e3 for name, ms in interleaved_ms(steps, blocks=20, per_block=50).items()}
     if profile:
         import cProfile
         import pstats
@@ -210,12 +230,13 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-crossover", action="store_true", help="skip the crossover sweep")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the op's host time")
+    p.add_argument("--blocks", type=int, default=BLOCKS, help="alternating timing blocks per function and T")
     args = p.parse_args()
     torch.manual_seed(0)
     config.kernel = "auto"
     ts = (1024, 4096) if args.quick else (1024, 2048, 4096, 8192, 16384)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "host": host_overhead(args.profile), "overhead": overhead(ts), "graphed": graphed(ts[:2]),
+           "host": host_overhead(args.profile), "overhead": overhead(ts, args.blocks), "graphed": graphed(ts[:2]),
            "compiled": compiled_modes()}
     cts = (256, 512, 1024, 2048, 4096, 8192, 16384)
     shapes = ((16, 16, 64), (256, 16, 64), (256, 16, 128), (256, 32, 64))
