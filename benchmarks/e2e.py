@@ -16,7 +16,8 @@ Entries (``--variants``), all on the same weights:
   fla               the model with its attention swapped for fla-core's Based kernels called directly
                     (parallel_based for training, fused_chunk_based for prefill), the rest eager
   fla_inductor      the same, with torch.compile(model) around it (the hand-optimised reference with the
-                    same compiler help as ours)
+                    same compiler help as ours; fla's call is left out of the graph with
+                    torch.compiler.disable, because Inductor 2.11 fails to compile its kernels)
 fla entries need fla-core importable; its layout is found from its signature and checked against
 the naive form before use. Modes (``--modes``):
   train     one optimiser step: forward, cross-entropy, backward, AdamW (fused on CUDA); median step time,
@@ -28,6 +29,10 @@ out of memory is retried at half the batch (down to 1) and the batch it ran with
 that fails otherwise prints its error and the run goes on. Results are merged into
 ``OUT/e2e.json`` after every entry (keyed by mode, T, variant), so runs split over several device
 calls add up; the table is printed last and ``OUT/e2e.png`` is drawn when matplotlib is installed.
+
+Inductor in torch 2.11 fails to compile the feature-map spelling at T=2048 (a TypeError from
+``CantSplit``); ``--fix-inductor-cantsplit`` applies the workaround in benchmarks/inductor_cantsplit.py
+(the upstream fix's effect) to every compiled entry and records it in the run.
 
 Budget: every compiled entry compiles the 12-layer model (tens of seconds to a few minutes each, and
 again when an OOM halves the batch), so the full run may not fit one 10-minute device call. Split it,
@@ -83,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--attention-form", default="feature_map", choices=ATTENTION_FORMS, dest="attention_form",
                    help="how the naive mixers spell Based attention (examples/naive_based_lm.py)")
+    p.add_argument("--fix-inductor-cantsplit", action="store_true", dest="fix_cantsplit",
+                   help="work around torch 2.11's CantSplit TypeError in Inductor (benchmarks/inductor_cantsplit.py), "
+                        "for every compiled entry; recorded in the run")
     args = p.parse_args(argv)
     quick = args.quick
     args.lengths = [int(t) for t in (args.lengths or ("2048" if quick else "2048,8192")).split(",")]
@@ -167,7 +175,13 @@ def runner_for(model, initial_state, variant: str, mode: str, device, dtype):
     torch._dynamo.reset()
     model.load_state_dict(initial_state)                       # every entry starts from the same weights
     if variant in ("fla", "fla_inductor"):
-        model.set_attention_impl(checked_fla_impl("parallel" if mode == "train" else "fused_chunk", device, dtype))
+        impl = checked_fla_impl("parallel" if mode == "train" else "fused_chunk", device, dtype)
+        if variant == "fla_inductor":
+            # Inductor fails to compile fla's Triton kernels inside the graph (torch 2.11, fla-core
+            # 0.6.0: a compile error in a subprocess): they run as they are, Inductor compiles the
+            # rest between them (a graph break at each mixer).
+            impl = torch.compiler.disable(impl)
+        model.set_attention_impl(impl)
     else:
         model.set_attention_impl(None)
     if variant in ("inductor", "fla_inductor"):
@@ -392,6 +406,9 @@ def main(argv=None) -> dict:
                     device=describe_device(device), torch=torch.__version__, params=params,
                     attention_form=args.attention_form, layers=args.layers, d_model=args.d_model,
                     heads=args.heads, precision=args.precision, reps=args.reps, tokens=args.tokens, quick=args.quick)
+    if args.fix_cantsplit:
+        import inductor_cantsplit
+        run_info["inductor_patch"] = inductor_cantsplit.patch() or "not needed on this torch"
     try:
         import triton
         run_info["triton"] = triton.__version__
