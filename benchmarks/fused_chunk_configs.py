@@ -1,4 +1,4 @@
-"""Scratch timings for tuning the fused-chunk kernel (the issue-3 benchmark is benchmarks/kernels.py).
+"""Block-configuration timings for tuning the fused-chunk kernel (the issue-3 benchmark is benchmarks/kernels.py).
 
 One run on the GPU: the two ceilings (copy bandwidth, bf16 matmul rate), then at the reference
 configuration (B=16, H=16, Dk=16, Dv=64, bf16, causal, normalised) the forward of several block
@@ -208,7 +208,7 @@ def main():
     results["kernels"] = compiled_kernel_report()
     for r in results["kernels"]:
         print(r)
-    with open(os.path.join(a.out, "scratch_fused_chunk.json"), "w") as f:
+    with open(os.path.join(a.out, "fused_chunk_configs.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n{'T':>6} {'best fc config':>28} {'fc ms':>8} {'floor':>7} {'fla_fc':>8} {'fla_par':>8} {'our_par':>8} {'fla/fc':>7}")
     for t, name, best, fl, ff, fp, op in [r[:7] for r in table]:
