@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--fix-inductor-cantsplit", action="store_true", dest="fix_cantsplit",
                    help="work around torch 2.11's CantSplit TypeError in Inductor (benchmarks/inductor_cantsplit.py), "
                         "for every compiled entry; recorded in the run")
+    p.add_argument("--attention-share", action="store_true", dest="attention_share",
+                   help="after timing, profile 2 calls on the GPU: GPU time in all kernels and in the attention "
+                        "kernels (based and fla entries), recorded as gpu_ms and attention_gpu_ms")
     args = p.parse_args(argv)
     quick = args.quick
     args.lengths = [int(t) for t in (args.lengths or ("2048" if quick else "2048,8192")).split(",")]
@@ -192,6 +195,37 @@ def runner_for(model, initial_state, variant: str, mode: str, device, dtype):
     return model
 
 
+# Kernel names of the attention: ours (kernels/parallel.py, kernels/fused_chunk.py) and fla-core's.
+ATTENTION_KERNEL_MARKS = ("_parallel_", "_fused_chunk_", "based")
+
+
+def is_attention_kernel(name: str) -> bool:
+    return any(mark in name for mark in ATTENTION_KERNEL_MARKS)
+
+
+def gpu_time_split(fn, calls: int = 2) -> dict:
+    """GPU time per call of ``fn`` in all kernels and in the attention kernels (``is_attention_kernel``),
+    from the profiler's kernel records over ``calls`` calls. Meaningful for the based and fla entries,
+    whose attention runs in kernels of its own; Inductor's attention is fused into generic kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = attention = 0.0
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        us = getattr(event, "self_device_time_total", None)
+        us = event.self_cuda_time_total if us is None else us
+        total += us
+        if is_attention_kernel(event.key):
+            attention += us
+    return dict(gpu_ms=total / calls / 1e3, attention_gpu_ms=attention / calls / 1e3)
+
+
 def measure_train(args, model, run, batch, t, device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(t)
@@ -214,7 +248,8 @@ def measure_train(args, model, run, batch, t, device) -> dict:
             torch.cuda.reset_peak_memory_stats()
         times = timed_calls(step, device, args.reps)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        return dict(**time_summary(times, batch * t), peak_bytes=peak, first_losses=losses)
+        split = gpu_time_split(step) if args.attention_share and device.type == "cuda" else {}
+        return dict(**time_summary(times, batch * t), peak_bytes=peak, first_losses=losses, **split)
     finally:
         opt.zero_grad(set_to_none=True)
         del opt
@@ -241,7 +276,8 @@ def measure_prefill(args, model, run, batch, t, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = timed_calls(forward, device, args.reps)
     peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else None
-    return dict(**time_summary(times, batch * t), peak_bytes=peak)
+    split = gpu_time_split(forward) if args.attention_share and device.type == "cuda" else {}
+    return dict(**time_summary(times, batch * t), peak_bytes=peak, **split)
 
 
 def run_entry(args, model, initial_state, variant, mode, t, device, dtype) -> dict:

@@ -275,3 +275,17 @@ def test_inductor_cantsplit_workaround(monkeypatch):
     assert CantSplit(2, 3).remaining == 3
     assert inductor_cantsplit.patch(CantSplit) is None
     assert isinstance(inductor_cantsplit.needed(), bool)      # this torch's own class, left as it is
+
+
+def test_e2e_attention_kernel_names(monkeypatch):
+    """The kernels counted as attention by ``--attention-share``: ours and fla-core's, not Inductor's."""
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
+    import e2e
+    from based_compile.kernels import fused_chunk, parallel
+
+    ours = [name for module in (parallel, fused_chunk) for name in dir(module) if name.endswith("_kernel")]
+    assert len(ours) >= 6 and all(e2e.is_attention_kernel(name) for name in ours), ours
+    assert e2e.is_attention_kernel("parallel_based_fwd_kernel")
+    for name in ("triton_per_fused_add_mul_0", "triton_red_fused__to_copy_sum_3", "ampere_bf16_s16816gemm",
+                 "void at::native::vectorized_elementwise_kernel<4>"):
+        assert not e2e.is_attention_kernel(name)
