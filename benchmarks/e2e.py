@@ -32,7 +32,9 @@ calls add up; the table is printed last and ``OUT/e2e.png`` is drawn when matplo
 
 Inductor in torch 2.11 fails to compile the feature-map spelling at T=2048 (a TypeError from
 ``CantSplit``); ``--fix-inductor-cantsplit`` applies the workaround in benchmarks/inductor_cantsplit.py
-(the upstream fix's effect) to every compiled entry and records it in the run.
+(the upstream fix's effect) to every compiled entry and records it in the run. ``--attention-share``
+profiles two more calls of each entry on the GPU and records the GPU time of all kernels and of the
+attention kernels (ours or fla-core's, by kernel name) per call.
 
 Budget: every compiled entry compiles the 12-layer model (tens of seconds to a few minutes each, and
 again when an OOM halves the batch), so the full run may not fit one 10-minute device call. Split it,
