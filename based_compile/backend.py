@@ -14,7 +14,9 @@ and through the ``torch_dynamo_backends`` entry point ``based_backend``) is the 
 
 The pass lowers only the neighbourhoods of possible sites to ATen (``canonicalize``), matches
 there, and replaces each site's output in Dynamo's own graph; the inner compiler gets Dynamo's
-graph (unchanged when nothing matched).
+graph (unchanged when nothing matched). When a rewrite relied on the values of registered
+buffers (a mask, a scale), the compiled callable is wrapped by ``buffer_guard``, which refuses to
+run it once those values change.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import time
 import torch
 import torch.fx as fx
 
+from .buffer_guard import BakedBuffer, guard_buffers
 from .canonicalize import attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten
 from .evaluate import GraphEvaluator, LazyTensor
 from .explain import Explanation, Refusal, Site, source_of
@@ -46,13 +49,17 @@ def _constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
         if not isinstance(value, torch.Tensor):
             flags.append(True)
             continue
-        grapharg = node.meta.get("grapharg")
-        source = node.name
-        if grapharg is not None and grapharg.source is not None:
-            name = grapharg.source.name           # a property in newer torch, a method in older
-            source = name() if callable(name) else name
-        flags.append("buffers" in source and not value.requires_grad)
+        flags.append("buffers" in _source_name(node) and not value.requires_grad)
     return flags
+
+
+def _source_name(placeholder: fx.Node) -> str:
+    """Where a Dynamo graph input comes from in the user's program (e.g. L['self']._buffers['tril'])."""
+    grapharg = placeholder.meta.get("grapharg")
+    if grapharg is not None and grapharg.source is not None:
+        name = grapharg.source.name               # a property in newer torch, a method in older
+        return name() if callable(name) else name
+    return placeholder.name
 
 
 def _kernel_description(spec, q_node, k_node, v_node) -> str:
@@ -77,10 +84,11 @@ def _unsupported_reason(site) -> str | None:
 
 
 def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
-             report: Explanation | None = None) -> fx.GraphModule | None:
+             report: Explanation | None = None) -> tuple[fx.GraphModule, list[BakedBuffer]] | None:
     """Find, verify and (if ``rewrite``) rewrite Based attention in Dynamo's graph ``gm``.
 
-    Returns ``gm`` rewritten in place, or None when nothing was rewritten.
+    Returns ``gm`` rewritten in place with the graph inputs (registered buffers) whose values the
+    rewrite relied on (``buffer_guard``), or None when nothing was rewritten.
     """
     global pass_seconds
     start = time.perf_counter()
@@ -96,8 +104,8 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
             return None
         if found is None:
             return None
-        settled, to_dynamo, region = found
-        return rewrite_dynamo_sites(gm, settled, to_dynamo, region)
+        settled, to_dynamo, region, baked = found
+        return rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked
     finally:
         pass_seconds += time.perf_counter() - start
 
@@ -147,7 +155,33 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                  entry.source, site.spec, "" if rewrite else " [not rewritten: report only]")
     if not settled or not rewrite:
         return None
-    return settled, to_dynamo, region
+    return settled, to_dynamo, region, _baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+
+
+def _baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dynamo: dict) -> list[BakedBuffer]:
+    """The graph inputs whose values the rewritten sites took at compile time: tensors the replaced
+    part of each site (from its output back to, not through, q, k and v) reads and that are not
+    variables (registered buffers: a mask, a scale)."""
+    index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    baked: dict[int, BakedBuffer] = {}
+    for site in settled:
+        m = site.match
+        stop, seen, stack = {m.q, m.k, m.v}, set(), [m.output]
+        while stack:
+            node = stack.pop()
+            if node in seen or node in stop:
+                continue
+            seen.add(node)
+            if node.op == "placeholder":
+                dynamo = to_dynamo.get(node)
+                if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
+                        and dynamo is not None and dynamo in index_of):
+                    i = index_of[dynamo]
+                    baked.setdefault(i, BakedBuffer(i, _source_name(dynamo), f"read at compile time by the "
+                                                    f"site at {source_of(m.anchor)}: {site.spec}"))
+                continue
+            stack.extend(node.all_input_nodes)
+    return list(baked.values())
 
 
 def _region_inputs(gm, example_inputs, inputs, aten_inputs):
@@ -217,8 +251,12 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
         log.info("based_compile: kernel forced to %r for this process (based_compile.config.kernel)", kernel)
 
     def based(gm: fx.GraphModule, example_inputs):
-        rewritten = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify)
-        return inner_compile(rewritten if rewritten is not None else gm, example_inputs)
+        result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify)
+        if result is None:
+            return inner_compile(gm, example_inputs)
+        rewritten, baked = result
+        compiled = inner_compile(rewritten, example_inputs)
+        return guard_buffers(compiled, baked, example_inputs) if baked else compiled
 
     based.options = {"inner": inner, "rewrite": rewrite, "kernel": kernel, "verify": verify}
     return based

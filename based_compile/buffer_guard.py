@@ -1,0 +1,79 @@
+"""Guard the registered buffers whose values a rewrite relied on.
+
+The pass reads some registered buffers by value at compile time: a ``tril`` mask buffer is
+what makes a site causal, a scale kept in a buffer becomes the spec's scale. Dynamo guards a
+buffer's shape, dtype and device, not its values, so a model that changes such a buffer after
+compiling (in place, or by assigning another tensor) would keep running a rewrite that no
+longer computes what the model does. ``guard_buffers`` wraps the compiled callable: every call
+checks that each such buffer is the tensor seen at compile time with the same version counter
+(a few attribute reads); when one is not, its values are compared with a copy taken at compile
+time (once per change; the copy is kept on the CPU), and if they differ the call raises
+``StaleBufferError`` naming the buffer, instead of returning a wrong result.
+
+Limitation: writes the version counter does not count (through ``.data``, or into inference
+tensors made under ``torch.inference_mode``, which have none) are not seen; another tensor or
+storage always is.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+
+class StaleBufferError(RuntimeError):
+    """A buffer the rewrite relied on has other values than when the model was compiled."""
+
+
+@dataclass
+class BakedBuffer:
+    """A graph input (registered buffer) read by value at compile time."""
+
+    index: int           # position among the compiled graph's inputs
+    name: str            # where it comes from in the model (Dynamo's source name)
+    why: str             # what the rewrite took from it
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:                     # inference tensors track no version
+        return None
+
+
+class _Watched:
+    def __init__(self, baked: BakedBuffer, value: torch.Tensor):
+        self.baked = baked
+        self.values = value.detach().to("cpu", copy=True)
+        self._remember(value)
+
+    def _remember(self, t: torch.Tensor) -> None:
+        self.ref, self.version, self.data_ptr = weakref.ref(t), _version(t), t.data_ptr()
+
+    def check(self, t: torch.Tensor) -> None:
+        if self.ref() is t and self.version == _version(t) and self.data_ptr == t.data_ptr():
+            return
+        same = (t.shape == self.values.shape and t.dtype == self.values.dtype
+                and torch.equal(t.detach().cpu(), self.values))
+        if not same:
+            raise StaleBufferError(
+                f"based_compile: the registered buffer {self.baked.name} has changed since torch.compile "
+                f"read it; the Based attention rewrite relied on its values ({self.baked.why}). "
+                "Compile the model again (torch._dynamo.reset(), then torch.compile), or compile with "
+                "based_compile.backend(rewrite=False).")
+        self._remember(t)
+
+
+def guard_buffers(compiled, baked: list[BakedBuffer], example_inputs):
+    """``compiled`` with the checks of the module docstring before each call."""
+    watched = [_Watched(b, example_inputs[b.index]) for b in baked]
+
+    def check(args) -> None:
+        for w in watched:
+            w.check(args[w.baked.index])
+
+    def run(*args):                          # Dynamo calls a backend's result with the inputs unpacked
+        check(args)
+        return compiled(*args)
+    return run

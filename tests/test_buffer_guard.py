@@ -1,0 +1,123 @@
+"""Registered buffers read by value at compile time (a tril mask, a scale): changing them after
+compiling must not leave a rewrite running that no longer computes what the model does
+(based_compile/buffer_guard.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import based_compile
+import zoo
+from based_calls import BasedOpCounter
+from compare import assert_rel_close
+from based_compile.buffer_guard import StaleBufferError
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_masked_layer(inner="eager"):
+    model, (x,) = zoo.projected()()
+    compiled = torch.compile(model, backend=based_compile.backend(inner=inner))
+    compiled(x)                                     # compiles (outside any BasedOpCounter)
+    return model, compiled, x
+
+
+def check_rewritten_and_equal(model, compiled, x):
+    with BasedOpCounter() as counter:
+        out = compiled(x)
+    assert counter.calls.get("based::attention") == 1, counter.calls
+    assert_rel_close(out, model(x), 1e-10)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_mask_buffer_changed_in_place_raises(inner):
+    model, compiled, x = compiled_masked_layer(inner)
+    check_rewritten_and_equal(model, compiled, x)
+    with torch.no_grad():
+        model.bias.fill_(1.0)                       # not causal any more
+    with pytest.raises(StaleBufferError, match=r"_buffers\['bias'\].*changed since torch.compile"):
+        compiled(x)
+
+
+def test_mask_buffer_rewritten_with_the_same_values_keeps_running():
+    model, compiled, x = compiled_masked_layer()
+    check_rewritten_and_equal(model, compiled, x)
+    with torch.no_grad():
+        model.bias.mul_(1.0)                        # version bumped, values unchanged
+    for _ in range(2):
+        check_rewritten_and_equal(model, compiled, x)
+
+
+def test_mask_buffer_reassigned():
+    model, compiled, x = compiled_masked_layer()
+    check_rewritten_and_equal(model, compiled, x)
+    model.bias = model.bias.clone()                 # another tensor, the same values
+    check_rewritten_and_equal(model, compiled, x)
+    model.bias = torch.tril(torch.ones_like(model.bias), diagonal=-1)     # shifted: a different function
+    with pytest.raises(StaleBufferError):
+        compiled(x)
+
+
+class UpstreamBuffer(nn.Module):
+    """Based attention whose q is shifted by a buffer (used at run time, not read by the pass) and
+    whose scores are scaled by another buffer (a compile-time constant of the site)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("q_offset", torch.full((zoo.DK,), 0.25, dtype=torch.float64))
+        self.register_buffer("scale", torch.tensor(1 / math.sqrt(zoo.DK), dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        q = q + self.q_offset
+        s = (q @ k.transpose(-2, -1)) * self.scale
+        a = (1 + s + 0.5 * s * s).tril()
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_only_buffers_the_rewrite_read_are_guarded():
+    model = UpstreamBuffer()
+    q, k, v = zoo.random_qkv(torch.float64, seed=3, kv_heads=zoo.H)
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    compiled(q, k, v)
+    with BasedOpCounter() as counter:
+        assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)
+    assert counter.calls.get("based::attention") == 1, counter.calls
+    with torch.no_grad():
+        model.q_offset.fill_(-0.5)                  # upstream of q: the compiled graph computes it
+    assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)
+    with torch.no_grad():
+        model.scale.fill_(0.1)                      # baked into the spec
+    with pytest.raises(StaleBufferError, match=r"_buffers\['scale'\]"):
+        compiled(q, k, v)
+
+
+def test_no_wrapper_without_buffers():
+    """A site with its mask built in forward reads no buffer: the inner compiler's callable is
+    returned as it is."""
+    model, (q, k, v) = zoo.Handwritten(zoo.Recipe()), zoo.random_qkv(torch.float64, seed=0, kv_heads=zoo.H)
+    seen = []
+
+    def inner(gm, example_inputs):
+        def run(*args):
+            return gm(*args)
+        seen.append(run)
+        return run
+
+    backend = based_compile.backend(inner=inner)
+    compiled_fn = None
+
+    def capture(gm, example_inputs):
+        nonlocal compiled_fn
+        compiled_fn = backend(gm, example_inputs)
+        return compiled_fn
+
+    torch.compile(model, backend=capture)(q, k, v)
+    assert compiled_fn is seen[0]
