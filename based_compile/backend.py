@@ -12,6 +12,11 @@ and through the ``torch_dynamo_backends`` entry point ``based_backend``) is the 
   forced kernel is a process-wide setting.
 - ``verify``: run the numerical probe on each matched site (default True).
 
+``torch.compile(model, backend=..., mode=..., options=...)``: torch.compile passes ``mode`` and
+``options`` to the backend, which applies them to Inductor as ``backend="inductor"`` would
+(``mode="reduce-overhead"``: CUDA graphs; ``"max-autotune"``; ``options``: Inductor settings); with
+another inner compiler they raise ValueError.
+
 The pass lowers only the neighbourhoods of possible sites to ATen (``canonicalize``), matches
 there, and replaces each site's output in Dynamo's own graph; the inner compiler gets Dynamo's
 graph (unchanged when nothing matched). When a rewrite relied on the values of registered
@@ -225,7 +230,8 @@ def _inner_compiler(inner):
         raise TypeError(f"inner must be a backend name ({', '.join(INNER_NAMES)}, ...) or a callable, got {inner!r}")
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx
+        return lambda gm, example_inputs, config_patches=None: compile_fx(gm, example_inputs,
+                                                                         config_patches=config_patches)
     if inner == "eager":
         return lambda gm, example_inputs: gm.forward
     try:
@@ -233,6 +239,31 @@ def _inner_compiler(inner):
     except Exception as err:
         raise ValueError(f"inner must be one of {INNER_NAMES}, a registered backend name, or a callable; "
                          f"got {inner!r}") from err
+
+
+def _inductor_settings(inner, mode: str | None, options: dict | None) -> dict:
+    """Inductor config patches for ``torch.compile(..., mode=..., options=...)``, which torch.compile
+    hands a named backend as keyword arguments; they apply to the inner compiler (Inductor only)."""
+    if (not mode or mode == "default") and not options:
+        return {}
+    if inner != "inductor":
+        raise ValueError(f"torch.compile's mode and options configure Inductor; this based backend's inner "
+                         f"compiler is {inner!r} (mode={mode!r}, options={options!r})")
+    from torch._inductor import config, list_mode_options
+
+    modes = list_mode_options()
+    if mode is not None and mode not in modes:
+        raise ValueError(f"mode must be one of {tuple(modes)}, got {mode!r}")
+    patches = dict(modes[mode]) if mode else {}
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of Inductor settings, got {type(options).__name__}")
+    known = config.get_config_copy()
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"options: {key!r} is not an Inductor setting (torch._inductor.list_options())")
+        patches[name] = value
+    return patches
 
 
 def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", verify: bool = True):
@@ -250,12 +281,15 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
         config.kernel = kernel
         log.info("based_compile: kernel forced to %r for this process (based_compile.config.kernel)", kernel)
 
-    def based(gm: fx.GraphModule, example_inputs):
+    def based(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+        patches = _inductor_settings(inner, mode, options)
+        compile_inner = (lambda g: inner_compile(g, example_inputs, config_patches=patches)) if patches else \
+            (lambda g: inner_compile(g, example_inputs))
         result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify)
         if result is None:
-            return inner_compile(gm, example_inputs)
+            return compile_inner(gm)
         rewritten, baked = result
-        compiled = inner_compile(rewritten, example_inputs)
+        compiled = compile_inner(rewritten)
         return guard_buffers(compiled, baked, example_inputs) if baked else compiled
 
     based.options = {"inner": inner, "rewrite": rewrite, "kernel": kernel, "verify": verify}
@@ -265,12 +299,13 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
 _default_backend = None
 
 
-def based_backend(gm: fx.GraphModule, example_inputs):
-    """The entry-point target: ``torch.compile(model, backend="based")`` (Inductor inside)."""
+def based_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """The entry-point target: ``torch.compile(model, backend="based")`` (Inductor inside; its ``mode``
+    and ``options``, e.g. ``mode="reduce-overhead"`` for CUDA graphs, configure that Inductor)."""
     global _default_backend
     if _default_backend is None:
         _default_backend = backend()
-    return _default_backend(gm, example_inputs)
+    return _default_backend(gm, example_inputs, mode=mode, options=options)
 
 
 def register() -> None:

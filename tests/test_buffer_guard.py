@@ -121,3 +121,30 @@ def test_no_wrapper_without_buffers():
 
     torch.compile(model, backend=capture)(q, k, v)
     assert compiled_fn is seen[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_mask_buffer_guard(mode, no_tf32):
+    """On CUDA through Inductor (and CUDA graphs): the rewrite runs and matches a float64 reference,
+    a same-values rewrite of the buffer keeps it running, a changed mask raises (which also shows
+    that the rewrite happened under CUDA graphs, where the operator's calls are not seen)."""
+    model, (x,) = zoo.projected()(dtype=torch.float32)
+    model, x = model.cuda(), x.cuda()
+    reference = zoo.ProjectedAttention().double().cuda()
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="based", mode=mode)
+    for _ in range(3):                              # CUDA graphs record on a later call
+        compiled(x)
+    with BasedOpCounter() as counter:
+        out = compiled(x)
+    if mode is None:        # a CUDA graph replay runs the kernels without calling the operator
+        assert counter.calls.get("based::attention") == 1, counter.calls
+    assert_rel_close(out.double(), reference(x.double()), 1e-4)
+    with torch.no_grad():
+        model.bias.mul_(1.0)
+    assert_rel_close(compiled(x).double(), reference(x.double()), 1e-4)
+    with torch.no_grad():
+        model.bias.fill_(1.0)
+    with pytest.raises(StaleBufferError):
+        compiled(x)

@@ -137,6 +137,50 @@ def test_training_float32_default_backend_by_name():
     assert calls == [1] * (len(data) - 1), f"torch.ops.based calls per forward: {calls}"
 
 
+@pytest.mark.parametrize("kwargs,expected", [(dict(mode="reduce-overhead"), {"triton.cudagraphs": True}),
+                                             (dict(options={"epilogue-fusion": False}), {"epilogue_fusion": False})])
+def test_compile_mode_and_options_reach_inductor(kwargs, expected, monkeypatch):
+    """torch.compile(..., mode=, options=) with backend="based": torch.compile hands them to the
+    backend, which applies them to its Inductor (here checked on the config patches it passes)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    import based_compile
+
+    patches = []
+    real = compile_fx_module.compile_fx
+
+    def spy(gm, example_inputs, **kwargs):
+        patches.append(kwargs.get("config_patches"))
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    model = make_model(torch.float32, attention_form="polynomial", n_layers=1)
+    tokens = batches(1, t=12, seed=4)[0][:, :-1]
+    compiled = torch.compile(model, backend=based_compile.backend(), **kwargs)
+    with torch.no_grad():
+        out = compiled(tokens)
+        with BasedOpCounter() as counter:
+            out = compiled(tokens)
+        assert_rel_close(out, model(tokens), 1e-4)
+    assert counter.total == 1
+    assert patches and patches[0] == expected, patches       # (compile_fx then calls itself without them)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(mode="reduce-overhead"), "mode and options configure Inductor; this based backend's inner compiler is 'eager'"),
+    (dict(mode="fastest"), "mode must be one of"),
+    (dict(options={"no_such_setting": 1}), "'no_such_setting' is not an Inductor setting"),
+])
+def test_compile_mode_and_options_errors(kwargs, error):
+    import based_compile
+
+    inner = "eager" if kwargs.get("mode") == "reduce-overhead" else "inductor"
+    model = make_model(attention_form="polynomial", n_layers=1)
+    compiled = torch.compile(model, backend=based_compile.backend(inner=inner), **kwargs)
+    with pytest.raises(Exception, match=error):
+        compiled(batches(1, t=12, seed=4)[0][:, :-1])
+
+
 def test_fullgraph():
     model = make_model(attention_form="polynomial")
     tokens = batches(1, t=12, seed=2)[0]
@@ -233,3 +277,22 @@ def test_gpu_training_step_matches_float64(form, no_tf32):
     with BasedOpCounter() as counter:
         compiled(tokens.cuda()[:, :-1])                               # the same strides: no recompile
     assert counter.total == LAYERS, dict(counter.calls)
+
+
+@pytest.mark.gpu
+def test_gpu_training_with_cuda_graphs(no_tf32):
+    """backend="based" with mode="reduce-overhead" (Inductor's CUDA graphs around the Triton kernels):
+    four Adam steps on CUDA give the losses and weights of the same model trained in float64 on
+    the CPU."""
+    import based_compile  # noqa: F401
+
+    model = make_model(torch.float32, attention_form="feature_map", conv_size=4, max_len=1024).cuda()
+    reference = copy.deepcopy(model).double().cpu()
+    data = batches(4, t=128, seed=5)
+    compiled = torch.compile(model, backend="based", mode="reduce-overhead")
+    losses_c, _ = train(compiled, [t.cuda() for t in data], "adam")
+    losses_e, _ = train(reference, data, "adam")
+    for step, (lc, le) in enumerate(zip(losses_c, losses_e)):
+        assert abs(lc - le) <= 1e-4 * abs(le), f"step {step}: loss {lc!r} (compiled) vs {le!r} (float64)"
+    for (name, pc), (_, pe) in zip(model.named_parameters(), reference.named_parameters()):
+        assert_rel_close(pc.detach().cpu().double(), pe, 1e-2, f"parameter {name} after training")
