@@ -13,7 +13,7 @@ import based_compile
 import zoo
 from based_calls import BasedOpCounter
 from compare import assert_rel_close
-from based_compile.buffer_guard import StaleBufferError
+from based_compile import StaleBufferError
 
 
 @pytest.fixture(autouse=True)
