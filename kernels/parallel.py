@@ -474,7 +474,9 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
     else:
         dn, dz = do, do  # dz unused
         dn_strides = _bhtd_strides(do, args.layout)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous whatever the inputs' strides (the kernels write through strides), as fused_chunk's:
+    # the op promises contiguous gradients and would otherwise copy strided ones.
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     c0, c1, c2 = _coefficients(args)
     common = dict(DK=args.dk, DV=args.dv, BK=bk, BV=bv, CAUSAL=args.causal, NORMALIZE=args.normalize,
                   PRECISION=_dot_precision(q))

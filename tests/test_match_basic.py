@@ -96,13 +96,18 @@ def test_based_is_registered_on_import():
     assert torch._dynamo.lookup_backend("based") is based_compile.based_backend
 
 
-def test_inner_callable_receives_rewritten_graph():
+def code_recorder():
+    """An inner compiler that records the code of each graph it gets and runs it as it is."""
     seen = []
 
     def inner(gm, example_inputs):
         seen.append(gm.code)
         return gm.forward
+    return inner, seen
 
+
+def test_inner_callable_receives_rewritten_graph():
+    inner, seen = code_recorder()
     q, k, v = qkv()
     out = torch.compile(Based(), backend=based_compile.backend(inner=inner))(q, k, v)
     assert_rel_close(out, based(q, k, v), 1e-12)
@@ -110,12 +115,7 @@ def test_inner_callable_receives_rewritten_graph():
 
 
 def test_rewrite_false_leaves_graph_alone():
-    seen = []
-
-    def inner(gm, example_inputs):
-        seen.append(gm.code)
-        return gm.forward
-
+    inner, seen = code_recorder()
     q, k, v = qkv()
     torch.compile(Based(), backend=based_compile.backend(inner=inner, rewrite=False))(q, k, v)
     assert "based_attention_call" not in seen[0] and "matmul" in seen[0]
