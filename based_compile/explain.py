@@ -76,6 +76,8 @@ def explain(model, *example_inputs, **example_kwargs) -> Explanation:
     """Run ``model(*example_inputs, **example_kwargs)`` under Dynamo with the pass reporting only."""
     from .backend import run_pass
 
+    if not callable(model):
+        raise TypeError(f"model must be a callable (an nn.Module or a function), got {type(model).__name__}")
     explanation = Explanation()
 
     def report_only(gm, example_args):

@@ -135,7 +135,10 @@ def _plan(q, k, v, *params) -> tuple[BasedArguments, str, object, object]:
     variables); they are validated when a plan is made, so an invalid value raises every time."""
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, params,
            config.kernel, _environ.get(config.KERNEL_ENV_VAR), _environ.get("TRITON_INTERPRET"))
-    plan = _PLANS.get(key)
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:                  # an unhashable setting (a list): making a plan raises naming it
+        return _make_plan(q, k, v, *params)
     if plan is None:
         plan = _make_plan(q, k, v, *params)
         if len(_PLANS) >= _MAX_PLANS:
@@ -183,7 +186,15 @@ def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str, forward,
 
 
 def _attention(q, k, v, *params):
+    _check_tensors(q=q, k=k, v=v)
     return _run_forward(q, k, v, *_plan(q, k, v, *_with_training(params)))
+
+
+def _check_tensors(**tensors) -> None:
+    # The dispatcher lets None through a Tensor argument of a Python-registered kernel.
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"based::attention: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _with_training(params: tuple) -> tuple:
@@ -203,10 +214,34 @@ def _attention_fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, 
 
 
 def _attention_backward(do, q, k, v, o, z, *params):
-    return _run_backward(do, q, k, v, o, z, *_plan(q, k, v, *params))
+    _check_tensors(do=do, q=q, k=k, v=v, o=o, z=z)
+    plan = _plan(q, k, v, *params)
+    _check_backward_tensors(do, q, o, z, plan[0])
+    return _run_backward(do, q, k, v, o, z, *plan)
+
+
+def _check_backward_tensors(do, q, o, z, args: BasedArguments) -> None:
+    """do, o and z as based::attention returns them for q, k, v: the kernels index them by q's
+    sizes, so another shape would read out of bounds rather than fail."""
+    if args.layout == "BHTD":
+        o_shape = (args.batch, args.heads, args.length, args.dv)
+    else:
+        o_shape = (args.batch, args.length, args.heads, args.dv)
+    for name, t in (("do", do), ("o", o)):
+        if tuple(t.shape) != o_shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"based::attention_backward: {name} must be {list(o_shape)} {q.dtype} on {q.device} "
+                             f"(the output's), got {list(t.shape)} {t.dtype} on {t.device}")
+    if args.normalize:
+        z_shape, z_dtype = (args.batch, args.heads, args.length), _z_dtype(q.dtype)
+        if tuple(z.shape) != z_shape or z.dtype != z_dtype or z.device != q.device:
+            raise ValueError(f"based::attention_backward: z must be {list(z_shape)} {z_dtype} on {q.device} "
+                             f"(the normaliser based::attention returned), got {list(z.shape)} {z.dtype} "
+                             f"on {z.device}")
 
 
 def _attention_backward_fake(do, q, k, v, o, z, layout, scale, c0, c1, c2, causal, normalize, eps, training):
+    args = _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps)
+    _check_backward_tensors(do, q, o, z, args)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -304,6 +339,7 @@ class _AttentionAutograd(torch.autograd.Function):
 
 
 def _attention_autograd(keyset, q, k, v, *params):
+    _check_tensors(q=q, k=k, v=v)
     params = _with_training(params)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _AttentionAutograd.apply(keyset, q, k, v, params)

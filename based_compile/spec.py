@@ -1,8 +1,11 @@
 """The spec: the small explicit record that the graph pass derives and the op consumes."""
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass
+
+from based_compile.kernels.arguments import LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,18 @@ class BasedSpec:
         for name in ("scale", "c0", "c1", "c2", "eps"):
             if not isinstance(getattr(self, name), numbers.Real) or isinstance(getattr(self, name), bool):
                 raise TypeError(f"BasedSpec.{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("causal", "normalize"):
+            if not isinstance(getattr(self, name), bool):       # bool("no") is True: no coercion
+                raise TypeError(f"BasedSpec.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"BasedSpec.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"BasedSpec.eps must be a finite number >= 0, got {self.eps!r}")
+        if isinstance(self.group, bool) or not isinstance(self.group, numbers.Integral) or self.group < 1:
+            raise ValueError(f"BasedSpec.group must be an int >= 1, got {self.group!r}")
         object.__setattr__(self, "op_arguments", (
-            self.layout, float(self.scale), float(self.c0), float(self.c1), float(self.c2), bool(self.causal),
-            bool(self.normalize), float(self.eps)))
+            self.layout, float(self.scale), float(self.c0), float(self.c1), float(self.c2), self.causal,
+            self.normalize, float(self.eps)))
 
     @property
     def coeffs(self) -> tuple[float, float, float]:

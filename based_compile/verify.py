@@ -151,21 +151,28 @@ def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available
     raise first_refusal
 
 
+def _structural_reading(m: Match, readings: list, why: str):
+    """The first reading the graph's structure alone vouches for (no numerical probe): a grouped-
+    query reading only where the heads' repetition is seen as such (``_grouped_structure``)."""
+    readings = [r for r in readings if r.spec.group == 1 or _grouped_structure(m, r.spec.layout)]
+    if not readings:
+        raise Refused("verify", f"grouped-query heads whose repetition the structure does not show ({why})",
+                      m.output)
+    return readings[0]
+
+
 def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
     readings, (qs, ks, vs) = _readings(m)
     if not probe:
-        readings = [r for r in readings if r.spec.group == 1 or _grouped_structure(m, r.spec.layout)]
-        if not readings:
-            raise Refused("verify", "grouped-query heads whose repetition the structure does not show "
-                                    "(and the numerical probe is off)", m.output)
-        return readings[0]
+        return _structural_reading(m, readings, "the numerical probe is off")
     rows = math.prod(qs[:3])                                     # B * H * T
     features = 1 + qs[-1] + qs[-1] * qs[-1]
     size = rows * (m.t if "linear" not in m.form else features * vs[-1])
     if size > PROBE_MAX_ELEMENTS:
         log.info("based_compile: numerical probe skipped at %s (%d elements > %d); structure only",
                  m.output.name, size, PROBE_MAX_ELEMENTS)
-        return readings[0]
+        return _structural_reading(m, readings, f"the shapes are too large for the numerical probe ({size} "
+                                                f"elements > {PROBE_MAX_ELEMENTS})")
     fake_q = example_value(m.q)
     device = fake_q.device
     errors = []

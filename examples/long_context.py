@@ -7,8 +7,8 @@ The model is examples/naive_based_lm.py, whose Based mixers form the T x T atten
 (the way hand-written Based code does). Per sequence length, one prefill (forward, no grad):
   eager     the naive code as written                  O(T^2) memory per head
   inductor  torch.compile(model) on the same code      fuses, but still O(T^2)
-  based     torch.compile(model, backend="based")     the policy picks the fused-chunk kernel
-                                                        at long T: O(T) memory
+  based     torch.compile(model, backend="based")     O(T) memory; the policy picks the kernel
+                                                        (fused chunk at long T, printed per T)
   sdpa      the same model with softmax attention through F.scaled_dot_product_attention
             (FlashAttention on the GPU): the usual Transformer baseline, a different function
 Reports median time, tokens/s and peak memory per entry; an entry that runs out of memory
@@ -91,10 +91,13 @@ def main(argv=None) -> list[dict]:
     checked = False
     for t in args.lengths:
         ids = torch.randint(0, args.vocab_size, (args.batch, t), device=device)
-        if "based" in args.variants:
-            print(f"T={t}: based kernel: {based_kernel_choice(args, t, dtype)}")
+        kernel = based_kernel_choice(args, t, dtype) if "based" in args.variants else None
+        if kernel is not None:
+            print(f"T={t}: based kernel: {kernel}")
         for variant in args.variants:
             entry = dict(variant=variant, seq_len=t, batch=args.batch)
+            if variant == "based":
+                entry["kernel"] = kernel
             if variant in out_of_memory:
                 entry.update(status="OOM", note="ran out of memory at a shorter length")
                 results.append(entry)

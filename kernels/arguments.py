@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 LAYOUTS = ("BHTD", "BTHD")
 DEFAULT_COEFFS = (1.0, 1.0, 0.5)
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class BasedArguments:
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
+    if x.dtype not in FLOATING_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D ([B, H, T, D] or [B, T, H, D]), got shape {tuple(x.shape)}")
@@ -58,7 +60,7 @@ def check_arguments(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, nor
                     eps=1e-6, layout="BHTD", dtypes=None) -> BasedArguments:
     """Validate the common arguments and return them resolved.
 
-    ``dtypes``: the floating dtypes the caller supports (``None``: any floating dtype).
+    ``dtypes``: the floating dtypes the caller supports (``None``: all of ``FLOATING_DTYPES``).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -93,8 +95,10 @@ def check_arguments(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, nor
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python number or None, got {scale!r}")
     try:
+        if isinstance(coeffs, (str, bytes, Mapping)):       # iterable, but not three numbers
+            raise TypeError
         coeffs = tuple(float(c) for c in coeffs)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"coeffs must be a sequence of three numbers (c0, c1, c2), got {coeffs!r}") from None
     if len(coeffs) != 3 or not all(math.isfinite(c) for c in coeffs):
         raise ValueError(f"coeffs must be three finite numbers (c0, c1, c2), got {coeffs!r}")

@@ -62,7 +62,7 @@ def naive_chunk_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, n
                       eps=1e-6, layout="BHTD", chunk_size=64):
     """Chunked-recurrence Based attention: O(T) memory in T, any T (the last chunk may be short)."""
     a = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     q, k, v = _to_bhtd(q, k, v, layout)
     k, v = _repeat_kv(k, a.group), _repeat_kv(v, a.group)

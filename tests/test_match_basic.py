@@ -90,6 +90,8 @@ def test_bad_options_raise():
         based_compile.backend(rewrite="yes")
     with pytest.raises(TypeError, match="verify"):
         based_compile.backend(verify=1)
+    with pytest.raises(TypeError, match="model must be a callable"):
+        based_compile.explain(None, torch.randn(2))
 
 
 def test_based_is_registered_on_import():

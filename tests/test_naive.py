@@ -90,6 +90,10 @@ def test_gqa_and_bthd_layout():
     (dict(coeffs=(1.0, 1.0)), ValueError, "coeffs"),
     (dict(eps=-1.0), ValueError, "eps"),
     (dict(causal=1), TypeError, "causal"),
+    (dict(coeffs="125"), TypeError, "coeffs"),                  # not read as (1, 2, 5)
+    (dict(coeffs=("a", "b", "c")), TypeError, "coeffs"),
+    (dict(coeffs={"c0": 1.0, "c1": 1.0, "c2": 0.5}), TypeError, "coeffs"),
+    (dict(q=torch.zeros(1, 2, 4, 8, dtype=torch.float8_e4m3fn)), TypeError, "floating dtype"),
 ])
 def test_bad_arguments_are_named(bad, exc, match):
     args = dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8))
@@ -97,3 +101,10 @@ def test_bad_arguments_are_named(bad, exc, match):
     for fn in (naive_parallel_based, naive_chunk_based):
         with pytest.raises(exc, match=match):
             fn(**args)
+
+
+@pytest.mark.parametrize("chunk_size", [True, 0, 2.0])
+def test_bad_chunk_size_is_named(chunk_size):
+    q, k, v = make_inputs(1, 2, 4, 8, 8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        naive_chunk_based(q, k, v, chunk_size=chunk_size)

@@ -317,6 +317,58 @@ def test_spec_fields_must_be_numbers(field, value):
         BasedSpec(**{field: value})
 
 
+@pytest.mark.parametrize("field,value,error", [
+    ("causal", "no", TypeError), ("normalize", None, TypeError), ("causal", 1, TypeError),
+    ("layout", "BSHD", ValueError), ("eps", -1.0, ValueError), ("eps", float("nan"), ValueError),
+    ("group", 0, ValueError), ("group", 1.5, ValueError)])
+def test_spec_fields_are_checked(field, value, error):
+    """No coercion: bool("no") is True, so a string would silently mean causal."""
+    with pytest.raises(error, match=f"BasedSpec.{field} must be"):
+        BasedSpec(**{field: value})
+
+
+def test_operators_refuse_non_tensors(kernel_setting):
+    q, k, v = make_inputs(1, 2, 8, 4, 4)
+    spec = BasedSpec(scale=0.5)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="q must be a torch.Tensor"):
+            torch.ops.based.attention(None, k, v, *spec.op_arguments)
+    o, z = torch.ops.based.attention(q, k, v, *spec.op_arguments)
+    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
+        ATTENTION_BACKWARD(torch.randn_like(o), q, k, v, o, None, *spec.op_arguments, False)
+
+
+def test_backward_operator_checks_do_o_and_z(kernel_setting):
+    """The kernels index do, o and z by q's sizes: other shapes or dtypes are refused, on real and
+    on fake tensors, instead of reading out of bounds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = make_inputs(1, 2, 8, 4, 4)
+    spec = BasedSpec(scale=0.5)
+    o, z = torch.ops.based.attention(q, k, v, *spec.op_arguments)
+    do = torch.randn_like(o)
+    good = dict(do=do, q=q, k=k, v=v, o=o, z=z)
+    bad = [("do", do[:, :, :5]), ("do", do.float()), ("o", o[..., :3]), ("z", z[:, :, :5]), ("z", z.float())]
+    for name, wrong in bad:
+        with pytest.raises(ValueError, match=f"attention_backward: {name} must be"):
+            ATTENTION_BACKWARD(*{**good, name: wrong}.values(), *spec.op_arguments, False)
+        with FakeTensorMode() as mode:
+            fake = {n: mode.from_tensor(t) for n, t in {**good, name: wrong}.items()}
+            with pytest.raises(ValueError, match=f"attention_backward: {name} must be"):
+                ATTENTION_BACKWARD(*fake.values(), *spec.op_arguments, False)
+    dq, dk, dv = ATTENTION_BACKWARD(do, q, k, v, o, z, *spec.op_arguments, False)     # the right ones pass
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    based_attention(q2, k2, v2, spec).backward(do)
+    for got, want in ((dq, q2.grad), (dk, k2.grad), (dv, v2.grad)):
+        assert_rel_close(got, want, 1e-12)
+
+
+def test_unhashable_kernel_setting_raises_value_error(kernel_setting):
+    q, k, v = make_inputs(1, 2, 8, 4, 4)
+    kernel_setting(["cpu_chunked"])
+    with pytest.raises(ValueError, match=r"based_compile\.config\.kernel"):
+        based_attention(q, k, v, BasedSpec())
+
+
 def test_spec_operator_arguments():
     import numpy as np
     spec = BasedSpec(scale=np.float32(0.5), c0=1, causal=False)

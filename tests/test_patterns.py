@@ -278,6 +278,18 @@ def test_compiled_without_verify_matches_eager(entry):
     assert fwd == entry.expected.count, f"{entry.name}: {fwd} torch.ops.based calls, expected {entry.expected.count}"
 
 
+@pytest.mark.parametrize("entry", STRUCTURAL, ids=ids)
+def test_compiled_with_the_probe_skipped_for_size_matches_eager(entry, monkeypatch):
+    """verify=True on shapes too large for the numerical probe: the structure alone decides, as
+    with verify=False (a tiled GQA once ran with the un-repeated heads here: error 1.0)."""
+    from based_compile import verify
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    module, compiled, inputs = compile_with(entry, torch.float64, inner="eager")
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+    fwd = count_based_calls(compiled, inputs)
+    assert fwd == entry.expected.count, f"{entry.name}: {fwd} torch.ops.based calls, expected {entry.expected.count}"
+
+
 @pytest.mark.parametrize("entry", zoo.REFUSED, ids=ids)
 def test_compiled_near_miss_matches_eager_without_based_op(entry):
     # inner="eager": nothing was rewritten, so AOTAutograd would only test PyTorch (and cost time)
