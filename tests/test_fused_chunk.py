@@ -27,13 +27,14 @@ def poison_kernel_outputs(monkeypatch):
 
 
 def _check(b, h, t, dk, dv, *, kv_heads=None, layout="BHTD", causal=True, normalize=True, coeffs=BASED,
-           dtype=torch.float32, strided_view=False, device="cpu", tol=None, reference=naive_parallel_based):
+           dtype=torch.float32, strided_view=False, device="cpu", tol=None, reference=naive_parallel_based,
+           eps=1e-6):
     """Values and q/k/v gradients of fused_chunk_based vs the float64 reference on fresh inputs."""
     q, k, v = make_inputs(b, h, t, dk, dv, kv_heads=kv_heads, layout=layout, device=device)
     if strided_view:       # BHTD tensors that are transposed views of BTHD storage: read through strides
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     q, k, v = (x.to(dtype).double().requires_grad_() for x in (q, k, v))   # inputs exact in dtype
-    kw = dict(coeffs=coeffs, causal=causal, normalize=normalize, layout=layout)
+    kw = dict(coeffs=coeffs, causal=causal, normalize=normalize, layout=layout, eps=eps)
     ref = reference(q, k, v, **kw)
     do = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
@@ -81,6 +82,12 @@ CASES = [
 def test_values_and_gradients_match_float64(t, dk, dv, kv_heads, layout, causal, normalize, coeffs, dtype):
     _check(1, 2, t, dk, dv, kv_heads=kv_heads, layout=layout, causal=causal, normalize=normalize,
            coeffs=coeffs, dtype=dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_eps(causal):
+    """eps = 0.5 moves o by far more than the tolerance (1e-6 would not: a kernel dropping eps passed)."""
+    _check(1, 2, 33, 16, 24, causal=causal, eps=0.5)
 
 
 def test_transposed_views_are_read_through_strides():

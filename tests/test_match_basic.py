@@ -201,8 +201,9 @@ def test_probe_refuses_a_wrong_spec():
 
     match, evaluator = _matched_site(Based(), *qkv())
     assert settle(match, evaluator).spec.causal
+    close = (replace(match, eps=1e-3), replace(match, coeffs=(1.0, 1.0, 0.5 + 1e-4)))   # errors ~1e-4..1e-3
     for wrong in (replace(match, causal=False), replace(match, coeffs=(1.0, 1.0, 0.25)),
-                  replace(match, normalize=False)):
+                  replace(match, normalize=False), *close):
         with pytest.raises(Refused) as info:
             settle(wrong, evaluator)
         assert info.value.category == "verify"

@@ -39,12 +39,12 @@ def _poison_empty(monkeypatch):
 
 
 def _check(b, h, t, dk, dv, *, kv_heads=None, dtype=torch.float32, layout="BHTD", causal=True, normalize=True,
-           coeffs=BASED, scale=None, grads=True, tol=None):
+           coeffs=BASED, scale=None, grads=True, tol=None, eps=1e-6):
     """Values and gradients of q, k, v against float64, fresh random inputs."""
     tol = tol or TOL[dtype]
     q, k, v = make_inputs(b, h, t, dk, dv, kv_heads=kv_heads, dtype=torch.float64, device=DEVICE, layout=layout)
     q, k, v = (x.to(dtype).double() for x in (q, k, v))   # inputs exact in dtype: the error measured is the kernel's
-    kw = dict(scale=scale, coeffs=coeffs, causal=causal, normalize=normalize, layout=layout)
+    kw = dict(scale=scale, coeffs=coeffs, causal=causal, normalize=normalize, layout=layout, eps=eps)
     q64, k64, v64 = (x.clone().requires_grad_(grads) for x in (q, k, v))
     ref = naive_parallel_based(q64, k64, v64, **kw)
     qx, kx, vx = (x.to(dtype).requires_grad_(grads) for x in (q, k, v))
@@ -68,6 +68,12 @@ def _check(b, h, t, dk, dv, *, kv_heads=None, dtype=torch.float32, layout="BHTD"
 @pytest.mark.parametrize("normalize", [True, False])
 def test_layouts_causal_normalize(layout, causal, normalize):
     _check(2, 2, 33, 16, 24, layout=layout, causal=causal, normalize=normalize)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_eps(causal):
+    """eps = 0.5 moves o by far more than the tolerance (1e-6 would not: a kernel dropping eps passed)."""
+    _check(1, 2, 33, 16, 24, causal=causal, eps=0.5)
 
 
 @pytest.mark.parametrize("t", [1, 7, 16, 47])
