@@ -354,3 +354,35 @@ def test_operator_limits_are_known_at_compile_time():
         assert "Dv=512" in unsupported_reason(*qkv("cuda", torch.float32, dv=512))
         q, k, v = qkv("cpu", torch.float32)
         assert "different dtypes" in unsupported_reason(q, k, v.double())
+
+
+class BufferMasked(nn.Module):
+    """Based attention masked by a registered [32, 32] buffer, sliced to the length."""
+
+    def __init__(self, buffer: torch.Tensor):
+        super().__init__()
+        self.register_buffer("bias", buffer)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = q @ k.transpose(-2, -1) / 2.0
+        a = (1 + s + 0.5 * s * s).masked_fill(self.bias[:t, :t] == 0, 0.0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_buffer_not_triangular_beyond_the_traced_length_is_refused():
+    """A buffer whose [:12, :12] slice is causal but whose rows from 20 are not: compiled for dynamic
+    lengths, a rewrite read at T=12 would be wrong at T=24, so the site is refused."""
+    buffer = torch.tril(torch.ones(32, 32))
+    buffer[20:, 0] = 0
+    model = BufferMasked(buffer).double()
+    explanation = based_compile.explain(model, *qkv(t=12))
+    assert not explanation.sites
+    assert [r.category for r in explanation.refusals] == ["mask"]
+    assert "not triangular beyond the traced length" in explanation.refusals[0].reason
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"), dynamic=True)
+    for t in (12, 24):
+        inputs = qkv(t=t, seed=t)
+        assert_rel_close(compiled(*inputs), model(*inputs), 1e-12, f"T={t}")
+    plain = BufferMasked(torch.tril(torch.ones(32, 32))).double()          # the twin: rewritten
+    assert len(based_compile.explain(plain, *qkv(t=12)).sites) == 1

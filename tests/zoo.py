@@ -610,6 +610,69 @@ class SoftmaxAttention(nn.Module):
         return torch.softmax(s, dim=-1) @ v
 
 
+class OneChange(nn.Module):
+    """Based attention written plainly (the twin ``poly_taylor``'s function: s = q.k / sqrt(Dk),
+    tril mask, row-sum normaliser) with one thing changed, named by ``change``: each computes
+    another function, so the pass must refuse it.
+
+    mask: "fill_one" (masked entries set to 1, not 0), "where_one" (torch.where(keep, a, 1)),
+    "half_past" (a tril mask with 0.5 below the diagonal), "head_mask" (head 1's mask transposed,
+    written with ``mask[1] = ...``: an in-place write the pass must see), "tril_last_axes" (tril
+    over the head and query axes), "weights_written" (``a[..., 1, 0] = 5`` after the mask);
+    normaliser: "scaled_z" (2 * row sums), "clamp_z" (clamp(min=3) instead of + eps),
+    "eps_after_reciprocal" (1 / z + 0.01), "normalised_twice", "times_z" (weights times the row
+    sums); polynomial: "no_square" (1 + s), "power_1_5" (|s|^1.5 for s^2).
+    """
+
+    CHANGES = ("fill_one", "where_one", "half_past", "head_mask", "tril_last_axes", "weights_written", "scaled_z",
+               "clamp_z", "eps_after_reciprocal", "normalised_twice", "times_z", "no_square", "power_1_5")
+
+    def __init__(self, change: str):
+        super().__init__()
+        assert change in self.CHANGES, change
+        self.change = change
+
+    def forward(self, q, k, v):
+        c, t = self.change, q.shape[-2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device))
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if c == "no_square":
+            a = 1 + s
+        elif c == "power_1_5":
+            a = 1 + s + 0.5 * s.abs() ** 1.5
+        else:
+            a = 1 + s + 0.5 * s ** 2
+        if c == "fill_one":
+            a = a.masked_fill(~keep, 1.0)
+        elif c == "where_one":
+            a = torch.where(keep, a, 1.0)
+        elif c == "half_past":
+            ones = torch.ones(t, t, dtype=a.dtype, device=a.device)
+            a = a * (torch.tril(ones) - 0.5 * torch.tril(ones, diagonal=-1))
+        elif c == "head_mask":
+            per_head = keep.expand(a.shape[1], t, t).clone()
+            per_head[1] = keep.T
+            a = a.masked_fill(~per_head, 0.0)
+        elif c == "tril_last_axes":
+            a = torch.tril(a.transpose(1, 3)).transpose(1, 3)
+        else:
+            a = a.masked_fill(~keep, 0.0)
+        if c == "weights_written":
+            a[..., 1, 0] = 5.0
+        z = a.sum(-1, keepdim=True)
+        if c == "scaled_z":
+            return (a @ v) / (2 * z + 1e-6)
+        if c == "clamp_z":
+            return (a @ v) / z.clamp(min=3.0)
+        if c == "eps_after_reciprocal":
+            return (a @ v) * (1 / z + 0.01)
+        if c == "normalised_twice":
+            return ((a / (z + 1e-6)) @ v) / (z + 1e-6)
+        if c == "times_z":
+            return (a * (z + 1e-6)) @ v
+        return (a @ v) / (z + 1e-6)
+
+
 # --------------------------------------------------------------------------- the catalogue
 
 
@@ -819,7 +882,18 @@ def _other_family() -> list[Entry]:
         E("two_sites__cubic", qkv_module(TwoLayers, cubic=True), Refuse("polynomial"), twin="two_sites"),
         E("softmax_by_hand", qkv_module(SoftmaxAttention), Refuse(None), twin="poly_taylor"),
         E("softmax_sdpa", qkv_module(SoftmaxAttention, sdpa=True), Refuse(None), twin="poly_taylor"),
+        *(E(f"poly_taylor__{change}", qkv_module(OneChange, change), Refuse(category), twin="poly_taylor")
+          for change, category in ONE_CHANGE_CATEGORIES.items()),
     ]
+
+
+# OneChange near-misses and the refusal category explain() reports for each.
+ONE_CHANGE_CATEGORIES = {
+    "fill_one": "mask", "where_one": "mask", "half_past": "mask", "head_mask": "mask",
+    "tril_last_axes": "unsupported", "weights_written": None, "scaled_z": "normaliser", "clamp_z": "normaliser",
+    "eps_after_reciprocal": "normaliser", "normalised_twice": "normaliser", "times_z": "normaliser",
+    "no_square": "polynomial", "power_1_5": None,
+}
 
 
 ZOO: list[Entry] = _polynomial_family() + _feature_map_family() + _other_family()
