@@ -176,3 +176,26 @@ def test_gpu_forward_peak_memory_is_linear_in_t():
         del o, z
     ratio = extra[16384] / extra[4096]
     assert 3.5 < ratio < 4.5, f"forward peak memory grew {ratio:.2f}x for 4x the tokens"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dk,dv", [(16, 64), (32, 48)])
+def test_gpu_block_configs_under_the_interpreter(dtype, dk, dv, monkeypatch):
+    """The block sizes the GPU runs (the interpreter otherwise gets its own), at a length that is no
+    multiple of a chunk: values and gradients against float64."""
+    q, k, v = make_inputs(1, 2, 150, dk, dv, dtype=torch.float64)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    args = check_arguments(q, k, v)
+    monkeypatch.setattr(fused_chunk, "triton_interpreting", lambda: False)
+    fwd_cfg, bwd_cfg = fused_chunk.forward_config(args, dtype), fused_chunk.backward_config(args, dtype)
+    monkeypatch.setattr(fused_chunk, "triton_interpreting", lambda: True)
+    o, z = fused_chunk._forward(q, k, v, args, fwd_cfg)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = naive_parallel_based(qd, kd, vd)
+    do = torch.randn_like(ref).to(dtype)
+    ref.backward(do.double())
+    tol = TOL[dtype]
+    assert_rel_close(o, ref, tol, f"o {fwd_cfg}")
+    grads = fused_chunk._backward(q, k, v, o, z, do, args, bwd_cfg)
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (qd, kd, vd)):
+        assert_rel_close(g, x.grad, 2 * tol, f"{name} {bwd_cfg}")

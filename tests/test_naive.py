@@ -14,8 +14,9 @@ COEFFS = [(1.0, 1.0, 0.5), (1.0, 1.0, 1.0), (0.3, -0.7, 0.25)]
 
 
 def formula(q, k, v, scale, coeffs, causal, normalize, eps):
-    """Direct per-(i, j) evaluation of DESIGN.md section 1 in float64 (BHTD, no GQA)."""
-    q, k, v = (x.detach().double() for x in (q, k, v))
+    """Direct per-(i, j) evaluation of DESIGN.md section 1 in float64 (BHTD, no GQA); differentiable,
+    so that its gradients are the reference for the references' own."""
+    q, k, v = (x.double() for x in (q, k, v))
     c0, c1, c2 = coeffs
     t = q.shape[2]
     s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
@@ -52,8 +53,7 @@ def test_chunk_matches_parallel_values_and_grads(coeffs, causal, normalize, dtyp
     q, k, v = make_inputs(2, 2, 130, 16, 64, dtype=torch.float64, requires_grad=True)
     do = torch.randn(2, 2, 130, 64, dtype=torch.float64)
     ref = formula(q, k, v, 16 ** -0.5, coeffs, causal, normalize, 1e-6)
-    ref_out = naive_parallel_based(q, k, v, coeffs=coeffs, causal=causal, normalize=normalize)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
     qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     for fn in (naive_parallel_based, naive_chunk_based):
         out = fn(qd, kd, vd, coeffs=coeffs, causal=causal, normalize=normalize)
@@ -90,6 +90,12 @@ def test_gqa_and_bthd_layout():
     (dict(coeffs=(1.0, 1.0)), ValueError, "coeffs"),
     (dict(eps=-1.0), ValueError, "eps"),
     (dict(causal=1), TypeError, "causal"),
+    (dict(k=torch.zeros(1, 2, 4, 8, device="meta")), ValueError, "one device"),
+    (dict(v=torch.zeros(2, 2, 4, 8)), ValueError, "batch size"),
+    (dict(k=torch.zeros(1, 2, 4, 6)), ValueError, "feature dim Dk"),
+    (dict(k=torch.zeros(1, 1, 4, 8)), ValueError, "same number of heads"),
+    (dict(scale="0.5"), TypeError, "scale"),
+    (dict(normalize=None), TypeError, "normalize"),
     (dict(coeffs="125"), TypeError, "coeffs"),                  # not read as (1, 2, 5)
     (dict(coeffs=("a", "b", "c")), TypeError, "coeffs"),
     (dict(coeffs={"c0": 1.0, "c1": 1.0, "c2": 0.5}), TypeError, "coeffs"),

@@ -271,3 +271,30 @@ def test_gpu_variants(no_tf32):
     _check(1, 2, 777, 16, 64, dtype=dtype, causal=False, normalize=False, coeffs=OTHER)
     _check(1, 2, 513, 128, 256, dtype=dtype, layout="BTHD")
     _check(1, 2, 1, 16, 64, dtype=dtype, normalize=False)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs the GPU tables under the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dk,dv", [(16, 64), (64, 128), (128, 256)])
+@pytest.mark.parametrize("atomic_dq", [True, False])
+def test_gpu_launch_configs_under_the_interpreter(dtype, dk, dv, atomic_dq, monkeypatch):
+    """The block sizes the GPU runs (the interpreter otherwise gets its own small ones), at a length
+    that is no multiple of any block: values and gradients against float64."""
+    from based_compile.kernels import parallel
+    q, k, v = make_inputs(1, 2, 150, dk, dv, dtype=torch.float64)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    args = check_arguments(q, k, v)
+    monkeypatch.setattr(parallel, "triton_interpreting", lambda: False)
+    configs = parallel.launch_configs(args, dtype)
+    monkeypatch.setattr(parallel, "triton_interpreting", lambda: True)     # not undo(): that lifts the poison too
+    assert configs["fwd"].block_t >= 64
+    o, z = parallel_forward(q, k, v, args, configs)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = naive_parallel_based(qd, kd, vd)
+    do = torch.randn_like(ref).to(dtype)
+    ref.backward(do.double())
+    tol = TOL[dtype]
+    assert_rel_close(o, ref, tol, "o")
+    grads = parallel_backward(q, k, v, o, z, do, args, configs, atomic_dq=atomic_dq)
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (qd, kd, vd)):
+        assert_rel_close(g, x.grad, 2 * tol, name)

@@ -733,7 +733,7 @@ def _polynomial_family() -> list[Entry]:
         ("scale_split_q_and_k", R(scale="q_and_k", matmul="einsum"), ["scale:q", "scale:k", "scale:pow"],
          "cubic", dict(cubic=True), "polynomial"),
         # polynomial spellings
-        ("poly_taylor", R(poly="taylor"), ["poly:taylor"], "exp", dict(exp=True), None),
+        ("poly_taylor", R(poly="taylor"), ["poly:taylor"], "exp", dict(exp=True), "unsupported"),
         ("poly_reordered", R(poly="reordered"), ["poly:reordered"], "cubic", dict(cubic=True), "polynomial"),
         ("poly_s_times_s_over_2", R(poly="s*s/2"), ["poly:s*s", "poly:/2"], "cubic", dict(cubic=True),
          "polynomial"),
