@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from .buffer_guard import BakedBuffer, guard_buffers
-from .canonicalize import attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten
+from .canonicalize import (attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten,
+                           writes_in_place)
 from .evaluate import GraphEvaluator, LazyTensor
 from .explain import Explanation, Refusal, Site, source_of
 from .match import Matcher, find_matches
@@ -148,6 +149,10 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             if missing:
                 raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
                                              "decomposed operation, not values of the model's graph", result.output)
+            written = _written_before_output(gm, site, to_dynamo)
+            if written:
+                raise Refused("unsupported", f"{written} writes in place into a tensor the site reads before "
+                                             "its output: the operator would read the written values", result.output)
         except Refused as refusal:
             _refuse(refusal, report)
             continue
@@ -163,6 +168,57 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     return settled, to_dynamo, region, _baked_buffers(gm, settled, evaluator, variable, to_dynamo)
 
 
+def _site_inputs(site) -> set:
+    """The lowered placeholders the replaced part of a site reads (from its output back to, not
+    through, q, k and v), with q, k and v."""
+    m = site.match
+    stop, seen, stack, found = {m.q, m.k, m.v}, set(), [m.output], {m.q, m.k, m.v}
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            found.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def _storage_key(node: fx.Node):
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return value.untyped_storage()._cdata       # the example values (kept in the graph) keep it alive
+    except Exception:  # noqa: BLE001 - a tensor without storage (a subclass): treated as unknown
+        return _UNKNOWN_STORAGE
+
+
+_UNKNOWN_STORAGE = "unknown"
+
+
+def _written_before_output(gm: fx.GraphModule, site, to_dynamo: dict) -> str | None:
+    """The source of an in-place write, before the site's output in Dynamo's graph, into memory the
+    site reads (q, k, v or a buffer such as a mask, through any view of them), or None.
+
+    The operator replaces the site at its output, so it reads q, k, v as they are there; the user's
+    code read them earlier. A write in between (``v.mul_(2)`` after ``a @ v``, ``self.mask.fill_(1)``
+    before the mask is used, or ``q *= 2`` read through as a scale) would change what is computed."""
+    output = to_dynamo[site.match.output]
+    read = {_storage_key(to_dynamo[n]) for n in _site_inputs(site) if n in to_dynamo} - {None}
+    if not read:
+        return None
+    for node in gm.graph.nodes:
+        if node is output:
+            return None
+        if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
+            key = _storage_key(node.args[0])
+            if key is not None and (key == _UNKNOWN_STORAGE or key in read or _UNKNOWN_STORAGE in read):
+                return source_of(node)
+    return None
+
+
 def _baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dynamo: dict) -> list[BakedBuffer]:
     """The graph inputs whose values the rewritten sites took at compile time: tensors the replaced
     part of each site (from its output back to, not through, q, k and v) reads and that are not
@@ -171,21 +227,13 @@ def _baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dyn
     baked: dict[int, BakedBuffer] = {}
     for site in settled:
         m = site.match
-        stop, seen, stack = {m.q, m.k, m.v}, set(), [m.output]
-        while stack:
-            node = stack.pop()
-            if node in seen or node in stop:
-                continue
-            seen.add(node)
-            if node.op == "placeholder":
-                dynamo = to_dynamo.get(node)
-                if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
-                        and dynamo is not None and dynamo in index_of):
-                    i = index_of[dynamo]
-                    baked.setdefault(i, BakedBuffer(i, _source_name(dynamo), f"read at compile time by the "
-                                                    f"site at {source_of(m.anchor)}: {site.spec}"))
-                continue
-            stack.extend(node.all_input_nodes)
+        for node in _site_inputs(site) - {m.q, m.k, m.v}:
+            dynamo = to_dynamo.get(node)
+            if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
+                    and dynamo is not None and dynamo in index_of):
+                i = index_of[dynamo]
+                baked.setdefault(i, BakedBuffer(i, _source_name(dynamo), f"read at compile time by the "
+                                                f"site at {source_of(m.anchor)}: {site.spec}"))
     return list(baked.values())
 
 

@@ -70,7 +70,7 @@ INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itrue
 def has_inplace_ops(gm: fx.GraphModule) -> bool:
     """True when a Dynamo graph calls in-place tensor ops (``masked_fill_``, ``+=``, ``x[i] = ...``)."""
     for node in gm.graph.nodes:
-        if _writes_in_place(node):
+        if writes_in_place(node):
             return True
     return False
 
@@ -317,12 +317,12 @@ def attention_region(gm: fx.GraphModule) -> list[fx.Node]:
     # A write into a region tensor that is not eligible itself (``x[i] = y`` is impure) belongs to
     # the region too: without it, the region's copy would read that tensor unwritten.
     for node in gm.graph.nodes:
-        if node not in region and _writes_in_place(node) and node.args and node.args[0] in region:
+        if node not in region and writes_in_place(node) and node.args and node.args[0] in region:
             region.add(node)
     return [n for n in gm.graph.nodes if n in region]
 
 
-def _writes_in_place(node: fx.Node) -> bool:
+def writes_in_place(node: fx.Node) -> bool:
     """True when ``node`` writes into its first argument (``x[i] = y``, ``x += y``, ``x.fill_(...)``)."""
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")

@@ -386,3 +386,49 @@ def test_buffer_not_triangular_beyond_the_traced_length_is_refused():
         assert_rel_close(compiled(*inputs), model(*inputs), 1e-12, f"T={t}")
     plain = BufferMasked(torch.tril(torch.ones(32, 32))).double()          # the twin: rewritten
     assert len(based_compile.explain(plain, *qkv(t=12)).sites) == 1
+
+
+class WritesInPlace(nn.Module):
+    """Based attention with an in-place write into something it reads, named by ``where``:
+    "v_after_use" (``v.mul_(2)`` after ``a @ v``, before the output), "k_after_scores" (``k.zero_()``
+    after ``q @ k.T``), "mask_buffer" (the tril buffer filled with ones before it is used),
+    "v_after_output" (``v.mul_(2)`` once the output is computed: harmless, still rewritten)."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.register_buffer("bias", torch.tril(torch.ones(32, 32)))
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        if self.where == "mask_buffer":
+            self.bias.fill_(1.0)
+        s = q @ k.transpose(-2, -1) / 2.0
+        if self.where == "k_after_scores":
+            k.zero_()
+        a = (1 + s + 0.5 * s * s) * self.bias[:t, :t]
+        n = a @ v
+        if self.where == "v_after_use":
+            v.mul_(2)
+        o = n / (a.sum(-1, keepdim=True) + 1e-6)
+        if self.where == "v_after_output":
+            v.mul_(2)
+        return o
+
+
+@pytest.mark.parametrize("where,rewritten", [("v_after_use", False), ("k_after_scores", False),
+                                             ("mask_buffer", False), ("v_after_output", True)])
+def test_in_place_writes_into_what_the_site_reads(where, rewritten):
+    """The operator runs where the site's output was: a write before that into q, k, v or a buffer
+    the site reads would change its inputs (errors 0.4 to 2.5 before this was refused)."""
+    inputs = qkv()
+    explanation = based_compile.explain(WritesInPlace(where).double(), *(x.clone() for x in inputs))
+    assert len(explanation.sites) == int(rewritten)
+    if not rewritten:
+        assert [r.category for r in explanation.refusals] == ["unsupported"]
+        assert "writes in place" in explanation.refusals[0].reason
+    compiled = torch.compile(WritesInPlace(where).double(), backend=based_compile.backend(inner="eager"))
+    eager_inputs, compiled_inputs = [x.clone() for x in inputs], [x.clone() for x in inputs]
+    assert_rel_close(compiled(*compiled_inputs), WritesInPlace(where).double()(*eager_inputs), 1e-12, where)
+    for got, want in zip(compiled_inputs, eager_inputs):                # the writes themselves still happen
+        assert torch.equal(got, want)
