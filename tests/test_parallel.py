@@ -198,9 +198,14 @@ def test_forward_z_and_contract():
     assert_rel_close(z, w.sum(-1), 1e-5, "z")
     o2, z2 = parallel_forward(q, k, v, check_arguments(q, k, v, normalize=False))
     assert z2 is None
+    assert_rel_close(o, (w @ v.double()) / (w.sum(-1, keepdim=True) + args.eps), 1e-5, "o")
     do = torch.randn_like(o)
     dq, dk, dv = parallel_backward(q, k, v, o, z, do, args)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    refs = [x.double().requires_grad_() for x in (q, k, v)]
+    ref_grads = torch.autograd.grad(naive_parallel_based(*refs), refs, do.double())
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
+        assert_rel_close(g, r, 1e-4, name)
 
 
 def test_bad_arguments():
