@@ -453,6 +453,17 @@ def test_export_with_dynamic_length(kernel_setting):
     assert_rel_close(ep.module()(q, k, v), reference(q.double(), k.double(), v.double(), spec), 1e-5)
 
 
+def check_autocast_gradients(o, q, k, v, spec: BasedSpec):
+    """float32 q, k, v's gradients through a low-precision autocast output, against float64."""
+    do = torch.randn_like(o, dtype=torch.float32)
+    (o.float() * do).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    (reference(q64, k64, v64, spec) * do.double()).sum().backward()
+    for x, x64, name in ((q, q64, "dq"), (k, k64, "dk"), (v, v64, "dv")):
+        assert x.grad.dtype == torch.float32
+        assert_rel_close(x.grad, x64.grad, 5e-2, name)
+
+
 def test_autocast_cpu_casts_to_the_autocast_dtype(kernel_setting):
     spec = BasedSpec(scale=0.25)
     q, k, v = make_inputs(1, 2, 40, 16, 8, dtype=torch.float32, requires_grad=True)
@@ -463,13 +474,7 @@ def test_autocast_cpu_casts_to_the_autocast_dtype(kernel_setting):
     for out in (o, oc):
         assert out.dtype == torch.bfloat16
         assert_rel_close(out, ref, 3e-2)
-    do = torch.randn_like(o, dtype=torch.float32)
-    (o.float() * do).sum().backward()
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    (reference(q64, k64, v64, spec) * do.double()).sum().backward()
-    for x, x64, name in ((q, q64, "dq"), (k, k64, "dk"), (v, v64, "dv")):
-        assert x.grad.dtype == torch.float32
-        assert_rel_close(x.grad, x64.grad, 5e-2, name)
+    check_autocast_gradients(o, q, k, v, spec)
     with torch.autocast("cpu", dtype=torch.float16):
         assert based_attention(q, k.half(), v, spec).dtype == torch.float16    # mixed inputs: all cast
 
@@ -607,13 +612,7 @@ def test_cuda_autocast_bf16(kernel_setting):
         o = torch.compile(lambda q, k, v: based_attention(q, k, v, spec), fullgraph=True)(q, k, v)
     assert o.dtype == torch.bfloat16
     assert_rel_close(o, ref, 2e-2)
-    do = torch.randn_like(o, dtype=torch.float32)
-    (o.float() * do).sum().backward()
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    (reference(q64, k64, v64, spec) * do.double()).sum().backward()
-    for x, x64, name in ((q, q64, "dq"), (k, k64, "dk"), (v, v64, "dv")):
-        assert x.grad.dtype == torch.float32
-        assert_rel_close(x.grad, x64.grad, 5e-2, name)
+    check_autocast_gradients(o, q, k, v, spec)
 
 
 @pytest.mark.gpu
