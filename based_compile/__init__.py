@@ -1,13 +1,24 @@
-"""based_compile: a torch.compile backend for hand-written Based linear attention."""
-from . import config, kernels
-from .ops import based_attention
-from .spec import BasedSpec
+"""based_compile: a torch.compile backend for hand-written Based linear attention.
 
-__all__ = ["kernels", "config", "based_attention", "BasedSpec"]
+Public API: ``backend`` / ``based_backend`` (``torch.compile(model, backend="based")``), ``explain``
+(with ``Explanation``, ``Site``, ``Refusal``), ``config`` (the kernel setting), ``kernels``,
+``based_attention`` and ``BasedSpec`` (the operator), ``StaleBufferError``.
+"""
+import sys
+
+from . import kernels, logs
 from .backend import backend, based_backend
-from .buffer_guard import StaleBufferError
-from .explain import Explanation, Refusal, Site, explain
 from .backend import register as _register_backend
+from .buffer_guard import StaleBufferError
+from .explain import explain
+from .graph.report import Explanation, Refusal, Site
+from .op import config
+from .op.custom_op import based_attention
+from .op.spec import BasedSpec
 
+# ``import based_compile.config`` names the one settings module (it lives with the operator it configures).
+sys.modules[__name__ + ".config"] = config
 _register_backend()
-__all__ += ["backend", "based_backend", "explain", "Explanation", "Site", "Refusal", "StaleBufferError"]
+logs.register()          # last: importing Dynamo above may set up torch's loggers again
+__all__ = ["kernels", "config", "based_attention", "BasedSpec", "backend", "based_backend", "explain",
+           "Explanation", "Site", "Refusal", "StaleBufferError"]

@@ -17,22 +17,14 @@ storage always is.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
+
+from .graph.inputs import BakedBuffer
 
 
 class StaleBufferError(RuntimeError):
     """A buffer the rewrite relied on has other values than when the model was compiled."""
-
-
-@dataclass
-class BakedBuffer:
-    """A graph input (registered buffer) read by value at compile time."""
-
-    index: int           # position among the compiled graph's inputs
-    name: str            # where it comes from in the model (Dynamo's source name)
-    why: str             # what the rewrite took from it
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from based_compile import cpu_path
+from based_compile.op import cpu_path
 from based_compile.kernels.arguments import check_arguments
 
 

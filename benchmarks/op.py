@@ -1,6 +1,6 @@
 """Issue-4 device check: the ``based::attention`` operator against the kernels called directly,
 CUDA graphs / max-autotune through torch.compile, and the parallel / fused-chunk crossovers
-that ``based_compile/policy.py`` records.
+that ``based_compile/op/policy.py`` records.
 
     python benchmarks/op.py --out DIR [--quick] [--no-crossover] [--profile] [--blocks N]
 
@@ -33,8 +33,8 @@ from based_compile import config
 from based_compile.kernels import fused_chunk_based, naive_parallel_based, parallel_based
 from based_compile.kernels.arguments import check_arguments
 from based_compile.kernels.parallel import parallel_backward, parallel_forward
-from based_compile.ops import based_attention
-from based_compile.spec import BasedSpec
+from based_compile.op.custom_op import based_attention
+from based_compile.op.spec import BasedSpec
 
 B, H, DK, DV = 16, 16, 16, 64
 DTYPE = torch.bfloat16

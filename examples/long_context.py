@@ -46,7 +46,7 @@ def make_runner(model, variant: str):
 
 
 def based_kernel_choice(args, t: int, dtype) -> str:
-    from based_compile import policy
+    from based_compile.op import policy
 
     device = torch.device(args.device).type
     return str(policy.decide_for(device, False, t, 16, args.d_model // args.heads, args.batch * args.heads, dtype))

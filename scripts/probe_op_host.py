@@ -8,9 +8,9 @@ step (order reversed every other round), so the host's drift falls on all alike;
 lower quartiles of 1400 steps each (the first 100 dropped).
 """
 import statistics, time, torch
-from based_compile import ops
-from based_compile.ops import based_attention, _AttentionAutograd, _eager_attention
-from based_compile.spec import BasedSpec
+from based_compile.op import custom_op as ops
+from based_compile.op.custom_op import based_attention, _AttentionAutograd, _eager_attention
+from based_compile.op.spec import BasedSpec
 from based_compile.kernels import parallel_based
 from based_compile.kernels.function import BasedKernelFunction
 from based_compile.kernels.parallel import parallel_forward, parallel_backward, check_parallel_arguments

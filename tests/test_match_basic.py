@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import based_compile
 from based_compile import config
-from based_compile.refusal import Refused
+from based_compile.graph.refusal import Refused
 from compare import assert_rel_close
 
 B, H, T, DK, DV = 2, 2, 8, 4, 3
@@ -179,7 +179,7 @@ def _matched_site(model, *inputs):
     from based_compile import backend as _  # noqa: F401
     import importlib
 
-    backend_module = importlib.import_module("based_compile.backend")
+    backend_module = importlib.import_module("based_compile.graph.driver")
     captured = {}
     original = backend_module.settle
 
@@ -197,7 +197,7 @@ def _matched_site(model, *inputs):
 
 def test_probe_refuses_a_wrong_spec():
     """The probe can fail: the same subgraph with a wrong causal flag or coefficient is refused."""
-    from based_compile.verify import settle
+    from based_compile.graph.verify import settle
 
     match, evaluator = _matched_site(Based(), *qkv())
     assert settle(match, evaluator).spec.causal
@@ -297,7 +297,7 @@ def test_a_failing_pass_leaves_the_graph_to_the_inner_compiler(monkeypatch, capl
     """A bug in detection is logged and reported; the model still compiles and computes the same."""
     import importlib
 
-    backend_module = importlib.import_module("based_compile.backend")
+    backend_module = importlib.import_module("based_compile.graph.driver")
 
     def broken(*args, **kwargs):
         raise RuntimeError("planted failure")
@@ -321,9 +321,9 @@ def test_a_failing_pass_leaves_the_graph_to_the_inner_compiler(monkeypatch, capl
 
 def test_sites_the_operator_cannot_run_are_left_to_the_inner_compiler(monkeypatch):
     """A site on tensors the operator would refuse (here: a planted reason) is refused at compile time."""
-    from based_compile import ops
+    from based_compile.graph import driver
 
-    monkeypatch.setattr(ops, "unsupported_reason", lambda q, k, v: "planted limit")
+    monkeypatch.setattr(driver, "unsupported_reason", lambda q, k, v: "planted limit")
 
     def attn(q, k, v):
         s = q @ k.transpose(-2, -1) * 0.5
@@ -339,7 +339,7 @@ def test_sites_the_operator_cannot_run_are_left_to_the_inner_compiler(monkeypatc
 def test_operator_limits_are_known_at_compile_time():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from based_compile.ops import unsupported_reason
+    from based_compile.op.custom_op import unsupported_reason
 
     with FakeTensorMode():
         def qkv(device, dtype, dk=16, dv=64):

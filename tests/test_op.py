@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from based_compile import config, cpu_path, policy
+from based_compile.op import config, cpu_path, policy
 from based_compile.kernels import naive_chunk_based, naive_parallel_based
 from based_calls import BasedOpCounter
-from based_compile.ops import based_attention
-from based_compile.spec import BasedSpec
+from based_compile.op.custom_op import based_attention
+from based_compile.op.spec import BasedSpec
 from compare import assert_rel_close
 from conftest import make_inputs
 
@@ -172,7 +172,7 @@ def _plain_in(context: str) -> bool:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from based_compile import ops
+    from based_compile.op import custom_op as ops
 
     make = lambda **kw: torch.randn(2, 3, **kw)  # noqa: E731
     if context == "vmap":

@@ -162,7 +162,7 @@ def test_catalogue_near_miss_differs_from_its_twin(entry):
 
 
 def check_site_spec(name, spec, expected: zoo.Accept):
-    from based_compile.spec import BasedSpec
+    from based_compile.op.spec import BasedSpec
 
     assert isinstance(spec, BasedSpec), f"{name}: site.spec is {type(spec).__name__}, not BasedSpec"
     if expected.strict_layout:
@@ -282,7 +282,7 @@ def test_compiled_without_verify_matches_eager(entry):
 def test_compiled_with_the_probe_skipped_for_size_matches_eager(entry, monkeypatch):
     """verify=True on shapes too large for the numerical probe: the structure alone decides, as
     with verify=False (a tiled GQA once ran with the un-repeated heads here: error 1.0)."""
-    from based_compile import verify
+    from based_compile.graph import verify
     monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
     module, compiled, inputs = compile_with(entry, torch.float64, inner="eager")
     assert_matches_eager(module, compiled, inputs, TOL[torch.float64])

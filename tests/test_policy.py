@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from based_compile import config, cpu_path, policy
+from based_compile.op import config, cpu_path, policy
 from based_compile.kernels import fused_chunk
-from based_compile.ops import based_attention
-from based_compile.policy import Crossover, decide_for
-from based_compile.spec import BasedSpec
+from based_compile.op.custom_op import based_attention
+from based_compile.op.policy import Crossover, decide_for
+from based_compile.op.spec import BasedSpec
 from conftest import make_inputs
 
 BF16, F32 = torch.bfloat16, torch.float32

@@ -1,7 +1,7 @@
 """Graph surgery: replace each settled site's output by a call of the ``based`` operator.
 
 The inserted node calls ``based_attention_call`` with plain arguments (FX prints them as
-literals); it builds the BasedSpec and calls ``based_compile.ops.based_attention``, so the
+literals); it builds the BasedSpec and calls ``based_compile.op.custom_op.based_attention``, so the
 inner compiler traces ``torch.ops.based.attention`` into its graph. Nodes that only fed the
 old subgraph are erased.
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..op.custom_op import based_attention
+from ..op.spec import BasedSpec
 from .canonicalize import INPLACE_OPERATORS, example_value
-from .spec import BasedSpec
 from .verify import Settled
 
 aten = torch.ops.aten
@@ -24,8 +25,6 @@ aten = torch.ops.aten
 def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
                          normalize: bool, eps: float, group: int):
     """The rewritten site: o = based_attention(q, k, v, BasedSpec(...)) (q: [B, H, T, Dk] or [B, T, H, Dk])."""
-    from .ops import based_attention
-
     spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
                      eps=eps, group=group)
     return based_attention(q, k, v, spec)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from based_compile import config
-from based_compile.kernels import fused_chunk
-from based_compile.kernels.arguments import BasedArguments, triton_interpreting
+from . import config
+from ..kernels import fused_chunk
+from ..kernels.arguments import BasedArguments, triton_interpreting
 
 KERNELS = ("parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked")
 TRITON_KERNELS = ("parallel", "fused_chunk")

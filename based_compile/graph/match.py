@@ -20,70 +20,23 @@ category (``Refused``); ``verify.py`` then settles layout and GQA group with a n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from . import mask as masks
 from . import polynomial
+from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import pair_feature_maps, read_feature_map
+from .linear_form import match_linear
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
 log = logging.getLogger("based_compile")
-
-
-@dataclass
-class Weights:
-    """A T x T weight tensor read as keep * P(q.k) (P in the raw dot product)."""
-
-    poly: polynomial.Poly
-    keep: torch.Tensor | None     # bool [T, T]; None: nothing masked
-    junk: bool                    # entries outside ``keep`` are not zero (masked before f)
-    scores: fx.Node               # the bmm of the scores
-    q: fx.Node
-    k: fx.Node
-    form: str
-    s_scale: float | None         # the factor of q.k inside the squared term (the user's scale)
-    t: int
-    shape: tuple = ()             # hint shape of the tensor this value describes
-    axes: tuple = (-2, -1)        # where the query (i) and key (j) axes sit in it
-    row_normalised: float | None = None   # eps when the weights were already divided by their row sums
-    buffers: frozenset = field(default_factory=frozenset)
-    k_alternatives: tuple = ()
-
-    def same_function(self, other: "Weights") -> bool:
-        same_keep = (self.keep is None and other.keep is None) or (
-            self.keep is not None and other.keep is not None and torch.equal(self.keep, other.keep))
-        return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
-                and polynomial.close(self.poly, other.poly))
-
-    def describe(self) -> str:
-        return f"{polynomial.describe(self.poly)} (x = q.k){'' if self.keep is None else ', masked'}"
-
-
-@dataclass
-class Match:
-    """A structurally matched site, before the numerical probe settles layout and group."""
-
-    form: str
-    output: fx.Node
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    t: int
-    coeffs: tuple[float, float, float]
-    scale: float
-    causal: bool
-    normalize: bool
-    eps: float
-    anchor: fx.Node               # the node whose stack trace names the user's line
-    k_alternatives: tuple = ()    # other readings of k and v (e.g. the repeated heads), tried in order
-    v_alternatives: tuple = ()
 
 
 def _last_dims_tt(node, t: int) -> bool:
@@ -440,7 +393,7 @@ class Matcher:
             raise NotACandidate("the matmul does not contract the weights over the key axis")
         v_operand = walk_operand(self.gm, bmm.args[1], through_scalars=False)
         v = v_operand.source
-        path = _view_chain(bmm)
+        path = view_chain(bmm)
         found = self._find_normaliser(path)
         normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
         start = bmm
@@ -452,7 +405,7 @@ class Matcher:
                 raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
                                             f"{w.describe()}", start)
             normalize = True
-        output = _pick_output(start)
+        output = pick_output(start)
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
         return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives)
@@ -487,34 +440,9 @@ class Matcher:
 
     # ------------------------------------------------------------------ linear (cumsum) form
 
-    def match_linear(self, node: fx.Node) -> Match:
-        from .linear_form import match_linear
-        return match_linear(self, node)
-
-
 def _not_normalised(w: Weights) -> None:
     if w.row_normalised is not None:
         raise NotACandidate("the weights are changed after they were normalised")
-
-
-def _view_chain(node: fx.Node) -> list[fx.Node]:
-    path = [node]
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
-            node = user
-            path.append(node)
-            continue
-        break
-    return path
-
-
-def _pick_output(start: fx.Node) -> fx.Node:
-    chain = _view_chain(start)
-    for node in chain:
-        if len(hint_shape(node)) == 4:
-            return node
-    return start
 
 
 def find_matches(matcher: Matcher):
@@ -526,7 +454,7 @@ def find_matches(matcher: Matcher):
             if node.target is aten.bmm.default:
                 yield matcher.match_quadratic(node), node
             elif node.target in (aten.cumsum.default, aten.sum.dim_IntList):
-                result = matcher.match_linear(node)
+                result = match_linear(matcher, node)
                 if result is not None:
                     yield result, node
         except Refused as refusal:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import polynomial
+from .candidate import Weights, pick_output
 from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, scalar_value, walk_operand
 from .feature_map import pair_feature_maps, read_feature_map
 from .refusal import NotACandidate, Refused
@@ -163,8 +164,7 @@ def match_linear(matcher, state: fx.Node):
         normalize, start = True, user
         break
 
-    from .match import Weights, _pick_output
     keep = torch.tril(torch.ones(t, t, dtype=torch.bool)) if state_kind == "cumsum" else None
     w = Weights(poly, keep, False, state, phi_q.source, phi_k.source, "feature-map linear (cumsum)", None, t)
-    return matcher._finish(w, w.form, _pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
+    return matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
                            num, start)

@@ -5,7 +5,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
-from based_compile.kernels.arguments import LAYOUTS
+from ..kernels.arguments import LAYOUTS
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import torch
 
 from .canonicalize import VIEW_OPS, example_value, hint_shape, track_axis
 from .evaluate import GraphEvaluator
-from .kernels.naive import naive_parallel_based
-from .match import Match
+from ..kernels.naive import naive_parallel_based
+from .candidate import Match
 from .refusal import Refused
-from .spec import BasedSpec
+from ..op.spec import BasedSpec
 
 log = logging.getLogger("based_compile")
 

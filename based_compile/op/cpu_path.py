@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from based_compile.kernels.arguments import BasedArguments
+from ..kernels.arguments import BasedArguments
 
 FORMS = ("quadratic", "chunked")
 

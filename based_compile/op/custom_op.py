@@ -42,11 +42,11 @@ import os
 import torch
 from torch import Tensor
 
-from based_compile import config, cpu_path, policy
-from based_compile.kernels import fused_chunk as fused_chunk_kernel
-from based_compile.kernels import parallel as parallel_kernel
-from based_compile.kernels.arguments import BasedArguments, check_arguments
-from based_compile.spec import BasedSpec
+from . import config, cpu_path, policy
+from ..kernels import fused_chunk as fused_chunk_kernel
+from ..kernels import parallel as parallel_kernel
+from ..kernels.arguments import BasedArguments, check_arguments
+from .spec import BasedSpec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

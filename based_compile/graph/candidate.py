@@ -1,0 +1,100 @@
+"""The records of a candidate site: the weights read so far (``Weights``) and a matched site (``Match``).
+
+``pick_output`` finds, from a node that ends a site, the 4-d tensor that is its output.
+Shared by the quadratic reader (``match``) and the linear-form reader (``linear_form``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import polynomial
+from .canonicalize import VIEW_OPS, hint_shape
+
+
+@dataclass
+class Weights:
+    """A T x T weight tensor read as keep * P(q.k) (P in the raw dot product)."""
+
+    poly: polynomial.Poly
+    keep: torch.Tensor | None     # bool [T, T]; None: nothing masked
+    junk: bool                    # entries outside ``keep`` are not zero (masked before f)
+    scores: fx.Node               # the bmm of the scores
+    q: fx.Node
+    k: fx.Node
+    form: str
+    s_scale: float | None         # the factor of q.k inside the squared term (the user's scale)
+    t: int
+    shape: tuple = ()             # hint shape of the tensor this value describes
+    axes: tuple = (-2, -1)        # where the query (i) and key (j) axes sit in it
+    row_normalised: float | None = None   # eps when the weights were already divided by their row sums
+    buffers: frozenset = field(default_factory=frozenset)
+    k_alternatives: tuple = ()
+
+    def same_function(self, other: "Weights") -> bool:
+        same_keep = (self.keep is None and other.keep is None) or (
+            self.keep is not None and other.keep is not None and torch.equal(self.keep, other.keep))
+        return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
+                and polynomial.close(self.poly, other.poly))
+
+    def describe(self) -> str:
+        return f"{polynomial.describe(self.poly)} (x = q.k){'' if self.keep is None else ', masked'}"
+
+
+@dataclass
+class Match:
+    """A structurally matched site, before the numerical probe settles layout and group."""
+
+    form: str
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    t: int
+    coeffs: tuple[float, float, float]
+    scale: float
+    causal: bool
+    normalize: bool
+    eps: float
+    anchor: fx.Node               # the node whose stack trace names the user's line
+    k_alternatives: tuple = ()    # other readings of k and v (e.g. the repeated heads), tried in order
+    v_alternatives: tuple = ()
+
+
+
+def view_chain(node: fx.Node) -> list[fx.Node]:
+    path = [node]
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
+            node = user
+            path.append(node)
+            continue
+        break
+    return path
+
+
+def pick_output(start: fx.Node) -> fx.Node:
+    chain = view_chain(start)
+    for node in chain:
+        if len(hint_shape(node)) == 4:
+            return node
+    return start
+
+
+def site_inputs(match: Match) -> set:
+    """The lowered placeholders the replaced part of a site reads (from its output back to, not
+    through, q, k and v), with q, k and v."""
+    stop, seen, stack, found = {match.q, match.k, match.v}, set(), [match.output], {match.q, match.k, match.v}
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            found.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found

@@ -1,0 +1,137 @@
+"""The pass driver: one Dynamo graph in, its Based attention sites found, verified and rewritten.
+
+``run_pass(gm, example_inputs, rewrite=..., verify=..., report=...)``: finds the attention
+region (``canonicalize.attention_region``), lowers it to ATen, matches candidates
+(``match``), settles each with the numerical probe (``verify``), refuses what the operator
+cannot run or what in-place writes would make wrong (``inplace``), reports every site and
+refusal to ``report`` and the log, and rewrites Dynamo's graph (``rewrite``). A defect of the
+pass never stops a model from compiling: the graph is then left unchanged, with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.fx as fx
+
+from ..op import policy
+from ..op.custom_op import unsupported_reason
+from .canonicalize import attention_region, example_value, extract_region, hint_shape, lower_to_aten
+from .evaluate import GraphEvaluator
+from .inplace import written_before_output
+from .inputs import BakedBuffer, baked_buffers, region_inputs
+from .match import Matcher, find_matches
+from .refusal import Refused
+from .report import Explanation, Refusal, Site, source_of
+from .rewrite import rewrite_dynamo_sites
+from .verify import settle
+
+log = logging.getLogger("based_compile")
+
+# Seconds spent in the pass itself (lowering, matching, probing, rewriting), for benchmarks.
+pass_seconds = 0.0
+
+
+def _kernel_description(spec, q_node, k_node, v_node) -> str:
+    try:
+        fakes = [example_value(n) for n in (q_node, k_node, v_node)]
+        reals = [torch.empty((), dtype=f.dtype, device=f.device).expand(hint_shape(n))
+                 for f, n in zip(fakes, (q_node, k_node, v_node))]
+        training = torch.is_grad_enabled() and any(f.requires_grad for f in fakes)
+        return policy.describe(spec, *reals, training)
+    except Exception as err:                  # explain() must still report the site
+        return f"auto (the policy could not decide at compile time: {type(err).__name__}: {err})"
+
+
+def _unsupported_reason(site) -> str | None:
+    values = [example_value(n) for n in (site.match.q, site.match.k, site.match.v)]
+    if not all(isinstance(x, torch.Tensor) for x in values):
+        return None
+    return unsupported_reason(*values)
+
+
+def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
+             report: Explanation | None = None) -> tuple[fx.GraphModule, list[BakedBuffer]] | None:
+    """Find, verify and (if ``rewrite``) rewrite Based attention in Dynamo's graph ``gm``.
+
+    Returns ``gm`` rewritten in place with the graph inputs (registered buffers) whose values the
+    rewrite relied on (``buffer_guard``), or None when nothing was rewritten.
+    """
+    global pass_seconds
+    start = time.perf_counter()
+    try:
+        try:
+            found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report)
+        except Exception as err:      # a bug of the pass must not stop the model from compiling
+            log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
+                        type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            if report is not None:
+                report.add_refusal(Refusal("<graph>", "unsupported",
+                                           f"internal error of the pass: {type(err).__name__}: {err}"))
+            return None
+        if found is None:
+            return None
+        settled, to_dynamo, region, baked = found
+        return rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked
+    finally:
+        pass_seconds += time.perf_counter() - start
+
+
+def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None):
+    """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None."""
+    region = attention_region(gm)
+    if not region:
+        return None
+    sub, inputs, outputs = extract_region(gm, region)
+    aten_gm = lower_to_aten(sub)
+    aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    output_node = next(n for n in aten_gm.graph.nodes if n.op == "output")
+    aten_outputs = output_node.args[0]
+    output_node.args = ((),)      # every node was an output only to map it back: not a real user
+    to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
+    for dynamo_node, aten_node in zip(outputs, aten_outputs):
+        if isinstance(aten_node, fx.Node):
+            to_dynamo.setdefault(aten_node, dynamo_node)
+    real, variable = region_inputs(gm, example_inputs, inputs, aten_inputs)
+    evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
+    matcher = Matcher(aten_gm, evaluator, variable)
+    settled = []
+    for result, node in find_matches(matcher):
+        if isinstance(result, Refused):
+            _refuse(result, report)
+            continue
+        try:
+            site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
+            reason = _unsupported_reason(site)
+            if reason is not None:
+                raise Refused("unsupported", f"{reason}: left to the inner compiler", result.output)
+            missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output)
+                       if n not in to_dynamo]
+            if missing:
+                raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
+                                             "decomposed operation, not values of the model's graph", result.output)
+            written = written_before_output(gm, site, to_dynamo)
+            if written:
+                raise Refused("unsupported", f"{written} writes in place into a tensor the site reads before "
+                                             "its output: the operator would read the written values", result.output)
+        except Refused as refusal:
+            _refuse(refusal, report)
+            continue
+        settled.append(site)
+        entry = Site(source_of(result.anchor), result.form, site.spec,
+                     _kernel_description(site.spec, site.match.q, site.match.k, site.match.v))
+        if report is not None:
+            report.sites.append(entry)
+        log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
+                 entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
+    if not settled or not rewrite:
+        return None
+    return settled, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+
+
+def _refuse(refusal: Refused, report: Explanation | None) -> None:
+    entry = Refusal(source_of(refusal.node), refusal.category, refusal.reason)
+    log.debug("based_compile: refused at %s (%s): %s", entry.source, entry.category, entry.reason)
+    if report is not None:
+        report.add_refusal(entry)

@@ -1,0 +1,94 @@
+"""The inputs of an attention region of Dynamo's graph, and which of them a rewrite bakes in.
+
+Dynamo's graph inputs are activations, parameters, sizes and registered buffers. Buffers that
+do not require grad, and sizes, are compile-time constants for the pass (a mask, a scale);
+everything else is a variable. ``region_inputs`` gives the lowered region real values for
+both (variables computed outside the region become lazy random tensors of their shape, read
+only by the numerical probe). ``baked_buffers`` lists the buffers whose values a rewritten
+site took at compile time, for ``buffer_guard`` to watch at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .candidate import site_inputs
+from .canonicalize import example_value, hint
+from .evaluate import GraphEvaluator, LazyTensor
+from .report import source_of
+
+
+@dataclass
+class BakedBuffer:
+    """A graph input (registered buffer) read by value at compile time."""
+
+    index: int           # position among the compiled graph's inputs
+    name: str            # where it comes from in the model (Dynamo's source name)
+    why: str             # what the rewrite took from it
+
+
+def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
+    """Per placeholder: True when it is a registered buffer or a size (compile-time constant)."""
+    flags = []
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
+        if not isinstance(value, torch.Tensor):
+            flags.append(True)
+            continue
+        flags.append("buffers" in source_name(node) and not value.requires_grad)
+    return flags
+
+
+def source_name(placeholder: fx.Node) -> str:
+    """Where a Dynamo graph input comes from in the user's program (e.g. L['self']._buffers['tril'])."""
+    grapharg = placeholder.meta.get("grapharg")
+    if grapharg is not None and grapharg.source is not None:
+        name = grapharg.source.name               # a property in newer torch, a method in older
+        return name() if callable(name) else name
+    return placeholder.name
+
+
+def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dynamo: dict) -> list[BakedBuffer]:
+    """The graph inputs whose values the rewritten sites took at compile time: tensors the replaced
+    part of each site (from its output back to, not through, q, k and v) reads and that are not
+    variables (registered buffers: a mask, a scale)."""
+    index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    baked: dict[int, BakedBuffer] = {}
+    for site in settled:
+        m = site.match
+        for node in site_inputs(site.match) - {m.q, m.k, m.v}:
+            dynamo = to_dynamo.get(node)
+            if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
+                    and dynamo is not None and dynamo in index_of):
+                i = index_of[dynamo]
+                baked.setdefault(i, BakedBuffer(i, source_name(dynamo), f"read at compile time by the "
+                                                f"site at {source_of(m.anchor)}: {site.spec}"))
+    return list(baked.values())
+
+
+def region_inputs(gm, example_inputs, inputs, aten_inputs):
+    """Real values for the region's inputs, and which of them are not compile-time constants.
+
+    Dynamo placeholders take the real example inputs (buffers are constants); sizes their
+    example values; activations computed outside the region random tensors of their shape
+    (only the numerical probe reads them, and only through q, k, v or shapes if the site is Based).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    constant_flags = dict(zip(placeholders, constant_placeholders(gm, example_inputs)))
+    real_of = dict(zip(placeholders, example_inputs))
+    real, variable = [], set()
+    for index, (dynamo_node, aten_node) in enumerate(zip(inputs, aten_inputs)):
+        if dynamo_node in real_of:
+            real.append(real_of[dynamo_node])
+            if not constant_flags[dynamo_node]:
+                variable.add(aten_node)
+            continue
+        value = example_value(dynamo_node)
+        if isinstance(value, torch.Tensor):
+            shape = tuple(int(hint(s)) for s in value.shape)
+            real.append(LazyTensor(shape, value.dtype, value.device, seed=index))
+            variable.add(aten_node)
+        else:
+            real.append(hint(value) if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else value)
+    return real, variable

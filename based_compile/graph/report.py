@@ -1,0 +1,64 @@
+"""What the pass reports: each site it found (``Site``), each candidate it refused (``Refusal``),
+gathered in an ``Explanation``; ``source_of`` names the user's line of an FX node."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..op.spec import BasedSpec
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in ([^\n]+)\n\s*([^\n]*)')
+
+
+def source_of(node) -> str:
+    """"file:line in function: code" of the innermost user frame recorded for an FX node."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return f"<graph node {getattr(node, 'name', '?')}>"
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return trace.strip().splitlines()[-1]
+    path, line, func, code = frames[-1]
+    return f"{path}:{line} in {func}: {code.strip()}"
+
+
+@dataclass
+class Site:
+    source: str           # the user's file:line and code
+    form: str             # "quadratic", "feature-map quadratic", "feature-map linear (cumsum)"
+    spec: BasedSpec
+    kernel: str           # the policy's choice and why
+
+    def __str__(self) -> str:
+        return f"{self.source}\n    form: {self.form}\n    spec: {self.spec}\n    kernel: {self.kernel}"
+
+
+@dataclass
+class Refusal:
+    source: str
+    category: str         # polynomial, mask, normaliser, feature_map, verify, unsupported
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}\n    refused ({self.category}): {self.reason}"
+
+
+@dataclass
+class Explanation:
+    sites: list[Site] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    graphs: int = 0
+
+    def add_refusal(self, refusal: Refusal) -> None:
+        if all((r.source, r.category, r.reason) != (refusal.source, refusal.category, refusal.reason)
+               for r in self.refusals):
+            self.refusals.append(refusal)
+
+    def __str__(self) -> str:
+        lines = [f"based_compile.explain: {len(self.sites)} Based attention site(s), "
+                 f"{len(self.refusals)} refusal(s) in {self.graphs} graph(s)"]
+        for i, site in enumerate(self.sites):
+            lines.append(f"[site {i}] {site}")
+        for i, refusal in enumerate(self.refusals):
+            lines.append(f"[refusal {i}] {refusal}")
+        return "\n".join(lines)
