@@ -1,0 +1,159 @@
+"""The README's measured tables, rendered from the JSON files in benchmarks/results/.
+
+Every table of measured numbers in README.md sits between two markers,
+``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``, and is exactly what ``render(NAME)`` makes
+of ``benchmarks/results/NAME.json`` (with a caption naming the device, date, versions and the
+command that made the file). ``tests/test_readme_tables.py`` fails when they disagree.
+
+    python -m benchmarks.tables            # check: print the tables that differ
+    python -m benchmarks.tables --write    # rewrite README.md's tables from the JSON files
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- table:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def _ms(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
+def _caption(data: dict, command: str) -> str:
+    date = data.get("date", "date not recorded")
+    return (f"Measured on one {data['device']} ({date}, torch {data['torch']}, triton {data['triton']}) "
+            f"by `{command}`; JSON: `benchmarks/results/{data['_name']}.json`.")
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+def _kernels(data: dict) -> str:
+    rows = data["results"]
+    ts = sorted({r["T"] for r in rows})
+    by = {(r["entry"], r["T"]): r for r in rows if r.get("fwd_ms") is not None}
+    ours = [e for e in data["entries"] if e.startswith("ours_") and not e.endswith("_split")]
+
+    def best(prefix: str, t: int, key: str):
+        found = [(by[e, t][key], e) for e in data["entries"]
+                 if e.startswith(prefix) and (e, t) in by and by[e, t].get(key) is not None]
+        return min(found) if found else (None, None)
+
+    def with_floor(entry, t, key):
+        r = by.get((entry, t))
+        if r is None or r.get(key) is None:
+            return "–"
+        return f"{_ms(r[key])} ({r[key.replace('_ms', '_over_floor')]:.1f})"
+
+    head = (["T"] + [f"ours {e[5:].replace('_', ' ')} fwd" for e in ours]
+            + ["fla best fwd", "SDPA d64 fwd", "ours best fwd+bwd", "fla best fwd+bwd", "SDPA d64 fwd+bwd",
+               "Inductor fwd+bwd"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for t in ts:
+        fla_f, _ = best("fla_", t, "fwd_ms")
+        fla_b, _ = best("fla_", t, "fwdbwd_ms")
+        our_b, our_b_entry = best("ours_", t, "fwdbwd_ms")
+        cells = [str(t)] + [with_floor(e, t, "fwd_ms") for e in ours]
+        cells += [_ms(fla_f), _ms(by.get(("sdpa_causal_d64", t), {}).get("fwd_ms")),
+                  with_floor(our_b_entry, t, "fwdbwd_ms") if our_b_entry else "–", _ms(fla_b),
+                  _ms(by.get(("sdpa_causal_d64", t), {}).get("fwdbwd_ms")),
+                  _ms(by.get(("inductor_naive", t), {}).get("fwdbwd_ms"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    c = data["config"]
+    ceil = data["ceilings"]
+    return (_caption(data, "python -m benchmarks --only kernels") + f" B={c['B']}, H={c['H']}, Dk={c['Dk']}, "
+            f"Dv={c['Dv']}, {c['dtype']}, {'causal' if c['causal'] else 'non-causal'}, "
+            f"{'normalised' if c['normalize'] else 'unnormalised'}; median ms, in brackets the ratio to the "
+            f"physical floor (copy {ceil['copy_bytes_per_s'] / 1e12:.1f} TB/s, bf16 matmul "
+            f"{ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, measured in the same run):\n\n" + "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------- e2e
+
+E2E_VARIANTS = (("eager", "eager"), ("inductor", "Inductor"), ("based", "**based**"), ("fla", "fla"),
+                ("fla_inductor", "fla + Inductor"))
+
+
+def _e2e(data: dict) -> str:
+    rows = {(r["mode"], r["seq_len"], r["variant"]): r for r in data["results"]}
+    keys = sorted({(m, t) for m, t, _ in rows}, key=lambda mt: (mt[0] != "train", mt[1]))
+    head = ["mode", "T"] + [name for _, name in E2E_VARIANTS] + ["based vs Inductor", "based vs fla + Inductor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def cell(mode, t, variant):
+        r = rows.get((mode, t, variant))
+        if r is None:
+            return "–"
+        if r["status"] != "ok":
+            return "OOM" if "oom" in r["status"].lower() else r["status"]
+        return _ms(r["ms"])
+
+    def ratio(mode, t, other):
+        a, b = rows.get((mode, t, "based")), rows.get((mode, t, other))
+        if not a or a["status"] != "ok" or not b:
+            return "–"
+        return f"{b['ms'] / a['ms']:.2f}x" if b["status"] == "ok" else "runs"
+
+    for mode, t in keys:
+        label = "train, ms/step" if mode == "train" else "prefill, ms"
+        lines.append("| " + " | ".join([label, str(t)] + [cell(mode, t, v) for v, _ in E2E_VARIANTS]
+                                       + [ratio(mode, t, "inductor"), ratio(mode, t, "fla_inductor")]) + " |")
+    run = data["runs"][-1]
+    meta = dict(device=run["device"], date=run["date"], torch=run["torch"], triton=run.get("triton", "?"),
+                _name=data["_name"])
+    return (_caption(meta, "python -m benchmarks --only e2e") + f" {run['params'] / 1e6:.0f}M-parameter naive "
+            f"LM ({run['layers']} layers, d_model {run['d_model']}, {run['heads']} heads, {run['precision']}), "
+            f"{run['tokens']} tokens a step, medians of {run['reps']}:\n\n" + "\n".join(lines))
+
+
+RENDERERS = {"kernels": _kernels, "e2e": _e2e}
+
+
+def load(name: str) -> dict:
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    data["_name"] = name
+    return data
+
+
+def render(name: str) -> str:
+    return RENDERERS[name](load(name)).rstrip() + "\n"
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    return {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+
+
+def stale_tables(text: str) -> list[str]:
+    """Names of README tables that differ from what their JSON renders to (or have no renderer)."""
+    return [name for name, body in readme_blocks(text).items()
+            if name not in RENDERERS or body != render(name)]
+
+
+def write(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render(m["name"]) + m.group(4), text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help="rewrite README.md's tables from benchmarks/results")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    if args.write:
+        README.write_text(write(text))
+        return 0
+    stale = stale_tables(text)
+    for name in stale:
+        print(f"README table {name!r} differs from benchmarks/results/{name}.json; it renders as:\n{render(name)}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
