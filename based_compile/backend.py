@@ -33,7 +33,8 @@ from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_b
 
 from .buffer_guard import guard_buffers
 from .graph.driver import run_pass
-from .op import config
+from .graph.report import Explanation
+from .op import config, context_parallel
 
 log = logging.getLogger("based_compile")
 
@@ -83,6 +84,23 @@ def _inductor_settings(inner, mode: str | None, options: dict | None) -> dict:
     return patches
 
 
+def _refuse_context_parallel(compiled, report: Explanation):
+    """``compiled`` for a graph that holds attention the pass refused: under
+    ``based_compile.context_parallel`` that attention would run within the shard alone (a different
+    function), so calling it there raises instead of computing something else."""
+    first = report.refusals[0]
+
+    def run(*args):
+        if context_parallel.active():
+            raise RuntimeError(
+                f"based_compile.context_parallel: this compiled graph holds attention that was not rewritten "
+                f"({len(report.refusals)} refusal(s); the first at {first.source}: {first.category}: {first.reason}); "
+                "under context parallelism it would attend within this rank's shard only. Run it outside "
+                "context_parallel, or make it a form the backend rewrites (based_compile.explain says why not).")
+        return compiled(*args)
+    return run
+
+
 def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", verify: bool = True):
     """A configured ``based`` backend for ``torch.compile(model, backend=based_compile.backend(...))``."""
     if not isinstance(rewrite, bool):
@@ -100,12 +118,15 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
         patches = _inductor_settings(inner, mode, options)
         compile_inner = (lambda g: inner_compile(g, example_inputs, config_patches=patches)) if patches else \
             (lambda g: inner_compile(g, example_inputs))
-        result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify)
+        report = Explanation()
+        result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
         if result is None:
-            return compile_inner(gm)
-        rewritten, baked = result
-        compiled = compile_inner(rewritten)
-        return guard_buffers(compiled, baked, example_inputs) if baked else compiled
+            compiled = compile_inner(gm)
+        else:
+            rewritten, baked = result
+            compiled = compile_inner(rewritten)
+            compiled = guard_buffers(compiled, baked, example_inputs) if baked else compiled
+        return _refuse_context_parallel(compiled, report) if report.refusals else compiled
 
     based.options = {"inner": inner, "rewrite": rewrite, "kernel": kernel, "verify": verify}
     return based

@@ -42,7 +42,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import config, cpu_path, policy
+from . import config, context_parallel, cpu_path, policy
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels import parallel as parallel_kernel
 from ..kernels.arguments import BasedArguments, check_arguments
@@ -173,15 +173,38 @@ def _cpu_pair(form: str):
     return forward, backward
 
 
+def _local_pair(kernel: str):
+    """(forward, backward) of the kernel for a shard's own attention under context parallelism: the
+    shard runs unnormalised with one more value column (V' = [V, 1]), which may change the choice
+    between the Triton kernels' variants but not the device's family (CPU forms stay CPU forms)."""
+    if kernel in policy.TRITON_KERNELS:
+        return _kernel_pair(kernel)
+    return _cpu_pair(kernel.removeprefix("cpu_"))
+
+
+def _local_forward(q, kernel: str):
+    return _local_pair(kernel)[0]
+
+
+def _local_backward(q, kernel: str):
+    return _local_pair(kernel)[1]
+
+
 def _run_forward(q, k, v, args: BasedArguments, kernel: str, forward, backward) -> tuple[Tensor, Tensor]:
-    o, z = forward(q, k, v, args)
+    if context_parallel.active():
+        o, z = context_parallel.forward(q, k, v, args, _local_forward(q, kernel))
+    else:
+        o, z = forward(q, k, v, args)
     if z is None:
         return o.contiguous(), _no_z(q)
     return o.contiguous(), z.contiguous()
 
 
 def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str, forward, backward):
-    dq, dk, dv = backward(q, k, v, o, z if args.normalize else None, do, args)
+    if context_parallel.active():
+        dq, dk, dv = context_parallel.backward(q, k, v, o, z, do, args, _local_backward(q, kernel))
+    else:
+        dq, dk, dv = backward(q, k, v, o, z if args.normalize else None, do, args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -1,0 +1,305 @@
+"""Context parallelism: one sequence split over ranks, exact, by passing Based's small state.
+
+``with based_compile.context_parallel(mesh):`` every ``based::attention`` call (eager or in a
+compiled model, forward and backward) treats its q, k, v as this rank's contiguous shard of a
+longer sequence, the ranks holding the shards in rank order. Each rank computes
+
+    N = N_local + phi_q(Q) P,        P = sum of the states of the ranks before it (causal)
+                                         or of all other ranks (non-causal),
+
+where N_local is the shard's own attention over its own keys (the kernel the policy picks, run
+unnormalised on V' = [V, 1] so that the normaliser comes with it), the state of a shard is
+S = phi_k(K)^T V' in the symmetric basis (1 + Dk + Dk(Dk+1)/2 rows: [1, k, k_a k_b for a <= b];
+phi_q carries the coefficients and the weights 2 - [a = b]), and o = N[:Dv] / (N[Dv] + eps).
+The states travel in one all-gather per layer; nothing of size T crosses ranks.
+
+The backward mirrors it: the local part runs the local kernel's backward on dN', the prefix part
+gives dQ through phi_q and dP = phi_q(Q)^T dN'; one all-gather of the dP sends each rank the
+gradients of its own state from the ranks after it (dS = sum of their dP), and dS flows into dK
+and dV through S = phi_k(K)^T V'. Both directions recompute the local state from K and V (a few
+kilobytes per head), so the operator saves nothing more than without context parallelism.
+
+Not attention: layers that mix tokens along the sequence (the short causal convolutions of Based
+models) need the last tokens of the previous shard; ``sequence_halo`` fetches them. A model whose
+other token mixers are left as they are computes something else under context parallelism: apply
+the helper to every such layer. ``shard_sequence`` cuts a full-sequence tensor into this rank's
+shard (sizes differ by at most one token when T is not divisible by the world size).
+
+Call the backward inside the ``with`` block: the operator reads the setting when it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..kernels.arguments import BasedArguments
+from .cpu_path import compute_dtype
+
+
+@dataclass(frozen=True)
+class _Group:
+    group: object          # the process group of the sequence dimension
+    rank: int
+    world: int
+
+
+_active: _Group | None = None
+
+
+def _process_group(mesh, mesh_dim):
+    if isinstance(mesh, dist.ProcessGroup):
+        if mesh_dim is not None:
+            raise ValueError("mesh_dim applies to a DeviceMesh, not to a ProcessGroup")
+        return mesh
+    get_group = getattr(mesh, "get_group", None)
+    if get_group is None:
+        raise TypeError(f"mesh must be a torch.distributed DeviceMesh or ProcessGroup, got {type(mesh).__name__}")
+    if mesh_dim is None and mesh.ndim != 1:
+        raise ValueError(f"mesh has {mesh.ndim} dimensions {mesh.mesh_dim_names}: name the sequence one with mesh_dim")
+    return get_group(mesh_dim) if mesh_dim is not None else get_group()
+
+
+@contextlib.contextmanager
+def context_parallel(mesh, *, mesh_dim: str | int | None = None):
+    """Run Based attention sequence-parallel over ``mesh`` (a 1-D DeviceMesh, a ProcessGroup, or the
+    dimension ``mesh_dim`` of a larger mesh, e.g. ``mesh_dim="cp"`` of a (dp, cp) mesh for FSDP2 x
+    context parallelism). Inside, each rank passes its own contiguous shard of the sequence."""
+    global _active
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("context_parallel needs torch.distributed initialised (init_process_group)")
+    group = _process_group(mesh, mesh_dim)
+    previous = _active
+    _active = _Group(group, dist.get_rank(group), dist.get_world_size(group))
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+def active() -> bool:
+    """True inside ``context_parallel`` on more than one rank."""
+    return _active is not None and _active.world > 1
+
+
+def shard_bounds(length: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of rank's contiguous shard of ``length`` tokens (the first length % world ranks
+    hold one token more)."""
+    base, extra = divmod(length, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def shard_sequence(x: Tensor, seq_dim: int) -> Tensor:
+    """This rank's contiguous shard of the full-sequence tensor ``x`` along ``seq_dim`` (a view)."""
+    group = _require_active("shard_sequence")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    start, end = shard_bounds(x.shape[seq_dim], group.rank, group.world)
+    return x.narrow(seq_dim, start, end - start)
+
+
+class _Halo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size, seq_dim, group: _Group):
+        ctx.size, ctx.seq_dim, ctx.group = size, seq_dim, group
+        tail = x.narrow(seq_dim, x.shape[seq_dim] - size, size).contiguous()
+        tails = [torch.empty_like(tail) for _ in range(group.world)]
+        dist.all_gather(tails, tail, group=group.group)
+        before = tails[group.rank - 1] if group.rank > 0 else torch.zeros_like(tail)
+        return torch.cat([before, x], dim=seq_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size, seq_dim, group = ctx.size, ctx.seq_dim, ctx.group
+        d_before = grad.narrow(seq_dim, 0, size).contiguous()
+        dx = grad.narrow(seq_dim, size, grad.shape[seq_dim] - size).clone()
+        gathered = [torch.empty_like(d_before) for _ in range(group.world)]
+        dist.all_gather(gathered, d_before, group=group.group)
+        if group.rank + 1 < group.world:           # the next rank read my tail
+            tail = dx.narrow(seq_dim, dx.shape[seq_dim] - size, size)
+            tail.add_(gathered[group.rank + 1])
+        return dx, None, None, None
+
+
+def sequence_halo(x: Tensor, size: int, seq_dim: int) -> Tensor:
+    """``x`` with the last ``size`` tokens of the previous rank's shard prepended along ``seq_dim``
+    (zeros on the first rank, as a causal convolution's left padding): a causal convolution of
+    kernel size k over ``sequence_halo(x, k - 1, dim)`` without left padding gives this shard's
+    outputs exactly as over the whole sequence. Differentiable; outside ``context_parallel`` it
+    prepends zeros. Each shard must hold at least ``size`` tokens."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"size must be an int >= 0, got {size!r}")
+    seq_dim = seq_dim % x.dim()
+    if size == 0:
+        return x
+    if x.shape[seq_dim] < size:
+        raise ValueError(f"x holds {x.shape[seq_dim]} tokens along seq_dim={seq_dim}, fewer than the halo size {size}")
+    if not active():
+        pad = x.new_zeros(*x.shape[:seq_dim], size, *x.shape[seq_dim + 1:])
+        return torch.cat([pad, x], dim=seq_dim)
+    return _Halo.apply(x, size, seq_dim, _active)
+
+
+def _require_active(what: str) -> _Group:
+    if _active is None:
+        raise RuntimeError(f"{what} is used inside `with based_compile.context_parallel(mesh):`")
+    return _active
+
+
+# ------------------------------------------------------------------------------ the operator's side
+
+def _bhtd(x, args: BasedArguments, dtype):
+    """[B, heads, T, D] in ``dtype`` from the layout."""
+    if args.layout == "BTHD":
+        x = x.transpose(1, 2)
+    return x.to(dtype)
+
+
+def _sym_index(d: int, device):
+    ia, ib = torch.triu_indices(d, d, device=device)
+    return ia, ib
+
+
+def _phi_k(k: Tensor) -> Tensor:
+    """[..., Dk] -> [..., 1 + Dk + Dk(Dk+1)/2]: [1, k, k_a k_b (a <= b)]."""
+    ia, ib = _sym_index(k.shape[-1], k.device)
+    return torch.cat([torch.ones_like(k[..., :1]), k, k[..., ia] * k[..., ib]], dim=-1)
+
+
+def _phi_q(qs: Tensor, coeffs) -> Tensor:
+    """[..., Dk] (q already scaled) -> features with phi_q(q) . phi_k(k) = c0 + c1 s + c2 s^2."""
+    c0, c1, c2 = coeffs
+    ia, ib = _sym_index(qs.shape[-1], qs.device)
+    w = torch.where(ia == ib, 1.0, 2.0).to(qs.dtype)
+    return torch.cat([torch.full_like(qs[..., :1], c0), c1 * qs, c2 * w * qs[..., ia] * qs[..., ib]], dim=-1)
+
+
+def _phi_q_backward(qs: Tensor, g: Tensor, coeffs) -> Tensor:
+    """d(phi_q(qs) . g)/d qs for g [..., F]."""
+    _, c1, c2 = coeffs
+    d = qs.shape[-1]
+    ia, ib = _sym_index(d, qs.device)
+    w = torch.where(ia == ib, 1.0, 2.0).to(qs.dtype)
+    g2 = c2 * w * g[..., 1 + d:]
+    out = c1 * g[..., 1:1 + d]
+    out = out.index_add(-1, ia, g2 * qs[..., ib])
+    return out.index_add(-1, ib, g2 * qs[..., ia])
+
+
+def _phi_k_backward(k: Tensor, g: Tensor) -> Tensor:
+    """d(phi_k(k) . g)/d k for g [..., F]."""
+    d = k.shape[-1]
+    ia, ib = _sym_index(d, k.device)
+    g2 = g[..., 1 + d:]
+    out = g[..., 1:1 + d].clone()
+    out = out.index_add(-1, ia, g2 * k[..., ib])
+    return out.index_add(-1, ib, g2 * k[..., ia])
+
+
+def _with_ones(v: Tensor, args: BasedArguments) -> Tensor:
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if args.normalize else v
+
+
+def _local_arguments(args: BasedArguments) -> BasedArguments:
+    """The shard's own attention, unnormalised over V' = [V, 1]."""
+    return replace(args, normalize=False, dv=args.dv + int(args.normalize))
+
+
+def _states(k, v1, args: BasedArguments, dtype) -> Tensor:
+    """This shard's state phi_k(K)^T V' as [B, Hkv, F, Dv']."""
+    kb = _bhtd(k, args, dtype)
+    vb = _bhtd(v1, args, dtype)
+    return _phi_k(kb).transpose(-2, -1) @ vb
+
+
+def _exchange(x: Tensor, group: _Group) -> list[Tensor]:
+    parts = [torch.empty_like(x) for _ in range(group.world)]
+    dist.all_gather(parts, x.contiguous(), group=group.group)
+    return parts
+
+
+def _before(parts: list[Tensor], rank: int, causal: bool) -> Tensor:
+    """Sum over the ranks before ``rank`` (causal) or over every other rank (non-causal)."""
+    chosen = parts[:rank] if causal else parts[:rank] + parts[rank + 1:]
+    total = torch.zeros_like(parts[0])
+    for p in chosen:
+        total = total + p
+    return total
+
+
+def _after(parts: list[Tensor], rank: int, causal: bool) -> Tensor:
+    chosen = parts[rank + 1:] if causal else parts[:rank] + parts[rank + 1:]
+    total = torch.zeros_like(parts[0])
+    for p in chosen:
+        total = total + p
+    return total
+
+
+def _queries(q, args: BasedArguments, dtype) -> Tensor:
+    """Scaled queries grouped by kv head: [B, Hkv, G, T, Dk]."""
+    qb = _bhtd(q, args, dtype) * args.scale
+    return qb.reshape(args.batch, args.kv_heads, args.group, args.length, args.dk)
+
+
+def forward(q, k, v, args: BasedArguments, local_forward) -> tuple[Tensor, Tensor | None]:
+    """(o, z) of this shard: ``local_forward(q, k, v', local_args)`` is the local kernel."""
+    group = _require_active("based::attention")
+    dtype = compute_dtype(q.dtype)
+    v1 = _with_ones(v, args)
+    n_local, _ = local_forward(q, k, v1, _local_arguments(args))
+    prefix = _before(_exchange(_states(k, v1, args, dtype), group), group.rank, args.causal)   # [B, Hkv, F, Dv']
+    qg = _queries(q, args, dtype)
+    n = _bhtd(n_local, args, dtype).reshape(args.batch, args.kv_heads, args.group, args.length, -1)
+    n = n + _phi_q(qg, args.coeffs) @ prefix.unsqueeze(2)
+    n = n.reshape(args.batch, args.heads, args.length, -1)
+    z = None
+    if args.normalize:
+        z = n[..., -1]
+        n = n[..., :-1] / (z.unsqueeze(-1) + args.eps)
+    if args.layout == "BTHD":
+        n = n.transpose(1, 2)
+    return n.to(q.dtype).contiguous(), None if z is None else z.contiguous()
+
+
+def backward(q, k, v, o, z, do, args: BasedArguments, local_backward):
+    """(dq, dk, dv) of this shard; ``local_backward(q, k, v', o, z, dN', local_args)`` is the local
+    kernel's backward (unnormalised: o stands in for the unused output, z is None)."""
+    group = _require_active("based::attention_backward")
+    dtype = compute_dtype(q.dtype)
+    b, h, hk, g, t = args.batch, args.heads, args.kv_heads, args.group, args.length
+    ob, dob = _bhtd(o, args, dtype), _bhtd(do, args, dtype)
+    if args.normalize:
+        r = 1.0 / (z.to(dtype).unsqueeze(-1) + args.eps)
+        dn = torch.cat([dob * r, -(dob * ob).sum(-1, keepdim=True) * r], dim=-1)    # [B, H, T, Dv + 1]
+    else:
+        dn = dob
+    v1 = _with_ones(v, args)
+    # local part: the local kernel's backward on dN'
+    dn_layout = (dn.transpose(1, 2) if args.layout == "BTHD" else dn).to(q.dtype).contiguous()
+    dq, dk, dv1 = local_backward(q, k, v1, dn_layout, None, dn_layout, _local_arguments(args))
+    dq, dk, dv1 = (x.to(dtype) for x in (dq, dk, dv1))
+    # prefix part: N += phi_q(Q) P
+    parts = _exchange(_states(k, v1, args, dtype), group)
+    prefix = _before(parts, group.rank, args.causal)                               # [B, Hkv, F, Dv']
+    qg = _queries(q, args, dtype)                                                  # [B, Hkv, G, T, Dk]
+    dng = dn.reshape(b, hk, g, t, -1)
+    dqg = _phi_q_backward(qg, dng @ prefix.unsqueeze(2).transpose(-2, -1), args.coeffs) * args.scale
+    d_prefix = (_phi_q(qg, args.coeffs).transpose(-2, -1) @ dng).sum(2)          # [B, Hkv, F, Dv']
+    d_state = _after(_exchange(d_prefix, group), group.rank, args.causal)
+    # the state S = phi_k(K)^T V' of this shard
+    kb, vb = _bhtd(k, args, dtype), _bhtd(v1, args, dtype)
+    dvb = _phi_k(kb) @ d_state                                                     # [B, Hkv, T, Dv']
+    dkb = _phi_k_backward(kb, vb @ d_state.transpose(-2, -1))                      # [B, Hkv, T, Dk]
+    dq_extra = dqg.reshape(b, h, t, args.dk)
+    if args.layout == "BTHD":
+        dq_extra, dkb, dvb = dq_extra.transpose(1, 2), dkb.transpose(1, 2), dvb.transpose(1, 2)
+    dq = dq + dq_extra
+    dk = dk + dkb
+    dv = (dv1 + dvb)[..., :args.dv]
+    return tuple(x.to(ref.dtype).contiguous() for x, ref in ((dq, q), (dk, k), (dv, v)))

@@ -1,0 +1,193 @@
+"""Context parallelism on the CPU: 2 gloo processes, float64, against one process over the whole sequence.
+
+Each configuration (causal / non-causal, both layouts, GQA, T not divisible by the world size) runs
+``based_attention`` on the shards inside ``based_compile.context_parallel`` and compares every rank's
+output and the gradients of q, k, v with one process's on the whole sequence (1e-10). A small naive
+Based LM with a short causal convolution (made exact with ``sequence_halo``), compiled with
+``backend="based"``, is compared the same way, loss and every parameter gradient (all-reduced).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+CONFIGS = [  # (layout, causal, heads, kv_heads, T, normalize)
+    ("BHTD", True, 2, 2, 11, True),
+    ("BTHD", True, 4, 2, 9, True),
+    ("BHTD", False, 2, 1, 7, True),
+    ("BTHD", False, 2, 2, 10, False),
+    ("BHTD", True, 2, 2, 13, False),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _attention_case(rank, layout, causal, h, hk, t, normalize):
+    import based_compile
+    from based_compile.op.context_parallel import shard_bounds
+
+    g = torch.Generator().manual_seed(1234 + t)
+    seq = 2 if layout == "BTHD" else 2
+
+    def rnd(heads, d):
+        x = torch.randn(2, heads, t, d, generator=g, dtype=torch.float64)
+        return x.transpose(1, 2).contiguous() if layout == "BTHD" else x
+
+    q, k, v = rnd(h, 4), rnd(hk, 4), rnd(hk, 5)
+    do = rnd(h, 5)
+    spec = based_compile.BasedSpec(layout=layout, scale=0.5, c0=1.0, c1=1.0, c2=0.5, causal=causal,
+                                   normalize=normalize, eps=1e-6, group=h // hk)
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_full = based_compile.based_attention(*full, spec)
+    o_full.backward(do)
+    dim = 1 if layout == "BTHD" else 2
+    start, end = shard_bounds(t, rank, WORLD)
+    mesh = dist.group.WORLD
+    with based_compile.context_parallel(mesh):
+        shards = [x.narrow(dim, start, end - start).clone().requires_grad_() for x in (q, k, v)]
+        o = based_compile.based_attention(*shards, spec)
+        o.backward(do.narrow(dim, start, end - start))
+    errors = {"o": _rel(o, o_full.narrow(dim, start, end - start))}
+    for name, shard, whole in zip("qkv", shards, full):
+        errors["d" + name] = _rel(shard.grad, whole.grad.narrow(dim, start, end - start))
+    return errors
+
+
+def _model_case(rank):
+    """A tiny naive Based LM (short conv + feature-map attention), compiled, sharded vs whole."""
+    import based_compile
+    from based_compile.op.context_parallel import shard_bounds
+
+    torch.manual_seed(0)
+
+    class Mixer(torch.nn.Module):
+        def __init__(self, d=8, heads=2, dk=4):
+            super().__init__()
+            self.heads, self.dk = heads, dk
+            self.conv = torch.nn.Conv1d(d, d, 3, groups=d, padding=0, dtype=torch.float64)
+            self.q = torch.nn.Linear(d, heads * dk, dtype=torch.float64)
+            self.k = torch.nn.Linear(d, heads * dk, dtype=torch.float64)
+            self.v = torch.nn.Linear(d, d, dtype=torch.float64)
+            self.o = torch.nn.Linear(d, d, dtype=torch.float64)
+
+        def forward(self, x):                                    # x [B, T, D]
+            b, t, d = x.shape
+            y = self.conv(based_compile.sequence_halo(x.transpose(1, 2), 2, seq_dim=2)).transpose(1, 2)
+            q = self.q(y).view(b, t, self.heads, self.dk).transpose(1, 2)
+            k = self.k(y).view(b, t, self.heads, self.dk).transpose(1, 2)
+            v = self.v(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            s = (q @ k.transpose(-2, -1)) * 0.5
+            a = (1 + s + 0.5 * s * s).tril()
+            o = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+            return x + self.o(o.transpose(1, 2).reshape(b, t, d))
+
+    model = Mixer()
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    target = torch.randn(2, 11, 8, dtype=torch.float64)
+    # dynamic=False: one graph per length (the whole sequence, then the shard)
+    compiled = torch.compile(model, backend="based", fullgraph=True, dynamic=False)
+    out_full = compiled(x)
+    loss_full = ((out_full - target) ** 2).sum()
+    grads_full = torch.autograd.grad(loss_full, list(model.parameters()))
+    start, end = shard_bounds(11, rank, WORLD)
+    with based_compile.context_parallel(dist.group.WORLD):
+        out = compiled(x[:, start:end])
+        loss = ((out - target[:, start:end]) ** 2).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    dist.all_reduce(loss)
+    for grad in grads:
+        dist.all_reduce(grad)
+    errors = {"out": _rel(out, out_full[:, start:end]), "loss": abs(loss.item() - loss_full.item()) / loss_full.item()}
+    errors["grads"] = max(_rel(a, b) for a, b in zip(grads, grads_full))
+    return errors
+
+
+def _worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for config in CONFIGS:
+            out[config] = _attention_case(rank, *config)
+        out["model"] = _model_case(rank)
+        results[rank] = out
+    except Exception:  # noqa: BLE001 - reported to the test
+        results[rank] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(_worker, args=(_free_port(), shared), nprocs=WORLD, join=True)
+        return dict(shared)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_sharded_attention_equals_one_process(results, config):
+    for rank in range(WORLD):
+        assert not isinstance(results[rank], str), results[rank]
+        errors = results[rank][config]
+        assert max(errors.values()) < 1e-10, (rank, errors)
+
+
+def test_compiled_model_with_a_short_conv_equals_one_process(results):
+    for rank in range(WORLD):
+        assert not isinstance(results[rank], str), results[rank]
+        errors = results[rank]["model"]
+        assert max(errors.values()) < 1e-10, (rank, errors)
+
+
+def test_helpers_need_the_context():
+    import based_compile
+
+    with pytest.raises(RuntimeError, match="context_parallel"):
+        based_compile.shard_sequence(torch.ones(2, 4), seq_dim=1)
+    x = torch.randn(1, 3, 5, dtype=torch.float64)
+    y = based_compile.sequence_halo(x, 2, seq_dim=2)          # outside: zeros, as causal padding
+    assert y.shape == (1, 3, 7) and torch.equal(y[..., :2], torch.zeros(1, 3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="size"):
+        based_compile.sequence_halo(x, -1, seq_dim=2)
+    with pytest.raises(ValueError, match="fewer than the halo"):
+        based_compile.sequence_halo(x, 6, seq_dim=2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        with based_compile.context_parallel(None):
+            pass
+
+
+def test_refused_attention_raises_under_context_parallel(monkeypatch):
+    """A graph with attention the pass refused would attend within the shard only: it raises."""
+    import based_compile
+    from based_compile.op import context_parallel as cp
+
+    def cubic(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        a = (1 + s + 0.5 * s * s + s ** 3).tril()
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(cubic, backend=based_compile.backend(inner="eager"))
+    torch.testing.assert_close(compiled(q, k, v), cubic(q, k, v))       # outside: runs as written
+    monkeypatch.setattr(cp, "_active", cp._Group(None, 0, 2))           # as inside context_parallel on 2 ranks
+    with pytest.raises(RuntimeError, match="within this rank's shard"):
+        compiled(q, k, v)
