@@ -35,11 +35,22 @@ class BasedArguments:
     causal: bool
     normalize: bool
     eps: float
+    key_length: int | None = None  # Tk when the keys outnumber the queries (a KV cache), else None
 
     @property
     def group(self) -> int:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.heads // self.kv_heads
+
+    @property
+    def tk(self) -> int:
+        """The number of keys (and values): ``length`` unless the queries are a block at the end."""
+        return self.length if self.key_length is None else self.key_length
+
+    @property
+    def offset(self) -> int:
+        """Tk - Tq: causal query i sees keys j <= i + offset (the mask is aligned to the end)."""
+        return self.tk - self.length
 
 
 def _check_tensor(name: str, x) -> None:
@@ -57,10 +68,12 @@ def _bhtd(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
 
 
 def check_arguments(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, normalize=True,
-                    eps=1e-6, layout="BHTD", dtypes=None) -> BasedArguments:
+                    eps=1e-6, layout="BHTD", dtypes=None, shorter_queries=False) -> BasedArguments:
     """Validate the common arguments and return them resolved.
 
     ``dtypes``: the floating dtypes the caller supports (``None``: all of ``FLOATING_DTYPES``).
+    ``shorter_queries``: accept Tq <= Tk (a block of queries at the end of the keys, e.g. decoding
+    against a KV cache; causal query i sees keys j <= i + Tk - Tq); otherwise Tq == Tk.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
@@ -78,7 +91,12 @@ def check_arguments(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, nor
     bv, hv, tv, dv = _bhtd(v, layout)
     if not (b == bk == bv):
         raise ValueError(f"q, k and v must share the batch size, got q={b}, k={bk}, v={bv}")
-    if not (t == tk == tv):
+    if shorter_queries:
+        if tk != tv:
+            raise ValueError(f"k and v must share the sequence length, got k={tk}, v={tv}")
+        if t > tk:
+            raise ValueError(f"q must not have more positions than k and v (Tq <= Tk), got q={t}, k={tk}")
+    elif not (t == tk == tv):
         raise ValueError(f"q, k and v must share the sequence length, got q={t}, k={tk}, v={tv}")
     if t < 1:
         raise ValueError(f"sequence length must be >= 1, got {t}")
@@ -108,7 +126,8 @@ def check_arguments(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, nor
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return BasedArguments(b, h, hk, t, dk, dv, layout, float(scale), coeffs, causal, normalize, float(eps))
+    return BasedArguments(b, h, hk, t, dk, dv, layout, float(scale), coeffs, causal, normalize, float(eps),
+                          tk if tk != t else None)
 
 
 def triton_interpreting() -> bool:

@@ -37,15 +37,18 @@ def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def naive_parallel_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, normalize=True,
                          eps=1e-6, layout="BHTD"):
-    """Quadratic-form Based attention. q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv]."""
-    a = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
+    """Quadratic-form Based attention. q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv].
+
+    q may hold fewer positions than k and v (Tq <= Tk: queries at the end of the keys, as when
+    decoding against a KV cache): causal query i then sees keys j <= i + Tk - Tq."""
+    a = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout, shorter_queries=True)
     q, k, v = _to_bhtd(q, k, v, layout)
     k, v = _repeat_kv(k, a.group), _repeat_kv(v, a.group)
     c0, c1, c2 = a.coeffs
-    s = (q @ k.transpose(-2, -1)) * a.scale                      # [B, H, T, T]
+    s = (q @ k.transpose(-2, -1)) * a.scale                      # [B, H, Tq, Tk]
     w = c0 + c1 * s + c2 * s * s
     if causal:
-        keep = torch.ones(a.length, a.length, dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(a.length, a.tk, dtype=torch.bool, device=q.device).tril(a.offset)
         w = w.masked_fill(~keep, 0.0)
     o = w @ v                                                    # [B, H, T, Dv]
     if normalize:

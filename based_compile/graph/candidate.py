@@ -16,7 +16,8 @@ from .canonicalize import VIEW_OPS, hint_shape
 
 @dataclass
 class Weights:
-    """A T x T weight tensor read as keep * P(q.k) (P in the raw dot product)."""
+    """A Tq x Tk weight tensor read as keep * P(q.k) (P in the raw dot product); ``t`` is Tq,
+    ``tk`` Tk (None: Tq == Tk; Tq < Tk is a block of queries against a KV cache)."""
 
     poly: polynomial.Poly
     keep: torch.Tensor | None     # bool [T, T]; None: nothing masked
@@ -32,6 +33,11 @@ class Weights:
     row_normalised: float | None = None   # eps when the weights were already divided by their row sums
     buffers: frozenset = field(default_factory=frozenset)
     k_alternatives: tuple = ()
+    tk: int | None = None
+
+    @property
+    def key_length(self) -> int:
+        return self.t if self.tk is None else self.tk
 
     def same_function(self, other: "Weights") -> bool:
         same_keep = (self.keep is None and other.keep is None) or (
@@ -61,7 +67,11 @@ class Match:
     anchor: fx.Node               # the node whose stack trace names the user's line
     k_alternatives: tuple = ()    # other readings of k and v (e.g. the repeated heads), tried in order
     v_alternatives: tuple = ()
+    tk: int | None = None         # keys and values' length when it differs from the queries' (``t``)
 
+    @property
+    def key_length(self) -> int:
+        return self.t if self.tk is None else self.tk
 
 
 def view_chain(node: fx.Node) -> list[fx.Node]:

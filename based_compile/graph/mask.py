@@ -46,8 +46,7 @@ def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[in
     flat = value.reshape(-1, value.shape[-2], value.shape[-1])
     if not bool((flat == flat[:1]).all()):
         raise MaskError("mask differs between batch entries or heads")
-    t = weights_shape[ai]
-    keep = torch.broadcast_to(flat[0], (t, t)).clone()
+    keep = torch.broadcast_to(flat[0], (weights_shape[ai], weights_shape[aj])).clone()
     return ~keep if invert else keep
 
 

@@ -32,16 +32,12 @@ from .canonicalize import (VIEW_OPS, hint_shape, scalar_factor, scalar_value, sh
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import pair_feature_maps, read_feature_map
+from . import kv_mask
 from .linear_form import match_linear
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
 log = logging.getLogger("based_compile")
-
-
-def _last_dims_tt(node, t: int) -> bool:
-    shape = hint_shape(node)
-    return shape is not None and len(shape) >= 2 and shape[-1] == t and shape[-2] == t
 
 
 def _normalise_dims(dims, rank: int) -> list[int]:
@@ -84,7 +80,8 @@ class Matcher:
     # ------------------------------------------------------------------ scores
 
     def scores(self, node: fx.Node) -> Weights:
-        t = hint_shape(node)[-1]
+        t, tk = hint_shape(node)[-2], hint_shape(node)[-1]
+        tk = None if tk == t else tk
         x, y = walk_operand(self.gm, node.args[0]), walk_operand(self.gm, node.args[1])
         phi_q = read_feature_map(self.gm, x.stop) if x.stop.op == "call_function" else None
         phi_k = read_feature_map(self.gm, y.stop) if y.stop.op == "call_function" else None
@@ -93,12 +90,12 @@ class Matcher:
                 raise Refused("feature_map", "only one of q and k goes through a feature map", node)
             poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), x.factor * y.factor)
             return Weights(poly, None, False, node, phi_q.source, phi_k.source, "feature-map quadratic",
-                           None, t, hint_shape(node), (1, 2))
+                           None, t, hint_shape(node), (1, 2), tk=tk)
         if shape_of(x.source) is None or shape_of(y.source) is None:
             raise NotACandidate("scores operands are not tensors")
         sigma = x.factor * y.factor
         return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t,
-                       hint_shape(node), (1, 2), k_alternatives=y.alternatives)
+                       hint_shape(node), (1, 2), k_alternatives=y.alternatives, tk=tk)
 
     # ------------------------------------------------------------------ weights
 
@@ -165,8 +162,9 @@ class Matcher:
         target = node.target
         args = node.args
         if target is aten.bmm.default:
-            if not _last_dims_tt(node, hint_shape(node)[-1]):
-                raise NotACandidate("bmm output is not square")
+            shape = hint_shape(node)
+            if shape is None or len(shape) != 3 or shape[-2] > shape[-1]:
+                raise NotACandidate("bmm output has more rows (queries) than columns (keys)")
             return self.scores(node)
         if target in VIEW_OPS:
             w = self.weights(args[0])
@@ -227,7 +225,7 @@ class Matcher:
             if w.axes != (len(w.shape) - 2, len(w.shape) - 1):
                 raise Refused("unsupported", "tril/triu over axes that are not the weights' [T, T] axes", node)
             diagonal = int(args[1]) if len(args) > 1 else int(node.kwargs.get("diagonal", 0))
-            ones = torch.ones(w.t, w.t, dtype=torch.bool)
+            ones = torch.ones(w.t, w.key_length, dtype=torch.bool)
             keep = torch.tril(ones, diagonal) if target is aten.tril.default else torch.triu(ones, diagonal)
             return self._mask(w, keep, None)
         if target in (aten._softmax.default, aten.exp.default):
@@ -389,6 +387,8 @@ class Matcher:
         w = self.weights(a_node)
         if w.scores is bmm:
             raise NotACandidate("scores")
+        if w.tk is not None and polynomial.degree(w.poly) < 2:
+            raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
         if w.axes != (1, 2):
             raise NotACandidate("the matmul does not contract the weights over the key axis")
         v_operand = walk_operand(self.gm, bmm.args[1], through_scalars=False)
@@ -423,20 +423,23 @@ class Matcher:
                           where)
         causal = False
         if w.keep is not None:
-            kind, why = masks.classify(w.keep)
+            kind, why = kv_mask.classify(w.keep)
             if kind == "refuse":
                 raise Refused("mask", why, where)
             causal = kind == "causal"
         for buf in w.buffers:
             value = self.evaluator.inputs[buf].detach().cpu()
-            if value.dim() >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > w.t:
+            if value.dim() >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > w.key_length:
                 pattern = value.reshape(-1, value.shape[-2], value.shape[-1])
                 if not bool((pattern == pattern[:1]).all()) or not masks.is_triangular_family(pattern[0] != 0):
                     raise Refused("mask", f"the registered mask buffer ({tuple(value.shape)}) is not "
                                           "triangular beyond the traced length", where)
         p0, p1, p2 = (polynomial.coefficient(w.poly, i) for i in range(3))
         s = w.s_scale if w.s_scale not in (None, 0.0) else (p1 if p1 != 0.0 else 1.0)
-        return Match(form, output, q, k, v, w.t, (p0, p1 / s, p2 / (s * s)), s, causal, normalize, eps, anchor)
+        if w.tk is not None:
+            form = f"{form}, KV cache (Tq={w.t} <= Tk={w.tk}{', causal aligned to the end' if causal else ''})"
+        return Match(form, output, q, k, v, w.t, (p0, p1 / s, p2 / (s * s)), s, causal, normalize, eps, anchor,
+                     tk=w.tk)
 
     # ------------------------------------------------------------------ linear (cumsum) form
 

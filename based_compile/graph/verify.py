@@ -55,7 +55,7 @@ def _readings(m: Match):
     out_shape = hint_shape(m.output)
     readings = []
     for layout, tdim, hdim in (("BHTD", 2, 1), ("BTHD", 1, 2)):
-        if not (qs[tdim] == ks[tdim] == vs[tdim] == m.t):
+        if not (qs[tdim] == m.t and ks[tdim] == vs[tdim] == m.key_length):
             continue
         heads, kv_heads = qs[hdim], ks[hdim]
         if kv_heads == 0 or heads % kv_heads or vs[hdim] != kv_heads or not (qs[0] == ks[0] == vs[0]):
@@ -151,6 +151,57 @@ def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available
     raise first_refusal
 
 
+def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float) -> None:
+    """A KV-cache site (Tq < Tk) on a graph with symbolic lengths: the mask was read at the traced
+    lengths, where a constant offset (``tril(ones(Tq, Tk), 2)``) is indistinguishable from Tk - Tq.
+    Evaluate the matched subgraph again with every symbolic size moved (each symbol by a different
+    amount, the longest by the most), and refuse unless the op's function still agrees."""
+    m = reading.match
+    symbols, env = {}, None
+    for node, value in evaluator.inputs.items():
+        fake = node.meta.get("val")
+        sizes = fake.shape if isinstance(fake, torch.Tensor) else [fake] if isinstance(fake, torch.SymInt) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                env = size.node.shape_env
+                for sym in size.node.expr.free_symbols:
+                    symbols[sym] = int(getattr(env, "backed_var_to_val", env.var_to_val)[sym])
+    if not symbols:
+        return
+    moved = {sym: hint + 1 + i for i, (sym, hint) in enumerate(sorted(symbols.items(), key=lambda kv: kv[1]))}
+
+    def size_at(x):
+        return int(x.node.expr.xreplace(moved)) if isinstance(x, torch.SymInt) else int(x)
+
+    gen = torch.Generator().manual_seed(4321)
+    substitute = {}
+    for node in evaluator.inputs:
+        fake = node.meta.get("val")
+        if isinstance(fake, torch.SymInt):
+            substitute[node] = size_at(fake)
+        elif isinstance(fake, torch.Tensor) and any(isinstance(x, torch.SymInt) for x in fake.shape):
+            shape = [size_at(x) for x in fake.shape]
+            if fake.dtype.is_floating_point:
+                substitute[node] = torch.randn(shape, generator=gen, dtype=torch.float64).to(
+                    device=fake.device, dtype=dtype if node in (m.q, m.k, m.v) else fake.dtype)
+            else:
+                substitute[node] = torch.zeros(shape, dtype=fake.dtype, device=fake.device)
+    if not all(n in substitute for n in (m.q, m.k, m.v)):
+        return
+    where = ", ".join(f"{sym}: {symbols[sym]} -> {moved[sym]}" for sym in sorted(symbols, key=str))
+    try:
+        out = evaluator.evaluate(m.output, substitute=substitute)
+        ref = _reference(reading, *(substitute[n].to(torch.float64) for n in (m.q, m.k, m.v)))
+        err = _rel_error(out, ref)
+    except Exception as exc:
+        raise Refused("verify", f"the KV-cache site could not be checked at other lengths ({where}): "
+                                f"{type(exc).__name__}: {exc}", m.output) from exc
+    if not err < tol:
+        raise Refused("verify", f"the KV-cache site agrees with Based attention at the traced lengths but not at "
+                                f"other lengths ({where}; relative error {err:.2e}): its mask does not follow "
+                                "Tk - Tq (e.g. a constant offset)", m.output)
+
+
 def _structural_reading(m: Match, readings: list, why: str):
     """The first reading the graph's structure alone vouches for (no numerical probe): a grouped-
     query reading only where the heads' repetition is seen as such (``_grouped_structure``)."""
@@ -167,7 +218,7 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
         return _structural_reading(m, readings, "the numerical probe is off")
     rows = math.prod(qs[:3])                                     # B * H * T
     features = 1 + qs[-1] + qs[-1] * qs[-1]
-    size = rows * (m.t if "linear" not in m.form else features * vs[-1])
+    size = rows * (m.key_length if "linear" not in m.form else features * vs[-1])
     if size > PROBE_MAX_ELEMENTS:
         log.info("based_compile: numerical probe skipped at %s (%d elements > %d); structure only",
                  m.output.name, size, PROBE_MAX_ELEMENTS)
@@ -196,6 +247,8 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             best = min(best, err)
             if err < tol:
                 reading.probed = True
+                if m.tk is not None:
+                    _probe_other_lengths(reading, evaluator, dtype, tol)
                 return reading
         raise Refused("verify", f"structure matched ({readings[0].spec}) but the numerical probe disagrees: "
                                 f"relative error {best:.2e} >= {tol:.0e} on random inputs", m.output)

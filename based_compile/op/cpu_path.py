@@ -14,6 +14,15 @@ as [B, H, T] in the compute dtype when ``normalize`` (o_i = n_i / (z_i + eps)), 
 Grouped-query attention: query head h uses key/value head h // group (k, v are broadcast,
 never repeated in memory).
 
+Queries at the end of the keys (Tq < Tk, decoding or chunked prefill against a KV cache;
+``args.offset`` = Tk - Tq): causal query i sees keys j <= i + offset. The quadratic form masks
+the [Tq, Tk] scores with ``tril(offset)``; the chunked form pads the queries at the front with
+``offset`` zero rows (whose outputs are dropped, and whose gradients are zero) and runs the
+Tq == Tk form.
+
+These are plain PyTorch and device-agnostic: CUDA tensors run them too where the Triton kernels
+do not apply (Tq != Tk; policy.py names that choice "pytorch_quadratic" / "pytorch_chunked").
+
 Backward: analytic, per form, from the forward's o and z (dn = do / (z + eps),
 dz = -(do . o) / (z + eps), the column of dN' that V' = [V, 1] turns into the normaliser's
 gradient). ``quadratic_backward`` forms T x T matrices; ``chunked_backward`` uses prefix states
@@ -24,6 +33,8 @@ an option here: the operator's implementation runs below the autograd dispatch k
 from __future__ import annotations
 
 import torch
+
+from dataclasses import replace
 
 from ..kernels.arguments import BasedArguments
 
@@ -74,10 +85,10 @@ def quadratic_forward(q, k, v, args: BasedArguments):
     c0, c1, c2 = args.coeffs
     qg, kg, vg = _grouped(q, k, v, args)
     vg = _with_ones(vg, args.normalize)
-    s = qg @ kg.transpose(-2, -1)                                 # [B, Hkv, G, T, T]
+    s = qg @ kg.transpose(-2, -1)                                 # [B, Hkv, G, Tq, Tk]
     a = c0 + s * (c1 + c2 * s)
     if args.causal:
-        a = a.tril()
+        a = a.tril(args.offset)
     return _finish(a @ vg, args, q.dtype)
 
 
@@ -95,8 +106,29 @@ def _sym_features(x, weighted: bool):
     return f
 
 
+def _time_dim(args: BasedArguments) -> int:
+    return 2 if args.layout == "BHTD" else 1
+
+
+def _pad_front(x, n: int, dim: int, value: float = 0.0):
+    """``n`` rows of ``value`` in front of ``x`` along ``dim``."""
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_full(shape, value), x], dim=dim)
+
+
+def _as_square(args: BasedArguments) -> BasedArguments:
+    return replace(args, length=args.tk, key_length=None)
+
+
 def chunked_forward(q, k, v, args: BasedArguments, chunk_size: int = CHUNK_SIZE):
     """The chunked O(T)-memory form. Returns (o, z)."""
+    if args.offset:
+        # Queries at the end of the keys: pad them at the front to Tk, drop the padded outputs
+        # (non-causal too: the backward below needs one length).
+        dim, n = _time_dim(args), args.offset
+        o, z = chunked_forward(_pad_front(q, n, dim), k, v, _as_square(args), chunk_size)
+        return o.narrow(dim, n, args.length).contiguous(), None if z is None else z[..., n:].contiguous()
     c0, c1, c2 = args.coeffs
     qg, kg, vg = _grouped(q, k, v, args)
     vg = _with_ones(vg, args.normalize)
@@ -153,10 +185,10 @@ def _out_grads(o, z, do, args: BasedArguments, dtype):
 
 def _in_grads(dqg, dkg, dvg, q, k, v, args: BasedArguments):
     """Grouped gradients (dq of the scaled q) back to the shapes, layout and dtypes of q, k, v."""
-    b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
+    b, h, hk, t, tk = args.batch, args.heads, args.kv_heads, args.length, args.tk
     dq = (dqg * args.scale).reshape(b, h, t, args.dk)
-    dk = dkg.reshape(b, hk, t, args.dk)
-    dv = dvg[..., :args.dv].reshape(b, hk, t, args.dv)
+    dk = dkg.reshape(b, hk, tk, args.dk)
+    dv = dvg[..., :args.dv].reshape(b, hk, tk, args.dv)
     if args.layout == "BTHD":
         dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     return tuple(g.to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v)))
@@ -168,11 +200,11 @@ def quadratic_backward(q, k, v, o, z, do, args: BasedArguments):
     qg, kg, vg = _grouped(q, k, v, args)
     vg = _with_ones(vg, args.normalize)
     dn = _out_grads(o, z, do, args, qg.dtype)                      # [B, Hkv, G, T, Dv']
-    s = qg @ kg.transpose(-2, -1)                                 # [B, Hkv, G, T, T]
+    s = qg @ kg.transpose(-2, -1)                                 # [B, Hkv, G, Tq, Tk]
     a = c0 + s * (c1 + c2 * s)
     ds = (dn @ vg.transpose(-2, -1)) * (c1 + 2 * c2 * s)
     if args.causal:
-        a, ds = a.tril(), ds.tril()
+        a, ds = a.tril(args.offset), ds.tril(args.offset)
     dqg = ds @ kg                                                 # [B, Hkv, G, T, Dk]
     dkg = (ds.transpose(-2, -1) @ qg).sum(2)                      # [B, Hkv, T, Dk]
     dvg = (a.transpose(-2, -1) @ dn).sum(2)                       # [B, Hkv, T, Dv']
@@ -196,7 +228,15 @@ def chunked_backward(q, k, v, o, z, do, args: BasedArguments, chunk_size: int = 
     states: prefix sums over earlier key chunks (S1 = sum k v'^T, S2 = sum (k (x) k) v'^T) for dq,
     suffix sums over later query chunks (R0 = sum dn', R1 = sum q dn'^T, R2 = sum (q (x) q) dn'^T)
     for dk and dv. Non-causal: one chunk of T tokens, states over everything, no in-chunk part.
+    Queries at the end of the keys: padded at the front as in ``chunked_forward``; the padded
+    rows get zero output gradients (and z = 1), so they add nothing to dk and dv.
     """
+    if args.offset:
+        dim, n = _time_dim(args), args.offset
+        z = None if z is None else _pad_front(z, n, 2, 1.0)
+        dq, dk, dv = chunked_backward(_pad_front(q, n, dim), k, v, _pad_front(o, n, dim), z,
+                                      _pad_front(do, n, dim), _as_square(args), chunk_size)
+        return dq.narrow(dim, n, args.length).contiguous(), dk, dv
     c0, c1, c2 = args.coeffs
     qg, kg, vg = _grouped(q, k, v, args)
     vg = _with_ones(vg, args.normalize)

@@ -27,8 +27,12 @@ eager backward reuses the forward's checked arguments and kernel choice, which a
 traces and compiled graphs always hold ``based::attention`` and ``based::attention_backward``; the
 profiler shows both names in either case.
 
+Lengths: q may hold fewer positions than k and v (Tq <= Tk, queries at the end of a KV cache);
+causal query i then sees keys j <= i + Tk - Tq (the mask aligned to the end), and o and z have Tq
+positions. Dynamic Tk traces once (the fake implementation is symbolic in Tk).
+
 Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk, float16,
-bfloat16, float32); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
+bfloat16, float32; for Tq < Tk the PyTorch forms, see policy.py); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
 the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
 
 Autocast: inside ``torch.autocast(device, dtype)`` the operator casts floating q, k, v to the
@@ -57,7 +61,8 @@ def _arguments(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps) -> Ba
     (meta tensors, which have no kernel, are checked like CPU tensors)."""
     on_cuda = q.device.type == "cuda"
     dtypes = KERNEL_DTYPES if on_cuda else CPU_DTYPES
-    args = check_arguments(q, k, v, scale, (c0, c1, c2), causal, normalize, eps, layout, dtypes=dtypes)
+    args = check_arguments(q, k, v, scale, (c0, c1, c2), causal, normalize, eps, layout, dtypes=dtypes,
+                           shorter_queries=True)
     if on_cuda:
         _check_kernel_limits(q, args)
     return args
@@ -159,7 +164,7 @@ def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, train
         _check_kernel_limits(q, args)
         forward, backward = _kernel_pair(kernel)
     else:
-        forward, backward = _cpu_pair(kernel.removeprefix("cpu_"))
+        forward, backward = _cpu_pair(kernel.removeprefix("cpu_").removeprefix("pytorch_"))
     return args, kernel, forward, backward
 
 
@@ -430,7 +435,8 @@ def based_attention(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec) -> Tensor:
     """Based linear attention o = f(scale Q K^T) V (normalised per ``spec``) through ``based::attention``.
 
     q: [B, H, T, Dk] ("BHTD") or [B, T, H, Dk] ("BTHD"); k: like q with Hkv heads (H % Hkv == 0, query
-    head h uses kv head h // (H / Hkv)); v: like k with Dv features. Returns o like q with Dv features.
+    head h uses kv head h // (H / Hkv)) and Tk >= T positions (a KV cache: causal query i sees keys
+    j <= i + Tk - T); v: like k with Dv features. Returns o like q with Dv features.
     Differentiable in q, k, v. Works eagerly and inside torch.compile (fullgraph, dynamic shapes).
     """
     if not isinstance(spec, BasedSpec):

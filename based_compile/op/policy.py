@@ -1,7 +1,13 @@
 """Kernel choice for one Based attention call: by device, mode and shape, unless the user forces one.
 
 Kernels: "parallel", "fused_chunk" (Triton, CUDA; CPU only under TRITON_INTERPRET=1) and
-"cpu_quadratic", "cpu_chunked" (PyTorch, ``based_compile.cpu_path``).
+"cpu_quadratic", "cpu_chunked" (PyTorch, ``based_compile.cpu_path``), and "pytorch_quadratic",
+"pytorch_chunked": the same PyTorch forms on CUDA tensors, for calls the Triton kernels do not take
+(queries at the end of longer keys, Tq < Tk: decoding against a KV cache). That fallback is logged
+once per process at INFO (logger "based_compile") and named in explain().
+
+Tq < Tk: the quadratic form costs O(Tq * Tk), the chunked one pads the queries to Tk; the quadratic
+form is chosen while Tq is under the crossover of the square table (so always for Tq = 1 decoding).
 
 Mode: training when grad mode is on and any of q, k, v requires grad (``is_training``), else
 inference. The operator cannot see this itself (its implementation runs below autograd, with grad
@@ -13,6 +19,7 @@ Forcing: ``based_compile.config.kernel`` or the environment variable ``BASED_COM
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +28,14 @@ from . import config
 from ..kernels import fused_chunk
 from ..kernels.arguments import BasedArguments, triton_interpreting
 
-KERNELS = ("parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked")
+KERNELS = ("parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked", "pytorch_quadratic", "pytorch_chunked")
 TRITON_KERNELS = ("parallel", "fused_chunk")
 CPU_FORM_OF = {"parallel": "cpu_quadratic", "fused_chunk": "cpu_chunked"}
+PYTORCH_FORM_OF = {"parallel": "pytorch_quadratic", "fused_chunk": "pytorch_chunked",
+                   "cpu_quadratic": "pytorch_quadratic", "cpu_chunked": "pytorch_chunked"}
+
+log = logging.getLogger("based_compile")
+_fallback_logged = False
 
 
 @dataclass(frozen=True)
@@ -96,15 +108,17 @@ def is_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def _sizes(spec_or_args, q, v):
     if isinstance(spec_or_args, BasedArguments):
         a = spec_or_args
-        return a.batch * a.heads, a.length, a.dk, a.dv
+        return a.batch * a.heads, a.length, a.dk, a.dv, a.tk
     layout = spec_or_args.layout
     if layout == "BHTD":
         b, h, t, dk = q.shape
+        tk = v.shape[2]
     elif layout == "BTHD":
         b, t, h, dk = q.shape
+        tk = v.shape[1]
     else:
         raise ValueError(f"layout must be one of ('BHTD', 'BTHD'), got {layout!r}")
-    return b * h, t, dk, v.shape[-1]
+    return b * h, t, dk, v.shape[-1], tk
 
 
 def _crossover_t(table, training, dk, dv, bh, dtype) -> int:
@@ -114,8 +128,35 @@ def _crossover_t(table, training, dk, dv, bh, dtype) -> int:
     return NO_CROSSOVER_T
 
 
-def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype) -> Decision:
-    """The kernel for a call on ``device`` ("cpu" or "cuda") with these sizes, and why."""
+def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype,
+               tk: int | None = None) -> Decision:
+    """The kernel for a call on ``device`` ("cpu" or "cuda") with these sizes, and why.
+
+    ``tk``: the number of keys when it differs from the number of queries ``t`` (a KV cache)."""
+    decision = _decide_square(device, training, t, dk, dv, bh, dtype)
+    if tk is None or tk == t:
+        return decision
+    kernel = decision.kernel
+    if kernel in TRITON_KERNELS and device == "cpu":
+        kernel = CPU_FORM_OF[kernel]
+    if device == "cuda":
+        kernel = PYTORCH_FORM_OF[kernel]
+        _log_fallback()
+    why = (f"Tq={t} < Tk={tk} (queries at the end of a KV cache): the Triton kernels take Tq == Tk, "
+           f"this runs the PyTorch form on {device}" if device == "cuda" else f"Tq={t} < Tk={tk} (KV cache)")
+    return Decision(kernel, f"{why}; {decision.reason}")
+
+
+def _log_fallback() -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.info("based_compile: based::attention with fewer queries than keys (Tq < Tk, a KV cache) runs "
+                 "a PyTorch fallback on CUDA (pytorch_quadratic / pytorch_chunked): the Triton kernels take "
+                 "Tq == Tk only")
+
+
+def _decide_square(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype) -> Decision:
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     if device not in ("cpu", "cuda"):
@@ -145,8 +186,8 @@ def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, d
 
 def decide(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> Decision:
     """The kernel for this call and why. ``spec_or_args``: a BasedSpec or BasedArguments (for the layout)."""
-    bh, t, dk, dv = _sizes(spec_or_args, q, v)
-    return decide_for(q.device.type, training, t, dk, dv, bh, q.dtype)
+    bh, t, dk, dv, tk = _sizes(spec_or_args, q, v)
+    return decide_for(q.device.type, training, t, dk, dv, bh, q.dtype, tk)
 
 
 def choose_kernel(spec_or_args, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool) -> str:

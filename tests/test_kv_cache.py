@@ -1,0 +1,278 @@
+"""Based attention of a query block against a KV cache (Tq <= Tk): the operator and the graph pass.
+
+The operator's causal mask for Tq < Tk is aligned to the end (query i sees keys j <= i + Tk - Tq).
+Its reference here is the square (Tq == Tk) float64 reference over all Tk positions, with random
+queries in front of the block, sliced to the block: independent of the Tq < Tk code paths.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import based_compile
+from based_compile import BasedSpec, based_attention, config
+from based_compile.graph import kv_mask
+from based_compile.kernels.naive import naive_parallel_based
+from based_compile.op import policy
+from compare import assert_rel_close
+
+B, H, DK, DV = 2, 4, 4, 3
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    config.kernel = "auto"
+
+
+def _block_reference(q, k, v, layout, **kw):
+    """o of the last Tq queries, through the square reference: random earlier queries in front."""
+    tdim = 2 if layout == "BHTD" else 1
+    tq, tk = q.shape[tdim], k.shape[tdim]
+    shape = list(q.shape)
+    shape[tdim] = tk - tq
+    q_full = torch.cat([torch.randn(shape, dtype=q.dtype), q], dim=tdim)
+    return naive_parallel_based(q_full, k, v, layout=layout, **kw).narrow(tdim, tk - tq, tq)
+
+
+def _tensor(b, h, t, d, layout, seed):
+    x = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (x if layout == "BHTD" else x.transpose(1, 2).contiguous()).requires_grad_()
+
+
+@pytest.mark.parametrize("kernel", ["cpu_quadratic", "cpu_chunked"])
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+@pytest.mark.parametrize("tq,tk,hk,causal", [(1, 9, 4, True), (3, 9, 2, True), (5, 70, 4, True), (3, 9, 2, False)])
+def test_op_query_block_against_cache_float64(kernel, layout, tq, tk, hk, causal):
+    config.kernel = kernel
+    q, k, v = _tensor(B, H, tq, DK, layout, 1), _tensor(B, hk, tk, DK, layout, 2), _tensor(B, hk, tk, DV, layout, 3)
+    spec = BasedSpec(layout=layout, scale=0.4, c0=0.7, c1=1.1, c2=0.3, causal=causal, eps=1e-3)
+    o = based_attention(q, k, v, spec)
+    kw = dict(scale=0.4, coeffs=(0.7, 1.1, 0.3), causal=causal, eps=1e-3)
+    ref = _block_reference(q, k, v, layout, **kw)
+    assert_rel_close(o, ref, 1e-12, "o")
+    g = torch.randn_like(o)
+    for got, want, name in zip(torch.autograd.grad((o * g).sum(), (q, k, v)),
+                               torch.autograd.grad((ref * g).sum(), (q, k, v)), "qkv"):
+        assert_rel_close(got, want, 1e-11, f"d{name}")
+
+
+def test_op_refuses_more_queries_than_keys():
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 3)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        based_attention(q, k, v, BasedSpec())
+    with pytest.raises(ValueError, match="k and v must share"):
+        based_attention(q[:, :, :2], k, v[:, :, :3], BasedSpec())
+
+
+def test_op_fake_and_compiled_shapes():
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 5)
+    torch.library.opcheck(torch.ops.based.attention.default, (q, k, v, "BHTD", 0.5, 1.0, 1.0, 0.5, True, True, 1e-6))
+    out = torch.ops.based.attention(q, k, v, "BHTD", 0.5, 1.0, 1.0, 0.5, True, True, 1e-6)
+    assert out[0].shape == (1, 2, 3, 5) and out[1].shape == (1, 2, 3)
+
+
+def test_policy_names_the_cuda_fallback():
+    d = policy.decide_for("cuda", False, 1, 16, 64, 16, torch.bfloat16, tk=4096)
+    assert d.kernel == "pytorch_quadratic" and "Tq == Tk" in d.reason
+    d = policy.decide_for("cuda", False, 16384 - 16, 16, 64, 256, torch.bfloat16, tk=16384)
+    assert d.kernel == "pytorch_chunked"
+    assert policy.decide_for("cpu", False, 1, 16, 64, 16, torch.float32, tk=4096).kernel == "cpu_quadratic"
+    assert policy.decide_for("cuda", False, 64, 16, 64, 16, torch.float32, tk=64).kernel == "parallel"
+
+
+# ----------------------------------------------------------------------------- the graph pass
+
+
+def _poly(s):
+    return 1 + s + 0.5 * s ** 2
+
+
+def _normalised(a, v):
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def decode_no_mask(q, k, v):                      # q [B, H, 1, D] against the whole cache
+    return _normalised(_poly(q @ k.transpose(-2, -1) / 2.0), v)
+
+
+def block_tril_offset(q, k, v):
+    tq, tk = q.shape[-2], k.shape[-2]
+    a = _poly(q @ k.transpose(-2, -1) / 2.0)
+    a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0.0)
+    return _normalised(a, v)
+
+
+def block_triu_fill(q, k, v):
+    tq, tk = q.shape[-2], k.shape[-2]
+    a = _poly(torch.matmul(q, k.transpose(-2, -1)) * 0.5)
+    a = a.masked_fill(torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=tk - tq + 1), 0.0)
+    return _normalised(a, v)
+
+
+def block_arange(q, k, v):
+    tq, tk = q.shape[-2], k.shape[-2]
+    i = torch.arange(tq)[:, None] + (tk - tq)
+    j = torch.arange(tk)[None, :]
+    a = _poly(torch.einsum("bhid,bhjd->bhij", q, k) / 2.0)
+    return _normalised(a * (j <= i), v)
+
+
+class SlicedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32))
+
+    def forward(self, q, k, v):
+        tq, tk = q.shape[-2], k.shape[-2]
+        a = _poly(q @ k.transpose(-2, -1) / 2.0)
+        a = a.masked_fill(self.bias[:, :, tk - tq:tk, :tk] == 0, 0.0)
+        return _normalised(a, v)
+
+
+def block_bthd(q, k, v):                          # [B, T, H, D] in and out
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return block_tril_offset(q, k, v).transpose(1, 2)
+
+
+def block_gqa_repeat(q, k, v):
+    return block_tril_offset(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
+
+
+def decode_gqa_expand(q, k, v):
+    b, hk, t, d = k.shape
+    k = k[:, :, None].expand(b, hk, 2, t, d).reshape(b, hk * 2, t, d)
+    v = v[:, :, None].expand(b, hk, 2, t, v.shape[-1]).reshape(b, hk * 2, t, v.shape[-1])
+    return decode_no_mask(q, k, v)
+
+
+# near-misses
+def block_top_left(q, k, v):                      # query i sees keys j <= i: a different function
+    tq, tk = q.shape[-2], k.shape[-2]
+    a = _poly(q @ k.transpose(-2, -1) / 2.0)
+    a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(), 0.0)
+    return _normalised(a, v)
+
+
+def block_offset_off_by_one(q, k, v):
+    tq, tk = q.shape[-2], k.shape[-2]
+    a = _poly(q @ k.transpose(-2, -1) / 2.0)
+    a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq - 1), 0.0)
+    return _normalised(a, v)
+
+
+def decode_cubic(q, k, v):
+    s = q @ k.transpose(-2, -1) / 2.0
+    return _normalised(_poly(s) + s ** 3, v)
+
+
+def decode_mask_before_poly(q, k, v):
+    tq, tk = q.shape[-2], k.shape[-2]
+    s = (q @ k.transpose(-2, -1) / 2.0).masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0.0)
+    return _normalised(_poly(s), v)
+
+
+def _inputs(tq, tk, *, layout="BHTD", hk=H, seed=0):
+    return (_tensor(B, H, tq, DK, layout, seed).detach(), _tensor(B, hk, tk, DK, layout, seed + 1).detach(),
+            _tensor(B, hk, tk, DV, layout, seed + 2).detach())
+
+
+def based_calls(fn, *args):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    return sum(e.count for e in prof.key_averages() if e.key == "based::attention"), out
+
+
+ACCEPTED = [
+    (decode_no_mask, 1, "BHTD", H, False),
+    (block_tril_offset, 3, "BHTD", H, True),
+    (block_triu_fill, 3, "BHTD", H, True),
+    (block_arange, 4, "BHTD", H, True),
+    (SlicedBuffer(), 3, "BHTD", H, True),
+    (block_bthd, 3, "BTHD", H, True),
+    (block_gqa_repeat, 3, "BHTD", 2, True),
+    (decode_gqa_expand, 1, "BHTD", 2, False),
+]
+
+
+@pytest.mark.parametrize("fn,tq,layout,hk,causal", ACCEPTED, ids=lambda x: getattr(x, "__name__", None))
+def test_kv_cache_forms_are_rewritten(fn, tq, layout, hk, causal):
+    q, k, v = _inputs(tq, 9, layout=layout, hk=hk)
+    report = based_compile.explain(fn, q, k, v)
+    assert len(report.sites) == 1 and not report.refusals, str(report)
+    spec = report.sites[0].spec
+    assert (spec.layout, spec.causal, spec.group, spec.scale * spec.c1) == (layout, causal, H // hk, 0.5)
+    assert "KV cache" in report.sites[0].form
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    calls, out = based_calls(compiled, q, k, v)
+    assert calls >= 1
+    assert_rel_close(out, fn(q, k, v), 1e-12, "compiled vs eager")
+
+
+@pytest.mark.parametrize("fn,category,words", [
+    (block_top_left, "mask", "top left"),
+    (block_offset_off_by_one, "mask", "offset 5"),
+    (decode_cubic, "polynomial", "degree 3"),
+    (decode_mask_before_poly, "mask", "before the polynomial"),
+], ids=lambda x: getattr(x, "__name__", None))
+def test_kv_cache_near_misses_are_refused(fn, category, words):
+    q, k, v = _inputs(3, 9)
+    report = based_compile.explain(fn, q, k, v)
+    assert not report.sites, str(report)
+    assert any(r.category == category and words in r.reason for r in report.refusals), str(report)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    calls, out = based_calls(compiled, q, k, v)
+    assert calls == 0
+    assert_rel_close(out, fn(q, k, v), 1e-12, "compiled vs eager")
+
+
+def test_kv_mask_classification():
+    ones = torch.ones(3, 7, dtype=torch.bool)
+    assert kv_mask.classify(ones.tril(4)) == ("causal", "")
+    assert kv_mask.classify(ones) == ("none", "")
+    assert kv_mask.classify(ones.tril())[0] == "refuse"
+    assert kv_mask.classify(ones.triu(5))[0] == "refuse"
+    assert kv_mask.diagonal_of(ones.tril(2)) == 2 and kv_mask.diagonal_of(ones.tril(-1)) == -1
+    band = ones.tril(4) & ~ones.tril(1)
+    assert kv_mask.diagonal_of(band) is None and kv_mask.classify(band)[0] == "refuse"
+
+
+def test_growing_cache_compiles_at_most_twice():
+    """Chunked prefill then one query per step against a cache that grows each step: Dynamo
+    compiles the decode function for the first length and once more with a dynamic Tk, not per step."""
+    frames = []
+    inner = based_compile.backend(inner="eager")
+
+    def counting(gm, example_inputs):
+        frames.append(gm)
+        return inner(gm, example_inputs)
+
+    compiled = torch.compile(block_tril_offset, backend=counting)
+    q, k, v = _inputs(1, 12, seed=5)
+    for tk in range(4, 12):
+        args = (q, k[:, :, :tk], v[:, :, :tk])
+        calls, out = based_calls(compiled, *args)
+        assert calls >= 1, f"Tk={tk}: not rewritten"
+        assert_rel_close(out, block_tril_offset(*args), 1e-12, f"Tk={tk}")
+    assert len(frames) <= 2, f"{len(frames)} compilations for 8 decode steps"
+
+
+def block_constant_offset(q, k, v):               # tril(2): equals Tk - Tq only at some lengths
+    tq, tk = q.shape[-2], k.shape[-2]
+    a = _poly(q @ k.transpose(-2, -1) / 2.0)
+    a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(2), 0.0)
+    return _normalised(a, v)
+
+
+def test_constant_offset_is_not_taken_for_tk_minus_tq_under_dynamic_lengths():
+    """Traced at lengths where the constant 2 equals Tk - Tq, then run where it does not: the
+    dynamic graph must not carry an end-aligned rewrite (it computed with error 1.5 before)."""
+    compiled = torch.compile(block_constant_offset, backend=based_compile.backend(inner="eager"))
+    for tq, tk in [(3, 5), (4, 6), (3, 6), (2, 7)]:
+        q, k, v = _inputs(tq, tk, seed=tq * tk)
+        assert_rel_close(compiled(q, k, v), block_constant_offset(q, k, v), 1e-12, f"Tq={tq} Tk={tk}")
