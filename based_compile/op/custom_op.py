@@ -184,7 +184,7 @@ def _local_pair(kernel: str):
     between the Triton kernels' variants but not the device's family (CPU forms stay CPU forms)."""
     if kernel in policy.TRITON_KERNELS:
         return _kernel_pair(kernel)
-    return _cpu_pair(kernel.removeprefix("cpu_"))
+    return _cpu_pair(kernel.removeprefix("cpu_").removeprefix("pytorch_"))
 
 
 def _local_forward(q, kernel: str):
@@ -197,6 +197,9 @@ def _local_backward(q, kernel: str):
 
 def _run_forward(q, k, v, args: BasedArguments, kernel: str, forward, backward) -> tuple[Tensor, Tensor]:
     if context_parallel.active():
+        if args.offset:
+            raise ValueError(f"based::attention under context parallelism takes q, k, v of one length (each rank's "
+                             f"shard), got Tq={args.length} < Tk={args.tk} (a KV cache)")
         o, z = context_parallel.forward(q, k, v, args, _local_forward(q, kernel))
     else:
         o, z = forward(q, k, v, args)
