@@ -4,9 +4,13 @@ Public API: ``backend`` / ``based_backend`` (``torch.compile(model, backend="bas
 (with ``Explanation``, ``Site``, ``Refusal``), ``config`` (the kernel setting), ``kernels``,
 ``based_attention`` and ``BasedSpec`` (the operator), ``StaleBufferError``.
 """
-import sys
+from . import versions
 
-from . import kernels, logs
+versions.check_installed()  # first: an unsupported torch is named here, not deep inside Dynamo later
+
+import sys  # noqa: E402
+
+from . import kernels, logs  # noqa: E402
 from .backend import backend, based_backend
 from .backend import register as _register_backend
 from .buffer_guard import StaleBufferError

@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PUBLIC = {"backend", "based_backend", "explain", "Explanation", "Site", "Refusal", "config", "kernels",
           "StaleBufferError", "BasedSpec", "based_attention", "context_parallel", "shard_sequence", "sequence_halo"}
 # Rank of each layer: a module may import modules of its own rank or lower.
-RANKS = {"logs": 3, "explain": 4, "__init__": 5, "backend": 3, "buffer_guard": 3, "graph": 2, "op": 1, "kernels": 0}
+RANKS = {"logs": 3, "explain": 4, "__init__": 5, "backend": 3, "buffer_guard": 3, "graph": 2, "op": 1, "kernels": 0,
+         "versions": 0}
 
 
 def test_public_api_is_pinned():
@@ -95,7 +96,7 @@ def test_the_layers_are_folders():
     for folder in ("graph", "op"):
         assert (ROOT / "based_compile" / folder / "__init__.py").exists()
     top = sorted(p.stem for p in (ROOT / "based_compile").glob("*.py"))
-    assert top == ["__init__", "backend", "buffer_guard", "explain", "logs"], top
+    assert top == ["__init__", "backend", "buffer_guard", "explain", "logs", "versions"], top
 
 
 def test_import_in_a_fresh_process_has_no_cycle():

@@ -44,8 +44,7 @@ def source_name(placeholder: fx.Node) -> str:
     """Where a Dynamo graph input comes from in the user's program (e.g. L['self']._buffers['tril'])."""
     grapharg = placeholder.meta.get("grapharg")
     if grapharg is not None and grapharg.source is not None:
-        name = grapharg.source.name               # a property in newer torch, a method in older
-        return name() if callable(name) else name
+        return grapharg.source.name               # a property since torch 2.11 (a method before)
     return placeholder.name
 
 
