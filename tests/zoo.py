@@ -927,3 +927,109 @@ REFUSAL_CLASSES = {
     "softmax attention": lambda e: e.name.startswith("softmax") or e.name.endswith("__exp"),
     "elu+1 linear attention": lambda e: e.name.endswith("__elu"),
 }
+
+
+# --------------------------------------------------------------------------- in-place spellings (inplace)
+#
+# The normaliser and the polynomial written with in-place ops. Dynamo's graph keeps them as
+# in-place nodes on the numerator / the weights; the pass must replace the value each node had
+# when it ran and erase only what no surviving code reads (issue 13, classes 1 and 2).
+
+
+class InPlaceNormaliser(nn.Module):
+    """Based attention whose normaliser divides the output in place.
+
+    spelling: "itruediv" (``o /= z``), "div_" (``o.div_(z)``, then ``o`` is returned),
+    "imul_reciprocal" (``o *= torch.reciprocal(z)``), "linear_div_" (the cumsum feature-map form
+    with ``o.div_(den)``). Near-miss defects: "scaled_z" (divides by 2 z + eps), "clamp_z"
+    (z.clamp(min=3) instead of + eps), "eps_after_reciprocal" (reciprocal(z) + 0.01).
+    """
+
+    SPELLINGS = ("itruediv", "div_", "imul_reciprocal", "linear_div_")
+
+    def __init__(self, spelling: str, defect: str | None = None):
+        super().__init__()
+        assert spelling in self.SPELLINGS and defect in (None, "scaled_z", "clamp_z", "eps_after_reciprocal")
+        self.spelling, self.defect = spelling, defect
+
+    def forward(self, q, k, v):
+        if self.spelling == "linear_div_":
+            qf, kf = taylor_map(q, "based"), taylor_map(k, "based")
+            qf, kf, vv = qf.unsqueeze(-2), kf.unsqueeze(-2), v.unsqueeze(-1)
+            o = (qf * (kf * vv).cumsum(2)).sum(-1)
+            z = (qf * kf.cumsum(2)).sum(-1)
+        else:
+            t = q.shape[-2]
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            a = (1 + s + 0.5 * s ** 2).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool,
+                                                                          device=q.device)), 0.0)
+            o = a @ v
+            z = a.sum(-1, keepdim=True)
+        if self.defect == "clamp_z":
+            z = z.clamp(min=3.0)
+        elif self.defect == "scaled_z":
+            z = 2 * z + 1e-6
+        elif self.defect != "eps_after_reciprocal":
+            z = z + 1e-6
+        if self.spelling == "itruediv":
+            o /= z
+        elif self.spelling in ("div_", "linear_div_"):
+            o.div_(z)
+        elif self.defect == "eps_after_reciprocal":
+            o *= torch.reciprocal(z) + 0.01
+        else:
+            o *= torch.reciprocal(z)
+        return o
+
+
+class InPlacePolynomial(nn.Module):
+    """f(s) = 1 + s + s^2 / 2 built in place on the weights (``a = s * s; a.mul_(0.5); a.add_(s);
+    a.add_(1.0)``), masked in place; near-miss: ``cubic`` adds s^3 / 6 in place."""
+
+    def __init__(self, cubic: bool = False):
+        super().__init__()
+        self.cubic = cubic
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        a = s * s
+        a.mul_(0.5)
+        a.add_(s, alpha=1.0)
+        a.add_(1.0)
+        if self.cubic:
+            a.add_(s * s * s / 6)
+        a.masked_fill_(~torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device)), 0.0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _inplace_family() -> list[Entry]:
+    E = Entry
+    based = Accept(scale=DK ** -0.5)
+    entries = [
+        E("inplace_itruediv", qkv_module(InPlaceNormaliser, "itruediv"), based, ("inplace:normaliser",)),
+        E("inplace_itruediv__scaled_z", qkv_module(InPlaceNormaliser, "itruediv", "scaled_z"), Refuse("normaliser"),
+          twin="inplace_itruediv"),
+        E("inplace_div_", qkv_module(InPlaceNormaliser, "div_"), based, ("inplace:normaliser",)),
+        E("inplace_div___clamp_z", qkv_module(InPlaceNormaliser, "div_", "clamp_z"), Refuse("normaliser"),
+          twin="inplace_div_"),
+        E("inplace_imul_reciprocal", qkv_module(InPlaceNormaliser, "imul_reciprocal"), based, ("inplace:normaliser",)),
+        E("inplace_imul_reciprocal__eps_after_reciprocal",
+          qkv_module(InPlaceNormaliser, "imul_reciprocal", "eps_after_reciprocal"), Refuse("normaliser"),
+          twin="inplace_imul_reciprocal"),
+        E("inplace_linear_div_", qkv_module(InPlaceNormaliser, "linear_div_"), based,
+          ("inplace:normaliser", "form:linear_cumsum")),
+        E("inplace_linear_div___scaled_z", qkv_module(InPlaceNormaliser, "linear_div_", "scaled_z"),
+          Refuse("normaliser"), twin="inplace_linear_div_"),
+        E("inplace_polynomial", qkv_module(InPlacePolynomial), based, ("inplace:polynomial", "mask:masked_fill_")),
+        E("inplace_polynomial__cubic", qkv_module(InPlacePolynomial, cubic=True), Refuse("polynomial"),
+          twin="inplace_polynomial"),
+    ]
+    return entries
+
+
+ZOO += _inplace_family()
+ACCEPTED = [e for e in ZOO if e.accepted]
+REFUSED = [e for e in ZOO if not e.accepted]
+BY_NAME = {e.name: e for e in ZOO}
+AXES = AXES + ("inplace:normaliser", "inplace:polynomial")

@@ -82,6 +82,49 @@ def _from_functional(x):
     return x
 
 
+class _AtTime(fx.Interpreter):
+    """Runs a graph under functionalisation and returns, for each output, the functional value its
+    node had right after it ran, not the value its storage holds at the end.
+
+    In Dynamo's graph a node names a storage: ``o = a @ v; o /= z`` reads the same node ``o``
+    before and after the division. The lowered graph's output for a node must be what that node
+    computed (the numerator for ``o``, the quotient for the ``/=``), so that a lowered value the
+    matcher picks maps back to the Dynamo node that computed it (``rewrite`` then replaces that
+    node, and ``inplace`` judges every later read and write of its storage)."""
+
+    def run(self, *args):
+        self.at_time: dict[fx.Node, object] = {}
+        return super().run(*args)
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node.op != "output":
+            self.at_time[node] = pytree.tree_map(_from_functional, result)
+            return result
+        return pytree.tree_map(lambda n: self.at_time[n] if isinstance(n, fx.Node) else n, node.args[0])
+
+
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default}
+
+
+def reshaped_from(node: fx.Node) -> fx.Node | None:
+    """The node ``node`` equals elementwise when it is a chain of reshapes back to that node's
+    shape (functionalisation regenerates ``o`` after ``o.div_(z)`` on a view as
+    ``view(view(div, [B*H, T, D]), [B, H, T, D])``: the same value as ``div``), else None."""
+    shape, current = _structural(shape_of(node)), node
+    while (isinstance(current, fx.Node) and current.op == "call_function" and current.target in _RESHAPES
+           and isinstance(current.args[0], fx.Node)):
+        current = current.args[0]
+        if shape is not None and _structural(shape_of(current)) == shape:
+            return current
+    return None
+
+
+def _structural(sizes) -> tuple | None:
+    """Sizes compared as expressions (``s0`` is ``s0``), so that comparing adds no shape guard."""
+    return None if sizes is None else tuple(str(s) for s in sizes)
+
+
 def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     """Dynamo graph -> functional ATen graph with the same placeholders and outputs.
 
@@ -97,11 +140,10 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
         if not has_inplace_ops(gm):           # functionalising costs ~40% of the lowering time
             return fx.Interpreter(gm).run(*args)
         # Functionalise the way AOTAutograd does (FunctionalTensorMode): in-place ops become
-        # their functional forms.
+        # their functional forms. Each output is the value its node had when it ran (``_AtTime``).
         with FunctionalTensorMode():
             wrapped = [FunctionalTensor.to_functional(a) if isinstance(a, torch.Tensor) else a for a in args]
-            out = fx.Interpreter(gm).run(*wrapped)
-        return pytree.tree_map(_from_functional, out)
+            return _AtTime(gm).run(*wrapped)
 
     # The Python dispatcher keeps size queries symbolic (as AOTAutograd does): without it a
     # dynamic length would be specialised to the example's.

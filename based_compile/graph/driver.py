@@ -17,11 +17,13 @@ import torch.fx as fx
 
 from ..op import policy
 from ..op.custom_op import unsupported_reason
-from .canonicalize import attention_region, example_value, extract_region, hint_shape, lower_to_aten
+from .canonicalize import (attention_region, example_value, extract_region, hint_shape, lower_to_aten,
+                           reshaped_from)
 from .evaluate import GraphEvaluator
-from .inplace import written_before_output
+from .inplace import OutputAliased, Storages, plan_output, written_before_output
 from .inputs import BakedBuffer, baked_buffers, region_inputs
 from .match import Matcher, find_matches
+from .precision import lossy_round_trip
 from .refusal import Refused
 from .report import Explanation, Refusal, Site, source_of
 from .rewrite import rewrite_dynamo_sites
@@ -93,15 +95,25 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     for dynamo_node, aten_node in zip(outputs, aten_outputs):
         if isinstance(aten_node, fx.Node):
             to_dynamo.setdefault(aten_node, dynamo_node)
+    for dynamo_node, aten_node in zip(outputs, aten_outputs):      # the value a regenerated view shows
+        source = reshaped_from(aten_node) if isinstance(aten_node, fx.Node) else None
+        if source is not None:
+            to_dynamo.setdefault(source, dynamo_node)
     real, variable = region_inputs(gm, example_inputs, inputs, aten_inputs)
     evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
     matcher = Matcher(aten_gm, evaluator, variable)
+    storages = Storages(gm)
     settled = []
     for result, node in find_matches(matcher):
         if isinstance(result, Refused):
             _refuse(result, report)
             continue
         try:
+            cast = lossy_round_trip(result)
+            if cast is not None:
+                raise Refused("unsupported", f"{source_of(cast)} casts to {example_value(cast).dtype} inside the "
+                                             f"attention and back: that rounding is part of what it computes",
+                              result.output)
             site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
             reason = _unsupported_reason(site)
             if reason is not None:
@@ -111,10 +123,14 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             if missing:
                 raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
                                              "decomposed operation, not values of the model's graph", result.output)
-            written = written_before_output(gm, site, to_dynamo)
+            written = written_before_output(gm, site, to_dynamo, storages)
             if written:
                 raise Refused("unsupported", f"{written} writes in place into a tensor the site reads before "
                                              "its output: the operator would read the written values", result.output)
+            try:
+                plan_output(gm, to_dynamo[site.match.output], storages)
+            except OutputAliased as err:
+                raise Refused("unsupported", str(err), result.output) from None
         except Refused as refusal:
             _refuse(refusal, report)
             continue

@@ -1,10 +1,25 @@
-"""In-place writes in Dynamo's graph that a rewrite must respect.
+"""Storage in Dynamo's graph: which nodes name the same memory, and what a rewrite may do to it.
 
-The operator replaces a site at its output, so it reads q, k, v (and buffers such as a mask)
-as they are there; the user's code read them earlier. ``written_before_output`` finds an
-in-place write in between, into the storage of anything the site reads.
+Dynamo's graph is not functional. A node names a storage: ``o /= z`` returns the node's first
+argument again, ``o.div_(z)`` is a node whose result nobody uses while ``o`` is read later, and a
+view shares its base's memory. The pass matches on a functional lowering of a region, where each
+Dynamo node maps to the value it had *when it ran* (``canonicalize._AtTime``); every question about
+what happens to that memory afterwards is answered here, from one fact PyTorch records for us: the
+fake example value of each node, whose untyped storage is shared exactly by the nodes that alias.
+
+- ``Storages``: position and storage of every node; who writes and who reads each storage.
+- ``written_before_output``: a write, between the node a site reads (q, k, v, a buffer) and the
+  site's output, into that memory: the operator would read the written values (refused).
+- ``plan_output``: what replacing the site's output node by a fresh tensor needs: reads of the
+  output's memory through another view of the same geometry are re-pointed to the new tensor, a
+  read through a view of another geometry is refused, and a later in-place write into the output
+  makes the new tensor a clone (the operator saves its output for the backward).
+- ``erasable``: the one rule for dead code: a node is erased when no node uses it and, if it
+  writes in place, no surviving node reads that memory after it and it is not a graph input's.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -13,37 +28,175 @@ from .candidate import site_inputs
 from .canonicalize import example_value, writes_in_place
 from .report import source_of
 
+UNKNOWN = "unknown"       # a tensor whose storage cannot be read: aliases anything
+
 
 def storage_key(node: fx.Node):
+    """The identity of the memory a node's value lives in (None: not a tensor; UNKNOWN: a tensor
+    without a readable storage)."""
     value = example_value(node) if isinstance(node, fx.Node) else None
     if not isinstance(value, torch.Tensor):
         return None
     try:
         return value.untyped_storage()._cdata       # the example values (kept in the graph) keep it alive
     except Exception:  # noqa: BLE001 - a tensor without storage (a subclass): treated as unknown
-        return _UNKNOWN_STORAGE
+        return UNKNOWN
 
 
-_UNKNOWN_STORAGE = "unknown"
+def written_node(node: fx.Node) -> fx.Node | None:
+    """The node whose memory ``node`` writes into (``x`` of ``x.add_(y)``, ``x += y``, ``x[i] = y``,
+    ``torch.add(a, b, out=x)``), or None."""
+    out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+    if isinstance(out, fx.Node):
+        return out
+    if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
 
 
+@dataclass
+class Storages:
+    """Positions and storages of Dynamo's graph, taken before any edit (example values are not
+    updated by the rewrite; ``alias`` records which new nodes stand for an old storage)."""
 
-def written_before_output(gm: fx.GraphModule, site, to_dynamo: dict) -> str | None:
-    """The source of an in-place write, before the site's output in Dynamo's graph, into memory the
-    site reads (q, k, v or a buffer such as a mask, through any view of them), or None.
+    gm: fx.GraphModule
+    position: dict = field(default_factory=dict)
+    key: dict = field(default_factory=dict)
+    inputs: set = field(default_factory=set)        # storages that outlive the graph: never dead
+
+    def __post_init__(self):
+        for i, node in enumerate(self.gm.graph.nodes):
+            self.position[node] = i
+            self.key[node] = storage_key(node)
+            if node.op in ("placeholder", "get_attr"):
+                self.inputs.add(self.key[node])
+        self.inputs.discard(None)
+
+    def add(self, node: fx.Node, *, before: fx.Node) -> None:
+        """A node the rewrite inserts just before ``before``."""
+        self.position[node] = self.position[before] - 0.5
+        self.key[node] = storage_key(node)
+
+    def of(self, node) -> object:
+        return self.key.get(node) if isinstance(node, fx.Node) else None
+
+    def same(self, a, b) -> bool:
+        ka, kb = self.of(a), self.of(b)
+        return ka is not None and kb is not None and (ka == kb or UNKNOWN in (ka, kb))
+
+    def writes_into(self, node: fx.Node, key) -> bool:
+        target = written_node(node)
+        return target is not None and (self.of(target) == key or UNKNOWN in (self.of(target), key)
+                                       or self.of(target) is None)
+
+    def reads(self, node: fx.Node, key) -> bool:
+        """Does ``node`` read memory ``key`` (through any input, the output node included)?"""
+        return any(self.of(x) == key or self.of(x) == UNKNOWN for x in node.all_input_nodes)
+
+
+def written_before_output(gm: fx.GraphModule, site, to_dynamo: dict, storages: Storages | None = None) -> str | None:
+    """The source of an in-place write, after a node the site reads (q, k, v or a buffer such as a
+    mask, through any view of them) and before the site's output in Dynamo's graph, into that
+    node's memory, or None.
 
     The operator replaces the site at its output, so it reads q, k, v as they are there; the user's
-    code read them earlier. A write in between (``v.mul_(2)`` after ``a @ v``, ``self.mask.fill_(1)``
-    before the mask is used, or ``q *= 2`` read through as a scale) would change what is computed."""
+    code read them where they were computed. A write in between (``v.mul_(2)`` after ``a @ v``,
+    ``self.mask.fill_(1)`` before the mask is used, ``q *= 2`` after the scores) would change what
+    is computed. Writes before that node are part of its value (the lowering maps each Dynamo node
+    to the value it had when it ran)."""
+    storages = storages or Storages(gm)
     output = to_dynamo[site.match.output]
-    read = {storage_key(to_dynamo[n]) for n in site_inputs(site.match) if n in to_dynamo} - {None}
-    if not read:
-        return None
-    for node in gm.graph.nodes:
-        if node is output:
-            return None
-        if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
-            key = storage_key(node.args[0])
-            if key is not None and (key == _UNKNOWN_STORAGE or key in read or _UNKNOWN_STORAGE in read):
+    end = storages.position[output]
+    for read in (to_dynamo[n] for n in site_inputs(site.match) if n in to_dynamo):
+        key = storages.of(read)
+        if key is None:
+            continue
+        for node in gm.graph.nodes:
+            if storages.position[node] >= end:
+                break
+            if storages.position[node] > storages.position[read] and storages.writes_into(node, key):
                 return source_of(node)
     return None
+
+
+@dataclass
+class OutputPlan:
+    """How the site's output node is replaced: ``repoint``: (reader, old input) pairs to read the new
+    tensor instead; ``derived``: nodes after the output that alias it through it; ``clone``: the new
+    tensor is written in place later (the operator saved it for the backward)."""
+
+    repoint: list
+    derived: set
+    clone: bool
+
+
+class OutputAliased(Exception):
+    """The site's output memory is written in place and read through a view of another geometry."""
+
+
+def _geometry(node: fx.Node):
+    value = example_value(node)
+    try:
+        return (tuple(map(str, value.shape)), tuple(map(str, value.stride())), str(value.storage_offset()),
+                value.dtype)                     # as expressions: comparing them adds no shape guard
+    except Exception:  # noqa: BLE001 - no strides (a sparse or opaque tensor): never the same view
+        return None
+
+
+def plan_output(gm: fx.GraphModule, output: fx.Node, storages: Storages) -> OutputPlan:
+    """What replacing ``output`` (Dynamo's node of the site's output) by a fresh tensor needs.
+
+    Memory nobody writes at or after ``output`` keeps the values the surviving user code computes,
+    whoever reads it. When it is written there (``output`` is ``o /= z`` or ``o.div_(z)``, or a
+    later ``o += x``), every later read of it must see the new tensor: reads through ``output`` and
+    the views and in-place results made from it (``derived``) do once ``output``'s uses are
+    replaced; a read through another node of the same geometry (``o`` after ``o.div_(z)``) is
+    re-pointed; any other read raises ``OutputAliased``."""
+    key = storages.of(output)
+    start = storages.position[output]
+    later = [n for n in gm.graph.nodes if storages.position[n] > start]
+    written = key is not None and (written_node(output) is not None or any(storages.writes_into(n, key)
+                                                                            for n in later))
+    derived = {output}
+    repoint = []
+    if not written:
+        return OutputPlan(repoint, derived, clone=False)
+    if key == UNKNOWN:
+        raise OutputAliased(f"{source_of(output)}: the site's output has no readable storage and is written "
+                            "in place")
+    geometry = _geometry(output)
+    clone = False
+    for node in later:
+        for x in node.all_input_nodes:
+            if x in derived or not storages.same(x, output):
+                continue
+            if geometry is None or _geometry(x) != geometry:
+                raise OutputAliased(f"{source_of(node)} reads the site's output memory through another view "
+                                    f"({x.name}) while it is written in place")
+            repoint.append((node, x))
+        if storages.of(node) == key:
+            derived.add(node)
+        if written_node(node) is not None and storages.same(written_node(node), output):
+            clone = True
+    return OutputPlan(repoint, derived, clone)
+
+
+def erasable(node: fx.Node, storages: Storages, erased: set) -> bool:
+    """Whether ``node`` (of a matched region) is dead once nothing uses it.
+
+    A node that writes in place is dead only when no surviving node reads the written memory after
+    it (``a.mul_(0.5)`` stays while ``torch.where(keep, a, 0)`` is computed later) and that memory is
+    not a graph input's (a buffer or an argument the caller sees). Other side effects never die."""
+    if node.users:
+        return False
+    target = written_node(node)
+    if target is None:
+        return not node.is_impure() and node.op in ("call_function", "call_method", "get_attr")
+    key = storages.of(target)
+    if key is None or key == UNKNOWN or key in storages.inputs:
+        return False
+    here = storages.position[node]
+    for other, pos in storages.position.items():
+        if pos > here and other not in erased and storages.reads(other, key):
+            return False
+    return True

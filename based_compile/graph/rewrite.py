@@ -2,12 +2,53 @@
 
 The inserted node calls ``based_attention_call`` with plain arguments (FX prints them as
 literals); it builds the BasedSpec and calls ``based_compile.op.custom_op.based_attention``, so the
-inner compiler traces ``torch.ops.based.attention`` into its graph. Nodes that only fed the
-old subgraph are erased.
+inner compiler traces ``torch.ops.based.attention`` into its graph.
 
-``rewrite_dynamo_sites`` edits Dynamo's own graph (the sites were found in a lowered copy of
-a region of it; ``to_dynamo`` maps the lowered q, k, v and output back to Dynamo's nodes), so
-the inner compiler gets Dynamo's graph with only the attention replaced.
+``rewrite_dynamo_sites`` edits Dynamo's own graph. The sites were found in a functional lowering
+of a region of it, in which each Dynamo node maps to the value it had *when it ran*
+(``canonicalize._AtTime``; ``to_dynamo`` maps the lowered q, k, v and output back). Everything
+about memory is decided by one model of Dynamo's graph (``inplace.Storages``: each node's
+position and the storage its fake value lives in, which PyTorch shares exactly between aliases):
+
+1. the operator reads q, k, v at the output's position: no write into their memory in between
+   (``inplace.written_before_output``, refused in the driver);
+2. the output node is replaced by the operator's fresh tensor; when the output's memory is
+   written in place at or after it (``o /= z``, ``o.div_(z)``, a later ``o += x``), later reads
+   of that memory through another node of the same geometry are re-pointed to the new tensor,
+   reads through a view of another geometry are refused, and a later in-place write makes the
+   new tensor a clone (``inplace.plan_output``);
+3. dead code: a region node is erased when nothing uses it and, if it writes in place, no
+   surviving node reads the written memory after it and that memory is not a graph input's
+   (``inplace.erasable``). Nothing else is ever erased.
+
+These rules are about storages and positions, not spellings: ``o /= z``, ``o.div_(z)``,
+``o *= z.reciprocal()``, ``a.add_(s)``, ``a[i] = x``, ``a.masked_fill_`` and ``state.add_(o)`` are all "a node that writes the memory of its target", and every read is "a node whose input
+lives in that memory".
+
+Why two graphs (match on a functional lowering, edit Dynamo's graph) and not one functional
+graph (issue 13, "the design question"). Evaluated: re-trace the whole Dynamo graph with
+``make_fx`` + functionalisation under Dynamo's fake mode, match and rewrite there, and hand the
+ATen graph to the inner compiler. Findings:
+- Grad mode is lost: a plain (non pre-dispatch) ``make_fx`` trace of ``with torch.no_grad(): y =
+  x * w`` has no ``_set_grad_enabled`` node, so the inner compiler's AOTAutograd would
+  differentiate through it (wrong gradients, checked on torch 2.13). Pre-dispatch tracing keeps
+  grad mode, but functionalised pre-dispatch graphs handed to ``compile_fx`` are
+  torch.export's territory, not a path ``torch.compile`` backends use or test.
+- Input mutations (a state updated in place, a buffer's ``fill_``) come back as extra outputs;
+  the graph must then end with ``copy_`` into the inputs, reproducing AOTAutograd's epilogue
+  (and its aliasing of inputs and outputs) by hand.
+- The inner compiler gets ATen instead of Dynamo's torch-level graph: Inductor's pre-grad passes
+  no longer see torch-level ops, Inductor re-traces an already traced graph (a second full
+  trace: lowering a 12-layer graph costs about a second), and ``explain``/logging lose
+  Dynamo's node names; DDP-split graphs and autocast would each need checking again.
+- Symbolic shapes and stack traces would work (``lower_to_aten`` already does both on regions).
+Each item is a new way to change what a model computes, in code every model passes through,
+for a benefit (one graph) that a correct mapping gives too. So the design keeps Dynamo's
+graph for the edit and makes the two graphs agree by construction where they met: the lowering
+returns each node's value at its own time (the node the matcher picks is the node that computed
+that value), and what may be replaced, re-pointed or erased is decided from storages and
+positions as above, whatever the spelling. A rewrite that changes nothing but the site's output
+node, and erases only what no surviving node can observe, computes what the user's graph did.
 """
 from __future__ import annotations
 
@@ -16,7 +57,8 @@ import torch.fx as fx
 
 from ..op.custom_op import based_attention
 from ..op.spec import BasedSpec
-from .canonicalize import INPLACE_OPERATORS, example_value
+from .canonicalize import example_value
+from .inplace import Storages, erasable, plan_output
 from .verify import Settled
 
 aten = torch.ops.aten
@@ -35,44 +77,17 @@ def _fake_run(fake_mode, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _mutates(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return (node.target in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
-                or node.is_impure())
-    return node.op != "get_attr"
-
-
-_VIEW_NAMES = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten", "getitem",
-               "contiguous", "t", "narrow", "select", "as_strided", "unflatten", "split", "chunk", "unbind",
-               "detach", "view_as", "expand_as", "movedim", "swapaxes", "__getitem__", "alias"}
-
-
-def _mutates_only_a_temporary(node: fx.Node, candidates: set) -> bool:
-    """An in-place op on a tensor the region itself allocated (``a.masked_fill_(...)`` on the
-    weights): dead once nothing reads that tensor."""
-    base = node.args[0] if node.args else None
-    if not isinstance(base, fx.Node) or base not in candidates:
-        return False
-    name = base.target if isinstance(base.target, str) else getattr(base.target, "__name__", "")
-    return base.op in ("call_function", "call_method") and name not in _VIEW_NAMES \
-        and all(user is node or user in candidates for user in base.users)
-
-
-def _erase_dead(graph: fx.Graph, candidates: set) -> None:
-    """Erase the nodes of the matched regions that nothing uses any more. A mutation stays
-    unless it updates a temporary of the region (Dynamo's graph keeps in-place updates of
-    buffers that no node reads)."""
+def _erase_dead(graph: fx.Graph, candidates: set, storages: Storages) -> None:
+    """Erase the nodes of the matched regions that are dead (``inplace.erasable``), to a fixpoint."""
+    erased: set = set()
     changed = True
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node in candidates and not node.users and (
-                    not _mutates(node) or _mutates_only_a_temporary(node, candidates)):
+            if node in candidates and erasable(node, storages, erased):
                 graph.erase_node(node)
                 candidates.discard(node)
+                erased.add(node)
                 changed = True
 
 
@@ -82,10 +97,12 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
 
     Only nodes of ``region`` (the lowered neighbourhoods) are erased when left unused."""
     graph = gm.graph
+    storages = Storages(gm)           # positions and storages as Dynamo traced them, before any edit
     replaced: dict[fx.Node, fx.Node] = {}
     for site in sites:
         m, s = site.match, site.spec
         q, k, v, output = (to_dynamo[n] for n in (m.q, m.k, m.v, m.output))
+        plan = plan_output(gm, output, storages)        # the driver refused the sites it raises for
         q, k, v = (replaced.get(n, n) for n in (q, k, v))
         fakes = [example_value(n) for n in (q, k, v)]
         fake_mode = next(f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor))
@@ -96,6 +113,7 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
             fn = (lambda x, *a, **kw: getattr(x, target)(*a, **kw)) if method else target
             node.meta["example_value"] = _fake_run(fake_mode, fn, *values[0], **values[1])
             node.meta["stack_trace"] = output.meta.get("stack_trace")
+            storages.add(node, before=output)
             return node
 
         with graph.inserting_before(output):
@@ -111,9 +129,15 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
             want = example_value(output)
             if want.dtype != example_value(out).dtype:
                 out = add("to", (out, want.dtype), method=True)
+            if plan.clone:
+                out = add(torch.clone, (out,))
         output.replace_all_uses_with(out)
+        for reader, old in plan.repoint:
+            reader.replace_input_with(old, out)
+        for node in plan.derived - {output}:           # views of the output now view the new tensor
+            storages.key[node] = storages.key[out]
         replaced[output] = out
-    _erase_dead(graph, set(region))
+    _erase_dead(graph, set(region), storages)
     graph.lint()
     gm.recompile()
     return gm
