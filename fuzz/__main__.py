@@ -4,6 +4,7 @@
     python -m fuzz --cases 50 --seed 3         # a fixed number of cases
     python -m fuzz --case 12                   # one case, verbose (its program, then the verdict)
     python -m fuzz --case 12 --print           # print the case's standalone reproducer and exit
+    python -m fuzz --seconds 600 --force inner=eager --force grad=True   # one choice for every case
 
 Case numbers are ``seed * 100000 + i``; every case is a pure function of its number. Each silent
 wrong result or crash is printed as a standalone reproducer (and written to ``--repro-dir``).
@@ -12,6 +13,7 @@ The exit status is 1 when any case was silently wrong or crashed.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -25,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-from .program import generate  # noqa: E402
+from .program import FORCED, generate  # noqa: E402
 from .run import run_case, summarise, write_reproducer  # noqa: E402
 from .worker import Worker, serve  # noqa: E402
 
@@ -47,8 +49,19 @@ def main(argv=None) -> int:
     parser.add_argument("--attribute", action="store_true",
                         help="for each exact program not rewritten, find the axis that alone refuses it "
                              "(explain() on one-axis variants; slower)")
+    parser.add_argument("--force", action="append", default=[], metavar="AXIS=CHOICE",
+                        help="the same choice for every case, e.g. inner=eager, dynamic=True, form=fm_linear "
+                             "(values read as Python literals where they parse)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for item in args.force:
+        axis, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--force takes AXIS=CHOICE, got {item!r}")
+        try:
+            FORCED[axis] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            FORCED[axis] = value
     if args.worker:
         serve(args.tol, args.attribute)
         return 0
@@ -67,7 +80,7 @@ def main(argv=None) -> int:
         seconds = args.seconds if args.seconds is not None else (None if limit is not None else 60.0)
         cases = _numbers(args.seed, limit, seconds)
     outcomes = []
-    worker = None if args.in_process else Worker(args.tol, args.timeout, args.attribute)
+    worker = None if args.in_process else Worker(args.tol, args.timeout, args.attribute, args.force)
     try:
         for case in cases:
             outcome = run_case(case, args.tol, args.attribute) if worker is None else worker.run(case)

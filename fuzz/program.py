@@ -74,10 +74,14 @@ def _indent(lines, n):
     return "".join(" " * n + line + "\n" for line in lines)
 
 
+# Choices forced for every case of this process (``python -m fuzz --force inner=eager``).
+FORCED: dict = {}
+
+
 def generate(case: int, force: dict | None = None) -> Program:
-    """The program of this case number; ``force`` (axis -> choice) overrides single choices and
-    leaves the others as they were (each axis draws from its own random stream)."""
-    src = Source(case=case, force=dict(force or {}))
+    """The program of this case number; ``force`` (axis -> choice, on top of ``FORCED``) overrides
+    single choices and leaves the others as they were (each axis draws from its own random stream)."""
+    src = Source(case=case, force={**FORCED, **(force or {})})
     form = src.pick("form", {QUADRATIC: 6, FM_QUADRATIC: 2, FM_LINEAR: 3})
     src.h = src.pick("heads", [1, 2, 2, 4])
     src.hkv = src.pick("kv_heads", [d for d in (1, 2, 4) if src.h % d == 0 and d <= src.h] + [src.h, src.h])

@@ -42,8 +42,8 @@ def serve(tol: float, attribute: bool = False) -> None:
 
 
 class Worker:
-    def __init__(self, tol: float, timeout: float = 600.0, attribute: bool = False):
-        self.tol, self.timeout, self.attribute = tol, timeout, attribute
+    def __init__(self, tol: float, timeout: float = 600.0, attribute: bool = False, force=()):
+        self.tol, self.timeout, self.attribute, self.force = tol, timeout, attribute, list(force)
         self.proc = None
 
     def _start(self):
@@ -51,7 +51,8 @@ class Worker:
         env = dict(os.environ)
         env.setdefault("TRITON_INTERPRET", "1")
         self.proc = subprocess.Popen([sys.executable, "-m", "fuzz", "--worker", "--tol", repr(self.tol)]
-                                     + (["--attribute"] if self.attribute else []),
+                                     + (["--attribute"] if self.attribute else [])
+                                     + [arg for f in self.force for arg in ("--force", f)],
                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, env=env, bufsize=0)
         self.buffer = b""
