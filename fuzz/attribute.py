@@ -1,11 +1,11 @@
 """Why was an exact program refused? Change one axis at a time back to its plainest spelling.
 
 ``attribute(case)`` asks ``based_compile.explain`` (static shapes, at the case's first length)
-about the program, then about the same program with one axis forced to ``PLAIN[axis]`` (each axis
-draws from its own random stream, so the rest of the program stays as it was). The axes whose
-plain spelling makes explain() find a site are the culprits. When the original program already
-has a site under explain(), the refusal came from the compile itself (dynamic shapes, gradients,
-the inner compiler): the culprit is named ``compile``.
+about the program; then, for each axis not spelled plainly, about the program with every other
+axis forced to its plain spelling ``PLAIN[axis]`` (each axis draws from its own random stream, so
+forcing one leaves the rest as it was). The axes that alone leave the program without a site are
+the culprits. When the original program already has a site under explain(), the refusal came from
+the compile itself (dynamic shapes, gradients, the inner compiler): the culprit is ``compile``.
 """
 from __future__ import annotations
 
@@ -33,21 +33,27 @@ def _sites(program) -> int | str:
         return f"explain() raised {type(err).__name__}"
 
 
+def _found(sites) -> bool:
+    return isinstance(sites, int) and sites > 0
+
+
 def attribute(case: int) -> list[str]:
-    """The axis choices (``axis=choice``) that alone make this program refused."""
+    """The axis choices (``axis=choice``) each of which alone, with every other axis spelled
+    plainly, leaves the program without a site."""
     program = generate(case)
     sites = _sites(program)
     if isinstance(sites, str):
         return [sites]
     if sites:
         return ["compile"]
+    plain = {axis: PLAIN[axis] for axis, choice in program.choices.items()
+             if axis in PLAIN and choice != (PLAIN[axis] if isinstance(PLAIN[axis], str) else repr(PLAIN[axis]))}
+    if not _found(_sites(generate(case, force=plain))):
+        return [f"(refused with every axis plain: form={program.form}, causal={program.choices.get('causal')}, "
+                f"normalize={program.choices.get('normalize')})"]
     culprits = []
-    for axis, choice in program.choices.items():
-        plain = PLAIN.get(axis)
-        if plain is None or choice == (plain if isinstance(plain, str) else repr(plain)):
-            continue
-        variant = generate(case, force={axis: plain})
-        sites = _sites(variant) if variant.text != program.text else 0
-        if isinstance(sites, int) and sites > 0:
-            culprits.append(f"{axis}={choice}")
-    return culprits or ["(no single axis)"]
+    for axis in plain:
+        others = {a: p for a, p in plain.items() if a != axis}
+        if not _found(_sites(generate(case, force=others))):
+            culprits.append(f"{axis}={program.choices[axis]}")
+    return culprits or ["(only in combination)"]
