@@ -17,7 +17,7 @@ from .buffer_guard import StaleBufferError
 from .explain import explain
 from .graph.report import Explanation, Refusal, Site
 from .op import config
-from .op.context_parallel import context_parallel, sequence_halo, shard_sequence
+from .op.context_parallel import context_parallel, sequence_halo, shard_causal_convs, shard_sequence
 from .op.custom_op import based_attention
 from .op.spec import BasedSpec
 
@@ -26,4 +26,5 @@ sys.modules[__name__ + ".config"] = config
 _register_backend()
 logs.register()          # last: importing Dynamo above may set up torch's loggers again
 __all__ = ["kernels", "config", "based_attention", "BasedSpec", "backend", "based_backend", "explain",
-           "Explanation", "Site", "Refusal", "StaleBufferError", "context_parallel", "shard_sequence", "sequence_halo"]
+           "Explanation", "Site", "Refusal", "StaleBufferError", "context_parallel", "shard_sequence", "sequence_halo",
+           "shard_causal_convs"]

@@ -2,9 +2,9 @@
 
 Each configuration (causal / non-causal, both layouts, GQA, T not divisible by the world size) runs
 ``based_attention`` on the shards inside ``based_compile.context_parallel`` and compares every rank's
-output and the gradients of q, k, v with one process's on the whole sequence (1e-10). A small naive
-Based LM with a short causal convolution (made exact with ``sequence_halo``), compiled with
-``backend="based"``, is compared the same way, loss and every parameter gradient (all-reduced).
+output and the gradients of q, k, v with one process's on the whole sequence (1e-10). The naive
+Based LM of examples/ (unchanged; its short causal convolutions made exact by ``shard_causal_convs``),
+compiled with ``backend="based"``, is compared the same way: loss and every parameter gradient.
 """
 from __future__ import annotations
 
@@ -69,50 +69,38 @@ def _attention_case(rank, layout, causal, h, hk, t, normalize):
 
 
 def _model_case(rank):
-    """A tiny naive Based LM (short conv + feature-map attention), compiled, sharded vs whole."""
+    """The naive Based LM of examples/naive_based_lm.py, unchanged (short causal convs made exact by
+    ``shard_causal_convs``), compiled with backend="based": sharded vs whole, loss and gradients."""
+    import sys
+
     import based_compile
     from based_compile.op.context_parallel import shard_bounds
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from naive_based_lm import BasedLM
+
     torch.manual_seed(0)
+    model = BasedLM(vocab_size=32, d_model=16, n_layers=2, n_heads=2, feature_dim=4, conv_size=3,
+                    n_kv_heads=1).double()
+    based_compile.shard_causal_convs(model)
+    ids = torch.randint(0, 32, (2, 11))
+    targets = torch.randint(0, 32, (2, 11))
 
-    class Mixer(torch.nn.Module):
-        def __init__(self, d=8, heads=2, dk=4):
-            super().__init__()
-            self.heads, self.dk = heads, dk
-            self.conv = torch.nn.Conv1d(d, d, 3, groups=d, padding=0, dtype=torch.float64)
-            self.q = torch.nn.Linear(d, heads * dk, dtype=torch.float64)
-            self.k = torch.nn.Linear(d, heads * dk, dtype=torch.float64)
-            self.v = torch.nn.Linear(d, d, dtype=torch.float64)
-            self.o = torch.nn.Linear(d, d, dtype=torch.float64)
+    def loss_of(logits, target):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
 
-        def forward(self, x):                                    # x [B, T, D]
-            b, t, d = x.shape
-            y = self.conv(based_compile.sequence_halo(x.transpose(1, 2), 2, seq_dim=2)).transpose(1, 2)
-            q = self.q(y).view(b, t, self.heads, self.dk).transpose(1, 2)
-            k = self.k(y).view(b, t, self.heads, self.dk).transpose(1, 2)
-            v = self.v(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-            s = (q @ k.transpose(-2, -1)) * 0.5
-            a = (1 + s + 0.5 * s * s).tril()
-            o = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
-            return x + self.o(o.transpose(1, 2).reshape(b, t, d))
-
-    model = Mixer()
-    x = torch.randn(2, 11, 8, dtype=torch.float64)
-    target = torch.randn(2, 11, 8, dtype=torch.float64)
     # dynamic=False: one graph per length (the whole sequence, then the shard)
-    compiled = torch.compile(model, backend="based", fullgraph=True, dynamic=False)
-    out_full = compiled(x)
-    loss_full = ((out_full - target) ** 2).sum()
+    compiled = torch.compile(model, backend="based", dynamic=False)
+    loss_full = loss_of(compiled(ids), targets)
     grads_full = torch.autograd.grad(loss_full, list(model.parameters()))
     start, end = shard_bounds(11, rank, WORLD)
     with based_compile.context_parallel(dist.group.WORLD):
-        out = compiled(x[:, start:end])
-        loss = ((out - target[:, start:end]) ** 2).sum()
-        grads = torch.autograd.grad(loss, list(model.parameters()))
+        loss = loss_of(compiled(ids[:, start:end]), targets[:, start:end])
+        grads = [g.contiguous() for g in torch.autograd.grad(loss, list(model.parameters()))]
     dist.all_reduce(loss)
     for grad in grads:
         dist.all_reduce(grad)
-    errors = {"out": _rel(out, out_full[:, start:end]), "loss": abs(loss.item() - loss_full.item()) / loss_full.item()}
+    errors = {"loss": abs(loss.item() - loss_full.item()) / loss_full.item()}
     errors["grads"] = max(_rel(a, b) for a, b in zip(grads, grads_full))
     return errors
 
@@ -150,7 +138,7 @@ def test_sharded_attention_equals_one_process(results, config):
         assert max(errors.values()) < 1e-10, (rank, errors)
 
 
-def test_compiled_model_with_a_short_conv_equals_one_process(results):
+def test_compiled_naive_lm_equals_one_process(results):
     for rank in range(WORLD):
         assert not isinstance(results[rank], str), results[rank]
         errors = results[rank]["model"]
@@ -191,3 +179,18 @@ def test_refused_attention_raises_under_context_parallel(monkeypatch):
     monkeypatch.setattr(cp, "_active", cp._Group(None, 0, 2))           # as inside context_parallel on 2 ranks
     with pytest.raises(RuntimeError, match="within this rank's shard"):
         compiled(q, k, v)
+
+
+def test_shard_causal_convs_refuses_other_convolutions():
+    import based_compile
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3, padding=1))       # symmetric: not causal
+    with pytest.raises(ValueError, match="not a causal convolution"):
+        based_compile.shard_causal_convs(model)
+    causal = torch.nn.Conv1d(4, 4, 3, padding=2, groups=4, dtype=torch.float64)
+    handles = based_compile.shard_causal_convs(causal)
+    x = torch.randn(1, 4, 6, dtype=torch.float64)
+    before = causal(x)                         # outside context_parallel the hooks do nothing
+    for h in handles:
+        h.remove()
+    assert len(handles) == 2 and torch.equal(before, causal(x))

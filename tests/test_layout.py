@@ -16,7 +16,8 @@ import based_compile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PUBLIC = {"backend", "based_backend", "explain", "Explanation", "Site", "Refusal", "config", "kernels",
-          "StaleBufferError", "BasedSpec", "based_attention", "context_parallel", "shard_sequence", "sequence_halo"}
+          "StaleBufferError", "BasedSpec", "based_attention", "context_parallel", "shard_sequence", "sequence_halo",
+          "shard_causal_convs"}
 # Rank of each layer: a module may import modules of its own rank or lower.
 RANKS = {"logs": 3, "explain": 4, "__init__": 5, "backend": 3, "buffer_guard": 3, "graph": 2, "op": 1, "kernels": 0,
          "versions": 0}

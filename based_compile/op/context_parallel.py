@@ -20,9 +20,10 @@ and dV through S = phi_k(K)^T V'. Both directions recompute the local state from
 kilobytes per head), so the operator saves nothing more than without context parallelism.
 
 Not attention: layers that mix tokens along the sequence (the short causal convolutions of Based
-models) need the last tokens of the previous shard; ``sequence_halo`` fetches them. A model whose
-other token mixers are left as they are computes something else under context parallelism: apply
-the helper to every such layer. ``shard_sequence`` cuts a full-sequence tensor into this rank's
+models) need the last tokens of the previous shard; ``sequence_halo`` fetches them, and
+``shard_causal_convs(model)`` hooks every causal ``nn.Conv1d`` of a model so that it does (other
+convolutions raise). Token mixers left as they are compute something else under context
+parallelism: apply the helpers to every such layer. ``shard_sequence`` cuts a full-sequence tensor into this rank's
 shard (sizes differ by at most one token when T is not divisible by the world size).
 
 Call the backward inside the ``with`` block: the operator reads the setting when it runs.
@@ -102,27 +103,61 @@ def shard_sequence(x: Tensor, seq_dim: int) -> Tensor:
     return x.narrow(seq_dim, start, end - start)
 
 
-class _Halo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, size, seq_dim, group: _Group):
-        ctx.size, ctx.seq_dim, ctx.group = size, seq_dim, group
-        tail = x.narrow(seq_dim, x.shape[seq_dim] - size, size).contiguous()
-        tails = [torch.empty_like(tail) for _ in range(group.world)]
-        dist.all_gather(tails, tail, group=group.group)
-        before = tails[group.rank - 1] if group.rank > 0 else torch.zeros_like(tail)
-        return torch.cat([before, x], dim=seq_dim)
+# The halo exchange is a custom operator (opaque to Inductor, like based::attention). Written as an
+# autograd.Function with dist.all_gather, Dynamo traced it into functional collectives and the
+# Inductor-compiled backward of the naive LM gave a wrong embedding gradient (0.64 off; aot_eager
+# and eager were exact; the cause inside Inductor was not established). As an operator it is exact.
+_LIBRARY = torch.library.Library("based", "FRAGMENT")
+_LIBRARY.define("sequence_halo(Tensor x, int size, int seq_dim) -> Tensor")
+_LIBRARY.define("sequence_halo_backward(Tensor grad, int size, int seq_dim) -> Tensor")
 
-    @staticmethod
-    def backward(ctx, grad):
-        size, seq_dim, group = ctx.size, ctx.seq_dim, ctx.group
-        d_before = grad.narrow(seq_dim, 0, size).contiguous()
-        dx = grad.narrow(seq_dim, size, grad.shape[seq_dim] - size).clone()
-        gathered = [torch.empty_like(d_before) for _ in range(group.world)]
-        dist.all_gather(gathered, d_before, group=group.group)
-        if group.rank + 1 < group.world:           # the next rank read my tail
-            tail = dx.narrow(seq_dim, dx.shape[seq_dim] - size, size)
-            tail.add_(gathered[group.rank + 1])
-        return dx, None, None, None
+
+def _halo_forward(x, size, seq_dim):
+    group = _require_active("sequence_halo")
+    tail = x.narrow(seq_dim, x.shape[seq_dim] - size, size).contiguous()
+    tails = _exchange(tail, group)
+    before = tails[group.rank - 1] if group.rank > 0 else torch.zeros_like(tail)
+    return torch.cat([before, x], dim=seq_dim)
+
+
+def _halo_backward(grad, size, seq_dim):
+    group = _require_active("sequence_halo")
+    d_before = grad.narrow(seq_dim, 0, size).contiguous()
+    dx = grad.narrow(seq_dim, size, grad.shape[seq_dim] - size).clone()
+    gathered = _exchange(d_before, group)
+    if group.rank + 1 < group.world:           # the next rank read my tail
+        dx.narrow(seq_dim, dx.shape[seq_dim] - size, size).add_(gathered[group.rank + 1])
+    return dx
+
+
+def _halo_fake(x, size, seq_dim):
+    shape = list(x.shape)
+    shape[seq_dim] = shape[seq_dim] + size
+    return x.new_empty(shape)
+
+
+def _halo_backward_fake(grad, size, seq_dim):
+    shape = list(grad.shape)
+    shape[seq_dim] = shape[seq_dim] - size
+    return grad.new_empty(shape)
+
+
+for _name, _impl, _fake in (("sequence_halo", _halo_forward, _halo_fake),
+                            ("sequence_halo_backward", _halo_backward, _halo_backward_fake)):
+    _LIBRARY.impl(_name, _impl, "CPU")
+    _LIBRARY.impl(_name, _impl, "CUDA")
+    torch.library.register_fake(f"based::{_name}", _fake, lib=_LIBRARY)
+
+
+def _halo_setup(ctx, inputs, output):
+    ctx.size, ctx.seq_dim = inputs[1], inputs[2]
+
+
+def _halo_grad(ctx, grad):
+    return torch.ops.based.sequence_halo_backward(grad, ctx.size, ctx.seq_dim), None, None
+
+
+torch.library.register_autograd("based::sequence_halo", _halo_grad, setup_context=_halo_setup, lib=_LIBRARY)
 
 
 def sequence_halo(x: Tensor, size: int, seq_dim: int) -> Tensor:
@@ -143,7 +178,54 @@ def sequence_halo(x: Tensor, size: int, seq_dim: int) -> Tensor:
     if not active():
         pad = x.new_zeros(*x.shape[:seq_dim], size, *x.shape[seq_dim + 1:])
         return torch.cat([pad, x], dim=seq_dim)
-    return _Halo.apply(x, size, seq_dim, _active)
+    return torch.ops.based.sequence_halo(x, size, seq_dim)
+
+
+class _HaloHooks:
+    """Forward hooks that make one causal ``nn.Conv1d`` exact across shards (see ``shard_causal_convs``)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def before(self, module, args):
+        if not active():
+            return None
+        x, *rest = args
+        return (sequence_halo(x, self.size, seq_dim=-1), *rest)
+
+    def after(self, module, args, output):
+        if not active():
+            return None
+        return output[..., self.size:]
+
+
+def shard_causal_convs(model: torch.nn.Module) -> list:
+    """Make the causal 1-d convolutions of ``model`` exact under ``context_parallel``, without
+    touching the model's code: every ``nn.Conv1d`` written as a causal convolution (stride 1,
+    padding = dilation * (kernel_size - 1), whose output the model cuts to the first T steps, the
+    way Based models write their short convolutions) gets hooks that, inside ``context_parallel``,
+    prepend the previous shard's last tokens to its input and drop as many leading outputs: the
+    first T outputs are then the shard's outputs over the whole sequence. Outside the context the
+    hooks do nothing. Returns the hook handles (``handle.remove()`` undoes it).
+
+    A Conv1d that mixes tokens any other way (symmetric padding, stride) cannot be made exact
+    this way: it raises ValueError naming it, rather than computing something else."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    handles = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Conv1d) or module.kernel_size[0] == 1:
+            continue
+        k, d = module.kernel_size[0], module.dilation[0]
+        padding = module.padding if isinstance(module.padding, str) else module.padding[0]
+        if module.stride[0] != 1 or padding != d * (k - 1) or module.padding_mode != "zeros":
+            raise ValueError(f"{name or 'model'}: Conv1d(kernel_size={k}, stride={module.stride[0]}, padding="
+                             f"{module.padding}, dilation={d}) is not a causal convolution (padding = dilation * "
+                             "(kernel_size - 1), stride 1): context parallelism cannot make it exact")
+        hooks = _HaloHooks(d * (k - 1))
+        handles.append(module.register_forward_pre_hook(hooks.before))
+        handles.append(module.register_forward_hook(hooks.after))
+    return handles
 
 
 def _require_active(what: str) -> _Group:
