@@ -11,13 +11,17 @@ tested against. Both are differentiable by autograd.
 
 ``naive_parallel_based`` is the quadratic form (a T x T matrix); ``naive_chunk_based``
 the chunked state recurrence (states S0, S1, S2 over earlier chunks, DESIGN.md
-section 2), O(T) memory in T.
+section 2), O(T) memory in T. ``naive_chunkwise_based`` is the chunkwise-parallel algorithm of
+the Triton chunked kernel in the symmetric feature basis (kernels/symmetric_basis.py): every
+chunk's state contribution at once, an exclusive prefix sum over chunks, then per chunk
+phi(q) S_{<c} plus the masked intra-chunk polynomial.
 """
 from __future__ import annotations
 
 import torch
 
 from .arguments import DEFAULT_COEFFS, check_arguments
+from .symmetric_basis import key_features, query_features, symmetric_basis
 
 
 def _to_bhtd(q, k, v, layout):
@@ -97,4 +101,41 @@ def naive_chunk_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, n
         o = torch.cat(outs, dim=2)
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + a.eps)
+    return _from_bhtd(o, layout)
+
+
+def naive_chunkwise_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, normalize=True,
+                          eps=1e-6, layout="BHTD", chunk_size=16):
+    """Chunkwise-parallel Based attention in the symmetric basis (the Triton chunked kernel's algorithm).
+
+    Per chunk c, in parallel: dS_c = phi_k(K_c)^T [V_c, 1]  ([F, Dv + 1], F = FA + FB features);
+    S_{<c} = exclusive prefix sum of dS over chunks (non-causal: the total);
+    out_c = phi_q(Q_c) S_{<c} + (causal) masked f(Q_c K_c^T) [V_c, 1]; normalised by the last column.
+    """
+    a = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    q, k, v = _to_bhtd(q, k, v, layout)
+    k, v = _repeat_kv(k, a.group), _repeat_kv(v, a.group)
+    basis = symmetric_basis(a.dk)
+    v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)         # V' = [V, 1]: z is the last column
+    pq, pk = query_features(q, basis), key_features(k, basis, a.scale, a.coeffs)   # [B, H, T, F]
+    b, h, t, _ = q.shape
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+
+    def chunks(x):                                                   # [B, H, T, D] -> [B, H, n, C, D]
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.view(b, h, n, chunk_size, x.shape[-1])
+
+    pq, pk, vc = chunks(pq), chunks(pk), chunks(v)                  # padded keys: v' = 0, no contribution
+    ds = pk.transpose(-2, -1) @ vc                                   # [B, H, n, F, Dv + 1]
+    if causal:
+        states = ds.cumsum(2) - ds                                   # S_{<c}
+        w = (pq @ pk.transpose(-2, -1)).tril()                       # f(q_i . k_j), j <= i in the chunk
+        o = pq @ states + w @ vc
+    else:
+        o = pq @ ds.sum(2, keepdim=True)
+    o = o.reshape(b, h, n * chunk_size, -1)[:, :, :t]
+    o = o[..., :-1] / (o[..., -1:] + a.eps) if normalize else o[..., :-1]
     return _from_bhtd(o, layout)

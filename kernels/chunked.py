@@ -1,0 +1,698 @@
+"""Chunkwise-parallel Based attention in Triton, states in the symmetric basis (DESIGN.md section 2).
+
+T is cut into chunks of BT tokens and the chunks into segments of SEG chunks. With the feature
+maps phi_q, phi_k of kernels/symmetric_basis.py (F = FA + FB features, 160 at Dk = 16; the
+coefficients and the scale ride on phi_k) and V' = [V, 1] (its ones column is the normaliser,
+kept in float32 beside the value columns):
+
+  1. state kernel, one program per (segment, value block, batch x kv head), all in parallel:
+     the segment's state  dS_s = sum_{j in s} phi_k(k_j)^T v'_j        [F, Dv + 1], float32;
+  2. scan kernel: in place, slot s becomes the exclusive prefix S_{<s} and slot NS the total
+     (a walk over the NS segments, not over the tokens);
+  3. output kernel, one program per (segment, value block, batch x query head), in parallel:
+     starting from S_{<s}, for each chunk c of the segment
+         o_c = phi_q(Q_c) S + f(Q_c K_c^T)|masked V'_c        (tensor-core dots, float32 accumulators)
+         S  += phi_k(K_c)^T V'_c
+     normalised by the ones column. Non-causal: every chunk reads the total, nothing else.
+
+phi is built in registers from the q/k tile by two one-hot selection dots (exact: a product by 1
+summed once), x_a = x E_a, x_b = x E_b, feature = x_a x_b.
+
+Backward, the same three stages in both directions (nothing stored by the forward but o and z):
+  - the forward states S (recomputed by stages 1-2) for dq;
+  - reverse states R_{>s} = sum_{i after s} phi_q(q_i)^T [dn_i, dz_i] (summed over a GQA group) for
+    dk and dv, scanned from the end;
+  - a dq kernel walking each segment forward:   dphi_q = dn S^T + dz S_z, dq = contract(dphi_q)
+    + intra-chunk dS K;  a dk/dv kernel walking each segment backward: dv = phi_k R + intra,
+    dphi_k = v R^T + R_z, dk = contract(weights * dphi_k) + intra (over the group's query heads).
+  contract() is the transpose of the expansion: two one-hot dots again.
+  dn = do / (z + eps), dz = -(do . o) / (z + eps) (normalised; plain do unnormalised).
+
+State bytes (all O(T / (BT SEG))): (NS + 1) F (Dv + 1) float32 per (batch, kv head), once for
+the forward and twice for the backward (S and R). At Dk = 16, Dv = 64: 41.6 KB a slot.
+
+Precision: float32 accumulators and states; dot operands in the input dtype (float16/bfloat16
+tensor cores; float32 inputs use exact float32 dots). With float16 inputs the states are rounded
+to float16 before their dot, so sum_j k_a k_b v_j must stay within float16's range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
+from .function import BasedKernelFunction
+from .parallel import _parallel_bwd_prep_kernel
+from .symmetric_basis import basis_table, symmetric_basis
+
+ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_DK = 32
+MAX_DV = 256
+# Float32 state elements (F x BV) one program keeps in registers: picks the value block.
+STATE_REGISTER_BUDGET = 160 * 64
+# Aim for at least this many programs in the output kernels when choosing the segment length.
+TARGET_PROGRAMS = 1024
+# When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
+POISON_OUTPUTS = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptr, rows, cols, s_t, s_d, T, D):
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, cols, s_t, s_d, T, D):
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    tl.store(ptr + rows[:, None] * s_t + cols[None, :] * s_d, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _poly(r, c0, c1, c2):
+    # f(scale r) with (c1, c2) already multiplied by (scale, scale^2)
+    return c0 + r * (c1 + c2 * r)
+
+
+@triton.jit
+def _poly_slope(r, c1, c2):
+    return c1 + 2.0 * c2 * r
+
+
+@triton.jit
+def _basis(table, OFF: tl.constexpr, FX: tl.constexpr, NF: tl.constexpr):
+    # (a, b) key indices [FX] of features OFF .. OFF + FX
+    f = OFF + tl.arange(0, FX)
+    return tl.load(table + f), tl.load(table + NF + f)
+
+
+@triton.jit
+def _key_weights(ia, ib, c0, c1, c2):
+    # phi_k's weight per feature: c0 (constant), c1 (linear), c2 or 2 c2 (pairs), 0 (padding)
+    w = tl.where(ib == -1, c1, tl.where(ia == ib, c2, 2.0 * c2))
+    w = tl.where(ia == -1, c0, w)
+    return tl.where(ia == -2, 0.0, w)
+
+
+@triton.jit
+def _expand(x, ia, ib, BK: tl.constexpr, PRECISION: tl.constexpr):
+    # x [BT, BK] -> (x_a, x_b) [BT, FX] float32 by one-hot dots (the constant's factors are 1,
+    # a linear feature's second factor is 1, padding's are 0)
+    d = tl.arange(0, BK)
+    ea = (d[:, None] == ia[None, :]).to(x.dtype)                                   # [BK, FX]
+    eb = (d[:, None] == ib[None, :]).to(x.dtype)
+    xa = tl.dot(x, ea, input_precision=PRECISION) + (ia == -1).to(tl.float32)[None, :]
+    xb = tl.dot(x, eb, input_precision=PRECISION) + (ib == -1).to(tl.float32)[None, :]
+    return xa, xb
+
+
+@triton.jit
+def _contract(g, xa, xb, ia, ib, dt: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    # g [BT, FX] = d loss / d (x_a x_b) -> d loss / d x [BT, BK]: sum_p g_p (x_b e_{a_p} + x_a e_{b_p})
+    # (dot operands in dt, the input dtype)
+    d = tl.arange(0, BK)
+    ea = (ia[:, None] == d[None, :]).to(dt)                                        # [FX, BK]
+    eb = (ib[:, None] == d[None, :]).to(dt)
+    out = tl.dot((g * xb).to(dt), ea, input_precision=PRECISION)
+    return tl.dot((g * xa).to(dt), eb, out, input_precision=PRECISION)
+
+
+@triton.jit
+def _slot_offsets(FX: tl.constexpr, OFF: tl.constexpr, offs_v, DV):
+    # [FX, BV] offsets of features OFF.. within a state slot ([F, DV] values then [F] normaliser)
+    return (OFF + tl.arange(0, FX))[:, None] * DV + offs_v[None, :]
+
+
+@triton.jit
+def _load_state(slot, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV, NF: tl.constexpr, NORMALIZE: tl.constexpr):
+    vmask = (offs_v < DV)[None, :]
+    sa = tl.load(slot + _slot_offsets(FA, 0, offs_v, DV), mask=vmask, other=0.0)
+    sb = tl.load(slot + _slot_offsets(FB, FA, offs_v, DV), mask=vmask, other=0.0)
+    if NORMALIZE:
+        za = tl.load(slot + NF * DV + tl.arange(0, FA))
+        zb = tl.load(slot + NF * DV + FA + tl.arange(0, FB))
+    else:
+        za = tl.zeros([FA], dtype=tl.float32)
+        zb = tl.zeros([FB], dtype=tl.float32)
+    return sa, sb, za, zb
+
+
+@triton.jit
+def _store_state(slot, sa, sb, za, zb, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV, NF: tl.constexpr,
+                 NORMALIZE: tl.constexpr, i_v):
+    vmask = (offs_v < DV)[None, :]
+    tl.store(slot + _slot_offsets(FA, 0, offs_v, DV), sa, mask=vmask)
+    tl.store(slot + _slot_offsets(FB, FA, offs_v, DV), sb, mask=vmask)
+    if NORMALIZE:
+        if i_v == 0:        # the normaliser's columns: value block 0 writes them
+            tl.store(slot + NF * DV + tl.arange(0, FA), za)
+            tl.store(slot + NF * DV + FA + tl.arange(0, FB), zb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: segment states (forward: keys and values; backward: queries and output gradients)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_state_kernel(
+    x, y, dz, table, st,
+    sx_b, sx_h, sx_t, sx_d, sy_b, sy_h, sy_t, sy_d,
+    T, HX, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
+    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    KEYS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # KEYS: dS_s = sum_j phi_k(k_j)^T [v_j, 1]  (x = k, y = v; one program per kv head)
+    # else: dR_s = sum_i phi_q(q_i)^T [dn_i, dz_i] summed over the GROUP query heads of a kv head
+    #       (x = q, y = dn, dz [B*H, T] float32)
+    i_s, i_v, i_bhk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if KEYS:
+        hk_n = HX
+        n_heads = 1
+    else:
+        hk_n = HX // GROUP
+        n_heads = GROUP
+    b = (i_bhk // hk_n).to(tl.int64)
+    hk = (i_bhk % hk_n).to(tl.int64)
+    dt = x.dtype.element_ty
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    ia_a, ib_a = _basis(table, 0, FA, NF)
+    ia_b, ib_b = _basis(table, FA, FB, NF)
+    if KEYS:
+        w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
+        w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    sa = tl.zeros([FA, BV], dtype=tl.float32)
+    sb = tl.zeros([FB, BV], dtype=tl.float32)
+    za = tl.zeros([FA], dtype=tl.float32)
+    zb = tl.zeros([FB], dtype=tl.float32)
+    n_chunks = tl.cdiv(T, BT)
+    c_end = tl.minimum(i_s * SEG + SEG, n_chunks)
+    for g in range(0, n_heads):
+        h = hk * n_heads + g                      # keys: the kv head itself; queries: the group's heads
+        xp = x + b * sx_b + h * sx_h
+        yp = y + b * sy_b + h * sy_h
+        dzp = dz + (b * HX + h) * T
+        for c in range(i_s * SEG, c_end):
+            rows = c * BT + offs_t
+            valid = rows < T
+            xc = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK)                        # [BT, BK]
+            yc = _load_rows(yp, rows, offs_v, sy_t, sy_d, T, DV).to(dt)                 # [BT, BV]
+            xa, xb = _expand(xc, ia_a, ib_a, BK, PRECISION)
+            pa = xa * xb
+            xa, xb = _expand(xc, ia_b, ib_b, BK, PRECISION)
+            pb = xa * xb
+            if KEYS:
+                pa = pa * w_a[None, :]
+                pb = pb * w_b[None, :]
+            pa = tl.where(valid[:, None], pa, 0.0)
+            pb = tl.where(valid[:, None], pb, 0.0)
+            sa = tl.dot(tl.trans(pa.to(dt)), yc, sa, input_precision=PRECISION)
+            sb = tl.dot(tl.trans(pb.to(dt)), yc, sb, input_precision=PRECISION)
+            if NORMALIZE:
+                if KEYS:
+                    za += tl.sum(pa, axis=0)
+                    zb += tl.sum(pb, axis=0)
+                else:
+                    dzc = tl.load(dzp + rows, mask=valid, other=0.0)
+                    za += tl.sum(pa * dzc[:, None], axis=0)
+                    zb += tl.sum(pb * dzc[:, None], axis=0)
+    slot = st + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W
+    _store_state(slot, sa, sb, za, zb, FA, FB, offs_v, DV, NF, NORMALIZE, i_v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: scan over segments, in place
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_scan_kernel(st, NS, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    # slots [NS + 1, W] per (batch, head): slot s <- sum of the slots before s (after s: REVERSE),
+    # slot NS <- the total
+    i_bh, i_w = tl.program_id(0), tl.program_id(1)
+    offs = i_w * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < W
+    base = st + i_bh.to(tl.int64) * (NS + 1) * W
+    run = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, NS):
+        if REVERSE:
+            s = NS - 1 - i
+        else:
+            s = i
+        x = tl.load(base + s * W + offs, mask=mask, other=0.0)
+        tl.store(base + s * W + offs, run, mask=mask)
+        run += x
+    tl.store(base + NS * W + offs, run, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3, forward: outputs
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _chunked_fwd_kernel(
+    q, k, v, o, z, table, st,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
+    T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2, eps,
+    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (i_bh // H).to(tl.int64)
+    h = (i_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q += b * sq_b + h * sq_h
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    o += b * so_b + h * so_h
+    z += i_bh.to(tl.int64) * T
+    dt = q.dtype.element_ty
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    ia_a, ib_a = _basis(table, 0, FA, NF)
+    ia_b, ib_b = _basis(table, FA, FB, NF)
+    w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
+    w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    if CAUSAL:
+        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W          # S_{<s}
+    else:
+        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W          # the total
+    sa, sb, za, zb = _load_state(slot, FA, FB, offs_v, DV, NF, NORMALIZE)
+
+    n_chunks = tl.cdiv(T, BT)
+    for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
+        rows = c * BT + offs_t
+        valid = rows < T
+        qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
+        xa, xb = _expand(qc, ia_a, ib_a, BK, PRECISION)
+        pa = xa * xb                                                                  # phi_q, block A
+        xa, xb = _expand(qc, ia_b, ib_b, BK, PRECISION)
+        pb = xa * xb                                                                  # phi_q, block B
+        acc = tl.dot(pa.to(dt), sa.to(dt), input_precision=PRECISION)               # [BT, BV]
+        acc = tl.dot(pb.to(dt), sb.to(dt), acc, input_precision=PRECISION)
+        if NORMALIZE:
+            zc = tl.sum(pa * za[None, :], axis=1) + tl.sum(pb * zb[None, :], axis=1)   # [BT]
+        if CAUSAL:
+            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            keep = (offs_t[:, None] >= offs_t[None, :]) & valid[None, :]
+            a = _poly(tl.dot(qc, tl.trans(kc), input_precision=PRECISION), c0, c1, c2)
+            a = tl.where(keep, a, 0.0)                                                # [BT, BT]
+            acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
+            if NORMALIZE:
+                zc += tl.sum(a, axis=1)
+            xa, xb = _expand(kc, ia_a, ib_a, BK, PRECISION)
+            ka = tl.where(valid[:, None], xa * xb * w_a[None, :], 0.0)                # phi_k, block A
+            xa, xb = _expand(kc, ia_b, ib_b, BK, PRECISION)
+            kb = tl.where(valid[:, None], xa * xb * w_b[None, :], 0.0)
+            sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
+            sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
+            if NORMALIZE:
+                za += tl.sum(ka, axis=0)
+                zb += tl.sum(kb, axis=0)
+        if NORMALIZE:
+            acc = acc / (zc[:, None] + eps)
+            if i_v == 0:
+                tl.store(z + rows, zc, mask=valid)
+        _store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3, backward: dq (segments walked forward)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _chunked_dq_kernel(
+    q, k, v, dn, dz, dq, table, st,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sdn_b, sdn_h, sdn_t, sdn_d,
+    sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,
+    T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
+    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (i_bh // H).to(tl.int64)
+    h = (i_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q += b * sq_b + h * sq_h
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    dn += b * sdn_b + h * sdn_h
+    dz += i_bh.to(tl.int64) * T
+    dq += i_v.to(tl.int64) * sdq_v + b * sdq_b + h * sdq_h
+    dt = q.dtype.element_ty
+    zw = (i_v == 0).to(tl.float32)           # the normaliser's terms: value block 0 only
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    ia_a, ib_a = _basis(table, 0, FA, NF)
+    ia_b, ib_b = _basis(table, FA, FB, NF)
+    w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
+    w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    if CAUSAL:
+        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W          # S_{<s}
+    else:
+        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W          # the total
+    sa, sb, za, zb = _load_state(slot, FA, FB, offs_v, DV, NF, NORMALIZE)
+
+    n_chunks = tl.cdiv(T, BT)
+    for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
+        rows = c * BT + offs_t
+        valid = rows < T
+        qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
+        dnc = _load_rows(dn, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)                # [BT, BV]
+        # inter: d phi_q = dn S^T (+ dz S_z), then through the expansion
+        ga = tl.dot(dnc, tl.trans(sa.to(dt)), input_precision=PRECISION)              # [BT, FA]
+        gb = tl.dot(dnc, tl.trans(sb.to(dt)), input_precision=PRECISION)              # [BT, FB]
+        if NORMALIZE:
+            dzc = zw * tl.load(dz + rows, mask=valid, other=0.0)                      # [BT]
+            ga += dzc[:, None] * za[None, :]
+            gb += dzc[:, None] * zb[None, :]
+        xa, xb = _expand(qc, ia_a, ib_a, BK, PRECISION)
+        acc = _contract(ga, xa, xb, ia_a, ib_a, dt, BK, PRECISION)                        # [BT, BK]
+        xa, xb = _expand(qc, ia_b, ib_b, BK, PRECISION)
+        acc += _contract(gb, xa, xb, ia_b, ib_b, dt, BK, PRECISION)
+        if CAUSAL:
+            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            keep = (offs_t[:, None] >= offs_t[None, :]) & valid[None, :]
+            r = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)                   # [BT, BT]
+            da = tl.dot(dnc, tl.trans(vc), input_precision=PRECISION)
+            if NORMALIZE:
+                da += dzc[:, None]
+            ds = tl.where(keep, da * _poly_slope(r, c1, c2), 0.0)
+            acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
+            xa, xb = _expand(kc, ia_a, ib_a, BK, PRECISION)
+            ka = tl.where(valid[:, None], xa * xb * w_a[None, :], 0.0)
+            xa, xb = _expand(kc, ia_b, ib_b, BK, PRECISION)
+            kb = tl.where(valid[:, None], xa * xb * w_b[None, :], 0.0)
+            sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
+            sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
+            if NORMALIZE:
+                za += tl.sum(ka, axis=0)
+                zb += tl.sum(kb, axis=0)
+        _store_rows(dq, acc, rows, offs_k, sdq_t, sdq_d, T, DK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3, backward: dk, dv (segments walked backward; one program per kv head)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _chunked_dkv_kernel(
+    q, k, v, dn, dz, dk, dv, table, rt,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sdn_b, sdn_h, sdn_t, sdn_d,
+    sdk_v, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+    T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
+    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_s, i_v, i_bhk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HK = H // GROUP
+    b = (i_bhk // HK).to(tl.int64)
+    hk = (i_bhk % HK).to(tl.int64)
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    dk += i_v.to(tl.int64) * sdk_v + b * sdk_b + hk * sdk_h
+    dv += b * sdv_b + hk * sdv_h
+    dt = k.dtype.element_ty
+    zw = (i_v == 0).to(tl.float32)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    ia_a, ib_a = _basis(table, 0, FA, NF)
+    ia_b, ib_b = _basis(table, FA, FB, NF)
+    w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
+    w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    if CAUSAL:
+        slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W                    # R_{>s}
+    else:
+        slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + NS) * W                     # the total
+    ra, rb, rza, rzb = _load_state(slot, FA, FB, offs_v, DV, NF, NORMALIZE)
+    rza = rza * zw
+    rzb = rzb * zw
+
+    n_chunks = tl.cdiv(T, BT)
+    c_start = i_s * SEG
+    c_end = tl.minimum(c_start + SEG, n_chunks)
+    for i in range(0, c_end - c_start):
+        c = c_end - 1 - i                                                             # last chunk first
+        rows = c * BT + offs_t
+        valid = rows < T
+        kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)                          # [BT, BK]
+        vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
+        # inter: dv = phi_k R;  d phi_k = v R^T + R_z, times the key weights, through the expansion
+        xa_a, xb_a = _expand(kc, ia_a, ib_a, BK, PRECISION)
+        xa_b, xb_b = _expand(kc, ia_b, ib_b, BK, PRECISION)
+        ka = tl.where(valid[:, None], xa_a * xb_a * w_a[None, :], 0.0)
+        kb = tl.where(valid[:, None], xa_b * xb_b * w_b[None, :], 0.0)
+        acc_v = tl.dot(ka.to(dt), ra.to(dt), input_precision=PRECISION)               # [BT, BV]
+        acc_v = tl.dot(kb.to(dt), rb.to(dt), acc_v, input_precision=PRECISION)
+        ga = tl.dot(vc, tl.trans(ra.to(dt)), input_precision=PRECISION)               # [BT, FA]
+        gb = tl.dot(vc, tl.trans(rb.to(dt)), input_precision=PRECISION)
+        if NORMALIZE:
+            ga += rza[None, :]
+            gb += rzb[None, :]
+        acc_k = _contract(ga * w_a[None, :], xa_a, xb_a, ia_a, ib_a, dt, BK, PRECISION)   # [BT, BK]
+        acc_k += _contract(gb * w_b[None, :], xa_b, xb_b, ia_b, ib_b, dt, BK, PRECISION)
+        if CAUSAL:
+            for g in range(0, GROUP):
+                h = hk * GROUP + g
+                qp = q + b * sq_b + h * sq_h
+                dnp = dn + b * sdn_b + h * sdn_h
+                qc = _load_rows(qp, rows, offs_k, sq_t, sq_d, T, DK)
+                dnc = _load_rows(dnp, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)
+                # intra, transposed (rows: keys j, columns: queries i >= j)
+                keep = (offs_t[None, :] >= offs_t[:, None]) & valid[None, :]
+                rt_ = tl.dot(kc, tl.trans(qc), input_precision=PRECISION)             # [BT, BT]
+                at = tl.where(keep, _poly(rt_, c0, c1, c2), 0.0)
+                acc_v = tl.dot(at.to(dt), dnc, acc_v, input_precision=PRECISION)
+                dat = tl.dot(vc, tl.trans(dnc), input_precision=PRECISION)
+                if NORMALIZE:
+                    dzc = zw * tl.load(dz + (b * H + h) * T + rows, mask=valid, other=0.0)
+                    dat += dzc[None, :]
+                dst = tl.where(keep, dat * _poly_slope(rt_, c1, c2), 0.0)
+                acc_k = tl.dot(dst.to(dt), qc, acc_k, input_precision=PRECISION)
+                # this chunk's queries join the reverse states
+                xa, xb = _expand(qc, ia_a, ib_a, BK, PRECISION)
+                pa = xa * xb
+                xa, xb = _expand(qc, ia_b, ib_b, BK, PRECISION)
+                pb = xa * xb
+                ra = tl.dot(tl.trans(pa.to(dt)), dnc, ra, input_precision=PRECISION)
+                rb = tl.dot(tl.trans(pb.to(dt)), dnc, rb, input_precision=PRECISION)
+                if NORMALIZE:
+                    rza += tl.sum(pa * dzc[:, None], axis=0)
+                    rzb += tl.sum(pb * dzc[:, None], axis=0)
+        _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
+        _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChunkedConfig:
+    """Chunk length bt, chunks per segment seg, value block bv, warps and pipeline stages."""
+
+    bt: int
+    seg: int
+    bv: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _value_block(args: BasedArguments) -> int:
+    nf = symmetric_basis(args.dk).size
+    bv = 16
+    while bv * 2 <= min(_pow2(args.dv), 128) and nf * bv * 2 <= STATE_REGISTER_BUDGET:
+        bv *= 2
+    return bv
+
+
+def _segment_chunks(args: BasedArguments, bt: int, bv: int, heads: int) -> int:
+    """Chunks per segment: enough segments for TARGET_PROGRAMS programs, at most 32 chunks a segment."""
+    n_chunks = triton.cdiv(args.length, bt)
+    programs_per_segment = args.batch * heads * triton.cdiv(args.dv, bv)
+    seg = 1
+    while seg < 32 and triton.cdiv(n_chunks, seg * 2) * programs_per_segment >= TARGET_PROGRAMS:
+        seg *= 2
+    return seg
+
+
+def chunked_config(args: BasedArguments, dtype: torch.dtype) -> ChunkedConfig:
+    """Block sizes for these arguments (small, fixed ones under the interpreter)."""
+    bv = _value_block(args)
+    if triton_interpreting():
+        return ChunkedConfig(bt=16, seg=2, bv=bv)
+    bt = 32 if dtype == torch.float32 else 64
+    return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, args.heads), bv=bv, num_warps=4, num_stages=1)
+
+
+def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
+    if q.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"q, k, v dtype must be one of (float16, bfloat16, float32), got {q.dtype}")
+    if not 1 <= args.dk <= MAX_DK:
+        raise ValueError(f"chunked_based supports feature dims Dk from 1 to {MAX_DK}, got Dk={args.dk}")
+    if not 1 <= args.dv <= MAX_DV:
+        raise ValueError(f"chunked_based supports value dims Dv from 1 to {MAX_DV}, got Dv={args.dv}")
+    check_kernel_device(q)
+
+
+def _bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    sb, s1, s2, sd = x.stride()
+    return (sb, s1, s2, sd) if layout == "BHTD" else (sb, s2, s1, sd)
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    x = torch.empty(shape, dtype=dtype, device=device)
+    return x.fill_(float("nan")) if POISON_OUTPUTS else x
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _coefficients(args: BasedArguments) -> tuple[float, float, float]:
+    c0, c1, c2 = args.coeffs
+    return c0, c1 * args.scale, c2 * args.scale * args.scale
+
+
+def state_bytes(args: BasedArguments, cfg: ChunkedConfig) -> int:
+    """Bytes of one set of segment states ((NS + 1) slots per batch x kv head, float32)."""
+    ns = triton.cdiv(triton.cdiv(args.length, cfg.bt), cfg.seg)
+    nf = symmetric_basis(args.dk).size
+    return args.batch * args.kv_heads * (ns + 1) * nf * (args.dv + 1) * 4
+
+
+def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_strides, y_strides):
+    """Stages 1 and 2: slots [B * Hkv, NS + 1, W] float32, slot s the prefix before segment s
+    (keys) or the suffix after it (queries, reverse), slot NS the total."""
+    basis = symmetric_basis(args.dk)
+    nf = basis.size
+    ns = triton.cdiv(triton.cdiv(args.length, cfg.bt), cfg.seg)
+    w = nf * (args.dv + 1)
+    bhk = args.batch * args.kv_heads
+    st = _new_buffer((bhk, ns + 1, w), torch.float32, x.device)
+    c0, c1, c2 = _coefficients(args)
+    grid = (ns, triton.cdiv(args.dv, cfg.bv), bhk)
+    _segment_state_kernel[grid](
+        x, y, dz, basis_table(args.dk, x.device), st, *x_strides, *y_strides,
+        args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w,
+        c0, c1, c2, NF=nf, FA=basis.block_a, FB=basis.block_b, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
+        KEYS=keys, NORMALIZE=args.normalize, PRECISION=_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    block = 1024
+    _segment_scan_kernel[(bhk, triton.cdiv(w, block))](st, ns, w, REVERSE=not keys, BLOCK=block, num_warps=4)
+    return st, ns, w
+
+
+def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
+    b, h, t = args.batch, args.heads, args.length
+    basis = symmetric_basis(args.dk)
+    ks, vs = _bhtd_strides(k, args.layout), _bhtd_strides(v, args.layout)
+    st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)
+    o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)
+    z = _new_buffer((b, h, t), torch.float32, q.device) if args.normalize else o
+    c0, c1, c2 = _coefficients(args)
+    grid = (ns, triton.cdiv(args.dv, cfg.bv), b * h)
+    _chunked_fwd_kernel[grid](
+        q, k, v, o, z, basis_table(args.dk, q.device), st,
+        *_bhtd_strides(q, args.layout), *ks, *vs, *_bhtd_strides(o, args.layout),
+        t, h, args.group, args.dk, args.dv, cfg.seg, ns, w, c0, c1, c2, args.eps,
+        NF=basis.size, FA=basis.block_a, FB=basis.block_b, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, (z if args.normalize else None)
+
+
+def chunked_forward(q, k, v, args: BasedArguments):
+    """Kernel contract: (o, z), o like q (dtype and layout), z the float32 normaliser [B, H, T] or None."""
+    _check_supported(q, args)
+    return _forward(q, k, v, args, chunked_config(args, q.dtype))
+
+
+def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
+    b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
+    dev = q.device
+    basis = symmetric_basis(dk_)
+    if args.normalize:
+        dn = _new_buffer((b, h, t, dv_), do.dtype, dev)                 # do / (z + eps)
+        dz = _new_buffer((b, h, t), torch.float32, dev)                 # -(do . o) / (z + eps)
+        bv = _pow2(dv_)
+        prep_bt = 32 if bv > 128 else 64
+        _parallel_bwd_prep_kernel[(triton.cdiv(t, prep_bt), b * h)](
+            o, do, z, dn, dz, *_bhtd_strides(o, args.layout), *_bhtd_strides(do, args.layout),
+            t, h, args.eps, DV=dv_, BV=bv, BT=prep_bt, num_warps=4,
+        )
+        dn_strides = dn.stride()
+    else:
+        dn, dz = do, do                                                 # dz unused
+        dn_strides = _bhtd_strides(do, args.layout)
+    qs, ks, vs = (_bhtd_strides(x, args.layout) for x in (q, k, v))
+    st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)               # S_{<s}, recomputed
+    rt, _, _ = _states(q, dn, dz, args, cfg, False, qs, dn_strides)     # R_{>s}
+    n_v = triton.cdiv(dv_, cfg.bv)
+    if n_v == 1:
+        dq = _new_buffer(q.shape, q.dtype, dev)
+        dq_target, dq_strides = dq, (0, *_bhtd_strides(dq, args.layout))
+        dk = _new_buffer(k.shape, k.dtype, dev)
+        dk_target, dk_strides = dk, (0, *_bhtd_strides(dk, args.layout))
+    else:                                   # partial sums over value blocks, in float32
+        dq_target = _new_buffer((n_v, b, h, t, dk_), torch.float32, dev)
+        dk_target = _new_buffer((n_v, b, hk, t, dk_), torch.float32, dev)
+        dq_strides, dk_strides = dq_target.stride(), dk_target.stride()
+    dv = _new_buffer(v.shape, v.dtype, dev)
+    c0, c1, c2 = _coefficients(args)
+    table = basis_table(dk_, dev)
+    common = dict(NF=basis.size, FA=basis.block_a, FB=basis.block_b, BT=cfg.bt, BK=_pow2(dk_), BV=cfg.bv,
+                  CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _chunked_dq_kernel[(ns, n_v, b * h)](
+        q, k, v, dn, dz, dq_target, table, st, *qs, *ks, *vs, *dn_strides, *dq_strides,
+        t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
+    _chunked_dkv_kernel[(ns, n_v, b * hk)](
+        q, k, v, dn, dz, dk_target, dv, table, rt, *qs, *ks, *vs, *dn_strides, *dk_strides,
+        *_bhtd_strides(dv, args.layout),
+        t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
+    if n_v > 1:
+        dq, dk = dq_target.sum(0).to(q.dtype), dk_target.sum(0).to(k.dtype)
+        if args.layout == "BTHD":
+            dq, dk = dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous()
+    return dq, dk, dv
+
+
+def chunked_backward(q, k, v, o, z, do, args: BasedArguments):
+    """Kernel contract: (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv summed over a group)."""
+    _check_supported(q, args)
+    return _backward(q, k, v, o, z, do, args, chunked_config(args, q.dtype))
+
+
+def check_chunked_arguments(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, normalize=True, eps=1e-6,
+                            layout="BHTD") -> BasedArguments:
+    """check_arguments plus the chunked kernel's limits (dtypes, Dk <= 32, Dv <= 256, device)."""
+    args = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout, dtypes=ACCEPTED_DTYPES)
+    _check_supported(q, args)
+    return args
+
+
+def chunked_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, normalize=True, eps=1e-6,
+                  layout="BHTD"):
+    """Differentiable chunkwise-parallel Based attention (O(T) memory); see ``naive_parallel_based``.
+
+    q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv] (or [B, T, H, D] with layout="BTHD");
+    Dk from 1 to 32, Dv up to 256; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1).
+    """
+    args = check_chunked_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
+    return BasedKernelFunction.apply(q, k, v, args, chunked_forward, chunked_backward)
