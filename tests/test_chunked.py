@@ -1,0 +1,193 @@
+"""The chunkwise-parallel kernel (kernels/chunked.py) and its references against float64.
+
+CPU runs go through Triton's interpreter with chunks of 16 tokens and segments of 2 chunks, so
+T = 37..70 spans several segments with a partial last chunk; `-m gpu` runs realistic shapes.
+Every buffer the kernels allocate starts as NaN (POISON_OUTPUTS).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from compare import assert_rel_close
+from conftest import make_inputs
+
+from based_compile.kernels import chunked, naive_chunkwise_based, naive_parallel_based
+from based_compile.kernels.arguments import check_arguments, triton_interpreting
+from based_compile.kernels.chunked import chunked_based, chunked_forward
+from based_compile.kernels.symmetric_basis import key_features, query_features, symmetric_basis
+
+BASED = (1.0, 1.0, 0.5)
+SIGNED = (0.3, -0.7, 0.25)        # a sign-changing polynomial: only without the normaliser
+UNIT = (1.0, 1.0, 1.0)
+TOL = {torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    monkeypatch.setattr(chunked, "POISON_OUTPUTS", True)
+
+
+def _check(b, h, t, dk, dv, *, kv_heads=None, layout="BHTD", causal=True, normalize=True, coeffs=BASED,
+           dtype=torch.float32, device="cpu", tol=None, eps=1e-6, scale=None, reference=naive_parallel_based):
+    """Values and q/k/v gradients of chunked_based vs the float64 reference on fresh inputs."""
+    q, k, v = make_inputs(b, h, t, dk, dv, kv_heads=kv_heads, layout=layout, device=device)
+    q, k, v = (x.to(dtype).double().requires_grad_() for x in (q, k, v))   # inputs exact in dtype
+    kw = dict(coeffs=coeffs, causal=causal, normalize=normalize, layout=layout, eps=eps, scale=scale)
+    ref = reference(q, k, v, **kw)
+    do = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    qx, kx, vx = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = chunked_based(qx, kx, vx, **kw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = TOL[dtype] if tol is None else tol
+    what = f"T={t} Dk={dk} Dv={dv} {layout} kv_heads={kv_heads} causal={causal} normalize={normalize} {dtype}"
+    assert_rel_close(out, ref, tol, f"o ({what})")
+    grads = torch.autograd.grad(out, (qx, kx, vx), do.to(dtype))
+    for name, g, r, x in zip("qkv", grads, ref_grads, (qx, kx, vx)):
+        assert g.dtype == dtype and g.shape == x.shape
+        assert_rel_close(g, r, tol * 2, f"d{name} ({what})")
+
+
+# ---------------------------------------------------------------------------------------------- the basis
+
+def test_symmetric_basis_has_153_features_at_dk16():
+    basis = symmetric_basis(16)
+    assert basis.rows == 153 and (basis.block_a, basis.block_b) == (128, 32)
+    real = [(a, b) for a, b in zip(basis.a, basis.b) if a != -2]
+    assert len(real) == len(set(real)) == 153
+
+
+@pytest.mark.parametrize("dk", [1, 5, 16, 32])
+def test_feature_maps_reproduce_the_polynomial(dk):
+    q, k, _ = make_inputs(1, 1, 9, dk, 1)
+    basis = symmetric_basis(dk)
+    got = query_features(q, basis) @ key_features(k, basis, 0.37, SIGNED).transpose(-2, -1)
+    s = 0.37 * q @ k.transpose(-2, -1)
+    assert_rel_close(got, SIGNED[0] + SIGNED[1] * s + SIGNED[2] * s * s, 1e-12, "phi_q . phi_k")
+
+
+@pytest.mark.parametrize("causal,normalize,layout,kv_heads", [
+    (True, True, "BHTD", None), (True, False, "BTHD", 1), (False, True, "BTHD", 2), (False, False, "BHTD", None)])
+def test_chunkwise_reference_matches_the_quadratic_form(causal, normalize, layout, kv_heads):
+    """The float64 chunkwise algorithm (values and gradients) against the quadratic form."""
+    q, k, v = make_inputs(2, 4, 45, 5, 7, kv_heads=kv_heads, layout=layout, requires_grad=True)
+    kw = dict(causal=causal, normalize=normalize, layout=layout, coeffs=UNIT if normalize else SIGNED)
+    ref = naive_parallel_based(q, k, v, **kw)
+    out = naive_chunkwise_based(q, k, v, chunk_size=8, **kw)
+    assert_rel_close(out, ref, 1e-12, "o")
+    do = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert_rel_close(g, r, 1e-12, "grad")
+
+
+# ---------------------------------------------------------------------------------------------- the kernel
+
+CASES = [
+    # (t, dk, dv, kv_heads, layout, causal, normalize, coeffs, dtype)
+    (37, 16, 32, None, "BHTD", True, True, BASED, torch.float32),
+    (70, 16, 64, 1, "BTHD", True, True, BASED, torch.float32),         # GQA group 2, 3 segments
+    (33, 16, 24, None, "BTHD", False, True, BASED, torch.float32),
+    (50, 16, 40, None, "BHTD", False, False, SIGNED, torch.float32),
+    (33, 8, 80, 1, "BHTD", True, False, SIGNED, torch.float32),
+    (17, 5, 33, None, "BTHD", True, True, UNIT, torch.float32),
+    (1, 1, 3, None, "BHTD", True, False, BASED, torch.float32),
+    (7, 32, 20, None, "BHTD", True, True, BASED, torch.float32),
+    (40, 16, 130, 1, "BTHD", True, True, BASED, torch.float32),       # three value blocks
+    (50, 16, 64, None, "BHTD", True, True, BASED, torch.float16),
+    (33, 16, 40, 1, "BTHD", False, False, SIGNED, torch.float16),
+]
+
+
+@pytest.mark.parametrize("t,dk,dv,kv_heads,layout,causal,normalize,coeffs,dtype", CASES)
+def test_values_and_gradients_match_float64(t, dk, dv, kv_heads, layout, causal, normalize, coeffs, dtype):
+    _check(1, 2, t, dk, dv, kv_heads=kv_heads, layout=layout, causal=causal, normalize=normalize,
+           coeffs=coeffs, dtype=dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_eps_and_scale(causal):
+    """eps = 0.5 and scale = 0.37 move o far more than the tolerance."""
+    _check(1, 2, 35, 16, 24, causal=causal, eps=0.5, scale=0.37)
+
+
+def test_forward_returns_the_float32_normaliser():
+    q, k, v = make_inputs(1, 4, 40, 16, 24, kv_heads=2, dtype=torch.float32)
+    o, z = chunked_forward(q, k, v, check_arguments(q, k, v))
+    kr = k.double().repeat_interleave(2, 1)
+    ones = torch.ones(1, 4, 40, 1, dtype=torch.float64)
+    z_ref = naive_parallel_based(q.double(), kr, ones, normalize=False)[..., 0]
+    assert z.dtype == torch.float32 and z.shape == (1, 4, 40)
+    assert_rel_close(z, z_ref, 1e-5, "z")
+    o2, z2 = chunked_forward(q, k, v, check_arguments(q, k, v, normalize=False))
+    assert z2 is None and o2.shape == o.shape
+
+
+def test_state_bytes_count_the_segments():
+    q, k, v = make_inputs(2, 4, 4096, 16, 64, kv_heads=2, dtype=torch.float32)
+    args = check_arguments(q, k, v)
+    cfg = chunked.ChunkedConfig(bt=64, seg=8, bv=64)
+    per_slot = 160 * 65 * 4
+    assert chunked.state_bytes(args, cfg) == 2 * 2 * (8 + 1) * per_slot   # 4096 / (64 * 8) = 8 segments
+
+
+def test_bad_arguments_raise_naming_the_argument(monkeypatch):
+    q, k, v = make_inputs(1, 2, 8, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="Dk"):
+        chunked_based(*make_inputs(1, 2, 8, 33, 16, dtype=torch.float32))
+    with pytest.raises(ValueError, match="Dv"):
+        chunked_based(*make_inputs(1, 2, 8, 16, 257, dtype=torch.float32))
+    with pytest.raises(TypeError, match="float16, bfloat16, float32"):
+        chunked_based(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="sequence length"):
+        chunked_based(q, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match="layout"):
+        chunked_based(q, k, v, layout="BTDH")
+    with pytest.raises(ValueError, match="heads"):
+        chunked_based(q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="eps"):
+        chunked_based(q, k, v, eps=-1.0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            chunked_based(q, k, v)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="runs the GPU block sizes under the interpreter")
+def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
+    """The GPU's chunk of 64 tokens and its segment length, at a T that is no multiple of a chunk."""
+    q, k, v = make_inputs(1, 2, 150, 16, 64, dtype=torch.float64)
+    q, k, v = (x.to(torch.float16) for x in (q, k, v))
+    args = check_arguments(q, k, v)
+    monkeypatch.setattr(chunked, "triton_interpreting", lambda: False)
+    cfg = chunked.chunked_config(args, torch.float16)
+    monkeypatch.setattr(chunked, "triton_interpreting", lambda: True)
+    assert cfg.bt == 64 and cfg.bv == 64
+    cfg = chunked.ChunkedConfig(cfg.bt, 2, cfg.bv)                 # 2 segments: a state scan too
+    o, z = chunked._forward(q, k, v, args, cfg)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = naive_parallel_based(qd, kd, vd)
+    do = torch.randn_like(ref).to(torch.float16)
+    ref.backward(do.double())
+    assert_rel_close(o, ref, TOL[torch.float16], f"o {cfg}")
+    grads = chunked._backward(q, k, v, o, z, do, args, cfg)
+    for name, g, x in zip(("dq", "dk", "dv"), grads, (qd, kd, vd)):
+        assert_rel_close(g, x.grad, 2 * TOL[torch.float16], f"{name} {cfg}")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,dk,dv,dtype,layout,kv_heads,causal", [
+    (8192, 16, 64, torch.bfloat16, "BHTD", None, True),
+    (8191, 16, 64, torch.bfloat16, "BTHD", None, False),
+    (4097, 16, 128, torch.bfloat16, "BTHD", 2, True),
+    (4096, 16, 64, torch.float16, "BTHD", None, True),
+    (2047, 16, 64, torch.float32, "BHTD", None, True),
+    (2048, 32, 64, torch.bfloat16, "BHTD", 2, True),
+])
+def test_gpu_realistic_shapes(t, dk, dv, dtype, layout, kv_heads, causal, no_tf32):
+    _check(2, 4, t, dk, dv, kv_heads=kv_heads, layout=layout, causal=causal, dtype=dtype, device="cuda",
+           tol=GPU_TOL[dtype], reference=naive_chunkwise_based)
