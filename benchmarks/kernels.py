@@ -6,10 +6,13 @@ Configuration (DESIGN.md section 4): B=16, H=16, Dk=16, Dv=64, bf16, causal, nor
 inputs included) and the ratio of each time to the physical floor measured in the same run
 (benchmarks/floor.py). Entries:
   ours_parallel, ours_fused_chunk       based_compile.kernels (fused chunk skipped if not implemented)
+  ours_chunked                          the chunkwise-parallel kernel (symmetric-basis states)
   ours_parallel_split                   ours_parallel with the deterministic split backward (default: atomic dq)
   fla_parallel, fla_fused_chunk         fla.ops.based (if importable; verified against our reference first)
   inductor_naive                        torch.compile of the naive quadratic form (where it fits)
   sdpa_causal_d64                       scaled_dot_product_attention(is_causal=True), head dim 64
+
+Beyond T=16384 (LONG_TS: 32768, 65536) only the linear-memory entries and SDPA run (LONG_ENTRIES).
 
 Usage: python benchmarks/kernels.py --out DIR [--quick] [--ts 1024,4096] [--tune [fwd,dq,dkv,dkv_atomic]]
 Prints the table last; writes kernels.json (and kernels.png with matplotlib) into --out.
@@ -38,7 +41,9 @@ from based_compile.kernels.arguments import check_arguments  # noqa: E402
 
 B, H, DK, DV = 16, 16, 16, 64
 DTYPE = torch.bfloat16
-ALL_TS = (1024, 2048, 4096, 8192, 16384)
+ALL_TS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+LONG_TS_FROM = 32768                      # from here on only LONG_ENTRIES run
+LONG_ENTRIES = ("ours_chunked", "ours_fused_chunk", "sdpa_causal_d64")
 QUICK_TS = (1024, 4096)
 
 
@@ -73,6 +78,11 @@ def ours_parallel_split():
 def ours_fused_chunk():
     from based_compile.kernels.fused_chunk import fused_chunk_based
     return "BHTD", lambda q, k, v: fused_chunk_based(q, k, v)
+
+
+def ours_chunked():
+    from based_compile.kernels.chunked import chunked_based
+    return "BHTD", lambda q, k, v: chunked_based(q, k, v)
 
 
 def _first(x):
@@ -140,6 +150,7 @@ ENTRIES = {
     "ours_parallel": ours_parallel,
     "ours_parallel_split": ours_parallel_split,
     "ours_fused_chunk": ours_fused_chunk,
+    "ours_chunked": ours_chunked,
     "fla_parallel": fla_parallel,
     "fla_fused_chunk": fla_fused_chunk,
     "inductor_naive": inductor_naive,
@@ -340,6 +351,8 @@ def main() -> None:
         f_floor = forward_floor(ceilings, B, H, t, DK, DV) * 1e3
         fb_floor = forward_backward_floor(ceilings, B, H, t, DK, DV) * 1e3
         for name, (layout, run) in runs.items():
+            if t >= LONG_TS_FROM and name not in LONG_ENTRIES:
+                continue
             if name == "inductor_naive" and B * H * t * t * 2 > 40e9:
                 row = {"fwd_ms": None, "fwdbwd_ms": None, "fwd_error": "skipped: T x T scores over 40 GB"}
             else:

@@ -1,22 +1,25 @@
 """Chunkwise-parallel Based attention in Triton, states in the symmetric basis (DESIGN.md section 2).
 
 T is cut into chunks of BT tokens and the chunks into segments of SEG chunks. With the feature
-maps phi_q, phi_k of kernels/symmetric_basis.py (F = FA + FB features, 160 at Dk = 16; the
-coefficients and the scale ride on phi_k) and V' = [V, 1] (its ones column is the normaliser,
-kept in float32 beside the value columns):
+maps phi_q, phi_k of kernels/symmetric_basis.py over the padded key dim BK (a power of two, 16 at
+Dk = 16): block A = the BK (BK / 2) rolled pairs x_a x_{(a + d) mod BK}, block B = (x_a, x_a^2),
+and the constant; 128 + 32 + 1 = 161 state rows at Dk = 16 (153 distinct; the full outer product
+would need 273). The coefficients and the scale ride on phi_k; V' = [V, 1] (its ones column is
+the normaliser, kept in float32 beside the value columns):
 
   1. state kernel, one program per (segment, value block, batch x kv head), all in parallel:
      the segment's state  dS_s = sum_{j in s} phi_k(k_j)^T v'_j        [F, Dv + 1], float32;
-  2. scan kernel: in place, slot s becomes the exclusive prefix S_{<s} and slot NS the total
-     (a walk over the NS segments, not over the tokens);
+  2. scan kernel: in place, slot s becomes the exclusive prefix S_{<s} (a walk over the NS
+     segments, not over the tokens); non-causal: the total;
   3. output kernel, one program per (segment, value block, batch x query head), in parallel:
      starting from S_{<s}, for each chunk c of the segment
          o_c = phi_q(Q_c) S + f(Q_c K_c^T)|masked V'_c        (tensor-core dots, float32 accumulators)
          S  += phi_k(K_c)^T V'_c
      normalised by the ones column. Non-causal: every chunk reads the total, nothing else.
+Causal calls skip the one segment total no one reads (so a single segment needs no states).
 
-phi is built in registers from the q/k tile by two one-hot selection dots (exact: a product by 1
-summed once), x_a = x E_a, x_b = x E_b, feature = x_a x_b.
+The pair features come from gathered loads of the rolled tile (L1 hits), their products in
+float32, rounded to the input dtype for the dots.
 
 Backward, the same three stages in both directions (nothing stored by the forward but o and z):
   - the forward states S (recomputed by stages 1-2) for dq;
@@ -25,11 +28,11 @@ Backward, the same three stages in both directions (nothing stored by the forwar
   - a dq kernel walking each segment forward:   dphi_q = dn S^T + dz S_z, dq = contract(dphi_q)
     + intra-chunk dS K;  a dk/dv kernel walking each segment backward: dv = phi_k R + intra,
     dphi_k = v R^T + R_z, dk = contract(weights * dphi_k) + intra (over the group's query heads).
-  contract() is the transpose of the expansion: two one-hot dots again.
+  contract() is the features' transpose: a sum over the rolled copies and one one-hot dot.
   dn = do / (z + eps), dz = -(do . o) / (z + eps) (normalised; plain do unnormalised).
 
-State bytes (all O(T / (BT SEG))): (NS + 1) F (Dv + 1) float32 per (batch, kv head), once for
-the forward and twice for the backward (S and R). At Dk = 16, Dv = 64: 41.6 KB a slot.
+State bytes (all O(T / (BT SEG))): (NS + 1) x 161 x (Dv + 1) float32 per (batch, kv head) at
+Dk = 16 (41.9 KB a slot at Dv = 64), once for the forward and twice for the backward (S and R).
 
 Precision: float32 accumulators and states; dot operands in the input dtype (float16/bfloat16
 tensor cores; float32 inputs use exact float32 dots). With float16 inputs the states are rounded
@@ -46,19 +49,23 @@ import triton.language as tl
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
 from .parallel import _parallel_bwd_prep_kernel
-from .symmetric_basis import basis_table, symmetric_basis
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DK = 32
 MAX_DV = 256
-# Float32 state elements (F x BV) one program keeps in registers: picks the value block.
-STATE_REGISTER_BUDGET = 160 * 64
-# Aim for at least this many programs in the output kernels when choosing the segment length.
-TARGET_PROGRAMS = 1024
+MAX_SEGMENT_CHUNKS = 32
+# GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in the output
+# kernels: the segment length follows from it), for 16-bit inputs forward and backward, and for
+# float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
+FORWARD_LAUNCH = (64, 64, 8, 1, 1024)
+BACKWARD_LAUNCH = (32, 64, 8, 1, 1024)
+FLOAT32_LAUNCH = (32, 64, 4, 1, 1024)
+STATE_REGISTER_BUDGET = 161 * 64
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
 
 
+# The kernels take the length and segment counts unspecialised: one compilation serves every T.
 # ----------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------
@@ -86,112 +93,129 @@ def _poly_slope(r, c1, c2):
 
 
 @triton.jit
-def _basis(table, OFF: tl.constexpr, FX: tl.constexpr, NF: tl.constexpr):
-    # (a, b) key indices [FX] of features OFF .. OFF + FX
-    f = OFF + tl.arange(0, FX)
-    return tl.load(table + f), tl.load(table + NF + f)
+def _load_rolled(ptr, rows, s_t, s_d, T, DK, BK: tl.constexpr):
+    # [BT, BK // 2, BK]: element (t, d, a) = x[t, (a + d + 1) % BK] (0 outside T and Dk); from L1
+    d = tl.arange(0, BK // 2)
+    a = tl.arange(0, BK)
+    col = (a[None, :] + d[:, None] + 1) % BK                                          # [BK/2, BK]
+    mask = (rows < T)[:, None, None] & (col < DK)[None, :, :]
+    return tl.load(ptr + rows[:, None, None] * s_t + col[None, :, :] * s_d, mask=mask, other=0.0)
 
 
 @triton.jit
-def _key_weights(ia, ib, c0, c1, c2):
-    # phi_k's weight per feature: c0 (constant), c1 (linear), c2 or 2 c2 (pairs), 0 (padding)
-    w = tl.where(ib == -1, c1, tl.where(ia == ib, c2, 2.0 * c2))
-    w = tl.where(ia == -1, c0, w)
-    return tl.where(ia == -2, 0.0, w)
+def _features(xf, xr, BT: tl.constexpr, BK: tl.constexpr):
+    # phi without the constant, unweighted, float32: block A [BT, FA] = x_a x_{a+d+1} (rolled pairs),
+    # block B [BT, FB] = (x_a, x_a^2) interleaved. xf: the tile [BT, BK] in float32, xr: _load_rolled
+    fa = tl.reshape(xf[:, None, :] * xr.to(tl.float32), (BT, BK // 2 * BK))
+    fb = tl.reshape(tl.join(xf, xf * xf), (BT, 2 * BK))
+    return fa, fb
 
 
 @triton.jit
-def _expand(x, ia, ib, BK: tl.constexpr, PRECISION: tl.constexpr):
-    # x [BT, BK] -> (x_a, x_b) [BT, FX] float32 by one-hot dots (the constant's factors are 1,
-    # a linear feature's second factor is 1, padding's are 0)
-    d = tl.arange(0, BK)
-    ea = (d[:, None] == ia[None, :]).to(x.dtype)                                   # [BK, FX]
-    eb = (d[:, None] == ib[None, :]).to(x.dtype)
-    xa = tl.dot(x, ea, input_precision=PRECISION) + (ia == -1).to(tl.float32)[None, :]
-    xb = tl.dot(x, eb, input_precision=PRECISION) + (ib == -1).to(tl.float32)[None, :]
-    return xa, xb
+def _key_weights(c1, c2, BK: tl.constexpr):
+    # phi_k's weights: block A 2 c2 (c2 at offset BK / 2, which meets every pair twice), block B (c1, c2)
+    pa = tl.arange(0, BK // 2 * BK)
+    wa = tl.where(pa // BK == BK // 2 - 1, c2, 2.0 * c2)
+    pb = tl.arange(0, 2 * BK)
+    wb = tl.where(pb % 2 == 0, c1, c2)
+    return wa, wb
 
 
 @triton.jit
-def _contract(g, xa, xb, ia, ib, dt: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    # g [BT, FX] = d loss / d (x_a x_b) -> d loss / d x [BT, BK]: sum_p g_p (x_b e_{a_p} + x_a e_{b_p})
-    # (dot operands in dt, the input dtype)
-    d = tl.arange(0, BK)
-    ea = (ia[:, None] == d[None, :]).to(dt)                                        # [FX, BK]
-    eb = (ib[:, None] == d[None, :]).to(dt)
-    out = tl.dot((g * xb).to(dt), ea, input_precision=PRECISION)
-    return tl.dot((g * xa).to(dt), eb, out, input_precision=PRECISION)
+def _contract(ga, gb, xf, xr, dt: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    # gradients w.r.t. the features (ga [BT, FA], gb [BT, FB]) -> w.r.t. x [BT, BK], float32:
+    #   x_a x_c (c = a + d + 1): d x_a += g x_c (a sum over d), d x_c += g x_a (a one-hot dot);
+    #   (x_a, x_a^2): d x_a += g_lin + 2 x_a g_sq
+    ga3 = tl.reshape(ga, (BT, BK // 2, BK))
+    out = tl.sum(ga3 * xr.to(tl.float32), axis=1)
+    u = tl.reshape(ga3 * xf[:, None, :], (BT, BK // 2 * BK))
+    p = tl.arange(0, BK // 2 * BK)
+    col = (p % BK + p // BK + 1) % BK
+    e = (col[:, None] == tl.arange(0, BK)[None, :]).to(dt)                           # [FA, BK]
+    out += tl.dot(u.to(dt), e, input_precision=PRECISION)
+    g_lin, g_sq = tl.split(tl.reshape(gb, (BT, BK, 2)))
+    return out + g_lin + 2.0 * xf * g_sq
 
 
 @triton.jit
 def _slot_offsets(FX: tl.constexpr, OFF: tl.constexpr, offs_v, DV):
-    # [FX, BV] offsets of features OFF.. within a state slot ([F, DV] values then [F] normaliser)
+    # [FX, BV] offsets of features OFF.. within a state slot ([NF, DV] values, then [NF] normaliser)
     return (OFF + tl.arange(0, FX))[:, None] * DV + offs_v[None, :]
 
 
 @triton.jit
-def _load_state(slot, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV, NF: tl.constexpr, NORMALIZE: tl.constexpr):
+def _load_state(slot, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV, NORMALIZE: tl.constexpr):
+    # slot rows: block A (FA), block B (FB), the constant (1)
+    NF: tl.constexpr = FA + FB + 1
     vmask = (offs_v < DV)[None, :]
     sa = tl.load(slot + _slot_offsets(FA, 0, offs_v, DV), mask=vmask, other=0.0)
     sb = tl.load(slot + _slot_offsets(FB, FA, offs_v, DV), mask=vmask, other=0.0)
+    s0 = tl.load(slot + (FA + FB) * DV + offs_v, mask=offs_v < DV, other=0.0)
     if NORMALIZE:
         za = tl.load(slot + NF * DV + tl.arange(0, FA))
         zb = tl.load(slot + NF * DV + FA + tl.arange(0, FB))
+        z0 = tl.load(slot + NF * DV + FA + FB)
     else:
         za = tl.zeros([FA], dtype=tl.float32)
         zb = tl.zeros([FB], dtype=tl.float32)
-    return sa, sb, za, zb
+        z0 = 0.0
+    return sa, sb, s0, za, zb, z0
 
 
 @triton.jit
-def _store_state(slot, sa, sb, za, zb, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV, NF: tl.constexpr,
+def _store_state(slot, sa, sb, s0, za, zb, z0, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV,
                  NORMALIZE: tl.constexpr, i_v):
+    NF: tl.constexpr = FA + FB + 1
     vmask = (offs_v < DV)[None, :]
     tl.store(slot + _slot_offsets(FA, 0, offs_v, DV), sa, mask=vmask)
     tl.store(slot + _slot_offsets(FB, FA, offs_v, DV), sb, mask=vmask)
+    tl.store(slot + (FA + FB) * DV + offs_v, s0, mask=offs_v < DV)
     if NORMALIZE:
-        if i_v == 0:        # the normaliser's columns: value block 0 writes them
+        if i_v == 0:        # the normaliser's column: value block 0 writes it
             tl.store(slot + NF * DV + tl.arange(0, FA), za)
             tl.store(slot + NF * DV + FA + tl.arange(0, FB), zb)
+            tl.store(slot + NF * DV + FA + FB, z0)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 1: segment states (forward: keys and values; backward: queries and output gradients)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["T", "SEG", "NS", "S_OFF"])
 def _segment_state_kernel(
-    x, y, dz, table, st,
+    x, y, dz, st,
     sx_b, sx_h, sx_t, sx_d, sy_b, sy_h, sy_t, sy_d,
-    T, HX, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
-    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
+    T, HX, GROUP, DK, DV, SEG, NS, W, S_OFF, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     KEYS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # KEYS: dS_s = sum_j phi_k(k_j)^T [v_j, 1]  (x = k, y = v; one program per kv head)
     # else: dR_s = sum_i phi_q(q_i)^T [dn_i, dz_i] summed over the GROUP query heads of a kv head
     #       (x = q, y = dn, dz [B*H, T] float32)
-    i_s, i_v, i_bhk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # program i_s sums segment i_s + S_OFF (causal: the segment whose total no one reads is skipped)
+    FA: tl.constexpr = BK // 2 * BK
+    FB: tl.constexpr = 2 * BK
+    i_s, i_v, i_bhk = tl.program_id(0) + S_OFF, tl.program_id(1), tl.program_id(2)
     if KEYS:
         hk_n = HX
         n_heads = 1
+        cw = c0
     else:
         hk_n = HX // GROUP
         n_heads = GROUP
+        cw = 1.0
     b = (i_bhk // hk_n).to(tl.int64)
     hk = (i_bhk % hk_n).to(tl.int64)
     dt = x.dtype.element_ty
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    ia_a, ib_a = _basis(table, 0, FA, NF)
-    ia_b, ib_b = _basis(table, FA, FB, NF)
-    if KEYS:
-        w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
-        w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    wa, wb = _key_weights(c1, c2, BK)
     sa = tl.zeros([FA, BV], dtype=tl.float32)
     sb = tl.zeros([FB, BV], dtype=tl.float32)
+    s0 = tl.zeros([BV], dtype=tl.float32)
     za = tl.zeros([FA], dtype=tl.float32)
     zb = tl.zeros([FB], dtype=tl.float32)
+    z0 = 0.0
     n_chunks = tl.cdiv(T, BT)
     c_end = tl.minimum(i_s * SEG + SEG, n_chunks)
     for g in range(0, n_heads):
@@ -202,44 +226,43 @@ def _segment_state_kernel(
         for c in range(i_s * SEG, c_end):
             rows = c * BT + offs_t
             valid = rows < T
-            xc = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK)                        # [BT, BK]
+            xc = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK).to(tl.float32)          # [BT, BK]
             yc = _load_rows(yp, rows, offs_v, sy_t, sy_d, T, DV).to(dt)                 # [BT, BV]
-            xa, xb = _expand(xc, ia_a, ib_a, BK, PRECISION)
-            pa = xa * xb
-            xa, xb = _expand(xc, ia_b, ib_b, BK, PRECISION)
-            pb = xa * xb
+            fa, fb = _features(xc, _load_rolled(xp, rows, sx_t, sx_d, T, DK, BK), BT, BK)
             if KEYS:
-                pa = pa * w_a[None, :]
-                pb = pb * w_b[None, :]
-            pa = tl.where(valid[:, None], pa, 0.0)
-            pb = tl.where(valid[:, None], pb, 0.0)
-            sa = tl.dot(tl.trans(pa.to(dt)), yc, sa, input_precision=PRECISION)
-            sb = tl.dot(tl.trans(pb.to(dt)), yc, sb, input_precision=PRECISION)
+                fa = fa * wa[None, :]
+                fb = fb * wb[None, :]
+            sa = tl.dot(tl.trans(fa.to(dt)), yc, sa, input_precision=PRECISION)
+            sb = tl.dot(tl.trans(fb.to(dt)), yc, sb, input_precision=PRECISION)
+            s0 += cw * tl.sum(yc.to(tl.float32), axis=0)
             if NORMALIZE:
                 if KEYS:
-                    za += tl.sum(pa, axis=0)
-                    zb += tl.sum(pb, axis=0)
+                    za += tl.sum(fa, axis=0)
+                    zb += tl.sum(fb, axis=0)
+                    z0 += cw * tl.sum(valid.to(tl.float32), axis=0)
                 else:
                     dzc = tl.load(dzp + rows, mask=valid, other=0.0)
-                    za += tl.sum(pa * dzc[:, None], axis=0)
-                    zb += tl.sum(pb * dzc[:, None], axis=0)
+                    za += tl.sum(fa * dzc[:, None], axis=0)
+                    zb += tl.sum(fb * dzc[:, None], axis=0)
+                    z0 += tl.sum(dzc, axis=0)
     slot = st + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W
-    _store_state(slot, sa, sb, za, zb, FA, FB, offs_v, DV, NF, NORMALIZE, i_v)
+    _store_state(slot, sa, sb, s0, za, zb, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2: scan over segments, in place
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _segment_scan_kernel(st, NS, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    # slots [NS + 1, W] per (batch, head): slot s <- sum of the slots before s (after s: REVERSE),
-    # slot NS <- the total
+@triton.jit(do_not_specialize=["NS", "N_IN"])
+def _segment_scan_kernel(st, NS, N_IN, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    # slots [NS + 1, W] per (batch, head), N_IN segment totals in slots 0.. (REVERSE: NS - 1 down):
+    # each becomes the sum of the totals before it (REVERSE: after it), and the slot after the last
+    # (N_IN; REVERSE: NS - 1 - N_IN) gets the sum of all N_IN.
     i_bh, i_w = tl.program_id(0), tl.program_id(1)
     offs = i_w * BLOCK + tl.arange(0, BLOCK)
     mask = offs < W
     base = st + i_bh.to(tl.int64) * (NS + 1) * W
     run = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, NS):
+    for i in range(0, N_IN):
         if REVERSE:
             s = NS - 1 - i
         else:
@@ -247,21 +270,25 @@ def _segment_scan_kernel(st, NS, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
         x = tl.load(base + s * W + offs, mask=mask, other=0.0)
         tl.store(base + s * W + offs, run, mask=mask)
         run += x
-    tl.store(base + NS * W + offs, run, mask=mask)
+    if REVERSE:
+        tl.store(base + (NS - 1 - N_IN) * W + offs, run, mask=mask)
+    else:
+        tl.store(base + N_IN * W + offs, run, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 3, forward: outputs
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _chunked_fwd_kernel(
-    q, k, v, o, z, table, st,
+    q, k, v, o, z, st,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2, eps,
-    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    FA: tl.constexpr = BK // 2 * BK
+    FB: tl.constexpr = 2 * BK
     i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
@@ -275,29 +302,24 @@ def _chunked_fwd_kernel(
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    ia_a, ib_a = _basis(table, 0, FA, NF)
-    ia_b, ib_b = _basis(table, FA, FB, NF)
-    w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
-    w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    wa, wb = _key_weights(c1, c2, BK)
     if CAUSAL:
         slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W          # S_{<s}
     else:
         slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W          # the total
-    sa, sb, za, zb = _load_state(slot, FA, FB, offs_v, DV, NF, NORMALIZE)
+    sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
 
     n_chunks = tl.cdiv(T, BT)
     for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
         rows = c * BT + offs_t
         valid = rows < T
         qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
-        xa, xb = _expand(qc, ia_a, ib_a, BK, PRECISION)
-        pa = xa * xb                                                                  # phi_q, block A
-        xa, xb = _expand(qc, ia_b, ib_b, BK, PRECISION)
-        pb = xa * xb                                                                  # phi_q, block B
-        acc = tl.dot(pa.to(dt), sa.to(dt), input_precision=PRECISION)               # [BT, BV]
-        acc = tl.dot(pb.to(dt), sb.to(dt), acc, input_precision=PRECISION)
+        fa, fb = _features(qc.to(tl.float32), _load_rolled(q, rows, sq_t, sq_d, T, DK, BK), BT, BK)
+        acc = tl.dot(fa.to(dt), sa.to(dt), input_precision=PRECISION)               # [BT, BV]
+        acc = tl.dot(fb.to(dt), sb.to(dt), acc, input_precision=PRECISION)
+        acc += s0[None, :]
         if NORMALIZE:
-            zc = tl.sum(pa * za[None, :], axis=1) + tl.sum(pb * zb[None, :], axis=1)   # [BT]
+            zc = tl.sum(fa * za[None, :], axis=1) + tl.sum(fb * zb[None, :], axis=1) + z0   # [BT]
         if CAUSAL:
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
@@ -307,15 +329,16 @@ def _chunked_fwd_kernel(
             acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
             if NORMALIZE:
                 zc += tl.sum(a, axis=1)
-            xa, xb = _expand(kc, ia_a, ib_a, BK, PRECISION)
-            ka = tl.where(valid[:, None], xa * xb * w_a[None, :], 0.0)                # phi_k, block A
-            xa, xb = _expand(kc, ia_b, ib_b, BK, PRECISION)
-            kb = tl.where(valid[:, None], xa * xb * w_b[None, :], 0.0)
+            ka, kb = _features(kc.to(tl.float32), _load_rolled(k, rows, sk_t, sk_d, T, DK, BK), BT, BK)
+            ka = ka * wa[None, :]
+            kb = kb * wb[None, :]
             sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
             sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
+            s0 += c0 * tl.sum(vc.to(tl.float32), axis=0)
             if NORMALIZE:
                 za += tl.sum(ka, axis=0)
                 zb += tl.sum(kb, axis=0)
+                z0 += c0 * tl.sum(valid.to(tl.float32), axis=0)
         if NORMALIZE:
             acc = acc / (zc[:, None] + eps)
             if i_v == 0:
@@ -326,16 +349,17 @@ def _chunked_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Stage 3, backward: dq (segments walked forward)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _chunked_dq_kernel(
-    q, k, v, dn, dz, dq, table, st,
+    q, k, v, dn, dz, dq, st,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sdn_b, sdn_h, sdn_t, sdn_d,
     sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
-    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    FA: tl.constexpr = BK // 2 * BK
+    FB: tl.constexpr = 2 * BK
     i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
@@ -351,33 +375,29 @@ def _chunked_dq_kernel(
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    ia_a, ib_a = _basis(table, 0, FA, NF)
-    ia_b, ib_b = _basis(table, FA, FB, NF)
-    w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
-    w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    wa, wb = _key_weights(c1, c2, BK)
     if CAUSAL:
-        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W          # S_{<s}
+        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W
     else:
-        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W          # the total
-    sa, sb, za, zb = _load_state(slot, FA, FB, offs_v, DV, NF, NORMALIZE)
+        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W
+    sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
 
     n_chunks = tl.cdiv(T, BT)
     for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
         rows = c * BT + offs_t
         valid = rows < T
         qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
+        qf = qc.to(tl.float32)
+        qr = _load_rolled(q, rows, sq_t, sq_d, T, DK, BK)
         dnc = _load_rows(dn, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)                # [BT, BV]
-        # inter: d phi_q = dn S^T (+ dz S_z), then through the expansion
+        # inter: d phi_q = dn S^T (+ dz S_z), then through the features
         ga = tl.dot(dnc, tl.trans(sa.to(dt)), input_precision=PRECISION)              # [BT, FA]
         gb = tl.dot(dnc, tl.trans(sb.to(dt)), input_precision=PRECISION)              # [BT, FB]
         if NORMALIZE:
             dzc = zw * tl.load(dz + rows, mask=valid, other=0.0)                      # [BT]
             ga += dzc[:, None] * za[None, :]
             gb += dzc[:, None] * zb[None, :]
-        xa, xb = _expand(qc, ia_a, ib_a, BK, PRECISION)
-        acc = _contract(ga, xa, xb, ia_a, ib_a, dt, BK, PRECISION)                        # [BT, BK]
-        xa, xb = _expand(qc, ia_b, ib_b, BK, PRECISION)
-        acc += _contract(gb, xa, xb, ia_b, ib_b, dt, BK, PRECISION)
+        acc = _contract(ga, gb, qf, qr, dt, BT, BK, PRECISION)                        # [BT, BK]
         if CAUSAL:
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
@@ -388,10 +408,9 @@ def _chunked_dq_kernel(
                 da += dzc[:, None]
             ds = tl.where(keep, da * _poly_slope(r, c1, c2), 0.0)
             acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
-            xa, xb = _expand(kc, ia_a, ib_a, BK, PRECISION)
-            ka = tl.where(valid[:, None], xa * xb * w_a[None, :], 0.0)
-            xa, xb = _expand(kc, ia_b, ib_b, BK, PRECISION)
-            kb = tl.where(valid[:, None], xa * xb * w_b[None, :], 0.0)
+            ka, kb = _features(kc.to(tl.float32), _load_rolled(k, rows, sk_t, sk_d, T, DK, BK), BT, BK)
+            ka = ka * wa[None, :]
+            kb = kb * wb[None, :]
             sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
             sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
             if NORMALIZE:
@@ -403,16 +422,17 @@ def _chunked_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Stage 3, backward: dk, dv (segments walked backward; one program per kv head)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _chunked_dkv_kernel(
-    q, k, v, dn, dz, dk, dv, table, rt,
+    q, k, v, dn, dz, dk, dv, rt,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sdn_b, sdn_h, sdn_t, sdn_d,
     sdk_v, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
-    NF: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    FA: tl.constexpr = BK // 2 * BK
+    FB: tl.constexpr = 2 * BK
     i_s, i_v, i_bhk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HK = H // GROUP
     b = (i_bhk // HK).to(tl.int64)
@@ -426,15 +446,12 @@ def _chunked_dkv_kernel(
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    ia_a, ib_a = _basis(table, 0, FA, NF)
-    ia_b, ib_b = _basis(table, FA, FB, NF)
-    w_a = _key_weights(ia_a, ib_a, c0, c1, c2)
-    w_b = _key_weights(ia_b, ib_b, c0, c1, c2)
+    wa, wb = _key_weights(c1, c2, BK)
     if CAUSAL:
         slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W                    # R_{>s}
     else:
         slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + NS) * W                     # the total
-    ra, rb, rza, rzb = _load_state(slot, FA, FB, offs_v, DV, NF, NORMALIZE)
+    ra, rb, r0, rza, rzb, rz0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
     rza = rza * zw
     rzb = rzb * zw
 
@@ -446,21 +463,20 @@ def _chunked_dkv_kernel(
         rows = c * BT + offs_t
         valid = rows < T
         kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)                          # [BT, BK]
+        kf = kc.to(tl.float32)
+        kr = _load_rolled(k, rows, sk_t, sk_d, T, DK, BK)
         vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
-        # inter: dv = phi_k R;  d phi_k = v R^T + R_z, times the key weights, through the expansion
-        xa_a, xb_a = _expand(kc, ia_a, ib_a, BK, PRECISION)
-        xa_b, xb_b = _expand(kc, ia_b, ib_b, BK, PRECISION)
-        ka = tl.where(valid[:, None], xa_a * xb_a * w_a[None, :], 0.0)
-        kb = tl.where(valid[:, None], xa_b * xb_b * w_b[None, :], 0.0)
-        acc_v = tl.dot(ka.to(dt), ra.to(dt), input_precision=PRECISION)               # [BT, BV]
-        acc_v = tl.dot(kb.to(dt), rb.to(dt), acc_v, input_precision=PRECISION)
+        # inter: dv = phi_k R;  d phi_k = v R^T + R_z, times the key weights, through the features
+        ka, kb = _features(kf, kr, BT, BK)
+        acc_v = tl.dot((ka * wa[None, :]).to(dt), ra.to(dt), input_precision=PRECISION)   # [BT, BV]
+        acc_v = tl.dot((kb * wb[None, :]).to(dt), rb.to(dt), acc_v, input_precision=PRECISION)
+        acc_v += c0 * r0[None, :]
         ga = tl.dot(vc, tl.trans(ra.to(dt)), input_precision=PRECISION)               # [BT, FA]
         gb = tl.dot(vc, tl.trans(rb.to(dt)), input_precision=PRECISION)
         if NORMALIZE:
             ga += rza[None, :]
             gb += rzb[None, :]
-        acc_k = _contract(ga * w_a[None, :], xa_a, xb_a, ia_a, ib_a, dt, BK, PRECISION)   # [BT, BK]
-        acc_k += _contract(gb * w_b[None, :], xa_b, xb_b, ia_b, ib_b, dt, BK, PRECISION)
+        acc_k = _contract(ga * wa[None, :], gb * wb[None, :], kf, kr, dt, BT, BK, PRECISION)   # [BT, BK]
         if CAUSAL:
             for g in range(0, GROUP):
                 h = hk * GROUP + g
@@ -469,26 +485,24 @@ def _chunked_dkv_kernel(
                 qc = _load_rows(qp, rows, offs_k, sq_t, sq_d, T, DK)
                 dnc = _load_rows(dnp, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)
                 # intra, transposed (rows: keys j, columns: queries i >= j)
-                keep = (offs_t[None, :] >= offs_t[:, None]) & valid[None, :]
-                rt_ = tl.dot(kc, tl.trans(qc), input_precision=PRECISION)             # [BT, BT]
-                at = tl.where(keep, _poly(rt_, c0, c1, c2), 0.0)
+                keep = offs_t[None, :] >= offs_t[:, None]
+                st_ = tl.dot(kc, tl.trans(qc), input_precision=PRECISION)             # [BT, BT]
+                at = tl.where(keep, _poly(st_, c0, c1, c2), 0.0)
                 acc_v = tl.dot(at.to(dt), dnc, acc_v, input_precision=PRECISION)
                 dat = tl.dot(vc, tl.trans(dnc), input_precision=PRECISION)
                 if NORMALIZE:
                     dzc = zw * tl.load(dz + (b * H + h) * T + rows, mask=valid, other=0.0)
                     dat += dzc[None, :]
-                dst = tl.where(keep, dat * _poly_slope(rt_, c1, c2), 0.0)
+                dst = tl.where(keep, dat * _poly_slope(st_, c1, c2), 0.0)
                 acc_k = tl.dot(dst.to(dt), qc, acc_k, input_precision=PRECISION)
                 # this chunk's queries join the reverse states
-                xa, xb = _expand(qc, ia_a, ib_a, BK, PRECISION)
-                pa = xa * xb
-                xa, xb = _expand(qc, ia_b, ib_b, BK, PRECISION)
-                pb = xa * xb
-                ra = tl.dot(tl.trans(pa.to(dt)), dnc, ra, input_precision=PRECISION)
-                rb = tl.dot(tl.trans(pb.to(dt)), dnc, rb, input_precision=PRECISION)
+                qa, qb = _features(qc.to(tl.float32), _load_rolled(qp, rows, sq_t, sq_d, T, DK, BK), BT, BK)
+                ra = tl.dot(tl.trans(qa.to(dt)), dnc, ra, input_precision=PRECISION)
+                rb = tl.dot(tl.trans(qb.to(dt)), dnc, rb, input_precision=PRECISION)
+                r0 += tl.sum(dnc.to(tl.float32), axis=0)
                 if NORMALIZE:
-                    rza += tl.sum(pa * dzc[:, None], axis=0)
-                    rzb += tl.sum(pb * dzc[:, None], axis=0)
+                    rza += tl.sum(qa * dzc[:, None], axis=0)
+                    rzb += tl.sum(qb * dzc[:, None], axis=0)
         _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
         _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
 
@@ -511,31 +525,42 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _value_block(args: BasedArguments) -> int:
-    nf = symmetric_basis(args.dk).size
+def _slot_rows(dk: int) -> int:
+    """Rows of a state slot: the Triton feature blocks over the padded BK (FA + FB) and the constant."""
+    bk = _pow2(dk)
+    return bk // 2 * bk + 2 * bk + 1
+
+
+def _value_block(args: BasedArguments, most: int = 128) -> int:
+    nf = _slot_rows(args.dk)
     bv = 16
-    while bv * 2 <= min(_pow2(args.dv), 128) and nf * bv * 2 <= STATE_REGISTER_BUDGET:
+    while bv * 2 <= min(_pow2(args.dv), most) and nf * bv * 2 <= STATE_REGISTER_BUDGET:
         bv *= 2
     return bv
 
 
-def _segment_chunks(args: BasedArguments, bt: int, bv: int, heads: int) -> int:
-    """Chunks per segment: enough segments for TARGET_PROGRAMS programs, at most 32 chunks a segment."""
+def _segment_chunks(args: BasedArguments, bt: int, bv: int, target: int) -> int:
+    """Chunks per segment: the longest segments (at most MAX_SEGMENT_CHUNKS chunks) that still give
+    the output kernels ``target`` programs."""
     n_chunks = triton.cdiv(args.length, bt)
-    programs_per_segment = args.batch * heads * triton.cdiv(args.dv, bv)
+    programs_per_segment = args.batch * args.heads * triton.cdiv(args.dv, bv)
     seg = 1
-    while seg < 32 and triton.cdiv(n_chunks, seg * 2) * programs_per_segment >= TARGET_PROGRAMS:
+    while seg < MAX_SEGMENT_CHUNKS and triton.cdiv(n_chunks, seg * 2) * programs_per_segment >= target:
         seg *= 2
     return seg
 
 
-def chunked_config(args: BasedArguments, dtype: torch.dtype) -> ChunkedConfig:
+def chunked_config(args: BasedArguments, dtype: torch.dtype, backward: bool = False) -> ChunkedConfig:
     """Block sizes for these arguments (small, fixed ones under the interpreter)."""
-    bv = _value_block(args)
     if triton_interpreting():
-        return ChunkedConfig(bt=16, seg=2, bv=bv)
-    bt = 32 if dtype == torch.float32 else 64
-    return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, args.heads), bv=bv, num_warps=4, num_stages=1)
+        return ChunkedConfig(bt=16, seg=2, bv=_value_block(args))
+    if dtype == torch.float32:       # exact float32 dots: small tiles (the reference path, not the fast one)
+        bt, bv, warps, stages, target = FLOAT32_LAUNCH
+    else:
+        bt, bv, warps, stages, target = BACKWARD_LAUNCH if backward else FORWARD_LAUNCH
+    bv = _value_block(args, bv)
+    return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, target), bv=bv, num_warps=warps,
+                         num_stages=stages)
 
 
 def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
@@ -570,36 +595,38 @@ def _coefficients(args: BasedArguments) -> tuple[float, float, float]:
 def state_bytes(args: BasedArguments, cfg: ChunkedConfig) -> int:
     """Bytes of one set of segment states ((NS + 1) slots per batch x kv head, float32)."""
     ns = triton.cdiv(triton.cdiv(args.length, cfg.bt), cfg.seg)
-    nf = symmetric_basis(args.dk).size
+    nf = _slot_rows(args.dk)
     return args.batch * args.kv_heads * (ns + 1) * nf * (args.dv + 1) * 4
 
 
 def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_strides, y_strides):
-    """Stages 1 and 2: slots [B * Hkv, NS + 1, W] float32, slot s the prefix before segment s
-    (keys) or the suffix after it (queries, reverse), slot NS the total."""
-    basis = symmetric_basis(args.dk)
-    nf = basis.size
+    """Stages 1 and 2: slots [B * Hkv, NS + 1, W] float32. Causal: slot s holds the state before
+    segment s (keys) or after it (queries: the reverse states); non-causal: slot NS the total."""
+    nf = _slot_rows(args.dk)
     ns = triton.cdiv(triton.cdiv(args.length, cfg.bt), cfg.seg)
     w = nf * (args.dv + 1)
     bhk = args.batch * args.kv_heads
     st = _new_buffer((bhk, ns + 1, w), torch.float32, x.device)
     c0, c1, c2 = _coefficients(args)
-    grid = (ns, triton.cdiv(args.dv, cfg.bv), bhk)
-    _segment_state_kernel[grid](
-        x, y, dz, basis_table(args.dk, x.device), st, *x_strides, *y_strides,
-        args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w,
-        c0, c1, c2, NF=nf, FA=basis.block_a, FB=basis.block_b, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-        KEYS=keys, NORMALIZE=args.normalize, PRECISION=_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # causal: the last segment's total (keys) or the first's (queries) is read by no one
+    n_in = ns - 1 if args.causal else ns
+    s_off = 1 if args.causal and not keys else 0
+    if n_in > 0:
+        _segment_state_kernel[(n_in, triton.cdiv(args.dv, cfg.bv), bhk)](
+            x, y, dz, st, *x_strides, *y_strides,
+            args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w, s_off,
+            c0, c1, c2, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
+            KEYS=keys, NORMALIZE=args.normalize, PRECISION=_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     block = 1024
-    _segment_scan_kernel[(bhk, triton.cdiv(w, block))](st, ns, w, REVERSE=not keys, BLOCK=block, num_warps=4)
+    _segment_scan_kernel[(bhk, triton.cdiv(w, block))](
+        st, ns, n_in, w, REVERSE=args.causal and not keys, BLOCK=block, num_warps=4)
     return st, ns, w
 
 
 def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
     b, h, t = args.batch, args.heads, args.length
-    basis = symmetric_basis(args.dk)
     ks, vs = _bhtd_strides(k, args.layout), _bhtd_strides(v, args.layout)
     st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)
     o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)
@@ -607,10 +634,10 @@ def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
     c0, c1, c2 = _coefficients(args)
     grid = (ns, triton.cdiv(args.dv, cfg.bv), b * h)
     _chunked_fwd_kernel[grid](
-        q, k, v, o, z, basis_table(args.dk, q.device), st,
+        q, k, v, o, z, st,
         *_bhtd_strides(q, args.layout), *ks, *vs, *_bhtd_strides(o, args.layout),
         t, h, args.group, args.dk, args.dv, cfg.seg, ns, w, c0, c1, c2, args.eps,
-        NF=basis.size, FA=basis.block_a, FB=basis.block_b, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
+        BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
         CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -626,7 +653,6 @@ def chunked_forward(q, k, v, args: BasedArguments):
 def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
     b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
     dev = q.device
-    basis = symmetric_basis(dk_)
     if args.normalize:
         dn = _new_buffer((b, h, t, dv_), do.dtype, dev)                 # do / (z + eps)
         dz = _new_buffer((b, h, t), torch.float32, dev)                 # -(do . o) / (z + eps)
@@ -655,15 +681,14 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
         dq_strides, dk_strides = dq_target.stride(), dk_target.stride()
     dv = _new_buffer(v.shape, v.dtype, dev)
     c0, c1, c2 = _coefficients(args)
-    table = basis_table(dk_, dev)
-    common = dict(NF=basis.size, FA=basis.block_a, FB=basis.block_b, BT=cfg.bt, BK=_pow2(dk_), BV=cfg.bv,
+    common = dict(BT=cfg.bt, BK=_pow2(dk_), BV=cfg.bv,
                   CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _chunked_dq_kernel[(ns, n_v, b * h)](
-        q, k, v, dn, dz, dq_target, table, st, *qs, *ks, *vs, *dn_strides, *dq_strides,
+        q, k, v, dn, dz, dq_target, st, *qs, *ks, *vs, *dn_strides, *dq_strides,
         t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
     _chunked_dkv_kernel[(ns, n_v, b * hk)](
-        q, k, v, dn, dz, dk_target, dv, table, rt, *qs, *ks, *vs, *dn_strides, *dk_strides,
+        q, k, v, dn, dz, dk_target, dv, rt, *qs, *ks, *vs, *dn_strides, *dk_strides,
         *_bhtd_strides(dv, args.layout),
         t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
     if n_v > 1:
@@ -676,7 +701,7 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
 def chunked_backward(q, k, v, o, z, do, args: BasedArguments):
     """Kernel contract: (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv summed over a group)."""
     _check_supported(q, args)
-    return _backward(q, k, v, o, z, do, args, chunked_config(args, q.dtype))
+    return _backward(q, k, v, o, z, do, args, chunked_config(args, q.dtype, backward=True))
 
 
 def check_chunked_arguments(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, normalize=True, eps=1e-6,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .arguments import DEFAULT_COEFFS, check_arguments
-from .symmetric_basis import key_features, query_features, symmetric_basis
+from .symmetric_basis import key_features, query_features
 
 
 def _to_bhtd(q, k, v, layout):
@@ -108,7 +108,7 @@ def naive_chunkwise_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=Tru
                           eps=1e-6, layout="BHTD", chunk_size=16):
     """Chunkwise-parallel Based attention in the symmetric basis (the Triton chunked kernel's algorithm).
 
-    Per chunk c, in parallel: dS_c = phi_k(K_c)^T [V_c, 1]  ([F, Dv + 1], F = FA + FB features);
+    Per chunk c, in parallel: dS_c = phi_k(K_c)^T [V_c, 1]  ([F, Dv + 1], F = 1 + 2 Dk + Dk (Dk // 2));
     S_{<c} = exclusive prefix sum of dS over chunks (non-causal: the total);
     out_c = phi_q(Q_c) S_{<c} + (causal) masked f(Q_c K_c^T) [V_c, 1]; normalised by the last column.
     """
@@ -117,9 +117,8 @@ def naive_chunkwise_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=Tru
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     q, k, v = _to_bhtd(q, k, v, layout)
     k, v = _repeat_kv(k, a.group), _repeat_kv(v, a.group)
-    basis = symmetric_basis(a.dk)
     v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)         # V' = [V, 1]: z is the last column
-    pq, pk = query_features(q, basis), key_features(k, basis, a.scale, a.coeffs)   # [B, H, T, F]
+    pq, pk = query_features(q), key_features(k, a.scale, a.coeffs)     # [B, H, T, F]
     b, h, t, _ = q.shape
     n = -(-t // chunk_size)
     pad = n * chunk_size - t

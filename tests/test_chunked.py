@@ -14,7 +14,12 @@ from conftest import make_inputs
 from based_compile.kernels import chunked, naive_chunkwise_based, naive_parallel_based
 from based_compile.kernels.arguments import check_arguments, triton_interpreting
 from based_compile.kernels.chunked import chunked_based, chunked_forward
-from based_compile.kernels.symmetric_basis import key_features, query_features, symmetric_basis
+from based_compile.kernels.symmetric_basis import (
+    distinct_feature_count,
+    feature_count,
+    key_features,
+    query_features,
+)
 
 BASED = (1.0, 1.0, 0.5)
 SIGNED = (0.3, -0.7, 0.25)        # a sign-changing polynomial: only without the normaliser
@@ -50,18 +55,20 @@ def _check(b, h, t, dk, dv, *, kv_heads=None, layout="BHTD", causal=True, normal
 
 # ---------------------------------------------------------------------------------------------- the basis
 
-def test_symmetric_basis_has_153_features_at_dk16():
-    basis = symmetric_basis(16)
-    assert basis.rows == 153 and (basis.block_a, basis.block_b) == (128, 32)
-    real = [(a, b) for a, b in zip(basis.a, basis.b) if a != -2]
-    assert len(real) == len(set(real)) == 153
+def test_symmetric_basis_counts():
+    """161 features at Dk = 16, 153 distinct monomials (1, x_a, x_a x_b for a <= b), each weighted once."""
+    assert feature_count(16) == 161 and distinct_feature_count(16) == 153
+    assert feature_count(5) == distinct_feature_count(5) == 21          # odd Dk: no pair twice
+    x = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    feats = query_features(x)
+    assert feats.shape == (161,)
+    assert len({round(f, 9) for f in feats.tolist()}) == 153
 
 
-@pytest.mark.parametrize("dk", [1, 5, 16, 32])
+@pytest.mark.parametrize("dk", [1, 2, 5, 16, 32])
 def test_feature_maps_reproduce_the_polynomial(dk):
     q, k, _ = make_inputs(1, 1, 9, dk, 1)
-    basis = symmetric_basis(dk)
-    got = query_features(q, basis) @ key_features(k, basis, 0.37, SIGNED).transpose(-2, -1)
+    got = query_features(q) @ key_features(k, 0.37, SIGNED).transpose(-2, -1)
     s = 0.37 * q @ k.transpose(-2, -1)
     assert_rel_close(got, SIGNED[0] + SIGNED[1] * s + SIGNED[2] * s * s, 1e-12, "phi_q . phi_k")
 
@@ -126,7 +133,7 @@ def test_state_bytes_count_the_segments():
     q, k, v = make_inputs(2, 4, 4096, 16, 64, kv_heads=2, dtype=torch.float32)
     args = check_arguments(q, k, v)
     cfg = chunked.ChunkedConfig(bt=64, seg=8, bv=64)
-    per_slot = 160 * 65 * 4
+    per_slot = 161 * 65 * 4
     assert chunked.state_bytes(args, cfg) == 2 * 2 * (8 + 1) * per_slot   # 4096 / (64 * 8) = 8 segments
 
 
@@ -159,19 +166,19 @@ def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
     q, k, v = (x.to(torch.float16) for x in (q, k, v))
     args = check_arguments(q, k, v)
     monkeypatch.setattr(chunked, "triton_interpreting", lambda: False)
-    cfg = chunked.chunked_config(args, torch.float16)
+    fwd_cfg, bwd_cfg = (chunked.chunked_config(args, torch.float16, backward=bwd) for bwd in (False, True))
     monkeypatch.setattr(chunked, "triton_interpreting", lambda: True)
-    assert cfg.bt == 64 and cfg.bv == 64
-    cfg = chunked.ChunkedConfig(cfg.bt, 2, cfg.bv)                 # 2 segments: a state scan too
-    o, z = chunked._forward(q, k, v, args, cfg)
+    assert fwd_cfg.bv == 64 and fwd_cfg.bt >= 32
+    fwd_cfg, bwd_cfg = (chunked.ChunkedConfig(c.bt, 2, c.bv) for c in (fwd_cfg, bwd_cfg))  # 2 segments: a scan
+    o, z = chunked._forward(q, k, v, args, fwd_cfg)
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     ref = naive_parallel_based(qd, kd, vd)
     do = torch.randn_like(ref).to(torch.float16)
     ref.backward(do.double())
-    assert_rel_close(o, ref, TOL[torch.float16], f"o {cfg}")
-    grads = chunked._backward(q, k, v, o, z, do, args, cfg)
+    assert_rel_close(o, ref, TOL[torch.float16], f"o {fwd_cfg}")
+    grads = chunked._backward(q, k, v, o, z, do, args, bwd_cfg)
     for name, g, x in zip(("dq", "dk", "dv"), grads, (qd, kd, vd)):
-        assert_rel_close(g, x.grad, 2 * TOL[torch.float16], f"{name} {cfg}")
+        assert_rel_close(g, x.grad, 2 * TOL[torch.float16], f"{name} {bwd_cfg}")
 
 
 # ---------------------------------------------------------------------------------------------- GPU
