@@ -68,16 +68,19 @@ def correctness(dtype, cases):
     return rows
 
 
-FWD_SWEEP = [(64, 64, 8, 1, 1024), (32, 64, 8, 1, 1024), (64, 32, 8, 1, 1024), (64, 64, 8, 2, 1024),
-             (32, 64, 4, 1, 1024), (64, 64, 8, 1, 256), (64, 64, 8, 1, 4096)]
-BWD_SWEEP = [(32, 64, 8, 1, 1024), (64, 64, 8, 1, 1024), (32, 32, 8, 1, 1024), (32, 64, 4, 1, 1024),
-             (32, 64, 8, 1, 256)]
+# (chunk, value block, warps, stages, target programs, feature mode); call 1 (2026-11-29) measured
+# (64, 64, 8, 2) forward and (32, 64, 4, 1) backward best of its sweep, with feature mode 0.
+FWD_SWEEP = [(64, 64, 8, 2, 1024, 0), (64, 64, 8, 2, 1024, 1), (64, 64, 8, 2, 1024, 2), (32, 64, 8, 1, 1024, 1),
+             (32, 64, 4, 1, 1024, 1), (64, 64, 8, 2, 1 << 20, 1)]
+BWD_SWEEP = [(32, 64, 4, 1, 1024, 0), (32, 64, 4, 1, 1024, 1), (32, 64, 4, 1, 1024, 2), (32, 64, 8, 1, 1024, 1),
+             (32, 64, 8, 1, 1024, 2)]
 
 
 def _config(args, launch):
-    bt, bv, w, st, target = launch
+    bt, bv, w, st, target = launch[:5]
+    mode = launch[5] if len(launch) > 5 else chunked.FEATURE_MODE
     bv = chunked._value_block(args, bv)
-    return chunked.ChunkedConfig(bt, chunked._segment_chunks(args, bt, bv, target), bv, w, st)
+    return chunked.ChunkedConfig(bt, chunked._segment_chunks(args, bt, bv, target), bv, w, st, mode)
 
 
 def _warm(task):
@@ -116,8 +119,7 @@ def warm_all(sweep_on: bool):
              ("parallel", None, "bfloat16", "BTHD", 2), ("parallel", None, "float32", "BTHD", 2),
              ("fused", None, "bfloat16", "BHTD", 4)]
     if sweep_on:
-        tasks += [("chunked", (f, BWD_SWEEP[0]), "bfloat16", "BHTD", 4) for f in FWD_SWEEP[1:5]]
-        tasks += [("chunked", (FWD_SWEEP[0], b), "bfloat16", "BHTD", 4) for b in BWD_SWEEP[1:4]]
+        tasks += [("chunked", (f, b), "bfloat16", "BHTD", 4) for f, b in zip(FWD_SWEEP, BWD_SWEEP)]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(tasks), 14), mp_context=ctx) as ex:
         for line in ex.map(_warm, tasks):
@@ -148,6 +150,11 @@ def sweep(ts, fwd_launches, bwd_launches):
             print(f"sweep T={t} fwd {launch} seg={cfg.seg}: {ms}", flush=True)
         best_f = min((r for r in out if r["T"] == t and r["mode"] == "fwd" and r["ms"]), key=lambda r: r["ms"])
         fwd_cfg = _config(args, best_f["launch"])
+        args_un = check_arguments(q, k, v, normalize=False)
+        with torch.no_grad():
+            ms = bench._median_ms(lambda: chunked._forward(q, k, v, args_un, fwd_cfg))
+        out.append({"T": t, "mode": "fwd_unnormalised", "launch": best_f["launch"], "seg": fwd_cfg.seg, "ms": ms})
+        print(f"sweep T={t} fwd unnormalised {best_f['launch']}: {ms}", flush=True)
         for launch in bwd_launches:
             cfg = _config(args, launch)
             run = _fns(fwd_cfg, cfg)
@@ -170,7 +177,15 @@ def main() -> None:
     p.add_argument("--ts", default=",".join(str(t) for t in bench.ALL_TS))
     p.add_argument("--entries", default="ours_chunked,ours_parallel,ours_fused_chunk,sdpa_causal_d64")
     p.add_argument("--budget-s", type=float, default=420.0)
+    p.add_argument("--profile-once", action="store_true",
+                   help="one chunked forward+backward at T=8192 and exit (to run under ncu)")
     opts = p.parse_args()
+    if opts.profile_once:
+        q, k, v = bench._inputs(8192)
+        out = chunked.chunked_based(q, k, v)
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+        return
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(0)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -199,9 +214,10 @@ def main() -> None:
             if rows:
                 best[mode] = min(rows, key=lambda r: r["ms"])["launch"]
         if "fwd" in best:
-            chunked.FORWARD_LAUNCH = tuple(best["fwd"])
+            chunked.FORWARD_LAUNCH = tuple(best["fwd"][:5])
         if "fwdbwd" in best:
-            chunked.BACKWARD_LAUNCH = tuple(best["fwdbwd"])
+            chunked.BACKWARD_LAUNCH = tuple(best["fwdbwd"][:5])
+            chunked.FEATURE_MODE = best["fwdbwd"][5]     # one mode for both (the forward's best noted)
         report["launch"] = {"forward": chunked.FORWARD_LAUNCH, "backward": chunked.BACKWARD_LAUNCH}
         print("launch", report["launch"], flush=True)
         save()

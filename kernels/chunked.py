@@ -57,10 +57,12 @@ MAX_SEGMENT_CHUNKS = 32
 # GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in the output
 # kernels: the segment length follows from it), for 16-bit inputs forward and backward, and for
 # float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
-FORWARD_LAUNCH = (64, 64, 8, 1, 1024)
-BACKWARD_LAUNCH = (32, 64, 8, 1, 1024)
+FORWARD_LAUNCH = (64, 64, 8, 2, 1024)        # H200 sweep at T=8192 (benchmarks/NOTES.md, chunked call 1)
+BACKWARD_LAUNCH = (32, 64, 4, 1, 1024)
 FLOAT32_LAUNCH = (32, 64, 4, 1, 1024)
 STATE_REGISTER_BUDGET = 161 * 64
+# The rolled pair factors: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot.
+FEATURE_MODE = 0
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
 
@@ -93,19 +95,32 @@ def _poly_slope(r, c1, c2):
 
 
 @triton.jit
-def _load_rolled(ptr, rows, s_t, s_d, T, DK, BK: tl.constexpr):
-    # [BT, BK // 2, BK]: element (t, d, a) = x[t, (a + d + 1) % BK] (0 outside T and Dk); from L1
+def _rolled(ptr, rows, s_t, s_d, T, DK, x, BT: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    # [BT, BK // 2, BK]: element (t, d, a) = x[t, (a + d + 1) % BK] (0 outside T and Dk), x the
+    # tile [BT, BK] at ptr. MODE 0: gathered loads (L1); 1: tl.gather from registers; 2: a one-hot dot
     d = tl.arange(0, BK // 2)
     a = tl.arange(0, BK)
-    col = (a[None, :] + d[:, None] + 1) % BK                                          # [BK/2, BK]
-    mask = (rows < T)[:, None, None] & (col < DK)[None, :, :]
-    return tl.load(ptr + rows[:, None, None] * s_t + col[None, :, :] * s_d, mask=mask, other=0.0)
+    if MODE == 0:
+        col = (a[None, :] + d[:, None] + 1) % BK                                      # [BK/2, BK]
+        mask = (rows < T)[:, None, None] & (col < DK)[None, :, :]
+        xr = tl.load(ptr + rows[:, None, None] * s_t + col[None, :, :] * s_d, mask=mask, other=0.0)
+    else:
+        p = tl.arange(0, BK // 2 * BK)
+        col = (p % BK + p // BK + 1) % BK                                             # [FA]
+        if MODE == 1:
+            xr = tl.gather(x, tl.broadcast_to(col[None, :], (BT, BK // 2 * BK)), axis=1)
+        else:
+            e = (tl.arange(0, BK)[:, None] == col[None, :]).to(x.dtype)              # [BK, FA]
+            xr = tl.dot(x, e, input_precision=PRECISION)
+        xr = tl.reshape(xr, (BT, BK // 2, BK))
+    return xr
 
 
 @triton.jit
 def _features(xf, xr, BT: tl.constexpr, BK: tl.constexpr):
     # phi without the constant, unweighted, float32: block A [BT, FA] = x_a x_{a+d+1} (rolled pairs),
-    # block B [BT, FB] = (x_a, x_a^2) interleaved. xf: the tile [BT, BK] in float32, xr: _load_rolled
+    # block B [BT, FB] = (x_a, x_a^2) interleaved. xf: the tile [BT, BK] in float32, xr: _rolled
     fa = tl.reshape(xf[:, None, :] * xr.to(tl.float32), (BT, BK // 2 * BK))
     fb = tl.reshape(tl.join(xf, xf * xf), (BT, 2 * BK))
     return fa, fb
@@ -186,7 +201,7 @@ def _segment_state_kernel(
     sx_b, sx_h, sx_t, sx_d, sy_b, sy_h, sy_t, sy_d,
     T, HX, GROUP, DK, DV, SEG, NS, W, S_OFF, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    KEYS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    KEYS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
 ):
     # KEYS: dS_s = sum_j phi_k(k_j)^T [v_j, 1]  (x = k, y = v; one program per kv head)
     # else: dR_s = sum_i phi_q(q_i)^T [dn_i, dz_i] summed over the GROUP query heads of a kv head
@@ -226,9 +241,10 @@ def _segment_state_kernel(
         for c in range(i_s * SEG, c_end):
             rows = c * BT + offs_t
             valid = rows < T
-            xc = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK).to(tl.float32)          # [BT, BK]
+            xt = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK)                        # [BT, BK]
+            xc = xt.to(tl.float32)
             yc = _load_rows(yp, rows, offs_v, sy_t, sy_d, T, DV).to(dt)                 # [BT, BV]
-            fa, fb = _features(xc, _load_rolled(xp, rows, sx_t, sx_d, T, DK, BK), BT, BK)
+            fa, fb = _features(xc, _rolled(xp, rows, sx_t, sx_d, T, DK, xt, BT, BK, MODE, PRECISION), BT, BK)
             if KEYS:
                 fa = fa * wa[None, :]
                 fb = fb * wb[None, :]
@@ -285,7 +301,7 @@ def _chunked_fwd_kernel(
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2, eps,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
 ):
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
@@ -314,7 +330,7 @@ def _chunked_fwd_kernel(
         rows = c * BT + offs_t
         valid = rows < T
         qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
-        fa, fb = _features(qc.to(tl.float32), _load_rolled(q, rows, sq_t, sq_d, T, DK, BK), BT, BK)
+        fa, fb = _features(qc.to(tl.float32), _rolled(q, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION), BT, BK)
         acc = tl.dot(fa.to(dt), sa.to(dt), input_precision=PRECISION)               # [BT, BV]
         acc = tl.dot(fb.to(dt), sb.to(dt), acc, input_precision=PRECISION)
         acc += s0[None, :]
@@ -329,7 +345,7 @@ def _chunked_fwd_kernel(
             acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
             if NORMALIZE:
                 zc += tl.sum(a, axis=1)
-            ka, kb = _features(kc.to(tl.float32), _load_rolled(k, rows, sk_t, sk_d, T, DK, BK), BT, BK)
+            ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
             ka = ka * wa[None, :]
             kb = kb * wb[None, :]
             sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
@@ -356,7 +372,7 @@ def _chunked_dq_kernel(
     sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
 ):
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
@@ -388,7 +404,7 @@ def _chunked_dq_kernel(
         valid = rows < T
         qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
         qf = qc.to(tl.float32)
-        qr = _load_rolled(q, rows, sq_t, sq_d, T, DK, BK)
+        qr = _rolled(q, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION)
         dnc = _load_rows(dn, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)                # [BT, BV]
         # inter: d phi_q = dn S^T (+ dz S_z), then through the features
         ga = tl.dot(dnc, tl.trans(sa.to(dt)), input_precision=PRECISION)              # [BT, FA]
@@ -408,7 +424,7 @@ def _chunked_dq_kernel(
                 da += dzc[:, None]
             ds = tl.where(keep, da * _poly_slope(r, c1, c2), 0.0)
             acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
-            ka, kb = _features(kc.to(tl.float32), _load_rolled(k, rows, sk_t, sk_d, T, DK, BK), BT, BK)
+            ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
             ka = ka * wa[None, :]
             kb = kb * wb[None, :]
             sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
@@ -429,7 +445,7 @@ def _chunked_dkv_kernel(
     sdk_v, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
 ):
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
@@ -464,7 +480,7 @@ def _chunked_dkv_kernel(
         valid = rows < T
         kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)                          # [BT, BK]
         kf = kc.to(tl.float32)
-        kr = _load_rolled(k, rows, sk_t, sk_d, T, DK, BK)
+        kr = _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION)
         vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
         # inter: dv = phi_k R;  d phi_k = v R^T + R_z, times the key weights, through the features
         ka, kb = _features(kf, kr, BT, BK)
@@ -496,7 +512,7 @@ def _chunked_dkv_kernel(
                 dst = tl.where(keep, dat * _poly_slope(st_, c1, c2), 0.0)
                 acc_k = tl.dot(dst.to(dt), qc, acc_k, input_precision=PRECISION)
                 # this chunk's queries join the reverse states
-                qa, qb = _features(qc.to(tl.float32), _load_rolled(qp, rows, sq_t, sq_d, T, DK, BK), BT, BK)
+                qa, qb = _features(qc.to(tl.float32), _rolled(qp, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION), BT, BK)
                 ra = tl.dot(tl.trans(qa.to(dt)), dnc, ra, input_precision=PRECISION)
                 rb = tl.dot(tl.trans(qb.to(dt)), dnc, rb, input_precision=PRECISION)
                 r0 += tl.sum(dnc.to(tl.float32), axis=0)
@@ -519,6 +535,7 @@ class ChunkedConfig:
     bv: int
     num_warps: int = 4
     num_stages: int = 1
+    features: int = FEATURE_MODE    # how the rolled pair factors are formed (see _rolled)
 
 
 def _pow2(n: int) -> int:
@@ -616,7 +633,7 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
             x, y, dz, st, *x_strides, *y_strides,
             args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w, s_off,
             c0, c1, c2, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-            KEYS=keys, NORMALIZE=args.normalize, PRECISION=_precision(x.dtype),
+            KEYS=keys, NORMALIZE=args.normalize, PRECISION=_precision(x.dtype), MODE=cfg.features,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     block = 1024
@@ -638,7 +655,7 @@ def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
         *_bhtd_strides(q, args.layout), *ks, *vs, *_bhtd_strides(o, args.layout),
         t, h, args.group, args.dk, args.dv, cfg.seg, ns, w, c0, c1, c2, args.eps,
         BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype), MODE=cfg.features,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, (z if args.normalize else None)
@@ -682,7 +699,7 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
     dv = _new_buffer(v.shape, v.dtype, dev)
     c0, c1, c2 = _coefficients(args)
     common = dict(BT=cfg.bt, BK=_pow2(dk_), BV=cfg.bv,
-                  CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+                  CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype), MODE=cfg.features,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _chunked_dq_kernel[(ns, n_v, b * h)](
         q, k, v, dn, dz, dq_target, st, *qs, *ks, *vs, *dn_strides, *dq_strides,
