@@ -7,7 +7,7 @@ and through the ``torch_dynamo_backends`` entry point ``based_backend``) is the 
 - ``inner``: the compiler that gets the rewritten graph: "inductor" (default), "eager",
   "aot_eager", any registered backend name, or a backend callable ``(gm, example_inputs)``.
 - ``rewrite``: False runs the inner compiler on Dynamo's graph untouched (the pass still logs).
-- ``kernel``: "auto", "parallel" or "fused_chunk" (also "cpu_quadratic", "cpu_chunked"):
+- ``kernel``: "auto", "parallel", "fused_chunk" or "chunked" (also "cpu_quadratic", "cpu_chunked"):
   forwarded to ``based_compile.config.kernel``, which the operator reads at run time; a
   forced kernel is a process-wide setting.
 - ``verify``: run the numerical probe on each matched site (default True).

@@ -77,8 +77,7 @@ BWD_SWEEP = [(32, 64, 4, 1, 1024, 0), (32, 64, 4, 1, 1024, 1), (32, 64, 4, 1, 10
 
 
 def _config(args, launch):
-    bt, bv, w, st, target = launch[:5]
-    mode = launch[5] if len(launch) > 5 else chunked.FEATURE_MODE
+    bt, bv, w, st, target, mode = launch
     bv = chunked._value_block(args, bv)
     return chunked.ChunkedConfig(bt, chunked._segment_chunks(args, bt, bv, target), bv, w, st, mode)
 
@@ -111,15 +110,17 @@ def _warm(task):
         return f"warm {task}: {type(e).__name__}: {str(e)[:300]}"
 
 
-def warm_all(sweep_on: bool):
+def warm_all(sweep_on: bool, fp32: bool):
     import concurrent.futures
     import multiprocessing
     tasks = [("chunked_all", None, "bfloat16", "BHTD", 4), ("chunked_all", None, "bfloat16", "BTHD", 2),
-             ("chunked", None, "float32", "BTHD", 2), ("parallel", None, "bfloat16", "BHTD", 4),
+             ("parallel", None, "bfloat16", "BHTD", 4),
              ("parallel", None, "bfloat16", "BTHD", 2), ("parallel", None, "float32", "BTHD", 2),
              ("fused", None, "bfloat16", "BHTD", 4)]
     if sweep_on:
         tasks += [("chunked", (f, b), "bfloat16", "BHTD", 4) for f, b in zip(FWD_SWEEP, BWD_SWEEP)]
+    if fp32:
+        tasks += [("chunked", None, "float32", "BTHD", 2), ("parallel", None, "float32", "BTHD", 2)]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(tasks), 14), mp_context=ctx) as ex:
         for line in ex.map(_warm, tasks):
@@ -177,6 +178,7 @@ def main() -> None:
     p.add_argument("--ts", default=",".join(str(t) for t in bench.ALL_TS))
     p.add_argument("--entries", default="ours_chunked,ours_parallel,ours_fused_chunk,sdpa_causal_d64")
     p.add_argument("--budget-s", type=float, default=420.0)
+    p.add_argument("--fp32", action="store_true", help="also check float32 against float64 (slow compiles)")
     p.add_argument("--profile-once", action="store_true",
                    help="one chunked forward+backward at T=8192 and exit (to run under ncu)")
     opts = p.parse_args()
@@ -201,7 +203,7 @@ def main() -> None:
     c = measure_ceilings()
     report["ceilings"] = {"copy_TBps": c.copy_bytes_per_s / 1e12, "bf16_TFLOPs": c.bf16_flops_per_s / 1e12}
     print("ceilings", report["ceilings"], flush=True)
-    warm_all(opts.sweep)
+    warm_all(opts.sweep, opts.fp32)
     print(f"warm-up done at {elapsed():.0f} s", flush=True)
     report["correct_bf16"] = correctness(torch.bfloat16, [(2, 4, 4, 4097, "BHTD", True), (2, 4, 2, 2047, "BTHD", False)])
     save()
@@ -214,10 +216,9 @@ def main() -> None:
             if rows:
                 best[mode] = min(rows, key=lambda r: r["ms"])["launch"]
         if "fwd" in best:
-            chunked.FORWARD_LAUNCH = tuple(best["fwd"][:5])
+            chunked.FORWARD_LAUNCH = tuple(best["fwd"])
         if "fwdbwd" in best:
-            chunked.BACKWARD_LAUNCH = tuple(best["fwdbwd"][:5])
-            chunked.FEATURE_MODE = best["fwdbwd"][5]     # one mode for both (the forward's best noted)
+            chunked.BACKWARD_LAUNCH = tuple(best["fwdbwd"])
         report["launch"] = {"forward": chunked.FORWARD_LAUNCH, "backward": chunked.BACKWARD_LAUNCH}
         print("launch", report["launch"], flush=True)
         save()
@@ -248,7 +249,7 @@ def main() -> None:
             print(f"T={t} {name} fwd {row.get('fwd_ms')} fwd+bwd {row.get('fwdbwd_ms')} "
                   f"{row.get('fwd_error', '')} {row.get('fwdbwd_error', '')}", flush=True)
             save()
-    if elapsed() < opts.budget_s + 60:
+    if opts.fp32 and elapsed() < opts.budget_s + 60:
         torch.backends.cuda.matmul.allow_tf32 = False
         report["correct_fp32"] = correctness(torch.float32, [(1, 4, 2, 1023, "BTHD", True)])
         save()

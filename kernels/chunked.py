@@ -18,8 +18,8 @@ the normaliser, kept in float32 beside the value columns):
      normalised by the ones column. Non-causal: every chunk reads the total, nothing else.
 Causal calls skip the one segment total no one reads (so a single segment needs no states).
 
-The pair features come from gathered loads of the rolled tile (L1 hits), their products in
-float32, rounded to the input dtype for the dots.
+The pair factors x_{(a + d) mod BK} come from the tile in registers (tl.gather, or a one-hot dot),
+or from gathered loads (L1 hits); their products in float32, rounded to the input dtype for the dots.
 
 Backward, the same three stages in both directions (nothing stored by the forward but o and z):
   - the forward states S (recomputed by stages 1-2) for dq;
@@ -55,14 +55,15 @@ MAX_DK = 32
 MAX_DV = 256
 MAX_SEGMENT_CHUNKS = 32
 # GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in the output
-# kernels: the segment length follows from it), for 16-bit inputs forward and backward, and for
-# float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
-FORWARD_LAUNCH = (64, 64, 8, 2, 1024)        # H200 sweep at T=8192 (benchmarks/NOTES.md, chunked call 1)
-BACKWARD_LAUNCH = (32, 64, 4, 1, 1024)
-FLOAT32_LAUNCH = (32, 64, 4, 1, 1024)
+# kernels: the segment length follows from it, how the rolled pair factors are formed: 0 gathered
+# loads, 1 tl.gather from registers, 2 a one-hot dot), for 16-bit inputs forward and backward, and
+# for float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
+# H200 sweeps at T=8192 (benchmarks/NOTES.md, chunked calls 1-2): forward 2.52 ms with (32, 64, 4, 1,
+# 1024, 1) against 4.07 with gathered loads; forward+backward 8.80 ms with the backward below.
+FORWARD_LAUNCH = (32, 64, 4, 1, 1024, 1)
+BACKWARD_LAUNCH = (32, 64, 4, 1, 1024, 2)
+FLOAT32_LAUNCH = (32, 64, 4, 1, 1024, 0)
 STATE_REGISTER_BUDGET = 161 * 64
-# The rolled pair factors: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot.
-FEATURE_MODE = 0
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
 
@@ -535,7 +536,7 @@ class ChunkedConfig:
     bv: int
     num_warps: int = 4
     num_stages: int = 1
-    features: int = FEATURE_MODE    # how the rolled pair factors are formed (see _rolled)
+    features: int = 0               # how the rolled pair factors are formed (see _rolled)
 
 
 def _pow2(n: int) -> int:
@@ -572,12 +573,12 @@ def chunked_config(args: BasedArguments, dtype: torch.dtype, backward: bool = Fa
     if triton_interpreting():
         return ChunkedConfig(bt=16, seg=2, bv=_value_block(args))
     if dtype == torch.float32:       # exact float32 dots: small tiles (the reference path, not the fast one)
-        bt, bv, warps, stages, target = FLOAT32_LAUNCH
+        bt, bv, warps, stages, target, mode = FLOAT32_LAUNCH
     else:
-        bt, bv, warps, stages, target = BACKWARD_LAUNCH if backward else FORWARD_LAUNCH
+        bt, bv, warps, stages, target, mode = BACKWARD_LAUNCH if backward else FORWARD_LAUNCH
     bv = _value_block(args, bv)
     return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, target), bv=bv, num_warps=warps,
-                         num_stages=stages)
+                         num_stages=stages, features=mode)
 
 
 def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:

@@ -6,6 +6,8 @@ Every buffer the kernels allocate starts as NaN (POISON_OUTPUTS).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from compare import assert_rel_close
@@ -109,6 +111,16 @@ CASES = [
 def test_values_and_gradients_match_float64(t, dk, dv, kv_heads, layout, causal, normalize, coeffs, dtype):
     _check(1, 2, t, dk, dv, kv_heads=kv_heads, layout=layout, causal=causal, normalize=normalize,
            coeffs=coeffs, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_every_way_of_forming_the_pair_factors(mode, dtype, monkeypatch):
+    """Gathered loads, tl.gather and the one-hot dot (the GPU picks per direction) against float64."""
+    real = chunked.chunked_config
+    monkeypatch.setattr(chunked, "chunked_config",
+                        lambda *a, **kw: dataclasses.replace(real(*a, **kw), features=mode))
+    _check(1, 2, 37, 16, 24, kv_heads=1, dtype=dtype, layout="BTHD")
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -554,7 +554,7 @@ def test_long_context_cpu_training_is_linear_in_memory(kernel_setting, monkeypat
 # ---------------------------------------------------------------------------------------------
 # The Triton kernels behind the operator, on the CPU under TRITON_INTERPRET=1 (forced)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kernel", ["parallel", "fused_chunk"])
+@pytest.mark.parametrize("kernel", ["parallel", "fused_chunk", "chunked"])
 def test_forced_triton_kernel_through_the_op(kernel, kernel_setting, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("covered by the GPU tests")
@@ -574,7 +574,7 @@ def test_forced_triton_kernel_through_the_op(kernel, kernel_setting, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalize", [True, False])
 def test_opcheck_cuda(normalize, kernel_setting):
-    for kernel in ("parallel", "fused_chunk"):
+    for kernel in ("parallel", "fused_chunk", "chunked"):
         kernel_setting(kernel)
         q, k, v = make_inputs(1, 4, 80, 16, 32, kv_heads=2, dtype=torch.float32, device="cuda", requires_grad=True)
         spec = BasedSpec(scale=0.25, normalize=normalize)
@@ -586,7 +586,7 @@ def test_opcheck_cuda(normalize, kernel_setting):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["auto", "parallel", "fused_chunk"])
+@pytest.mark.parametrize("kernel", ["auto", "parallel", "fused_chunk", "chunked"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_cuda_matches_float64(kernel, dtype, tol, kernel_setting):
     kernel_setting(kernel)

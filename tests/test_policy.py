@@ -32,13 +32,18 @@ CASES = [
     ("cuda", False, 65536, 16, 64, 256, BF16, "fused_chunk"),
     ("cuda", False, 65536, 16, 64, 1, F32, "fused_chunk"),
     ("cuda", True, 1024, 16, 64, 256, BF16, "parallel"),
-    ("cuda", True, 65536, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", True, 65536, 16, 64, 256, BF16, "chunked"),
+    ("cuda", True, 65536, 16, 128, 256, BF16, "fused_chunk"),
+    ("cuda", True, 65536, 16, 64, 16, BF16, "fused_chunk"),     # few heads: chunked not measured there
     ("cuda", False, 4096, 16, 64, 256, BF16, "parallel"),       # measured crossovers (policy.py)
     ("cuda", False, 8192, 16, 64, 256, BF16, "fused_chunk"),
     ("cuda", False, 4096, 16, 128, 256, BF16, "fused_chunk"),
     ("cuda", False, 16384, 16, 64, 16, BF16, "parallel"),       # few heads: parallel stays ahead
-    ("cuda", True, 8192, 16, 64, 256, BF16, "parallel"),
-    ("cuda", True, 16384, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", True, 4096, 16, 64, 256, BF16, "parallel"),
+    ("cuda", True, 8192, 16, 64, 256, BF16, "chunked"),         # chunked ahead of both in training
+    ("cuda", True, 16384, 16, 64, 256, BF16, "chunked"),
+    ("cuda", False, 16384, 16, 64, 256, BF16, "fused_chunk"),   # ... but not in inference
+    ("cuda", True, 16384, 32, 64, 256, BF16, "parallel"),
     ("cuda", False, 65536, 32, 64, 256, BF16, "parallel"),      # fused_chunk measured slower at Dk=32
     ("cuda", False, 65536, 64, 64, 256, BF16, "parallel"),      # fused_chunk supports Dk <= 32
     ("cuda", True, 1 << 20, 128, 256, 256, BF16, "parallel"),
@@ -61,8 +66,10 @@ def test_every_crossover_row_switches_at_its_t(device, table):
         dtype = row.dtypes[0] if row.dtypes else BF16
         # Sizes for which this row is the first that matches, so that the boundary is its own.
         dvs = [row.max_dv] if row.max_dv < 1 << 30 else [64, 128, 256]
+        chunked_rows = policy.CUDA_CHUNKED if device == "cuda" else ()
         dv = next((dv for dv in dvs
-                   if next(r for r in table if r.matches(row.training, dk, dv, row.min_bh, dtype)) is row), None)
+                   if next(r for r in table if r.matches(row.training, dk, dv, row.min_bh, dtype)) is row
+                   and not any(r.matches(row.training, dk, dv, row.min_bh, dtype) for r in chunked_rows)), None)
         if dv is None:
             continue
         assert decide_for(device, row.training, row.t - 1, dk, dv, row.min_bh, dtype).kernel == short
@@ -70,6 +77,15 @@ def test_every_crossover_row_switches_at_its_t(device, table):
         assert d.kernel == long and f"T={row.t} >= {row.t}" in d.reason
         checked += 1
     assert checked == len(table), "a row that no call can reach"
+
+
+def test_every_chunked_row_switches_at_its_t():
+    for row in policy.CUDA_CHUNKED:
+        dv = min(row.max_dv, 64)
+        assert decide_for("cuda", row.training, row.t - 1, row.max_dk, dv, row.min_bh, BF16).kernel != "chunked"
+        d = decide_for("cuda", row.training, row.t, row.max_dk, dv, row.min_bh, BF16)
+        assert d.kernel == "chunked" and f"T={row.t} >= {row.t}" in d.reason
+        assert decide_for("cuda", not row.training, row.t, row.max_dk, dv, row.min_bh, BF16).kernel != "chunked"
 
 
 def test_fused_chunk_limit_is_respected_at_every_length():
@@ -83,7 +99,7 @@ def test_fewer_heads_never_switch_earlier():
     """fused_chunk parallelises over B*H only: with fewer heads it must not be chosen at a shorter T."""
     def crossover(bh, training):
         return next(t for t in (2 ** i for i in range(6, 24))
-                    if decide_for("cuda", training, t, 16, 64, bh, BF16).kernel == "fused_chunk")
+                    if decide_for("cuda", training, t, 16, 64, bh, BF16).kernel in ("fused_chunk", "chunked"))
 
     for training in (False, True):
         assert crossover(1, training) >= crossover(1024, training)
@@ -174,6 +190,11 @@ def test_forced_triton_kernel_on_cpu(monkeypatch):
     assert decide_for("cpu", False, 1 << 20, 16, 64, 1, F32).kernel == "cpu_quadratic"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert decide_for("cpu", False, 16, 16, 64, 1, F32).kernel == "parallel"
+    monkeypatch.setattr(config, "kernel", "chunked")
+    assert decide_for("cpu", False, 16, 16, 64, 1, F32).kernel == "chunked"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert decide_for("cpu", True, 16, 16, 64, 1, F32).kernel == "cpu_chunked"
+    assert decide_for("cuda", False, 16, 16, 64, 1, BF16).kernel == "chunked"          # forced: any mode
 
 
 def test_operator_follows_the_environment_and_the_mode(monkeypatch):

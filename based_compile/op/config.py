@@ -3,9 +3,9 @@
 ``kernel``: which implementation the ``based`` operator runs.
 
 - ``"auto"`` (default): ``based_compile.policy`` picks by mode (training or inference) and shape.
-- ``"parallel"``, ``"fused_chunk"``: force that Triton kernel. CUDA tensors run it; CPU tensors run it
+- ``"parallel"``, ``"fused_chunk"``, ``"chunked"``: force that Triton kernel. CUDA tensors run it; CPU tensors run it
   under Triton's interpreter (``TRITON_INTERPRET=1``), and otherwise run the PyTorch form of the same
-  algorithm (parallel -> ``cpu_quadratic``, fused_chunk -> ``cpu_chunked``).
+  algorithm (parallel -> ``cpu_quadratic``, fused_chunk and chunked -> ``cpu_chunked``).
 - ``"cpu_quadratic"``, ``"cpu_chunked"``: force a PyTorch form; CPU tensors only (a CUDA tensor raises).
 
 Set it in Python (``based_compile.config.kernel = "fused_chunk"``) or with the environment variable
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-KERNEL_CHOICES = ("auto", "parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked")
+KERNEL_CHOICES = ("auto", "parallel", "fused_chunk", "chunked", "cpu_quadratic", "cpu_chunked")
 KERNEL_ENV_VAR = "BASED_COMPILE_KERNEL"
 
 kernel = "auto"

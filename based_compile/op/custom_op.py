@@ -31,7 +31,7 @@ Lengths: q may hold fewer positions than k and v (Tq <= Tk, queries at the end o
 causal query i then sees keys j <= i + Tk - Tq (the mask aligned to the end), and o and z have Tq
 positions. Dynamic Tk traces once (the fake implementation is symbolic in Tk).
 
-Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk, float16,
+Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk / chunked, float16,
 bfloat16, float32; for Tq < Tk the PyTorch forms, see policy.py); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
 the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
 
@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from . import config, context_parallel, cpu_path, policy
+from ..kernels import chunked as chunked_kernel
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels import parallel as parallel_kernel
 from ..kernels.arguments import BasedArguments, check_arguments
@@ -118,6 +119,8 @@ def _kernel_pair(kernel: str):
     """(forward, backward) of a Triton kernel, following the kernel contract."""
     if kernel == "parallel":
         return parallel_kernel.parallel_forward, parallel_kernel.parallel_backward
+    if kernel == "chunked":
+        return chunked_kernel.chunked_forward, chunked_kernel.chunked_backward
     return fused_chunk_kernel.fused_chunk_forward, fused_chunk_kernel.fused_chunk_backward
 
 

@@ -1,6 +1,6 @@
 """Kernel choice for one Based attention call: by device, mode and shape, unless the user forces one.
 
-Kernels: "parallel", "fused_chunk" (Triton, CUDA; CPU only under TRITON_INTERPRET=1) and
+Kernels: "parallel", "fused_chunk", "chunked" (Triton, CUDA; CPU only under TRITON_INTERPRET=1) and
 "cpu_quadratic", "cpu_chunked" (PyTorch, ``based_compile.cpu_path``), and "pytorch_quadratic",
 "pytorch_chunked": the same PyTorch forms on CUDA tensors, for calls the Triton kernels do not take
 (queries at the end of longer keys, Tq < Tk: decoding against a KV cache). That fallback is logged
@@ -28,10 +28,10 @@ from . import config
 from ..kernels import fused_chunk
 from ..kernels.arguments import BasedArguments, triton_interpreting
 
-KERNELS = ("parallel", "fused_chunk", "cpu_quadratic", "cpu_chunked", "pytorch_quadratic", "pytorch_chunked")
-TRITON_KERNELS = ("parallel", "fused_chunk")
-CPU_FORM_OF = {"parallel": "cpu_quadratic", "fused_chunk": "cpu_chunked"}
-PYTORCH_FORM_OF = {"parallel": "pytorch_quadratic", "fused_chunk": "pytorch_chunked",
+KERNELS = ("parallel", "fused_chunk", "chunked", "cpu_quadratic", "cpu_chunked", "pytorch_quadratic", "pytorch_chunked")
+TRITON_KERNELS = ("parallel", "fused_chunk", "chunked")
+CPU_FORM_OF = {"parallel": "cpu_quadratic", "fused_chunk": "cpu_chunked", "chunked": "cpu_chunked"}
+PYTORCH_FORM_OF = {"parallel": "pytorch_quadratic", "fused_chunk": "pytorch_chunked", "chunked": "pytorch_chunked",
                    "cpu_quadratic": "pytorch_quadratic", "cpu_chunked": "pytorch_chunked"}
 
 log = logging.getLogger("based_compile")
@@ -71,9 +71,18 @@ CUDA_CROSSOVERS = (
     Crossover(training=False, t=8192, max_dk=16, max_dv=64, min_bh=64),
     Crossover(training=False, t=4096, max_dk=16, min_bh=64),
     Crossover(training=False, t=32768, max_dk=16),
-    Crossover(training=True, t=16384, max_dk=16, max_dv=64, min_bh=64),
+    # (training, Dk <= 16, Dv <= 64, B*H >= 64: fused_chunk from T=16384, now CUDA_CHUNKED's from 8192)
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
     Crossover(training=True, t=65536, max_dk=16),
+)
+# CUDA, the chunkwise-parallel kernel (kernels/chunked.py): a matching row takes it from T >= t on, ahead of
+# the table above. Measured 2026-11-29 on an H200 (torch 2.11.0+cu130, triton 3.6.0, B*H=256, Dk=16,
+# Dv=64, bf16, causal, normalised; benchmarks/chunked_h200.py, benchmarks/results/chunked_h200.json),
+# forward+backward ms, chunked / parallel / fused_chunk: T=4096 4.16 / 3.22 / 6.20, T=8192 8.68 / 11.71 /
+# 12.38, T=16384 17.6 / 44.6 / 24.8, T=65536 70.1 / - / 99.1. Forward alone it is behind fused_chunk at
+# every T (2.49 vs 2.11 ms at 8192): never chosen for inference. Other shapes were not measured.
+CUDA_CHUNKED = (
+    Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
 )
 # No matching row: the quadratic kernel at every T.
 NO_CROSSOVER_T = 1 << 62
@@ -171,6 +180,9 @@ def _decide_square(device: str, training: bool, t: int, dk: int, dv: int, bh: in
             return Decision(CPU_FORM_OF[forced], f"forced {forced} by {source}; CPU tensors run its PyTorch form")
         return Decision(forced, f"forced by {source}")
     if device == "cuda":
+        cross = _crossover_t(CUDA_CHUNKED, training, dk, dv, bh, dtype)
+        if t >= cross:
+            return Decision("chunked", f"{mode}, T={t} >= {cross} (chunked)")
         table, short, long = CUDA_CROSSOVERS, "parallel", "fused_chunk"
     else:
         table, short, long = CPU_CROSSOVERS, "cpu_quadratic", "cpu_chunked"
