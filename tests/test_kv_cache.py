@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import sympy
 import torch
 import torch.nn as nn
 
 import based_compile
 from based_compile import BasedSpec, based_attention, config
 from based_compile.graph import kv_mask
+from based_compile.graph.mask import Keep
 from based_compile.kernels.naive import naive_parallel_based
 from based_compile.op import policy
 from compare import assert_rel_close
@@ -232,14 +234,19 @@ def test_kv_cache_near_misses_are_refused(fn, category, words):
 
 
 def test_kv_mask_classification():
-    ones = torch.ones(3, 7, dtype=torch.bool)
-    assert kv_mask.classify(ones.tril(4)) == ("causal", "")
-    assert kv_mask.classify(ones) == ("none", "")
-    assert kv_mask.classify(ones.tril())[0] == "refuse"
-    assert kv_mask.classify(ones.triu(5))[0] == "refuse"
-    assert kv_mask.diagonal_of(ones.tril(2)) == 2 and kv_mask.diagonal_of(ones.tril(-1)) == -1
-    band = ones.tril(4) & ~ones.tril(1)
-    assert kv_mask.diagonal_of(band) is None and kv_mask.classify(band)[0] == "refuse"
+    """kv_mask decides on the mask's predicate (``mask.Keep``, j - i <= offset), at [3, 7] and at every size."""
+    def tril(d):
+        return Keep.diagonal("tril", d)
+    assert kv_mask.classify(tril(4), 3, 7) == ("causal", "")
+    assert kv_mask.classify(Keep.const(True), 3, 7) == ("none", "")
+    assert kv_mask.classify(tril(0), 3, 7)[0] == "refuse" and "top left" in kv_mask.classify(tril(0), 3, 7)[1]
+    assert kv_mask.classify(Keep.diagonal("triu", 5), 3, 7)[0] == "refuse"
+    assert "offset 2" in kv_mask.classify(tril(2), 3, 7)[1]
+    band = tril(4) & ~tril(1)
+    assert kv_mask.classify(band, 3, 7)[0] == "refuse"
+    tq, tk = sympy.Symbol("s0", positive=True, integer=True), sympy.Symbol("s1", positive=True, integer=True)
+    assert kv_mask.classify(Keep.causal(tk - tq), tq, tk) == ("causal", "")
+    assert kv_mask.classify(tril(4), tq, tk)[0] == "refuse"      # Tk - Tq = 4 at the traced sizes only
 
 
 def test_growing_cache_compiles_at_most_twice():

@@ -372,14 +372,19 @@ class BufferMasked(nn.Module):
 
 def test_buffer_not_triangular_beyond_the_traced_length_is_refused():
     """A buffer whose [:12, :12] slice is causal but whose rows from 20 are not: compiled for dynamic
-    lengths, a rewrite read at T=12 would be wrong at T=24, so the site is refused."""
+    lengths, a rewrite read at T=12 would be wrong at T=24, so the site is refused. (A graph traced
+    for T=12 only, with a static length, reads the [:12, :12] slice: causal, rewritten.)"""
     buffer = torch.tril(torch.ones(32, 32))
     buffer[20:, 0] = 0
     model = BufferMasked(buffer).double()
-    explanation = based_compile.explain(model, *qkv(t=12))
+    inputs = qkv(t=12)
+    for x in inputs:
+        torch._dynamo.mark_dynamic(x, 2)
+    explanation = based_compile.explain(model, *inputs)
     assert not explanation.sites
     assert [r.category for r in explanation.refusals] == ["mask"]
-    assert "not triangular beyond the traced length" in explanation.refusals[0].reason
+    assert "not a function of j - i" in explanation.refusals[0].reason
+    assert len(based_compile.explain(model, *qkv(t=12)).sites) == 1           # static T=12: causal there
     compiled = torch.compile(model, backend=based_compile.backend(inner="eager"), dynamic=True)
     for t in (12, 24):
         inputs = qkv(t=t, seed=t)

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .canonicalize import VIEW_OPS, hint_shape
+from .mask import Keep
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Weights:
     ``tk`` Tk (None: Tq == Tk; Tq < Tk is a block of queries against a KV cache)."""
 
     poly: polynomial.Poly
-    keep: torch.Tensor | None     # bool [T, T]; None: nothing masked
+    keep: Keep | None             # what the masks keep, as a function of j - i; None: nothing masked
     junk: bool                    # entries outside ``keep`` are not zero (masked before f)
     scores: fx.Node               # the bmm of the scores
     q: fx.Node
@@ -38,10 +39,11 @@ class Weights:
     @property
     def key_length(self) -> int:
         return self.t if self.tk is None else self.tk
+    lengths: tuple = ()           # (Tq, Tk): ints, or size expressions under dynamic shapes
 
     def same_function(self, other: "Weights") -> bool:
         same_keep = (self.keep is None and other.keep is None) or (
-            self.keep is not None and other.keep is not None and torch.equal(self.keep, other.keep))
+            self.keep is not None and other.keep is not None and self.keep == other.keep)
         return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
                 and polynomial.close(self.poly, other.poly))
 

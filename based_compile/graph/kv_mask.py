@@ -1,57 +1,41 @@
-"""Masks of a query block against a KV cache: a keep-pattern [Tq, Tk] with Tq <= Tk.
+"""Which mask a site has, for square scores and for a query block against a KV cache (Tq <= Tk).
 
-The op's causal mask for Tq < Tk is aligned to the end: query i (of Tq) sees keys
-j <= i + offset with offset = Tk - Tq (``ones(Tq, Tk).tril(Tk - Tq)``). Square patterns
-(Tq == Tk) are classified by ``mask.classify``; this module reads the rectangular ones:
+The op's causal mask is aligned to the end: query i (of Tq) sees keys j <= i + (Tk - Tq)
+(``ones(Tq, Tk).tril(Tk - Tq)``; Tq == Tk: j <= i). ``classify(keep, tq, tk)`` decides on the
+``mask.Keep`` predicate the matcher read, proven for every size the graph runs at (tq, tk: ints,
+or size expressions under dynamic shapes; see ``mask.py`` for the rule):
 
-- end-aligned causal (j - i <= Tk - Tq): "causal";
+- causal aligned to the end (j - i <= Tk - Tq): "causal";
 - everything kept: "none" (Tq = 1 decoding against its whole cache);
-- top-left-aligned causal (j <= i, the keys after Tq never seen): a different function, refused;
+- top-left-aligned causal (j <= i with Tq < Tk, the last keys never seen): a different function, refused;
 - any other offset, anti-causal, windowed or other patterns: refused with a reason.
-
-The reading is of the pattern at the traced sizes, as a predicate j - i <= offset; ``offset``
-is returned so that the symbolic check (``offset_follows_sizes``) and the mask engineer's
-symbolic classification can take it over.
 """
 from __future__ import annotations
 
-import torch
-
-from . import mask as masks
+from .mask import Keep, size_expr
 
 
-def classify(keep: torch.Tensor) -> tuple[str, str]:
-    """("causal", ""), ("none", "") or ("refuse", why) for a bool [Tq, Tk] keep-pattern."""
-    tq, tk = keep.shape[-2], keep.shape[-1]
-    if tq == tk:
-        return masks.classify(keep)
-    if tq > tk:
+def classify(keep: Keep, tq, tk) -> tuple[str, str]:
+    """("causal", ""), ("none", "") or ("refuse", why) for what a site's masks keep of [tq, tk] weights."""
+    tq, tk = size_expr(tq), size_expr(tk)
+    if isinstance(tq, int) and isinstance(tk, int) and tq > tk:
         return "refuse", f"more queries ({tq}) than keys ({tk})"
-    if keep.all():
-        return "none", ""
-    offset = diagonal_of(keep)
-    if offset == tk - tq:
+    end = tk - tq
+    if keep.equals_on(Keep.causal(end), tq, tk):
         return "causal", ""
-    if offset == 0:
+    if keep.equals_on(Keep.const(True), tq, tk):
+        return "none", ""
+    if end == 0:
+        return "refuse", keep.refusal()
+    if keep.equals_on(Keep.causal(0), tq, tk):
         return "refuse", (f"causal mask aligned to the top left with Tq={tq} < Tk={tk} (query i sees keys j <= i, "
-                          f"the last {tk - tq} keys unseen): not the KV-cache mask ones(Tq, Tk).tril(Tk - Tq)")
-    if offset is not None:
+                          f"the last {end} keys unseen): not the KV-cache mask ones(Tq, Tk).tril(Tk - Tq)")
+    pieces = keep.steps.intervals()
+    if len(pieces) == 1 and pieces[0][0] is None:
+        offset = keep.base + pieces[0][1]
         return "refuse", (f"causal mask with offset {offset} (query i sees keys j <= i + {offset}), not Tk - Tq = "
-                          f"{tk - tq}: not aligned to the end of the keys")
-    first = int(keep[0].sum())
-    if torch.equal(keep, torch.ones(tq, tk, dtype=torch.bool).triu(tk - first)):
-        return "refuse", "anti-causal mask (keeps j >= i + offset)"
-    return "refuse", f"the [{tq}, {tk}] mask is not the causal pattern aligned to the end of the keys"
-
-
-def diagonal_of(keep: torch.Tensor) -> int | None:
-    """d when ``keep`` is ``tril(ones, d)`` with some row neither empty nor full, else None.
-
-    Row i of tril(ones, d) keeps min(max(i + d + 1, 0), Tk) keys: d is read off the first or the
-    last row and the whole pattern compared once."""
-    tq, tk = keep.shape[-2], keep.shape[-1]
-    ones = torch.ones(tq, tk, dtype=torch.bool)
-    for d in (int(keep[0].sum()) - 1, int(keep[-1].sum()) - tq):
-        if torch.equal(keep, torch.tril(ones, d)):
-            return d
-    return None
+                          f"{end}: not aligned to the end of the keys")
+    if len(pieces) == 1 and pieces[0][1] is None:
+        return "refuse", f"anti-causal mask (keeps {keep.describe()})"
+    return "refuse", (f"the [{tq}, {tk}] mask is not the causal pattern aligned to the end of the keys "
+                      f"(keeps {keep.describe()})")

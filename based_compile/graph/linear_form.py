@@ -17,8 +17,9 @@ import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output
-from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, scalar_value, walk_operand
+from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, walk_operand
 from .feature_map import pair_feature_maps, read_feature_map
+from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
@@ -164,7 +165,9 @@ def match_linear(matcher, state: fx.Node):
         normalize, start = True, user
         break
 
-    keep = torch.tril(torch.ones(t, t, dtype=torch.bool)) if state_kind == "cumsum" else None
-    w = Weights(poly, keep, False, state, phi_q.source, phi_k.source, "feature-map linear (cumsum)", None, t)
+    keep = Keep.causal(0) if state_kind == "cumsum" else None        # the running sum over j <= i
+    length = size_expr(shape_of(kv)[dim])
+    w = Weights(poly, keep, False, state, phi_q.source, phi_k.source, "feature-map linear (cumsum)", None, t,
+                lengths=(length, length))
     return matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
                            num, start)

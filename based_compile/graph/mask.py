@@ -1,83 +1,941 @@
-"""Masks: a keep-pattern [T, T] (True where the weight survives), evaluated at compile time.
+"""Masks as predicates on (query i, key j), read from how the graph builds them, never at T x T.
 
-``keep_from_constant`` turns whatever the user multiplied by / filled with (bool or 0/1 float,
-[T, T] or broadcastable to it, the same for every batch and head) into the pattern;
-``classify`` names it: "causal" (tril), or a reason the mask is not causal (anti-causal,
-shifted, windowed, other), which the matcher reports as a "mask" refusal.
+The rule (a rewrite of a graph with a symbolic length must hold at every length it runs at):
+a mask is accepted only when its structure is PROVEN from the graph, as a function of the
+sizes: keep(i, j) <=> j - i <= off (causal with offset ``off``) or keep is all-true.
+
+How a mask is read (``keep_of``): the mask's subgraph is interpreted abstractly.
+- Index tensors (``arange(start, end, step)``, ``+``, ``-``, integer ``*``, broadcasting views)
+  are affine in the tensor's coordinates; comparing two of them gives an atom
+  ``a . x + b <= 0`` (b an integer or a function of the sizes).
+- ``ones`` / ``zeros`` / ``full(0 | 1)`` / ``*_like``, ``tril`` / ``triu(diagonal=d)`` (d a constant or
+  a size expression), ``&``, ``|``, ``~``, ``^``, ``== 0``, ``!= 0``, ``1 - m``, products of 0/1
+  tensors, ``where`` / ``masked_fill`` with 0/1 values, dtype casts, views that keep every
+  coordinate (unsqueeze, expand, permute, transpose, reshapes that add or drop size-1 axes) and
+  slices with step 1 (a shift of the coordinates) combine atoms with and / or / not.
+- A registered buffer or constant (a table; evaluated at its own size, never at T x T) enters as
+  a function of d = j - i only when the part of it the graph can read is Toeplitz (constant
+  along diagonals: a tril / triu / band buffer), which then holds for every slice of it.
+- Other ops: under static shapes, evaluated once when small (<= 2^22 elements) and read as a
+  table; under symbolic shapes, refused.
+Mapped onto the weights' (query, key) axes, every atom must be a function of d = j - i, i.e.
+``d <= e`` with e an integer or a size expression (the batch and head axes must not matter).
+A ``Keep`` is then a step function of t = d - base with constant integer cut points; keeps
+whose bases differ by a size-dependent amount (``tril(ones, -3)`` against ``tril(ones, T - 8)``)
+cannot be combined and are refused: the mask's structure changes with the length.
+
+Deciding (``Keep.equals_on``): when every size and offset is a number (a static graph), on the
+domain -(Tq - 1) <= d <= Tk - 1 of that shape; otherwise on every integer t, which is every
+length the graph can run at (a sliding window of width 3 looks causal at T <= 3; read here it
+is a window at every T and refused). Compile-time work is O(number of atoms) for masks built
+from sizes and O(buffer) for buffers, never O(T^2).
+
+API (also for other forms, e.g. a query block against a KV cache: causal aligned to the end is
+``Keep.causal(tk - tq)``):
+- ``Keep.causal(offset)``: keep <=> j - i <= offset (offset an int or a size expression);
+  ``Keep.const(True)``: nothing masked; ``Keep.diagonal("tril" | "triu", d)``.
+- ``k1 & k2``, ``k1 | k2``, ``~k`` (MaskError when the bases are a size-dependent distance apart),
+  ``k1 == k2`` (same predicate at every size), ``k.is_empty()``.
+- ``k.equals_on(other, tq, tk)``: True when proven equal on the [tq, tk] domain at every size
+  the graph runs at (tq, tk: ints or SymInts / size expressions).
+- ``k.describe()``: the kept set in words ("-2 <= j - i <= 0").
+- ``keep_of(gm, node, weights_rank, axes, evaluate)``: the ``Keep`` a mask node selects.
+- ``size_expr(x)``: an int / SymInt / fx node of one -> int or size expression.
 """
 from __future__ import annotations
 
-import functools
+import bisect
+import math
+import operator
+from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
+
+from .canonicalize import example_value
+
+aten = torch.ops.aten
+
+# Unknown ops under static shapes are evaluated (as the old reader did) only up to this size.
+EVALUATE_MAX_ELEMENTS = 1 << 22
+_TOEPLITZ_ROWS = 1024          # rows per chunk when checking a buffer (bounds the temporaries)
 
 
 class MaskError(Exception):
-    """The constant is not a single 0/1 pattern over the [T, T] scores."""
+    """The mask is not provably a function of j - i of the supported kind (the reason is the message)."""
 
 
-def keep_from_constant(value: torch.Tensor, weights_shape: tuple, axes: tuple[int, int], *,
-                       invert: bool = False) -> torch.Tensor:
-    """A bool or 0/1 tensor broadcast against weights of ``weights_shape`` -> bool [T, T] (True = keep).
+# ---------------------------------------------------------------------- sizes
 
-    ``axes``: where the query and key axes sit in the weights. The pattern must be the same for
-    every index of the other axes (batch, heads).
-    """
-    if not isinstance(value, torch.Tensor):
-        raise MaskError(f"mask is a {type(value).__name__}, not a tensor")
-    value = value.cpu()                              # patterns are classified on the CPU
-    rank = len(weights_shape)
+def size_expr(x):
+    """An int, SymInt, or fx node of one -> int or a sympy size expression (None if neither)."""
+    if isinstance(x, fx.Node):
+        x = example_value(x)
+    if isinstance(x, bool):
+        return int(x)
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        expr = x.node.expr
+        return int(expr) if getattr(expr, "is_Integer", False) else expr
+    if hasattr(x, "is_Integer"):                       # already a sympy expression
+        return int(x) if x.is_Integer else x
+    return None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _difference(a, b):
+    """a - b as an int when it is one, else None."""
+    d = a - b
+    if _is_int(d):
+        return d
+    d = getattr(d, "expand", lambda: d)()
+    return int(d) if getattr(d, "is_Integer", False) else None
+
+
+def _text(x) -> str:
+    return str(x)
+
+
+# ---------------------------------------------------------------------- step functions of t = d - base
+
+@dataclass(frozen=True)
+class Steps:
+    """A boolean function of an integer t: ``first`` for t below every cut, flipping at each cut (t >= cut)."""
+
+    first: bool
+    cuts: tuple = ()
+
+    def at(self, t: int) -> bool:
+        return self.first ^ bool(bisect.bisect_right(self.cuts, t) % 2)
+
+    @staticmethod
+    def upto(c: int) -> "Steps":
+        return Steps(True, (c + 1,))                   # t <= c
+
+    def combine(self, other: "Steps", op) -> "Steps":
+        first = bool(op(self.first, other.first))
+        cuts, current = [], first
+        for p in sorted(set(self.cuts) | set(other.cuts)):
+            value = bool(op(self.at(p), other.at(p)))
+            if value != current:
+                cuts.append(p)
+                current = value
+        return Steps(first, tuple(cuts))
+
+    def shifted(self, s: int) -> "Steps":
+        """t -> self(t + s)."""
+        return Steps(self.first, tuple(c - s for c in self.cuts))
+
+    def intervals(self) -> list:
+        """The kept t as inclusive (lo, hi) intervals, None for an unbounded end."""
+        out, value, start = [], self.first, None
+        for c in self.cuts:
+            if value:
+                out.append((start, c - 1))
+            else:
+                start = c
+            value = not value
+        if value:
+            out.append((start, None))
+        return out
+
+    def intervals_within(self, lo: int, hi: int) -> list:
+        """Kept t in [lo, hi] as inclusive intervals."""
+        out = []
+        for a, b in self.intervals():
+            a = lo if a is None else max(a, lo)
+            b = hi if b is None else min(b, hi)
+            if a <= b:
+                out.append((a, b))
+        return out
+
+
+# ---------------------------------------------------------------------- the keep predicate
+
+@dataclass(frozen=True)
+class Keep:
+    """keep(i, j) = steps(j - i - base): ``base`` an int or a size expression, the cut points constants."""
+
+    base: object
+    steps: Steps
+
+    def __post_init__(self):
+        if not self.steps.cuts and self.base != 0:
+            object.__setattr__(self, "base", 0)       # a constant predicate has no base
+        elif not _is_int(self.base) and getattr(self.base, "is_Integer", False):
+            object.__setattr__(self, "base", int(self.base))
+
+    # constructors
+    @staticmethod
+    def const(value: bool) -> "Keep":
+        return Keep(0, Steps(bool(value)))
+
+    @staticmethod
+    def causal(offset=0) -> "Keep":
+        """keep <=> j - i <= offset (offset: an int or a size expression)."""
+        offset = size_expr(offset) if not _is_int(offset) else offset
+        return Keep(0, Steps.upto(offset)) if _is_int(offset) else Keep(offset, Steps.upto(0))
+
+    @staticmethod
+    def diagonal(kind: str, d) -> "Keep":
+        """What ``torch.tril(x, d)`` ("tril": j - i <= d) or ``torch.triu(x, d)`` ("triu": j - i >= d) keeps."""
+        if kind == "tril":
+            return Keep.causal(d)
+        return ~Keep.causal(d - 1)
+
+    # algebra
+    def _aligned(self, other: "Keep"):
+        """(base, self steps, other steps) on a common base, or None when the bases are a
+        size-dependent distance apart."""
+        if not other.steps.cuts:
+            return self.base, self.steps, other.steps
+        if not self.steps.cuts:
+            return other.base, self.steps, other.steps
+        diff = _difference(other.base, self.base)
+        if diff is None:
+            return None
+        return self.base, self.steps, other.steps.shifted(-diff)
+
+    def _combine(self, other: "Keep", op) -> "Keep":
+        aligned = self._aligned(other)
+        if aligned is None:
+            raise MaskError(f"the mask combines diagonals at j - i = {_text(self.base)} and j - i = "
+                            f"{_text(other.base)}, a length-dependent distance apart: its structure changes "
+                            "with the length")
+        base, a, b = aligned
+        return Keep(base, a.combine(b, op))
+
+    def __and__(self, other: "Keep") -> "Keep":
+        return self._combine(other, operator.and_)
+
+    def __or__(self, other: "Keep") -> "Keep":
+        return self._combine(other, operator.or_)
+
+    def __xor__(self, other: "Keep") -> "Keep":
+        return self._combine(other, operator.xor)
+
+    def __invert__(self) -> "Keep":
+        return Keep(self.base, Steps(not self.steps.first, self.steps.cuts))
+
+    def __eq__(self, other) -> bool:
+        """The same predicate for every (i, j) at every size."""
+        if not isinstance(other, Keep):
+            return NotImplemented
+        aligned = self._aligned(other)
+        return aligned is not None and aligned[1] == aligned[2]
+
+    def __hash__(self):
+        return hash(self.steps.first)
+
+    def is_empty(self) -> bool:
+        return not self.steps.cuts and not self.steps.first
+
+    def is_all(self) -> bool:
+        return not self.steps.cuts and self.steps.first
+
+    # deciding
+    def equals_on(self, other: "Keep", tq, tk) -> bool:
+        """Proven: self and other keep the same (i, j) for 0 <= i < tq, 0 <= j < tk, at every size
+        the graph runs at. With every size and base a number (a static graph), decided on that
+        domain; otherwise on every integer j - i (the domain grows without bound with the length)."""
+        tq, tk = size_expr(tq), size_expr(tk)
+        if _is_int(tq) and _is_int(tk) and _is_int(self.base) and _is_int(other.base):
+            a, b = self.steps.shifted(-self.base), other.steps.shifted(-other.base)    # functions of d
+            lo, hi = -(tq - 1), tk - 1
+            return a.intervals_within(lo, hi) == b.intervals_within(lo, hi)
+        return self == other
+
+    def describe(self) -> str:
+        """The kept set in words: "j - i <= 0", "-2 <= j - i <= 0", "j - i >= 1", ..."""
+        if self.is_all():
+            return "every (i, j)"
+        if self.is_empty():
+            return "nothing"
+        parts = []
+        for lo, hi in self.steps.intervals():
+            lo_d = None if lo is None else self.base + lo
+            hi_d = None if hi is None else self.base + hi
+            if lo_d is None:
+                parts.append(f"j - i <= {_text(hi_d)}")
+            elif hi_d is None:
+                parts.append(f"j - i >= {_text(lo_d)}")
+            elif lo == hi:
+                parts.append(f"j - i = {_text(lo_d)}")
+            else:
+                parts.append(f"{_text(lo_d)} <= j - i <= {_text(hi_d)}")
+        return " or ".join(parts)
+
+    def refusal(self) -> str:
+        """Why this (square, same-length) mask is not the causal j <= i pattern, in words."""
+        moving = "" if _is_int(self.base) else ": its diagonal moves with the length"
+        pieces = self.steps.intervals()
+        if len(pieces) == 1:
+            lo, hi = pieces[0]
+            if lo is None:
+                return f"shifted causal mask (keeps {self.describe()}), not j <= i{moving}"
+            if hi is None:
+                return f"anti-causal mask (keeps {self.describe()}){moving}"
+            return (f"windowed (banded) mask: keeps only {self.describe()} (drops keys far in the past)"
+                    f"{moving}")
+        return f"mask is not the causal (lower-triangular) pattern: keeps {self.describe()}{moving}"
+
+
+# ---------------------------------------------------------------------- abstract values of mask subgraphs
+#
+# Coordinates are the tensor's own indices x_0 .. x_{rank-1}.
+#   _Lin:   an integer-valued tensor  sum(coefs[a] * x_a) + off
+#   _Bool:  a 0/1 tensor, 1 where ``pred`` holds; pred is a tree of
+#           ("const", b) | ("le", coefs, off) meaning sum(coefs * x) + off <= 0
+#           | ("table", index, axes, shifts): tables[index][x_axes[k] + shifts[k] ...] (axes[k] None: pinned)
+#           | ("not", p) | ("and", p, q) | ("or", p, q)
+#   _Table: a concrete tensor read at coordinates (x_axes[k] + shifts[k]) (a buffer, maybe sliced)
+
+@dataclass(frozen=True)
+class _Lin:
+    rank: int
+    coefs: tuple
+    off: object
+
+
+@dataclass(frozen=True)
+class _Bool:
+    rank: int
+    pred: tuple
+
+
+@dataclass(frozen=True)
+class _Table:
+    rank: int
+    index: int
+    axes: tuple
+    shifts: tuple
+
+
+_TRUE, _FALSE = ("const", True), ("const", False)
+
+
+def _not(p):
+    if p[0] == "const":
+        return ("const", not p[1])
+    if p[0] == "not":
+        return p[1]
+    return ("not", p)
+
+
+def _and(p, q):
+    if p == _FALSE or q == _FALSE:
+        return _FALSE
+    if p == _TRUE:
+        return q
+    if q == _TRUE:
+        return p
+    return ("and", p, q)
+
+
+def _or(p, q):
+    if p == _TRUE or q == _TRUE:
+        return _TRUE
+    if p == _FALSE:
+        return q
+    if q == _FALSE:
+        return p
+    return ("or", p, q)
+
+
+def _map_atoms(p, fn):
+    kind = p[0]
+    if kind in ("le", "table"):
+        return fn(p)
+    if kind == "not":
+        return _not(_map_atoms(p[1], fn))
+    if kind in ("and", "or"):
+        a, b = _map_atoms(p[1], fn), _map_atoms(p[2], fn)
+        return _and(a, b) if kind == "and" else _or(a, b)
+    return p
+
+
+def _reaxis(value, where: list, rank: int):
+    """Coordinates renamed: old axis a becomes new axis where[a] (None: the axis has size 1 and is gone)."""
+    def lin(coefs, off):
+        new = [0] * rank
+        for a, c in enumerate(coefs):
+            if where[a] is not None:
+                new[where[a]] += c
+        return tuple(new), off
+
+    def atom(p):
+        if p[0] == "le":
+            coefs, off = lin(p[1], p[2])
+            return ("le", coefs, off)
+        return ("table", p[1], tuple(None if a is None else where[a] for a in p[2]), p[3])
+
+    if isinstance(value, _Lin):
+        coefs, off = lin(value.coefs, value.off)
+        return _Lin(rank, coefs, off)
+    if isinstance(value, _Bool):
+        return _Bool(rank, _map_atoms(value.pred, atom))
+    if isinstance(value, _Table):
+        return _Table(rank, value.index, tuple(None if a is None else where[a] for a in value.axes), value.shifts)
+    return value
+
+
+def _shift(value, axis: int, s):
+    """Coordinates x_axis (new) = x_axis (old) - s: a slice starting at s."""
+    def atom(p):
+        if p[0] == "le":
+            return ("le", p[1], p[2] + p[1][axis] * s if p[1][axis] else p[2])
+        return ("table", p[1], p[2], tuple(sh + s if a == axis else sh for a, sh in zip(p[2], p[3])))
+
+    if isinstance(value, _Lin):
+        return _Lin(value.rank, value.coefs, value.off + value.coefs[axis] * s if value.coefs[axis] else value.off)
+    if isinstance(value, _Bool):
+        return _Bool(value.rank, _map_atoms(value.pred, atom))
+    if isinstance(value, _Table):
+        return _Table(value.rank, value.index, value.axes,
+                      tuple(sh + s if a == axis else sh for a, sh in zip(value.axes, value.shifts)))
+    return value
+
+
+_ELEMENTWISE_IDENTITY = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten._to_copy.default,
+                         aten.lift_fresh_copy.default, aten.detach.default}
+_COMPARISONS = {
+    aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt",
+    aten.le.Tensor: "le", aten.le.Scalar: "le", aten.lt.Tensor: "lt", aten.lt.Scalar: "lt",
+    aten.eq.Tensor: "eq", aten.eq.Scalar: "eq", aten.ne.Tensor: "ne", aten.ne.Scalar: "ne",
+}
+_AND_OPS = {aten.bitwise_and.Tensor, aten.logical_and.default, aten.minimum.default}
+_OR_OPS = {aten.bitwise_or.Tensor, aten.logical_or.default, aten.maximum.default}
+_XOR_OPS = {aten.bitwise_xor.Tensor, aten.logical_xor.default}
+_NOT_OPS = {aten.bitwise_not.default, aten.logical_not.default}
+_FILL_OPS = {aten.ones.default: 1, aten.zeros.default: 0, aten.ones_like.default: 1, aten.zeros_like.default: 0,
+             aten.new_ones.default: 1, aten.new_zeros.default: 0}
+
+
+class _Reader:
+    def __init__(self, gm: fx.GraphModule, evaluate):
+        self.gm = gm
+        self.evaluate = evaluate          # node -> concrete tensor, or None when it depends on inputs
+        self.values: dict = {}
+        self.tables: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------ helpers
+    def shape(self, node) -> tuple | None:
+        val = example_value(node) if isinstance(node, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        return tuple(size_expr(s) for s in val.shape)
+
+    def scalar(self, arg):
+        """A scalar operand as _Lin rank 0 (int or size expression), or None."""
+        if isinstance(arg, bool):
+            return _Lin(0, (), int(arg))
+        if isinstance(arg, int):
+            return _Lin(0, (), arg)
+        if isinstance(arg, float):
+            if arg == int(arg) and math.isfinite(arg):
+                return _Lin(0, (), int(arg))
+            raise MaskError(f"the mask is built with the non-integer value {arg}")
+        if isinstance(arg, fx.Node):
+            val = example_value(arg)
+            if isinstance(val, (int, bool, torch.SymInt)):
+                return _Lin(0, (), size_expr(val))
+            if isinstance(val, (float, torch.SymFloat)):
+                raise MaskError("the mask is built with a float that is not a constant")
+        return None
+
+    def read(self, node):
+        if node in self.values:
+            return self.values[node]
+        stack = [node]
+        while stack:                                  # post-order without recursion
+            n = stack[-1]
+            if n in self.values:
+                stack.pop()
+                continue
+            pending = [a for a in n.all_input_nodes if a not in self.values
+                       and isinstance(example_value(a), torch.Tensor)]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            try:
+                self.values[n] = self._read_one(n)
+            except MaskError as err:
+                self.values[n] = err
+        value = self.values[node]
+        if isinstance(value, MaskError):
+            raise value
+        return value
+
+    def arg(self, a):
+        """The abstract value of an operand (tensor node or scalar)."""
+        if isinstance(a, fx.Node) and isinstance(example_value(a), torch.Tensor):
+            value = self.values.get(a)
+            if value is None:
+                value = self.read(a)
+            if isinstance(value, MaskError):
+                raise value
+            return value
+        s = self.scalar(a)
+        if s is None:
+            raise MaskError(f"the mask is built from {a!r}")
+        return s
+
+    def table(self, tensor: torch.Tensor):
+        self.tables.append(tensor)
+        r = tensor.dim()
+        return _Table(r, len(self.tables) - 1, tuple(range(r)), (0,) * r)
+
+    def broadcast(self, value, node_shape: tuple, operand_shape: tuple | None):
+        """An operand's value in the coordinates of a broadcasting op's output."""
+        rank = len(node_shape)
+        if operand_shape is None:                         # a scalar
+            return _reaxis(value, [], rank) if isinstance(value, (_Lin, _Bool)) and value.rank == 0 else value
+        r = len(operand_shape)
+        where = [None if operand_shape[a] == 1 else a + rank - r for a in range(r)]
+        return _reaxis(self.pin_ones(value, operand_shape), where, rank)
+
+    def pin_ones(self, value, shape):
+        """Size-1 axes have coordinate 0: drop their coefficients (a table reads its shift there)."""
+        ones = [a for a, s in enumerate(shape) if s == 1]
+        if not ones:
+            return value
+        where = [None if a in ones else a for a in range(len(shape))]
+        return _reaxis(value, where, len(shape))
+
+    def as_bool(self, value):
+        if isinstance(value, _Bool):
+            return value
+        if isinstance(value, _Lin) and not any(value.coefs) and value.off in (0, 1):
+            return _Bool(value.rank, ("const", bool(value.off)))
+        if isinstance(value, _Table):
+            t = self.tables[value.index]
+            if t.dtype != torch.bool:
+                if not bool(((t == 0) | (t == 1)).all()):
+                    raise MaskError("multiplies the weights by a matrix that is not 0/1")
+                self.tables[value.index] = t = t != 0
+            return _Bool(value.rank, ("table", value.index, value.axes, value.shifts))
+        raise MaskError("the mask has values other than 0 and 1 (an index tensor used as a mask)")
+
+    def as_lin(self, value):
+        if isinstance(value, _Lin):
+            return value
+        if isinstance(value, _Bool) and value.pred[0] == "const":
+            return _Lin(value.rank, (0,) * value.rank, int(value.pred[1]))
+        raise MaskError("the mask does arithmetic on a 0/1 tensor")
+
+    # ------------------------------------------------------------ one node
+    def _read_one(self, node: fx.Node):
+        shape = self.shape(node)
+        if node.op in ("placeholder", "get_attr"):
+            return self._leaf(node)
+        if node.op != "call_function":
+            raise MaskError(f"the mask is built by {node.op} {node.name}")
+        target, args, kwargs = node.target, node.args, node.kwargs
+        if target in _FILL_OPS:
+            return _Bool(len(shape), ("const", bool(_FILL_OPS[target])))
+        if target in (aten.full.default, aten.full_like.default, aten.new_full.default, aten.fill.Scalar,
+                      aten.scalar_tensor.default):
+            fill = args[0] if target is aten.scalar_tensor.default else args[1]
+            s = self.scalar(fill)
+            if s is None:
+                raise MaskError(f"the mask is filled with {fill!r}")
+            return _Lin(len(shape), (0,) * len(shape), s.off)
+        if target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            if target is aten.arange.default:
+                start, step = 0, 1
+            else:
+                start = args[0]
+                step = args[2] if target is aten.arange.start_step and len(args) > 2 else 1
+            start, step = self.scalar(start), self.scalar(step)
+            if start is None or step is None or not _is_int(step.off):
+                raise MaskError("the mask uses an arange with a non-integer start or step")
+            return _Lin(1, (step.off,), start.off)
+        if target in _ELEMENTWISE_IDENTITY:
+            value = self.arg(args[0])
+            dtype = kwargs.get("dtype")
+            if dtype == torch.bool and isinstance(value, _Table):
+                return self._table_op(node, value)
+            if dtype == torch.bool and isinstance(value, _Lin):
+                return self.as_bool(value)
+            return value
+        if target in (aten.tril.default, aten.triu.default):
+            x = self.as_bool(self.arg(args[0]))
+            d = args[1] if len(args) > 1 else kwargs.get("diagonal", 0)
+            d = self.scalar(d)
+            if d is None:
+                raise MaskError("tril/triu with a diagonal that is not an integer")
+            r = len(shape)
+            coefs = [0] * r
+            if target is aten.tril.default:            # x_col - x_row - d <= 0
+                coefs[r - 1], coefs[r - 2] = 1, -1
+                atom = ("le", tuple(coefs), -d.off)
+            else:                                      # x_row - x_col + d <= 0
+                coefs[r - 1], coefs[r - 2] = -1, 1
+                atom = ("le", tuple(coefs), d.off)
+            return _Bool(r, _and(self.pin_ones(x, shape).pred, atom) if x.pred != _FALSE else _FALSE)
+        if target in _NOT_OPS:
+            value = self.arg(args[0])
+            if isinstance(value, _Table):
+                return self._table_op(node, value)
+            value = self.as_bool(value)
+            return _Bool(value.rank, _not(value.pred))
+        if target in _AND_OPS or target in _OR_OPS or target in _XOR_OPS or target is aten.mul.Tensor:
+            return self._binary_bool(node, shape)
+        if target in _COMPARISONS:
+            return self._compare(node, shape, _COMPARISONS[target])
+        if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
+                      aten.rsub.Tensor, aten.neg.default):
+            return self._arith(node, shape)
+        if target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
+            cond = self.broadcast(self.as_bool(self.arg(args[0])), shape, self.shape(args[0]))
+            a = self.broadcast(self.as_bool(self.arg(args[1])), shape, self.shape(args[1]))
+            b = self.broadcast(self.as_bool(self.arg(args[2])), shape, self.shape(args[2]))
+            return _Bool(len(shape), _or(_and(cond.pred, a.pred), _and(_not(cond.pred), b.pred)))
+        if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            x = self.broadcast(self.as_bool(self.arg(args[0])), shape, self.shape(args[0]))
+            cond = self.broadcast(self.as_bool(self.arg(args[1])), shape, self.shape(args[1]))
+            fill = self.broadcast(self.as_bool(self.arg(args[2])), shape, self.shape(args[2]))
+            return _Bool(len(shape), _or(_and(x.pred, _not(cond.pred)), _and(cond.pred, fill.pred)))
+        view = self._view(node, shape)
+        if view is not None:
+            return view
+        return self._unknown(node, shape)
+
+    def _leaf(self, node):
+        value = self.evaluate(node)
+        if value is None:
+            raise MaskError("the mask is not a compile-time constant (it depends on inputs)")
+        if not isinstance(value, torch.Tensor):
+            raise MaskError(f"the mask is a {type(value).__name__}, not a tensor")
+        return self.table(value.detach().cpu())
+
+    def _table_op(self, node, value: _Table):
+        """An elementwise op with scalars on a table: applied to the table itself (its own size)."""
+        args = [self.tables[value.index] if a is node.args[0] else a for a in node.args]
+        if any(isinstance(a, fx.Node) for a in args):
+            raise MaskError(f"the mask is built with {node.target} of a buffer and a tensor")
+        kwargs = {k: v for k, v in node.kwargs.items() if k not in ("device", "layout", "pin_memory")}
+        with torch.no_grad():
+            result = node.target(*args, **kwargs)
+        self.tables.append(result)
+        return _Table(value.rank, len(self.tables) - 1, value.axes, value.shifts)
+
+    def _unknown(self, node, shape):
+        """An op the reader does not know: evaluated (as a table) only when its value cannot depend on a
+        symbolic size and it is small, else refused."""
+        name = getattr(node.target, "__name__", str(node.target))
+        concrete = all(_is_int(s) for s in shape)
+        if not concrete or _reads_symbolic_size(node):
+            raise MaskError(f"the mask is built with {name}, which the pass cannot read as a function of the "
+                            "length (under dynamic shapes only tril/triu/arange comparisons/buffers are proven)")
+        if math.prod(shape) > EVALUATE_MAX_ELEMENTS and not all(
+                isinstance(self.values.get(a), _Table) for a in node.all_input_nodes
+                if isinstance(example_value(a), torch.Tensor)):
+            raise MaskError(f"the mask is built with {name} at {tuple(shape)}: too large to evaluate at compile "
+                            "time, and not read structurally")
+        value = self.evaluate(node)
+        if value is None:
+            raise MaskError("the mask is not a compile-time constant (it depends on inputs)")
+        return self.table(value.detach().cpu())
+
+    def _binary_bool(self, node, shape):
+        a_arg, b_arg = node.args[0], node.args[1]
+        a, b = self.arg(a_arg), self.arg(b_arg)
+        target = node.target
+        if target is aten.mul.Tensor and isinstance(a, _Lin) and isinstance(b, _Lin) and \
+                (any(a.coefs) or any(b.coefs)):
+            return self._arith(node, shape)                           # index * integer
+        if isinstance(a, _Table) and isinstance(b, _Lin) and not any(b.coefs) or \
+                isinstance(b, _Table) and isinstance(a, _Lin) and not any(a.coefs):
+            return self._table_op(node, a if isinstance(a, _Table) else b)
+        a = self.broadcast(self.as_bool(a), shape, self.shape(a_arg))
+        b = self.broadcast(self.as_bool(b), shape, self.shape(b_arg))
+        if target in _OR_OPS:
+            pred = _or(a.pred, b.pred)
+        elif target in _XOR_OPS:
+            pred = _or(_and(a.pred, _not(b.pred)), _and(_not(a.pred), b.pred))
+        else:
+            pred = _and(a.pred, b.pred)
+        return _Bool(len(shape), pred)
+
+    def _arith(self, node, shape):
+        target, args = node.target, node.args
+        if target is aten.neg.default:
+            a = self.as_lin(self.arg(args[0]))
+            return _Lin(a.rank, tuple(-c for c in a.coefs), -a.off)
+        a_arg, b_arg = args[0], args[1]
+        a, b = self.arg(a_arg), self.arg(b_arg)
+        if isinstance(a, _Table) and isinstance(b, _Lin) and not any(b.coefs):
+            return self._table_op(node, a)
+        if isinstance(a, _Bool) or isinstance(b, _Bool):
+            # 1 - m (rsub(m, 1) or sub(1, m)): the complement of a 0/1 mask
+            m, other = (a, b) if target in (aten.rsub.Scalar, aten.rsub.Tensor) else (b, a)
+            if target in (aten.rsub.Scalar, aten.rsub.Tensor, aten.sub.Tensor, aten.sub.Scalar) and \
+                    isinstance(m, _Bool) and isinstance(other, _Lin) and not any(other.coefs) and \
+                    other.off == 1 and node.kwargs.get("alpha", 1) == 1:
+                m = self.broadcast(m, shape, self.shape(a_arg if m is a else b_arg))
+                return _Bool(len(shape), _not(m.pred))
+            raise MaskError("the mask does arithmetic on a 0/1 tensor")
+        a = self.broadcast(self.as_lin(a), shape, self.shape(a_arg))
+        b = self.broadcast(self.as_lin(b), shape, self.shape(b_arg))
+        alpha = node.kwargs.get("alpha", 1)
+        if not _is_int(alpha):
+            raise MaskError("the mask's index arithmetic has a non-integer alpha")
+        if target is aten.mul.Tensor:
+            if any(a.coefs) and any(b.coefs):
+                raise MaskError("the mask multiplies two index tensors")
+            const, lin = (a.off, b) if not any(a.coefs) else (b.off, a)
+            if not _is_int(const):
+                raise MaskError("the mask scales an index by a size")
+            return _Lin(len(shape), tuple(c * const for c in lin.coefs), lin.off * const)
+        if target in (aten.rsub.Scalar, aten.rsub.Tensor):          # b - alpha * a
+            a, b, sa, sb = a, b, -alpha, 1
+        elif target in (aten.sub.Tensor, aten.sub.Scalar):
+            sa, sb = 1, -alpha
+        else:
+            sa, sb = 1, alpha
+        return _Lin(len(shape), tuple(sa * x + sb * y for x, y in zip(a.coefs, b.coefs)), sa * a.off + sb * b.off)
+
+    def _compare(self, node, shape, op):
+        a_arg, b_arg = node.args[0], node.args[1]
+        a, b = self.arg(a_arg), self.arg(b_arg)
+        if isinstance(a, _Table) and isinstance(b, _Lin) and not any(b.coefs):
+            return self._table_op(node, a)
+        if isinstance(a, _Bool) or isinstance(b, _Bool) or isinstance(a, _Table) or isinstance(b, _Table):
+            return self._compare_bool(node, shape, op, a, b)
+        a = self.broadcast(self.as_lin(a), shape, self.shape(a_arg))
+        b = self.broadcast(self.as_lin(b), shape, self.shape(b_arg))
+        diff = tuple(x - y for x, y in zip(a.coefs, b.coefs))            # a - b = diff . x + off
+        off = a.off - b.off
+        neg = tuple(-c for c in diff)
+        le = ("le", diff, off)                       # a - b <= 0
+        ge = ("le", neg, -off)                       # b - a <= 0
+        pred = {"le": le, "ge": ge,
+                "lt": ("le", diff, off + 1),         # a - b + 1 <= 0
+                "gt": ("le", neg, -off + 1),
+                "eq": _and(le, ge),
+                "ne": _not(_and(le, ge))}[op]
+        return _Bool(len(shape), pred)
+
+    def _compare_bool(self, node, shape, op, a, b):
+        """m == 0, m != 0, m == 1, m > 0 ... on a 0/1 mask, and m == n between masks."""
+        a_arg, b_arg = node.args[0], node.args[1]
+        if isinstance(b, _Lin) and not any(b.coefs) and b.off in (0, 1):
+            m, c, flip = a, b.off, False
+            m_arg = a_arg
+        elif isinstance(a, _Lin) and not any(a.coefs) and a.off in (0, 1):
+            m, c, flip = b, a.off, True
+            m_arg = b_arg
+        else:
+            x = self.broadcast(self.as_bool(a), shape, self.shape(a_arg))
+            y = self.broadcast(self.as_bool(b), shape, self.shape(b_arg))
+            same = _or(_and(x.pred, y.pred), _and(_not(x.pred), _not(y.pred)))
+            if op == "eq":
+                return _Bool(len(shape), same)
+            if op == "ne":
+                return _Bool(len(shape), _not(same))
+            raise MaskError(f"the mask compares two masks with {op}")
+        m = self.broadcast(self.as_bool(m), shape, self.shape(m_arg))
+        if flip:                                      # c op m  ->  m op' c
+            op = {"ge": "le", "le": "ge", "gt": "lt", "lt": "gt"}.get(op, op)
+        keeps_one = {("eq", 1), ("ne", 0), ("gt", 0), ("ge", 1)}
+        keeps_zero = {("eq", 0), ("ne", 1), ("lt", 1), ("le", 0)}
+        if (op, c) in keeps_one:
+            return _Bool(len(shape), m.pred)
+        if (op, c) in keeps_zero:
+            return _Bool(len(shape), _not(m.pred))
+        if (op, c) in {("ge", 0), ("le", 1)}:
+            return _Bool(len(shape), _TRUE)
+        return _Bool(len(shape), _FALSE)
+
+    def _view(self, node, shape):
+        target, args = node.target, node.args
+        if target not in (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+                          aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.default,
+                          aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor):
+            return None
+        src = args[0]
+        value = self.arg(src)
+        old = self.shape(src)
+        r, rank = len(old), len(shape)
+        if target is aten.slice.Tensor:
+            dim = (args[1] if len(args) > 1 else 0) % max(r, 1)
+            start = args[2] if len(args) > 2 else None
+            step = args[4] if len(args) > 4 else 1
+            if step != 1:
+                raise MaskError("the mask is sliced with a step")
+            start = 0 if start is None else size_expr(start)
+            if start is None or (_is_int(start) and start < 0):
+                raise MaskError("the mask is sliced from the end")
+            return _shift(value, dim, start) if start != 0 else value
+        if target is aten.unsqueeze.default:
+            dim = args[1] % rank
+            return _reaxis(value, [a if a < dim else a + 1 for a in range(r)], rank)
+        if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            dims = range(r) if target is aten.squeeze.default else (
+                [args[1]] if target is aten.squeeze.dim else list(args[1]))
+            gone = {d % r for d in dims if old[d % r] == 1}
+            where, n = [], 0
+            for a in range(r):
+                where.append(None if a in gone else n)
+                n += a not in gone
+            return _reaxis(self.pin_ones(value, old), where, rank)
+        if target is aten.permute.default:
+            dims = [d % r for d in args[1]]
+            return _reaxis(value, [dims.index(a) for a in range(r)], rank)
+        if target in (aten.transpose.int, aten.t.default):
+            if target is aten.t.default:
+                d0, d1 = 0, min(1, r - 1)
+            else:
+                d0, d1 = args[1] % r, args[2] % r
+            return _reaxis(value, [d1 if a == d0 else d0 if a == d1 else a for a in range(r)], rank)
+        if target is aten.expand.default:
+            return self.broadcast(value, shape, old)
+        # view / reshape: only adding or dropping size-1 axes keeps every coordinate
+        keep_old = [a for a in range(r) if old[a] != 1]
+        keep_new = [a for a in range(rank) if shape[a] != 1]
+        if len(keep_old) != len(keep_new) or any(_difference(old[a], shape[b]) != 0
+                                                 for a, b in zip(keep_old, keep_new)):
+            raise MaskError("the mask is reshaped in a way that merges or splits axes")
+        where = [None] * r
+        for a, b in zip(keep_old, keep_new):
+            where[a] = b
+        return _reaxis(self.pin_ones(value, old), where, rank)
+
+
+def _reads_symbolic_size(node: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        val = example_value(n)
+        if isinstance(val, (torch.SymInt, torch.SymFloat)) and not _is_int(size_expr(val)):
+            return True
+        if isinstance(val, torch.Tensor) and not all(_is_int(size_expr(s)) for s in val.shape):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+# ---------------------------------------------------------------------- onto the weights' (i, j)
+
+def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes) -> Keep:
+    """A bool table read at (x + shift) per axis, as a function of d = j - i (it must be Toeplitz on
+    the part the graph can read)."""
+    index: list = []
+    picks = {}
+    for k, (a, sh) in enumerate(zip(axes, shifts)):
+        role = "zero" if a is None else roles[a]
+        if role in ("i", "j"):
+            if role in picks:
+                raise MaskError("the mask reads a buffer's diagonal")
+            if not _is_int(sh):
+                raise MaskError("the mask slices a buffer at a length-dependent offset")
+            extent = sizes[a]
+            end = table.shape[k] if not _is_int(extent) else min(table.shape[k], sh + extent)
+            picks[role] = k
+            index.append(slice(sh, end))
+        elif role == "other":
+            sub = table.narrow(k, 0, 1)
+            if not bool((table == sub).all()):
+                raise MaskError("mask differs between batch entries or heads")
+            index.append(0)
+        else:                                          # the coordinate is 0: read at the shift
+            pos = 0 if table.shape[k] == 1 else sh
+            if not _is_int(pos):
+                raise MaskError("the mask indexes a buffer at a length-dependent position")
+            index.append(pos)
+    order = [k for k in sorted(picks.values())]
+    m = table[tuple(index)]
+    if m.dim() != len(order):
+        raise MaskError("the mask buffer does not line up with the weights")
+    if "i" not in picks and "j" not in picks:
+        return Keep.const(bool(m))
+    if "i" not in picks or "j" not in picks:
+        flat = m.reshape(-1)
+        if flat.numel() and bool((flat == flat[0]).all()):
+            return Keep.const(bool(flat[0]))
+        raise MaskError("the mask depends on the " + ("key" if "j" in picks else "query") +
+                        " index alone (not a function of j - i)")
+    if picks["i"] > picks["j"]:
+        m = m.t()
+    rows, cols = m.shape
+    if rows == 0 or cols == 0:
+        return Keep.const(True)
+    for r0 in range(0, rows - 1, _TOEPLITZ_ROWS):
+        r1 = min(rows - 1, r0 + _TOEPLITZ_ROWS)
+        if not torch.equal(m[r0 + 1:r1 + 1, 1:], m[r0:r1, :-1]):
+            raise MaskError(f"the registered mask buffer ({tuple(table.shape)}) is not a function of j - i "
+                            f"over the {'readable part' if all(_is_int(s) for s in sizes) else 'lengths'} "
+                            "(not a tril/triu/band pattern): its structure at other lengths is not proven")
+    f = torch.cat([m[:, 0].flip(0), m[0, 1:]]).tolist()      # f(d) for d = -(rows-1) .. cols-1
+    lo = -(rows - 1)
+    cuts = [lo + t for t in range(1, len(f)) if f[t] != f[t - 1]]
+    return Keep(0, Steps(bool(f[0]), tuple(cuts)))
+
+
+def _keep_of_pred(pred, roles, sizes, tables) -> Keep:
+    kind = pred[0]
+    if kind == "const":
+        return Keep.const(pred[1])
+    if kind == "not":
+        return ~_keep_of_pred(pred[1], roles, sizes, tables)
+    if kind in ("and", "or"):
+        a = _keep_of_pred(pred[1], roles, sizes, tables)
+        b = _keep_of_pred(pred[2], roles, sizes, tables)
+        return a & b if kind == "and" else a | b
+    if kind == "table":
+        return _table_keep(tables[pred[1]], pred[2], pred[3], roles, sizes)
+    coefs, off = pred[1], pred[2]                     # sum(coefs * x) + off <= 0
+    ci = cj = 0
+    for a, c in enumerate(coefs):
+        if not c:
+            continue
+        if roles[a] == "i":
+            ci += c
+        elif roles[a] == "j":
+            cj += c
+        elif roles[a] == "other":
+            raise MaskError("mask differs between batch entries or heads")
+    if ci == 0 and cj == 0:
+        if _is_int(off):
+            return Keep.const(off <= 0)
+        raise MaskError(f"the mask compares sizes ({off} <= 0), not positions")
+    if ci != -cj:
+        raise MaskError("the mask compares a query or key position with something other than the other "
+                        "position (not a function of j - i)")
+    k = cj                                            # k * (j - i) + off <= 0
+    if abs(k) == 1:
+        return Keep.causal(-off) if k == 1 else ~Keep.causal(off - 1)
+    if not _is_int(off):
+        raise MaskError("the mask scales positions and offsets a length-dependent amount")
+    if k > 0:                                          # d <= -off / k
+        return Keep.causal(math.floor(-off / k))
+    return ~Keep.causal(math.ceil(off / -k) - 1)      # d >= off / |k|
+
+
+def keep_of(gm: fx.GraphModule, node, weights_rank: int, axes: tuple, evaluate, *, invert: bool = False) -> Keep:
+    """What the mask ``node`` keeps of weights of rank ``weights_rank`` whose query and key axes are
+    ``axes`` (the mask broadcasts against them). ``evaluate(node)``: the concrete value of a
+    constant leaf (a buffer), or None when it depends on inputs. Raises MaskError (the reason)."""
+    reader = _Reader(gm, evaluate)
+    value = reader.as_bool(reader.arg(node))
+    shape = reader.shape(node) if isinstance(node, fx.Node) else ()
+    shape = shape if shape is not None else ()
+    if len(shape) > weights_rank:
+        raise MaskError(f"mask of shape {shape} has more axes than the weights")
     ai, aj = axes
-    if value.dtype == torch.bool and value.dim() == 2 and (ai, aj) == (rank - 2, rank - 1) \
-            and tuple(value.shape) == (weights_shape[ai], weights_shape[aj]):
-        return ~value if invert else value          # the common case: a [T, T] boolean pattern
-    if value.dim() > rank:
-        raise MaskError(f"mask of shape {tuple(value.shape)} has more axes than the weights {weights_shape}")
-    value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
-    for d in range(rank):
-        if value.shape[d] not in (1, weights_shape[d]):
-            raise MaskError(f"mask of shape {tuple(value.shape)} does not broadcast to the weights {weights_shape}")
-    if value.dtype != torch.bool:
-        if not bool(((value == 0) | (value == 1)).all()):
-            raise MaskError("multiplies the weights by a matrix that is not 0/1")
-        value = value != 0
-    others = [d for d in range(rank) if d not in (ai, aj)]
-    value = value.permute(others + [ai, aj])
-    flat = value.reshape(-1, value.shape[-2], value.shape[-1])
-    if not bool((flat == flat[:1]).all()):
-        raise MaskError("mask differs between batch entries or heads")
-    keep = torch.broadcast_to(flat[0], (weights_shape[ai], weights_shape[aj])).clone()
+    roles, sizes = [], []
+    for a, s in enumerate(shape):
+        w = a + weights_rank - len(shape)
+        roles.append("zero" if s == 1 else "i" if w == ai else "j" if w == aj else "other")
+        sizes.append(s)
+    keep = _keep_of_pred(value.pred, roles, sizes, reader.tables)
     return ~keep if invert else keep
-
-
-@functools.lru_cache(maxsize=16)
-def _tril(t: int) -> torch.Tensor:
-    return torch.ones(t, t, dtype=torch.bool).tril()
-
-
-def classify(keep: torch.Tensor) -> tuple[str, str]:
-    """("causal", "") or ("refuse", why) for a bool [T, T] keep-pattern."""
-    t = keep.shape[-1]
-    ones = torch.ones(t, t, dtype=torch.bool)
-    if torch.equal(keep, _tril(t)):
-        return "causal", ""
-    if keep.all():
-        return "none", ""
-    for d in range(-t + 1, t):
-        if d != 0 and torch.equal(keep, torch.tril(ones, d)):
-            return "refuse", f"shifted causal mask (tril diagonal={d}), not diagonal=0"
-    if torch.equal(keep, torch.triu(ones)) or any(torch.equal(keep, torch.triu(ones, d)) for d in range(-t + 1, t)):
-        return "refuse", "anti-causal mask (keeps j >= i)"
-    i = torch.arange(t)[:, None]
-    j = torch.arange(t)[None, :]
-    if bool((keep <= (j <= i)).all()) and keep.diagonal().all():
-        return "refuse", "windowed (banded) causal mask: drops keys far in the past"
-    return "refuse", "mask is not the causal (lower-triangular) pattern"
-
-
-def is_triangular_family(pattern: torch.Tensor) -> bool:
-    """True when a square [N, N] 0/1 pattern (e.g. a registered buffer) is a tril/triu shape or its complement."""
-    n = pattern.shape[-1]
-    ones = torch.ones(n, n, dtype=torch.bool)
-    family = [torch.tril(ones), torch.triu(ones, 1), torch.triu(ones), torch.tril(ones, -1)]
-    return any(torch.equal(pattern, f) for f in family)

@@ -40,6 +40,11 @@ aten = torch.ops.aten
 log = logging.getLogger("based_compile")
 
 
+def _lengths(scores: fx.Node) -> tuple:
+    """(Tq, Tk) of a [.., Tq, Tk] scores node: ints, or size expressions under dynamic shapes."""
+    return tuple(masks.size_expr(s) for s in shape_of(scores)[-2:])
+
+
 def _normalise_dims(dims, rank: int) -> list[int]:
     if isinstance(dims, int):
         dims = [dims]
@@ -90,12 +95,12 @@ class Matcher:
                 raise Refused("feature_map", "only one of q and k goes through a feature map", node)
             poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), x.factor * y.factor)
             return Weights(poly, None, False, node, phi_q.source, phi_k.source, "feature-map quadratic",
-                           None, t, hint_shape(node), (1, 2), tk=tk)
+                           None, t, hint_shape(node), (1, 2), tk=tk, lengths=_lengths(node))
         if shape_of(x.source) is None or shape_of(y.source) is None:
             raise NotACandidate("scores operands are not tensors")
         sigma = x.factor * y.factor
         return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t,
-                       hint_shape(node), (1, 2), k_alternatives=y.alternatives, tk=tk)
+                       hint_shape(node), (1, 2), k_alternatives=y.alternatives, tk=tk, lengths=_lengths(node))
 
     # ------------------------------------------------------------------ weights
 
@@ -113,11 +118,11 @@ class Matcher:
         self._weights[node] = value
         return value
 
-    def _mask(self, w: Weights, keep: torch.Tensor, source) -> Weights:
+    def _mask(self, w: Weights, keep: masks.Keep, source) -> Weights:
         _not_normalised(w)
-        new_keep = keep if w.keep is None else (w.keep & keep)
+        new_keep = keep if w.keep is None else _intersect(w.keep, keep)
         junk = w.junk
-        if junk and w.keep is not None and not bool((new_keep & ~w.keep).any()):
+        if junk and w.keep is not None and (new_keep & ~w.keep).is_empty():
             junk = False                    # the new mask hides everything the old one left behind
         buffers = w.buffers | (self._buffers(source) if isinstance(source, fx.Node) else frozenset())
         return replace(w, keep=new_keep, junk=junk, buffers=buffers)
@@ -150,11 +155,12 @@ class Matcher:
             return w
         return replace(w, shape=out, axes=(w.axes[0] + shift, w.axes[1] + shift))
 
-    def _keep_of(self, value: torch.Tensor, w: Weights, invert: bool) -> torch.Tensor:
+    def _keep_of(self, mask_node, w: Weights, invert: bool, where: fx.Node) -> masks.Keep:
+        """What the mask ``mask_node`` keeps of ``w``, read from its structure (``mask.keep_of``)."""
         try:
-            return masks.keep_from_constant(value, w.shape, w.axes, invert=invert)
+            return masks.keep_of(self.gm, mask_node, len(w.shape), w.axes, self.constant, invert=invert)
         except masks.MaskError as err:
-            raise Refused("mask", str(err)) from err
+            raise Refused("mask", str(err), where) from err
 
     def _read_weights(self, node: fx.Node) -> Weights:
         if node.op != "call_function":
@@ -198,11 +204,8 @@ class Matcher:
                 cat = "unsupported" if fill is not None and fill == float("-inf") else "mask"
                 raise Refused(cat, f"masked_fill with {args[2]!r}, not 0 (softmax-style masking)" if cat ==
                               "unsupported" else f"masked entries are set to {args[2]!r}, not 0", node)
-            cond = self.constant(args[1])
-            if cond is None:
-                raise Refused("mask", "the mask is not a compile-time constant (it depends on inputs)", node)
             w = self._broadcast(node, w)
-            return self._mask(w, self._keep_of(cond, w, invert=True), args[1])
+            return self._mask(w, self._keep_of(args[1], w, True, node), args[1])
         if target is aten.where.self:
             cond, a, b = args
             for weights_arg, other, invert in ((a, b, False), (b, a, True)):
@@ -214,19 +217,17 @@ class Matcher:
                     continue
                 if scalar_value(self.gm, other) != 0.0:
                     raise Refused("mask", f"torch.where fills masked weights with {other!r}, not 0", node)
-                value = self.constant(cond)
-                if value is None:
-                    raise Refused("mask", "the mask is not a compile-time constant (it depends on inputs)", node)
                 w = self._broadcast(node, w)
-                return self._mask(w, self._keep_of(value, w, invert=invert), cond)
+                return self._mask(w, self._keep_of(cond, w, invert, node), cond)
             raise NotACandidate("where without weights")
         if target in (aten.tril.default, aten.triu.default):
             w = self.weights(args[0])
             if w.axes != (len(w.shape) - 2, len(w.shape) - 1):
                 raise Refused("unsupported", "tril/triu over axes that are not the weights' [T, T] axes", node)
-            diagonal = int(args[1]) if len(args) > 1 else int(node.kwargs.get("diagonal", 0))
-            ones = torch.ones(w.t, w.key_length, dtype=torch.bool)
-            keep = torch.tril(ones, diagonal) if target is aten.tril.default else torch.triu(ones, diagonal)
+            diagonal = masks.size_expr(args[1] if len(args) > 1 else node.kwargs.get("diagonal", 0))
+            if diagonal is None:
+                raise Refused("mask", f"tril/triu with diagonal {args[1]!r}", node)
+            keep = masks.Keep.diagonal("tril" if target is aten.tril.default else "triu", diagonal)
             return self._mask(w, keep, None)
         if target in (aten._softmax.default, aten.exp.default):
             try:
@@ -260,9 +261,9 @@ class Matcher:
             raise NotACandidate("sum of weights of different scores")
         poly = polynomial.add(polynomial.scale(wa.poly, sign_a), polynomial.scale(wb.poly, sign_b))
         same_keep = (wa.keep is None and wb.keep is None) or (
-            wa.keep is not None and wb.keep is not None and torch.equal(wa.keep, wb.keep))
+            wa.keep is not None and wb.keep is not None and wa.keep == wb.keep)
         keep = wa.keep if same_keep else (wb.keep if wa.keep is None else
-                                          (wa.keep if wb.keep is None else wa.keep & wb.keep))
+                                          (wa.keep if wb.keep is None else _intersect(wa.keep, wb.keep)))
         junk = wa.junk or wb.junk or not same_keep
         s_scale = wa.s_scale if wa.s_scale is not None else wb.s_scale
         wa, wb = self._broadcast(node, wa), self._broadcast(node, wb)
@@ -291,7 +292,7 @@ class Matcher:
                 s_scale = wa.poly[1]
             else:
                 s_scale = wa.s_scale if wa.s_scale is not None else wb.s_scale
-            keep = wa.keep if wb.keep is None else (wb.keep if wa.keep is None else wa.keep & wb.keep)
+            keep = wa.keep if wb.keep is None else (wb.keep if wa.keep is None else _intersect(wa.keep, wb.keep))
             wa, wb = self._broadcast(node, wa), self._broadcast(node, wb)
             if wa.axes != wb.axes:
                 raise NotACandidate("product of weights with different axes")
@@ -300,17 +301,19 @@ class Matcher:
         w, other = (wa, b) if wa is not None else (wb, a)
         if w is None:
             raise NotACandidate("product without weights")
-        value = self.constant(other)
-        if value is None:
+        if not isinstance(other, fx.Node) or self.evaluator.depends_on(other, self.variable):
             try:
                 return self._row_normalised(node, a if w is wa else b, other, divide=False)
             except NotACandidate:
                 pass
             raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
-        if value.numel() == 1:
+        if all(s == 1 for s in hint_shape(other)):
+            value = self.constant(other)            # a scalar factor (a 0-d or one-element constant)
+            if value is None:
+                raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
             return self._with_poly(w, polynomial.scale(w.poly, float(value.reshape(()).item())))
         w = self._broadcast(node, w)
-        return self._mask(w, self._keep_of(value, w, invert=False), other)
+        return self._mask(w, self._keep_of(other, w, False, node), other)
 
     # ------------------------------------------------------------------ normaliser
 
@@ -423,17 +426,10 @@ class Matcher:
                           where)
         causal = False
         if w.keep is not None:
-            kind, why = kv_mask.classify(w.keep)
+            kind, why = kv_mask.classify(w.keep, *w.lengths)
             if kind == "refuse":
                 raise Refused("mask", why, where)
             causal = kind == "causal"
-        for buf in w.buffers:
-            value = self.evaluator.inputs[buf].detach().cpu()
-            if value.dim() >= 2 and value.shape[-1] == value.shape[-2] and value.shape[-1] > w.key_length:
-                pattern = value.reshape(-1, value.shape[-2], value.shape[-1])
-                if not bool((pattern == pattern[:1]).all()) or not masks.is_triangular_family(pattern[0] != 0):
-                    raise Refused("mask", f"the registered mask buffer ({tuple(value.shape)}) is not "
-                                          "triangular beyond the traced length", where)
         p0, p1, p2 = (polynomial.coefficient(w.poly, i) for i in range(3))
         s = w.s_scale if w.s_scale not in (None, 0.0) else (p1 if p1 != 0.0 else 1.0)
         if w.tk is not None:
@@ -442,6 +438,13 @@ class Matcher:
                      tk=w.tk)
 
     # ------------------------------------------------------------------ linear (cumsum) form
+
+def _intersect(a: masks.Keep, b: masks.Keep) -> masks.Keep:
+    try:
+        return a & b
+    except masks.MaskError as err:
+        raise Refused("mask", str(err)) from err
+
 
 def _not_normalised(w: Weights) -> None:
     if w.row_normalised is not None:
