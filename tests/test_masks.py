@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 import based_compile
+from based_compile.graph.driver import run_pass
 from based_compile.graph.mask import Keep, MaskError
+from based_compile.graph.report import Explanation
 from compare import assert_rel_close
 
 DK, DV = 4, 3
@@ -177,16 +179,19 @@ def test_issue_window_under_automatic_dynamic_shapes():
 
 
 def test_dynamic_refusal_reasons():
-    """explain() under a symbolic length names what the mask keeps."""
+    """The refusal under a symbolic length names what the mask keeps."""
     cases = {"window3": "windowed (banded) mask: keeps only -2 <= j - i <= 0",
              "moving_diagonal": "its diagonal moves with the length",
              "buffer_causal_up_to_20": "not a function of j - i",
              "strict_arange": "shifted causal mask (keeps j - i <= -1)"}
     for kind, reason in cases.items():
-        inputs = _qkv(12, seed=0)
-        for x in inputs:
-            torch._dynamo.mark_dynamic(x, 2)
-        ex = based_compile.explain(Masked(kind), *inputs)
+        ex = Explanation()
+
+        def report(gm, example_inputs):
+            run_pass(gm, example_inputs, rewrite=False, verify=True, report=ex)
+            return gm.forward
+        torch._dynamo.reset()
+        torch.compile(Masked(kind), backend=report, dynamic=True)(*_qkv(12, seed=0))
         assert not ex.sites, kind
         assert [r.category for r in ex.refusals] == ["mask"], (kind, ex)
         assert reason in ex.refusals[0].reason, (kind, ex.refusals[0].reason)

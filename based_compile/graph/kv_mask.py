@@ -35,7 +35,4 @@ def classify(keep: Keep, tq, tk) -> tuple[str, str]:
         offset = keep.base + pieces[0][1]
         return "refuse", (f"causal mask with offset {offset} (query i sees keys j <= i + {offset}), not Tk - Tq = "
                           f"{end}: not aligned to the end of the keys")
-    if len(pieces) == 1 and pieces[0][1] is None:
-        return "refuse", f"anti-causal mask (keeps {keep.describe()})"
-    return "refuse", (f"the [{tq}, {tk}] mask is not the causal pattern aligned to the end of the keys "
-                      f"(keeps {keep.describe()})")
+    return "refuse", f"{keep.refusal()} (Tq={tq}, Tk={tk}: the causal mask is aligned to the end of the keys)"

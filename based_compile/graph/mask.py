@@ -826,7 +826,7 @@ def _reads_symbolic_size(node: fx.Node) -> bool:
 
 # ---------------------------------------------------------------------- onto the weights' (i, j)
 
-def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes) -> Keep:
+def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes, single=(False, False)) -> Keep:
     """A bool table read at (x + shift) per axis, as a function of d = j - i (it must be Toeplitz on
     the part the graph can read)."""
     index: list = []
@@ -852,13 +852,16 @@ def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes) -> Keep:
             if not _is_int(pos):
                 raise MaskError("the mask indexes a buffer at a length-dependent position")
             index.append(pos)
-    order = [k for k in sorted(picks.values())]
     m = table[tuple(index)]
-    if m.dim() != len(order):
+    if m.dim() != len(picks):
         raise MaskError("the mask buffer does not line up with the weights")
     if "i" not in picks and "j" not in picks:
         return Keep.const(bool(m))
-    if "i" not in picks or "j" not in picks:
+    if ("i" in picks) != ("j" in picks) and single[0 if "j" in picks else 1]:
+        # the other length is 1 (one query, or one key): its position is 0 and d is the other's
+        m = m.reshape(1, -1) if "j" in picks else m.reshape(-1, 1)
+        picks = {"i": 0, "j": 1}
+    elif "i" not in picks or "j" not in picks:
         flat = m.reshape(-1)
         if flat.numel() and bool((flat == flat[0]).all()):
             return Keep.const(bool(flat[0]))
@@ -881,18 +884,19 @@ def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes) -> Keep:
     return Keep(0, Steps(bool(f[0]), tuple(cuts)))
 
 
-def _keep_of_pred(pred, roles, sizes, tables) -> Keep:
+def _keep_of_pred(pred, roles, sizes, tables, single) -> Keep:
+    """``single``: (Tq == 1, Tk == 1): that position is always 0, so its coefficient is free."""
     kind = pred[0]
     if kind == "const":
         return Keep.const(pred[1])
     if kind == "not":
-        return ~_keep_of_pred(pred[1], roles, sizes, tables)
+        return ~_keep_of_pred(pred[1], roles, sizes, tables, single)
     if kind in ("and", "or"):
-        a = _keep_of_pred(pred[1], roles, sizes, tables)
-        b = _keep_of_pred(pred[2], roles, sizes, tables)
+        a = _keep_of_pred(pred[1], roles, sizes, tables, single)
+        b = _keep_of_pred(pred[2], roles, sizes, tables, single)
         return a & b if kind == "and" else a | b
     if kind == "table":
-        return _table_keep(tables[pred[1]], pred[2], pred[3], roles, sizes)
+        return _table_keep(tables[pred[1]], pred[2], pred[3], roles, sizes, single)
     coefs, off = pred[1], pred[2]                     # sum(coefs * x) + off <= 0
     ci = cj = 0
     for a, c in enumerate(coefs):
@@ -904,6 +908,10 @@ def _keep_of_pred(pred, roles, sizes, tables) -> Keep:
             cj += c
         elif roles[a] == "other":
             raise MaskError("mask differs between batch entries or heads")
+    if single[0] and cj:
+        ci = -cj                                       # i is always 0
+    elif single[1] and ci:
+        cj = -ci                                       # j is always 0
     if ci == 0 and cj == 0:
         if _is_int(off):
             return Keep.const(off <= 0)
@@ -921,10 +929,12 @@ def _keep_of_pred(pred, roles, sizes, tables) -> Keep:
     return ~Keep.causal(math.ceil(off / -k) - 1)      # d >= off / |k|
 
 
-def keep_of(gm: fx.GraphModule, node, weights_rank: int, axes: tuple, evaluate, *, invert: bool = False) -> Keep:
+def keep_of(gm: fx.GraphModule, node, weights_rank: int, axes: tuple, evaluate, *, invert: bool = False,
+            lengths: tuple = ()) -> Keep:
     """What the mask ``node`` keeps of weights of rank ``weights_rank`` whose query and key axes are
-    ``axes`` (the mask broadcasts against them). ``evaluate(node)``: the concrete value of a
-    constant leaf (a buffer), or None when it depends on inputs. Raises MaskError (the reason)."""
+    ``axes`` (the mask broadcasts against them); ``lengths``: the weights' (Tq, Tk) when known.
+    ``evaluate(node)``: the concrete value of a constant leaf (a buffer), or None when it depends on
+    inputs. Raises MaskError (the reason)."""
     reader = _Reader(gm, evaluate)
     value = reader.as_bool(reader.arg(node))
     shape = reader.shape(node) if isinstance(node, fx.Node) else ()
@@ -937,5 +947,6 @@ def keep_of(gm: fx.GraphModule, node, weights_rank: int, axes: tuple, evaluate, 
         w = a + weights_rank - len(shape)
         roles.append("zero" if s == 1 else "i" if w == ai else "j" if w == aj else "other")
         sizes.append(s)
-    keep = _keep_of_pred(value.pred, roles, sizes, reader.tables)
+    single = tuple(size_expr(n) == 1 for n in lengths) if len(lengths) == 2 else (False, False)
+    keep = _keep_of_pred(value.pred, roles, sizes, reader.tables, single)
     return ~keep if invert else keep

@@ -158,7 +158,8 @@ class Matcher:
     def _keep_of(self, mask_node, w: Weights, invert: bool, where: fx.Node) -> masks.Keep:
         """What the mask ``mask_node`` keeps of ``w``, read from its structure (``mask.keep_of``)."""
         try:
-            return masks.keep_of(self.gm, mask_node, len(w.shape), w.axes, self.constant, invert=invert)
+            return masks.keep_of(self.gm, mask_node, len(w.shape), w.axes, self.constant, invert=invert,
+                                 lengths=w.lengths)
         except masks.MaskError as err:
             raise Refused("mask", str(err), where) from err
 
