@@ -128,7 +128,9 @@ def generate(case: int, force: dict | None = None) -> Program:
         src.extra_inputs.append("x")
         src.epilogue.append("o += x" if residual == "iadd" else "o = o + x")
 
-    lengths = src.pick("lengths", [(3, 8, 12), (2, 5, 9), (5, 8, 12), (4, 9), (3, 7, 10)])
+    # two short lengths first: the recompile with a symbolic length happens where a window or a
+    # shifted mask still looks causal (issue 13 class 3)
+    lengths = src.pick("lengths", [(3, 8, 12), (2, 5, 9), (5, 8, 12), (4, 9), (3, 7, 10), (2, 3, 8), (2, 4, 9)])
     inner = src.pick("inner", {"eager": 2, "aot_eager": 2, "inductor": 1})
     dynamic = src.pick("dynamic", {None: 3, True: 1})
     grad = src.pick("grad", {True: 3, False: 1})

@@ -38,7 +38,10 @@ from fuzz.program import generate, load  # noqa: E402
 from fuzz.run import run_case  # noqa: E402
 
 # case number -> the open bug it hits (issue 13)
-KNOWN_FAILING: dict[int, str] = {}
+KNOWN_FAILING: dict[int, str] = {
+    3728: "issue 13 class 3: a window mask of width 4 looks causal at T = 2 and 4 (the recompile with a "
+          "symbolic length is rewritten), then runs as causal at T = 9: silently wrong (0.65)",
+}
 
 # Cases that hit a bug once and pass since its fix: they stay in the budget (issue 13 class 2, the
 # in-place polynomial chain erased while a detached normaliser read it; class 1, the in-place
