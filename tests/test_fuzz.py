@@ -38,15 +38,14 @@ from fuzz.program import generate, load  # noqa: E402
 from fuzz.run import run_case  # noqa: E402
 
 # case number -> the open bug it hits (issue 13)
-KNOWN_FAILING: dict[int, str] = {
-    3728: "issue 13 class 3: a window mask of width 4 looks causal at T = 2 and 4 (the recompile with a "
-          "symbolic length is rewritten), then runs as causal at T = 9: silently wrong (0.65)",
-}
+KNOWN_FAILING: dict[int, str] = {}
 
 # Cases that hit a bug once and pass since its fix: they stay in the budget (issue 13 class 2, the
 # in-place polynomial chain erased while a detached normaliser read it; class 1, the in-place
-# normaliser o *= torch.reciprocal(den) applied twice on the linear cumsum form).
-FIXED_CASES = [305, 1806]
+# normaliser o *= torch.reciprocal(den) applied twice on the linear cumsum form; class 3, a window
+# mask of width 4 that looks causal at T = 2 and 4, where the recompile with a symbolic length was
+# rewritten and ran as causal at T = 9: error 0.65 before 76393f3).
+FIXED_CASES = [305, 1806, 3728]
 
 # The fixed CI budget: cases 0-15 of run seed 0 (python -m fuzz --seed 0 --cases 16) without the
 # four that compile with Inductor (6-9: 1-3 minutes each on 2 cores), and without known failures.
