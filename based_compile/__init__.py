@@ -14,6 +14,7 @@ from . import kernels, logs  # noqa: E402
 from .backend import backend, based_backend
 from .backend import register as _register_backend
 from .buffer_guard import StaleBufferError
+from .ddp_split import install as _install_ddp_split
 from .explain import explain
 from .graph.report import Explanation, Refusal, Site
 from .op import config
@@ -24,6 +25,7 @@ from .op.spec import BasedSpec
 # ``import based_compile.config`` names the one settings module (it lives with the operator it configures).
 sys.modules[__name__ + ".config"] = config
 _register_backend()
+_install_ddp_split()     # based backends see the whole graph before DDP's graph splitting (ddp_split)
 logs.register()          # last: importing Dynamo above may set up torch's loggers again
 __all__ = ["kernels", "config", "based_attention", "BasedSpec", "backend", "based_backend", "explain",
            "Explanation", "Site", "Refusal", "StaleBufferError", "context_parallel", "shard_sequence", "sequence_halo",

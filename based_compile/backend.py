@@ -22,6 +22,15 @@ there, and replaces each site's output in Dynamo's own graph; the inner compiler
 graph (unchanged when nothing matched). When a rewrite relied on the values of registered
 buffers (a mask, a scale), the compiled callable is wrapped by ``buffer_guard``, which refuses to
 run it once those values change.
+
+Under ``DistributedDataParallel``, Dynamo's DDP optimizer (``torch._dynamo.config.optimize_ddp``)
+cuts each graph at DDP's gradient-bucket boundaries and calls the backend once per piece; a cut
+can fall inside an attention region (q and k in one piece, v and the attention in the next),
+and the pieces' example inputs are fake. ``ddp_split`` wraps the optimizer's ``compile_fn`` so
+that a based backend gets the whole graph with its real example inputs first (``presplit``):
+the pass rewrites the sites there, DDP then splits the rewritten graph (a ``based::attention``
+node has no parameters; the cut can only fall between it and its inputs), and each piece goes
+to the inner compiler without a second pass. The rewrite thus holds at any ``bucket_cap_mb``.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
+from .ddp_split import in_split, mark_presplit, presplit_hook, unhooked_piece
 from .buffer_guard import guard_buffers
 from .graph.driver import run_pass
 from .graph.report import Explanation
@@ -114,34 +124,58 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
         config.kernel = kernel
         log.info("based_compile: kernel forced to %r for this process (based_compile.config.kernel)", kernel)
 
+    warned = []
+
+    def rewritten(gm: fx.GraphModule, example_inputs, compile_rest):
+        """The pass on ``gm``, then ``compile_rest(graph)``; guarded when the rewrite read buffers, and
+        against context parallelism when attention was refused."""
+        report = Explanation()
+        result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
+        compiled = compile_rest(gm if result is None else result[0])
+        baked = [] if result is None else result[1]
+        compiled = guard_buffers(compiled, baked, example_inputs) if baked else compiled
+        return _refuse_context_parallel(compiled, report) if report.refusals else compiled
+
     def based(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
         patches = _inductor_settings(inner, mode, options)
         compile_inner = (lambda g: inner_compile(g, example_inputs, config_patches=patches)) if patches else \
             (lambda g: inner_compile(g, example_inputs))
-        report = Explanation()
-        result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
-        if result is None:
-            compiled = compile_inner(gm)
-        else:
-            rewritten, baked = result
-            compiled = compile_inner(rewritten)
-            compiled = guard_buffers(compiled, baked, example_inputs) if baked else compiled
-        return _refuse_context_parallel(compiled, report) if report.refusals else compiled
+        if in_split():        # a piece of a graph the pass already rewrote whole (ddp_split)
+            return compile_inner(gm)
+        if unhooked_piece() and not warned:
+            warned.append(True)         # once per backend
+            log.warning("based_compile: DDP's graph splitting hands the based backend a piece of a graph it "
+                        "did not see whole (a wrapper around the backend hides it: wrap with functools.wraps); "
+                        "sites its cuts spread over two pieces are not rewritten")
+        return rewritten(gm, example_inputs, compile_inner)
+
+    def presplit(gm: fx.GraphModule, example_inputs, split):
+        """Under DDP's graph splitting: the pass on the whole graph, then DDP's split of the rewritten one."""
+        return rewritten(gm, example_inputs, lambda g: split(g)[0])
 
     based.options = {"inner": inner, "rewrite": rewrite, "kernel": kernel, "verify": verify}
+    mark_presplit(based, presplit)
     return based
 
 
 _default_backend = None
 
 
-def based_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
-    """The entry-point target: ``torch.compile(model, backend="based")`` (Inductor inside; its ``mode``
-    and ``options``, e.g. ``mode="reduce-overhead"`` for CUDA graphs, configure that Inductor)."""
+def _default():
     global _default_backend
     if _default_backend is None:
         _default_backend = backend()
-    return _default_backend(gm, example_inputs, mode=mode, options=options)
+    return _default_backend
+
+
+def based_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """The entry-point target: ``torch.compile(model, backend="based")`` (Inductor inside; its ``mode``
+    and ``options``, e.g. ``mode="reduce-overhead"`` for CUDA graphs, configure that Inductor)."""
+    return _default()(gm, example_inputs, mode=mode, options=options)
+
+
+mark_presplit(based_backend, lambda gm, example_inputs, split:
+              presplit_hook(_default())(gm, example_inputs, split))
 
 
 def register() -> None:

@@ -10,6 +10,7 @@ loss a single process sees on the whole batch, so the two can be compared step b
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import sys
@@ -23,7 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from naive_based_lm import BasedLM  # noqa: E402
 
 MODES = ("single", "ddp", "fsdp2")
-MODEL = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, feature_dim=8, max_len=256, conv_size=0)
+# Parameters of 10.7 MB in float64, so that DDP's graph splitting cuts it at small bucket caps:
+# at 1 MB between each block's k and v projections, at 1.1 MB between q and k (tests/test_distributed.py).
+MODEL = dict(vocab_size=64, d_model=256, n_layers=2, n_heads=4, feature_dim=16, max_len=256, conv_size=0)
+DDP_BUCKET_CAP_MB = 25          # DDP's default
 
 
 def free_port() -> int:
@@ -51,12 +55,12 @@ def _fully_shard():
     return fully_shard
 
 
-def wrap(model: BasedLM, mode: str, device: torch.device):
+def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float = DDP_BUCKET_CAP_MB):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        # Small buckets (1 MB, the smallest Dynamo's DDP optimizer accepts: its first bucket is
-        # 1 MB) make it split the graph into several pieces, so the pass is seen at work in each.
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=1)
+        # Dynamo's DDP optimizer cuts the graph where DDP's gradient buckets end (a first bucket of
+        # 1 MB, the smallest cap it accepts, then bucket_cap_mb each), so there are several pieces.
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_cap_mb)
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         fully_shard = _fully_shard()
@@ -69,24 +73,29 @@ def wrap(model: BasedLM, mode: str, device: torch.device):
 
 
 def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int, batch: int, seqlen: int,
-          dtype=torch.float32, inner="inductor", compile=True, model_kwargs=None, lr: float = 0.05):
+          dtype=torch.float32, inner="inductor", compile=True, model_kwargs=None, lr: float = 0.05,
+          bucket_cap_mb: float = DDP_BUCKET_CAP_MB, explain: bool = False):
     """Train ``steps`` steps under ``backend=based_compile.backend(inner=inner)`` (eagerly if not ``compile``).
 
     Returns a dict: ``losses`` (averaged over ranks), ``step_s`` (median step seconds),
     ``graphs`` (how many graphs Dynamo handed to the backend: more than one when DDP's graph
     splitting is on) and ``based_calls`` (``based::attention`` calls in the last step's forward).
+    With ``explain``, also ``explanation`` (``based_compile.explain`` of the wrapped model, as text),
+    ``explained_sites`` and ``cut_sites`` (sites DDP's graph splitting cuts across pieces).
     """
     import based_compile
 
+    torch._dynamo.reset()
     model_kwargs = dict(MODEL if model_kwargs is None else model_kwargs)
     model = build_model(model_kwargs, dtype, device)
-    model = wrap(model, mode, device)
+    model = wrap(model, mode, device, bucket_cap_mb)
     based = based_compile.backend(inner=inner)
     graphs = []
 
-    def counting_backend(gm, example_inputs):
+    @functools.wraps(based)         # keeps the backend's marks: under DDP it sees the whole graph first
+    def counting_backend(gm, example_inputs, **kwargs):
         graphs.append(gm)
-        return based(gm, example_inputs)
+        return based(gm, example_inputs, **kwargs)
 
     compiled = torch.compile(model, backend=counting_backend) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -115,7 +124,14 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
             mean /= world
         losses.append(mean.item())
     times = sorted(times[1:] or times)
-    return dict(losses=losses, step_s=times[len(times) // 2], graphs=len(graphs), based_calls=based_calls)
+    result = dict(losses=losses, step_s=times[len(times) // 2], graphs=len(graphs), based_calls=based_calls)
+    if explain:
+        tokens = global_batch(0, batch, seqlen, model_kwargs["vocab_size"])[rank * per_rank:(rank + 1) * per_rank]
+        with torch.no_grad():
+            explanation = based_compile.explain(model, tokens[:, :-1].to(device))
+        result.update(explanation=str(explanation), explained_sites=len(explanation.sites),
+                      cut_sites=sum("cuts this site" in site.piece for site in explanation.sites))
+    return result
 
 
 def count_based_calls(fn):
@@ -127,27 +143,34 @@ def count_based_calls(fn):
     return out, sum(1 for n in names if n.startswith("based::attention") and "backward" not in n)
 
 
-def worker(rank: int, world: int, port: int, mode: str, device_type: str, kwargs: dict, results) -> None:
-    """Entry point of one spawned rank: trains, then reports its results through ``results``."""
+def worker(rank: int, world: int, port: int, mode: str, device_type: str, runs: list, results) -> None:
+    """Entry point of one spawned rank: trains once per entry of ``runs`` (``train``'s keyword
+    arguments), then reports the list of results through ``results``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        results.put((rank, train(mode, rank, world, device, **kwargs)))
+        results.put((rank, [train(mode, rank, world, device, **kwargs) for kwargs in runs]))
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(mode: str, world: int, device_type: str, **kwargs):
-    """Spawn ``world`` ranks; returns each rank's ``train`` result, in rank order."""
+def run_distributed_many(mode: str, world: int, device_type: str, runs: list[dict]):
+    """Spawn ``world`` ranks once, each training once per entry of ``runs`` (``train``'s keyword
+    arguments); returns, in rank order, each rank's list of ``train`` results."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(world, free_port(), mode, device_type, kwargs, results), nprocs=world,
+    mp.start_processes(worker, args=(world, free_port(), mode, device_type, runs, results), nprocs=world,
                        start_method="spawn", join=True)
     return [r for _, r in sorted((results.get() for _ in range(world)), key=lambda x: x[0])]
+
+
+def run_distributed(mode: str, world: int, device_type: str, **kwargs):
+    """Spawn ``world`` ranks; returns each rank's ``train`` result, in rank order."""
+    return [r[0] for r in run_distributed_many(mode, world, device_type, [kwargs])]
 
 
 def main() -> None:
@@ -158,10 +181,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=4, help="global batch (split over ranks)")
     p.add_argument("--seqlen", type=int, default=64)
+    p.add_argument("--bucket-cap-mb", type=float, default=DDP_BUCKET_CAP_MB, help="DDP's bucket_cap_mb")
     args = p.parse_args()
     kw = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen)
     ref = train("single", 0, 1, torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"), **kw)
-    out = run_distributed(args.mode, args.world, args.device, **kw)
+    out = run_distributed(args.mode, args.world, args.device, bucket_cap_mb=args.bucket_cap_mb, **kw)
     for step, r in enumerate(ref["losses"]):
         print(f"step {step}: single {r:.6f}  {args.mode} x{args.world} {out[0]['losses'][step]:.6f}")
     print(f"median step: single {ref['step_s'] * 1e3:.1f} ms, {args.mode} x{args.world} "

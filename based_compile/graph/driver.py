@@ -136,7 +136,8 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             continue
         settled.append(site)
         entry = Site(source_of(result.anchor), result.form, site.spec,
-                     _kernel_description(site.spec, site.match.q, site.match.k, site.match.v))
+                     _kernel_description(site.spec, site.match.q, site.match.k, site.match.v),
+                     nodes={role: to_dynamo[getattr(site.match, role)].name for role in ("q", "k", "v", "output")})
         if report is not None:
             report.sites.append(entry)
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,

@@ -28,9 +28,13 @@ class Site:
     form: str             # "quadratic", "feature-map quadratic", "feature-map linear (cumsum)"
     spec: BasedSpec
     kernel: str           # the policy's choice and why
+    # Dynamo's nodes of the site (role q/k/v/output -> node name), to place it in a split graph's pieces.
+    nodes: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    piece: str = ""       # under DDP's graph splitting: the piece(s) of the graph the site lies in
 
     def __str__(self) -> str:
-        return f"{self.source}\n    form: {self.form}\n    spec: {self.spec}\n    kernel: {self.kernel}"
+        text = f"{self.source}\n    form: {self.form}\n    spec: {self.spec}\n    kernel: {self.kernel}"
+        return text + (f"\n    graph piece: {self.piece}" if self.piece else "")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Explanation:
     sites: list[Site] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     graphs: int = 0
+    splits: list[str] = field(default_factory=list)    # how DDP's graph splitting cut each graph, per piece
 
     def add_refusal(self, refusal: Refusal) -> None:
         if all((r.source, r.category, r.reason) != (refusal.source, refusal.category, refusal.reason)
@@ -57,6 +62,7 @@ class Explanation:
     def __str__(self) -> str:
         lines = [f"based_compile.explain: {len(self.sites)} Based attention site(s), "
                  f"{len(self.refusals)} refusal(s) in {self.graphs} graph(s)"]
+        lines.extend(self.splits)
         for i, site in enumerate(self.sites):
             lines.append(f"[site {i}] {site}")
         for i, refusal in enumerate(self.refusals):
