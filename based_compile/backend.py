@@ -40,8 +40,8 @@ import torch
 import torch.fx as fx
 from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
-from .ddp_split import in_split, mark_presplit, presplit_hook, unhooked_piece
 from .buffer_guard import guard_buffers
+from .ddp_split import in_split, mark_presplit, presplit_hook, unhooked_piece
 from .graph.driver import run_pass
 from .graph.report import Explanation
 from .op import config, context_parallel
