@@ -1,25 +1,100 @@
-"""Multi-GPU check (issue 7): DDP and FSDP2 around the naive Based LM with backend="based".
+"""Multi-GPU check (issue 17): DDP and FSDP2 around the naive Based LM with backend="based".
 
-On N GPUs (NCCL): losses of each wrapper against one process on the same global batch
-(Triton kernels, float32), and weak scaling: step time on 1 GPU against N GPUs at the same
-per-GPU batch (efficiency = t1 / tN). Needs a machine with >= 2 GPUs; keep NVLink multicast
-off (NCCL_NVLS_ENABLE=0, set here).
+On N GPUs (NCCL), one spawn of N ranks runs, in this order (most important first):
+  float32, T=2048: one process on the global batch (``--steps`` steps: the loss reference), one
+      process on the per-GPU batch, DDP xN and FSDP2 xN on the global batch (``--steps`` steps);
+  bfloat16 at T=2048, then float32 and bfloat16 at T=8192: the per-GPU single process, DDP and
+      FSDP2 (``--timing-steps`` steps).
+Each row: median step time (steps after the first), ``based::attention`` calls in a forward
+(every layer must be rewritten), the losses' largest difference from one process on the global
+batch (float32, T=2048), and weak-scaling efficiency = step time of one GPU at the per-GPU
+batch / step time of N GPUs (1.0: perfect). The "single" runs execute on every rank at once, each
+on its own GPU (rank 0's numbers are reported). ``--budget-s`` stops starting runs that would
+not finish in time (they are reported as skipped). DDP runs at its default bucket cap (25 MB).
+Keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here if unset).
 
-    python benchmarks/distributed.py --out OUT [--world 2]
+    python benchmarks/distributed.py --world 2 [--out benchmarks/results] [--budget-s 240]
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import distributed_training as dt  # noqa: E402
 
-MODEL = dict(vocab_size=8192, d_model=768, n_layers=12, n_heads=12, feature_dim=16, max_len=4096, conv_size=4)
+MODEL = dict(vocab_size=8192, d_model=768, n_layers=12, n_heads=12, feature_dim=16, max_len=8192, conv_size=4)
+CONFIGS = (("float32", 2048), ("bfloat16", 2048), ("float32", 8192), ("bfloat16", 8192))
+LOSS_TOLERANCE = 1e-5        # float32, over --steps steps, against one process on the global batch
+EFFICIENCY_BAR = 0.9
+
+
+def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int):
+    """(label, train kwargs) per run, most important first."""
+    runs = []
+    for i, (dtype, seqlen) in enumerate(CONFIGS):
+        kw = dict(seqlen=seqlen, model_kwargs=MODEL, dtype=getattr(torch, dtype), steps=steps if i == 0 else timing_steps)
+        key = dict(dtype=dtype, T=seqlen)
+        if i == 0:
+            runs.append((dict(key, run="single (global batch)"), dict(kw, mode="single", batch=per_gpu_batch * world)))
+        runs.append((dict(key, run="single (per-GPU batch)"), dict(kw, mode="single", batch=per_gpu_batch)))
+        for mode in ("ddp", "fsdp2"):
+            runs.append((dict(key, run=f"{mode} x{world}"), dict(kw, mode=mode, batch=per_gpu_batch * world)))
+    return runs
+
+
+def rows_of(labels, results, world: int) -> list[dict]:
+    """One row per run, with efficiency and loss differences filled in."""
+    rows = [dict(label, **result) for label, result in zip(labels, results)]
+    by = {(r["dtype"], r["T"], r["run"]): r for r in rows}
+    reference = by.get(("float32", CONFIGS[0][1], "single (global batch)"))
+    for r in rows:
+        if "step_s" not in r or not r["run"].endswith(f"x{world}"):
+            continue
+        small = by.get((r["dtype"], r["T"], "single (per-GPU batch)"), {})
+        if "step_s" in small:
+            r["efficiency"] = small["step_s"] / r["step_s"]
+        if reference is not None and "losses" in reference and r["dtype"] == "float32" \
+                and r["T"] == reference["T"] and len(r["losses"]) == len(reference["losses"]):
+            r["max_loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"], reference["losses"]))
+    return rows
+
+
+def table(rows: list[dict], layers: int) -> str:
+    lines = ["| dtype | T | run | step ms | efficiency | max abs loss diff | based::attention calls per forward |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "step_s" not in r:
+            why = r.get("skipped") or r.get("error", "?")
+            lines.append(f"| {r['dtype']} | {r['T']} | {r['run']} | {why} | | | |")
+            continue
+        eff = f"{r['efficiency']:.2f}" if "efficiency" in r else ""
+        diff = f"{r['max_loss_diff']:.1e}" if "max_loss_diff" in r else ("0 (reference)" if "global" in r["run"] else "")
+        calls = f"{r['based_calls']}" + ("" if r["based_calls"] == layers else f" (of {layers})")
+        lines.append(f"| {r['dtype']} | {r['T']} | {r['run']} | {r['step_s'] * 1e3:.1f} | {eff} | {diff} | {calls} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict], world: int, layers: int) -> list[str]:
+    out = []
+    for r in rows:
+        if "step_s" not in r:
+            continue
+        if r["based_calls"] != layers:
+            out.append(f"FAIL {r['dtype']} T={r['T']} {r['run']}: {r['based_calls']} of {layers} layers rewritten")
+        if r.get("max_loss_diff", 0) > LOSS_TOLERANCE:
+            out.append(f"FAIL {r['dtype']} T={r['T']} {r['run']}: losses differ by {r['max_loss_diff']:.1e} "
+                       f"> {LOSS_TOLERANCE:g}")
+        if "efficiency" in r and r["efficiency"] < EFFICIENCY_BAR:
+            out.append(f"BELOW BAR {r['dtype']} T={r['T']} {r['run']}: efficiency {r['efficiency']:.2f} "
+                       f"< {EFFICIENCY_BAR}")
+    return out
 
 
 def main() -> None:
@@ -27,35 +102,37 @@ def main() -> None:
     p.add_argument("--out", default=".")
     p.add_argument("--world", type=int, default=torch.cuda.device_count())
     p.add_argument("--per-gpu-batch", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="steps of the float32 T=2048 runs (the loss check)")
+    p.add_argument("--timing-steps", type=int, default=4, help="steps of the other runs (the first is not timed)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no run that would end after this many seconds")
     args = p.parse_args()
-    if args.world < 2:
-        sys.exit(f"needs >= 2 GPUs, found {torch.cuda.device_count()}")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    kw = dict(steps=args.steps, seqlen=args.seqlen, model_kwargs=MODEL, dtype=torch.float32)
-    cuda0 = torch.device("cuda", 0)
-    single = dt.train("single", 0, 1, cuda0, batch=args.per_gpu_batch * args.world, **kw)
-    single_small = dt.train("single", 0, 1, cuda0, batch=args.per_gpu_batch, **kw)
-    rows = {"single (global batch)": single, "single (per-GPU batch)": single_small}
-    for mode in ("ddp", "fsdp2"):
-        try:
-            rows[f"{mode} x{args.world}"] = dt.run_distributed(
-                mode, args.world, "cuda", batch=args.per_gpu_batch * args.world, **kw)[0]
-        except Exception as err:  # report and go on with the other wrapper
-            rows[f"{mode} x{args.world}"] = {"error": f"{type(err).__name__}: {err}"}
-    ref = torch.tensor(single["losses"])
-    print(f"{'run':<26}{'step ms':>10}{'efficiency':>12}{'max |dloss|':>14}{'based calls':>13}")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:<26}  {r['error']}")
-            continue
-        eff = single_small["step_s"] / r["step_s"] if "x" in name else float("nan")
-        r["efficiency"] = eff
-        r["max_loss_diff"] = (torch.tensor(r["losses"]) - ref).abs().max().item()
-        print(f"{name:<26}{r['step_s'] * 1e3:>10.1f}{eff:>12.2f}{r['max_loss_diff']:>14.2e}{r['based_calls']:>13}")
+    if args.world < 2 or torch.cuda.device_count() < args.world:
+        sys.exit(f"needs {max(args.world, 2)} GPUs, found {torch.cuda.device_count()}")
+    for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+    start = time.time()
+    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps)
+    deadline = start + args.budget_s if args.budget_s else None
+    results = dt.run_distributed_many(args.world, "cuda", [kw for _, kw in runs], deadline=deadline)
+    layers = MODEL["n_layers"]
+    rows = rows_of([label for label, _ in runs], results[0], args.world)
+    for rank, other in enumerate(results[1:], 1):       # every rank must have rewritten every layer
+        for r, o in zip(rows, other):
+            if "based_calls" in o and o["based_calls"] != r.get("based_calls"):
+                r[f"based_calls_rank{rank}"] = o["based_calls"]
+    text = table(rows, layers)
+    print(text)
+    for line in verdicts(rows, args.world, layers):
+        print(line)
+    import triton
+
+    data = {"device": f"{args.world}x {torch.cuda.get_device_name()}", "world": args.world,
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
+            "model": MODEL, "per_gpu_batch": args.per_gpu_batch, "ddp_bucket_cap_mb": dt.DDP_BUCKET_CAP_MB,
+            "command": "python benchmarks/distributed.py --world " + str(args.world), "seconds": time.time() - start,
+            "rows": rows, "table": text}
     with open(os.path.join(args.out, "distributed.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "world": args.world, "rows": rows}, f, indent=1)
+        json.dump(data, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -143,34 +143,60 @@ def count_based_calls(fn):
     return out, sum(1 for n in names if n.startswith("based::attention") and "backward" not in n)
 
 
-def worker(rank: int, world: int, port: int, mode: str, device_type: str, runs: list, results) -> None:
+def worker(rank: int, world: int, port: int, device_type: str, runs: list, results, deadline=None) -> None:
     """Entry point of one spawned rank: trains once per entry of ``runs`` (``train``'s keyword
-    arguments), then reports the list of results through ``results``."""
+    arguments and its ``mode``; "single" runs train alone on this rank's device), then reports
+    the list of results through ``results``. With ``deadline`` (seconds since the epoch), rank 0
+    decides for all ranks to start no run it expects to end later (the last run's duration)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
+    out, last = [], 0.0
     try:
-        results.put((rank, [train(mode, rank, world, device, **kwargs) for kwargs in runs]))
+        for kwargs in runs:
+            kwargs = dict(kwargs)
+            mode = kwargs.pop("mode")
+            if deadline is not None:
+                go = [time.time() + last < deadline]
+                dist.broadcast_object_list(go, src=0)
+                if not go[0]:
+                    out.append(dict(skipped="not run (time budget)"))
+                    continue
+            start = time.time()
+            try:
+                alone = mode == "single"
+                out.append(train(mode, 0 if alone else rank, 1 if alone else world, device, **kwargs))
+            except Exception as err:       # report it and go on with the next run
+                out.append(dict(error=f"{type(err).__name__}: {err}"))
+            last = time.time() - start
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+            if rank == 0:
+                r = out[-1]
+                print(f"[{mode} {kwargs.get('dtype')} T={kwargs.get('seqlen')} batch={kwargs.get('batch')}] "
+                      + (f"step {r['step_s'] * 1e3:.1f} ms, based calls {r['based_calls']}, losses {r['losses']}"
+                         if "step_s" in r else r.get("error", "")) + f" ({last:.0f} s)", flush=True)
+        results.put((rank, out))
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed_many(mode: str, world: int, device_type: str, runs: list[dict]):
+def run_distributed_many(world: int, device_type: str, runs: list[dict], deadline: float | None = None):
     """Spawn ``world`` ranks once, each training once per entry of ``runs`` (``train``'s keyword
-    arguments); returns, in rank order, each rank's list of ``train`` results."""
+    arguments plus ``mode``); returns, in rank order, each rank's list of ``train`` results."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(world, free_port(), mode, device_type, runs, results), nprocs=world,
+    mp.start_processes(worker, args=(world, free_port(), device_type, runs, results, deadline), nprocs=world,
                        start_method="spawn", join=True)
     return [r for _, r in sorted((results.get() for _ in range(world)), key=lambda x: x[0])]
 
 
 def run_distributed(mode: str, world: int, device_type: str, **kwargs):
     """Spawn ``world`` ranks; returns each rank's ``train`` result, in rank order."""
-    return [r[0] for r in run_distributed_many(mode, world, device_type, [kwargs])]
+    return [r[0] for r in run_distributed_many(world, device_type, [dict(kwargs, mode=mode)])]
 
 
 def main() -> None:

@@ -43,9 +43,9 @@ def _same_losses(run, single):
 def test_ddp_rewrites_every_site_at_any_bucket_cap(single):
     layers = dt.MODEL["n_layers"]
     # The 1 MB run goes through AOTAutograd and explain(); the others compile eagerly (time).
-    runs = [dict(KW, bucket_cap_mb=cap, explain=cap == 1, inner="aot_eager" if cap == 1 else "eager")
+    runs = [dict(KW, mode="ddp", bucket_cap_mb=cap, explain=cap == 1, inner="aot_eager" if cap == 1 else "eager")
             for cap in BUCKET_CAPS]
-    ranks = dt.run_distributed_many("ddp", 2, "cpu", runs)
+    ranks = dt.run_distributed_many(2, "cpu", runs)
     for rank, results in enumerate(ranks):
         for cap, r in zip(BUCKET_CAPS, results):
             where = f"rank {rank}, bucket_cap_mb={cap}: {r}"
