@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         print(f"[{i}/{len(stages)}] {name}: {' '.join(cmd)}", flush=True)
         (out / f"{name}.json").unlink(missing_ok=True)      # a stage writes its file afresh (e2e.py merges)
         start = time.perf_counter()
+        env["BENCH_COMMAND"] = f"python -m benchmarks --only {name}" + (" --quick" if args.quick else "")
         rc = subprocess.call(cmd, env=env, cwd=HERE.parent)
         print(f"[{i}/{len(stages)}] {name}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
         if rc:

@@ -442,6 +442,7 @@ def main(argv=None) -> dict:
     params = count_parameters(model)
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     run_info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    command=os.environ.get("BENCH_COMMAND") or "python " + " ".join(sys.argv),
                     device=describe_device(device), torch=torch.__version__, params=params,
                     attention_form=args.attention_form, layers=args.layers, d_model=args.d_model,
                     heads=args.heads, precision=args.precision, reps=args.reps, tokens=args.tokens, quick=args.quick)

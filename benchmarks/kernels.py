@@ -313,6 +313,7 @@ def main() -> None:
     report = {"config": {"B": B, "H": H, "Dk": DK, "Dv": DV, "dtype": "bf16", "causal": True, "normalize": True},
               "device": ceilings.device, "torch": torch.__version__, "triton": triton.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": os.environ.get("BENCH_COMMAND") or "python " + " ".join(sys.argv),
               "ceilings": {"copy_bytes_per_s": ceilings.copy_bytes_per_s,
                            "bf16_flops_per_s": ceilings.bf16_flops_per_s},
               "entries": {}, "results": []}

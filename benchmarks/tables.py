@@ -29,7 +29,9 @@ def _ms(x) -> str:
 
 
 def _caption(data: dict, command: str) -> str:
+    """``command``: what made the file when it does not say (files written before they recorded it)."""
     date = data.get("date", "date not recorded")
+    command = data.get("command", command)
     return (f"Measured on one {data['device']} ({date}, torch {data['torch']}, triton {data['triton']}) "
             f"by `{command}`; JSON: `benchmarks/results/{data['_name']}.json`.")
 
@@ -108,7 +110,9 @@ def _e2e(data: dict) -> str:
                                        + [ratio(mode, t, "inductor"), ratio(mode, t, "fla_inductor")]) + " |")
     run = data["runs"][-1]
     meta = dict(device=run["device"], date=run["date"], torch=run["torch"], triton=run.get("triton", "?"),
-                _name=data["_name"])
+                _name=data["_name"],
+                command="` then `".join(dict.fromkeys(r.get("command", "python -m benchmarks --only e2e")
+                                                      for r in data["runs"])))
     return (_caption(meta, "python -m benchmarks --only e2e") + f" {run['params'] / 1e6:.0f}M-parameter naive "
             f"LM ({run['layers']} layers, d_model {run['d_model']}, {run['heads']} heads, {run['precision']}), "
             f"{run['tokens']} tokens a step, medians of {run['reps']}:\n\n" + "\n".join(lines))
