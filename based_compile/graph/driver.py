@@ -24,6 +24,8 @@ from .inplace import OutputAliased, Storages, plan_output, written_before_output
 from .inputs import BakedBuffer, baked_buffers, region_inputs
 from .match import Matcher, find_matches
 from .precision import lossy_round_trip
+from .recurrent import find_steps, settle_step, spec_of
+from .rewrite import rewrite_recurrent_steps
 from .refusal import Refused
 from .report import Explanation, Refusal, Site, source_of
 from .rewrite import rewrite_dynamo_sites
@@ -74,7 +76,8 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
             return None
         if found is None:
             return None
-        settled, to_dynamo, region, baked = found
+        settled, steps, to_dynamo, region, baked = found
+        rewrite_recurrent_steps(gm, steps, to_dynamo)
         return rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked
     finally:
         pass_seconds += time.perf_counter() - start
@@ -142,9 +145,36 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             report.sites.append(entry)
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
-    if not settled or not rewrite:
+    steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, rewrite=rewrite, report=report)
+    if not (settled or steps) or not rewrite:
         return None
-    return settled, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+    return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+
+
+def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Explanation | None) -> list:
+    """The recurrent steps (``recurrent.py``) of the lowered region, settled by their probe."""
+    steps = []
+    for result in find_steps(aten_gm):
+        try:
+            if isinstance(result, Refused):
+                raise result
+            settle_step(result, evaluator)
+            missing = [n.name for n in (result.q, result.k, result.v, result.kv_state, result.k_state,
+                                        result.output, result.kv_new, result.k_new) if n not in to_dynamo]
+            if missing:
+                raise Refused("unsupported", f"the step's tensors {missing} are intermediate values of a decomposed "
+                                             "operation, not values of the model's graph", result.output)
+        except Refused as refusal:
+            _refuse(refusal, report)
+            continue
+        steps.append(result)
+        entry = Site(source_of(result.anchor), result.form, spec_of(result),
+                     "PyTorch implementation of based::recurrent_step (no step kernel yet)")
+        if report is not None:
+            report.sites.append(entry)
+        log.info("based_compile: Based recurrent step at %s -> based::recurrent_step (%s)%s", entry.source,
+                 entry.spec, "" if rewrite else " [not rewritten: report only]")
+    return steps
 
 
 def _refuse(refusal: Refused, report: Explanation | None) -> None:

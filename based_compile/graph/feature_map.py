@@ -67,8 +67,11 @@ def _const_value(gm, node: fx.Node) -> float | None:
     return None
 
 
-def _monomial(gm, node: fx.Node):
-    """(degree, factor, source) of a product of copies of one tensor x, or None."""
+def _monomial(gm, node: fx.Node, rank: int | None = None):
+    """(degree, factor, source) of a product of copies of one tensor x, or None.
+
+    ``rank``: the rank of the feature map (and so of x): the source is the deepest tensor of that
+    rank on the chain of views (x.unsqueeze(-1) of a [B, H, D] x is 4-D, but x is what it reads)."""
     stop, factor = _strip(gm, node)
     if stop.op == "call_function":
         const = _const_value(gm, stop)
@@ -76,7 +79,7 @@ def _monomial(gm, node: fx.Node):
             return 0, factor * const, None
         if stop.target is aten.mul.Tensor and all(isinstance(a, fx.Node) and hint_shape(a) is not None
                                                   for a in stop.args[:2]):
-            ma, mb = _monomial(gm, stop.args[0]), _monomial(gm, stop.args[1])
+            ma, mb = _monomial(gm, stop.args[0], rank), _monomial(gm, stop.args[1], rank)
             if ma is None or mb is None:
                 return None
             if ma[2] is not None and mb[2] is not None and ma[2] is not mb[2]:
@@ -84,17 +87,27 @@ def _monomial(gm, node: fx.Node):
             return ma[0] + mb[0], factor * ma[1] * mb[1], ma[2] if ma[2] is not None else mb[2]
         if stop.target in (aten.pow.Tensor_Scalar, aten.square.default):
             n = 2.0 if stop.target is aten.square.default else scalar_value(gm, stop.args[1])
-            inner = _monomial(gm, stop.args[0])
+            inner = _monomial(gm, stop.args[0], rank)
             if n is None or n != int(n) or n < 1 or inner is None:
                 return None
             return inner[0] * int(n), factor * inner[1] ** int(n), inner[2]
     operand = walk_operand(gm, node)
-    return 1, operand.factor, operand.source
+    source = operand.source
+    if rank is not None and len(hint_shape(source)) != rank:
+        node_ = node
+        while True:               # the views between the operand and where the walk stopped
+            if len(hint_shape(node_) or ()) == rank:
+                source = node_
+            if node_ is operand.stop or not (node_.op == "call_function" and node_.args
+                                             and isinstance(node_.args[0], fx.Node)):
+                break
+            node_ = node_.args[0] if node_.target in VIEW_OPS else (scalar_factor(gm, node_) or (operand.stop,))[0]
+    return 1, operand.factor, source
 
 
 def _piece(gm, node: fx.Node) -> Piece | None:
     width = hint_shape(node)[-1]
-    mono = _monomial(gm, node)
+    mono = _monomial(gm, node, len(hint_shape(node)))
     if mono is None:
         return None
     degree, factor, source = mono

@@ -52,16 +52,21 @@ node, and erases only what no surviving node can observe, computes what the user
 """
 from __future__ import annotations
 
+import logging
+import operator
+
 import torch
 import torch.fx as fx
 
 from ..op.custom_op import based_attention
+from ..op.recurrent_step import based_recurrent_step
 from ..op.spec import BasedSpec
-from .canonicalize import example_value
+from .canonicalize import example_value, writes_in_place
 from .inplace import Storages, erasable, plan_output
 from .verify import Settled
 
 aten = torch.ops.aten
+log = logging.getLogger("based_compile")
 
 
 def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
@@ -141,3 +146,51 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
     graph.lint()
     gm.recompile()
     return gm
+
+
+def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) -> None:
+    """Replace each recurrent step (``recurrent.StepMatch``) by ``based::recurrent_step`` in Dynamo's graph.
+
+    The operator is inserted before the first of the two state updates (so it reads the states as the
+    user's code did before updating them); the output and the updated states take its results. An
+    update written in place (``kv_state.add_(...)``, ``k_state += ...``) becomes ``state.copy_(new)`` at
+    the same place, so the caller's tensors are written exactly where the user's code wrote them.
+    Dead nodes are left for ``rewrite_dynamo_sites`` (which runs next) to erase."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for m in steps:
+        q, k, v, kv_state, k_state, output, kv_new, k_new = (
+            to_dynamo[n] for n in (m.q, m.k, m.v, m.kv_state, m.k_state, m.output, m.kv_new, m.k_new))
+        first_update = min((kv_new, k_new), key=order.__getitem__)
+        if any(order[x] >= order[first_update] for x in (q, k, v, kv_state, k_state)):
+            log.info("based_compile: recurrent step at %s not rewritten: an input is computed after the state "
+                     "update", output.name)
+            continue
+        fake_mode = next(f.fake_mode for f in (example_value(n) for n in (q, k, v))
+                         if isinstance(f, torch._subclasses.FakeTensor))
+
+        def add(target, args, *, method=False, like=output):
+            node = (graph.call_method if method else graph.call_function)(target, args, {})
+            values = fx.node.map_arg(args, lambda n: example_value(n))
+            fn = (lambda x, *a: getattr(x, target)(*a)) if method else target
+            node.meta["example_value"] = _fake_run(fake_mode, fn, *values)
+            node.meta["stack_trace"] = like.meta.get("stack_trace")
+            return node
+
+        with graph.inserting_before(first_update):
+            step = add(based_recurrent_step, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
+                                              list(m.k_factors), True, float(m.eps)))
+            o, new_kv, new_k = (add(operator.getitem, (step, i)) for i in range(3))
+        for node, new in ((kv_new, new_kv), (k_new, new_k)):
+            if writes_in_place(node):
+                with graph.inserting_before(node):
+                    written = add("copy_", (node.args[0], new), method=True, like=node)
+                node.replace_all_uses_with(written)
+                graph.erase_node(node)
+            else:
+                node.replace_all_uses_with(new)
+        want = example_value(output)
+        if want.dtype != example_value(o).dtype:
+            with graph.inserting_before(output):
+                o = add("to", (o, want.dtype), method=True)
+        output.replace_all_uses_with(o)

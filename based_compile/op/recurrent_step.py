@@ -1,0 +1,167 @@
+"""``based::recurrent_step``: one decoding step of Based attention in its recurrent form.
+
+    kv' = kv_state + phi(k)^T v          the state the caller keeps, in its own shape and dtype
+    k'  = k_state + phi(k)
+    o   = phi(q) kv' / (phi(q) . k' + eps)      (normalize; else o = phi(q) kv')
+
+Rows: q and k are [..., Dk], v [..., Dv] with the same leading dimensions, R rows in all (B * H
+for one token of a [B, H, 1, D] or [B, 1, H, D] tensor); kv_state holds R * F * Dv elements read
+as [R, F, Dv] and k_state R * F read as [R, F], in row-major order of their own shapes (the
+user's layout: [B, H, F, Dv] and [B, H, 1, F] for the rows (b, h)). o has q's shape with Dv
+features; the new states have the shapes and dtypes of the old ones.
+
+The feature map phi is the user's own, described by ``pieces`` and factors (derived from the
+graph by ``graph/feature_map.py``): phi(x) = cat over pieces of factor * piece(x), a piece being
+"const:W" (W ones), "linear" (x) or "outer" (flatten(x (x) x), index a * Dk + b). q and k have one
+factor per piece each (``q_factors``, ``k_factors``).
+
+Implementation: PyTorch (device-agnostic, so CUDA tensors run it too until a step kernel exists),
+computing in float32 (float64 for float64 inputs) and rounding the states once to their dtype.
+Not differentiable (decoding): called under grad mode with inputs that require grad it raises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .cpu_path import compute_dtype
+
+PIECE_KINDS = ("const", "linear", "outer")
+
+_LIBRARY = torch.library.Library("based", "FRAGMENT")
+_LIBRARY.define("recurrent_step(Tensor q, Tensor k, Tensor v, Tensor kv_state, Tensor k_state, str[] pieces, "
+                "float[] q_factors, float[] k_factors, bool normalize, float eps) -> (Tensor, Tensor, Tensor)",
+                tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def piece_width(piece: str, dk: int) -> int:
+    if piece == "linear":
+        return dk
+    if piece == "outer":
+        return dk * dk
+    if piece.startswith("const:") and piece[6:].isdigit() and int(piece[6:]) >= 1:
+        return int(piece[6:])
+    raise ValueError(f"pieces: each must be 'const:W' (W >= 1), 'linear' or 'outer', got {piece!r}")
+
+
+def feature_width(pieces, dk: int) -> int:
+    return sum(piece_width(p, dk) for p in pieces)
+
+
+def check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    """Validate; returns (rows R, Dk, Dv, F)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("kv_state", kv_state), ("k_state", k_state)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"based::recurrent_step: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"based::recurrent_step: {name} must have a floating dtype, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"based::recurrent_step: {name} is on {x.device}, q on {q.device}: one device")
+    if q.dim() < 1 or q.shape != k.shape:
+        raise ValueError(f"based::recurrent_step: q and k must have one shape [..., Dk], got q={list(q.shape)}, "
+                         f"k={list(k.shape)}")
+    if v.dim() != q.dim() or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"based::recurrent_step: v must be [..., Dv] with q's leading dims {list(q.shape[:-1])}, "
+                         f"got {list(v.shape)}")
+    if not isinstance(pieces, (list, tuple)) or not pieces:
+        raise ValueError(f"based::recurrent_step: pieces must be a non-empty list, got {pieces!r}")
+    dk, dv = q.shape[-1], v.shape[-1]
+    f = feature_width(pieces, dk)
+    for name, factors in (("q_factors", q_factors), ("k_factors", k_factors)):
+        if not isinstance(factors, (list, tuple)) or len(factors) != len(pieces):
+            raise ValueError(f"based::recurrent_step: {name} must have one factor per piece ({len(pieces)}), "
+                             f"got {factors!r}")
+    rows = q.numel() // dk if dk else 0
+    if kv_state.numel() != rows * f * dv:
+        raise ValueError(f"based::recurrent_step: kv_state must hold rows * F * Dv = {rows} * {f} * {dv} elements, "
+                         f"got shape {list(kv_state.shape)}")
+    if k_state.numel() != rows * f:
+        raise ValueError(f"based::recurrent_step: k_state must hold rows * F = {rows} * {f} elements, "
+                         f"got shape {list(k_state.shape)}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"based::recurrent_step: normalize must be a bool, got {normalize!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"based::recurrent_step: eps must be a number >= 0, got {eps!r}")
+    return rows, dk, dv, f
+
+
+def feature_map(x: Tensor, pieces, factors) -> Tensor:
+    """phi(x): [..., Dk] -> [..., F] as described by ``pieces`` and ``factors``."""
+    parts = []
+    for piece, factor in zip(pieces, factors):
+        if piece == "linear":
+            parts.append(x * factor)
+        elif piece == "outer":
+            parts.append((x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * factor)
+        else:
+            parts.append(x.new_full((*x.shape[:-1], piece_width(piece, x.shape[-1])), float(factor)))
+    return torch.cat(parts, dim=-1)
+
+
+def recurrent_step_reference(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    """The step in PyTorch (the CPU and, for now, CUDA implementation): (o, kv', k')."""
+    rows, dk, dv, f = check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    dtype = compute_dtype(torch.promote_types(torch.promote_types(q.dtype, kv_state.dtype), k_state.dtype))
+    phi_q = feature_map(q.reshape(rows, dk).to(dtype), pieces, q_factors)        # [R, F]
+    phi_k = feature_map(k.reshape(rows, dk).to(dtype), pieces, k_factors)        # [R, F]
+    vr = v.reshape(rows, dv).to(dtype)
+    kv = kv_state.reshape(rows, f, dv).to(dtype) + phi_k.unsqueeze(-1) * vr.unsqueeze(-2)   # [R, F, Dv]
+    ks = k_state.reshape(rows, f).to(dtype) + phi_k                                         # [R, F]
+    kv_out, ks_out = kv.to(kv_state.dtype), ks.to(k_state.dtype)
+    # The readout reads the states as stored (rounded to their dtype), as the user's code does.
+    o = (phi_q.unsqueeze(-2) @ kv_out.to(dtype)).squeeze(-2)                                # [R, Dv]
+    if normalize:
+        o = o / ((phi_q * ks_out.to(dtype)).sum(-1, keepdim=True) + eps)
+    o = o.reshape(*q.shape[:-1], dv).to(q.dtype)
+    return o, kv_out.reshape(kv_state.shape), ks_out.reshape(k_state.shape)
+
+
+def _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    o, kv, ks = recurrent_step_reference(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    return o.contiguous(), kv.contiguous(), ks.contiguous()
+
+
+def _step_fake(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])), kv_state.new_empty(kv_state.shape),
+            k_state.new_empty(k_state.shape))
+
+
+def _step_autograd(keyset, *args):
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        raise RuntimeError("based::recurrent_step is not differentiable (a decoding step): call it under "
+                           "torch.no_grad() or with inputs that do not require grad")
+    with torch._C._AutoDispatchBelowAutograd():
+        return _STEP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_LIBRARY.impl("recurrent_step", _step, "CPU")
+_LIBRARY.impl("recurrent_step", _step, "CUDA")
+_LIBRARY.impl("recurrent_step", _step_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("based::recurrent_step", _step_fake, lib=_LIBRARY)
+_STEP = torch.ops.based.recurrent_step.default
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What defines one rewritten recurrent step (explain() shows it as a site's spec)."""
+
+    pieces: tuple
+    q_factors: tuple
+    k_factors: tuple
+    normalize: bool = True
+    eps: float = 1e-6
+
+    def __str__(self) -> str:
+        maps = ", ".join(f"{p} * {fq:.4g}" + ("" if fq == fk else f" (k: {fk:.4g})")
+                         for p, fq, fk in zip(self.pieces, self.q_factors, self.k_factors))
+        norm = f"normalised (eps={self.eps:g})" if self.normalize else "unnormalised"
+        return f"recurrent step, phi = cat[{maps}], {norm}, states in the user's layout"
+
+
+def based_recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize=True, eps=1e-6):
+    """One recurrent Based step through ``based::recurrent_step``: returns (o, kv_state', k_state')."""
+    return _STEP(q, k, v, kv_state, k_state, list(pieces), [float(f) for f in q_factors],
+                 [float(f) for f in k_factors], bool(normalize), float(eps))

@@ -1,0 +1,215 @@
+"""The recurrent step of Based attention: ``based::recurrent_step`` and the pass that rewrites onto it.
+
+References: float64 loops over earlier tokens (the quadratic Based function of all tokens so far is
+what a chain of steps must compute), and the user's own code run eagerly (output and both states).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import based_compile
+from based_compile.kernels.naive import naive_parallel_based
+from based_compile.op.recurrent_step import based_recurrent_step, feature_map
+from compare import assert_rel_close
+
+B, H, D, DV = 2, 3, 4, 5
+PIECES = ("const:1", "linear", "outer")
+FACTORS = (1.0, D ** -0.25, 1 / (math.sqrt(2) * math.sqrt(D)))      # phi(q).phi(k) = 1 + s + s^2/2, s = q.k/2
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def taylor(x):
+    d = x.shape[-1]
+    x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(start_dim=-2) / (math.sqrt(2) * math.sqrt(d))
+    return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
+
+
+def test_op_chain_of_steps_is_based_attention_float64():
+    """T steps from zero states: outputs equal causal Based attention of the T tokens; states equal
+    sum_j phi(k_j) v_j^T and sum_j phi(k_j)."""
+    g = torch.Generator().manual_seed(0)
+    t = 6
+    q, k = (torch.randn(B, H, t, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, t, DV, generator=g, dtype=torch.float64)
+    f = 1 + D + D * D
+    kv, ks = torch.zeros(B, H, f, DV, dtype=torch.float64), torch.zeros(B, H, 1, f, dtype=torch.float64)
+    outs = []
+    for i in range(t):
+        o, kv, ks = based_recurrent_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], kv, ks,
+                                         PIECES, FACTORS, FACTORS, eps=1e-6)
+        outs.append(o)
+    ref = naive_parallel_based(q, k, v, scale=0.5, eps=1e-6)
+    assert_rel_close(torch.cat(outs, 2), ref, 1e-12, "outputs")
+    phi_k = taylor(k)
+    assert_rel_close(kv, phi_k.transpose(-2, -1) @ v, 1e-12, "kv state")
+    assert_rel_close(ks, phi_k.sum(2, keepdim=True), 1e-12, "k state")
+
+
+def test_op_arguments_and_fake():
+    q = torch.randn(2, 3, 4)
+    kv, ks = torch.randn(2, 3, 21, 5), torch.randn(2, 3, 21)
+    with pytest.raises(ValueError, match="kv_state"):
+        based_recurrent_step(q, q, torch.randn(2, 3, 5), kv[..., :4], ks, PIECES, FACTORS, FACTORS)
+    with pytest.raises(ValueError, match="pieces"):
+        based_recurrent_step(q, q, torch.randn(2, 3, 5), kv, ks, ("cube",), (1.0,), (1.0,))
+    with pytest.raises(ValueError, match="q_factors"):
+        based_recurrent_step(q, q, torch.randn(2, 3, 5), kv, ks, PIECES, (1.0,), FACTORS)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        based_recurrent_step(q, q, None, kv, ks, PIECES, FACTORS, FACTORS)
+    torch.library.opcheck(torch.ops.based.recurrent_step.default,
+                          (q, q.clone(), torch.randn(2, 3, 5), kv, ks, list(PIECES), list(FACTORS), list(FACTORS),
+                           True, 1e-6))
+    assert feature_map(q, PIECES, FACTORS).shape == (2, 3, 21)
+
+
+def test_op_refuses_grad():
+    q = torch.randn(2, 3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        based_recurrent_step(q, q, torch.randn(2, 3, 5), torch.randn(2, 3, 21, 5), torch.randn(2, 3, 21),
+                             PIECES, FACTORS, FACTORS)
+
+
+# ----------------------------------------------------------------------------- the graph pass
+
+
+def step_matmul(q, k, v, kv_state, k_state):          # [B, H, 1, D], states [B, H, F, Dv], [B, H, 1, F]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + pk.transpose(-2, -1) @ v
+    k_state = k_state + pk
+    num = pq @ kv_state
+    den = (pq * k_state).sum(-1, keepdim=True)
+    return num / (den + 1e-6), kv_state, k_state
+
+
+def step_einsum(q, k, v, kv_state, k_state):          # [B, H, D], states [B, H, F, Dv], [B, H, F]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + torch.einsum("bhf,bhd->bhfd", pk, v)
+    k_state = k_state + pk
+    num = torch.einsum("bhf,bhfd->bhd", pq, kv_state)
+    den = torch.einsum("bhf,bhf->bh", pq, k_state)[..., None]
+    return num / (den + 1e-6), kv_state, k_state
+
+
+def step_inplace(q, k, v, kv_state, k_state):         # the caller's states are written in place
+    pq, pk = taylor(q), taylor(k)
+    kv_state.add_(torch.einsum("bhf,bhd->bhfd", pk, v))
+    k_state += pk
+    num = torch.einsum("bhf,bhfd->bhd", pq, kv_state)
+    den = torch.einsum("bhf,bhf->bh", pq, k_state)[..., None]
+    return num / (den + 1e-6)
+
+
+# near-misses
+def step_decayed(q, k, v, kv_state, k_state):
+    pq, pk = taylor(q), taylor(k)
+    kv_state = 0.9 * kv_state + pk.transpose(-2, -1) @ v
+    k_state = 0.9 * k_state + pk
+    num = pq @ kv_state
+    return num / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def step_gated(q, k, v, kv_state, k_state):
+    pq, pk = taylor(q), taylor(k)
+    gate = torch.sigmoid(q.sum(-1, keepdim=True))
+    kv_state = gate * kv_state + pk.transpose(-2, -1) @ v
+    k_state = k_state + pk
+    num = pq @ kv_state
+    return num / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def step_old_state_readout(q, k, v, kv_state, k_state):   # reads the states before the update
+    pq, pk = taylor(q), taylor(k)
+    num = pq @ kv_state
+    den = (pq * k_state).sum(-1, keepdim=True)
+    return num / (den + 1e-6), kv_state + pk.transpose(-2, -1) @ v, k_state + pk
+
+
+def step_cubic_map(q, k, v, kv_state, k_state):
+    def phi(x):
+        x3 = (x[..., :, None, None] * x[..., None, :, None] * x[..., None, None, :]).flatten(-3)
+        return torch.cat([taylor(x), x3], dim=-1)
+    pq, pk = phi(q), phi(k)
+    kv_state = kv_state + pk.transpose(-2, -1) @ v
+    k_state = k_state + pk
+    num = pq @ kv_state
+    return num / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def step_transposed_state(q, k, v, kv_state, k_state):   # kv_state [B, H, Dv, F]: another layout
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + (pk.transpose(-2, -1) @ v).transpose(-2, -1)
+    k_state = k_state + pk
+    num = pq @ kv_state.transpose(-2, -1)
+    return num / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def _inputs(fn, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = 1 + D + D * D
+    three_d = fn in (step_einsum, step_inplace)
+    lead = (B, H) if three_d else (B, H, 1)
+    q, k = (torch.randn(*lead, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(*lead, DV, generator=g, dtype=torch.float64)
+    ks_shape = (B, H, f) if three_d else (B, H, 1, f)
+    kv_shape = (B, H, DV, f) if fn is step_transposed_state else (B, H, f, DV)
+    if fn is step_cubic_map:
+        ks_shape, kv_shape = (B, H, 1, f + D ** 3), (B, H, f + D ** 3, DV)
+    # states of a few earlier tokens (positive normalisers, as decoding has them)
+    kv = torch.randn(kv_shape, generator=g, dtype=torch.float64) * 0.1
+    ks = torch.rand(ks_shape, generator=g, dtype=torch.float64) * 0.1
+    ks[..., 0] += 3.0
+    return q, k, v, kv, ks
+
+
+def step_calls(fn, *args):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    return sum(e.count for e in prof.key_averages() if e.key == "based::recurrent_step"), out
+
+
+@pytest.mark.parametrize("fn", [step_matmul, step_einsum, step_inplace], ids=lambda f: f.__name__)
+def test_step_forms_are_rewritten_and_exact(fn):
+    args = _inputs(fn)
+    report = based_compile.explain(fn, *(x.clone() for x in args))
+    assert len(report.sites) == 1 and not report.refusals, str(report)
+    assert report.sites[0].form == "recurrent step"
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
+    with torch.no_grad():
+        calls, out = step_calls(compiled, *mine)
+    ref = fn(*theirs)
+    assert calls >= 1
+    out, ref = (x if isinstance(x, tuple) else (x,) for x in (out, ref))
+    for got, want in zip(out, ref):
+        assert_rel_close(got, want, 1e-13, "output / returned state")
+    for got, want, old in zip(mine[3:], theirs[3:], args[3:]):     # the caller's tensors (in place: written)
+        assert_rel_close(got, want, 1e-13, "caller's state")
+        assert fn is not step_inplace or not torch.equal(got, old)
+
+
+@pytest.mark.parametrize("fn,category,words", [
+    (step_decayed, "unsupported", "decayed"),
+    (step_gated, "unsupported", "gated"),
+    (step_old_state_readout, "unsupported", "without a readout"),
+    (step_cubic_map, "feature_map", "not the Taylor feature map"),
+    (step_transposed_state, "verify", "probe disagrees"),
+], ids=lambda x: getattr(x, "__name__", None))
+def test_step_near_misses_are_refused(fn, category, words):
+    args = _inputs(fn)
+    report = based_compile.explain(fn, *(x.clone() for x in args))
+    assert not report.sites, str(report)
+    assert any(r.category == category and words in r.reason for r in report.refusals), str(report)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    calls, out = step_calls(compiled, *(x.clone() for x in args))
+    assert calls == 0
+    for got, want in zip(out, fn(*(x.clone() for x in args))):
+        assert_rel_close(got, want, 1e-13, "refused step vs eager")
