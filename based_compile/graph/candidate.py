@@ -34,6 +34,7 @@ class Weights:
     buffers: frozenset = field(default_factory=frozenset)
     k_alternatives: tuple = ()
     tk: int | None = None
+    q_alternatives: tuple = ()
 
     @property
     def key_length(self) -> int:
@@ -68,6 +69,7 @@ class Match:
     anchor: fx.Node               # the node whose stack trace names the user's line
     k_alternatives: tuple = ()    # other readings of k and v (e.g. the repeated heads), tried in order
     v_alternatives: tuple = ()
+    q_alternatives: tuple = ()    # other readings of q (the other side of a transpose), tried after q
     tk: int | None = None         # keys and values' length when it differs from the queries' (``t``)
 
     @property

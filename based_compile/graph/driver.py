@@ -158,7 +158,7 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Exp
         try:
             if isinstance(result, Refused):
                 raise result
-            settle_step(result, evaluator)
+            settle_step(result, evaluator, available=to_dynamo.__contains__)
             missing = [n.name for n in (result.q, result.k, result.v, result.kv_state, result.k_state,
                                         result.output, result.kv_new, result.k_new) if n not in to_dynamo]
             if missing:

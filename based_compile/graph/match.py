@@ -100,7 +100,8 @@ class Matcher:
             raise NotACandidate("scores operands are not tensors")
         sigma = x.factor * y.factor
         return Weights((0.0, sigma), None, False, node, x.source, y.source, "quadratic", None, t,
-                       hint_shape(node), (1, 2), k_alternatives=y.alternatives, tk=tk, lengths=_lengths(node))
+                       hint_shape(node), (1, 2), k_alternatives=y.alternatives, tk=tk, lengths=_lengths(node),
+                       q_alternatives=x.alternatives)
 
     # ------------------------------------------------------------------ weights
 
@@ -412,7 +413,8 @@ class Matcher:
         output = pick_output(start)
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
-        return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives)
+        return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives,
+                       q_alternatives=w.q_alternatives)
 
     def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
         if w.junk:

@@ -53,6 +53,8 @@ class StepMatch:
     anchor: fx.Node
 
     form: str = FORM
+    reshape_out: bool = False     # the user's output holds the op's rows in another shape (a size-1 axis moved)
+    readings: tuple = ()          # candidates for (q, k, v), each nearest first; settle_step picks
 
 
 def _strip(node):
@@ -94,17 +96,30 @@ def _outer_operands(node):
     return None
 
 
-def _deepest_of_rank(node: fx.Node, rank: int) -> fx.Node:
-    """Through views from ``node``: the deepest tensor of ``rank`` dims (v as the user passed it, before
-    the unsqueeze / transpose that makes the outer product), else the deepest tensor."""
-    found = None
+def _readings_of(gm, node: fx.Node, rank: int) -> tuple:
+    """The tensors of ``rank`` dims on the chain of views (and scalar factors) from ``node`` down,
+    nearest first, only those below every scalar factor (a scaled q is not q): the candidates for
+    the tensor the user passed (x before the unsqueeze of an outer product, or before a transpose)."""
+    found = []
     while True:
         if len(hint_shape(node) or ()) == rank:
-            found = node
+            found.append(node)
         if node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
             node = node.args[0]
             continue
-        return found if found is not None else node
+        scaled = scalar_factor(gm, node) if node.op == "call_function" else None
+        if scaled is not None:
+            found, node = [], scaled[0]
+            continue
+        return tuple(found) or (node,)
+
+
+def _map_readings(gm, cat: fx.Node, phi: FeatureMap) -> tuple:
+    """Candidates for x of phi(x) = cat(...), read from its linear piece, nearest first."""
+    for node, piece in zip(cat.args[0], phi.pieces):
+        if piece.kind == "linear":
+            return _readings_of(gm, node, len(hint_shape(cat)))
+    return (phi.source,)
 
 
 def _check_state(gm, state, what: str, where):
@@ -138,7 +153,7 @@ def _updates(gm, add: fx.Node):
             phi, cat = _feature_map_of(gm, x)
             if phi is not None and _feature_map_of(gm, y)[0] is None and not _reads(state, {cat}) \
                     and hint_shape(state) == hint_shape(add):
-                return ("kv", state, cat, phi, _deepest_of_rank(y, len(hint_shape(cat))))
+                return ("kv", state, cat, phi, _readings_of(gm, y, len(hint_shape(cat))))
         return ("outer", state, *pair)
     for state, update in ((a, b), (b, a)):
         if hint_shape(state) == hint_shape(add) and _strip(update).op == "call_function":
@@ -238,14 +253,37 @@ def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, ca
     phi_q = read_feature_map(gm, cat_q)
     pair_feature_maps(phi_q, phi_k)           # refuses maps that are not functions of q.k
     pieces = tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in phi_q.pieces)
-    return StepMatch(output, kv_new, k_new, phi_q.source, phi_k.source, v, kv_state, k_state, pieces,
-                     tuple(p.factor for p in phi_q.pieces), tuple(p.factor for p in phi_k.pieces), eps, output)
+    readings = (_map_readings(gm, cat_q, phi_q), _map_readings(gm, cat_k, phi_k), v)
+    return StepMatch(output, kv_new, k_new, readings[0][0], readings[1][0], v[0], kv_state, k_state, pieces,
+                     tuple(p.factor for p in phi_q.pieces), tuple(p.factor for p in phi_k.pieces), eps, output,
+                     readings=readings)
 
 
 _TOLERANCE = 1e-9
 
 
-def settle_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
+def settle_step(m: StepMatch, evaluator: GraphEvaluator, available=None) -> StepMatch:
+    """The first reading of q, k, v (tensors of the model's graph, ``available``) with one shape for q
+    and k and v's leading dims, probed (``_probe_step``)."""
+    fits = []
+    qs, ks, vs = m.readings or ((m.q,), (m.k,), (m.v,))
+    for q in qs:
+        for k in ks:
+            for v in vs:
+                if available is not None and not all(available(x) for x in (q, k, v)):
+                    continue
+                sq, sk, sv = hint_shape(q), hint_shape(k), hint_shape(v)
+                if sq == sk and sv is not None and sv[:-1] == sq[:-1]:
+                    fits.append((q, k, v))
+    if not fits:
+        shapes = [[list(hint_shape(x)) for x in r] for r in (qs, ks, vs)]
+        raise Refused("unsupported", f"no reading of q, k, v with one shape for q and k and v's leading dims "
+                                     f"(candidates {shapes}): grouped-query states are not rewritten", m.output)
+    m.q, m.k, m.v = fits[0]
+    return _probe_step(m, evaluator)
+
+
+def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     """Evaluate the user's step on random float64 inputs and states (states built from a few random
     earlier tokens, as decoding has them) and compare its output and both new states with the
     operator's; refuse ("verify") unless all three agree."""
@@ -284,6 +322,9 @@ def settle_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     except Exception as err:               # noqa: BLE001 - e.g. a float32 constant: refuse, never crash
         raise Refused("verify", f"the numerical probe could not evaluate the step: {type(err).__name__}: {err}",
                       m.output) from err
+    if got[0].shape != want[0].shape and got[0].numel() == want[0].numel():
+        want = (want[0].reshape(got[0].shape), *want[1:])
+        m.reshape_out = True
     for name, g, w in zip(("output", "kv state", "key state"), got, want):
         if tuple(g.shape) != tuple(w.shape):
             raise Refused("verify", f"the step's {name} has shape {list(g.shape)}, the operator's {list(w.shape)}",

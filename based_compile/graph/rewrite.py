@@ -190,7 +190,9 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             else:
                 node.replace_all_uses_with(new)
         want = example_value(output)
-        if want.dtype != example_value(o).dtype:
-            with graph.inserting_before(output):
+        with graph.inserting_before(output):
+            if m.reshape_out:
+                o = add(torch.reshape, (o, tuple(want.shape)))
+            if want.dtype != example_value(o).dtype:
                 o = add("to", (o, want.dtype), method=True)
         output.replace_all_uses_with(o)

@@ -133,17 +133,19 @@ def _repeat_axes(node, head: int, depth: int) -> list[bool]:
 def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available=None) -> Settled:
     """The first reading of ``m`` the probe confirms: k and v as found (the un-repeated heads
     under GQA), then each alternative pair (e.g. heads repeated by tiling, which the op must
-    see repeated)."""
+    see repeated); each with q as found, then its alternatives (q read on the other side of a
+    transpose, when k and v come from elsewhere, e.g. a KV cache in another layout)."""
     pairs = [(m.k, m.v)] + [(k, v) for k in m.k_alternatives for v in m.v_alternatives
                              if hint_shape(k)[:3] == hint_shape(v)[:3]]
     if available is not None:
         pairs = [(k, v) for k, v in pairs if available(k) and available(v)]
     if not pairs:
         raise Refused("unsupported", "k and v are intermediate values of a decomposed operation", m.output)
+    queries = [m.q] + [q for q in m.q_alternatives if available is None or available(q)]
     first_refusal = None
-    for k, v in pairs:
+    for q, k, v in ((q, k, v) for q in queries for k, v in pairs):
         try:
-            return _settle_one(replace(m, k=k, v=v), evaluator, probe=probe)
+            return _settle_one(replace(m, q=q, k=k, v=v), evaluator, probe=probe)
         except Refused as refusal:
             first_refusal = first_refusal or refusal
             if refusal.category != "verify" and refusal.category != "unsupported":
