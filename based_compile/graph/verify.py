@@ -166,8 +166,9 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
         for size in sizes:
             if isinstance(size, torch.SymInt):
                 env = size.node.shape_env
+                values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
                 for sym in size.node.expr.free_symbols:
-                    symbols[sym] = int(getattr(env, "backed_var_to_val", env.var_to_val)[sym])
+                    symbols[sym] = int(values[sym])
     if not symbols:
         return
     moved = {sym: hint + 1 + i for i, (sym, hint) in enumerate(sorted(symbols.items(), key=lambda kv: kv[1]))}
