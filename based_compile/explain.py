@@ -11,7 +11,8 @@ T x T weights: 4 GB each at T = 32768). It returns an
 On a ``DistributedDataParallel`` model, Dynamo's DDP optimizer cuts each graph into pieces at
 gradient-bucket boundaries; explain() reports on the whole graph, as the backend rewrites it
 (``ddp_split``), and ``.splits`` lists each piece with the sites it holds; a site that a cut
-spreads over pieces says so in its ``piece`` (which of q, k, v and the output lie where).
+spreads over pieces says so in its ``piece`` (which of q, k, v and the output lie where). The run
+itself then splits the rewritten graph again, as the compiled model runs.
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def explain(model, *example_inputs, **example_kwargs) -> Explanation:
             site.piece = pieces.where(site.nodes)
         explanation.splits.extend(f"graph {explanation.graphs}: {line}" if i == 0 else line
                                   for i, line in enumerate(describe_split(pieces, sites, first)))
-        return compiled
+        # The one run, as the compiled model would run it: the rewritten graph, split again.
+        result = run_pass(gm, example_args, rewrite=True, verify=True) if sites else None
+        return compiled if result is None else split(result[0])[0]
 
     mark_presplit(report_only, presplit)
 
