@@ -127,8 +127,23 @@ def quadratic_div_then_view(q, k, v):
     return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)       # reads ``o`` after the div_
 
 
-@pytest.mark.parametrize("fn", [linear_itruediv, linear_div_, linear_imul_reciprocal, quadratic_div_then_view],
-                         ids=lambda f: f.__name__)
+def transposed_itruediv(q, k, v):
+    """[B, T, H, D] output through a transpose, normalised in place (a write into a view)."""
+    o, z = quadratic_parts(q, k, v)
+    o = o.transpose(1, 2)
+    o /= z.transpose(1, 2)
+    return o
+
+
+def permuted_div_(q, k, v):
+    o, z = quadratic_parts(q, k, v)
+    o = o.permute(0, 2, 1, 3)
+    o.div_(z.permute(0, 2, 1, 3))
+    return o.reshape(o.shape[0], o.shape[1], -1)
+
+
+@pytest.mark.parametrize("fn", [linear_itruediv, linear_div_, linear_imul_reciprocal, quadratic_div_then_view,
+                                transposed_itruediv, permuted_div_], ids=lambda f: f.__name__)
 def test_inplace_normaliser_divides_once(fn):
     """Was: rewritten as normalised with the in-place division left in the graph (error 0.70; with
     gradients "modified by an inplace operation")."""

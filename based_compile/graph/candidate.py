@@ -77,10 +77,17 @@ class Match:
         return self.t if self.tk is None else self.tk
 
 
+def _users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node``, without unused ones when there are several (functionalisation leaves
+    unused views behind, e.g. a view regenerated after an in-place write into its base)."""
+    users = list(node.users)
+    return [u for u in users if u.users] if len(users) > 1 else users
+
+
 def view_chain(node: fx.Node) -> list[fx.Node]:
     path = [node]
-    while len(node.users) == 1:
-        user = next(iter(node.users))
+    while len(_users(node)) == 1:
+        user = _users(node)[0]
         if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
             node = user
             path.append(node)

@@ -104,25 +104,38 @@ class _AtTime(fx.Interpreter):
         return pytree.tree_map(lambda n: self.at_time[n] if isinstance(n, fx.Node) else n, node.args[0])
 
 
-_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default}
+_PURE_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+               aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+               aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 
 
-def reshaped_from(node: fx.Node) -> fx.Node | None:
-    """The node ``node`` equals elementwise when it is a chain of reshapes back to that node's
-    shape (functionalisation regenerates ``o`` after ``o.div_(z)`` on a view as
-    ``view(view(div, [B*H, T, D]), [B, H, T, D])``: the same value as ``div``), else None."""
-    shape, current = _structural(shape_of(node)), node
-    while (isinstance(current, fx.Node) and current.op == "call_function" and current.target in _RESHAPES
-           and isinstance(current.args[0], fx.Node)):
+def same_value_source(node: fx.Node) -> fx.Node | None:
+    """The node ``node`` equals elementwise when it is a chain of views back to that node's memory
+    layout (functionalisation regenerates ``o`` after ``o.div_(z)`` on a view of a matmul's output
+    as ``transpose(view(view(transpose(div))))``: the same elements as ``div``), else None.
+
+    Equal elementwise: the same storage, shape, strides and offset in the traced fake values."""
+    layout = _layout(node)
+    current = node
+    while (layout is not None and isinstance(current, fx.Node) and current.op == "call_function"
+           and current.target in _PURE_VIEWS and isinstance(current.args[0], fx.Node)):
         current = current.args[0]
-        if shape is not None and _structural(shape_of(current)) == shape:
+        if _layout(current) == layout:
             return current
     return None
 
 
-def _structural(sizes) -> tuple | None:
-    """Sizes compared as expressions (``s0`` is ``s0``), so that comparing adds no shape guard."""
-    return None if sizes is None else tuple(str(s) for s in sizes)
+def _layout(node: fx.Node):
+    """(storage, shape, strides, offset, dtype) of a node's traced value, sizes as expressions (comparing
+    them adds no shape guard); None when unknown."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return (value.untyped_storage()._cdata, tuple(map(str, value.shape)), tuple(map(str, value.stride())),
+                str(value.storage_offset()), value.dtype)
+    except Exception:  # noqa: BLE001 - a tensor without strides or storage: no claim
+        return None
 
 
 def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..op import policy
 from ..op.custom_op import unsupported_reason
 from .canonicalize import (attention_region, example_value, extract_region, hint_shape, lower_to_aten,
-                           reshaped_from)
+                           same_value_source)
 from .evaluate import GraphEvaluator
 from .inplace import OutputAliased, Storages, plan_output, written_before_output
 from .inputs import BakedBuffer, baked_buffers, region_inputs
@@ -99,7 +99,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         if isinstance(aten_node, fx.Node):
             to_dynamo.setdefault(aten_node, dynamo_node)
     for dynamo_node, aten_node in zip(outputs, aten_outputs):      # the value a regenerated view shows
-        source = reshaped_from(aten_node) if isinstance(aten_node, fx.Node) else None
+        source = same_value_source(aten_node) if isinstance(aten_node, fx.Node) else None
         if source is not None:
             to_dynamo.setdefault(source, dynamo_node)
     real, variable = region_inputs(gm, example_inputs, inputs, aten_inputs)
