@@ -42,8 +42,8 @@ from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_b
 
 from .buffer_guard import guard_buffers
 from .ddp_split import in_split, mark_presplit, presplit_hook, unhooked_piece
-from .graph.driver import run_pass
-from .graph.report import Explanation
+from .graph.driver import Rewritten, reject_sites, run_pass
+from .graph.report import Explanation, Refusal
 from .op import config, context_parallel
 
 log = logging.getLogger("based_compile")
@@ -111,6 +111,24 @@ def _refuse_context_parallel(compiled, report: Explanation):
     return run
 
 
+# Exceptions an inner compiler raises to make Dynamo restart or skip, which must reach Dynamo.
+_RESTARTS = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame, torch._dynamo.exc.ResetRequired)
+
+
+def _compile_unrewritten(gm: fx.GraphModule, result: Rewritten, compile_inner, err: Exception):
+    """The inner compiler rejected the rewritten graph: compile Dynamo's graph as it was, warn, and
+    record the sites so that explain() refuses them with the reason (and later graphs leave them)."""
+    why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    reason = (f"the inner compiler rejected the rewritten graph ({why}); the graph was compiled "
+              "unrewritten")
+    log.warning("based_compile: %s at %s", reason, ", ".join(result.sources),
+                exc_info=log.isEnabledFor(logging.DEBUG))
+    reject_sites(result.sources, reason)
+    gm.graph = result.original
+    gm.recompile()
+    return compile_inner(gm), reason
+
+
 def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", verify: bool = True):
     """A configured ``based`` backend for ``torch.compile(model, backend=based_compile.backend(...))``."""
     if not isinstance(rewrite, bool):
@@ -131,9 +149,19 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
         against context parallelism when attention was refused."""
         report = Explanation()
         result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
-        compiled = compile_rest(gm if result is None else result[0])
-        baked = [] if result is None else result[1]
-        compiled = guard_buffers(compiled, baked, example_inputs) if baked else compiled
+        if result is None:
+            compiled = compile_rest(gm)
+        else:
+            try:
+                compiled = compile_rest(result.gm)
+            except _RESTARTS:         # Dynamo's own control flow (restart the analysis), not a failure
+                raise
+            except Exception as err:  # the last line of defence: the model compiles, unrewritten
+                compiled, reason = _compile_unrewritten(gm, result, compile_rest, err)
+                for source in result.sources:
+                    report.add_refusal(Refusal(source, "unsupported", reason))
+            else:
+                compiled = guard_buffers(compiled, result.baked, example_inputs) if result.baked else compiled
         return _refuse_context_parallel(compiled, report) if report.refusals else compiled
 
     def based(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):

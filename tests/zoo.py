@@ -1033,3 +1033,113 @@ ACCEPTED = [e for e in ZOO if e.accepted]
 REFUSED = [e for e in ZOO if not e.accepted]
 BY_NAME = {e.name: e for e in ZOO}
 AXES = AXES + ("inplace:normaliser", "inplace:polynomial")
+
+
+# --------------------------------------------------------------------------- forms (issue 13, `forms`)
+#
+# Exact forms that were refused: each spelling is a class the pass canonicalises (scores of the
+# swapped operands transposed back, polynomials read by evaluating them, constant fills whatever
+# their spelling, identity dropout), each with a near-miss twin that changes one thing.
+
+
+class Spelled(nn.Module):
+    """The function of ``poly_taylor`` (s = q.k / sqrt(Dk), f = 1 + s + s^2 / 2, causal, row-sum
+    normaliser) spelled one other way (``spelling``), or a near-miss of that spelling.
+
+    Accepted: "kqT" ((k @ q.mT).mT), "addcmul" (torch.addcmul(1 + s, s, s, value=0.5)), "horner"
+    (1 + s * (1 + 0.5 * s)), "chain" (s.pow(2).mul(0.5).add(s).add(1.0)), "lerp" (torch.lerp of two
+    polynomials), "where_zeros_like" / "where_full_like" / "where_new_zeros" / "where_zero_times"
+    (torch.where(keep, a, <a zero fill>)), "dropout_p0" (F.dropout(a, p=0.0)), "dropout_eval"
+    (F.dropout(a, p=0.1, training=False)), "float_tril" (a * tril(ones(T, T))).
+    Near-misses: "kqT_masked_first" (the mask applied before the transpose: anti-causal),
+    "addcmul_cubic", "horner_cubic" (a third-order term), "chain_sigmoid" (sigmoid of the chain: not
+    a polynomial), "lerp_cubic", "where_ones_like" / "where_full_like_one" / "where_new_ones" /
+    "where_half_times" (masked entries are not 0), "dropout_p0_cubic", "dropout_eval_shifted",
+    "float_tril_half" (0.5 above the diagonal).
+    """
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, q, k, v):
+        c, t = self.spelling, q.shape[-2]
+        keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=q.device),
+                          diagonal=-1 if c == "dropout_eval_shifted" else 0)
+        scale = 1 / math.sqrt(q.shape[-1])
+        if c.startswith("kqT"):
+            s = (k @ q.mT) * scale
+            if c == "kqT_masked_first":
+                a = (1 + s + 0.5 * s * s).masked_fill(~keep, 0.0).mT
+                return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+            s = s.mT
+        else:
+            s = (q @ k.mT) * scale
+        if c == "addcmul":
+            a = torch.addcmul(1 + s, s, s, value=0.5)
+        elif c == "addcmul_cubic":
+            a = torch.addcmul(1 + s + 0.5 * s * s, s * s, s, value=1 / 6)
+        elif c == "horner":
+            a = 1 + s * (1 + 0.5 * s)
+        elif c == "horner_cubic":
+            a = 1 + s * (1 + s * (0.5 + s / 6))
+        elif c == "chain":
+            a = s.pow(2).mul(0.5).add(s).add(1.0)
+        elif c == "chain_sigmoid":
+            a = s.pow(2).mul(0.5).add(s).add(1.0).sigmoid()
+        elif c == "lerp":
+            a = torch.lerp(1 + s, 1 + s + s * s, 0.5)
+        elif c == "lerp_cubic":
+            a = torch.lerp(1 + s, 1 + s + s * s * s, 0.5)
+        else:
+            a = 1 + s + 0.5 * s ** 2
+        if c in ("dropout_p0_cubic",):
+            a = a + s ** 3 / 6
+        if c.startswith("where_"):
+            fill = {"where_zeros_like": lambda: torch.zeros_like(a), "where_ones_like": lambda: torch.ones_like(a),
+                    "where_full_like": lambda: torch.full_like(a, 0), "where_full_like_one": lambda: torch.full_like(a, 1),
+                    "where_new_zeros": lambda: a.new_zeros(a.shape), "where_new_ones": lambda: a.new_ones(a.shape),
+                    "where_zero_times": lambda: 0 * a, "where_half_times": lambda: 0.5 * a}[c]()
+            a = torch.where(keep, a, fill)
+        elif c.startswith("float_tril"):
+            ones = torch.ones(t, t, dtype=a.dtype, device=a.device)
+            a = a * (torch.tril(ones) if c == "float_tril" else torch.tril(ones) + 0.5 * torch.triu(ones, 1))
+        else:
+            a = a.masked_fill(~keep, 0.0)
+        if c.startswith("dropout_p0"):
+            a = F.dropout(a, p=0.0)
+        elif c.startswith("dropout_eval"):
+            a = F.dropout(a, p=0.1, training=False)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _forms_family() -> list[Entry]:
+    spec = Accept(scale=DK ** -0.5)
+    pairs = [  # (accepted spelling, its axes, near-miss spelling, refusal category)
+        ("kqT", ("matmul:swapped_transposed",), "kqT_masked_first", "mask"),
+        ("addcmul", ("poly:addcmul",), "addcmul_cubic", "polynomial"),
+        ("horner", ("poly:horner",), "horner_cubic", "polynomial"),
+        ("chain", ("poly:method_chain",), "chain_sigmoid", "polynomial"),
+        ("lerp", ("poly:evaluated",), "lerp_cubic", "polynomial"),
+        ("where_zeros_like", ("fill:zeros_like",), "where_ones_like", "mask"),
+        ("where_full_like", ("fill:full_like",), "where_full_like_one", "mask"),
+        ("where_new_zeros", ("fill:new_zeros",), "where_new_ones", "mask"),
+        ("where_zero_times", ("fill:zero_times",), "where_half_times", "mask"),
+        ("dropout_p0", ("dropout:p0",), "dropout_p0_cubic", "polynomial"),
+        ("dropout_eval", ("dropout:eval",), "dropout_eval_shifted", "mask"),
+        ("float_tril", ("mask:float_tril_mul",), "float_tril_half", "mask"),
+    ]
+    entries = []
+    for accepted, axes, miss, category in pairs:
+        entries.append(Entry(f"spelled_{accepted}", qkv_module(Spelled, accepted), spec, axes))
+        entries.append(Entry(f"spelled_{accepted}__{miss}", qkv_module(Spelled, miss), Refuse(category),
+                             twin=f"spelled_{accepted}"))
+    return entries
+
+
+_FORMS = _forms_family()
+ZOO += _FORMS
+ACCEPTED += [e for e in _FORMS if e.accepted]
+REFUSED += [e for e in _FORMS if not e.accepted]
+BY_NAME.update({e.name: e for e in _FORMS})
+AXES += tuple(dict.fromkeys(a for e in _FORMS for a in e.axes))

@@ -222,6 +222,39 @@ def scalar_value(gm: fx.GraphModule, arg) -> float | None:
     return None
 
 
+# Tensors filled with one value whatever their shape: the value is the fill argument's position.
+_FILL_ARG = {aten.zeros_like.default: 0.0, aten.zeros.default: 0.0, aten.new_zeros.default: 0.0,
+             aten.ones_like.default: 1.0, aten.ones.default: 1.0, aten.new_ones.default: 1.0,
+             aten.full_like.default: 1, aten.full.default: 1, aten.new_full.default: 2,
+             aten.scalar_tensor.default: 0, aten.fill.Scalar: 1}
+
+
+def fill_value(gm: fx.GraphModule, arg) -> float | None:
+    """The one value every element of ``arg`` holds, whatever spelling made it, or None.
+
+    Constant fills are constants: a scalar (``scalar_value``), ``zeros_like(a)``, ``full_like(a, 0)``,
+    ``a.new_zeros(...)``, ``torch.zeros(...)`` (through views, copies and casts), and ``0 * a``
+    (0 for every finite a; an infinite or NaN a gives NaN in eager).
+    """
+    value = scalar_value(gm, arg)
+    if value is not None or not isinstance(arg, fx.Node):
+        return value
+    node = arg
+    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    if node.op != "call_function":
+        return None
+    where = _FILL_ARG.get(node.target)
+    if isinstance(where, float):
+        return where
+    if isinstance(where, int):
+        return scalar_value(gm, node.args[where]) if len(node.args) > where else None
+    if node.target is aten.mul.Tensor:
+        if any(fill_value(gm, a) == 0.0 for a in node.args[:2]):
+            return 0.0
+    return None
+
+
 _SCALE_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
 
 
@@ -337,9 +370,35 @@ def _target_name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
+_DROPOUT_SIGNATURES = {            # function -> names of (p, training) in its signature, with defaults
+    torch.nn.functional.dropout: (("p", 1, 0.5), ("training", 2, True)),
+    torch.dropout: (("p", 1, None), ("train", 2, None)),
+    torch.nn.functional.alpha_dropout: (("p", 1, 0.5), ("training", 2, False)),
+    torch.nn.functional.feature_alpha_dropout: (("p", 1, 0.5), ("training", 2, False)),
+}
+
+
+def identity_dropout(node: fx.Node) -> bool:
+    """True for a dropout call of Dynamo's graph that is the identity: p = 0, or not training
+    (``F.dropout(a, p=0.0)``, ``nn.Dropout`` in eval mode). A dropout with p > 0 in training is
+    random and stays out of every region."""
+    if node.op != "call_function" or node.target not in _DROPOUT_SIGNATURES:
+        return False
+    values = []
+    for name, position, default in _DROPOUT_SIGNATURES[node.target]:
+        value = node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
+        if isinstance(value, fx.Node) or value is None:
+            return False
+        values.append(value)
+    p, training = values
+    return isinstance(p, (int, float)) and (float(p) == 0.0 or training is False)
+
+
 def _eligible(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method", "get_attr"):
         return False
+    if identity_dropout(node):
+        return True
     if node.op == "call_function":
         if node.target in _STATEFUL_TARGETS or isinstance(node.target, torch._ops.HigherOrderOperator):
             return False

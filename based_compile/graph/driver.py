@@ -9,8 +9,10 @@ pass never stops a model from compiling: the graph is then left unchanged, with 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -21,6 +23,7 @@ from .canonicalize import (attention_region, example_value, extract_region, hint
                            same_value_source)
 from .evaluate import GraphEvaluator
 from .inplace import OutputAliased, Storages, plan_output, written_before_output
+from .lookalike import unexplained
 from .inputs import BakedBuffer, baked_buffers, region_inputs
 from .match import Matcher, find_matches
 from .precision import lossy_round_trip
@@ -35,6 +38,26 @@ log = logging.getLogger("based_compile")
 
 # Seconds spent in the pass itself (lowering, matching, probing, rewriting), for benchmarks.
 pass_seconds = 0.0
+
+# Sites whose rewritten graph the inner compiler rejected (source -> reason): the backend compiled
+# those graphs unrewritten (``backend.py``); later passes refuse these sites with the reason, so
+# explain() reports them and a recompilation does not try again.
+REJECTED_BY_INNER: dict[str, str] = {}
+
+
+class Rewritten(NamedTuple):
+    """What ``run_pass`` returns when it rewrote sites."""
+
+    gm: fx.GraphModule                  # Dynamo's graph module, rewritten in place
+    baked: list[BakedBuffer]            # buffers whose values the rewrite relied on (buffer_guard)
+    original: fx.Graph                  # a copy of Dynamo's graph before the rewrite
+    sources: list[str]                  # the user's lines of the rewritten sites
+
+
+def reject_sites(sources: list[str], reason: str) -> None:
+    """Record that the inner compiler rejected the graph with these sites rewritten."""
+    for source in sources:
+        REJECTED_BY_INNER[source] = reason
 
 
 def _kernel_description(spec, q_node, k_node, v_node) -> str:
@@ -56,11 +79,12 @@ def _unsupported_reason(site) -> str | None:
 
 
 def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
-             report: Explanation | None = None) -> tuple[fx.GraphModule, list[BakedBuffer]] | None:
+             report: Explanation | None = None) -> Rewritten | None:
     """Find, verify and (if ``rewrite``) rewrite Based attention in Dynamo's graph ``gm``.
 
     Returns ``gm`` rewritten in place with the graph inputs (registered buffers) whose values the
-    rewrite relied on (``buffer_guard``), or None when nothing was rewritten.
+    rewrite relied on (``buffer_guard``) and a copy of the graph before the rewrite (``Rewritten``),
+    or None when nothing was rewritten.
     """
     global pass_seconds
     start = time.perf_counter()
@@ -77,10 +101,23 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
         if found is None:
             return None
         settled, steps, to_dynamo, region, baked = found
+        original = _copy_graph(gm.graph)
+        sources = [source_of(site.match.anchor) for site in settled]
         rewrite_recurrent_steps(gm, steps, to_dynamo)
-        return rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked
+        return Rewritten(rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked, original, sources)
     finally:
         pass_seconds += time.perf_counter() - start
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` that an inner compiler takes for the original: nodes with their meta and
+    the attributes Dynamo sets on them (``_dynamo_source`` on placeholders)."""
+    copied = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, copied.nodes, strict=True):      # graph_copy keeps the order
+        for name, value in vars(old).items():
+            if name not in vars(new):
+                setattr(new, name, value)
+    return copied
 
 
 def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None):
@@ -106,8 +143,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
     matcher = Matcher(aten_gm, evaluator, variable)
     storages = Storages(gm)
-    settled = []
+    settled, answered = [], set()
     for result, node in find_matches(matcher):
+        answered.add(node)
         if isinstance(result, Refused):
             _refuse(result, report)
             continue
@@ -126,6 +164,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             if missing:
                 raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
                                              "decomposed operation, not values of the model's graph", result.output)
+            rejected = REJECTED_BY_INNER.get(source_of(result.anchor))
+            if rejected is not None:
+                raise Refused("unsupported", rejected, result.output)
             written = written_before_output(gm, site, to_dynamo, storages)
             if written:
                 raise Refused("unsupported", f"{written} writes in place into a tensor the site reads before "
@@ -146,6 +187,11 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
     steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, rewrite=rewrite, report=report)
+    for node in aten_gm.graph.nodes if not steps else ():   # a lookalike no reader answered: a refusal
+        if node.op == "call_function" and node.target is torch.ops.aten.bmm.default and node not in answered:
+            why = unexplained(aten_gm, node, to_dynamo)
+            if why is not None:
+                _refuse(Refused("unsupported", why, node), report)
     if not (settled or steps) or not rewrite:
         return None
     return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)

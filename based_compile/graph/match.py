@@ -28,7 +28,7 @@ import torch.fx as fx
 from . import mask as masks
 from . import polynomial
 from .candidate import Match, Weights, pick_output, view_chain
-from .canonicalize import (VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
+from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import pair_feature_maps, read_feature_map
@@ -179,8 +179,8 @@ class Matcher:
             ai, aj = (track_axis(node, a) for a in w.axes)
             if ai is None or aj is None:
                 raise NotACandidate("a view merges or splits the [T, T] axes of the weights")
-            if ai > aj:
-                raise Refused("unsupported", "the weights are transposed (keys on the query axis)", node)
+            if ai > aj:      # (k @ q.mT).mT: the scores of the swapped operands, transposed back
+                return _swapped(replace(w, shape=hint_shape(node), axes=(aj, ai)))
             return replace(w, shape=hint_shape(node), axes=(ai, aj))
         scaled = scalar_factor(self.gm, node)
         if scaled is not None:
@@ -201,7 +201,7 @@ class Matcher:
             return self._row_normalised(node, args[0], args[1], divide=True)
         if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             w = self.weights(args[0])
-            fill = scalar_value(self.gm, args[2])
+            fill = fill_value(self.gm, args[2])
             if fill is None or fill != 0.0:
                 cat = "unsupported" if fill is not None and fill == float("-inf") else "mask"
                 raise Refused(cat, f"masked_fill with {args[2]!r}, not 0 (softmax-style masking)" if cat ==
@@ -217,7 +217,7 @@ class Matcher:
                     continue
                 if w is None:
                     continue
-                if scalar_value(self.gm, other) != 0.0:
+                if fill_value(self.gm, other) != 0.0:
                     raise Refused("mask", f"torch.where fills masked weights with {other!r}, not 0", node)
                 w = self._broadcast(node, w)
                 return self._mask(w, self._keep_of(cond, w, invert, node), cond)
@@ -238,7 +238,50 @@ class Matcher:
                 raise NotACandidate(f"{target} of something that is not attention scores") from None
             raise Refused("unsupported", "softmax attention (exp of the scores): not Based's polynomial "
                                          "kernel, left to the inner compiler", node)
+        if torch.Tag.pointwise in getattr(target, "tags", ()):
+            return self._read_pointwise(node)
         raise NotACandidate(f"unsupported op {target}")
+
+    def _read_pointwise(self, node: fx.Node) -> Weights:
+        """Any elementwise function of the weights of one score matrix (and of scalars), read by
+        evaluating it: ``addcmul``, ``addcdiv``, ``lerp``, ... P is fitted through probe values of
+        q.k (``polynomial.fit``); a function that is not a polynomial is refused."""
+        value = example_value(node)
+        if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
+            raise NotACandidate(f"{node.target} does not compute weights (not floating point)")
+        weights, seen = [], {}
+        for arg in node.all_input_nodes:
+            if arg in seen or scalar_value(self.gm, arg) is not None:
+                continue
+            w = self.weights(arg)          # NotACandidate: not a function of the weights alone
+            _not_normalised(w)
+            seen[arg] = w
+            weights.append(w)
+        if not weights:
+            raise NotACandidate("no weights among the operands")
+        first = weights[0]
+        if any(w.q is not first.q or w.k is not first.k for w in weights):
+            raise NotACandidate(f"{node.target} of weights of different scores")
+        if any(w.keep is not None or w.junk for w in weights):
+            raise Refused("mask", f"{node.target} applied to masked weights: the masked entries become "
+                                  f"{node.target} of 0, not 0", node)
+        broadcast = [self._broadcast(node, w) for w in weights]
+        if any(w.axes != broadcast[0].axes for w in broadcast):
+            raise NotACandidate("operands with different [T, T] axes")
+
+        def at(x: float) -> float:
+            probe = {arg: torch.tensor(_evaluate(w.poly, x), dtype=torch.float64) for arg, w in seen.items()}
+            args = fx.node.map_arg(node.args, lambda n: probe.get(n, scalar_value(self.gm, n)))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: probe.get(n, scalar_value(self.gm, n)))
+            return float(node.target(*args, **kwargs))
+
+        poly = polynomial.fit(at)
+        if poly is None:
+            raise Refused("polynomial", f"{node.target} of the scores is not a polynomial in q.k (read by "
+                                        f"evaluating it at {len(polynomial.FIT_POINTS)} points)", node)
+        s_scale = next((w.s_scale for w in weights if w.s_scale is not None), None)
+        return replace(broadcast[0], poly=poly, s_scale=s_scale,
+                       buffers=frozenset().union(*(w.buffers for w in weights)))
 
     def _read_add(self, node: fx.Node) -> Weights:
         target, args = node.target, node.args
@@ -447,6 +490,25 @@ def _intersect(a: masks.Keep, b: masks.Keep) -> masks.Keep:
         return a & b
     except masks.MaskError as err:
         raise Refused("mask", str(err)) from err
+
+
+def _evaluate(poly: polynomial.Poly, x: float) -> float:
+    return sum(c * x ** i for i, c in enumerate(poly))
+
+
+def _swapped(w: Weights) -> Weights:
+    """Weights read with the query and key axes swapped: element [j, i] of P(k_j . q_i) is element
+    [i, j] of P(q_i . k_j), so q and k trade roles (unmasked weights only: a mask applied before the
+    transpose is refused)."""
+    if w.row_normalised is not None:
+        raise Refused("normaliser", "the weights are transposed after their rows were normalised: the "
+                                    "normaliser sums over the query axis")
+    if w.keep is not None or w.junk:
+        raise Refused("mask", "the weights are masked before they are transposed (the mask is read on the "
+                              "keys' axis as the queries')")
+    if w.tk is not None:
+        raise NotACandidate("transposed weights of queries and keys of different lengths")
+    return replace(w, q=w.k, k=w.q, k_alternatives=())
 
 
 def _not_normalised(w: Weights) -> None:
