@@ -181,10 +181,12 @@ def inplace_poly_weights(q, k, v):
 
 
 def polynomial_read_by_other_code(q, k, v):
-    """The issue's reproducer: another site is rewritten; ``a`` (built in place) is still read."""
+    """The issue's reproducer: another site is rewritten; ``a`` (built in place) is still read. (The
+    issue filled with ``torch.zeros_like(a)``, which is now read as 0 and rewritten too, leaving ``a``
+    dead; a fill of 0.5 keeps the weights a refused near-miss, read by surviving code.)"""
     s, a = inplace_poly_weights(q, k, v)
     i = torch.arange(q.size(2))
-    a = torch.where(i[:, None] >= i[None, :], a, torch.zeros_like(a))
+    a = torch.where(i[:, None] >= i[None, :], a, torch.full_like(a, 0.5))
     o_twin = (2.0 + s + 0.25 * s * s) @ v
     return a @ v + 0.5 * o_twin
 
