@@ -118,7 +118,27 @@ def _e2e(data: dict) -> str:
             f"{run['tokens']} tokens a step, medians of {run['reps']}:\n\n" + "\n".join(lines))
 
 
-RENDERERS = {"kernels": _kernels, "e2e": _e2e}
+# ----------------------------------------------------------------------------------------- distributed
+
+def _distributed(data: dict) -> str:
+    head = ["dtype", "T", "run", "step ms", "efficiency", "max abs loss diff", "based::attention calls per forward"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in data["rows"]:
+        step = f"{r['step_s'] * 1e3:.1f}" if r.get("step_s") is not None else r.get("status", "not run")
+        eff = f"{r['efficiency']:.2f}" if r.get("efficiency") is not None else ""
+        diff = f"{r['max_loss_diff']:.1e}" if r.get("max_loss_diff") is not None else ""
+        calls = str(r["based_calls"]) if r.get("based_calls") is not None else ""
+        lines.append("| " + " | ".join([r["dtype"], str(r["T"]), r["run"], step, eff, diff, calls]) + " |")
+    m = data["model"]
+    meta = dict(device=data["device"], date=data["date"], torch=data["torch"], triton=data["triton"],
+                _name=data["_name"], command=data["command"])
+    return (_caption(meta, data["command"]) + f" Naive Based LM ({m['n_layers']} layers, d_model {m['d_model']}, "
+            f"{m['n_heads']} heads, short convs), per-GPU batch {data['per_gpu_batch']}, DDP buckets "
+            f"{data['ddp_bucket_cap_mb']} MB; efficiency = step time of one GPU at the per-GPU batch / step time "
+            "of the wrapped run on all GPUs:\n\n" + "\n".join(lines))
+
+
+RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed}
 
 
 def load(name: str) -> dict:
