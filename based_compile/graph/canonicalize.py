@@ -160,8 +160,11 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
 
     # The Python dispatcher keeps size queries symbolic (as AOTAutograd does): without it a
     # dynamic length would be specialised to the example's.
+    # decomposition_table={}: torch >= 2.14's make_fx otherwise records ``detach`` as ``aten.alias``,
+    # a plain view, and the pass read a ``.detach()``ed normaliser as differentiable (gradients of q
+    # and k off by 0.6-0.9); an explicit table, even empty, keeps ``aten.detach`` (torch 2.13 always did).
     with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
-        lowered = make_fx(run, tracing_mode="real")(*fake_args)
+        lowered = make_fx(run, tracing_mode="real", decomposition_table={})(*fake_args)
     _drop_full_slices(lowered)
     return lowered
 
