@@ -48,6 +48,7 @@ import triton.language as tl
 
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
+from .launch import bhtd_strides, dot_precision, new_buffer, scaled_coefficients
 from .parallel import _parallel_bwd_prep_kernel
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -591,23 +592,12 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
     check_kernel_device(q)
 
 
-def _bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
-    sb, s1, s2, sd = x.stride()
-    return (sb, s1, s2, sd) if layout == "BHTD" else (sb, s2, s1, sd)
 
 
-def _new_buffer(shape, dtype, device) -> torch.Tensor:
-    x = torch.empty(shape, dtype=dtype, device=device)
-    return x.fill_(float("nan")) if POISON_OUTPUTS else x
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _coefficients(args: BasedArguments) -> tuple[float, float, float]:
-    c0, c1, c2 = args.coeffs
-    return c0, c1 * args.scale, c2 * args.scale * args.scale
 
 
 def state_bytes(args: BasedArguments, cfg: ChunkedConfig) -> int:
@@ -625,7 +615,7 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
     w = nf * (args.dv + 1)
     bhk = args.batch * args.kv_heads
     st = _new_buffer((bhk, ns + 1, w), torch.float32, x.device)
-    c0, c1, c2 = _coefficients(args)
+    c0, c1, c2 = scaled_coefficients(args)
     # causal: the last segment's total (keys) or the first's (queries) is read by no one
     n_in = ns - 1 if args.causal else ns
     s_off = 1 if args.causal and not keys else 0
@@ -634,7 +624,7 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
             x, y, dz, st, *x_strides, *y_strides,
             args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w, s_off,
             c0, c1, c2, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-            KEYS=keys, NORMALIZE=args.normalize, PRECISION=_precision(x.dtype), MODE=cfg.features,
+            KEYS=keys, NORMALIZE=args.normalize, PRECISION=dot_precision(x.dtype), MODE=cfg.features,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     block = 1024
@@ -645,18 +635,18 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
 
 def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
     b, h, t = args.batch, args.heads, args.length
-    ks, vs = _bhtd_strides(k, args.layout), _bhtd_strides(v, args.layout)
+    ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
     st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)
     o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)
     z = _new_buffer((b, h, t), torch.float32, q.device) if args.normalize else o
-    c0, c1, c2 = _coefficients(args)
+    c0, c1, c2 = scaled_coefficients(args)
     grid = (ns, triton.cdiv(args.dv, cfg.bv), b * h)
     _chunked_fwd_kernel[grid](
         q, k, v, o, z, st,
-        *_bhtd_strides(q, args.layout), *ks, *vs, *_bhtd_strides(o, args.layout),
+        *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
         t, h, args.group, args.dk, args.dv, cfg.seg, ns, w, c0, c1, c2, args.eps,
         BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype), MODE=cfg.features,
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), MODE=cfg.features,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, (z if args.normalize else None)
@@ -677,37 +667,37 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
         bv = _pow2(dv_)
         prep_bt = 32 if bv > 128 else 64
         _parallel_bwd_prep_kernel[(triton.cdiv(t, prep_bt), b * h)](
-            o, do, z, dn, dz, *_bhtd_strides(o, args.layout), *_bhtd_strides(do, args.layout),
+            o, do, z, dn, dz, *bhtd_strides(o, args.layout), *bhtd_strides(do, args.layout),
             t, h, args.eps, DV=dv_, BV=bv, BT=prep_bt, num_warps=4,
         )
         dn_strides = dn.stride()
     else:
         dn, dz = do, do                                                 # dz unused
-        dn_strides = _bhtd_strides(do, args.layout)
-    qs, ks, vs = (_bhtd_strides(x, args.layout) for x in (q, k, v))
+        dn_strides = bhtd_strides(do, args.layout)
+    qs, ks, vs = (bhtd_strides(x, args.layout) for x in (q, k, v))
     st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)               # S_{<s}, recomputed
     rt, _, _ = _states(q, dn, dz, args, cfg, False, qs, dn_strides)     # R_{>s}
     n_v = triton.cdiv(dv_, cfg.bv)
     if n_v == 1:
         dq = _new_buffer(q.shape, q.dtype, dev)
-        dq_target, dq_strides = dq, (0, *_bhtd_strides(dq, args.layout))
+        dq_target, dq_strides = dq, (0, *bhtd_strides(dq, args.layout))
         dk = _new_buffer(k.shape, k.dtype, dev)
-        dk_target, dk_strides = dk, (0, *_bhtd_strides(dk, args.layout))
+        dk_target, dk_strides = dk, (0, *bhtd_strides(dk, args.layout))
     else:                                   # partial sums over value blocks, in float32
         dq_target = _new_buffer((n_v, b, h, t, dk_), torch.float32, dev)
         dk_target = _new_buffer((n_v, b, hk, t, dk_), torch.float32, dev)
         dq_strides, dk_strides = dq_target.stride(), dk_target.stride()
     dv = _new_buffer(v.shape, v.dtype, dev)
-    c0, c1, c2 = _coefficients(args)
+    c0, c1, c2 = scaled_coefficients(args)
     common = dict(BT=cfg.bt, BK=_pow2(dk_), BV=cfg.bv,
-                  CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype), MODE=cfg.features,
+                  CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), MODE=cfg.features,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _chunked_dq_kernel[(ns, n_v, b * h)](
         q, k, v, dn, dz, dq_target, st, *qs, *ks, *vs, *dn_strides, *dq_strides,
         t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
     _chunked_dkv_kernel[(ns, n_v, b * hk)](
         q, k, v, dn, dz, dk_target, dv, rt, *qs, *ks, *vs, *dn_strides, *dk_strides,
-        *_bhtd_strides(dv, args.layout),
+        *bhtd_strides(dv, args.layout),
         t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
     if n_v > 1:
         dq, dk = dq_target.sum(0).to(q.dtype), dk_target.sum(0).to(k.dtype)
@@ -739,3 +729,7 @@ def chunked_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, norm
     """
     args = check_chunked_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
     return BasedKernelFunction.apply(q, k, v, args, chunked_forward, chunked_backward)
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    return new_buffer(shape, dtype, device, poison=POISON_OUTPUTS)

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
+from .launch import bhtd_strides, dot_precision, new_buffer
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DK = 32                  # the states S2 [BK*BK, BV] live in registers: Dk <= 32 keeps them there
@@ -408,20 +409,10 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
     check_kernel_device(q)
 
 
-def _bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
-    sb, s1, s2, sd = x.stride()
-    return (sb, s1, s2, sd) if layout == "BHTD" else (sb, s2, s1, sd)
 
 
-def _new_buffer(shape, dtype, device) -> torch.Tensor:
-    x = torch.empty(shape, dtype=dtype, device=device)
-    return x.fill_(float("nan")) if POISON_OUTPUTS else x
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 operands: exact float32 dots (no tf32). Half operands ignore the setting.
-    # (The normaliser's float32 dots are always exact: as tf32 they made the H100 forward 20% slower.)
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig):
@@ -432,11 +423,11 @@ def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig):
     c0, c1, c2 = args.coeffs
     _fused_chunk_fwd_kernel[grid](
         q, k, v, o, z,
-        *_bhtd_strides(q, args.layout), *_bhtd_strides(k, args.layout),
-        *_bhtd_strides(v, args.layout), *_bhtd_strides(o, args.layout),
+        *bhtd_strides(q, args.layout), *bhtd_strides(k, args.layout),
+        *bhtd_strides(v, args.layout), *bhtd_strides(o, args.layout),
         t, h, args.group, args.dk, args.dv,
         args.scale, c0, c1, c2, args.eps,
-        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype),
         BT=cfg.bt, BK=_block_k(args.dk), BV=cfg.bv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -463,7 +454,7 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
     # dq: straight into q's dtype and layout when one value block holds all of Dv
     if n_v == 1:
         dq = _new_buffer(q.shape, q.dtype, dev)
-        dq_strides = (0, *_bhtd_strides(dq, args.layout))
+        dq_strides = (0, *bhtd_strides(dq, args.layout))
     else:
         dq_buf = _new_buffer((n_v, b, h, t, dk_), torch.float32, dev)
         dq_strides = dq_buf.stride()
@@ -472,8 +463,8 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
     if direct_kv:
         dk = _new_buffer(k.shape, k.dtype, dev)
         dv = _new_buffer(v.shape, v.dtype, dev)
-        dk_strides = (0, *_bhtd_strides(dk, args.layout))
-        dv_strides = _bhtd_strides(dv, args.layout)
+        dk_strides = (0, *bhtd_strides(dk, args.layout))
+        dv_strides = bhtd_strides(dv, args.layout)
         dk_target, dv_target = dk, dv
     else:
         dk_target = _new_buffer((n_v, b, h, t, dk_), torch.float32, dev)
@@ -481,10 +472,10 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
         dk_strides, dv_strides = dk_target.stride(), dv_target.stride()
     c0, c1, c2 = args.coeffs
     grid = (n_v, b * h)
-    common = dict(CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_precision(q.dtype),
+    common = dict(CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype),
                   BT=cfg.bt, BK=_block_k(dk_), BV=cfg.bv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    in_strides = (*_bhtd_strides(q, args.layout), *_bhtd_strides(k, args.layout),
-                  *_bhtd_strides(v, args.layout), *_bhtd_strides(do, args.layout))
+    in_strides = (*bhtd_strides(q, args.layout), *bhtd_strides(k, args.layout),
+                  *bhtd_strides(v, args.layout), *bhtd_strides(do, args.layout))
     _fused_chunk_bwd_dq_kernel[grid](
         q, k, v, do, rz, dz, dq_target, *in_strides, *dq_strides,
         t, h, args.group, dk_, dv_, args.scale, c1, c2, **common)
@@ -518,3 +509,7 @@ def fused_chunk_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, 
     args = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout, dtypes=ACCEPTED_DTYPES)
     _check_supported(q, args)
     return BasedKernelFunction.apply(q, k, v, args, fused_chunk_forward, fused_chunk_backward)
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    return new_buffer(shape, dtype, device, poison=POISON_OUTPUTS)

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .arguments import DEFAULT_COEFFS, BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
+from .launch import bhtd_strides, dot_precision, scaled_coefficients
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backward scheme: False = separate dq and dk/dv kernels (deterministic); True = dq added
@@ -402,20 +403,10 @@ def launch_configs(args: BasedArguments, dtype: torch.dtype = torch.bfloat16) ->
             "dkv": LaunchConfig(64, 32, 8, 1), "dkv_atomic": LaunchConfig(64, 32, 8, 1)}
 
 
-def _bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
-    sb, s1, s2, sd = x.stride()
-    return (sb, s1, s2, sd) if layout == "BHTD" else (sb, s2, s1, sd)
 
 
-def _dot_precision(x: torch.Tensor) -> str:
-    # fp32 inputs: exact fp32 products (no tf32); 16-bit inputs: the tensor cores' native products.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _coefficients(args: BasedArguments) -> tuple[float, float, float]:
-    # f(scale * r) = c0 + (c1 scale) r + (c2 scale^2) r^2
-    c0, c1, c2 = args.coeffs
-    return c0, c1 * args.scale, c2 * args.scale * args.scale
 
 
 def _output_shape(args: BasedArguments, d: int) -> tuple[int, int, int, int]:
@@ -433,15 +424,15 @@ def parallel_forward(q, k, v, args: BasedArguments, configs: dict[str, LaunchCon
     bv = min(_pow2(args.dv), 128)
     o = torch.empty(_output_shape(args, args.dv), dtype=q.dtype, device=q.device)
     z = torch.empty(b, h, t, dtype=torch.float32, device=q.device) if args.normalize else None
-    c0, c1, c2 = _coefficients(args)
+    c0, c1, c2 = scaled_coefficients(args)
     grid = (triton.cdiv(t, cfg.block_t), triton.cdiv(args.dv, bv), b * h)
     _parallel_fwd_kernel[grid](
         q, k, v, o, z if z is not None else o,
-        *_bhtd_strides(q, args.layout), *_bhtd_strides(k, args.layout), *_bhtd_strides(v, args.layout),
-        *_bhtd_strides(o, args.layout),
+        *bhtd_strides(q, args.layout), *bhtd_strides(k, args.layout), *bhtd_strides(v, args.layout),
+        *bhtd_strides(o, args.layout),
         t, h, args.group, c0, c1, c2, args.eps,
         DK=args.dk, DV=args.dv, BK=bk, BV=bv, BT=cfg.block_t, BS=cfg.block_s,
-        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=_dot_precision(q),
+        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, z
@@ -467,34 +458,34 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
         dz = torch.empty(b, h, t, dtype=torch.float32, device=do.device)           # -(do . o) / (z + eps)
         prep_bt = 32 if bv > 128 else 64
         _parallel_bwd_prep_kernel[(triton.cdiv(t, prep_bt), b * h)](
-            o, do, z, dn, dz, *_bhtd_strides(o, args.layout), *_bhtd_strides(do, args.layout),
+            o, do, z, dn, dz, *bhtd_strides(o, args.layout), *bhtd_strides(do, args.layout),
             t, h, args.eps, DV=args.dv, BV=bv, BT=prep_bt, num_warps=4,
         )
         dn_strides = dn.stride()
     else:
         dn, dz = do, do  # dz unused
-        dn_strides = _bhtd_strides(do, args.layout)
+        dn_strides = bhtd_strides(do, args.layout)
     # Contiguous whatever the inputs' strides (the kernels write through strides), as fused_chunk's:
     # the op promises contiguous gradients and would otherwise copy strided ones.
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    c0, c1, c2 = _coefficients(args)
+    c0, c1, c2 = scaled_coefficients(args)
     common = dict(DK=args.dk, DV=args.dv, BK=bk, BV=bv, CAUSAL=args.causal, NORMALIZE=args.normalize,
-                  PRECISION=_dot_precision(q))
-    qs, ks, vs = (_bhtd_strides(x, args.layout) for x in (q, k, v))
+                  PRECISION=dot_precision(q.dtype))
+    qs, ks, vs = (bhtd_strides(x, args.layout) for x in (q, k, v))
     if atomic_dq:
         dq_acc = torch.zeros(b, h, t, bk, dtype=torch.float32, device=q.device)    # [B, H, T, BK]
     else:
         dq_acc = dq  # unused by the dk/dv kernel
         cfg = cfgs["dq"]
         _parallel_dq_kernel[(triton.cdiv(t, cfg.block_t), b * h)](
-            q, k, v, dn, dz, dq, *qs, *ks, *vs, *dn_strides, *_bhtd_strides(dq, args.layout),
+            q, k, v, dn, dz, dq, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dq, args.layout),
             t, h, args.group, c1, 2.0 * c2, BT=cfg.block_t, BS=cfg.block_s, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     cfg = cfgs["dkv_atomic" if atomic_dq else "dkv"]
     _parallel_dkv_kernel[(triton.cdiv(t, cfg.block_t), b * hk)](
         q, k, v, dn, dz, dk, dv, dq_acc, *qs, *ks, *vs, *dn_strides,
-        *_bhtd_strides(dk, args.layout), *_bhtd_strides(dv, args.layout),
+        *bhtd_strides(dk, args.layout), *bhtd_strides(dv, args.layout),
         t, h, hk, args.group, c0, c1, c2, 2.0 * c2, BT=cfg.block_s, BS=cfg.block_t, **common,
         ATOMIC_DQ=atomic_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,0 +1,34 @@
+"""What every Triton launch of the Based kernels needs from its arguments.
+
+- ``bhtd_strides``: a tensor's strides in [B, H, T, D] order, whatever its layout ("BHTD" or
+  "BTHD"): the kernels index through strides, so transposed views are never copied;
+- ``dot_precision``: float32 operands take exact float32 dots ("ieee", no tf32); 16-bit ones the
+  tensor cores' native products;
+- ``scaled_coefficients``: f(scale * r) = c0 + (c1 scale) r + (c2 scale^2) r^2 in the raw q.k;
+- ``new_buffer``: an output or work buffer, filled with NaN when ``poison`` (tests set the kernel
+  modules' POISON_OUTPUTS so that an element no kernel writes shows up).
+"""
+from __future__ import annotations
+
+import torch
+
+from .arguments import BasedArguments
+
+
+def bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    sb, s1, s2, sd = x.stride()
+    return (sb, s1, s2, sd) if layout == "BHTD" else (sb, s2, s1, sd)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def scaled_coefficients(args: BasedArguments) -> tuple[float, float, float]:
+    c0, c1, c2 = args.coeffs
+    return c0, c1 * args.scale, c2 * args.scale * args.scale
+
+
+def new_buffer(shape, dtype, device, *, poison: bool) -> torch.Tensor:
+    x = torch.empty(shape, dtype=dtype, device=device)
+    return x.fill_(float("nan")) if poison else x
