@@ -306,21 +306,21 @@ def _exchange(x: Tensor, group: _Group) -> list[Tensor]:
     return parts
 
 
+def _sum(parts: list[Tensor], ranks) -> Tensor:
+    total = torch.zeros_like(parts[0])
+    for r in ranks:
+        total = total + parts[r]
+    return total
+
+
 def _before(parts: list[Tensor], rank: int, causal: bool) -> Tensor:
     """Sum over the ranks before ``rank`` (causal) or over every other rank (non-causal)."""
-    chosen = parts[:rank] if causal else parts[:rank] + parts[rank + 1:]
-    total = torch.zeros_like(parts[0])
-    for p in chosen:
-        total = total + p
-    return total
+    return _sum(parts, [r for r in range(len(parts)) if r < rank or (not causal and r != rank)])
 
 
 def _after(parts: list[Tensor], rank: int, causal: bool) -> Tensor:
-    chosen = parts[rank + 1:] if causal else parts[:rank] + parts[rank + 1:]
-    total = torch.zeros_like(parts[0])
-    for p in chosen:
-        total = total + p
-    return total
+    """Sum over the ranks after ``rank`` (causal) or over every other rank (non-causal)."""
+    return _sum(parts, [r for r in range(len(parts)) if r > rank or (not causal and r != rank)])
 
 
 def _queries(q, args: BasedArguments, dtype) -> Tensor:

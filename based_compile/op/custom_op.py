@@ -190,20 +190,12 @@ def _local_pair(kernel: str):
     return _cpu_pair(kernel.removeprefix("cpu_").removeprefix("pytorch_"))
 
 
-def _local_forward(q, kernel: str):
-    return _local_pair(kernel)[0]
-
-
-def _local_backward(q, kernel: str):
-    return _local_pair(kernel)[1]
-
-
 def _run_forward(q, k, v, args: BasedArguments, kernel: str, forward, backward) -> tuple[Tensor, Tensor]:
     if context_parallel.active():
         if args.offset:
             raise ValueError(f"based::attention under context parallelism takes q, k, v of one length (each rank's "
                              f"shard), got Tq={args.length} < Tk={args.tk} (a KV cache)")
-        o, z = context_parallel.forward(q, k, v, args, _local_forward(q, kernel))
+        o, z = context_parallel.forward(q, k, v, args, _local_pair(kernel)[0])
     else:
         o, z = forward(q, k, v, args)
     if z is None:
@@ -213,7 +205,7 @@ def _run_forward(q, k, v, args: BasedArguments, kernel: str, forward, backward) 
 
 def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str, forward, backward):
     if context_parallel.active():
-        dq, dk, dv = context_parallel.backward(q, k, v, o, z, do, args, _local_backward(q, kernel))
+        dq, dk, dv = context_parallel.backward(q, k, v, o, z, do, args, _local_pair(kernel)[1])
     else:
         dq, dk, dv = backward(q, k, v, o, z if args.normalize else None, do, args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
