@@ -35,13 +35,14 @@ LOSS_TOLERANCE = 1e-5        # float32, over --steps steps, against one process 
 EFFICIENCY_BAR = 0.9
 
 
-def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int):
+def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=CONFIGS):
     """(label, train kwargs) per run, most important first."""
     runs = []
-    for i, (dtype, seqlen) in enumerate(CONFIGS):
-        kw = dict(seqlen=seqlen, model_kwargs=MODEL, dtype=getattr(torch, dtype), steps=steps if i == 0 else timing_steps)
+    for dtype, seqlen in configs:
+        first = (dtype, seqlen) == CONFIGS[0]
+        kw = dict(seqlen=seqlen, model_kwargs=MODEL, dtype=getattr(torch, dtype), steps=steps if first else timing_steps)
         key = dict(dtype=dtype, T=seqlen)
-        if i == 0:
+        if first:
             runs.append((dict(key, run="single (global batch)"), dict(kw, mode="single", batch=per_gpu_batch * world)))
         runs.append((dict(key, run="single (per-GPU batch)"), dict(kw, mode="single", batch=per_gpu_batch)))
         for mode in ("ddp", "fsdp2"):
@@ -104,6 +105,8 @@ def main() -> None:
     p.add_argument("--per-gpu-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="steps of the float32 T=2048 runs (the loss check)")
     p.add_argument("--timing-steps", type=int, default=4, help="steps of the other runs (the first is not timed)")
+    p.add_argument("--configs", default=",".join(f"{d}:{t}" for d, t in CONFIGS),
+                   help="comma-separated dtype:T pairs, a subset of the default (the float32:2048 one is the loss check)")
     p.add_argument("--budget-s", type=float, default=None, help="start no run that would end after this many seconds")
     args = p.parse_args()
     if args.world < 2 or torch.cuda.device_count() < args.world:
@@ -111,7 +114,13 @@ def main() -> None:
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     start = time.time()
-    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps)
+    configs = []
+    for item in args.configs.split(","):
+        dtype, _, seqlen = item.partition(":")
+        if dtype not in ("float32", "bfloat16") or not seqlen.isdigit():
+            p.error(f"--configs: {item!r} is not dtype:T with dtype float32 or bfloat16")
+        configs.append((dtype, int(seqlen)))
+    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs)
     deadline = start + args.budget_s if args.budget_s else None
     results = dt.run_distributed_many(args.world, "cuda", [kw for _, kw in runs], deadline=deadline)
     layers = MODEL["n_layers"]
@@ -129,7 +138,7 @@ def main() -> None:
     data = {"device": f"{args.world}x {torch.cuda.get_device_name()}", "world": args.world,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
             "model": MODEL, "per_gpu_batch": args.per_gpu_batch, "ddp_bucket_cap_mb": dt.DDP_BUCKET_CAP_MB,
-            "command": "python benchmarks/distributed.py --world " + str(args.world), "seconds": time.time() - start,
+            "command": "python " + " ".join(sys.argv), "seconds": time.time() - start,
             "rows": rows, "table": text}
     with open(os.path.join(args.out, "distributed.json"), "w") as f:
         json.dump(data, f, indent=1)

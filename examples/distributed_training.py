@@ -123,8 +123,10 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
             dist.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
+    step_times = times                  # in order, the first (compilation) included
     times = sorted(times[1:] or times)
-    result = dict(losses=losses, step_s=times[len(times) // 2], graphs=len(graphs), based_calls=based_calls)
+    result = dict(losses=losses, step_s=times[len(times) // 2], step_times_s=step_times, graphs=len(graphs),
+                  based_calls=based_calls)
     if explain:
         tokens = global_batch(0, batch, seqlen, model_kwargs["vocab_size"])[rank * per_rank:(rank + 1) * per_rank]
         with torch.no_grad():
