@@ -138,3 +138,38 @@ def naive_chunkwise_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=Tru
     o = o.reshape(b, h, n * chunk_size, -1)[:, :, :t]
     o = o[..., :-1] / (o[..., -1:] + a.eps) if normalize else o[..., :-1]
     return _from_bhtd(o, layout)
+
+
+def _step_features(x: torch.Tensor, pieces, factors) -> torch.Tensor:
+    # phi(x) [..., F]: cat over pieces of factor * (W ones | x | flatten(x (x) x), index a * Dk + b).
+    parts = []
+    for piece, factor in zip(pieces, factors):
+        if piece == "linear":
+            parts.append(x * factor)
+        elif piece == "outer":
+            parts.append(_outer(x) * factor)
+        elif piece.startswith("const:"):
+            parts.append(torch.full((*x.shape[:-1], int(piece[6:])), float(factor), dtype=x.dtype, device=x.device))
+        else:
+            raise ValueError(f"pieces: each must be 'const:W', 'linear' or 'outer', got {piece!r}")
+    return torch.cat(parts, dim=-1)
+
+
+def naive_recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize=True, eps=1e-6):
+    """One recurrent Based step, computed in q's dtype (float64 inputs: the float64 reference).
+
+    q, k: [..., Dk], v: [..., Dv] (R rows); kv_state R * F * Dv elements read as [R, F, Dv],
+    k_state R * F as [R, F]. Returns (o [..., Dv], kv_state' and k_state' in the states' shapes):
+    kv' = kv + phi(k)^T v, k' = k_state + phi(k), o = phi(q) kv' / (phi(q) . k' + eps) (or phi(q) kv')."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    rows = q.numel() // dk
+    dtype = q.dtype
+    pq = _step_features(q.reshape(rows, dk), pieces, q_factors)
+    pk = _step_features(k.reshape(rows, dk).to(dtype), pieces, k_factors)
+    f = pq.shape[-1]
+    kv = kv_state.reshape(rows, f, dv).to(dtype) + pk.unsqueeze(-1) * v.reshape(rows, 1, dv).to(dtype)
+    ks = k_state.reshape(rows, f).to(dtype) + pk
+    o = (pq.unsqueeze(-2) @ kv).squeeze(-2)
+    if normalize:
+        o = o / ((pq * ks).sum(-1, keepdim=True) + eps)
+    return o.reshape(*q.shape[:-1], dv), kv.reshape(kv_state.shape), ks.reshape(k_state.shape)

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from ..op import policy
 from ..op.custom_op import unsupported_reason
+from ..op.recurrent_step import describe_step
 from .canonicalize import (attention_region, example_value, extract_region, hint_shape, lower_to_aten,
                            same_value_source)
 from .evaluate import GraphEvaluator
@@ -214,8 +215,8 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Exp
             _refuse(refusal, report)
             continue
         steps.append(result)
-        entry = Site(source_of(result.anchor), result.form, spec_of(result),
-                     "PyTorch implementation of based::recurrent_step (no step kernel yet)")
+        values = [example_value(n) for n in (result.q, result.k, result.v, result.kv_state, result.k_state)]
+        entry = Site(source_of(result.anchor), result.form, spec_of(result), describe_step(*values, result.pieces))
         if report is not None:
             report.sites.append(entry)
         log.info("based_compile: Based recurrent step at %s -> based::recurrent_step (%s)%s", entry.source,

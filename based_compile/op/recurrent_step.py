@@ -15,8 +15,11 @@ graph by ``graph/feature_map.py``): phi(x) = cat over pieces of factor * piece(x
 "const:W" (W ones), "linear" (x) or "outer" (flatten(x (x) x), index a * Dk + b). q and k have one
 factor per piece each (``q_factors``, ``k_factors``).
 
-Implementation: PyTorch (device-agnostic, so CUDA tensors run it too until a step kernel exists),
-computing in float32 (float64 for float64 inputs) and rounding the states once to their dtype.
+Implementation: on CUDA the Triton kernel ``kernels/recurrent_step.py`` (phi computed on the fly, each
+state read once and written once, one program per row and block of Dv columns) for float16,
+bfloat16 and float32 with at most 4 pieces, Dk <= 128, Dv <= 256; otherwise, and on the CPU, the
+PyTorch form below. Both compute in float32 (float64 for float64 inputs) and round the states once
+to their dtype; the readout reads the states as stored.
 Not differentiable (decoding): called under grad mode with inputs that require grad it raises.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels import recurrent_step as step_kernel
 from .cpu_path import compute_dtype
 
 PIECE_KINDS = ("const", "linear", "outer")
@@ -123,6 +127,23 @@ def _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, e
     return o.contiguous(), kv.contiguous(), ks.contiguous()
 
 
+def _step_cuda(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    if step_kernel.supported(q, k, v, kv_state, k_state, pieces) is not None:
+        return _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    return step_kernel.recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+
+
+def describe_step(q, k, v, kv_state, k_state, pieces) -> str:
+    """Which implementation runs a step on tensors like these (fake ones will do), for explain()."""
+    if any(not isinstance(x, Tensor) for x in (q, k, v, kv_state, k_state)):
+        return "based::recurrent_step (Triton step kernel on CUDA, PyTorch elsewhere)"
+    if q.device.type != "cuda":
+        return f"PyTorch implementation of based::recurrent_step on {q.device.type}"
+    why = step_kernel.supported(q, k, v, kv_state, k_state, pieces)
+    return "Triton recurrent step kernel" if why is None else f"PyTorch implementation of based::recurrent_step ({why})"
+
+
 def _step_fake(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
     check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
     return (q.new_empty((*q.shape[:-1], v.shape[-1])), kv_state.new_empty(kv_state.shape),
@@ -138,7 +159,7 @@ def _step_autograd(keyset, *args):
 
 
 _LIBRARY.impl("recurrent_step", _step, "CPU")
-_LIBRARY.impl("recurrent_step", _step, "CUDA")
+_LIBRARY.impl("recurrent_step", _step_cuda, "CUDA")
 _LIBRARY.impl("recurrent_step", _step_autograd, "Autograd", with_keyset=True)
 torch.library.register_fake("based::recurrent_step", _step_fake, lib=_LIBRARY)
 _STEP = torch.ops.based.recurrent_step.default

@@ -1,0 +1,181 @@
+"""The Triton recurrent step kernel (kernels/recurrent_step.py) against the float64 reference.
+
+Every output and state buffer starts as NaN (POISON_OUTPUTS): an element the kernel forgets to write
+fails. CPU runs go through Triton's interpreter at small shapes; `-m gpu` runs the decode shapes
+(H = 16, Dk = 16, Dv = 64) in bfloat16 too, and through the operator on CUDA.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from based_compile.kernels import recurrent_step as step_kernel
+from based_compile.kernels.naive import naive_recurrent_step
+from based_compile.op.recurrent_step import based_recurrent_step
+from compare import assert_rel_close
+
+TAYLOR = ("const:1", "linear", "outer")
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    monkeypatch.setattr(step_kernel, "POISON_OUTPUTS", True)
+
+
+def _factors(dk):
+    return (1.0, dk ** -0.25, 1 / (math.sqrt(2) * math.sqrt(dk)))
+
+
+def _inputs(lead, dk, dv, f, *, dtype, state_dtype=None, device="cpu", kv_shape=None, ks_shape=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = math.prod(lead)
+    q, k = (torch.randn(*lead, dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(*lead, dv, generator=g, dtype=torch.float64)
+    # States as after some tokens: sums of features (positive k-state, so the normaliser is not near 0).
+    kv = torch.randn(rows, f, dv, generator=g, dtype=torch.float64)
+    ks = torch.rand(rows, f, generator=g, dtype=torch.float64) * 4 + 1
+    kv = kv.reshape(kv_shape or (rows, f, dv))
+    ks = ks.reshape(ks_shape or (rows, f))
+    sd = state_dtype or dtype
+    cast = [x.to(dtype) for x in (q, k, v)] + [kv.to(sd), ks.to(sd)]
+    return [x.to(device) for x in cast]
+
+
+def _check(lead, dk, dv, *, pieces=TAYLOR, factors=None, dtype=torch.float32, state_dtype=None, normalize=True,
+           device="cpu", kv_shape=None, ks_shape=None, strided=False, op=False, seed=0):
+    factors = factors or _factors(dk)
+    qf = factors
+    kf = tuple(x * 1.25 for x in factors)          # q and k factors differ
+    f = sum(1 if p == "const:1" else int(p[6:]) if p.startswith("const:") else dk if p == "linear" else dk * dk
+            for p in pieces)
+    q, k, v, kv, ks = _inputs(lead, dk, dv, f, dtype=dtype, state_dtype=state_dtype, device=device,
+                              kv_shape=kv_shape, ks_shape=ks_shape, seed=seed)
+    if strided:          # q, k, v as views with a size-1 axis moved ([B, 1, H, D] -> [B, H, 1, D])
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    kv0, ks0 = kv.clone(), ks.clone()
+    ref = naive_recurrent_step(*(x.double() for x in (q, k, v, kv, ks)), pieces, qf, kf, normalize, 1e-3)
+    if op:
+        got = based_recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)
+    else:
+        got = step_kernel.recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)
+    assert torch.equal(kv, kv0) and torch.equal(ks, ks0), "the old states must be left alone"
+    what = f"lead={lead} Dk={dk} Dv={dv} {pieces} {dtype}/{state_dtype} normalize={normalize}"
+    for name, x, r, like in zip(("o", "kv_state", "k_state"), got, ref, (q, kv, ks)):
+        assert x.shape == r.shape and x.dtype == like.dtype, f"{name}: {x.shape} {x.dtype} ({what})"
+        tol = max(TOL[dtype], TOL[like.dtype]) if name == "o" else TOL[like.dtype]
+        assert_rel_close(x, r, tol, f"{name} ({what})")
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_taylor_step(dtype, normalize):
+    _check((2, 3), 4, 5, dtype=dtype, normalize=normalize)
+
+
+def test_user_layouts_odd_sizes_and_piece_orders():
+    # states [B, H, F, Dv] and [B, H, 1, F]; Dk, Dv not powers of two; features in another order
+    _check((2, 3), 3, 7, kv_shape=(2, 3, 13, 7), ks_shape=(2, 3, 1, 13))
+    _check((1, 2), 5, 20, pieces=("outer", "const:1", "linear"), factors=(0.3, 1.5, -0.7))
+    _check((2,), 4, 3, pieces=("linear", "const:3", "outer", "linear"), factors=(0.5, 1.0, 0.2, -1.0))
+    _check((2, 1, 3), 4, 5, strided=True)
+
+
+def test_mixed_dtypes_state_in_float32():
+    _check((2, 2), 4, 6, dtype=torch.float16, state_dtype=torch.float32)
+
+
+def test_chain_of_kernel_steps_is_based_attention():
+    """Steps from zero states equal causal Based attention of all tokens so far (float32)."""
+    from based_compile.kernels.naive import naive_parallel_based
+    g = torch.Generator().manual_seed(3)
+    b, h, t, dk, dv = 1, 2, 5, 4, 6
+    q, k = (torch.randn(b, h, t, dk, generator=g) for _ in range(2))
+    v = torch.randn(b, h, t, dv, generator=g)
+    fac = _factors(dk)
+    kv, ks = torch.zeros(b, h, 21, dv), torch.zeros(b, h, 1, 21)
+    outs = []
+    for i in range(t):
+        o, kv, ks = step_kernel.recurrent_step(q[:, :, i], k[:, :, i], v[:, :, i], kv, ks, TAYLOR, fac, fac, True, 1e-6)
+        outs.append(o)
+    ref = naive_parallel_based(q.double(), k.double(), v.double(), scale=dk ** -0.5)
+    assert_rel_close(torch.stack(outs, 2), ref, 1e-5, "outputs")
+
+
+def test_kernel_limits():
+    q = torch.randn(2, 4)
+    v = torch.randn(2, 3)
+    assert step_kernel.supported(q, q, v, torch.randn(2, 21, 3), torch.randn(2, 21), TAYLOR) is None
+    assert "pieces" in step_kernel.supported(q, q, v, q, q, TAYLOR * 2)
+    assert "float64" in step_kernel.supported(q, q, v.double(), q, q, TAYLOR)
+    assert "Dk=129" in step_kernel.supported(torch.randn(2, 129), q, v, q, q, TAYLOR)
+    with pytest.raises(ValueError, match="kernel"):
+        step_kernel.recurrent_step(q.double(), q, torch.randn(2, 3), torch.randn(2, 21, 3), torch.randn(2, 21),
+                                   TAYLOR, (1,) * 3, (1,) * 3)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 16])
+def test_gpu_decode_shapes(dtype, b):
+    _check((b, 16), 16, 64, dtype=dtype, device="cuda", kv_shape=(b, 16, 273, 64), ks_shape=(b, 16, 1, 273))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_through_the_operator(dtype):
+    """based::recurrent_step on CUDA runs the kernel (values as the reference, states in the user's layout)."""
+    _check((2, 4), 16, 64, dtype=dtype, device="cuda", kv_shape=(2, 4, 273, 64), ks_shape=(2, 4, 1, 273), op=True)
+    _check((3, 2), 8, 100, dtype=dtype, device="cuda", pieces=("outer", "linear", "const:1"),
+           factors=(0.2, 0.5, 1.0), op=True, normalize=False)
+    _check((2, 1, 4), 16, 64, dtype=dtype, device="cuda", strided=True, op=True)
+
+
+@pytest.mark.gpu
+def test_gpu_large_dims_and_float64_fallback():
+    _check((2, 2), 128, 256, dtype=torch.bfloat16, device="cuda", factors=(1.0, 0.3, 0.05))
+    _check((2, 2), 4, 5, dtype=torch.float64, device="cuda", op=True)        # the PyTorch form
+
+
+def _user_step(q, k, v, kv_state, k_state):        # the form people write, [B, H, 1, D], states [B, H, F, Dv]
+    def phi(x):
+        d = x.shape[-1]
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (math.sqrt(2) * math.sqrt(d))
+        return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
+    pq, pk = phi(q), phi(k)
+    kv_state = kv_state + pk.transpose(-2, -1) @ v
+    k_state = k_state + pk
+    return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_step_under_cuda_graphs():
+    """backend="based", mode="reduce-overhead": the rewritten step runs the kernel inside CUDA graphs;
+    a chain of steps equals the float64 reference chain (outputs and the states carried across)."""
+    import based_compile
+    torch._dynamo.reset()
+    b, h, dk, dv = 2, 16, 16, 64
+    compiled = torch.compile(_user_step, backend="based", mode="reduce-overhead", fullgraph=True)
+    g = torch.Generator().manual_seed(7)
+    kv = torch.zeros(b, h, 273, dv, dtype=torch.float64)
+    ks = torch.zeros(b, h, 1, 273, dtype=torch.float64)
+    kv_c, ks_c = kv.to("cuda", torch.bfloat16), ks.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for i in range(6):
+            q, k = (torch.randn(b, h, 1, dk, generator=g, dtype=torch.float64) for _ in range(2))
+            v = torch.randn(b, h, 1, dv, generator=g, dtype=torch.float64)
+            o_ref, kv, ks = _user_step(q, k, v, kv, ks)
+            torch.compiler.cudagraph_mark_step_begin()
+            o, kv_c, ks_c = compiled(*(x.to("cuda", torch.bfloat16) for x in (q, k, v)), kv_c, ks_c)
+            kv_c, ks_c = kv_c.clone(), ks_c.clone()      # outputs of a CUDA graph are overwritten by its next replay
+            assert_rel_close(o, o_ref, 2e-2, f"o step {i}")
+            assert_rel_close(kv_c, kv, 2e-2, f"kv_state step {i}")
+            assert_rel_close(ks_c, ks, 2e-2, f"k_state step {i}")
+        sites = based_compile.explain(_user_step, *(x.to("cuda", torch.bfloat16) for x in (q, k, v)), kv_c, ks_c).sites
+    assert len(sites) == 1, sites
