@@ -80,8 +80,15 @@ def test_op_fake_and_compiled_shapes():
 
 
 def test_policy_names_the_cuda_fallback():
-    d = policy.decide_for("cuda", False, 1, 16, 64, 16, torch.bfloat16, tk=4096)
+    d = policy.decide_for("cuda", True, 1, 16, 64, 16, torch.bfloat16, tk=4096)      # training: no decode backward
     assert d.kernel == "pytorch_quadratic" and "Tq == Tk" in d.reason
+    d = policy.decide_for("cuda", False, 1, 16, 64, 16, torch.bfloat16, tk=4096)
+    assert d.kernel == "decode" and "decode kernel" in d.reason
+    assert policy.decide_for("cuda", False, 16, 16, 64, 16, torch.bfloat16, tk=4096).kernel == "decode"
+    assert policy.decide_for("cuda", False, 17, 16, 64, 16, torch.bfloat16, tk=4096).kernel == "pytorch_quadratic"
+    config.kernel = "parallel"                 # a forced kernel is not overridden by the decode kernel
+    assert policy.decide_for("cuda", False, 1, 16, 64, 16, torch.bfloat16, tk=4096).kernel == "pytorch_quadratic"
+    config.kernel = "auto"
     d = policy.decide_for("cuda", False, 16384 - 16, 16, 64, 256, torch.bfloat16, tk=16384)
     assert d.kernel == "pytorch_chunked"
     assert policy.decide_for("cpu", False, 1, 16, 64, 16, torch.float32, tk=4096).kernel == "cpu_quadratic"

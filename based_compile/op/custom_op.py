@@ -32,7 +32,8 @@ causal query i then sees keys j <= i + Tk - Tq (the mask aligned to the end), an
 positions. Dynamic Tk traces once (the fake implementation is symbolic in Tk).
 
 Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk / chunked, float16,
-bfloat16, float32; for Tq < Tk the PyTorch forms, see policy.py); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
+bfloat16, float32; for Tq < Tk the decode kernel at inference with a few queries, else the PyTorch
+forms, see policy.py); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
 the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
 
 Autocast: inside ``torch.autocast(device, dtype)`` the operator casts floating q, k, v to the
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from . import config, context_parallel, cpu_path, policy
 from ..kernels import chunked as chunked_kernel
+from ..kernels import decode as decode_kernel
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels import parallel as parallel_kernel
 from ..kernels.arguments import BasedArguments, check_arguments
@@ -166,6 +168,8 @@ def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, train
     if kernel in policy.TRITON_KERNELS:
         _check_kernel_limits(q, args)
         forward, backward = _kernel_pair(kernel)
+    elif kernel == "decode":        # forward only; a backward (grad through a decode call) is the PyTorch one
+        forward, backward = decode_kernel.decode_forward, _cpu_pair("quadratic")[1]
     else:
         forward, backward = _cpu_pair(kernel.removeprefix("cpu_").removeprefix("pytorch_"))
     return args, kernel, forward, backward

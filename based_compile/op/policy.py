@@ -1,13 +1,16 @@
 """Kernel choice for one Based attention call: by device, mode and shape, unless the user forces one.
 
-Kernels: "parallel", "fused_chunk", "chunked" (Triton, CUDA; CPU only under TRITON_INTERPRET=1) and
+Kernels: "parallel", "fused_chunk", "chunked" (Triton, CUDA; CPU only under TRITON_INTERPRET=1),
+"decode" (Triton, CUDA: Tq <= DECODE_MAX_TQ queries against a longer KV cache, inference) and
 "cpu_quadratic", "cpu_chunked" (PyTorch, ``based_compile.cpu_path``), and "pytorch_quadratic",
-"pytorch_chunked": the same PyTorch forms on CUDA tensors, for calls the Triton kernels do not take
-(queries at the end of longer keys, Tq < Tk: decoding against a KV cache). That fallback is logged
-once per process at INFO (logger "based_compile") and named in explain().
+"pytorch_chunked": the same PyTorch forms on CUDA tensors, for the calls with Tq < Tk that the
+decode kernel does not take (more than DECODE_MAX_TQ queries, or training: the decode kernel has
+no backward). That fallback is logged once per process at INFO (logger "based_compile") and named
+in explain().
 
-Tq < Tk: the quadratic form costs O(Tq * Tk), the chunked one pads the queries to Tk; the quadratic
-form is chosen while Tq is under the crossover of the square table (so always for Tq = 1 decoding).
+Tq < Tk on CUDA, inference, Tq <= DECODE_MAX_TQ: the decode kernel (kernels/decode.py), unless a
+kernel is forced. Otherwise the quadratic form costs O(Tq * Tk), the chunked one pads the queries
+to Tk; the quadratic form is chosen while Tq is under the crossover of the square table.
 
 Mode: training when grad mode is on and any of q, k, v requires grad (``is_training``), else
 inference. The operator cannot see this itself (its implementation runs below autograd, with grad
@@ -25,10 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from . import config
-from ..kernels import fused_chunk
+from ..kernels import decode, fused_chunk
 from ..kernels.arguments import BasedArguments, triton_interpreting
 
-KERNELS = ("parallel", "fused_chunk", "chunked", "cpu_quadratic", "cpu_chunked", "pytorch_quadratic", "pytorch_chunked")
+KERNELS = ("parallel", "fused_chunk", "chunked", "decode", "cpu_quadratic", "cpu_chunked", "pytorch_quadratic",
+           "pytorch_chunked")
 TRITON_KERNELS = ("parallel", "fused_chunk", "chunked")
 CPU_FORM_OF = {"parallel": "cpu_quadratic", "fused_chunk": "cpu_chunked", "chunked": "cpu_chunked"}
 PYTORCH_FORM_OF = {"parallel": "pytorch_quadratic", "fused_chunk": "pytorch_chunked", "chunked": "pytorch_chunked",
@@ -84,6 +88,13 @@ CUDA_CROSSOVERS = (
 CUDA_CHUNKED = (
     Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
 )
+# The decode kernel takes Tq <= DECODE_MAX_TQ queries against a longer cache (inference). It reads the
+# cache once for all G * Tq rows of a kv head (tl.dot tiles of up to 64 rows): for such a handful of
+# rows a step is bound by reading K and V (about 2 G Tq (Dk + Dv) FLOPs per 2 (Dk + Dv) bytes, far
+# under an H100/H200's ~200 bf16 FLOP/byte), which is what the kernel is built for: decoding (Tq = 1)
+# and speculative verification or small chunks (Tq of a few tokens). Longer query blocks (chunked
+# prefill) keep the PyTorch forms; their kernel is the fused chunk with an initial state.
+DECODE_MAX_TQ = 16
 # No matching row: the quadratic kernel at every T.
 NO_CROSSOVER_T = 1 << 62
 
@@ -145,14 +156,19 @@ def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, d
     decision = _decide_square(device, training, t, dk, dv, bh, dtype)
     if tk is None or tk == t:
         return decision
+    if (device == "cuda" and not training and t <= DECODE_MAX_TQ and dk <= decode.MAX_DK and dv <= decode.MAX_DV
+            and config.forced_kernel()[0] == "auto"):
+        return Decision("decode", f"Tq={t} <= {DECODE_MAX_TQ} queries against Tk={tk} keys (a KV cache), "
+                                  f"inference: the split-cache decode kernel")
     kernel = decision.kernel
     if kernel in TRITON_KERNELS and device == "cpu":
         kernel = CPU_FORM_OF[kernel]
     if device == "cuda":
         kernel = PYTORCH_FORM_OF[kernel]
         _log_fallback()
-    why = (f"Tq={t} < Tk={tk} (queries at the end of a KV cache): the Triton kernels take Tq == Tk, "
-           f"this runs the PyTorch form on {device}" if device == "cuda" else f"Tq={t} < Tk={tk} (KV cache)")
+    why = (f"Tq={t} < Tk={tk} (queries at the end of a KV cache): the decode kernel takes inference with "
+           f"Tq <= {DECODE_MAX_TQ} and no forced kernel, the other Triton kernels Tq == Tk; this runs the PyTorch "
+           f"form on {device}" if device == "cuda" else f"Tq={t} < Tk={tk} (KV cache)")
     return Decision(kernel, f"{why}; {decision.reason}")
 
 
@@ -161,8 +177,8 @@ def _log_fallback() -> None:
     if not _fallback_logged:
         _fallback_logged = True
         log.info("based_compile: based::attention with fewer queries than keys (Tq < Tk, a KV cache) runs "
-                 "a PyTorch fallback on CUDA (pytorch_quadratic / pytorch_chunked): the Triton kernels take "
-                 "Tq == Tk only")
+                 "a PyTorch fallback on CUDA (pytorch_quadratic / pytorch_chunked) when it is not inference "
+                 "with Tq <= %d (the decode kernel's calls)", DECODE_MAX_TQ)
 
 
 def _decide_square(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype) -> Decision:
