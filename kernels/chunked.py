@@ -56,14 +56,15 @@ MAX_DK = 32
 MAX_DV = 256
 MAX_SEGMENT_CHUNKS = 32
 # GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in the output
-# kernels: the segment length follows from it, how the rolled pair factors are formed: 0 gathered
-# loads, 1 tl.gather from registers, 2 a one-hot dot), for 16-bit inputs forward and backward, and
+# kernels (the stored path: in the walk): the segment length follows from it, how the rolled pair
+# factors are formed: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot, the stored path
+# (0/1), chunks per output program on the stored path), for 16-bit inputs forward and backward, and
 # for float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
 # H200 sweeps at T=8192 (benchmarks/NOTES.md, chunked calls 1-2): forward 2.52 ms with (32, 64, 4, 1,
 # 1024, 1) against 4.07 with gathered loads; forward+backward 8.80 ms with the backward below.
-FORWARD_LAUNCH = (32, 64, 4, 1, 1024, 1)
-BACKWARD_LAUNCH = (32, 64, 4, 1, 1024, 2)
-FLOAT32_LAUNCH = (32, 64, 4, 1, 1024, 0)
+FORWARD_LAUNCH = (32, 64, 4, 1, 1024, 1, 0, 1)
+BACKWARD_LAUNCH = (32, 64, 4, 1, 1024, 2, 0, 1)
+FLOAT32_LAUNCH = (32, 64, 4, 1, 1024, 0, 0, 1)
 STATE_REGISTER_BUDGET = 161 * 64
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
@@ -194,23 +195,66 @@ def _store_state(slot, sa, sb, s0, za, zb, z0, FA: tl.constexpr, FB: tl.constexp
             tl.store(slot + NF * DV + FA + FB, z0)
 
 
+@triton.jit
+def _chunk_slot(cs, cz, i_bhk, c, T, BT: tl.constexpr, NF: tl.constexpr, DV):
+    # the per-chunk state slots of the stored path: values [NF, DV] in the input dtype, normaliser [NF] float32
+    slot = i_bhk.to(tl.int64) * tl.cdiv(T, BT) + c
+    return cs + slot * NF * DV, cz + slot * NF
+
+
+@triton.jit
+def _store_chunk_state(cs, cz, sa, sb, s0, za, zb, z0, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV,
+                       NORMALIZE: tl.constexpr, i_v):
+    vmask = (offs_v < DV)[None, :]
+    et = cs.dtype.element_ty
+    tl.store(cs + _slot_offsets(FA, 0, offs_v, DV), sa.to(et), mask=vmask)
+    tl.store(cs + _slot_offsets(FB, FA, offs_v, DV), sb.to(et), mask=vmask)
+    tl.store(cs + (FA + FB) * DV + offs_v, s0.to(et), mask=offs_v < DV)
+    if NORMALIZE:
+        if i_v == 0:
+            tl.store(cz + tl.arange(0, FA), za)
+            tl.store(cz + FA + tl.arange(0, FB), zb)
+            tl.store(cz + FA + FB, z0)
+
+
+@triton.jit
+def _load_chunk_state(cs, cz, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV, NORMALIZE: tl.constexpr):
+    vmask = (offs_v < DV)[None, :]
+    sa = tl.load(cs + _slot_offsets(FA, 0, offs_v, DV), mask=vmask, other=0.0)
+    sb = tl.load(cs + _slot_offsets(FB, FA, offs_v, DV), mask=vmask, other=0.0)
+    s0 = tl.load(cs + (FA + FB) * DV + offs_v, mask=offs_v < DV, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        za = tl.load(cz + tl.arange(0, FA))
+        zb = tl.load(cz + FA + tl.arange(0, FB))
+        z0 = tl.load(cz + FA + FB)
+    else:
+        za = tl.zeros([FA], dtype=tl.float32)
+        zb = tl.zeros([FB], dtype=tl.float32)
+        z0 = 0.0
+    return sa, sb, s0, za, zb, z0
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 1: segment states (forward: keys and values; backward: queries and output gradients)
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "SEG", "NS", "S_OFF"])
 def _segment_state_kernel(
-    x, y, dz, st,
+    x, y, dz, st, cs, cz,
     sx_b, sx_h, sx_t, sx_d, sy_b, sy_h, sy_t, sy_d,
     T, HX, GROUP, DK, DV, SEG, NS, W, S_OFF, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     KEYS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
+    WALK: tl.constexpr,
 ):
     # KEYS: dS_s = sum_j phi_k(k_j)^T [v_j, 1]  (x = k, y = v; one program per kv head)
     # else: dR_s = sum_i phi_q(q_i)^T [dn_i, dz_i] summed over the GROUP query heads of a kv head
-    #       (x = q, y = dn, dz [B*H, T] float32)
+    #       (x = q, y = dn, dz [B*H, T] float32); the chunks are taken last first
     # program i_s sums segment i_s + S_OFF (causal: the segment whose total no one reads is skipped)
+    # WALK (the stored path): start from slot i_s (the scanned S_{<s} / R_{>s}) and, before adding each
+    # chunk, store the running state into that chunk's slot of cs / cz (S_{<c}, or R_{>c} for queries)
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
+    NF: tl.constexpr = FA + FB + 1
     i_s, i_v, i_bhk = tl.program_id(0) + S_OFF, tl.program_id(1), tl.program_id(2)
     if KEYS:
         hk_n = HX
@@ -227,22 +271,33 @@ def _segment_state_kernel(
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     wa, wb = _key_weights(c1, c2, BK)
-    sa = tl.zeros([FA, BV], dtype=tl.float32)
-    sb = tl.zeros([FB, BV], dtype=tl.float32)
-    s0 = tl.zeros([BV], dtype=tl.float32)
-    za = tl.zeros([FA], dtype=tl.float32)
-    zb = tl.zeros([FB], dtype=tl.float32)
-    z0 = 0.0
+    slot = st + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W
+    if WALK:
+        sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
+    else:
+        sa = tl.zeros([FA, BV], dtype=tl.float32)
+        sb = tl.zeros([FB, BV], dtype=tl.float32)
+        s0 = tl.zeros([BV], dtype=tl.float32)
+        za = tl.zeros([FA], dtype=tl.float32)
+        zb = tl.zeros([FB], dtype=tl.float32)
+        z0 = 0.0
     n_chunks = tl.cdiv(T, BT)
-    c_end = tl.minimum(i_s * SEG + SEG, n_chunks)
-    for g in range(0, n_heads):
-        h = hk * n_heads + g                      # keys: the kv head itself; queries: the group's heads
-        xp = x + b * sx_b + h * sx_h
-        yp = y + b * sy_b + h * sy_h
-        dzp = dz + (b * HX + h) * T
-        for c in range(i_s * SEG, c_end):
-            rows = c * BT + offs_t
-            valid = rows < T
+    c_start = i_s * SEG
+    c_end = tl.minimum(c_start + SEG, n_chunks)
+    for i in range(0, c_end - c_start):
+        if KEYS:
+            c = c_start + i
+        else:
+            c = c_end - 1 - i
+        if WALK:
+            ps, pz = _chunk_slot(cs, cz, i_bhk, c, T, BT, NF, DV)
+            _store_chunk_state(ps, pz, sa, sb, s0, za, zb, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
+        rows = c * BT + offs_t
+        valid = rows < T
+        for g in range(0, n_heads):
+            h = hk * n_heads + g                  # keys: the kv head itself; queries: the group's heads
+            xp = x + b * sx_b + h * sx_h
+            yp = y + b * sy_b + h * sy_h
             xt = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK)                        # [BT, BK]
             xc = xt.to(tl.float32)
             yc = _load_rows(yp, rows, offs_v, sy_t, sy_d, T, DV).to(dt)                 # [BT, BV]
@@ -259,12 +314,12 @@ def _segment_state_kernel(
                     zb += tl.sum(fb, axis=0)
                     z0 += cw * tl.sum(valid.to(tl.float32), axis=0)
                 else:
-                    dzc = tl.load(dzp + rows, mask=valid, other=0.0)
+                    dzc = tl.load(dz + (b * HX + h) * T + rows, mask=valid, other=0.0)
                     za += tl.sum(fa * dzc[:, None], axis=0)
                     zb += tl.sum(fb * dzc[:, None], axis=0)
                     z0 += tl.sum(dzc, axis=0)
-    slot = st + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W
-    _store_state(slot, sa, sb, s0, za, zb, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
+    if not WALK:
+        _store_state(slot, sa, sb, s0, za, zb, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,14 +354,17 @@ def _segment_scan_kernel(st, NS, N_IN, W, REVERSE: tl.constexpr, BLOCK: tl.const
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _chunked_fwd_kernel(
-    q, k, v, o, z, st,
+    q, k, v, o, z, st, cz,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2, eps,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
+    STORED: tl.constexpr,
 ):
+    # STORED (causal only): st / cz are the per-chunk states S_{<c} of the walk; nothing is carried
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
+    NF: tl.constexpr = FA + FB + 1
     i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
@@ -321,14 +379,18 @@ def _chunked_fwd_kernel(
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     wa, wb = _key_weights(c1, c2, BK)
-    if CAUSAL:
-        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W          # S_{<s}
-    else:
-        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W          # the total
-    sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
+    if not STORED:
+        if CAUSAL:
+            slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W      # S_{<s}
+        else:
+            slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W      # the total
+        sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
 
     n_chunks = tl.cdiv(T, BT)
     for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
+        if STORED:
+            ps, pz = _chunk_slot(st, cz, i_bh // GROUP, c, T, BT, NF, DV)
+            sa, sb, s0, za, zb, z0 = _load_chunk_state(ps, pz, FA, FB, offs_v, DV, NORMALIZE)
         rows = c * BT + offs_t
         valid = rows < T
         qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
@@ -347,16 +409,17 @@ def _chunked_fwd_kernel(
             acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
             if NORMALIZE:
                 zc += tl.sum(a, axis=1)
-            ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
-            ka = ka * wa[None, :]
-            kb = kb * wb[None, :]
-            sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
-            sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
-            s0 += c0 * tl.sum(vc.to(tl.float32), axis=0)
-            if NORMALIZE:
-                za += tl.sum(ka, axis=0)
-                zb += tl.sum(kb, axis=0)
-                z0 += c0 * tl.sum(valid.to(tl.float32), axis=0)
+            if not STORED:
+                ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
+                ka = ka * wa[None, :]
+                kb = kb * wb[None, :]
+                sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
+                sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
+                s0 += c0 * tl.sum(vc.to(tl.float32), axis=0)
+                if NORMALIZE:
+                    za += tl.sum(ka, axis=0)
+                    zb += tl.sum(kb, axis=0)
+                    z0 += c0 * tl.sum(valid.to(tl.float32), axis=0)
         if NORMALIZE:
             acc = acc / (zc[:, None] + eps)
             if i_v == 0:
@@ -369,15 +432,17 @@ def _chunked_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _chunked_dq_kernel(
-    q, k, v, dn, dz, dq, st,
+    q, k, v, dn, dz, dq, st, cz,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sdn_b, sdn_h, sdn_t, sdn_d,
     sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
+    STORED: tl.constexpr,
 ):
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
+    NF: tl.constexpr = FA + FB + 1
     i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (i_bh // H).to(tl.int64)
     h = (i_bh % H).to(tl.int64)
@@ -394,14 +459,18 @@ def _chunked_dq_kernel(
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     wa, wb = _key_weights(c1, c2, BK)
-    if CAUSAL:
-        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W
-    else:
-        slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W
-    sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
+    if not STORED:
+        if CAUSAL:
+            slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W
+        else:
+            slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W
+        sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
 
     n_chunks = tl.cdiv(T, BT)
     for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
+        if STORED:
+            ps, pz = _chunk_slot(st, cz, i_bh // GROUP, c, T, BT, NF, DV)
+            sa, sb, s0, za, zb, z0 = _load_chunk_state(ps, pz, FA, FB, offs_v, DV, NORMALIZE)
         rows = c * BT + offs_t
         valid = rows < T
         qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
@@ -426,14 +495,15 @@ def _chunked_dq_kernel(
                 da += dzc[:, None]
             ds = tl.where(keep, da * _poly_slope(r, c1, c2), 0.0)
             acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
-            ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
-            ka = ka * wa[None, :]
-            kb = kb * wb[None, :]
-            sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
-            sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
-            if NORMALIZE:
-                za += tl.sum(ka, axis=0)
-                zb += tl.sum(kb, axis=0)
+            if not STORED:
+                ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
+                ka = ka * wa[None, :]
+                kb = kb * wb[None, :]
+                sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
+                sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
+                if NORMALIZE:
+                    za += tl.sum(ka, axis=0)
+                    zb += tl.sum(kb, axis=0)
         _store_rows(dq, acc, rows, offs_k, sdq_t, sdq_d, T, DK)
 
 
@@ -442,15 +512,18 @@ def _chunked_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "SEG", "NS"])
 def _chunked_dkv_kernel(
-    q, k, v, dn, dz, dk, dv, rt,
+    q, k, v, dn, dz, dk, dv, rt, cz,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, sdn_b, sdn_h, sdn_t, sdn_d,
     sdk_v, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
     T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
+    STORED: tl.constexpr,
 ):
+    # STORED (causal only): rt / cz are the per-chunk reverse states R_{>c} of the walk
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
+    NF: tl.constexpr = FA + FB + 1
     i_s, i_v, i_bhk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     HK = H // GROUP
     b = (i_bhk // HK).to(tl.int64)
@@ -465,19 +538,25 @@ def _chunked_dkv_kernel(
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     wa, wb = _key_weights(c1, c2, BK)
-    if CAUSAL:
-        slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W                    # R_{>s}
-    else:
-        slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + NS) * W                     # the total
-    ra, rb, r0, rza, rzb, rz0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
-    rza = rza * zw
-    rzb = rzb * zw
+    if not STORED:
+        if CAUSAL:
+            slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + i_s) * W                # R_{>s}
+        else:
+            slot = rt + (i_bhk.to(tl.int64) * (NS + 1) + NS) * W                 # the total
+        ra, rb, r0, rza, rzb, rz0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
+        rza = rza * zw
+        rzb = rzb * zw
 
     n_chunks = tl.cdiv(T, BT)
     c_start = i_s * SEG
     c_end = tl.minimum(c_start + SEG, n_chunks)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i                                                             # last chunk first
+        if STORED:
+            ps, pz = _chunk_slot(rt, cz, i_bhk, c, T, BT, NF, DV)
+            ra, rb, r0, rza, rzb, rz0 = _load_chunk_state(ps, pz, FA, FB, offs_v, DV, NORMALIZE)
+            rza = rza * zw
+            rzb = rzb * zw
         rows = c * BT + offs_t
         valid = rows < T
         kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)                          # [BT, BK]
@@ -513,14 +592,14 @@ def _chunked_dkv_kernel(
                     dat += dzc[None, :]
                 dst = tl.where(keep, dat * _poly_slope(st_, c1, c2), 0.0)
                 acc_k = tl.dot(dst.to(dt), qc, acc_k, input_precision=PRECISION)
-                # this chunk's queries join the reverse states
-                qa, qb = _features(qc.to(tl.float32), _rolled(qp, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION), BT, BK)
-                ra = tl.dot(tl.trans(qa.to(dt)), dnc, ra, input_precision=PRECISION)
-                rb = tl.dot(tl.trans(qb.to(dt)), dnc, rb, input_precision=PRECISION)
-                r0 += tl.sum(dnc.to(tl.float32), axis=0)
-                if NORMALIZE:
-                    rza += tl.sum(qa * dzc[:, None], axis=0)
-                    rzb += tl.sum(qb * dzc[:, None], axis=0)
+                if not STORED:      # this chunk's queries join the reverse states
+                    qa, qb = _features(qc.to(tl.float32), _rolled(qp, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION), BT, BK)
+                    ra = tl.dot(tl.trans(qa.to(dt)), dnc, ra, input_precision=PRECISION)
+                    rb = tl.dot(tl.trans(qb.to(dt)), dnc, rb, input_precision=PRECISION)
+                    r0 += tl.sum(dnc.to(tl.float32), axis=0)
+                    if NORMALIZE:
+                        rza += tl.sum(qa * dzc[:, None], axis=0)
+                        rzb += tl.sum(qb * dzc[:, None], axis=0)
         _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
         _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
 
@@ -538,6 +617,15 @@ class ChunkedConfig:
     num_warps: int = 4
     num_stages: int = 1
     features: int = 0               # how the rolled pair factors are formed (see _rolled)
+    # The stored path (causal only): a walk per segment writes every chunk's state (S_{<c}, and R_{>c}
+    # for the backward) in the input dtype, the dtype its dots round it to anyway; the output kernels
+    # then read them, out_seg chunks per program, and carry nothing. Off: the output kernels carry the
+    # state from the segment's start (float32, in registers).
+    stored: bool = False
+    out_seg: int = 1
+
+    def stored_for(self, args: BasedArguments) -> bool:
+        return self.stored and args.causal
 
 
 def _pow2(n: int) -> int:
@@ -569,17 +657,21 @@ def _segment_chunks(args: BasedArguments, bt: int, bv: int, target: int) -> int:
     return seg
 
 
+def config_from_launch(args: BasedArguments, launch: tuple) -> ChunkedConfig:
+    """A launch tuple (see FORWARD_LAUNCH) resolved for these arguments."""
+    bt, bv, warps, stages, target, mode, stored, out_seg = launch
+    bv = _value_block(args, bv)
+    return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, target), bv=bv, num_warps=warps,
+                         num_stages=stages, features=mode, stored=bool(stored), out_seg=out_seg)
+
+
 def chunked_config(args: BasedArguments, dtype: torch.dtype, backward: bool = False) -> ChunkedConfig:
     """Block sizes for these arguments (small, fixed ones under the interpreter)."""
     if triton_interpreting():
         return ChunkedConfig(bt=16, seg=2, bv=_value_block(args))
     if dtype == torch.float32:       # exact float32 dots: small tiles (the reference path, not the fast one)
-        bt, bv, warps, stages, target, mode = FLOAT32_LAUNCH
-    else:
-        bt, bv, warps, stages, target, mode = BACKWARD_LAUNCH if backward else FORWARD_LAUNCH
-    bv = _value_block(args, bv)
-    return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, target), bv=bv, num_warps=warps,
-                         num_stages=stages, features=mode)
+        return config_from_launch(args, FLOAT32_LAUNCH)
+    return config_from_launch(args, BACKWARD_LAUNCH if backward else FORWARD_LAUNCH)
 
 
 def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
@@ -600,18 +692,26 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
 
 
 
-def state_bytes(args: BasedArguments, cfg: ChunkedConfig) -> int:
-    """Bytes of one set of segment states ((NS + 1) slots per batch x kv head, float32)."""
-    ns = triton.cdiv(triton.cdiv(args.length, cfg.bt), cfg.seg)
+def state_bytes(args: BasedArguments, cfg: ChunkedConfig, itemsize: int = 2) -> int:
+    """Bytes of one set of states: (NS + 1) float32 segment slots per batch x kv head, and on the stored
+    path also every chunk's state (values in the input dtype of ``itemsize`` bytes, normaliser float32)."""
+    n_chunks = triton.cdiv(args.length, cfg.bt)
+    ns = triton.cdiv(n_chunks, cfg.seg)
     nf = _slot_rows(args.dk)
-    return args.batch * args.kv_heads * (ns + 1) * nf * (args.dv + 1) * 4
+    total = (ns + 1) * nf * (args.dv + 1) * 4
+    if cfg.stored_for(args):
+        total += n_chunks * nf * (args.dv * itemsize + (4 if args.normalize else 0))
+    return args.batch * args.kv_heads * total
 
 
 def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_strides, y_strides):
     """Stages 1 and 2: slots [B * Hkv, NS + 1, W] float32. Causal: slot s holds the state before
-    segment s (keys) or after it (queries: the reverse states); non-causal: slot NS the total."""
+    segment s (keys) or after it (queries: the reverse states); non-causal: slot NS the total.
+    Returns (states, normaliser states, NS, W): on the stored path the walk's per-chunk states
+    [B * Hkv, n_chunks, NF, Dv] (x's dtype) and [B * Hkv, n_chunks, NF] float32; else (slots, slots, ...)."""
     nf = _slot_rows(args.dk)
-    ns = triton.cdiv(triton.cdiv(args.length, cfg.bt), cfg.seg)
+    n_chunks = triton.cdiv(args.length, cfg.bt)
+    ns = triton.cdiv(n_chunks, cfg.seg)
     w = nf * (args.dv + 1)
     bhk = args.batch * args.kv_heads
     st = _new_buffer((bhk, ns + 1, w), torch.float32, x.device)
@@ -619,35 +719,50 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
     # causal: the last segment's total (keys) or the first's (queries) is read by no one
     n_in = ns - 1 if args.causal else ns
     s_off = 1 if args.causal and not keys else 0
+    common = dict(BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv, KEYS=keys, NORMALIZE=args.normalize,
+                  PRECISION=dot_precision(x.dtype), MODE=cfg.features,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    sizes = (args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w)
+    n_v = triton.cdiv(args.dv, cfg.bv)
     if n_in > 0:
-        _segment_state_kernel[(n_in, triton.cdiv(args.dv, cfg.bv), bhk)](
-            x, y, dz, st, *x_strides, *y_strides,
-            args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w, s_off,
-            c0, c1, c2, BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-            KEYS=keys, NORMALIZE=args.normalize, PRECISION=dot_precision(x.dtype), MODE=cfg.features,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        _segment_state_kernel[(n_in, n_v, bhk)](
+            x, y, dz, st, st, st, *x_strides, *y_strides, *sizes, s_off, c0, c1, c2, WALK=False, **common)
     block = 1024
     _segment_scan_kernel[(bhk, triton.cdiv(w, block))](
         st, ns, n_in, w, REVERSE=args.causal and not keys, BLOCK=block, num_warps=4)
-    return st, ns, w
+    if not cfg.stored_for(args):
+        return st, st, ns, w
+    cs = _new_buffer((bhk, n_chunks, nf, args.dv), x.dtype, x.device)
+    cz = _new_buffer((bhk, n_chunks, nf), torch.float32, x.device) if args.normalize else cs
+    _segment_state_kernel[(ns, n_v, bhk)](
+        x, y, dz, st, cs, cz, *x_strides, *y_strides, *sizes, 0, c0, c1, c2, WALK=True, **common)
+    return cs, cz, ns, w
+
+
+def _stage3(args: BasedArguments, cfg: ChunkedConfig, ns: int, heads: int):
+    """(grid, SEG, NS) of an output kernel: per segment carrying, or out_seg chunks a program stored."""
+    n_v = triton.cdiv(args.dv, cfg.bv)
+    if cfg.stored_for(args):
+        n_chunks = triton.cdiv(args.length, cfg.bt)
+        return (triton.cdiv(n_chunks, cfg.out_seg), n_v, args.batch * heads), cfg.out_seg, ns
+    return (ns, n_v, args.batch * heads), cfg.seg, ns
 
 
 def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
     b, h, t = args.batch, args.heads, args.length
     ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
-    st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)
+    st, sz, ns, w = _states(k, v, k, args, cfg, True, ks, vs)
     o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)
     z = _new_buffer((b, h, t), torch.float32, q.device) if args.normalize else o
     c0, c1, c2 = scaled_coefficients(args)
-    grid = (ns, triton.cdiv(args.dv, cfg.bv), b * h)
+    grid, seg, ns = _stage3(args, cfg, ns, h)
     _chunked_fwd_kernel[grid](
-        q, k, v, o, z, st,
+        q, k, v, o, z, st, sz,
         *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
-        t, h, args.group, args.dk, args.dv, cfg.seg, ns, w, c0, c1, c2, args.eps,
+        t, h, args.group, args.dk, args.dv, seg, ns, w, c0, c1, c2, args.eps,
         BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
         CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), MODE=cfg.features,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORED=cfg.stored_for(args), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, (z if args.normalize else None)
 
@@ -675,8 +790,8 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
         dn, dz = do, do                                                 # dz unused
         dn_strides = bhtd_strides(do, args.layout)
     qs, ks, vs = (bhtd_strides(x, args.layout) for x in (q, k, v))
-    st, ns, w = _states(k, v, k, args, cfg, True, ks, vs)               # S_{<s}, recomputed
-    rt, _, _ = _states(q, dn, dz, args, cfg, False, qs, dn_strides)     # R_{>s}
+    st, sz, ns, w = _states(k, v, k, args, cfg, True, ks, vs)           # S_{<s} (or S_{<c}), recomputed
+    rt, rz, _, _ = _states(q, dn, dz, args, cfg, False, qs, dn_strides)  # R_{>s} (or R_{>c})
     n_v = triton.cdiv(dv_, cfg.bv)
     if n_v == 1:
         dq = _new_buffer(q.shape, q.dtype, dev)
@@ -691,14 +806,16 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
     c0, c1, c2 = scaled_coefficients(args)
     common = dict(BT=cfg.bt, BK=_pow2(dk_), BV=cfg.bv,
                   CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), MODE=cfg.features,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _chunked_dq_kernel[(ns, n_v, b * h)](
-        q, k, v, dn, dz, dq_target, st, *qs, *ks, *vs, *dn_strides, *dq_strides,
-        t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
-    _chunked_dkv_kernel[(ns, n_v, b * hk)](
-        q, k, v, dn, dz, dk_target, dv, rt, *qs, *ks, *vs, *dn_strides, *dk_strides,
+                  STORED=cfg.stored_for(args), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid, seg, ns = _stage3(args, cfg, ns, h)
+    _chunked_dq_kernel[grid](
+        q, k, v, dn, dz, dq_target, st, sz, *qs, *ks, *vs, *dn_strides, *dq_strides,
+        t, h, args.group, dk_, dv_, seg, ns, w, c0, c1, c2, **common)
+    grid, seg, ns = _stage3(args, cfg, ns, hk)
+    _chunked_dkv_kernel[grid](
+        q, k, v, dn, dz, dk_target, dv, rt, rz, *qs, *ks, *vs, *dn_strides, *dk_strides,
         *bhtd_strides(dv, args.layout),
-        t, h, args.group, dk_, dv_, cfg.seg, ns, w, c0, c1, c2, **common)
+        t, h, args.group, dk_, dv_, seg, ns, w, c0, c1, c2, **common)
     if n_v > 1:
         dq, dk = dq_target.sum(0).to(q.dtype), dk_target.sum(0).to(k.dtype)
         if args.layout == "BTHD":
