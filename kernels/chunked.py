@@ -57,9 +57,9 @@ MAX_DV = 256
 MAX_SEGMENT_CHUNKS = 32
 # GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in the output
 # kernels (the stored path: in the walk): the segment length follows from it, how the rolled pair
-# factors are formed: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot, the stored path
-# (0/1), chunks per output program on the stored path), for 16-bit inputs forward and backward, and
-# for float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
+# factors are formed: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot[, the stored path
+# (0/1), chunks per output program on the stored path, the state kernels' value block and warps (0:
+# as the output kernels)]), for 16-bit inputs forward and backward, and for float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
 # H200 sweeps at T=8192 (benchmarks/NOTES.md, chunked calls 1-2): forward 2.52 ms with (32, 64, 4, 1,
 # 1024, 1) against 4.07 with gathered loads; forward+backward 8.80 ms with the backward below.
 FORWARD_LAUNCH = (32, 64, 4, 1, 1024, 1, 0, 1)
@@ -623,6 +623,10 @@ class ChunkedConfig:
     # state from the segment's start (float32, in registers).
     stored: bool = False
     out_seg: int = 1
+    # value block and warps of the state kernels (segment sums and the walk; 0: bv and num_warps): they
+    # hold a float32 state but form no outputs, so a smaller value block can pay for more programs
+    state_bv: int = 0
+    state_warps: int = 0
 
     def stored_for(self, args: BasedArguments) -> bool:
         return self.stored and args.causal
@@ -659,10 +663,13 @@ def _segment_chunks(args: BasedArguments, bt: int, bv: int, target: int) -> int:
 
 def config_from_launch(args: BasedArguments, launch: tuple) -> ChunkedConfig:
     """A launch tuple (see FORWARD_LAUNCH) resolved for these arguments."""
-    bt, bv, warps, stages, target, mode, stored, out_seg = launch
+    bt, bv, warps, stages, target, mode, stored, out_seg, state_bv, state_warps = (
+        tuple(launch) + (0, 1, 0, 0)[len(launch) - 6:])
     bv = _value_block(args, bv)
+    state_bv = _value_block(args, state_bv) if state_bv else 0
     return ChunkedConfig(bt=bt, seg=_segment_chunks(args, bt, bv, target), bv=bv, num_warps=warps,
-                         num_stages=stages, features=mode, stored=bool(stored), out_seg=out_seg)
+                         num_stages=stages, features=mode, stored=bool(stored), out_seg=out_seg,
+                         state_bv=state_bv, state_warps=state_warps)
 
 
 def chunked_config(args: BasedArguments, dtype: torch.dtype, backward: bool = False) -> ChunkedConfig:
@@ -719,11 +726,12 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
     # causal: the last segment's total (keys) or the first's (queries) is read by no one
     n_in = ns - 1 if args.causal else ns
     s_off = 1 if args.causal and not keys else 0
-    common = dict(BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv, KEYS=keys, NORMALIZE=args.normalize,
+    bv = cfg.state_bv or cfg.bv
+    common = dict(BT=cfg.bt, BK=_pow2(args.dk), BV=bv, KEYS=keys, NORMALIZE=args.normalize,
                   PRECISION=dot_precision(x.dtype), MODE=cfg.features,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.state_warps or cfg.num_warps, num_stages=cfg.num_stages)
     sizes = (args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w)
-    n_v = triton.cdiv(args.dv, cfg.bv)
+    n_v = triton.cdiv(args.dv, bv)
     if n_in > 0:
         _segment_state_kernel[(n_in, n_v, bhk)](
             x, y, dz, st, st, st, *x_strides, *y_strides, *sizes, s_off, c0, c1, c2, WALK=False, **common)

@@ -123,6 +123,36 @@ def test_every_way_of_forming_the_pair_factors(mode, dtype, monkeypatch):
     _check(1, 2, 37, 16, 24, kv_heads=1, dtype=dtype, layout="BTHD")
 
 
+@pytest.mark.parametrize("stored,out_seg,state_bv,t,dv,kv_heads,layout,causal,normalize,dtype", [
+    (True, 1, 0, 37, 24, 1, "BTHD", True, True, torch.float32),
+    (True, 3, 16, 50, 40, None, "BHTD", True, False, torch.float16),      # state kernels: 4 value blocks
+    (True, 2, 0, 70, 130, 1, "BHTD", True, True, torch.float32),          # 3 value blocks, 3 segments
+    (True, 2, 16, 33, 24, None, "BTHD", False, True, torch.float32),      # non-causal: nothing stored
+    (False, 1, 16, 45, 64, 1, "BTHD", True, True, torch.float16),         # carried, narrower state kernels
+])
+def test_stored_path_and_state_value_blocks(stored, out_seg, state_bv, t, dv, kv_heads, layout, causal, normalize,
+                                            dtype, monkeypatch):
+    """The stored path (every chunk's state written by a walk, output kernels reading them) and state
+    kernels with their own value block, values and all gradients against float64."""
+    real = chunked.chunked_config
+    monkeypatch.setattr(chunked, "chunked_config", lambda *a, **kw: dataclasses.replace(
+        real(*a, **kw), stored=stored, out_seg=out_seg, state_bv=state_bv))
+    _check(1, 2, t, 16, dv, kv_heads=kv_heads, layout=layout, causal=causal, normalize=normalize,
+           coeffs=BASED if normalize else SIGNED, dtype=dtype)
+
+
+def test_launch_tuples_resolve_to_configs():
+    q, k, v = make_inputs(2, 4, 4096, 16, 64, kv_heads=2, dtype=torch.float32)
+    args = check_arguments(q, k, v)
+    old = chunked.config_from_launch(args, (64, 64, 8, 2, 1024, 1))
+    assert (old.stored, old.out_seg, old.state_bv, old.state_warps) == (False, 1, 0, 0)
+    new = chunked.config_from_launch(args, (64, 64, 4, 2, 64, 1, 1, 4, 32, 8))
+    assert (new.bt, new.bv, new.stored, new.out_seg, new.state_bv, new.state_warps) == (64, 64, True, 4, 32, 8)
+    assert new.seg == 8            # 64 chunks, 2 x 4 heads: segments of 8 chunks give the 64 programs wanted
+    for launch in (chunked.FORWARD_LAUNCH, chunked.BACKWARD_LAUNCH, chunked.FLOAT32_LAUNCH):
+        chunked.config_from_launch(args, launch)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_large_eps_and_scale(causal):
     """eps = 0.5 and scale = 0.37 move o far more than the tolerance."""
@@ -147,6 +177,10 @@ def test_state_bytes_count_the_segments():
     cfg = chunked.ChunkedConfig(bt=64, seg=8, bv=64)
     per_slot = 161 * 65 * 4
     assert chunked.state_bytes(args, cfg) == 2 * 2 * (8 + 1) * per_slot   # 4096 / (64 * 8) = 8 segments
+    stored = dataclasses.replace(cfg, stored=True)             # + 64 chunk states, bf16 values, float32 z
+    assert chunked.state_bytes(args, stored) == 2 * 2 * ((8 + 1) * per_slot + 64 * 161 * (64 * 2 + 4))
+    non_causal = check_arguments(q, k, v, causal=False)
+    assert chunked.state_bytes(non_causal, stored) == chunked.state_bytes(non_causal, cfg)
 
 
 def test_bad_arguments_raise_naming_the_argument(monkeypatch):
