@@ -18,6 +18,14 @@ the normaliser, kept in float32 beside the value columns):
      normalised by the ones column. Non-causal: every chunk reads the total, nothing else.
 Causal calls skip the one segment total no one reads (so a single segment needs no states).
 
+The stored path (ChunkedConfig.stored, causal only) moves the walk out of the output kernels, whose
+float32 [161, BV] state plus feature tiles exceed the register file (spills, L1-bound, 2 programs an
+SM): after stages 1-2 a walk kernel per segment (state only, no outputs) writes every chunk's state
+S_{<c} (and, backward, R_{>c}) in the input dtype, the dtype the dots round it to anyway (float32
+normaliser rows); the output kernels then read one state per chunk and carry nothing, so any chunk
+is independent (out_seg chunks a program, pipelined by num_stages). Extra bytes: n_chunks x 161 x
+(2 Dv + 4) per (batch, kv head) each way, 2.7 MB a head at T = 8192 with 64-token chunks.
+
 The pair factors x_{(a + d) mod BK} come from the tile in registers (tl.gather, or a one-hot dot),
 or from gathered loads (L1 hits); their products in float32, rounded to the input dtype for the dots.
 
