@@ -138,7 +138,52 @@ def _distributed(data: dict) -> str:
             "of the wrapped run on all GPUs:\n\n" + "\n".join(lines))
 
 
-RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed}
+# ----------------------------------------------------------------------------------------- generate
+
+GENERATE_ENTRIES = (("eager_kv", "eager, KV cache"), ("inductor_kv", "Inductor, KV cache"),
+                    ("based_kv", "**based, KV cache**"), ("eager_rec", "eager, recurrent"),
+                    ("inductor_rec", "Inductor, recurrent"), ("based_rec", "**based, recurrent**"),
+                    ("sdpa_d64", "SDPA d64"))
+
+
+def _generate(data: dict) -> str:
+    rows = {(r["entry"], r["B"], r["T"]): r for r in data["results"]}
+    keys = sorted({(r["B"], r["T"]) for r in data["results"]})
+    entries = [(e, name) for e, name in GENERATE_ENTRIES if any(r["entry"] == e for r in data["results"])]
+    head = ["B", "context"] + [name for _, name in entries]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for b, t in keys:
+        cells = [str(b), f"{t // 1024}k" if t % 1024 == 0 else str(t)]
+        for e, _ in entries:
+            r = rows.get((e, b, t))
+            cells.append("–" if r is None else (r["status"] if r["status"] != "ok"
+                                                 else f"{_ms(r['ms'])} ({r['over_floor']:.1f})"))
+        lines.append("| " + " | ".join(cells) + " |")
+    c, ceil = data["config"], data["ceilings"]
+    text = (_caption(data, "python -m benchmarks --only generate") + f" One attention layer, H={c['H']}, "
+            f"Dk={c['Dk']}, Dv={c['Dv']}, {c['dtype']}: GPU ms of one decode step (CUDA graph replay, L2 "
+            f"flushed, median), in brackets the ratio to its floor (bytes it must read and write per token over "
+            f"the copy bandwidth, {ceil['copy_bytes_per_s'] / 1e12:.1f} TB/s in the same run):\n\n" + "\n".join(lines))
+    if data.get("model_results"):
+        m = data["model"]
+        by = {r["entry"]: r for r in data["model_results"]}
+        base = {mode: by.get(f"inductor_{mode}") for mode in ("kv_cache", "recurrent")}
+        mlines = ["| run | tokens/s | vs Inductor, same mode |", "| --- | --- | --- |"]
+        for r in data["model_results"]:
+            ref = base[r["mode"]]
+            ok = r["status"] == "ok"
+            vs = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ok and ref and ref["status"] == "ok" else "–")
+            mlines.append(f"| {r['entry'].replace('_', ' ')} | {r['tokens_per_s']:.1f} | {vs} |" if ok
+                          else f"| {r['entry'].replace('_', ' ')} | {r['status']} | – |")
+        text += (f"\n\nWhole model (examples/generate.py's LM, {m['layers']} layers, d_model {m['d_model']}, "
+                 f"{m['heads']} heads, bf16, B=1) decoding at a context of {m['context']} tokens, "
+                 f"{m['steps']} greedy steps (\"cudagraphs\": `mode=\"reduce-overhead\"`):\n\n" + "\n".join(mlines))
+    if (RESULTS / "generate.png").exists():
+        text += "\n\n![decode ms per step against context](benchmarks/results/generate.png)"
+    return text
+
+
+RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, "generate": _generate}
 
 
 def load(name: str) -> dict:
@@ -148,6 +193,9 @@ def load(name: str) -> dict:
 
 
 def render(name: str) -> str:
+    """The table of ``benchmarks/results/NAME.json``; a line saying how to make it while there is none."""
+    if not (RESULTS / f"{name}.json").exists():
+        return f"Not measured yet: `python -m benchmarks --only {name}` on a GPU makes this table.\n"
     return RENDERERS[name](load(name)).rstrip() + "\n"
 
 

@@ -81,7 +81,7 @@ def _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base
            BA: tl.constexpr, BC: tl.constexpr, DV: tl.constexpr):
     """One piece of phi: update its kv / ks rows and add its part of the readout to num and den."""
     if KIND == 1:                                   # constant features: phi = factor
-        for c0 in tl.static_range(0, W, BC):
+        for c0 in range(0, W, BC):
             c = c0 + tl.arange(0, BC)
             fmask = c < W
             pq = tl.where(fmask, fq, 0.0)
@@ -97,7 +97,7 @@ def _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base
                          dv_idx, dv_mask, write_ks, DV)
     elif KIND == 3:                                 # outer features: phi = factor * x_a x_b at a * Dk + b
         r = tl.arange(0, BA * BK)
-        for a0 in tl.static_range(0, DK, BA):
+        for a0 in range(0, DK, BA):
             a = a0 + r // BK
             b = r % BK
             fmask = (a < DK) & (b < DK)

@@ -23,7 +23,9 @@ def test_readme_tables_match_their_json():
 
 def test_a_changed_number_is_caught(tmp_path, monkeypatch):
     """The check reads the numbers: one changed value in a results file makes its table stale."""
-    for name in tables.readme_blocks(tables.README.read_text()):
+    measured = [name for name in tables.readme_blocks(tables.README.read_text())
+                if (tables.RESULTS / f"{name}.json").exists()]
+    for name in measured:
         data = json.loads((tables.RESULTS / f"{name}.json").read_text())
         rows = data.get("results", data.get("rows"))
         key, row = next((key, r) for r in rows for key in ("fwd_ms", "ms", "step_s")
@@ -31,8 +33,7 @@ def test_a_changed_number_is_caught(tmp_path, monkeypatch):
         row[key] *= 1.5
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
-    assert sorted(tables.stale_tables(tables.README.read_text())) == sorted(tables.readme_blocks(
-        tables.README.read_text()))
+    assert sorted(tables.stale_tables(tables.README.read_text())) == sorted(measured)
 
 
 def test_every_image_and_results_file_named_in_the_readme_exists():

@@ -1,0 +1,450 @@
+"""Decode (generation) speed of Based attention: per layer and for the whole naive LM, on one GPU.
+
+    python benchmarks/generate.py --out OUT            # ~4-5 minutes on an H200
+    python benchmarks/generate.py --quick --out OUT    # fewer contexts and reps
+    python benchmarks/generate.py --dry --out OUT      # tiny shapes on the CPU: checks the script's logic
+
+Per layer (H=16, Dk=16, Dv=64, bfloat16; contexts 1k, 8k, 32k, 64k; B = 1 and 16), the time of one
+decode step (one new query per head) for:
+
+- ``eager_kv`` / ``inductor_kv`` / ``based_kv``: the naive KV-cache form (examples/generate.py's
+  ``_attend_kv_cache`` without the cache append: scores against the whole cache, 1 + s + s^2/2,
+  the end-aligned mask, row-sum normaliser) eagerly, under Inductor, under ``backend="based"``
+  (the decode kernel);
+- ``eager_rec`` / ``inductor_rec`` / ``based_rec``: the naive recurrent step (kv_state + phi(k)^T v,
+  k_state + phi(k), phi(q) kv_state / (phi(q) . k_state + eps)), states [B, H, 273, 64] and
+  [B, H, 1, 273] in bfloat16 (``based_rec``: the step kernel);
+- ``sdpa_d64``: ``F.scaled_dot_product_attention`` of one query against a head-dim-64 KV cache
+  (FlashAttention decode), the softmax reference.
+
+Times: ``ms`` is GPU time: the call captured once in a CUDA graph, replayed with the L2 cache flushed
+before each replay (a real model's other layers evict it), median of CUDA-event timings. ``call_ms``
+is the plain call in a loop (CUDA events, median), launch overheads included: what a decode loop
+without CUDA graphs pays. Each entry's floor is the bytes it must move per token (KV cache: read K
+and V, and q, write o; recurrent: read and write both states, read q, k, v, write o; SDPA: read K and
+V at d64) over the copy bandwidth measured in the same run (benchmarks/floor.py); ``over_floor`` =
+ms / floor.
+
+Whole model (examples/generate.py's GenerativeBasedLM, bfloat16, B=1, caches of ``--model-context``
+tokens, synthetic: decode speed does not depend on their values): tokens/s of greedy decode steps
+for Inductor and ``backend="based"`` in both modes, and in the recurrent mode also under
+``mode="reduce-overhead"`` (CUDA graphs; the KV-cache mode grows its cache every step, a new shape
+each token, so CUDA graphs do not apply to it as written).
+
+Writes OUT/generate.json and OUT/generate.png (ms/token against context; needs matplotlib); prints
+progress as it goes and a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.floor import measure_copy_bandwidth  # noqa: E402
+
+H, DK, DV = 16, 16, 64
+FEATURES = 1 + DK + DK * DK
+KV_ENTRIES = ("eager_kv", "inductor_kv", "based_kv")
+REC_ENTRIES = ("eager_rec", "inductor_rec", "based_rec")
+ENTRIES = KV_ENTRIES + REC_ENTRIES + ("sdpa_d64",)
+MODEL_ENTRIES = ("inductor_kv_cache", "based_kv_cache", "inductor_recurrent", "based_recurrent",
+                 "inductor_recurrent_cudagraphs", "based_recurrent_cudagraphs")
+
+
+# ----------------------------------------------------------------------------- the code people write
+
+def taylor(x):
+    d = x.shape[-1]
+    x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(start_dim=-2) / (math.sqrt(2) * math.sqrt(d))
+    return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
+
+
+def kv_cache_step(q, k, v):                   # q [B, H, 1, Dk] against the cache k [B, H, T, Dk], v [B, H, T, Dv]
+    tq, tk = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+    a = 1 + s + 0.5 * s ** 2
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    a = a.masked_fill(~causal, 0.0)
+    return (a @ v) / (a.sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def recurrent_step(q, k, v, kv_state, k_state):
+    phi_q, phi_k = taylor(q), taylor(k)
+    kv_state = kv_state + phi_k.transpose(-2, -1) @ v
+    k_state = k_state + phi_k
+    y = (phi_q @ kv_state) / ((phi_q * k_state).sum(dim=-1, keepdim=True) + 1e-6)
+    return y, kv_state, k_state
+
+
+def sdpa_step(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------- floors
+
+def kv_bytes(b, t, dk=DK, dv=DV, h=H, elt=2):
+    return elt * b * h * (t * (dk + dv) + dk + dv)
+
+
+def rec_bytes(b, dk=DK, dv=DV, h=H, elt=2):
+    f = 1 + dk + dk * dk
+    return elt * b * h * (2 * (f * dv + f) + 2 * dk + 2 * dv)
+
+
+def sdpa_bytes(b, t, h=H, elt=2):
+    return elt * b * h * (t * 128 + 128)
+
+
+# ----------------------------------------------------------------------------- timing
+
+class Timer:
+    """GPU time through a CUDA graph replay with a flushed L2, and the plain call time (CUDA events);
+    on the CPU (--dry) both are wall-clock medians."""
+
+    def __init__(self, device, samples: int):
+        self.device, self.samples = device, samples
+        self.cuda = device.type == "cuda"
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if self.cuda else None
+
+    def _events(self, fn, before=None) -> float:
+        times = []
+        for _ in range(self.samples):
+            if before is not None:
+                before()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def call_ms(self, fn, inner: int = 10) -> float:
+        def loop():
+            for _ in range(inner):
+                fn()
+        return self._events(loop) / inner
+
+    def gpu_ms(self, fn) -> tuple[float, str]:
+        """(ms, how): "graph" (CUDA graph replay, L2 flushed) or "call" when the call cannot be captured."""
+        if not self.cuda:
+            return self._events(fn), "call"
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as e:          # noqa: BLE001  (report and fall back: the table says which)
+            print(f"    (not capturable in a CUDA graph: {type(e).__name__}: {str(e)[:120]}; timing the call)")
+            torch.cuda.synchronize()
+            return self._events(fn, self.flush.zero_), "call"
+        ms = self._events(graph.replay, self.flush.zero_)
+        del graph
+        return ms, "graph"
+
+
+# ----------------------------------------------------------------------------- per layer
+
+def compilers(dry: bool):
+    """name -> compile function. --dry: aot_eager for Inductor and the based pass over eager (no codegen)."""
+    import based_compile
+
+    if dry:
+        based = based_compile.backend(inner="eager")
+        return {"inductor": lambda fn, **kw: torch.compile(fn, backend="aot_eager", **kw),
+                "based": lambda fn, **kw: torch.compile(fn, backend=based, **kw)}
+    return {"inductor": lambda fn, **kw: torch.compile(fn, **kw),
+            "based": lambda fn, **kw: torch.compile(fn, backend="based", **kw)}
+
+
+def layer_benchmark(args, device, timer, bandwidth, results):
+    comp = compilers(args.dry)
+    fns = {"eager_kv": kv_cache_step, "inductor_kv": comp["inductor"](kv_cache_step, dynamic=True),
+           "based_kv": comp["based"](kv_cache_step, dynamic=True),
+           "eager_rec": recurrent_step, "inductor_rec": comp["inductor"](recurrent_step, dynamic=True),
+           "based_rec": comp["based"](recurrent_step, dynamic=True), "sdpa_d64": sdpa_step}
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+
+    def rand(*shape):                 # made on the device: a 64k cache at B=16 is 10^9 numbers
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    for b in args.batches:
+        q, k1, v1 = rand(b, H, 1, DK), rand(b, H, 1, DK), rand(b, H, 1, DV)
+        # States as after 256 tokens (sums of phi(k) v^T and phi(k)), so the readout is a weighted
+        # mean of values like the real one, not a cancellation of unrelated random numbers.
+        phi = taylor(rand(b, H, 256, DK).float())
+        kv_state = (phi.transpose(-2, -1) @ rand(b, H, 256, DV).float()).to(dtype)
+        k_state = phi.sum(2, keepdim=True).to(dtype)
+        q64 = rand(b, H, 1, 64)
+        for t in args.contexts:
+            k, v = rand(b, H, t, DK), rand(b, H, t, DV)
+            k64, v64 = rand(b, H, t, 64), rand(b, H, t, 64)
+            calls = {name: (lambda f=fns[name]: f(q, k, v)) for name in KV_ENTRIES}
+            calls.update({name: (lambda f=fns[name]: f(q, k1, v1, kv_state, k_state)) for name in REC_ENTRIES})
+            calls["sdpa_d64"] = lambda: sdpa_step(q64, k64, v64)
+            floors = {**{n: kv_bytes(b, t) for n in KV_ENTRIES}, **{n: rec_bytes(b) for n in REC_ENTRIES},
+                      "sdpa_d64": sdpa_bytes(b, t)}
+            with torch.no_grad():
+                ref = kv_cache_step(q.double(), k.double(), v.double())
+                ref_rec = recurrent_step(q.double(), k1.double(), v1.double(), kv_state.double(), k_state.double())[0]
+                for name in args.entries:
+                    row = dict(entry=name, B=b, T=t, floor_bytes=floors[name],
+                               floor_ms=floors[name] / bandwidth * 1e3)
+                    try:
+                        out = calls[name]()                      # compiles, and checks the values
+                        out = out[0] if isinstance(out, tuple) else out
+                        if name != "sdpa_d64":
+                            want = ref if name in KV_ENTRIES else ref_rec
+                            row["rel_err"] = ((out.double() - want).norm() / want.norm()).item()
+                        row["ms"], row["timing"] = timer.gpu_ms(calls[name])
+                        row["call_ms"] = timer.call_ms(calls[name])
+                        row["over_floor"] = row["ms"] / row["floor_ms"]
+                        row["status"] = "ok"
+                    except torch.OutOfMemoryError:
+                        row["status"] = "OOM"
+                    except Exception as e:              # noqa: BLE001  (a failed entry is reported, not fatal)
+                        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                    results.append(row)
+                    if row["status"] == "ok":
+                        print(f"  B={b:2d} T={t:6d} {name:13s} {row['ms']:8.4f} ms ({row['timing']}), "
+                              f"call {row['call_ms']:8.4f} ms, floor {row['floor_ms']:.4f} ms, "
+                              f"x{row['over_floor']:.1f}, rel err {row.get('rel_err', float('nan')):.1e}", flush=True)
+                    else:
+                        print(f"  B={b:2d} T={t:6d} {name:13s} {row['status']}", flush=True)
+            del k, v, k64, v64, calls
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- whole model
+
+def synthetic_caches(model, b, context, mode, device, dtype):
+    caches = []
+    for block in model.blocks:
+        attn = block.attn
+        conv = None
+        if block.conv is not None:
+            size = block.conv.conv.kernel_size[0]
+            conv = torch.randn(b, size - 1, model.embed.embedding_dim, device=device, dtype=dtype)
+        if mode == "kv_cache":
+            cache = (torch.randn(b, attn.n_kv_heads, context, attn.feature_dim, device=device, dtype=dtype),
+                     torch.randn(b, attn.n_kv_heads, context, attn.head_dim, device=device, dtype=dtype))
+        else:           # the states of 256 random tokens (the values do not change the speed)
+            phi = taylor(torch.randn(b, attn.n_heads, 256, attn.feature_dim, device=device))
+            v = torch.randn(b, attn.n_heads, 256, attn.head_dim, device=device)
+            cache = ((phi.transpose(-2, -1) @ v).to(dtype), phi.sum(2, keepdim=True).to(dtype))
+        caches.append((conv, cache))
+    return caches
+
+
+def _clone(caches):
+    return [(None if c is None else c.clone(), tuple(x.clone() for x in a)) for c, a in caches]
+
+
+def model_benchmark(args, device, results, info):
+    from generate import GenerativeBasedLM
+    import based_compile
+
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    model = GenerativeBasedLM(256, d_model=args.model_d, n_layers=args.model_layers, n_heads=args.model_heads,
+                              feature_dim=DK, max_len=args.model_context + args.model_steps + 16)
+    model = model.to(device, dtype).eval()
+    info.update(d_model=args.model_d, layers=args.model_layers, heads=args.model_heads, feature_dim=DK,
+                context=args.model_context, steps=args.model_steps, params=sum(p.numel() for p in model.parameters()))
+    inner = based_compile.backend(inner="eager") if args.dry else "based"
+    for name in args.model_entries:
+        mode = "kv_cache" if "kv_cache" in name else "recurrent"
+        graphs = name.endswith("_cudagraphs")
+        kw = dict(mode="reduce-overhead") if graphs and not args.dry else {}
+        backend = inner if name.startswith("based") else ("aot_eager" if args.dry else "inductor")
+        torch._dynamo.reset()
+        step = torch.compile(model.forward_with_cache, backend=backend, **kw)
+        row = dict(entry=name, mode=mode, cudagraphs=graphs, context=args.model_context)
+        try:
+            with torch.no_grad():
+                torch.manual_seed(1)
+                caches = synthetic_caches(model, 1, args.model_context, mode, device, dtype)
+                token = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+                def one(caches, token):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    logits, caches = step(token, caches, mode)
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+                    return (_clone(caches) if graphs else caches), token
+
+                start = time.perf_counter()
+                for _ in range(3):                       # compiles (twice for a growing cache), records graphs
+                    caches, token = one(caches, token)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row["warmup_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(args.model_steps):
+                    caches, token = one(caches, token)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+            row.update(status="ok", tokens_per_s=args.model_steps / seconds, ms=seconds / args.model_steps * 1e3)
+            print(f"  model {name:30s} {row['tokens_per_s']:9.1f} tokens/s ({row['ms']:.3f} ms/token; "
+                  f"compile+warm-up {row['warmup_s']:.1f} s)", flush=True)
+        except Exception as e:              # noqa: BLE001
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            print(f"  model {name:30s} {row['status']}", flush=True)
+        results.append(row)
+        del step
+        torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- report
+
+def print_table(data):
+    rows = {(r["entry"], r["B"], r["T"]): r for r in data["results"]}
+    keys = sorted({(r["B"], r["T"]) for r in data["results"]})
+    entries = [e for e in ENTRIES if any(r["entry"] == e for r in data["results"])]
+    print("\nper layer (H=16, Dk=16, Dv=64, bf16): GPU ms per decode step (x its floor)")
+    print("| B | T | " + " | ".join(entries) + " |")
+    for b, t in keys:
+        cells = []
+        for e in entries:
+            r = rows.get((e, b, t))
+            cells.append("–" if r is None else r["status"] if r["status"] != "ok"
+                         else f"{r['ms']:.4f} (x{r['over_floor']:.1f})")
+        print(f"| {b} | {t} | " + " | ".join(cells) + " |")
+    if data.get("model_results"):
+        m = data["model"]
+        print(f"\nwhole model ({m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, bf16, B=1, "
+              f"context {m['context']}): tokens/s")
+        for r in data["model_results"]:
+            print(f"  {r['entry']:30s} " + (f"{r['tokens_per_s']:9.1f}" if r["status"] == "ok" else r["status"]))
+
+
+def plot(data, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    batches = sorted({r["B"] for r in data["results"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for e in ENTRIES:
+            pts = sorted((r["T"], r["ms"]) for r in data["results"] if r["entry"] == e and r["B"] == b
+                         and r["status"] == "ok")
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e,
+                        linestyle="--" if e.startswith("eager") or e.startswith("sdpa") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("GPU ms per decode step (one layer)")
+        ax.set_title(f"B={b}, H=16, Dk=16, Dv=64, bf16")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['device']}, {data['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true", help="contexts 1k and 32k, fewer samples")
+    p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (eager inner compilers): logic only")
+    p.add_argument("--contexts", default=None, help="comma-separated (default 1024,8192,32768,65536)")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--entries", default=",".join(ENTRIES))
+    p.add_argument("--model-entries", default=",".join(MODEL_ENTRIES), help="'' skips the whole-model part")
+    p.add_argument("--samples", type=int, default=None)
+    args = p.parse_args(argv)
+    args.entries = [e for e in args.entries.split(",") if e]
+    args.model_entries = [e for e in args.model_entries.split(",") if e]
+    for e in args.entries:
+        if e not in ENTRIES:
+            p.error(f"--entries: unknown {e!r}; choose from {ENTRIES}")
+    for e in args.model_entries:
+        if e not in MODEL_ENTRIES:
+            p.error(f"--model-entries: unknown {e!r}; choose from {MODEL_ENTRIES}")
+    if args.contexts is None:
+        args.contexts = "64,300" if args.dry else "1024,32768" if args.quick else "1024,8192,32768,65536"
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.batches = [int(x) for x in args.batches.split(",")]
+    if args.dry and args.batches == [1, 16]:
+        args.batches = [1, 2]
+    args.samples = args.samples or (3 if args.dry else 7 if args.quick else 15)
+    args.model_context = 200 if args.dry else 32768
+    args.model_steps = 3 if args.dry else 20 if args.quick else 50
+    args.model_d, args.model_layers, args.model_heads = (64, 1, 4) if args.dry else (1024, 4, 16)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.dry else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this benchmark is for the GPU (--dry checks its logic on the CPU)")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    begin = time.perf_counter()
+    if device.type == "cuda":
+        bandwidth = measure_copy_bandwidth()
+        device_name = torch.cuda.get_device_name()
+    else:
+        bandwidth = 50e9            # --dry: a nominal figure, the ratios mean nothing
+        device_name = "cpu (dry run)"
+    print(f"{device_name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    data = dict(device=device_name, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                torch=torch.__version__, triton=triton_version,
+                command=os.environ.get("BENCH_COMMAND") or "python " + " ".join(["benchmarks/generate.py"] + sys.argv[1:]),
+                config=dict(H=H, Dk=DK, Dv=DV, dtype="bfloat16", samples=args.samples, dry=args.dry),
+                ceilings=dict(copy_bytes_per_s=bandwidth), results=[], model={}, model_results=[])
+    timer = Timer(device, args.samples)
+    print("per layer:", flush=True)
+    layer_benchmark(args, device, timer, bandwidth, data["results"])
+    del timer
+    if args.model_entries:
+        print(f"whole model, context {args.model_context}:", flush=True)
+        model_benchmark(args, device, data["model_results"], data["model"])
+    data["seconds"] = time.perf_counter() - begin
+    (out / "generate.json").write_text(json.dumps(data, indent=1))
+    print_table(data)
+    print(f"\nwrote {out / 'generate.json'} after {data['seconds']:.0f} s")
+    plot(data, out / "generate.png")
+    return data
+
+
+if __name__ == "__main__":
+    main()
