@@ -5,7 +5,8 @@ On N GPUs (NCCL), one spawn of N ranks runs, in this order (most important first
       process on the per-GPU batch, DDP xN and FSDP2 xN on the global batch (``--steps`` steps);
   bfloat16 at T=2048, then float32 and bfloat16 at T=8192: the per-GPU single process, DDP and
       FSDP2 (``--timing-steps`` steps).
-Each row: median step time (steps after the first), ``based::attention`` calls in a forward
+Each row: median step time (leaving out the first step, which compiles, and the last, which runs
+under the profiler that counts the calls), ``based::attention`` calls in a forward
 (every layer must be rewritten), the losses' largest difference from one process on the global
 batch (float32, T=2048), and weak-scaling efficiency = step time of one GPU at the per-GPU
 batch / step time of N GPUs (1.0: perfect). The "single" runs execute on every rank at once, each
@@ -104,7 +105,8 @@ def main() -> None:
     p.add_argument("--world", type=int, default=torch.cuda.device_count())
     p.add_argument("--per-gpu-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="steps of the float32 T=2048 runs (the loss check)")
-    p.add_argument("--timing-steps", type=int, default=4, help="steps of the other runs (the first is not timed)")
+    p.add_argument("--timing-steps", type=int, default=8,
+                   help="steps of the other runs (the first, compiling, and the last, profiled, are not timed)")
     p.add_argument("--configs", default=",".join(f"{d}:{t}" for d, t in CONFIGS),
                    help="comma-separated dtype:T pairs, a subset of the default (the float32:2048 one is the loss check)")
     p.add_argument("--budget-s", type=float, default=None, help="start no run that would end after this many seconds")
@@ -122,7 +124,12 @@ def main() -> None:
         configs.append((dtype, int(seqlen)))
     runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs)
     deadline = start + args.budget_s if args.budget_s else None
-    results = dt.run_distributed_many(args.world, "cuda", [kw for _, kw in runs], deadline=deadline)
+    # First the interconnect: an all-reduce's bus bandwidth bounds what a short step can scale to.
+    results = dt.run_distributed_many(args.world, "cuda", [dict(mode="allreduce")] + [kw for _, kw in runs],
+                                      deadline=deadline)
+    interconnect, results = results[0][0], [r[1:] for r in results]
+    print(f"all-reduce of {interconnect['allreduce_mb']} MB bfloat16: {interconnect['allreduce_s'] * 1e3:.1f} ms, "
+          f"bus bandwidth {interconnect['busbw_gb_s']:.0f} GB/s", flush=True)
     layers = MODEL["n_layers"]
     rows = rows_of([label for label, _ in runs], results[0], args.world)
     for rank, other in enumerate(results[1:], 1):       # every rank must have rewritten every layer
@@ -137,7 +144,7 @@ def main() -> None:
 
     data = {"device": f"{args.world}x {torch.cuda.get_device_name()}", "world": args.world,
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
-            "model": MODEL, "per_gpu_batch": args.per_gpu_batch, "ddp_bucket_cap_mb": dt.DDP_BUCKET_CAP_MB,
+            "model": MODEL, "interconnect": interconnect, "per_gpu_batch": args.per_gpu_batch, "ddp_bucket_cap_mb": dt.DDP_BUCKET_CAP_MB,
             "command": "python " + " ".join(sys.argv), "seconds": time.time() - start,
             "rows": rows, "table": text}
     with open(os.path.join(args.out, "distributed.json"), "w") as f:

@@ -124,7 +124,9 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
             mean /= world
         losses.append(mean.item())
     step_times = times                  # in order, the first (compilation) included
-    times = sorted(times[1:] or times)
+    # The median leaves out the first step (compilation) and the last (run under the profiler that
+    # counts based::attention calls, which slows a short step by tens of percent).
+    times = sorted(times[1:-1] or times[1:] or times)
     result = dict(losses=losses, step_s=times[len(times) // 2], step_times_s=step_times, graphs=len(graphs),
                   based_calls=based_calls)
     if explain:
@@ -143,6 +145,24 @@ def count_based_calls(fn):
         out = fn()
     names = [e.name for e in prof.events()]
     return out, sum(1 for n in names if n.startswith("based::attention") and "backward" not in n)
+
+
+def allreduce_bandwidth(device: torch.device, world: int, megabytes: int = 256, reps: int = 7) -> dict:
+    """Median time of an all-reduce of ``megabytes`` of bfloat16 and its bus bandwidth (NCCL's
+    busbw: bytes x 2(world-1)/world per second), the interconnect figure the data-parallel
+    runs are limited by when their step is short."""
+    x = torch.ones(megabytes * 2**19, dtype=torch.bfloat16, device=device)
+    dist.all_reduce(x)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[reps // 2]
+    return dict(allreduce_mb=megabytes, allreduce_s=median,
+                busbw_gb_s=megabytes * 2**20 * 2 * (world - 1) / world / median / 1e9)
 
 
 def worker(rank: int, world: int, port: int, device_type: str, runs: list, results, deadline=None) -> None:
@@ -168,6 +188,9 @@ def worker(rank: int, world: int, port: int, device_type: str, runs: list, resul
                     continue
             start = time.time()
             try:
+                if mode == "allreduce":
+                    out.append(allreduce_bandwidth(device, world, **kwargs))
+                    continue
                 alone = mode == "single"
                 out.append(train(mode, 0 if alone else rank, 1 if alone else world, device, **kwargs))
             except Exception as err:       # report it and go on with the next run
