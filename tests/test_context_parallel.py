@@ -205,3 +205,125 @@ def test_example_trains_the_same_loss_curve():
 
     result = example.main(["--world", "2", "--steps", "2", "--seqlen", "13"])
     assert len(result["sharded"]) == 2 and result["max_diff"] < 1e-10, result
+
+
+def test_kv_cache_and_recurrent_step_raise_under_context_parallel(monkeypatch):
+    """Queries against a KV cache (Tq < Tk) and the recurrent decoding step are not sequence
+    parallel: inside context_parallel both raise (eagerly and compiled) instead of running on this
+    rank's tokens alone; outside they run."""
+    import based_compile
+    from based_compile.op import context_parallel as cp
+    from based_compile.op.recurrent_step import based_recurrent_step
+    from test_recurrent_step import FACTORS, PIECES, _inputs, step_matmul
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float64), torch.randn(1, 2, 8, 5, generator=g,
+                                                                                  dtype=torch.float64)
+    spec = based_compile.BasedSpec(scale=0.5, causal=True)
+    step = _inputs(step_matmul)
+    torch._dynamo.reset()
+    decode = torch.compile(step_matmul, backend=based_compile.backend(inner="eager"))
+    with torch.no_grad():
+        based_compile.based_attention(q, k, v, spec)                      # outside: runs
+        based_recurrent_step(*(x[:, :, 0] for x in step[:3]), step[3], step[4][:, :, 0], PIECES, FACTORS, FACTORS)
+        decode(*(x.clone() for x in step))
+    monkeypatch.setattr(cp, "_active", cp._Group(None, 0, 2))           # as inside context_parallel on 2 ranks
+    with pytest.raises(ValueError, match=r"Tq=3 < Tk=8 \(a KV cache\)"):
+        based_compile.based_attention(q, k, v, spec)
+    with pytest.raises(ValueError, match="a KV cache"):
+        based_compile.based_attention(q.requires_grad_(), k, v, spec)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="decode outside the context_parallel block"):
+        based_recurrent_step(*(x[:, :, 0] for x in step[:3]), step[3], step[4][:, :, 0], PIECES, FACTORS, FACTORS)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="decode outside the context_parallel block"):
+        decode(*(x.clone() for x in step))
+    torch._dynamo.reset()
+
+
+class _Checkpointed(torch.nn.Module):
+    """Blocks of a naive LM called through torch.utils.checkpoint inside the compiled forward."""
+
+    def __init__(self, model, whole_block=True):
+        super().__init__()
+        self.model, self.whole_block = model, whole_block
+
+    def forward(self, ids):
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.model.embed(ids)
+        for block in self.model.blocks:
+            if self.whole_block:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:                                 # the MLP only: no token mixing inside the checkpoint
+                x = x + block.attn(block.attn_norm(x))
+                x = x + checkpoint(lambda y: block.mlp(block.mlp_norm(y)), x, use_reentrant=False)
+        return self.model.lm_head(self.model.norm(x))
+
+
+def _naive_lm(form="feature_map"):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from naive_based_lm import BasedLM
+
+    torch.manual_seed(0)
+    return BasedLM(vocab_size=32, d_model=16, n_layers=1, n_heads=2, feature_dim=4, conv_size=0,
+                   attention_form=form).double()
+
+
+@pytest.mark.parametrize("form", ["feature_map", "polynomial", "linear_cumsum"])
+def test_attention_inside_compiled_checkpoint_is_refused_not_silent(monkeypatch, form):
+    """torch.utils.checkpoint inside the compiled code becomes a higher-order operator whose body the
+    pass does not read: the attention there is reported as refused, and under context_parallel the
+    compiled model raises rather than attend within the shard. Near miss: a checkpoint around the MLP
+    alone (no token mixing inside) is not reported, and the attention outside it is rewritten."""
+    import based_compile
+    from based_compile.op import context_parallel as cp
+
+    ids = torch.randint(0, 32, (1, 6))
+    report = based_compile.explain(_Checkpointed(_naive_lm(form)), ids)
+    assert not report.sites and len(report.refusals) == 1, str(report)
+    assert "higher-order operator (tag_activation_checkpoint" in report.refusals[0].reason
+    near = based_compile.explain(_Checkpointed(_naive_lm(form), whole_block=False), ids)
+    assert len(near.sites) == 1 and not near.refusals, str(near)
+
+    model = _Checkpointed(_naive_lm(form))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    torch.testing.assert_close(compiled(ids), model(ids))                # outside: runs as written
+    monkeypatch.setattr(cp, "_active", cp._Group(None, 0, 2))
+    with pytest.raises(RuntimeError, match="within this rank's shard"):
+        compiled(ids)
+    torch._dynamo.reset()
+
+
+def test_checkpoint_around_compiled_blocks_first_call():
+    """A non-reentrant checkpoint around compiled blocks, compiling on its first call: the pass's own
+    traces must not reach the checkpoint's saved-tensor hooks (before, the forward saved more tensors
+    than its recomputation and backward raised CheckpointError). Outputs and gradients equal the
+    eager model's; the operator runs in the forward and again in the recomputation."""
+    import based_compile
+    from based_calls import BasedOpCounter
+    from torch.utils.checkpoint import checkpoint
+
+    model = _naive_lm()
+    ids = torch.randint(0, 32, (2, 9))
+    loss_ref = model(ids).square().sum()
+    grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(backend=based_compile.backend(inner="aot_eager"), dynamic=False)
+
+    def run():
+        x = model.embed(ids)
+        for block in model.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        loss = model.lm_head(model.norm(x)).square().sum()
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    loss, grads = run()
+    assert _rel(loss, loss_ref) < 1e-12 and max(_rel(a, b) for a, b in zip(grads, grads_ref)) < 1e-12
+    with BasedOpCounter() as counter:
+        run()
+    assert counter.calls == {"based::attention": 2, "based::attention_backward": 1}, counter.calls
+    torch._dynamo.reset()

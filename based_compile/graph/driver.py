@@ -33,6 +33,7 @@ from .rewrite import rewrite_recurrent_steps
 from .refusal import Refused
 from .report import Explanation, Refusal, Site, source_of
 from .rewrite import rewrite_dynamo_sites
+from .subgraphs import hidden_attention
 from .verify import settle
 
 log = logging.getLogger("based_compile")
@@ -86,11 +87,29 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
     Returns ``gm`` rewritten in place with the graph inputs (registered buffers) whose values the
     rewrite relied on (``buffer_guard``) and a copy of the graph before the rewrite (``Rewritten``),
     or None when nothing was rewritten.
+
+    The pass traces and runs parts of the graph under grad mode; its saved tensors go to identity
+    hooks, not to hooks the user's code has active (a non-reentrant ``torch.utils.checkpoint``
+    around a compiled block counts what is saved, and the pass, which runs only on the first
+    call, would make the forward save more than its recomputation).
     """
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        return _run_pass(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
+
+
+def _same(x):
+    return x
+
+
+def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
+              report: Explanation | None) -> Rewritten | None:
     global pass_seconds
     start = time.perf_counter()
     try:
         try:
+            if report is not None:            # attention in a checkpoint's body: left as written, said so
+                for refusal in hidden_attention(gm):
+                    report.add_refusal(refusal)
             found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report)
         except Exception as err:      # a bug of the pass must not stop the model from compiling
             log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",

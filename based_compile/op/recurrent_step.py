@@ -21,6 +21,7 @@ bfloat16 and float32 with at most 4 pieces, Dk <= 128, Dv <= 256; otherwise, and
 PyTorch form below. Both compute in float32 (float64 for float64 inputs) and round the states once
 to their dtype; the readout reads the states as stored.
 Not differentiable (decoding): called under grad mode with inputs that require grad it raises.
+Inside ``based_compile.context_parallel`` it raises (a step is not sequence parallel).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import recurrent_step as step_kernel
+from . import context_parallel
 from .cpu_path import compute_dtype
 
 PIECE_KINDS = ("const", "linear", "outer")
@@ -122,13 +124,22 @@ def recurrent_step_reference(q, k, v, kv_state, k_state, pieces, q_factors, k_fa
     return o, kv_out.reshape(kv_state.shape), ks_out.reshape(k_state.shape)
 
 
+def _not_context_parallel() -> None:
+    if context_parallel.active():
+        raise RuntimeError("based::recurrent_step under based_compile.context_parallel: a decoding step carries "
+                           "the states of the tokens before it in the caller's tensors, which context parallelism "
+                           "does not shard or exchange; decode outside the context_parallel block")
+
+
 def _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    _not_context_parallel()
     o, kv, ks = recurrent_step_reference(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
     return o.contiguous(), kv.contiguous(), ks.contiguous()
 
 
 def _step_cuda(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
     check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    _not_context_parallel()
     if step_kernel.supported(q, k, v, kv_state, k_state, pieces) is not None:
         return _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
     return step_kernel.recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)

@@ -1,0 +1,80 @@
+"""Attention the pass does not look into: the bodies of higher-order operators.
+
+Dynamo turns ``torch.utils.checkpoint.checkpoint(fn, ...)`` inside a compiled model into a
+higher-order operator (``tag_activation_checkpoint``) whose body is a separate graph module; the
+pass reads the top-level graph only, so attention in such a body is left as written. That must
+not be silent: ``explain()`` reports it, and under ``based_compile.context_parallel`` the backend
+raises for a graph with a refusal instead of attending within the shard.
+
+``hidden_attention(gm)`` returns one refusal per body (searched recursively) that holds a
+sequence mixer of the kinds the pass rewrites: a matmul (``matmul``, ``bmm``, ``einsum``, ``@``)
+with an operand computed from another matmul (scores times values), or a ``cumsum`` (the linear
+form's running sums). A body with projections only (``linear``) is not reported.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .report import Refusal, source_of
+
+_MATMUL = {"matmul", "bmm", "baddbmm", "einsum", "__matmul__", "__rmatmul__"}
+_RUNNING = {"cumsum", "cumsum_"}
+
+
+def _name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    if node.target is operator.matmul:
+        return "matmul"
+    return getattr(node.target, "__name__", str(node.target)).split(".")[-1]
+
+
+def _bodies(gm: fx.GraphModule, node: fx.Node):
+    """The graph modules a higher-order operator node calls (its get_attr arguments)."""
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            body = getattr(gm, str(arg.target), None)
+            if isinstance(body, fx.GraphModule):
+                yield body
+
+
+def _mixer(body: fx.GraphModule) -> fx.Node | None:
+    """The first matmul of a matmul chain or cumsum in ``body`` (not in its own bodies), or None."""
+    from_matmul: set[fx.Node] = set()
+    for node in body.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = _name(node)
+        if name in _RUNNING:
+            return node
+        inputs = node.all_input_nodes
+        if name in _MATMUL:
+            if any(a in from_matmul for a in inputs):
+                return node
+            from_matmul.add(node)
+        elif any(a in from_matmul for a in inputs):
+            from_matmul.add(node)
+    return None
+
+
+def hidden_attention(gm: fx.GraphModule) -> list[Refusal]:
+    """A refusal for each higher-order operator body of ``gm`` (recursively) that holds attention-like
+    sequence mixing the pass leaves as written."""
+    refusals = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for body in _bodies(gm, node):
+            mixer = _mixer(body)
+            if mixer is not None:
+                refusals.append(Refusal(
+                    source_of(mixer), "unsupported",
+                    f"inside a higher-order operator ({node.target.name()}, e.g. torch.utils.checkpoint in the "
+                    f"compiled code): the pass does not look into its body, so this {_name(mixer)} is left as "
+                    "written (to have it rewritten, call torch.utils.checkpoint outside the compiled function, "
+                    "around a compiled block)"))
+            refusals.extend(hidden_attention(body))
+    return refusals
