@@ -161,3 +161,10 @@ def test_gpu_decode_under_cuda_graphs():
                 out = compiled(*args).clone()
                 assert_rel_close(out, _decode_step(*(x.double() for x in args)), 2.5e-2, f"Tk={tk} rep {rep}")
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_decode():
+    """based::attention with Tq < Tk on CUDA (the decode kernel): fake implementation and dispatch agree."""
+    q, k, v = _cache(1, 4, 2, 16, 64, 5, torch.float32)[0], *_cache(1, 4, 300, 16, 64, 6, torch.float32)[1:]
+    torch.library.opcheck(torch.ops.based.attention.default, (q, k, v, "BHTD", 0.25, 1.0, 1.0, 0.5, True, True, 1e-6))

@@ -24,20 +24,23 @@ def test_floors_count_the_bytes_a_step_must_move():
 
 def test_dry_run_writes_json_and_the_table_renders(tmp_path, monkeypatch):
     torch._dynamo.reset()
-    data = generate.main(["--dry", "--out", str(tmp_path), "--contexts", "64", "--batches", "1",
+    data = generate.main(["--dry", "--out", str(tmp_path), "--contexts", "64,100", "--batches", "1,2",
                           "--entries", "eager_kv,based_kv,based_rec,sdpa_d64", "--model-entries",
                           "inductor_recurrent,based_recurrent"])
     torch._dynamo.reset()
     written = json.loads((tmp_path / "generate.json").read_text())
     assert written["results"] == data["results"]
-    assert [(r["entry"], r["status"]) for r in written["results"]] == [
-        ("eager_kv", "ok"), ("based_kv", "ok"), ("based_rec", "ok"), ("sdpa_d64", "ok")]
+    entries = ["eager_kv", "based_kv", "based_rec", "sdpa_d64"]
+    assert [(r["entry"], r["B"], r["T"], r["status"]) for r in written["results"]] == [
+        (e, b, t, "ok") for b in (1, 2) for t in (64, 100) for e in entries]
     for r in written["results"]:
         assert r["ms"] > 0 and r["over_floor"] == r["ms"] / r["floor_ms"]
+        assert (r["based_ops"] > 0) == r["entry"].startswith("based"), r     # based entries were rewritten
         if r["entry"] != "sdpa_d64":
             assert r["rel_err"] < 2e-2, r        # every entry computes the same function (bf16)
     assert [r["status"] for r in written["model_results"]] == ["ok", "ok"]
+    assert [r["based_ops"] > 0 for r in written["model_results"]] == [False, True]
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     text = tables.render("generate")
-    assert "| 1 | 64 |" in text and "**based, recurrent**" in text and "based recurrent |" in text
+    assert "| 2 | 100 |" in text and "**based, recurrent**" in text and "based recurrent |" in text
     assert "1.00x" in text         # Inductor's own row against itself

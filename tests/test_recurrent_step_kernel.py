@@ -178,4 +178,14 @@ def test_gpu_compiled_step_under_cuda_graphs():
             assert_rel_close(kv_c, kv, 2e-2, f"kv_state step {i}")
             assert_rel_close(ks_c, ks, 2e-2, f"k_state step {i}")
         sites = based_compile.explain(_user_step, *(x.to("cuda", torch.bfloat16) for x in (q, k, v)), kv_c, ks_c).sites
-    assert len(sites) == 1, sites
+    assert len(sites) == 1 and sites[0].kernel == "Triton recurrent step kernel", sites
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    """The operator's fake implementation, schema and dispatch agree with the CUDA kernel."""
+    q, k = torch.randn(2, 4, 16, device="cuda"), torch.randn(2, 4, 16, device="cuda")
+    v = torch.randn(2, 4, 64, device="cuda")
+    kv, ks = torch.randn(2, 4, 273, 64, device="cuda"), torch.rand(2, 4, 1, 273, device="cuda") + 1
+    torch.library.opcheck(torch.ops.based.recurrent_step.default,
+                          (q, k, v, kv, ks, list(TAYLOR), list(_factors(16)), list(_factors(16)), True, 1e-6))
