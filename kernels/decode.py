@@ -14,6 +14,9 @@ split over programs, flash-decoding style, and every key and value is read once:
 2. ``_decode_combine_kernel``: sums the partials over splits and divides. Based has no running
    maximum (f is a polynomial, not an exponential), so partials simply add: no rescaling.
 
+(K is read again for each further block of 128 value columns (Dv > 128), and K and V for each further
+block of 64 rows (G * Tq > 64): neither happens at decode shapes.)
+
 The number of splits fills the GPU (about four programs per multiprocessor) without splitting below
 one key tile. z, the normaliser without eps, is returned as [B, H, Tq] float32 like the other kernels.
 Forward only: the operator's backward for these calls is the PyTorch quadratic one (a decode step

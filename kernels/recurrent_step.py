@@ -15,7 +15,8 @@ their dtype, and the readout reads the states as stored (rounded), as the user's
 The kernel:
 - computes phi(q) and phi(k) on the fly, tile by tile of features, from q and k (a few hundred
   bytes, cached): the F-wide features are never written to memory;
-- reads each state once and writes it once (the step is memory-bound: 2 F Dv bytes in bf16 for
+- reads each state once and writes it once (states that are not contiguous are copied first; the
+  user's states as the code people write makes them are contiguous) (the step is memory-bound: 2 F Dv bytes in bf16 for
   each of reading and writing kv, 35 KB a row at Dk = 16, Dv = 64);
 - runs one program per (row, block of Dv columns): B = 1, H = 16 has 16 rows, so Dv is split into
   blocks of 16 when the rows alone would not fill the GPU. Every program computes its row's phi and

@@ -59,6 +59,10 @@ def test_decode_variants(causal, normalize):
     _check(1, 2, 2, 150, 3, 20, causal=causal, normalize=normalize, coeffs=(0.3, -0.7, 0.25), scale=0.8)
 
 
+def test_decode_value_blocks():
+    _check(1, 2, 2, 70, 4, 130, kv_heads=1)          # Dv = 130: two blocks of value columns, z from the first
+
+
 def test_decode_float16_and_wide_rows():
     _check(1, 8, 10, 90, 4, 6, kv_heads=1, dtype=torch.float16)          # G * Tq = 80 rows: two row blocks
 
