@@ -15,6 +15,12 @@ A query i of the chunk gets
 Non-causal: a first pass sums the states over all of T, a second computes n_i from them alone.
 Nothing of size T x T exists and no per-chunk state goes to memory.
 
+States in and out (``fused_chunk_forward_with_state``, prefill -> decode hand-off, issue 15): the
+forward can start from the states of earlier tokens and write the states after its last token,
+as float32 moments [B, Hkv, 1 + Dk + Dk^2, Dv + 1] = sum_t [1, k_t, k_t (x) k_t]^T [v_t, 1] (the
+registers' S0, S1, S2 and the z-states, unscaled, in the full Dk x Dk basis). Reading and writing
+them costs one load and one store of a few kilobytes per program.
+
 Backward (two kernels, states recomputed, never stored):
   - dq: a forward-direction pass with the same states S1, S2 (and S1z, S2z):
         dq~_i = c1 S1 dn_i + 2 c2 [S2 dn_i]_(a,b) q~_ib + (dz_i terms) + intra-chunk dS K.
@@ -102,6 +108,48 @@ def _store_rows(ptr, x, rows, cols, s_t, s_d, T, D):
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _moment_rows(offs_k, DK, BK: tl.constexpr):
+    # rows of the linear block [BK] and of the outer block [BK*BK] in a moments matrix
+    # [1 + DK + DK*DK, ...]: row 0 the constant, 1 + a the linear k_a, 1 + DK + a*DK + b the pair k_a k_b
+    lin = 1 + offs_k
+    pair = tl.reshape(1 + DK + offs_k[:, None] * DK + offs_k[None, :], (BK * BK,))
+    pair_ok = tl.reshape((offs_k[:, None] < DK) & (offs_k[None, :] < DK), (BK * BK,))
+    return lin, pair, pair_ok
+
+
+@triton.jit
+def _load_moments(m, offs_k, offs_v, DK, DV, BK: tl.constexpr):
+    """The states from a float32 moments matrix [1 + DK + DK*DK, DV + 1] (sum over earlier tokens of
+    [1, k, k (x) k]^T [v, 1]): (S0 [BV], S1 [BK, BV], S2 [BK*BK, BV], count, S1z [BK], S2z [BK, BK])."""
+    w = DV + 1
+    lin, pair, pair_ok = _moment_rows(offs_k, DK, BK)
+    v_ok = offs_v < DV
+    s0 = tl.load(m + offs_v, mask=v_ok, other=0.0)
+    s1 = tl.load(m + lin[:, None] * w + offs_v[None, :], mask=(offs_k[:, None] < DK) & v_ok[None, :], other=0.0)
+    s2 = tl.load(m + pair[:, None] * w + offs_v[None, :], mask=pair_ok[:, None] & v_ok[None, :], other=0.0)
+    s0z = tl.load(m + DV)
+    s1z = tl.load(m + lin * w + DV, mask=offs_k < DK, other=0.0)
+    s2z = tl.reshape(tl.load(m + pair * w + DV, mask=pair_ok, other=0.0), (BK, BK))
+    return s0, s1, s2, s0z, s1z, s2z
+
+
+@triton.jit
+def _store_moments(m, s0, s1, s2, s0z, s1z, s2z, offs_k, offs_v, WITH_Z, DK, DV, BK: tl.constexpr):
+    """The states into a float32 moments matrix (``_load_moments``'s layout): this program's value
+    columns, and the normaliser's column when ``WITH_Z`` (one program per (b, h) writes it)."""
+    w = DV + 1
+    lin, pair, pair_ok = _moment_rows(offs_k, DK, BK)
+    v_ok = offs_v < DV
+    tl.store(m + offs_v, s0, mask=v_ok)
+    tl.store(m + lin[:, None] * w + offs_v[None, :], s1, mask=(offs_k[:, None] < DK) & v_ok[None, :])
+    tl.store(m + pair[:, None] * w + offs_v[None, :], s2, mask=pair_ok[:, None] & v_ok[None, :])
+    if WITH_Z:
+        tl.store(m + DV, s0z)
+        tl.store(m + lin * w + DV, s1z, mask=offs_k < DK)
+        tl.store(m + pair * w + DV, tl.reshape(s2z, (BK * BK,)), mask=pair_ok)
+
+
+@triton.jit
 def _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT: tl.constexpr, BK: tl.constexpr, NORMALIZE: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Fold one chunk (kc [BT, BK], vc [BT, BV]) into the states: S1 += k^T v [BK, BV],
@@ -118,7 +166,7 @@ def _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT: tl.constexpr, BK: tl.constexpr, NO
 
 @triton.jit
 def _fused_chunk_fwd_kernel(
-    q, k, v, o, z,
+    q, k, v, o, z, m_in, m_out,
     sq_b, sq_h, sq_t, sq_d,           # strides of q, k, v, o in logical [B, H, T, D] order
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -126,6 +174,7 @@ def _fused_chunk_fwd_kernel(
     T, H, GROUP, DK, DV,
     scale, c0, c1, c2, eps,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    STATE_IN: tl.constexpr, STATE_OUT: tl.constexpr, Z_STATES: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -144,15 +193,19 @@ def _fused_chunk_fwd_kernel(
     s0 = tl.zeros([BV], dtype=tl.float32)                       # sum v_j
     s1 = tl.zeros([BK, BV], dtype=tl.float32)                   # sum k_j v_j^T
     s2 = tl.zeros([BK * BK, BV], dtype=tl.float32)              # sum (k_j (x) k_j) v_j^T
+    s0z = tl.full([], 0.0, tl.float32)                          # the tokens before T's first (a count)
     s1z = tl.zeros([BK], dtype=tl.float32)                      # sum k_j
     s2z = tl.zeros([BK, BK], dtype=tl.float32)                  # sum k_j k_j^T
+    m_off = pid_bh.to(tl.int64) * (1 + DK + DK * DK) * (DV + 1)  # this (b, h)'s moments [M, Dv + 1]
+    if STATE_IN:                                                # states of earlier tokens
+        s0, s1, s2, s0z, s1z, s2z = _load_moments(m_in + m_off, offs_k, offs_v, DK, DV, BK)
     if not CAUSAL:                                              # states over all of T first
         for start in range(0, T, BT):
             rows = start + offs_t
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)  # [BT, BK]
             vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)  # [BT, BV]
             s0 += tl.sum(vc.to(tl.float32), axis=0)
-            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
+            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, Z_STATES, PRECISION)
 
     for start in range(0, T, BT):
         rows = start + offs_t
@@ -165,9 +218,9 @@ def _fused_chunk_fwd_kernel(
         acc += c0 * s0[None, :]
         if NORMALIZE:
             if CAUSAL:
-                zc = c0 * start + c1 * tl.sum(qf * s1z[None, :], axis=1)   # the states hold `start` tokens
+                zc = c0 * (s0z + start) + c1 * tl.sum(qf * s1z[None, :], axis=1)   # the states hold `start` tokens
             else:
-                zc = c0 * T + c1 * tl.sum(qf * s1z[None, :], axis=1)       # the states hold all T tokens
+                zc = c0 * (s0z + T) + c1 * tl.sum(qf * s1z[None, :], axis=1)       # the states hold all T tokens
             zc += c2 * tl.sum(tl.dot(qf, s2z, input_precision="ieee") * qf, axis=1)   # [BT]
         if CAUSAL:
             kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
@@ -178,7 +231,7 @@ def _fused_chunk_fwd_kernel(
             acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
             # fold this chunk into the states
             s0 += tl.sum(vc.to(tl.float32), axis=0)
-            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
+            s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, Z_STATES, PRECISION)
             if NORMALIZE:
                 zc += tl.sum(a, axis=1)
         if NORMALIZE:
@@ -186,6 +239,8 @@ def _fused_chunk_fwd_kernel(
             if pid_v == 0:
                 tl.store(z + rows, zc, mask=rows < T)
         _store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
+    if STATE_OUT:
+        _store_moments(m_out + m_off, s0, s1, s2, s0z + T, s1z, s2z, offs_k, offs_v, pid_v == 0, DK, DV, BK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,22 +470,37 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
 
 
 
-def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig):
+def moment_rows(dk: int) -> int:
+    """Rows of a moments matrix: the constant, Dk linear and Dk * Dk pair features."""
+    return 1 + dk + dk * dk
+
+
+def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig, initial=None, final=False):
     b, h, t = args.batch, args.heads, args.length
     o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)   # q's layout, last dim Dv
     z = _new_buffer((b, h, t), torch.float32, q.device) if args.normalize else o  # o: unused pointer
+    moments = (b, h, moment_rows(args.dk), args.dv + 1)
+    if initial is not None:       # per key/value head: every query head of a group starts from it
+        initial = initial.to(torch.float32).unsqueeze(2).expand(b, args.kv_heads, args.group, *moments[2:])
+        initial = initial.reshape(moments).contiguous()
+    m_out = _new_buffer(moments, torch.float32, q.device) if final else o
     grid = (triton.cdiv(args.dv, cfg.bv), b * h)
     c0, c1, c2 = args.coeffs
     _fused_chunk_fwd_kernel[grid](
-        q, k, v, o, z,
+        q, k, v, o, z, o if initial is None else initial, m_out,
         *bhtd_strides(q, args.layout), *bhtd_strides(k, args.layout),
         *bhtd_strides(v, args.layout), *bhtd_strides(o, args.layout),
         t, h, args.group, args.dk, args.dv,
         args.scale, c0, c1, c2, args.eps,
         CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype),
+        STATE_IN=initial is not None, STATE_OUT=final,
+        Z_STATES=args.normalize or final or initial is not None,
         BT=cfg.bt, BK=_block_k(args.dk), BV=cfg.bv,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if final:    # the query heads of a group hold the same states: one per key/value head
+        m_out = m_out.view(b, args.kv_heads, args.group, *moments[2:])[:, :, 0]
+        return o, (z if args.normalize else None), m_out
     return o, (z if args.normalize else None)
 
 
@@ -438,6 +508,24 @@ def fused_chunk_forward(q, k, v, args: BasedArguments):
     """Kernel contract: (o, z), o like q (dtype and layout), z the float32 normaliser [B, H, T] or None."""
     _check_supported(q, args)
     return _forward(q, k, v, args, forward_config(args, q.dtype))
+
+
+def fused_chunk_forward_with_state(q, k, v, args: BasedArguments, initial=None):
+    """(o, z, final): the forward starting from the states ``initial`` of earlier tokens (None: none)
+    and the states after the last token. States are float32 moments [B, Hkv, 1 + Dk + Dk^2, Dv + 1]:
+    sum over tokens of [1, k, flatten(k (x) k)]^T [v, 1] (row 1 + Dk + a Dk + b: k_a k_b; the last
+    column sums the features alone, the normaliser's state). Not differentiable."""
+    _check_supported(q, args)
+    if args.offset:
+        raise ValueError(f"fused_chunk_forward_with_state takes q, k, v of one length, got Tq={args.length}, "
+                         f"Tk={args.tk}")
+    if initial is not None:
+        want = (args.batch, args.kv_heads, moment_rows(args.dk), args.dv + 1)
+        if not isinstance(initial, torch.Tensor) or tuple(initial.shape) != want or initial.device != q.device:
+            got = list(initial.shape) if isinstance(initial, torch.Tensor) else type(initial).__name__
+            raise ValueError(f"initial must be a {list(want)} tensor on {q.device} (moments per key/value head), "
+                             f"got {got}")
+    return _forward(q, k, v, args, forward_config(args, q.dtype), initial, final=True)
 
 
 def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
