@@ -5,5 +5,7 @@
 - ``custom_op``: ``torch.ops.based.attention`` / ``attention_backward`` (fake implementations,
   autograd) and ``based_attention``;
 - ``policy``: which kernel runs, by mode and shape; ``config``: the user's kernel setting;
-- ``cpu_path``: the PyTorch implementation for CPU tensors (quadratic, or chunked for long T).
+- ``cpu_path``: the PyTorch implementation for CPU tensors (quadratic, or chunked for long T);
+- ``recurrent_step``: ``based::recurrent_step``, one decoding step against carried states;
+- ``attention_with_state``: ``based::attention_with_state``, a prefill that also returns the final states.
 """
