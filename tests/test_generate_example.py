@@ -19,7 +19,8 @@ def _op_calls(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fn()
     counts = {e.key: e.count for e in prof.key_averages()}
-    return out, counts.get("based::attention", 0), counts.get("based::recurrent_step", 0)
+    return out, counts.get("based::attention", 0), counts.get("based::recurrent_step", 0), \
+        counts.get("based::attention_with_state", 0)
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 1])
@@ -33,12 +34,13 @@ def test_generate_modes_match_eager_and_each_other(n_kv_heads):
     tokens = {}
     for mode in ("kv_cache", "recurrent"):
         tokens[mode, "eager"], _ = run(model, prompt, 6, mode, compiled=False)
-        (tokens[mode, "based"], _), attention, steps = _op_calls(
+        (tokens[mode, "based"], _), attention, steps, prefills = _op_calls(
             lambda: run(model, prompt, 6, mode, compiled=True, backend=backend))
         if mode == "kv_cache":
             assert attention >= 8, "prefill and decode steps must run based::attention"
         else:
             assert steps >= 8, "decode steps must run based::recurrent_step"
+            assert prefills >= 2, "the prefill must return its states through based::attention_with_state"
         torch._dynamo.reset()
     first = tokens["kv_cache", "eager"]
     assert len(set(first[0].tolist())) > 1, "degenerate decode: the test would not see a difference"

@@ -23,6 +23,7 @@ from ..op.recurrent_step import describe_step
 from .canonicalize import (attention_region, example_value, extract_region, hint_shape, lower_to_aten,
                            same_value_source)
 from .evaluate import GraphEvaluator
+from .final_state import find_states, settle_states
 from .inplace import OutputAliased, Storages, plan_output, written_before_output
 from .lookalike import unexplained
 from .inputs import BakedBuffer, baked_buffers, region_inputs
@@ -206,6 +207,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             report.sites.append(entry)
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
+    _find_states(gm, aten_gm, evaluator, settled, to_dynamo, storages, report)
     steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, rewrite=rewrite, report=report)
     for node in aten_gm.graph.nodes if not steps else ():   # a lookalike no reader answered: a refusal
         if node.op == "call_function" and node.target is torch.ops.aten.bmm.default and node not in answered:
@@ -215,6 +217,51 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     if not (settled or steps) or not rewrite:
         return None
     return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+
+
+def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Storages,
+                 report: Explanation | None) -> None:
+    """The final states the settled sites' prefills return (``final_state.py``): each site with
+    states, settled by their probe, gets ``site.states`` (it then runs based::attention_with_state)."""
+    if not settled:
+        return
+    reads: dict[int, list] = {}
+    for result in find_states(aten_gm, evaluator, settled, to_dynamo.__contains__):
+        if isinstance(result, Refused):
+            _refuse(result, report)
+            continue
+        reads.setdefault(result[0], []).append(result[1])
+    for index, site_reads in reads.items():
+        site = settled[index]
+        try:
+            plan = settle_states(site, site_reads, evaluator)
+            position = storages.position
+            output = to_dynamo[site.match.output]
+            first = min([output] + [to_dynamo[r.node] for r in site_reads], key=position.__getitem__)
+            late = [to_dynamo[n].name for n in (site.match.q, site.match.k, site.match.v)
+                    if position[to_dynamo[n]] >= position[first]]
+            if late:
+                raise Refused("unsupported", f"the prefill's state is computed before {late} exist(s): the operator "
+                                             "that returns both cannot run there", site_reads[0].node)
+            for r in site_reads:
+                key = storages.of(to_dynamo[r.node])
+                writer = next((n for n in gm.graph.nodes if storages.writes_into(n, key)), None)
+                if writer is not None:
+                    raise Refused("unsupported", f"{source_of(writer)} writes in place into the memory of the "
+                                                 "prefill's state (or a tensor it views)", r.node)
+        except Refused as refusal:
+            _refuse(refusal, report)
+            continue
+        site.states = plan
+        if report is not None:
+            entry = next((e for e in report.sites if e.nodes.get("output") == to_dynamo[site.match.output].name), None)
+            if entry is not None:
+                entry.form += " + final state (" + ", ".join(
+                    f"{'kv_state' if r.kind == 'kv' else 'k_state'} {to_dynamo[r.node].name}" for r in site_reads) + ")"
+                entry.kernel = ("based::attention_with_state: the fused-chunk kernel with its final state on CUDA, "
+                                "the PyTorch forms and one moments product on the CPU")
+        log.info("based_compile: the prefill at %s returns its final state(s) %s: -> based::attention_with_state",
+                 source_of(site.match.anchor), [to_dynamo[r.node].name for r in site_reads])
 
 
 def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Explanation | None) -> list:

@@ -70,6 +70,26 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _row_read(node: fx.Node, dim: int) -> bool:
+    """A read of one row of a running sum along its time axis ``dim`` (``kv[:, :, -1]``, ``kv[:, :, -1:]``):
+    a state the prefill returns (``final_state.py`` reads it, and refuses rows other than the last)."""
+    if node.op != "call_function" or node.target not in (aten.select.int, aten.slice.Tensor) or len(node.args) < 2:
+        return False
+    rank = len(hint_shape(node.args[0]) or ())
+    return rank > 0 and node.args[1] % rank == dim % rank
+
+
+def _consumer(state: fx.Node, dim: int) -> fx.Node | None:
+    """The one user of the state (through views) besides reads of its rows, else None."""
+    users = [u for u in state.users if not (state.target is aten.cumsum.default and _row_read(u, dim))]
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is state:
+        return _single_user(user)
+    return user
+
+
 def _normaliser(gm, node, cat_q, cat_k):
     """(state kind, eps, inverted) of den = sum(phi(q) * cumsum(phi(k))) + eps, else NotACandidate."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
@@ -128,7 +148,7 @@ def match_linear(matcher, state: fx.Node):
         raise NotACandidate("phi(k) times phi(k), or times a running sum")
     v = walk_operand(gm, v_arg, through_scalars=False).source
     t = hint_shape(kv)[dim]
-    consumer = _single_user(state)
+    consumer = _consumer(state, dim)
     if consumer is None:
         raise NotACandidate("the state has several users")
     if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and \

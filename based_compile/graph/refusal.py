@@ -1,7 +1,7 @@
 """Why a candidate was not rewritten: the exception the matcher raises, with its category."""
 from __future__ import annotations
 
-CATEGORIES = ("polynomial", "mask", "normaliser", "feature_map", "verify", "unsupported")
+CATEGORIES = ("polynomial", "mask", "normaliser", "feature_map", "state", "verify", "unsupported")
 
 
 class Refused(Exception):

@@ -58,6 +58,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..op.attention_with_state import based_attention_with_state
 from ..op.custom_op import based_attention
 from ..op.recurrent_step import based_recurrent_step
 from ..op.spec import BasedSpec
@@ -75,6 +76,18 @@ def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: floa
     spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
                      eps=eps, group=group)
     return based_attention(q, k, v, spec)
+
+
+def based_attention_with_state_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
+                                    normalize: bool, eps: float, group: int, pieces: list, k_factors: list):
+    """The rewritten site of a prefill that returns its final states: (o, kv_state, k_state)."""
+    spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
+                     eps=eps, group=group)
+    return based_attention_with_state(q, k, v, spec, pieces, k_factors)
+
+
+def hint_shape_of(node: fx.Node) -> tuple:
+    return tuple(int(x) for x in example_value(node).shape)
 
 
 def _fake_run(fake_mode, fn, *args, **kwargs):
@@ -112,21 +125,53 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
         fakes = [example_value(n) for n in (q, k, v)]
         fake_mode = next(f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor))
 
+        at = output
+
         def add(target, args, kwargs=None, *, method=False):
             node = (graph.call_method if method else graph.call_function)(target, args, kwargs or {})
             values = fx.node.map_arg((args, kwargs or {}), lambda n: example_value(n))
             fn = (lambda x, *a, **kw: getattr(x, target)(*a, **kw)) if method else target
             node.meta["example_value"] = _fake_run(fake_mode, fn, *values[0], **values[1])
             node.meta["stack_trace"] = output.meta.get("stack_trace")
-            storages.add(node, before=output)
+            storages.add(node, before=at)
             return node
 
-        with graph.inserting_before(output):
+        states = site.states
+        where = output
+        if states is not None:        # the op goes before the first of the output and the states
+            where = min([output] + [to_dynamo[r.node] for r in states.reads], key=storages.position.__getitem__)
+        at = where
+        with graph.inserting_before(where):
             if site.unsqueeze_inputs:
                 q, k, v = (add(torch.unsqueeze, (x, 0)) for x in (q, k, v))
-            out = add(based_attention_call, (q, k, v, s.layout, float(s.scale), float(s.c0), float(s.c1),
-                                             float(s.c2), bool(s.causal), bool(s.normalize), float(s.eps),
-                                             int(s.group)))
+            spec_args = (q, k, v, s.layout, float(s.scale), float(s.c0), float(s.c1), float(s.c2), bool(s.causal),
+                         bool(s.normalize), float(s.eps), int(s.group))
+            if states is None:
+                out = add(based_attention_call, spec_args)
+            else:
+                call = add(based_attention_with_state_call,
+                           (*spec_args, list(states.pieces), [float(f) for f in states.k_factors]))
+                out, kv_new, k_new = (add(operator.getitem, (call, i)) for i in range(3))
+                for r in states.reads:
+                    user = to_dynamo[r.node]
+                    new = kv_new if r.kind == "kv" else k_new
+                    if r.repeat:
+                        new = add(torch.repeat_interleave, (new, int(s.group)), {"dim": 1})
+                    if r.transpose:
+                        new = add(torch.transpose, (new, -2, -1))
+                    want_state = example_value(user)
+                    have, want_shape = hint_shape_of(new), tuple(int(x) for x in want_state.shape)
+                    if have != want_shape:         # they differ by size-1 axes (the probe compared values)
+                        ones = [i for i, x in enumerate(have) if x == 1]
+                        if ones:
+                            new = add(torch.squeeze, (new, tuple(ones)))
+                        for i in (i for i, x in enumerate(want_shape) if x == 1):
+                            new = add(torch.unsqueeze, (new, i))
+                    if want_state.dtype != example_value(new).dtype:
+                        new = add("to", (new, want_state.dtype), method=True)
+                    user.replace_all_uses_with(new)
+        at = output
+        with graph.inserting_before(output):
             if site.transpose_out:
                 out = add(torch.transpose, (out, 1, 2))
             if site.flatten_out:

@@ -42,6 +42,7 @@ class Settled:
     transpose_out: bool           # the user's output has T and H swapped relative to the op's
     flatten_out: bool             # the user's output folds the first two axes
     probed: bool
+    states: object = None         # final_state.SiteStates: the final states the prefill returns, if any
 
 
 def _readings(m: Match):

@@ -1,0 +1,290 @@
+"""Prefill that returns the final state: the states a Based prefill hands to decoding, as people write them.
+
+    kv_state = torch.einsum("bhtf,bhtd->bhfd", phi_k, v)          # sum over time of phi(k_t)^T v_t
+    kv_state = (phi_k.unsqueeze(-1) * v.unsqueeze(-2)).sum(2)      # the same, a broadcast product
+    kv_state = kv_cumsum[:, :, -1]                                 # the last row of the linear form's
+    k_state  = phi_k.sum(2)   or   phi_k.cumsum(2)[:, :, -1]       # running sums (kv: [.., Dv, F] too)
+
+returned next to the output of a Based attention site over the same q, k, v. The site then runs
+``based::attention_with_state``, which computes the output and the states in O(T) memory
+(no [T, F, Dv] running sum); the states are laid out as the user's tensors (repeated over a GQA
+group when the user repeated k and v before phi, transposed when the user kept [Dv, F], reshaped,
+cast to the user's dtype).
+
+Reading (on the lowered graph): a candidate is a reduction over time of something that reads the
+site's k and not its q: a ``sum`` over one axis, a ``bmm`` that contracts the time axis, or the
+last row (``select(-1)``, ``[-1:]``) of a ``cumsum``. Its operand must be a Taylor feature map
+of k (``feature_map.py``: the state's own pieces and factors, which the operator reproduces
+exactly), times v for the kv state. The numerical probe (``settle_states``) evaluates the user's
+state on random float64 q, k, v and compares it with the operator's, in each layout the operator
+can produce; it decides. Refused with reasons: another row of the running sum (``[:, :, -2]``),
+a sum over an axis that is not time, a scaled or weighted sum (a decayed or gated state),
+features that are not a Taylor map, a state that requires grad (the operator has no backward:
+the state is left to the inner compiler, the output is still rewritten).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..kernels.arguments import check_arguments
+from ..op.attention_with_state import features_of_moments, moments
+from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, walk_operand
+from .evaluate import GraphEvaluator
+from .feature_map import FeatureMap, read_feature_map
+from .refusal import Refused
+
+aten = torch.ops.aten
+_TOLERANCE = 1e-9
+
+
+@dataclass
+class StateRead:
+    """One state the user's code keeps: ``node`` (lowered) is sum_t phi(k_t)^T v_t ("kv") or sum_t phi(k_t) ("k")."""
+
+    node: fx.Node
+    kind: str
+    phi: FeatureMap
+    repeat: bool = False          # the user's heads are the op's kv heads repeated over the GQA group
+    transpose: bool = False       # the user's kv state is [.., Dv, F]
+
+    @property
+    def pieces(self) -> tuple:
+        return tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in self.phi.pieces)
+
+    @property
+    def k_factors(self) -> tuple:
+        return tuple(p.factor for p in self.phi.pieces)
+
+
+@dataclass
+class SiteStates:
+    """The states one attention site returns: what ``based::attention_with_state`` gets and gives."""
+
+    pieces: tuple
+    k_factors: tuple
+    reads: list = field(default_factory=list)
+
+
+def _strip(node):
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _taylor(gm, node):
+    """The Taylor feature map that ``node`` is through views (factor 1), else None."""
+    walked = walk_operand(gm, node)
+    if walked.factor != 1.0 or walked.stop.op != "call_function":
+        return None
+    return read_feature_map(gm, walked.stop)
+
+
+def _last_row(node: fx.Node):
+    """(cumsum, None) when ``node`` is the last row of a running sum along its axis, (cumsum, index)
+    for another row of it, else None."""
+    if node.op != "call_function" or node.target not in (aten.select.int, aten.slice.Tensor):
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or src.op != "call_function" or src.target is not aten.cumsum.default:
+        return None
+    rank = len(hint_shape(src) or ())
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if _dim(dim, rank) != _dim(src.args[1], rank):
+        return None
+    size = hint_shape(src)[_dim(dim, rank)]
+    if node.target is aten.select.int:
+        index = node.args[2]
+        return (src, None) if index in (-1, size - 1) else (src, index)
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    if start in (-1, size - 1) and (end is None or end >= size) and step == 1:
+        return src, None
+    return src, f"{start}:{end}"
+
+
+class _Site:
+    """What the reading needs of a settled site."""
+
+    def __init__(self, settled):
+        m = settled.match
+        self.settled, self.q, self.k, self.v, self.t = settled, m.q, m.k, m.v, m.key_length
+
+
+def _product_operands(gm, node):
+    """(a, b) of an elementwise product, through views, or None; a scaled product raises."""
+    inner = _strip(node)
+    if not isinstance(inner, fx.Node) or inner.op != "call_function":
+        return None
+    if inner.target is aten.mul.Tensor and all(isinstance(x, fx.Node) for x in inner.args[:2]):
+        return inner.args[0], inner.args[1]
+    return None
+
+
+def _read_operand(gm, ev: GraphEvaluator, site: _Site, operand, where):
+    """("k", phi) or ("kv", phi) for the summed operand of a state candidate; Refused for near-misses;
+    None when it is no state of this site's k."""
+    if not ev.depends_on(operand, {site.k}) or ev.depends_on(operand, {site.q}):
+        return None
+    scaled = scalar_factor(gm, _strip(operand)) if _strip(operand).op == "call_function" else None
+    if scaled is not None and scaled[1] != 1.0:
+        raise Refused("state", f"a state summed with a factor ({scaled[1]:g} * phi(k) v^T): not Based's state, "
+                               "whose terms only add", where)
+    phi = _taylor(gm, operand)
+    if phi is not None:
+        return "k", phi
+    pair = _product_operands(gm, operand)
+    if pair is not None:
+        for a, b in (pair, pair[::-1]):
+            phi = _taylor(gm, a)
+            if phi is None or not ev.depends_on(b, {site.v}):
+                continue
+            if ev.depends_on(b, {site.k}):
+                raise Refused("state", "a sum over time of phi(k) times a tensor that reads k as well as v "
+                                       "(a decayed or gated state): not Based's state sum_t phi(k_t)^T v_t", where)
+            return "kv", phi
+        if any(_taylor(gm, x) is not None or _product_operands(gm, x) is not None for x in pair):
+            raise Refused("state", "a weighted sum over time of phi(k) v^T (a decayed or gated state): not Based's "
+                                   "state, whose terms only add", where)
+    raise Refused("feature_map", "a sum over time of features of k that are not the Taylor feature map "
+                                 "phi(x) = [c, a x, b x (x) x] of Based: not the state the operator computes", where)
+
+
+def _candidate(gm, ev, site: _Site, node: fx.Node):
+    """(StateRead | None) for ``node`` as a state of ``site``; Refused for a near-miss."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.sum.dim_IntList and len(node.args) > 1 and node.args[1] is not None \
+            and len(node.args[1]) == 1:
+        operand = node.args[0]
+        rank = len(hint_shape(operand) or ())
+        size = hint_shape(operand)[_dim(node.args[1][0], rank)] if rank else None
+        found = _read_operand(gm, ev, site, operand, node)
+        if found is None:
+            return None
+        if size != site.t:
+            raise Refused("state", f"phi(k){' v^T' if found[0] == 'kv' else ''} summed over an axis of size {size}, "
+                                   f"not over time (T={site.t}): not a state of the prefill", node)
+        return StateRead(node, found[0], found[1])
+    last = _last_row(node)
+    if last is not None:
+        cumsum, index = last
+        found = _read_operand(gm, ev, site, cumsum.args[0], node)
+        if found is None:
+            return None
+        rank = len(hint_shape(cumsum))
+        if hint_shape(cumsum)[_dim(cumsum.args[1], rank)] != site.t:
+            raise Refused("state", "the last row of a running sum over an axis that is not time", node)
+        if index is not None:
+            raise Refused("state", f"the state is row {index} of the running sum over time, not its last row: "
+                                   "not the state after the prefill", node)
+        return StateRead(node, found[0], found[1])
+    if node.target is aten.bmm.default:
+        a, b = node.args[0], node.args[1]
+        sa, sb = hint_shape(a), hint_shape(b)
+        for feats, other, t_axis in ((a, b, -1), (b, a, -2)):
+            if (sa if feats is a else sb)[t_axis] != site.t:
+                continue
+            if not ev.depends_on(feats, {site.k}) or ev.depends_on(feats, {site.q}) or ev.depends_on(other, {site.q}):
+                continue
+            phi = _taylor(gm, feats)
+            if phi is None:
+                if ev.depends_on(other, {site.k}) or not ev.depends_on(other, {site.v}):
+                    continue
+                raise Refused("feature_map", "a product phi(k)^T v over time whose features of k are not the Taylor "
+                                             "feature map phi(x) = [c, a x, b x (x) x] of Based", node)
+            if not ev.depends_on(other, {site.v}) or ev.depends_on(other, {site.k}):
+                continue
+            return StateRead(node, "kv", phi)
+    return None
+
+
+def _visible(node: fx.Node, available) -> fx.Node | None:
+    """The node of the model's graph that holds ``node``'s value: itself, or the end of its views."""
+    while True:
+        if available(node):
+            return node
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in VIEW_OPS:
+            return None
+        node = users[0]
+
+
+def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available):
+    """Yield (site index, StateRead) or Refused for the final states the settled sites' prefills return."""
+    sites = [_Site(s) for s in settled]
+    seen = set()
+    for node in gm.graph.nodes:
+        for index, site in enumerate(sites):
+            try:
+                read = _candidate(gm, ev, site, node)
+            except Refused as refusal:
+                if ev.depends_on(site.settled.match.output, {node}):
+                    continue                      # part of the site itself (e.g. the linear form's sums)
+                yield refusal
+                break
+            if read is None:
+                continue
+            visible = _visible(read.node, available)
+            if visible is None or visible in seen or ev.depends_on(site.settled.match.output, {read.node}):
+                continue                          # a value inside the site or of a decomposed operation
+            seen.add(visible)
+            read.node = visible
+            yield index, read
+            break
+
+
+def settle_states(site, reads: list, ev: GraphEvaluator) -> SiteStates:
+    """Probe the site's states (``reads``, one feature map) against the operator's; returns the plan or Refused."""
+    m, spec = site.match, site.spec
+    for node in (m.q, m.k, m.v):
+        value = example_value(node)
+        if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+            raise Refused("unsupported", "the prefill's final state is computed from inputs that require grad: "
+                                         "based::attention_with_state has no backward, so the state is left to the "
+                                         "inner compiler (the attention itself is rewritten)", reads[0].node)
+    pieces, k_factors = reads[0].pieces, reads[0].k_factors
+    for read in reads[1:]:
+        if read.pieces != pieces or any(abs(a - b) > 1e-12 * max(1.0, abs(a)) for a, b in zip(read.k_factors, k_factors)):
+            raise Refused("state", "the site's states use two different feature maps: the operator returns one",
+                          read.node)
+    gen = torch.Generator().manual_seed(2025)
+    values = {n: torch.randn(hint_shape(n), generator=gen, dtype=torch.float64) for n in (m.q, m.k, m.v)}
+    q, k, v = (values[n] for n in (m.q, m.k, m.v))
+    if site.unsqueeze_inputs:
+        q, k, v = (x.unsqueeze(0) for x in (q, k, v))
+    args = check_arguments(q, k, v, spec.scale, spec.coeffs, spec.causal, spec.normalize, spec.eps, spec.layout)
+    kv, ks = features_of_moments(moments(k, v, args), pieces, k_factors, args.dk)
+    for read in reads:
+        try:
+            got = ev.evaluate(read.node, substitute=dict(values))
+        except Exception as err:          # noqa: BLE001 - refuse, never crash
+            raise Refused("verify", f"the numerical probe could not evaluate the state: {type(err).__name__}: {err}",
+                          read.node) from err
+        want = kv if read.kind == "kv" else ks
+        ok = False
+        for repeat in ((False, True) if args.group > 1 else (False,)):
+            for transpose in ((False, True) if read.kind == "kv" else (False,)):
+                x = want.repeat_interleave(args.group, dim=1) if repeat else want
+                x = x.transpose(-2, -1) if transpose else x
+                if x.numel() != got.numel():
+                    continue
+                err = ((got.double() - x.reshape(got.shape)).norm() / x.norm().clamp_min(1e-300)).item()
+                if err < _TOLERANCE:
+                    read.repeat, read.transpose, ok = repeat, transpose, True
+                    break
+            if ok:
+                break
+        if not ok:
+            what = "sum_t phi(k_t)^T v_t" if read.kind == "kv" else "sum_t phi(k_t)"
+            raise Refused("verify", f"structure matched a prefill's final state ({what}) but the numerical probe "
+                                    f"disagrees with the operator's in every layout it can produce", read.node)
+    return SiteStates(pieces, k_factors, list(reads))
