@@ -234,7 +234,7 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
     for index, site_reads in reads.items():
         site = settled[index]
         try:
-            plan = settle_states(site, site_reads, evaluator)
+            plan = settle_states(site, site_reads, evaluator, to_dynamo)
             position = storages.position
             output = to_dynamo[site.match.output]
             first = min([output] + [to_dynamo[r.node] for r in site_reads], key=position.__getitem__)

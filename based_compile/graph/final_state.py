@@ -242,12 +242,12 @@ def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available
             break
 
 
-def settle_states(site, reads: list, ev: GraphEvaluator) -> SiteStates:
+def settle_states(site, reads: list, ev: GraphEvaluator, to_dynamo: dict) -> SiteStates:
     """Probe the site's states (``reads``, one feature map) against the operator's; returns the plan or Refused."""
     m, spec = site.match, site.spec
     for node in (m.q, m.k, m.v):
-        value = example_value(node)
-        if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+        value = example_value(to_dynamo[node])
+        if isinstance(value, torch.Tensor) and value.requires_grad:
             raise Refused("unsupported", "the prefill's final state is computed from inputs that require grad: "
                                          "based::attention_with_state has no backward, so the state is left to the "
                                          "inner compiler (the attention itself is rewritten)", reads[0].node)
