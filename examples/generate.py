@@ -8,8 +8,10 @@ The model of ``naive_based_lm.py`` grows a ``generate()`` with two ways to carry
   ``based::attention`` with Tq < Tk (one compilation for a growing cache: the length is dynamic).
 - ``mode="recurrent"``: the prefill returns each layer's states (kv_state = sum phi(k)^T v,
   k_state = sum phi(k)), then one step per token updates them: kv_state + phi(k)^T v,
-  k_state + phi(k), readout phi(q) kv_state / (phi(q) . k_state + eps). The pass rewrites the step
-  onto ``based::recurrent_step``: constant work per token, whatever the context.
+  k_state + phi(k), readout phi(q) kv_state / (phi(q) . k_state + eps). The pass rewrites the prefill
+  onto ``based::attention_with_state`` (the output and both states in one pass, O(T) memory; on
+  CUDA the fused-chunk kernel's final states) and the step onto ``based::recurrent_step``: constant
+  work per token, whatever the context.
 
 The short convolution keeps its last ``conv_size - 1`` inputs in both modes.
 
