@@ -17,7 +17,9 @@ The backward mirrors it: the local part runs the local kernel's backward on dN',
 gives dQ through phi_q and dP = phi_q(Q)^T dN'; one all-gather of the dP sends each rank the
 gradients of its own state from the ranks after it (dS = sum of their dP), and dS flows into dK
 and dV through S = phi_k(K)^T V'. Both directions recompute the local state from K and V (a few
-kilobytes per head), so the operator saves nothing more than without context parallelism.
+kilobytes per head), so the operator saves nothing more than without context parallelism. The
+prefix computations run over slices of ``CHUNK`` tokens, so that their [t, F] feature temporaries
+stay small at long shards.
 
 Not attention: layers that mix tokens along the sequence (the short causal convolutions of Based
 models) need the last tokens of the previous shard; ``sequence_halo`` fetches them, and
@@ -49,6 +51,10 @@ class _Group:
 
 
 _active: _Group | None = None
+
+# Tokens per slice of the prefix computations (states, phi_q(Q) P and their gradients): their
+# [t, F] temporaries (F = 153 features at Dk = 16, in float32) stay small at any shard length.
+CHUNK = 16384
 
 
 def _process_group(mesh, mesh_dim):
@@ -293,11 +299,33 @@ def _local_arguments(args: BasedArguments) -> BasedArguments:
     return replace(args, normalize=False, dv=args.dv + int(args.normalize))
 
 
+def _slices(length: int) -> list[tuple[int, int]]:
+    """[start, end) of the token slices the prefix computations run over (``CHUNK`` tokens each)."""
+    return [(start, min(start + CHUNK, length)) for start in range(0, length, CHUNK)]
+
+
+def _seq(x: Tensor, args: BasedArguments, start: int, end: int) -> Tensor:
+    """Tokens [start, end) of a tensor in the operator's layout (a view)."""
+    return x.narrow(2 if args.layout == "BHTD" else 1, start, end - start)
+
+
+def _to_layout(x: Tensor, args: BasedArguments) -> Tensor:
+    """[B, heads, t, D] back to the layout."""
+    return x.transpose(1, 2) if args.layout == "BTHD" else x
+
+
+def _features(dk: int) -> int:
+    return 1 + dk + dk * (dk + 1) // 2
+
+
 def _states(k, v1, args: BasedArguments, dtype) -> Tensor:
-    """This shard's state phi_k(K)^T V' as [B, Hkv, F, Dv']."""
-    kb = _bhtd(k, args, dtype)
-    vb = _bhtd(v1, args, dtype)
-    return _phi_k(kb).transpose(-2, -1) @ vb
+    """This shard's state phi_k(K)^T V' as [B, Hkv, F, Dv'], summed over token slices."""
+    total = k.new_zeros((args.batch, args.kv_heads, _features(args.dk), v1.shape[-1]), dtype=dtype)
+    for start, end in _slices(args.length):
+        kb = _bhtd(_seq(k, args, start, end), args, dtype)
+        vb = _bhtd(_seq(v1, args, start, end), args, dtype)
+        total = total + _phi_k(kb).transpose(-2, -1) @ vb
+    return total
 
 
 def _exchange(x: Tensor, group: _Group) -> list[Tensor]:
@@ -323,30 +351,41 @@ def _after(parts: list[Tensor], rank: int, causal: bool) -> Tensor:
     return _sum(parts, [r for r in range(len(parts)) if r > rank or (not causal and r != rank)])
 
 
-def _queries(q, args: BasedArguments, dtype) -> Tensor:
-    """Scaled queries grouped by kv head: [B, Hkv, G, T, Dk]."""
-    qb = _bhtd(q, args, dtype) * args.scale
-    return qb.reshape(args.batch, args.kv_heads, args.group, args.length, args.dk)
+def _queries(q, args: BasedArguments, dtype, start: int, end: int) -> Tensor:
+    """Scaled queries [start, end) grouped by kv head: [B, Hkv, G, t, Dk]."""
+    qb = _bhtd(_seq(q, args, start, end), args, dtype) * args.scale
+    return qb.reshape(args.batch, args.kv_heads, args.group, end - start, args.dk)
+
+
+def _dn(o, do, z, args: BasedArguments, dtype, start: int, end: int) -> Tensor:
+    """The gradient of N' = [N, z] for tokens [start, end): [B, H, t, Dv'] in ``dtype``."""
+    ob, dob = _bhtd(_seq(o, args, start, end), args, dtype), _bhtd(_seq(do, args, start, end), args, dtype)
+    if not args.normalize:
+        return dob
+    r = 1.0 / (z[:, :, start:end].to(dtype).unsqueeze(-1) + args.eps)
+    return torch.cat([dob * r, -(dob * ob).sum(-1, keepdim=True) * r], dim=-1)
 
 
 def forward(q, k, v, args: BasedArguments, local_forward) -> tuple[Tensor, Tensor | None]:
     """(o, z) of this shard: ``local_forward(q, k, v', local_args)`` is the local kernel."""
     group = _require_active("based::attention")
     dtype = compute_dtype(q.dtype)
+    b, h, hk, g = args.batch, args.heads, args.kv_heads, args.group
     v1 = _with_ones(v, args)
     n_local, _ = local_forward(q, k, v1, _local_arguments(args))
     prefix = _before(_exchange(_states(k, v1, args, dtype), group), group.rank, args.causal)   # [B, Hkv, F, Dv']
-    qg = _queries(q, args, dtype)
-    n = _bhtd(n_local, args, dtype).reshape(args.batch, args.kv_heads, args.group, args.length, -1)
-    n = n + _phi_q(qg, args.coeffs) @ prefix.unsqueeze(2)
-    n = n.reshape(args.batch, args.heads, args.length, -1)
-    z = None
-    if args.normalize:
-        z = n[..., -1]
-        n = n[..., :-1] / (z.unsqueeze(-1) + args.eps)
-    if args.layout == "BTHD":
-        n = n.transpose(1, 2)
-    return n.to(q.dtype).contiguous(), None if z is None else z.contiguous()
+    shape = (b, h, args.length, args.dv) if args.layout == "BHTD" else (b, args.length, h, args.dv)
+    o = q.new_empty(shape)
+    z = q.new_empty((b, h, args.length), dtype=dtype) if args.normalize else None
+    for start, end in _slices(args.length):
+        n = _bhtd(_seq(n_local, args, start, end), args, dtype).reshape(b, hk, g, end - start, -1)
+        n = n + _phi_q(_queries(q, args, dtype, start, end), args.coeffs) @ prefix.unsqueeze(2)
+        n = n.reshape(b, h, end - start, -1)
+        if args.normalize:
+            z[:, :, start:end] = n[..., -1]
+            n = n[..., :-1] / (n[..., -1:] + args.eps)
+        _seq(o, args, start, end).copy_(_to_layout(n, args))
+    return o, z
 
 
 def backward(q, k, v, o, z, do, args: BasedArguments, local_backward):
@@ -354,34 +393,32 @@ def backward(q, k, v, o, z, do, args: BasedArguments, local_backward):
     kernel's backward (unnormalised: o stands in for the unused output, z is None)."""
     group = _require_active("based::attention_backward")
     dtype = compute_dtype(q.dtype)
-    b, h, hk, g, t = args.batch, args.heads, args.kv_heads, args.group, args.length
-    ob, dob = _bhtd(o, args, dtype), _bhtd(do, args, dtype)
-    if args.normalize:
-        r = 1.0 / (z.to(dtype).unsqueeze(-1) + args.eps)
-        dn = torch.cat([dob * r, -(dob * ob).sum(-1, keepdim=True) * r], dim=-1)    # [B, H, T, Dv + 1]
-    else:
-        dn = dob
+    b, h, hk, g = args.batch, args.heads, args.kv_heads, args.group
     v1 = _with_ones(v, args)
     # local part: the local kernel's backward on dN'
-    dn_layout = (dn.transpose(1, 2) if args.layout == "BTHD" else dn).to(q.dtype).contiguous()
+    dv1_size = v1.shape[-1]
+    shape = (b, h, args.length, dv1_size) if args.layout == "BHTD" else (b, args.length, h, dv1_size)
+    dn_layout = q.new_empty(shape)
+    for start, end in _slices(args.length):
+        _seq(dn_layout, args, start, end).copy_(_to_layout(_dn(o, do, z, args, dtype, start, end), args))
     dq, dk, dv1 = local_backward(q, k, v1, dn_layout, None, dn_layout, _local_arguments(args))
+    del dn_layout
     dq, dk, dv1 = (x.to(dtype) for x in (dq, dk, dv1))
     # prefix part: N += phi_q(Q) P
-    parts = _exchange(_states(k, v1, args, dtype), group)
-    prefix = _before(parts, group.rank, args.causal)                               # [B, Hkv, F, Dv']
-    qg = _queries(q, args, dtype)                                                  # [B, Hkv, G, T, Dk]
-    dng = dn.reshape(b, hk, g, t, -1)
-    dqg = _phi_q_backward(qg, dng @ prefix.unsqueeze(2).transpose(-2, -1), args.coeffs) * args.scale
-    d_prefix = (_phi_q(qg, args.coeffs).transpose(-2, -1) @ dng).sum(2)          # [B, Hkv, F, Dv']
+    prefix = _before(_exchange(_states(k, v1, args, dtype), group), group.rank, args.causal).unsqueeze(2)
+    d_prefix = torch.zeros_like(prefix[:, :, 0])                                   # [B, Hkv, F, Dv']
+    for start, end in _slices(args.length):
+        qg = _queries(q, args, dtype, start, end)                                 # [B, Hkv, G, t, Dk]
+        dng = _dn(o, do, z, args, dtype, start, end).reshape(b, hk, g, end - start, -1)
+        dqg = _phi_q_backward(qg, dng @ prefix.transpose(-2, -1), args.coeffs) * args.scale
+        d_prefix += (_phi_q(qg, args.coeffs).transpose(-2, -1) @ dng).sum(2)
+        _seq(dq, args, start, end).add_(_to_layout(dqg.reshape(b, h, end - start, args.dk), args))
     d_state = _after(_exchange(d_prefix, group), group.rank, args.causal)
     # the state S = phi_k(K)^T V' of this shard
-    kb, vb = _bhtd(k, args, dtype), _bhtd(v1, args, dtype)
-    dvb = _phi_k(kb) @ d_state                                                     # [B, Hkv, T, Dv']
-    dkb = _phi_k_backward(kb, vb @ d_state.transpose(-2, -1))                      # [B, Hkv, T, Dk]
-    dq_extra = dqg.reshape(b, h, t, args.dk)
-    if args.layout == "BTHD":
-        dq_extra, dkb, dvb = dq_extra.transpose(1, 2), dkb.transpose(1, 2), dvb.transpose(1, 2)
-    dq = dq + dq_extra
-    dk = dk + dkb
-    dv = (dv1 + dvb)[..., :args.dv]
+    for start, end in _slices(args.length):
+        kb = _bhtd(_seq(k, args, start, end), args, dtype)
+        vb = _bhtd(_seq(v1, args, start, end), args, dtype)
+        _seq(dv1, args, start, end).add_(_to_layout(_phi_k(kb) @ d_state, args))
+        _seq(dk, args, start, end).add_(_to_layout(_phi_k_backward(kb, vb @ d_state.transpose(-2, -1)), args))
+    dv = dv1[..., :args.dv]
     return tuple(x.to(ref.dtype).contiguous() for x, ref in ((dq, q), (dk, k), (dv, v)))
