@@ -2,7 +2,7 @@
 
     python -m benchmarks                      # everything, into benchmarks/results/, then README tables
     python -m benchmarks --quick              # a few minutes: fewer lengths, layers and repetitions
-    python -m benchmarks --only kernels,e2e   # a subset (kernels, e2e, generate, distributed)
+    python -m benchmarks --only kernels,e2e   # a subset (kernels, e2e, generate, distributed, context_parallel)
     python -m benchmarks --out /tmp/bench     # elsewhere (the README is then left alone)
 
 Each stage runs one benchmark script in its own process (progress is printed as it goes) and
@@ -30,6 +30,8 @@ STAGES = {
              "--lengths", "2048,8192", "--variants", "eager,inductor,based,fla,fla_inductor"], ["--quick"]),
     "generate": (["generate.py"], ["--quick"]),
     "distributed": (["distributed.py", "--world", "2"], ["--steps", "3"]),
+    "context_parallel": (["context_parallel.py", "--world", "2", "--budget-s", "450"],
+                         ["--steps", "3", "--curve-steps", "2", "--probe-max", "262144"]),
 }
 
 
@@ -41,7 +43,7 @@ def _available(name: str) -> str | None:
 
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
-    if name == "distributed" and torch.cuda.device_count() < 2:
+    if name in ("distributed", "context_parallel") and torch.cuda.device_count() < 2:
         return "needs 2 GPUs"
     return None
 

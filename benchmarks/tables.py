@@ -152,6 +152,38 @@ def _distributed(data: dict) -> str:
             "of the wrapped run on all GPUs:\n\n" + "\n".join(lines) + note)
 
 
+# ----------------------------------------------------------------------------------- context_parallel
+
+def _context_parallel(data: dict) -> str:
+    world = data["world"]
+    head = ["run", "T", "GPUs", "step ms", "peak GiB", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in data["runs"]:
+        step = f"{r['step_s'] * 1e3:.1f}" if r.get("step_s") is not None else ""
+        peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else ""
+        lines.append("| " + " | ".join([r["name"], str(r["T"]), str(r["gpus"]), step, peak, r["status"]]) + " |")
+    notes = []
+    if data.get("step_ratio") is not None:
+        notes.append(f"step time on {world} GPUs / one GPU at T = {data['runs'][0]['T']}: "
+                     f"{data['step_ratio']:.3f} (efficiency {data['efficiency']:.2f})")
+    if data.get("profile", {}).get("exchange_share") is not None:
+        prof = data["profile"]
+        notes.append(f"state exchange (all-gather kernels, states and convolution halos) "
+                     f"{prof['exchange_share']:.1%} of that step, the gradient all-reduce {prof['allreduce_share']:.1%}")
+    if data.get("largest_fit_T"):
+        notes.append(f"largest T that fits one GPU (doubling): {data['largest_fit_T']}")
+    if data.get("loss_max_abs_diff") is not None:
+        notes.append(f"loss curves there, one GPU vs {world}: largest absolute difference "
+                     f"{data['loss_max_abs_diff']:.1e} ({data['dtype']})")
+    m = data["model"]
+    text = (_caption(data, data["command"]) + f" Naive Based LM ({m['n_layers']} layers, d_model {m['d_model']}, "
+            f"{m['n_heads']} heads, short convs, {data['dtype']}), batch 1, forward + backward + AdamW; one GPU "
+            f"against the sequence split over {world} with `context_parallel`:\n\n" + "\n".join(lines))
+    if notes:
+        text += "\n\n" + "; ".join(notes) + "."
+    return text
+
+
 # ----------------------------------------------------------------------------------------- generate
 
 GENERATE_ENTRIES = (("eager_kv", "eager, KV cache"), ("inductor_kv", "Inductor, KV cache"),
@@ -197,7 +229,8 @@ def _generate(data: dict) -> str:
     return text
 
 
-RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed, "generate": _generate}
+RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed, "generate": _generate,
+             "context_parallel": _context_parallel}
 
 
 def load(name: str) -> dict:
