@@ -211,11 +211,12 @@ def test_example_trains_the_same_loss_curve():
 
 
 def test_kv_cache_and_recurrent_step_raise_under_context_parallel(monkeypatch):
-    """Queries against a KV cache (Tq < Tk) and the recurrent decoding step are not sequence
-    parallel: inside context_parallel both raise (eagerly and compiled) instead of running on this
+    """Queries against a KV cache (Tq < Tk), the recurrent decoding step and the prefill that returns
+    its final states are not sequence parallel: inside context_parallel they raise (eagerly and compiled) instead of running on this
     rank's tokens alone; outside they run."""
     import based_compile
     from based_compile.op import context_parallel as cp
+    from based_compile.op.attention_with_state import based_attention_with_state
     from based_compile.op.recurrent_step import based_recurrent_step
     from test_recurrent_step import FACTORS, PIECES, _inputs, step_matmul
 
@@ -240,6 +241,11 @@ def test_kv_cache_and_recurrent_step_raise_under_context_parallel(monkeypatch):
         based_recurrent_step(*(x[:, :, 0] for x in step[:3]), step[3], step[4][:, :, 0], PIECES, FACTORS, FACTORS)
     with torch.no_grad(), pytest.raises(RuntimeError, match="decode outside the context_parallel block"):
         decode(*(x.clone() for x in step))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="prefill outside the context_parallel block"):
+        based_attention_with_state(k, k, v, spec, PIECES, FACTORS)     # the prefill that returns its states
+    monkeypatch.setattr(cp, "_active", None)
+    with torch.no_grad():
+        based_attention_with_state(k, k, v, spec, PIECES, FACTORS)
     torch._dynamo.reset()
 
 

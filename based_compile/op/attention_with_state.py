@@ -21,14 +21,15 @@ float64 inputs); the rewrite casts them to the user's dtype.
 
 Not differentiable: called under grad mode with inputs that require grad it raises (the graph
 pass rewrites a prefill with states only when nothing requires grad, and leaves the states of a
-differentiable prefill to the inner compiler, with a refusal in explain()).
+differentiable prefill to the inner compiler, with a refusal in explain()). Inside
+``based_compile.context_parallel`` it raises (not sequence parallel).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import config, cpu_path, policy
+from . import config, context_parallel, cpu_path, policy
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, triton_interpreting
 from .recurrent_step import feature_width, piece_width
@@ -109,6 +110,10 @@ def attention_with_state_forward(q, k, v, args: BasedArguments, pieces, k_factor
 
 
 def _impl(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors):
+    if context_parallel.active():
+        raise RuntimeError("based::attention_with_state under based_compile.context_parallel: a prefill that returns "
+                           "its final states for decoding is not sequence parallel (its output and states would be "
+                           "this rank's shard's alone); prefill outside the context_parallel block")
     args = _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors)
     return attention_with_state_forward(q, k, v, args, pieces, k_factors)
 
