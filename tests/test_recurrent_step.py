@@ -213,3 +213,66 @@ def test_step_near_misses_are_refused(fn, category, words):
     assert calls == 0
     for got, want in zip(out, fn(*(x.clone() for x in args))):
         assert_rel_close(got, want, 1e-13, "refused step vs eager")
+
+
+# ----------------------------------------------------------------------------- writes while the step runs
+# The operator reads q, k, v and both states once, where the first state update was; the user's code
+# reads each where it is used. A write in place into any of them in between changes what the user's
+# code computed (found by the red team: the step was rewritten and silently wrong).
+
+
+def step_q_written_between_updates(q, k, v, kv_state, k_state):     # phi(q) of the written q
+    pk = taylor(k)
+    k_state.add_(pk)
+    q.mul_(2.0)
+    pq = taylor(q)
+    kv_state.add_(pk.transpose(-2, -1) @ v)
+    return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6)
+
+
+def step_state_reset_between_updates(q, k, v, kv_state, k_state):   # a row of kv reset after the op's read
+    pq, pk = taylor(q), taylor(k)
+    k_state.add_(pk)
+    kv_state[0].zero_()
+    kv_state.add_(pk.transpose(-2, -1) @ v)
+    return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6)
+
+
+def step_k_written_after_its_features(q, k, v, kv_state, k_state):  # phi(k) of the old k, op would read the new
+    pq, pk = taylor(q), taylor(k)
+    k.mul_(3.0)
+    kv_state.add_(pk.transpose(-2, -1) @ v)
+    k_state.add_(pk)
+    return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6)
+
+
+def step_writes_after_the_step(q, k, v, kv_state, k_state):          # accepted twin: the writes come after
+    pq, pk = taylor(q), taylor(k)
+    k_state.add_(pk)
+    kv_state.add_(pk.transpose(-2, -1) @ v)
+    y = (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6)
+    q.mul_(2.0)
+    kv_state[0].mul_(0.5)
+    return y
+
+
+@pytest.mark.parametrize("fn,rewritten", [
+    (step_q_written_between_updates, False),
+    (step_state_reset_between_updates, False),
+    (step_k_written_after_its_features, False),
+    (step_writes_after_the_step, True),
+], ids=lambda x: getattr(x, "__name__", None))
+def test_writes_into_step_inputs_while_it_runs(fn, rewritten):
+    args = _inputs(fn)
+    report = based_compile.explain(fn, *(x.clone() for x in args))
+    assert len(report.sites) == int(rewritten), str(report)
+    if not rewritten:
+        assert any(r.category == "unsupported" and "writes in place" in r.reason for r in report.refusals), str(report)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
+    with torch.no_grad():
+        calls, out = step_calls(compiled, *mine)
+    assert (calls >= 1) == rewritten
+    assert_rel_close(out, fn(*theirs), 1e-13, "output")
+    for got, want, name in zip(mine, theirs, ("q", "k", "v", "kv_state", "k_state")):
+        assert_rel_close(got, want, 1e-13, f"caller's {name}")

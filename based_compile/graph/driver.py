@@ -24,7 +24,7 @@ from .canonicalize import (attention_region, example_value, extract_region, hint
                            same_value_source)
 from .evaluate import GraphEvaluator
 from .final_state import find_states, settle_states
-from .inplace import OutputAliased, Storages, plan_output, written_before_output
+from .inplace import OutputAliased, Storages, first_write_between, plan_output, written_before_output
 from .lookalike import unexplained
 from .inputs import BakedBuffer, baked_buffers, region_inputs
 from .match import Matcher, find_matches
@@ -208,7 +208,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
     _find_states(gm, aten_gm, evaluator, settled, to_dynamo, storages, report)
-    steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, rewrite=rewrite, report=report)
+    steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report)
     for node in aten_gm.graph.nodes if not steps else ():   # a lookalike no reader answered: a refusal
         if node.op == "call_function" and node.target is torch.ops.aten.bmm.default and node not in answered:
             why = unexplained(aten_gm, node, to_dynamo)
@@ -264,7 +264,8 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
                  source_of(site.match.anchor), [to_dynamo[r.node].name for r in site_reads])
 
 
-def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Explanation | None) -> list:
+def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrite: bool,
+                report: Explanation | None) -> list:
     """The recurrent steps (``recurrent.py``) of the lowered region, settled by their probe."""
     steps = []
     for result in find_steps(aten_gm):
@@ -277,6 +278,7 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Exp
             if missing:
                 raise Refused("unsupported", f"the step's tensors {missing} are intermediate values of a decomposed "
                                              "operation, not values of the model's graph", result.output)
+            _check_step_reads(gm, result, to_dynamo, storages)
         except Refused as refusal:
             _refuse(refusal, report)
             continue
@@ -288,6 +290,27 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, *, rewrite: bool, report: Exp
         log.info("based_compile: Based recurrent step at %s -> based::recurrent_step (%s)%s", entry.source,
                  entry.spec, "" if rewrite else " [not rewritten: report only]")
     return steps
+
+
+def _check_step_reads(gm, step, to_dynamo, storages: Storages) -> None:
+    """Refuse a step the operator, inserted at its first state update (``rewrite_recurrent_steps``),
+    would read other values of than the user's code did: an input computed after that update, or a
+    write in place, while the step runs, into the memory of q, k, v or a state (other than the
+    step's own state updates, which the operator performs)."""
+    roles = ("q", "k", "v", "kv_state", "k_state")
+    reads = {role: to_dynamo[getattr(step, role)] for role in roles}
+    kv_new, k_new, output = (to_dynamo[n] for n in (step.kv_new, step.k_new, step.output))
+    first = min(kv_new, k_new, key=storages.position.__getitem__)
+    late = [role for role in roles if storages.position[reads[role]] >= storages.position[first]]
+    if late:
+        raise Refused("unsupported", f"{', '.join(late)} computed after the first state update "
+                                     f"({source_of(first)}): the operator reads every input there", step.output)
+    exempt = {reads["kv_state"]: {kv_new}, reads["k_state"]: {k_new}}
+    written = first_write_between(gm, list(reads.values()), output, storages, exempt)
+    if written:
+        raise Refused("unsupported", f"{written} writes in place, while the recurrent step runs, into a tensor it "
+                                     "reads (q, k, v or a state): the operator reads them all at the first state "
+                                     "update", step.output)
 
 
 def _refuse(refusal: Refused, report: Explanation | None) -> None:

@@ -9,7 +9,8 @@ fake example value of each node, whose untyped storage is shared exactly by the 
 
 - ``Storages``: position and storage of every node; who writes and who reads each storage.
 - ``written_before_output``: a write, between the node a site reads (q, k, v, a buffer) and the
-  site's output, into that memory: the operator would read the written values (refused).
+  site's output, into that memory: the operator would read the written values (refused);
+  ``first_write_between`` the same question for any reads and end (a recurrent step's, driver).
 - ``plan_output``: what replacing the site's output node by a fresh tensor needs: reads of the
   output's memory through another view of the same geometry are re-pointed to the new tensor, a
   read through a view of another geometry is refused, and a later in-place write into the output
@@ -105,16 +106,27 @@ def written_before_output(gm: fx.GraphModule, site, to_dynamo: dict, storages: S
     is computed. Writes before that node are part of its value (the lowering maps each Dynamo node
     to the value it had when it ran)."""
     storages = storages or Storages(gm)
-    output = to_dynamo[site.match.output]
-    end = storages.position[output]
-    for read in (to_dynamo[n] for n in site_inputs(site.match) if n in to_dynamo):
+    reads = [to_dynamo[n] for n in site_inputs(site.match) if n in to_dynamo]
+    return first_write_between(gm, reads, to_dynamo[site.match.output], storages)
+
+
+def first_write_between(gm: fx.GraphModule, reads, end: fx.Node, storages: Storages,
+                        exempt: dict | None = None) -> str | None:
+    """The source of the first in-place write into the memory of a node of ``reads`` (through any view),
+    after that node and before ``end`` in Dynamo's graph, or None. ``exempt``: read node -> writer nodes
+    allowed to write its memory (a recurrent step's own state updates, which the operator performs)."""
+    exempt = exempt or {}
+    stop = storages.position[end]
+    for read in reads:
         key = storages.of(read)
         if key is None:
             continue
+        allowed = exempt.get(read, ())
         for node in gm.graph.nodes:
-            if storages.position[node] >= end:
+            if storages.position[node] >= stop:
                 break
-            if storages.position[node] > storages.position[read] and storages.writes_into(node, key):
+            if storages.position[node] > storages.position[read] and node not in allowed \
+                    and storages.writes_into(node, key):
                 return source_of(node)
     return None
 

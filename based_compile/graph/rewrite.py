@@ -206,11 +206,7 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
     for m in steps:
         q, k, v, kv_state, k_state, output, kv_new, k_new = (
             to_dynamo[n] for n in (m.q, m.k, m.v, m.kv_state, m.k_state, m.output, m.kv_new, m.k_new))
-        first_update = min((kv_new, k_new), key=order.__getitem__)
-        if any(order[x] >= order[first_update] for x in (q, k, v, kv_state, k_state)):
-            log.info("based_compile: recurrent step at %s not rewritten: an input is computed after the state "
-                     "update", output.name)
-            continue
+        first_update = min((kv_new, k_new), key=order.__getitem__)   # the driver checked the reads (_check_step_reads)
         fake_mode = next(f.fake_mode for f in (example_value(n) for n in (q, k, v))
                          if isinstance(f, torch._subclasses.FakeTensor))
 
