@@ -52,7 +52,6 @@ node, and erases only what no surviving node can observe, computes what the user
 """
 from __future__ import annotations
 
-import logging
 import operator
 
 import torch
@@ -67,7 +66,6 @@ from .inplace import Storages, erasable, plan_output
 from .verify import Settled
 
 aten = torch.ops.aten
-log = logging.getLogger("based_compile")
 
 
 def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
