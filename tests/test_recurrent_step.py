@@ -276,3 +276,32 @@ def test_writes_into_step_inputs_while_it_runs(fn, rewritten):
     assert_rel_close(out, fn(*theirs), 1e-13, "output")
     for got, want, name in zip(mine, theirs, ("q", "k", "v", "kv_state", "k_state")):
         assert_rel_close(got, want, 1e-13, f"caller's {name}")
+
+
+def step_no_grad_inside(q, k, v, kv_state, k_state):                 # accepted twin: the step under no_grad
+    with torch.no_grad():
+        return step_matmul(q, k, v, kv_state, k_state)
+
+
+@pytest.mark.parametrize("fn,rewritten", [(step_matmul, False), (step_no_grad_inside, True)],
+                         ids=lambda x: getattr(x, "__name__", None))
+def test_step_with_inputs_that_require_grad(fn, rewritten):
+    """Grad mode with q requiring grad: the step is refused (the operator has no backward), never a
+    crash at compile time (the lowered graph's fake inputs do not carry requires_grad: the check read
+    them and let the step through, then the operator raised inside the backend)."""
+    args = _inputs(fn)
+    report = based_compile.explain(fn, args[0].clone().requires_grad_(), *(x.clone() for x in args[1:]))
+    assert len(report.sites) == int(rewritten), str(report)
+    if not rewritten:
+        assert any(r.category == "unsupported" and "require grad" in r.reason for r in report.refusals), str(report)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    q1, q2 = args[0].clone().requires_grad_(), args[0].clone().requires_grad_()
+    calls, out = step_calls(compiled, q1, *(x.clone() for x in args[1:]))
+    ref = fn(q2, *(x.clone() for x in args[1:]))
+    assert (calls >= 1) == rewritten
+    for got, want in zip(out, ref):
+        assert_rel_close(got, want, 1e-13, "output / returned state")
+    if not rewritten:
+        g = torch.randn_like(ref[0])
+        assert_rel_close(torch.autograd.grad((out[0] * g).sum(), q1)[0], torch.autograd.grad((ref[0] * g).sum(), q2)[0],
+                         1e-13, "dq")

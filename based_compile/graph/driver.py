@@ -300,6 +300,11 @@ def _check_step_reads(gm, step, to_dynamo, storages: Storages) -> None:
     roles = ("q", "k", "v", "kv_state", "k_state")
     reads = {role: to_dynamo[getattr(step, role)] for role in roles}
     kv_new, k_new, output = (to_dynamo[n] for n in (step.kv_new, step.k_new, step.output))
+    # Dynamo's values carry requires_grad as the step computed them (grad mode and inputs included);
+    # the lowered graph's fake inputs do not.
+    if any(getattr(example_value(n), "requires_grad", False) for n in (output, kv_new, k_new)):
+        raise Refused("unsupported", "the recurrent step runs with inputs that require grad: based::recurrent_step "
+                                     "has no backward (decode under torch.no_grad())", step.output)
     first = min(kv_new, k_new, key=storages.position.__getitem__)
     late = [role for role in roles if storages.position[reads[role]] >= storages.position[first]]
     if late:

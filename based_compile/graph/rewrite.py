@@ -212,7 +212,8 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             node = (graph.call_method if method else graph.call_function)(target, args, {})
             values = fx.node.map_arg(args, lambda n: example_value(n))
             fn = (lambda x, *a: getattr(x, target)(*a)) if method else target
-            node.meta["example_value"] = _fake_run(fake_mode, fn, *values)
+            with torch.no_grad():        # the driver refused steps that require grad (the op has no backward)
+                node.meta["example_value"] = _fake_run(fake_mode, fn, *values)
             node.meta["stack_trace"] = like.meta.get("stack_trace")
             return node
 
