@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -34,6 +35,7 @@ from ..op.attention_with_state import features_of_moments, moments
 from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, walk_operand
 from .evaluate import GraphEvaluator
 from .feature_map import FeatureMap, read_feature_map
+from .mask import size_expr
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -89,7 +91,8 @@ def _taylor(gm, node):
 
 def _last_row(node: fx.Node):
     """(cumsum, None) when ``node`` is the last row of a running sum along its axis, (cumsum, index)
-    for another row of it, else None."""
+    for another row of it, else None. Last means last at every length the graph runs at: under
+    dynamic shapes a constant row (``[:, :, 10]`` traced at T = 11) is another row."""
     if node.op != "call_function" or node.target not in (aten.select.int, aten.slice.Tensor):
         return None
     src = node.args[0]
@@ -99,16 +102,44 @@ def _last_row(node: fx.Node):
     dim = node.args[1] if len(node.args) > 1 else 0
     if _dim(dim, rank) != _dim(src.args[1], rank):
         return None
-    size = hint_shape(src)[_dim(dim, rank)]
+    size = size_expr(example_value(src).shape[_dim(dim, rank)])
     if node.target is aten.select.int:
         index = node.args[2]
-        return (src, None) if index in (-1, size - 1) else (src, index)
+        return (src, None) if _is_last(index, size) else (src, _shown(index))
     start = node.args[2] if len(node.args) > 2 else 0
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
-    if start in (-1, size - 1) and (end is None or end >= size) and step == 1:
+    if _is_last(start, size) and _reaches_end(end, size) and step == 1:
         return src, None
-    return src, f"{start}:{end}"
+    return src, f"{_shown(start)}:{_shown(end)}"
+
+
+def _shown(index):
+    value = size_expr(index) if index is not None else None
+    return index if value is None else value
+
+
+def _is_last(index, size) -> bool:
+    """``index`` (an int, a SymInt or a node of one) is the last of ``size`` rows at every size."""
+    i = size_expr(index)
+    if i is None or size is None:
+        return False
+    if isinstance(i, int) and i == -1:
+        return True
+    return sympy.expand(i - (size - 1)) == 0
+
+
+def _reaches_end(end, size) -> bool:
+    """A slice's ``end`` is at or past ``size`` at every size (None and huge ints: open-ended)."""
+    if end is None:
+        return True
+    e = size_expr(end)
+    if e is None or size is None:
+        return False
+    if isinstance(e, int) and e >= 2 ** 62:
+        return True
+    diff = sympy.expand(e - size)
+    return bool(diff.is_Integer and diff >= 0) if hasattr(diff, "is_Integer") else diff >= 0
 
 
 class _Site:
