@@ -305,3 +305,61 @@ def test_step_with_inputs_that_require_grad(fn, rewritten):
         g = torch.randn_like(ref[0])
         assert_rel_close(torch.autograd.grad((out[0] * g).sum(), q1)[0], torch.autograd.grad((ref[0] * g).sum(), q2)[0],
                          1e-13, "dq")
+
+
+# ----------------------------------------------------------------------------- several steps in one graph
+# A loop over tokens, or the layers of a model, in one compiled function: each step reads the
+# states an earlier step updated (the second was refused, 'without a readout', because phi(q) was
+# searched through the states, which hold the earlier step's phi(k); rewriting both then crashed the
+# compile: the second operator read the first update's erased node).
+
+
+def steps_loop_functional(q, k, v, kv_state, k_state):             # q, k, v: [B, H, 3, D], one step per token
+    outs = []
+    for t in range(q.shape[2]):
+        o, kv_state, k_state = step_matmul(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kv_state, k_state)
+        outs.append(o)
+    return torch.cat(outs, 2), kv_state, k_state
+
+
+def steps_loop_in_place(q, k, v, kv_state, k_state):
+    outs = []
+    for t in range(q.shape[2]):
+        pq, pk = taylor(q[:, :, t:t + 1]), taylor(k[:, :, t:t + 1])
+        kv_state.add_(pk.transpose(-2, -1) @ v[:, :, t:t + 1])
+        k_state.add_(pk)
+        outs.append((pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6))
+    return torch.cat(outs, 2)
+
+
+def steps_two_layers(q, k, v, kv_state, k_state):                  # layer 2 reads layer 1's output, own states
+    o1, kv1, ks1 = step_matmul(q[:, :, :1], k[:, :, :1], v[:, :, :1], kv_state[0], k_state[0])
+    x = o1[..., :D] * 0.5 + q[:, :, 1:2]
+    o2, kv2, ks2 = step_matmul(x, k[:, :, 1:2], v[:, :, 1:2], kv_state[1], k_state[1])
+    return o2, kv1, ks1, kv2, ks2
+
+
+@pytest.mark.parametrize("fn,steps", [(steps_loop_functional, 3), (steps_loop_in_place, 3), (steps_two_layers, 2)],
+                         ids=lambda x: getattr(x, "__name__", None))
+def test_several_steps_in_one_graph(fn, steps):
+    g = torch.Generator().manual_seed(7)
+    f = 1 + D + D * D
+    lead = (2,) if fn is steps_two_layers else ()
+    q, k = (torch.randn(B, H, 3, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, 3, DV, generator=g, dtype=torch.float64)
+    kv = torch.randn(*lead, B, H, f, DV, generator=g, dtype=torch.float64) * 0.1
+    ks = torch.rand(*lead, B, H, 1, f, generator=g, dtype=torch.float64) * 0.1 + 1.0
+    args = (q, k, v, kv, ks)
+    report = based_compile.explain(fn, *(x.clone() for x in args))
+    assert len(report.sites) == steps and not report.refusals, str(report)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
+    with torch.no_grad():
+        calls, out = step_calls(compiled, *mine)
+    ref = fn(*theirs)
+    assert calls >= steps
+    out, ref = (x if isinstance(x, tuple) else (x,) for x in (out, ref))
+    for got, want in zip(out, ref):
+        assert_rel_close(got, want, 1e-13, "output / returned state")
+    for got, want, name in zip(mine, theirs, ("q", "k", "v", "kv_state", "k_state")):
+        assert_rel_close(got, want, 1e-13, f"caller's {name}")

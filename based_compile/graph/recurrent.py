@@ -161,8 +161,9 @@ def _updates(gm, add: fx.Node):
     return None
 
 
-def _reads(node: fx.Node, targets: set, depth: int = 8) -> set:
-    """The nodes of ``targets`` that ``node`` reads within ``depth`` steps back."""
+def _reads(node: fx.Node, targets: set, depth: int = 8, stop: frozenset = frozenset()) -> set:
+    """The nodes of ``targets`` that ``node`` reads within ``depth`` steps back, not reading past the
+    nodes of ``stop``."""
     found, frontier, seen = set(), [node], set()
     for _ in range(depth):
         nxt = []
@@ -173,7 +174,7 @@ def _reads(node: fx.Node, targets: set, depth: int = 8) -> set:
                 seen.add(a)
                 if a in targets:
                     found.add(a)
-                else:
+                elif a not in stop:
                     nxt.append(a)
         frontier = nxt
     return found
@@ -193,8 +194,9 @@ def _readout(gm, kv_new: fx.Node, k_new: fx.Node, cats_q: set):
             if c is None:
                 break
             eps, inner = eps + c, _strip(inner.args[0])
-        cat_num = _reads(num, cats_q)
-        cat_den = _reads(inner, cats_q)
+        # phi(q) is read beside the states, not through them (an earlier step's phi(k) is in the states)
+        cat_num = _reads(num, cats_q, stop=frozenset({kv_new}))
+        cat_den = _reads(inner, cats_q, stop=frozenset({k_new}))
         if k_new in _reads(inner, {k_new}) and cat_num and cat_num == cat_den:
             return node, eps, cat_num.pop()
     return None

@@ -201,9 +201,11 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
     Dead nodes are left for ``rewrite_dynamo_sites`` (which runs next) to erase."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for m in steps:
+    replaced: dict[fx.Node, fx.Node] = {}    # an earlier step's nodes -> what stands for them now
+    for m in steps:                          # in graph order: a later step may read an earlier one's states
         q, k, v, kv_state, k_state, output, kv_new, k_new = (
             to_dynamo[n] for n in (m.q, m.k, m.v, m.kv_state, m.k_state, m.output, m.kv_new, m.k_new))
+        q, k, v, kv_state, k_state = (replaced.get(n, n) for n in (q, k, v, kv_state, k_state))
         first_update = min((kv_new, k_new), key=order.__getitem__)   # the driver checked the reads (_check_step_reads)
         fake_mode = next(f.fake_mode for f in (example_value(n) for n in (q, k, v))
                          if isinstance(f, torch._subclasses.FakeTensor))
@@ -227,8 +229,10 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
                     written = add("copy_", (node.args[0], new), method=True, like=node)
                 node.replace_all_uses_with(written)
                 graph.erase_node(node)
+                replaced[node] = written
             else:
                 node.replace_all_uses_with(new)
+                replaced[node] = new
         want = example_value(output)
         with graph.inserting_before(output):
             if m.reshape_out:
@@ -236,3 +240,4 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             if want.dtype != example_value(o).dtype:
                 o = add("to", (o, want.dtype), method=True)
         output.replace_all_uses_with(o)
+        replaced[output] = o
