@@ -42,3 +42,10 @@ def test_every_image_and_results_file_named_in_the_readme_exists():
     text = tables.README.read_text()
     for path in re.findall(r"\]\((benchmarks/results/[^)]+)\)", text) + re.findall(r"`(benchmarks/results/[^`]+)`", text):
         assert (ROOT / path).exists(), path
+
+
+def test_every_results_file_is_cited_by_the_readme():
+    """benchmarks/results/ holds the README's current results only; older data lives in benchmarks/notes/."""
+    text = tables.README.read_text()
+    stray = [p.name for p in sorted(tables.RESULTS.iterdir()) if f"benchmarks/results/{p.name}" not in text]
+    assert not stray, f"not cited by README.md (move to benchmarks/notes/ and cite in NOTES.md): {stray}"
