@@ -14,10 +14,15 @@ import torch
 from based_compile.kernels import recurrent_step as step_kernel
 from based_compile.kernels.naive import naive_recurrent_step
 from based_compile.op.recurrent_step import based_recurrent_step
-from compare import assert_rel_close
+from compare import assert_rel_close, rel_error
 
 TAYLOR = ("const:1", "linear", "outer")
-TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+# In float16/bfloat16 the output may also be as far from float64 as the same step computed in that
+# dtype by PyTorch (what the user's eager code gets), with a margin: on the GPU's decode shapes
+# (Dk=16, Dv=64, 273 features, states of random sign) the kernel's bfloat16 output was 2-3.7e-2 from
+# float64, float16 3.2e-3 (eager float16 there: 5.9e-3).
+EAGER_MARGIN = 1.25
 
 
 @pytest.fixture(autouse=True)
@@ -63,9 +68,12 @@ def _check(lead, dk, dv, *, pieces=TAYLOR, factors=None, dtype=torch.float32, st
         got = step_kernel.recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)
     assert torch.equal(kv, kv0) and torch.equal(ks, ks0), "the old states must be left alone"
     what = f"lead={lead} Dk={dk} Dv={dv} {pieces} {dtype}/{state_dtype} normalize={normalize}"
-    for name, x, r, like in zip(("o", "kv_state", "k_state"), got, ref, (q, kv, ks)):
+    eager = naive_recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)      # in the inputs' dtypes
+    for name, x, r, like, e in zip(("o", "kv_state", "k_state"), got, ref, (q, kv, ks), eager):
         assert x.shape == r.shape and x.dtype == like.dtype, f"{name}: {x.shape} {x.dtype} ({what})"
         tol = max(TOL[dtype], TOL[like.dtype]) if name == "o" else TOL[like.dtype]
+        if name == "o" and dtype in (torch.float16, torch.bfloat16):
+            tol = max(tol, EAGER_MARGIN * rel_error(e, r))
         assert_rel_close(x, r, tol, f"{name} ({what})")
     return got
 
