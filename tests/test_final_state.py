@@ -243,3 +243,20 @@ def test_last_row_is_proven_for_every_length_of_a_dynamic_graph(fn, with_state):
         calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
         assert (calls >= 1) == with_state, f"T={t}: attention_with_state ran {calls}x"
         _assert_same(got, want, 1e-10, f"T={t}")
+
+
+@pytest.mark.parametrize("fn", [linear_cumsum_last_rows, linear_cumsum_slices], ids=lambda f: f.__name__)
+def test_linear_form_with_states_under_dynamic_true(fn):
+    """torch.compile(dynamic=True) lowers kv[:, :, -1] with whole-axis slices that stay in the lowered
+    graph unused: the running sum looked like it had other users, and the site was neither rewritten
+    nor refused (explain: zero sites, zero refusals)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
+    for t in (11, 12):
+        args = _inputs(None, "BHTD", t=t)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = compiled(*args)
+            want = fn(*args)
+        calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
+        assert calls >= 1, f"T={t}: not rewritten"
+        _assert_same(got, want, 1e-10, f"T={t}")

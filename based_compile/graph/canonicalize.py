@@ -181,6 +181,16 @@ def _drop_full_slices(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(node.args[0], delete_user_cb=lambda user: user.op != "output")
 
 
+def live_users(node: fx.Node) -> list:
+    """The users of ``node`` less views nobody uses (the whole-axis slices ``_drop_full_slices`` leaves
+    in place: under dynamic shapes ``kv[:, :, -1]`` lowers with two of them, which read nothing)."""
+    return [u for u in node.users
+            if u.users or u.op != "call_function" or u.target not in _UNUSED_READS]
+
+
+_UNUSED_READS = VIEW_OPS | {aten.slice.Tensor, aten.select.int}
+
+
 def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The real tensor behind a get_attr node (a lifted constant), else None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output
-from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, scalar_value, shape_of, walk_operand
+from .canonicalize import VIEW_OPS, hint_shape, live_users, scalar_factor, scalar_value, shape_of, walk_operand
 from .feature_map import pair_feature_maps, read_feature_map
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
@@ -56,8 +56,8 @@ def _feature_side(gm, a, b):
 
 
 def _forward_through_views(node: fx.Node) -> fx.Node:
-    while len(node.users) == 1:
-        user = next(iter(node.users))
+    while len(live_users(node)) == 1:
+        user = live_users(node)[0]
         if user.op == "call_function" and user.target in VIEW_OPS and user.args[0] is node:
             node = user
             continue
@@ -67,7 +67,8 @@ def _forward_through_views(node: fx.Node) -> fx.Node:
 
 def _single_user(node: fx.Node) -> fx.Node | None:
     node = _forward_through_views(node)
-    return next(iter(node.users)) if len(node.users) == 1 else None
+    users = live_users(node)
+    return users[0] if len(users) == 1 else None
 
 
 def _row_read(node: fx.Node, dim: int) -> bool:
@@ -81,7 +82,7 @@ def _row_read(node: fx.Node, dim: int) -> bool:
 
 def _consumer(state: fx.Node, dim: int) -> fx.Node | None:
     """The one user of the state (through views) besides reads of its rows, else None."""
-    users = [u for u in state.users if not (state.target is aten.cumsum.default and _row_read(u, dim))]
+    users = [u for u in live_users(state) if not (state.target is aten.cumsum.default and _row_read(u, dim))]
     if len(users) != 1:
         return None
     user = users[0]
