@@ -151,6 +151,8 @@ def test_launch_tuples_resolve_to_configs():
     assert new.seg == 8            # 64 chunks, 2 x 4 heads: segments of 8 chunks give the 64 programs wanted
     for launch in (chunked.FORWARD_LAUNCH, chunked.BACKWARD_LAUNCH, chunked.FLOAT32_LAUNCH):
         chunked.config_from_launch(args, launch)
+    with pytest.raises(ValueError, match="stored path takes chunks of at most 64"):    # crashed on the H200
+        chunked.config_from_launch(args, (128, 64, 8, 1, 1024, 1, 1))
 
 
 @pytest.mark.parametrize("causal", [True, False])
