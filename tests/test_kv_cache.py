@@ -290,3 +290,48 @@ def test_constant_offset_is_not_taken_for_tk_minus_tq_under_dynamic_lengths():
     for tq, tk in [(3, 5), (4, 6), (3, 6), (2, 7)]:
         q, k, v = _inputs(tq, tk, seed=tq * tk)
         assert_rel_close(compiled(q, k, v), block_constant_offset(q, k, v), 1e-12, f"Tq={tq} Tk={tk}")
+
+
+# ----------------------------------------------------------------------------- a sliced buffer, growing cache
+# bias[..., Tk - Tq:Tk, :Tk] (GPT-2's spelling) was refused once Tk became dynamic ('the mask slices a
+# buffer at a length-dependent offset'): every decode step after the first ran unrewritten. The whole
+# buffer is now checked to be a function of j - i, and the offset read symbolically.
+
+
+class ShiftedBuffer(nn.Module):
+    def __init__(self, rows: int, cols: int, band: int | None = None):
+        super().__init__()
+        mask = torch.tril(torch.ones(32, 32))
+        if band is not None:
+            mask = mask * torch.triu(torch.ones(32, 32), -band)
+        self.register_buffer("bias", mask.view(1, 1, 32, 32))
+        self.rows, self.cols = rows, cols              # row offset: Tk - Tq + rows; key columns from cols
+
+    def forward(self, q, k, v):
+        tq, tk = q.shape[-2], k.shape[-2]
+        a = _poly(q @ k.transpose(-2, -1) / 2.0)
+        start = tk - tq + self.rows
+        a = a.masked_fill(self.bias[:, :, start:start + tq, self.cols:self.cols + tk] == 0, 0.0)
+        return _normalised(a, v)
+
+
+@pytest.mark.parametrize("tq,rows,band,rewritten", [
+    (3, 0, None, True),            # bias[..., Tk-Tq:Tk, :Tk]
+    (1, 0, None, True),            # one query: bias[..., Tk-1:Tk, :Tk]
+    (3, -1, None, False),          # one row up: query i sees keys j <= i + Tk - Tq - 1
+    (1, -1, None, False),
+    (3, 0, 4, False),              # a band buffer: windowed
+], ids=["end", "end_tq1", "offbyone", "offbyone_tq1", "band"])
+def test_sliced_buffer_against_a_growing_cache(tq, rows, band, rewritten):
+    fn = ShiftedBuffer(rows, 0, band)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    for tk in (9, 10, 11, 12):
+        q, k, v = (x.requires_grad_() for x in _inputs(tq, tk, seed=tk))
+        calls, out = based_calls(compiled, q, k, v)
+        ref = fn(q, k, v)
+        assert (calls >= 1) == rewritten, f"Tk={tk}: based::attention ran {calls}x"
+        assert_rel_close(out, ref, 1e-12, f"Tk={tk}")
+        g = torch.randn_like(ref)
+        for got, want, name in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
+                                   torch.autograd.grad((ref * g).sum(), (q, k, v)), "qkv"):
+            assert_rel_close(got, want, 1e-11, f"Tk={tk}: d{name}")

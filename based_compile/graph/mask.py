@@ -826,13 +826,27 @@ def _reads_symbolic_size(node: fx.Node) -> bool:
 
 # ---------------------------------------------------------------------- onto the weights' (i, j)
 
+def _position_axis(role: str, single) -> str | None:
+    """"i" or "j" when a mask axis of this role runs over query or key positions: the weights' query or
+    key axis, or that axis at length 1 (one query, or one key: its one position is 0)."""
+    if role in ("i", "j"):
+        return role
+    if role in ("zero-i", "zero-j") and single[0 if role == "zero-i" else 1]:
+        return role[-1]
+    return None
+
+
 def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes, single=(False, False)) -> Keep:
     """A bool table read at (x + shift) per axis, as a function of d = j - i (it must be Toeplitz on
     the part the graph can read)."""
+    if any(a is not None and _position_axis(roles[a], single) and not _is_int(sh) and table.shape[k] != 1
+           for k, (a, sh) in enumerate(zip(axes, shifts))):
+        return _shifted_table_keep(table, axes, shifts, roles, single)
     index: list = []
     picks = {}
     for k, (a, sh) in enumerate(zip(axes, shifts)):
         role = "zero" if a is None else roles[a]
+        role = "zero" if role in ("zero-i", "zero-j") else role
         if role in ("i", "j"):
             if role in picks:
                 raise MaskError("the mask reads a buffer's diagonal")
@@ -869,19 +883,59 @@ def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes, single=(False, 
                         " index alone (not a function of j - i)")
     if picks["i"] > picks["j"]:
         m = m.t()
-    rows, cols = m.shape
-    if rows == 0 or cols == 0:
+    if m.shape[0] == 0 or m.shape[1] == 0:
         return Keep.const(True)
+    part = "readable part" if all(_is_int(s) for s in sizes) else "lengths"
+    return Keep(0, _toeplitz_steps(m, table, part))
+
+
+def _toeplitz_steps(m: torch.Tensor, table: torch.Tensor, part: str) -> Steps:
+    """f with m[r, c] = f(c - r) (m a 2-D bool table, rows i, columns j), or MaskError."""
+    rows, cols = m.shape
     for r0 in range(0, rows - 1, _TOEPLITZ_ROWS):
         r1 = min(rows - 1, r0 + _TOEPLITZ_ROWS)
         if not torch.equal(m[r0 + 1:r1 + 1, 1:], m[r0:r1, :-1]):
             raise MaskError(f"the registered mask buffer ({tuple(table.shape)}) is not a function of j - i "
-                            f"over the {'readable part' if all(_is_int(s) for s in sizes) else 'lengths'} "
-                            "(not a tril/triu/band pattern): its structure at other lengths is not proven")
+                            f"over the {part} (not a tril/triu/band pattern): its structure at other lengths "
+                            "is not proven")
     f = torch.cat([m[:, 0].flip(0), m[0, 1:]]).tolist()      # f(d) for d = -(rows-1) .. cols-1
     lo = -(rows - 1)
-    cuts = [lo + t for t in range(1, len(f)) if f[t] != f[t - 1]]
-    return Keep(0, Steps(bool(f[0]), tuple(cuts)))
+    return Steps(bool(f[0]), tuple(lo + t for t in range(1, len(f)) if f[t] != f[t - 1]))
+
+
+def _shifted_table_keep(table: torch.Tensor, axes, shifts, roles, single) -> Keep:
+    """A table read at a length-dependent offset (``bias[..., Tk - Tq:Tk, :Tk]``, a KV cache's rows):
+    the whole table must be a function f of its own column - row, which it then is wherever the
+    graph reads it at any length (a read past its end is a shape error in the user's code); read at
+    rows i + sh_i and columns j + sh_j, it keeps f(j - i - (sh_i - sh_j))."""
+    index: list = []
+    picks, shift = {}, {}
+    for k, (a, sh) in enumerate(zip(axes, shifts)):
+        role = "zero" if a is None else roles[a]
+        axis = _position_axis(role, single) if a is not None else None
+        if axis is not None and not (role.startswith("zero") and table.shape[k] == 1):
+            if axis in picks:
+                raise MaskError("the mask reads a buffer's diagonal")
+            picks[axis], shift[axis] = k, sh
+            index.append(slice(None))
+        elif role == "other":
+            sub = table.narrow(k, 0, 1)
+            if not bool((table == sub).all()):
+                raise MaskError("mask differs between batch entries or heads")
+            index.append(0)
+        else:
+            pos = 0 if table.shape[k] == 1 else sh
+            if not _is_int(pos):
+                raise MaskError("the mask indexes a buffer at a length-dependent position")
+            index.append(pos)
+    if set(picks) != {"i", "j"}:
+        raise MaskError("the mask slices a buffer at a length-dependent offset")
+    m = table[tuple(index)]
+    if picks["i"] > picks["j"]:
+        m = m.t()
+    if m.shape[0] == 0 or m.shape[1] == 0:
+        raise MaskError("the mask slices an empty buffer at a length-dependent offset")
+    return Keep(size_expr(shift["i"]) - size_expr(shift["j"]), _toeplitz_steps(m, table, "whole buffer"))
 
 
 def _keep_of_pred(pred, roles, sizes, tables, single) -> Keep:
@@ -945,7 +999,8 @@ def keep_of(gm: fx.GraphModule, node, weights_rank: int, axes: tuple, evaluate, 
     roles, sizes = [], []
     for a, s in enumerate(shape):
         w = a + weights_rank - len(shape)
-        roles.append("zero" if s == 1 else "i" if w == ai else "j" if w == aj else "other")
+        roles.append(("zero-i" if w == ai else "zero-j" if w == aj else "zero") if s == 1 else
+                     "i" if w == ai else "j" if w == aj else "other")
         sizes.append(s)
     single = tuple(size_expr(n) == 1 for n in lengths) if len(lengths) == 2 else (False, False)
     keep = _keep_of_pred(value.pred, roles, sizes, reader.tables, single)
