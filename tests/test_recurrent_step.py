@@ -363,3 +363,17 @@ def test_several_steps_in_one_graph(fn, steps):
         assert_rel_close(got, want, 1e-13, "output / returned state")
     for got, want, name in zip(mine, theirs, ("q", "k", "v", "kv_state", "k_state")):
         assert_rel_close(got, want, 1e-13, f"caller's {name}")
+
+
+def test_one_tensor_as_q_and_k():
+    """step(x, x, v, ...): Dynamo passes one tensor for q and k; the probe gave them two random values
+    and refused the step ('probe disagrees', relative error 1.0)."""
+    q, _, v, kv, ks = _inputs(step_matmul)
+    report = based_compile.explain(step_matmul, q, q, v, kv.clone(), ks.clone())
+    assert len(report.sites) == 1 and not report.refusals, str(report)
+    compiled = torch.compile(step_matmul, backend=based_compile.backend(inner="eager"))
+    with torch.no_grad():
+        calls, out = step_calls(compiled, q, q, v, kv.clone(), ks.clone())
+    assert calls >= 1
+    for got, want in zip(out, step_matmul(q, q, v, kv.clone(), ks.clone())):
+        assert_rel_close(got, want, 1e-13, "output / returned state")

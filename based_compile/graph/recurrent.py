@@ -304,6 +304,8 @@ def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     dk, dv = shapes[m.q][-1], shapes[m.v][-1]
     rows = math.prod(shapes[m.q][:-1])
     q, k = (torch.randn(shapes[n], generator=gen, dtype=torch.float64) for n in (m.q, m.k))
+    if m.k is m.q:                                # one tensor read as q and as k (phi(x) for both)
+        k = q
     v = torch.randn(shapes[m.v], generator=gen, dtype=torch.float64)
     kv = ks = None
     try:
