@@ -335,3 +335,28 @@ def test_sliced_buffer_against_a_growing_cache(tq, rows, band, rewritten):
         for got, want, name in zip(torch.autograd.grad((out * g).sum(), (q, k, v)),
                                    torch.autograd.grad((ref * g).sum(), (q, k, v)), "qkv"):
             assert_rel_close(got, want, 1e-11, f"Tk={tk}: d{name}")
+
+
+class NegativeStarts(nn.Module):
+    """bias[-Tq:, -Tk:] of a 32 x 64 buffer: rows 32 - Tq + i, columns 64 - Tk + j, so it keeps
+    j - i <= Tk - Tq - 32 (diagonal 0). Read as if the starts were -Tq and -Tk from 0, it would look
+    end-aligned: a slice start that is negative at the traced lengths is refused ('from the end')."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(32, 64)))
+
+    def forward(self, q, k, v):
+        tq, tk = q.shape[-2], k.shape[-2]
+        a = _poly(q @ k.transpose(-2, -1) / 2.0)
+        return _normalised(a.masked_fill(self.bias[-tq:, -tk:] == 0, 0.0), v)
+
+
+def test_buffer_sliced_from_the_end_is_refused_at_every_length():
+    fn = NegativeStarts()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    for tq, tk in [(3, 9), (4, 10), (5, 11), (2, 12)]:
+        q, k, v = _inputs(tq, tk, seed=tk)
+        calls, out = based_calls(compiled, q, k, v)
+        assert calls == 0, f"Tq={tq} Tk={tk}: rewritten"
+        assert_rel_close(out, fn(q, k, v), 1e-12, f"Tq={tq} Tk={tk}")

@@ -769,8 +769,9 @@ class _Reader:
             step = args[4] if len(args) > 4 else 1
             if step != 1:
                 raise MaskError("the mask is sliced with a step")
+            given = start
             start = 0 if start is None else size_expr(start)
-            if start is None or (_is_int(start) and start < 0):
+            if start is None or (_is_int(start) and start < 0) or _negative_at_trace(given):
                 raise MaskError("the mask is sliced from the end")
             return _shift(value, dim, start) if start != 0 else value
         if target is aten.unsqueeze.default:
@@ -806,6 +807,16 @@ class _Reader:
         for a, b in zip(keep_old, keep_new):
             where[a] = b
         return _reaxis(self.pin_ones(value, old), where, rank)
+
+
+def _negative_at_trace(start) -> bool:
+    """A length-dependent slice start that was negative where the graph was traced: Python counts it
+    from the end (``x[-tq:]``), not from 0 (Dynamo guards the sign its sizes were computed with)."""
+    value = example_value(start) if isinstance(start, fx.Node) else start
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return hint is None or hint < 0
+    return False
 
 
 def _reads_symbolic_size(node: fx.Node) -> bool:
