@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import guard_int, guard_scalar
 
 aten = torch.ops.aten
 
@@ -201,6 +202,31 @@ def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None
 
 
+def specialised_value(val) -> float:
+    """The value of a symbolic scalar, with every size it depends on specialised (guarded equal to
+    its example value): the spec bakes this number in, so a call at another size (another Dk under
+    ``dynamic=True``, where ``q.shape[-1] ** -0.25`` is symbolic) recompiles instead of reusing it.
+
+    The guards are on the integer sizes (``Eq(s0, 16)``), not on the float (a float guard compares
+    against a printed, rounded constant); afterwards those sizes are constants in the shape env,
+    so a probe that moves the symbolic sizes (``verify._probe_other_lengths``) keeps them. The value
+    is the example's own Python arithmetic (the SymNode's hint), as eager computes it. A value that
+    also depends on a symbolic float (a module's float attribute under ``dynamic=True``) is guarded
+    as a whole (``guard_scalar``)."""
+    node = val.node
+    env = node.shape_env
+    values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+    others = False
+    for sym in sorted(node.expr.free_symbols, key=str):
+        if sym.is_integer and sym in values:
+            guard_int(env.create_symintnode(sym, hint=int(values[sym])))
+        else:
+            others = True
+    if others or node.hint is None:     # a float input (a module's float attribute): guard the value itself
+        return float(guard_scalar(val))
+    return float(node.hint)
+
+
 def scalar_value(gm: fx.GraphModule, arg) -> float | None:
     """A scalar operand as a float: a Python number, a sym node (guarded), or a 0-d constant."""
     if isinstance(arg, bool):
@@ -211,10 +237,7 @@ def scalar_value(gm: fx.GraphModule, arg) -> float | None:
         return None
     val = example_value(arg)
     if isinstance(val, (torch.SymInt, torch.SymFloat)):
-        # The spec bakes this number in; specialise on it (a guard), so a graph traced
-        # for another value recompiles instead of reusing a wrong spec.
-        from torch.fx.experimental.symbolic_shapes import guard_scalar
-        return float(guard_scalar(val))
+        return specialised_value(val)
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         return float(val)
     const = constant_tensor(gm, arg)
