@@ -158,18 +158,24 @@ def _step_features(x: torch.Tensor, pieces, factors) -> torch.Tensor:
 def naive_recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize=True, eps=1e-6):
     """One recurrent Based step, computed in q's dtype (float64 inputs: the float64 reference).
 
-    q, k: [..., Dk], v: [..., Dv] (R rows); kv_state R * F * Dv elements read as [R, F, Dv],
-    k_state R * F as [R, F]. Returns (o [..., Dv], kv_state' and k_state' in the states' shapes):
-    kv' = kv + phi(k)^T v, k' = k_state + phi(k), o = phi(q) kv' / (phi(q) . k' + eps) (or phi(q) kv')."""
+    k: [..., Dk], v: [..., Dv] (R rows); kv_state R * F * Dv elements read as [R, F, Dv], k_state
+    R * F as [R, F] (or None: a zero key state). q: [..., Dk] with G * R rows, query row i reading
+    state row i // G (grouped-query attention; G = 1 one state per query row). Returns (o [q's
+    leading dims, Dv], kv_state' and k_state' in the states' shapes; k_state' as [k's leading dims, F]
+    when k_state is None): kv' = kv + phi(k)^T v, k' = k_state + phi(k),
+    o = phi(q) kv' / (phi(q) . k' + eps) (or phi(q) kv')."""
     dk, dv = q.shape[-1], v.shape[-1]
-    rows = q.numel() // dk
+    rows = k.numel() // dk
+    group = q.numel() // dk // rows
     dtype = q.dtype
-    pq = _step_features(q.reshape(rows, dk), pieces, q_factors)
+    pq = _step_features(q.reshape(rows * group, dk), pieces, q_factors)
     pk = _step_features(k.reshape(rows, dk).to(dtype), pieces, k_factors)
     f = pq.shape[-1]
     kv = kv_state.reshape(rows, f, dv).to(dtype) + pk.unsqueeze(-1) * v.reshape(rows, 1, dv).to(dtype)
-    ks = k_state.reshape(rows, f).to(dtype) + pk
-    o = (pq.unsqueeze(-2) @ kv).squeeze(-2)
+    ks = pk if k_state is None else k_state.reshape(rows, f).to(dtype) + pk
+    kv_q, ks_q = kv.repeat_interleave(group, 0), ks.repeat_interleave(group, 0)     # each query row's state
+    o = (pq.unsqueeze(-2) @ kv_q).squeeze(-2)
     if normalize:
-        o = o / ((pq * ks).sum(-1, keepdim=True) + eps)
-    return o.reshape(*q.shape[:-1], dv), kv.reshape(kv_state.shape), ks.reshape(k_state.shape)
+        o = o / ((pq * ks_q).sum(-1, keepdim=True) + eps)
+    ks_shape = (*k.shape[:-1], f) if k_state is None else k_state.shape
+    return o.reshape(*q.shape[:-1], dv), kv.reshape(kv_state.shape), ks.reshape(ks_shape)

@@ -1,11 +1,14 @@
 """Triton kernel of one recurrent Based step (decoding against carried states), batched over rows.
 
-Per row r (B * H rows for one token), with the user's feature map phi described by pieces
+Per state row r (B * Hkv rows for one token), with the user's feature map phi described by pieces
 ("const:W", "linear", "outer") and one factor per piece for q and for k:
 
     kv' = kv + phi(k)^T v        [F, Dv]   the state the caller keeps, its layout and dtype
     ks' = ks + phi(k)            [F]
     o   = phi(q) kv' / (phi(q) . ks' + eps)       (normalize; else phi(q) kv')
+
+for each of the G query rows r * G .. r * G + G - 1 that read state row r (grouped-query
+attention; G = 1 without it). ks may be None (an unnormalised step): it is read as zeros.
 
 F = sum of the pieces' widths (1 + Dk + Dk^2 for the Taylor map), in the user's feature order:
 "outer" features are x_a x_b at index a * Dk + b. Semantics are those of the PyTorch reference
@@ -18,9 +21,11 @@ The kernel:
 - reads each state once and writes it once (states that are not contiguous are copied first; the
   user's states as the code people write makes them are contiguous) (the step is memory-bound: 2 F Dv bytes in bf16 for
   each of reading and writing kv, 35 KB a row at Dk = 16, Dv = 64);
-- runs one program per (row, block of Dv columns): B = 1, H = 16 has 16 rows, so Dv is split into
-  blocks of 16 when the rows alone would not fill the GPU. Every program computes its row's phi and
-  the normaliser phi(q) . ks' (ks is F values: cheap); the program of the first Dv block writes ks'.
+- runs one program per (query row, block of Dv columns): B = 1, H = 16 has 16 rows, so Dv is split
+  into blocks of 16 when the rows alone would not fill the GPU. Every program computes its row's phi
+  and the normaliser phi(q) . ks' (ks is F values: cheap); the program of the first Dv block writes
+  ks'. Under GQA the G programs of one state row all compute its update (the reads after the
+  first come from L2), and only the first query row's program writes kv' and ks'.
 
 Symmetry of x (x) x: the user's state holds both (a, b) and (b, a) entries (the features are
 theirs, and an arbitrary state need not be symmetric), so both are read and written; the only thing
@@ -63,6 +68,8 @@ def piece_kind_width(piece: str, dk: int) -> tuple[int, int]:
 def supported(q, k, v, kv_state, k_state, pieces) -> str | None:
     """Why the kernel cannot take this step, or None."""
     dv = v.shape[-1]
+    if k_state is None:
+        k_state = kv_state
     if len(pieces) > MAX_PIECES:
         return f"{len(pieces)} feature-map pieces (the kernel takes at most {MAX_PIECES})"
     for name, x in (("q", q), ("k", k), ("v", v), ("kv_state", kv_state), ("k_state", k_state)):
@@ -77,7 +84,7 @@ def supported(q, k, v, kv_state, k_state, pieces) -> str | None:
 
 @triton.jit
 def _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx, dv_mask,
-           fq, fk, write_ks,
+           fq, fk, write_kv, write_ks,
            KIND: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
            BA: tl.constexpr, BC: tl.constexpr, DV: tl.constexpr):
     """One piece of phi: update its kv / ks rows and add its part of the readout to num and den."""
@@ -88,14 +95,14 @@ def _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base
             pq = tl.where(fmask, fq, 0.0)
             pk = tl.where(fmask, fk, 0.0)
             num, den = _tile(num, den, pq, pk, OFF + c, fmask, v_row, kv_base, ks_base, kvo_base, kso_base,
-                             dv_idx, dv_mask, write_ks, DV)
+                             dv_idx, dv_mask, write_kv, write_ks, DV)
     elif KIND == 2:                                 # linear features: phi = factor * x_a
         a = tl.arange(0, BK)
         fmask = a < DK
         xq = tl.load(q_row + a * sq_d, mask=fmask, other=0.0).to(tl.float32)
         xk = tl.load(k_row + a * sk_d, mask=fmask, other=0.0).to(tl.float32)
         num, den = _tile(num, den, xq * fq, xk * fk, OFF + a, fmask, v_row, kv_base, ks_base, kvo_base, kso_base,
-                         dv_idx, dv_mask, write_ks, DV)
+                         dv_idx, dv_mask, write_kv, write_ks, DV)
     elif KIND == 3:                                 # outer features: phi = factor * x_a x_b at a * Dk + b
         r = tl.arange(0, BA * BK)
         for a0 in range(0, DK, BA):
@@ -107,19 +114,19 @@ def _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base
             ka = tl.load(k_row + a * sk_d, mask=fmask, other=0.0).to(tl.float32)
             kb = tl.load(k_row + b * sk_d, mask=fmask, other=0.0).to(tl.float32)
             num, den = _tile(num, den, qa * qb * fq, ka * kb * fk, OFF + a * DK + b, fmask, v_row, kv_base,
-                             ks_base, kvo_base, kso_base, dv_idx, dv_mask, write_ks, DV)
+                             ks_base, kvo_base, kso_base, dv_idx, dv_mask, write_kv, write_ks, DV)
     return num, den
 
 
 @triton.jit
-def _tile(num, den, pq, pk, f, fmask, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx, dv_mask, write_ks,
-          DV: tl.constexpr):
+def _tile(num, den, pq, pk, f, fmask, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx, dv_mask, write_kv,
+          write_ks, DV: tl.constexpr):
     """Features f (with phi(q) = pq, phi(k) = pk): kv'[f, cols] and ks'[f] written, readout added."""
     m2 = fmask[:, None] & dv_mask[None, :]
     offs = f[:, None] * DV + dv_idx[None, :]
     kv = tl.load(kv_base + offs, mask=m2, other=0.0).to(tl.float32)
     kv_new = (kv + pk[:, None] * v_row[None, :]).to(kvo_base.dtype.element_ty)
-    tl.store(kvo_base + offs, kv_new, mask=m2)
+    tl.store(kvo_base + offs, kv_new, mask=m2 & (f[:, None] < write_kv))
     num += tl.sum(pq[:, None] * kv_new.to(tl.float32), axis=0)
     ks = tl.load(ks_base + f, mask=fmask, other=0.0).to(tl.float32)
     ks_new = (ks + pk).to(kso_base.dtype.element_ty)
@@ -130,7 +137,7 @@ def _tile(num, den, pq, pk, f, fmask, v_row, kv_base, ks_base, kvo_base, kso_bas
 
 @triton.jit
 def _recurrent_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
-                           sq_r, sq_d, sk_r, sk_d, sv_r, sv_d, so_r, so_d,
+                           sq_r, sq_d, sk_r, sk_d, sv_r, sv_d, so_r, so_d, group,
                            fq0, fk0, fq1, fk1, fq2, fk2, fq3, fk3, eps,
                            K0: tl.constexpr, W0: tl.constexpr, O0: tl.constexpr,
                            K1: tl.constexpr, W1: tl.constexpr, O1: tl.constexpr,
@@ -138,28 +145,31 @@ def _recurrent_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
                            K3: tl.constexpr, W3: tl.constexpr, O3: tl.constexpr,
                            F: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                            BA: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    q_index = tl.program_id(0).to(tl.int64)
+    row = q_index // group                            # the state row (and k, v row) this query row reads
+    first = (q_index % group) == 0                    # the first query row of its group writes the states
     pid_v = tl.program_id(1)
     dv_idx = pid_v * BV + tl.arange(0, BV)
     dv_mask = dv_idx < DV
-    write_ks = F * (pid_v == 0).to(tl.int32)         # ks' is written by the first Dv block: f < this
-    q_row, k_row = q + row * sq_r, k + row * sk_r
+    write_kv = F * first.to(tl.int32)                 # kv' is written for f < this
+    write_ks = F * (first & (pid_v == 0)).to(tl.int32)   # ks' by the first Dv block: f < this
+    q_row, k_row = q + q_index * sq_r, k + row * sk_r
     v_row = tl.load(v + row * sv_r + dv_idx * sv_d, mask=dv_mask, other=0.0).to(tl.float32)
     kv_base, kvo_base = kv + row * (F * DV), kv_out + row * (F * DV)
     ks_base, kso_base = ks + row * F, ks_out + row * F
     num = tl.zeros([BV], dtype=tl.float32)
     den = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
     num, den = _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx,
-                      dv_mask, fq0, fk0, write_ks, K0, W0, O0, DK, BK, BA, BC, DV)
+                      dv_mask, fq0, fk0, write_kv, write_ks, K0, W0, O0, DK, BK, BA, BC, DV)
     num, den = _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx,
-                      dv_mask, fq1, fk1, write_ks, K1, W1, O1, DK, BK, BA, BC, DV)
+                      dv_mask, fq1, fk1, write_kv, write_ks, K1, W1, O1, DK, BK, BA, BC, DV)
     num, den = _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx,
-                      dv_mask, fq2, fk2, write_ks, K2, W2, O2, DK, BK, BA, BC, DV)
+                      dv_mask, fq2, fk2, write_kv, write_ks, K2, W2, O2, DK, BK, BA, BC, DV)
     num, den = _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx,
-                      dv_mask, fq3, fk3, write_ks, K3, W3, O3, DK, BK, BA, BC, DV)
+                      dv_mask, fq3, fk3, write_kv, write_ks, K3, W3, O3, DK, BK, BA, BC, DV)
     if NORMALIZE:
         num = num / (den + eps)
-    tl.store(o + row * so_r + dv_idx * so_d, num.to(o.dtype.element_ty), mask=dv_mask)
+    tl.store(o + q_index * so_r + dv_idx * so_d, num.to(o.dtype.element_ty), mask=dv_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,14 +199,21 @@ def recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, nor
         raise ValueError(f"recurrent_step kernel: {why}")
     kinds = [piece_kind_width(p, dk) for p in pieces]
     f = sum(w for _, w in kinds)
-    rows = q.numel() // dk
-    q2, k2, v2 = q.reshape(rows, dk), k.reshape(rows, dk), v.reshape(rows, dv)
+    rows = k.numel() // dk
+    q_rows = q.numel() // dk
+    group = q_rows // rows if rows else 1
+    q2, k2, v2 = q.reshape(q_rows, dk), k.reshape(rows, dk), v.reshape(rows, dv)
     kv_in = kv_state.reshape(rows, f, dv).contiguous()
-    ks_in = k_state.reshape(rows, f).contiguous()
+    if k_state is None:         # an unnormalised step without a key state: from zeros, k' = phi(k)
+        ks_in = torch.zeros((rows, f), dtype=kv_state.dtype, device=q.device)
+        ks_shape, ks_dtype = (*k.shape[:-1], f), kv_state.dtype
+    else:
+        ks_in = k_state.reshape(rows, f).contiguous()
+        ks_shape, ks_dtype = k_state.shape, k_state.dtype
     poison = POISON_OUTPUTS
-    o = new_buffer((rows, dv), q.dtype, q.device, poison=poison)
+    o = new_buffer((q_rows, dv), q.dtype, q.device, poison=poison)
     kv_out = new_buffer(kv_state.shape, kv_state.dtype, q.device, poison=poison)
-    ks_out = new_buffer(k_state.shape, k_state.dtype, q.device, poison=poison)
+    ks_out = new_buffer(ks_shape, ks_dtype, q.device, poison=poison)
     consts, factors, off = [], [], 0
     for i in range(MAX_PIECES):
         if i < len(kinds):
@@ -208,13 +225,13 @@ def recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, nor
         consts += [kind, width, off]
         off += width if kind else 0
     bk = max(16, triton.next_power_of_2(dk))
-    bv = _block_v(rows, dv, q.device)
+    bv = _block_v(q_rows, dv, q.device)
     const_width = max([w for kd, w in kinds if kd == 1], default=1)
     bc = min(max(16, triton.next_power_of_2(const_width)), 64)
     if rows:
-        _recurrent_step_kernel[(rows, triton.cdiv(dv, bv))](
+        _recurrent_step_kernel[(q_rows, triton.cdiv(dv, bv))](
             q2, k2, v2, kv_in, ks_in, o, kv_out, ks_out,
-            *q2.stride(), *k2.stride(), *v2.stride(), *o.stride(),
+            *q2.stride(), *k2.stride(), *v2.stride(), *o.stride(), group,
             *factors, float(eps), *consts,
             F=f, DK=dk, DV=dv, BK=bk, BA=max(1, 64 // bk), BC=bc, BV=bv, NORMALIZE=bool(normalize),
             num_warps=4,

@@ -13,7 +13,7 @@ import torch
 
 from based_compile.kernels import recurrent_step as step_kernel
 from based_compile.kernels.naive import naive_recurrent_step
-from based_compile.op.recurrent_step import based_recurrent_step
+from based_compile.op.recurrent_step import based_recurrent_step, feature_map
 from compare import assert_rel_close, rel_error
 
 TAYLOR = ("const:1", "linear", "outer")
@@ -125,6 +125,72 @@ def test_kernel_limits():
                                    TAYLOR, (1,) * 3, (1,) * 3)
 
 
+def _check_grouped(b, hkv, group, dk, dv, *, dtype=torch.float32, normalize=True, with_k_state=True,
+                   device="cpu", q_shape=None, op=False, seed=0):
+    """Grouped-query step: q [B, Hkv * G, Dk] (or ``q_shape``), k, v and the states per kv head; the
+    reference repeats each state for its G query heads (repeat_interleave), independently of the kernel.
+    Without a key state (unnormalised step) the third result is phi(k)."""
+    g = torch.Generator().manual_seed(seed)
+    f = 1 + dk + dk * dk
+    qf, kf = _factors(dk), tuple(x * 1.25 for x in _factors(dk))
+    q = torch.randn(q_shape or (b, hkv * group, dk), generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, dk, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, dv, generator=g, dtype=torch.float64)
+    kv = torch.randn(b, hkv, f, dv, generator=g, dtype=torch.float64)
+    ks = torch.rand(b, hkv, 1, f, generator=g, dtype=torch.float64) * 4 + 1 if with_k_state else None
+    q, k, v, kv = (x.to(device, dtype) for x in (q, k, v, kv))
+    ks = ks.to(device, dtype) if ks is not None else None
+    # the reference: per query head, its kv head's state (q head h reads kv head h // G)
+    phi_k = feature_map(k.double(), TAYLOR, kf)                                  # [B, Hkv, F]
+    kv_ref = kv.double() + phi_k.unsqueeze(-1) * v.double().unsqueeze(-2)
+    ks_ref = phi_k.unsqueeze(-2) + (0 if ks is None else ks.double())            # [B, Hkv, 1, F]
+    phi_q = feature_map(q.double().reshape(b, hkv * group, dk), TAYLOR, qf)      # [B, H, F]
+    kv_q, ks_q = kv_ref.repeat_interleave(group, 1), ks_ref.repeat_interleave(group, 1)
+    o_ref = (phi_q.unsqueeze(-2) @ kv_q).squeeze(-2)
+    if normalize:
+        o_ref = o_ref / ((phi_q.unsqueeze(-2) * ks_q).sum(-1) + 1e-3)
+    o_ref = o_ref.reshape(*q.shape[:-1], dv)
+    if not with_k_state:
+        ks_ref = ks_ref.reshape(b, hkv, f)
+    fn = based_recurrent_step if op else step_kernel.recurrent_step
+    got = fn(q, k, v, kv, ks, TAYLOR, qf, kf, normalize, 1e-3)
+    naive = naive_recurrent_step(q.double(), k.double(), v.double(), kv.double(),
+                                 None if ks is None else ks.double(), TAYLOR, qf, kf, normalize, 1e-3)
+    for name, x, r, nv in zip(("o", "kv_state", "k_state"), got, (o_ref, kv_ref, ks_ref), naive):
+        assert x.shape == r.shape, f"{name}: {x.shape} vs {r.shape}"
+        assert_rel_close(x, r, TOL[dtype], f"{name} (G={group}, normalize={normalize})")
+        assert_rel_close(nv, r, 1e-12, f"naive {name}")
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["kernel", "op"])
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_grouped_query_states_per_kv_head(op, group, normalize):
+    _check_grouped(2, 2, group, 4, 5, normalize=normalize, op=op, dtype=torch.float64 if op else torch.float32)
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["kernel", "op"])
+def test_unnormalised_without_key_state(op):
+    _check_grouped(2, 3, 1, 4, 6, normalize=False, with_k_state=False, op=op)
+    _check_grouped(1, 2, 2, 3, 5, normalize=False, with_k_state=False, op=op,
+                   q_shape=(1, 2, 2, 3))                      # q as [B, Hkv, G, Dk]
+
+
+def test_grouped_arguments():
+    q, k, v = torch.randn(2, 6, 4), torch.randn(2, 4, 4), torch.randn(2, 4, 5)
+    kv, ks = torch.randn(2, 4, 21, 5), torch.randn(2, 4, 21)
+    with pytest.raises(ValueError, match="multiple G"):
+        based_recurrent_step(q, k, v, kv, ks, TAYLOR, (1,) * 3, (1,) * 3)
+    with pytest.raises(ValueError, match="k's leading dims"):
+        based_recurrent_step(torch.randn(2, 8, 4), k, torch.randn(2, 8, 5), kv, ks, TAYLOR, (1,) * 3, (1,) * 3)
+    with pytest.raises(ValueError, match="normalize=False"):
+        based_recurrent_step(torch.randn(2, 8, 4), k, v, kv, None, TAYLOR, (1,) * 3, (1,) * 3)
+    torch.library.opcheck(torch.ops.based.recurrent_step.default,
+                          (torch.randn(2, 8, 4), k, v, kv, None, list(TAYLOR), [1.0] * 3, [1.0] * 3, False, 1e-6))
+    torch.library.opcheck(torch.ops.based.recurrent_step.default,
+                          (torch.randn(2, 8, 4), k, v, kv, ks, list(TAYLOR), [1.0] * 3, [1.0] * 3, True, 1e-6))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -143,6 +209,15 @@ def test_gpu_through_the_operator(dtype):
     _check((3, 2), 8, 100, dtype=dtype, device="cuda", pieces=("outer", "linear", "const:1"),
            factors=(0.2, 0.5, 1.0), op=True, normalize=False)
     _check((2, 1, 4), 16, 64, dtype=dtype, device="cuda", strided=True, op=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_grouped_and_unnormalised(dtype):
+    """GQA states per kv head (G = 4, the decode shapes) and an unnormalised step without a key state."""
+    _check_grouped(2, 4, 4, 16, 64, dtype=dtype, device="cuda", op=True)
+    _check_grouped(16, 4, 4, 16, 64, dtype=dtype, device="cuda")
+    _check_grouped(2, 4, 1, 16, 64, dtype=dtype, device="cuda", normalize=False, with_k_state=False, op=True)
 
 
 @pytest.mark.gpu

@@ -4,11 +4,17 @@
     k'  = k_state + phi(k)
     o   = phi(q) kv' / (phi(q) . k' + eps)      (normalize; else o = phi(q) kv')
 
-Rows: q and k are [..., Dk], v [..., Dv] with the same leading dimensions, R rows in all (B * H
-for one token of a [B, H, 1, D] or [B, 1, H, D] tensor); kv_state holds R * F * Dv elements read
-as [R, F, Dv] and k_state R * F read as [R, F], in row-major order of their own shapes (the
-user's layout: [B, H, F, Dv] and [B, H, 1, F] for the rows (b, h)). o has q's shape with Dv
-features; the new states have the shapes and dtypes of the old ones.
+Rows: k is [..., Dk], v [..., Dv] with the same leading dimensions, R rows in all (B * H for one
+token of a [B, H, 1, D] or [B, 1, H, D] tensor); kv_state holds R * F * Dv elements read as
+[R, F, Dv] and k_state R * F read as [R, F], in row-major order of their own shapes (the user's
+layout: [B, H, F, Dv] and [B, H, 1, F] for the rows (b, h)). q is [..., Dk] with G * R rows
+(grouped-query attention: G query heads per state), query row i reading state row i // G, which
+is how [B, H, 1, D] queries with H = G * Hkv heads group on [B, Hkv, ...] states when the user
+repeats the states with ``repeat_interleave(G, dim=1)`` / ``expand`` or reshapes q to
+[B, Hkv, G, ...] (G = 1: one state per query row). o has q's shape with Dv features; the new
+states have the shapes and dtypes of the old ones. ``k_state`` may be None for an unnormalised
+step (``normalize=False``; the readout has no denominator): the third result is then phi(k)
+([..., F] in k's leading shape, kv_state's dtype), the key state a zero state would have become.
 
 The feature map phi is the user's own, described by ``pieces`` and factors (derived from the
 graph by ``graph/feature_map.py``): phi(x) = cat over pieces of factor * piece(x), a piece being
@@ -37,7 +43,7 @@ from .cpu_path import compute_dtype
 PIECE_KINDS = ("const", "linear", "outer")
 
 _LIBRARY = torch.library.Library("based", "FRAGMENT")
-_LIBRARY.define("recurrent_step(Tensor q, Tensor k, Tensor v, Tensor kv_state, Tensor k_state, str[] pieces, "
+_LIBRARY.define("recurrent_step(Tensor q, Tensor k, Tensor v, Tensor kv_state, Tensor? k_state, str[] pieces, "
                 "float[] q_factors, float[] k_factors, bool normalize, float eps) -> (Tensor, Tensor, Tensor)",
                 tags=(torch.Tag.pt2_compliant_tag,))
 
@@ -57,19 +63,21 @@ def feature_width(pieces, dk: int) -> int:
 
 
 def check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
-    """Validate; returns (rows R, Dk, Dv, F)."""
+    """Validate; returns (rows R of the states, Dk, Dv, F, G query rows per state row)."""
     for name, x in (("q", q), ("k", k), ("v", v), ("kv_state", kv_state), ("k_state", k_state)):
+        if x is None and name == "k_state":
+            continue
         if not isinstance(x, Tensor):
             raise TypeError(f"based::recurrent_step: {name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"based::recurrent_step: {name} must have a floating dtype, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"based::recurrent_step: {name} is on {x.device}, q on {q.device}: one device")
-    if q.dim() < 1 or q.shape != k.shape:
-        raise ValueError(f"based::recurrent_step: q and k must have one shape [..., Dk], got q={list(q.shape)}, "
+    if q.dim() < 1 or k.dim() < 1 or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"based::recurrent_step: q and k must be [..., Dk] with one Dk, got q={list(q.shape)}, "
                          f"k={list(k.shape)}")
-    if v.dim() != q.dim() or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"based::recurrent_step: v must be [..., Dv] with q's leading dims {list(q.shape[:-1])}, "
+    if v.dim() != k.dim() or v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"based::recurrent_step: v must be [..., Dv] with k's leading dims {list(k.shape[:-1])}, "
                          f"got {list(v.shape)}")
     if not isinstance(pieces, (list, tuple)) or not pieces:
         raise ValueError(f"based::recurrent_step: pieces must be a non-empty list, got {pieces!r}")
@@ -79,18 +87,27 @@ def check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factor
         if not isinstance(factors, (list, tuple)) or len(factors) != len(pieces):
             raise ValueError(f"based::recurrent_step: {name} must have one factor per piece ({len(pieces)}), "
                              f"got {factors!r}")
-    rows = q.numel() // dk if dk else 0
+    rows = k.numel() // dk if dk else 0
+    q_rows = q.numel() // dk if dk else 0
+    grouped = q_rows % rows == 0 if rows != 0 else q_rows == 0
+    if not grouped:
+        raise ValueError(f"based::recurrent_step: q's rows ({q_rows}, q={list(q.shape)}) must be a multiple G of "
+                         f"k's ({rows}, k={list(k.shape)}): G query rows read each state row")
+    group = q_rows // rows if rows != 0 else 1
     if kv_state.numel() != rows * f * dv:
         raise ValueError(f"based::recurrent_step: kv_state must hold rows * F * Dv = {rows} * {f} * {dv} elements, "
                          f"got shape {list(kv_state.shape)}")
-    if k_state.numel() != rows * f:
+    if k_state is None and normalize:
+        raise ValueError("based::recurrent_step: k_state is None, which only an unnormalised step "
+                         "(normalize=False) may have")
+    if k_state is not None and k_state.numel() != rows * f:
         raise ValueError(f"based::recurrent_step: k_state must hold rows * F = {rows} * {f} elements, "
                          f"got shape {list(k_state.shape)}")
     if not isinstance(normalize, bool):
         raise TypeError(f"based::recurrent_step: normalize must be a bool, got {normalize!r}")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"based::recurrent_step: eps must be a number >= 0, got {eps!r}")
-    return rows, dk, dv, f
+    return rows, dk, dv, f, group
 
 
 def feature_map(x: Tensor, pieces, factors) -> Tensor:
@@ -108,20 +125,23 @@ def feature_map(x: Tensor, pieces, factors) -> Tensor:
 
 def recurrent_step_reference(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
     """The step in PyTorch (the CPU and, for now, CUDA implementation): (o, kv', k')."""
-    rows, dk, dv, f = check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
-    dtype = compute_dtype(torch.promote_types(torch.promote_types(q.dtype, kv_state.dtype), k_state.dtype))
-    phi_q = feature_map(q.reshape(rows, dk).to(dtype), pieces, q_factors)        # [R, F]
-    phi_k = feature_map(k.reshape(rows, dk).to(dtype), pieces, k_factors)        # [R, F]
+    rows, dk, dv, f, group = check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors,
+                                                  normalize, eps)
+    ks_dtype = kv_state.dtype if k_state is None else k_state.dtype
+    dtype = compute_dtype(torch.promote_types(torch.promote_types(q.dtype, kv_state.dtype), ks_dtype))
+    phi_q = feature_map(q.reshape(rows, group, dk).to(dtype), pieces, q_factors)   # [R, G, F]
+    phi_k = feature_map(k.reshape(rows, dk).to(dtype), pieces, k_factors)          # [R, F]
     vr = v.reshape(rows, dv).to(dtype)
     kv = kv_state.reshape(rows, f, dv).to(dtype) + phi_k.unsqueeze(-1) * vr.unsqueeze(-2)   # [R, F, Dv]
-    ks = k_state.reshape(rows, f).to(dtype) + phi_k                                         # [R, F]
-    kv_out, ks_out = kv.to(kv_state.dtype), ks.to(k_state.dtype)
+    ks = phi_k if k_state is None else k_state.reshape(rows, f).to(dtype) + phi_k          # [R, F]
+    kv_out, ks_out = kv.to(kv_state.dtype), ks.to(ks_dtype)
     # The readout reads the states as stored (rounded to their dtype), as the user's code does.
-    o = (phi_q.unsqueeze(-2) @ kv_out.to(dtype)).squeeze(-2)                                # [R, Dv]
+    o = phi_q @ kv_out.to(dtype)                                                            # [R, G, Dv]
     if normalize:
-        o = o / ((phi_q * ks_out.to(dtype)).sum(-1, keepdim=True) + eps)
+        o = o / ((phi_q * ks_out.to(dtype).unsqueeze(-2)).sum(-1, keepdim=True) + eps)
     o = o.reshape(*q.shape[:-1], dv).to(q.dtype)
-    return o, kv_out.reshape(kv_state.shape), ks_out.reshape(k_state.shape)
+    ks_shape = (*k.shape[:-1], f) if k_state is None else k_state.shape
+    return o, kv_out.reshape(kv_state.shape), ks_out.reshape(ks_shape)
 
 
 def _not_context_parallel() -> None:
@@ -147,7 +167,7 @@ def _step_cuda(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normali
 
 def describe_step(q, k, v, kv_state, k_state, pieces) -> str:
     """Which implementation runs a step on tensors like these (fake ones will do), for explain()."""
-    if any(not isinstance(x, Tensor) for x in (q, k, v, kv_state, k_state)):
+    if any(not isinstance(x, Tensor) for x in (q, k, v, kv_state)):
         return "based::recurrent_step (Triton step kernel on CUDA, PyTorch elsewhere)"
     if q.device.type != "cuda":
         return f"PyTorch implementation of based::recurrent_step on {q.device.type}"
@@ -156,9 +176,9 @@ def describe_step(q, k, v, kv_state, k_state, pieces) -> str:
 
 
 def _step_fake(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
-    check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
-    return (q.new_empty((*q.shape[:-1], v.shape[-1])), kv_state.new_empty(kv_state.shape),
-            k_state.new_empty(k_state.shape))
+    f = check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)[3]
+    ks = kv_state.new_empty((*k.shape[:-1], f)) if k_state is None else k_state.new_empty(k_state.shape)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), kv_state.new_empty(kv_state.shape), ks
 
 
 def _step_autograd(keyset, *args):
