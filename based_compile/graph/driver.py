@@ -274,7 +274,8 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrit
                 raise result
             settle_step(result, evaluator, available=to_dynamo.__contains__)
             missing = [n.name for n in (result.q, result.k, result.v, result.kv_state, result.k_state,
-                                        result.output, result.kv_new, result.k_new) if n not in to_dynamo]
+                                        result.output, result.kv_new, result.k_new)
+                       if n is not None and n not in to_dynamo]
             if missing:
                 raise Refused("unsupported", f"the step's tensors {missing} are intermediate values of a decomposed "
                                              "operation, not values of the model's graph", result.output)
@@ -283,7 +284,8 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrit
             _refuse(refusal, report)
             continue
         steps.append(result)
-        values = [example_value(n) for n in (result.q, result.k, result.v, result.kv_state, result.k_state)]
+        values = [None if n is None else example_value(n)
+                  for n in (result.q, result.k, result.v, result.kv_state, result.k_state)]
         entry = Site(source_of(result.anchor), result.form, spec_of(result), describe_step(*values, result.pieces))
         if report is not None:
             report.sites.append(entry)
@@ -297,20 +299,23 @@ def _check_step_reads(gm, step, to_dynamo, storages: Storages) -> None:
     would read other values of than the user's code did: an input computed after that update, or a
     write in place, while the step runs, into the memory of q, k, v or a state (other than the
     step's own state updates, which the operator performs)."""
-    roles = ("q", "k", "v", "kv_state", "k_state")
+    roles = tuple(r for r in ("q", "k", "v", "kv_state", "k_state") if getattr(step, r) is not None)
     reads = {role: to_dynamo[getattr(step, role)] for role in roles}
-    kv_new, k_new, output = (to_dynamo[n] for n in (step.kv_new, step.k_new, step.output))
+    kv_new, k_new, output = (None if n is None else to_dynamo[n] for n in (step.kv_new, step.k_new, step.output))
+    updates = [n for n in (kv_new, k_new) if n is not None]
     # Dynamo's values carry requires_grad as the step computed them (grad mode and inputs included);
     # the lowered graph's fake inputs do not.
-    if any(getattr(example_value(n), "requires_grad", False) for n in (output, kv_new, k_new)):
+    if any(getattr(example_value(n), "requires_grad", False) for n in (output, *updates)):
         raise Refused("unsupported", "the recurrent step runs with inputs that require grad: based::recurrent_step "
                                      "has no backward (decode under torch.no_grad())", step.output)
-    first = min(kv_new, k_new, key=storages.position.__getitem__)
+    first = min(updates, key=storages.position.__getitem__)
     late = [role for role in roles if storages.position[reads[role]] >= storages.position[first]]
     if late:
         raise Refused("unsupported", f"{', '.join(late)} computed after the first state update "
                                      f"({source_of(first)}): the operator reads every input there", step.output)
-    exempt = {reads["kv_state"]: {kv_new}, reads["k_state"]: {k_new}}
+    exempt = {reads["kv_state"]: {kv_new}}
+    if k_new is not None:
+        exempt[reads["k_state"]] = {k_new}
     written = first_write_between(gm, list(reads.values()), output, storages, exempt)
     if written:
         raise Refused("unsupported", f"{written} writes in place, while the recurrent step runs, into a tensor it "

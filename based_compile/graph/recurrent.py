@@ -5,6 +5,12 @@
     k_state = k_state + phi_k                             # or k_state.add_(phi_k), k_state += phi_k
     y = (phi_q @ kv_state) / ((phi_q * k_state).sum(-1, keepdim=True) + eps)
 
+or unnormalised, ``y = phi_q @ kv_state`` (the key state updated or absent), and with grouped-query
+states kept per kv head: q [B, H, 1, D] with H = G * Hkv heads, k, v and the states per kv head,
+the readout grouping q heads on their kv head (``kv_state.repeat_interleave(G, dim=1)``, the
+``expand`` + ``reshape`` spelling, or q reshaped to [B, Hkv, G, D]: query row i reads state row
+i // G). Each state is updated once per kv head.
+
 It becomes ``based::recurrent_step(q, k, v, kv_state, k_state, pieces, factors, eps)``, which returns
 the output and the two updated states in the user's shapes and dtypes (``op/recurrent_step.py``).
 
@@ -14,9 +20,11 @@ product of the same phi(k) with v (a ``bmm`` or ``mul`` of the two); the output 
 readout of the new kv state by a readout of the new key state plus eps, both with phi(q). Roles
 found, the numerical probe (``settle_step``) evaluates the user's subgraph on random inputs and
 states and compares all three results with the operator's reference: it is what makes the
-rewrite exact (the layouts of the states included). Refused: a decayed or gated state
-(``0.9 * kv_state + ...``), an outer product with features that are not a Taylor map, a readout of
-the old state, an update without the readout, grad mode.
+rewrite exact (the layouts of the states included, and the grouping of query heads: a
+``repeat(1, G, 1, 1)`` of the states, which gives query head h kv head h % Hkv, disagrees with the
+operator's h // G and is refused). Refused: a decayed or gated state (``0.9 * kv_state + ...``), an
+outer product with features that are not a Taylor map, a readout of the old state, an update
+without the readout, grad mode.
 """
 from __future__ import annotations
 
@@ -40,12 +48,12 @@ FORM = "recurrent step"
 class StepMatch:
     output: fx.Node           # y
     kv_new: fx.Node           # the updated kv state
-    k_new: fx.Node            # the updated key state
+    k_new: fx.Node | None     # the updated key state (None: an unnormalised step without one)
     q: fx.Node
     k: fx.Node
     v: fx.Node
     kv_state: fx.Node
-    k_state: fx.Node
+    k_state: fx.Node | None
     pieces: tuple
     q_factors: tuple
     k_factors: tuple
@@ -55,6 +63,8 @@ class StepMatch:
     form: str = FORM
     reshape_out: bool = False     # the user's output holds the op's rows in another shape (a size-1 axis moved)
     readings: tuple = ()          # candidates for (q, k, v), each nearest first; settle_step picks
+    normalize: bool = True        # False: y = phi(q) kv_state, no denominator
+    outputs: tuple = ()           # unnormalised: candidates for y (the readout and the views after it), last first
 
 
 def _strip(node):
@@ -90,6 +100,8 @@ def _outer_operands(node):
         sa, sb = hint_shape(node.args[0]), hint_shape(node.args[1])
         if sa is None or sb is None or min(len(sa), len(sb)) < 2:
             return None
+        while min(len(sa), len(sb)) > 2 and sa[-1] == sb[-1] == 1:     # an einsum over a size-1 t axis
+            sa, sb = sa[:-1], sb[:-1]
         if (sa[-1] == 1 and sb[-2] == 1 and sa[-2] > 1 and sb[-1] > 1) or \
                 (sa[-2] == 1 and sb[-1] == 1 and sa[-1] > 1 and sb[-2] > 1):
             return node.args[0], node.args[1]
@@ -202,6 +214,43 @@ def _readout(gm, kv_new: fx.Node, k_new: fx.Node, cats_q: set):
     return None
 
 
+_CONTRACTIONS = {aten.bmm.default, aten.sum.dim_IntList}
+
+
+def _plain_readout(gm, kv_new: fx.Node, cats_q: set, other_states: frozenset):
+    """(candidates for y, cat_q) of an unnormalised readout y = phi_q . kv_new (a ``bmm``, or a ``sum``
+    of a ``mul``, of phi(q) read beside the state and the new kv state, read through views or a
+    repeat but not through another step's update), else None. The candidates are the contraction and
+    the views after it, each with a single user, last first: the probe picks the one that is y."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _CONTRACTIONS:
+            continue
+        operands = node.args[:2]
+        if node.target is aten.sum.dim_IntList:
+            inner = node.args[0]
+            if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is aten.mul.Tensor):
+                continue
+            operands = inner.args[:2]
+        if not all(isinstance(x, fx.Node) for x in operands):
+            continue
+        for x, y in (operands, operands[::-1]):
+            if kv_new not in _reads(y, {kv_new}, stop=other_states) and y is not kv_new:
+                continue
+            if kv_new in _reads(x, {kv_new}) or x is kv_new:
+                continue
+            cat_q = _reads(x, cats_q, stop=frozenset({kv_new})) | ({x} & cats_q)
+            if len(cat_q) != 1:
+                continue
+            chain = [node]
+            while len(chain[-1].users) == 1:
+                nxt = next(iter(chain[-1].users))
+                if nxt.op != "call_function" or nxt.target not in VIEW_OPS or nxt.args[0] is not chain[-1]:
+                    break
+                chain.append(nxt)
+            return tuple(reversed(chain)), cat_q.pop()
+    return None
+
+
 def find_steps(gm: fx.GraphModule):
     """Yield StepMatch or Refused for every Based state update in the lowered graph ``gm``."""
     k_updates, kv_updates, summed, outers = {}, [], set(), []
@@ -228,46 +277,58 @@ def find_steps(gm: fx.GraphModule):
                                          "features are not the Taylor feature map phi(x) = [c, a x, b x (x) x] of "
                                          "Based", node)
     cats = {n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.cat.default}
+    kv_nodes = frozenset(u[0] for u in kv_updates)
     for kv_new, kv_state, cat_k, phi_k, v in kv_updates:
         try:
-            yield _match_step(gm, kv_new, kv_state, cat_k, phi_k, v, k_updates, cats)
+            yield _match_step(gm, kv_new, kv_state, cat_k, phi_k, v, k_updates, cats, kv_nodes - {kv_new})
         except Refused as refusal:
             if refusal.node is None:
                 refusal.node = kv_new
             yield refusal
 
 
-def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, cats) -> StepMatch:
+def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, cats, other_states) -> StepMatch:
     _check_state(gm, kv_state, "kv state", kv_new)
-    if cat_k not in k_updates:
-        raise Refused("unsupported", "a Based kv-state update (state + phi(k)^T v) without the key-state update "
-                                     "(k_state + phi(k)) of the same phi(k): an unnormalised recurrent step is not "
-                                     "rewritten", kv_new)
-    k_new, k_state = k_updates[cat_k]
-    _check_state(gm, k_state, "key state", k_new)
+    k_new = k_state = found = None
     cats_q = {c for c in cats if c is not cat_k and read_feature_map(gm, c) is not None}
-    found = _readout(gm, kv_new, k_new, cats_q)
-    if found is None:
-        raise Refused("unsupported", "Based state updates (kv_state + phi(k)^T v, k_state + phi(k)) without a readout "
-                                     "phi(q) kv_state / (phi(q) . k_state + eps) of the updated states in this graph",
-                      kv_new)
-    output, eps, cat_q = found
+    if cat_k in k_updates:
+        k_new, k_state = k_updates[cat_k]
+        _check_state(gm, k_state, "key state", k_new)
+        found = _readout(gm, kv_new, k_new, cats_q)
+    outputs, normalize = (), True
+    if found is not None:
+        output, eps, cat_q = found
+    else:                                     # the unnormalised readout phi(q) kv_state
+        plain = _plain_readout(gm, kv_new, cats_q, other_states)
+        if plain is None:
+            updates = ("Based state updates (kv_state + phi(k)^T v, k_state + phi(k))" if k_new is not None else
+                       "a Based kv-state update (kv_state + phi(k)^T v)")
+            raise Refused("unsupported", f"{updates} without a readout phi(q) kv_state / (phi(q) . k_state + eps) or "
+                                         "phi(q) kv_state of the updated states in this graph", kv_new)
+        outputs, cat_q = plain
+        output, eps, normalize = outputs[0], 0.0, False
     phi_q = read_feature_map(gm, cat_q)
     pair_feature_maps(phi_q, phi_k)           # refuses maps that are not functions of q.k
     pieces = tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in phi_q.pieces)
     readings = (_map_readings(gm, cat_q, phi_q), _map_readings(gm, cat_k, phi_k), v)
     return StepMatch(output, kv_new, k_new, readings[0][0], readings[1][0], v[0], kv_state, k_state, pieces,
                      tuple(p.factor for p in phi_q.pieces), tuple(p.factor for p in phi_k.pieces), eps, output,
-                     readings=readings)
+                     readings=readings, normalize=normalize, outputs=outputs)
 
 
 _TOLERANCE = 1e-9
 
 
+def _rows(shape) -> int:
+    return math.prod(shape[:-1])
+
+
 def settle_step(m: StepMatch, evaluator: GraphEvaluator, available=None) -> StepMatch:
-    """The first reading of q, k, v (tensors of the model's graph, ``available``) with one shape for q
-    and k and v's leading dims, probed (``_probe_step``)."""
-    fits = []
+    """The first reading of q, k, v (tensors of the model's graph, ``available``) that fits the
+    operator (one Dk for q and k, v with k's leading dims, q's rows a multiple G of k's: one q shape
+    for k first, then grouped readings) and, for an unnormalised step, the output among the readout's
+    views, probed (``_probe_step``)."""
+    fits, grouped = [], []
     qs, ks, vs = m.readings or ((m.q,), (m.k,), (m.v,))
     for q in qs:
         for k in ks:
@@ -275,34 +336,51 @@ def settle_step(m: StepMatch, evaluator: GraphEvaluator, available=None) -> Step
                 if available is not None and not all(available(x) for x in (q, k, v)):
                     continue
                 sq, sk, sv = hint_shape(q), hint_shape(k), hint_shape(v)
-                if sq == sk and sv is not None and sv[:-1] == sq[:-1]:
+                if sq is None or sk is None or sv is None or sq[-1] != sk[-1] or sv[:-1] != sk[:-1]:
+                    continue
+                if sq == sk:
                     fits.append((q, k, v))
+                elif _rows(sk) and _rows(sq) % _rows(sk) == 0:
+                    grouped.append((q, k, v))
+    fits += grouped
     if not fits:
         shapes = [[list(hint_shape(x)) for x in r] for r in (qs, ks, vs)]
-        raise Refused("unsupported", f"no reading of q, k, v with one shape for q and k and v's leading dims "
-                                     f"(candidates {shapes}): grouped-query states are not rewritten", m.output)
+        raise Refused("unsupported", f"no reading of q, k, v with one Dk for q and k, v with k's leading dims and "
+                                     f"q's rows a multiple of k's (candidates {shapes})", m.output)
     m.q, m.k, m.v = fits[0]
-    return _probe_step(m, evaluator)
+    if m.normalize:
+        return _probe_step(m, evaluator)
+    outputs = [o for o in m.outputs if available is None or available(o)]
+    first = None
+    for output in outputs:
+        m.output = m.anchor = output
+        try:
+            return _probe_step(m, evaluator)
+        except Refused as refusal:
+            first = first or refusal
+    if first is None:
+        raise Refused("unsupported", "the unnormalised readout phi(q) kv_state is an intermediate value of a "
+                                     "decomposed operation, not a value of the model's graph", m.kv_new)
+    raise first
 
 
 def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     """Evaluate the user's step on random float64 inputs and states (states built from a few random
-    earlier tokens, as decoding has them) and compare its output and both new states with the
-    operator's; refuse ("verify") unless all three agree."""
-    for node in (m.q, m.k, m.v, m.kv_state, m.k_state):
+    earlier tokens, as decoding has them) and compare its output and the new states with the
+    operator's; refuse ("verify") unless all agree."""
+    inputs = [n for n in (m.q, m.k, m.v, m.kv_state, m.k_state) if n is not None]
+    for node in inputs:
         value = example_value(node)
         if not isinstance(value, torch.Tensor):
             raise Refused("verify", f"{node.name} is not a tensor", m.output)
         if value.requires_grad and torch.is_grad_enabled():
             raise Refused("unsupported", "the recurrent step runs with inputs that require grad: based::recurrent_step "
                                          "has no backward (decode under torch.no_grad())", m.output)
-    shapes = {n: hint_shape(n) for n in (m.q, m.k, m.v, m.kv_state, m.k_state)}
-    if shapes[m.q] != shapes[m.k]:
-        raise Refused("unsupported", f"q {list(shapes[m.q])} and k {list(shapes[m.k])} differ in shape (GQA states are "
-                                     "not rewritten)", m.output)
+    shapes = {n: hint_shape(n) for n in inputs}
     gen = torch.Generator().manual_seed(2024)
-    dk, dv = shapes[m.q][-1], shapes[m.v][-1]
-    rows = math.prod(shapes[m.q][:-1])
+    dk, dv = shapes[m.k][-1], shapes[m.v][-1]
+    rows = _rows(shapes[m.k])
+    group = _rows(shapes[m.q]) // rows if rows else 1
     q, k = (torch.randn(shapes[n], generator=gen, dtype=torch.float64) for n in (m.q, m.k))
     if m.k is m.q:                                # one tensor read as q and as k (phi(x) for both)
         k = q
@@ -310,35 +388,45 @@ def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     kv = ks = None
     try:
         kv = torch.zeros(shapes[m.kv_state], dtype=torch.float64)
-        ks = torch.zeros(shapes[m.k_state], dtype=torch.float64)
+        ks = None if m.k_state is None else torch.zeros(shapes[m.k_state], dtype=torch.float64)
         for _ in range(3):                        # states of three earlier tokens
             kj = torch.randn(rows, dk, generator=gen, dtype=torch.float64)
             vj = torch.randn(rows, dv, generator=gen, dtype=torch.float64)
-            _, kv, ks = recurrent_step_reference(kj.reshape(shapes[m.q]), kj.reshape(shapes[m.k]),
-                                                 vj.reshape(shapes[m.v]), kv, ks, m.pieces, m.q_factors,
-                                                 m.k_factors, True, m.eps)
-        want = recurrent_step_reference(q, k, v, kv, ks, m.pieces, m.q_factors, m.k_factors, True, m.eps)
+            _, kv, ks_j = recurrent_step_reference(kj.reshape(shapes[m.k]), kj.reshape(shapes[m.k]),
+                                                   vj.reshape(shapes[m.v]), kv, ks, m.pieces, m.q_factors,
+                                                   m.k_factors, ks is not None, m.eps)
+            ks = None if ks is None else ks_j
+        want = recurrent_step_reference(q, k, v, kv, ks, m.pieces, m.q_factors, m.k_factors, m.normalize, m.eps)
     except (ValueError, RuntimeError) as err:
         raise Refused("verify", f"the states do not fit the operator's rows x features reading: {err}", m.output) from err
-    substitute = {m.q: q, m.k: k, m.v: v, m.kv_state: kv, m.k_state: ks}
+    substitute = {m.q: q, m.k: k, m.v: v, m.kv_state: kv}
+    nodes, names = [m.output, m.kv_new], ["output", "kv state"]
+    if m.k_state is not None:
+        substitute[m.k_state] = ks
+        nodes.append(m.k_new)
+        names.append("key state")
     try:
-        got = [evaluator.evaluate(n, substitute=substitute) for n in (m.output, m.kv_new, m.k_new)]
+        got = [evaluator.evaluate(n, substitute=substitute) for n in nodes]
     except Exception as err:               # noqa: BLE001 - e.g. a float32 constant: refuse, never crash
         raise Refused("verify", f"the numerical probe could not evaluate the step: {type(err).__name__}: {err}",
                       m.output) from err
+    m.reshape_out = False
     if got[0].shape != want[0].shape and got[0].numel() == want[0].numel():
         want = (want[0].reshape(got[0].shape), *want[1:])
         m.reshape_out = True
-    for name, g, w in zip(("output", "kv state", "key state"), got, want):
+    grouping = (f" (grouped-query states: the operator gives query row i the state row i // G, G = {group}, as "
+                "repeat_interleave(G) / expand / a [B, Hkv, G, ...] reshape of q group heads; repeat(1, G, ...) "
+                "groups them differently)") if group > 1 else ""
+    for name, g, w in zip(names, got, want):
         if tuple(g.shape) != tuple(w.shape):
             raise Refused("verify", f"the step's {name} has shape {list(g.shape)}, the operator's {list(w.shape)}",
                           m.output)
         err = ((g.double() - w).norm() / w.norm().clamp_min(1e-300)).item()
         if not err < _TOLERANCE:
             raise Refused("verify", f"structure matched a Based recurrent step but the numerical probe disagrees on "
-                                    f"the {name}: relative error {err:.2e} on random inputs", m.output)
+                                    f"the {name}: relative error {err:.2e} on random inputs{grouping}", m.output)
     return m
 
 
 def spec_of(m: StepMatch) -> StepSpec:
-    return StepSpec(m.pieces, m.q_factors, m.k_factors, True, m.eps)
+    return StepSpec(m.pieces, m.q_factors, m.k_factors, m.normalize, m.eps)

@@ -204,9 +204,11 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
     replaced: dict[fx.Node, fx.Node] = {}    # an earlier step's nodes -> what stands for them now
     for m in steps:                          # in graph order: a later step may read an earlier one's states
         q, k, v, kv_state, k_state, output, kv_new, k_new = (
-            to_dynamo[n] for n in (m.q, m.k, m.v, m.kv_state, m.k_state, m.output, m.kv_new, m.k_new))
+            None if n is None else to_dynamo[n]
+            for n in (m.q, m.k, m.v, m.kv_state, m.k_state, m.output, m.kv_new, m.k_new))
         q, k, v, kv_state, k_state = (replaced.get(n, n) for n in (q, k, v, kv_state, k_state))
-        first_update = min((kv_new, k_new), key=order.__getitem__)   # the driver checked the reads (_check_step_reads)
+        updates = [(node, i) for node, i in ((kv_new, 1), (k_new, 2)) if node is not None]
+        first_update = min((n for n, _ in updates), key=order.__getitem__)   # the driver checked the reads
         fake_mode = next(f.fake_mode for f in (example_value(n) for n in (q, k, v))
                          if isinstance(f, torch._subclasses.FakeTensor))
 
@@ -221,9 +223,11 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
 
         with graph.inserting_before(first_update):
             step = add(based_recurrent_step, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
-                                              list(m.k_factors), True, float(m.eps)))
-            o, new_kv, new_k = (add(operator.getitem, (step, i)) for i in range(3))
-        for node, new in ((kv_new, new_kv), (k_new, new_k)):
+                                              list(m.k_factors), bool(m.normalize), float(m.eps)))
+            results = [add(operator.getitem, (step, i)) for i in range(3)]
+        o = results[0]
+        for node, i in updates:
+            new = results[i]
             if writes_in_place(node):
                 with graph.inserting_before(node):
                     written = add("copy_", (node.args[0], new), method=True, like=node)
