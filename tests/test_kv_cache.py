@@ -360,3 +360,42 @@ def test_buffer_sliced_from_the_end_is_refused_at_every_length():
         calls, out = based_calls(compiled, q, k, v)
         assert calls == 0, f"Tq={tq} Tk={tk}: rewritten"
         assert_rel_close(out, fn(q, k, v), 1e-12, f"Tq={tq} Tk={tk}")
+
+
+# ----------------------------------------------------------------------------- new tokens concatenated to a cache
+# Prefill, then blocks of 2 tokens (speculative verification) against k = cat([cache, new]): the
+# mask is tril(past), Tk - Tq is past + new - Tq, equal to past because new == Tq is one of the
+# graph's guards (the mask broadcasts against the scores). The dynamic graph refused it ('offset s82,
+# not Tk - Tq = -s0 + s61 + s82'): every block after the prefill ran unrewritten.
+
+
+def cat_cache(q, k_cache, v_cache, k_new, v_new, shift=0):
+    past = k_cache.shape[-2]
+    k, v = torch.cat([k_cache, k_new], -2), torch.cat([v_cache, v_new], -2)
+    tq = q.shape[-2]
+    a = _poly(q @ k.transpose(-2, -1) / 2.0)
+    a = a.masked_fill(~torch.ones(tq, past + tq, dtype=torch.bool).tril(past + shift), 0.0)
+    return _normalised(a, v), k, v
+
+
+def cat_cache_one_ahead(q, k_cache, v_cache, k_new, v_new):       # near-miss: sees one key too many
+    return cat_cache(q, k_cache, v_cache, k_new, v_new, shift=1)
+
+
+@pytest.mark.parametrize("fn,rewritten", [(cat_cache, True), (cat_cache_one_ahead, False)],
+                         ids=lambda x: getattr(x, "__name__", None))
+def test_blocks_against_a_concatenated_cache(fn, rewritten):
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    runs = [(5, 0)] + [(2, past) for past in (5, 7, 9, 11)]
+    for i, (tq, past) in enumerate(runs):
+        args = (t(B, H, tq, DK), t(B, H, past, DK), t(B, H, past, DV), t(B, H, tq, DK), t(B, H, tq, DV))
+        calls, out = based_calls(compiled, *args)
+        ref = fn(*args)
+        if tq == 2:
+            assert (calls >= 1) == rewritten, f"Tq={tq} past={past}: based::attention ran {calls}x"
+        for got, want in zip(out, ref):
+            assert_rel_close(got, want, 1e-12, f"Tq={tq} past={past}")

@@ -49,6 +49,7 @@ import math
 import operator
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -88,12 +89,30 @@ def _is_int(x) -> bool:
 
 
 def _difference(a, b):
-    """a - b as an int when it is one, else None."""
+    """a - b as an int when it is one (or the graph's guards make it one), else None."""
     d = a - b
     if _is_int(d):
         return d
     d = getattr(d, "expand", lambda: d)()
-    return int(d) if getattr(d, "is_Integer", False) else None
+    return int(d) if getattr(d, "is_Integer", False) else _guarded_constant(d)
+
+
+def _guarded_constant(d):
+    """A size expression as the int it equals wherever the graph runs, by the guards Dynamo traced it
+    under (``Eq(s61 + s82, s0 + s82)`` when a mask of [Tq, past + Tq] broadcasts against scores of
+    [Tq, past + new]: new - Tq is 0), else None. Outside a compilation, or on any failure: None."""
+    try:
+        context = torch._guards.TracingContext.try_get()
+        shape_env = context.fake_mode.shape_env if context is not None and context.fake_mode is not None else None
+        if shape_env is None or not hasattr(d, "free_symbols"):
+            return None
+        value = d.xreplace(shape_env.var_to_val)
+        if not getattr(value, "is_Integer", False):
+            return None
+        proven = shape_env._maybe_evaluate_static(sympy.Eq(d, value))
+        return int(value) if proven is not None and bool(proven) else None
+    except Exception:  # noqa: BLE001 - a private API of the shape environment: refuse, never crash
+        return None
 
 
 def _text(x) -> str:
@@ -247,7 +266,8 @@ class Keep:
             a, b = self.steps.shifted(-self.base), other.steps.shifted(-other.base)    # functions of d
             lo, hi = -(tq - 1), tk - 1
             return a.intervals_within(lo, hi) == b.intervals_within(lo, hi)
-        return self == other
+        aligned = self._aligned(other)            # bases an int apart (by the guards too)
+        return aligned is not None and aligned[1] == aligned[2]
 
     def describe(self) -> str:
         """The kept set in words: "j - i <= 0", "-2 <= j - i <= 0", "j - i >= 1", ..."""
