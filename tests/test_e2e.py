@@ -11,6 +11,7 @@ counted at run time, one per layer) as well as agreement with eager:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -296,3 +297,39 @@ def test_gpu_training_with_cuda_graphs(no_tf32):
         assert abs(lc - le) <= 1e-4 * abs(le), f"step {step}: loss {lc!r} (compiled) vs {le!r} (float64)"
     for (name, pc), (_, pe) in zip(model.named_parameters(), reference.named_parameters()):
         assert_rel_close(pc.detach().cpu().double(), pe, 1e-2, f"parameter {name} after training")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,kernel", [(torch.bfloat16, "auto"), (torch.float32, "auto"),
+                                          (torch.bfloat16, "fused_chunk"), (torch.bfloat16, "chunked")])
+def test_gpu_training_step_makes_no_host_sync(dtype, kernel, monkeypatch):
+    """A compiled training step on CUDA (forward, backward, optimizer step) waits for the GPU nowhere:
+    no ``.item()``, host copy, ``nonzero`` or synchronize in the operator, the kernels' launch code or
+    the graph around them (``torch.cuda.set_sync_debug_mode("error")`` raises on any). One such wait
+    per layer would serialise host and GPU, and under DDP or FSDP2 stall the communication's overlap."""
+    import based_compile
+    from based_compile.op import config
+
+    monkeypatch.setattr(config, "kernel", kernel)
+    model = make_model(dtype, attention_form="feature_map", conv_size=4, max_len=1024).cuda()
+    compiled = torch.compile(model, backend=based_compile.backend())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tokens = batches(1, t=256, seed=7)[0].cuda()
+
+    def step(count=False):
+        with BasedOpCounter() if count else contextlib.nullcontext() as counter:
+            loss = lm_loss(compiled, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, counter.total if count else None
+
+    step()                              # compiles (forward, then the backward at its first run)
+    assert step(count=True)[1] == LAYERS            # (the profiler that counts stays out of the checked step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -648,3 +648,37 @@ def test_cuda_compile_modes(mode, training, kernel_setting):
             ref.sum().backward()
             for name, x, xd in zip("qkv", (q, k, v), (qd, kd, vd)):
                 assert_rel_close(x.grad, xd.grad, 3e-2, f"{mode} T={t} d{name}")
+
+
+def test_compiled_backward_call_runs_the_implementation_directly(monkeypatch):
+    """A compiled backward calls ``based::attention_backward`` with grad mode off on plain tensors: the
+    Autograd kernel runs the implementation itself instead of a second trip through the dispatcher
+    (``redispatch``, ~15 us of host time per call and layer), and computes the reference gradients."""
+    from based_compile.op import custom_op
+
+    q, k, v = make_inputs(1, 2, 12, 4, 3, dtype=torch.float64)
+    spec = BasedSpec(scale=0.5)
+    params = (*spec.op_arguments, True)
+    o, z = torch.ops.based.attention(q, k, v, *params)
+    do = torch.randn_like(o)
+    q64, k64, v64 = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    ref = torch.autograd.grad(reference(q64, k64, v64, spec), (q64, k64, v64), do)
+
+    class NoRedispatch:
+        def redispatch(self, *args):
+            raise AssertionError("based::attention_backward went through the dispatcher a second time")
+
+    monkeypatch.setattr(custom_op, "_ATTENTION_BACKWARD", NoRedispatch())
+    with torch.no_grad():
+        grads = torch.ops.based.attention_backward(do, q, k, v, o, z, *params)
+    for g, r in zip(grads, ref):
+        assert_rel_close(g, r, 1e-10)
+    # Under a dispatch mode (not plain), the call still reaches the operator's other kernels.
+    with torch.no_grad(), pytest.raises(AssertionError, match="second time"):
+        with _Recording():
+            torch.ops.based.attention_backward(do, q, k, v, o, z, *params)
+
+
+class _Recording(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))

@@ -397,6 +397,8 @@ class _BackwardAutograd(torch.autograd.Function):
 def _attention_backward_autograd(keyset, *args):
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return _BackwardAutograd.apply(keyset, *args)
+    if _straight_to_backend(keyset):        # a compiled backward's call: no second trip through the dispatcher
+        return _attention_backward(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return _ATTENTION_BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
