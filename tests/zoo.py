@@ -404,7 +404,10 @@ def taylor_map(x, style: str):
 
     style: "based" (ones column as x[..., :1] ** 0), "ones" (torch.ones column), "unscaled"
     ([1, x, x (x) x]: f = 1 + s + s^2), "no_sqrt2" (no 1/sqrt(2): c2 = 1), "no_ones" (no ones
-    column: c0 = 0); defects: "square" (elementwise x^2 instead of the outer product), "cubic"
+    column: c0 = 0), "triu" (the compressed map: the diagonal x_a^2 and the upper triangle
+    sqrt(2) x_a x_b through ``triu_indices``, d(d+1)/2 quadratic features, the function of "based");
+    defects: "triu_no_sqrt2" (the compressed map without the sqrt(2): not a function of q.k),
+    "square" (elementwise x^2 instead of the outer product), "cubic"
     (adds the third-order term x (x) x (x) x / (sqrt(6) d^3/4)), "elu" (elu(x) + 1, another
     linear attention).
     """
@@ -424,6 +427,10 @@ def taylor_map(x, style: str):
         return torch.cat([x[..., :1] ** 0, x / rrd, outer / rd], dim=-1)
     if style == "no_ones":
         return torch.cat([x / rrd, outer / (r2 * rd)], dim=-1)
+    if style in ("triu", "triu_no_sqrt2"):
+        iu, ju = torch.triu_indices(d, d, offset=1, device=x.device)
+        off = x[..., iu] * x[..., ju] * (r2 if style == "triu" else 1.0)
+        return torch.cat([x[..., :1] ** 0, x / rrd, torch.cat([x * x, off], dim=-1) / (r2 * rd)], dim=-1)
     if style == "square":
         return torch.cat([x[..., :1] ** 0, x / rrd, x ** 2 / (r2 * rd)], dim=-1)
     if style == "cubic":
@@ -433,7 +440,7 @@ def taylor_map(x, style: str):
 
 
 MAP_SPECS = {                       # style -> (scale, c0, c1, c2) with Dk = DK
-    "based": (DK ** -0.5, 1.0, 1.0, 0.5), "ones": (DK ** -0.5, 1.0, 1.0, 0.5),
+    "based": (DK ** -0.5, 1.0, 1.0, 0.5), "ones": (DK ** -0.5, 1.0, 1.0, 0.5), "triu": (DK ** -0.5, 1.0, 1.0, 0.5),
     "unscaled": (1.0, 1.0, 1.0, 1.0), "no_sqrt2": (DK ** -0.5, 1.0, 1.0, 1.0),
     "no_ones": (DK ** -0.5, 0.0, 1.0, 0.5),
 }
@@ -833,6 +840,10 @@ def _feature_map_family() -> list[Entry]:
         E("featmap_quadratic_no_ones_unnormalised__shifted",
           qkv_module(FeatureMapQuadratic, "no_ones", normalize=False, shift=-1), Refuse("mask"),
           twin="featmap_quadratic_no_ones_unnormalised"),
+        E("featmap_quadratic_triu", qkv_module(FeatureMapQuadratic, "triu"), fm_accept("triu"),
+          ("form:feature_map_quadratic", "map:compressed_triu")),
+        E("featmap_quadratic_triu__no_sqrt2", qkv_module(FeatureMapQuadratic, "triu_no_sqrt2"),
+          Refuse("feature_map"), twin="featmap_quadratic_triu"),
         # the linear cumsum form
         E("linear_cumsum_based", qkv_module(LinearCumsum, "based"), fm_accept("based"),
           ("form:linear_cumsum", "norm:cumsum_features", "map:pow0_ones")),
@@ -855,6 +866,10 @@ def _feature_map_family() -> list[Entry]:
           ("form:linear_cumsum", "mask:none")),
         E("linear_sum_noncausal__square", qkv_module(LinearCumsum, "square", causal=False), Refuse("feature_map"),
           twin="linear_sum_noncausal"),
+        E("linear_cumsum_triu", qkv_module(LinearCumsum, "triu", shape="outer"), fm_accept("triu"),
+          ("form:linear_cumsum", "map:compressed_triu")),
+        E("linear_cumsum_triu__no_sqrt2", qkv_module(LinearCumsum, "triu_no_sqrt2", shape="outer"),
+          Refuse("feature_map"), twin="linear_cumsum_triu"),
         E("linear_cumsum_unnormalised", qkv_module(LinearCumsum, "based", shape="outer", normalize=False),
           fm_accept("based", normalize=False), ("form:linear_cumsum", "norm:none")),
         E("linear_cumsum_unnormalised__cubic", qkv_module(LinearCumsum, "cubic", shape="outer", normalize=False),
@@ -908,6 +923,7 @@ AXES = (
     "scale:pow", "scale:none",
     "poly:taylor", "poly:reordered", "poly:s*s", "poly:pow", "poly:square", "poly:/2", "poly:unit", "poly:other",
     "form:feature_map_quadratic", "form:linear_cumsum", "map:pow0_ones", "map:torch_ones", "map:other_constants",
+    "map:compressed_triu",
     "mask:tril_bool", "mask:triu_bool", "mask:tril_float", "mask:where_arange", "mask:tril_scores",
     "mask:buffer", "mask:none", "mask:masked_fill_",
     "norm:keepdim", "norm:index", "norm:reciprocal", "norm:one_over", "norm:weights", "norm:cumsum_features",

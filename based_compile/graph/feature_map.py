@@ -4,10 +4,16 @@
 - "const": a ones column (``torch.ones``, ``x[..., :1] ** 0``, ``ones_like``, ``full``) times c;
 - "linear": the source x times a;
 - "outer": the flattened outer product x (x) x times b (width D^2);
-- "square": an elementwise x * x (width D): not a function of q.k, refused;
+- "pairs": products x_a * x_b listed feature by feature: an elementwise x * x (the pairs (a, a)), or
+  ``x[..., i] * x[..., j]`` with constant index tensors (the upper triangle of ``triu_indices``);
+  a ``cat`` nested in the map (the compressed map's ``cat([x * x, sqrt(2) x[iu] x[ju]])``) is read
+  piece by piece;
 - "degreeN": a flattened N-fold outer product (N >= 3): a higher-order term, refused.
 ``pair_feature_maps`` turns phi(q) . phi(k) into a polynomial in q.k:
 c_q c_k w + a_q a_k (q.k) + b_q b_k (q.k)^2, when both maps have the same pieces in the same order.
+The "pairs" pieces together are (q.k)^2 times a coefficient c exactly when every x_a^2 has weight c
+and every x_a x_b (a < b) weight 2c, summed over the pieces (the compressed Taylor map: the diagonal,
+and the upper triangle weighted by sqrt(2)); an elementwise square alone (no x_a x_b) is refused.
 """
 from __future__ import annotations
 
@@ -28,10 +34,11 @@ _CONST_OPS = {aten.ones.default, aten.ones_like.default, aten.new_ones.default, 
 
 @dataclass(frozen=True)
 class Piece:
-    kind: str          # "const", "linear", "outer", "square"
+    kind: str          # "const", "linear", "outer", "pairs", "elementwise", "degreeN"
     factor: float      # c, a or b
     width: int         # features this piece contributes
     source: fx.Node | None
+    pairs: tuple = ()  # "pairs": the (a, b) of x_a * x_b, feature by feature
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,92 @@ def _piece(gm, node: fx.Node) -> Piece | None:
     if degree == 1:
         return Piece("linear", factor, width, source) if width == d else None
     if width != d ** degree:
-        return Piece("square", factor, width, source)       # elementwise powers: not a function of q.k
+        if degree == 2 and width == d:           # x * x: the products x_a x_a
+            return Piece("pairs", factor, width, source, tuple((a, a) for a in range(d)))
+        return Piece("elementwise", factor, width, source)    # x ** 3 elementwise: not a function of q.k
     return Piece("outer" if degree == 2 else f"degree{degree}", factor, width, source)
+
+
+def _constant(node) -> torch.Tensor | None:
+    """The value of a small integer tensor computed from constants alone (``triu_indices``)."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op != "call_function" or node.target in (aten.sym_size.int,):
+        return None
+    args, kwargs = [], {}
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            a = _constant(a)
+            if a is None:
+                return None
+        elif isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
+            return None
+        args.append(a)
+    for key, a in node.kwargs.items():
+        if isinstance(a, fx.Node):
+            return None
+        kwargs[key] = a
+    if any(isinstance(a, torch.Tensor) and a.numel() > 1 << 16 for a in args):
+        return None
+    try:
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - not a constant we can read: the piece stays unread
+        return None
+    return value
+
+
+def _indexed(gm, node: fx.Node, rank: int):
+    """(factor, x, indices) when ``node`` is, through views and scalar factors, ``x[..., idx]`` with a
+    constant 1-d index tensor on the last axis (indices: a tuple of ints), or x itself (all of them)."""
+    stop, factor = _strip(gm, node)
+    if stop.op == "call_function" and stop.target is aten.index.Tensor:
+        x, indices = stop.args[0], stop.args[1]
+        if not isinstance(x, fx.Node) or len(hint_shape(x) or ()) != rank or len(indices) != rank \
+                or any(i is not None for i in indices[:-1]):
+            return None
+        idx = _constant(indices[-1])
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype.is_floating_point:
+            return None
+        d = hint_shape(x)[-1]
+        idx = [int(i) % d for i in idx.tolist()]
+        return factor, x, tuple(idx)
+    shape = hint_shape(stop)
+    if stop.op in ("placeholder", "call_function") and shape is not None and len(shape) == rank:
+        return factor, stop, tuple(range(shape[-1]))
+    return None
+
+
+def _pairs_piece(gm, node: fx.Node, rank: int) -> Piece | None:
+    """x[..., i] * x[..., j] (times constants): the products x_{i_f} x_{j_f}, feature by feature."""
+    stop, factor = _strip(gm, node)
+    if stop.op != "call_function" or stop.target is not aten.mul.Tensor:
+        return None
+    a, b = stop.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    ia, ib = _indexed(gm, a, rank), _indexed(gm, b, rank)
+    if ia is None or ib is None or ia[1] is not ib[1] or len(ia[2]) != len(ib[2]):
+        return None
+    if len(ia[2]) != hint_shape(node)[-1]:
+        return None
+    return Piece("pairs", factor * ia[0] * ib[0], len(ia[2]), ia[1], tuple(zip(ia[2], ib[2])))
+
+
+def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:
+    """The pieces of a cat along the last axis; a cat nested in it is read piece by piece."""
+    out = []
+    for t in cat.args[0]:
+        stop, f = _strip(gm, t)
+        if stop.op == "call_function" and stop.target is aten.cat.default and len(hint_shape(stop)) == rank \
+                and (stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)) in (-1, rank - 1):
+            out += _pieces(gm, stop, rank, factor * f)
+            continue
+        piece = _piece(gm, t) or _pairs_piece(gm, t, rank)
+        if piece is not None and factor != 1.0:
+            piece = Piece(piece.kind, piece.factor * factor, piece.width, piece.source, piece.pairs)
+        out.append(piece)
+    return out
 
 
 def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
@@ -130,7 +221,7 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     rank = len(hint_shape(cat))
     if dim not in (-1, rank - 1):
         return None
-    pieces = tuple(_piece(gm, t) for t in tensors)
+    pieces = tuple(_pieces(gm, cat, rank))
     if any(p is None for p in pieces):
         return None
     kinds = {p.kind for p in pieces}
@@ -143,20 +234,58 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
 def pair_feature_maps(phi_q: FeatureMap, phi_k: FeatureMap) -> polynomial.Poly:
     """phi(q) . phi(k) as a polynomial in q.k; refuses maps that are not functions of q.k."""
     for phi in (phi_q, phi_k):
-        if any(p.kind == "square" for p in phi.pieces):
+        if any(p.kind == "elementwise" for p in phi.pieces):
+            raise Refused("feature_map", "feature map raises x to a power elementwise: phi(q).phi(k) is not a "
+                                         "function of q.k")
+        pairs = [pair for p in phi.pieces if p.kind == "pairs" for pair in p.pairs]
+        if pairs and all(a == b for a, b in pairs):
             raise Refused("feature_map", "feature map squares x elementwise (x * x): phi(q).phi(k) is not a "
                                          "function of q.k; the Taylor map needs the flattened outer product")
     if [p.kind for p in phi_q.pieces] != [p.kind for p in phi_k.pieces] or \
             [p.width for p in phi_q.pieces] != [p.width for p in phi_k.pieces]:
         raise Refused("feature_map", "q and k go through different feature maps (pieces differ: "
                                      f"{[p.kind for p in phi_q.pieces]} vs {[p.kind for p in phi_k.pieces]})")
+    if [p.pairs for p in phi_q.pieces] != [p.pairs for p in phi_k.pieces]:
+        raise Refused("feature_map", "q and k go through different feature maps (their products x_a x_b are "
+                                     "listed in different orders)")
     higher = sorted({p.kind for p in phi_q.pieces if p.kind.startswith("degree")})
     if higher:
         raise Refused("polynomial", f"the feature map has a term of {higher[-1].replace('degree', 'degree ')} "
                                     "(x (x) x (x) x ...): Based is second order")
     poly: polynomial.Poly = (0.0,)
+    pairs = [(pq, pk) for pq, pk in zip(phi_q.pieces, phi_k.pieces) if pq.kind == "pairs"]
+    if pairs:
+        poly = polynomial.add(poly, (0.0, 0.0, _pairs_coefficient(pairs, phi_q.source)))
     for pq, pk in zip(phi_q.pieces, phi_k.pieces):
+        if pq.kind == "pairs":
+            continue
         power = {"const": 0, "linear": 1, "outer": 2}[pq.kind]
         weight = pq.factor * pk.factor * (pq.width if pq.kind == "const" else 1.0)
         poly = polynomial.add(poly, tuple([0.0] * power + [weight]))
     return poly
+
+
+def _pairs_coefficient(pairs, source) -> float:
+    """c with sum over the "pairs" features of w_q w_k x_a x_b y_a y_b = c (x.y)^2, or Refused.
+
+    (x.y)^2 = sum_a x_a^2 y_a^2 + 2 sum_{a<b} x_a x_b y_a y_b: every unordered pair {a, b} needs the
+    weight c on the diagonal and 2c off it, summed over the features that list it."""
+    d = hint_shape(source)[-1]
+    weight: dict[tuple[int, int], float] = {}
+    for pq, pk in pairs:
+        w = pq.factor * pk.factor
+        for a, b in pq.pairs:
+            key = (min(a, b), max(a, b))
+            weight[key] = weight.get(key, 0.0) + w
+    c = weight.get((0, 0), 0.0)
+    for a in range(d):
+        for b in range(a, d):
+            want = c if a == b else 2.0 * c
+            got = weight.get((a, b), 0.0)
+            if c == 0.0 or abs(got - want) > 1e-12 * abs(want):
+                what = "x_%d^2" % a if a == b else "x_%d x_%d" % (a, b)
+                raise Refused("feature_map", f"the feature map's products x_a x_b are not (x.y)^2 times one "
+                                             f"constant: {what} has the weight {got:.6g} in phi(q).phi(k), "
+                                             f"{want:.6g} wanted (the compressed Taylor map weights the "
+                                             f"off-diagonal products by sqrt(2))")
+    return c

@@ -309,6 +309,10 @@ def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, ca
         output, eps, normalize = outputs[0], 0.0, False
     phi_q = read_feature_map(gm, cat_q)
     pair_feature_maps(phi_q, phi_k)           # refuses maps that are not functions of q.k
+    if any(p.kind not in ("const", "linear", "outer") for p in phi_q.pieces):
+        raise Refused("feature_map", "the recurrent step operator computes the pieces ones, x and the flattened "
+                                     "x (x) x; this feature map lists products x_a x_b of its own (a compressed "
+                                     "map): its state layout is not the operator's", kv_new)
     pieces = tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in phi_q.pieces)
     readings = (_map_readings(gm, cat_q, phi_q), _map_readings(gm, cat_k, phi_k), v)
     return StepMatch(output, kv_new, k_new, readings[0][0], readings[1][0], v[0], kv_state, k_state, pieces,
