@@ -42,7 +42,7 @@ from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_b
 
 from .buffer_guard import guard_buffers
 from .ddp_split import in_split, mark_presplit, presplit_hook, unhooked_piece
-from .graph.driver import Rewritten, reject_sites, run_pass
+from .graph.driver import Rewritten, reject_sites, restore, run_pass
 from .graph.report import Explanation, Refusal
 from .op import config, context_parallel
 
@@ -124,8 +124,7 @@ def _compile_unrewritten(gm: fx.GraphModule, result: Rewritten, compile_inner, e
     log.warning("based_compile: %s at %s", reason, ", ".join(result.sources),
                 exc_info=log.isEnabledFor(logging.DEBUG))
     reject_sites(result.sources, reason)
-    gm.graph = result.original
-    gm.recompile()
+    restore(result)
     return compile_inner(gm), reason
 
 

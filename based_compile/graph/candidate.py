@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from . import polynomial
@@ -77,11 +78,28 @@ class Match:
         return self.t if self.tk is None else self.tk
 
 
+_SIZE_QUERIES = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+                 torch.ops.aten.sym_storage_offset.default}
+
+
+def _unused_view(node: fx.Node) -> bool:
+    """A view whose value nothing reads: no users but size queries and unused views
+    (functionalisation leaves chains of them behind, e.g. ``view -> permute`` regenerated after an
+    in-place write, and under dynamic shapes the sizes of such a view may be read)."""
+    return node.op == "call_function" and node.target in VIEW_OPS and all(
+        _size_query(u) or _unused_view(u) for u in node.users)
+
+
+def _size_query(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SIZE_QUERIES
+
+
 def _users(node: fx.Node) -> list[fx.Node]:
-    """The users of ``node``, without unused ones when there are several (functionalisation leaves
-    unused views behind, e.g. a view regenerated after an in-place write into its base)."""
-    users = list(node.users)
-    return [u for u in users if u.users] if len(users) > 1 else users
+    """The users of ``node`` that read its value, without unused ones when there are several
+    (functionalisation leaves unused views behind, e.g. a view regenerated after an in-place write
+    into its base; under dynamic shapes a size query of a view is a user that reads no value)."""
+    users = [u for u in node.users if not _size_query(u)]
+    return [u for u in users if u.users and not _unused_view(u)] if len(users) > 1 else users
 
 
 def view_chain(node: fx.Node) -> list[fx.Node]:

@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import guard_int, guard_scalar
+from torch.fx.experimental.symbolic_shapes import guard_int, guard_scalar, statically_known_true
 
 aten = torch.ops.aten
 
@@ -115,28 +115,52 @@ def same_value_source(node: fx.Node) -> fx.Node | None:
     layout (functionalisation regenerates ``o`` after ``o.div_(z)`` on a view of a matmul's output
     as ``transpose(view(view(transpose(div))))``: the same elements as ``div``), else None.
 
-    Equal elementwise: the same storage, shape, strides and offset in the traced fake values."""
+    Equal elementwise: the same storage, shape, strides and offset in the traced fake values; sizes
+    and strides under dynamic shapes are equal when the shape environment proves them equal without
+    a guard (``Max(1, 2*s)`` and ``2*s``), and the stride of a size-1 axis does not count."""
     layout = _layout(node)
     current = node
     while (layout is not None and isinstance(current, fx.Node) and current.op == "call_function"
            and current.target in _PURE_VIEWS and isinstance(current.args[0], fx.Node)):
         current = current.args[0]
-        if _layout(current) == layout:
+        if _same_layout(_layout(current), layout):
             return current
     return None
 
 
 def _layout(node: fx.Node):
-    """(storage, shape, strides, offset, dtype) of a node's traced value, sizes as expressions (comparing
-    them adds no shape guard); None when unknown."""
+    """(storage, shape, strides, offset, dtype) of a node's traced value (sizes are ints or SymInts);
+    None when unknown."""
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return None
     try:
-        return (value.untyped_storage()._cdata, tuple(map(str, value.shape)), tuple(map(str, value.stride())),
-                str(value.storage_offset()), value.dtype)
+        return (value.untyped_storage()._cdata, tuple(value.shape), tuple(value.stride()), value.storage_offset(),
+                value.dtype)
     except Exception:  # noqa: BLE001 - a tensor without strides or storage: no claim
         return None
+
+
+def _known_equal(a, b) -> bool:
+    """a == b for every value of the symbols, decided without adding a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - undecidable here: not known equal
+        return False
+
+
+def _same_layout(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    (storage_a, shape_a, strides_a, offset_a, dtype_a), (storage_b, shape_b, strides_b, offset_b, dtype_b) = a, b
+    if storage_a != storage_b or dtype_a != dtype_b or len(shape_a) != len(shape_b):
+        return False
+    if not all(_known_equal(x, y) for x, y in zip(shape_a, shape_b)) or not _known_equal(offset_a, offset_b):
+        return False
+    # the stride of a size-1 axis never moves to another element: views disagree on it freely
+    return all(_known_equal(size, 1) or _known_equal(x, y) for size, x, y in zip(shape_a, strides_a, strides_b))
 
 
 def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:

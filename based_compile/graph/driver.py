@@ -20,13 +20,13 @@ import torch.fx as fx
 from ..op import policy
 from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
-from .canonicalize import (attention_region, example_value, extract_region, hint_shape, lower_to_aten,
+from .canonicalize import (attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten,
                            same_value_source)
-from .evaluate import GraphEvaluator
+from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
 from .inplace import OutputAliased, Storages, first_write_between, plan_output, written_before_output
 from .lookalike import unexplained
-from .inputs import BakedBuffer, baked_buffers, region_inputs
+from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_inputs, source_name
 from .match import Matcher, find_matches
 from .precision import lossy_round_trip
 from .recurrent import find_steps, settle_step, spec_of
@@ -55,6 +55,15 @@ class Rewritten(NamedTuple):
     baked: list[BakedBuffer]            # buffers whose values the rewrite relied on (buffer_guard)
     original: fx.Graph                  # a copy of Dynamo's graph before the rewrite
     sources: list[str]                  # the user's lines of the rewritten sites
+    # checkpointed bodies (torch.utils.checkpoint) rewritten in place: ((body, its graph before), ...)
+    bodies: tuple = ()
+
+
+def restore(result: Rewritten) -> None:
+    """Undo the rewrite: Dynamo's graph and every rewritten checkpointed body as they were."""
+    for body, original in [(result.gm, result.original)] + list(result.bodies):
+        body.graph = original
+        body.recompile()
 
 
 def reject_sites(sources: list[str], reason: str) -> None:
@@ -107,27 +116,96 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
     global pass_seconds
     start = time.perf_counter()
     try:
-        try:
-            if report is not None:            # attention in a checkpoint's body: left as written, said so
-                for refusal in hidden_attention(gm):
+        bodies, read = _rewrite_checkpoint_bodies(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
+        if report is not None:            # attention in another higher-order op's body: left as written, said so
+            try:
+                for refusal in hidden_attention(gm, read):
                     report.add_refusal(refusal)
-            found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report)
-        except Exception as err:      # a bug of the pass must not stop the model from compiling
-            log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
-                        type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
-            if report is not None:
-                report.add_refusal(Refusal("<graph>", "unsupported",
-                                           f"internal error of the pass: {type(err).__name__}: {err}"))
-            return None
-        if found is None:
-            return None
-        settled, steps, to_dynamo, region, baked = found
-        original = _copy_graph(gm.graph)
-        sources = [source_of(site.match.anchor) for site in settled]
-        rewrite_recurrent_steps(gm, steps, to_dynamo)
-        return Rewritten(rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked, original, sources)
+            except Exception as err:  # noqa: BLE001 - a report only
+                log.warning("based_compile: looking into higher-order op bodies failed (%s: %s)",
+                            type(err).__name__, err)
+        result = _run_one(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
+        if not bodies:
+            return result
+        if result is None:
+            result = Rewritten(gm, [], _copy_graph(gm.graph), [])
+        return result._replace(baked=result.baked + [b for body in bodies for b in body.baked],
+                               sources=result.sources + [x for body in bodies for x in body.sources],
+                               bodies=tuple((body.gm, body.original) for body in bodies))
     finally:
         pass_seconds += time.perf_counter() - start
+
+
+def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
+             constants: list[bool] | None = None) -> Rewritten | None:
+    try:
+        found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report, constants=constants)
+    except Exception as err:      # a bug of the pass must not stop the model from compiling
+        log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
+                    type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+        if report is not None:
+            report.add_refusal(Refusal("<graph>", "unsupported",
+                                       f"internal error of the pass: {type(err).__name__}: {err}"))
+        return None
+    if found is None:
+        return None
+    settled, steps, to_dynamo, region, baked = found
+    original = _copy_graph(gm.graph)
+    sources = [source_of(site.match.anchor) for site in settled]
+    rewrite_recurrent_steps(gm, steps, to_dynamo)
+    return Rewritten(rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked, original, sources)
+
+
+def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
+                               report: Explanation | None) -> tuple[list[Rewritten], set]:
+    """The pass on the body of each ``torch.utils.checkpoint`` call (Dynamo's
+    ``tag_activation_checkpoint`` higher-order op): a site inside is rewritten inside, and the body
+    stays checkpointed (recomputed in the backward). The body's inputs take the values of the call's
+    arguments: a graph input's example value (a registered buffer stays a compile-time constant, and
+    a rewrite that bakes it in guards the graph input), else a random tensor of its shape.
+    Returns the rewritten bodies and every body the pass read (sites and refusals reported)."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    read: set = set()
+    if hop is None:
+        return [], read
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index_of = {n: i for i, n in enumerate(placeholders)}
+    constant_flags = constant_placeholders(gm, example_inputs)
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not hop or not node.args \
+                or not isinstance(node.args[0], fx.Node) or node.args[0].op != "get_attr":
+            continue
+        body = getattr(gm, node.args[0].target, None)
+        args = node.args[1:]
+        if not isinstance(body, fx.GraphModule) or not all(isinstance(a, fx.Node) for a in args):
+            continue
+        real, constants = [], []
+        for i, arg in enumerate(args):
+            if arg in index_of:
+                real.append(example_inputs[index_of[arg]])
+                constants.append(constant_flags[index_of[arg]])
+                continue
+            value = example_value(arg)
+            if isinstance(value, torch.Tensor):
+                real.append(LazyTensor(tuple(int(hint(x)) for x in value.shape), value.dtype, value.device, seed=i))
+            else:
+                real.append(hint(value) if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else value)
+            constants.append(not isinstance(value, torch.Tensor))
+        if len(real) != sum(n.op == "placeholder" for n in body.graph.nodes):
+            continue
+        read.add(body)
+        result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants)
+        if result is None:
+            continue
+        # a buffer the body's rewrite baked in is the graph input passed to the body at that position
+        baked = []
+        for b in result.baked:
+            arg = args[b.index]
+            if arg in index_of:
+                baked.append(BakedBuffer(index_of[arg], source_name(arg), b.why))
+        done.append(Rewritten(result.gm, baked, result.original, result.sources))
+    return done, read
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -141,7 +219,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return copied
 
 
-def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None):
+def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None,
+                constants: list[bool] | None = None):
     """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None."""
     region = attention_region(gm)
     if not region:
@@ -160,7 +239,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         source = same_value_source(aten_node) if isinstance(aten_node, fx.Node) else None
         if source is not None:
             to_dynamo.setdefault(source, dynamo_node)
-    real, variable = region_inputs(gm, example_inputs, inputs, aten_inputs)
+    real, variable = region_inputs(gm, example_inputs, inputs, aten_inputs, constants)
     evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
     matcher = Matcher(aten_gm, evaluator, variable)
     storages = Storages(gm)

@@ -66,15 +66,18 @@ def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dyna
     return list(baked.values())
 
 
-def region_inputs(gm, example_inputs, inputs, aten_inputs):
+def region_inputs(gm, example_inputs, inputs, aten_inputs, constants=None):
     """Real values for the region's inputs, and which of them are not compile-time constants.
 
     Dynamo placeholders take the real example inputs (buffers are constants); sizes their
     example values; activations computed outside the region random tensors of their shape
     (only the numerical probe reads them, and only through q, k, v or shapes if the site is Based).
+    ``constants``: per placeholder of ``gm``, whether it is a compile-time constant (default:
+    ``constant_placeholders``; a checkpointed body's come from the arguments of its call).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    constant_flags = dict(zip(placeholders, constant_placeholders(gm, example_inputs)))
+    constant_flags = dict(zip(placeholders, constant_placeholders(gm, example_inputs) if constants is None
+                              else constants))
     real_of = dict(zip(placeholders, example_inputs))
     real, variable = [], set()
     for index, (dynamo_node, aten_node) in enumerate(zip(inputs, aten_inputs)):

@@ -287,7 +287,19 @@ def find_steps(gm: fx.GraphModule):
             yield refusal
 
 
+def _check_step_map(phi: FeatureMap, where) -> None:
+    """The step operator computes phi on the fly from the pieces ones, x and the flattened x (x) x:
+    a map with other pieces (a compressed map's products x_a x_b, a third-order term) is refused."""
+    other = [p.kind for p in phi.pieces if p.kind not in ("const", "linear", "outer")]
+    if other:
+        raise Refused("feature_map", "a recurrent state update (state + phi(k)^T v, k_state + phi(k)) whose "
+                                     "features are not the Taylor feature map phi(x) = [c, a x, b x (x) x] the step "
+                                     f"operator computes (pieces {other}: its state layout is not the operator's)",
+                      where)
+
+
 def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, cats, other_states) -> StepMatch:
+    _check_step_map(phi_k, kv_new)
     _check_state(gm, kv_state, "kv state", kv_new)
     k_new = k_state = found = None
     cats_q = {c for c in cats if c is not cat_k and read_feature_map(gm, c) is not None}
@@ -309,10 +321,7 @@ def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, ca
         output, eps, normalize = outputs[0], 0.0, False
     phi_q = read_feature_map(gm, cat_q)
     pair_feature_maps(phi_q, phi_k)           # refuses maps that are not functions of q.k
-    if any(p.kind not in ("const", "linear", "outer") for p in phi_q.pieces):
-        raise Refused("feature_map", "the recurrent step operator computes the pieces ones, x and the flattened "
-                                     "x (x) x; this feature map lists products x_a x_b of its own (a compressed "
-                                     "map): its state layout is not the operator's", kv_new)
+    _check_step_map(phi_q, kv_new)
     pieces = tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in phi_q.pieces)
     readings = (_map_readings(gm, cat_q, phi_q), _map_readings(gm, cat_k, phi_k), v)
     return StepMatch(output, kv_new, k_new, readings[0][0], readings[1][0], v[0], kv_state, k_state, pieces,

@@ -1,12 +1,14 @@
 """Attention the pass does not look into: the bodies of higher-order operators.
 
 Dynamo turns ``torch.utils.checkpoint.checkpoint(fn, ...)`` inside a compiled model into a
-higher-order operator (``tag_activation_checkpoint``) whose body is a separate graph module; the
-pass reads the top-level graph only, so attention in such a body is left as written. That must
-not be silent: ``explain()`` reports it, and under ``based_compile.context_parallel`` the backend
-raises for a graph with a refusal instead of attending within the shard.
+higher-order operator (``tag_activation_checkpoint``) whose body is a separate graph module. The
+driver runs the pass on the bodies of the checkpoints of the top-level graph (a site there is
+rewritten inside the body, which stays checkpointed); attention in any other body (another
+higher-order operator, a checkpoint nested in a checkpoint) is left as written. That must not be
+silent: ``explain()`` reports it, and under ``based_compile.context_parallel`` the backend raises
+for a graph with a refusal instead of attending within the shard.
 
-``hidden_attention(gm)`` returns one refusal per body (searched recursively) that holds a
+``hidden_attention(gm, read)`` returns one refusal per body not in ``read`` (searched recursively) that holds a
 sequence mixer of the kinds the pass rewrites: a matmul (``matmul``, ``bmm``, ``einsum``, ``@``)
 with an operand computed from another matmul (scores times values), or a ``cumsum`` (the linear
 form's running sums). A body with projections only (``linear``) is not reported.
@@ -60,15 +62,16 @@ def _mixer(body: fx.GraphModule) -> fx.Node | None:
     return None
 
 
-def hidden_attention(gm: fx.GraphModule) -> list[Refusal]:
+def hidden_attention(gm: fx.GraphModule, read=frozenset()) -> list[Refusal]:
     """A refusal for each higher-order operator body of ``gm`` (recursively) that holds attention-like
-    sequence mixing the pass leaves as written."""
+    sequence mixing the pass leaves as written; bodies in ``read`` the pass ran on (the driver reads
+    ``torch.utils.checkpoint`` bodies: their sites and refusals are reported) are skipped."""
     refusals = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
             continue
         for body in _bodies(gm, node):
-            mixer = _mixer(body)
+            mixer = None if body in read else _mixer(body)
             if mixer is not None:
                 refusals.append(Refusal(
                     source_of(mixer), "unsupported",
@@ -76,5 +79,5 @@ def hidden_attention(gm: fx.GraphModule) -> list[Refusal]:
                     f"compiled code): the pass does not look into its body, so this {_name(mixer)} is left as "
                     "written (to have it rewritten, call torch.utils.checkpoint outside the compiled function, "
                     "around a compiled block)"))
-            refusals.extend(hidden_attention(body))
+            refusals.extend(hidden_attention(body, read))
     return refusals
