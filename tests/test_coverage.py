@@ -185,3 +185,53 @@ def test_attention_inside_checkpoint_near_miss_is_refused(buffer):
     recorder = compile_and_compare(Checkpointed(shift=-1, buffer=buffer))
     bodies = [m for g in recorder.graphs for m in g.modules() if m is not g and isinstance(m, fx.GraphModule)]
     assert not any(n.target is based_attention_call for b in bodies for n in b.graph.nodes)
+
+
+# --------------------------------------------------------------------------- a checkpointed feature map
+# checkpoint(phi, q): the body has no contraction, so it joins the attention's region and lowering
+# inlines it (its ones column comes out detached); the features are read through it. Here q is also
+# scaled by a buffer after its own transpose while k is transposed only: q and k are read on
+# different sides of their transposes (the probe picks the reading whose layout agrees).
+
+
+def _phi(x, defect=None):
+    d = x.shape[-1]
+    x2 = x * x if defect == "square" else (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+    return torch.cat([x[..., :1] ** 0, x / d ** 0.25, x2 / math.sqrt(2 * d)], dim=-1)
+
+
+class CheckpointedMap(torch.nn.Module):
+    def __init__(self, form="quadratic", defect=None):
+        super().__init__()
+        self.form, self.defect = form, defect
+        self.register_buffer("scale", torch.tensor(0.8))
+
+    def forward(self, q, k, v):
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
+        q = q * self.scale
+        qf = torch.utils.checkpoint.checkpoint(_phi, q, self.defect, use_reentrant=False)
+        kf = torch.utils.checkpoint.checkpoint(_phi, k, self.defect, use_reentrant=False)
+        if self.form == "quadratic":
+            t = q.shape[-2]
+            a = (qf @ kf.mT).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0.0)
+            o = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+        else:
+            kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+            o = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+        return o.permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("form", ["quadratic", "linear"])
+def test_checkpointed_feature_map_is_read_through(form):
+    ex = explain(CheckpointedMap(form), BTHD)
+    assert len(ex.sites) == 1, ex
+    recorder = compile_and_compare(CheckpointedMap(form), BTHD)
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+@pytest.mark.parametrize("form", ["quadratic", "linear"])
+def test_checkpointed_elementwise_square_map_is_refused(form):
+    ex = explain(CheckpointedMap(form, "square"), BTHD)
+    assert not ex.sites and "feature_map" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(CheckpointedMap(form, "square"), BTHD)
+    assert not any(recorder.sites())

@@ -454,12 +454,39 @@ def identity_dropout(node: fx.Node) -> bool:
     return isinstance(p, (int, float)) and (float(p) == 0.0 or training is False)
 
 
+def _checkpointed_map(node: fx.Node) -> bool:
+    """A ``torch.utils.checkpoint`` call (``tag_activation_checkpoint``) whose body has no matmul (a
+    checkpointed feature map): lowering inlines it, so the attention it feeds is read through it. A
+    body with a matmul is a region of its own (the driver runs the pass on it)."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    if hop is None or node.target is not hop or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    body = getattr(node.graph.owning_module, str(node.args[0].target), None)
+    if not isinstance(body, fx.GraphModule):
+        return False
+    return not any(_contracts(n) for n in body.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+def _contracts(node: fx.Node) -> bool:
+    """A matmul, or an einsum that sums over an index (``'...i,...j->...ij'`` does not: an outer product)."""
+    name = _target_name(node)
+    if "einsum" in name:
+        equation = node.args[0] if node.args and isinstance(node.args[0], str) else None
+        if equation is None or "->" not in equation:
+            return True
+        inputs, output = equation.replace(" ", "").split("->")
+        return bool(set(inputs.replace(",", "").replace(".", "")) - set(output.replace(".", "")))
+    return any(w in name for w in ("matmul", "bmm", "cumsum"))
+
+
 def _eligible(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method", "get_attr"):
         return False
     if identity_dropout(node):
         return True
     if node.op == "call_function":
+        if _checkpointed_map(node):
+            return True
         if node.target in _STATEFUL_TARGETS or isinstance(node.target, torch._ops.HigherOrderOperator):
             return False
         if node.is_impure():

@@ -17,7 +17,7 @@ and the upper triangle weighted by sqrt(2)); an elementwise square alone (no x_a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -39,6 +39,7 @@ class Piece:
     width: int         # features this piece contributes
     source: fx.Node | None
     pairs: tuple = ()  # "pairs": the (a, b) of x_a * x_b, feature by feature
+    node: fx.Node | None = field(default=None, compare=False)   # the cat operand it was read from
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,17 @@ def _monomial(gm, node: fx.Node, rank: int | None = None):
     ``rank``: the rank of the feature map (and so of x): the source is the deepest tensor of that
     rank on the chain of views (x.unsqueeze(-1) of a [B, H, D] x is 4-D, but x is what it reads)."""
     stop, factor = _strip(gm, node)
+    if stop.op == "call_function" and stop.target is aten.detach.default and isinstance(stop.args[0], fx.Node):
+        inner = _monomial(gm, stop.args[0], rank)       # a detached constant (an inlined checkpoint's
+        if inner is not None and inner[0] == 0:         # ones column) is that constant
+            return 0, factor * inner[1], None
     if stop.op == "call_function":
         const = _const_value(gm, stop)
         if const is not None:
             return 0, factor * const, None
         if stop.target is aten.mul.Tensor and all(isinstance(a, fx.Node) and hint_shape(a) is not None
-                                                  for a in stop.args[:2]):
+                                                  and any(s != 1 for s in hint_shape(a)) for a in stop.args[:2]):
+            # (a product with a one-element tensor, q * self.scale, is an x of its own)
             ma, mb = _monomial(gm, stop.args[0], rank), _monomial(gm, stop.args[1], rank)
             if ma is None or mb is None:
                 return None
@@ -206,8 +212,8 @@ def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:
             out += _pieces(gm, stop, rank, factor * f)
             continue
         piece = _piece(gm, t) or _pairs_piece(gm, t, rank)
-        if piece is not None and factor != 1.0:
-            piece = Piece(piece.kind, piece.factor * factor, piece.width, piece.source, piece.pairs)
+        if piece is not None:
+            piece = replace(piece, factor=piece.factor * factor, node=t)
         out.append(piece)
     return out
 
@@ -229,6 +235,38 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     if kinds <= {"linear"} or len(sources) != 1:
         return None                          # e.g. a rotary split: an ordinary q, not a feature map
     return FeatureMap(pieces, sources.pop())
+
+
+def readings_of(gm, node: fx.Node, rank: int) -> tuple:
+    """The tensors of ``rank`` dims on the chain of views (and scalar factors) from ``node`` down,
+    nearest first, only those below every scalar factor (a scaled q is not q): the candidates for
+    the tensor the user passed (x before the unsqueeze of an outer product, or before a transpose)."""
+    found = []
+    while True:
+        if len(hint_shape(node) or ()) == rank:
+            found.append(node)
+        if node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node) if node.op == "call_function" else None
+        if scaled is not None:
+            found, node = [], scaled[0]
+            continue
+        return tuple(found) or (node,)
+
+
+def map_readings(gm, cat: fx.Node, phi: FeatureMap) -> tuple:
+    """Candidates for x of phi(x) = cat(...), read from its linear piece, nearest first."""
+    for piece in phi.pieces:
+        if piece.kind == "linear" and piece.node is not None:
+            return readings_of(gm, piece.node, len(hint_shape(cat)))
+    return (phi.source,)
+
+
+def other_readings(gm, cat: fx.Node, phi: FeatureMap) -> tuple:
+    """The candidates for x other than ``phi.source`` (x on the other side of a transpose: the
+    numerical probe picks the reading whose layout agrees with k and v)."""
+    return tuple(x for x in map_readings(gm, cat, phi) if x is not phi.source)
 
 
 def pair_feature_maps(phi_q: FeatureMap, phi_k: FeatureMap) -> polynomial.Poly:

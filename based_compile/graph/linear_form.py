@@ -12,13 +12,15 @@ axis is time and which are features is left to the numerical probe.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output
 from .canonicalize import VIEW_OPS, hint_shape, live_users, scalar_factor, scalar_value, shape_of, walk_operand
-from .feature_map import pair_feature_maps, read_feature_map
+from .feature_map import other_readings, pair_feature_maps, read_feature_map
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
@@ -147,7 +149,8 @@ def match_linear(matcher, state: fx.Node):
     v_stop = walk_operand(gm, v_arg).stop
     if read_feature_map(gm, v_stop) is not None or _state_kind(_strip_views(v_arg)) is not None:
         raise NotACandidate("phi(k) times phi(k), or times a running sum")
-    v = walk_operand(gm, v_arg, through_scalars=False).source
+    v_walk = walk_operand(gm, v_arg, through_scalars=False)
+    v = v_walk.source
     t = hint_shape(kv)[dim]
     consumer = _consumer(state, dim)
     if consumer is None:
@@ -190,5 +193,7 @@ def match_linear(matcher, state: fx.Node):
     length = size_expr(shape_of(kv)[dim])
     w = Weights(poly, keep, False, state, phi_q.source, phi_k.source, "feature-map linear (cumsum)", None, t,
                 lengths=(length, length))
-    return matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
-                           num, start)
+    match = matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
+                            num, start)
+    return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
+                   k_alternatives=other_readings(gm, cat_k, phi_k), v_alternatives=v_walk.alternatives)

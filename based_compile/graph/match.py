@@ -31,7 +31,7 @@ from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
-from .feature_map import pair_feature_maps, read_feature_map
+from .feature_map import other_readings, pair_feature_maps, read_feature_map
 from . import kv_mask
 from .linear_form import match_linear
 from .refusal import NotACandidate, Refused
@@ -95,7 +95,9 @@ class Matcher:
                 raise Refused("feature_map", "only one of q and k goes through a feature map", node)
             poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), x.factor * y.factor)
             return Weights(poly, None, False, node, phi_q.source, phi_k.source, "feature-map quadratic",
-                           None, t, hint_shape(node), (1, 2), tk=tk, lengths=_lengths(node))
+                           None, t, hint_shape(node), (1, 2), tk=tk, lengths=_lengths(node),
+                           q_alternatives=other_readings(self.gm, x.stop, phi_q),
+                           k_alternatives=other_readings(self.gm, y.stop, phi_k))
         if shape_of(x.source) is None or shape_of(y.source) is None:
             raise NotACandidate("scores operands are not tensors")
         sigma = x.factor * y.factor

@@ -37,7 +37,7 @@ import torch.fx as fx
 from ..op.recurrent_step import StepSpec, recurrent_step_reference
 from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, scalar_value, walk_operand
 from .evaluate import GraphEvaluator
-from .feature_map import FeatureMap, pair_feature_maps, read_feature_map
+from .feature_map import FeatureMap, map_readings, pair_feature_maps, read_feature_map, readings_of
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -108,32 +108,6 @@ def _outer_operands(node):
     return None
 
 
-def _readings_of(gm, node: fx.Node, rank: int) -> tuple:
-    """The tensors of ``rank`` dims on the chain of views (and scalar factors) from ``node`` down,
-    nearest first, only those below every scalar factor (a scaled q is not q): the candidates for
-    the tensor the user passed (x before the unsqueeze of an outer product, or before a transpose)."""
-    found = []
-    while True:
-        if len(hint_shape(node) or ()) == rank:
-            found.append(node)
-        if node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node) if node.op == "call_function" else None
-        if scaled is not None:
-            found, node = [], scaled[0]
-            continue
-        return tuple(found) or (node,)
-
-
-def _map_readings(gm, cat: fx.Node, phi: FeatureMap) -> tuple:
-    """Candidates for x of phi(x) = cat(...), read from its linear piece, nearest first."""
-    for node, piece in zip(cat.args[0], phi.pieces):
-        if piece.kind == "linear":
-            return _readings_of(gm, node, len(hint_shape(cat)))
-    return (phi.source,)
-
-
 def _check_state(gm, state, what: str, where):
     """A state operand that is scaled or gated is not Based's recurrence."""
     inner = _strip(state)
@@ -165,7 +139,7 @@ def _updates(gm, add: fx.Node):
             phi, cat = _feature_map_of(gm, x)
             if phi is not None and _feature_map_of(gm, y)[0] is None and not _reads(state, {cat}) \
                     and hint_shape(state) == hint_shape(add):
-                return ("kv", state, cat, phi, _readings_of(gm, y, len(hint_shape(cat))))
+                return ("kv", state, cat, phi, readings_of(gm, y, len(hint_shape(cat))))
         return ("outer", state, *pair)
     for state, update in ((a, b), (b, a)):
         if hint_shape(state) == hint_shape(add) and _strip(update).op == "call_function":
@@ -323,7 +297,7 @@ def _match_step(gm, kv_new, kv_state, cat_k, phi_k: FeatureMap, v, k_updates, ca
     pair_feature_maps(phi_q, phi_k)           # refuses maps that are not functions of q.k
     _check_step_map(phi_q, kv_new)
     pieces = tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in phi_q.pieces)
-    readings = (_map_readings(gm, cat_q, phi_q), _map_readings(gm, cat_k, phi_k), v)
+    readings = (map_readings(gm, cat_q, phi_q), map_readings(gm, cat_k, phi_k), v)
     return StepMatch(output, kv_new, k_new, readings[0][0], readings[1][0], v[0], kv_state, k_state, pieces,
                      tuple(p.factor for p in phi_q.pieces), tuple(p.factor for p in phi_k.pieces), eps, output,
                      readings=readings, normalize=normalize, outputs=outputs)
