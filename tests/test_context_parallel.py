@@ -281,25 +281,55 @@ def _naive_lm(form="feature_map"):
 
 
 @pytest.mark.parametrize("form", ["feature_map", "polynomial", "linear_cumsum"])
-def test_attention_inside_compiled_checkpoint_is_refused_not_silent(monkeypatch, form):
-    """torch.utils.checkpoint inside the compiled code becomes a higher-order operator whose body the
-    pass does not read: the attention there is reported as refused, and under context_parallel the
-    compiled model raises rather than attend within the shard. Near miss: a checkpoint around the MLP
-    alone (no token mixing inside) is not reported, and the attention outside it is rewritten."""
+def test_attention_inside_compiled_checkpoint_is_rewritten_inside(form):
+    """torch.utils.checkpoint inside the compiled code becomes a higher-order operator; the pass runs on
+    its body and rewrites the attention there (the body stays checkpointed). Near miss: a checkpoint
+    around the MLP alone (no token mixing inside): the attention outside it is rewritten."""
     import based_compile
-    from based_compile.op import context_parallel as cp
 
     ids = torch.randint(0, 32, (1, 6))
     report = based_compile.explain(_Checkpointed(_naive_lm(form)), ids)
-    assert not report.sites and len(report.refusals) == 1, str(report)
-    assert "higher-order operator (tag_activation_checkpoint" in report.refusals[0].reason
+    assert len(report.sites) == 1 and not report.refusals, str(report)
     near = based_compile.explain(_Checkpointed(_naive_lm(form), whole_block=False), ids)
     assert len(near.sites) == 1 and not near.refusals, str(near)
 
     model = _Checkpointed(_naive_lm(form))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
-    torch.testing.assert_close(compiled(ids), model(ids))                # outside: runs as written
+    out = compiled(ids)
+    torch.testing.assert_close(out, model(ids))
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    expected = torch.autograd.grad(model(ids).square().sum(), list(model.parameters()))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    torch._dynamo.reset()
+
+
+def test_attention_in_a_checkpoint_nested_in_a_checkpoint_is_refused_not_silent(monkeypatch):
+    """A checkpoint inside a checkpointed body: the pass reads the outer body only, so the attention
+    in the inner one is reported as refused, and under context_parallel the compiled model raises
+    rather than attend within the shard."""
+    import based_compile
+    from based_compile.op import context_parallel as cp
+    from torch.utils.checkpoint import checkpoint
+
+    inner = _Checkpointed(_naive_lm("polynomial"))
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return checkpoint(self.inner, ids, use_reentrant=False)
+
+    ids = torch.randint(0, 32, (1, 6))
+    report = based_compile.explain(Nested(), ids)
+    assert not report.sites and len(report.refusals) == 1, str(report)
+    assert "higher-order operator (tag_activation_checkpoint" in report.refusals[0].reason
+    torch._dynamo.reset()
+    compiled = torch.compile(Nested(), backend=based_compile.backend(inner="eager"))
+    torch.testing.assert_close(compiled(ids), inner(ids))                # outside: runs as written
     monkeypatch.setattr(cp, "_active", cp._Group(None, 0, 2))
     with pytest.raises(RuntimeError, match="within this rank's shard"):
         compiled(ids)

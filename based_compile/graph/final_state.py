@@ -86,7 +86,10 @@ def _taylor(gm, node):
     walked = walk_operand(gm, node)
     if walked.factor != 1.0 or walked.stop.op != "call_function":
         return None
-    return read_feature_map(gm, walked.stop)
+    phi = read_feature_map(gm, walked.stop)
+    if phi is None or any(p.kind not in ("const", "linear", "outer") for p in phi.pieces):
+        return None               # e.g. the compressed map's products x_a x_b: not the operator's state layout
+    return phi
 
 
 def _last_row(node: fx.Node):
