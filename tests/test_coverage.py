@@ -235,3 +235,92 @@ def test_checkpointed_elementwise_square_map_is_refused(form):
     assert not ex.sites and "feature_map" in [r.category for r in ex.refusals], ex
     recorder = compile_and_compare(CheckpointedMap(form, "square"), BTHD)
     assert not any(recorder.sites())
+
+
+# --------------------------------------------------------------------------- a learnable scale
+# s = (q @ k.mT) * self.scale with an nn.Parameter: sigma c (q.k) = sigma ((c q) . k), so the op reads
+# q * self.scale (inserted in the graph: the scale's gradient flows through it). Near miss: the
+# parameter scales the weights after the polynomial (c P(s) is not P(c s)): refused with that reason.
+
+
+class LearnableScale(torch.nn.Module):
+    def __init__(self, where="scores"):
+        super().__init__()
+        self.where = where
+        self.scale = torch.nn.Parameter(torch.tensor(0.45, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = q @ k.mT
+        if self.where == "scores":
+            s = s * self.scale
+        a = 1 + s + 0.5 * s * s
+        if self.where == "weights":
+            a = self.scale * a
+        a = a.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0.0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_learnable_scale_on_the_scores_is_rewritten(dynamic):
+    module = LearnableScale()
+    ex = explain(module)
+    assert len(ex.sites) == 1, ex
+    recorder = compile_and_compare(module, dynamic=dynamic)
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+    # the scale's own gradient
+    compiled = torch.compile(module, backend=based_compile.backend(inner="eager"), dynamic=dynamic)
+    inputs = _inputs(5, 7, QKV)
+    (g_c,) = torch.autograd.grad(compiled(*inputs).square().sum(), [module.scale])
+    (g_e,) = torch.autograd.grad(module(*inputs).square().sum(), [module.scale])
+    assert_rel_close(g_c, g_e, TOL, "gradient of the learnable scale")
+    with torch.no_grad():
+        module.scale.mul_(1.7)                     # training changes it: the op reads the new value
+    assert_rel_close(compiled(*inputs), module(*inputs), TOL, "output after the scale changed")
+
+
+def test_learnable_scale_on_the_weights_is_refused():
+    ex = explain(LearnableScale("weights"))
+    assert not ex.sites and [r.category for r in ex.refusals] == ["unsupported"], ex
+    assert "learnable scale" in ex.refusals[0].reason
+    recorder = compile_and_compare(LearnableScale("weights"))
+    assert not any(recorder.sites())
+
+
+# --------------------------------------------------------------------------- the compressed Taylor map
+# cat([x * x, sqrt(2) x[..., iu] x[..., ju]]) through triu_indices (the zoo's featmap_quadratic_triu),
+# here on q, k transposed from [B, T, H, D] and k scaled first: every piece reads the same x.
+
+
+def _phi_triu(x, root2=math.sqrt(2)):
+    d = x.shape[-1]
+    iu, ju = torch.triu_indices(d, d, offset=1)
+    x2 = torch.cat([x * x, root2 * x[..., iu] * x[..., ju]], dim=-1)
+    return torch.cat([torch.ones(*x.shape[:-1], 1, dtype=x.dtype), x / d ** 0.25, x2 / math.sqrt(2 * d)], dim=-1)
+
+
+class TriuTransposed(torch.nn.Module):
+    def __init__(self, root2=math.sqrt(2)):
+        super().__init__()
+        self.root2 = root2
+
+    def forward(self, q, k, v):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k = 0.5 * k
+        qf, kf = _phi_triu(q, self.root2), _phi_triu(k, self.root2)
+        t = q.shape[-2]
+        a = (qf @ kf.mT).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0.0)
+        return ((a @ v) / (a.sum(-1, keepdim=True) + 1e-6)).transpose(1, 2)
+
+
+def test_compressed_map_on_transposed_scaled_inputs_is_rewritten():
+    ex = explain(TriuTransposed(), BTHD)
+    assert len(ex.sites) == 1, ex
+    recorder = compile_and_compare(TriuTransposed(), BTHD)
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_compressed_map_with_a_wrong_off_diagonal_weight_is_refused():
+    ex = explain(TriuTransposed(root2=1.4142), BTHD)        # sqrt(2) to 5 digits: not (q.k)^2
+    assert not ex.sites and [r.category for r in ex.refusals] == ["feature_map"], ex
+    assert "x_0 x_1" in ex.refusals[0].reason

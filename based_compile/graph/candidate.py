@@ -41,11 +41,13 @@ class Weights:
     def key_length(self) -> int:
         return self.t if self.tk is None else self.tk
     lengths: tuple = ()           # (Tq, Tk): ints, or size expressions under dynamic shapes
+    q_factor: fx.Node | None = None   # a one-element tensor the raw scores were multiplied by: q * it is q
 
     def same_function(self, other: "Weights") -> bool:
         same_keep = (self.keep is None and other.keep is None) or (
             self.keep is not None and other.keep is not None and self.keep == other.keep)
         return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
+                and self.q_factor is other.q_factor
                 and polynomial.close(self.poly, other.poly))
 
     def describe(self) -> str:
@@ -72,6 +74,7 @@ class Match:
     v_alternatives: tuple = ()
     q_alternatives: tuple = ()    # other readings of q (the other side of a transpose), tried after q
     tk: int | None = None         # keys and values' length when it differs from the queries' (``t``)
+    q_factor: fx.Node | None = None   # a one-element tensor (a learnable scale): the op reads q * q_factor
 
     @property
     def key_length(self) -> int:

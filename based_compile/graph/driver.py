@@ -259,8 +259,8 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             reason = _unsupported_reason(site)
             if reason is not None:
                 raise Refused("unsupported", f"{reason}: left to the inner compiler", result.output)
-            missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output)
-                       if n not in to_dynamo]
+            missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output,
+                                        site.match.q_factor) if n is not None and n not in to_dynamo]
             if missing:
                 raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
                                              "decomposed operation, not values of the model's graph", result.output)

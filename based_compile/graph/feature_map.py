@@ -199,7 +199,10 @@ def _pairs_piece(gm, node: fx.Node, rank: int) -> Piece | None:
         return None
     if len(ia[2]) != hint_shape(node)[-1]:
         return None
-    return Piece("pairs", factor * ia[0] * ib[0], len(ia[2]), ia[1], tuple(zip(ia[2], ib[2])))
+    x = walk_operand(gm, ia[1])      # the source as the other pieces read it (through views and scalars)
+    if len(hint_shape(x.source) or ()) != rank:
+        return None
+    return Piece("pairs", factor * ia[0] * ib[0] * x.factor ** 2, len(ia[2]), x.source, tuple(zip(ia[2], ib[2])))
 
 
 def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:

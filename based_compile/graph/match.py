@@ -262,7 +262,7 @@ class Matcher:
         if not weights:
             raise NotACandidate("no weights among the operands")
         first = weights[0]
-        if any(w.q is not first.q or w.k is not first.k for w in weights):
+        if any(w.q is not first.q or w.k is not first.k or w.q_factor is not first.q_factor for w in weights):
             raise NotACandidate(f"{node.target} of weights of different scores")
         if any(w.keep is not None or w.junk for w in weights):
             raise Refused("mask", f"{node.target} applied to masked weights: the masked entries become "
@@ -304,7 +304,7 @@ class Matcher:
         wa, wb = self.weights(a), self.weights(b)
         _not_normalised(wa)
         _not_normalised(wb)
-        if wa.q is not wb.q or wa.k is not wb.k:
+        if wa.q is not wb.q or wa.k is not wb.k or wa.q_factor is not wb.q_factor:
             raise NotACandidate("sum of weights of different scores")
         poly = polynomial.add(polynomial.scale(wa.poly, sign_a), polynomial.scale(wb.poly, sign_b))
         same_keep = (wa.keep is None and wb.keep is None) or (
@@ -332,7 +332,7 @@ class Matcher:
         if wa is not None and wb is not None:
             _not_normalised(wa)
             _not_normalised(wb)
-            if wa.q is not wb.q or wa.k is not wb.k:
+            if wa.q is not wb.q or wa.k is not wb.k or wa.q_factor is not wb.q_factor:
                 raise NotACandidate("product of weights of different scores")
             s_scale = None
             if a is b and polynomial.is_monomial(wa.poly, 1):
@@ -353,6 +353,18 @@ class Matcher:
                 return self._row_normalised(node, a if w is wa else b, other, divide=False)
             except NotACandidate:
                 pass
+            if isinstance(other, fx.Node) and all(s == 1 for s in hint_shape(other) or ()) \
+                    and polynomial.is_monomial(w.poly, 1) and w.keep is None and not w.junk \
+                    and w.q_factor is None and w.tk is None \
+                    and getattr(example_value(other), "dtype", None) == getattr(example_value(w.q), "dtype", 0):
+                # raw scores times a learnable scale: sigma c (q.k) = sigma ((c q) . k), the op reads c * q
+                return replace(self._broadcast(node, w), q_factor=other)
+            if isinstance(other, fx.Node) and all(s == 1 for s in hint_shape(other) or ()):
+                raise Refused("unsupported", "the weights are scaled by a one-element tensor that is not a "
+                                             "compile-time constant (a learnable scale, nn.Parameter): the operator "
+                                             "takes a constant scale, and this one is applied after the "
+                                             "polynomial or the mask (on the raw scores or on q it is rewritten)",
+                                             node)
             raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
         if all(s == 1 for s in hint_shape(other)):
             value = self.constant(other)            # a scalar factor (a 0-d or one-element constant)
@@ -459,7 +471,7 @@ class Matcher:
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
         return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives,
-                       q_alternatives=w.q_alternatives)
+                       q_alternatives=w.q_alternatives, q_factor=w.q_factor)
 
     def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
         if w.junk:

@@ -140,6 +140,9 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
             where = min([output] + [to_dynamo[r.node] for r in states.reads], key=storages.position.__getitem__)
         at = where
         with graph.inserting_before(where):
+            if m.q_factor is not None:          # scores times a learnable scale: the op reads scale * q
+                factor = to_dynamo[m.q_factor]
+                q = add(operator.mul, (q, replaced.get(factor, factor)))
             if site.unsqueeze_inputs:
                 q, k, v = (add(torch.unsqueeze, (x, 0)) for x in (q, k, v))
             spec_args = (q, k, v, s.layout, float(s.scale), float(s.c0), float(s.c1), float(s.c2), bool(s.causal),

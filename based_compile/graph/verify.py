@@ -245,8 +245,10 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             continue
         tol = max(_TOLERANCE.get(out.dtype, 1e-3), _TOLERANCE.get(dtype, 1e-3))
         best = math.inf
+        factor = 1.0 if m.q_factor is None else evaluator.evaluate(m.q_factor).to(torch.float64).reshape(())
         for reading in readings:
-            ref = _reference(reading, *(values[n].to(torch.float64) for n in (m.q, m.k, m.v)))
+            ref = _reference(reading, *(values[n].to(torch.float64) * (factor if n is m.q else 1.0)
+                                        for n in (m.q, m.k, m.v)))
             err = _rel_error(out, ref)
             best = min(best, err)
             if err < tol:
