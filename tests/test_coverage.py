@@ -324,3 +324,37 @@ def test_compressed_map_with_a_wrong_off_diagonal_weight_is_refused():
     ex = explain(TriuTransposed(root2=1.4142), BTHD)        # sqrt(2) to 5 digits: not (q.k)^2
     assert not ex.sites and [r.category for r in ex.refusals] == ["feature_map"], ex
     assert "x_0 x_1" in ex.refusals[0].reason
+
+
+# --------------------------------------------------------------------------- (v.mT @ a.mT).mT
+# The weights as the right operand, transposed: (v^T a^T)^T = a v. Near miss: (v.mT @ a).mT sums
+# over the query axis of the weights (a^T v): refused as an attention lookalike.
+
+
+class ValuesFirst(torch.nn.Module):
+    def __init__(self, transposed=True, normalise=True):
+        super().__init__()
+        self.transposed, self.normalise = transposed, normalise
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = (q @ k.mT) * 0.5
+        a = (1 + s + 0.5 * s * s).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0.0)
+        o = (v.mT @ (a.mT if self.transposed else a)).mT
+        return o / (a.sum(-1, keepdim=True) + 1e-6) if self.normalise else o
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_values_first_transposed_product_is_rewritten(normalise, dynamic):
+    ex = explain(ValuesFirst(normalise=normalise))
+    assert len(ex.sites) == 1 and ex.sites[0].spec.normalize == normalise, ex
+    recorder = compile_and_compare(ValuesFirst(normalise=normalise), dynamic=dynamic)
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_values_first_product_over_the_query_axis_is_refused():
+    ex = explain(ValuesFirst(transposed=False, normalise=False))
+    assert not ex.sites and [r.category for r in ex.refusals] == ["unsupported"], ex
+    recorder = compile_and_compare(ValuesFirst(transposed=False, normalise=False))
+    assert not any(recorder.sites())

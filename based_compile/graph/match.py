@@ -444,18 +444,58 @@ class Matcher:
 
     # ------------------------------------------------------------------ sites
 
+    def _weights_transposed(self, node) -> Weights:
+        """The weights read through views that put the key axis before the query axis (``a.mT`` as the
+        right operand of ``v.mT @ a.mT``), without reading the swap as the scores of (k, q)."""
+        chain = []
+        while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+            chain.append(node)
+            node = node.args[0]
+        if not chain or not isinstance(node, fx.Node):
+            raise NotACandidate("not transposed weights")
+        w = self.weights(node)
+        axes = w.axes
+        for view in reversed(chain):
+            axes = tuple(track_axis(view, a) for a in axes)
+            if None in axes:
+                raise NotACandidate("a view merges or splits the [T, T] axes of the weights")
+        return replace(w, shape=hint_shape(chain[0]), axes=axes)
+
     def match_quadratic(self, bmm: fx.Node) -> Match:
         a_node = bmm.args[0]
-        w = self.weights(a_node)
+        try:
+            w = self.weights(a_node)
+        except NotACandidate:
+            return self._match_transposed(bmm)
         if w.scores is bmm:
             raise NotACandidate("scores")
-        if w.tk is not None and polynomial.degree(w.poly) < 2:
-            raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
         if w.axes != (1, 2):
             raise NotACandidate("the matmul does not contract the weights over the key axis")
         v_operand = walk_operand(self.gm, bmm.args[1], through_scalars=False)
+        return self._match_tail(bmm, w, v_operand, view_chain(bmm))
+
+    def _match_transposed(self, bmm: fx.Node) -> Match:
+        """(v^T @ W^T)^T = W @ v: the weights transposed as the right operand; the output is the first
+        view of the product with the query axis back before the value axis."""
+        w = self._weights_transposed(bmm.args[1])
+        if w.axes != (2, 1):
+            raise NotACandidate("the matmul does not contract transposed weights over the key axis")
+        chain, axis = view_chain(bmm), 2
+        for i, node in enumerate(chain[1:], 1):
+            axis = track_axis(node, axis)
+            if axis is None:
+                raise NotACandidate("a view merges the query axis of the transposed product")
+            if len(hint_shape(node)) == 4 and axis == 2:
+                break
+        else:
+            raise NotACandidate("the transposed product is not transposed back")
+        v_operand = walk_operand(self.gm, bmm.args[0], through_scalars=False)
+        return self._match_tail(bmm, replace(w, axes=(1, 2)), v_operand, chain[i:])
+
+    def _match_tail(self, bmm: fx.Node, w: Weights, v_operand, path: list) -> Match:
+        if w.tk is not None and polynomial.degree(w.poly) < 2:
+            raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
         v = v_operand.source
-        path = view_chain(bmm)
         found = self._find_normaliser(path)
         normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
         start = bmm
@@ -467,7 +507,7 @@ class Matcher:
                 raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
                                             f"{w.describe()}", start)
             normalize = True
-        output = pick_output(start)
+        output = pick_output(start) if start is not bmm or path[0] is bmm else path[0]
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
         return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives,
