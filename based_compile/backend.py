@@ -111,6 +111,21 @@ def _refuse_context_parallel(compiled, report: Explanation):
     return run
 
 
+def _checkpointed_sites_outside_context_parallel(compiled):
+    """``compiled`` for a graph with sites rewritten inside a ``torch.utils.checkpoint`` body: under
+    ``based_compile.context_parallel`` (untested there: the recomputation would exchange states
+    again inside the compiled graph's own checkpoint) it raises instead of running."""
+
+    def run(*args):
+        if context_parallel.active():
+            raise RuntimeError(
+                "based_compile.context_parallel: this compiled graph holds attention rewritten inside a "
+                "torch.utils.checkpoint call in the compiled code, which context parallelism does not support "
+                "yet; checkpoint around the compiled block instead (see the README).")
+        return compiled(*args)
+    return run
+
+
 # Exceptions an inner compiler raises to make Dynamo restart or skip, which must reach Dynamo.
 _RESTARTS = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame, torch._dynamo.exc.ResetRequired)
 
@@ -161,6 +176,8 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
                     report.add_refusal(Refusal(source, "unsupported", reason))
             else:
                 compiled = guard_buffers(compiled, result.baked, example_inputs) if result.baked else compiled
+                if result.bodies:
+                    compiled = _checkpointed_sites_outside_context_parallel(compiled)
         return _refuse_context_parallel(compiled, report) if report.refusals else compiled
 
     def based(gm: fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):

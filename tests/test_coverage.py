@@ -358,3 +358,48 @@ def test_values_first_product_over_the_query_axis_is_refused():
     assert not ex.sites and [r.category for r in ex.refusals] == ["unsupported"], ex
     recorder = compile_and_compare(ValuesFirst(transposed=False, normalise=False))
     assert not any(recorder.sites())
+
+
+# --------------------------------------------------------------------------- the non-causal state product
+# o = phi(q) @ (phi(k)^T @ v) (or an einsum for the state), den = phi(q) @ phi(k).sum(t) or
+# (phi(q) * phi(k).sum(t, keepdim=True)).sum(f): the quadratic form without a mask, read as one site.
+# Near misses: a normaliser over running sums (causal) against a numerator over all keys; an
+# elementwise-square feature map.
+
+
+class StateProduct(torch.nn.Module):
+    def __init__(self, num="matmul", den="matmul", defect=None):
+        super().__init__()
+        self.num, self.den, self.defect = num, den, defect
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q, "square" if self.defect == "square" else None), _phi(k, "square" if self.defect == "square" else None)
+        if self.num == "matmul":
+            o = qf @ (kf.transpose(-2, -1) @ v)
+        else:
+            o = qf @ torch.einsum("bhtf,bhtd->bhfd", kf, v)
+        ksum = kf.cumsum(2) if self.defect == "running" else kf.sum(2, keepdim=True)
+        if self.den == "none":
+            return o
+        if self.den == "matmul" and self.defect != "running":
+            den = qf @ kf.sum(2).unsqueeze(-1)
+        else:
+            den = (qf * ksum).sum(-1, keepdim=True)
+        return o / (den + 1e-6)
+
+
+@pytest.mark.parametrize("num,den", [("matmul", "matmul"), ("einsum", "mul_sum"), ("einsum", "none")])
+def test_noncausal_state_product_is_rewritten(num, den):
+    ex = explain(StateProduct(num, den))
+    assert len(ex.sites) == 1 and not ex.sites[0].spec.causal, ex
+    assert ex.sites[0].spec.normalize == (den != "none"), ex
+    recorder = compile_and_compare(StateProduct(num, den))
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+@pytest.mark.parametrize("defect,category", [("running", "normaliser"), ("square", "feature_map")])
+def test_noncausal_state_product_near_misses_are_refused(defect, category):
+    ex = explain(StateProduct("matmul", "mul_sum", defect))
+    assert not ex.sites and category in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(StateProduct("matmul", "mul_sum", defect))
+    assert not any(recorder.sites())

@@ -19,7 +19,8 @@ import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output
-from .canonicalize import VIEW_OPS, hint_shape, live_users, scalar_factor, scalar_value, shape_of, walk_operand
+from .canonicalize import (VIEW_OPS, hint_shape, live_users, scalar_factor, scalar_value, shape_of, track_axis,
+                           walk_operand)
 from .feature_map import other_readings, pair_feature_maps, read_feature_map
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
@@ -195,5 +196,169 @@ def match_linear(matcher, state: fx.Node):
                 lengths=(length, length))
     match = matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
                             num, start)
+    return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
+                   k_alternatives=other_readings(gm, cat_k, phi_k), v_alternatives=v_walk.alternatives)
+
+
+# ---------------------------------------------------------------------- the non-causal state product
+#
+#     o = phi(q) @ (phi(k)^T @ v)          (or phi(q) @ einsum('bhtf,bhtd->bhfd', phi(k), v))
+#     den = phi(q) @ phi(k).sum(t)[..., None] + eps   (or (phi(q) * phi(k).sum(t, keepdim=True)).sum(f))
+#
+# is (phi(q) phi(k)^T) v, the quadratic form without a mask: it becomes the same Match.
+
+
+def _chain_to(gm, node, base):
+    """(views from ``base`` up to ``node``, outermost first; scalar factor) when ``node`` is ``base``
+    through views and scalar factors, else None."""
+    views, factor = [], 1.0
+    while node is not base:
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+            views.append(node)
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node)
+        if scaled is None:
+            return None
+        factor *= scaled[1]
+        node = scaled[0]
+    return views, factor
+
+
+def _track(views, axes):
+    """Where ``axes`` of the base land after ``views`` (outermost first), or None."""
+    for view in reversed(views):
+        axes = tuple(track_axis(view, a) for a in axes)
+        if None in axes:
+            return None
+    return axes
+
+
+def _feature_operand(gm, node):
+    """(map, cat, factor, (time axis, feature axis) in ``node``) when ``node`` is a feature map through
+    views and scalar factors, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    walked = walk_operand(gm, node)
+    phi = read_feature_map(gm, walked.stop) if walked.stop.op == "call_function" else None
+    if phi is None:
+        return None
+    chain = _chain_to(gm, node, walked.stop)
+    rank = len(hint_shape(walked.stop))
+    axes = _track(chain[0], (rank - 2, rank - 1)) if chain is not None else None
+    if axes is None:
+        return None
+    return phi, walked.stop, chain[1], axes
+
+
+def _key_sum(gm, node):
+    """(cat, factor, time axis summed) for phi(k) summed over one axis (through views), else None."""
+    inner = _strip_views(node)
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target is not aten.sum.dim_IntList \
+            or len(inner.args) < 2 or inner.args[1] is None or len(inner.args[1]) != 1:
+        return None
+    found = _feature_operand(gm, inner.args[0])
+    if found is None:
+        return None
+    phi, cat, factor, (time, _feature) = found
+    rank = len(hint_shape(inner.args[0]))
+    return cat, factor, inner.args[1][0] % rank == time
+
+
+def _state_normaliser(gm, node, cat_q, cat_k):
+    """eps, inverted of den = phi(q) . sum_t phi(k) + eps (a matmul or a product summed over the
+    features), else NotACandidate; Refused for a sum over another axis."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        raise NotACandidate("not a normaliser")
+    if node.target in VIEW_OPS:
+        return _state_normaliser(gm, node.args[0], cat_q, cat_k)
+    if node.target is aten.add.Tensor:
+        c = scalar_value(gm, node.args[1])
+        if c is None:
+            raise NotACandidate("sum of tensors")
+        eps, inverted = _state_normaliser(gm, node.args[0], cat_q, cat_k)
+        if inverted:
+            raise Refused("normaliser", "eps is added after the reciprocal", node)
+        return eps + c * float(node.kwargs.get("alpha", 1)), inverted
+    if node.target is aten.reciprocal.default:
+        eps, inverted = _state_normaliser(gm, node.args[0], cat_q, cat_k)
+        return eps, not inverted
+    if node.target is aten.bmm.default:
+        q_side = _feature_operand(gm, node.args[0])
+        k_sum = _key_sum(gm, node.args[1])
+        if q_side is None or q_side[1] is not cat_q or q_side[3][1] != 2 or k_sum is None:
+            raise NotACandidate("not phi(q) @ sum phi(k)")
+        if k_sum[0] is not cat_k or not k_sum[2] or q_side[2] * k_sum[1] != 1.0:
+            raise Refused("normaliser", "the normaliser is not phi(q) . sum over time of the numerator's phi(k)",
+                          node)
+        return 0.0, False
+    try:
+        kind, eps, inverted = _normaliser(gm, node, cat_q, cat_k)
+    except NotACandidate:
+        raise
+    if kind != "total":
+        raise Refused("normaliser", "the normaliser is a running sum over time but the numerator sums over "
+                                    "all keys: they do not sum the same weights", node)
+    return eps, inverted
+
+
+def match_state_product(matcher, bmm: fx.Node):
+    """phi(q) @ (phi(k)^T @ v): the non-causal linear form, as a Match (Refused / NotACandidate)."""
+    gm = matcher.gm
+    q_side = _feature_operand(gm, bmm.args[0])
+    if q_side is None:
+        raise NotACandidate("the left operand is not a feature map")
+    phi_q, cat_q, factor_q, (q_time, q_feature) = q_side
+    if (q_time, q_feature) != (1, 2):
+        raise NotACandidate("the product does not contract phi(q) over its features")
+    inner = bmm.args[1]
+    views, factor_s = [], 1.0
+    while isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is not aten.bmm.default:
+        if inner.target in VIEW_OPS:
+            views.append(inner)
+            inner = inner.args[0]
+            continue
+        scaled = scalar_factor(gm, inner)
+        if scaled is None:
+            raise NotACandidate("the right operand is not a state product")
+        factor_s *= scaled[1]
+        inner = scaled[0]
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or _track(views, (1,)) != (1,):
+        raise NotACandidate("the right operand is not a state product over the features")
+    k_side = _feature_operand(gm, inner.args[0])
+    if k_side is None:
+        raise NotACandidate("the state does not sum phi(k)")
+    phi_k, cat_k, factor_k, (k_time, k_feature) = k_side
+    if (k_time, k_feature) != (2, 1):
+        raise Refused("feature_map", "the state contracts phi(k) over its features, not over time", bmm)
+    t, tk = hint_shape(cat_q)[-2], hint_shape(cat_k)[-2]
+    if t != tk:
+        raise NotACandidate("queries and keys of different lengths")
+    v_walk = walk_operand(gm, inner.args[1], through_scalars=False)
+    poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k * factor_s)
+
+    normalize, eps, start = False, 0.0, bmm
+    end = _forward_through_views(bmm)
+    for user in list(end.users):
+        if user.op != "call_function" or user.target not in (aten.div.Tensor, aten.mul.Tensor):
+            continue
+        if user.args[0] is not end and user.target is aten.div.Tensor:
+            continue
+        other = user.args[1] if user.args[0] is end else user.args[0]
+        try:
+            eps, inverted = _state_normaliser(gm, other, cat_q, cat_k)
+        except NotACandidate:
+            continue
+        if inverted != (user.target is aten.mul.Tensor):
+            raise Refused("normaliser", "the output is multiplied by the normaliser instead of divided", user)
+        normalize, start = True, user
+        break
+    length = size_expr(shape_of(cat_q)[-2])
+    w = Weights(poly, None, False, bmm, phi_q.source, phi_k.source, "feature-map linear (state product)", None, t,
+                lengths=(length, length))
+    match = matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v_walk.source, normalize,
+                            eps, bmm, start)
     return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
                    k_alternatives=other_readings(gm, cat_k, phi_k), v_alternatives=v_walk.alternatives)

@@ -33,7 +33,7 @@ from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scal
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import other_readings, pair_feature_maps, read_feature_map
 from . import kv_mask
-from .linear_form import match_linear
+from .linear_form import match_linear, match_state_product
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
@@ -466,7 +466,10 @@ class Matcher:
         try:
             w = self.weights(a_node)
         except NotACandidate:
-            return self._match_transposed(bmm)
+            try:
+                return self._match_transposed(bmm)
+            except NotACandidate:
+                return match_state_product(self, bmm)
         if w.scores is bmm:
             raise NotACandidate("scores")
         if w.axes != (1, 2):
