@@ -189,8 +189,8 @@ def compilers(dry: bool):
 
 def layer_benchmark(args, device, timer, bandwidth, results):
     comp = compilers(args.dry)
-    # Default dynamism: B and T become dynamic when they change (dynamic=True would also make Dk symbolic,
-    # and the scale q.shape[-1] ** -0.5 with it, which the pass rightly does not rewrite as a constant).
+    # Default dynamism: B and T become dynamic when they change (dynamic=True would also make Dk symbolic;
+    # the pass then specialises Dk for the scale q.shape[-1] ** -0.5: tests/test_dynamic_dk.py).
     fns = {"eager_kv": kv_cache_step, "inductor_kv": comp["inductor"](kv_cache_step),
            "based_kv": comp["based"](kv_cache_step),
            "eager_rec": recurrent_step, "inductor_rec": comp["inductor"](recurrent_step),

@@ -260,3 +260,53 @@ def test_linear_form_with_states_under_dynamic_true(fn):
         calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
         assert calls >= 1, f"T={t}: not rewritten"
         _assert_same(got, want, 1e-10, f"T={t}")
+
+
+# ------------------------------------------------------------------- a prefill continued from initial states
+# The states of an earlier part (kv0 [B, H, F, Dv], k0 [B, H, F]) carried into this prefill.
+
+def _initial_states(args):
+    g = torch.Generator().manual_seed(5)
+    f = 1 + D + D * D
+    return (torch.randn(2, H, f, DV, generator=g, dtype=torch.float64) * 0.1,
+            torch.rand(2, H, f, generator=g, dtype=torch.float64) + 1.0)
+
+
+def linear_continued(q, k, v, kv0, k0):                   # the running sums start from the initial states
+    pq, pk = phi(q), phi(k)
+    kv = kv0.unsqueeze(2) + torch.cumsum(pk.unsqueeze(-1) * v.unsqueeze(-2), dim=2)
+    ks = k0.unsqueeze(2) + torch.cumsum(pk, dim=2)
+    y = (pq.unsqueeze(-1) * kv).sum(-2) / ((pq * ks).sum(-1, keepdim=True) + 1e-6)
+    return y, kv[:, :, -1], ks[:, :, -1]
+
+
+def quadratic_continued(q, k, v, kv0, k0):                # the quadratic form plus phi(q) times the initial states
+    pq, pk = phi(q), phi(k)
+    a = torch.tril(pq @ pk.transpose(-2, -1))
+    num = a @ v + pq @ kv0
+    den = a.sum(-1, keepdim=True) + (pq * k0.unsqueeze(2)).sum(-1, keepdim=True)
+    return num / (den + 1e-6), kv0 + torch.einsum("bhtf,bhtd->bhfd", pk, v), k0 + pk.sum(2)
+
+
+def test_prefill_continued_from_initial_states():
+    """The quadratic spelling is rewritten (its attention and the added states run
+    based::attention_with_state; phi(q) kv0 stays PyTorch): exact against eager. The linear spelling
+    (running sums from the initial states) is refused with the reason (it was neither rewritten nor
+    refused: zero sites, zero refusals)."""
+    args = _inputs(None, "BHTD")
+    args = (*args, *_initial_states(args))
+    with torch.no_grad():
+        want = quadratic_continued(*args)
+    got, with_state, _ = _run(quadratic_continued, args)
+    assert with_state >= 1
+    _assert_same(got, want, 1e-10, "quadratic_continued")
+    e = based_compile.explain(quadratic_continued, *args)
+    assert len(e.sites) == 1 and "final state" in e.sites[0].form, str(e)
+
+    with torch.no_grad():
+        want = linear_continued(*args)
+    got, with_state, plain = _run(linear_continued, args)
+    assert with_state == 0 and plain == 0
+    _assert_same(got, want, 1e-13, "linear_continued")
+    e = based_compile.explain(linear_continued, *args)
+    assert not e.sites and any(r.category == "unsupported" and "initial state" in r.reason for r in e.refusals), str(e)

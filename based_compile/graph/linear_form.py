@@ -160,6 +160,12 @@ def match_linear(matcher, state: fx.Node):
             any(_strip_views(arg) is kv for arg in consumer.args[:2] if isinstance(arg, fx.Node)):
         raise Refused("mask", "the running sums leave out (or add) the current token: a shifted causal mask",
                       consumer)
+    if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and state_kind == "cumsum":
+        raise Refused("unsupported", "the running sum of phi(k)^T v is added to another tensor (kv_state0 + "
+                                     "cumsum(...): a prefill continued from an initial state): the linear form is not "
+                                     "rewritten from an initial state; written as the quadratic form plus "
+                                     "phi(q) kv_state0 and phi(q) . k_state0, its attention and returned states are",
+                      consumer)
     if consumer.target is not aten.mul.Tensor:
         raise NotACandidate("the state is not contracted with phi(q)")
     (phi_q, cat_q, factor_q), _ = _feature_side(gm, consumer.args[0], consumer.args[1])
