@@ -169,6 +169,13 @@ def test_grouped_query_states_per_kv_head(op, group, normalize):
     _check_grouped(2, 2, group, 4, 5, normalize=normalize, op=op, dtype=torch.float64 if op else torch.float32)
 
 
+def test_grouped_query_several_value_blocks():
+    """Few rows: Dv is split into blocks of 16 (three programs per query row, only the first query
+    row's programs write the states, the first block the key state); a poisoned element fails."""
+    _check_grouped(1, 1, 2, 3, 40)
+    _check_grouped(1, 2, 2, 3, 33, normalize=False, with_k_state=False)
+
+
 @pytest.mark.parametrize("op", [False, True], ids=["kernel", "op"])
 def test_unnormalised_without_key_state(op):
     _check_grouped(2, 3, 1, 4, 6, normalize=False, with_k_state=False, op=op)
