@@ -36,8 +36,9 @@ LOSS_TOLERANCE = 1e-5        # float32, over --steps steps, against one process 
 EFFICIENCY_BAR = 0.9
 
 
-def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=CONFIGS):
-    """(label, train kwargs) per run, most important first."""
+def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=CONFIGS, placements=("model",)):
+    """(label, train kwargs) per run, most important first; DDP and FSDP2 once per compile placement
+    (examples/distributed_training.PLACEMENTS), the single-GPU runs compile the whole model."""
     runs = []
     for dtype, seqlen in configs:
         first = (dtype, seqlen) == CONFIGS[0]
@@ -46,8 +47,11 @@ def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=
         if first:
             runs.append((dict(key, run="single (global batch)"), dict(kw, mode="single", batch=per_gpu_batch * world)))
         runs.append((dict(key, run="single (per-GPU batch)"), dict(kw, mode="single", batch=per_gpu_batch)))
-        for mode in ("ddp", "fsdp2"):
-            runs.append((dict(key, run=f"{mode} x{world}"), dict(kw, mode=mode, batch=per_gpu_batch * world)))
+        for placement in placements:
+            suffix = "" if placement == "model" else f" ({placement} compiled)"
+            for mode in ("ddp", "fsdp2"):
+                runs.append((dict(key, run=f"{mode} x{world}{suffix}"),
+                             dict(kw, mode=mode, batch=per_gpu_batch * world, placement=placement)))
     return runs
 
 
@@ -57,7 +61,7 @@ def rows_of(labels, results, world: int) -> list[dict]:
     by = {(r["dtype"], r["T"], r["run"]): r for r in rows}
     reference = by.get(("float32", CONFIGS[0][1], "single (global batch)"))
     for r in rows:
-        if "step_s" not in r or not r["run"].endswith(f"x{world}"):
+        if "step_s" not in r or f" x{world}" not in r["run"]:
             continue
         small = by.get((r["dtype"], r["T"], "single (per-GPU batch)"), {})
         if "step_s" in small:
@@ -69,17 +73,21 @@ def rows_of(labels, results, world: int) -> list[dict]:
 
 
 def table(rows: list[dict], layers: int) -> str:
-    lines = ["| dtype | T | run | step ms | efficiency | max abs loss diff | based::attention calls per forward |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| dtype | T | run | step ms | host ms | host waits | efficiency | max abs loss diff "
+             "| based::attention calls per forward |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "step_s" not in r:
             why = r.get("skipped") or r.get("error", "?")
-            lines.append(f"| {r['dtype']} | {r['T']} | {r['run']} | {why} | | | |")
+            lines.append(f"| {r['dtype']} | {r['T']} | {r['run']} | {why} | | | | | |")
             continue
         eff = f"{r['efficiency']:.2f}" if "efficiency" in r else ""
         diff = f"{r['max_loss_diff']:.1e}" if "max_loss_diff" in r else ("0 (reference)" if "global" in r["run"] else "")
         calls = f"{r['based_calls']}" + ("" if r["based_calls"] == layers else f" (of {layers})")
-        lines.append(f"| {r['dtype']} | {r['T']} | {r['run']} | {r['step_s'] * 1e3:.1f} | {eff} | {diff} | {calls} |")
+        host = f"{r['host_s'] * 1e3:.1f}" if "host_s" in r else ""
+        waits = "" if r.get("syncs") is None else f"{r['syncs']}"
+        lines.append(f"| {r['dtype']} | {r['T']} | {r['run']} | {r['step_s'] * 1e3:.1f} | {host} | {waits} | {eff} "
+                     f"| {diff} | {calls} |")
     return "\n".join(lines)
 
 
@@ -110,6 +118,9 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(f"{d}:{t}" for d, t in CONFIGS),
                    help="comma-separated dtype:T pairs, a subset of the default (the float32:2048 one is the loss check)")
     p.add_argument("--budget-s", type=float, default=None, help="start no run that would end after this many seconds")
+    p.add_argument("--placements", default="model",
+                   help="comma-separated compile placements of the DDP and FSDP2 runs: model (torch.compile of the "
+                        "wrapped model), blocks (each block compiled before wrapping)")
     args = p.parse_args()
     if args.world < 2 or torch.cuda.device_count() < args.world:
         sys.exit(f"needs {max(args.world, 2)} GPUs, found {torch.cuda.device_count()}")
@@ -122,7 +133,10 @@ def main() -> None:
         if dtype not in ("float32", "bfloat16") or not seqlen.isdigit():
             p.error(f"--configs: {item!r} is not dtype:T with dtype float32 or bfloat16")
         configs.append((dtype, int(seqlen)))
-    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs)
+    placements = tuple(args.placements.split(","))
+    if not set(placements) <= set(dt.PLACEMENTS):
+        p.error(f"--placements: each must be one of {dt.PLACEMENTS}, got {args.placements!r}")
+    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs, placements)
     deadline = start + args.budget_s if args.budget_s else None
     # First the interconnect: an all-reduce's bus bandwidth bounds what a short step can scale to.
     results = dt.run_distributed_many(args.world, "cuda", [dict(mode="allreduce")] + [kw for _, kw in runs],

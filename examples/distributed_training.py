@@ -10,11 +10,13 @@ loss a single process sees on the whole batch, so the two can be compared step b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import socket
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from naive_based_lm import BasedLM  # noqa: E402
 
 MODES = ("single", "ddp", "fsdp2")
+# Where torch.compile goes: "model" compiles the wrapped model (Dynamo graph-breaks at FSDP2's hooks,
+# and under DDP its optimizer splits the graph at the gradient buckets); "blocks" compiles each
+# block before wrapping (what PyTorch recommends for FSDP2, and its docs for DDP: compile the modules
+# inside the wrapper); the embedding, final norm and LM head then run eagerly.
+PLACEMENTS = ("model", "blocks")
 # Parameters of 10.7 MB in float64, so that DDP's graph splitting cuts it at small bucket caps:
 # at 1 MB between each block's k and v projections, at 1.1 MB between q and k (tests/test_distributed.py).
 MODEL = dict(vocab_size=64, d_model=256, n_layers=2, n_heads=4, feature_dim=16, max_len=256, conv_size=0)
@@ -60,13 +67,16 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
         from torch.nn.parallel import DistributedDataParallel as DDP
         # Dynamo's DDP optimizer cuts the graph where DDP's gradient buckets end (a first bucket of
         # 1 MB, the smallest cap it accepts, then bucket_cap_mb each), so there are several pieces.
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_cap_mb)
+        # gradient_as_bucket_view: the gradients are views into the all-reduce buckets (no copy back).
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_cap_mb,
+                   gradient_as_bucket_view=True)
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         fully_shard = _fully_shard()
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
+        for i, block in enumerate(model.blocks):
+            # The last block's parameters stay gathered after the forward: the backward starts with them.
+            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(model.blocks) - 1)
         fully_shard(model, mesh=mesh)
         return model
     return model
@@ -74,21 +84,26 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
 
 def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int, batch: int, seqlen: int,
           dtype=torch.float32, inner="inductor", compile=True, model_kwargs=None, lr: float = 0.05,
-          bucket_cap_mb: float = DDP_BUCKET_CAP_MB, explain: bool = False):
-    """Train ``steps`` steps under ``backend=based_compile.backend(inner=inner)`` (eagerly if not ``compile``).
+          bucket_cap_mb: float = DDP_BUCKET_CAP_MB, explain: bool = False, placement: str = "model"):
+    """Train ``steps`` steps under ``backend=based_compile.backend(inner=inner)`` (eagerly if not ``compile``),
+    compiled where ``placement`` says (PLACEMENTS).
 
     Returns a dict: ``losses`` (averaged over ranks), ``step_s`` (median step seconds),
     ``graphs`` (how many graphs Dynamo handed to the backend: more than one when DDP's graph
     splitting is on) and ``based_calls`` (``based::attention`` calls in the last step's forward).
+    On CUDA also ``host_s``: the median time the host took to issue a step (up to the synchronize
+    that ends it; close to ``step_s``, the step is bound by the host, not the GPU) and ``syncs``:
+    the host waits for the GPU (``torch.cuda.set_sync_debug_mode``) in the second step.
     With ``explain``, also ``explanation`` (``based_compile.explain`` of the wrapped model, as text),
     ``explained_sites`` and ``cut_sites`` (sites DDP's graph splitting cuts across pieces).
     """
     import based_compile
 
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     torch._dynamo.reset()
     model_kwargs = dict(MODEL if model_kwargs is None else model_kwargs)
     model = build_model(model_kwargs, dtype, device)
-    model = wrap(model, mode, device, bucket_cap_mb)
     based = based_compile.backend(inner=inner)
     graphs = []
 
@@ -97,24 +112,33 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
         graphs.append(gm)
         return based(gm, example_inputs, **kwargs)
 
-    compiled = torch.compile(model, backend=counting_backend) if compile else model
+    if compile and placement == "blocks":
+        for block in model.blocks:
+            block.compile(backend=counting_backend)
+    model = wrap(model, mode, device, bucket_cap_mb)
+    compiled = torch.compile(model, backend=counting_backend) if compile and placement == "model" else model
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     per_rank = batch // world
-    losses, times, based_calls = [], [], 0
+    losses, times, host_times, based_calls, syncs = [], [], [], 0, None
     for step in range(steps):
         tokens = global_batch(step, batch, seqlen, model_kwargs["vocab_size"])
         tokens = tokens[rank * per_rank:(rank + 1) * per_rank].to(device)
-        start = time.perf_counter()
-        if step == steps - 1:
-            logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
-        else:
-            logits = compiled(tokens[:, :-1])
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        checking = device.type == "cuda" and step == 1
+        with count_syncs() if checking else contextlib.nullcontext([]) as waits:
+            start = time.perf_counter()
+            if step == steps - 1:
+                logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
+            else:
+                logits = compiled(tokens[:, :-1])
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        host_times.append(time.perf_counter() - start)
+        if checking:
+            syncs = len(waits)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
@@ -128,7 +152,11 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     # counts based::attention calls, which slows a short step by tens of percent).
     times = sorted(times[1:-1] or times[1:] or times)
     result = dict(losses=losses, step_s=times[len(times) // 2], step_times_s=step_times, graphs=len(graphs),
-                  based_calls=based_calls)
+                  based_calls=based_calls, placement=placement)
+    if device.type == "cuda":
+        # The second step (sync check) is left out too: a warning per wait costs host time.
+        host = sorted(host_times[2:-1] or host_times[1:] or host_times)
+        result.update(host_s=host[len(host) // 2], syncs=syncs)
     if explain:
         tokens = global_batch(0, batch, seqlen, model_kwargs["vocab_size"])[rank * per_rank:(rank + 1) * per_rank]
         with torch.no_grad():
@@ -136,6 +164,21 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
         result.update(explanation=str(explanation), explained_sites=len(explanation.sites),
                       cut_sites=sum("cuts this site" in site.piece for site in explanation.sites))
     return result
+
+
+@contextlib.contextmanager
+def count_syncs():
+    """The places where the host waits for the GPU meanwhile (a list of warning texts), from
+    ``torch.cuda.set_sync_debug_mode("warn")`` (``.item()``, host copies, ``nonzero``, synchronize)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        waits = []
+        try:
+            yield waits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            waits.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
 
 
 def count_based_calls(fn):
@@ -233,10 +276,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="global batch (split over ranks)")
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--bucket-cap-mb", type=float, default=DDP_BUCKET_CAP_MB, help="DDP's bucket_cap_mb")
+    p.add_argument("--placement", choices=PLACEMENTS, default="model",
+                   help="compile the wrapped model, or each block before wrapping")
     args = p.parse_args()
     kw = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen)
     ref = train("single", 0, 1, torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"), **kw)
-    out = run_distributed(args.mode, args.world, args.device, bucket_cap_mb=args.bucket_cap_mb, **kw)
+    out = run_distributed(args.mode, args.world, args.device, bucket_cap_mb=args.bucket_cap_mb,
+                          placement=args.placement, **kw)
     for step, r in enumerate(ref["losses"]):
         print(f"step {step}: single {r:.6f}  {args.mode} x{args.world} {out[0]['losses'][step]:.6f}")
     print(f"median step: single {ref['step_s'] * 1e3:.1f} ms, {args.mode} x{args.world} "
