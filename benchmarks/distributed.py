@@ -6,12 +6,17 @@ On N GPUs (NCCL), one spawn of N ranks runs, in this order (most important first
   bfloat16 at T=2048, then float32 and bfloat16 at T=8192: the per-GPU single process, DDP and
       FSDP2 (``--timing-steps`` steps).
 Each row: median step time (leaving out the first step, which compiles, and the last, which runs
-under the profiler that counts the calls), ``based::attention`` calls in a forward
+under the profiler that counts the calls), the host's median time to issue a step (up to the
+synchronize that ends it: close to the step time, the host, not the GPU, sets the pace) and its
+waits for the GPU in the second step (``torch.cuda.set_sync_debug_mode``), ``based::attention`` calls in a forward
 (every layer must be rewritten), the losses' largest difference from one process on the global
 batch (float32, T=2048), and weak-scaling efficiency = step time of one GPU at the per-GPU
 batch / step time of N GPUs (1.0: perfect). The "single" runs execute on every rank at once, each
 on its own GPU (rank 0's numbers are reported). ``--budget-s`` stops starting runs that would
 not finish in time (they are reported as skipped). DDP runs at its default bucket cap (25 MB).
+After the table, one line per run about one more step under the CUDA profiler (GPU kernel time
+against wall time, launches, CUDA calls that can wait, the host's costliest operators).
+``--placements model,blocks`` also runs DDP and FSDP2 with each block compiled before wrapping.
 Keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here if unset).
 
     python benchmarks/distributed.py --world 2 [--out benchmarks/results] [--budget-s 240]
@@ -91,6 +96,23 @@ def table(rows: list[dict], layers: int) -> str:
     return "\n".join(lines)
 
 
+def profiles(rows: list[dict]) -> str:
+    """One line per run about its profiled step: is the GPU busy for the whole step (kernel time close
+    to the wall time), or does the host issue work slower than the GPU runs it (host ms close to step
+    ms, GPU kernels far below), and what the host waits on and spends its time in."""
+    lines = ["Profiled step (one more step under the CUDA profiler): wall ms, GPU kernel ms (summed over "
+             "streams), launches, CUDA calls that can make the host wait, host's top operators by self ms"]
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        top = ", ".join(f"{k} {v}" for k, v in list(prof["top_host_ms"].items())[:4])
+        lines.append(f"  {r['dtype']} T={r['T']} {r['run']}: wall {prof['wall_s'] * 1e3:.1f}, GPU kernels "
+                     f"{prof['gpu_kernels_s'] * 1e3:.1f}, launches {prof['launches']}, waits {prof['waiting_calls']}; "
+                     f"host: {top}")
+    return "\n".join(lines)
+
+
 def verdicts(rows: list[dict], world: int, layers: int) -> list[str]:
     out = []
     for r in rows:
@@ -152,6 +174,7 @@ def main() -> None:
                 r[f"based_calls_rank{rank}"] = o["based_calls"]
     text = table(rows, layers)
     print(text)
+    print(profiles(rows))
     for line in verdicts(rows, args.world, layers):
         print(line)
     import triton

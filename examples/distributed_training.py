@@ -120,22 +120,28 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     per_rank = batch // world
     losses, times, host_times, based_calls, syncs = [], [], [], 0, None
+
+    def forward_backward_step(tokens, count=False):
+        nonlocal based_calls
+        if count:
+            logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
+        else:
+            logits = compiled(tokens[:, :-1])
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
     for step in range(steps):
         tokens = global_batch(step, batch, seqlen, model_kwargs["vocab_size"])
         tokens = tokens[rank * per_rank:(rank + 1) * per_rank].to(device)
         checking = device.type == "cuda" and step == 1
         with count_syncs() if checking else contextlib.nullcontext([]) as waits:
             start = time.perf_counter()
-            if step == steps - 1:
-                logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
-            else:
-                logits = compiled(tokens[:, :-1])
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = forward_backward_step(tokens, count=step == steps - 1)
         host_times.append(time.perf_counter() - start)
         if checking:
             syncs = len(waits)
@@ -156,7 +162,8 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     if device.type == "cuda":
         # The second step (sync check) is left out too: a warning per wait costs host time.
         host = sorted(host_times[2:-1] or host_times[1:] or host_times)
-        result.update(host_s=host[len(host) // 2], syncs=syncs)
+        result.update(host_s=host[len(host) // 2], syncs=syncs,
+                      profile=profile_step(lambda: forward_backward_step(tokens), device))
     if explain:
         tokens = global_batch(0, batch, seqlen, model_kwargs["vocab_size"])[rank * per_rank:(rank + 1) * per_rank]
         with torch.no_grad():
@@ -179,6 +186,38 @@ def count_syncs():
         finally:
             torch.cuda.set_sync_debug_mode("default")
             waits.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
+
+
+# CUDA runtime calls that make the host wait (or may: cudaFree waits for the device), counted per step.
+WAITING_CUDA_CALLS = ("cudaMalloc", "cudaFree", "cudaDeviceSynchronize", "cudaStreamSynchronize",
+                      "cudaEventSynchronize", "cudaMemcpy", "cudaHostAlloc", "cudaStreamWaitEvent")
+
+
+def profile_step(step, device: torch.device, top: int = 8) -> dict:
+    """One more training step under the profiler (CPU and CUDA): its wall time, the GPU's kernel time
+    (summed over streams), the CUDA runtime calls that can make the host wait, the number of launches,
+    and the host's most expensive operators by self time (what a host-bound step spends its time on)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+
+    def self_device_us(a):
+        return getattr(a, "self_device_time_total", None) or getattr(a, "self_cuda_time_total", 0) or 0
+
+    kernels_us = sum(self_device_us(a) for a in averages if str(getattr(a, "device_type", "")).endswith("CUDA"))
+    calls = {a.key: a.count for a in averages}
+    host = sorted((a for a in averages if not str(getattr(a, "device_type", "")).endswith("CUDA")),
+                  key=lambda a: -a.self_cpu_time_total)[:top]
+    return dict(wall_s=wall, gpu_kernels_s=kernels_us / 1e6,
+                launches=sum(n for k, n in calls.items() if k in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                   "cuLaunchKernelEx", "cudaLaunchKernelExC")),
+                waiting_calls={k: calls[k] for k in WAITING_CUDA_CALLS if calls.get(k)},
+                top_host_ms={a.key: round(a.self_cpu_time_total / 1e3, 2) for a in host})
 
 
 def count_based_calls(fn):
