@@ -77,3 +77,16 @@ def test_fsdp2_rewrites_every_site(single):
             _same_losses(r, single)
     for i in range(len(dt.PLACEMENTS)):
         assert ranks[0][i]["losses"] == ranks[1][i]["losses"]
+
+
+def test_blocks_placement_compiles_one_graph_for_every_block():
+    """Compiling each block (the "blocks" placement) compiles the block once and reuses it for every
+    block (more blocks than Dynamo's recompile limit of 8, past which a block would run uncompiled and
+    unrewritten); every block runs based::attention, and the losses are the whole-model compile's."""
+    kw = dict(dt.MODEL, n_layers=10, d_model=32, n_heads=2, feature_dim=4)
+    run = dict(steps=2, batch=2, seqlen=12, dtype=torch.float64, inner="eager", model_kwargs=kw)
+    blocks = dt.train("single", 0, 1, torch.device("cpu"), placement="blocks", **run)
+    whole = dt.train("single", 0, 1, torch.device("cpu"), placement="model", **run)
+    assert blocks["based_calls"] == whole["based_calls"] == kw["n_layers"], (blocks, whole)
+    assert blocks["graphs"] == 1, blocks
+    torch.testing.assert_close(torch.tensor(blocks["losses"]), torch.tensor(whole["losses"]), rtol=0, atol=1e-10)
