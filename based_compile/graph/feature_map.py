@@ -93,11 +93,10 @@ def _monomial(gm, node: fx.Node, rank: int | None = None):
                                                   and any(s != 1 for s in hint_shape(a)) for a in stop.args[:2]):
             # (a product with a one-element tensor, q * self.scale, is an x of its own)
             ma, mb = _monomial(gm, stop.args[0], rank), _monomial(gm, stop.args[1], rank)
-            if ma is None or mb is None:
-                return None
-            if ma[2] is not None and mb[2] is not None and ma[2] is not mb[2]:
-                return None
-            return ma[0] + mb[0], factor * ma[1] * mb[1], ma[2] if ma[2] is not None else mb[2]
+            if ma is not None and mb is not None and (ma[2] is None or mb[2] is None or ma[2] is mb[2]):
+                return ma[0] + mb[0], factor * ma[1] * mb[1], ma[2] if ma[2] is not None else mb[2]
+            # Not a power of one tensor (q * weight, x * rsqrt(mean(x^2)): a norm before the map):
+            # the product itself is the x the map is a function of.
         if stop.target in (aten.pow.Tensor_Scalar, aten.square.default):
             n = 2.0 if stop.target is aten.square.default else scalar_value(gm, stop.args[1])
             inner = _monomial(gm, stop.args[0], rank)
@@ -214,7 +213,7 @@ def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:
                 and (stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)) in (-1, rank - 1):
             out += _pieces(gm, stop, rank, factor * f)
             continue
-        piece = _piece(gm, t) or _pairs_piece(gm, t, rank)
+        piece = _pairs_piece(gm, t, rank) or _piece(gm, t)      # (a product of two tensors is an x of its own in _piece)
         if piece is not None:
             piece = replace(piece, factor=piece.factor * factor, node=t)
         out.append(piece)
