@@ -139,3 +139,114 @@ def test_outer_product_of_x_with_a_weighted_x_is_refused():
     explanation = based_compile.explain(module, _inputs(12, 0))
     assert not explanation.sites and explanation.refusals, str(explanation)
     _check_against_eager(module, rewritten=False)
+
+
+class RecurrentBased(nn.Module):
+    """The "recurrent" (linear) path as Based repositories write it: the running sums of
+    phi(k) (x) v and phi(k) spelled with einsum, read out with einsum, GQA heads repeated."""
+
+    def __init__(self, num_heads=H, num_key_value_heads=H, readout="einsum", normaliser="einsum"):
+        super().__init__()
+        self.h, self.hkv = num_heads, num_key_value_heads
+        self.readout, self.normaliser = readout, normaliser
+        self.q_proj = nn.Linear(D_MODEL, FD * num_heads, bias=False)
+        self.k_proj = nn.Linear(D_MODEL, FD * num_key_value_heads, bias=False)
+        self.v_proj = nn.Linear(D_MODEL, HD * num_key_value_heads, bias=False)
+        self.o_proj = nn.Linear(HD * num_heads, D_MODEL, bias=False)
+        self.feature_map = TaylorExp(FD)
+
+    def forward(self, x):
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.h, FD).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.hkv, FD).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.hkv, HD).transpose(1, 2)
+        if self.hkv != self.h:
+            n = self.h // self.hkv
+            k = k[:, :, None].expand(b, self.hkv, n, l, FD).reshape(b, self.h, l, FD)
+            v = v[:, :, None].expand(b, self.hkv, n, l, HD).reshape(b, self.h, l, HD)
+        q, k = self.feature_map(q), self.feature_map(k)
+        kv = torch.einsum("bhnf,bhnd->bhnfd", k, v).cumsum(2)
+        if self.readout == "einsum":
+            y = torch.einsum("bhnf,bhnfd->bhnd", q, kv)
+        else:
+            y = (q.unsqueeze(-1) * kv).sum(-2)
+        if self.normaliser == "einsum":
+            z = 1 / (torch.einsum("bhnf,bhnf->bhn", q, k.cumsum(2)) + 1e-6)
+        elif self.normaliser == "broadcast":
+            z = 1 / ((q * k.cumsum(2)).sum(-1) + 1e-6)
+        elif self.normaliser == "near_total":               # sums every key: not the running sum
+            z = 1 / (torch.einsum("bhnf,bhnf->bhn", q, k.sum(2, keepdim=True).expand_as(k)) + 1e-6)
+        y = y * z[..., None]
+        return self.o_proj(y.transpose(1, 2).reshape(b, l, self.h * HD))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(num_heads=4, num_key_value_heads=2), dict(normaliser="broadcast"),
+    dict(readout="broadcast", normaliser="einsum"),
+], ids=["einsum", "einsum_gqa", "einsum_readout_broadcast_normaliser", "broadcast_readout_einsum_normaliser"])
+def test_recurrent_path_with_einsum_is_rewritten(kwargs):
+    """The einsum readout ("bhnf,bhnfd->bhnd") and normaliser ("bhnf,bhnf->bhn") lower to bmm, not to a
+    product summed over the features: explain() found no site and said nothing."""
+    torch.manual_seed(0)
+    module = RecurrentBased(**kwargs).double()
+    explanation = based_compile.explain(module, _inputs(12, 0))
+    assert len(explanation.sites) == 1 and not explanation.refusals, str(explanation)
+    _check_against_eager(module, rewritten=True)
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=based_compile.backend(inner=keep))(_inputs(12, 1))
+    left = [n for gm in graphs for n in gm.graph.nodes if "cumsum" in str(n.target) or "einsum" in str(n.target)]
+    assert not left, f"the running sums are still computed after the rewrite: {left}"
+
+
+def test_recurrent_path_normalised_by_a_total_sum_is_refused():
+    torch.manual_seed(0)
+    module = RecurrentBased(normaliser="near_total").double()
+    explanation = based_compile.explain(module, _inputs(12, 0))
+    assert not explanation.sites, str(explanation)
+    assert [r.category for r in explanation.refusals] == ["normaliser"], str(explanation)
+    _check_against_eager(module, rewritten=False)
+
+
+def _phi(x):
+    return TaylorExp(FD)(x)
+
+
+def _state_shifted_by_pad(q, k, v):
+    kv = torch.einsum("bhnf,bhnd->bhnfd", _phi(k), v).cumsum(2)
+    kv = F.pad(kv, (0, 0, 0, 0, 1, 0))[:, :, :-1]                  # exclusive: sums over j < i
+    return torch.einsum("bhnf,bhnfd->bhnd", _phi(q), kv)
+
+
+def _state_shifted_by_cat(q, k, v):
+    kv = (_phi(k).unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    kv = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], 2)
+    return (_phi(q).unsqueeze(-1) * kv).sum(-2)
+
+
+def _state_summed_over_features(q, k, v):
+    kv = torch.einsum("bhnf,bhnd->bhnfd", _phi(k), v).cumsum(3)
+    return torch.einsum("bhnf,bhnfd->bhnd", _phi(q), kv)
+
+
+@pytest.mark.parametrize("fn, category", [(_state_shifted_by_pad, "mask"), (_state_shifted_by_cat, "mask"),
+                                          (_state_summed_over_features, None)],
+                         ids=["pad", "cat", "cumsum_over_features"])
+def test_recurrent_path_near_misses_are_refused(fn, category):
+    """Exclusive running sums (the current token left out) were refused with no reason at all."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
+    explanation = based_compile.explain(fn, q, k, v)
+    assert not explanation.sites and explanation.refusals, str(explanation)
+    if category is not None:
+        assert explanation.refusals[0].category == category, str(explanation)
+        assert "shifted" in explanation.refusals[0].reason
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
+    assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)

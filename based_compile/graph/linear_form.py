@@ -94,6 +94,28 @@ def _consumer(state: fx.Node, dim: int) -> fx.Node | None:
     return user
 
 
+def _refuse_shifted(state: fx.Node, consumer: fx.Node | None, dim: int) -> None:
+    """Running sums read one token late (``F.pad(kv, (.., 1, 0))[:, :, :T]``, ``cat([0, kv[:, :, :-1]])``,
+    the exclusive sums over j < i) are a shifted causal mask: refused with that reason."""
+    rank = len(hint_shape(state) or ())
+    if rank == 0 or state.target is not aten.cumsum.default:
+        return
+    if consumer is not None and consumer.op == "call_function" and consumer.target is aten.constant_pad_nd.default:
+        pad = list(consumer.args[1])
+        padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
+        if dim % rank in padded:
+            raise Refused("mask", "the running sums are padded along time (F.pad): read shifted by a token, a "
+                                  "shifted causal mask (Based sums over j <= i)", consumer)
+        raise Refused("unsupported", "the running sums are padded (F.pad) along a feature or value axis", consumer)
+    if consumer is None:
+        for user in state.users:
+            if _row_read(user, dim) and user.target is aten.slice.Tensor:
+                length = (hint_shape(user) or (None,) * rank)[dim % rank]
+                if length not in (None, 1):
+                    raise Refused("mask", "the running sums are read through a slice along time (kv[:, :, :-1]): "
+                                          "shifted by a token, a shifted causal mask (Based sums over j <= i)", user)
+
+
 def _normaliser(gm, node, cat_q, cat_k):
     """(state kind, eps, inverted) of den = sum(phi(q) * cumsum(phi(k))) + eps, else NotACandidate."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
@@ -117,9 +139,9 @@ def _normaliser(gm, node, cat_q, cat_k):
         if scaled[1] != 1.0:
             raise Refused("normaliser", f"the normaliser is scaled by {scaled[1]:g}", node)
         return kind, eps, inverted
-    if node.target is aten.sum.dim_IntList:
-        prod = _strip_views(node.args[0])
-        if prod.op != "call_function" or prod.target is not aten.mul.Tensor:
+    if node.target in (aten.sum.dim_IntList, aten.bmm.default):
+        prod = _strip_views(node.args[0]) if node.target is aten.sum.dim_IntList else node
+        if prod.op != "call_function" or prod.target not in (aten.mul.Tensor, aten.bmm.default):
             raise NotACandidate("not a feature contraction")
         (phi, cat, _), other = _feature_side(gm, prod.args[0], prod.args[1])
         if phi is None or cat is not cat_q:
@@ -154,6 +176,7 @@ def match_linear(matcher, state: fx.Node):
     v = v_walk.source
     t = hint_shape(kv)[dim]
     consumer = _consumer(state, dim)
+    _refuse_shifted(state, consumer, dim)
     if consumer is None:
         raise NotACandidate("the state has several users")
     if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and \
@@ -166,13 +189,15 @@ def match_linear(matcher, state: fx.Node):
                                      "rewritten from an initial state; written as the quadratic form plus "
                                      "phi(q) kv_state0 and phi(q) . k_state0, its attention and returned states are",
                       consumer)
-    if consumer.target is not aten.mul.Tensor:
+    if consumer.target not in (aten.mul.Tensor, aten.bmm.default):
         raise NotACandidate("the state is not contracted with phi(q)")
     (phi_q, cat_q, factor_q), _ = _feature_side(gm, consumer.args[0], consumer.args[1])
     if phi_q is None:
         raise Refused("feature_map", "the state is contracted with a query that is not a feature map", consumer)
-    num = _single_user(consumer)
-    if num is None or num.target is not aten.sum.dim_IntList:
+    # phi(q) . state: a product summed over the features, or a bmm (an einsum such as
+    # "bhnf,bhnfd->bhnd" lowers to one); which axes it contracts is left to the probe.
+    num = consumer if consumer.target is aten.bmm.default else _single_user(consumer)
+    if num is None or num.target not in (aten.sum.dim_IntList, aten.bmm.default):
         raise NotACandidate("the contraction is not summed")
     poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k)
 
