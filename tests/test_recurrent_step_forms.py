@@ -287,3 +287,33 @@ def test_unnormalised_step_rewritten_exactly(fn):
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_unnormalised_near_misses_refused(fn, category, words):
     _check_refused(fn, _plain_inputs(fn), category, words)
+
+
+# ----------------------------------------------------------------------------- the group size under dynamic shapes
+
+def test_group_size_is_guarded_under_dynamic_shapes():
+    """A tiling (``repeat(1, g, ..)``) is the operator's grouping at G = 1 only. Traced at G = 1 with
+    q's and k's head counts as separate symbols (no duck sizing), the graph must recompile at G = 2,
+    not run the operator: it did (relative error 1.0, silently) before the group was guarded."""
+    from torch.fx.experimental import _config as fx_config
+    if not hasattr(fx_config, "use_duck_shape"):
+        pytest.skip("this torch has no use_duck_shape switch")
+    with fx_config.patch(use_duck_shape=False):
+        _run_group_sizes()
+
+
+def _run_group_sizes():
+    compiled = torch.compile(gqa_repeat, backend=based_compile.backend(inner="eager"), dynamic=True)
+    for i, (b, hkv, g) in enumerate([(2, 2, 1), (2, 2, 2), (3, 3, 2), (2, 3, 1)]):
+        gen = torch.Generator().manual_seed(i)
+        q = torch.randn(b, hkv * g, 1, D, generator=gen, dtype=torch.float64)
+        k = torch.randn(b, hkv, 1, D, generator=gen, dtype=torch.float64)
+        v = torch.randn(b, hkv, 1, DV, generator=gen, dtype=torch.float64)
+        kv = torch.randn(b, hkv, F, DV, generator=gen, dtype=torch.float64) * 0.1
+        ks = torch.rand(b, hkv, 1, F, generator=gen, dtype=torch.float64) + 1.0
+        with torch.no_grad():
+            calls, out = step_calls(compiled, q, k, v, kv.clone(), ks.clone())
+        if i == 0 or g == 2:      # (a later G = 1 call may reuse the G = 2 graph, unrewritten: also exact)
+            assert (calls >= 1) == (g == 1), f"G={g}: based::recurrent_step ran {calls}x"
+        for got, want in zip(out, gqa_repeat(q, k, v, kv.clone(), ks.clone())):
+            assert_rel_close(got, want, 1e-10, f"B={b} Hkv={hkv} G={g}")

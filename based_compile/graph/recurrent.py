@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ..op.recurrent_step import StepSpec, recurrent_step_reference
-from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, scalar_value, walk_operand
+from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value, walk_operand
 from .evaluate import GraphEvaluator
 from .feature_map import FeatureMap, map_readings, pair_feature_maps, read_feature_map, readings_of
 from .refusal import Refused
@@ -336,19 +336,36 @@ def settle_step(m: StepMatch, evaluator: GraphEvaluator, available=None) -> Step
                                      f"q's rows a multiple of k's (candidates {shapes})", m.output)
     m.q, m.k, m.v = fits[0]
     if m.normalize:
-        return _probe_step(m, evaluator)
+        return _guard_group(_probe_step(m, evaluator))
     outputs = [o for o in m.outputs if available is None or available(o)]
     first = None
     for output in outputs:
         m.output = m.anchor = output
         try:
-            return _probe_step(m, evaluator)
+            return _guard_group(_probe_step(m, evaluator))
         except Refused as refusal:
             first = first or refusal
     if first is None:
         raise Refused("unsupported", "the unnormalised readout phi(q) kv_state is an intermediate value of a "
                                      "decomposed operation, not a value of the model's graph", m.kv_new)
     raise first
+
+
+def _guard_group(m: StepMatch) -> StepMatch:
+    """Specialise the number G of query rows per state row on the traced one (a guard when the rows are
+    symbolic): the probe proved the user's grouping equal to the operator's (row i reads state row
+    i // G) at this G only. A tiling (``kv_state.repeat(1, g, 1, 1)`` with g = H // Hkv) equals it at
+    G = 1 and differs at G = 2: a graph traced at G = 1 must recompile, not run the operator, when
+    called with twice as many query heads as kv heads."""
+    q, k = example_value(m.q), example_value(m.k)
+    q_rows, k_rows = math.prod(q.shape[:-1]), math.prod(k.shape[:-1])
+    if isinstance(q_rows, int) and isinstance(k_rows, int):
+        return m
+    hq, hk = int(hint(q_rows)), int(hint(k_rows))
+    group = hq // hk if hk else 1
+    if not bool(q_rows == group * k_rows):          # a guard on symbolic sizes; true at the traced ones
+        raise Refused("verify", "the query rows are not the traced multiple of the state rows", m.output)
+    return m
 
 
 def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
