@@ -105,6 +105,8 @@ def profiles(rows: list[dict]) -> str:
     for r in rows:
         prof = r.get("profile")
         if not prof:
+            if r.get("profile_error"):
+                lines.append(f"  {r['dtype']} T={r['T']} {r['run']}: not profiled ({r['profile_error']})")
             continue
         top = ", ".join(f"{k} {v}" for k, v in list(prof["top_host_ms"].items())[:4])
         lines.append(f"  {r['dtype']} T={r['T']} {r['run']}: wall {prof['wall_s'] * 1e3:.1f}, GPU kernels "

@@ -162,8 +162,11 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     if device.type == "cuda":
         # The second step (sync check) is left out too: a warning per wait costs host time.
         host = sorted(host_times[2:-1] or host_times[1:] or host_times)
-        result.update(host_s=host[len(host) // 2], syncs=syncs,
-                      profile=profile_step(lambda: forward_backward_step(tokens), device))
+        result.update(host_s=host[len(host) // 2], syncs=syncs)
+        try:                # a diagnostic: its failure must not cost the run's numbers
+            result["profile"] = profile_step(lambda: forward_backward_step(tokens), device)
+        except Exception as err:
+            result["profile_error"] = f"{type(err).__name__}: {err}"
     if explain:
         tokens = global_batch(0, batch, seqlen, model_kwargs["vocab_size"])[rank * per_rank:(rank + 1) * per_rank]
         with torch.no_grad():
