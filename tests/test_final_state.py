@@ -289,8 +289,9 @@ def quadratic_continued(q, k, v, kv0, k0):                # the quadratic form p
 
 
 def test_prefill_continued_from_initial_states():
-    """The quadratic spelling is rewritten (its attention and the added states run
-    based::attention_with_state; phi(q) kv0 stays PyTorch): exact against eager. The linear spelling
+    """The quadratic spelling is rewritten in part (its a @ v and the added states run
+    based::attention_with_state; phi(q) kv0 and the row sums a.sum(-1), with the T x T weights, stay
+    PyTorch): exact against eager. The linear spelling
     (running sums from the initial states) is refused with the reason (it was neither rewritten nor
     refused: zero sites, zero refusals)."""
     args = _inputs(None, "BHTD")
