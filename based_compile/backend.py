@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
+from .logs import one_handler as _one_log_handler
 from .buffer_guard import guard_buffers
 from .ddp_split import in_split, mark_presplit, presplit_hook, unhooked_piece
 from .graph.driver import Rewritten, reject_sites, restore, run_pass
@@ -161,6 +162,7 @@ def backend(*, inner="inductor", rewrite: bool = True, kernel: str = "auto", ver
     def rewritten(gm: fx.GraphModule, example_inputs, compile_rest):
         """The pass on ``gm``, then ``compile_rest(graph)``; guarded when the rewrite read buffers, and
         against context parallelism when attention was refused."""
+        _one_log_handler()
         report = Explanation()
         result = run_pass(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
         if result is None:

@@ -21,11 +21,13 @@ import torch
 from .ddp_split import describe_split, in_split, mark_presplit
 from .graph.driver import run_pass
 from .graph.report import Explanation
+from .logs import one_handler
 
 
 def explain(model, *example_inputs, **example_kwargs) -> Explanation:
     """Run ``model(*example_inputs, **example_kwargs)`` under Dynamo with the pass reporting (the sites
     rewritten for this one run, eagerly)."""
+    one_handler()
     if not callable(model):
         raise TypeError(f"model must be a callable (an nn.Module or a function), got {type(model).__name__}")
     explanation = Explanation()

@@ -21,8 +21,18 @@ def register() -> None:
 
     TORCH_LOGS is read when torch is imported, before this package can register its name; newer
     torch already accepts a module's name there, older torch ignores it: then it is applied again."""
-    if torch_logging.log_registry.is_log(NAME):
-        return
-    torch_logging.register_log(NAME, NAME)
-    if NAME in os.environ.get("TORCH_LOGS", ""):
-        torch_logging._init_logs()
+    if not torch_logging.log_registry.is_log(NAME):
+        torch_logging.register_log(NAME, NAME)
+        if NAME in os.environ.get("TORCH_LOGS", ""):
+            torch_logging._init_logs()
+    one_handler()
+
+
+def one_handler() -> None:
+    """Keep one of torch's handlers on the logger (the backend calls this before each compile).
+
+    torch 2.13, given this package's name in TORCH_LOGS, imports it while it sets up its logging
+    and then sets the name up twice: two handlers printed every line twice."""
+    ours = [h for h in log.handlers if h in getattr(torch_logging, "handlers", ())]
+    for handler in ours[1:]:
+        log.removeHandler(handler)

@@ -135,6 +135,8 @@ torch.compile(cubic, backend=based_compile.backend(inner="eager"))(q, k, v)
     err = done.stderr
     assert "Based attention at" in err and "f(s) = 1 + 1*s + 0.5*s^2" in err and "kernel:" in err, err[-3000:]
     assert "refused at" in err and "(polynomial)" in err, err[-3000:]
+    sites = [line for line in err.splitlines() if "Based attention at" in line]
+    assert len(sites) == 1, "each decision is printed once:\n" + "\n".join(sites)
     env["TORCH_LOGS"] = "dynamo"          # not asked for: the pass stays quiet
     with tempfile.TemporaryDirectory() as elsewhere:
         quiet = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
