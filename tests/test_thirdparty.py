@@ -250,3 +250,46 @@ def test_recurrent_path_near_misses_are_refused(fn, category):
         assert "shifted" in explanation.refusals[0].reason
     compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
     assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
+
+
+class TemperatureMap(nn.Module):
+    """A Taylor map whose second-order (or first-order) piece is scaled by a learnable temperature."""
+
+    def __init__(self, form: str, piece: str, buffer: bool = False):
+        super().__init__()
+        value = torch.tensor(2 * math.sqrt(2.0), dtype=torch.float64)
+        if buffer:
+            self.register_buffer("temperature", value)
+        else:
+            self.temperature = nn.Parameter(value)
+        self.form, self.piece = form, piece
+
+    def feature_map(self, x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+        if self.piece == "x2":
+            return torch.cat([torch.ones_like(x[..., :1]), x / FD ** 0.25, x2 / self.temperature], -1)
+        return torch.cat([torch.ones_like(x[..., :1]), x * self.temperature, x2 / (2 * math.sqrt(2))], -1)
+
+    def forward(self, q, k, v):
+        qf, kf = self.feature_map(q), self.feature_map(k)
+        if self.form == "quadratic":
+            a = torch.tril(qf @ kf.mT)
+            return a @ v / (a.sum(-1, keepdim=True) + 1e-6)
+        kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+        return (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("form", ["quadratic", "linear"])
+@pytest.mark.parametrize("piece, buffer", [("x2", False), ("x", False), ("x2", True)])
+def test_feature_map_piece_scaled_by_a_learnable_temperature_is_refused_with_the_reason(form, piece, buffer):
+    """Was 'polynomial: f = 1*x^1 has no second-order term' (quadratic) or no refusal at all (linear)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
+    module = TemperatureMap(form, piece, buffer)
+    explanation = based_compile.explain(module, q, k, v)
+    assert not explanation.sites and explanation.refusals, str(explanation)
+    assert {r.category for r in explanation.refusals} == {"feature_map"}, str(explanation)
+    assert all("temperature" in r.reason for r in explanation.refusals), str(explanation)
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
+    assert_rel_close(compiled(q, k, v), module(q, k, v), 1e-12)

@@ -239,6 +239,33 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     return FeatureMap(pieces, sources.pop())
 
 
+def unread_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a ``cat`` along the last axis that looks like a Taylor map (a constant column beside other
+    pieces) is not read as one, when the cause is a piece scaled by a one-element tensor whose value is
+    not a compile-time constant (``x2 / self.temperature``, an ``nn.Parameter``); else None."""
+    if node.op != "call_function" or node.target is not aten.cat.default:
+        return None
+    rank = len(hint_shape(node) or ())
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if rank == 0 or dim not in (-1, rank - 1):
+        return None
+    pieces = node.args[0]
+    if not any(isinstance(t, fx.Node) and _monomial(gm, t, rank) is not None and _monomial(gm, t, rank)[0] == 0
+               for t in pieces):
+        return None
+    for t in pieces:
+        stop, _ = _strip(gm, t) if isinstance(t, fx.Node) else (None, None)
+        if stop is None or stop.op != "call_function" or stop.target not in (aten.mul.Tensor, aten.div.Tensor):
+            continue
+        for arg in stop.args[:2]:
+            shape = hint_shape(arg) if isinstance(arg, fx.Node) else None
+            if shape is not None and all(s == 1 for s in shape) and scalar_value(gm, arg) is None:
+                return (f"a piece of the feature map is scaled by a one-element tensor ({arg.name}: a learnable "
+                        "temperature, a parameter or buffer) that is not read as a constant: the operator takes "
+                        "constant coefficients (scale x before the map, or use a Python number)")
+    return None
+
+
 def readings_of(gm, node: fx.Node, rank: int) -> tuple:
     """The tensors of ``rank`` dims on the chain of views (and scalar factors) from ``node`` down,
     nearest first, only those below every scalar factor (a scaled q is not q): the candidates for

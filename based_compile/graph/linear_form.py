@@ -21,7 +21,7 @@ from . import polynomial
 from .candidate import Weights, pick_output
 from .canonicalize import (VIEW_OPS, hint_shape, live_users, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
-from .feature_map import other_readings, pair_feature_maps, read_feature_map
+from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
@@ -168,6 +168,11 @@ def match_linear(matcher, state: fx.Node):
         raise NotACandidate("the state does not sum a product")
     (phi_k, cat_k, factor_k), v_arg = _feature_side(gm, kv.args[0], kv.args[1])
     if phi_k is None or not isinstance(v_arg, fx.Node):
+        for arg in kv.args[:2]:
+            stop = walk_operand(gm, arg).stop if isinstance(arg, fx.Node) else None
+            why = unread_reason(gm, stop) if stop is not None and stop.op == "call_function" else None
+            if why is not None:
+                raise Refused("feature_map", why, state)
         raise NotACandidate("the state does not sum phi(k) times a tensor")
     v_stop = walk_operand(gm, v_arg).stop
     if read_feature_map(gm, v_stop) is not None or _state_kind(_strip_views(v_arg)) is not None:

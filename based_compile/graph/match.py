@@ -31,7 +31,7 @@ from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
-from .feature_map import other_readings, pair_feature_maps, read_feature_map
+from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
 from . import kv_mask
 from .linear_form import match_linear, match_state_product
 from .refusal import NotACandidate, Refused
@@ -90,6 +90,10 @@ class Matcher:
         x, y = walk_operand(self.gm, node.args[0]), walk_operand(self.gm, node.args[1])
         phi_q = read_feature_map(self.gm, x.stop) if x.stop.op == "call_function" else None
         phi_k = read_feature_map(self.gm, y.stop) if y.stop.op == "call_function" else None
+        for phi, side in ((phi_q, x), (phi_k, y)):
+            why = unread_reason(self.gm, side.stop) if phi is None and side.stop.op == "call_function" else None
+            if why is not None:
+                raise Refused("feature_map", why, node)
         if phi_q is not None or phi_k is not None:
             if phi_q is None or phi_k is None:
                 raise Refused("feature_map", "only one of q and k goes through a feature map", node)
