@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import config, context_parallel, cpu_path, policy
+from . import config, context_parallel, cpu_path, inference_only, policy
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, triton_interpreting
 from .recurrent_step import feature_width, piece_width
@@ -127,19 +127,8 @@ def _fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_
             q.new_empty((args.batch, args.kv_heads, f), dtype=dtype))
 
 
-def _autograd(keyset, *args):
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        raise RuntimeError("based::attention_with_state is not differentiable (a prefill for decoding): call it "
-                           "under torch.no_grad() or with inputs that do not require grad")
-    with torch._C._AutoDispatchBelowAutograd():
-        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
-_LIBRARY.impl("attention_with_state", _impl, "CPU")
-_LIBRARY.impl("attention_with_state", _impl, "CUDA")
-_LIBRARY.impl("attention_with_state", _autograd, "Autograd", with_keyset=True)
-torch.library.register_fake("based::attention_with_state", _fake, lib=_LIBRARY)
-_OP = torch.ops.based.attention_with_state.default
+_OP = inference_only.register(_LIBRARY, "attention_with_state", cpu=_impl, cuda=_impl, fake=_fake,
+                              what="a prefill for decoding")
 
 
 def based_attention_with_state(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec, pieces, k_factors):

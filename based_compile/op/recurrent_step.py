@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import recurrent_step as step_kernel
-from . import context_parallel
+from . import context_parallel, inference_only
 from .cpu_path import compute_dtype
 
 PIECE_KINDS = ("const", "linear", "outer")
@@ -181,19 +181,8 @@ def _step_fake(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normali
     return q.new_empty((*q.shape[:-1], v.shape[-1])), kv_state.new_empty(kv_state.shape), ks
 
 
-def _step_autograd(keyset, *args):
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        raise RuntimeError("based::recurrent_step is not differentiable (a decoding step): call it under "
-                           "torch.no_grad() or with inputs that do not require grad")
-    with torch._C._AutoDispatchBelowAutograd():
-        return _STEP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
-_LIBRARY.impl("recurrent_step", _step, "CPU")
-_LIBRARY.impl("recurrent_step", _step_cuda, "CUDA")
-_LIBRARY.impl("recurrent_step", _step_autograd, "Autograd", with_keyset=True)
-torch.library.register_fake("based::recurrent_step", _step_fake, lib=_LIBRARY)
-_STEP = torch.ops.based.recurrent_step.default
+_STEP = inference_only.register(_LIBRARY, "recurrent_step", cpu=_step, cuda=_step_cuda, fake=_step_fake,
+                                what="a decoding step")
 
 
 @dataclass(frozen=True)
