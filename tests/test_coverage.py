@@ -403,3 +403,29 @@ def test_noncausal_state_product_near_misses_are_refused(defect, category):
     assert not ex.sites and category in [r.category for r in ex.refusals], ex
     recorder = compile_and_compare(StateProduct("matmul", "mul_sum", defect))
     assert not any(recorder.sites())
+
+
+class CheckpointedThenWritten(torch.nn.Module):
+    """o = checkpoint(attend, ...); o += x: the caller writes the body's output in place (the operator
+    saves its output for the backward: the body returns a clone of it)."""
+
+    def forward(self, q, k, v, x):
+        o = torch.utils.checkpoint.checkpoint(_attend, q, k, v, use_reentrant=False)
+        o += x
+        return o
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_checkpoint_output_written_in_place_by_the_caller(inner):
+    module = CheckpointedThenWritten()
+    shapes = QKV + ((1, 2, "T", 3),)
+    compiled = torch.compile(module, backend=based_compile.backend(inner=inner))
+    for t in (4, 9):
+        inputs = _inputs(t, t, shapes)
+        out_c, grads_c = _run(compiled, inputs, t)
+        out_e, grads_e = _run(module, inputs, t)
+        assert_rel_close(out_c, out_e, TOL, f"T={t}: output")
+        for j, (c, e) in enumerate(zip(grads_c, grads_e)):
+            assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}")
+    ex = based_compile.explain(module, *_inputs(0, 6, shapes))
+    assert len(ex.sites) == 1 and not ex.refusals, ex

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 from typing import NamedTuple
 
@@ -30,10 +31,10 @@ from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_in
 from .match import Matcher, find_matches
 from .precision import lossy_round_trip
 from .recurrent import find_steps, settle_step, spec_of
-from .rewrite import rewrite_recurrent_steps
 from .refusal import Refused
 from .report import Explanation, Refusal, Site, source_of
-from .rewrite import rewrite_dynamo_sites
+from .rewrite import (based_attention_call, based_attention_with_state_call, rewrite_dynamo_sites,
+                      rewrite_recurrent_steps)
 from .subgraphs import hidden_attention
 from .verify import settle
 
@@ -198,6 +199,7 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
         result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants)
         if result is None:
             continue
+        _clone_returned_outputs(body)
         # a buffer the body's rewrite baked in is the graph input passed to the body at that position
         baked = []
         for b in result.baked:
@@ -206,6 +208,35 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
                 baked.append(BakedBuffer(index_of[arg], source_name(arg), b.why))
         done.append(Rewritten(result.gm, baked, result.original, result.sources))
     return done, read
+
+
+def _clone_returned_outputs(body: fx.GraphModule) -> None:
+    """A rewritten site's output that the body returns goes to code the body's pass did not see (the
+    caller may write it in place, ``o = checkpoint(...); o += x``, where the operator saved it for its
+    backward): the body returns a clone of it."""
+    output = next(n for n in body.graph.nodes if n.op == "output")
+    rewritten = (based_attention_call, based_attention_with_state_call)
+
+    def from_site(node) -> bool:
+        while isinstance(node, fx.Node) and node.op == "call_function":
+            if node.target in rewritten:
+                return True
+            if node.target not in (operator.getitem, torch.transpose, torch.flatten, torch.reshape, torch.squeeze,
+                                   torch.unsqueeze) and not (isinstance(node.target, str)):
+                return False
+            node = node.args[0] if node.args else None
+        return False
+
+    def clone(node):
+        if not (isinstance(node, fx.Node) and from_site(node)):
+            return node
+        with body.graph.inserting_before(output):
+            copy_ = body.graph.call_function(torch.clone, (node,))
+        copy_.meta = dict(node.meta)
+        return copy_
+
+    output.args = fx.node.map_aggregate(output.args, lambda x: clone(x) if isinstance(x, fx.Node) else x)
+    body.recompile()
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
