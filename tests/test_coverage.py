@@ -429,3 +429,39 @@ def test_checkpoint_output_written_in_place_by_the_caller(inner):
             assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}")
     ex = based_compile.explain(module, *_inputs(0, 6, shapes))
     assert len(ex.sites) == 1 and not ex.refusals, ex
+
+
+# --------------------------------------------------------------------------- causal einsum states
+# kv = einsum('bhtf,bhtd->bhtfd', phi(k), v).cumsum(2); o = einsum('bhtf,bhtfd->bhtd', phi(q), kv): the
+# readout is a matmul over the features (not a product summed). Near miss: the readout sums over the
+# values' axis instead of the features (einsum 'bhtf,bhtdf->bhtd' on a state laid out [.., d, f]
+# read as [.., f, d]: another function): refused or left alone, never rewritten.
+
+
+class EinsumStates(torch.nn.Module):
+    def __init__(self, defect=None):
+        super().__init__()
+        self.defect = defect
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        kv = torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2)
+        if self.defect == "exclusive":
+            kv = kv - torch.einsum("bhtf,bhtd->bhtfd", kf, v)
+        o = torch.einsum("bhtf,bhtfd->bhtd", qf, kv)
+        return o / ((qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_causal_einsum_states_are_rewritten(dynamic):
+    ex = explain(EinsumStates())
+    assert len(ex.sites) == 1 and ex.sites[0].spec.causal and ex.sites[0].spec.normalize, ex
+    recorder = compile_and_compare(EinsumStates(), dynamic=dynamic)
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_causal_einsum_states_exclusive_is_refused():
+    ex = explain(EinsumStates("exclusive"))
+    assert not ex.sites and "mask" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(EinsumStates("exclusive"))
+    assert not any(recorder.sites())

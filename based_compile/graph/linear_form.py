@@ -185,7 +185,9 @@ def match_linear(matcher, state: fx.Node):
     if consumer is None:
         raise NotACandidate("the state has several users")
     if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and \
-            any(_strip_views(arg) is kv for arg in consumer.args[:2] if isinstance(arg, fx.Node)):
+            any(_strip_views(arg) is kv or (_strip_views(arg) is not state
+                                            and matcher.evaluator.depends_on(arg, {cat_k}))
+                for arg in consumer.args[:2] if isinstance(arg, fx.Node)):
         raise Refused("mask", "the running sums leave out (or add) the current token: a shifted causal mask",
                       consumer)
     if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and state_kind == "cumsum":
