@@ -94,6 +94,14 @@ def _consumer(state: fx.Node, dim: int) -> fx.Node | None:
     return user
 
 
+def _contracts_features(bmm: fx.Node, cat: fx.Node) -> bool:
+    """A bmm (an einsum's lowering) that sums over as many entries as phi(q) has features, one query
+    at a time (a [N, 1, F] or [N, F, 1] operand): phi(q_i) . state_i, not a product over tokens."""
+    a, b = (hint_shape(x) or () for x in bmm.args[:2])
+    width = (hint_shape(cat) or (None,))[-1]
+    return len(a) == 3 and len(b) == 3 and a[2] == b[1] == width and (a[1] == 1 or b[2] == 1)
+
+
 def _refuse_shifted(state: fx.Node, consumer: fx.Node | None, dim: int) -> None:
     """Running sums read one token late (``F.pad(kv, (.., 1, 0))[:, :, :T]``, ``cat([0, kv[:, :, :-1]])``,
     the exclusive sums over j < i) are a shifted causal mask: refused with that reason."""
@@ -144,6 +152,8 @@ def _normaliser(gm, node, cat_q, cat_k):
         if prod.op != "call_function" or prod.target not in (aten.mul.Tensor, aten.bmm.default):
             raise NotACandidate("not a feature contraction")
         (phi, cat, _), other = _feature_side(gm, prod.args[0], prod.args[1])
+        if prod.target is aten.bmm.default and cat is not None and not _contracts_features(prod, cat):
+            raise NotACandidate("the bmm does not contract phi(q)'s features")
         if phi is None or cat is not cat_q:
             raise NotACandidate("not a contraction with phi(q)")
         state = _strip_views(other)
@@ -204,6 +214,8 @@ def match_linear(matcher, state: fx.Node):
     # phi(q) . state: a product summed over the features, or a bmm (an einsum such as
     # "bhnf,bhnfd->bhnd" lowers to one); which axes it contracts is left to the probe.
     num = consumer if consumer.target is aten.bmm.default else _single_user(consumer)
+    if num is consumer and not _contracts_features(consumer, cat_q):
+        raise NotACandidate("the bmm does not contract phi(q)'s features")
     if num is None or num.target not in (aten.sum.dim_IntList, aten.bmm.default):
         raise NotACandidate("the contraction is not summed")
     poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k)
