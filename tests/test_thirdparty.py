@@ -293,3 +293,65 @@ def test_feature_map_piece_scaled_by_a_learnable_temperature_is_refused_with_the
     assert all("temperature" in r.reason for r in explanation.refusals), str(explanation)
     compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
     assert_rel_close(compiled(q, k, v), module(q, k, v), 1e-12)
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryBased(nn.Module):
+    """Rotary position embeddings (HF style: position_ids, rotate_half) on q and k after their transpose,
+    then the Taylor map; v is only viewed and transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(D_MODEL, H * FD), nn.Linear(D_MODEL, H * FD)
+        self.v_proj = nn.Linear(D_MODEL, H * HD)
+        self.feature_map = TaylorExp(FD)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, FD, 2, dtype=torch.float64) / FD)),
+                             persistent=False)
+
+    def forward(self, x, position_ids):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, H, FD).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, H, FD).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, H, HD).transpose(1, 2)
+        freqs = position_ids[:, :, None].to(x.dtype) * self.inv_freq.to(x.dtype)
+        emb = torch.cat([freqs, freqs], -1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        q, k = self.feature_map(q), self.feature_map(k)
+        a = torch.einsum("bhnd,bhmd->bhnm", q, k)
+        a = a.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1), 0)
+        y = torch.einsum("bhnm,bhme->bhne", a, v) / (a.sum(-1, keepdim=True) + 1e-6)
+        return y.transpose(1, 2).reshape(b, t, -1)
+
+
+@pytest.mark.parametrize("lengths", [(12, 17), (H, 5)], ids=["T", "T_equal_to_H"])
+def test_rotary_before_the_feature_map_is_rewritten(lengths):
+    """q and k computed after their transpose, v read before its own: refused as 'not a [B, H, T, D] /
+    [B, T, H, D] attention layout' (k as found was never tried with the other reading of v). At T == H
+    both readings of v have the right shape and only the probe tells them apart."""
+    torch.manual_seed(0)
+    module = RotaryBased().double()
+
+    def inputs(t, seed):
+        return _inputs(t, seed), torch.arange(t)[None].expand(2, t) + seed
+
+    explanation = based_compile.explain(module, *inputs(lengths[0], 0))
+    assert len(explanation.sites) == 1, str(explanation)
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
+    for i, t in enumerate(lengths):
+        x, pos = inputs(t, 10 + i)
+        x = x.requires_grad_(True)
+        out_c, out_e = compiled(x, pos), module(x, pos)
+        assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+        cot = torch.randn(out_e.shape, dtype=out_e.dtype)
+        params = list(module.parameters())
+        for gc, ge in zip(torch.autograd.grad(out_c, [x] + params, cot), torch.autograd.grad(out_e, [x] + params, cot)):
+            assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+        with BasedOpCounter() as counter:
+            compiled(x, pos)
+        assert counter.total > 0, f"T={t}: not rewritten"

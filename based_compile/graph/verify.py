@@ -138,6 +138,10 @@ def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available
     transpose, when k and v come from elsewhere, e.g. a KV cache in another layout)."""
     pairs = [(m.k, m.v)] + [(k, v) for k in m.k_alternatives for v in m.v_alternatives
                              if hint_shape(k)[:3] == hint_shape(v)[:3]]
+    # k as found with another reading of v, and the reverse: k computed after its transpose (rotary
+    # embeddings, a norm) while v is read before its own
+    pairs += [(k, v) for k, v in [(m.k, v) for v in m.v_alternatives] + [(k, m.v) for k in m.k_alternatives]
+              if hint_shape(k)[:3] == hint_shape(v)[:3]]
     if available is not None:
         pairs = [(k, v) for k, v in pairs if available(k) and available(v)]
     if not pairs:
