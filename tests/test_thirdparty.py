@@ -355,3 +355,46 @@ def test_rotary_before_the_feature_map_is_rewritten(lengths):
         with BasedOpCounter() as counter:
             compiled(x, pos)
         assert counter.total > 0, f"T={t}: not rewritten"
+
+
+def _map_outer_by_matmul(x, other=None):
+    other = x if other is None else other
+    x2 = (x.unsqueeze(-1) @ other.unsqueeze(-2)).flatten(-2) / math.sqrt(2) / math.sqrt(FD)
+    return torch.cat([torch.ones_like(x[..., :1]), x / FD ** 0.25, x2], -1)
+
+
+def _quadratic_outer_by_matmul(q, k, v):
+    qf, kf = _map_outer_by_matmul(q), _map_outer_by_matmul(k)
+    a = torch.tril(qf @ kf.mT)
+    return a @ v / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _near_outer_with_reversed_features(q, k, v):
+    qf, kf = _map_outer_by_matmul(q, q.flip(-1)), _map_outer_by_matmul(k, k.flip(-1))
+    a = torch.tril(qf @ kf.mT)
+    return a @ v / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("fn, rewritten", [(_quadratic_outer_by_matmul, True),
+                                           (_near_outer_with_reversed_features, False)], ids=["matmul", "near_flip"])
+def test_outer_product_written_as_a_matmul(fn, rewritten):
+    """x.unsqueeze(-1) @ x.unsqueeze(-2) (a bmm over a size-1 axis) was refused as 'polynomial: f = 1*x^1 has
+    no second-order term'; x (x) flip(x) is not a function of q.k. (dynamic=False: with q and k separate
+    inputs, a graph with symbolic lengths has Tq and Tk as two symbols, where tril is another function.)"""
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"), dynamic=False)
+    for t in (12, 17):
+        g = torch.Generator().manual_seed(t)
+        q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
+        if t == 12:
+            explanation = based_compile.explain(fn, q, k, v)
+            assert len(explanation.sites) == int(rewritten), str(explanation)
+            assert rewritten or explanation.refusals, str(explanation)
+        out_c, out_e = compiled(q, k, v), fn(q, k, v)
+        assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+        cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
+        for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
+            assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+        with BasedOpCounter() as counter:
+            compiled(q, k, v)
+        assert (counter.total > 0) == rewritten

@@ -89,8 +89,11 @@ def _monomial(gm, node: fx.Node, rank: int | None = None):
         const = _const_value(gm, stop)
         if const is not None:
             return 0, factor * const, None
-        if stop.target is aten.mul.Tensor and all(isinstance(a, fx.Node) and hint_shape(a) is not None
-                                                  and any(s != 1 for s in hint_shape(a)) for a in stop.args[:2]):
+        outer_bmm = stop.target is aten.bmm.default and (hint_shape(stop.args[0]) or (0,))[-1] == 1
+        if (stop.target is aten.mul.Tensor or outer_bmm) and all(
+                isinstance(a, fx.Node) and hint_shape(a) is not None and any(s != 1 for s in hint_shape(a))
+                for a in stop.args[:2]):
+            # (a bmm over a size-1 axis, x.unsqueeze(-1) @ x.unsqueeze(-2), is the product x_a x_b)
             # (a product with a one-element tensor, q * self.scale, is an x of its own)
             ma, mb = _monomial(gm, stop.args[0], rank), _monomial(gm, stop.args[1], rank)
             if ma is not None and mb is not None and (ma[2] is None or mb[2] is None or ma[2] is mb[2]):
