@@ -58,6 +58,26 @@ def _feature_side(gm, a, b):
     return (None, None, None), None
 
 
+def _divided_by(end, read):
+    """The first user of ``end`` that divides it by a normaliser (or multiplies it by its inverse) which
+    ``read(other operand)`` accepts: (that user, what ``read`` returned, its last item saying whether
+    the normaliser is inverted), or (None, None). Multiplying by a normaliser itself is refused."""
+    for user in list(end.users):
+        if user.op != "call_function" or user.target not in (aten.div.Tensor, aten.mul.Tensor):
+            continue
+        if user.args[0] is not end and user.target is aten.div.Tensor:
+            continue
+        other = user.args[1] if user.args[0] is end else user.args[0]
+        try:
+            found = read(other)
+        except NotACandidate:
+            continue
+        if found[-1] != (user.target is aten.mul.Tensor):
+            raise Refused("normaliser", "the output is multiplied by the normaliser instead of divided", user)
+        return user, found
+    return None, None
+
+
 def _forward_through_views(node: fx.Node) -> fx.Node:
     while len(live_users(node)) == 1:
         user = live_users(node)[0]
@@ -221,24 +241,13 @@ def match_linear(matcher, state: fx.Node):
     poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k)
 
     normalize, eps, start = False, 0.0, num
-    end = _forward_through_views(num)
-    for user in list(end.users):
-        if user.op != "call_function" or user.target not in (aten.div.Tensor, aten.mul.Tensor):
-            continue
-        if user.args[0] is not end and user.target is aten.div.Tensor:
-            continue
-        other = user.args[1] if user.args[0] is end else user.args[0]
-        try:
-            den_kind, eps, inverted = _normaliser(gm, other, cat_q, cat_k)
-        except NotACandidate:
-            continue
-        if inverted != (user.target is aten.mul.Tensor):
-            raise Refused("normaliser", "the output is multiplied by the normaliser instead of divided", user)
+    user, found = _divided_by(_forward_through_views(num), lambda other: _normaliser(gm, other, cat_q, cat_k))
+    if user is not None:
+        den_kind, eps, _ = found
         if den_kind != state_kind:
             raise Refused("normaliser", f"the normaliser is a {den_kind} sum over time but the numerator a "
                                         f"{state_kind} sum: they do not sum the same weights", user)
         normalize, start = True, user
-        break
 
     keep = Keep.causal(0) if state_kind == "cumsum" else None        # the running sum over j <= i
     length = size_expr(shape_of(kv)[dim])
@@ -390,21 +399,10 @@ def match_state_product(matcher, bmm: fx.Node):
     poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k * factor_s)
 
     normalize, eps, start = False, 0.0, bmm
-    end = _forward_through_views(bmm)
-    for user in list(end.users):
-        if user.op != "call_function" or user.target not in (aten.div.Tensor, aten.mul.Tensor):
-            continue
-        if user.args[0] is not end and user.target is aten.div.Tensor:
-            continue
-        other = user.args[1] if user.args[0] is end else user.args[0]
-        try:
-            eps, inverted = _state_normaliser(gm, other, cat_q, cat_k)
-        except NotACandidate:
-            continue
-        if inverted != (user.target is aten.mul.Tensor):
-            raise Refused("normaliser", "the output is multiplied by the normaliser instead of divided", user)
+    user, found = _divided_by(_forward_through_views(bmm), lambda other: _state_normaliser(gm, other, cat_q, cat_k))
+    if user is not None:
+        eps, _ = found
         normalize, start = True, user
-        break
     length = size_expr(shape_of(cat_q)[-2])
     w = Weights(poly, None, False, bmm, phi_q.source, phi_k.source, "feature-map linear (state product)", None, t,
                 lengths=(length, length))
