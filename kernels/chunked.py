@@ -58,6 +58,7 @@ from .arguments import BasedArguments, check_arguments, check_kernel_device, tri
 from .function import BasedKernelFunction
 from .launch import bhtd_strides, dot_precision, new_buffer, scaled_coefficients
 from .parallel import _parallel_bwd_prep_kernel
+from .tiles import load_rows, store_rows
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DK = 32
@@ -82,18 +83,6 @@ POISON_OUTPUTS = False
 # ----------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _load_rows(ptr, rows, cols, s_t, s_d, T, D):
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    return tl.load(ptr + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, x, rows, cols, s_t, s_d, T, D):
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    tl.store(ptr + rows[:, None] * s_t + cols[None, :] * s_d, x.to(ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit
 def _poly(r, c0, c1, c2):
     # f(scale r) with (c1, c2) already multiplied by (scale, scale^2)
@@ -306,9 +295,9 @@ def _segment_state_kernel(
             h = hk * n_heads + g                  # keys: the kv head itself; queries: the group's heads
             xp = x + b * sx_b + h * sx_h
             yp = y + b * sy_b + h * sy_h
-            xt = _load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK)                        # [BT, BK]
+            xt = load_rows(xp, rows, offs_k, sx_t, sx_d, T, DK)                        # [BT, BK]
             xc = xt.to(tl.float32)
-            yc = _load_rows(yp, rows, offs_v, sy_t, sy_d, T, DV).to(dt)                 # [BT, BV]
+            yc = load_rows(yp, rows, offs_v, sy_t, sy_d, T, DV).to(dt)                 # [BT, BV]
             fa, fb = _features(xc, _rolled(xp, rows, sx_t, sx_d, T, DK, xt, BT, BK, MODE, PRECISION), BT, BK)
             if KEYS:
                 fa = fa * wa[None, :]
@@ -401,7 +390,7 @@ def _chunked_fwd_kernel(
             sa, sb, s0, za, zb, z0 = _load_chunk_state(ps, pz, FA, FB, offs_v, DV, NORMALIZE)
         rows = c * BT + offs_t
         valid = rows < T
-        qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
+        qc = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
         fa, fb = _features(qc.to(tl.float32), _rolled(q, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION), BT, BK)
         acc = tl.dot(fa.to(dt), sa.to(dt), input_precision=PRECISION)               # [BT, BV]
         acc = tl.dot(fb.to(dt), sb.to(dt), acc, input_precision=PRECISION)
@@ -409,8 +398,8 @@ def _chunked_fwd_kernel(
         if NORMALIZE:
             zc = tl.sum(fa * za[None, :], axis=1) + tl.sum(fb * zb[None, :], axis=1) + z0   # [BT]
         if CAUSAL:
-            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
-            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
             keep = (offs_t[:, None] >= offs_t[None, :]) & valid[None, :]
             a = _poly(tl.dot(qc, tl.trans(kc), input_precision=PRECISION), c0, c1, c2)
             a = tl.where(keep, a, 0.0)                                                # [BT, BT]
@@ -432,7 +421,7 @@ def _chunked_fwd_kernel(
             acc = acc / (zc[:, None] + eps)
             if i_v == 0:
                 tl.store(z + rows, zc, mask=valid)
-        _store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
+        store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,10 +470,10 @@ def _chunked_dq_kernel(
             sa, sb, s0, za, zb, z0 = _load_chunk_state(ps, pz, FA, FB, offs_v, DV, NORMALIZE)
         rows = c * BT + offs_t
         valid = rows < T
-        qc = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
+        qc = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
         qf = qc.to(tl.float32)
         qr = _rolled(q, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION)
-        dnc = _load_rows(dn, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)                # [BT, BV]
+        dnc = load_rows(dn, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)                # [BT, BV]
         # inter: d phi_q = dn S^T (+ dz S_z), then through the features
         ga = tl.dot(dnc, tl.trans(sa.to(dt)), input_precision=PRECISION)              # [BT, FA]
         gb = tl.dot(dnc, tl.trans(sb.to(dt)), input_precision=PRECISION)              # [BT, FB]
@@ -494,8 +483,8 @@ def _chunked_dq_kernel(
             gb += dzc[:, None] * zb[None, :]
         acc = _contract(ga, gb, qf, qr, dt, BT, BK, PRECISION)                        # [BT, BK]
         if CAUSAL:
-            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
-            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
             keep = (offs_t[:, None] >= offs_t[None, :]) & valid[None, :]
             r = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)                   # [BT, BT]
             da = tl.dot(dnc, tl.trans(vc), input_precision=PRECISION)
@@ -512,7 +501,7 @@ def _chunked_dq_kernel(
                 if NORMALIZE:
                     za += tl.sum(ka, axis=0)
                     zb += tl.sum(kb, axis=0)
-        _store_rows(dq, acc, rows, offs_k, sdq_t, sdq_d, T, DK)
+        store_rows(dq, acc, rows, offs_k, sdq_t, sdq_d, T, DK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,10 +556,10 @@ def _chunked_dkv_kernel(
             rzb = rzb * zw
         rows = c * BT + offs_t
         valid = rows < T
-        kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)                          # [BT, BK]
+        kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)                          # [BT, BK]
         kf = kc.to(tl.float32)
         kr = _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION)
-        vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
+        vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
         # inter: dv = phi_k R;  d phi_k = v R^T + R_z, times the key weights, through the features
         ka, kb = _features(kf, kr, BT, BK)
         acc_v = tl.dot((ka * wa[None, :]).to(dt), ra.to(dt), input_precision=PRECISION)   # [BT, BV]
@@ -587,8 +576,8 @@ def _chunked_dkv_kernel(
                 h = hk * GROUP + g
                 qp = q + b * sq_b + h * sq_h
                 dnp = dn + b * sdn_b + h * sdn_h
-                qc = _load_rows(qp, rows, offs_k, sq_t, sq_d, T, DK)
-                dnc = _load_rows(dnp, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)
+                qc = load_rows(qp, rows, offs_k, sq_t, sq_d, T, DK)
+                dnc = load_rows(dnp, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)
                 # intra, transposed (rows: keys j, columns: queries i >= j)
                 keep = offs_t[None, :] >= offs_t[:, None]
                 st_ = tl.dot(kc, tl.trans(qc), input_precision=PRECISION)             # [BT, BT]
@@ -608,8 +597,8 @@ def _chunked_dkv_kernel(
                     if NORMALIZE:
                         rza += tl.sum(qa * dzc[:, None], axis=0)
                         rzb += tl.sum(qb * dzc[:, None], axis=0)
-        _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
-        _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
+        store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
+        store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ import triton.language as tl
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
 from .launch import bhtd_strides, dot_precision, new_buffer
+from .tiles import load_rows, store_rows
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DK = 32                  # the states S2 [BK*BK, BV] live in registers: Dk <= 32 keeps them there
@@ -89,19 +90,6 @@ def _outer(x, BT: tl.constexpr, BK: tl.constexpr):
 def _contract_pairs(g, x, BT: tl.constexpr, BK: tl.constexpr):
     # g [BT, BK*BK] (column a*BK + b), x [BT, BK] -> [BT, BK]: out_ta = sum_b g_t(a,b) x_tb
     return tl.sum(tl.reshape(g, (BT, BK, BK)) * x[:, None, :], axis=2)
-
-
-@triton.jit
-def _load_rows(ptr, rows, cols, s_t, s_d, T, D):
-    # [len(rows), len(cols)] tile of a [T, D] matrix with strides (s_t, s_d); zeros outside
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    return tl.load(ptr + rows[:, None] * s_t + cols[None, :] * s_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, x, rows, cols, s_t, s_d, T, D):
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    tl.store(ptr + rows[:, None] * s_t + cols[None, :] * s_d, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,14 +190,14 @@ def _fused_chunk_fwd_kernel(
     if not CAUSAL:                                              # states over all of T first
         for start in range(0, T, BT):
             rows = start + offs_t
-            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)  # [BT, BK]
-            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)  # [BT, BV]
+            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)  # [BT, BK]
+            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)  # [BT, BV]
             s0 += tl.sum(vc.to(tl.float32), axis=0)
             s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, Z_STATES, PRECISION)
 
     for start in range(0, T, BT):
         rows = start + offs_t
-        qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale   # q~ [BT, BK]
+        qf = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale   # q~ [BT, BK]
         qc = qf.to(dt)
         q2 = _outer(qf, BT, BK).to(dt)                                               # [BT, BK*BK]
         # inter-chunk: c0 S0 + c1 q~ S1 + c2 (q~ (x) q~) S2                            [BT, BV]
@@ -223,8 +211,8 @@ def _fused_chunk_fwd_kernel(
                 zc = c0 * (s0z + T) + c1 * tl.sum(qf * s1z[None, :], axis=1)       # the states hold all T tokens
             zc += c2 * tl.sum(tl.dot(qf, s2z, input_precision="ieee") * qf, axis=1)   # [BT]
         if CAUSAL:
-            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
-            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
             # intra-chunk: A = f(q~ k^T) masked to j <= i                               [BT, BT]
             a = _poly(tl.dot(qc, tl.trans(kc), input_precision=PRECISION), c0, c1, c2)
             a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
@@ -238,7 +226,7 @@ def _fused_chunk_fwd_kernel(
             acc = acc / (zc[:, None] + eps)
             if pid_v == 0:
                 tl.store(z + rows, zc, mask=rows < T)
-        _store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
+        store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
     if STATE_OUT:
         _store_moments(m_out + m_off, s0, s1, s2, s0z + T, s1z, s2z, offs_k, offs_v, pid_v == 0, DK, DV, BK)
 
@@ -282,15 +270,15 @@ def _fused_chunk_bwd_dq_kernel(
     if not CAUSAL:
         for start in range(0, T, BT):
             rows = start + offs_t
-            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
-            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
             s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
 
     for start in range(0, T, BT):
         rows = start + offs_t
-        qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale   # q~ [BT, BK]
+        qf = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale   # q~ [BT, BK]
         qc = qf.to(dt)
-        dn = _load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)        # [BT, BV]
+        dn = load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)        # [BT, BV]
         if NORMALIZE:
             dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
             dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)                 # [BT]
@@ -303,8 +291,8 @@ def _fused_chunk_bwd_dq_kernel(
             gz = c1 * s1z[None, :] + 2.0 * c2 * tl.dot(qf, s2z, input_precision="ieee")
             acc += dzc[:, None] * gz
         if CAUSAL:
-            kc = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
-            vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
             # intra-chunk: dA = dn v^T (+ dz), dS = dA f'(s) masked, dq~ += dS k        [BT, BT]
             sc = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)
             da = tl.dot(dnc, tl.trans(vc), input_precision=PRECISION)
@@ -313,7 +301,7 @@ def _fused_chunk_bwd_dq_kernel(
             ds = tl.where(offs_t[:, None] >= offs_t[None, :], da * _poly_slope(sc, c1, c2), 0.0)
             acc = tl.dot(ds.to(dt), kc, acc, input_precision=PRECISION)
             s1, s2, s1z, s2z = _fold_chunk(kc, vc, s1, s2, s1z, s2z, BT, BK, NORMALIZE, PRECISION)
-        _store_rows(dq, acc * scale, rows, offs_k, sdq_t, sdq_d, T, DK)
+        store_rows(dq, acc * scale, rows, offs_k, sdq_t, sdq_d, T, DK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +347,8 @@ def _fused_chunk_bwd_dkv_kernel(
     if not CAUSAL:
         for c in range(0, n_chunks):
             rows = c * BT + offs_t
-            qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
-            dn = _load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)
+            qf = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
+            dn = load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)
             if NORMALIZE:
                 dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
                 dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)
@@ -373,9 +361,9 @@ def _fused_chunk_bwd_dkv_kernel(
 
     for c in range(0, n_chunks):
         rows = (n_chunks - 1 - c) * BT + offs_t                 # chunks from last to first
-        kf = _load_rows(k, rows, offs_k, sk_t, sk_d, T, DK).to(tl.float32)           # [BT, BK]
+        kf = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK).to(tl.float32)           # [BT, BK]
         kc = kf.to(dt)
-        vc = _load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
+        vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)                          # [BT, BV]
         # inter-chunk: dv = c0 R0 + c1 k R1 + c2 (k (x) k) R2                          [BT, BV]
         acc_v = c1 * tl.dot(kc, r1.to(dt), input_precision=PRECISION)
         acc_v += c2 * tl.dot(_outer(kf, BT, BK).to(dt), r2.to(dt), input_precision=PRECISION)
@@ -387,9 +375,9 @@ def _fused_chunk_bwd_dkv_kernel(
         if NORMALIZE:
             acc_k += c1 * r1z[None, :] + 2.0 * c2 * tl.dot(kf, r2z, input_precision="ieee")
         if CAUSAL:
-            qf = _load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
+            qf = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK).to(tl.float32) * scale
             qc = qf.to(dt)
-            dn = _load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)
+            dn = load_rows(do, rows, offs_v, sdo_t, sdo_d, T, DV).to(tl.float32)
             if NORMALIZE:
                 dn = dn * tl.load(rz + rows, mask=rows < T, other=0.0)[:, None]
                 dzc = zw * tl.load(dz + rows, mask=rows < T, other=0.0)
@@ -411,8 +399,8 @@ def _fused_chunk_bwd_dkv_kernel(
             if NORMALIZE:
                 r1z += tl.sum(dzc[:, None] * qf, axis=0)
                 r2z = tl.dot(tl.trans(dzc[:, None] * qf), qf, r2z, input_precision="ieee")
-        _store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
-        _store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
+        store_rows(dk, acc_k, rows, offs_k, sdk_t, sdk_d, T, DK)
+        store_rows(dv, acc_v, rows, offs_v, sdv_t, sdv_d, T, DV)
 
 
 # ----------------------------------------------------------------------------------------------
