@@ -1,8 +1,10 @@
-"""The Triton recurrent step kernel (kernels/recurrent_step.py) against the float64 reference.
+"""The Triton recurrent step kernels (kernels/recurrent_step.py, "flat" and "tiled") against the
+float64 reference.
 
 Every output and state buffer starts as NaN (POISON_OUTPUTS): an element the kernel forgets to write
 fails. CPU runs go through Triton's interpreter at small shapes; `-m gpu` runs the decode shapes
-(H = 16, Dk = 16, Dv = 64) in bfloat16 too, and through the operator on CUDA.
+(H = 16, Dk = 16, Dv = 64) in bfloat16 too, and through the operator on CUDA. Tests without a
+variant run the default ("flat").
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import math
 import pytest
 import torch
 
+from based_compile import config
 from based_compile.kernels import recurrent_step as step_kernel
 from based_compile.kernels.naive import naive_recurrent_step
-from based_compile.op.recurrent_step import based_recurrent_step, feature_map
+from based_compile.op.recurrent_step import based_recurrent_step, feature_map, step_variant
 from compare import assert_rel_close, rel_error
 
 TAYLOR = ("const:1", "linear", "outer")
@@ -50,7 +53,8 @@ def _inputs(lead, dk, dv, f, *, dtype, state_dtype=None, device="cpu", kv_shape=
 
 
 def _check(lead, dk, dv, *, pieces=TAYLOR, factors=None, dtype=torch.float32, state_dtype=None, normalize=True,
-           device="cpu", kv_shape=None, ks_shape=None, strided=False, op=False, seed=0):
+           device="cpu", kv_shape=None, ks_shape=None, strided=False, op=False, seed=0, variant="flat",
+           block_v=None):
     factors = factors or _factors(dk)
     qf = factors
     kf = tuple(x * 1.25 for x in factors)          # q and k factors differ
@@ -65,9 +69,10 @@ def _check(lead, dk, dv, *, pieces=TAYLOR, factors=None, dtype=torch.float32, st
     if op:
         got = based_recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)
     else:
-        got = step_kernel.recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)
+        got = step_kernel.recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3, variant=variant,
+                                         block_v=block_v)
     assert torch.equal(kv, kv0) and torch.equal(ks, ks0), "the old states must be left alone"
-    what = f"lead={lead} Dk={dk} Dv={dv} {pieces} {dtype}/{state_dtype} normalize={normalize}"
+    what = f"lead={lead} Dk={dk} Dv={dv} {pieces} {dtype}/{state_dtype} normalize={normalize} {variant} bv={block_v}"
     eager = naive_recurrent_step(q, k, v, kv, ks, pieces, qf, kf, normalize, 1e-3)      # in the inputs' dtypes
     for name, x, r, like, e in zip(("o", "kv_state", "k_state"), got, ref, (q, kv, ks), eager):
         assert x.shape == r.shape and x.dtype == like.dtype, f"{name}: {x.shape} {x.dtype} ({what})"
@@ -78,10 +83,11 @@ def _check(lead, dk, dv, *, pieces=TAYLOR, factors=None, dtype=torch.float32, st
     return got
 
 
+@pytest.mark.parametrize("variant", step_kernel.VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_taylor_step(dtype, normalize):
-    _check((2, 3), 4, 5, dtype=dtype, normalize=normalize)
+def test_taylor_step(dtype, normalize, variant):
+    _check((2, 3), 4, 5, dtype=dtype, normalize=normalize, variant=variant)
 
 
 def test_user_layouts_odd_sizes_and_piece_orders():
@@ -126,7 +132,7 @@ def test_kernel_limits():
 
 
 def _check_grouped(b, hkv, group, dk, dv, *, dtype=torch.float32, normalize=True, with_k_state=True,
-                   device="cpu", q_shape=None, op=False, seed=0):
+                   device="cpu", q_shape=None, op=False, seed=0, variant="flat", block_v=None):
     """Grouped-query step: q [B, Hkv * G, Dk] (or ``q_shape``), k, v and the states per kv head; the
     reference repeats each state for its G query heads (repeat_interleave), independently of the kernel.
     Without a key state (unnormalised step) the third result is phi(k)."""
@@ -152,8 +158,11 @@ def _check_grouped(b, hkv, group, dk, dv, *, dtype=torch.float32, normalize=True
     o_ref = o_ref.reshape(*q.shape[:-1], dv)
     if not with_k_state:
         ks_ref = ks_ref.reshape(b, hkv, f)
-    fn = based_recurrent_step if op else step_kernel.recurrent_step
-    got = fn(q, k, v, kv, ks, TAYLOR, qf, kf, normalize, 1e-3)
+    if op:
+        got = based_recurrent_step(q, k, v, kv, ks, TAYLOR, qf, kf, normalize, 1e-3)
+    else:
+        got = step_kernel.recurrent_step(q, k, v, kv, ks, TAYLOR, qf, kf, normalize, 1e-3, variant=variant,
+                                         block_v=block_v)
     naive = naive_recurrent_step(q.double(), k.double(), v.double(), kv.double(),
                                  None if ks is None else ks.double(), TAYLOR, qf, kf, normalize, 1e-3)
     for name, x, r, nv in zip(("o", "kv_state", "k_state"), got, (o_ref, kv_ref, ks_ref), naive):
@@ -169,11 +178,93 @@ def test_grouped_query_states_per_kv_head(op, group, normalize):
     _check_grouped(2, 2, group, 4, 5, normalize=normalize, op=op, dtype=torch.float64 if op else torch.float32)
 
 
-def test_grouped_query_several_value_blocks():
-    """Few rows: Dv is split into blocks of 16 (three programs per query row, only the first query
+@pytest.mark.parametrize("variant", step_kernel.VARIANTS)
+def test_grouped_query_several_value_blocks(variant):
+    """Few rows: Dv is split into blocks (several programs per query row, only the first query
     row's programs write the states, the first block the key state); a poisoned element fails."""
-    _check_grouped(1, 1, 2, 3, 40)
-    _check_grouped(1, 2, 2, 3, 33, normalize=False, with_k_state=False)
+    _check_grouped(1, 1, 2, 3, 40, variant=variant)
+    _check_grouped(1, 2, 2, 3, 33, normalize=False, with_k_state=False, variant=variant)
+    _check_grouped(1, 2, 3, 4, 10, variant=variant, block_v=4)          # a partial last block of 2
+
+
+def test_flat_tiles():
+    """The "flat" kernel's feature tiles: one main tile of a power of two and a remainder tile."""
+    assert step_kernel.flat_tiles(273, 16) == (256, 1, 32)         # Dk = 16: 5% padding, no loop
+    assert step_kernel.flat_tiles(273, 8) == (256, 1, 32)
+    assert step_kernel.flat_tiles(273, 64) == (64, 4, 32)          # over FLAT_TILE_ELEMENTS: a loop of 4
+    assert step_kernel.flat_tiles(16, 8) == (16, 1, 0)             # no remainder
+    assert step_kernel.flat_tiles(17, 8) == (16, 1, 1)
+    assert step_kernel.flat_tiles(1, 4) == (1, 1, 0)
+    f = 1 + 128 + 128 * 128
+    ta, nt, tb = step_kernel.flat_tiles(f, 16)
+    assert ta * 16 <= step_kernel.FLAT_TILE_ELEMENTS and nt * ta + tb >= f > nt * ta
+
+
+def test_flat_block_v(monkeypatch):
+    """Dv columns per program: 16, halved while the programs do not fill an H200 (132 SMs) twice,
+    not below 16 bytes of state per feature."""
+    monkeypatch.setattr(step_kernel, "_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert step_kernel.flat_block_v(16, 64, torch.bfloat16, cpu) == 8          # B = 1, H = 16: 128 programs
+    assert step_kernel.flat_block_v(256, 64, torch.bfloat16, cpu) == 16        # B = 16: 1024 programs
+    assert step_kernel.flat_block_v(16, 64, torch.float32, cpu) == 4
+    assert step_kernel.flat_block_v(2, 5, torch.float16, cpu) == 8
+    assert step_kernel.flat_block_v(2, 3, torch.float16, cpu) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_flat_feature_tiles_and_value_blocks(dtype, monkeypatch):
+    """Every tiling of the "flat" kernel: the Dk = 16 row (a main tile of 256 and a remainder of 32),
+    several main tiles (a loop), no remainder, a remainder of one feature, partial Dv blocks; pieces
+    in other orders and widths; the state layouts [B, H, F, Dv], [B, H, 1, F]; strided q, k, v."""
+    _check((1, 2), 16, 6, dtype=dtype, kv_shape=(1, 2, 273, 6), ks_shape=(1, 2, 1, 273), block_v=4)
+    _check((2,), 4, 5, pieces=("outer",), factors=(0.4,), dtype=dtype)                         # F = 16
+    _check((2,), 4, 5, pieces=("outer", "const:1"), factors=(0.4, 2.0), dtype=dtype)           # F = 17
+    _check((1, 3), 3, 10, pieces=("linear", "const:3", "outer", "linear"), factors=(0.5, 1.0, 0.2, -1.0),
+           dtype=dtype, block_v=4)
+    _check((2, 1, 3), 4, 5, strided=True, dtype=dtype)
+    monkeypatch.setattr(step_kernel, "FLAT_TILE_ELEMENTS", 32)
+    assert step_kernel.flat_tiles(21, 4) == (8, 2, 8)
+    _check((2, 2), 4, 7, dtype=dtype, block_v=4)                    # F = 21: two main tiles of 8, then 5
+    _check((2,), 4, 6, pieces=("outer", "linear"), factors=(0.3, 0.9), dtype=dtype, block_v=8)   # 5 x 4, none
+    _check_grouped(1, 2, 3, 4, 6, dtype=dtype, block_v=4)
+    _check_grouped(2, 1, 2, 4, 5, dtype=dtype, normalize=False, with_k_state=False, block_v=4)
+
+
+def test_variants_write_the_same_states():
+    """"flat" and "tiled" compute the new states by the same float32 operations (the readouts sum in
+    other orders): under the interpreter their states agree bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    v = torch.randn(2, 3, 9, generator=g)
+    kv, ks = torch.randn(2, 3, 21, 9, generator=g), torch.rand(2, 3, 1, 21, generator=g) + 1
+    fac = _factors(4)
+    flat = step_kernel.recurrent_step(q, k, v, kv, ks, TAYLOR, fac, fac, True, 1e-3, variant="flat")
+    tiled = step_kernel.recurrent_step(q, k, v, kv, ks, TAYLOR, fac, fac, True, 1e-3, variant="tiled")
+    assert torch.equal(flat[1], tiled[1]) and torch.equal(flat[2], tiled[2])
+    assert_rel_close(flat[0], tiled[0], 1e-6, "o")
+
+
+def test_variant_arguments_and_setting(monkeypatch):
+    q, v = torch.randn(2, 4), torch.randn(2, 3)
+    kv, ks = torch.randn(2, 21, 3), torch.randn(2, 21)
+    with pytest.raises(ValueError, match="variant"):
+        step_kernel.recurrent_step(q, q, v, kv, ks, TAYLOR, (1,) * 3, (1,) * 3, variant="fast")
+    with pytest.raises(ValueError, match="block_v"):
+        step_kernel.recurrent_step(q, q, v, kv, ks, TAYLOR, (1,) * 3, (1,) * 3, block_v=6)
+    monkeypatch.delenv(config.STEP_KERNEL_ENV_VAR, raising=False)
+    assert config.step_kernel == "auto" and step_variant() == "flat"
+    monkeypatch.setenv(config.STEP_KERNEL_ENV_VAR, "tiled")
+    assert step_variant() == "tiled"
+    monkeypatch.setattr(config, "step_kernel", "flat")             # the Python setting wins
+    assert step_variant() == "flat"
+    monkeypatch.setattr(config, "step_kernel", "fast")
+    with pytest.raises(ValueError, match="config.step_kernel"):
+        step_variant()
+    monkeypatch.setattr(config, "step_kernel", "auto")
+    monkeypatch.setenv(config.STEP_KERNEL_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=config.STEP_KERNEL_ENV_VAR):
+        step_variant()
 
 
 @pytest.mark.parametrize("op", [False, True], ids=["kernel", "op"])
@@ -202,16 +293,31 @@ def test_grouped_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", step_kernel.VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b", [1, 16])
-def test_gpu_decode_shapes(dtype, b):
-    _check((b, 16), 16, 64, dtype=dtype, device="cuda", kv_shape=(b, 16, 273, 64), ks_shape=(b, 16, 1, 273))
+@pytest.mark.parametrize("b", [1, 16, 64])
+def test_gpu_decode_shapes(dtype, b, variant):
+    _check((b, 16), 16, 64, dtype=dtype, device="cuda", kv_shape=(b, 16, 273, 64), ks_shape=(b, 16, 1, 273),
+           variant=variant)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_v", [4, 8, 16, 32, 64])
+def test_gpu_flat_value_blocks(block_v):
+    """The "flat" kernel at every Dv block the benchmark sweeps (32 and 64 loop over main tiles)."""
+    _check((2, 16), 16, 64, dtype=torch.bfloat16, device="cuda", kv_shape=(2, 16, 273, 64),
+           ks_shape=(2, 16, 1, 273), block_v=block_v)
+    _check_grouped(2, 4, 4, 16, 64, dtype=torch.bfloat16, device="cuda", block_v=block_v)
+    _check_grouped(2, 4, 1, 16, 64, dtype=torch.float32, device="cuda", normalize=False, with_k_state=False,
+                   block_v=block_v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["auto", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_through_the_operator(dtype):
+def test_gpu_through_the_operator(dtype, setting, monkeypatch):
     """based::recurrent_step on CUDA runs the kernel (values as the reference, states in the user's layout)."""
+    monkeypatch.setattr(config, "step_kernel", setting)
     _check((2, 4), 16, 64, dtype=dtype, device="cuda", kv_shape=(2, 4, 273, 64), ks_shape=(2, 4, 1, 273), op=True)
     _check((3, 2), 8, 100, dtype=dtype, device="cuda", pieces=("outer", "linear", "const:1"),
            factors=(0.2, 0.5, 1.0), op=True, normalize=False)
@@ -219,17 +325,21 @@ def test_gpu_through_the_operator(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", step_kernel.VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_grouped_and_unnormalised(dtype):
+def test_gpu_grouped_and_unnormalised(dtype, variant, monkeypatch):
     """GQA states per kv head (G = 4, the decode shapes) and an unnormalised step without a key state."""
+    monkeypatch.setattr(config, "step_kernel", variant)
     _check_grouped(2, 4, 4, 16, 64, dtype=dtype, device="cuda", op=True)
-    _check_grouped(16, 4, 4, 16, 64, dtype=dtype, device="cuda")
+    _check_grouped(16, 4, 4, 16, 64, dtype=dtype, device="cuda", variant=variant)
     _check_grouped(2, 4, 1, 16, 64, dtype=dtype, device="cuda", normalize=False, with_k_state=False, op=True)
 
 
 @pytest.mark.gpu
-def test_gpu_large_dims_and_float64_fallback():
-    _check((2, 2), 128, 256, dtype=torch.bfloat16, device="cuda", factors=(1.0, 0.3, 0.05))
+@pytest.mark.parametrize("variant", step_kernel.VARIANTS)
+def test_gpu_large_dims_and_float64_fallback(variant):
+    _check((2, 2), 128, 256, dtype=torch.bfloat16, device="cuda", factors=(1.0, 0.3, 0.05), variant=variant)
+    _check((2, 2), 20, 64, dtype=torch.float32, device="cuda", variant=variant)    # F = 421: 256 + 256 (165)
     _check((2, 2), 4, 5, dtype=torch.float64, device="cuda", op=True)        # the PyTorch form
 
 

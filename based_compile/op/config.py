@@ -14,6 +14,16 @@ each time the operator runs (not when a model is compiled). An eager backward ru
 forward chose; in compiled code the backward operator reads the setting again when it runs, so change
 it between steps, not between a forward and its backward. An invalid value raises ``ValueError``
 naming the setting and the accepted values.
+
+``step_kernel``: which Triton kernel ``based::recurrent_step`` (a decoding step) runs on CUDA.
+
+- ``"auto"`` (default): ``"flat"``.
+- ``"flat"``: all of a state row's features in one pass, every load before the first store.
+- ``"tiled"``: the first step kernel, features tile by tile (kept to compare against).
+
+Set it in Python (``based_compile.config.step_kernel = "tiled"``) or with the environment variable
+``BASED_COMPILE_STEP_KERNEL``; read each time the operator runs, the Python setting winning when
+it is not ``"auto"``. It does not change what the step computes, only how fast.
 """
 from __future__ import annotations
 
@@ -23,6 +33,11 @@ KERNEL_CHOICES = ("auto", "parallel", "fused_chunk", "chunked", "cpu_quadratic",
 KERNEL_ENV_VAR = "BASED_COMPILE_KERNEL"
 
 kernel = "auto"
+
+STEP_KERNEL_CHOICES = ("auto", "flat", "tiled")
+STEP_KERNEL_ENV_VAR = "BASED_COMPILE_STEP_KERNEL"
+
+step_kernel = "auto"
 
 
 def forced_kernel() -> tuple[str, str]:
@@ -37,3 +52,16 @@ def forced_kernel() -> tuple[str, str]:
     if env not in KERNEL_CHOICES:
         raise ValueError(f"environment variable {KERNEL_ENV_VAR} must be one of {KERNEL_CHOICES}, got {env!r}")
     return env, KERNEL_ENV_VAR
+
+
+def forced_step_kernel() -> str:
+    """The step kernel the user forced ("flat", "tiled"), or "auto"."""
+    if step_kernel not in STEP_KERNEL_CHOICES:
+        raise ValueError(f"based_compile.config.step_kernel must be one of {STEP_KERNEL_CHOICES}, got {step_kernel!r}")
+    if step_kernel != "auto":
+        return step_kernel
+    env = os.environ.get(STEP_KERNEL_ENV_VAR, "").strip()
+    if env not in STEP_KERNEL_CHOICES + ("",):
+        raise ValueError(f"environment variable {STEP_KERNEL_ENV_VAR} must be one of {STEP_KERNEL_CHOICES}, "
+                         f"got {env!r}")
+    return env or "auto"

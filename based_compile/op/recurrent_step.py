@@ -21,11 +21,12 @@ graph by ``graph/feature_map.py``): phi(x) = cat over pieces of factor * piece(x
 "const:W" (W ones), "linear" (x) or "outer" (flatten(x (x) x), index a * Dk + b). q and k have one
 factor per piece each (``q_factors``, ``k_factors``).
 
-Implementation: on CUDA the Triton kernel ``kernels/recurrent_step.py`` (phi computed on the fly, each
-state read once and written once, one program per row and block of Dv columns) for float16,
-bfloat16 and float32 with at most 4 pieces, Dk <= 128, Dv <= 256; otherwise, and on the CPU, the
-PyTorch form below. Both compute in float32 (float64 for float64 inputs) and round the states once
-to their dtype; the readout reads the states as stored.
+Implementation: on CUDA a Triton kernel of ``kernels/recurrent_step.py`` (phi computed on the fly,
+each state read once and written once, one program per row and block of Dv columns;
+``step_variant`` picks which, ``config.step_kernel`` forces one) for float16, bfloat16 and float32
+with at most 4 pieces, Dk <= 128, Dv <= 256; otherwise, and on the CPU, the PyTorch form below.
+Both compute in float32 (float64 for float64 inputs) and round the states once to their dtype;
+the readout reads the states as stored.
 Not differentiable (decoding): called under grad mode with inputs that require grad it raises.
 Inside ``based_compile.context_parallel`` it raises (a step is not sequence parallel).
 """
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import recurrent_step as step_kernel
-from . import context_parallel, inference_only
+from . import config, context_parallel, inference_only
 from .cpu_path import compute_dtype
 
 PIECE_KINDS = ("const", "linear", "outer")
@@ -157,12 +158,22 @@ def _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, e
     return o.contiguous(), kv.contiguous(), ks.contiguous()
 
 
+def step_variant() -> str:
+    """The step kernel ("flat" or "tiled"): ``config.step_kernel`` when forced, else "flat", which
+    issues all of a program's loads at once where "tiled" waits for memory once per tile of
+    features (six times at Dk = 16). Not by shape unless a measurement shows "tiled" ahead at
+    some shape (``benchmarks/generate.py --step-only`` times both)."""
+    forced = config.forced_step_kernel()
+    return "flat" if forced == "auto" else forced
+
+
 def _step_cuda(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
     check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
     _not_context_parallel()
     if step_kernel.supported(q, k, v, kv_state, k_state, pieces) is not None:
         return _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
-    return step_kernel.recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    return step_kernel.recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps,
+                                      variant=step_variant())
 
 
 def describe_step(q, k, v, kv_state, k_state, pieces) -> str:
