@@ -3,6 +3,7 @@
     python benchmarks/generate.py --out OUT            # ~4-5 minutes on an H200
     python benchmarks/generate.py --quick --out OUT    # fewer contexts and reps
     python benchmarks/generate.py --dry --out OUT      # tiny shapes on the CPU: checks the script's logic
+    python benchmarks/generate.py --step-only --out OUT    # ~2-3 minutes: the per-layer recurrent step only
 
 Per layer (H=16, Dk=16, Dv=64, bfloat16; contexts 1k, 8k, 32k, 64k; B = 1 and 16), the time of one
 decode step (one new query per head) for:
@@ -33,6 +34,16 @@ each token, so CUDA graphs do not apply to it as written).
 
 Writes OUT/generate.json and OUT/generate.png (ms/token against context; needs matplotlib); prints
 progress as it goes and a short table last.
+
+``--step-only``: the per-layer recurrent step alone (B = 1, 16, 64 by default), to compare the step
+kernels against the bar of issue 15 (the recurrent mode >= 5x Inductor's recurrent and KV-cache
+forms): ``inductor_kv`` (at the shortest context, 1k: the KV-cache form's fastest), ``inductor_rec``,
+``based_rec`` (the operator's own choice, ``based_compile.config.step_kernel = "auto"``) and
+``based_rec_tiled`` (the first step kernel) through torch.compile; the step kernel called directly,
+``flat_bvN`` ("flat", N Dv columns per program) and ``tiled``; and ``null``, a CUDA graph of one
+kernel that adds 1 to one number: the least this timer reports for any kernel (launch and
+completion of a graph). Writes OUT/generate_step.json and prints, per B, each entry's GPU time,
+its ratio to the floor and Inductor's best time over it (the bar wants >= 5).
 """
 from __future__ import annotations
 
@@ -60,6 +71,8 @@ FEATURES = 1 + DK + DK * DK
 KV_ENTRIES = ("eager_kv", "inductor_kv", "based_kv")
 REC_ENTRIES = ("eager_rec", "inductor_rec", "based_rec")
 ENTRIES = KV_ENTRIES + REC_ENTRIES + ("sdpa_d64",)
+STEP_KERNEL_ENTRIES = ("flat_bv4", "flat_bv8", "flat_bv16", "flat_bv32", "tiled")
+STEP_ENTRIES = ("null", "inductor_kv", "inductor_rec", "based_rec", "based_rec_tiled") + STEP_KERNEL_ENTRIES
 MODEL_ENTRIES = ("inductor_kv_cache", "based_kv_cache", "inductor_recurrent", "based_recurrent",
                  "inductor_recurrent_cudagraphs", "based_recurrent_cudagraphs")
 
@@ -138,6 +151,7 @@ class Timer:
         return statistics.median(times)
 
     def call_ms(self, fn, inner: int = 10) -> float:
+        inner = inner if self.cuda else 1           # --dry: the logic, not the time
         def loop():
             for _ in range(inner):
                 fn()
@@ -249,6 +263,105 @@ def layer_benchmark(args, device, timer, bandwidth, results):
             del k, v, k64, v64, calls
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- the step alone
+
+def _step_kernel_call(name, q, k, v, kv_state, k_state):
+    """A direct call of the step kernel for entry ``name`` ("flat_bvN" or "tiled")."""
+    from based_compile.kernels import recurrent_step as step_kernel
+
+    factors = (1.0, DK ** -0.25, 1 / (math.sqrt(2) * math.sqrt(DK)))           # taylor()'s
+    variant, block_v = ("tiled", None) if name == "tiled" else ("flat", int(name.removeprefix("flat_bv")))
+    return lambda: step_kernel.recurrent_step(q, k, v, kv_state, k_state, ("const:1", "linear", "outer"),
+                                              factors, factors, True, 1e-6, variant=variant, block_v=block_v)
+
+
+def _with_step_kernel(setting, fn):
+    """fn run with ``based_compile.config.step_kernel = setting`` (the operator reads it per call; a
+    CUDA graph keeps the kernel the call launched when it was captured)."""
+    from based_compile import config
+
+    def call():
+        old, config.step_kernel = config.step_kernel, setting
+        try:
+            return fn()
+        finally:
+            config.step_kernel = old
+    return call
+
+
+def step_benchmark(args, device, timer, bandwidth, results):
+    comp = compilers(args.dry)
+    inductor_kv, inductor_rec = comp["inductor"](kv_cache_step), comp["inductor"](recurrent_step)
+    based_rec = comp["based"](recurrent_step)
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    t = args.contexts[0]
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    for b in args.batches:
+        q, k1, v1 = rand(b, H, 1, DK), rand(b, H, 1, DK), rand(b, H, 1, DV)
+        phi = taylor(rand(b, H, 256, DK).float())           # states as after 256 tokens (layer_benchmark's)
+        kv_state = (phi.transpose(-2, -1) @ rand(b, H, 256, DV).float()).to(dtype)
+        k_state = phi.sum(2, keepdim=True).to(dtype)
+        k, v = rand(b, H, t, DK), rand(b, H, t, DV)
+        one = torch.zeros(1, device=device)
+        calls = {"null": lambda: one.add_(1), "inductor_kv": lambda: inductor_kv(q, k, v),
+                 "inductor_rec": lambda: inductor_rec(q, k1, v1, kv_state, k_state),
+                 "based_rec": _with_step_kernel("auto", lambda: based_rec(q, k1, v1, kv_state, k_state)),
+                 "based_rec_tiled": _with_step_kernel("tiled", lambda: based_rec(q, k1, v1, kv_state, k_state))}
+        calls.update({name: _step_kernel_call(name, q, k1, v1, kv_state, k_state) for name in STEP_KERNEL_ENTRIES})
+        with torch.no_grad():
+            ref_kv = kv_cache_step(q.double(), k.double(), v.double())
+            ref_rec = recurrent_step(q.double(), k1.double(), v1.double(), kv_state.double(), k_state.double())[0]
+            for name in args.step_entries:
+                floor = 0 if name == "null" else kv_bytes(b, t) if name == "inductor_kv" else rec_bytes(b)
+                row = dict(entry=name, B=b, T=t, floor_bytes=floor, floor_ms=floor / bandwidth * 1e3)
+                try:
+                    out, row["based_ops"] = based_ops(calls[name])
+                    if name.startswith("based") and not row["based_ops"]:
+                        raise RuntimeError("backend='based' did not rewrite the step (no based:: operator ran)")
+                    if name != "null":
+                        out = out[0] if isinstance(out, tuple) else out
+                        want = ref_kv if name == "inductor_kv" else ref_rec
+                        row["rel_err"] = ((out.double() - want).norm() / want.norm()).item()
+                    row["ms"], row["timing"] = timer.gpu_ms(calls[name])
+                    row["call_ms"] = timer.call_ms(calls[name])
+                    row["over_floor"] = row["ms"] / row["floor_ms"] if floor else None
+                    row["status"] = "ok"
+                except Exception as e:              # noqa: BLE001  (a failed entry is reported, not fatal)
+                    row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                results.append(row)
+                if row["status"] == "ok":
+                    print(f"  B={b:2d} {name:16s} {row['ms'] * 1e3:8.2f} us ({row['timing']}), "
+                          f"call {row['call_ms'] * 1e3:8.2f} us" + (f", x{row['over_floor']:.1f} its floor, "
+                          f"rel err {row['rel_err']:.1e}" if floor else ""), flush=True)
+                else:
+                    print(f"  B={b:2d} {name:16s} {row['status']}", flush=True)
+        del k, v, calls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def print_step_table(data):
+    print("\nrecurrent step per layer (H=16, Dk=16, Dv=64, bf16): GPU us per decode step; 'x floor': over "
+          "the bytes it must move at the measured copy bandwidth; 'Inductor / it': min(inductor_rec, "
+          f"inductor_kv at T={data['results'][0]['T'] if data['results'] else '?'}) over its time (bar: >= 5)")
+    for b in sorted({r["B"] for r in data["results"]}):
+        rows = {r["entry"]: r for r in data["results"] if r["B"] == b}
+        ok = {e: r["ms"] for e, r in rows.items() if r["status"] == "ok"}
+        inductor = min([ok[e] for e in ("inductor_rec", "inductor_kv") if e in ok], default=None)
+        print(f"| B={b} | us | x floor | Inductor / it |")
+        for e, r in rows.items():
+            if r["status"] != "ok":
+                print(f"| {e} | {r['status']} | | |")
+                continue
+            floor = "" if r["over_floor"] is None else f"{r['over_floor']:.1f}"
+            bar = "" if inductor is None else f"{inductor / r['ms']:.2f}"
+            print(f"| {e} | {r['ms'] * 1e3:.2f} | {floor} | {bar} |")
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -393,12 +506,19 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="contexts 1k and 32k, fewer samples")
     p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (eager inner compilers): logic only")
     p.add_argument("--contexts", default=None, help="comma-separated (default 1024,8192,32768,65536)")
-    p.add_argument("--batches", default="1,16")
+    p.add_argument("--batches", default=None, help="comma-separated (default 1,16; --step-only: 1,16,64)")
     p.add_argument("--entries", default=",".join(ENTRIES))
     p.add_argument("--model-entries", default=",".join(MODEL_ENTRIES), help="'' skips the whole-model part")
     p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--step-only", action="store_true",
+                   help="only the per-layer recurrent step: Inductor, based, the step kernels (OUT/generate_step.json)")
+    p.add_argument("--step-entries", default=",".join(STEP_ENTRIES))
     args = p.parse_args(argv)
     args.entries = [e for e in args.entries.split(",") if e]
+    args.step_entries = [e for e in args.step_entries.split(",") if e]
+    for e in args.step_entries:
+        if e not in STEP_ENTRIES:
+            p.error(f"--step-entries: unknown {e!r}; choose from {STEP_ENTRIES}")
     args.model_entries = [e for e in args.model_entries.split(",") if e]
     for e in args.entries:
         if e not in ENTRIES:
@@ -407,11 +527,12 @@ def parse_args(argv=None):
         if e not in MODEL_ENTRIES:
             p.error(f"--model-entries: unknown {e!r}; choose from {MODEL_ENTRIES}")
     if args.contexts is None:
-        args.contexts = "64,300" if args.dry else "1024,32768" if args.quick else "1024,8192,32768,65536"
+        args.contexts = ("64" if args.dry else "1024") if args.step_only else \
+            "64,300" if args.dry else "1024,32768" if args.quick else "1024,8192,32768,65536"
     args.contexts = [int(x) for x in args.contexts.split(",")]
+    if args.batches is None:
+        args.batches = "1,2" if args.dry else "1,16,64" if args.step_only else "1,16"
     args.batches = [int(x) for x in args.batches.split(",")]
-    if args.dry and args.batches == [1, 16]:
-        args.batches = [1, 2]
     args.samples = args.samples or (3 if args.dry else 7 if args.quick else 15)
     args.model_context = 200 if args.dry else 32768
     args.model_steps = 3 if args.dry else 20 if args.quick else 50
@@ -448,6 +569,14 @@ def main(argv=None) -> dict:
                 config=dict(H=H, Dk=DK, Dv=DV, dtype="bfloat16", samples=args.samples, dry=args.dry),
                 ceilings=dict(copy_bytes_per_s=bandwidth), results=[], model={}, model_results=[])
     timer = Timer(device, args.samples)
+    if args.step_only:
+        print("the recurrent step per layer:", flush=True)
+        step_benchmark(args, device, timer, bandwidth, data["results"])
+        data["seconds"] = time.perf_counter() - begin
+        (out / "generate_step.json").write_text(json.dumps(data, indent=1))
+        print_step_table(data)
+        print(f"\nwrote {out / 'generate_step.json'} after {data['seconds']:.0f} s")
+        return data
     print("per layer:", flush=True)
     layer_benchmark(args, device, timer, bandwidth, data["results"])
     del timer

@@ -6,7 +6,7 @@
 - ``chunked_based``: Triton chunkwise-parallel kernel, states in the symmetric basis (training and
   long prefill, O(T) memory).
 - ``naive_chunkwise_based``: the chunked kernel's algorithm in plain PyTorch.
-- ``recurrent_step`` (module): Triton kernel of one recurrent decoding step; ``naive_recurrent_step``
+- ``recurrent_step`` (module): Triton kernels of one recurrent decoding step; ``naive_recurrent_step``
   its PyTorch reference.
 """
 from .arguments import BasedArguments, check_arguments

@@ -44,3 +44,20 @@ def test_dry_run_writes_json_and_the_table_renders(tmp_path, monkeypatch):
     text = tables.render("generate")
     assert "| 2 | 100 |" in text and "**based, recurrent**" in text and "based recurrent |" in text
     assert "1.00x" in text         # Inductor's own row against itself
+
+
+def test_step_only_dry_run(tmp_path):
+    """--step-only: the recurrent step's entries at one context, each checked against float64; the
+    based entries were rewritten, the direct kernel call ran (the interpreter on the CPU)."""
+    torch._dynamo.reset()
+    entries = ["null", "inductor_rec", "based_rec", "based_rec_tiled", "flat_bv32"]
+    data = generate.main(["--dry", "--step-only", "--out", str(tmp_path), "--batches", "1",
+                          "--step-entries", ",".join(entries)])
+    torch._dynamo.reset()
+    written = json.loads((tmp_path / "generate_step.json").read_text())
+    assert written["results"] == data["results"] and not written["model_results"]
+    assert [(r["entry"], r["B"], r["status"]) for r in written["results"]] == [(e, 1, "ok") for e in entries]
+    for r in written["results"]:
+        assert r["ms"] > 0 and (r["based_ops"] > 0) == r["entry"].startswith("based"), r
+        if r["entry"] != "null":
+            assert r["rel_err"] < 2e-2 and r["over_floor"] == r["ms"] / r["floor_ms"], r
