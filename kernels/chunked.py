@@ -56,7 +56,7 @@ import triton.language as tl
 
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, dot_precision, new_buffer, scaled_coefficients
+from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
 from .parallel import _parallel_bwd_prep_kernel
 from .tiles import load_rows, store_rows
 
@@ -630,7 +630,7 @@ class ChunkedConfig:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _slot_rows(dk: int) -> int:
@@ -650,10 +650,10 @@ def _value_block(args: BasedArguments, most: int = 128) -> int:
 def _segment_chunks(args: BasedArguments, bt: int, bv: int, target: int) -> int:
     """Chunks per segment: the longest segments (at most MAX_SEGMENT_CHUNKS chunks) that still give
     the output kernels ``target`` programs."""
-    n_chunks = triton.cdiv(args.length, bt)
-    programs_per_segment = args.batch * args.heads * triton.cdiv(args.dv, bv)
+    n_chunks = cdiv(args.length, bt)
+    programs_per_segment = args.batch * args.heads * cdiv(args.dv, bv)
     seg = 1
-    while seg < MAX_SEGMENT_CHUNKS and triton.cdiv(n_chunks, seg * 2) * programs_per_segment >= target:
+    while seg < MAX_SEGMENT_CHUNKS and cdiv(n_chunks, seg * 2) * programs_per_segment >= target:
         seg *= 2
     return seg
 
@@ -695,8 +695,8 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
 def state_bytes(args: BasedArguments, cfg: ChunkedConfig, itemsize: int = 2) -> int:
     """Bytes of one set of states: (NS + 1) float32 segment slots per batch x kv head, and on the stored
     path also every chunk's state (values in the input dtype of ``itemsize`` bytes, normaliser float32)."""
-    n_chunks = triton.cdiv(args.length, cfg.bt)
-    ns = triton.cdiv(n_chunks, cfg.seg)
+    n_chunks = cdiv(args.length, cfg.bt)
+    ns = cdiv(n_chunks, cfg.seg)
     nf = _slot_rows(args.dk)
     total = (ns + 1) * nf * (args.dv + 1) * 4
     if cfg.stored_for(args):
@@ -710,8 +710,8 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
     Returns (states, normaliser states, NS, W): on the stored path the walk's per-chunk states
     [B * Hkv, n_chunks, NF, Dv] (x's dtype) and [B * Hkv, n_chunks, NF] float32; else (slots, slots, ...)."""
     nf = _slot_rows(args.dk)
-    n_chunks = triton.cdiv(args.length, cfg.bt)
-    ns = triton.cdiv(n_chunks, cfg.seg)
+    n_chunks = cdiv(args.length, cfg.bt)
+    ns = cdiv(n_chunks, cfg.seg)
     w = nf * (args.dv + 1)
     bhk = args.batch * args.kv_heads
     st = _new_buffer((bhk, ns + 1, w), torch.float32, x.device)
@@ -724,12 +724,12 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
                   PRECISION=dot_precision(x.dtype), MODE=cfg.features,
                   num_warps=cfg.state_warps or cfg.num_warps, num_stages=cfg.num_stages)
     sizes = (args.length, args.kv_heads if keys else args.heads, args.group, args.dk, args.dv, cfg.seg, ns, w)
-    n_v = triton.cdiv(args.dv, bv)
+    n_v = cdiv(args.dv, bv)
     if n_in > 0:
         _segment_state_kernel[(n_in, n_v, bhk)](
             x, y, dz, st, st, st, *x_strides, *y_strides, *sizes, s_off, c0, c1, c2, WALK=False, **common)
     block = 1024
-    _segment_scan_kernel[(bhk, triton.cdiv(w, block))](
+    _segment_scan_kernel[(bhk, cdiv(w, block))](
         st, ns, n_in, w, REVERSE=args.causal and not keys, BLOCK=block, num_warps=4)
     if not cfg.stored_for(args):
         return st, st, ns, w
@@ -742,10 +742,10 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
 
 def _stage3(args: BasedArguments, cfg: ChunkedConfig, ns: int, heads: int):
     """(grid, SEG, NS) of an output kernel: per segment carrying, or out_seg chunks a program stored."""
-    n_v = triton.cdiv(args.dv, cfg.bv)
+    n_v = cdiv(args.dv, cfg.bv)
     if cfg.stored_for(args):
-        n_chunks = triton.cdiv(args.length, cfg.bt)
-        return (triton.cdiv(n_chunks, cfg.out_seg), n_v, args.batch * heads), cfg.out_seg, ns
+        n_chunks = cdiv(args.length, cfg.bt)
+        return (cdiv(n_chunks, cfg.out_seg), n_v, args.batch * heads), cfg.out_seg, ns
     return (ns, n_v, args.batch * heads), cfg.seg, ns
 
 
@@ -782,7 +782,7 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
         dz = _new_buffer((b, h, t), torch.float32, dev)                 # -(do . o) / (z + eps)
         bv = _pow2(dv_)
         prep_bt = 32 if bv > 128 else 64
-        _parallel_bwd_prep_kernel[(triton.cdiv(t, prep_bt), b * h)](
+        _parallel_bwd_prep_kernel[(cdiv(t, prep_bt), b * h)](
             o, do, z, dn, dz, *bhtd_strides(o, args.layout), *bhtd_strides(do, args.layout),
             t, h, args.eps, DV=dv_, BV=bv, BT=prep_bt, num_warps=4,
         )
@@ -793,7 +793,7 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
     qs, ks, vs = (bhtd_strides(x, args.layout) for x in (q, k, v))
     st, sz, ns, w = _states(k, v, k, args, cfg, True, ks, vs)           # S_{<s} (or S_{<c}), recomputed
     rt, rz, _, _ = _states(q, dn, dz, args, cfg, False, qs, dn_strides)  # R_{>s} (or R_{>c})
-    n_v = triton.cdiv(dv_, cfg.bv)
+    n_v = cdiv(dv_, cfg.bv)
     if n_v == 1:
         dq = _new_buffer(q.shape, q.dtype, dev)
         dq_target, dq_strides = dq, (0, *bhtd_strides(dq, args.layout))

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .arguments import BasedArguments, check_kernel_device, triton_interpreting
-from .launch import bhtd_strides, dot_precision, new_buffer, scaled_coefficients
+from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
 
 POISON_OUTPUTS = False
 MAX_DK = 128
@@ -118,15 +118,15 @@ def _multiprocessors(index: int) -> int:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def plan_splits(programs: int, tk: int, multiprocessors: int) -> tuple[int, int]:
     """(splits S, keys per split): about 4 programs per multiprocessor, whole key tiles per split."""
-    tiles = triton.cdiv(tk, BLOCK_N)
-    want = max(1, min(tiles, triton.cdiv(4 * multiprocessors, max(programs, 1))))
-    keys = triton.cdiv(tiles, want) * BLOCK_N
-    return triton.cdiv(tk, keys), keys
+    tiles = cdiv(tk, BLOCK_N)
+    want = max(1, min(tiles, cdiv(4 * multiprocessors, max(programs, 1))))
+    keys = cdiv(tiles, want) * BLOCK_N
+    return cdiv(tk, keys), keys
 
 
 def decode_forward(q, k, v, args: BasedArguments):
@@ -137,10 +137,10 @@ def decode_forward(q, k, v, args: BasedArguments):
     b, h, hk, g, tq, tk, dv = args.batch, args.heads, args.kv_heads, args.group, args.length, args.tk, args.dv
     m = g * tq
     bm = min(_pow2(m), MAX_BLOCK_M)
-    nm = triton.cdiv(m, bm)
+    nm = cdiv(m, bm)
     bv = min(_pow2(dv), 128)
-    nv = triton.cdiv(dv, bv)
-    sms = 4 if triton_interpreting() or q.device.type != "cuda" else _multiprocessors(q.device.index or 0)
+    nv = cdiv(dv, bv)
+    sms = 4 if not q.is_cuda or triton_interpreting() else _multiprocessors(q.device.index or 0)
     s, keys = plan_splits(b * hk * nm * nv, tk, sms)
     poison = POISON_OUTPUTS
     part_n = new_buffer((b * hk, s, m, dv), torch.float32, q.device, poison=poison)

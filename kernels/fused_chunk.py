@@ -56,7 +56,7 @@ import triton.language as tl
 
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, dot_precision, new_buffer
+from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2
 from .tiles import load_rows, store_rows
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -417,13 +417,13 @@ class FusedChunkConfig:
 
 
 def _block_k(dk: int) -> int:
-    return max(16, triton.next_power_of_2(dk))
+    return max(16, next_power_of_2(dk))
 
 
 def forward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfig:
     """The forward's block sizes for these arguments (one fixed choice under the interpreter)."""
     if triton_interpreting():
-        return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
+        return FusedChunkConfig(bt=16, bv=min(64, max(16, next_power_of_2(args.dv))))
     if _block_k(args.dk) > 16:
         return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
     # H100, B=H=16, Dk=16, Dv=64, bf16, T=16384: 3.94 ms (BV=64: 4.08 ms; BT=32: 4.6-6.3 ms; 8 warps: 4.7-6.9 ms)
@@ -437,7 +437,7 @@ def backward_config(args: BasedArguments, dtype: torch.dtype) -> FusedChunkConfi
     an illegal memory access, while the interpreter agreed with float64 at BT=64.
     """
     if triton_interpreting():
-        return FusedChunkConfig(bt=16, bv=min(64, max(16, triton.next_power_of_2(args.dv))))
+        return FusedChunkConfig(bt=16, bv=min(64, max(16, next_power_of_2(args.dv))))
     if _block_k(args.dk) > 16:
         return FusedChunkConfig(bt=16, bv=16, num_warps=4, num_stages=1)
     # H100, B=H=16, Dk=16, Dv=64, bf16: 5.24 ms at T=4096 against 6.82 ms for (32, 32, 4 warps)
@@ -472,7 +472,7 @@ def _forward(q, k, v, args: BasedArguments, cfg: FusedChunkConfig, initial=None,
         initial = initial.to(torch.float32).unsqueeze(2).expand(b, args.kv_heads, args.group, *moments[2:])
         initial = initial.reshape(moments).contiguous()
     m_out = _new_buffer(moments, torch.float32, q.device) if final else o
-    grid = (triton.cdiv(args.dv, cfg.bv), b * h)
+    grid = (cdiv(args.dv, cfg.bv), b * h)
     c0, c1, c2 = args.coeffs
     _fused_chunk_fwd_kernel[grid](
         q, k, v, o, z, o if initial is None else initial, m_out,
@@ -519,7 +519,7 @@ def fused_chunk_forward_with_state(q, k, v, args: BasedArguments, initial=None):
 def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
     b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
     dev = q.device
-    n_v = triton.cdiv(dv_, cfg.bv)
+    n_v = cdiv(dv_, cfg.bv)
     if args.normalize:
         rz = 1.0 / (z + args.eps)                                                     # [B, H, T]
         dot_o = (do.float() * o.float()).sum(-1)

@@ -6,13 +6,25 @@
   tensor cores' native products;
 - ``scaled_coefficients``: f(scale * r) = c0 + (c1 scale) r + (c2 scale^2) r^2 in the raw q.k;
 - ``new_buffer``: an output or work buffer, filled with NaN when ``poison`` (tests set the kernel
-  modules' POISON_OUTPUTS so that an element no kernel writes shows up).
+  modules' POISON_OUTPUTS so that an element no kernel writes shows up);
+- ``cdiv``, ``next_power_of_2``: ``triton.cdiv`` and ``triton.next_power_of_2`` for host code (grids,
+  block sizes). Triton 3.9 makes those ``constexpr_function`` objects that cost ~3 us a call on the
+  host (a dozen per layer and step); these are plain integer arithmetic with the same results.
 """
 from __future__ import annotations
 
 import torch
 
 from .arguments import BasedArguments
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def bhtd_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:

@@ -26,6 +26,7 @@ query head h is h // group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from .arguments import DEFAULT_COEFFS, BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, dot_precision, scaled_coefficients
+from .launch import bhtd_strides, cdiv, dot_precision, next_power_of_2, scaled_coefficients
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backward scheme: False = separate dq and dk/dv kernels (deterministic); True = dq added
@@ -374,7 +375,7 @@ class LaunchConfig:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def launch_configs(args: BasedArguments, dtype: torch.dtype = torch.bfloat16) -> dict[str, LaunchConfig]:
@@ -382,31 +383,35 @@ def launch_configs(args: BasedArguments, dtype: torch.dtype = torch.bfloat16) ->
 
     fwd/dq: block_t queries per program, block_s keys per step (block_t % block_s == 0);
     dkv (split backward) and dkv_atomic (the dk/dv kernel that also adds dq): block_t keys per
-    program, block_s queries per step (block_t % block_s == 0).
+    program, block_s queries per step (block_t % block_s == 0). The tables are built once (this runs
+    on every launch) and read-only: copy one to change an entry.
     """
     if triton_interpreting():
-        small = LaunchConfig(32, 16, 4, 1)
-        return {"fwd": small, "dq": small, "dkv": small, "dkv_atomic": small}
+        return _INTERPRETER_CONFIGS
     if dtype == torch.float32:
-        # Exact fp32 dots run on the FMA pipes, and their unrolled code compiles slowly (a 64 x 64
-        # dk/dv tile took ~90 s to compile): small tiles; fp32 is the reference path, not the fast one.
-        small = LaunchConfig(32, 32, 4, 1)
-        return {"fwd": LaunchConfig(64, 32, 4, 1), "dq": small, "dkv": small, "dkv_atomic": small}
+        return _FLOAT32_CONFIGS
     bk, bv = _pow2(args.dk), _pow2(args.dv)
-    if bk <= 32 and bv <= 64:  # H100 sweeps at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md)
-        return {"fwd": LaunchConfig(128, 32, 4, 3), "dq": LaunchConfig(64, 64, 4, 2),
-                "dkv": LaunchConfig(64, 64, 4, 3), "dkv_atomic": LaunchConfig(128, 64, 4, 2)}
+    if bk <= 32 and bv <= 64:
+        return _SMALL_HEAD_CONFIGS
     if bk <= 64 and bv <= 128:
-        return {"fwd": LaunchConfig(128, 64, 8, 2), "dq": LaunchConfig(64, 64, 4, 2),
-                "dkv": LaunchConfig(64, 32, 4, 2), "dkv_atomic": LaunchConfig(64, 32, 4, 2)}
-    return {"fwd": LaunchConfig(64, 32, 4, 2), "dq": LaunchConfig(64, 32, 8, 1),
-            "dkv": LaunchConfig(64, 32, 8, 1), "dkv_atomic": LaunchConfig(64, 32, 8, 1)}
+        return _MEDIUM_HEAD_CONFIGS
+    return _LARGE_HEAD_CONFIGS
 
 
+def _table(fwd: LaunchConfig, dq: LaunchConfig, dkv: LaunchConfig, dkv_atomic: LaunchConfig):
+    return MappingProxyType({"fwd": fwd, "dq": dq, "dkv": dkv, "dkv_atomic": dkv_atomic})
 
 
-
-
+_INTERPRETER_CONFIGS = _table(*[LaunchConfig(32, 16, 4, 1)] * 4)
+# Exact fp32 dots run on the FMA pipes, and their unrolled code compiles slowly (a 64 x 64 dk/dv tile
+# took ~90 s to compile): small tiles; fp32 is the reference path, not the fast one.
+_FLOAT32_CONFIGS = _table(LaunchConfig(64, 32, 4, 1), *[LaunchConfig(32, 32, 4, 1)] * 3)
+# Dk <= 32, Dv <= 64: H100 sweeps at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md)
+_SMALL_HEAD_CONFIGS = _table(LaunchConfig(128, 32, 4, 3), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 4, 3),
+                             LaunchConfig(128, 64, 4, 2))
+_MEDIUM_HEAD_CONFIGS = _table(LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2),
+                              LaunchConfig(64, 32, 4, 2))
+_LARGE_HEAD_CONFIGS = _table(LaunchConfig(64, 32, 4, 2), *[LaunchConfig(64, 32, 8, 1)] * 3)
 
 
 def _output_shape(args: BasedArguments, d: int) -> tuple[int, int, int, int]:
@@ -425,7 +430,7 @@ def parallel_forward(q, k, v, args: BasedArguments, configs: dict[str, LaunchCon
     o = torch.empty(_output_shape(args, args.dv), dtype=q.dtype, device=q.device)
     z = torch.empty(b, h, t, dtype=torch.float32, device=q.device) if args.normalize else None
     c0, c1, c2 = scaled_coefficients(args)
-    grid = (triton.cdiv(t, cfg.block_t), triton.cdiv(args.dv, bv), b * h)
+    grid = (cdiv(t, cfg.block_t), cdiv(args.dv, bv), b * h)
     _parallel_fwd_kernel[grid](
         q, k, v, o, z if z is not None else o,
         *bhtd_strides(q, args.layout), *bhtd_strides(k, args.layout), *bhtd_strides(v, args.layout),
@@ -457,7 +462,7 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
         dn = torch.empty(b, h, t, args.dv, dtype=do.dtype, device=do.device)       # do / (z + eps)
         dz = torch.empty(b, h, t, dtype=torch.float32, device=do.device)           # -(do . o) / (z + eps)
         prep_bt = 32 if bv > 128 else 64
-        _parallel_bwd_prep_kernel[(triton.cdiv(t, prep_bt), b * h)](
+        _parallel_bwd_prep_kernel[(cdiv(t, prep_bt), b * h)](
             o, do, z, dn, dz, *bhtd_strides(o, args.layout), *bhtd_strides(do, args.layout),
             t, h, args.eps, DV=args.dv, BV=bv, BT=prep_bt, num_warps=4,
         )
@@ -477,13 +482,13 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
     else:
         dq_acc = dq  # unused by the dk/dv kernel
         cfg = cfgs["dq"]
-        _parallel_dq_kernel[(triton.cdiv(t, cfg.block_t), b * h)](
+        _parallel_dq_kernel[(cdiv(t, cfg.block_t), b * h)](
             q, k, v, dn, dz, dq, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dq, args.layout),
             t, h, args.group, c1, 2.0 * c2, BT=cfg.block_t, BS=cfg.block_s, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     cfg = cfgs["dkv_atomic" if atomic_dq else "dkv"]
-    _parallel_dkv_kernel[(triton.cdiv(t, cfg.block_t), b * hk)](
+    _parallel_dkv_kernel[(cdiv(t, cfg.block_t), b * hk)](
         q, k, v, dn, dz, dk, dv, dq_acc, *qs, *ks, *vs, *dn_strides,
         *bhtd_strides(dk, args.layout), *bhtd_strides(dv, args.layout),
         t, h, hk, args.group, c0, c1, c2, 2.0 * c2, BT=cfg.block_s, BS=cfg.block_t, **common,
