@@ -25,7 +25,11 @@ functional tensor, vmap, subclass; not under Dynamo) calls that autograd formula
 eager backward reuses the forward's checked arguments and kernel choice, which are remembered per
 (shapes, dtypes, devices, spec, kernel setting). Everything else goes through the dispatcher, so
 traces and compiled graphs always hold ``based::attention`` and ``based::attention_backward``; the
-profiler shows both names in either case.
+profiler shows both names in either case. A compiled graph's call (no grad mode, plain tensors)
+meets the operator's Autograd kernel, which runs the implementation itself instead of redispatching
+(``dispatch.direct_backend``); the implementation reuses the remembered plan, and the per-call
+settings are read without ``os.environ``'s Mapping layers (``kernels.arguments.environ_get``).
+``benchmarks/host_overhead.py`` measures the host time per call of every path.
 
 Lengths: q may hold fewer positions than k and v (Tq <= Tk, queries at the end of a KV cache);
 causal query i then sees keys j <= i + Tk - Tq (the mask aligned to the end), and o and z have Tq
@@ -42,17 +46,16 @@ the naive PyTorch code it replaces runs its matmuls in that dtype). The output h
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from . import config, context_parallel, cpu_path, policy
+from .dispatch import direct_backend
 from ..kernels import chunked as chunked_kernel
 from ..kernels import decode as decode_kernel
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels import parallel as parallel_kernel
-from ..kernels.arguments import BasedArguments, check_arguments
+from ..kernels.arguments import BasedArguments, check_arguments, environ_get
 from .spec import BasedSpec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -144,7 +147,7 @@ def _plan(q, k, v, *params) -> tuple[BasedArguments, str, object, object]:
     Triton launch. The key holds the settings as written (``config.kernel`` and the two environment
     variables); they are validated when a plan is made, so an invalid value raises every time."""
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, params,
-           config.kernel, _environ.get(config.KERNEL_ENV_VAR), _environ.get("TRITON_INTERPRET"))
+           config.kernel, environ_get(config.KERNEL_ENV_VAR), environ_get("TRITON_INTERPRET"))
     try:
         plan = _PLANS.get(key)
     except TypeError:                  # an unhashable setting (a list): making a plan raises naming it
@@ -159,7 +162,6 @@ def _plan(q, k, v, *params) -> tuple[BasedArguments, str, object, object]:
 
 _PLANS: dict = {}
 _MAX_PLANS = 256
-_environ = os.environ
 
 
 def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training):
@@ -216,7 +218,8 @@ def _run_backward(do, q, k, v, o, z, args: BasedArguments, kernel: str, forward,
 
 
 def _attention(q, k, v, *params):
-    _check_tensors(q=q, k=k, v=v)
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        _check_tensors(q=q, k=k, v=v)
     return _run_forward(q, k, v, *_plan(q, k, v, *_with_training(params)))
 
 
@@ -244,7 +247,9 @@ def _attention_fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, 
 
 
 def _attention_backward(do, q, k, v, o, z, *params):
-    _check_tensors(do=do, q=q, k=k, v=v, o=o, z=z)
+    if not (isinstance(do, Tensor) and isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and isinstance(o, Tensor) and isinstance(z, Tensor)):
+        _check_tensors(do=do, q=q, k=k, v=v, o=o, z=z)
     plan = _plan(q, k, v, *params)
     _check_backward_tensors(do, q, o, z, plan[0])
     return _run_backward(do, q, k, v, o, z, *plan)
@@ -257,13 +262,14 @@ def _check_backward_tensors(do, q, o, z, args: BasedArguments) -> None:
         o_shape = (args.batch, args.heads, args.length, args.dv)
     else:
         o_shape = (args.batch, args.length, args.heads, args.dv)
+    dtype, device = q.dtype, q.device
     for name, t in (("do", do), ("o", o)):
-        if tuple(t.shape) != o_shape or t.dtype != q.dtype or t.device != q.device:
+        if t.shape != o_shape or t.dtype != dtype or t.device != device:     # torch.Size == tuple
             raise ValueError(f"based::attention_backward: {name} must be {list(o_shape)} {q.dtype} on {q.device} "
                              f"(the output's), got {list(t.shape)} {t.dtype} on {t.device}")
     if args.normalize:
-        z_shape, z_dtype = (args.batch, args.heads, args.length), _z_dtype(q.dtype)
-        if tuple(z.shape) != z_shape or z.dtype != z_dtype or z.device != q.device:
+        z_shape, z_dtype = (args.batch, args.heads, args.length), _z_dtype(dtype)
+        if z.shape != z_shape or z.dtype != z_dtype or z.device != device:
             raise ValueError(f"based::attention_backward: z must be {list(z_shape)} {z_dtype} on {q.device} "
                              f"(the normaliser based::attention returned), got {list(z.shape)} {z.dtype} "
                              f"on {z.device}")
@@ -285,14 +291,11 @@ _ATTENTION = torch.ops.based.attention.default
 _ATTENTION_BACKWARD = torch.ops.based.attention_backward.default
 
 
-_BACKEND_KEYS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
-
-
 def _straight_to_backend(keyset) -> bool:
     """True when, below autograd, a call with this dispatch key set reaches the CPU or CUDA kernel
     directly: no tracing (Dynamo, AOTAutograd, export), fake tensors, functionalization or tensor
     subclass in between. Then the autograd kernel may run the implementation itself."""
-    return (keyset & torch._C._after_autograd_keyset).highestPriorityTypeId() in _BACKEND_KEYS
+    return direct_backend(keyset) is not None
 
 
 _Key, _KeySet = torch._C.DispatchKey, torch._C.DispatchKeySet
@@ -369,12 +372,13 @@ class _AttentionAutograd(torch.autograd.Function):
 
 
 def _attention_autograd(keyset, q, k, v, *params):
-    _check_tensors(q=q, k=k, v=v)
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        _check_tensors(q=q, k=k, v=v)
     params = _with_training(params)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _AttentionAutograd.apply(keyset, q, k, v, params)
-    if _straight_to_backend(keyset):
-        return _attention(q, k, v, *params)
+    if _straight_to_backend(keyset):       # a compiled forward's call: the implementation, checked above
+        return _run_forward(q, k, v, *_plan(q, k, v, *params))
     with torch._C._AutoDispatchBelowAutograd():
         return _ATTENTION.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params)
 

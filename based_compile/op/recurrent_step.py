@@ -168,12 +168,41 @@ def step_variant() -> str:
 
 
 def _step_cuda(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
-    check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    why_not_kernel = _checked_cuda_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
     _not_context_parallel()
-    if step_kernel.supported(q, k, v, kv_state, k_state, pieces) is not None:
+    if why_not_kernel is not None:
         return _step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
     return step_kernel.recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps,
                                       variant=step_variant())
+
+
+def _checked_cuda_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps):
+    """check_step_arguments, then why the kernel cannot take the step (None: it can).
+
+    Remembered per (shapes, dtypes, devices, pieces, factors, normalize, eps), of which both are
+    functions: a decoding loop calls the step once per layer and token with the same ones, and the
+    checks cost more host time than the kernel's launch. A call whose arguments are not all
+    tensors of the kinds the key reads is checked in full (and raises)."""
+    try:
+        ks = (None, None, None) if k_state is None else (k_state.shape, k_state.dtype, k_state.device)
+        key = (q.shape, k.shape, v.shape, kv_state.shape, *ks, q.dtype, k.dtype, v.dtype, kv_state.dtype, q.device,
+               k.device, v.device, kv_state.device, tuple(pieces), tuple(q_factors), tuple(k_factors), normalize,
+               type(normalize), eps)                                # 1 == True, but only a bool is accepted
+        why = _CHECKED.get(key, _MISSING)
+    except (AttributeError, TypeError):         # not tensors, or unhashable lists: the full check raises
+        key, why = None, _MISSING
+    if why is _MISSING:
+        check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+        why = step_kernel.supported(q, k, v, kv_state, k_state, pieces)
+        if key is not None:
+            if len(_CHECKED) >= 256:
+                _CHECKED.clear()
+            _CHECKED[key] = why
+    return why
+
+
+_CHECKED: dict = {}
+_MISSING = object()
 
 
 def describe_step(q, k, v, kv_state, k_state, pieces) -> str:
