@@ -48,7 +48,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 B, H, T, DK, DV = 1, 2, 64, 16, 64
 CASES = ("attention", "attention_backward", "attention_inference", "decode", "recurrent_step",
-         "attention_with_state", "eager_fwd", "eager_fwdbwd", "compiled_fwd", "compiled_fwdbwd")
+         "attention_with_state", "eager_fwd", "eager_fwdbwd", "compiled_fwd", "compiled_fwdbwd",
+         "parallel_forward", "parallel_backward", "bare_launch")
 
 
 def _parse(argv):
@@ -123,6 +124,11 @@ def _no_compute() -> None:
             warnings.simplefilter("ignore")        # "overriding a previously registered kernel": meant
             lib.impl("recurrent_step", cuda_impl, "CPU")
         _no_compute.keep = lib
+        try:            # trees whose Autograd kernel calls the implementation itself
+            from based_compile.op import inference_only
+            inference_only.IMPLEMENTATIONS["recurrent_step"]["CPU"] = cuda_impl
+        except (ImportError, AttributeError, KeyError):
+            pass
 
 
 def _cases(device: str, names):
@@ -184,9 +190,35 @@ def _cases(device: str, names):
         elif name == "compiled_fwdbwd":
             fn2 = compiled(lambda q, k, v: based_attention(q, k, v, spec))
             made[name] = lambda: torch.autograd.grad(fn2(qg, kg, vg), (qg, kg, vg), do)
+        elif name in ("parallel_forward", "parallel_backward", "bare_launch"):
+            from based_compile.kernels import parallel
+            from based_compile.kernels.arguments import check_arguments
+            args = check_arguments(q, k, v, spec.scale)
+            if name == "parallel_forward":
+                made[name] = no_grad(lambda: parallel.parallel_forward(q, k, v, args))
+            elif name == "parallel_backward":
+                made[name] = no_grad(lambda: parallel.parallel_backward(q, k, v, o, z, do, args))
+            else:
+                made[name] = _bare_launch(parallel, q, k, v, o, z, args)
         else:
             raise SystemExit(f"--cases: unknown case {name!r}; choose from {CASES}")
     return made
+
+
+def _bare_launch(parallel, q, k, v, o, z, args):
+    """The parallel forward kernel's launch alone, every argument computed beforehand (Triton's own
+    launcher: what is left when none of our code runs)."""
+    cfg = parallel.launch_configs(args, q.dtype)["fwd"]
+    bk, bv = max(16, 1 << (args.dk - 1).bit_length()), min(max(16, 1 << (args.dv - 1).bit_length()), 128)
+    grid = (-(-args.length // cfg.block_t), -(-args.dv // bv), args.batch * args.heads)
+    c0, c1, c2 = args.coeffs[0], args.coeffs[1] * args.scale, args.coeffs[2] * args.scale ** 2
+    positional = (q, k, v, o, z, *q.stride(), *k.stride(), *v.stride(), *o.stride(), args.length, args.heads,
+                  args.group, c0, c1, c2, args.eps)
+    named = dict(DK=args.dk, DV=args.dv, BK=bk, BV=bv, BT=cfg.block_t, BS=cfg.block_s, CAUSAL=args.causal,
+                 NORMALIZE=args.normalize, PRECISION="ieee" if q.dtype == parallel.torch.float32 else "tf32",
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    kernel = parallel._parallel_fwd_kernel[grid]
+    return lambda: kernel(*positional, **named)
 
 
 def measure(args) -> dict:
