@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .arguments import check_kernel_device
-from .launch import new_buffer
+from .launch import cdiv, new_buffer, next_power_of_2
 
 POISON_OUTPUTS = False
 MAX_PIECES = 4
@@ -334,8 +334,8 @@ def _sms(device: torch.device) -> int:
 
 def _block_v(rows: int, dv: int, device: torch.device) -> int:
     """"tiled": Dv columns per program: all of them (up to 64) when the rows fill the GPU twice over, else 16."""
-    bv = min(max(16, triton.next_power_of_2(dv)), 64)
-    if rows * triton.cdiv(dv, bv) < 2 * _sms(device):
+    bv = min(max(16, next_power_of_2(dv)), 64)
+    if rows * cdiv(dv, bv) < 2 * _sms(device):
         bv = 16
     return bv
 
@@ -349,7 +349,7 @@ def flat_block_v(rows: int, dv: int, state_dtype: torch.dtype, device: torch.dev
     were not measured."""
     del state_dtype
     bv = FLAT_MAX_BV if rows >= FLAT_WIDE_ROWS_PER_SM * _sms(device) else FLAT_MAX_BV // 2
-    return min(triton.next_power_of_2(dv), bv)
+    return min(next_power_of_2(dv), bv)
 
 
 def flat_tiles(f: int, bv: int) -> tuple[int, int, int]:
@@ -359,7 +359,7 @@ def flat_tiles(f: int, bv: int) -> tuple[int, int, int]:
     ta = min(1 << (f.bit_length() - 1), cap)
     nt = f // ta
     rest = f - nt * ta
-    return ta, nt, (triton.next_power_of_2(rest) if rest else 0)
+    return ta, nt, (next_power_of_2(rest) if rest else 0)
 
 
 def recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize=True, eps=1e-6, *,
@@ -412,7 +412,7 @@ def recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, nor
     if variant == "flat":
         bv = block_v or flat_block_v(q_rows, dv, kv_state.dtype, q.device)
         ta, nt, tb = flat_tiles(f, bv)
-        _flat_step_kernel[(q_rows, triton.cdiv(dv, bv))](
+        _flat_step_kernel[(q_rows, cdiv(dv, bv))](
             q2, k2, v2, kv_in, kv_in if ks_in is None else ks_in, o, kv_out, ks_out, *strides,
             *factors, float(eps), *consts,
             F=f, DK=dk, DV=dv, TA=ta, NT=nt, TB=tb, BV=bv, NORMALIZE=bool(normalize), HAS_KS=ks_in is not None,
@@ -421,11 +421,11 @@ def recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, nor
     else:
         if ks_in is None:
             ks_in = torch.zeros((rows, f), dtype=kv_state.dtype, device=q.device)
-        bk = max(16, triton.next_power_of_2(dk))
+        bk = max(16, next_power_of_2(dk))
         bv = block_v or _block_v(q_rows, dv, q.device)
         const_width = max([w for kd, w in kinds if kd == 1], default=1)
-        bc = min(max(16, triton.next_power_of_2(const_width)), 64)
-        _recurrent_step_kernel[(q_rows, triton.cdiv(dv, bv))](
+        bc = min(max(16, next_power_of_2(const_width)), 64)
+        _recurrent_step_kernel[(q_rows, cdiv(dv, bv))](
             q2, k2, v2, kv_in, ks_in, o, kv_out, ks_out, *strides,
             *factors, float(eps), *consts,
             F=f, DK=dk, DV=dv, BK=bk, BA=max(1, 64 // bk), BC=bc, BV=bv, NORMALIZE=bool(normalize),

@@ -27,7 +27,7 @@ it is not ``"auto"``. It does not change what the step computes, only how fast.
 """
 from __future__ import annotations
 
-import os
+from ..kernels.arguments import environ_get
 
 KERNEL_CHOICES = ("auto", "parallel", "fused_chunk", "chunked", "cpu_quadratic", "cpu_chunked")
 KERNEL_ENV_VAR = "BASED_COMPILE_KERNEL"
@@ -46,7 +46,7 @@ def forced_kernel() -> tuple[str, str]:
         raise ValueError(f"based_compile.config.kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
     if kernel != "auto":
         return kernel, "based_compile.config.kernel"
-    env = os.environ.get(KERNEL_ENV_VAR, "").strip()
+    env = environ_get(KERNEL_ENV_VAR, "").strip()
     if env in ("", "auto"):
         return "auto", ""
     if env not in KERNEL_CHOICES:
@@ -60,7 +60,7 @@ def forced_step_kernel() -> str:
         raise ValueError(f"based_compile.config.step_kernel must be one of {STEP_KERNEL_CHOICES}, got {step_kernel!r}")
     if step_kernel != "auto":
         return step_kernel
-    env = os.environ.get(STEP_KERNEL_ENV_VAR, "").strip()
+    env = environ_get(STEP_KERNEL_ENV_VAR, "").strip()
     if env not in STEP_KERNEL_CHOICES + ("",):
         raise ValueError(f"environment variable {STEP_KERNEL_ENV_VAR} must be one of {STEP_KERNEL_CHOICES}, "
                          f"got {env!r}")
