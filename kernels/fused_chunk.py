@@ -61,6 +61,7 @@ from .tiles import load_rows, store_rows
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DK = 32                  # the states S2 [BK*BK, BV] live in registers: Dk <= 32 keeps them there
+MOMENT_PROGRAMS = 1024       # programs wanted for the moments of a whole sequence (segments of T in parallel)
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
 
@@ -232,11 +233,65 @@ def _fused_chunk_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Moments of a whole sequence (the states of one call, for context parallelism)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _moments_kernel(
+    x, y, r, w, m,
+    sx_b, sx_h, sx_t, sx_d,                  # strides of x, y in logical [B, H, T, D] order
+    sy_b, sy_h, sy_t, sy_d,
+    T, H, DK, DV, SEG, scale,
+    ROW_SCALE: tl.constexpr, WEIGHTS: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """One segment's moments sum_t [1, x~_t, x~_t (x) x~_t]^T [r_t y_t, w_t] (x~ = scale x; r, w
+    per-token vectors, or 1) into m[segment, b * H + h] ([1 + DK + DK*DK, DV + 1], float32): the
+    states the forward folds (x = k, y = v) or the reverse states of the dk, dv walk (x = q,
+    y = do, r = 1/(z + eps), w = dz), with the same roundings as those kernels."""
+    pid_v, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    x += b * sx_b + h * sx_h
+    y += b * sy_b + h * sy_h
+    r += pid_bh.to(tl.int64) * T
+    w += pid_bh.to(tl.int64) * T
+    m += (pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh) * (1 + DK + DK * DK) * (DV + 1)
+    dt = x.dtype.element_ty
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    s0 = tl.zeros([BV], dtype=tl.float32)
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)
+    s2 = tl.zeros([BK * BK, BV], dtype=tl.float32)
+    s0z = tl.full([], 0.0, tl.float32)
+    s1z = tl.zeros([BK], dtype=tl.float32)
+    s2z = tl.zeros([BK, BK], dtype=tl.float32)
+    for c in range(0, SEG):
+        rows = (pid_s * SEG + c) * BT + offs_t
+        inside = rows < T
+        xf = load_rows(x, rows, offs_k, sx_t, sx_d, T, DK).to(tl.float32) * scale     # [BT, BK]
+        yf = load_rows(y, rows, offs_v, sy_t, sy_d, T, DV).to(tl.float32)             # [BT, BV]
+        if ROW_SCALE:
+            yf = yf * tl.load(r + rows, mask=inside, other=0.0)[:, None]
+        if WEIGHTS:
+            wc = tl.load(w + rows, mask=inside, other=0.0)
+        else:
+            wc = inside.to(tl.float32)
+        yc = yf.to(dt)
+        s0 += tl.sum(yf, axis=0)
+        s1 = tl.dot(tl.trans(xf.to(dt)), yc, s1, input_precision=PRECISION)
+        s2 = tl.dot(tl.trans(_outer(xf, BT, BK).to(dt)), yc, s2, input_precision=PRECISION)
+        s0z += tl.sum(wc, axis=0)
+        s1z += tl.sum(wc[:, None] * xf, axis=0)
+        s2z = tl.dot(tl.trans(wc[:, None] * xf), xf, s2z, input_precision="ieee")
+    _store_moments(m, s0, s1, s2, s0z, s1z, s2z, offs_k, offs_v, pid_v == 0, DK, DV, BK)
+
+
+# ----------------------------------------------------------------------------------------------
 # Backward: dq (forward direction)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fused_chunk_bwd_dq_kernel(
-    q, k, v, do, rz, dz, dq,
+    q, k, v, do, rz, dz, dq, m_in,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -244,7 +299,7 @@ def _fused_chunk_bwd_dq_kernel(
     sdq_v, sdq_b, sdq_h, sdq_t, sdq_d,       # dq buffer: [NV, B, H, T, Dk] (value block first)
     T, H, GROUP, DK, DV,
     scale, c1, c2,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, STATE_IN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -267,6 +322,9 @@ def _fused_chunk_bwd_dq_kernel(
     s2 = tl.zeros([BK * BK, BV], dtype=tl.float32)              # sum (k_j (x) k_j) v_j^T
     s1z = tl.zeros([BK], dtype=tl.float32)                      # sum k_j
     s2z = tl.zeros([BK, BK], dtype=tl.float32)                  # sum k_j k_j^T
+    if STATE_IN:                                                # states of earlier tokens (the forward's)
+        m_in += pid_bh.to(tl.int64) * (1 + DK + DK * DK) * (DV + 1)
+        _s0, s1, s2, _s0z, s1z, s2z = _load_moments(m_in, offs_k, offs_v, DK, DV, BK)
     if not CAUSAL:
         for start in range(0, T, BT):
             rows = start + offs_t
@@ -309,7 +367,7 @@ def _fused_chunk_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fused_chunk_bwd_dkv_kernel(
-    q, k, v, do, rz, dz, dk, dv,
+    q, k, v, do, rz, dz, dk, dv, r_in,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sv_b, sv_h, sv_t, sv_d,
@@ -318,7 +376,7 @@ def _fused_chunk_bwd_dkv_kernel(
     sdv_b, sdv_h, sdv_t, sdv_d,              # dv buffer: [B, H, T, Dv], per query head
     T, H, GROUP, DK, DV,
     scale, c0, c1, c2,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, STATE_IN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -343,6 +401,11 @@ def _fused_chunk_bwd_dkv_kernel(
     r2 = tl.zeros([BK * BK, BV], dtype=tl.float32)              # sum (q~_i (x) q~_i) dn_i^T
     r1z = tl.zeros([BK], dtype=tl.float32)                      # sum dz_i q~_i
     r2z = tl.zeros([BK, BK], dtype=tl.float32)                  # sum dz_i q~_i q~_i^T
+    if STATE_IN:               # the reverse states of later queries (moments of [1, q~, q~ (x) q~], [dn, dz])
+        r_in += pid_bh.to(tl.int64) * (1 + DK + DK * DK) * (DV + 1)
+        r0, r1, r2, _r0z, r1z, r2z = _load_moments(r_in, offs_k, offs_v, DK, DV, BK)
+        r1z = r1z * zw                                          # the normaliser's terms: value block 0 only
+        r2z = r2z * zw
     n_chunks = tl.cdiv(T, BT)
     if not CAUSAL:
         for c in range(0, n_chunks):
@@ -498,11 +561,13 @@ def fused_chunk_forward(q, k, v, args: BasedArguments):
     return _forward(q, k, v, args, forward_config(args, q.dtype))
 
 
-def fused_chunk_forward_with_state(q, k, v, args: BasedArguments, initial=None):
+def fused_chunk_forward_with_state(q, k, v, args: BasedArguments, initial=None, final: bool = True):
     """(o, z, final): the forward starting from the states ``initial`` of earlier tokens (None: none)
-    and the states after the last token. States are float32 moments [B, Hkv, 1 + Dk + Dk^2, Dv + 1]:
-    sum over tokens of [1, k, flatten(k (x) k)]^T [v, 1] (row 1 + Dk + a Dk + b: k_a k_b; the last
-    column sums the features alone, the normaliser's state). Not differentiable."""
+    and the states after the last token ((o, z) alone with ``final=False``). States are float32
+    moments [B, Hkv, 1 + Dk + Dk^2, Dv + 1]: sum over tokens of [1, k, flatten(k (x) k)]^T [v, 1]
+    (row 1 + Dk + a Dk + b: k_a k_b; the last column sums the features alone, the normaliser's
+    state). Non-causal: ``initial`` holds the states of tokens every query sees besides these.
+    Not differentiable."""
     _check_supported(q, args)
     if args.offset:
         raise ValueError(f"fused_chunk_forward_with_state takes q, k, v of one length, got Tq={args.length}, "
@@ -513,20 +578,45 @@ def fused_chunk_forward_with_state(q, k, v, args: BasedArguments, initial=None):
             got = list(initial.shape) if isinstance(initial, torch.Tensor) else type(initial).__name__
             raise ValueError(f"initial must be a {list(want)} tensor on {q.device} (moments per key/value head), "
                              f"got {got}")
-    return _forward(q, k, v, args, forward_config(args, q.dtype), initial, final=True)
+    return _forward(q, k, v, args, forward_config(args, q.dtype), initial, final=final)
 
 
-def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
+def _normaliser_terms(o, z, do, args: BasedArguments):
+    """(1/(z + eps), dz = -(do . o)/(z + eps)) as float32 [B, H, T], or None when unnormalised."""
+    if not args.normalize:
+        return None
+    rz = 1.0 / (z + args.eps)                                                         # [B, H, T]
+    dot_o = (do.float() * o.float()).sum(-1)
+    dz = -(dot_o if args.layout == "BHTD" else dot_o.transpose(1, 2)) * rz              # [B, H, T]
+    return rz.contiguous(), dz.contiguous()
+
+
+def _per_query_head(m: torch.Tensor, args: BasedArguments) -> torch.Tensor:
+    """Moments per key/value head [B, Hkv, M, Dv + 1] -> per query head [B, H, M, Dv + 1], float32."""
+    b = args.batch
+    m = m.to(torch.float32).unsqueeze(2).expand(b, args.kv_heads, args.group, *m.shape[2:])
+    return m.reshape(b, args.heads, *m.shape[3:]).contiguous()
+
+
+def _check_moments(name: str, m, heads: int, q: torch.Tensor, args: BasedArguments) -> None:
+    want = (args.batch, heads, moment_rows(args.dk), args.dv + 1)
+    if not isinstance(m, torch.Tensor) or tuple(m.shape) != want or m.device != q.device:
+        got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"{name} must be a {list(want)} tensor on {q.device}, got {got}")
+
+
+def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig, initial=None, later=None,
+              terms=None):
     b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
     dev = q.device
     n_v = cdiv(dv_, cfg.bv)
+    terms = terms if terms is not None else _normaliser_terms(o, z, do, args)
     if args.normalize:
-        rz = 1.0 / (z + args.eps)                                                     # [B, H, T]
-        dot_o = (do.float() * o.float()).sum(-1)
-        dz = -(dot_o if args.layout == "BHTD" else dot_o.transpose(1, 2)) * rz          # [B, H, T]
-        rz, dz = rz.contiguous(), dz.contiguous()
+        rz, dz = terms
     else:
         rz = dz = torch.empty(1, dtype=torch.float32, device=dev)                     # unused
+    m_in = _per_query_head(initial, args) if initial is not None else rz              # rz: an unused pointer
+    r_in = later.to(torch.float32).contiguous() if later is not None else rz
     # dq: straight into q's dtype and layout when one value block holds all of Dv
     if n_v == 1:
         dq = _new_buffer(q.shape, q.dtype, dev)
@@ -553,11 +643,11 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig):
     in_strides = (*bhtd_strides(q, args.layout), *bhtd_strides(k, args.layout),
                   *bhtd_strides(v, args.layout), *bhtd_strides(do, args.layout))
     _fused_chunk_bwd_dq_kernel[grid](
-        q, k, v, do, rz, dz, dq_target, *in_strides, *dq_strides,
-        t, h, args.group, dk_, dv_, args.scale, c1, c2, **common)
+        q, k, v, do, rz, dz, dq_target, m_in, *in_strides, *dq_strides,
+        t, h, args.group, dk_, dv_, args.scale, c1, c2, STATE_IN=initial is not None, **common)
     _fused_chunk_bwd_dkv_kernel[grid](
-        q, k, v, do, rz, dz, dk_target, dv_target, *in_strides, *dk_strides, *dv_strides,
-        t, h, args.group, dk_, dv_, args.scale, c0, c1, c2, **common)
+        q, k, v, do, rz, dz, dk_target, dv_target, r_in, *in_strides, *dk_strides, *dv_strides,
+        t, h, args.group, dk_, dv_, args.scale, c0, c1, c2, STATE_IN=later is not None, **common)
     if n_v > 1:
         dq = dq_buf.sum(0).to(q.dtype)                                               # [B, H, T, Dk]
         dq = dq if args.layout == "BHTD" else dq.transpose(1, 2).contiguous()
@@ -573,6 +663,69 @@ def fused_chunk_backward(q, k, v, o, z, do, args: BasedArguments):
     """Kernel contract: (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv summed over a group)."""
     _check_supported(q, args)
     return _backward(q, k, v, o, z, do, args, backward_config(args, q.dtype))
+
+
+def fused_chunk_backward_with_state(q, k, v, o, z, do, args: BasedArguments, initial=None, later=None):
+    """(dq, dk, dv) of ``fused_chunk_forward_with_state(q, k, v, args, initial)``, whose outputs o and
+    z also went on to the queries of later calls (a sequence split into consecutive calls, e.g. over
+    the ranks of context parallelism): ``later`` is the sum of those calls' ``query_moments`` (their
+    reverse states; None: no later queries). Non-causal: ``initial`` and ``later`` are the other
+    parts' sums, which every token sees. dk and dv then hold the gradients through the later
+    queries too; the gradient of ``initial`` itself is this call's ``query_moments`` (scaled by the
+    coefficients). Not differentiable."""
+    _check_supported(q, args)
+    if args.offset:
+        raise ValueError(f"fused_chunk_backward_with_state takes q, k, v of one length, got Tq={args.length}, "
+                         f"Tk={args.tk}")
+    if initial is not None:
+        _check_moments("initial", initial, args.kv_heads, q, args)
+    if later is not None:
+        _check_moments("later", later, args.heads, q, args)
+    return _backward(q, k, v, o, z, do, args, backward_config(args, q.dtype), initial, later)
+
+
+def _moments(x, y, args: BasedArguments, scale: float, row_scale=None, weights=None) -> torch.Tensor:
+    """sum_t [1, x~_t, x~_t (x) x~_t]^T [r_t y_t, w_t] per (b, head of x) as float32
+    [B, Hx, 1 + Dk + Dk^2, Dv + 1] (x~ = scale x; r, w: float32 [B, Hx, T] or 1), summed over
+    segments of T that run in parallel (the moments are a plain sum: no walk over T)."""
+    b, hx, t = x.shape[0], x.shape[1 if args.layout == "BHTD" else 2], args.length
+    cfg = forward_config(args, x.dtype)
+    n_chunks = cdiv(t, cfg.bt)
+    n_v = cdiv(args.dv, cfg.bv)
+    seg = 2 if triton_interpreting() else max(1, cdiv(n_chunks * n_v * b * hx, MOMENT_PROGRAMS))
+    n_seg = cdiv(n_chunks, seg)
+    parts = _new_buffer((n_seg, b * hx, moment_rows(args.dk), args.dv + 1), torch.float32, x.device)
+    dummy = parts
+    _moments_kernel[(n_v, b * hx, n_seg)](
+        x, y, row_scale if row_scale is not None else dummy, weights if weights is not None else dummy, parts,
+        *bhtd_strides(x, args.layout), *bhtd_strides(y, args.layout),
+        t, hx, args.dk, args.dv, seg, scale,
+        ROW_SCALE=row_scale is not None, WEIGHTS=weights is not None, PRECISION=dot_precision(x.dtype),
+        BT=cfg.bt, BK=_block_k(args.dk), BV=cfg.bv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return parts.sum(0).view(b, hx, moment_rows(args.dk), args.dv + 1)
+
+
+def state_moments(k, v, args: BasedArguments) -> torch.Tensor:
+    """The states of these keys and values, as ``fused_chunk_forward_with_state`` reads and writes
+    them: float32 [B, Hkv, 1 + Dk + Dk^2, Dv + 1] = sum_t [1, k_t, k_t (x) k_t]^T [v_t, 1]."""
+    _check_supported(k, args)
+    return _moments(k, v, args, 1.0)
+
+
+def query_moments(q, o, z, do, args: BasedArguments) -> torch.Tensor:
+    """The reverse states of these queries for ``fused_chunk_backward_with_state``'s ``later``:
+    float32 [B, H, 1 + Dk + Dk^2, Dv + 1] = sum_i [1, q~_i, q~_i (x) q~_i]^T [dn_i, dz_i] with
+    q~ = scale q, dn = do / (z + eps), dz = -(do . o) / (z + eps) (unnormalised: dn = do, dz = 0).
+    With the coefficients (c0, c1, c2 on the three row blocks) it is the gradient of the loss in
+    the states the forward started from (``initial``)."""
+    _check_supported(q, args)
+    terms = _normaliser_terms(o, z, do, args)
+    if terms is None:
+        zero = torch.zeros((args.batch, args.heads, args.length), dtype=torch.float32, device=q.device)
+        return _moments(q, do, args, args.scale, weights=zero)
+    rz, dz = terms
+    return _moments(q, do, args, args.scale, row_scale=rz, weights=dz)
 
 
 def fused_chunk_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, normalize=True, eps=1e-6,
