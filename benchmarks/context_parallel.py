@@ -11,6 +11,9 @@ One spawn of ``--world`` ranks (NCCL; gloo with ``--device cpu``) runs, most imp
       ``--probe-max``), then the first T that did not fit, trained with context parallelism;
   (d) loss curves at that largest T: ``--curve-steps`` steps on one GPU and context parallel,
       same initial weights and tokens; the largest absolute difference.
+``--parts`` picks which of them run (``--parts ab``: only the step times and the profile, about 2
+minutes); (b) also profiles one single-GPU step, and both profiles list the GPU kernels that took the
+most time (``top_kernels``: name, ms, calls), so that a gap between the two shows where it is.
 The single-GPU runs execute on every rank at once, each on its own GPU (rank 0's numbers are
 reported). The model is examples/naive_based_lm.py, unchanged, compiled with backend="based"
 (``shard_causal_convs`` makes its short convolutions exact); the loss (cross entropy summed over
@@ -19,6 +22,7 @@ parallelism the parameter gradients are summed over ranks with one all-reduce. `
 starts no run that would end after it (reported as skipped). Writes OUT/context_parallel.json.
 
     python benchmarks/context_parallel.py --out OUT                        # 2 GPUs, about 6 minutes
+    python benchmarks/context_parallel.py --out OUT --parts ab             # T = 131072 only, about 2 minutes
     python benchmarks/context_parallel.py --device cpu --world 2 --tiny    # the logic, on the CPU
 """
 from __future__ import annotations
@@ -155,22 +159,42 @@ class Trainer:
         return dict(profiled_step_s=wall, **collective_times(prof.events()))
 
 
+TOP_KERNELS = 15
+
+
 def collective_times(events) -> dict:
-    """Seconds of NCCL all-gather and all-reduce kernels, and based operator calls, in profiler events."""
+    """Seconds of NCCL all-gather and all-reduce kernels, based operator calls, and the GPU kernels
+    that took the most time (name, ms, calls; summed over the step), in profiler events."""
     gather = reduce = 0.0
     calls = {}
+    kernels = {}
     for e in events:
         name = e.name
         if name.startswith("based::"):
             calls[name] = calls.get(name, 0) + 1
-        if "nccl" not in name.lower() or str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+        if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
             continue
         seconds = e.time_range.elapsed_us() * 1e-6
+        total, count = kernels.get(name, (0.0, 0))
+        kernels[name] = (total + seconds, count + 1)
+        if "nccl" not in name.lower():
+            continue
         if "allgather" in name.lower().replace("_", ""):
             gather += seconds
         elif "allreduce" in name.lower().replace("_", ""):
             reduce += seconds
-    return dict(allgather_s=gather, allreduce_s=reduce, based_calls=calls)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
+    return dict(allgather_s=gather, allreduce_s=reduce, based_calls=calls,
+                kernel_s=sum(t for t, _ in kernels.values()),
+                top_kernels=[[name[:120], round(t * 1e3, 3), n] for name, (t, n) in top])
+
+
+def log_kernels(log, label: str, prof: dict) -> None:
+    if not prof.get("top_kernels"):
+        return
+    log(f"{label}: GPU kernels {prof['kernel_s'] * 1e3:.1f} ms in all; the most time:")
+    for name, ms, n in prof["top_kernels"]:
+        log(f"    {ms:9.2f} ms  {n:5d}x  {name}")
 
 
 def _oom(err: BaseException) -> bool:
@@ -252,13 +276,17 @@ def measure(rank, world, args, device) -> dict:
     # (a) one GPU vs context parallel at T
     single = record("step time", t, False, attempt(trainer, budget, log, "(a) one GPU", t, args.steps, False))
     parallel = record("step time", t, True, attempt(trainer, budget, log, f"(a) {world} GPUs", t, args.steps, True))
+    if "b" in args.parts and single.get("status") == "ok" and budget.allows(t, 2):
+        out["profile_single"] = trainer.profiled_step(t, False)
+        log_kernels(log, "(b) one GPU", out["profile_single"])
     if single.get("step_s") and parallel.get("step_s"):
         out["step_ratio"] = parallel["step_s"] / single["step_s"]
         out["efficiency"] = single["step_s"] / (world * parallel["step_s"])
         log(f"(a) step ratio {out['step_ratio']:.3f} (bar {STEP_BAR}), efficiency {out['efficiency']:.3f}")
     # (b) the exchange's share of a context-parallel step
-    if parallel.get("status") == "ok" and budget.allows(t, 2):
+    if "b" in args.parts and parallel.get("status") == "ok" and budget.allows(t, 2):
         prof = trainer.profiled_step(t, True)
+        log_kernels(log, f"(b) {world} GPUs", prof)
         if device.type == "cuda":             # NCCL kernels; gloo's collectives run no kernels to time
             prof["exchange_share"] = prof["allgather_s"] / parallel["step_s"]
             prof["allreduce_share"] = prof["allreduce_s"] / parallel["step_s"]
@@ -267,9 +295,11 @@ def measure(rank, world, args, device) -> dict:
         out["profile"] = prof
         log(f"(b) based operators in the profiled step: {prof['based_calls']}")
     # (c) the largest T that fits one GPU, then the first that did not, on all GPUs
+    if not ("c" in args.parts or "d" in args.parts):
+        return out
     fits, failed = (t if single.get("status") == "ok" else None), None
     probe = t * 2
-    while fits is not None and probe <= args.probe_max:
+    while "c" in args.parts and fits is not None and probe <= args.probe_max:
         result = record("fits one GPU?", probe, False, attempt(trainer, budget, log, "(c) probe", probe, 1, False))
         if result["status"] == "ok":
             fits, probe = probe, probe * 2
@@ -281,7 +311,7 @@ def measure(rank, world, args, device) -> dict:
         out["not_fit_T"] = failed
         record("trains on all GPUs", failed, True, attempt(trainer, budget, log, f"(c) {world} GPUs", failed, 2, True))
     # (d) loss curves at the largest T that fits one GPU
-    if fits:
+    if fits and "d" in args.parts:
         one = record("loss curve", fits, False, attempt(trainer, budget, log, "(d) one GPU", fits, args.curve_steps, False))
         many = record("loss curve", fits, True,
                       attempt(trainer, budget, log, f"(d) {world} GPUs", fits, args.curve_steps, True))
@@ -353,7 +383,11 @@ def main(argv=None) -> dict:
     p.add_argument("--inner", default="inductor", help="the based backend's inner compiler")
     p.add_argument("--tiny", action="store_true", help="a 2-layer d_model 32 model (the CPU smoke run)")
     p.add_argument("--budget-s", type=float, default=None, help="start no run that would end after this many seconds")
+    p.add_argument("--parts", default="abcd",
+                   help="which parts run: a step times, b profiles, c memory probe, d loss curves (e.g. ab)")
     args = p.parse_args(argv)
+    if not args.parts or set(args.parts) - set("abcd") or "a" not in args.parts:
+        p.error(f"--parts takes letters of abcd, a among them (the others build on its runs), got {args.parts!r}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.world < 2:
         p.error("--world must be at least 2")

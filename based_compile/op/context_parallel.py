@@ -7,19 +7,33 @@ longer sequence, the ranks holding the shards in rank order. Each rank computes
     N = N_local + phi_q(Q) P,        P = sum of the states of the ranks before it (causal)
                                          or of all other ranks (non-causal),
 
-where N_local is the shard's own attention over its own keys (the kernel the policy picks, run
-unnormalised on V' = [V, 1] so that the normaliser comes with it), the state of a shard is
-S = phi_k(K)^T V' in the symmetric basis (1 + Dk + Dk(Dk+1)/2 rows: [1, k, k_a k_b for a <= b];
-phi_q carries the coefficients and the weights 2 - [a = b]), and o = N[:Dv] / (N[Dv] + eps).
-The states travel in one all-gather per layer; nothing of size T crosses ranks.
+with V' = [V, 1] (its last column gives the normaliser z) and o = N[:Dv] / (N[Dv] + eps). What
+crosses ranks are states in the symmetric basis: S = phi_k(K)^T V' per key/value head,
+phi_k(k) = [1, k, k_a k_b for a <= b] (1 + Dk + Dk(Dk+1)/2 rows; phi_q carries the coefficients
+and the weights 2 - [a = b]), [B, Hkv, F, Dv + 1] in float32 (float64 for float64 inputs), one
+all-gather per layer forward; nothing of size T crosses ranks. The backward mirrors it with the
+reverse states of the queries, R = phi_k(Q~)^T [dN, dz] per query head (q~ = scale q,
+dn = do / (z + eps), dz = -(do . o) / (z + eps), 0 unnormalised): times phi_q's coefficients and
+weights, the gradient in the prefix P; each rank's dK and dV take the R of the ranks after it
+(causal) or of all others.
 
-The backward mirrors it: the local part runs the local kernel's backward on dN', the prefix part
-gives dQ through phi_q and dP = phi_q(Q)^T dN'; one all-gather of the dP sends each rank the
-gradients of its own state from the ranks after it (dS = sum of their dP), and dS flows into dK
-and dV through S = phi_k(K)^T V'. Both directions recompute the local state from K and V (a few
-kilobytes per head), so the operator saves nothing more than without context parallelism. The
-prefix computations run over slices of ``CHUNK`` tokens, so that their [t, F] feature temporaries
-stay small at long shards.
+Two ways to compute a shard, chosen by the local kernel (``custom_op``):
+
+- ``StateKernel`` (the fused chunk; also for the chunked kernel, which takes no states): the
+  kernel starts from the prefix itself, forward (its initial states) and backward (the dq walk
+  from the same states, the dk/dv walk from the later ranks' R). The shard costs what one device
+  costs on that many tokens, plus the moments of K, V (twice: forward, and recomputed in the
+  backward) and of Q, dN (once), each a sum over T in parallel. The kernel's states are moments
+  in the full basis ([1, k, k (x) k], 1 + Dk + Dk^2 rows); they convert at the exchange.
+- otherwise (the parallel kernel, the PyTorch forms of the CPU): N_local is the kernel run
+  unnormalised on V' (Dv + 1 value columns), and the prefix is added in PyTorch, over slices of
+  ``CHUNK`` tokens so that the [t, F] feature temporaries stay small at long shards.
+
+Both exchange the same states in the same collectives, so ranks that chose different kernels
+(shard lengths differ by one token) still agree.
+
+Both recompute the local state in the backward (a few kilobytes per head), so the operator saves
+nothing more than without context parallelism.
 
 Not attention: layers that mix tokens along the sequence (the short causal convolutions of Based
 models) need the last tokens of the previous shard; ``sequence_halo`` fetches them, and
@@ -33,6 +47,7 @@ Call the backward inside the ``with`` block: the operator reads the setting when
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -290,8 +305,55 @@ def _phi_k_backward(k: Tensor, g: Tensor) -> Tensor:
     return out.index_add(-1, ib, g2 * k[..., ia])
 
 
+@dataclass(frozen=True)
+class StateKernel:
+    """A local kernel that starts from the prefix states itself (states: float32 moments, see above).
+
+    states(k, v, args) -> [B, Hkv, M, Dv + 1];  forward(q, k, v, args, initial) -> (o, z);
+    query_states(q, o, z, do, args) -> [B, H, M, Dv + 1];
+    backward(q, k, v, o, z, do, args, initial, later) -> (dq, dk, dv)
+    (M = 1 + Dk + Dk^2; initial / later None when no rank contributes; z None when unnormalised)."""
+
+    states: Callable
+    forward: Callable
+    query_states: Callable
+    backward: Callable
+
+
 def _with_ones(v: Tensor, args: BasedArguments) -> Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if args.normalize else v
+
+
+def _sym_rows(dk: int, device) -> Tensor:
+    """The moments' row of each symmetric-basis row: [1, k, k_a k_b (a <= b)] -> 1 + Dk + a Dk + b."""
+    ia, ib = _sym_index(dk, device)
+    return torch.cat([torch.arange(1 + dk, device=device), 1 + dk + ia * dk + ib])
+
+
+def _full_rows(dk: int, device) -> Tensor:
+    """The symmetric-basis row of each moments row (k_a k_b and k_b k_a share one)."""
+    ia, ib = _sym_index(dk, device)
+    pair = torch.empty((dk, dk), dtype=torch.long, device=device)
+    index = torch.arange(ia.numel(), device=device)
+    pair[ia, ib] = index
+    pair[ib, ia] = index
+    return torch.cat([torch.arange(1 + dk, device=device), 1 + dk + pair.flatten()])
+
+
+def _to_moments(x: Tensor, args: BasedArguments) -> Tensor:
+    """[..., F, Dv + 1] in the symmetric basis -> the fused chunk's moments [..., 1 + Dk + Dk^2, Dv + 1]."""
+    return x.index_select(-2, _full_rows(args.dk, x.device))
+
+
+def _from_moments(m: Tensor, args: BasedArguments, dtype) -> Tensor:
+    """The fused chunk's moments [..., 1 + Dk + Dk^2, Dv + 1] -> the symmetric basis [..., F, Dv + 1]
+    (k_a k_b and k_b k_a hold the same sum)."""
+    return m.index_select(-2, _sym_rows(args.dk, m.device)).to(dtype)
+
+
+def _with_zero_column(x: Tensor, args: BasedArguments) -> Tensor:
+    """[..., Dv'] -> [..., Dv + 1]: unnormalised (Dv' = Dv), a zero normaliser column appended."""
+    return torch.cat([x, torch.zeros_like(x[..., :1])], dim=-1) if x.shape[-1] == args.dv else x
 
 
 def _local_arguments(args: BasedArguments) -> BasedArguments:
@@ -326,6 +388,14 @@ def _states(k, v1, args: BasedArguments, dtype) -> Tensor:
         vb = _bhtd(_seq(v1, args, start, end), args, dtype)
         total = total + _phi_k(kb).transpose(-2, -1) @ vb
     return total
+
+
+def _prefix(k, v, args: BasedArguments, dtype, group: _Group) -> Tensor:
+    """The earlier (causal) or other ranks' summed state in the symmetric basis, [B, Hkv, F, Dv']
+    (Dv' = Dv + 1 when normalised; the exchange always holds the normaliser's column)."""
+    state = _states(k, _with_ones(v, replace(args, normalize=True)), args, dtype)
+    prefix = _before(_exchange(state, group), group.rank, args.causal)
+    return prefix if args.normalize else prefix[..., :args.dv]
 
 
 def _exchange(x: Tensor, group: _Group) -> list[Tensor]:
@@ -366,14 +436,24 @@ def _dn(o, do, z, args: BasedArguments, dtype, start: int, end: int) -> Tensor:
     return torch.cat([dob * r, -(dob * ob).sum(-1, keepdim=True) * r], dim=-1)
 
 
-def forward(q, k, v, args: BasedArguments, local_forward) -> tuple[Tensor, Tensor | None]:
-    """(o, z) of this shard: ``local_forward(q, k, v', local_args)`` is the local kernel."""
+def _contributes(rank: int, world: int, causal: bool, before: bool) -> bool:
+    """Whether any rank's state (``before``) or reverse state (after) reaches ``rank``."""
+    if not causal:
+        return world > 1
+    return rank > 0 if before else rank < world - 1
+
+
+def forward(q, k, v, args: BasedArguments, local) -> tuple[Tensor, Tensor | None]:
+    """(o, z) of this shard. ``local``: a ``StateKernel``, or the local kernel's forward
+    ``local_forward(q, k, v', local_args)`` run unnormalised on V' = [V, 1]."""
     group = _require_active("based::attention")
+    if isinstance(local, StateKernel):
+        return local.forward(q, k, v, args, _kernel_prefix(k, v, args, local, group))
     dtype = compute_dtype(q.dtype)
     b, h, hk, g = args.batch, args.heads, args.kv_heads, args.group
     v1 = _with_ones(v, args)
-    n_local, _ = local_forward(q, k, v1, _local_arguments(args))
-    prefix = _before(_exchange(_states(k, v1, args, dtype), group), group.rank, args.causal)   # [B, Hkv, F, Dv']
+    n_local, _ = local(q, k, v1, _local_arguments(args))
+    prefix = _prefix(k, v, args, dtype, group)                                            # [B, Hkv, F, Dv']
     shape = (b, h, args.length, args.dv) if args.layout == "BHTD" else (b, args.length, h, args.dv)
     o = q.new_empty(shape)
     z = q.new_empty((b, h, args.length), dtype=dtype) if args.normalize else None
@@ -388,10 +468,14 @@ def forward(q, k, v, args: BasedArguments, local_forward) -> tuple[Tensor, Tenso
     return o, z
 
 
-def backward(q, k, v, o, z, do, args: BasedArguments, local_backward):
-    """(dq, dk, dv) of this shard; ``local_backward(q, k, v', o, z, dN', local_args)`` is the local
-    kernel's backward (unnormalised: o stands in for the unused output, z is None)."""
+def backward(q, k, v, o, z, do, args: BasedArguments, local):
+    """(dq, dk, dv) of this shard. ``local``: a ``StateKernel``, or the local kernel's backward
+    ``local_backward(q, k, v', o, z, dN', local_args)`` (unnormalised: o stands in for the unused
+    output, z is None)."""
     group = _require_active("based::attention_backward")
+    if isinstance(local, StateKernel):
+        return _state_kernel_backward(q, k, v, o, z if args.normalize else None, do, args, local, group)
+    local_backward = local
     dtype = compute_dtype(q.dtype)
     b, h, hk, g = args.batch, args.heads, args.kv_heads, args.group
     v1 = _with_ones(v, args)
@@ -405,15 +489,19 @@ def backward(q, k, v, o, z, do, args: BasedArguments, local_backward):
     del dn_layout
     dq, dk, dv1 = (x.to(dtype) for x in (dq, dk, dv1))
     # prefix part: N += phi_q(Q) P
-    prefix = _before(_exchange(_states(k, v1, args, dtype), group), group.rank, args.causal).unsqueeze(2)
-    d_prefix = torch.zeros_like(prefix[:, :, 0])                                   # [B, Hkv, F, Dv']
+    prefix = _prefix(k, v, args, dtype, group).unsqueeze(2)                       # [B, Hkv, 1, F, Dv']
+    reverse = prefix.new_zeros((b, hk, g, _features(args.dk), dv1_size))        # R of this shard's queries
     for start, end in _slices(args.length):
         qg = _queries(q, args, dtype, start, end)                                 # [B, Hkv, G, t, Dk]
         dng = _dn(o, do, z, args, dtype, start, end).reshape(b, hk, g, end - start, -1)
         dqg = _phi_q_backward(qg, dng @ prefix.transpose(-2, -1), args.coeffs) * args.scale
-        d_prefix += (_phi_q(qg, args.coeffs).transpose(-2, -1) @ dng).sum(2)
+        reverse += _phi_k(qg).transpose(-2, -1) @ dng                            # [1, q~, q~_a q~_b]^T dN'
         _seq(dq, args, start, end).add_(_to_layout(dqg.reshape(b, h, end - start, args.dk), args))
-    d_state = _after(_exchange(d_prefix, group), group.rank, args.causal)
+    reverse = _with_zero_column(reverse.reshape(b, h, *reverse.shape[3:]), args)
+    later = _after(_exchange(reverse, group), group.rank, args.causal)           # [B, H, F, Dv + 1]
+    # the gradient in this shard's state: the coefficients and weights of phi_q
+    later = later * _phi_q(torch.ones(args.dk, dtype=dtype, device=later.device), args.coeffs)[:, None]
+    d_state = later.reshape(b, hk, g, *later.shape[2:]).sum(2)[..., :dv1_size]   # [B, Hkv, F, Dv']
     # the state S = phi_k(K)^T V' of this shard
     for start, end in _slices(args.length):
         kb = _bhtd(_seq(k, args, start, end), args, dtype)
@@ -422,3 +510,26 @@ def backward(q, k, v, o, z, do, args: BasedArguments, local_backward):
         _seq(dk, args, start, end).add_(_to_layout(_phi_k_backward(kb, vb @ d_state.transpose(-2, -1)), args))
     dv = dv1[..., :args.dv]
     return tuple(x.to(ref.dtype).contiguous() for x, ref in ((dq, q), (dk, k), (dv, v)))
+
+
+def _state_kernel_backward(q, k, v, o, z, do, args: BasedArguments, local: StateKernel, group: _Group):
+    """The backward of a ``StateKernel`` shard: an all-gather of this shard's state (recomputed),
+    one of its queries' reverse states (in the order of the other path's backward, so that ranks on
+    different paths meet in the same collectives), then the kernel's backward from both."""
+    initial = _kernel_prefix(k, v, args, local, group)
+    dtype = compute_dtype(q.dtype)
+    reverse = _from_moments(local.query_states(q, o, z, do, args), args, dtype)   # [B, H, F, Dv + 1]
+    later = _after(_exchange(reverse, group), group.rank, args.causal)
+    if not _contributes(group.rank, group.world, args.causal, before=False):
+        later = None
+    return local.backward(q, k, v, o, z, do, args, initial, None if later is None else _to_moments(later, args))
+
+
+def _kernel_prefix(k, v, args: BasedArguments, local: StateKernel, group: _Group) -> Tensor | None:
+    """The earlier (causal) or other ranks' summed state as the fused chunk's moments, None when
+    there is none (the first rank, causal)."""
+    state = _from_moments(local.states(k, v, args), args, compute_dtype(k.dtype))         # [B, Hkv, F, Dv + 1]
+    prefix = _before(_exchange(state, group), group.rank, args.causal)
+    if not _contributes(group.rank, group.world, args.causal, before=True):
+        return None
+    return _to_moments(prefix, args)

@@ -187,10 +187,39 @@ def _cpu_pair(form: str):
     return forward, backward
 
 
+def _shard_states(k, v, args):
+    return fused_chunk_kernel.state_moments(k, v, args)
+
+
+def _shard_forward(q, k, v, args, initial):
+    return fused_chunk_kernel.fused_chunk_forward_with_state(q, k, v, args, initial, final=False)
+
+
+def _shard_query_states(q, o, z, do, args):
+    return fused_chunk_kernel.query_moments(q, o, z, do, args)
+
+
+def _shard_backward(q, k, v, o, z, do, args, initial, later):
+    return fused_chunk_kernel.fused_chunk_backward_with_state(q, k, v, o, z, do, args, initial, later)
+
+
+# The fused chunk, started from the other ranks' states: a shard costs what one device costs on
+# that many tokens (plus the moments), at the real Dv and normalised.
+_FUSED_CHUNK_SHARD = context_parallel.StateKernel(_shard_states, _shard_forward, _shard_query_states,
+                                                  _shard_backward)
+
+
 def _local_pair(kernel: str):
-    """(forward, backward) of the kernel for a shard's own attention under context parallelism: the
-    shard runs unnormalised with one more value column (V' = [V, 1]), which may change the choice
-    between the Triton kernels' variants but not the device's family (CPU forms stay CPU forms)."""
+    """(forward, backward) of the kernel for a shard's own attention under context parallelism.
+
+    The fused chunk starts from the prefix states itself (``context_parallel.StateKernel``, both
+    directions); so does a shard for which the policy chose the chunked kernel, which takes no
+    states: the fused chunk's cost is within 1.5x of the chunked kernel's (policy.py's H200 numbers),
+    while adding the prefix outside the kernel costs some 25 passes over [T, 153] float32 per layer.
+    The other kernels run unnormalised with one more value column (V' = [V, 1]) and the prefix is
+    added in PyTorch (CPU forms stay CPU forms)."""
+    if kernel in ("fused_chunk", "chunked"):
+        return _FUSED_CHUNK_SHARD, _FUSED_CHUNK_SHARD
     if kernel in policy.TRITON_KERNELS:
         return _kernel_pair(kernel)
     return _cpu_pair(kernel.removeprefix("cpu_").removeprefix("pytorch_"))
