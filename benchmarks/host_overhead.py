@@ -12,12 +12,16 @@ microseconds per call; the cases take turns, ROUNDS rounds each, and the median 
 
 Cases:
 - ``attention``, ``attention_backward``, ``attention_inference``, ``decode`` (Tq=1 against Tk=T),
-  ``recurrent_step``, ``attention_with_state``: ``torch.ops.based.<op>.default(...)`` under no_grad,
+  ``decode_growing`` (Tq=1 against a cache one token longer at every call), ``recurrent_step``,
+  ``attention_with_state``: ``torch.ops.based.<op>.default(...)`` under no_grad,
   as the Python wrapper that Inductor generates calls them (the dispatcher, the operator's
   Autograd kernel, its implementation);
 - ``eager_fwd`` / ``eager_fwdbwd``: ``based_attention`` without grad / with ``torch.autograd.grad``;
 - ``compiled_fwd`` / ``compiled_fwdbwd``: the same through ``torch.compile(backend="based")``
-  (Dynamo's guards and AOTAutograd's wrappers included).
+  (Dynamo's guards and AOTAutograd's wrappers included);
+- ``parallel_forward`` / ``parallel_backward``: the parallel kernel's functions called directly
+  (their launch code, buffers and Triton's launcher); ``bare_launch``: the forward kernel's
+  launch alone with every argument computed beforehand (Triton's launcher: the least a launch costs).
 
 On the CPU the compute is taken out so that what is left is the host's own work (dispatch,
 argument checks, the plan and policy, the kernels' launch code and buffers): the Triton kernels
@@ -27,9 +31,10 @@ run under ``TRITON_INTERPRET=1`` with every launch replaced by a no-op, the PyTo
 the Triton launch code runs. Triton's own launcher (``JITFunction.run``) is not in these numbers:
 only CUDA has it. On CUDA everything is real (kernel setting ``auto``).
 
-``--compare REF`` extracts ``based_compile`` and ``kernels`` of git REF into a temporary folder
-and runs this script on both trees in separate processes, alternating (``--processes`` each), and
-prints old, new and new/old per case (medians over the processes).
+``--compare REF`` extracts ``based_compile`` and ``kernels`` of git REF (or copies them from the
+folder REF) into a temporary folder and runs this script on both trees in separate processes,
+alternating (``--processes`` each), and prints old, new and new/old per case (medians over the
+processes).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +53,7 @@ import warnings
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 B, H, T, DK, DV = 1, 2, 64, 16, 64
-CASES = ("attention", "attention_backward", "attention_inference", "decode", "recurrent_step",
+CASES = ("attention", "attention_backward", "attention_inference", "decode", "decode_growing", "recurrent_step",
          "attention_with_state", "eager_fwd", "eager_fwdbwd", "compiled_fwd", "compiled_fwdbwd",
          "parallel_forward", "parallel_backward", "bare_launch")
 
@@ -102,7 +108,7 @@ def _no_compute() -> None:
     results = {}
 
     def forward(q, k, v, args, form):
-        key = ("f", q.shape, v.shape, args.normalize)
+        key = ("f", q.shape, v.shape[-1], args.normalize)
         if key not in results:
             o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
             z = q.new_zeros((args.batch, args.heads, args.length), dtype=cpu_path.compute_dtype(q.dtype))
@@ -175,6 +181,17 @@ def _cases(device: str, names):
             made[name] = no_grad(lambda: ops.attention.default(q, k, v, *spec.op_arguments, False))
         elif name == "decode":
             made[name] = no_grad(lambda: ops.attention.default(q1, k, v, *spec.op_arguments, False))
+        elif name == "decode_growing":            # a KV cache one token longer at every call (1000 lengths)
+            k_cache, v_cache, lengths = rand(B, H, T + 1000, DK), rand(B, H, T + 1000, DV), iter(())
+
+            def grown():
+                nonlocal lengths
+                t = next(lengths, None)
+                if t is None:
+                    lengths = iter(range(T, T + 1000))
+                    t = next(lengths)
+                return ops.attention.default(q1, k_cache[:, :, :t], v_cache[:, :, :t], *spec.op_arguments, False)
+            made[name] = no_grad(grown)
         elif name == "recurrent_step":
             made[name] = no_grad(lambda: ops.recurrent_step.default(q1, q1, v1, kv_state, k_state, pieces,
                                                                     factors, factors, True, 1e-6))
@@ -269,7 +286,17 @@ def measure(args) -> dict:
 
 
 def _tree_of(ref: str, folder: pathlib.Path) -> pathlib.Path:
-    """based_compile (with kernels/ inside it, as installed) of git REF under folder."""
+    """based_compile (with kernels/ inside it, as installed) of git REF under folder; REF may also be
+    a folder holding based_compile/ and kernels/ (a checkout, or ``git archive REF based_compile
+    kernels`` unpacked: for a machine that has the working tree but not its git history)."""
+    given = pathlib.Path(ref)
+    folder.mkdir(parents=True)
+    if given.is_dir():
+        if not ((given / "based_compile").is_dir() and (given / "kernels").is_dir()):
+            raise SystemExit(f"--compare {ref}: the folder must hold based_compile/ and kernels/")
+        shutil.copytree(given / "based_compile", folder / "based_compile", ignore=shutil.ignore_patterns("kernels"))
+        shutil.copytree(given / "kernels", folder / "based_compile" / "kernels")
+        return folder
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "based_compile", "kernels"],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
@@ -285,8 +312,10 @@ def compare(args) -> dict:
             worker += [flag, value]
     runs = {"old": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
-        old = _tree_of(args.compare, pathlib.Path(tmp))
-        envs = {"old": dict(os.environ, PYTHONPATH=str(old)), "new": dict(os.environ, PYTHONPATH=str(ROOT))}
+        trees = {"old": _tree_of(args.compare, pathlib.Path(tmp, "old")), "new": _tree_of(str(ROOT), pathlib.Path(tmp, "new"))}
+        path = os.environ.get("PYTHONPATH")
+        envs = {name: dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree)] + ([path] if path else [])))
+                for name, tree in trees.items()}
         for i in range(args.processes):
             for which in ("old", "new") if i % 2 == 0 else ("new", "old"):
                 print(f"[{which} {i + 1}/{args.processes}] running", file=sys.stderr, flush=True)

@@ -119,3 +119,68 @@ def test_cuda_step_checks_every_new_key(monkeypatch):
                 step_op._step_cuda(*bad)
     out = step_op._step_cuda(*args)
     assert_rel_close(out[0].double(), ref[0], 1e-5)
+
+
+def _cache_reference(q, k, v, spec, layout="BHTD"):
+    """float64 Based attention of Tq queries at the end of Tk keys (causal mask aligned to the end)."""
+    if layout == "BTHD":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x.double() for x in (q, k, v))
+    s = spec.scale * q @ k.transpose(-2, -1)
+    a = (spec.c0 + spec.c1 * s + spec.c2 * s * s).tril(k.shape[2] - q.shape[2])
+    o = (a @ v) / (a.sum(-1, keepdim=True) + spec.eps)
+    return o if layout == "BHTD" else o.transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+def test_growing_kv_cache_makes_one_plan_and_every_length_is_right(monkeypatch, layout):
+    """Queries against a cache that grows by a token per call: one plan (checks and kernel choice)
+    for all lengths, each call with its own Tk (values against float64); a call that breaks what
+    the shared plan assumes (k and v of different lengths, more queries than keys) still raises."""
+    from based_compile import BasedSpec, based_attention
+    from based_compile.op import custom_op
+
+    custom_op._PLANS.clear()
+    made = []
+    make = custom_op._make_plan
+    monkeypatch.setattr(custom_op, "_make_plan", lambda *a: made.append(a[1].shape) or make(*a))
+    spec = BasedSpec(scale=0.5, layout=layout)
+    g = torch.Generator().manual_seed(1)
+    time = 2 if layout == "BHTD" else 1
+
+    def rand(t, d):
+        shape = [1, 2, t, d] if layout == "BHTD" else [1, t, 2, d]
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    keys, values = rand(40, 4), rand(40, 3)
+    with torch.no_grad():
+        for tq in (1, 3):
+            q = rand(tq, 4)
+            for tk in range(tq + 1, 40, 3):
+                k, v = keys.narrow(time, 0, tk), values.narrow(time, 0, tk)
+                o = based_attention(q, k, v, spec)
+                assert_rel_close(o, _cache_reference(q, k, v, spec, layout), 1e-12, f"Tq={tq} Tk={tk}")
+        assert len(made) == 2, made                             # one plan per query length
+        q = rand(1, 4)
+        with pytest.raises(ValueError, match="k and v must share the sequence length"):
+            based_attention(q, keys.narrow(time, 0, 9), values.narrow(time, 0, 8), spec)
+        with pytest.raises(ValueError, match="Tq <= Tk"):
+            based_attention(rand(12, 4), keys.narrow(time, 0, 9), values.narrow(time, 0, 9), spec)
+        o = based_attention(q, keys.narrow(time, 0, 1), values.narrow(time, 0, 1), spec)    # Tq == Tk: its own plan
+        assert_rel_close(o, _cache_reference(q, keys.narrow(time, 0, 1), values.narrow(time, 0, 1), spec, layout),
+                         1e-12)
+    assert len(made) == 5, made
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("tq", [1, 4, 16, 17, 300, 700])
+def test_kernel_choice_for_a_kv_cache_does_not_depend_on_its_length(device, training, tq):
+    """custom_op._plan shares one plan across every Tk > Tq: the policy's choice must not depend on Tk."""
+    from based_compile.op import policy
+
+    for dk, dv, bh in ((16, 64, 32), (64, 128, 4)):
+        for dtype in (torch.float32, torch.bfloat16):
+            kernels = {policy.decide_for(device, training, tq, dk, dv, bh, dtype, tk).kernel
+                       for tk in (tq + 1, tq + 7, 2 * tq + 5, 4096, 70000)}
+            assert len(kernels) == 1, (device, training, tq, dk, dv, bh, dtype, kernels)

@@ -145,9 +145,29 @@ def _plan(q, k, v, *params) -> tuple[BasedArguments, str, object, object]:
     Remembered per (shapes, dtypes, devices, spec arguments, kernel setting): all are functions of
     these alone, and checking them again on every call of a training loop costs as much as a
     Triton launch. The key holds the settings as written (``config.kernel`` and the two environment
-    variables); they are validated when a plan is made, so an invalid value raises every time."""
-    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, params,
+    variables); they are validated when a plan is made, so an invalid value raises every time.
+
+    Queries against a longer KV cache (Tk > Tq, k and v of one length): one plan for every Tk, so
+    that a cache growing by a token per step does not check and decide again per token and layer.
+    That holds because nothing checked depends on Tk's value beyond Tk == Tv and Tq <= Tk (which
+    the key's condition states), and the kernel choice for Tq < Tk does not depend on it either
+    (policy.decide_for; tests/test_host_paths.py pins it); only the arguments' key_length is set
+    to this call's Tk."""
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    layout = params[0] if params else None
+    time_dim = 2 if layout == "BHTD" else 1 if layout == "BTHD" else None
+    tk = None
+    if time_dim is not None and len(q_shape) == 4 and len(k_shape) == 4 and len(v_shape) == 4:
+        tk = k_shape[time_dim]
+        if tk > q_shape[time_dim] and tk == v_shape[time_dim]:
+            k_shape = k_shape[:time_dim] + k_shape[time_dim + 1:]      # Tk out of the key
+            v_shape = v_shape[:time_dim] + v_shape[time_dim + 1:]
+        else:
+            tk = None
+    key = (q_shape, k_shape, v_shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, params,
            config.kernel, environ_get(config.KERNEL_ENV_VAR), environ_get("TRITON_INTERPRET"))
+    if tk is not None:
+        key = (*key, _ANY_KEY_LENGTH)
     try:
         plan = _PLANS.get(key)
     except TypeError:                  # an unhashable setting (a list): making a plan raises naming it
@@ -156,12 +176,23 @@ def _plan(q, k, v, *params) -> tuple[BasedArguments, str, object, object]:
         plan = _make_plan(q, k, v, *params)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
+        _PLANS[key] = plan if tk is None else [plan, (tk, plan)]
+        return plan
+    if tk is None:
+        return plan
+    last_tk, last_plan = plan[1]       # the plan at the latest Tk (all layers of a decoding step share it)
+    if last_tk == tk:
+        return last_plan
+    a, kernel, forward, backward = plan[0]
+    last_plan = (BasedArguments(a.batch, a.heads, a.kv_heads, a.length, a.dk, a.dv, a.layout, a.scale, a.coeffs,
+                                a.causal, a.normalize, a.eps, tk), kernel, forward, backward)
+    plan[1] = (tk, last_plan)          # one assignment: a concurrent reader sees the old pair or the new one
+    return last_plan
 
 
 _PLANS: dict = {}
 _MAX_PLANS = 256
+_ANY_KEY_LENGTH = "Tk > Tq, any Tk"
 
 
 def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, training):
