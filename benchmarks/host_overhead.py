@@ -168,7 +168,6 @@ def _cases(device: str, names):
         return call
 
     def compiled(fn):
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         return torch.compile(fn, backend="based", fullgraph=True)
 
     made = {}
@@ -255,6 +254,7 @@ def measure(args) -> dict:
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     cases, errors = {}, {}
     for name, fn in _cases(device, names).items():
+        print(f"[{device}] warming {name}", file=sys.stderr, flush=True)
         try:
             for _ in range(3):
                 fn()                                  # compile, plan, warm the caches
@@ -263,7 +263,8 @@ def measure(args) -> dict:
             errors[name] = f"{type(e).__name__}: {e}"[:200]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in cases}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
+        print(f"[{device}] round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
         for name, fn in cases.items():
             sync()
             start = time.perf_counter()
