@@ -298,8 +298,10 @@ def _tree_of(ref: str, folder: pathlib.Path) -> pathlib.Path:
         shutil.copytree(given / "based_compile", folder / "based_compile", ignore=shutil.ignore_patterns("kernels"))
         shutil.copytree(given / "kernels", folder / "based_compile" / "kernels")
         return folder
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "based_compile", "kernels"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "based_compile", "kernels"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--compare {ref}: neither a folder nor a git ref here ({archive.stderr.decode().strip()})")
+    archive = archive.stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     (folder / "kernels").rename(folder / "based_compile" / "kernels")
     return folder
@@ -320,7 +322,9 @@ def compare(args) -> dict:
         for i in range(args.processes):
             for which in ("old", "new") if i % 2 == 0 else ("new", "old"):
                 print(f"[{which} {i + 1}/{args.processes}] running", file=sys.stderr, flush=True)
-                out = subprocess.run(worker, env=envs[which], check=True, capture_output=True, text=True, cwd=tmp)
+                out = subprocess.run(worker, env=envs[which], capture_output=True, text=True, cwd=tmp)
+                if out.returncode != 0:
+                    raise SystemExit(f"the {which} tree's run failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
                 runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
     table = {}
     for name in runs["new"][0]["us_per_call"]:
