@@ -17,6 +17,28 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The multi-process tests (gloo: context parallel, DDP, FSDP2) start their ranks through
+# torch.multiprocessing with the "spawn" method, the tests' own and the examples' and benchmarks'
+# (mp.spawn, mp.start_processes(start_method="spawn")). Each spawned rank is a fresh interpreter
+# that imports torch, Dynamo, Inductor and based_compile again: 3-5 s of CPU, about 14 ranks in a
+# run of the suite. Under pytest those ranks start from a fork server that imported them once (the
+# server does nothing else, so forking it is safe); what a rank receives is pickled exactly as with
+# "spawn", so the examples' arguments are checked as strictly. The first use starts the server.
+_FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx", "based_compile"]
+_mp_spawn = sys.modules["torch.multiprocessing.spawn"]
+_start_processes = _mp_spawn.start_processes
+
+
+def _start_processes_from_the_fork_server(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn"):
+    return _start_processes(fn, args, nprocs, join, daemon, "forkserver" if start_method == "spawn" else start_method)
+
+
+if torch.multiprocessing.get_all_start_methods().count("forkserver"):
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(_FORK_SERVER_PRELOAD)
+    _mp_spawn.start_processes = torch.multiprocessing.start_processes = _start_processes_from_the_fork_server
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
