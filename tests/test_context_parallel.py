@@ -4,7 +4,8 @@ Each configuration (causal / non-causal, both layouts, GQA, T not divisible by t
 ``based_attention`` on the shards inside ``based_compile.context_parallel`` and compares every rank's
 output and the gradients of q, k, v with one process's on the whole sequence (1e-10). The naive
 Based LM of examples/ (unchanged; its short causal convolutions made exact by ``shard_causal_convs``),
-compiled with ``backend="based"``, is compared the same way: loss and every parameter gradient.
+compiled with the based backend (inner compiler aot_eager), is compared the same way: loss and every
+parameter gradient; so is examples/context_parallel.py (backend="based", Inductor).
 """
 from __future__ import annotations
 
@@ -89,8 +90,9 @@ def _model_case(rank):
     def loss_of(logits, target):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
 
-    # dynamic=False: one graph per length (the whole sequence, then the shard)
-    compiled = torch.compile(model, backend="based", dynamic=False)
+    # dynamic=False: one graph per length (the whole sequence, then the shard). aot_eager: the
+    # example's test below runs the default inner compiler (Inductor) sharded.
+    compiled = torch.compile(model, backend=based_compile.backend(inner="aot_eager"), dynamic=False)
     loss_full = loss_of(compiled(ids), targets)
     grads_full = torch.autograd.grad(loss_full, list(model.parameters()))
     start, end = shard_bounds(11, rank, WORLD)

@@ -3,7 +3,8 @@
 A 2 x 2 DeviceMesh (dp, cp): the two dp rows each take one sequence of a batch of 2, and the two
 cp ranks of a row each hold a shard of its 11 tokens (not divisible by 2). The naive Based LM of
 examples/ (unchanged; short convolutions made exact by ``shard_causal_convs``), each block
-compiled with ``backend="based"``, is run three ways inside ``context_parallel(mesh, mesh_dim="cp")``:
+compiled with the based backend (inner compiler aot_eager), is run three ways inside
+``context_parallel(mesh, mesh_dim="cp")``:
 
 - ``fsdp``: ``fully_shard`` on the 2-D mesh (HSDP: shards over cp, replicated over dp, so the
   gradient reduction sums every rank's part);
@@ -66,7 +67,10 @@ def _case(kind, mesh, ids, targets, reference):
     model = _model()
     based_compile.shard_causal_convs(model)
     for i, block in enumerate(model.blocks):
-        block.compile(backend="based", dynamic=False)
+        # aot_eager: AOTAutograd as under Inductor (the based operator and its backward in the
+        # joint graph), without Inductor's code generation, which is not what is composed here
+        # (test_context_parallel.py's example test runs the default, Inductor, sharded)
+        block.compile(backend=based_compile.backend(inner="aot_eager"), dynamic=False)
         if "checkpoint" in kind:
             model.blocks[i] = Checkpointed(block)
     fsdp = kind.startswith("fsdp")
