@@ -17,6 +17,12 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor compiles in this process rather than in a pool of compile workers: with 2 cores (CI)
+# the pool's workers, which each import torch in every process that compiles with Inductor (this
+# one, examples run as subprocesses, gloo ranks), cost more CPU than they save. Set before
+# torch._inductor.config is first imported; subprocesses inherit it.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 # The multi-process tests (gloo: context parallel, DDP, FSDP2) start their ranks through
 # torch.multiprocessing with the "spawn" method, the tests' own and the examples' and benchmarks'
 # (mp.spawn, mp.start_processes(start_method="spawn")). Each spawned rank is a fresh interpreter
