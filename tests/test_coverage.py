@@ -465,3 +465,122 @@ def test_causal_einsum_states_exclusive_is_refused():
     assert not ex.sites and "mask" in [r.category for r in ex.refusals], ex
     recorder = compile_and_compare(EinsumStates("exclusive"))
     assert not any(recorder.sites())
+
+
+# --------------------------------------------------------------------------- the normaliser written on
+# the features (issue 13): a quadratic numerator (phi(q) phi(k)^T, masked, times v) over
+# 1 / (einsum(phi(q), phi(k).cumsum(2)) + eps), (phi(q) * phi(k).cumsum(2)).sum(-1), or non-causal
+# phi(q) @ phi(k).sum(2)[..., None] / einsum(phi(q), phi(k).sum(2)): the row sums of the numerator's
+# weights, fused into one normalised call; nothing of the [B, H, T, F] normaliser stays in the graph.
+# Near misses (each sums other weights than the numerator's, or pairs other rows): refused.
+
+
+class FeatureNormalised(torch.nn.Module):
+    def __init__(self, den="einsum", causal=True, defect=None):
+        super().__init__()
+        self.den, self.causal, self.defect = den, causal, defect
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        a = torch.einsum("bhnf,bhmf->bhnm", qf, kf)
+        if self.causal:
+            a = a.tril()
+        o = a @ v
+        d = self.defect
+        qd = 2 * qf if d == "scaled" else qf
+        kd = {"other_k": qf, "other_map": _phi_unscaled(k)}.get(d, kf)
+        if d == "other_map":
+            qd = _phi_unscaled(q)
+        if self.causal != (d == "total_vs_running"):
+            ks = kd.cumsum(1 if d == "heads_axis" else 2)
+            if d == "shifted":
+                ks = ks - kd
+        else:
+            ks = kd.sum(2)
+        eps = 1e-6
+        if self.den == "einsum":
+            spec = "bhtf,bhtf->bht" if ks.dim() == 4 else "bhtf,bhf->bht"
+            z = torch.einsum(spec, qd, ks)
+            z = 1 / z + eps if d == "eps_after" else 1 / (z + eps)
+            return o * z[..., None]
+        if self.den == "matmul":
+            return o / (qd @ ks.unsqueeze(-1) + eps)
+        ks = ks if ks.dim() == 4 else ks.unsqueeze(2)
+        return o / ((qd * ks).sum(-1, keepdim=True) + eps)
+
+
+def _phi_unscaled(x):
+    """[1, x, x (x) x]: f = 1 + s + s^2, another function than _phi's."""
+    return torch.cat([x[..., :1] ** 0, x, (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)], dim=-1)
+
+
+def _no_normaliser_left(recorder: Recorder):
+    """Every compiled graph has its site and none of the normaliser's cumsum / sum / einsum."""
+    for g in recorder.graphs:
+        text = "\n".join(str(n.target) for n in g.graph.nodes if n.op in ("call_function", "call_method"))
+        assert "cumsum" not in text and "einsum" not in text and "sum" not in text.replace("cumsum", ""), g.graph
+
+
+FEATURE_FORMS = [("einsum", True), ("mul_sum", True), ("einsum", False), ("matmul", False), ("mul_sum", False)]
+
+
+@pytest.mark.parametrize("den,causal", FEATURE_FORMS)
+@pytest.mark.parametrize("probe", [True, False])
+def test_feature_normaliser_of_the_quadratic_form_is_fused(den, causal, probe, monkeypatch):
+    if not probe:           # the structure alone (the probe is skipped above its size limit)
+        monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    ex = explain(FeatureNormalised(den, causal))
+    assert len(ex.sites) == 1 and not ex.refusals, ex
+    spec = ex.sites[0].spec
+    assert spec.normalize and spec.eps == 1e-6 and spec.causal == causal, ex
+    recorder = compile_and_compare(FeatureNormalised(den, causal))
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+    _no_normaliser_left(recorder)
+
+
+@pytest.mark.parametrize("den,causal,defect", [
+    ("einsum", True, "eps_after"),          # 1 / z + eps: eps after the reciprocal
+    ("einsum", True, "other_map"),          # another feature map (f = 1 + s + s^2) for the normaliser
+    ("mul_sum", True, "shifted"),           # cumsum(phi(k)) - phi(k): sums over j < i
+    ("einsum", True, "other_k"),            # phi(q) . cumsum(phi(q)): another key
+    ("mul_sum", True, "scaled"),            # (2 phi(q)) . cumsum(phi(k))
+    ("mul_sum", True, "heads_axis"),        # the running sum over the heads, not over time
+    ("einsum", True, "total_vs_running"),   # sum over all keys against a causal numerator
+    ("mul_sum", False, "total_vs_running"), # running sums against a non-causal numerator
+])
+@pytest.mark.parametrize("probe", [True, False])
+def test_feature_normaliser_near_misses_are_refused(den, causal, defect, probe, monkeypatch):
+    if not probe:
+        monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    ex = explain(FeatureNormalised(den, causal, defect))
+    assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(FeatureNormalised(den, causal, defect), lengths=(4, 9))
+    assert not any(recorder.sites())
+
+
+# Structural near-misses the numerical probe used to catch alone (silently wrong once the probe is
+# skipped above its size limit): the linear form's normaliser over (2 phi(q)) while the numerator
+# reads phi(q); row sums broadcast against the key axis (a / a.sum(-1)[..., None, :]).
+
+
+class ScaledLinearNormaliser(torch.nn.Module):
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        o = (qf.unsqueeze(-1) * (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)).sum(-2)
+        return o / (((2 * qf) * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+
+
+class ColumnNormalised(torch.nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.mT * 0.5
+        a = (1 + s + 0.5 * s * s).tril()
+        return (a / (a.sum(-1)[..., None, :] + 1e-6)) @ v
+
+
+@pytest.mark.parametrize("module", [ScaledLinearNormaliser, ColumnNormalised])
+def test_normaliser_near_misses_refused_without_the_probe(module, monkeypatch):
+    monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    ex = explain(module())
+    assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(module(), lengths=(4, 9))
+    assert not any(recorder.sites())

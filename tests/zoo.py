@@ -449,10 +449,11 @@ MAP_SPECS = {                       # style -> (scale, c0, c1, c2) with Dk = DK
 class FeatureMapQuadratic(nn.Module):
     """phi(Q) phi(K)^T, masked (causal), times V, over row sums. forward(q, k, v) -> o."""
 
-    def __init__(self, style="based", causal=True, normalize=True, eps=1e-6, norm_defect=None, shift=0):
+    def __init__(self, style="based", causal=True, normalize=True, eps=1e-6, norm_defect=None, shift=0,
+                 norm="rows"):
         super().__init__()
         self.style, self.causal, self.normalize, self.eps = style, causal, normalize, eps
-        self.norm_defect, self.shift = norm_defect, shift
+        self.norm_defect, self.shift, self.norm = norm_defect, shift, norm
 
     def forward(self, q, k, v):
         q, k = taylor_map(q, self.style), taylor_map(k, self.style)     # [B, H, T, F]
@@ -464,6 +465,14 @@ class FeatureMapQuadratic(nn.Module):
             a = a.masked_fill(~mask, 0.0)
         if not self.normalize:
             return a @ v
+        if self.norm == "features":     # the normaliser on the features (norm_defect "shifted": sums j < i)
+            if self.causal:
+                ks = k.cumsum(2) - k if self.norm_defect == "shifted" else k.cumsum(2)
+                z = 1 / (torch.einsum("bhtf,bhtf->bht", q, ks) + self.eps)
+                return (a @ v) * z[..., None]
+            if self.norm_defect == "running":                           # running sums: another function
+                return (a @ v) / ((q * k.cumsum(2)).sum(-1, keepdim=True) + self.eps)
+            return (a @ v) / (q @ k.sum(2, keepdim=True).transpose(-2, -1) + self.eps)
         z = (raw if self.norm_defect == "unmasked" else a).sum(dim=-1, keepdim=True)
         return (a @ v) / (z + self.eps)
 
@@ -840,6 +849,17 @@ def _feature_map_family() -> list[Entry]:
         E("featmap_quadratic_no_ones_unnormalised__shifted",
           qkv_module(FeatureMapQuadratic, "no_ones", normalize=False, shift=-1), Refuse("mask"),
           twin="featmap_quadratic_no_ones_unnormalised"),
+        E("featmap_quadratic_feature_norm", qkv_module(FeatureMapQuadratic, "based", norm="features"),
+          fm_accept("based"), ("form:feature_map_quadratic", "norm:cumsum_features", "norm:one_over")),
+        E("featmap_quadratic_feature_norm__shifted",
+          qkv_module(FeatureMapQuadratic, "based", norm="features", norm_defect="shifted"), Refuse("normaliser"),
+          twin="featmap_quadratic_feature_norm"),
+        E("featmap_quadratic_feature_norm_noncausal",
+          qkv_module(FeatureMapQuadratic, "no_sqrt2", causal=False, norm="features"),
+          fm_accept("no_sqrt2", causal=False), ("form:feature_map_quadratic", "mask:none")),
+        E("featmap_quadratic_feature_norm_noncausal__running",
+          qkv_module(FeatureMapQuadratic, "no_sqrt2", causal=False, norm="features", norm_defect="running"),
+          Refuse("normaliser"), twin="featmap_quadratic_feature_norm_noncausal"),
         E("featmap_quadratic_triu", qkv_module(FeatureMapQuadratic, "triu"), fm_accept("triu"),
           ("form:feature_map_quadratic", "map:compressed_triu")),
         E("featmap_quadratic_triu__no_sqrt2", qkv_module(FeatureMapQuadratic, "triu_no_sqrt2"),

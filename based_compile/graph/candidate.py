@@ -42,6 +42,7 @@ class Weights:
         return self.t if self.tk is None else self.tk
     lengths: tuple = ()           # (Tq, Tk): ints, or size expressions under dynamic shapes
     q_factor: fx.Node | None = None   # a one-element tensor the raw scores were multiplied by: q * it is q
+    feature_sum: object = None    # feature_normaliser.FeatureSum: these weights are a normaliser written on features
 
     def same_function(self, other: "Weights") -> bool:
         same_keep = (self.keep is None and other.keep is None) or (

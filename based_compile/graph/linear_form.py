@@ -7,8 +7,10 @@
 
 (``.sum(t, keepdim=True)`` instead of ``cumsum``: the non-causal form.) It is the quadratic
 form phi(q_i) . phi(k_j) summed over j <= i, so it becomes the same Match (coefficients from
-the feature maps). Anchored on the state node (cumsum or sum over time of phi(k) * v). Which
-axis is time and which are features is left to the numerical probe.
+the feature maps). Anchored on the state node (cumsum or sum over time of phi(k) * v). The
+normaliser is read by ``feature_normaliser`` (which rows and features it pairs, proven on index
+tensors, and over the numerator's time axis, with the numerator's scalar factors); which axes of
+the numerator are time and features is left to the numerical probe.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output
-from .canonicalize import (VIEW_OPS, hint_shape, live_users, scalar_factor, scalar_value, shape_of, track_axis,
+from .canonicalize import (VIEW_OPS, hint_shape, live_users, scalar_factor, shape_of, track_axis,
                            walk_operand)
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
+from .feature_normaliser import read_feature_sum, time_axis
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
@@ -144,47 +147,22 @@ def _refuse_shifted(state: fx.Node, consumer: fx.Node | None, dim: int) -> None:
                                           "shifted by a token, a shifted causal mask (Based sums over j <= i)", user)
 
 
-def _normaliser(gm, node, cat_q, cat_k):
-    """(state kind, eps, inverted) of den = sum(phi(q) * cumsum(phi(k))) + eps, else NotACandidate."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        raise NotACandidate("not a normaliser")
-    if node.target in VIEW_OPS:
-        return _normaliser(gm, node.args[0], cat_q, cat_k)
-    if node.target is aten.add.Tensor:
-        c = scalar_value(gm, node.args[1])
-        if c is not None:
-            kind, eps, inverted = _normaliser(gm, node.args[0], cat_q, cat_k)
-            if inverted:
-                raise Refused("normaliser", "eps is added after the reciprocal", node)
-            return kind, eps + c * float(node.kwargs.get("alpha", 1)), inverted
-        raise NotACandidate("sum of tensors")
-    if node.target is aten.reciprocal.default:
-        kind, eps, inverted = _normaliser(gm, node.args[0], cat_q, cat_k)
-        return kind, eps, not inverted
-    scaled = scalar_factor(gm, node)
-    if scaled is not None:
-        kind, eps, inverted = _normaliser(gm, scaled[0], cat_q, cat_k)
-        if scaled[1] != 1.0:
-            raise Refused("normaliser", f"the normaliser is scaled by {scaled[1]:g}", node)
-        return kind, eps, inverted
-    if node.target in (aten.sum.dim_IntList, aten.bmm.default):
-        prod = _strip_views(node.args[0]) if node.target is aten.sum.dim_IntList else node
-        if prod.op != "call_function" or prod.target not in (aten.mul.Tensor, aten.bmm.default):
-            raise NotACandidate("not a feature contraction")
-        (phi, cat, _), other = _feature_side(gm, prod.args[0], prod.args[1])
-        if prod.target is aten.bmm.default and cat is not None and not _contracts_features(prod, cat):
-            raise NotACandidate("the bmm does not contract phi(q)'s features")
-        if phi is None or cat is not cat_q:
-            raise NotACandidate("not a contraction with phi(q)")
-        state = _strip_views(other)
-        kind = _state_kind(state) if isinstance(state, fx.Node) else None
-        if kind is None:
-            raise Refused("normaliser", "the normaliser does not sum phi(k) over time", node)
-        k_side = walk_operand(gm, kind[2]).stop
-        if k_side is not cat_k:
-            raise Refused("normaliser", "the normaliser sums a different key feature map than the numerator", node)
-        return kind[0], 0.0, False
-    raise NotACandidate("not a normaliser")
+def _normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
+    """(state kind, eps, inverted) of den = phi(q) . sum_{j <= i} phi(k_j) + eps over the numerator's
+    feature maps ``cat_q`` and ``cat_k`` (``feature_normaliser``), with the numerator's scalar
+    ``factor`` on them and its sum over the maps' axis ``time``; NotACandidate / Refused."""
+    found = read_feature_sum(gm, node)
+    if found.cat_q is not cat_q:
+        raise NotACandidate("not a contraction with phi(q)")
+    if found.cat_k is not cat_k:
+        raise Refused("normaliser", "the normaliser sums a different key feature map than the numerator", node)
+    if abs(found.factor - factor) > 1e-12 * max(abs(factor), 1e-300):
+        raise Refused("normaliser", f"the normaliser's feature maps are scaled by {found.factor:g} and the "
+                                    f"numerator's by {factor:g}: they do not sum the same weights", node)
+    if time is not None and found.time is not None and found.time != time:
+        raise Refused("normaliser", "the normaliser sums phi(k) over another axis than the numerator's sum over "
+                                    "time", node)
+    return found.kind, found.eps, found.inverted
 
 
 def match_linear(matcher, state: fx.Node):
@@ -241,7 +219,11 @@ def match_linear(matcher, state: fx.Node):
     poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k)
 
     normalize, eps, start = False, 0.0, num
-    user, found = _divided_by(_forward_through_views(num), lambda other: _normaliser(gm, other, cat_q, cat_k))
+    k_operand = kv.args[0] if walk_operand(gm, kv.args[0]).stop is cat_k else kv.args[1]
+    read = time_axis(gm, k_operand, dim - (len(hint_shape(kv)) - len(hint_shape(k_operand))))
+    time = read[1] if read is not None else None
+    user, found = _divided_by(_forward_through_views(num),
+                              lambda other: _normaliser(gm, other, cat_q, cat_k, factor_q * factor_k, time))
     if user is not None:
         den_kind, eps, _ = found
         if den_kind != state_kind:
@@ -312,51 +294,10 @@ def _feature_operand(gm, node):
     return phi, walked.stop, chain[1], axes
 
 
-def _key_sum(gm, node):
-    """(cat, factor, time axis summed) for phi(k) summed over one axis (through views), else None."""
-    inner = _strip_views(node)
-    if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target is not aten.sum.dim_IntList \
-            or len(inner.args) < 2 or inner.args[1] is None or len(inner.args[1]) != 1:
-        return None
-    found = _feature_operand(gm, inner.args[0])
-    if found is None:
-        return None
-    phi, cat, factor, (time, _feature) = found
-    rank = len(hint_shape(inner.args[0]))
-    return cat, factor, inner.args[1][0] % rank == time
-
-
-def _state_normaliser(gm, node, cat_q, cat_k):
-    """eps, inverted of den = phi(q) . sum_t phi(k) + eps (a matmul or a product summed over the
-    features), else NotACandidate; Refused for a sum over another axis."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        raise NotACandidate("not a normaliser")
-    if node.target in VIEW_OPS:
-        return _state_normaliser(gm, node.args[0], cat_q, cat_k)
-    if node.target is aten.add.Tensor:
-        c = scalar_value(gm, node.args[1])
-        if c is None:
-            raise NotACandidate("sum of tensors")
-        eps, inverted = _state_normaliser(gm, node.args[0], cat_q, cat_k)
-        if inverted:
-            raise Refused("normaliser", "eps is added after the reciprocal", node)
-        return eps + c * float(node.kwargs.get("alpha", 1)), inverted
-    if node.target is aten.reciprocal.default:
-        eps, inverted = _state_normaliser(gm, node.args[0], cat_q, cat_k)
-        return eps, not inverted
-    if node.target is aten.bmm.default:
-        q_side = _feature_operand(gm, node.args[0])
-        k_sum = _key_sum(gm, node.args[1])
-        if q_side is None or q_side[1] is not cat_q or q_side[3][1] != 2 or k_sum is None:
-            raise NotACandidate("not phi(q) @ sum phi(k)")
-        if k_sum[0] is not cat_k or not k_sum[2] or q_side[2] * k_sum[1] != 1.0:
-            raise Refused("normaliser", "the normaliser is not phi(q) . sum over time of the numerator's phi(k)",
-                          node)
-        return 0.0, False
-    try:
-        kind, eps, inverted = _normaliser(gm, node, cat_q, cat_k)
-    except NotACandidate:
-        raise
+def _state_normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
+    """eps, inverted of den = phi(q) . sum_t phi(k) + eps (a matmul, an einsum or a product summed over
+    the features), else NotACandidate; Refused for a running sum or a sum over another axis."""
+    kind, eps, inverted = _normaliser(gm, node, cat_q, cat_k, factor, time)
     if kind != "total":
         raise Refused("normaliser", "the normaliser is a running sum over time but the numerator sums over "
                                     "all keys: they do not sum the same weights", node)
@@ -399,7 +340,10 @@ def match_state_product(matcher, bmm: fx.Node):
     poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k * factor_s)
 
     normalize, eps, start = False, 0.0, bmm
-    user, found = _divided_by(_forward_through_views(bmm), lambda other: _state_normaliser(gm, other, cat_q, cat_k))
+    read = time_axis(gm, inner.args[0], 2)
+    time = read[1] if read is not None else None
+    user, found = _divided_by(_forward_through_views(bmm), lambda other: _state_normaliser(
+        gm, other, cat_q, cat_k, factor_q * factor_k * factor_s, time))
     if user is not None:
         eps, _ = found
         normalize, start = True, user

@@ -32,6 +32,7 @@ from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scal
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
+from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
 from .linear_form import match_linear, match_state_product
 from .refusal import NotACandidate, Refused
@@ -147,10 +148,42 @@ class Matcher:
             raise Refused("normaliser", "divides by the reciprocal of the row sums" if divide else
                           "multiplies the weights by their row sums instead of dividing", node)
         _not_normalised(w)
-        if not wz.same_function(w):
+        w = self._broadcast(node, w)
+        if not _constant_along(z_arg, node, w.axes[1]):
+            raise Refused("normaliser", "the row sums are broadcast along the key axis (each column divided by "
+                                        "another row's sum), not along the query axis", node)
+        if not self._same_weights(wz, w):
             raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
                                         f"{w.describe()}", node)
-        return replace(self._broadcast(node, w), row_normalised=eps)
+        return replace(w, row_normalised=eps)
+
+    def _feature_normaliser(self, node: fx.Node) -> Weights:
+        """A normaliser written on the features (``feature_normaliser``), phi(q) . cumsum(phi(k)) or
+        phi(q) . sum(phi(k)) (read from the contraction outwards: eps and the reciprocal are read by
+        ``normaliser``), as the weights it sums; Refused for a near-miss (a shifted running sum, ...)."""
+        found = read_feature_sum(self.gm, node)
+        return Weights(found.poly, found.keep, False, None, found.phi_q.source, found.phi_k.source,
+                       "feature normaliser", None, hint_shape(found.cat_q)[-2], feature_sum=found)
+
+    def _same_weights(self, wz: Weights, w: Weights) -> bool:
+        """The normaliser ``wz`` sums the numerator's weights ``w``: the same function of q.k, mask, q and
+        k; a feature normaliser also over the numerator's time axis, at equal lengths."""
+        if not wz.same_function(w):
+            return False
+        found = wz.feature_sum
+        if found is None:
+            return True
+        if w.tk is not None or w.scores is None or w.scores.target is not aten.bmm.default:
+            return False
+        # the scores' query rows (axis 1 of [N, T, F]) and key columns (axis 2 of [N, F, T]) run along
+        # the axis of the maps' cats (the leading axes of q and k) that the normaliser sums over
+        for operand, along in ((w.scores.args[0], 1), (w.scores.args[1], 2)):
+            read = time_axis(self.gm, operand, along)
+            if read is None:
+                return False
+            if read[1] is not None and found.time is not None and read[1] != found.time:
+                return False
+        return True
 
     def _broadcast(self, node: fx.Node, w: Weights) -> Weights:
         """``w`` as seen in the (possibly broadcast, higher-rank) output of ``node``."""
@@ -410,10 +443,17 @@ class Matcher:
             x = args[0]
             rank = len(hint_shape(x))
             dims = _normalise_dims(args[1], rank) if len(args) > 1 and args[1] is not None else list(range(rank))
-            w = self.weights(x)
+            try:
+                w = self.weights(x)
+            except NotACandidate:
+                if target is aten.sum.dim_IntList:
+                    return self._feature_normaliser(node), 0.0, False
+                raise
             if dims != [w.axes[1]]:
                 raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
             return w, 0.0, False
+        if target is aten.bmm.default:
+            return self._feature_normaliser(node), 0.0, False
         if target in (aten.clamp.default, aten.clamp_min.default, aten.maximum.default, aten.abs.default):
             try:
                 self.normaliser(args[0])
@@ -422,11 +462,21 @@ class Matcher:
             raise Refused("normaliser", f"the normaliser goes through {target}, not + eps", node)
         raise NotACandidate("not a normaliser")
 
-    def _find_normaliser(self, path: list[fx.Node]):
+    def _find_normaliser(self, path: list[fx.Node], value_axis: int):
+        """(the division, the weights its normaliser sums, eps) on the numerator's path (``path``, from
+        the bmm whose axis ``value_axis`` holds the values), or None. A normaliser that varies along the
+        value axis (the row sums broadcast against another axis) is none."""
         for p in path:
+            if p is not path[0]:
+                value_axis = track_axis(p, value_axis) if value_axis is not None else None
             for u in p.users:
                 if u.op != "call_function":
                     continue
+                if u.target in (aten.div.Tensor, aten.mul.Tensor) and p in u.args[:2]:
+                    other = u.args[1] if u.args[0] is p else u.args[0]
+                    if value_axis is None or not _constant_along(other, u, value_axis + len(hint_shape(u))
+                                                                 - len(hint_shape(p))):
+                        continue
                 if u.target is aten.div.Tensor and u.args[0] is p and isinstance(u.args[1], fx.Node):
                     try:
                         w, eps, inverted = self.normaliser(u.args[1])
@@ -497,20 +547,23 @@ class Matcher:
         else:
             raise NotACandidate("the transposed product is not transposed back")
         v_operand = walk_operand(self.gm, bmm.args[0], through_scalars=False)
-        return self._match_tail(bmm, replace(w, axes=(1, 2)), v_operand, chain[i:])
+        value_axis = 1                      # [N, Dv, T]: tracked to the view the output is read from
+        for node in chain[1:i + 1]:
+            value_axis = track_axis(node, value_axis) if value_axis is not None else None
+        return self._match_tail(bmm, replace(w, axes=(1, 2)), v_operand, chain[i:], value_axis)
 
-    def _match_tail(self, bmm: fx.Node, w: Weights, v_operand, path: list) -> Match:
+    def _match_tail(self, bmm: fx.Node, w: Weights, v_operand, path: list, value_axis: int | None = 2) -> Match:
         if w.tk is not None and polynomial.degree(w.poly) < 2:
             raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
         v = v_operand.source
-        found = self._find_normaliser(path)
+        found = self._find_normaliser(path, value_axis)
         normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
         start = bmm
         if found is not None and normalize:
             raise Refused("normaliser", "the output is normalised twice (weights and output)", found[0])
         if found is not None:
             start, wz, eps = found
-            if not wz.same_function(w):
+            if not self._same_weights(wz, w):
                 raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
                                             f"{w.describe()}", start)
             normalize = True
@@ -545,6 +598,16 @@ class Matcher:
                      tk=w.tk)
 
     # ------------------------------------------------------------------ linear (cumsum) form
+
+def _constant_along(den, divided: fx.Node, axis: int) -> bool:
+    """``den``, broadcast against ``divided`` (the output of the division), has one entry along ``axis``:
+    the row sums divide each row, not each column (``z[..., None, :]`` would divide columns)."""
+    shape, out = hint_shape(den) if isinstance(den, fx.Node) else (), hint_shape(divided)
+    if shape is None or out is None:
+        return False
+    at = axis - (len(out) - len(shape))
+    return at < 0 or shape[at] == 1
+
 
 def _intersect(a: masks.Keep, b: masks.Keep) -> masks.Keep:
     try:

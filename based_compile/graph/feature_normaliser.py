@@ -1,0 +1,290 @@
+"""A normaliser written on the features: den_i = phi(q_i) . sum_{j <= i} phi(k_j) + eps.
+
+    den = (phi(q) * phi(k).cumsum(t)).sum(f) + eps                   # a broadcast product summed over features
+    den = torch.einsum("bhtf,bhtf->bht", phi(q), phi(k).cumsum(2))   # an einsum (lowered to a bmm [N, 1, F] x [N, F, 1])
+    den = phi(q) @ phi(k).sum(t).unsqueeze(-1)                       # non-causal: the total sum over time (a matmul)
+    den = torch.einsum("bhtf,bhf->bht", phi(q), phi(k).sum(2))
+
+divided by, or ``1 / den`` multiplied. It is the row sum of the weights phi(q_i) . phi(k_j) over
+j <= i (over every j for the total sum): the normaliser of the linear forms (``linear_form``) and,
+next to a quadratic numerator, the same function as ``a.sum(-1)`` (``match.Matcher.normaliser``).
+
+``read_feature_sum`` reads it into a ``FeatureSum``: which feature maps (and scalar factors) it
+contracts, running or total sum, eps, inverted or not. Which entries the contraction pairs is
+proven by replaying its views on index tensors (``_pairing``): each query row's features must meet
+the same row of the running sum (same batch, head and time position), feature by feature, and the
+sum must run over the axis ``FeatureSum.time`` of phi(k) (callers compare it with their
+numerator's time axis). Index tensors cost one integer per feature entry; above
+``INDEX_MAX_ELEMENTS`` entries the pairing is left to the shapes (and the numerical probe).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from . import polynomial
+from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value
+from .feature_map import FeatureMap, pair_feature_maps, read_feature_map
+from .mask import Keep
+from .refusal import NotACandidate, Refused
+
+aten = torch.ops.aten
+log = logging.getLogger("based_compile")
+
+# Index tensors hold one int64 per entry of phi(q) (B * H * T * F); above this the pairing of rows
+# and features is read from the shapes alone.
+INDEX_MAX_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class FeatureSum:
+    """den = factor * sum_f phi_q(x_q)_f * S_f + eps, S the running (``cumsum``) or total (``total``)
+    sum over time of phi_k(x_k); ``inverted``: the expression is 1 / den."""
+
+    kind: str                 # "cumsum" | "total"
+    eps: float
+    inverted: bool
+    phi_q: FeatureMap
+    cat_q: fx.Node
+    phi_k: FeatureMap
+    cat_k: fx.Node
+    factor: float             # scalar factors on phi(q) and phi(k) inside the contraction
+    time: int | None          # the axis of phi(k)'s cat the sum runs over (None: not proven, large shapes)
+
+    @property
+    def poly(self) -> polynomial.Poly:
+        """The weights it sums, as a polynomial in the raw q.k."""
+        return polynomial.scale(pair_feature_maps(self.phi_q, self.phi_k), self.factor)
+
+    @property
+    def keep(self) -> Keep | None:
+        return Keep.causal(0) if self.kind == "cumsum" else None
+
+
+def _views_to(gm, node, *, scalars: bool):
+    """(views from ``node`` down, outermost first; scalar factor; the node where the walk stopped)."""
+    views, factor = [], 1.0
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+            views.append(node)
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node) if scalars else None
+        if scaled is None:
+            break
+        factor *= scaled[1]
+        node = scaled[0]
+    return views, factor, node
+
+
+def _feature_map(gm, node):
+    """(map, cat, factor, views) when ``node`` is a Taylor feature map through views and scalar factors."""
+    if not isinstance(node, fx.Node):
+        return None
+    views, factor, stop = _views_to(gm, node, scalars=True)
+    if not isinstance(stop, fx.Node) or stop.op != "call_function":
+        return None
+    phi = read_feature_map(gm, stop)
+    return None if phi is None else (phi, stop, factor, views)
+
+
+def _state(gm, node):
+    """(kind, dim, keepdim, map, cat, factor, outer views, inner views) for a running or total sum over
+    one axis of a feature map (through views on both sides), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    outer, _, state = _views_to(gm, node, scalars=False)
+    if not isinstance(state, fx.Node) or state.op != "call_function":
+        return None
+    if state.target is aten.cumsum.default:
+        kind, dim, keepdim = "cumsum", state.args[1], True
+    elif state.target is aten.sum.dim_IntList and len(state.args) > 1 and state.args[1] is not None \
+            and len(state.args[1]) == 1:
+        kind, dim = "total", state.args[1][0]
+        keepdim = bool(state.args[2] if len(state.args) > 2 else state.kwargs.get("keepdim", False))
+    else:
+        return None
+    found = _feature_map(gm, state.args[0])
+    if found is None:
+        return None
+    phi, cat, factor, inner = found
+    return kind, dim % len(hint_shape(state.args[0])), keepdim, phi, cat, factor, outer, inner, state
+
+
+def _size(x):
+    if isinstance(x, fx.Node):
+        x = example_value(x)
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return hint(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_size(y) for y in x)
+    return x
+
+
+def _replay(views, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``views`` (outermost first, as ``_views_to`` lists them), sizes at their hints."""
+    for view in reversed(views):
+        args = [x] + [_size(a) for a in view.args[1:]]
+        kwargs = {k: _size(v) for k, v in view.kwargs.items()}
+        x = view.target(*args, **kwargs)
+    return x
+
+
+def _coordinates(index: torch.Tensor, shape) -> torch.Tensor:
+    """Flat indices into ``shape`` -> their multi-indices (a trailing axis of len(shape))."""
+    out, rest = [], index
+    for size in reversed(shape):
+        out.append(rest % size)
+        rest = rest // size
+    return torch.stack(out[::-1], dim=-1)
+
+
+def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | None:
+    """Prove, on index tensors, that the contraction ``prod`` (a product summed over the axes
+    ``summed``, or a bmm) pairs entry (row r, feature f) of phi(q) with entry (row r, feature f) of
+    the sum over phi(k), over every feature once; returns the axis of phi(k)'s cat the sum runs over
+    (None above ``INDEX_MAX_ELEMENTS`` or at one time step). Refused when the pairing is another."""
+    _, cat_q, _, q_views = q_side
+    kind, dim, keepdim, _, cat_k, _, outer, inner, state = st
+    shape_q, shape_k = tuple(hint_shape(cat_q)), tuple(hint_shape(cat_k))
+    if shape_q[-1] != shape_k[-1] or len(shape_q) != len(shape_k):
+        raise Refused("normaliser", "the normaliser contracts feature maps of different widths or ranks", prod)
+    n_q, n_k = torch.Size(shape_q).numel(), torch.Size(shape_k).numel()
+    if max(n_q, n_k) > INDEX_MAX_ELEMENTS:
+        log.info("based_compile: the feature normaliser at %s is read from its shapes (%d entries > %d)",
+                 prod.name, max(n_q, n_k), INDEX_MAX_ELEMENTS)
+        return None
+    ids_q = _replay(q_views, torch.arange(n_q).view(shape_q))
+    ids_k = _replay(inner, torch.arange(n_k).view(shape_k))
+    length = ids_k.shape[dim]
+    time = None
+    if length > 1:          # the cat axis that moves along the summed axis (exactly one)
+        step = _coordinates(ids_k.narrow(dim, 1, 1), shape_k) != _coordinates(ids_k.narrow(dim, 0, 1), shape_k)
+        moving = [a for a in range(len(shape_k)) if bool(step[..., a].any())]
+        if len(moving) != 1:
+            raise Refused("normaliser", "the normaliser's sum over time runs over merged axes of phi(k)", state)
+        time = moving[0]
+        if time == len(shape_k) - 1:
+            raise Refused("normaliser", "the normaliser sums phi(k) over its features, not over time", state)
+    if kind == "total":     # one entry stands for every row: phi(k)'s row 0 (its time coordinate is not compared)
+        ids_k = ids_k.narrow(dim, 0, 1)
+        if not keepdim:
+            ids_k = ids_k.squeeze(dim)
+    ids_k = _replay(outer, ids_k)
+    if prod.target is aten.bmm.default:
+        q_first = prod.args[0] is q_operand
+        a, b = (ids_q, ids_k) if q_first else (ids_k, ids_q)
+        if a.dim() != 3 or b.dim() != 3:
+            raise NotACandidate("not a bmm of 3-d operands")
+        pa, pb = torch.broadcast_tensors(a.unsqueeze(-1), b.unsqueeze(1))     # [N, M, K, P]: pairs over K
+        pq, pk = (pa, pb) if q_first else (pb, pa)
+        axis = 2
+    else:
+        out_shape = tuple(hint_shape(prod))
+        pq, pk = (x.reshape((1,) * (len(out_shape) - x.dim()) + tuple(x.shape)).expand(out_shape)
+                  for x in (ids_q, ids_k))
+        if len(summed) != 1:
+            raise Refused("normaliser", "the normaliser sums the product over several axes", prod)
+        axis = summed[0] % len(out_shape)
+    cq, ck = _coordinates(pq, shape_q), _coordinates(pk, shape_k)
+    features = shape_q[-1]
+    order = cq[..., -1].movedim(axis, -1).sort(dim=-1).values
+    if cq.shape[axis] != features or not bool((order == torch.arange(features)).all()):
+        raise Refused("normaliser", "the normaliser's contraction does not run over the features of phi(q)", prod)
+    if not bool((cq[..., -1] == ck[..., -1]).all()):
+        raise Refused("normaliser", "the normaliser pairs different features of phi(q) and phi(k)", prod)
+    rows_q, rows_k = cq[..., :-1], ck[..., :-1]
+    if kind == "total" and time is not None:
+        keep = [a for a in range(len(shape_q) - 1) if a != time]
+        rows_q, rows_k = rows_q[..., keep], rows_k[..., keep]
+    if not bool((rows_q == rows_k).all()):
+        raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
+                                    "(another position, batch or head)", prod)
+    return time
+
+
+def read_feature_sum(gm: fx.GraphModule, node) -> FeatureSum:
+    """The feature normaliser ``node`` computes (``FeatureSum``); NotACandidate when it is none,
+    Refused for a near-miss (a shifted running sum, another axis, eps after the reciprocal, ...)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        raise NotACandidate("not a normaliser")
+    target = node.target
+    if target in VIEW_OPS:
+        return read_feature_sum(gm, node.args[0])
+    if target is aten.add.Tensor:
+        alpha = float(node.kwargs.get("alpha", 1))
+        ca, cb = scalar_value(gm, node.args[0]), scalar_value(gm, node.args[1])
+        if cb is None and ca is None:
+            raise NotACandidate("a sum of tensors")
+        inner, c = (node.args[0], cb * alpha) if cb is not None else (node.args[1], ca)
+        found = read_feature_sum(gm, inner)
+        if found.inverted:
+            raise Refused("normaliser", "eps is added after the reciprocal", node)
+        return FeatureSum(found.kind, found.eps + c, False, found.phi_q, found.cat_q, found.phi_k, found.cat_k,
+                          found.factor, found.time)
+    if target is aten.reciprocal.default:
+        found = read_feature_sum(gm, node.args[0])
+        return FeatureSum(found.kind, found.eps, not found.inverted, found.phi_q, found.cat_q, found.phi_k,
+                          found.cat_k, found.factor, found.time)
+    scaled = scalar_factor(gm, node)
+    if scaled is not None:
+        found = read_feature_sum(gm, scaled[0])
+        if scaled[1] != 1.0:
+            raise Refused("normaliser", f"the normaliser is scaled by {scaled[1]:g}", node)
+        return found
+    if target is aten.sum.dim_IntList and len(node.args) > 1 and node.args[1] is not None:
+        prod = node.args[0]
+        if not isinstance(prod, fx.Node) or prod.op != "call_function" or prod.target is not aten.mul.Tensor:
+            raise NotACandidate("not a sum of a product")
+        return _contraction(gm, prod, list(node.args[1]), node)
+    if target is aten.bmm.default:
+        return _contraction(gm, node, None, node)
+    raise NotACandidate("not a feature normaliser")
+
+
+def _contraction(gm, prod: fx.Node, summed, where: fx.Node) -> FeatureSum:
+    a, b = prod.args[0], prod.args[1]
+    for x, y in ((a, b), (b, a)):
+        q_side = _feature_map(gm, x)
+        if q_side is None:
+            continue
+        st = _state(gm, y)
+        if st is None:
+            if _feature_map(gm, y) is not None:
+                raise NotACandidate("a product of two feature maps (the scores)")
+            if not isinstance(y, fx.Node) or not y.op == "call_function":
+                raise NotACandidate("phi(q) times a non-tensor")
+            raise Refused("normaliser", "the normaliser contracts phi(q) with something that is not a sum of "
+                                        "phi(k) over time", where)
+        if prod.target is aten.bmm.default:
+            shape_a, shape_b = hint_shape(a), hint_shape(b)
+            if len(shape_a) != 3 or len(shape_b) != 3 or shape_a[2] != hint_shape(q_side[1])[-1]:
+                raise NotACandidate("the bmm does not contract phi(q)'s features")
+        time = _pairing(prod, summed, x, q_side, st)
+        kind, _dim, _keepdim, phi_k, cat_k, factor_k = st[:6]
+        return FeatureSum(kind, 0.0, False, q_side[0], q_side[1], phi_k, cat_k, q_side[2] * factor_k, time)
+    raise NotACandidate("no feature map of q in the contraction")
+
+
+def time_axis(gm: fx.GraphModule, operand: fx.Node, along: int) -> tuple[fx.Node, int | None] | None:
+    """(cat, its axis) for a matmul operand that is a feature map through views: the axis of the
+    map's cat that moves along the operand's axis ``along`` (the scores' query or key axis); the axis
+    is None above ``INDEX_MAX_ELEMENTS`` or where none or several move. None when it is no feature map."""
+    found = _feature_map(gm, operand)
+    if found is None:
+        return None
+    _, cat, _, views = found
+    shape = tuple(hint_shape(cat))
+    n = torch.Size(shape).numel()
+    if n > INDEX_MAX_ELEMENTS:
+        return cat, None
+    ids = _replay(views, torch.arange(n).view(shape))
+    along %= ids.dim()
+    if ids.shape[along] < 2:
+        return cat, None
+    step = _coordinates(ids.narrow(along, 1, 1), shape) != _coordinates(ids.narrow(along, 0, 1), shape)
+    moving = [a for a in range(len(shape)) if bool(step[..., a].any())]
+    return cat, (moving[0] if len(moving) == 1 else None)
