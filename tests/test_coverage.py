@@ -584,3 +584,39 @@ def test_normaliser_near_misses_refused_without_the_probe(module, monkeypatch):
     assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
     recorder = compile_and_compare(module(), lengths=(4, 9))
     assert not any(recorder.sites())
+
+
+# --------------------------------------------------------------------------- a chunked reference (issue 13):
+# the intra-chunk quadratic plus the inter-chunk states, over q, k, v reshaped to [B, H, T / C, C, D].
+# Not rewritten; the refusal says why (it said "not a [B, H, T, D] attention layout").
+
+
+class Chunked(torch.nn.Module):
+    def __init__(self, chunk=4):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, q, k, v):
+        b, h, t, _ = q.shape
+        qf, kf = _phi(q), _phi(k)
+        f, dv, c = qf.shape[-1], v.shape[-1], self.chunk
+        qc, kc, vc = qf.view(b, h, t // c, c, f), kf.view(b, h, t // c, c, f), v.view(b, h, t // c, c, dv)
+        kv = torch.einsum("bhncf,bhncd->bhnfd", kc, vc)
+        kv = kv.cumsum(2) - kv                                   # the states before each chunk
+        a = torch.einsum("bhncf,bhnmf->bhncm", qc, kc).tril()
+        o = torch.einsum("bhncf,bhnfd->bhncd", qc, kv) + a @ vc
+        ks = kc.sum(3).cumsum(2) - kc.sum(3)
+        z = torch.einsum("bhncf,bhnf->bhnc", qc, ks) + a.sum(-1)
+        return (o / (z[..., None] + 1e-6)).reshape(b, h, t, dv)
+
+
+def test_chunked_reference_is_refused_as_chunked():
+    q, k, v = _inputs(0, 8, QKV)
+    full = FeatureNormalised("mul_sum", True)(q, k, v)
+    assert_rel_close(Chunked()(q, k, v), full, 1e-12, "the chunked reference is the Based function")
+    ex = explain(Chunked(), t=8)
+    assert not ex.sites and ex.refusals, ex
+    assert all(r.category == "unsupported" and "chunked form" in r.reason and "layout" not in r.reason
+               for r in ex.refusals), ex
+    recorder = compile_and_compare(Chunked(), lengths=(8, 12, 16))
+    assert not any(recorder.sites())

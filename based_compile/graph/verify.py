@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.fx as fx
 
 from .canonicalize import VIEW_OPS, example_value, hint_shape, track_axis
 from .evaluate import GraphEvaluator
@@ -76,9 +77,35 @@ def _readings(m: Match):
                                      group=heads // kv_heads)
                     readings.append(Settled(m, spec, unsqueeze, transpose, flatten, False))
     if not readings:
+        chunked = _chunked(m)
+        if chunked is not None:
+            raise Refused("unsupported", chunked, m.output)
         raise Refused("unsupported", f"q {shapes[0]}, k {shapes[1]}, v {shapes[2]} and output {out_shape} "
-                                     "are not a [B, H, T, D] / [B, T, H, D] attention layout")
+                                     "are not a [B, H, T, D] / [B, T, H, D] attention layout", m.output)
     return readings, (qs, ks, vs)
+
+
+def _chunked(m: Match) -> str | None:
+    """Why a site whose weights are computed within blocks of the sequence is not rewritten (the
+    chunked form: q and k reshaped to [.., T / C, C, ..], the weights C x C per chunk), else None:
+    a view between the scores and q splits q's time axis into (T / C, C) with C the weights' length."""
+    anchor = m.anchor
+    if anchor.op != "call_function" or anchor.target is not torch.ops.aten.bmm.default:
+        return None
+    node = anchor.args[0]
+    while isinstance(node, fx.Node) and node is not m.q and node.op == "call_function":
+        if node.target in VIEW_OPS:
+            src, out = hint_shape(node.args[0]) or (), hint_shape(node) or ()
+            for axis, size in enumerate(src):
+                chunks = size // m.t if m.t else 0
+                if size > m.t > 0 and size % m.t == 0 and any(      # the axis split in place
+                        out[i:i + 2] == (chunks, m.t) and math.prod(out[:i]) == math.prod(src[:axis])
+                        for i in range(len(out) - 1)):
+                    return (f"the weights are computed within chunks of {m.t} of the {size} positions (q and k "
+                            f"reshaped to [.., {chunks}, {m.t}, ..]): a chunked form (the intra-chunk quadratic "
+                            "plus inter-chunk states) is not rewritten; written over the whole sequence it is")
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    return None
 
 
 def _reference(reading: Settled, q, k, v) -> torch.Tensor:
