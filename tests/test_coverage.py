@@ -620,3 +620,60 @@ def test_chunked_reference_is_refused_as_chunked():
                for r in ex.refusals), ex
     recorder = compile_and_compare(Chunked(), lengths=(8, 12, 16))
     assert not any(recorder.sites())
+
+
+# --------------------------------------------------------------------------- queries and keys of one
+# length that Dynamo gave two symbols (nothing in the graph ties them): a top-left causal mask
+# (torch.tril on the scores) is the operator's causal mask only when Tq == Tk. The pass guards
+# Tq == Tk (the rewritten graph runs at equal lengths only; other lengths recompile and are left
+# unrewritten, guarded Tq != Tk). Near miss: a mask that is not causal at equal lengths either.
+
+
+class TopLeft(torch.nn.Module):
+    def __init__(self, diagonal=0):
+        super().__init__()
+        self.diagonal = diagonal
+
+    def forward(self, q, k, v):
+        s = q @ k.mT * 0.5
+        a = torch.tril(1 + s + 0.5 * s * s, self.diagonal)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _lengths_run(module, lengths, recorder):
+    compiled = torch.compile(module, backend=based_compile.backend(inner=recorder), dynamic=True)
+    for tq, tk in lengths:
+        inputs = _inputs(10 * tq + tk, 0, ((2, 2, tq, 2), (2, 2, tk, 2), (2, 2, tk, 3)))
+        seen = len(recorder.graphs)
+        out_c, grads_c = _run(compiled, inputs, tq)
+        out_e, grads_e = _run(module, inputs, tq)
+        assert_rel_close(out_c, out_e, TOL, f"Tq={tq}, Tk={tk}: output")
+        for j, (c, e) in enumerate(zip(grads_c, grads_e)):
+            assert_rel_close(c, e, TOL, f"Tq={tq}, Tk={tk}: gradient of input {j}")
+        yield (tq, tk), recorder.sites()[seen:]
+
+
+def test_top_left_causal_mask_with_two_length_symbols_is_rewritten_at_equal_lengths():
+    recorder = Recorder()
+    seen = dict(_lengths_run(TopLeft(), [(2, 2), (5, 5), (9, 9), (5, 7), (7, 5), (4, 6), (3, 3), (8, 8)], recorder))
+    # (2, 2) compiles static, (5, 5) with two length symbols: rewritten, guarded Tq == Tk; (9, 9) reuses it
+    assert seen[(5, 5)] == [1] and seen[(9, 9)] == [], seen
+    # unequal lengths recompile once, unrewritten, guarded Tq != Tk; equal lengths go back to the rewrite
+    assert seen[(5, 7)] == [0] and seen[(7, 5)] == [] and seen[(4, 6)] == [], seen
+    assert seen[(3, 3)] == [] and seen[(8, 8)] == [], seen
+    assert len(recorder.graphs) == 3, recorder.sites()
+
+
+def test_top_left_causal_mask_traced_at_unequal_lengths_is_refused():
+    recorder = Recorder()
+    seen = dict(_lengths_run(TopLeft(), [(2, 3), (5, 7), (6, 6), (9, 9)], recorder))
+    # refused where it was traced at Tq != Tk (guarded so: equal lengths then recompile and are rewritten)
+    assert seen[(2, 3)] == [0] and seen[(5, 7)] == [0] and seen[(6, 6)] == [1] and seen[(9, 9)] == [], seen
+    ex = based_compile.explain(TopLeft(), *_inputs(0, 0, ((2, 2, 5, 2), (2, 2, 7, 2), (2, 2, 7, 3))))
+    assert not ex.sites and "mask" in [r.category for r in ex.refusals], ex
+
+
+def test_top_left_shifted_mask_with_two_length_symbols_is_refused():
+    recorder = Recorder()
+    seen = dict(_lengths_run(TopLeft(diagonal=1), [(2, 2), (5, 5), (9, 9), (5, 7)], recorder))
+    assert not any(recorder.sites()), seen

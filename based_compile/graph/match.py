@@ -24,11 +24,12 @@ from dataclasses import replace
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_bool
 
 from . import mask as masks
 from . import polynomial
 from .candidate import Match, Weights, pick_output, view_chain
-from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
+from .canonicalize import (VIEW_OPS, example_value, fill_value, hint, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
@@ -587,6 +588,9 @@ class Matcher:
         causal = False
         if w.keep is not None:
             kind, why = kv_mask.classify(w.keep, *w.lengths)
+            if kind == "refuse" and _tie_lengths(w, lambda t: kv_mask.classify(w.keep, t, t)[0]
+                                                                 != "refuse"):
+                kind, why = kv_mask.classify(w.keep, w.lengths[0], w.lengths[0])
             if kind == "refuse":
                 raise Refused("mask", why, where)
             causal = kind == "causal"
@@ -598,6 +602,27 @@ class Matcher:
                      tk=w.tk)
 
     # ------------------------------------------------------------------ linear (cumsum) form
+
+def _tie_lengths(w: Weights, fits) -> bool:
+    """Queries and keys of the same traced length that Dynamo gave two symbols (nothing in the graph ties
+    them: ``torch.tril(q @ k.mT)``), where the mask ``fits`` the operator only at equal lengths (a top-left
+    causal mask is the operator's causal one when Tq == Tk): guard Tq == Tk, as Dynamo guards what it
+    traced, so that the compiled graph runs only at equal lengths (other lengths recompile, and the pass
+    reads that graph on its own). Returns whether it did."""
+    sizes = shape_of(w.scores)
+    if sizes is None or len(sizes) < 2:
+        return False
+    tq, tk = sizes[-2], sizes[-1]
+    if not (isinstance(tq, torch.SymInt) and isinstance(tk, torch.SymInt)) or not fits(w.lengths[0]):
+        return False
+    try:
+        # records Eq(Tq, Tk) in Dynamo's shape environment; traced at Tq != Tk, Ne(Tq, Tk): this graph,
+        # not rewritten, then runs only at unequal lengths, and equal ones get the rewritten graph
+        return guard_bool(tq == tk)
+    except Exception as err:  # noqa: BLE001 - the shape environment refused: the site is refused
+        log.debug("based_compile: could not guard Tq == Tk (%s: %s)", type(err).__name__, err)
+        return False
+
 
 def _constant_along(den, divided: fx.Node, axis: int) -> bool:
     """``den``, broadcast against ``divided`` (the output of the division), has one entry along ``axis``:
