@@ -524,11 +524,19 @@ def _no_normaliser_left(recorder: Recorder):
 FEATURE_FORMS = [("einsum", True), ("mul_sum", True), ("einsum", False), ("matmul", False), ("mul_sum", False)]
 
 
-@pytest.mark.parametrize("den,causal", FEATURE_FORMS)
-@pytest.mark.parametrize("probe", [True, False])
-def test_feature_normaliser_of_the_quadratic_form_is_fused(den, causal, probe, monkeypatch):
-    if not probe:           # the structure alone (the probe is skipped above its size limit)
+def _skip_checks(monkeypatch, probe):
+    """probe "off": the structure alone (the numerical probe is skipped above its size limit); "none":
+    also the index tensors (the pairing read from views tracked axis by axis, as at large shapes)."""
+    if probe in ("off", "none"):
         monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    if probe == "none":
+        monkeypatch.setattr("based_compile.graph.feature_normaliser.INDEX_MAX_ELEMENTS", 0)
+
+
+@pytest.mark.parametrize("den,causal", FEATURE_FORMS)
+@pytest.mark.parametrize("probe", ["on", "off", "none"])
+def test_feature_normaliser_of_the_quadratic_form_is_fused(den, causal, probe, monkeypatch):
+    _skip_checks(monkeypatch, probe)
     ex = explain(FeatureNormalised(den, causal))
     assert len(ex.sites) == 1 and not ex.refusals, ex
     spec = ex.sites[0].spec
@@ -548,10 +556,9 @@ def test_feature_normaliser_of_the_quadratic_form_is_fused(den, causal, probe, m
     ("einsum", True, "total_vs_running"),   # sum over all keys against a causal numerator
     ("mul_sum", False, "total_vs_running"), # running sums against a non-causal numerator
 ])
-@pytest.mark.parametrize("probe", [True, False])
+@pytest.mark.parametrize("probe", ["on", "off", "none"])
 def test_feature_normaliser_near_misses_are_refused(den, causal, defect, probe, monkeypatch):
-    if not probe:
-        monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    _skip_checks(monkeypatch, probe)
     ex = explain(FeatureNormalised(den, causal, defect))
     assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
     recorder = compile_and_compare(FeatureNormalised(den, causal, defect), lengths=(4, 9))

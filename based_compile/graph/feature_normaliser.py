@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from . import polynomial
-from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value
+from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value, track_axis
 from .feature_map import FeatureMap, pair_feature_maps, read_feature_map
 from .mask import Keep
 from .refusal import NotACandidate, Refused
@@ -34,9 +34,10 @@ from .refusal import NotACandidate, Refused
 aten = torch.ops.aten
 log = logging.getLogger("based_compile")
 
-# Index tensors hold one int64 per entry of phi(q) (B * H * T * F); above this the pairing of rows
+# Index tensors hold one int64 per entry of phi(q) (B * H * T * F; with their coordinates, about 40 bytes an
+# entry at the peak); above this many entries (the numerical probe's limit) the pairing of rows
 # and features is read from the shapes alone.
-INDEX_MAX_ELEMENTS = 1 << 24
+INDEX_MAX_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | Non
     if max(n_q, n_k) > INDEX_MAX_ELEMENTS:
         log.info("based_compile: the feature normaliser at %s is read from its shapes (%d entries > %d)",
                  prod.name, max(n_q, n_k), INDEX_MAX_ELEMENTS)
-        return None
+        return _tracked(prod, summed, len(hint_shape(q_operand)), q_views, shape_q, inner, dim, state)
     ids_q = _replay(q_views, torch.arange(n_q).view(shape_q))
     ids_k = _replay(inner, torch.arange(n_k).view(shape_k))
     length = ids_k.shape[dim]
@@ -204,6 +205,28 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | Non
         raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
                                     "(another position, batch or head)", prod)
     return time
+
+
+def _tracked(prod, summed, q_rank: int, q_views, shape_q, inner, dim, state) -> int | None:
+    """Above the index tensors' limit: the axes tracked through the views (``track_axis``): the
+    product summed over phi(q)'s features, the sum over phi(k) over an axis that is not its features."""
+    rank = len(shape_q)
+    if summed is not None:
+        feature = _through(q_views, rank - 1)
+        out_rank = len(hint_shape(prod))
+        if feature is None or len(summed) != 1 or summed[0] % out_rank != feature + out_rank - q_rank:
+            raise Refused("normaliser", "the normaliser's product is not summed over the features of phi(q)", prod)
+    time = next((a for a in range(rank) if _through(inner, a) == dim), None)
+    if time == rank - 1:
+        raise Refused("normaliser", "the normaliser sums phi(k) over its features, not over time", state)
+    return time
+
+
+def _through(views, axis):
+    """Where ``axis`` of the base lands after ``views`` (outermost first), or None."""
+    for view in reversed(views):
+        axis = track_axis(view, axis) if axis is not None else None
+    return axis
 
 
 def read_feature_sum(gm: fx.GraphModule, node) -> FeatureSum:
@@ -271,18 +294,19 @@ def _contraction(gm, prod: fx.Node, summed, where: fx.Node) -> FeatureSum:
 
 def time_axis(gm: fx.GraphModule, operand: fx.Node, along: int) -> tuple[fx.Node, int | None] | None:
     """(cat, its axis) for a matmul operand that is a feature map through views: the axis of the
-    map's cat that moves along the operand's axis ``along`` (the scores' query or key axis); the axis
-    is None above ``INDEX_MAX_ELEMENTS`` or where none or several move. None when it is no feature map."""
+    map's cat that moves along the operand's axis ``along`` (the scores' query or key axis), None where
+    none or several move (above ``INDEX_MAX_ELEMENTS``: tracked through the views). None when it is no
+    feature map."""
     found = _feature_map(gm, operand)
     if found is None:
         return None
     _, cat, _, views = found
     shape = tuple(hint_shape(cat))
     n = torch.Size(shape).numel()
+    along %= len(hint_shape(operand))
     if n > INDEX_MAX_ELEMENTS:
-        return cat, None
+        return cat, next((a for a in range(len(shape)) if _through(views, a) == along), None)
     ids = _replay(views, torch.arange(n).view(shape))
-    along %= ids.dim()
     if ids.shape[along] < 2:
         return cat, None
     step = _coordinates(ids.narrow(along, 1, 1), shape) != _coordinates(ids.narrow(along, 0, 1), shape)
