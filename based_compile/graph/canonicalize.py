@@ -226,6 +226,13 @@ def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None
 
 
+def size_hints(shape_env) -> dict:
+    """A shape environment's example value of each backed size symbol. torch >= 2.13 names the map
+    ``backed_var_to_val`` (``var_to_val`` warns there as deprecated); torch 2.11-2.12 has ``var_to_val``."""
+    values = getattr(shape_env, "backed_var_to_val", None)
+    return shape_env.var_to_val if values is None else values
+
+
 def specialised_value(val) -> float:
     """The value of a symbolic scalar, with every size it depends on specialised (guarded equal to
     its example value): the spec bakes this number in, so a call at another size (another Dk under
@@ -239,7 +246,7 @@ def specialised_value(val) -> float:
     as a whole (``guard_scalar``)."""
     node = val.node
     env = node.shape_env
-    values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+    values = size_hints(env)
     others = False
     for sym in sorted(node.expr.free_symbols, key=str):
         if sym.is_integer and sym in values:

@@ -53,7 +53,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .canonicalize import example_value
+from .canonicalize import example_value, size_hints
 
 aten = torch.ops.aten
 
@@ -106,7 +106,7 @@ def _guarded_constant(d):
         shape_env = context.fake_mode.shape_env if context is not None and context.fake_mode is not None else None
         if shape_env is None or not hasattr(d, "free_symbols"):
             return None
-        value = d.xreplace(shape_env.var_to_val)
+        value = d.xreplace(size_hints(shape_env))
         if not getattr(value, "is_Integer", False):
             return None
         proven = shape_env._maybe_evaluate_static(sympy.Eq(d, value))

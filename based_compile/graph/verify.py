@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, example_value, hint_shape, track_axis
+from .canonicalize import VIEW_OPS, example_value, hint_shape, size_hints, track_axis
 from .evaluate import GraphEvaluator
 from ..kernels.naive import naive_parallel_based
 from .candidate import Match
@@ -198,7 +198,7 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
         for size in sizes:
             if isinstance(size, torch.SymInt):
                 env = size.node.shape_env
-                values = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+                values = size_hints(env)
                 for sym in size.node.expr.free_symbols:
                     symbols[sym] = int(values[sym])
     if not symbols:
