@@ -174,7 +174,23 @@ def _fm_quadratic(src: Source) -> None:
     axes.mask(src, lines)
     src.core.extend(lines)
     src.core.append(f"o = {axes.numerator(src, 'a')}")
-    axes.apply_normaliser(src, src.core, lambda: axes.row_sums(src, "a"))
+    axes.apply_normaliser(src, src.core, lambda: _fm_quadratic_den(src))
+
+
+def _fm_quadratic_den(src: Source) -> str:
+    """The row sums of the weights, or the same written on the features (phi(q) . cumsum(phi(k)),
+    phi(q) @ sum(phi(k))): the mask mutations then change the numerator only."""
+    if src.mutated("den_wrong_axis"):
+        return axes.row_sums(src, "a")
+    choice = src.pick("fm_quadratic_den", {"row_sums": 3, "features_mul_sum": 1, "features_einsum": 1})
+    if choice == "row_sums":
+        return axes.row_sums(src, "a")
+    ksum = "kf.cumsum(2)" if src.causal else "kf.sum(2, keepdim=True)"
+    if choice == "features_mul_sum":
+        return f"(qf * {ksum}).sum(-1, keepdim=True)"
+    if src.causal:
+        return f"torch.einsum('bhtf,bhtf->bht', qf, {ksum})[..., None]"
+    return "qf @ kf.sum(2).unsqueeze(-1)"
 
 
 def _fm_linear(src: Source) -> None:

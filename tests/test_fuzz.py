@@ -109,6 +109,7 @@ def test_generator_covers_every_axis_and_mutation():
         "dropout": {"none", "p0", "eval_module", "eval_functional"},
         "residual": {"none", "iadd", "add"},
         "detach": {"True", "False"},
+        "fm_quadratic_den": {"row_sums", "features_mul_sum", "features_einsum"},
     }
     for axis, choices in expected.items():
         assert choices <= seen[axis], f"{axis}: never generated {choices - seen[axis]}"
