@@ -198,8 +198,9 @@ def runner_for(model, initial_state, variant: str, mode: str, device, dtype):
     return model
 
 
-# Kernel names of the attention: ours (kernels/parallel.py, kernels/fused_chunk.py) and fla-core's.
-ATTENTION_KERNEL_MARKS = ("_parallel_", "_fused_chunk_", "based")
+# Kernel names of the attention: ours (kernels/parallel.py, kernels/fused_chunk.py, whose
+# _moments_kernel sums a call's states for context parallelism) and fla-core's.
+ATTENTION_KERNEL_MARKS = ("_parallel_", "_fused_chunk_", "_moments_kernel", "based")
 
 
 def is_attention_kernel(name: str) -> bool:
