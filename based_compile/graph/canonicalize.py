@@ -191,7 +191,36 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
         lowered = make_fx(run, tracing_mode="real", decomposition_table={})(*fake_args)
     _drop_full_slices(lowered)
+    _mark_value_changing_casts(lowered)
     return lowered
+
+
+def exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """True when a cast from ``src`` to ``dst`` may be read through as a view: the same dtype only.
+    A cast to an integer, bool or narrower float rounds; a cast from an integer or bool stops the
+    gradient; and even a widening (float32 -> float64) is not read through, since the site would
+    then read the narrower tensor and compute in its precision (8e-8 off a float64 eager result)."""
+    return src == dst
+
+
+def _dtype_of(node) -> torch.dtype | None:
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _mark_value_changing_casts(gm: fx.GraphModule) -> None:
+    """``aten._to_copy`` is a view (``VIEW_OPS``) only when it keeps the dtype (``exact_cast``); any
+    other one (``k.to(torch.int8)``, ``x.bfloat16()`` from float32, ``.long()``, ``.double()``) is recorded as
+    ``prims.convert_element_type``, which no reader sees through: q, k, v, scores and normalisers are
+    then read from the cast's output, or the site is refused. One place for every reader of the
+    lowered graph (``walk_operand``, ``view_chain``, the feature-map, normaliser and linear-form readers)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten._to_copy.default or not node.args:
+            continue
+        src, dst = _dtype_of(node.args[0]), _dtype_of(node)
+        if src is None or dst is None or not exact_cast(src, dst):
+            node.target = torch.ops.prims.convert_element_type.default
+            node.args, node.kwargs = (node.args[0], dst if dst is not None else torch.float32), {}
 
 
 def _drop_full_slices(gm: fx.GraphModule) -> None:

@@ -421,6 +421,7 @@ def _shift(value, axis: int, s):
 
 
 _ELEMENTWISE_IDENTITY = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten._to_copy.default,
+                         torch.ops.prims.convert_element_type.default,  # a value-changing _to_copy (canonicalize)
                          aten.lift_fresh_copy.default, aten.detach.default}
 _COMPARISONS = {
     aten.ge.Tensor: "ge", aten.ge.Scalar: "ge", aten.gt.Tensor: "gt", aten.gt.Scalar: "gt",

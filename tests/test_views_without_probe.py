@@ -1,0 +1,132 @@
+"""The structural reading alone (the numerical probe skipped, as it is above its size limit):
+casts and views around q, k, v and the normaliser are read, never taken on trust.
+
+A cast is a view only when it keeps the dtype; any other (fake quantisation, ``.long()``, a
+bfloat16 round trip, even a widening) is an op of its own: q, k, v become its output (exact), or
+the site is refused. Every test compares values and gradients with eager in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import based_compile
+from compare import assert_rel_close
+from test_coverage import QKV, Recorder, _inputs, _phi, explain
+
+TOL = 1e-10
+
+
+def _run(fn, inputs, seed):
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*inputs)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out.detach(), torch.autograd.grad(out, inputs, cot, allow_unused=True)
+
+
+def compile_and_compare(module, shapes=QKV, lengths=(4, 9), dtype=torch.float64) -> Recorder:
+    """Values and gradients (None where eager gives none) of the compiled module against eager."""
+    recorder = Recorder()
+    compiled = torch.compile(module, backend=based_compile.backend(inner=recorder))
+    for t in lengths:
+        inputs = [x.to(dtype) for x in _inputs(100 + t, t, shapes)]
+        (out_c, grads_c), (out_e, grads_e) = _run(compiled, inputs, t), _run(module, inputs, t)
+        assert_rel_close(out_c, out_e, TOL, f"T={t}: output, compiled vs eager")
+        for j, (c, e) in enumerate(zip(grads_c, grads_e)):
+            assert (c is None) == (e is None), f"T={t}: input {j} has a gradient in one of compiled, eager"
+            if e is not None:
+                assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}, compiled vs eager")
+    return recorder
+
+
+@pytest.fixture(autouse=True)
+def structure_alone(monkeypatch):
+    monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _quadratic(q, k, v):
+    s = q @ k.mT * 0.5
+    return torch.tril(1 + s + 0.5 * s * s) @ v
+
+
+class KeysCast(torch.nn.Module):
+    """Keys through a cast before the scores: an int8 fake quantisation, ``.long()``, a bfloat16
+    round trip, or a widening (float32 -> float64, a view)."""
+
+    def __init__(self, cast):
+        super().__init__()
+        self.cast = cast
+
+    def forward(self, q, k, v):
+        if self.cast == "int8":
+            k = (k * 16).to(torch.int8).to(k.dtype) / 16
+        elif self.cast == "long":
+            k = (k * 4).long().to(k.dtype) / 4
+        elif self.cast == "bf16":
+            k = k.bfloat16().to(k.dtype)
+        return _quadratic(q, k, v)
+
+
+@pytest.mark.parametrize("cast", ["int8", "long", "bf16"])
+def test_value_changing_cast_of_the_keys_is_not_a_view(cast):
+    ex = explain(KeysCast(cast))
+    # Rewritten on the cast's output (exact: eager gives k no gradient through an integer cast) or refused.
+    assert all(s.spec is not None for s in ex.sites)
+    recorder = compile_and_compare(KeysCast(cast), lengths=(4, 9))
+    assert all(n <= 1 for n in recorder.sites())
+
+
+class WidenedKeys(torch.nn.Module):
+    """float64 inputs, keys through float32 and back (a round trip: not a view) or float64 keys read
+    after a widening from float32 made by the module itself (``k.float().double()``: the second cast
+    is exact, the first is not)."""
+
+    def forward(self, q, k, v):
+        return _quadratic(q, k.float().double(), v)
+
+
+class WidenedInputs(torch.nn.Module):
+    def forward(self, q, k, v):
+        return _quadratic(q.double(), k.double(), v.double())
+
+
+def test_widening_cast_is_rewritten_on_the_widened_tensors():
+    """float32 inputs widened to float64: rewritten on the widened tensors (computed in float64; read
+    through to the float32 inputs it was computed in float32, 8e-8 off)."""
+    recorder = compile_and_compare(WidenedInputs(), dtype=torch.float32)
+    assert all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_widening_after_a_narrowing_cast_is_not_read_through_to_the_source():
+    recorder = compile_and_compare(WidenedKeys())
+    assert all(n <= 1 for n in recorder.sites())
+
+
+class CastNormaliser(torch.nn.Module):
+    """Feature-map attention whose normaliser or phi(q) goes through an integer or bfloat16 cast."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        if self.where == "phi_q_long":
+            return ((qf.long().to(qf.dtype)) @ kf.mT).tril() @ v
+        num = (qf @ kf.mT).tril() @ v
+        ks = kf.cumsum(2)
+        ks = ks.long().to(ks.dtype) if self.where == "den_long" else ks.bfloat16().to(ks.dtype)
+        return num / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("where", ["den_long", "den_bf16", "phi_q_long"])
+def test_value_changing_cast_in_the_normaliser_or_features_is_refused(where):
+    ex = explain(CastNormaliser(where))
+    assert not ex.sites and ex.refusals, ex
+    recorder = compile_and_compare(CastNormaliser(where), lengths=(4, 9))
+    assert not any(recorder.sites())
