@@ -130,3 +130,32 @@ def test_value_changing_cast_in_the_normaliser_or_features_is_refused(where):
     assert not ex.sites and ex.refusals, ex
     recorder = compile_and_compare(CastNormaliser(where), lengths=(4, 9))
     assert not any(recorder.sites())
+
+
+def _permute_time(x):
+    """A permutation of the sequence written with views: [T] -> [2, T/2] -> transposed -> [T]."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h, 2, t // 2, d).transpose(2, 3).reshape(b, h, t, d)
+
+
+class TimePermuted(torch.nn.Module):
+    """Plain quadratic attention with q, k, v or the output read through a time permutation, or
+    (``split``) with k's time axis split and merged back in order (the identity)."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which = which
+
+    def forward(self, q, k, v):
+        if self.which == "split":
+            b, h, t, d = k.shape
+            k = k.reshape(b, h, 2, t // 2, d).reshape(b, h, t, d)
+        q, k, v = (_permute_time(x) if self.which == name else x for name, x in (("q", q), ("k", k), ("v", v)))
+        o = _quadratic(q, k, v)
+        return _permute_time(o) if self.which == "out" else o
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "out", "split"])
+def test_time_permuting_views_are_not_taken_on_trust(which):
+    recorder = compile_and_compare(TimePermuted(which), lengths=(4, 8))
+    assert all(n <= 1 for n in recorder.sites())

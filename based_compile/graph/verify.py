@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, example_value, hint_shape, size_hints, track_axis
+from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, size_hints, track_axis
 from .evaluate import GraphEvaluator
 from ..kernels.naive import naive_parallel_based
 from .candidate import Match
@@ -237,14 +237,91 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
                                 "Tk - Tq (e.g. a constant offset)", m.output)
 
 
+def _view_path(gm, operand, source) -> list[fx.Node] | None:
+    """The views and scalar factors from ``source`` to ``operand`` (source's first reader first), or
+    None when ``operand`` is not ``source`` read through views and scalar factors alone."""
+    path, node = [], operand
+    while node is not source:
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+            path.append(node)
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node)
+        if scaled is None or hint_shape(scaled[0]) != hint_shape(node):
+            return None
+        path.append(node)
+        node = scaled[0]
+    return path[::-1]
+
+
+def _lands(path, axis):
+    """Where axis ``axis`` of the path's source lands at its end (None: merged, split or reordered)."""
+    for node in path:
+        if axis is None:
+            return None
+        if node.target in VIEW_OPS:
+            axis = track_axis(node, axis)
+    return axis
+
+
+def _site_bmms(m: Match) -> list[fx.Node]:
+    """The matmuls the site's output is computed from (its ancestors)."""
+    seen, stack, found = set(), [m.output], []
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if node.op == "call_function" and node.target is torch.ops.aten.bmm.default:
+            found.append(node)
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def _axes_kept(m: Match, reading: Settled) -> str | None:
+    """Without the probe, the reading's layout proved on the graph: for each matmul of the site that
+    reads q, k or v through views only, the source's time axis lands, through every view, on the
+    matmul's time axis (scores: the rows for q, the columns for k; values: the contracted axis) and
+    its feature axis on the other one; a view that splits, merges or reorders the sequence (a
+    reshape-transpose-reshape permutation of time) fails. Why not, or None."""
+    gm = m.output.graph.owning_module
+    tdim = 1 if reading.unsqueeze_inputs else (2 if reading.spec.layout == "BHTD" else 1)
+    for bmm in _site_bmms(m):
+        for position in (0, 1):
+            operand = bmm.args[position]
+            rank = len(hint_shape(operand) or ())
+            contracted, free = (rank - 1, rank - 2) if position == 0 else (rank - 2, rank - 1)
+            for name, source in (("q", m.q), ("k", m.k), ("v", m.v)):
+                path = _view_path(gm, operand, source)
+                if path is None:
+                    continue
+                src_rank = len(hint_shape(source) or ())
+                time, feature = _lands(path, tdim), _lands(path, src_rank - 1)
+                want_time = contracted if name == "v" else free
+                want_feature = free if name == "v" else contracted
+                if time != want_time or feature != want_feature:
+                    return (f"{name}'s views (to the matmul at {bmm.name}) do not keep its {reading.spec.layout} "
+                            "time and feature axes in place: q/k/v views reorder the sequence or the features")
+    return None
+
+
 def _structural_reading(m: Match, readings: list, why: str):
     """The first reading the graph's structure alone vouches for (no numerical probe): a grouped-
-    query reading only where the heads' repetition is seen as such (``_grouped_structure``)."""
+    query reading only where the heads' repetition is seen as such (``_grouped_structure``), and only
+    a layout the views from q, k, v to the matmuls keep axis by axis (``_axes_kept``)."""
     readings = [r for r in readings if r.spec.group == 1 or _grouped_structure(m, r.spec.layout)]
     if not readings:
         raise Refused("verify", f"grouped-query heads whose repetition the structure does not show ({why})",
                       m.output)
-    return readings[0]
+    reasons = []
+    for reading in readings:
+        reason = _axes_kept(m, reading)
+        if reason is None:
+            return reading
+        reasons.append(reason)
+    raise Refused("verify", f"{reasons[0]} ({why})", m.output)
 
 
 def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
