@@ -159,3 +159,36 @@ class TimePermuted(torch.nn.Module):
 def test_time_permuting_views_are_not_taken_on_trust(which):
     recorder = compile_and_compare(TimePermuted(which), lengths=(4, 8))
     assert all(n <= 1 for n in recorder.sites())
+
+
+class RowSumsTransposed(torch.nn.Module):
+    """Row-sum normalised quadratic attention at H == T, the row sums transposed between heads and
+    time (``swap``) or not; dividing the output (``after``) or the weights before ``@ v``."""
+
+    def __init__(self, swap, after):
+        super().__init__()
+        self.swap, self.after = swap, after
+
+    def forward(self, q, k, v):
+        s = q @ k.mT * 0.5
+        a = torch.tril(1 + s + 0.5 * s * s)
+        z = a.sum(-1) + 1e-6
+        z = (z.transpose(1, 2) if self.swap else z)[..., None]
+        return (a @ v) / z if self.after else (a / z) @ v
+
+
+HEADS_EQ_T = ((1, "T", "T", 2), (1, "T", "T", 2), (1, "T", "T", 3))
+
+
+@pytest.mark.parametrize("after", [True, False])
+@pytest.mark.parametrize("swap", [False, True])
+def test_row_sums_transposed_between_heads_and_time_are_refused(swap, after):
+    shapes = [[s if s != "T" else 5 for s in shape] for shape in HEADS_EQ_T]
+    ex = based_compile.explain(RowSumsTransposed(swap, after), *[torch.randn(*s, dtype=torch.float64)
+                                                                for s in shapes])
+    if swap:
+        assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+    else:
+        assert len(ex.sites) == 1, ex
+    recorder = compile_and_compare(RowSumsTransposed(swap, after), shapes=HEADS_EQ_T, lengths=(4, 6))
+    assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()

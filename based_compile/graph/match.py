@@ -156,7 +156,47 @@ class Matcher:
         if not self._same_weights(wz, w):
             raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
                                         f"{w.describe()}", node)
+        self._rows_in_place(z_arg, node, w.axes[0])
         return replace(w, row_normalised=eps)
+
+    def _rows_in_place(self, den, divided: fx.Node, query_axis: int) -> None:
+        """The row sums ``den`` of a division ``divided`` run along the query axis of what they divide
+        (``query_axis`` of ``divided``): their query axis tracked through every view between the sum
+        and the division (``track_axis``). A sum transposed between heads and time (H == T) or merged
+        away is Refused; a feature normaliser is not a row sum (its own reader checks it)."""
+        views, node = [], den
+        while True:
+            if not isinstance(node, fx.Node) or node.op != "call_function":
+                return
+            target = node.target
+            if target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+                views.append(node)
+                node = node.args[0]
+            elif target is aten.add.Tensor and scalar_value(self.gm, node.args[1]) is not None:
+                node = node.args[0]
+            elif target is aten.add.Tensor and scalar_value(self.gm, node.args[0]) is not None:
+                node = node.args[1]
+            elif target is aten.reciprocal.default:
+                node = node.args[0]
+            elif scalar_factor(self.gm, node) is not None:
+                node = scalar_factor(self.gm, node)[0]
+            elif target is aten.sum.dim_IntList:
+                break
+            else:
+                return
+        try:
+            w = self.weights(node.args[0])
+        except NotACandidate:
+            return                                   # a feature normaliser
+        keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        qa, ka = w.axes
+        axis = qa if keepdim or qa < ka else qa - 1
+        for view in reversed(views):
+            axis = track_axis(view, axis) if axis is not None else None
+        rank_den, rank_out = len(hint_shape(den) or ()), len(hint_shape(divided) or ())
+        if axis is None or axis + rank_out - rank_den != query_axis:
+            raise Refused("normaliser", "the row sums' query axis does not run along the numerator's query axis "
+                                        "(transposed between heads and time, or merged by a view)", divided)
 
     def _feature_normaliser(self, node: fx.Node) -> Weights:
         """A normaliser written on the features (``feature_normaliser``), phi(q) . cumsum(phi(k)) or
@@ -463,13 +503,14 @@ class Matcher:
             raise Refused("normaliser", f"the normaliser goes through {target}, not + eps", node)
         raise NotACandidate("not a normaliser")
 
-    def _find_normaliser(self, path: list[fx.Node], value_axis: int):
+    def _find_normaliser(self, path: list[fx.Node], value_axis: int, query_axis: int | None = None):
         """(the division, the weights its normaliser sums, eps) on the numerator's path (``path``, from
         the bmm whose axis ``value_axis`` holds the values), or None. A normaliser that varies along the
         value axis (the row sums broadcast against another axis) is none."""
         for p in path:
             if p is not path[0]:
                 value_axis = track_axis(p, value_axis) if value_axis is not None else None
+                query_axis = track_axis(p, query_axis) if query_axis is not None else None
             for u in p.users:
                 if u.op != "call_function":
                     continue
@@ -485,6 +526,8 @@ class Matcher:
                         continue
                     if inverted:
                         raise Refused("normaliser", "divides by the reciprocal of the row sums", u)
+                    self._rows_in_place(u.args[1], u, -1 if query_axis is None else
+                                        query_axis + len(hint_shape(u)) - len(hint_shape(p)))
                     return u, w, eps
                 if u.target is aten.mul.Tensor and p in u.args[:2]:
                     other = u.args[1] if u.args[0] is p else u.args[0]
@@ -494,6 +537,8 @@ class Matcher:
                         continue
                     if not inverted:
                         raise Refused("normaliser", "multiplies by the row sums instead of dividing", u)
+                    self._rows_in_place(other, u, -1 if query_axis is None else
+                                        query_axis + len(hint_shape(u)) - len(hint_shape(p)))
                     return u, w, eps
         return None
 
@@ -551,13 +596,14 @@ class Matcher:
         value_axis = 1                      # [N, Dv, T]: tracked to the view the output is read from
         for node in chain[1:i + 1]:
             value_axis = track_axis(node, value_axis) if value_axis is not None else None
-        return self._match_tail(bmm, replace(w, axes=(1, 2)), v_operand, chain[i:], value_axis)
+        return self._match_tail(bmm, replace(w, axes=(1, 2)), v_operand, chain[i:], value_axis, 2)
 
-    def _match_tail(self, bmm: fx.Node, w: Weights, v_operand, path: list, value_axis: int | None = 2) -> Match:
+    def _match_tail(self, bmm: fx.Node, w: Weights, v_operand, path: list, value_axis: int | None = 2,
+                    query_axis: int | None = 1) -> Match:
         if w.tk is not None and polynomial.degree(w.poly) < 2:
             raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
         v = v_operand.source
-        found = self._find_normaliser(path, value_axis)
+        found = self._find_normaliser(path, value_axis, query_axis)
         normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
         start = bmm
         if found is not None and normalize:
