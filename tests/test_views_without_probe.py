@@ -192,3 +192,26 @@ def test_row_sums_transposed_between_heads_and_time_are_refused(swap, after):
         assert len(ex.sites) == 1, ex
     recorder = compile_and_compare(RowSumsTransposed(swap, after), shapes=HEADS_EQ_T, lengths=(4, 6))
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
+
+
+class FeatureNormaliserTransposed(torch.nn.Module):
+    """The normaliser on the features at H == T: as written (``None``), or transposed between heads
+    and time after the einsum (``transpose``). (The einsum's output spelled 'bth' is permuted on the
+    einsum's operands, which the feature normaliser's own reader reads: not covered here.)"""
+
+    def __init__(self, swap):
+        super().__init__()
+        self.swap = swap
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        o = (qf @ kf.mT).tril() @ v
+        den = torch.einsum("bhtf,bhtf->bht", qf, kf.cumsum(2)) + 1e-6
+        den = den.transpose(1, 2) if self.swap == "transpose" else den
+        return o / den[..., None]
+
+
+@pytest.mark.parametrize("swap", [None, "transpose"])
+def test_feature_normaliser_transposed_between_heads_and_time_is_refused(swap):
+    recorder = compile_and_compare(FeatureNormaliserTransposed(swap), shapes=HEADS_EQ_T, lengths=(4, 6))
+    assert all(n == (1 if swap is None else 0) for n in recorder.sites()), recorder.sites()

@@ -180,14 +180,19 @@ class Matcher:
                 node = node.args[0]
             elif scalar_factor(self.gm, node) is not None:
                 node = scalar_factor(self.gm, node)[0]
-            elif target is aten.sum.dim_IntList:
+            elif target in (aten.sum.dim_IntList, aten.bmm.default):
                 break
             else:
                 return
         try:
+            if target is aten.bmm.default:
+                raise NotACandidate("a contraction of features")
             w = self.weights(node.args[0])
-        except NotACandidate:
-            return                                   # a feature normaliser
+        except NotACandidate:                        # a feature normaliser: its pairing is read by its reader;
+            if any(_moves_axes(view) for view in views):    # an axis moved after it is not traced here
+                raise Refused("normaliser", "the normaliser on the features is transposed (permute/transpose) "
+                                            "before it divides: its query axis is not traced", divided)
+            return
         keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         qa, ka = w.axes
         axis = qa if keepdim or qa < ka else qa - 1
@@ -668,6 +673,16 @@ def _tie_lengths(w: Weights, fits) -> bool:
     except Exception as err:  # noqa: BLE001 - the shape environment refused: the site is refused
         log.debug("based_compile: could not guard Tq == Tk (%s: %s)", type(err).__name__, err)
         return False
+
+
+def _moves_axes(view: fx.Node) -> bool:
+    """A permute / transpose that changes the order of the axes of more than one entry (einsum's
+    lowering moves unit axes only)."""
+    if view.target not in (aten.permute.default, aten.transpose.int, aten.t.default):
+        return False
+    shape = hint_shape(view.args[0]) or ()
+    landed = [track_axis(view, axis) for axis, size in enumerate(shape) if size > 1]
+    return None in landed or landed != sorted(landed)
 
 
 def _constant_along(den, divided: fx.Node, axis: int) -> bool:
