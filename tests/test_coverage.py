@@ -593,6 +593,111 @@ def test_normaliser_near_misses_refused_without_the_probe(module, monkeypatch):
     assert not any(recorder.sites())
 
 
+# Feature normalisers that pair rows and features correctly but sum other keys, or lay the rows out
+# in another order than the numerator's (silently wrong once the probe is skipped, found by a red
+# team): the running sum over a strided time axis or restarting every T/2, the sums or phi(q)
+# transposed between batch and heads (B == H), time blocks interleaved, phi of another view of k or q.
+
+
+class NormaliserViews(torch.nn.Module):
+    def __init__(self, defect, linear=False):
+        super().__init__()
+        self.defect, self.linear = defect, linear
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        b, h, t, f = kf.shape
+        d = self.defect
+        causal = d != "total_batch_heads"
+        if self.linear:
+            o = (qf.unsqueeze(-1) * (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)).sum(-2)
+        else:
+            a = qf @ kf.mT
+            o = (a.tril() if causal else a) @ v
+        qd, s = qf, kf.cumsum(2) if causal else kf.sum(2, keepdim=True)
+        if d == "strided":
+            s = kf.reshape(b, h, t // 2, 2, f).cumsum(2).reshape(b, h, t, f)
+        elif d == "restart":
+            s = kf.reshape(b, h, 2, t // 2, f).cumsum(3).reshape(b, h, t, f)
+        elif d in ("batch_heads", "total_batch_heads"):
+            s = s.transpose(0, 1)
+        elif d == "q_batch_heads":
+            qd, s = qf.transpose(0, 1), s.transpose(0, 1)
+        elif d == "time_blocks":
+            qd, s = (x.reshape(b, h, 2, t // 2, f).transpose(2, 3).reshape(b, h, t, f) for x in (qf, s))
+        elif d == "sum_time_blocks":
+            s = s.reshape(b, h, 2, t // 2, f).transpose(2, 3).reshape(b, h, t, f)
+        return o / ((qd * s).sum(-1, keepdim=True) + 1e-6)
+
+
+NORMALISER_VIEW_DEFECTS = ["strided", "restart"]
+SQUARE = ((2, 2, "T", 2), (2, 2, "T", 2), (2, 2, "T", 3))
+
+
+@pytest.mark.parametrize("defect", NORMALISER_VIEW_DEFECTS)
+@pytest.mark.parametrize("probe", ["off", "none"])
+def test_feature_normaliser_over_other_keys_or_rows_is_refused(defect, probe, monkeypatch):
+    _skip_checks(monkeypatch, probe)
+    ex = explain(NormaliserViews(defect), SQUARE)
+    assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(NormaliserViews(defect), SQUARE, lengths=(4, 8))
+    assert not any(recorder.sites())
+
+
+@pytest.mark.parametrize("defect", ["strided", "restart"])
+@pytest.mark.parametrize("probe", ["off", "none"])
+def test_linear_form_normaliser_over_other_keys_is_refused(defect, probe, monkeypatch):
+    _skip_checks(monkeypatch, probe)
+    ex = explain(NormaliserViews(defect, linear=True), SQUARE)
+    assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(NormaliserViews(defect, linear=True), SQUARE, lengths=(4, 8))
+    assert not any(recorder.sites())
+
+
+@pytest.mark.parametrize("probe", ["off", "none"])
+def test_feature_normaliser_controls_are_fused(probe, monkeypatch):
+    """The near misses above without their defect: fused, equal to eager."""
+    _skip_checks(monkeypatch, probe)
+    for linear in (False, True):
+        ex = explain(NormaliserViews(None, linear), SQUARE)
+        assert len(ex.sites) == 1 and ex.sites[0].spec.normalize, ex
+        recorder = compile_and_compare(NormaliserViews(None, linear), SQUARE, lengths=(4, 8))
+        assert recorder.sites() and all(n == 1 for n in recorder.sites())
+
+
+class NormaliserOtherView(torch.nn.Module):
+    """[B, T, H, D] inputs: the numerator reads q, k.transpose(1, 2), the normaliser phi of
+    x.reshape(B, H, T, D) (another element order) for ``which`` of q, k (None: the same views)."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which = which
+
+    def forward(self, q, k, v):
+        b, t, h, d = k.shape
+        qf, kf = _phi(q.transpose(1, 2)), _phi(k.transpose(1, 2))
+        o = (qf @ kf.mT).tril() @ v.transpose(1, 2)
+        qd = _phi(q.reshape(b, h, t, d)) if self.which == "q" else qf
+        kd = _phi(k.reshape(b, h, t, d)) if self.which == "k" else kf
+        return o / ((qd * kd.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+
+
+BTHD = ((1, "T", 2, 2), (1, "T", 2, 2), (1, "T", 2, 3))
+
+
+@pytest.mark.parametrize("which", ["q", "k", None])
+@pytest.mark.parametrize("probe", ["off", "none"])
+def test_feature_normaliser_on_another_view_is_refused(which, probe, monkeypatch):
+    _skip_checks(monkeypatch, probe)
+    ex = explain(NormaliserOtherView(which), BTHD)
+    if which is None:
+        assert len(ex.sites) == 1 and ex.sites[0].spec.normalize, ex
+    else:
+        assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+    recorder = compile_and_compare(NormaliserOtherView(which), BTHD, lengths=(4, 8))
+    assert all(n == (which is None) for n in recorder.sites()), recorder.sites()
+
+
 # --------------------------------------------------------------------------- a chunked reference (issue 13):
 # the intra-chunk quadratic plus the inter-chunk states, over q, k, v reshaped to [B, H, T / C, C, D].
 # Not rewritten; the refusal says why (it said "not a [B, H, T, D] attention layout").

@@ -170,6 +170,7 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | Non
         time = moving[0]
         if time == len(shape_k) - 1:
             raise Refused("normaliser", "the normaliser sums phi(k) over its features, not over time", state)
+        _whole_time_axis(ids_k, dim, shape_k, time, state)
     if kind == "total":     # one entry stands for every row: phi(k)'s row 0 (its time coordinate is not compared)
         ids_k = ids_k.narrow(dim, 0, 1)
         if not keepdim:
@@ -205,6 +206,25 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | Non
         raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
                                     "(another position, batch or head)", prod)
     return time
+
+
+def _whole_time_axis(ids_k: torch.Tensor, dim: int, shape_k, time: int, state: fx.Node) -> None:
+    """Refused unless position p along the summed axis ``dim`` is time step p of phi(k)'s cat, over
+    the whole time axis, every other coordinate fixed along ``dim``: the running sum at p is then the
+    sum over j <= p (the total sum over every j). A sum over a strided time axis, or one that restarts
+    (time reshaped into chunks) pairs rows correctly but sums other keys."""
+    coords = _coordinates(ids_k, shape_k)
+    length = ids_k.shape[dim]
+    shape = [1] * ids_k.dim()
+    shape[dim] = length
+    position = torch.arange(length).view(shape)
+    fixed = coords.narrow(dim, 0, 1)
+    others = [a for a in range(len(shape_k)) if a != time]
+    if length != shape_k[time] or not bool((coords[..., time] == position).all()) \
+            or not bool((coords[..., others] == fixed[..., others]).all()):
+        raise Refused("normaliser", "the normaliser's sum does not run over the whole time axis of phi(k) from its "
+                                    "first position in order (a strided or restarting running sum sums other keys "
+                                    "than j <= i)", state)
 
 
 def _tracked(prod, summed, q_rank: int, q_views, shape_q, inner, dim, state) -> int | None:

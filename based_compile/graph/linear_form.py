@@ -159,7 +159,7 @@ def _normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
     if abs(found.factor - factor) > 1e-12 * max(abs(factor), 1e-300):
         raise Refused("normaliser", f"the normaliser's feature maps are scaled by {found.factor:g} and the "
                                     f"numerator's by {factor:g}: they do not sum the same weights", node)
-    if time is not None and found.time is not None and found.time != time:
+    if found.time != time:
         raise Refused("normaliser", "the normaliser sums phi(k) over another axis than the numerator's sum over "
                                     "time", node)
     return found.kind, found.eps, found.inverted

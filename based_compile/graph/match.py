@@ -153,9 +153,9 @@ class Matcher:
         if not _constant_along(z_arg, node, w.axes[1]):
             raise Refused("normaliser", "the row sums are broadcast along the key axis (each column divided by "
                                         "another row's sum), not along the query axis", node)
-        if not self._same_weights(wz, w):
-            raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
-                                        f"{w.describe()}", node)
+        why = self._normaliser_mismatch(wz, w)
+        if why is not None:
+            raise Refused("normaliser", why, node)
         self._rows_in_place(z_arg, node, w.axes[0])
         return replace(w, row_normalised=eps)
 
@@ -211,25 +211,29 @@ class Matcher:
         return Weights(found.poly, found.keep, False, None, found.phi_q.source, found.phi_k.source,
                        "feature normaliser", None, hint_shape(found.cat_q)[-2], feature_sum=found)
 
-    def _same_weights(self, wz: Weights, w: Weights) -> bool:
-        """The normaliser ``wz`` sums the numerator's weights ``w``: the same function of q.k, mask, q and
-        k; a feature normaliser also over the numerator's time axis, at equal lengths."""
+    def _normaliser_mismatch(self, wz: Weights, w: Weights) -> str | None:
+        """Why the normaliser ``wz`` does not sum the numerator's weights ``w`` (None when it does: the
+        same function of q.k, mask, q and k; a feature normaliser also over the very feature maps the
+        scores multiply, along the numerator's time axis, at equal lengths)."""
         if not wz.same_function(w):
-            return False
+            return f"the normaliser sums {wz.describe()} but the numerator uses {w.describe()}"
         found = wz.feature_sum
         if found is None:
-            return True
+            return None
         if w.tk is not None or w.scores is None or w.scores.target is not aten.bmm.default:
-            return False
+            return "the normaliser is written on the features but the numerator's scores are not phi(q) @ phi(k)^T"
         # the scores' query rows (axis 1 of [N, T, F]) and key columns (axis 2 of [N, F, T]) run along
-        # the axis of the maps' cats (the leading axes of q and k) that the normaliser sums over
-        for operand, along in ((w.scores.args[0], 1), (w.scores.args[1], 2)):
+        # the axis of the maps' cats (the leading axes of q and k) that the normaliser sums over; the
+        # cats themselves are the normaliser's (phi of another view of q or k is another function)
+        for operand, along, cat, name in ((w.scores.args[0], 1, found.cat_q, "query"),
+                                          (w.scores.args[1], 2, found.cat_k, "key")):
             read = time_axis(self.gm, operand, along)
-            if read is None:
-                return False
-            if read[1] is not None and found.time is not None and read[1] != found.time:
-                return False
-        return True
+            if read is None or read[0] is not cat:
+                return f"the normaliser's {name} feature map is not the one the numerator's scores read (phi of " \
+                       f"another view of the {name}s, or another node)"
+            if read[1] != found.time:
+                return f"the normaliser sums phi(k) over another axis than the numerator's {name} axis"
+        return None
 
     def _broadcast(self, node: fx.Node, w: Weights) -> Weights:
         """``w`` as seen in the (possibly broadcast, higher-rank) output of ``node``."""
@@ -615,9 +619,9 @@ class Matcher:
             raise Refused("normaliser", "the output is normalised twice (weights and output)", found[0])
         if found is not None:
             start, wz, eps = found
-            if not self._same_weights(wz, w):
-                raise Refused("normaliser", f"the normaliser sums {wz.describe()} but the numerator uses "
-                                            f"{w.describe()}", start)
+            why = self._normaliser_mismatch(wz, w)
+            if why is not None:
+                raise Refused("normaliser", why, start)
             normalize = True
         output = pick_output(start) if start is not bmm or path[0] is bmm else path[0]
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
