@@ -630,7 +630,8 @@ class NormaliserViews(torch.nn.Module):
         return o / ((qd * s).sum(-1, keepdim=True) + 1e-6)
 
 
-NORMALISER_VIEW_DEFECTS = ["strided", "restart"]
+NORMALISER_VIEW_DEFECTS = ["strided", "restart", "batch_heads", "total_batch_heads", "q_batch_heads", "time_blocks",
+                           "sum_time_blocks"]
 SQUARE = ((2, 2, "T", 2), (2, 2, "T", 2), (2, 2, "T", 3))
 
 

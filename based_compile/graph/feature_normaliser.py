@@ -20,6 +20,7 @@ numerator's time axis). Index tensors cost one integer per feature entry; above
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +144,7 @@ def _coordinates(index: torch.Tensor, shape) -> torch.Tensor:
     return torch.stack(out[::-1], dim=-1)
 
 
-def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | None:
+def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st, where: fx.Node, top: tuple) -> int | None:
     """Prove, on index tensors, that the contraction ``prod`` (a product summed over the axes
     ``summed``, or a bmm) pairs entry (row r, feature f) of phi(q) with entry (row r, feature f) of
     the sum over phi(k), over every feature once; returns the axis of phi(k)'s cat the sum runs over
@@ -157,7 +158,7 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | Non
     if max(n_q, n_k) > INDEX_MAX_ELEMENTS:
         log.info("based_compile: the feature normaliser at %s is read from its shapes (%d entries > %d)",
                  prod.name, max(n_q, n_k), INDEX_MAX_ELEMENTS)
-        return _tracked(prod, summed, len(hint_shape(q_operand)), q_views, shape_q, inner, dim, state)
+        return _tracked(prod, summed, q_operand, q_views, shape_q, shape_k, st, where, top)
     ids_q = _replay(q_views, torch.arange(n_q).view(shape_q))
     ids_k = _replay(inner, torch.arange(n_k).view(shape_k))
     length = ids_k.shape[dim]
@@ -205,7 +206,27 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st) -> int | Non
     if not bool((rows_q == rows_k).all()):
         raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
                                     "(another position, batch or head)", prod)
+    # the rows of the result (phi(q)'s row met at each entry), through the views up to the divisor
+    strides = torch.tensor([math.prod(shape_q[a + 1:-1]) for a in range(len(shape_q) - 1)])
+    rows = (cq[..., :-1] * strides).sum(-1).narrow(axis, 0, 1)
+    if prod.target is aten.bmm.default or not _keepdim(where):
+        rows = rows.squeeze(axis)
+    _rows_in_order(_replay(top, rows), math.prod(shape_q[:-1]), top[0] if top else where)
     return time
+
+
+def _keepdim(node: fx.Node) -> bool:
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+def _rows_in_order(rows: torch.Tensor, count: int, where: fx.Node) -> None:
+    """Refused unless ``rows`` (phi(q)'s row at each entry of the normaliser the output is divided by)
+    runs over phi(q)'s rows in their order with a trailing axis of one: the normaliser then lines up
+    with the numerator's rows (phi(q)'s rows in their order) as ``o / den[..., None]`` broadcasts it."""
+    if rows.dim() == 0 or rows.shape[-1] != 1 or rows.numel() != count \
+            or not bool((rows.flatten() == torch.arange(count)).all()):
+        raise Refused("normaliser", "the normaliser's rows are not phi(q)'s rows in their order with a trailing "
+                                    "axis of one (transposed, permuted or broadcast against the output)", where)
 
 
 def _whole_time_axis(ids_k: torch.Tensor, dim: int, shape_k, time: int, state: fx.Node) -> None:
@@ -227,19 +248,120 @@ def _whole_time_axis(ids_k: torch.Tensor, dim: int, shape_k, time: int, state: f
                                     "than j <= i)", state)
 
 
-def _tracked(prod, summed, q_rank: int, q_views, shape_q, inner, dim, state) -> int | None:
-    """Above the index tensors' limit: the axes tracked through the views (``track_axis``): the
-    product summed over phi(q)'s features, the sum over phi(k) over an axis that is not its features."""
+def _tracked(prod, summed, q_operand, q_views, shape_q, shape_k, st, where, top) -> int | None:
+    """Above the index tensors' limit: every axis of phi(q)'s and phi(k)'s cats followed through the
+    views as runs of whole cat axes (``_runs``; an axis split, or broadcast to a size > 1, is refused):
+    the contraction must meet phi(q) and the sum over phi(k) on the same runs, sum over the features
+    alone, the sum over phi(k) run over one whole cat axis, and the result be phi(q)'s rows in order."""
+    kind, dim, keepdim, _, _, _, outer, inner, state = st
     rank = len(shape_q)
-    if summed is not None:
-        feature = _through(q_views, rank - 1)
-        out_rank = len(hint_shape(prod))
-        if feature is None or len(summed) != 1 or summed[0] % out_rank != feature + out_rank - q_rank:
-            raise Refused("normaliser", "the normaliser's product is not summed over the features of phi(q)", prod)
-    time = next((a for a in range(rank) if _through(inner, a) == dim), None)
+    feature = (rank - 1,)
+    if shape_q[-1] == 1:
+        raise Refused("normaliser", "the normaliser's feature maps have one feature (not proven above the index "
+                                    "tensors' limit)", prod)
+    base_q = [(a,) if shape_q[a] > 1 else () for a in range(rank)]
+    base_k = [(a,) if shape_k[a] > 1 else () for a in range(rank)]
+    runs_q = _runs(q_views, base_q, shape_q)
+    runs_s = _runs(inner, base_k, shape_k)
+    if runs_q is None or runs_s is None:
+        raise Refused("normaliser", "the normaliser's views split or broadcast an axis of phi(q) or phi(k) (not "
+                                    "proven above the index tensors' limit)", prod)
+    if len(runs_s[dim]) > 1:
+        raise Refused("normaliser", "the normaliser's sum over time runs over merged axes of phi(k)", state)
+    time = runs_s[dim][0] if runs_s[dim] else None
     if time == rank - 1:
         raise Refused("normaliser", "the normaliser sums phi(k) over its features, not over time", state)
+    if any(shape_q[a] != shape_k[a] for a in range(rank) if a != time or kind == "cumsum"):
+        raise Refused("normaliser", "the normaliser contracts feature maps of other shapes", prod)
+    if kind == "total":
+        runs_s = list(runs_s)
+        if keepdim:
+            runs_s[dim] = ()
+        else:
+            del runs_s[dim]
+    runs_k = _runs(outer, runs_s, shape_k)
+    if runs_k is None:
+        raise Refused("normaliser", "the normaliser's views split or broadcast the sum over phi(k) (not proven "
+                                    "above the index tensors' limit)", state)
+    query_only = (time,) if kind == "total" and time is not None else None    # phi(q)'s time against the total
+    if prod.target is aten.bmm.default:
+        q_first = prod.args[0] is q_operand
+        a, b = (runs_q, runs_k) if q_first else (runs_k, runs_q)
+        if len(a) != 3 or len(b) != 3:
+            raise NotACandidate("not a bmm of 3-d operands")
+        (q_n, q_free, q_sum), (k_n, k_free, k_sum) = ((a[0], a[1], a[2]), (b[0], b[2], b[1])) if q_first \
+            else ((b[0], b[2], b[1]), (a[0], a[1], a[2]))
+        if q_sum != feature or k_sum != feature:
+            raise Refused("normaliser", "the normaliser's contraction does not run over the features of phi(q) "
+                                        "and phi(k)", prod)
+        if q_n != k_n or k_free != () or q_free not in ((), query_only):
+            raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
+                                        "(another position, batch or head)", prod)
+        rows = [q_n, q_free, ()] if q_first else [q_n, (), q_free]
+    else:
+        out_rank = len(hint_shape(prod))
+        if len(summed) != 1:
+            raise Refused("normaliser", "the normaliser sums the product over several axes", prod)
+        axis = summed[0] % out_rank
+        pq = [()] * (out_rank - len(runs_q)) + list(runs_q)
+        pk = [()] * (out_rank - len(runs_k)) + list(runs_k)
+        if len(pq) != out_rank or len(pk) != out_rank or pq[axis] != feature or pk[axis] != feature:
+            raise Refused("normaliser", "the normaliser's product is not summed over the features of phi(q)", prod)
+        if any(x != y and not (y == () and x == query_only) for x, y in zip(pq, pk)):
+            raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
+                                        "(another position, batch or head)", prod)
+        rows = [x for i, x in enumerate(pq) if i != axis or _keepdim(where)]
+        if _keepdim(where):
+            rows[axis] = ()
+    rows = _runs(top, rows, shape_q)
+    end = top[0] if top else where
+    if rows is None or not rows or rows[-1] != () or hint_shape(end)[-1] != 1 \
+            or tuple(a for run in rows for a in run) != tuple(a for a in range(rank - 1) if shape_q[a] > 1):
+        raise Refused("normaliser", "the normaliser's rows are not phi(q)'s rows in their order with a trailing "
+                                    "axis of one (transposed, permuted or broadcast against the output)", end)
     return time
+
+
+def _runs(views, runs, sizes):
+    """Each axis after ``views`` (outermost first) as the run of the base's axes it holds (row-major;
+    () for an axis of one), from ``runs`` for the base's axes (of sizes ``sizes``); None where a view
+    splits an axis of the base of size > 1 or broadcasts one to a size > 1."""
+    runs = list(runs)
+    for view in reversed(views):
+        src, out = hint_shape(view.args[0]), hint_shape(view)
+        if src is None or out is None or len(src) != len(runs):
+            return None
+        target, args = view.target, view.args
+        if target is aten.permute.default:
+            runs = [runs[d % len(src)] for d in args[1]]
+        elif target is aten.transpose.int:
+            d0, d1 = args[1] % len(src), args[2] % len(src)
+            runs[d0], runs[d1] = runs[d1], runs[d0]
+        elif target is aten.t.default:
+            runs = runs[::-1]
+        elif target in (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.contiguous.default,
+                        aten.lift_fresh_copy.default):
+            pass
+        elif target is aten.expand.default:
+            lead = len(out) - len(src)
+            if any(out[i] != 1 for i in range(lead)) or any(src[i] != out[lead + i] for i in range(len(src))):
+                return None
+            runs = [()] * lead + runs
+        else:                   # view / reshape / unsqueeze / squeeze / flatten: row-major over whole base axes
+            atoms = [a for run in runs for a in run]
+            new, i = [], 0
+            for size in out:
+                run, prod = (), 1
+                while prod < size and i < len(atoms):
+                    run, prod = run + (atoms[i],), prod * sizes[atoms[i]]
+                    i += 1
+                if prod != size:
+                    return None
+                new.append(run)
+            if i != len(atoms):
+                return None
+            runs = new
+    return runs
 
 
 def _through(views, axis):
@@ -249,32 +371,34 @@ def _through(views, axis):
     return axis
 
 
-def read_feature_sum(gm: fx.GraphModule, node) -> FeatureSum:
+def read_feature_sum(gm: fx.GraphModule, node, top: tuple = ()) -> FeatureSum:
     """The feature normaliser ``node`` computes (``FeatureSum``); NotACandidate when it is none,
-    Refused for a near-miss (a shifted running sum, another axis, eps after the reciprocal, ...)."""
+    Refused for a near-miss (a shifted running sum, another axis, eps after the reciprocal, ...).
+    ``top``: the views met on the way down from the normaliser the caller divides by (outermost first):
+    the rows of that tensor must be phi(q)'s rows in their order (``_rows_in_order``)."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         raise NotACandidate("not a normaliser")
     target = node.target
     if target in VIEW_OPS:
-        return read_feature_sum(gm, node.args[0])
+        return read_feature_sum(gm, node.args[0], top + (node,))
     if target is aten.add.Tensor:
         alpha = float(node.kwargs.get("alpha", 1))
         ca, cb = scalar_value(gm, node.args[0]), scalar_value(gm, node.args[1])
         if cb is None and ca is None:
             raise NotACandidate("a sum of tensors")
         inner, c = (node.args[0], cb * alpha) if cb is not None else (node.args[1], ca)
-        found = read_feature_sum(gm, inner)
+        found = read_feature_sum(gm, inner, top)
         if found.inverted:
             raise Refused("normaliser", "eps is added after the reciprocal", node)
         return FeatureSum(found.kind, found.eps + c, False, found.phi_q, found.cat_q, found.phi_k, found.cat_k,
                           found.factor, found.time)
     if target is aten.reciprocal.default:
-        found = read_feature_sum(gm, node.args[0])
+        found = read_feature_sum(gm, node.args[0], top)
         return FeatureSum(found.kind, found.eps, not found.inverted, found.phi_q, found.cat_q, found.phi_k,
                           found.cat_k, found.factor, found.time)
     scaled = scalar_factor(gm, node)
     if scaled is not None:
-        found = read_feature_sum(gm, scaled[0])
+        found = read_feature_sum(gm, scaled[0], top)
         if scaled[1] != 1.0:
             raise Refused("normaliser", f"the normaliser is scaled by {scaled[1]:g}", node)
         return found
@@ -282,13 +406,13 @@ def read_feature_sum(gm: fx.GraphModule, node) -> FeatureSum:
         prod = node.args[0]
         if not isinstance(prod, fx.Node) or prod.op != "call_function" or prod.target is not aten.mul.Tensor:
             raise NotACandidate("not a sum of a product")
-        return _contraction(gm, prod, list(node.args[1]), node)
+        return _contraction(gm, prod, list(node.args[1]), node, top)
     if target is aten.bmm.default:
-        return _contraction(gm, node, None, node)
+        return _contraction(gm, node, None, node, top)
     raise NotACandidate("not a feature normaliser")
 
 
-def _contraction(gm, prod: fx.Node, summed, where: fx.Node) -> FeatureSum:
+def _contraction(gm, prod: fx.Node, summed, where: fx.Node, top: tuple) -> FeatureSum:
     a, b = prod.args[0], prod.args[1]
     for x, y in ((a, b), (b, a)):
         q_side = _feature_map(gm, x)
@@ -306,7 +430,7 @@ def _contraction(gm, prod: fx.Node, summed, where: fx.Node) -> FeatureSum:
             shape_a, shape_b = hint_shape(a), hint_shape(b)
             if len(shape_a) != 3 or len(shape_b) != 3 or shape_a[2] != hint_shape(q_side[1])[-1]:
                 raise NotACandidate("the bmm does not contract phi(q)'s features")
-        time = _pairing(prod, summed, x, q_side, st)
+        time = _pairing(prod, summed, x, q_side, st, where, top)
         kind, _dim, _keepdim, phi_k, cat_k, factor_k = st[:6]
         return FeatureSum(kind, 0.0, False, q_side[0], q_side[1], phi_k, cat_k, q_side[2] * factor_k, time)
     raise NotACandidate("no feature map of q in the contraction")

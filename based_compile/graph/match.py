@@ -203,11 +203,11 @@ class Matcher:
             raise Refused("normaliser", "the row sums' query axis does not run along the numerator's query axis "
                                         "(transposed between heads and time, or merged by a view)", divided)
 
-    def _feature_normaliser(self, node: fx.Node) -> Weights:
+    def _feature_normaliser(self, node: fx.Node, top: tuple = ()) -> Weights:
         """A normaliser written on the features (``feature_normaliser``), phi(q) . cumsum(phi(k)) or
         phi(q) . sum(phi(k)) (read from the contraction outwards: eps and the reciprocal are read by
         ``normaliser``), as the weights it sums; Refused for a near-miss (a shifted running sum, ...)."""
-        found = read_feature_sum(self.gm, node)
+        found = read_feature_sum(self.gm, node, top)
         return Weights(found.poly, found.keep, False, None, found.phi_q.source, found.phi_k.source,
                        "feature normaliser", None, hint_shape(found.cat_q)[-2], feature_sum=found)
 
@@ -463,29 +463,30 @@ class Matcher:
 
     # ------------------------------------------------------------------ normaliser
 
-    def normaliser(self, node) -> tuple[Weights, float, bool]:
-        """(weights summed, eps, inverted) for a row-sum normaliser expression."""
+    def normaliser(self, node, top: tuple = ()) -> tuple[Weights, float, bool]:
+        """(weights summed, eps, inverted) for a row-sum normaliser expression; ``top``: the views met on
+        the way down (outermost first), for a normaliser written on the features."""
         if not isinstance(node, fx.Node) or node.op != "call_function":
             raise NotACandidate("not a normaliser")
         target, args = node.target, node.args
         if target in VIEW_OPS:
-            return self.normaliser(args[0])
+            return self.normaliser(args[0], top + (node,))
         if target is aten.add.Tensor:
             alpha = float(node.kwargs.get("alpha", 1))
             ca, cb = scalar_value(self.gm, args[0]), scalar_value(self.gm, args[1])
             if cb is not None or ca is not None:
                 tensor_arg, c = (args[0], cb * alpha) if cb is not None else (args[1], ca)
-                w, eps, inverted = self.normaliser(tensor_arg)
+                w, eps, inverted = self.normaliser(tensor_arg, top)
                 if inverted:
                     raise Refused("normaliser", "eps is added after the reciprocal of the row sums", node)
                 return w, eps + c, inverted
             raise NotACandidate("sum of two tensors")
         if target is aten.reciprocal.default:
-            w, eps, inverted = self.normaliser(args[0])
+            w, eps, inverted = self.normaliser(args[0], top)
             return w, eps, not inverted
         scaled = scalar_factor(self.gm, node)
         if scaled is not None:
-            w, eps, inverted = self.normaliser(scaled[0])
+            w, eps, inverted = self.normaliser(scaled[0], top)
             if scaled[1] != 1.0:
                 raise Refused("normaliser", f"the row sums are scaled by {scaled[1]:g}", node)
             return w, eps, inverted
@@ -497,13 +498,13 @@ class Matcher:
                 w = self.weights(x)
             except NotACandidate:
                 if target is aten.sum.dim_IntList:
-                    return self._feature_normaliser(node), 0.0, False
+                    return self._feature_normaliser(node, top), 0.0, False
                 raise
             if dims != [w.axes[1]]:
                 raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
             return w, 0.0, False
         if target is aten.bmm.default:
-            return self._feature_normaliser(node), 0.0, False
+            return self._feature_normaliser(node, top), 0.0, False
         if target in (aten.clamp.default, aten.clamp_min.default, aten.maximum.default, aten.abs.default):
             try:
                 self.normaliser(args[0])
