@@ -12,10 +12,15 @@ next to a quadratic numerator, the same function as ``a.sum(-1)`` (``match.Match
 ``read_feature_sum`` reads it into a ``FeatureSum``: which feature maps (and scalar factors) it
 contracts, running or total sum, eps, inverted or not. Which entries the contraction pairs is
 proven by replaying its views on index tensors (``_pairing``): each query row's features must meet
-the same row of the running sum (same batch, head and time position), feature by feature, and the
-sum must run over the axis ``FeatureSum.time`` of phi(k) (callers compare it with their
-numerator's time axis). Index tensors cost one integer per feature entry; above
-``INDEX_MAX_ELEMENTS`` entries the pairing is left to the shapes (and the numerical probe).
+the same row of the running sum (same batch, head and time position), feature by feature; the
+sum must run over the whole axis ``FeatureSum.time`` of phi(k), from position 0, step 1 (not a
+strided or restarting sum; callers compare the axis with their numerator's time axis and the
+feature maps with the numerator's); and the result's rows must be phi(q)'s rows in their order
+(what the numerator's rows are), through the views up to the divisor. Index tensors cost one
+integer per feature entry; above ``INDEX_MAX_ELEMENTS`` entries the same is proven by following
+every axis of the maps through the views as runs of whole axes (``_tracked``): a view that splits
+an axis or broadcasts one is refused there. Every structural check holds on its own: at real
+shapes the numerical probe is skipped.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ log = logging.getLogger("based_compile")
 
 # Index tensors hold one int64 per entry of phi(q) (B * H * T * F; with their coordinates, about 40 bytes an
 # entry at the peak); above this many entries (the numerical probe's limit) the pairing of rows
-# and features is read from the shapes alone.
+# and features is proven by following whole axes through the views (``_tracked``).
 INDEX_MAX_ELEMENTS = 1 << 22
 
 
@@ -54,7 +59,7 @@ class FeatureSum:
     phi_k: FeatureMap
     cat_k: fx.Node
     factor: float             # scalar factors on phi(q) and phi(k) inside the contraction
-    time: int | None          # the axis of phi(k)'s cat the sum runs over (None: not proven, large shapes)
+    time: int | None          # the axis of phi(k)'s cat the sum runs over (None: one time step)
 
     @property
     def poly(self) -> polynomial.Poly:
@@ -148,7 +153,7 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st, where: fx.No
     """Prove, on index tensors, that the contraction ``prod`` (a product summed over the axes
     ``summed``, or a bmm) pairs entry (row r, feature f) of phi(q) with entry (row r, feature f) of
     the sum over phi(k), over every feature once; returns the axis of phi(k)'s cat the sum runs over
-    (None above ``INDEX_MAX_ELEMENTS`` or at one time step). Refused when the pairing is another."""
+    (None at one time step). Refused when the pairing is another."""
     _, cat_q, _, q_views = q_side
     kind, dim, keepdim, _, cat_k, _, outer, inner, state = st
     shape_q, shape_k = tuple(hint_shape(cat_q)), tuple(hint_shape(cat_k))
