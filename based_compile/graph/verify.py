@@ -289,6 +289,10 @@ def _axes_kept(m: Match, reading: Settled) -> str | None:
     gm = m.output.graph.owning_module
     tdim = 1 if reading.unsqueeze_inputs else (2 if reading.spec.layout == "BHTD" else 1)
     for bmm in _site_bmms(m):
+        if (hint_shape(bmm.args[0]) or (0,))[-1] == 1:
+            # contracts nothing: an outer product (x.unsqueeze(-1) @ x.unsqueeze(-2) in a feature map),
+            # an elementwise product in the form of a matmul, read by the feature-map reader as such
+            continue
         for position in (0, 1):
             operand = bmm.args[position]
             rank = len(hint_shape(operand) or ())
