@@ -147,14 +147,8 @@ def _tile(num, den, pq, pk, f, fmask, v_row, kv_base, ks_base, kvo_base, kso_bas
     m2 = fmask[:, None] & dv_mask[None, :]
     offs = f[:, None] * DV + dv_idx[None, :]
     kv = tl.load(kv_base + offs, mask=m2, other=0.0).to(tl.float32)
-    kv_new = (kv + pk[:, None] * v_row[None, :]).to(kvo_base.dtype.element_ty)
-    tl.store(kvo_base + offs, kv_new, mask=m2 & (f[:, None] < write_kv))
-    num += tl.sum(pq[:, None] * kv_new.to(tl.float32), axis=0)
     ks = tl.load(ks_base + f, mask=fmask, other=0.0).to(tl.float32)
-    ks_new = (ks + pk).to(kso_base.dtype.element_ty)
-    tl.store(kso_base + f, ks_new, mask=fmask & (f < write_ks))
-    den += tl.sum(pq * ks_new.to(tl.float32), axis=0)
-    return num, den
+    return _flat_finish(num, den, f, fmask, m2, offs, pq, pk, kv, ks, v_row, kvo_base, kso_base, write_kv, write_ks)
 
 
 @triton.jit
