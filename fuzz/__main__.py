@@ -5,6 +5,7 @@
     python -m fuzz --case 12                   # one case, verbose (its program, then the verdict)
     python -m fuzz --case 12 --print           # print the case's standalone reproducer and exit
     python -m fuzz --seconds 600 --force inner=eager --force grad=True   # one choice for every case
+    python -m fuzz --seconds 600 --structure-only   # the pass without its numerical probe (as at real sizes)
 
 Case numbers are ``seed * 100000 + i``; every case is a pure function of its number. Each silent
 wrong result or crash is printed as a standalone reproducer (and written to ``--repro-dir``).
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover
     pass
 
 from .program import FORCED, generate  # noqa: E402
-from .run import run_case, summarise, write_reproducer  # noqa: E402
+from .run import STRUCTURE_ONLY, run_case, structure_only, summarise, write_reproducer  # noqa: E402
 from .worker import Worker, serve  # noqa: E402
 
 
@@ -52,8 +53,15 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="append", default=[], metavar="AXIS=CHOICE",
                         help="the same choice for every case, e.g. inner=eager, dynamic=True, form=fm_linear "
                              "(values read as Python literals where they parse)")
+    parser.add_argument("--structure-only", action="store_true",
+                        help="the graph pass without its numerical probe and index tensors, which run only up to "
+                             "4M entries: what real sizes get")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.structure_only:
+        os.environ[STRUCTURE_ONLY] = "1"            # the worker process inherits it
+    if os.environ.get(STRUCTURE_ONLY) == "1":
+        structure_only()
     for item in args.force:
         axis, sep, value = item.partition("=")
         if not sep:

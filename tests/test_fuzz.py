@@ -12,6 +12,7 @@ A longer run is one command: ``python -m fuzz --seconds 600 --seed 0``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -35,7 +36,9 @@ _import_fuzz()
 from fuzz import check  # noqa: E402
 from fuzz.mutate import MUTATIONS  # noqa: E402
 from fuzz.program import generate, load  # noqa: E402
-from fuzz.run import run_case  # noqa: E402
+from based_compile.graph import feature_normaliser, verify  # noqa: E402
+from fuzz import __main__ as fuzz_main  # noqa: E402
+from fuzz.run import STRUCTURE_ONLY, run_case  # noqa: E402
 
 # case number -> the open bug it hits (issue 13)
 KNOWN_FAILING: dict[int, str] = {}
@@ -164,3 +167,16 @@ def test_check_counts_based_calls_and_compares_gradients():
     assert result["crash"] is None and not result["wrong"], result
     assert set(result["errors"][3]) == {"output", "d_input0", "d_input1", "d_input2", "d_scale"}
     assert set(result["based_calls"]) == {3, 5}
+
+
+def test_structure_only_turns_the_probe_and_the_index_tensors_off(monkeypatch, capsys):
+    """``--structure-only`` runs the pass as real sizes do (the probe and the index tensors run only up
+    to 4M entries); the worker process gets it through the environment."""
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", verify.PROBE_MAX_ELEMENTS)
+    monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", feature_normaliser.INDEX_MAX_ELEMENTS)
+    monkeypatch.delenv(STRUCTURE_ONLY, raising=False)
+    assert verify.PROBE_MAX_ELEMENTS > 0 and feature_normaliser.INDEX_MAX_ELEMENTS > 0
+    assert fuzz_main.main(["--structure-only", "--case", "7", "--print"]) == 0
+    assert "def " in capsys.readouterr().out
+    assert verify.PROBE_MAX_ELEMENTS == 0 and feature_normaliser.INDEX_MAX_ELEMENTS == 0
+    assert os.environ[STRUCTURE_ONLY] == "1"
