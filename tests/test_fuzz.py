@@ -174,9 +174,15 @@ def test_structure_only_turns_the_probe_and_the_index_tensors_off(monkeypatch, c
     to 4M entries); the worker process gets it through the environment."""
     monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", verify.PROBE_MAX_ELEMENTS)
     monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", feature_normaliser.INDEX_MAX_ELEMENTS)
-    monkeypatch.delenv(STRUCTURE_ONLY, raising=False)
+    monkeypatch.setenv(STRUCTURE_ONLY, "0")          # recorded, so that main()'s "1" is undone afterwards
     assert verify.PROBE_MAX_ELEMENTS > 0 and feature_normaliser.INDEX_MAX_ELEMENTS > 0
     assert fuzz_main.main(["--structure-only", "--case", "7", "--print"]) == 0
     assert "def " in capsys.readouterr().out
     assert verify.PROBE_MAX_ELEMENTS == 0 and feature_normaliser.INDEX_MAX_ELEMENTS == 0
     assert os.environ[STRUCTURE_ONLY] == "1"
+
+
+def test_structure_only_is_undone_after_its_test():
+    """The test above leaves neither the setting nor the environment to the tests after it."""
+    assert os.environ.get(STRUCTURE_ONLY) != "1"
+    assert verify.PROBE_MAX_ELEMENTS > 0 and feature_normaliser.INDEX_MAX_ELEMENTS > 0
