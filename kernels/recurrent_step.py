@@ -152,6 +152,25 @@ def _tile(num, den, pq, pk, f, fmask, v_row, kv_base, ks_base, kvo_base, kso_bas
 
 
 @triton.jit
+def _program_rows(q, k, v, kv, ks, kv_out, ks_out, sq_r, sk_r, sv_r, sv_d, group, F: tl.constexpr,
+                  DV: tl.constexpr, BV: tl.constexpr):
+    """Both kernels' program: query row pid 0 and Dv columns pid 1 * BV ..; its q, k rows, v's columns
+    (float32), the state rows it reads and writes, and how many features of kv' and ks' it writes (the
+    first query row of its group writes the states; ks' only the first Dv block)."""
+    q_index = tl.program_id(0).to(tl.int64)
+    row = q_index // group                            # the state row (and k, v row) this query row reads
+    first = (q_index % group) == 0
+    pid_v = tl.program_id(1)
+    dv_idx = pid_v * BV + tl.arange(0, BV)
+    dv_mask = dv_idx < DV
+    write_kv = F * first.to(tl.int32)                 # kv' is written for f < this
+    write_ks = F * (first & (pid_v == 0)).to(tl.int32)   # ks' by the first Dv block: f < this
+    v_row = tl.load(v + row * sv_r + dv_idx * sv_d, mask=dv_mask, other=0.0).to(tl.float32)
+    return (q + q_index * sq_r, k + row * sk_r, v_row, kv + row * (F * DV), kv_out + row * (F * DV),
+            ks + row * F, ks_out + row * F, dv_idx, dv_mask, write_kv, write_ks)
+
+
+@triton.jit
 def _recurrent_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
                            sq_r, sq_d, sk_r, sk_d, sv_r, sv_d, so_r, so_d, group,
                            fq0, fk0, fq1, fk1, fq2, fk2, fq3, fk3, eps,
@@ -161,18 +180,8 @@ def _recurrent_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
                            K3: tl.constexpr, W3: tl.constexpr, O3: tl.constexpr,
                            F: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                            BA: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr):
-    q_index = tl.program_id(0).to(tl.int64)
-    row = q_index // group                            # the state row (and k, v row) this query row reads
-    first = (q_index % group) == 0                    # the first query row of its group writes the states
-    pid_v = tl.program_id(1)
-    dv_idx = pid_v * BV + tl.arange(0, BV)
-    dv_mask = dv_idx < DV
-    write_kv = F * first.to(tl.int32)                 # kv' is written for f < this
-    write_ks = F * (first & (pid_v == 0)).to(tl.int32)   # ks' by the first Dv block: f < this
-    q_row, k_row = q + q_index * sq_r, k + row * sk_r
-    v_row = tl.load(v + row * sv_r + dv_idx * sv_d, mask=dv_mask, other=0.0).to(tl.float32)
-    kv_base, kvo_base = kv + row * (F * DV), kv_out + row * (F * DV)
-    ks_base, kso_base = ks + row * F, ks_out + row * F
+    (q_row, k_row, v_row, kv_base, kvo_base, ks_base, kso_base, dv_idx, dv_mask, write_kv,
+     write_ks) = _program_rows(q, k, v, kv, ks, kv_out, ks_out, sq_r, sk_r, sv_r, sv_d, group, F, DV, BV)
     num = tl.zeros([BV], dtype=tl.float32)
     den = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
     num, den = _piece(num, den, q_row, k_row, sq_d, sk_d, v_row, kv_base, ks_base, kvo_base, kso_base, dv_idx,
@@ -185,7 +194,7 @@ def _recurrent_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
                       dv_mask, fq3, fk3, write_kv, write_ks, K3, W3, O3, DK, BK, BA, BC, DV)
     if NORMALIZE:
         num = num / (den + eps)
-    tl.store(o + q_index * so_r + dv_idx * so_d, num.to(o.dtype.element_ty), mask=dv_mask)
+    tl.store(o + tl.program_id(0).to(tl.int64) * so_r + dv_idx * so_d, num.to(o.dtype.element_ty), mask=dv_mask)
 
 
 # ----------------------------------------------------------------------------- "flat"
@@ -266,18 +275,8 @@ def _flat_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
                       TB: tl.constexpr, BV: tl.constexpr, NORMALIZE: tl.constexpr, HAS_KS: tl.constexpr):
     """One program: query row pid 0, Dv columns pid 1 * BV ..; features in NT main tiles of TA and
     a remainder tile of TB (none when TB = 0). With NT = 1 every load precedes every store."""
-    q_index = tl.program_id(0).to(tl.int64)
-    row = q_index // group                            # the state row (and k, v row) this query row reads
-    first = (q_index % group) == 0                    # the first query row of its group writes the states
-    pid_v = tl.program_id(1)
-    dv_idx = pid_v * BV + tl.arange(0, BV)
-    dv_mask = dv_idx < DV
-    write_kv = F * first.to(tl.int32)                 # kv' is written for f < this
-    write_ks = F * (first & (pid_v == 0)).to(tl.int32)   # ks' by the first Dv block: f < this
-    q_row, k_row = q + q_index * sq_r, k + row * sk_r
-    kv_base, kvo_base = kv + row * (F * DV), kv_out + row * (F * DV)
-    ks_base, kso_base = ks + row * F, ks_out + row * F
-    v_row = tl.load(v + row * sv_r + dv_idx * sv_d, mask=dv_mask, other=0.0).to(tl.float32)
+    (q_row, k_row, v_row, kv_base, kvo_base, ks_base, kso_base, dv_idx, dv_mask, write_kv,
+     write_ks) = _program_rows(q, k, v, kv, ks, kv_out, ks_out, sq_r, sk_r, sv_r, sv_d, group, F, DV, BV)
     num = tl.zeros([BV], dtype=tl.float32)
     den = tl.sum(tl.zeros([BV], dtype=tl.float32), axis=0)
     if NT == 1:
@@ -312,7 +311,7 @@ def _flat_step_kernel(q, k, v, kv, ks, o, kv_out, ks_out,
                                     write_kv, write_ks)
     if NORMALIZE:
         num = num / (den + eps)
-    tl.store(o + q_index * so_r + dv_idx * so_d, num.to(o.dtype.element_ty), mask=dv_mask)
+    tl.store(o + tl.program_id(0).to(tl.int64) * so_r + dv_idx * so_d, num.to(o.dtype.element_ty), mask=dv_mask)
 
 
 # ----------------------------------------------------------------------------- launch
