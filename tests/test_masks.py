@@ -178,6 +178,39 @@ def test_issue_window_under_automatic_dynamic_shapes():
         _check_values_and_grads(win, compiled, *_qkv(t, seed=t), f"window at T={t}")
 
 
+def _narrow_index_mask(dtype, cast):
+    def attend(q, k, v):
+        t = q.shape[-2]
+        i = torch.arange(t).to(dtype) if cast else torch.arange(t, dtype=dtype)
+        a = _weights(q, k).masked_fill(i[:, None] < i[None, :], 0.0)
+        return _normalised(a, v)
+    return attend
+
+
+@pytest.mark.parametrize("dtype,cast,short,long", [(torch.bfloat16, True, 9, 300), (torch.bfloat16, False, 9, 300),
+                                                   (torch.uint8, True, 9, 260), (torch.float16, False, 9, 2100)])
+def test_indices_in_a_narrow_dtype_are_exact_only_where_they_fit(dtype, cast, short, long):
+    """arange(T) in bfloat16 rounds from 256 on (259 and 260 compare equal: a future key is kept), uint8
+    wraps at 256, float16 rounds from 2048: a comparison of such indices is causal only up to there. The
+    old reader read every cast of indices as an identity (errors 0.03-3 past the limit, with the probe
+    and without). Under dynamic shapes it is refused; at static lengths it is accepted where it fits."""
+    attend = _narrow_index_mask(dtype, cast)
+    backend, codes = _recorder()
+    compiled = torch.compile(attend, backend=backend, dynamic=True)
+    for t in (short, short + 1, long):
+        _check_values_and_grads(attend, compiled, *_qkv(t, seed=t), f"{dtype} indices at T={t}")
+    assert codes and not any("based_attention_call" in c for c in codes), f"{dtype}: rewritten"
+    for t, rewritten in ((short, True), (long, False)):
+        torch._dynamo.reset()
+        backend, codes = _recorder()
+        compiled = torch.compile(attend, backend=backend, dynamic=False)
+        _check_values_and_grads(attend, compiled, *_qkv(t, seed=t), f"{dtype} indices, static T={t}")
+        assert any("based_attention_call" in c for c in codes) == rewritten, (dtype, t, codes)
+        ex = based_compile.explain(attend, *_qkv(t, seed=t))
+        if not rewritten:
+            assert f"indices held in {dtype}" in ex.refusals[0].reason, ex
+
+
 def test_dynamic_refusal_reasons():
     """The refusal under a symbolic length names what the mask keeps."""
     cases = {"window3": "windowed (banded) mask: keeps only -2 <= j - i <= 0",

@@ -436,6 +436,40 @@ _FILL_OPS = {aten.ones.default: 1, aten.zeros.default: 0, aten.ones_like.default
              aten.new_ones.default: 1, aten.new_zeros.default: 0}
 
 
+# The largest integer up to which a dtype holds every integer (index values beyond it round or wrap).
+_EXACT_UP_TO = {torch.float32: 1 << 24, torch.float16: 1 << 11, torch.bfloat16: 1 << 8,
+                torch.int32: (1 << 31) - 1, torch.int16: (1 << 15) - 1, torch.int8: (1 << 7) - 1,
+                torch.uint8: 255}
+
+
+def _exact_indices(node: fx.Node, value):
+    """``value`` if the index values it stands for are exact in ``node``'s dtype, else a MaskError.
+
+    An index tensor read as a linear function of positions is only that function while its dtype holds
+    every value it takes: ``arange(T).to(torch.bfloat16)`` rounds from 256 on (259 and 260 compare equal)
+    and ``uint8`` wraps at 256, so a comparison of such indices is not the causal mask it reads as past
+    that length. int64 and float64 are exact at any length a mask can have. A narrower dtype is accepted
+    only when the sizes are static and every value fits (a dynamic length can grow past the limit)."""
+    if not isinstance(value, _Lin) or not any(value.coefs):
+        return value
+    val = example_value(node)
+    limit = _EXACT_UP_TO.get(getattr(val, "dtype", None))
+    if limit is None:                   # int64, float64 (exact) or not a tensor
+        return value
+    shape = [size_expr(s) for s in val.shape]
+    terms = [value.off] + [c for c in value.coefs] + shape
+    if not all(_is_int(t) for t in terms):
+        raise MaskError(f"the mask compares indices held in {val.dtype}, which are exact only up to {limit}, "
+                        "at a length that is not static")
+    unsigned = val.dtype == torch.uint8
+    high = value.off + sum(max(c, 0) * (n - 1) for c, n in zip(value.coefs, shape))
+    low = value.off + sum(min(c, 0) * (n - 1) for c, n in zip(value.coefs, shape))
+    if high > limit or low < (0 if unsigned else -limit):
+        raise MaskError(f"the mask compares indices held in {val.dtype}, which are exact only up to {limit}, "
+                        f"with values from {low} to {high}")
+    return value
+
+
 class _Reader:
     def __init__(self, gm: fx.GraphModule, evaluate):
         self.gm = gm
@@ -484,7 +518,7 @@ class _Reader:
                 continue
             stack.pop()
             try:
-                self.values[n] = self._read_one(n)
+                self.values[n] = _exact_indices(n, self._read_one(n))
             except MaskError as err:
                 self.values[n] = err
         value = self.values[node]
