@@ -62,7 +62,8 @@ def _fully_shard():
     return fully_shard
 
 
-def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float = DDP_BUCKET_CAP_MB):
+def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float = DDP_BUCKET_CAP_MB,
+         fsdp_group: int = 1):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         # Dynamo's DDP optimizer cuts the graph where DDP's gradient buckets end (a first bucket of
@@ -74,9 +75,13 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
         from torch.distributed.device_mesh import init_device_mesh
         fully_shard = _fully_shard()
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for i, block in enumerate(model.blocks):
-            # The last block's parameters stay gathered after the forward: the backward starts with them.
-            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(model.blocks) - 1)
+        # One FSDP unit per ``fsdp_group`` consecutive blocks (1: each block, the usual recipe). Fewer
+        # units, fewer collectives and hooks a step, for more parameters gathered at once.
+        blocks = list(model.blocks)
+        units = [blocks[i:i + fsdp_group] for i in range(0, len(blocks), fsdp_group)]
+        for i, unit in enumerate(units):
+            # The last unit's parameters stay gathered after the forward: the backward starts with them.
+            fully_shard(unit[0] if len(unit) == 1 else unit, mesh=mesh, reshard_after_forward=i < len(units) - 1)
         fully_shard(model, mesh=mesh)
         return model
     return model
@@ -84,9 +89,11 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
 
 def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int, batch: int, seqlen: int,
           dtype=torch.float32, inner="inductor", compile=True, model_kwargs=None, lr: float = 0.05,
-          bucket_cap_mb: float = DDP_BUCKET_CAP_MB, explain: bool = False, placement: str = "model"):
+          bucket_cap_mb: float = DDP_BUCKET_CAP_MB, explain: bool = False, placement: str = "model",
+          compile_mode: str | None = None, fsdp_group: int = 1):
     """Train ``steps`` steps under ``backend=based_compile.backend(inner=inner)`` (eagerly if not ``compile``),
-    compiled where ``placement`` says (PLACEMENTS).
+    compiled where ``placement`` says (PLACEMENTS), with torch.compile's ``compile_mode``
+    (``"reduce-overhead"``: CUDA graphs); FSDP2 shards ``fsdp_group`` blocks per unit.
 
     Returns a dict: ``losses`` (averaged over ranks), ``step_s`` (median step seconds),
     ``graphs`` (how many graphs Dynamo handed to the backend: more than one when DDP's graph
@@ -114,15 +121,18 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
 
     if compile and placement == "blocks":
         for block in model.blocks:
-            block.compile(backend=counting_backend)
-    model = wrap(model, mode, device, bucket_cap_mb)
-    compiled = torch.compile(model, backend=counting_backend) if compile and placement == "model" else model
+            block.compile(backend=counting_backend, mode=compile_mode)
+    model = wrap(model, mode, device, bucket_cap_mb, fsdp_group)
+    compiled = torch.compile(model, backend=counting_backend, mode=compile_mode) \
+        if compile and placement == "model" else model
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     per_rank = batch // world
     losses, times, host_times, based_calls, syncs = [], [], [], 0, None
 
     def forward_backward_step(tokens, count=False):
         nonlocal based_calls
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()      # a new step: the last one's graph outputs are done
         if count:
             logits, based_calls = count_based_calls(lambda: compiled(tokens[:, :-1]))
         else:
