@@ -16,7 +16,9 @@ on its own GPU (rank 0's numbers are reported). ``--budget-s`` stops starting ru
 not finish in time (they are reported as skipped). DDP runs at its default bucket cap (25 MB).
 After the table, one line per run about one more step under the CUDA profiler (GPU kernel time
 against wall time, launches, CUDA calls that can wait, the host's costliest operators).
-``--placements model,blocks`` also runs DDP and FSDP2 with each block compiled before wrapping.
+``--placements model,blocks`` also runs DDP and FSDP2 with each block compiled before wrapping;
+``--compile-modes default,reduce-overhead`` also runs the per-GPU single run and DDP under CUDA
+graphs (efficiency against the single run under CUDA graphs; calls counted in the first step).
 Keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here if unset).
 
     python benchmarks/distributed.py --world 2 [--out benchmarks/results] [--budget-s 240]
@@ -41,9 +43,17 @@ LOSS_TOLERANCE = 1e-5        # float32, over --steps steps, against one process 
 EFFICIENCY_BAR = 0.9
 
 
-def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=CONFIGS, placements=("model",)):
+GRAPHS = " (CUDA graphs)"      # the label of runs compiled with mode="reduce-overhead"
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=CONFIGS, placements=("model",),
+         compile_modes=("default",)):
     """(label, train kwargs) per run, most important first; DDP and FSDP2 once per compile placement
-    (examples/distributed_training.PLACEMENTS), the single-GPU runs compile the whole model."""
+    (examples/distributed_training.PLACEMENTS), the single-GPU runs compile the whole model. Under
+    ``compile_modes`` "reduce-overhead" (CUDA graphs) the per-GPU single run and DDP run again, FSDP2
+    not: it frees its gathered parameters between uses, so the graphs' input addresses change and CUDA
+    graphs re-record every step (532 ms a step at bf16 T=2048 on 2 H200s, against 81 ms without)."""
     runs = []
     for dtype, seqlen in configs:
         first = (dtype, seqlen) == CONFIGS[0]
@@ -51,12 +61,16 @@ def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=
         key = dict(dtype=dtype, T=seqlen)
         if first:
             runs.append((dict(key, run="single (global batch)"), dict(kw, mode="single", batch=per_gpu_batch * world)))
-        runs.append((dict(key, run="single (per-GPU batch)"), dict(kw, mode="single", batch=per_gpu_batch)))
-        for placement in placements:
-            suffix = "" if placement == "model" else f" ({placement} compiled)"
-            for mode in ("ddp", "fsdp2"):
-                runs.append((dict(key, run=f"{mode} x{world}{suffix}"),
-                             dict(kw, mode=mode, batch=per_gpu_batch * world, placement=placement)))
+        for compile_mode in compile_modes:
+            graphs = compile_mode == "reduce-overhead"
+            label, ckw = (GRAPHS, dict(kw, compile_mode=compile_mode)) if graphs else ("", kw)
+            runs.append((dict(key, run=f"single (per-GPU batch){label}"),
+                         dict(ckw, mode="single", batch=per_gpu_batch)))
+            for placement in placements:
+                suffix = "" if placement == "model" else f" ({placement} compiled)"
+                for mode in ("ddp",) if graphs else ("ddp", "fsdp2"):
+                    runs.append((dict(key, run=f"{mode} x{world}{suffix}{label}"),
+                                 dict(ckw, mode=mode, batch=per_gpu_batch * world, placement=placement)))
     return runs
 
 
@@ -68,7 +82,7 @@ def rows_of(labels, results, world: int) -> list[dict]:
     for r in rows:
         if "step_s" not in r or f" x{world}" not in r["run"]:
             continue
-        small = by.get((r["dtype"], r["T"], "single (per-GPU batch)"), {})
+        small = by.get((r["dtype"], r["T"], "single (per-GPU batch)" + (GRAPHS if GRAPHS in r["run"] else "")), {})
         if "step_s" in small:
             r["efficiency"] = small["step_s"] / r["step_s"]
         if reference is not None and "losses" in reference and r["dtype"] == "float32" \
@@ -145,6 +159,9 @@ def main() -> None:
     p.add_argument("--placements", default="model",
                    help="comma-separated compile placements of the DDP and FSDP2 runs: model (torch.compile of the "
                         "wrapped model), blocks (each block compiled before wrapping)")
+    p.add_argument("--compile-modes", default="default",
+                   help="comma-separated torch.compile modes of the per-GPU single and DDP runs: default, "
+                        "reduce-overhead (CUDA graphs; FSDP2 is not run under them)")
     args = p.parse_args()
     if args.world < 2 or torch.cuda.device_count() < args.world:
         sys.exit(f"needs {max(args.world, 2)} GPUs, found {torch.cuda.device_count()}")
@@ -160,7 +177,10 @@ def main() -> None:
     placements = tuple(args.placements.split(","))
     if not set(placements) <= set(dt.PLACEMENTS):
         p.error(f"--placements: each must be one of {dt.PLACEMENTS}, got {args.placements!r}")
-    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs, placements)
+    compile_modes = tuple(args.compile_modes.split(","))
+    if not set(compile_modes) <= set(COMPILE_MODES):
+        p.error(f"--compile-modes: each must be one of {COMPILE_MODES}, got {args.compile_modes!r}")
+    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs, placements, compile_modes)
     deadline = start + args.budget_s if args.budget_s else None
     # First the interconnect: an all-reduce's bus bandwidth bounds what a short step can scale to.
     results = dt.run_distributed_many(args.world, "cuda", [dict(mode="allreduce")] + [kw for _, kw in runs],

@@ -151,7 +151,9 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
         checking = device.type == "cuda" and step == 1
         with count_syncs() if checking else contextlib.nullcontext([]) as waits:
             start = time.perf_counter()
-            loss = forward_backward_step(tokens, count=step == steps - 1)
+            # Count the calls in the last step, or under CUDA graphs in the first (compilation and the
+            # graphs' warm-up run their operators one by one; a replay dispatches none of them).
+            loss = forward_backward_step(tokens, count=step == (0 if compile_mode == "reduce-overhead" else steps - 1))
         host_times.append(time.perf_counter() - start)
         if checking:
             syncs = len(waits)
