@@ -4,6 +4,7 @@
     python benchmarks/generate.py --quick --out OUT    # fewer contexts and reps
     python benchmarks/generate.py --dry --out OUT      # tiny shapes on the CPU: checks the script's logic
     python benchmarks/generate.py --step-only --out OUT    # ~2-3 minutes: the per-layer recurrent step only
+    python benchmarks/generate.py --model-only --out OUT   # ~3 minutes: the whole model only
 
 Per layer (H=16, Dk=16, Dv=64, bfloat16; contexts 1k, 8k, 32k, 64k; B = 1 and 16), the time of one
 decode step (one new query per head) for:
@@ -26,11 +27,20 @@ and V, and q, write o; recurrent: read and write both states, read q, k, v, writ
 V at d64) over the copy bandwidth measured in the same run (benchmarks/floor.py); ``over_floor`` =
 ms / floor.
 
-Whole model (examples/generate.py's GenerativeBasedLM, bfloat16, B=1, caches of ``--model-context``
-tokens, synthetic: decode speed does not depend on their values): tokens/s of greedy decode steps
-for Inductor and ``backend="based"`` in both modes, and in the recurrent mode also under
-``mode="reduce-overhead"`` (CUDA graphs; the KV-cache mode grows its cache every step, a new shape
-each token, so CUDA graphs do not apply to it as written).
+Whole model (examples/generate.py's GenerativeBasedLM, bfloat16, B = ``--model-batch`` (1), caches of
+``--model-context`` (32768) tokens, synthetic: decode speed does not depend on their values), the same
+model code for Inductor and ``backend="based"``: greedy decode steps in the KV-cache mode, the
+recurrent mode (functional states) and the static-cache mode (``StaticCache``, states written in
+place), without and with CUDA graphs (``mode="reduce-overhead"``; the KV-cache mode grows its cache
+every step, a new shape each token, so CUDA graphs do not apply to it as written). Per token, the
+static-cache loop under CUDA graphs is ``cudagraph_mark_step_begin()``, the compiled call (a graph
+replay) and an argmax into a static token buffer; ``*_recurrent_cudagraphs`` (functional states)
+also clones every state after each replay, because the next replay overwrites the graph's outputs.
+Each entry records tokens/s and ``ms`` (the loop's wall time per token), ``gpu_ms`` (the GPU's own
+time per token: a sleep kernel holds the stream while the host queues the tokens, CUDA events time
+them back to back; ``gpu_timed`` false when the host could not get ahead), ``host_bound`` (wall >
+1.25x GPU) and ``rel_err`` (the first token's logits against eager's on the same caches).
+``--model-only`` runs this part alone and writes OUT/generate_model.json.
 
 Writes OUT/generate.json and OUT/generate.png (ms/token against context; needs matplotlib); prints
 progress as it goes and a short table last.
@@ -74,6 +84,7 @@ ENTRIES = KV_ENTRIES + REC_ENTRIES + ("sdpa_d64",)
 STEP_KERNEL_ENTRIES = ("flat_bv4", "flat_bv8", "flat_bv16", "flat_bv32", "tiled")
 STEP_ENTRIES = ("null", "inductor_kv", "inductor_rec", "based_rec", "based_rec_tiled") + STEP_KERNEL_ENTRIES
 MODEL_ENTRIES = ("inductor_kv_cache", "based_kv_cache", "inductor_recurrent", "based_recurrent",
+                 "inductor_static", "based_static", "inductor_static_cudagraphs", "based_static_cudagraphs",
                  "inductor_recurrent_cudagraphs", "based_recurrent_cudagraphs")
 
 
@@ -367,6 +378,8 @@ def print_step_table(data):
 # ----------------------------------------------------------------------------- whole model
 
 def synthetic_caches(model, b, context, mode, device, dtype):
+    """Per layer (conv cache, attention cache) as after ``context`` tokens (``mode`` "kv_cache": K and V
+    of that length; "recurrent": the states of 256 random tokens, the values do not change the speed)."""
     caches = []
     for block in model.blocks:
         attn = block.attn
@@ -377,7 +390,7 @@ def synthetic_caches(model, b, context, mode, device, dtype):
         if mode == "kv_cache":
             cache = (torch.randn(b, attn.n_kv_heads, context, attn.feature_dim, device=device, dtype=dtype),
                      torch.randn(b, attn.n_kv_heads, context, attn.head_dim, device=device, dtype=dtype))
-        else:           # the states of 256 random tokens (the values do not change the speed)
+        else:
             phi = taylor(torch.randn(b, attn.n_heads, 256, attn.feature_dim, device=device))
             v = torch.randn(b, attn.n_heads, 256, attn.head_dim, device=device)
             cache = ((phi.transpose(-2, -1) @ v).to(dtype), phi.sum(2, keepdim=True).to(dtype))
@@ -389,6 +402,78 @@ def _clone(caches):
     return [(None if c is None else c.clone(), tuple(x.clone() for x in a)) for c, a in caches]
 
 
+def model_entry(name):
+    """(mode, cudagraphs) of a whole-model entry: mode "kv_cache", "recurrent" (functional caches, new
+    tensors every token) or "static" (examples/generate.py's StaticCache, written in place)."""
+    mode = "kv_cache" if "kv_cache" in name else "static" if "static" in name else "recurrent"
+    return mode, name.endswith("_cudagraphs")
+
+
+class Decoder:
+    """One entry's greedy decode loop, as a server writes it for that mode.
+
+    kv_cache / recurrent: ``logits, caches = step(token, caches, mode)``, ``token = argmax``; under CUDA
+    graphs (recurrent only) every cache is cloned after the call, because the next replay overwrites
+    the graph's outputs. static: ``logits = step(token, cache)`` with ``cache`` a StaticCache (every
+    state written in place by the graph) and ``token`` a static buffer the argmax writes into: per
+    token, ``cudagraph_mark_step_begin()`` (under CUDA graphs), the compiled call, one argmax."""
+
+    def __init__(self, model, step, mode, graphs, caches, token):
+        from generate import StaticCache
+
+        self.step, self.mode, self.graphs = step, mode, graphs
+        if mode == "static":
+            self.cache = StaticCache(model, token.shape[0], token.device).load_(caches)
+            self.token = token.clone()
+            torch._dynamo.mark_static_address(self.token)
+        else:
+            self.caches, self.token = caches, token.clone()
+
+    def __call__(self):
+        """One token; returns its logits (valid until the next call)."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.mode == "static":
+            logits = self.step(self.token, self.cache)
+            torch.argmax(logits[:, -1], dim=-1, keepdim=True, out=self.token)
+            return logits
+        logits, caches = self.step(self.token, self.caches, self.mode)
+        self.caches = _clone(caches) if self.graphs else caches
+        self.token = logits[:, -1].argmax(-1, keepdim=True)
+        return logits
+
+
+def device_ms_per_token(decode, steps, device, host_ms):
+    """(GPU ms per token with the host out of the way, whether that held). A sleep kernel holds the
+    stream while the host queues ``steps`` tokens; CUDA events after the sleep and after the last token
+    then time the GPU's own work, back to back. It held if the sleep was still running when the host
+    had queued them all (else the host, or a synchronisation in the loop, set the pace: the number is
+    then no better than the wall time). On the CPU: (None, False)."""
+    if device.type != "cuda":
+        return None, False
+    probe_s, probe_e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe_s.record()
+    torch.cuda._sleep(10_000_000)
+    probe_e.record()
+    torch.cuda.synchronize()
+    cycles_per_ms = 10_000_000 / max(probe_s.elapsed_time(probe_e), 1e-3)
+    sleep_ms = 2 * steps * host_ms + 20
+    for _ in range(4):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+        start.record()
+        for _ in range(steps):
+            decode()
+        end.record()
+        ahead = not start.query()          # the sleep (before ``start``) was still running
+        torch.cuda.synchronize()
+        if ahead:
+            return start.elapsed_time(end) / steps, True
+        sleep_ms *= 4
+    return start.elapsed_time(end) / steps, False
+
+
 def model_benchmark(args, device, results, info):
     from generate import GenerativeBasedLM
     import based_compile
@@ -396,50 +481,62 @@ def model_benchmark(args, device, results, info):
     dtype = torch.bfloat16
     torch.manual_seed(0)
     model = GenerativeBasedLM(256, d_model=args.model_d, n_layers=args.model_layers, n_heads=args.model_heads,
-                              feature_dim=DK, max_len=args.model_context + args.model_steps + 16)
+                              feature_dim=DK, max_len=args.model_context + 4 * args.model_steps + 16)
     model = model.to(device, dtype).eval()
+    b = args.model_batch
     info.update(d_model=args.model_d, layers=args.model_layers, heads=args.model_heads, feature_dim=DK,
-                context=args.model_context, steps=args.model_steps, params=sum(p.numel() for p in model.parameters()))
+                context=args.model_context, steps=args.model_steps, batch=b,
+                params=sum(p.numel() for p in model.parameters()))
     inner = based_compile.backend(inner="eager") if args.dry else "based"
     for name in args.model_entries:
-        mode = "kv_cache" if "kv_cache" in name else "recurrent"
-        graphs = name.endswith("_cudagraphs")
+        mode, graphs = model_entry(name)
         kw = dict(mode="reduce-overhead") if graphs and not args.dry else {}
         backend = inner if name.startswith("based") else ("aot_eager" if args.dry else "inductor")
         torch._dynamo.reset()
-        step = torch.compile(model.forward_with_cache, backend=backend, **kw)
-        row = dict(entry=name, mode=mode, cudagraphs=graphs, context=args.model_context)
+        fn = model.forward_static if mode == "static" else model.forward_with_cache
+        step = torch.compile(fn, backend=backend, **kw)
+        row = dict(entry=name, mode=mode, cudagraphs=graphs, context=args.model_context, B=b)
         try:
             with torch.no_grad():
                 torch.manual_seed(1)
-                caches = synthetic_caches(model, 1, args.model_context, mode, device, dtype)
-                token = torch.zeros(1, 1, dtype=torch.long, device=device)
-
-                def one(caches, token):
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    logits, caches = step(token, caches, mode)
-                    token = logits[:, -1].argmax(-1, keepdim=True)
-                    return (_clone(caches) if graphs else caches), token
-
+                caches = synthetic_caches(model, b, args.model_context, "kv_cache" if mode == "kv_cache"
+                                          else "recurrent", device, dtype)
+                token = torch.randint(0, 256, (b, 1), device=device)
+                # eager's logits for the first token, from the same caches (the check that the entry
+                # computes the model: bf16 either way)
+                if mode == "static":
+                    ref = Decoder(model, model.forward_static, mode, False, _clone(caches), token)()
+                else:
+                    ref = model.forward_with_cache(token, _clone(caches), mode)[0]
+                ref = ref.double()
+                decode = Decoder(model, step, mode, graphs, caches, token)
                 start = time.perf_counter()
-                (caches, token), row["based_ops"] = based_ops(lambda: one(caches, token))
+                logits, row["based_ops"] = based_ops(decode)
+                row["rel_err"] = ((logits.double() - ref).norm() / ref.norm()).item()
                 if name.startswith("based") and not row["based_ops"]:
                     raise RuntimeError("backend='based' did not rewrite the model's attention (no based:: operator ran)")
                 for _ in range(2):                       # compiles (twice for a growing cache), records graphs
-                    caches, token = one(caches, token)
+                    decode()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 row["warmup_s"] = time.perf_counter() - start
                 start = time.perf_counter()
                 for _ in range(args.model_steps):
-                    caches, token = one(caches, token)
+                    decode()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-            row.update(status="ok", tokens_per_s=args.model_steps / seconds, ms=seconds / args.model_steps * 1e3)
-            print(f"  model {name:30s} {row['tokens_per_s']:9.1f} tokens/s ({row['ms']:.3f} ms/token; "
-                  f"compile+warm-up {row['warmup_s']:.1f} s)", flush=True)
+                ms = seconds / args.model_steps * 1e3
+                row.update(tokens_per_s=b * args.model_steps / seconds, ms=ms)
+                row["gpu_ms"], row["gpu_timed"] = device_ms_per_token(decode, args.model_steps, device, ms)
+                # host-bound: the GPU would finish a token in well under the time the loop takes
+                row["host_bound"] = None if row["gpu_ms"] is None else bool(row["gpu_ms"] < 0.8 * ms)
+            row["status"] = "ok"
+            gpu = "" if row["gpu_ms"] is None else (
+                f", GPU {row['gpu_ms']:.3f} ms/token{'' if row['gpu_timed'] else ' (host kept pace: not isolated)'}"
+                f"{', host-bound' if row['host_bound'] else ''}")
+            print(f"  model {name:30s} {row['tokens_per_s']:9.1f} tokens/s ({row['ms']:.3f} ms/token{gpu}; "
+                  f"rel err {row['rel_err']:.1e}; compile+warm-up {row['warmup_s']:.1f} s)", flush=True)
         except Exception as e:              # noqa: BLE001
             row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
             print(f"  model {name:30s} {row['status']}", flush=True)
@@ -464,11 +561,21 @@ def print_table(data):
                          else f"{r['ms']:.4f} (x{r['over_floor']:.1f})")
         print(f"| {b} | {t} | " + " | ".join(cells) + " |")
     if data.get("model_results"):
-        m = data["model"]
-        print(f"\nwhole model ({m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, bf16, B=1, "
-              f"context {m['context']}): tokens/s")
-        for r in data["model_results"]:
-            print(f"  {r['entry']:30s} " + (f"{r['tokens_per_s']:9.1f}" if r["status"] == "ok" else r["status"]))
+        print_model_table(data)
+
+
+def print_model_table(data):
+    m = data["model"]
+    print(f"\nwhole model ({m['layers']} layers, d_model {m['d_model']}, {m['heads']} heads, bf16, "
+          f"B={m.get('batch', 1)}, context {m['context']}): tokens/s, wall ms per token, GPU ms per token "
+          "(the host out of the way; '*': not isolated), host-bound when GPU < 0.8 x wall")
+    for r in data["model_results"]:
+        if r["status"] != "ok":
+            print(f"  {r['entry']:30s} {r['status']}")
+            continue
+        gpu = "–" if r.get("gpu_ms") is None else f"{r['gpu_ms']:.3f}" + ("" if r.get("gpu_timed") else "*")
+        print(f"  {r['entry']:30s} {r['tokens_per_s']:9.1f} {r['ms']:8.3f} {gpu:>9s}"
+              + ("  host-bound" if r.get("host_bound") else ""))
 
 
 def plot(data, path: Path) -> None:
@@ -509,6 +616,11 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="comma-separated (default 1,16; --step-only: 1,16,64)")
     p.add_argument("--entries", default=",".join(ENTRIES))
     p.add_argument("--model-entries", default=",".join(MODEL_ENTRIES), help="'' skips the whole-model part")
+    p.add_argument("--model-only", action="store_true",
+                   help="only the whole-model part (OUT/generate_model.json; the README table reads generate.json)")
+    p.add_argument("--model-batch", type=int, default=1, help="the whole model's batch (default 1)")
+    p.add_argument("--model-context", type=int, default=None, help="the whole model's context (default 32768)")
+    p.add_argument("--model-steps", type=int, default=None, help="timed tokens per whole-model entry (default 50)")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--step-only", action="store_true",
                    help="only the per-layer recurrent step: Inductor, based, the step kernels (OUT/generate_step.json)")
@@ -534,8 +646,15 @@ def parse_args(argv=None):
         args.batches = "1,2" if args.dry else "1,16,64" if args.step_only else "1,16"
     args.batches = [int(x) for x in args.batches.split(",")]
     args.samples = args.samples or (3 if args.dry else 7 if args.quick else 15)
-    args.model_context = 200 if args.dry else 32768
-    args.model_steps = 3 if args.dry else 20 if args.quick else 50
+    if args.model_only and args.step_only:
+        p.error("--model-only and --step-only exclude each other")
+    if args.model_only and not args.model_entries:
+        p.error("--model-only needs --model-entries")
+    for name in ("model_batch", "model_context", "model_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.model_context = args.model_context or (200 if args.dry else 32768)
+    args.model_steps = args.model_steps or (3 if args.dry else 20 if args.quick else 50)
     args.model_d, args.model_layers, args.model_heads = (64, 1, 4) if args.dry else (1024, 4, 16)
     return args
 
@@ -576,6 +695,15 @@ def main(argv=None) -> dict:
         (out / "generate_step.json").write_text(json.dumps(data, indent=1))
         print_step_table(data)
         print(f"\nwrote {out / 'generate_step.json'} after {data['seconds']:.0f} s")
+        return data
+    if args.model_only:
+        del timer
+        print(f"whole model, context {args.model_context}:", flush=True)
+        model_benchmark(args, device, data["model_results"], data["model"])
+        data["seconds"] = time.perf_counter() - begin
+        (out / "generate_model.json").write_text(json.dumps(data, indent=1))
+        print_model_table(data)
+        print(f"\nwrote {out / 'generate_model.json'} after {data['seconds']:.0f} s")
         return data
     print("per layer:", flush=True)
     layer_benchmark(args, device, timer, bandwidth, data["results"])

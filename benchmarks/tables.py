@@ -211,22 +211,51 @@ def _generate(data: dict) -> str:
             f"flushed, median), in brackets the ratio to its floor (bytes it must read and write per token over "
             f"the copy bandwidth, {ceil['copy_bytes_per_s'] / 1e12:.1f} TB/s in the same run):\n\n" + "\n".join(lines))
     if data.get("model_results"):
-        m = data["model"]
-        by = {r["entry"]: r for r in data["model_results"]}
-        base = {mode: by.get(f"inductor_{mode}") for mode in ("kv_cache", "recurrent")}
-        mlines = ["| run | tokens/s | vs Inductor, same mode |", "| --- | --- | --- |"]
-        for r in data["model_results"]:
-            ref = base[r["mode"]]
-            ok = r["status"] == "ok"
-            vs = (f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ok and ref and ref["status"] == "ok" else "–")
-            mlines.append(f"| {r['entry'].replace('_', ' ')} | {r['tokens_per_s']:.1f} | {vs} |" if ok
-                          else f"| {r['entry'].replace('_', ' ')} | {r['status']} | – |")
-        text += (f"\n\nWhole model (examples/generate.py's LM, {m['layers']} layers, d_model {m['d_model']}, "
-                 f"{m['heads']} heads, bf16, B=1) decoding at a context of {m['context']} tokens, "
-                 f"{m['steps']} greedy steps (\"cudagraphs\": `mode=\"reduce-overhead\"`):\n\n" + "\n".join(mlines))
+        text += "\n\n" + _generate_model(data)
     if (RESULTS / "generate.png").exists():
         text += "\n\n![decode ms per step against context](benchmarks/results/generate.png)"
     return text
+
+
+MODEL_SETUPS = {"kv_cache": "KV cache", "recurrent": "recurrent, functional states",
+                "static": "recurrent, static cache (in place)",
+                "recurrent_cudagraphs": "recurrent, functional states cloned per token, CUDA graphs",
+                "static_cudagraphs": "**recurrent, static cache, CUDA graphs**"}
+
+
+def _generate_model(data: dict) -> str:
+    """The whole-model table: per entry tokens/s, wall and GPU ms per token, and the ratios."""
+    m = data["model"]
+    by = {r["entry"]: r for r in data["model_results"]}
+    ok = {e: r for e, r in by.items() if r["status"] == "ok"}
+    best = max((r["tokens_per_s"] for e, r in ok.items() if e.startswith("inductor")), default=None)
+    timed = any(r.get("gpu_ms") is not None for r in ok.values())
+    head = ["compiler", "setup", "tokens/s", "ms/token"] + (["GPU ms/token"] if timed else []) + \
+        ["vs Inductor, same setup", "vs Inductor's best"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in data["model_results"]:
+        compiler, _, setup = r["entry"].partition("_")
+        cells = [compiler, MODEL_SETUPS.get(setup, setup.replace("_", " "))]
+        if r["status"] != "ok":
+            lines.append("| " + " | ".join(cells + [r["status"]] + ["–"] * (len(head) - 3)) + " |")
+            continue
+        ref = ok.get("inductor_" + setup)
+        cells += [f"{r['tokens_per_s']:.1f}", _ms(r["ms"])]
+        if timed:
+            gpu = r.get("gpu_ms")
+            cells.append("–" if gpu is None else _ms(gpu) + ("" if r.get("gpu_timed") else " (not isolated)")
+                         + (" (host-bound)" if r.get("host_bound") else ""))
+        cells.append(f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "–")
+        cells.append(f"{r['tokens_per_s'] / best:.2f}x" if best else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    gpu_text = (" \"GPU ms/token\": the GPU's own time per token, the host queueing tokens ahead of it "
+                "(CUDA events around the tokens after a sleep kernel that holds the stream); \"host-bound\": "
+                "the loop's wall time per token is over 1.25x that, so the host, not the model, sets the "
+                "tokens/s." if timed else "")
+    return (f"Whole model (examples/generate.py's LM, {m['layers']} layers, d_model {m['d_model']}, "
+            f"{m['heads']} heads, bf16, B={m.get('batch', 1)}) decoding at a context of {m['context']} tokens, "
+            f"{m['steps']} greedy steps; \"ms/token\": the decode loop's wall time per step; \"CUDA graphs\": "
+            f"`mode=\"reduce-overhead\"`." + gpu_text + "\n\n" + "\n".join(lines))
 
 
 RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed, "generate": _generate,

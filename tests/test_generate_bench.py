@@ -26,7 +26,7 @@ def test_dry_run_writes_json_and_the_table_renders(tmp_path, monkeypatch):
     torch._dynamo.reset()
     data = generate.main(["--dry", "--out", str(tmp_path), "--contexts", "64,100", "--batches", "1,2",
                           "--entries", "eager_kv,based_kv,based_rec,sdpa_d64", "--model-entries",
-                          "inductor_recurrent,based_recurrent"])
+                          "inductor_recurrent,based_recurrent,inductor_static_cudagraphs,based_static_cudagraphs"])
     torch._dynamo.reset()
     written = json.loads((tmp_path / "generate.json").read_text())
     assert written["results"] == data["results"]
@@ -38,12 +38,38 @@ def test_dry_run_writes_json_and_the_table_renders(tmp_path, monkeypatch):
         assert (r["based_ops"] > 0) == r["entry"].startswith("based"), r     # based entries were rewritten
         if r["entry"] != "sdpa_d64":
             assert r["rel_err"] < 2e-2, r        # every entry computes the same function (bf16)
-    assert [r["status"] for r in written["model_results"]] == ["ok", "ok"]
-    assert [r["based_ops"] > 0 for r in written["model_results"]] == [False, True]
+    assert [(r["status"], r["mode"]) for r in written["model_results"]] == [
+        ("ok", "recurrent"), ("ok", "recurrent"), ("ok", "static"), ("ok", "static")]
+    assert [r["based_ops"] > 0 for r in written["model_results"]] == [False, True, False, True]
+    for r in written["model_results"]:
+        assert r["rel_err"] < 2e-2 and r["tokens_per_s"] > 0, r     # the first token's logits against eager's
+        assert r["gpu_ms"] is None and r["host_bound"] is None, r   # no GPU time on the CPU
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     text = tables.render("generate")
-    assert "| 2 | 100 |" in text and "**based, recurrent**" in text and "based recurrent |" in text
+    assert "| 2 | 100 |" in text and "**based, recurrent**" in text and "| based | recurrent, functional states |" in text
     assert "1.00x" in text         # Inductor's own row against itself
+    assert "| based | **recurrent, static cache, CUDA graphs** |" in text
+
+
+def test_model_table_says_which_entries_are_host_bound(tmp_path, monkeypatch):
+    """The whole-model table: GPU ms per token where measured, marked host-bound when the loop's wall
+    time is over 1.25x it, and each entry against Inductor in the same setup and Inductor's best."""
+    def row(entry, tps, ms, gpu_ms, timed=True):
+        return dict(entry=entry, mode=generate.model_entry(entry)[0], status="ok", tokens_per_s=tps, ms=ms,
+                    gpu_ms=gpu_ms, gpu_timed=timed, host_bound=gpu_ms < 0.8 * ms)
+    data = dict(_name="generate", device="GPU", torch="2.11", triton="3.6", date="d", results=[],
+                config=dict(H=16, Dk=16, Dv=64, dtype="bfloat16"), ceilings=dict(copy_bytes_per_s=4e12),
+                model=dict(layers=4, d_model=1024, heads=16, context=32768, steps=50, batch=1),
+                model_results=[row("inductor_static_cudagraphs", 1000.0, 1.0, 0.9),
+                               row("based_static_cudagraphs", 4000.0, 0.25, 0.1),
+                               row("inductor_recurrent", 500.0, 2.0, 1.9, timed=False),
+                               dict(entry="based_recurrent", mode="recurrent", status="error: boom")])
+    text = tables._generate_model(data)
+    assert "| inductor | **recurrent, static cache, CUDA graphs** | 1000.0 | 1.00 | 0.900 | 1.00x | 1.00x |" in text
+    assert "| based | **recurrent, static cache, CUDA graphs** | 4000.0 | 0.250 | 0.100 (host-bound) | 4.00x | 4.00x |" \
+        in text
+    assert "| inductor | recurrent, functional states | 500.0 | 2.00 | 1.90 (not isolated) | 1.00x | 0.50x |" in text
+    assert "| based | recurrent, functional states | error: boom | – | – | – | – |" in text
 
 
 def test_step_only_dry_run(tmp_path):
