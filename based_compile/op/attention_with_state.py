@@ -1,35 +1,46 @@
-"""``based::attention_with_state``: Based attention over a prefill that also returns the final states.
+"""``based::attention_with_state``: Based attention over a prefill that also returns the final states,
+optionally continued from the states of earlier tokens.
 
-    o         = based::attention(q, k, v, spec)                  (causal or not, normalised or not)
-    kv_state  = sum_t phi(k_t)^T v_t        [B, Hkv, F, Dv]
-    k_state   = sum_t phi(k_t)              [B, Hkv, F]
+    o         = based::attention(q, k, v, spec), plus phi_q(q) kv0 (and phi_q(q) . k0 in the normaliser)
+    kv_state  = kv0 + sum_t phi(k_t)^T v_t        [B, Hkv, F, Dv]
+    k_state   = k0 + sum_t phi(k_t)               [B, Hkv, F]
 
 phi is the user's Taylor feature map, described as in ``recurrent_step.py`` (``pieces``: "const:W",
 "linear", "outer"; ``k_factors``: one factor per piece), so the states are the ones the user's
 code stores (feature order and scaling), per key/value head; the graph pass lays them out as the
 user's tensors (repeated over a GQA group, transposed, reshaped, cast). They are what the
-recurrent step (``based::recurrent_step``) takes next: the prefill -> decode hand-off.
+recurrent step (``based::recurrent_step``) takes next: the prefill -> decode hand-off. ``kv0`` and
+``k0`` (optional, in the same features and layout) are the states of an earlier part: a chunked
+prefill, or a conversation continued from saved states; the queries see them as earlier keys.
 
 Implementation: the forward computes raw moments sum_t [1, k_t, k_t (x) k_t]^T [v_t, 1]
 [B, Hkv, 1 + Dk + Dk^2, Dv + 1] and converts them to the user's features at the end (a few
-kilobytes per head). CUDA: the fused-chunk Triton kernel writes the moments from its registers
-after its last chunk (``kernels/fused_chunk.py``, ``fused_chunk_forward_with_state``); no
-[T, F, Dv] tensor and no second pass over k and v. CPU (and CUDA where the kernel does not apply,
-Dk > 32): the PyTorch forms of ``cpu_path.py`` for o, and one [T, 1 + Dk + Dk^2] x [T, Dv + 1]
-product per head for the moments: O(T) memory. States are returned in float32 (float64 for
-float64 inputs); the rewrite casts them to the user's dtype.
+kilobytes per head); the initial states convert the other way (``initial_moments``: the query
+side of the pairing, c0, c1 scale, c2 scale^2, over the key side's factors). CUDA: the fused-chunk
+Triton kernel starts from the initial moments and writes the final ones from its registers after
+its last chunk (``kernels/fused_chunk.py``, ``fused_chunk_forward_with_state``); no [T, F, Dv]
+tensor and no second pass over k and v. CPU (and CUDA where the kernel does not apply, Dk > 32):
+``based::attention`` unnormalised over [v, 1] plus [c0, c1 q~, c2 q~ (x) q~] times the initial
+moments, and one [T, 1 + Dk + Dk^2] x [T, Dv + 1] product per head for the moments: O(T) memory.
+States are returned in float32 (float64 for float64 inputs); the rewrite casts them to the user's
+dtype.
 
-Not differentiable: called under grad mode with inputs that require grad it raises (the graph
-pass rewrites a prefill with states only when nothing requires grad, and leaves the states of a
-differentiable prefill to the inner compiler, with a refusal in explain()). Inside
-``based_compile.context_parallel`` it raises (not sequence parallel).
+Differentiable in q, k, v, kv0 and k0, through the output and both returned states:
+``based::attention_with_state_backward`` recomputes the CPU form above under autograd (its
+``based::attention`` runs its own kernels' backward on CUDA) and differentiates it; O(T) memory,
+about one extra forward. No double backward. Inside ``based_compile.context_parallel`` it raises
+(not sequence parallel).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from . import config, context_parallel, cpu_path, inference_only, policy
+from . import config, context_parallel, cpu_path, policy
+from .custom_op import based_attention
+from .dispatch import direct_backend
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, triton_interpreting
 from .recurrent_step import feature_width, piece_width
@@ -39,12 +50,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _LIBRARY = torch.library.Library("based", "FRAGMENT")
-_LIBRARY.define("attention_with_state(Tensor q, Tensor k, Tensor v, str layout, float scale, float c0, float c1, "
-                "float c2, bool causal, bool normalize, float eps, str[] pieces, float[] k_factors) "
-                "-> (Tensor, Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
+_PARAMS = ("str layout, float scale, float c0, float c1, float c2, bool causal, bool normalize, float eps, "
+           "str[] pieces, float[] k_factors")
+_LIBRARY.define(f"attention_with_state(Tensor q, Tensor k, Tensor v, {_PARAMS}, Tensor? kv0=None, "
+                "Tensor? k0=None) -> (Tensor, Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
+_LIBRARY.define(f"attention_with_state_backward(Tensor do, Tensor dkv, Tensor dks, Tensor q, Tensor k, Tensor v, "
+                f"{_PARAMS}, Tensor? kv0=None, Tensor? k0=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                tags=(torch.Tag.pt2_compliant_tag,))
 
 
-def _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors) -> BasedArguments:
+def _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0=None,
+           k0=None) -> BasedArguments:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"based::attention_with_state: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -57,6 +73,24 @@ def _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k
     if not isinstance(k_factors, (list, tuple)) or len(k_factors) != len(pieces):
         raise ValueError(f"based::attention_with_state: k_factors must have one factor per piece ({len(pieces)}), "
                          f"got {k_factors!r}")
+    if kv0 is None and k0 is None:
+        return args
+    kinds = [p if not p.startswith("const:") else "const" for p in pieces]
+    if len(set(kinds)) != len(kinds) or any(f == 0 for f in k_factors):
+        raise ValueError("based::attention_with_state: initial states need a feature map with at most one piece of "
+                         f"each kind and nonzero factors (the query side is read from the coefficients), got pieces "
+                         f"{list(pieces)!r}, k_factors {list(k_factors)!r}")
+    f = feature_width(pieces, args.dk)
+    for name, x, shape in (("kv0", kv0, (args.batch, args.kv_heads, f, args.dv)),
+                           ("k0", k0, (args.batch, args.kv_heads, f))):
+        if x is None:
+            continue
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"based::attention_with_state: {name} must be a floating torch.Tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if tuple(x.shape) != shape or x.device != q.device:
+            raise ValueError(f"based::attention_with_state: {name} must be a {list(shape)} tensor on {q.device} "
+                             f"(per key/value head, in the features of pieces), got {list(x.shape)} on {x.device}")
     return args
 
 
@@ -85,6 +119,32 @@ def features_of_moments(m: Tensor, pieces, k_factors, dk: int) -> tuple[Tensor, 
     return out[..., :-1].contiguous(), out[..., -1].contiguous()
 
 
+def initial_moments(kv0: Tensor | None, k0: Tensor | None, pieces, k_factors, args: BasedArguments,
+                    dtype: torch.dtype) -> Tensor:
+    """The moments [B, Hkv, 1 + Dk + Dk^2, Dv + 1] that the kernel's readout c0 S0 + c1 q~ S1 +
+    c2 (q~ (x) q~) S2 turns into phi_q(q) [kv0, k0] for the user's states in their features: the
+    pairing gives each piece's query factor as the coefficient over the key factor, so a piece's
+    rows are the state's rows over the key factor (a constant piece of width W: their sum over W)."""
+    dk, dv = args.dk, args.dv
+    lead = (args.batch, args.kv_heads)
+    ref = kv0 if kv0 is not None else k0
+    kv = kv0.to(dtype) if kv0 is not None else ref.new_zeros((*lead, ref.shape[2], dv), dtype=dtype)
+    ks = k0.to(dtype) if k0 is not None else ref.new_zeros((*lead, ref.shape[2]), dtype=dtype)
+    x = torch.cat([kv, ks.unsqueeze(-1)], dim=-1)                                  # [B, Hkv, F, Dv + 1]
+    blocks = {"const": x.new_zeros((*lead, 1, dv + 1)), "linear": x.new_zeros((*lead, dk, dv + 1)),
+              "outer": x.new_zeros((*lead, dk * dk, dv + 1))}
+    at = 0
+    for piece, factor in zip(pieces, k_factors):
+        width = piece_width(piece, dk)
+        rows = x[..., at:at + width, :]
+        at += width
+        if piece.startswith("const:"):
+            blocks["const"] = rows.sum(-2, keepdim=True) / (factor * width)
+        else:
+            blocks[piece] = rows / factor
+    return torch.cat([blocks["const"], blocks["linear"], blocks["outer"]], dim=-2)
+
+
 def _uses_kernel(q: Tensor, args: BasedArguments) -> bool:
     """The fused-chunk kernel (the one with states) on CUDA within its limits; on the CPU only when a
     Triton kernel is forced under the interpreter (config.py)."""
@@ -95,31 +155,76 @@ def _uses_kernel(q: Tensor, args: BasedArguments) -> bool:
     return triton_interpreting() and config.forced_kernel()[0] in policy.TRITON_KERNELS
 
 
-def attention_with_state_forward(q, k, v, args: BasedArguments, pieces, k_factors):
-    """(o, kv_state, k_state) for checked arguments (the operator's implementation)."""
-    if _uses_kernel(q, args):
-        o, _, m = fused_chunk_kernel.fused_chunk_forward_with_state(q, k, v, args)
-        m = m.to(cpu_path.compute_dtype(q.dtype))
-    else:
-        form = policy.choose_kernel(args, q, k, v, False)
-        form = policy.CPU_FORM_OF.get(form, form).removeprefix("cpu_").removeprefix("pytorch_")
-        o, _ = cpu_path.cpu_forward(q, k, v, args, form)
-        m = moments(k, v, args)
-    kv, ks = features_of_moments(m, pieces, k_factors, args.dk)
+def _bhtd(x: Tensor, args: BasedArguments) -> Tensor:
+    return x.transpose(1, 2) if args.layout == "BTHD" else x
+
+
+def composed_forward(q, k, v, args: BasedArguments, pieces, k_factors, kv0=None, k0=None):
+    """(o, kv_state, k_state) from differentiable pieces: ``based::attention`` unnormalised over
+    [v, 1], plus [c0, c1 q~, c2 q~ (x) q~] times the initial moments (q~ = scale q), divided; the
+    states from the moments of k, v. The CPU implementation (under no_grad) and what the backward
+    differentiates."""
+    dtype = cpu_path.compute_dtype(q.dtype)
+    b, h, hk, g, t, dv = args.batch, args.heads, args.kv_heads, args.group, args.length, args.dv
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    spec = BasedSpec(layout=args.layout, scale=args.scale, c0=args.coeffs[0], c1=args.coeffs[1],
+                     c2=args.coeffs[2], causal=args.causal, normalize=False, eps=args.eps)
+    n = _bhtd(based_attention(q, k, v1, spec), args).to(dtype)                    # [B, H, T, Dv + 1]
+    if kv0 is not None or k0 is not None:
+        m0 = initial_moments(kv0, k0, pieces, k_factors, args, dtype)
+        c0, c1, c2 = args.coeffs
+        qs = _bhtd(q, args).to(dtype) * args.scale
+        fq = torch.cat([torch.full_like(qs[..., :1], c0), c1 * qs, c2 * (qs.unsqueeze(-1) * qs.unsqueeze(-2)).flatten(-2)],
+                       dim=-1).reshape(b, hk, g, t, -1)
+        n = n + (fq @ m0.unsqueeze(2)).reshape(b, h, t, dv + 1)
+    o = n[..., :dv] / (n[..., dv:] + args.eps) if args.normalize else n[..., :dv]
+    o = _bhtd(o, args).to(q.dtype)
+    kv, ks = features_of_moments(moments(k, v, args), pieces, k_factors, args.dk)
+    if kv0 is not None:
+        kv = kv + kv0.to(dtype)
+    if k0 is not None:
+        ks = ks + k0.to(dtype)
     return o.contiguous(), kv, ks
 
 
-def _impl(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors):
+def attention_with_state_forward(q, k, v, args: BasedArguments, pieces, k_factors, kv0=None, k0=None):
+    """(o, kv_state, k_state) for checked arguments (the operator's implementation)."""
+    dtype = cpu_path.compute_dtype(q.dtype)
+    initial = kv0 is not None or k0 is not None
+    if _uses_kernel(q, args):
+        m0 = initial_moments(kv0, k0, pieces, k_factors, args, torch.float32) if initial else None
+        o, _, m = fused_chunk_kernel.fused_chunk_forward_with_state(q, k, v, args, m0)
+        kv, ks = features_of_moments(m.to(dtype), pieces, k_factors, args.dk)
+        if initial:             # the part of the user's states the moments do not hold (e.g. kv0's rows of
+            kv_m, ks_m = features_of_moments(m0.to(dtype), pieces, k_factors, args.dk)   # one constant piece)
+            kv = kv + (kv0.to(dtype) - kv_m if kv0 is not None else -kv_m)
+            ks = ks + (k0.to(dtype) - ks_m if k0 is not None else -ks_m)
+        return o.contiguous(), kv, ks
+    if initial:
+        with torch.no_grad():
+            return composed_forward(q, k, v, args, pieces, k_factors, kv0, k0)
+    form = policy.choose_kernel(args, q, k, v, False)
+    form = policy.CPU_FORM_OF.get(form, form).removeprefix("cpu_").removeprefix("pytorch_")
+    o, _ = cpu_path.cpu_forward(q, k, v, args, form)
+    kv, ks = features_of_moments(moments(k, v, args), pieces, k_factors, args.dk)
+    return o.contiguous(), kv, ks
+
+
+def _refuse_context_parallel(name: str) -> None:
     if context_parallel.active():
-        raise RuntimeError("based::attention_with_state under based_compile.context_parallel: a prefill that returns "
-                           "its final states for decoding is not sequence parallel (its output and states would be "
-                           "this rank's shard's alone); prefill outside the context_parallel block")
-    args = _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors)
-    return attention_with_state_forward(q, k, v, args, pieces, k_factors)
+        raise RuntimeError(f"{name} under based_compile.context_parallel: a prefill that returns its final "
+                           "states for decoding is not sequence parallel (its output and states would be this "
+                           "rank's shard's alone); prefill outside the context_parallel block")
 
 
-def _fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors):
-    args = _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors)
+def _impl(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0=None, k0=None):
+    _refuse_context_parallel("based::attention_with_state")
+    args = _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0, k0)
+    return attention_with_state_forward(q, k, v, args, pieces, k_factors, kv0, k0)
+
+
+def _fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0=None, k0=None):
+    args = _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0, k0)
     f = feature_width(pieces, args.dk)
     dtype = cpu_path.compute_dtype(q.dtype)
     o = q.new_empty((*q.shape[:-1], args.dv))
@@ -127,14 +232,118 @@ def _fake(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_
             q.new_empty((args.batch, args.kv_heads, f), dtype=dtype))
 
 
-_OP = inference_only.register(_LIBRARY, "attention_with_state", cpu=_impl, cuda=_impl, fake=_fake,
-                              what="a prefill for decoding")
+def _backward_impl(do, dkv, dks, q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors,
+                   kv0=None, k0=None):
+    """(dq, dk, dv, dkv0, dk0) (an empty tensor for an absent initial state): ``composed_forward``
+    recomputed under autograd and differentiated."""
+    _refuse_context_parallel("based::attention_with_state_backward")
+    args = _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0, k0)
+    inputs = [x for x in (q, k, v, kv0, k0) if x is not None]
+    # reached by redispatch below autograd: autograd is switched back on for the recomputation
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    above = torch.DispatchKeySet.from_raw_repr(exclude.raw_repr() & ~_BELOW_AUTOGRAD_BITS)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), above), torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        q_, k_, v_ = leaves[:3]
+        rest = iter(leaves[3:])
+        kv0_ = next(rest) if kv0 is not None else None
+        k0_ = next(rest) if k0 is not None else None
+        outs = composed_forward(q_, k_, v_, args, pieces, k_factors, kv0_, k0_)
+        grads = torch.autograd.grad(outs, leaves, (do, dkv.to(outs[1].dtype), dks.to(outs[2].dtype)),
+                                    allow_unused=True)
+    grads = [torch.zeros_like(x) if gx is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
+    dq, dk, dv = grads[:3]
+    rest = iter(grads[3:])
+    dkv0 = next(rest) if kv0 is not None else q.new_empty(0)
+    dk0 = next(rest) if k0 is not None else q.new_empty(0)
+    return dq, dk, dv, dkv0, dk0
 
 
-def based_attention_with_state(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec, pieces, k_factors):
+def _backward_fake(do, dkv, dks, q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors,
+                   kv0=None, k0=None):
+    _check(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, pieces, k_factors, kv0, k0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(kv0) if kv0 is not None else q.new_empty(0),
+            torch.empty_like(k0) if k0 is not None else q.new_empty(0))
+
+
+def _below_autograd_bits() -> int:
+    """The dispatch keys ``_AutoDispatchBelowAutograd`` excludes (as raw bits)."""
+    base = torch._C._dispatch_tls_local_exclude_set().raw_repr()
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch._C._dispatch_tls_local_exclude_set().raw_repr() & ~base
+
+
+_BELOW_AUTOGRAD_BITS = _below_autograd_bits()
+_OP = torch.ops.based.attention_with_state.default
+_BACKWARD = torch.ops.based.attention_with_state_backward.default
+_IMPLS = {"CPU": _impl, "CUDA": _impl}
+
+
+class _WithStateAutograd(torch.autograd.Function):
+    """The autograd formula of ``based::attention_with_state``: forward below autograd, backward
+    through ``based::attention_with_state_backward`` (opaque to tracing, like the forward)."""
+
+    @staticmethod
+    def forward(ctx, keyset, q, k, v, kv0, k0, params):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _OP.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params, kv0, k0)
+        ctx.save_for_backward(q, k, v, kv0, k0)
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, do, dkv, dks):
+        q, k, v, kv0, k0 = ctx.saved_tensors
+        dq, dk, dv, dkv0, dk0 = _BACKWARD(do, dkv, dks, q, k, v, *ctx.params, kv0, k0)
+        return None, dq, dk, dv, dkv0 if kv0 is not None else None, dk0 if k0 is not None else None, None
+
+
+def _autograd(keyset, q, k, v, *rest):
+    params, (kv0, k0) = rest[:10], (tuple(rest[10:]) + (None, None))[:2]
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (q, k, v, kv0, k0)):
+        return _WithStateAutograd.apply(keyset, q, k, v, kv0, k0, params)
+    backend = direct_backend(keyset)
+    if backend is not None:            # plain CPU / CUDA tensors: no second trip through the dispatcher
+        return _IMPLS[backend](q, k, v, *params, kv0, k0)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params, kv0, k0)
+
+
+class _BackwardAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("based::attention_with_state_backward is not differentiable: no double backward")
+
+
+def _backward_autograd(keyset, *args):
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return _BackwardAutograd.apply(keyset, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIBRARY.impl("attention_with_state", _impl, _key)
+    _LIBRARY.impl("attention_with_state_backward", _backward_impl, _key)
+_LIBRARY.impl("attention_with_state", _autograd, "Autograd", with_keyset=True)
+_LIBRARY.impl("attention_with_state_backward", _backward_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("based::attention_with_state", _fake, lib=_LIBRARY)
+torch.library.register_fake("based::attention_with_state_backward", _backward_fake, lib=_LIBRARY)
+
+
+def based_attention_with_state(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec, pieces, k_factors,
+                               kv0: Tensor | None = None, k0: Tensor | None = None):
     """(o, kv_state, k_state) through ``based::attention_with_state``: o as ``based_attention`` returns
-    it, the states sum_t phi(k_t)^T v_t [B, Hkv, F, Dv] and sum_t phi(k_t) [B, Hkv, F] with phi the
-    feature map described by ``pieces`` and ``k_factors`` (see ``recurrent_step.py``)."""
+    it, the states kv0 + sum_t phi(k_t)^T v_t [B, Hkv, F, Dv] and k0 + sum_t phi(k_t) [B, Hkv, F] with
+    phi the feature map described by ``pieces`` and ``k_factors`` (see ``recurrent_step.py``); the
+    optional initial states ``kv0``, ``k0`` (same shapes) are earlier tokens' states, which every query
+    sees (they enter o as phi_q(q) kv0 and phi_q(q) . k0). Differentiable in q, k, v, kv0, k0."""
     if not isinstance(spec, BasedSpec):
         raise TypeError(f"spec must be a based_compile.spec.BasedSpec, got {type(spec).__name__}")
-    return _OP(q, k, v, *spec.op_arguments, list(pieces), [float(f) for f in k_factors])
+    return _OP(q, k, v, *spec.op_arguments, list(pieces), [float(f) for f in k_factors], kv0, k0)
