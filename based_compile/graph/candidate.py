@@ -76,6 +76,7 @@ class Match:
     q_alternatives: tuple = ()    # other readings of q (the other side of a transpose), tried after q
     tk: int | None = None         # keys and values' length when it differs from the queries' (``t``)
     q_factor: fx.Node | None = None   # a one-element tensor (a learnable scale): the op reads q * q_factor
+    initial: object = None        # initial_state.InitialStates: the running sums start from earlier tokens' states
 
     @property
     def key_length(self) -> int:
@@ -139,4 +140,6 @@ def site_inputs(match: Match) -> set:
             found.add(node)
             continue
         stack.extend(node.all_input_nodes)
+    if match.initial is not None:
+        found |= {s.source for s in (match.initial.kv, match.initial.k) if s is not None}
     return found

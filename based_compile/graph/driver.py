@@ -290,8 +290,10 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             reason = _unsupported_reason(site)
             if reason is not None:
                 raise Refused("unsupported", f"{reason}: left to the inner compiler", result.output)
+            starts = [] if site.match.initial is None else \
+                [st.source for st in (site.match.initial.kv, site.match.initial.k) if st is not None]
             missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output,
-                                        site.match.q_factor) if n is not None and n not in to_dynamo]
+                                        site.match.q_factor, *starts) if n is not None and n not in to_dynamo]
             if missing:
                 raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
                                              "decomposed operation, not values of the model's graph", result.output)
@@ -310,7 +312,12 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             _refuse(refusal, report)
             continue
         settled.append(site)
-        entry = Site(source_of(result.anchor), result.form, site.spec,
+        form = result.form
+        if result.initial is not None:
+            form += " from initial state(s) (" + ", ".join(
+                f"{name} {to_dynamo[st.source].name}" for name, st in (("kv_state", result.initial.kv),
+                                                                      ("k_state", result.initial.k)) if st is not None) + ")"
+        entry = Site(source_of(result.anchor), form, site.spec,
                      _kernel_description(site.spec, site.match.q, site.match.k, site.match.v),
                      nodes={role: to_dynamo[getattr(site.match, role)].name for role in ("q", "k", "v", "output")})
         if report is not None:

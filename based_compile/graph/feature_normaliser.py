@@ -60,6 +60,9 @@ class FeatureSum:
     cat_k: fx.Node
     factor: float             # scalar factors on phi(q) and phi(k) inside the contraction
     time: int | None          # the axis of phi(k)'s cat the sum runs over (None: one time step)
+    # the running sum starts from an initial k_state: (the add, the tensor added, the running sum,
+    # its time axis, its feature axis), read by ``initial_state.read_initial``; None: from zero
+    initial: tuple | None = None
 
     @property
     def poly(self) -> polynomial.Poly:
@@ -106,6 +109,19 @@ def _state(gm, node):
     outer, _, state = _views_to(gm, node, scalars=False)
     if not isinstance(state, fx.Node) or state.op != "call_function":
         return None
+    initial = None
+    if state.target is aten.add.Tensor:          # k_state[:, :, None] + phi(k).cumsum(t): from an initial state
+        for run, init in (state.args[:2], state.args[1::-1]):
+            if isinstance(run, fx.Node) and run.op == "call_function" and run.target is aten.cumsum.default \
+                    and _feature_map(gm, run.args[0]) is not None and hint_shape(run) == hint_shape(state):
+                if float(state.kwargs.get("alpha", 1)) != 1.0:
+                    raise Refused("state", f"the initial k_state is added with alpha={state.kwargs['alpha']:g} (a "
+                                           "decayed or gated state): not Based, whose states only add", state)
+                rank = len(hint_shape(run))
+                inner_views = _views_to(gm, run.args[0], scalars=True)[0]
+                initial = (state, init, run, run.args[1] % rank, _through(inner_views, rank - 1))
+                state = run
+                break
     if state.target is aten.cumsum.default:
         kind, dim, keepdim = "cumsum", state.args[1], True
     elif state.target is aten.sum.dim_IntList and len(state.args) > 1 and state.args[1] is not None \
@@ -118,7 +134,7 @@ def _state(gm, node):
     if found is None:
         return None
     phi, cat, factor, inner = found
-    return kind, dim % len(hint_shape(state.args[0])), keepdim, phi, cat, factor, outer, inner, state
+    return kind, dim % len(hint_shape(state.args[0])), keepdim, phi, cat, factor, outer, inner, state, initial
 
 
 def _size(x):
@@ -155,7 +171,7 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st, where: fx.No
     the sum over phi(k), over every feature once; returns the axis of phi(k)'s cat the sum runs over
     (None at one time step). Refused when the pairing is another."""
     _, cat_q, _, q_views = q_side
-    kind, dim, keepdim, _, cat_k, _, outer, inner, state = st
+    kind, dim, keepdim, _, cat_k, _, outer, inner, state = st[:9]
     shape_q, shape_k = tuple(hint_shape(cat_q)), tuple(hint_shape(cat_k))
     if shape_q[-1] != shape_k[-1] or len(shape_q) != len(shape_k):
         raise Refused("normaliser", "the normaliser contracts feature maps of different widths or ranks", prod)
@@ -258,7 +274,7 @@ def _tracked(prod, summed, q_operand, q_views, shape_q, shape_k, st, where, top)
     views as runs of whole cat axes (``_runs``; an axis split, or broadcast to a size > 1, is refused):
     the contraction must meet phi(q) and the sum over phi(k) on the same runs, sum over the features
     alone, the sum over phi(k) run over one whole cat axis, and the result be phi(q)'s rows in order."""
-    kind, dim, keepdim, _, _, _, outer, inner, state = st
+    kind, dim, keepdim, _, _, _, outer, inner, state = st[:9]
     rank = len(shape_q)
     feature = (rank - 1,)
     if shape_q[-1] == 1:
@@ -396,11 +412,11 @@ def read_feature_sum(gm: fx.GraphModule, node, top: tuple = ()) -> FeatureSum:
         if found.inverted:
             raise Refused("normaliser", "eps is added after the reciprocal", node)
         return FeatureSum(found.kind, found.eps + c, False, found.phi_q, found.cat_q, found.phi_k, found.cat_k,
-                          found.factor, found.time)
+                          found.factor, found.time, found.initial)
     if target is aten.reciprocal.default:
         found = read_feature_sum(gm, node.args[0], top)
         return FeatureSum(found.kind, found.eps, not found.inverted, found.phi_q, found.cat_q, found.phi_k,
-                          found.cat_k, found.factor, found.time)
+                          found.cat_k, found.factor, found.time, found.initial)
     scaled = scalar_factor(gm, node)
     if scaled is not None:
         found = read_feature_sum(gm, scaled[0], top)
@@ -437,7 +453,7 @@ def _contraction(gm, prod: fx.Node, summed, where: fx.Node, top: tuple) -> Featu
                 raise NotACandidate("the bmm does not contract phi(q)'s features")
         time = _pairing(prod, summed, x, q_side, st, where, top)
         kind, _dim, _keepdim, phi_k, cat_k, factor_k = st[:6]
-        return FeatureSum(kind, 0.0, False, q_side[0], q_side[1], phi_k, cat_k, q_side[2] * factor_k, time)
+        return FeatureSum(kind, 0.0, False, q_side[0], q_side[1], phi_k, cat_k, q_side[2] * factor_k, time, st[9])
     raise NotACandidate("no feature map of q in the contraction")
 
 

@@ -51,6 +51,7 @@ class StateRead:
     phi: FeatureMap
     repeat: bool = False          # the user's heads are the op's kv heads repeated over the GQA group
     transpose: bool = False       # the user's kv state is [.., Dv, F]
+    initial: bool = False         # the last row of running sums that start from the site's initial state
 
     @property
     def pieces(self) -> tuple:
@@ -92,13 +93,17 @@ def _taylor(gm, node):
     return phi
 
 
-def _last_row(node: fx.Node):
+def _last_row(node: fx.Node, starts: dict | None = None):
     """(cumsum, None) when ``node`` is the last row of a running sum along its axis, (cumsum, index)
     for another row of it, else None. Last means last at every length the graph runs at: under
-    dynamic shapes a constant row (``[:, :, 10]`` traced at T = 11) is another row."""
+    dynamic shapes a constant row (``[:, :, 10]`` traced at T = 11) is another row. ``starts``: the
+    nodes that add an initial state to a running sum -> that running sum (their rows are its rows,
+    from the state)."""
     if node.op != "call_function" or node.target not in (aten.select.int, aten.slice.Tensor):
         return None
     src = node.args[0]
+    if isinstance(src, fx.Node) and starts and src in starts:
+        src = starts[src]
     if not isinstance(src, fx.Node) or src.op != "call_function" or src.target is not aten.cumsum.default:
         return None
     rank = len(hint_shape(src) or ())
@@ -151,6 +156,8 @@ class _Site:
     def __init__(self, settled):
         m = settled.match
         self.settled, self.q, self.k, self.v, self.t = settled, m.q, m.k, m.v, m.key_length
+        init = m.initial
+        self.starts = {} if init is None else {st.add: st.running for st in (init.kv, init.k) if st is not None}
 
 
 def _product_operands(gm, node):
@@ -208,7 +215,7 @@ def _candidate(gm, ev, site: _Site, node: fx.Node):
             raise Refused("state", f"phi(k){' v^T' if found[0] == 'kv' else ''} summed over an axis of size {size}, "
                                    f"not over time (T={site.t}): not a state of the prefill", node)
         return StateRead(node, found[0], found[1])
-    last = _last_row(node)
+    last = _last_row(node, site.starts)
     if last is not None:
         cumsum, index = last
         found = _read_operand(gm, ev, site, cumsum.args[0], node)
@@ -220,7 +227,7 @@ def _candidate(gm, ev, site: _Site, node: fx.Node):
         if index is not None:
             raise Refused("state", f"the state is row {index} of the running sum over time, not its last row: "
                                    "not the state after the prefill", node)
-        return StateRead(node, found[0], found[1])
+        return StateRead(node, found[0], found[1], initial=node.args[0] in site.starts)
     if node.target is aten.bmm.default:
         a, b = node.args[0], node.args[1]
         sa, sb = hint_shape(a), hint_shape(b)
@@ -279,17 +286,17 @@ def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available
 def settle_states(site, reads: list, ev: GraphEvaluator, to_dynamo: dict) -> SiteStates:
     """Probe the site's states (``reads``, one feature map) against the operator's; returns the plan or Refused."""
     m, spec = site.match, site.spec
-    for node in (m.q, m.k, m.v):
-        value = example_value(to_dynamo[node])
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            raise Refused("unsupported", "the prefill's final state is computed from inputs that require grad: "
-                                         "based::attention_with_state has no backward, so the state is left to the "
-                                         "inner compiler (the attention itself is rewritten)", reads[0].node)
-    pieces, k_factors = reads[0].pieces, reads[0].k_factors
-    for read in reads[1:]:
+    init = m.initial
+    pieces, k_factors = (reads[0].pieces, reads[0].k_factors) if init is None else (init.pieces, init.k_factors)
+    for read in reads:
         if read.pieces != pieces or any(abs(a - b) > 1e-12 * max(1.0, abs(a)) for a, b in zip(read.k_factors, k_factors)):
-            raise Refused("state", "the site's states use two different feature maps: the operator returns one",
-                          read.node)
+            raise Refused("state", "the site's states use two different feature maps: the operator returns one"
+                          if init is None else "the returned state is in another feature map than the attention's "
+                          "keys, whose features the initial state is in: the operator returns one", read.node)
+        started = init is not None and (init.kv if read.kind == "kv" else init.k) is not None
+        if started and not read.initial:
+            raise Refused("state", "the prefill returns a state without the initial state its running sums start "
+                                   "from: the operator returns them added", read.node)
     gen = torch.Generator().manual_seed(2025)
     values = {n: torch.randn(hint_shape(n), generator=gen, dtype=torch.float64) for n in (m.q, m.k, m.v)}
     q, k, v = (values[n] for n in (m.q, m.k, m.v))
@@ -297,6 +304,16 @@ def settle_states(site, reads: list, ev: GraphEvaluator, to_dynamo: dict) -> Sit
         q, k, v = (x.unsqueeze(0) for x in (q, k, v))
     args = check_arguments(q, k, v, spec.scale, spec.coeffs, spec.causal, spec.normalize, spec.eps, spec.layout)
     kv, ks = features_of_moments(moments(k, v, args), pieces, k_factors, args.dk)
+    if init is not None:                  # the states the running sums start from, at random values
+        for st, positive in ((init.kv, False), (init.k, True)):
+            if st is None:
+                continue
+            x = torch.randn(hint_shape(st.source), generator=gen, dtype=torch.float64)
+            values[st.source] = x.abs() + 1.0 if positive else x
+            if st is init.kv:
+                kv = kv + st.operator_tensor(values[st.source])
+            else:
+                ks = ks + st.operator_tensor(values[st.source])
     for read in reads:
         try:
             got = ev.evaluate(read.node, substitute=dict(values))

@@ -25,6 +25,7 @@ from .canonicalize import (VIEW_OPS, hint_shape, live_users, scalar_factor, shap
                            walk_operand)
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
+from .initial_state import InitialStates, follow, read_initial
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
@@ -106,9 +107,11 @@ def _row_read(node: fx.Node, dim: int) -> bool:
     return rank > 0 and node.args[1] % rank == dim % rank
 
 
-def _consumer(state: fx.Node, dim: int) -> fx.Node | None:
-    """The one user of the state (through views) besides reads of its rows, else None."""
-    users = [u for u in live_users(state) if not (state.target is aten.cumsum.default and _row_read(u, dim))]
+def _consumer(state: fx.Node, dim: int, running: bool | None = None) -> fx.Node | None:
+    """The one user of the state (through views) besides reads of its rows (of a running sum, or of
+    ``running`` sums an initial state was added to), else None."""
+    running = state.target is aten.cumsum.default if running is None else running
+    users = [u for u in live_users(state) if not (running and _row_read(u, dim))]
     if len(users) != 1:
         return None
     user = users[0]
@@ -147,14 +150,26 @@ def _refuse_shifted(state: fx.Node, consumer: fx.Node | None, dim: int) -> None:
                                           "shifted by a token, a shifted causal mask (Based sums over j <= i)", user)
 
 
+def _same_map(gm, a: fx.Node, b: fx.Node) -> bool:
+    """``a`` and ``b`` are one feature map: the same node, or the same pieces (kinds, factors, widths,
+    products) of the same tensor at the same shape (``phi(q)`` called twice, in the numerator and in
+    the normaliser)."""
+    if a is b:
+        return True
+    phi_a, phi_b = read_feature_map(gm, a), read_feature_map(gm, b)
+    return phi_a is not None and phi_b is not None and phi_a.source is phi_b.source \
+        and phi_a.pieces == phi_b.pieces and hint_shape(a) == hint_shape(b)
+
+
 def _normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
-    """(state kind, eps, inverted) of den = phi(q) . sum_{j <= i} phi(k_j) + eps over the numerator's
+    """(state kind, eps, initial k_state or None, inverted) of den = phi(q) . sum_{j <= i} phi(k_j) + eps
+    (``FeatureSum.initial``: the running sum starts from an initial state) over the numerator's
     feature maps ``cat_q`` and ``cat_k`` (``feature_normaliser``), with the numerator's scalar
     ``factor`` on them and its sum over the maps' axis ``time``; NotACandidate / Refused."""
     found = read_feature_sum(gm, node)
-    if found.cat_q is not cat_q:
+    if not _same_map(gm, found.cat_q, cat_q):
         raise NotACandidate("not a contraction with phi(q)")
-    if found.cat_k is not cat_k:
+    if not _same_map(gm, found.cat_k, cat_k):
         raise Refused("normaliser", "the normaliser sums a different key feature map than the numerator", node)
     if abs(found.factor - factor) > 1e-12 * max(abs(factor), 1e-300):
         raise Refused("normaliser", f"the normaliser's feature maps are scaled by {found.factor:g} and the "
@@ -162,7 +177,10 @@ def _normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
     if found.time != time:
         raise Refused("normaliser", "the normaliser sums phi(k) over another axis than the numerator's sum over "
                                     "time", node)
-    return found.kind, found.eps, found.inverted
+    if found.initial is not None and found.kind != "cumsum":
+        raise Refused("unsupported", "the total sum of phi(k) is added to an initial state (a non-causal attention "
+                                     "from an initial state): not rewritten", node)
+    return found.kind, found.eps, found.initial, found.inverted
 
 
 def match_linear(matcher, state: fx.Node):
@@ -198,12 +216,24 @@ def match_linear(matcher, state: fx.Node):
                 for arg in consumer.args[:2] if isinstance(arg, fx.Node)):
         raise Refused("mask", "the running sums leave out (or add) the current token: a shifted causal mask",
                       consumer)
-    if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and state_kind == "cumsum":
-        raise Refused("unsupported", "the running sum of phi(k)^T v is added to another tensor (kv_state0 + "
-                                     "cumsum(...): a prefill continued from an initial state): the linear form is not "
-                                     "rewritten from an initial state; written as the quadratic form plus "
-                                     "phi(q) kv_state0 and phi(q) . k_state0, its attention and returned states are",
-                      consumer)
+    initial_kv = None
+    if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and state in consumer.args[:2] \
+            and state_kind == "cumsum" and all(isinstance(a, fx.Node) for a in consumer.args[:2]):
+        if consumer.target is aten.sub.Tensor:
+            raise Refused("state", "a tensor is subtracted from (or subtracts) the running sum of phi(k)^T v: not an "
+                                   "initial state, which adds", consumer)
+        if float(consumer.kwargs.get("alpha", 1)) != 1.0:
+            raise Refused("state", f"the initial kv_state is added with alpha={consumer.kwargs['alpha']:g} (a decayed "
+                                   "or gated state): not Based, whose states only add", consumer)
+        init = consumer.args[1] if consumer.args[0] is state else consumer.args[0]
+        labels = _state_axes(gm, kv, cat_k, v_arg, consumer)
+        initial_kv = read_initial(gm, matcher.evaluator, init, state, dim % len(hint_shape(state)), labels, "kv",
+                                  consumer, {cat_k, v_walk.source, phi_k.source})
+        add = consumer
+        consumer = _consumer(add, dim, running=True)
+        _refuse_shifted(state, consumer, dim)
+        if consumer is None:
+            raise NotACandidate("the running sums from the initial state have several users")
     if consumer.target not in (aten.mul.Tensor, aten.bmm.default):
         raise NotACandidate("the state is not contracted with phi(q)")
     (phi_q, cat_q, factor_q), _ = _feature_side(gm, consumer.args[0], consumer.args[1])
@@ -225,11 +255,23 @@ def match_linear(matcher, state: fx.Node):
     user, found = _divided_by(_forward_through_views(num),
                               lambda other: _normaliser(gm, other, cat_q, cat_k, factor_q * factor_k, time))
     if user is not None:
-        den_kind, eps, _ = found
+        den_kind, eps, _, _ = found
         if den_kind != state_kind:
             raise Refused("normaliser", f"the normaliser is a {den_kind} sum over time but the numerator a "
                                         f"{state_kind} sum: they do not sum the same weights", user)
         normalize, start = True, user
+
+    initial_k = None
+    if user is not None and found[2] is not None:
+        add, init, k_sum, k_dim, k_feature = found[2]
+        initial_k = read_initial(gm, matcher.evaluator, init, k_sum, k_dim, {k_feature: "F"}, "k", add,
+                                 {cat_k, cat_q, v_walk.source, phi_k.source, phi_q.source})
+    initial = None
+    if initial_kv is not None or initial_k is not None:
+        if initial_kv is not None and matcher.evaluator.depends_on(initial_kv.source, {cat_q, phi_q.source}):
+            raise Refused("state", "the tensor added to the running sums (as an initial kv_state) is computed from q: "
+                                   "not the state of earlier tokens", initial_kv.add)
+        initial = _initial_states(phi_k, factor_k, initial_kv, initial_k)
 
     keep = Keep.causal(0) if state_kind == "cumsum" else None        # the running sum over j <= i
     length = size_expr(shape_of(kv)[dim])
@@ -238,7 +280,36 @@ def match_linear(matcher, state: fx.Node):
     match = matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v, normalize, eps,
                             num, start)
     return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
-                   k_alternatives=other_readings(gm, cat_k, phi_k), v_alternatives=v_walk.alternatives)
+                   k_alternatives=other_readings(gm, cat_k, phi_k), v_alternatives=v_walk.alternatives,
+                   initial=initial)
+
+
+def _state_axes(gm, kv: fx.Node, cat_k: fx.Node, v_arg, where: fx.Node) -> dict:
+    """The running sum of phi(k) (x) v's feature and value axes ({axis: "F" | "Dv"}), followed from
+    phi(k)'s and v's last axes through their views into the product ``kv``."""
+    rank = len(hint_shape(kv))
+    labels = {}
+    for operand, label in ((kv.args[0], None), (kv.args[1], None)):
+        stop, axis = follow(gm, operand, -1)
+        name = "F" if stop is cat_k else "Dv" if operand is v_arg else None
+        if name is None or axis is None:
+            continue
+        labels[axis + rank - len(hint_shape(operand))] = name
+    if sorted(labels.values()) != ["Dv", "F"]:
+        raise Refused("state", "the running sum's feature and value axes could not be followed from phi(k) and v: "
+                               "the initial state's layout is not proven", where)
+    return labels
+
+
+def _initial_states(phi_k, factor_k: float, kv, k) -> InitialStates:
+    """The initial states in the attention's key features (the operator converts them with these)."""
+    kinds = [p.kind for p in phi_k.pieces]
+    if any(kind not in ("const", "linear", "outer") for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise Refused("unsupported", "a prefill continued from initial states whose feature map is not [c, a x, "
+                                     f"b x (x) x] with one piece of each kind (pieces {kinds}): the operator reads "
+                                     "states in the full outer-product basis", (kv or k).add)
+    pieces = tuple(f"const:{p.width}" if p.kind == "const" else p.kind for p in phi_k.pieces)
+    return InitialStates(kv, k, pieces, tuple(p.factor * factor_k for p in phi_k.pieces))
 
 
 # ---------------------------------------------------------------------- the non-causal state product
@@ -297,7 +368,7 @@ def _feature_operand(gm, node):
 def _state_normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
     """eps, inverted of den = phi(q) . sum_t phi(k) + eps (a matmul, an einsum or a product summed over
     the features), else NotACandidate; Refused for a running sum or a sum over another axis."""
-    kind, eps, inverted = _normaliser(gm, node, cat_q, cat_k, factor, time)
+    kind, eps, _, inverted = _normaliser(gm, node, cat_q, cat_k, factor, time)
     if kind != "total":
         raise Refused("normaliser", "the normaliser is a running sum over time but the numerator sums over "
                                     "all keys: they do not sum the same weights", node)

@@ -208,6 +208,10 @@ class Matcher:
         phi(q) . sum(phi(k)) (read from the contraction outwards: eps and the reciprocal are read by
         ``normaliser``), as the weights it sums; Refused for a near-miss (a shifted running sum, ...)."""
         found = read_feature_sum(self.gm, node, top)
+        if found.initial is not None:
+            raise Refused("normaliser", "the normaliser's running sum of phi(k) starts from an initial k_state, but "
+                                        "the numerator is the quadratic form (no initial kv_state): not rewritten",
+                          found.initial[0])
         return Weights(found.poly, found.keep, False, None, found.phi_q.source, found.phi_k.source,
                        "feature normaliser", None, hint_shape(found.cat_q)[-2], feature_sum=found)
 

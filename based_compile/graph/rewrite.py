@@ -77,11 +77,13 @@ def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: floa
 
 
 def based_attention_with_state_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
-                                    normalize: bool, eps: float, group: int, pieces: list, k_factors: list):
-    """The rewritten site of a prefill that returns its final states: (o, kv_state, k_state)."""
+                                    normalize: bool, eps: float, group: int, pieces: list, k_factors: list,
+                                    kv0=None, k0=None):
+    """The rewritten site of a prefill that returns its final states, or starts from initial states
+    ``kv0``, ``k0`` (a continued prefill): (o, kv_state, k_state)."""
     spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
                      eps=eps, group=group)
-    return based_attention_with_state(q, k, v, spec, pieces, k_factors)
+    return based_attention_with_state(q, k, v, spec, pieces, k_factors, kv0, k0)
 
 
 def hint_shape_of(node: fx.Node) -> tuple:
@@ -147,13 +149,27 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                 q, k, v = (add(torch.unsqueeze, (x, 0)) for x in (q, k, v))
             spec_args = (q, k, v, s.layout, float(s.scale), float(s.c0), float(s.c1), float(s.c2), bool(s.causal),
                          bool(s.normalize), float(s.eps), int(s.group))
-            if states is None:
+            initial = m.initial
+            if states is None and initial is None:
                 out = add(based_attention_call, spec_args)
             else:
+                starts = []
+                for st in (None, None) if initial is None else (initial.kv, initial.k):
+                    if st is None:
+                        starts.append(None)
+                        continue
+                    x = to_dynamo[st.source]
+                    x = replaced.get(x, x)
+                    if st.squeeze:
+                        x = add(torch.squeeze, (x, tuple(st.squeeze)))
+                    if tuple(st.perm) != tuple(range(len(st.perm))):
+                        x = add(torch.permute, (x, tuple(st.perm)))
+                    starts.append(x)
+                plan_of = initial if initial is not None else states
                 call = add(based_attention_with_state_call,
-                           (*spec_args, list(states.pieces), [float(f) for f in states.k_factors]))
+                           (*spec_args, list(plan_of.pieces), [float(f) for f in plan_of.k_factors], *starts))
                 out, kv_new, k_new = (add(operator.getitem, (call, i)) for i in range(3))
-                for r in states.reads:
+                for r in states.reads if states is not None else ():
                     user = to_dynamo[r.node]
                     new = kv_new if r.kind == "kv" else k_new
                     if r.repeat:

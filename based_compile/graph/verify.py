@@ -18,7 +18,9 @@ import torch.fx as fx
 
 from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, size_hints, track_axis
 from .evaluate import GraphEvaluator
+from ..kernels.arguments import check_arguments
 from ..kernels.naive import naive_parallel_based
+from ..op.attention_with_state import composed_forward
 from .candidate import Match
 from .refusal import Refused
 from ..op.spec import BasedSpec
@@ -108,12 +110,23 @@ def _chunked(m: Match) -> str | None:
     return None
 
 
-def _reference(reading: Settled, q, k, v) -> torch.Tensor:
+def _naive(q, k, v, s: BasedSpec) -> torch.Tensor:
+    return naive_parallel_based(q, k, v, scale=s.scale, coeffs=s.coeffs, causal=s.causal, normalize=s.normalize,
+                                eps=s.eps, layout=s.layout)
+
+
+def _reference(reading: Settled, q, k, v, initial: tuple = (None, None)) -> torch.Tensor:
+    """The op's output for this reading; ``initial``: the operator's initial states (kv0, k0) of a
+    continued prefill (``reading.match.initial``), whose feature map converts them."""
     s = reading.spec
     if reading.unsqueeze_inputs:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    o = naive_parallel_based(q, k, v, scale=s.scale, coeffs=s.coeffs, causal=s.causal, normalize=s.normalize,
-                             eps=s.eps, layout=s.layout)
+    if reading.match.initial is None:
+        o = _naive(q, k, v, s)
+    else:
+        init = reading.match.initial
+        args = check_arguments(q, k, v, s.scale, s.coeffs, s.causal, s.normalize, s.eps, s.layout)
+        o = composed_forward(q, k, v, args, init.pieces, init.k_factors, *initial, attend=_naive)[0]
     if reading.transpose_out:
         o = o.transpose(1, 2)
     if reading.flatten_out:
@@ -328,8 +341,30 @@ def _structural_reading(m: Match, readings: list, why: str):
     raise Refused("verify", f"{reasons[0]} ({why})", m.output)
 
 
+def _initial_values(m: Match, values: dict, gen, device, dtype) -> tuple:
+    """Random values of a continued prefill's initial states (the user's tensors, put into ``values``)
+    and the operator's tensors made of them (float64), or (None, None)."""
+    out = []
+    for st, positive in ((None, False), (None, True)) if m.initial is None else \
+            ((m.initial.kv, False), (m.initial.k, True)):
+        if st is None:
+            out.append(None)
+            continue
+        x = torch.randn(hint_shape(st.source), generator=gen, dtype=torch.float64)
+        x = x.abs() + 1.0 if positive else x          # a k_state keeps the normaliser away from zero
+        values[st.source] = x.to(device=device, dtype=dtype)
+        out.append(st.operator_tensor(values[st.source].to(torch.float64)))
+    return tuple(out)
+
+
 def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
     readings, (qs, ks, vs) = _readings(m)
+    if m.initial is not None:       # the user's states are per query head: k and v as the op reads them
+        readings = [r for r in readings if r.spec.group == 1]
+        if not readings:
+            raise Refused("unsupported", "a prefill continued from initial states with grouped-query heads (k and v "
+                                         "shared by several query heads): the states the code adds are per query "
+                                         "head, the operator's per key/value head", m.output)
     if not probe:
         return _structural_reading(m, readings, "the numerical probe is off")
     rows = math.prod(qs[:3])                                     # B * H * T
@@ -350,6 +385,7 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             if node not in values:
                 values[node] = torch.randn(hint_shape(node), generator=gen, dtype=torch.float64).to(
                     device=device, dtype=dtype)
+        initial = _initial_values(m, values, gen, device, dtype)
         try:
             out = evaluator.evaluate(m.output, substitute=values)
         except Exception as err:            # e.g. float64 probe against float32 parameters: retry in q's dtype
@@ -360,7 +396,7 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
         factor = 1.0 if m.q_factor is None else evaluator.evaluate(m.q_factor).to(torch.float64).reshape(())
         for reading in readings:
             ref = _reference(reading, *(values[n].to(torch.float64) * (factor if n is m.q else 1.0)
-                                        for n in (m.q, m.k, m.v)))
+                                        for n in (m.q, m.k, m.v)), initial)
             err = _rel_error(out, ref)
             best = min(best, err)
             if err < tol:

@@ -159,17 +159,18 @@ def _bhtd(x: Tensor, args: BasedArguments) -> Tensor:
     return x.transpose(1, 2) if args.layout == "BTHD" else x
 
 
-def composed_forward(q, k, v, args: BasedArguments, pieces, k_factors, kv0=None, k0=None):
+def composed_forward(q, k, v, args: BasedArguments, pieces, k_factors, kv0=None, k0=None, attend=None):
     """(o, kv_state, k_state) from differentiable pieces: ``based::attention`` unnormalised over
-    [v, 1], plus [c0, c1 q~, c2 q~ (x) q~] times the initial moments (q~ = scale q), divided; the
-    states from the moments of k, v. The CPU implementation (under no_grad) and what the backward
-    differentiates."""
+    [v, 1] (or ``attend(q, k, v1, spec)``), plus [c0, c1 q~, c2 q~ (x) q~] times the initial moments
+    (q~ = scale q), divided; the states from the moments of k, v. The CPU implementation (under
+    no_grad), what the backward differentiates, and (with the naive attention) the graph pass's
+    float64 reference for a continued prefill."""
     dtype = cpu_path.compute_dtype(q.dtype)
     b, h, hk, g, t, dv = args.batch, args.heads, args.kv_heads, args.group, args.length, args.dv
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     spec = BasedSpec(layout=args.layout, scale=args.scale, c0=args.coeffs[0], c1=args.coeffs[1],
                      c2=args.coeffs[2], causal=args.causal, normalize=False, eps=args.eps)
-    n = _bhtd(based_attention(q, k, v1, spec), args).to(dtype)                    # [B, H, T, Dv + 1]
+    n = _bhtd((attend or based_attention)(q, k, v1, spec), args).to(dtype)       # [B, H, T, Dv + 1]
     if kv0 is not None or k0 is not None:
         m0 = initial_moments(kv0, k0, pieces, k_factors, args, dtype)
         c0, c1, c2 = args.coeffs

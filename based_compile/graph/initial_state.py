@@ -1,0 +1,151 @@
+"""A prefill continued from initial states: running sums that start from the states of earlier tokens.
+
+    kv = kv_state[:, :, None] + (phi(k)[..., :, None] * v[..., None, :]).cumsum(2)   # [B, H, T, F, Dv]
+    ks = k_state[:, :, None] + phi(k).cumsum(2)                                       # [B, H, T, F]
+    o = (phi(q)[..., None] * kv).sum(-2) / ((phi(q) * ks).sum(-1, keepdim=True) + eps)
+
+(the state added before or after the cumsum's views, on either side, or in place: ``kv.add_(...)``;
+or as the cumsum's first row: ``torch.cat([kv_state[:, :, None], x], 2).cumsum(2)[:, :, 1:]``). Every
+query then also sees the earlier tokens through the states: o gains phi(q) kv_state over
+phi(q) . k_state. The linear-form reader (``linear_form.py``) and the feature normaliser
+(``feature_normaliser.py``) call ``read_initial`` on the tensor added to a running sum; the site
+then runs ``based::attention_with_state`` with the states, laid out as the operator takes them
+([B, H, F, Dv], [B, H, F]).
+
+What is proven on the graph (the numerical probe checks it again where it runs): the tensor added
+is one tensor (``source``) read through views alone (no scale: ``0.9 * kv_state`` is a decayed
+state; no cast: a rounding cast is part of what the code computes), of size one along time
+(every position sees the same state; a state added to some rows only is not an initial state),
+that broadcasts along time alone (a ``[B, H, F]`` key state where the ``[B, H, F, Dv]`` state
+belongs broadcasts along Dv too), and reads none of q, k, v. Each axis of ``source`` is followed
+through the views onto the running sum's axes: its feature and value axes must land on the sum's
+(``features``, ``values``, from phi(k)'s and v's last axes), its other axes in order on the sum's
+other axes (batch, then heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, track_axis
+from .refusal import Refused
+
+aten = torch.ops.aten
+
+# views an initial state may be read through (a cast is not one: its rounding is part of the code)
+_STATE_VIEWS = VIEW_OPS - {aten._to_copy.default}
+
+
+@dataclass(frozen=True)
+class InitialState:
+    """One initial state: the operator's tensor is ``source`` with the axes ``squeeze`` (of size one)
+    dropped, then permuted by ``perm`` into [B, H, F, Dv] (kv) or [B, H, F] (k)."""
+
+    source: fx.Node
+    squeeze: tuple
+    perm: tuple
+    add: fx.Node               # the node that adds it to the running sum
+    running: fx.Node           # the running sum (cumsum) it is added to
+
+    def operator_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """The operator's state from a value of ``source``."""
+        if self.squeeze:
+            x = x.squeeze(self.squeeze)
+        return x.permute(self.perm)
+
+
+@dataclass(frozen=True)
+class InitialStates:
+    """What a continued prefill starts from: the feature map the states are in (the attention's keys'),
+    and each state (None: that running sum starts from zero)."""
+
+    kv: InitialState | None
+    k: InitialState | None
+    pieces: tuple
+    k_factors: tuple
+
+
+def follow(gm, node, axis: int, *, scalars: bool = True) -> tuple[fx.Node, int | None]:
+    """(the node under ``node``'s views and scalar factors, where its last axis lands in ``node``):
+    the axis of a feature map's or v's features in the operand of a product."""
+    views = []
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+            views.append(node)
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node) if scalars else None
+        if scaled is None or hint_shape(scaled[0]) != hint_shape(node):
+            break
+        node = scaled[0]
+    rank = len(hint_shape(node) or ())
+    at = axis % rank if rank else None
+    for view in reversed(views):
+        at = track_axis(view, at) if at is not None else None
+    return node, at
+
+
+def read_initial(gm, ev, init, state: fx.Node, dim: int, labels: dict, role: str, add: fx.Node,
+                 reads: set) -> InitialState:
+    """The initial state ``init`` adds to the running sum ``state`` (time axis ``dim``; ``labels``:
+    the sum's axis -> "F" / "Dv" for the features and values); Refused with the reason for a
+    near-miss. ``reads``: nodes the state must not read (q, k, v and their feature maps)."""
+    what = "kv_state" if role == "kv" else "k_state"
+    shape = tuple(hint_shape(state))
+    rank = len(shape)
+    if not isinstance(init, fx.Node):
+        raise Refused("state", f"the running sum is added to a number, not to an initial {what}", add)
+    if ev.depends_on(init, reads):
+        raise Refused("state", f"the tensor added to the running sums (as an initial {what}) is computed from q, k "
+                               "or v: not the state of earlier tokens", add)
+    node, views = init, []
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in _STATE_VIEWS and isinstance(node.args[0], fx.Node):
+            views.append(node)
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node)
+        if scaled is None:
+            break
+        raise Refused("state", f"the initial {what} is scaled by {scaled[1]:g} before it is added (a decayed or "
+                               f"gated state, 0.9 * {what} + ...): not Based, whose states only add", add)
+    source = node
+    init_shape = tuple(hint_shape(init) or ())
+    while len(init_shape) < rank:
+        init_shape = (1,) + init_shape
+    if len(hint_shape(init) or ()) != rank:
+        raise Refused("state", f"the initial {what} broadcasts over the leading (batch or head) axes of the running "
+                               "sum: not one state per batch row and head", add)
+    if shape[dim] > 1 and init_shape[dim] != 1:
+        raise Refused("state", f"the tensor added to the running sum varies along time ({init_shape[dim]} rows): "
+                               f"a state added to some rows only, or per-row values, is not an initial {what}, which "
+                               "every position sees alike", add)
+    broadcast = [a for a in range(rank) if a != dim and init_shape[a] != shape[a]]
+    if broadcast:
+        names = ", ".join(labels.get(a, f"axis {a}") for a in broadcast)
+        raise Refused("state", f"the initial {what} broadcasts along {names} of the running sum (size one where the "
+                               f"sum has {', '.join(str(shape[a]) for a in broadcast)}): not a state of the sum's "
+                               f"shape (a [B, H, F] key state where the [B, H, F, Dv] state belongs?)", add)
+    src_shape = tuple(hint_shape(source) or ())
+    lands = []
+    for axis in range(len(src_shape)):
+        at = axis
+        for view in reversed(views):
+            at = track_axis(view, at) if at is not None else None
+        lands.append(at)
+    squeeze = tuple(a for a, at in enumerate(lands) if src_shape[a] == 1 and (at is None or at == dim))
+    kept = {at: a for a, at in enumerate(lands) if a not in squeeze}
+    others = [a for a in range(rank) if a != dim and a not in labels]
+    order = others + [a for a in sorted(labels, key=lambda a: labels[a] != "F")]
+    if None in kept or len(kept) != rank - 1 or sorted(kept) != sorted(order):
+        raise Refused("state", f"the initial {what}'s axes could not be followed through its views onto the running "
+                               "sum's batch, head, feature and value axes", add)
+    return InitialState(source, squeeze, tuple(_ranks([kept[a] for a in order])), add, state)
+
+
+def _ranks(axes: list) -> list:
+    """Source axes (with size-one axes dropped, renumbered) in the order the operator wants them."""
+    index = {a: i for i, a in enumerate(sorted(axes))}
+    return [index[a] for a in axes]
