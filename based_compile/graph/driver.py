@@ -360,9 +360,12 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
             if late:
                 raise Refused("unsupported", f"the prefill's state is computed before {late} exist(s): the operator "
                                              "that returns both cannot run there", site_reads[0].node)
+            init = site.match.initial       # the in-place write that adds an initial state is the op's own
+            own = set() if init is None else {to_dynamo.get(st.add) for st in (init.kv, init.k) if st is not None}
             for r in site_reads:
                 key = storages.of(to_dynamo[r.node])
-                writer = next((n for n in gm.graph.nodes if storages.writes_into(n, key)), None)
+                writer = next((n for n in gm.graph.nodes if storages.writes_into(n, key) and not (
+                    n in own and position[n] < position[to_dynamo[r.node]])), None)
                 if writer is not None:
                     raise Refused("unsupported", f"{source_of(writer)} writes in place into the memory of the "
                                                  "prefill's state (or a tensor it views)", r.node)

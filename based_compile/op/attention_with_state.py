@@ -252,7 +252,8 @@ def _backward_impl(do, dkv, dks, q, k, v, layout, scale, c0, c1, c2, causal, nor
         outs = composed_forward(q_, k_, v_, args, pieces, k_factors, kv0_, k0_)
         grads = torch.autograd.grad(outs, leaves, (do, dkv.to(outs[1].dtype), dks.to(outs[2].dtype)),
                                     allow_unused=True)
-    grads = [torch.zeros_like(x) if gx is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
+    # in each input's dtype and strides (what the fake implementation promises)
+    grads = [torch.zeros_like(x) if gx is None else torch.empty_like(x).copy_(gx) for x, gx in zip(inputs, grads)]
     dq, dk, dv = grads[:3]
     rest = iter(grads[3:])
     dkv0 = next(rest) if kv0 is not None else q.new_empty(0)

@@ -1,0 +1,335 @@
+"""A prefill continued from initial states (issue 15): the linear form whose running sums start from
+the states of earlier tokens (chunked prefill, a conversation continued from saved states).
+
+Each form is compiled with backend="based" (inner="eager") and must (1) run
+based::attention_with_state with the states, (2) return what the eager code returns (float64:
+within 1e-10; output and new states in the user's layout, shape and dtype), with the numerical
+probe on and off (the structure alone must not mistake axes), (3) give eager's gradients in q, k,
+v and both initial states when they require grad. Each near-miss must keep eager's values, not run
+the state operator, and say why in explain(). Inputs are fresh random tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import based_compile
+from based_compile.graph import feature_normaliser, verify
+
+D, DV, T, H = 4, 5, 11, 2
+F = 1 + D + D * D
+
+
+def phi(x, d=D):
+    x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+    return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2 / (math.sqrt(2) * math.sqrt(d))], -1)
+
+
+# ---------------------------------------------------------------------------------------------- forms
+def brief(q, k, v, kv_state, k_state):
+    """As people write it: phi called where it is used, states added after the cumsum."""
+    kv = kv_state[:, :, None] + (phi(k)[..., :, None] * v[..., None, :]).cumsum(2)     # [B, H, T, F, Dv]
+    ks = k_state[:, :, None] + phi(k).cumsum(2)
+    o = (phi(q)[..., None] * kv).sum(-2) / ((phi(q) * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def einsums(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    kv = torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2) + kv_state.unsqueeze(2)      # the state on the right
+    ks = kf.cumsum(2) + k_state.unsqueeze(2)
+    o = torch.einsum("bhtf,bhtfd->bhtd", qf, kv) / (torch.einsum("bhtf,bhtf->bht", qf, ks)[..., None] + 1e-5)
+    return o, kv[:, :, -1:], ks[:, :, -1:]
+
+
+def in_place(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    kv += kv_state[:, :, None]
+    ks = kf.cumsum(2)
+    ks.add_(k_state.unsqueeze(2))
+    o = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def value_major(q, k, v, kv_state, k_state):                       # kv kept as [.., Dv, F], kv_state [B, H, Dv, F]
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf.unsqueeze(-2) * v.unsqueeze(-1)).cumsum(2)          # [B, H, T, Dv, F]
+    ks = k_state[:, :, None] + kf.cumsum(2)
+    o = (qf.unsqueeze(-2) * kv).sum(-1) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def bthd(q, k, v, kv_state, k_state):                               # q, k, v: [B, T, H, D]
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, None] + (kf[..., :, None] * v[..., None, :]).cumsum(1)             # [B, T, H, F, Dv]
+    ks = k_state[:, None] + kf.cumsum(1)
+    o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, -1], ks[:, -1]
+
+
+def unnormalised(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    return (qf[..., None] * kv).sum(-2), kv[:, :, -1]
+
+
+def output_only(q, k, v, kv_state, k_state):                       # the states are not returned
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = k_state[:, :, None] + kf.cumsum(2)
+    return (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+
+
+def states_with_time_axis(q, k, v, kv_state, k_state):             # states kept as [B, H, 1, F, Dv], [B, H, 1, F]
+    qf, kf = phi(q), phi(k)
+    kv = kv_state + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = k_state + kf.cumsum(2)
+    o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1:], ks[:, :, -1:]
+
+
+# (fn, state layout: "BHFD" [B, H, F, Dv] | "BHDF" | "BH1FD" (a time axis of one), q/k/v layout)
+FORMS = [
+    (brief, "BHFD", "BHTD"),
+    (einsums, "BHFD", "BHTD"),
+    (in_place, "BHFD", "BHTD"),
+    (value_major, "BHDF", "BHTD"),
+    (bthd, "BHFD", "BTHD"),
+    (unnormalised, "BHFD", "BHTD"),
+    (output_only, "BHFD", "BHTD"),
+    (states_with_time_axis, "BH1FD", "BHTD"),
+]
+
+
+def _inputs(layout="BHTD", states="BHFD", dtype=torch.float64, t=T):
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    shape = (lambda d: (2, H, t, d)) if layout == "BHTD" else (lambda d: (2, t, H, d))
+    q, k, v = (torch.randn(*shape(d), generator=g, dtype=torch.float64) for d in (D, D, DV))
+    kv0 = torch.randn(2, H, F, DV, generator=g, dtype=torch.float64)
+    k0 = torch.rand(2, H, F, generator=g, dtype=torch.float64) + 1.0
+    if states == "BHDF":
+        kv0 = kv0.transpose(-2, -1).contiguous()
+    elif states == "BH1FD":
+        kv0, k0 = kv0.unsqueeze(2), k0.unsqueeze(2)
+    return tuple(x.to(dtype) for x in (q, k, v, kv0, k0))
+
+
+def _run(fn, args):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = compiled(*args)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return got, counts.get("based::attention_with_state", 0), counts.get("based::attention", 0)
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _assert_same(got, want, tol, what):
+    for i, (g, w) in enumerate(zip(_tuple(got), _tuple(want), strict=True)):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{what} result {i}: {g.shape} {g.dtype} vs {w.shape} {w.dtype}"
+        err = ((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-300)).item()
+        assert err < tol, f"{what} result {i}: relative error {err:.2e}"
+
+
+@pytest.fixture(params=["probe", "structure"])
+def probe(request, monkeypatch):
+    """The pass with its numerical probe, and without it (the probe's and the index tensors' limits at
+    0: the structure alone, as at real sizes)."""
+    if request.param == "structure":
+        monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("fn,states,layout", FORMS, ids=[f[0].__name__ for f in FORMS])
+def test_form_runs_the_state_operator_with_eager_values(fn, states, layout, probe):
+    args = _inputs(layout, states)
+    with torch.no_grad():
+        want = fn(*args)
+    got, with_state, _ = _run(fn, args)
+    assert with_state >= 1, f"based::attention_with_state ran {with_state}x"   # (on the CPU it runs based::attention)
+    _assert_same(got, want, 1e-10, fn.__name__)
+    e = based_compile.explain(fn, *args)
+    assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and not e.refusals, str(e)
+
+
+@pytest.mark.parametrize("fn,states,layout", [FORMS[0], FORMS[3], FORMS[4], FORMS[5]],
+                         ids=["brief", "value_major", "bthd", "unnormalised"])
+def test_gradients_in_q_k_v_and_the_initial_states(fn, states, layout):
+    """Everything requires grad: values and gradients (through the output and the returned states)
+    against eager's autograd in float64."""
+    base = _inputs(layout, states)
+    args = [x.clone().requires_grad_() for x in base]
+    ref_args = [x.clone().requires_grad_() for x in base]
+    want = _tuple(fn(*ref_args))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = _tuple(compiled(*args))
+        cots = [torch.randn_like(w) for w in want]
+        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args, allow_unused=True)
+    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(args, grads)]
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("based::attention_with_state", 0) >= 1 and counts.get("based::attention_with_state_backward", 0) >= 1
+    _assert_same(got, want, 1e-10, "values")
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args, allow_unused=True)
+    wants = [torch.zeros_like(a) if w is None else w for a, w in zip(ref_args, wants)]
+    for name, g, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
+        _assert_same(g, w, 1e-10, f"d{name}")
+
+
+def test_gradients_through_aot_autograd_and_inductor():
+    """The default inner compiler (Inductor) traces the operator and its backward: float32 values and
+    gradients against float64 eager."""
+    base = _inputs(dtype=torch.float32)
+    args = [x.clone().requires_grad_() for x in base]
+    ref_args = [x.double().requires_grad_() for x in base]
+    want = brief(*ref_args)
+    torch._dynamo.reset()
+    got = torch.compile(brief, backend="based")(*args)
+    cots = [torch.randn_like(w) for w in want]
+    grads = torch.autograd.grad(sum((g * c.float()).sum() for g, c in zip(got, cots)), args)
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+    _assert_same(got, tuple(w.float() for w in want), 1e-5, "values")
+    for name, g, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
+        _assert_same(g, w.float(), 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_keeps_the_users_dtype(dtype):
+    args = _inputs(dtype=dtype, t=40)
+    with torch.no_grad():
+        want = brief(*(x.double() for x in args))
+    got, with_state, _ = _run(brief, args)
+    assert with_state >= 1
+    _assert_same(got, tuple(w.to(dtype) for w in want), 1e-5 if dtype == torch.float32 else 3e-2, str(dtype))
+
+
+def test_no_running_sum_left_in_the_rewritten_graph():
+    """O(T) memory: no [T, F, Dv] running sum (no cumsum at all) after the rewrite."""
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(brief, backend=based_compile.backend(inner=inner))(*_inputs())
+    code = "\n".join(gm.code for gm in seen)
+    assert "cumsum" not in code and "attention_with_state" in code, code
+
+
+def test_chunked_prefill_equals_one_prefill():
+    """Two compiled chunks, the second from the first's states, give the whole sequence's output and
+    states (the eager linear form from zero states over all T)."""
+    q, k, v, _, _ = _inputs(t=2 * T)
+    zeros = (torch.zeros(2, H, F, DV, dtype=torch.float64), torch.zeros(2, H, F, dtype=torch.float64))
+    with torch.no_grad():
+        want = brief(q, k, v, *zeros)
+        torch._dynamo.reset()
+        compiled = torch.compile(brief, backend=based_compile.backend(inner="eager"))
+        o1, kv1, k1 = compiled(q[:, :, :T], k[:, :, :T], v[:, :, :T], *zeros)
+        o2, kv2, k2 = compiled(q[:, :, T:], k[:, :, T:], v[:, :, T:], kv1, k1)
+    _assert_same((torch.cat([o1, o2], 2), kv2, k2), want, 1e-10, "chunked")
+
+
+# ---------------------------------------------------------------------------------------------- near-misses
+def decayed(q, k, v, kv_state, k_state):                            # twin of brief
+    kv = 0.9 * kv_state[:, :, None] + (phi(k)[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = k_state[:, :, None] + phi(k).cumsum(2)
+    o = (phi(q)[..., None] * kv).sum(-2) / ((phi(q) * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def k_state_as_kv_state(q, k, v, kv_state, k_state):                # twin of einsums: k_state in kv_state's role
+    qf, kf = phi(q), phi(k)
+    kv = torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2) + k_state[:, :, None, :, None]
+    ks = kf.cumsum(2) + k_state.unsqueeze(2)
+    o = torch.einsum("bhtf,bhtfd->bhtd", qf, kv) / (torch.einsum("bhtf,bhtf->bht", qf, ks)[..., None] + 1e-5)
+    return o, kv[:, :, -1:], ks[:, :, -1:]
+
+
+def some_rows_only(q, k, v, kv_state, k_state):                     # twin of in_place: the state from row 1 on
+    qf, kf = phi(q), phi(k)
+    kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    rows = (torch.arange(q.shape[2]) > 0).to(q.dtype)[:, None, None]
+    kv += kv_state[:, :, None] * rows
+    ks = kf.cumsum(2)
+    ks.add_(k_state.unsqueeze(2))
+    o = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def state_of_another_map(q, k, v, kv_state, k_state):               # twin of value_major: the returned state's map
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf.unsqueeze(-2) * v.unsqueeze(-1)).cumsum(2)
+    ks = k_state[:, :, None] + kf.cumsum(2)
+    o = (qf.unsqueeze(-2) * kv).sum(-1) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv_state + torch.einsum("bhtf,bhtd->bhdf", phi(k, d=9), v), ks[:, :, -1]
+
+
+def subtracted(q, k, v, kv_state, k_state):                         # twin of bthd
+    qf, kf = phi(q), phi(k)
+    kv = (kf[..., :, None] * v[..., None, :]).cumsum(1) - kv_state[:, None]
+    ks = k_state[:, None] + kf.cumsum(1)
+    o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, -1], ks[:, -1]
+
+
+def decayed_by_alpha(q, k, v, kv_state, k_state):                   # twin of unnormalised
+    qf, kf = phi(q), phi(k)
+    kv = torch.add((kf[..., :, None] * v[..., None, :]).cumsum(2), kv_state[:, :, None], alpha=0.5)
+    return (qf[..., None] * kv).sum(-2), kv[:, :, -1]
+
+
+def key_state_from_another_map(q, k, v, kv_state, k_state):         # twin of output_only
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = k_state[:, :, None] + phi(k, d=9).cumsum(2)
+    return (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+
+
+def state_without_its_start(q, k, v, kv_state, k_state):            # twin of states_with_time_axis
+    qf, kf = phi(q), phi(k)
+    sums = (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    kv = kv_state + sums
+    ks = k_state + kf.cumsum(2)
+    o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, sums[:, :, -1:], ks[:, :, -1:]
+
+
+# (fn, state layout, q/k/v layout, what explain() must say, what is refused: the site, or the returned
+# state alone (the attention from the initial states is still exact and rewritten))
+NEAR_MISSES = [
+    (decayed, "BHFD", "BHTD", "scaled by 0.9", "site"),
+    (k_state_as_kv_state, "BHFD", "BHTD", "broadcasts along Dv", "site"),
+    (some_rows_only, "BHFD", "BHTD", "varies along time", "site"),
+    (state_of_another_map, "BHDF", "BHTD", "another feature map than the attention's keys", "state"),
+    (subtracted, "BHFD", "BTHD", "subtracted", "site"),
+    (decayed_by_alpha, "BHFD", "BHTD", "alpha=0.5", "site"),
+    (key_state_from_another_map, "BHFD", "BHTD", "different key feature map", "site"),
+    (state_without_its_start, "BH1FD", "BHTD", "without the initial state", "state"),
+]
+
+
+@pytest.mark.parametrize("fn,states,layout,reason,refused", NEAR_MISSES, ids=[n[0].__name__ for n in NEAR_MISSES])
+def test_near_miss_is_refused_with_a_reason(fn, states, layout, reason, refused, probe):
+    args = _inputs(layout, states)
+    with torch.no_grad():
+        want = fn(*args)
+    got, with_state, _ = _run(fn, args)
+    _assert_same(got, want, 1e-10, fn.__name__)
+    e = based_compile.explain(fn, *args)
+    assert any(reason in r.reason for r in e.refusals), str(e)
+    if refused == "site":
+        assert with_state == 0, "based::attention_with_state must not run"
+        assert not any("from initial state" in s.form for s in e.sites), str(e)
+    else:
+        assert not any("final state" in s.form for s in e.sites), str(e)
