@@ -25,6 +25,7 @@ from .canonicalize import (attention_region, example_value, extract_region, hint
                            same_value_source)
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
+from .initial_state import split_prepended_states
 from .inplace import OutputAliased, Storages, first_write_between, plan_output, written_before_output
 from .lookalike import unexplained
 from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_inputs, source_name
@@ -262,6 +263,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     output_node = next(n for n in aten_gm.graph.nodes if n.op == "output")
     aten_outputs = output_node.args[0]
     output_node.args = ((),)      # every node was an output only to map it back: not a real user
+    split_prepended_states(aten_gm)           # cat([state, x]).cumsum(t)[1:] -> state + x.cumsum(t)
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
     for dynamo_node, aten_node in zip(outputs, aten_outputs):
         if isinstance(aten_node, fx.Node):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, track_axis
+from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, track_axis
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -149,3 +149,83 @@ def _ranks(axes: list) -> list:
     """Source axes (with size-one axes dropped, renumbered) in the order the operator wants them."""
     index = {a: i for i, a in enumerate(sorted(axes))}
     return [index[a] for a in axes]
+
+
+def _int(x):
+    return x if isinstance(x, int) else None
+
+
+def split_prepended_states(gm: fx.GraphModule) -> None:
+    """Read a state prepended as the running sum's first row as a state added to it, in the lowered
+    graph ``gm`` (before matching; every node keeps its value):
+
+        kv = cat([s, x], t).cumsum(t)        kv[:, :, 1:]  ->  s + x.cumsum(t)
+                                             kv[:, :, i]   ->  (s + x.cumsum(t))[:, :, i - 1]   (i >= 1, or i < 0)
+
+    where ``s`` has one row along t. Other reads of ``kv`` (its first row: the state itself) keep
+    reading it. At static lengths only (the slices' bounds are read as numbers)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cumsum.default or len(node.args) < 2:
+            continue
+        cat = node.args[0]
+        if not isinstance(cat, fx.Node) or cat.op != "call_function" or cat.target is not aten.cat.default \
+                or len(cat.args[0]) != 2 or len(cat.users) != 1 or node.kwargs.get("dtype") is not None:
+            continue
+        shape = hint_shape(node)
+        rank = len(shape or ())
+        dim = node.args[1] % rank if rank else None
+        cat_dim = (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)) % rank if rank else None
+        s, x = cat.args[0]
+        if dim is None or dim != cat_dim or not all(isinstance(a, fx.Node) for a in (s, x)) \
+                or (hint_shape(s) or (None,) * rank)[dim] != 1 or hint_shape(x) is None:
+            continue
+        size = shape[dim]
+        rest = []
+        for user in list(node.users):
+            if user.op != "call_function" or len(user.args) < 2 or _int(user.args[1]) is None \
+                    or user.args[1] % rank != dim:
+                continue
+            if user.target is aten.slice.Tensor:
+                start = user.args[2] if len(user.args) > 2 else 0
+                end = user.args[3] if len(user.args) > 3 else None
+                step = user.args[4] if len(user.args) > 4 else 1
+                end = size if end is None else _int(end)
+                start = _int(start)
+                if step == 1 and start is not None and end is not None and end >= size:
+                    if start == 1:
+                        rest.append(("rows", user))
+                    elif start in (-1, size - 1):
+                        rest.append(("last", user))
+            elif user.target is aten.select.int and _int(user.args[2]) is not None \
+                    and _int(user.args[2]) not in (0, -size):
+                rest.append(("row", user))
+        if not rest:
+            continue
+        val = example_value(node)
+        mode = getattr(val, "fake_mode", None)
+        if mode is None:
+            continue
+        with graph.inserting_after(node):
+            running = graph.call_function(aten.cumsum.default, (x, dim))
+        with graph.inserting_after(running):
+            added = graph.call_function(aten.add.Tensor, (s, running))
+        with mode:
+            running.meta["val"] = torch.ops.aten.cumsum.default(example_value(x), dim)
+            added.meta["val"] = torch.ops.aten.add.Tensor(example_value(s), running.meta["val"])
+        for meta in (running.meta, added.meta):
+            meta["stack_trace"] = node.meta.get("stack_trace")
+        for kind, user in rest:
+            if kind == "rows":
+                user.replace_all_uses_with(added)
+                graph.erase_node(user)
+            elif kind == "row":            # row i >= 1 of kv is row i - 1 of the sums from the state
+                index = user.args[2]
+                user.args = (added, dim, index if index < 0 else index - 1)
+            else:
+                user.args = (added, dim, -1, None, 1)
+        if not node.users:
+            graph.erase_node(node)
+            graph.erase_node(cat)
+    graph.lint()
+    gm.recompile()
