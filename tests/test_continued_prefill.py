@@ -99,7 +99,17 @@ def prepended(q, k, v, kv_state, k_state):                        # the states a
     return o, kv[:, :, -1], ks[:, :, -1]
 
 
-# (fn, state layout: "BHFD" [B, H, F, Dv] | "BHDF" | "BH1FD" (a time axis of one), q/k/v layout)
+def gqa_repeated_before_phi(q, k, v, kv_state, k_state):           # k, v: one kv head; states per query head
+    k, v = k.repeat_interleave(H, dim=1), v.repeat_interleave(H, dim=1)
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = k_state[:, :, None] + kf.cumsum(2)
+    o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+# (fn, state layout: "BHFD" [B, H, F, Dv] | "BHDF" | "BH1FD" (a time axis of one), q/k/v layout ("GQA":
+# BHTD with one kv head))
 FORMS = [
     (brief, "BHFD", "BHTD"),
     (einsums, "BHFD", "BHTD"),
@@ -110,13 +120,15 @@ FORMS = [
     (output_only, "BHFD", "BHTD"),
     (states_with_time_axis, "BH1FD", "BHTD"),
     (prepended, "BHFD", "BHTD"),
+    (gqa_repeated_before_phi, "BHFD", "GQA"),
 ]
 
 
 def _inputs(layout="BHTD", states="BHFD", dtype=torch.float64, t=T):
     g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
-    shape = (lambda d: (2, H, t, d)) if layout == "BHTD" else (lambda d: (2, t, H, d))
-    q, k, v = (torch.randn(*shape(d), generator=g, dtype=torch.float64) for d in (D, D, DV))
+    shape = (lambda d, h=H: (2, h, t, d)) if layout != "BTHD" else (lambda d, h=H: (2, t, h, d))
+    hk = 1 if layout == "GQA" else H
+    q, k, v = (torch.randn(*shape(d, h), generator=g, dtype=torch.float64) for d, h in ((D, H), (D, hk), (DV, hk)))
     kv0 = torch.randn(2, H, F, DV, generator=g, dtype=torch.float64)
     k0 = torch.rand(2, H, F, generator=g, dtype=torch.float64) + 1.0
     if states == "BHDF":
@@ -250,6 +262,15 @@ def test_chunked_prefill_equals_one_prefill():
 
 
 # ---------------------------------------------------------------------------------------------- near-misses
+def gqa_decayed_key_state(q, k, v, kv_state, k_state):              # twin of gqa_repeated_before_phi
+    k, v = k.repeat_interleave(H, dim=1), v.repeat_interleave(H, dim=1)
+    qf, kf = phi(q), phi(k)
+    kv = kv_state[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = 0.5 * k_state[:, :, None] + kf.cumsum(2)
+    o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
 def decayed(q, k, v, kv_state, k_state):                            # twin of brief
     kv = 0.9 * kv_state[:, :, None] + (phi(k)[..., :, None] * v[..., None, :]).cumsum(2)
     ks = k_state[:, :, None] + phi(k).cumsum(2)
@@ -334,6 +355,7 @@ NEAR_MISSES = [
     (key_state_from_another_map, "BHFD", "BHTD", "different key feature map", "site"),
     (state_without_its_start, "BH1FD", "BHTD", "without the initial state", "state"),
     (prepended_row_before_last, "BHFD", "BHTD", "row -2 of the running sum", "state"),
+    (gqa_decayed_key_state, "BHFD", "GQA", "k_state is scaled by 0.5", "site"),
 ]
 
 

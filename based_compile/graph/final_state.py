@@ -19,8 +19,14 @@ exactly), times v for the kv state. The numerical probe (``settle_states``) eval
 state on random float64 q, k, v and compares it with the operator's, in each layout the operator
 can produce; it decides. Refused with reasons: another row of the running sum (``[:, :, -2]``),
 a sum over an axis that is not time, a scaled or weighted sum (a decayed or gated state),
-features that are not a Taylor map, a state that requires grad (the operator has no backward:
-the state is left to the inner compiler, the output is still rewritten).
+features that are not a Taylor map. The operator is differentiable: states computed from inputs
+that require grad are rewritten too.
+
+A site whose running sums start from initial states (``initial_state.py``, a continued prefill):
+the last row of those sums (``kv[:, :, -1]`` of ``kv_state[:, :, None] + cumsum(...)``) is its
+state; the states must be in the attention's keys' feature map (the operator converts the initial
+states with it), and a returned state without the initial state (the bare running sum's last row)
+is refused: the operator returns them added.
 """
 from __future__ import annotations
 
