@@ -373,3 +373,19 @@ def test_near_miss_is_refused_with_a_reason(fn, states, layout, reason, refused,
         assert not any("from initial state" in s.form for s in e.sites), str(e)
     else:                       # the kv state is left to the inner compiler (the key state may still be returned)
         assert not any("final state (kv_state" in s.form for s in e.sites), str(e)
+
+
+@pytest.mark.parametrize("fn", [brief, prepended], ids=lambda f: f.__name__)
+def test_dynamic_lengths(fn):
+    """torch.compile(dynamic=True): one graph for every T, rewritten from the states at each length
+    (the state's one row along time is a 1 at every length, not the traced T)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
+    for t in (11, 12, 13):
+        args = _inputs(t=t)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = compiled(*args)
+            want = fn(*args)
+        calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
+        assert calls >= 1, f"T={t}: not rewritten"
+        _assert_same(got, want, 1e-10, f"T={t}")

@@ -118,7 +118,9 @@ def read_initial(gm, ev, init, state: fx.Node, dim: int, labels: dict, role: str
     if len(hint_shape(init) or ()) != rank:
         raise Refused("state", f"the initial {what} broadcasts over the leading (batch or head) axes of the running "
                                "sum: not one state per batch row and head", add)
-    if shape[dim] > 1 and init_shape[dim] != 1:
+    fake = example_value(init)
+    symbolic = isinstance(fake, torch.Tensor) and fake.dim() == rank and not isinstance(fake.shape[dim], int)
+    if (shape[dim] > 1 or symbolic) and (init_shape[dim] != 1 or symbolic):   # one row at every length
         raise Refused("state", f"the tensor added to the running sum varies along time ({init_shape[dim]} rows): "
                                f"a state added to some rows only, or per-row values, is not an initial {what}, which "
                                "every position sees alike", add)
