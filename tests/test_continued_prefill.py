@@ -213,9 +213,12 @@ def test_gradients_through_aot_autograd_and_inductor():
     ref_args = [x.double().requires_grad_() for x in base]
     want = brief(*ref_args)
     torch._dynamo.reset()
-    got = torch.compile(brief, backend="based")(*args)
-    cots = [torch.randn_like(w) for w in want]
-    grads = torch.autograd.grad(sum((g * c.float()).sum() for g, c in zip(got, cots)), args)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.compile(brief, backend="based")(*args)
+        cots = [torch.randn_like(w) for w in want]
+        grads = torch.autograd.grad(sum((g * c.float()).sum() for g, c in zip(got, cots)), args)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("based::attention_with_state", 0) >= 1 and counts.get("based::attention_with_state_backward", 0) >= 1
     wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
     _assert_same(got, tuple(w.float() for w in want), 1e-5, "values")
     for name, g, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
@@ -256,8 +259,10 @@ def test_chunked_prefill_equals_one_prefill():
         want = brief(q, k, v, *zeros)
         torch._dynamo.reset()
         compiled = torch.compile(brief, backend=based_compile.backend(inner="eager"))
-        o1, kv1, k1 = compiled(q[:, :, :T], k[:, :, :T], v[:, :, :T], *zeros)
-        o2, kv2, k2 = compiled(q[:, :, T:], k[:, :, T:], v[:, :, T:], kv1, k1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            o1, kv1, k1 = compiled(q[:, :, :T], k[:, :, :T], v[:, :, :T], *zeros)
+            o2, kv2, k2 = compiled(q[:, :, T:], k[:, :, T:], v[:, :, T:], kv1, k1)
+    assert sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state") >= 2
     _assert_same((torch.cat([o1, o2], 2), kv2, k2), want, 1e-10, "chunked")
 
 
