@@ -123,6 +123,8 @@ def _e2e(data: dict) -> str:
 # A later run of the bfloat16 rows: its medians leave out the profiled last step, which the first
 # run's 3-step bfloat16 medians included (44.9 ms instead of 28.6 for one GPU at T=2048).
 DISTRIBUTED_BF16 = "distributed_bf16"
+# bfloat16 at T=2048 with and without CUDA graphs (--compile-modes default,reduce-overhead).
+DISTRIBUTED_GRAPHS = "distributed_graphs"
 
 
 def _distributed(data: dict) -> str:
@@ -137,6 +139,11 @@ def _distributed(data: dict) -> str:
         ic = data["interconnect"]
         note += (f"\n\nInterconnect, same run: an all-reduce of {ic['allreduce_mb']} MB of bfloat16 took "
                  f"{ic['allreduce_s'] * 1e3:.1f} ms, a bus bandwidth of {ic['busbw_gb_s']:.0f} GB/s.")
+    if any("(CUDA graphs)" in r["run"] for r in rows):
+        note += ("\n\nRows marked (CUDA graphs) were compiled with `mode=\"reduce-overhead\"`; their efficiency is "
+                 "against the single GPU under CUDA graphs, and their calls were counted in the compiling step "
+                 "(a graph replay dispatches no operator). FSDP2 is not run under CUDA graphs: it frees and "
+                 "regathers its parameters, so the graphs would re-record every step.")
     for r in rows:
         step = f"{r['step_s'] * 1e3:.1f}" if r.get("step_s") is not None else r.get("status", "not run")
         eff = f"{r['efficiency']:.2f}" if r.get("efficiency") is not None else ""
@@ -258,7 +265,8 @@ def _generate_model(data: dict) -> str:
             f"`mode=\"reduce-overhead\"`." + gpu_text + "\n\n" + "\n".join(lines))
 
 
-RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed, "generate": _generate,
+RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed,
+             DISTRIBUTED_GRAPHS: _distributed, "generate": _generate,
              "context_parallel": _context_parallel}
 
 
