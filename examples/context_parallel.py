@@ -43,7 +43,8 @@ def train(args, device, shard: bool) -> list[float]:
     dtype = getattr(torch, args.dtype)
     model = BasedLM(**MODEL, max_len=args.seqlen).to(device=device, dtype=dtype)
     based_compile.shard_causal_convs(model)
-    compiled = torch.compile(model, backend="based", dynamic=False)
+    backend = "based" if args.inner == "inductor" else based_compile.backend(inner=args.inner)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     losses = []
@@ -97,6 +98,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--dtype", default="float64", choices=("float64", "float32", "bfloat16"))
+    p.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager"),
+                   help="the based backend's inner compiler (inductor: backend=\"based\")")
     args = p.parse_args(argv)
     if args.world < 2:
         p.error("--world must be at least 2")

@@ -68,8 +68,8 @@ def _case(kind, mesh, ids, targets, reference):
     based_compile.shard_causal_convs(model)
     for i, block in enumerate(model.blocks):
         # aot_eager: AOTAutograd as under Inductor (the based operator and its backward in the
-        # joint graph), without Inductor's code generation, which is not what is composed here
-        # (test_context_parallel.py's example test runs the default, Inductor, sharded)
+        # joint graph), without Inductor's code generation, which is not what is composed here (the
+        # operators are opaque to it; benchmarks/context_parallel.py runs Inductor sharded on GPUs)
         block.compile(backend=based_compile.backend(inner="aot_eager"), dynamic=False)
         if "checkpoint" in kind:
             model.blocks[i] = Checkpointed(block)
