@@ -29,7 +29,15 @@ def formula(q, k, v, scale, coeffs, causal, normalize, eps):
     return n / (f.sum(-1)[..., None] + eps)
 
 
-CASES = list(itertools.product([1, 7, 63, 130], [1, 8, 16, 32], [1, 16, 64]))
+LENGTHS, DKS, DVS = [1, 7, 63, 130], [1, 8, 16, 32], [1, 16, 64]
+# Every pair of values of two of the dimensions (T, Dk), (T, Dv), (Dk, Dv) once (16 cases, not the 48 of
+# the full product: nothing in the references couples all three).
+CASES = [(t, dk, DVS[(i + j) % len(DVS)]) for i, t in enumerate(LENGTHS) for j, dk in enumerate(DKS)]
+
+
+def test_cases_cover_every_pair():
+    for (a, xs), (b, ys) in itertools.combinations(enumerate((LENGTHS, DKS, DVS)), 2):
+        assert {(c[a], c[b]) for c in CASES} == set(itertools.product(xs, ys)), (a, b)
 
 
 @pytest.mark.parametrize("t,dk,dv", CASES)
