@@ -556,7 +556,9 @@ def test_feature_normaliser_of_the_quadratic_form_is_fused(den, causal, probe, m
     ("einsum", True, "total_vs_running"),   # sum over all keys against a causal numerator
     ("mul_sum", False, "total_vs_running"), # running sums against a non-causal numerator
 ])
-@pytest.mark.parametrize("probe", ["on", "off", "none"])
+# Not "on": the normaliser is refused while matching, before the probe (verify.settle) would run, so
+# with the probe "on" the pass takes the very path of "off" (both with the index tensors).
+@pytest.mark.parametrize("probe", ["off", "none"])
 def test_feature_normaliser_near_misses_are_refused(den, causal, defect, probe, monkeypatch):
     _skip_checks(monkeypatch, probe)
     ex = explain(FeatureNormalised(den, causal, defect))
