@@ -349,6 +349,8 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
         if isinstance(result, Refused):
             _refuse(result, report)
             continue
+        if not to_dynamo[result[1].node].users:
+            continue                  # a state the code computes and never uses: nothing to return
         reads.setdefault(result[0], []).append(result[1])
     for index, site_reads in reads.items():
         site = settled[index]
