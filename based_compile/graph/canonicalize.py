@@ -572,12 +572,48 @@ def writes_in_place(node: fx.Node) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
+def computed_without_grad(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes of Dynamo's graph that run with gradients off: inside ``with torch.no_grad()`` or
+    ``torch.inference_mode()`` in the compiled code (``_set_grad_enabled`` / ``_enter_inference_mode``
+    nodes), or everywhere but inside ``torch.enable_grad()`` when the graph is compiled with
+    gradients off. The graph starts in the grad mode it is compiled in (Dynamo guards on it)."""
+    enabled, saved, off = torch.is_grad_enabled(), [], set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled and node.args:
+            enabled = bool(node.args[0])
+        elif node.op == "call_function" and node.target is torch.autograd.grad_mode._enter_inference_mode:
+            saved.append(enabled)
+            enabled = enabled and not (node.args[0] if node.args else True)
+        elif node.op == "call_function" and node.target is torch.autograd.grad_mode._exit_inference_mode:
+            enabled = saved.pop() if saved else enabled
+        elif not enabled:
+            off.add(node)
+    return off
+
+
 def extract_region(gm: fx.GraphModule, region: list[fx.Node]):
-    """(sub GraphModule, its inputs (Dynamo nodes), its outputs (Dynamo nodes)) for ``region``."""
+    """(sub GraphModule, its inputs (Dynamo nodes), its outputs (Dynamo nodes)) for ``region``.
+
+    Grad mode is state of Dynamo's graph that the copy and its ATen lowering do not carry
+    (``_set_grad_enabled`` is never part of a region): a value computed with gradients off (``with
+    torch.no_grad(): z = a.sum(-1)``) reaches each node that runs with gradients on through an
+    explicit ``detach``, which is what autograd sees and what every reader of the lowered graph
+    reads (a detached normaliser, weights or map), instead of a differentiable value."""
     inside = set(region)
+    no_grad = computed_without_grad(gm)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    detached: dict[fx.Node, fx.Node] = {}
     inputs: list[fx.Node] = []
+
+    def read(arg: fx.Node, user: fx.Node) -> fx.Node:
+        if arg not in no_grad or user in no_grad or not isinstance(example_value(arg), torch.Tensor):
+            return env[arg]
+        if arg not in detached:
+            detached[arg] = graph.call_function(torch.Tensor.detach, (env[arg],))
+            detached[arg].meta = dict(arg.meta)
+        return detached[arg]
+
     for node in region:
         for arg in node.all_input_nodes:
             if arg not in inside and arg not in env:
@@ -585,7 +621,7 @@ def extract_region(gm: fx.GraphModule, region: list[fx.Node]):
                 placeholder.meta = dict(arg.meta)
                 env[arg] = placeholder
                 inputs.append(arg)
-        env[node] = graph.node_copy(node, lambda a: env[a])
+        env[node] = graph.node_copy(node, lambda a, node=node: read(a, node))
     outputs = [n for n in region if isinstance(example_value(n), torch.Tensor)]
     graph.output(tuple(env[n] for n in outputs))
     return fx.GraphModule(gm, graph), inputs, outputs
