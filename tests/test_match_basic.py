@@ -437,3 +437,45 @@ def test_in_place_writes_into_what_the_site_reads(where, rewritten):
     assert_rel_close(compiled(*compiled_inputs), WritesInPlace(where).double()(*eager_inputs), 1e-12, where)
     for got, want in zip(compiled_inputs, eager_inputs):                # the writes themselves still happen
         assert torch.equal(got, want)
+
+
+def _piecewise(kind):
+    def fn(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        if kind == "clamp_scores":
+            s = s.clamp(-3.5, 3.5)
+        elif kind == "hardtanh_scores":
+            s = torch.nn.functional.hardtanh(s, -3.5, 3.5)
+        elif kind == "fmod_scores":
+            s = torch.fmod(s, 4.0)
+        a = 1 + s + 0.5 * s * s
+        if kind == "clamp_weights":
+            a = a.clamp(max=20.0)
+        elif kind == "addcmul":                          # the accepted twin: a sum of products
+            a = torch.addcmul(1 + s, s, s, value=0.5)
+        a = torch.tril(a)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+    return fn
+
+
+@pytest.mark.parametrize("probe", [True, False], ids=["probe", "structure_only"])
+@pytest.mark.parametrize("kind", ["clamp_scores", "hardtanh_scores", "fmod_scores", "clamp_weights", "addcmul"])
+def test_piecewise_functions_of_the_scores_are_refused(kind, probe, monkeypatch):
+    """A clamp, hardtanh or fmod of the scores or weights agrees with 1 + s + s^2/2 at every point the
+    polynomial reader evaluates (|s| <= 3): it was read as that polynomial, and where the scores pass
+    the breakpoint the rewrite computed another function (errors 0.8-1.1; clamp_weights also with the
+    probe, whose random scores stay below it). Only sums and products are read by evaluation."""
+    from based_compile.graph import feature_normaliser, verify
+    if not probe:
+        monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", 0)
+    fn = _piecewise(kind)
+    q, k, v = (x * 3 for x in qkv(t=9))                   # scores well past the breakpoints
+    explanation = based_compile.explain(fn, q, k, v)
+    if kind == "addcmul":
+        assert len(explanation.sites) == 1, str(explanation)
+    else:
+        assert not explanation.sites and [r.category for r in explanation.refusals] == ["polynomial"], str(explanation)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-10, kind)
+    assert based_calls(compiled, q, k, v) == (kind == "addcmul")

@@ -53,6 +53,17 @@ def _normalise_dims(dims, rank: int) -> list[int]:
     return sorted(d % rank for d in dims)
 
 
+# Elementwise ops that are polynomials (or, dividing, rational functions that ``polynomial.fit``
+# refuses) in their tensor operands for scalar other operands: the only ops ``_read_pointwise``
+# reads by evaluation.
+POLYNOMIAL_OPS = {
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Tensor, aten.rsub.Scalar,
+    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.positive.default,
+    aten.addcmul.default, aten.addcdiv.default, aten.lerp.Scalar, aten.lerp.Tensor, aten.square.default,
+    aten.pow.Tensor_Scalar,
+}
+
+
 class Matcher:
     """Matches one lowered graph. ``variable``: placeholders that are not compile-time constants."""
 
@@ -336,9 +347,15 @@ class Matcher:
         raise NotACandidate(f"unsupported op {target}")
 
     def _read_pointwise(self, node: fx.Node) -> Weights:
-        """Any elementwise function of the weights of one score matrix (and of scalars), read by
-        evaluating it: ``addcmul``, ``addcdiv``, ``lerp``, ... P is fitted through probe values of
-        q.k (``polynomial.fit``); a function that is not a polynomial is refused."""
+        """An elementwise function of the weights of one score matrix (and of scalars) built from
+        sums and products (``POLYNOMIAL_OPS``: ``addcmul``, ``addcdiv``, ``lerp``, ...), read by
+        evaluating it: P is fitted through probe values of q.k (``polynomial.fit``); a function that
+        is not a polynomial is refused. Evaluation at finitely many points proves nothing about a
+        piecewise function (``clamp(max=20)``, ``hardtanh``, ``fmod`` agree with a polynomial
+        wherever the probe points land): any other elementwise op is refused without evaluating."""
+        if node.target not in POLYNOMIAL_OPS:
+            raise Refused("polynomial", f"{node.target} of the scores is not a polynomial operation (only sums and "
+                                        "products are read: a clamp, min/max, rounding or modulo is piecewise)", node)
         value = example_value(node)
         if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
             raise NotACandidate(f"{node.target} does not compute weights (not floating point)")
