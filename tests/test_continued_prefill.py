@@ -235,7 +235,8 @@ def test_low_precision_keeps_the_users_dtype(dtype):
     _assert_same(got, tuple(w.to(dtype) for w in want), 1e-5 if dtype == torch.float32 else 3e-2, str(dtype))
 
 
-def test_no_running_sum_left_in_the_rewritten_graph():
+@pytest.mark.parametrize("fn", [brief, einsums, in_place, prepended], ids=lambda f: f.__name__)
+def test_no_running_sum_left_in_the_rewritten_graph(fn):
     """O(T) memory: no [T, F, Dv] running sum (no cumsum at all) after the rewrite."""
     seen = []
 
@@ -245,7 +246,7 @@ def test_no_running_sum_left_in_the_rewritten_graph():
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(brief, backend=based_compile.backend(inner=inner))(*_inputs())
+        torch.compile(fn, backend=based_compile.backend(inner=inner))(*_inputs())
     code = "\n".join(gm.code for gm in seen)
     assert "cumsum" not in code and "attention_with_state" in code, code
 
@@ -296,6 +297,16 @@ def some_rows_only(q, k, v, kv_state, k_state):                     # twin of in
     kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
     rows = (torch.arange(q.shape[2]) > 0).to(q.dtype)[:, None, None]
     kv += kv_state[:, :, None] * rows
+    ks = kf.cumsum(2)
+    ks.add_(k_state.unsqueeze(2))
+    o = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def some_rows_written_in_place(q, k, v, kv_state, k_state):        # twin of in_place: kv[:, :, 1:] += ...
+    qf, kf = phi(q), phi(k)
+    kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    kv[:, :, 1:] += kv_state[:, :, None]
     ks = kf.cumsum(2)
     ks.add_(k_state.unsqueeze(2))
     o = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
@@ -354,6 +365,7 @@ NEAR_MISSES = [
     (decayed, "BHFD", "BHTD", "scaled by 0.9", "site"),
     (k_state_as_kv_state, "BHFD", "BHTD", "broadcasts along Dv", "site"),
     (some_rows_only, "BHFD", "BHTD", "varies along time", "site"),
+    (some_rows_written_in_place, "BHFD", "BHTD", "written in place on some entries only", "site"),
     (state_of_another_map, "BHDF", "BHTD", "another feature map than the attention's keys", "state"),
     (subtracted, "BHFD", "BTHD", "subtracted", "site"),
     (decayed_by_alpha, "BHFD", "BHTD", "alpha=0.5", "site"),

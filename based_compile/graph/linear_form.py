@@ -38,6 +38,11 @@ def _strip_views(node):
     return node
 
 
+# writes into part of a tensor, as functionalisation lowers ``x[i] += y``, ``x[:, :, 1:].add_(y)``
+_PARTIAL_WRITES = {aten.slice_scatter.default, aten.select_scatter.default, aten.index_put.default,
+                   aten.as_strided_scatter.default}
+
+
 def _state_kind(node: fx.Node):
     """("cumsum" | "total", dim, input) for a running or total sum over one axis, else None."""
     if node.op != "call_function":
@@ -208,6 +213,11 @@ def match_linear(matcher, state: fx.Node):
     t = hint_shape(kv)[dim]
     consumer = _consumer(state, dim)
     _refuse_shifted(state, consumer, dim)
+    written = next((u for u in live_users(state) if u.op == "call_function" and u.target in _PARTIAL_WRITES), None)
+    if written is not None and state_kind == "cumsum":
+        raise Refused("state", "the running sums are written in place on some entries only (e.g. a state added to "
+                               "some rows, kv[:, :, 1:] += kv_state[:, :, None]): neither Based's running sums nor "
+                               "an initial state, which every position sees alike", written)
     if consumer is None:
         raise NotACandidate("the state has several users")
     if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and \
