@@ -215,6 +215,40 @@ def test_kernel_from_initial_states_under_the_interpreter(layout, kv_heads, monk
     assert_rel_close(ks, ks_ref, 2e-5, "k_state")
 
 
+@pytest.mark.parametrize("layout,kv_heads,initial", [("BHTD", None, True), ("BTHD", 1, True), ("BHTD", None, False)])
+def test_kernel_backward_under_the_interpreter(layout, kv_heads, initial, monkeypatch):
+    """Forced fused_chunk under TRITON_INTERPRET=1: the backward through the kernels (the gradient in
+    the final states as later queries' reverse states, query_moments for the initial states), with
+    NaN-poisoned outputs; float32 gradients in q, k, v, kv0, k0 against autograd of the float64
+    reference, through the output and both returned states."""
+    from based_compile.kernels.arguments import triton_interpreting
+    if not triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    monkeypatch.setattr(config, "kernel", "fused_chunk")
+    monkeypatch.setattr(fused_chunk, "POISON_OUTPUTS", True)
+    calls = []
+    monkeypatch.setattr(fused_chunk, "fused_chunk_backward_with_state",
+                        lambda *a, **kw: calls.append(1) or _REAL_BACKWARD(*a, **kw))
+    q, k, v = (x.float() for x in make_inputs(1, 2, 21, D, 6, kv_heads=kv_heads, layout=layout))
+    fmap = (["const:1", "linear", "outer"], [1.0, D ** -0.25, 1 / (math.sqrt(2) * math.sqrt(D))])
+    kv0, k0 = _initial(q, k, v, fmap, layout) if initial else (None, None)
+    spec = BasedSpec(layout=layout, scale=0.5)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, kv0, k0) if x is not None]
+    starts = inputs[3:] + [None] * (5 - len(inputs))
+    got = based_attention_with_state(*inputs[:3], spec, *fmap, *starts)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    want = _continued_reference(*ref_inputs[:3], *(ref_inputs[3:] + [None] * (5 - len(inputs))), spec, *fmap)
+    cots = [torch.randn_like(w) for w in want]
+    grads = torch.autograd.grad(sum((g_ * c.float()).sum() for g_, c in zip(got, cots)), inputs)
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_inputs)
+    assert calls, "the backward did not run the fused-chunk kernels"
+    for name, g_, w in zip(("dq", "dk", "dv", "dkv0", "dk0"), grads, wants):
+        assert_rel_close(g_, w, 1e-4, name)
+
+
+_REAL_BACKWARD = fused_chunk.fused_chunk_backward_with_state
+
+
 def test_opcheck_with_initial_states():
     q, k, v = make_inputs(1, 2, 6, D, 3, requires_grad=True)
     kv0, k0 = (x.requires_grad_() for x in _initial(q, k, v, BASED_MAP))

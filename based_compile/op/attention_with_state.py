@@ -25,10 +25,11 @@ moments, and one [T, 1 + Dk + Dk^2] x [T, Dv + 1] product per head for the momen
 States are returned in float32 (float64 for float64 inputs); the rewrite casts them to the user's
 dtype.
 
-Differentiable in q, k, v, kv0 and k0, through the output and both returned states:
-``based::attention_with_state_backward`` recomputes the CPU form above under autograd (its
-``based::attention`` runs its own kernels' backward on CUDA) and differentiates it; O(T) memory,
-about one extra forward. No double backward. Inside ``based_compile.context_parallel`` it raises
+Differentiable in q, k, v, kv0 and k0, through the output and both returned states
+(``based::attention_with_state_backward``): where the fused-chunk kernel runs (CUDA), the forward
+again for o and z, then the kernel's backward with the gradient in the final states as the
+reverse states of later queries and ``query_moments`` for the initial states; elsewhere the CPU
+form above recomputed under autograd and differentiated. O(T) memory. No double backward. Inside ``based_compile.context_parallel`` it raises
 (not sequence parallel).
 """
 from __future__ import annotations
@@ -142,7 +143,16 @@ def initial_moments(kv0: Tensor | None, k0: Tensor | None, pieces, k_factors, ar
             blocks["const"] = rows.sum(-2, keepdim=True) / (factor * width)
         else:
             blocks[piece] = rows / factor
-    return torch.cat([blocks["const"], blocks["linear"], blocks["outer"]], dim=-2)
+    return symmetric(torch.cat([blocks["const"], blocks["linear"], blocks["outer"]], dim=-2), dk)
+
+
+def symmetric(m: Tensor, dk: int) -> Tensor:
+    """Moments [.., 1 + Dk + Dk^2, C] with the second-order block made symmetric in (a, b): the same
+    readout (q (x) q is symmetric), and the form the kernels' backward assumes (d/dq of
+    (q (x) q) . S2 taken as 2 S2 q)."""
+    head, outer = m[..., :1 + dk, :], m[..., 1 + dk:, :]
+    outer = outer.unflatten(-2, (dk, dk))
+    return torch.cat([head, (0.5 * (outer + outer.transpose(-3, -2))).flatten(-3, -2)], dim=-2)
 
 
 def _uses_kernel(q: Tensor, args: BasedArguments) -> bool:
@@ -244,6 +254,9 @@ def _backward_impl(do, dkv, dks, q, k, v, layout, scale, c0, c1, c2, causal, nor
     exclude = torch._C._dispatch_tls_local_exclude_set()
     above = torch.DispatchKeySet.from_raw_repr(exclude.raw_repr() & ~_BELOW_AUTOGRAD_BITS)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), above), torch.enable_grad():
+        # (unnormalised, the kernel's backward leaves out the normaliser's state, which a returned k_state needs)
+        if _uses_kernel(q, args) and args.normalize and all(c != 0 for c in args.coeffs):
+            return _kernel_backward(do, dkv, dks, q, k, v, args, pieces, k_factors, kv0, k0)
         leaves = [x.detach().requires_grad_() for x in inputs]
         q_, k_, v_ = leaves[:3]
         rest = iter(leaves[3:])
@@ -258,6 +271,45 @@ def _backward_impl(do, dkv, dks, q, k, v, layout, scale, c0, c1, c2, causal, nor
     rest = iter(grads[3:])
     dkv0 = next(rest) if kv0 is not None else q.new_empty(0)
     dk0 = next(rest) if k0 is not None else q.new_empty(0)
+    return dq, dk, dv, dkv0, dk0
+
+
+def _kernel_backward(do, dkv, dks, q, k, v, args: BasedArguments, pieces, k_factors, kv0, k0):
+    """The backward through the fused-chunk kernels (``_backward_impl``'s CUDA path; under autograd):
+    the forward from the initial moments M0 again for o and z, then ``fused_chunk_backward_with_state``
+    with the gradient in the final moments as the later queries' reverse states (G / (c0 | c1 | c2)
+    on the three row blocks, shared over a query group), and the gradient in M0 from this call's
+    ``query_moments``. The moments <-> features maps are linear and tiny: differentiated by autograd."""
+    f32 = torch.float32
+    initial = kv0 is not None or k0 is not None
+    if initial:
+        starts = [x.detach().to(f32).requires_grad_() if x is not None else None for x in (kv0, k0)]
+        m0 = initial_moments(*starts, pieces, k_factors, args, f32)
+    else:
+        starts, m0 = [None, None], None
+    o, z = fused_chunk_kernel.fused_chunk_forward_with_state(q, k, v, args, None if m0 is None else m0.detach(),
+                                                            final=False)
+    # the gradient in the final moments, from the returned states (features_of_moments is linear)
+    rows = fused_chunk_kernel.moment_rows(args.dk)
+    m = torch.zeros((args.batch, args.kv_heads, rows, args.dv + 1), dtype=f32, device=q.device, requires_grad=True)
+    g_final, = torch.autograd.grad(features_of_moments(m, pieces, k_factors, args.dk), m,
+                                   (dkv.to(f32), dks.to(f32)))
+    c0, c1, c2 = args.coeffs
+    coef = torch.cat([g_final.new_full((1,), c0), g_final.new_full((args.dk,), c1),
+                      g_final.new_full((args.dk * args.dk,), c2)])[:, None]
+    later = symmetric(g_final / (coef * args.group), args.dk).repeat_interleave(args.group, dim=1)   # per query head
+    dq, dk, dv = fused_chunk_kernel.fused_chunk_backward_with_state(
+        q, k, v, o, z, do, args, None if m0 is None else m0.detach(), later)
+    dkv0 = dk0 = q.new_empty(0)
+    if initial:
+        reverse = fused_chunk_kernel.query_moments(q, o, z, do, args)                      # [B, H, M, Dv + 1]
+        d_m0 = (reverse * coef).view(args.batch, args.kv_heads, args.group, rows, -1).sum(2)
+        leaves = [x for x in starts if x is not None]
+        grads = iter(torch.autograd.grad(m0, leaves, d_m0))
+        if kv0 is not None:              # through the returned state too: kv_state = kv0 + ...
+            dkv0 = (next(grads) + dkv.to(f32)).to(kv0.dtype)
+        if k0 is not None:
+            dk0 = (next(grads) + dks.to(f32)).to(k0.dtype)
     return dq, dk, dv, dkv0, dk0
 
 
