@@ -215,3 +215,56 @@ class FeatureNormaliserTransposed(torch.nn.Module):
 def test_feature_normaliser_transposed_between_heads_and_time_is_refused(swap):
     recorder = compile_and_compare(FeatureNormaliserTransposed(swap), shapes=HEADS_EQ_T, lengths=(4, 6))
     assert all(n == (1 if swap is None else 0) for n in recorder.sites()), recorder.sites()
+
+
+# --------------------------------------------------------------------------- axes of equal size
+# Without the probe the structure alone says which axis is batch, heads, time and features; each
+# axis is followed by identity (axis_labels), never recognised by its size. Each class below was
+# silently wrong when axes of equal size were told apart by size.
+
+
+class LinearStateTransposed(torch.nn.Module):
+    """The linear (cumsum) form with B == H, its running sum transposed between batch and heads
+    (``swap``) or not."""
+
+    def __init__(self, swap):
+        super().__init__()
+        self.swap = swap
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+        if self.swap:
+            kv = kv.transpose(0, 1)
+        num = (qf.unsqueeze(-1) * kv).sum(-2)
+        den = (qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6
+        return num / den
+
+
+B_EQ_H = ((2, 2, "T", 3), (2, 2, "T", 3), (2, 2, "T", 4))
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_linear_state_transposed_between_batch_and_heads(swap):
+    recorder = compile_and_compare(LinearStateTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
+    assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
+
+
+class KeysMapTransposed(torch.nn.Module):
+    """The quadratic form on feature maps with B == H, the keys' map transposed between batch and heads."""
+
+    def __init__(self, swap):
+        super().__init__()
+        self.swap = swap
+
+    def forward(self, q, k, v):
+        qf, kf = _phi(q), _phi(k)
+        if self.swap:
+            kf = kf.transpose(0, 1)
+        return (qf @ kf.mT).tril() @ v
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_key_feature_map_transposed_between_batch_and_heads(swap):
+    recorder = compile_and_compare(KeysMapTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
+    assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, size_hints, track_axis
 from .evaluate import GraphEvaluator
+from . import axis_labels
 from ..kernels.arguments import check_arguments
 from ..kernels.naive import naive_parallel_based
 from ..op.attention_with_state import composed_forward
@@ -336,7 +337,11 @@ def _structural_reading(m: Match, readings: list, why: str):
     for reading in readings:
         reason = _axes_kept(m, reading)
         if reason is None:
-            return reading
+            labels = axis_labels.why_not(m, reading)
+            if labels is None:
+                return reading
+            reason = (f"the axes of q, k, v do not line up with the {reading.spec.layout} roles the rewrite gives "
+                      f"them ({labels})")
         reasons.append(reason)
     raise Refused("verify", f"{reasons[0]} ({why})", m.output)
 
