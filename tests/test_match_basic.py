@@ -479,3 +479,25 @@ def test_piecewise_functions_of_the_scores_are_refused(kind, probe, monkeypatch)
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
     assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-10, kind)
     assert based_calls(compiled, q, k, v) == (kind == "addcmul")
+
+
+@pytest.mark.parametrize("spelling", ["ge_tensor", "ge_scalar", "lt_modulo"])
+def test_weights_times_a_comparison_mask_are_read_as_masked(spelling):
+    """A causal mask multiplied in as a bool comparison of indices is a mask, not an elementwise
+    function of the weights: POLYNOMIAL_OPS is checked only on ops whose operands are weights (the
+    first version refused these as 'aten.ge.Tensor of the scores is not a polynomial operation')."""
+    def fn(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        i = torch.arange(s.shape[-1])
+        if spelling == "ge_tensor":
+            keep = i[:, None] >= i[None, :]
+        elif spelling == "ge_scalar":
+            keep = (i[:, None] - i[None, :]) >= 0
+        else:
+            keep = (i[:, None] - i[None, :]) % 64 < 32          # causal up to 32 (static length 7)
+        a = (1 + s + 0.5 * s * s) * keep
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    q, k, v = qkv(t=7)
+    explanation = based_compile.explain(fn, q, k, v)
+    assert len(explanation.sites) == 1 and not explanation.refusals, str(explanation)

@@ -353,9 +353,6 @@ class Matcher:
         is not a polynomial is refused. Evaluation at finitely many points proves nothing about a
         piecewise function (``clamp(max=20)``, ``hardtanh``, ``fmod`` agree with a polynomial
         wherever the probe points land): any other elementwise op is refused without evaluating."""
-        if node.target not in POLYNOMIAL_OPS:
-            raise Refused("polynomial", f"{node.target} of the scores is not a polynomial operation (only sums and "
-                                        "products are read: a clamp, min/max, rounding or modulo is piecewise)", node)
         value = example_value(node)
         if not (isinstance(value, torch.Tensor) and value.dtype.is_floating_point):
             raise NotACandidate(f"{node.target} does not compute weights (not floating point)")
@@ -372,6 +369,9 @@ class Matcher:
         first = weights[0]
         if any(w.q is not first.q or w.k is not first.k or w.q_factor is not first.q_factor for w in weights):
             raise NotACandidate(f"{node.target} of weights of different scores")
+        if node.target not in POLYNOMIAL_OPS:
+            raise Refused("polynomial", f"{node.target} of the scores is not a polynomial operation (only sums and "
+                                        "products are read: a clamp, min/max, rounding or modulo is piecewise)", node)
         if any(w.keep is not None or w.junk for w in weights):
             raise Refused("mask", f"{node.target} applied to masked weights: the masked entries become "
                                   f"{node.target} of 0, not 0", node)
