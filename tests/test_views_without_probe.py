@@ -268,3 +268,27 @@ class KeysMapTransposed(torch.nn.Module):
 def test_key_feature_map_transposed_between_batch_and_heads(swap):
     recorder = compile_and_compare(KeysMapTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
+
+
+def test_labels_follow_reshapes_by_their_sizes_as_expressions():
+    """A reshape is followed by its sizes as expressions: merging heads and time and splitting them back is
+    the identity at every length; [B, H, T, D] -> [B, T, H, D] is a reinterpretation, labelled as what it
+    reads (heads where the time axis was) at T == H, and not followed at a symbolic length."""
+    import sympy
+
+    from based_compile.graph import axis_labels
+
+    t = sympy.Symbol("s0", integer=True, positive=True)
+    b, h, d = (sympy.Integer(n) for n in (2, 4, 3))
+
+    def labels(*roles):
+        return tuple(axis_labels._norm([(role, sympy.Integer(1), n)]) for role, n in roles)
+
+    for length in (t, h):
+        start = labels(("B", b), ("H", h), ("Tq", length), ("Dk", d))
+        merged = axis_labels._reshape(start, (b, h * length, d), "merge")
+        assert axis_labels._reshape(merged, (b, h, length, d), "split") == start
+    at_equal = axis_labels._reshape(labels(("B", b), ("H", h), ("Tq", h), ("Dk", d)), (b, h, h, d), "view")
+    assert at_equal[1] == labels(("H", h))[0] and at_equal[2] == labels(("Tq", h))[0]
+    with pytest.raises(axis_labels.Mismatch):
+        axis_labels._reshape(labels(("B", b), ("H", h), ("Tq", t), ("Dk", d)), (b, t, h, d), "view")

@@ -463,6 +463,8 @@ def why_not(m, reading) -> str | None:
         _check(m, reading)
     except Mismatch as err:
         return str(err)
+    except Exception as err:  # noqa: BLE001 - a defect here refuses the site, never breaks the model
+        return f"the axes could not be followed ({type(err).__name__}: {err})"
     return None
 
 
