@@ -406,3 +406,39 @@ def test_dynamic_lengths(fn):
         calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
         assert calls >= 1, f"T={t}: not rewritten"
         _assert_same(got, want, 1e-10, f"T={t}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_continued_prefill(dtype, no_tf32):
+    """On CUDA: the brief's code compiled (Inductor inner) at Dk = 16, Dv = 64, T = 1000, from random
+    states; output, new states and gradients in q, k, v and both states against float64 eager."""
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    b, h, t, dk, dv = 2, 4, 1000, 16, 64
+    f = 1 + dk + dk * dk
+
+    def phi16(x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+        return torch.cat([torch.ones_like(x[..., :1]), x / dk ** 0.25, x2 / (math.sqrt(2) * math.sqrt(dk))], -1)
+
+    def code(q, k, v, kv_state, k_state):
+        kv = kv_state[:, :, None] + (phi16(k)[..., :, None] * v[..., None, :]).cumsum(2)
+        ks = k_state[:, :, None] + phi16(k).cumsum(2)
+        o = (phi16(q)[..., None] * kv).sum(-2) / ((phi16(q) * ks).sum(-1, keepdim=True) + 1e-6)
+        return o, kv[:, :, -1], ks[:, :, -1]
+
+    base = [torch.randn(b, h, t, d, generator=g, dtype=torch.float64) * s for d, s in ((dk, 0.5), (dk, 0.5), (dv, 1))]
+    base += [torch.randn(b, h, f, dv, generator=g, dtype=torch.float64) * 0.1,
+             (torch.rand(b, h, f, generator=g, dtype=torch.float64) + 0.5) * 100]
+    args = [x.to("cuda", dtype).requires_grad_() for x in base]
+    ref_args = [x.detach().double().requires_grad_() for x in args]
+    want = code(*ref_args)
+    torch._dynamo.reset()
+    got = torch.compile(code, backend="based")(*args)
+    cots = [torch.randn_like(w) for w in want]
+    grads = torch.autograd.grad(sum((x * c.to(x.dtype)).sum() for x, c in zip(got, cots)), args)
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    _assert_same(got, tuple(w.to(x.dtype) for w, x in zip(want, got)), tol, "values")
+    for name, x, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
+        _assert_same(x, w.to(x.dtype), 2 * tol, f"d{name}")
