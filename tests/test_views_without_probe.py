@@ -246,6 +246,9 @@ B_EQ_H = ((2, 2, "T", 3), (2, 2, "T", 3), (2, 2, "T", 4))
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_linear_state_transposed_between_batch_and_heads(swap):
+    ex = explain(LinearStateTransposed(swap), shapes=B_EQ_H)
+    assert len(ex.sites) == (0 if swap else 1), ex
+    assert not swap or any("batch meets heads" in r.reason for r in ex.refusals), ex
     recorder = compile_and_compare(LinearStateTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
 
@@ -266,6 +269,9 @@ class KeysMapTransposed(torch.nn.Module):
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_key_feature_map_transposed_between_batch_and_heads(swap):
+    ex = explain(KeysMapTransposed(swap), shapes=B_EQ_H)
+    assert len(ex.sites) == (0 if swap else 1), ex
+    assert not swap or any("the matmul's batch axis" in r.reason for r in ex.refusals), ex
     recorder = compile_and_compare(KeysMapTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
 
