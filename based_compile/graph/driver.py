@@ -21,13 +21,14 @@ import torch.fx as fx
 from ..op import policy
 from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
+from .baddbmm import read_baddbmm_scores
 from .canonicalize import (attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten,
                            same_value_source)
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
 from .initial_state import split_prepended_states
 from .inplace import OutputAliased, Storages, first_write_between, plan_output, written_before_output
-from .lookalike import unexplained
+from .lookalike import covered_by, unexplained
 from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_inputs, source_name
 from .match import Matcher, find_matches
 from .precision import lossy_round_trip
@@ -264,6 +265,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     aten_outputs = output_node.args[0]
     output_node.args = ((),)      # every node was an output only to map it back: not a real user
     split_prepended_states(aten_gm)           # cat([state, x]).cumsum(t)[1:] -> state + x.cumsum(t)
+    read_baddbmm_scores(aten_gm)              # baddbmm(0, q, kT, alpha=a) -> a * bmm(q, kT)
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
     for dynamo_node, aten_node in zip(outputs, aten_outputs):
         if isinstance(aten_node, fx.Node):
@@ -276,10 +278,11 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
     matcher = Matcher(aten_gm, evaluator, variable)
     storages = Storages(gm)
-    settled, answered = [], set()
+    settled, answered, refused = [], set(), []
     for result, node in find_matches(matcher):
         answered.add(node)
         if isinstance(result, Refused):
+            refused.append(result.node)
             _refuse(result, report)
             continue
         try:
@@ -311,6 +314,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             except OutputAliased as err:
                 raise Refused("unsupported", str(err), result.output) from None
         except Refused as refusal:
+            refused.append(refusal.node)
             _refuse(refusal, report)
             continue
         settled.append(site)
@@ -327,12 +331,14 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
     _find_states(gm, aten_gm, evaluator, settled, to_dynamo, storages, report)
-    steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report)
-    for node in aten_gm.graph.nodes if not steps else ():   # a lookalike no reader answered: a refusal
-        if node.op == "call_function" and node.target is torch.ops.aten.bmm.default and node not in answered:
-            why = unexplained(aten_gm, node, to_dynamo)
-            if why is not None:
-                _refuse(Refused("unsupported", why, node), report)
+    steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report,
+                        refused=refused)
+    if not steps:                 # a lookalike no reader answered: a refusal
+        covered = covered_by(aten_gm, list(answered) + refused + [site.match.output for site in settled])
+        lines = {source_of(n) for n in refused + [site.match.anchor for site in settled] if n is not None}
+        for node, category, why in unexplained(aten_gm, answered, covered, to_dynamo):
+            if source_of(node) not in lines:        # a line with a site or a refusal already says what it is
+                _refuse(Refused(category, why, node), report)
     if not (settled or steps) or not rewrite:
         return None
     return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
@@ -389,8 +395,9 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
 
 
 def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrite: bool,
-                report: Explanation | None) -> list:
-    """The recurrent steps (``recurrent.py``) of the lowered region, settled by their probe."""
+                report: Explanation | None, refused: list) -> list:
+    """The recurrent steps (``recurrent.py``) of the lowered region, settled by their probe (the nodes of
+    refused ones are appended to ``refused``)."""
     steps = []
     for result in find_steps(aten_gm):
         try:
@@ -405,6 +412,7 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrit
                                              "operation, not values of the model's graph", result.output)
             _check_step_reads(gm, result, to_dynamo, storages)
         except Refused as refusal:
+            refused.append(refusal.node)
             _refuse(refusal, report)
             continue
         steps.append(result)

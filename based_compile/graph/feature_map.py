@@ -359,3 +359,85 @@ def _pairs_coefficient(pairs, source) -> float:
                                              f"{want:.6g} wanted (the compressed Taylor map weights the "
                                              f"off-diagonal products by sqrt(2))")
     return c
+
+
+# In-place writes as functionalisation lowers them: a map built into new_empty / zeros by slice writes.
+_SCATTERS = {aten.slice_scatter.default, aten.select_scatter.default, aten.index_put.default,
+             aten.as_strided_scatter.default, aten.copy.default}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def _through_constants(gm, node: fx.Node) -> fx.Node:
+    """``node`` through views, scalar factors and scalar terms (elu(x) + 1 is elu for this purpose)."""
+    while True:
+        node, _ = _strip(gm, node)
+        if node.op == "call_function" and node.target in (aten.add.Tensor, aten.sub.Tensor) and \
+                len(node.args) > 1 and scalar_value(gm, node.args[1]) is not None and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+            continue
+        return node
+
+
+_READ = "the pass reads the Taylor map phi(x) = torch.cat([c, a x, b x (x) x], -1) (or its compressed form)"
+
+
+def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """What the pass could not read of a tensor that stands where a feature map would (an operand of the
+    scores, of a running sum or of a readout), or None when it reads it (or it is not computed in the
+    graph: an input, a view of one)."""
+    if not isinstance(node, fx.Node):
+        return None
+    stop = _through_constants(gm, node)
+    if stop.op != "call_function":
+        return None
+    target = stop.target
+    if target is aten.cat.default:
+        if read_feature_map(gm, stop) is not None:
+            return None
+        why = unread_reason(gm, stop)
+        if why is not None:
+            return why
+        rank = len(hint_shape(stop) or ())
+        dim = stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)
+        if rank == 0 or dim not in (-1, rank - 1):
+            return None
+        pieces = _pieces(gm, stop, rank)
+        bad = [(i, t) for i, (t, p) in enumerate(zip(stop.args[0], pieces)) if p is None]
+        if bad:
+            i, t = bad[0]
+            inner = _through_constants(gm, t)
+            what = _op_name(inner) if inner.op == "call_function" else inner.name
+            return (f"piece {i} of the feature map torch.cat (computed by {what}) is not a constant column, x, "
+                    f"x (x) x or products x_a x_b of the same x: {_READ}")
+        if {p.kind for p in pieces} <= {"linear"}:
+            return None                                       # a rotary split: an ordinary q
+        sources = list(dict.fromkeys(p.source for p in pieces if p.source is not None))
+        named = ", ".join(_op_name(n) + " " + n.name if n.op == "call_function" else n.name for n in sources)
+        return (f"the pieces of the feature map torch.cat are functions of different tensors ({named}: e.g. a "
+                f"slice x[..., :2] beside x (x) x): {_READ}")
+    if target in _SCATTERS:
+        return ("the feature map is written in place into a new tensor (new_empty / zeros and slice "
+                f"assignments such as out[..., :1] = 1), which the pass does not read: {_READ}; write it as "
+                "torch.cat")
+    if target is aten.mul.Tensor and len(stop.args) > 1:
+        for a, b in ((stop.args[0], stop.args[1]), (stop.args[1], stop.args[0])):
+            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+                continue
+            inner = _through_constants(gm, a)
+            if inner.op == "call_function" and inner.target is aten.cat.default \
+                    and read_feature_map(gm, inner) is not None and scalar_value(gm, b) is None:
+                return (f"the feature map is multiplied by a tensor ({b.name}, shape {tuple(hint_shape(b) or ())}: "
+                        "a padding mask, a gate?): the operator's weights are phi(q).phi(k) with nothing "
+                        "multiplied in (mask k before the map, or v)")
+        return None
+    if torch.Tag.pointwise in getattr(target, "tags", ()) or target in (aten._softmax.default, aten.relu.default):
+        if target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default):
+            return None
+        return f"{_op_name(stop)}(x) is not the Taylor feature map of Based: {_READ}"
+    return None

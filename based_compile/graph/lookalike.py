@@ -1,12 +1,25 @@
-"""Regions that look like attention but that no reader explained: matmul -> elementwise -> matmul.
+"""Regions that look like attention but that no reader explained.
 
 ``explain()`` must give every such region a site or a refusal with a reason, never silence. After
-matching, ``unexplained(gm, bmm, to_dynamo)`` looks at a ``bmm`` of the lowered region for which
-no reader yielded a site or a refusal: when one of its operands comes, through views and
-elementwise ops only (at least one of them not a view), from a square ``[.., T, T]`` product
-(scores), it returns why the pass leaves it (the chain's ops, and a random op when the chain
-crosses one), else None. Where the region was cut (a dropout with p > 0 in training is random and
-never part of a region), the walk goes on in Dynamo's graph.
+matching, ``unexplained(gm, answered, covered, to_dynamo)`` looks at every contraction of the
+lowered region (a ``bmm`` / ``mm`` / ``baddbmm``, or a product summed over an axis: an einsum's
+lowering) that no reader answered, and walks its operands back through the ops that keep a
+sequence mixer a sequence mixer (views, elementwise ops, ``detach``, masks, running sums, flips,
+slices, cats, pads) to what it mixes:
+
+- quadratic: a square ``[.., T, T]`` product (the scores: ``bmm``, ``mm`` or ``baddbmm``), with at
+  least one op that is not a view between (matmul -> polynomial -> matmul);
+- linear: a running sum (``cumsum``) of a product of two tensors (phi(k) (x) v), or a running sum or
+  a sum over a leading axis (over time) of a feature map (a ``cat`` of pieces): phi(q) . sum_j
+  phi(k_j) v_j (a sum over time of a product of other tensors, projected, is pooling: not reported);
+- recurrent step: a region input (a state) plus an outer product (kv_state + phi(k)^T v).
+
+It yields one refusal per such chain, saying which of its ops the readers do not read (a
+``detach`` or ``no_grad``, a running sum of the weights, a flip, a slice, a scaled update, ...)
+and, where the region was cut (a dropout with p > 0 in training is random and never part of a
+region), goes on in Dynamo's graph. A chain that reaches a node a reader explained (``covered``:
+what the sites compute and what their refusals read) is that reader's, and not reported again;
+chains that share nodes are reported once.
 """
 from __future__ import annotations
 
@@ -15,21 +28,26 @@ import operator
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, hint_shape, identity_dropout
+from .canonicalize import VIEW_OPS, hint_shape, identity_dropout, scalar_value, track_axis
+from .feature_map import describe_unread, read_feature_map
 
 aten = torch.ops.aten
 
-_MAX_NODES = 64
-_LOWERED_FOLLOW = {aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.tril.default,
-                   aten.triu.default}
+_MAX_NODES = 96
+_MATMULS = {aten.bmm.default, aten.mm.default, aten.baddbmm.default}
+# ops a sequence mixer stays a sequence mixer through (besides views and pointwise ops)
+_FOLLOW = {aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.tril.default,
+           aten.triu.default, aten.detach.default, aten.cumsum.default, aten.flip.default, aten.roll.default,
+           aten.slice.Tensor, aten.select.int, aten.cat.default, aten.constant_pad_nd.default,
+           aten.index_select.default, aten.slice_scatter.default, aten.select_scatter.default}
 _DYNAMO_ELEMENTWISE = {
     "mul", "add", "sub", "truediv", "div", "pow", "neg", "square", "addcmul", "addcdiv", "lerp", "where",
     "masked_fill", "masked_fill_", "mul_", "add_", "sub_", "div_", "pow_", "tril", "triu", "float", "double",
     "to", "type_as", "view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "expand",
-    "clone", "iadd", "imul", "isub", "itruediv",
+    "clone", "iadd", "imul", "isub", "itruediv", "detach", "cumsum", "flip",
 }
 _DYNAMO_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
-_DYNAMO_MATMUL = {"matmul", "bmm", "einsum", "__matmul__"}
+_DYNAMO_MATMUL = {"matmul", "bmm", "einsum", "__matmul__", "baddbmm"}
 
 
 def _name(node: fx.Node) -> str:
@@ -38,68 +56,166 @@ def _name(node: fx.Node) -> str:
         return t
     if t in (operator.mul, operator.add, operator.sub, operator.truediv, operator.pow, operator.neg):
         return t.__name__
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
     return getattr(t, "__name__", str(t)).split(".")[-1]
 
 
-def _is_scores(node: fx.Node) -> bool:
+def _square(node: fx.Node) -> bool:
     shape = hint_shape(node)
-    return (node.op == "call_function" and node.target is aten.bmm.default and shape is not None
+    return (node.op == "call_function" and node.target in _MATMULS and shape is not None
             and len(shape) >= 2 and shape[-1] == shape[-2])
 
 
-def unexplained(gm: fx.GraphModule, bmm: fx.Node, to_dynamo: dict) -> str | None:
-    """Why the pass leaves this matmul of a scores-like chain, or None when it does not look like one."""
-    for operand in bmm.args[:2]:
-        if not isinstance(operand, fx.Node):
-            continue
-        found = _walk_lowered(operand, to_dynamo)
-        if found is None:
-            continue
-        ops, random = found
-        chain = " -> ".join(dict.fromkeys(ops)) or "views"
-        if random:
-            return (f"the weights between the two matmuls go through {random} (random: not a function of q.k), "
-                    f"chain: matmul -> {chain} -> matmul")
-        return (f"matmul -> {chain} -> matmul looks like attention, but the pass could not read the elementwise "
-                "chain as keep * P(q.k) (a mask that is a compile-time constant times a polynomial of the "
-                "scores)")
-    return None
+def _tensor(node) -> bool:
+    shape = hint_shape(node) if isinstance(node, fx.Node) else None
+    return shape is not None and any(s != 1 for s in shape)
 
 
-def _walk_lowered(start: fx.Node, to_dynamo: dict):
-    """(op names, random op or None) of an elementwise chain from a square bmm to ``start``, or None."""
-    stack, seen, ops = [start], set(), []
-    pointwise = False
+def _product(node: fx.Node) -> bool:
+    """A product of two tensors (not of a tensor and a scalar or a one-element tensor): a matmul, or
+    an elementwise product of two non-constant tensors (an outer product by broadcasting, x (x) x)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _MATMULS:
+        return True
+    return node.target is aten.mul.Tensor and all(
+        _tensor(a) and scalar_value(node.graph.owning_module, a) is None for a in node.args[:2]) \
+        and all(a.op != "get_attr" for a in node.args[:2])
+
+
+def _outer(node: fx.Node) -> bool:
+    """An outer product: a bmm over a size-1 axis, or a product whose operands broadcast against each
+    other (each has a size-1 axis where the other does not): phi(k)^T v of one token."""
+    node = _strip_views(node)
+    if node.op != "call_function":
+        return False
+    if node.target is aten.bmm.default:
+        return (hint_shape(node.args[0]) or (0,))[-1] == 1
+    if node.target is not aten.mul.Tensor or not all(_tensor(a) for a in node.args[:2]):
+        return False
+    a, b = (hint_shape(x) for x in node.args[:2])
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return any(x == 1 < y for x, y in zip(a, b)) and any(y == 1 < x for x, y in zip(a, b))
+
+
+def _strip_views(node):
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
+def _accumulates(node: fx.Node) -> bool:
+    """A running sum, or a sum over an axis that is not the last axis of the tensor its views move
+    (over time, not over the features)."""
+    if node.op != "call_function":
+        return False
+    if node.target is aten.cumsum.default:
+        return True
+    if node.target is not aten.sum.dim_IntList or len(node.args) < 2 or not node.args[1]:
+        return False
+    rank = len(hint_shape(node.args[0]) or ())
+    views, base = [], node.args[0]
+    while isinstance(base, fx.Node) and base.op == "call_function" and base.target in VIEW_OPS:
+        views.append(base)
+        base = base.args[0]
+    axis = len(hint_shape(base) or ()) - 1          # the features: the last axis of what the views move
+    for view in reversed(views):
+        axis = track_axis(view, axis) if axis is not None else None
+    return rank > 1 and axis is not None and all(d % rank != axis for d in node.args[1])
+
+
+def _state_update(node: fx.Node) -> bool:
+    """A region input (a state) plus an outer product: kv_state + phi(k)^T v."""
+    if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
+        return False
+    a, b = node.args[:2]
+    return any(isinstance(x, fx.Node) and _strip_views(x).op == "placeholder" and isinstance(y, fx.Node)
+               and _outer(y) for x, y in ((a, b), (b, a)))
+
+
+def _contractions(gm: fx.GraphModule):
+    """(node, operands) of each contraction: a matmul, or an elementwise product summed over an axis."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in (aten.bmm.default, aten.mm.default):
+            yield node, node.args[:2]
+        elif node.target is aten.baddbmm.default:
+            yield node, node.args[1:3]
+        elif node.target is aten.sum.dim_IntList and isinstance(node.args[0], fx.Node):
+            inner = _strip_views(node.args[0])
+            if inner.op == "call_function" and inner.target is aten.mul.Tensor and all(
+                    _tensor(a) for a in inner.args[:2]):
+                yield node, inner.args[:2]
+
+
+class _Chain:
+    """What a walk back from a contraction found."""
+
+    def __init__(self):
+        self.nodes: list[fx.Node] = []
+        self.ops: list[str] = []
+        self.scores: fx.Node | None = None
+        self.sums: list[fx.Node] = []
+        self.products: list[fx.Node] = []
+        self.updates: list[fx.Node] = []
+        self.maps: list[fx.Node] = []           # feature maps the pass reads
+        self.unread: list[fx.Node] = []         # cats it does not read as one
+        self.nonview = False
+        self.random: str | None = None
+        self.dynamo_ops: list[str] = []
+
+
+def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
+    chain = _Chain()
+    stack, seen = [start], set()
     while stack and len(seen) < _MAX_NODES:
         node = stack.pop()
-        if node in seen:
+        if not isinstance(node, fx.Node) or node in seen:
             continue
         seen.add(node)
-        if _is_scores(node):
-            if pointwise:
-                return ops, None
-            continue
+        chain.nodes.append(node)
         if node.op == "placeholder":
             dynamo = to_dynamo.get(node)
             found = _walk_dynamo(dynamo) if dynamo is not None else None
             if found is not None:
-                return ops + found[0], found[1]
+                chain.dynamo_ops, chain.random = found
             continue
         if node.op != "call_function":
             continue
         target = node.target
-        if target in VIEW_OPS:
-            stack.append(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if _square(node):
+            chain.scores = chain.scores or node
             continue
-        if target in _LOWERED_FOLLOW or torch.Tag.pointwise in getattr(target, "tags", ()):
-            pointwise = True
-            ops.append(str(target.__name__ if hasattr(target, "__name__") else target).split(".")[0])
+        if target in VIEW_OPS:
+            stack.append(node.args[0])
+            continue
+        if _state_update(node):
+            chain.updates.append(node)
+        if target is aten.cat.default and read_feature_map(gm, node) is not None:
+            chain.maps.append(node)             # a feature map the pass reads: its pieces are its reader's
+            continue
+        if target is aten.cat.default and describe_unread(gm, node) is not None:
+            chain.unread.append(node)           # a feature map the pass does not read: said why, not walked
+            continue
+        if _product(node):
+            chain.products.append(node)
+            if target in _MATMULS:
+                continue
+        if _accumulates(node):
+            chain.sums.append(node)
+        if target in _FOLLOW or _accumulates(node) or torch.Tag.pointwise in getattr(target, "tags", ()):
+            chain.nonview = True
+            chain.ops.append(_name(node))
             stack.extend(node.all_input_nodes)
-    return None
+    return chain
 
 
 def _walk_dynamo(start: fx.Node):
-    """The same walk in Dynamo's graph, from where the region was cut."""
+    """(ops, random op or None) of an elementwise chain to a matmul in Dynamo's graph, from where the
+    region was cut, or None."""
     stack, seen, ops, random = [start], set(), [], None
     while stack and len(seen) < _MAX_NODES:
         node = stack.pop()
@@ -123,3 +239,149 @@ def _walk_dynamo(start: fx.Node):
             ops.append(name)
             stack.extend(node.all_input_nodes)
     return None
+
+
+def _form(chain: _Chain) -> str | None:
+    if chain.random is not None and chain.dynamo_ops:
+        return "quadratic"
+    if chain.scores is not None and (chain.nonview or chain.scores.target is not aten.bmm.default):
+        return "quadratic"
+    running = any(n.target is aten.cumsum.default for n in chain.sums)
+    if chain.sums and (chain.maps or chain.unread or (running and chain.products)):
+        # a sum over time of phi(k) (a feature map), or a running sum of a product (a sum over time of
+        # relu(x W) * v then projected is pooling, not attention)
+        return "linear"
+    if chain.updates:
+        return "step"
+    return None
+
+
+def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str]]:
+    """(category, the ops of the chain the readers do not read, each with what it does)."""
+    ops = set(chain.ops)
+    causes, category = [], "unsupported"
+    if "detach" in ops:
+        causes.append("the chain is detached from q and k (.detach(), or computed under torch.no_grad()): "
+                      "based::attention would differentiate through it")
+    cumsums = [n for n in chain.sums if n.target is aten.cumsum.default]
+    if form == "quadratic" and cumsums:
+        causes.append("the weights go through a cumsum (a running sum along an axis of the T x T weights): "
+                      "not an elementwise function of q.k")
+        category = "mask"
+    elif len(cumsums) > 1:
+        causes.append("a running sum of a running sum (cumsum twice): the keys are weighted by i - j + 1, not "
+                      "summed once over j <= i")
+        category = "state"
+    if "flip" in ops and form != "quadratic":
+        causes.append("the sequence is reversed (flip) around the running sum: it sums over j >= i (anti-causal), "
+                      "not over j <= i")
+        category = "mask"
+    if ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"} and form != "quadratic":
+        moved = sorted(ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"})
+        causes.append(f"the keys, values or running sums go through {', '.join(moved)} along an axis (a token "
+                      "left out or shifted: x[:, :, :-1], torch.cat, F.pad): not the sum over every j <= i (or "
+                      "every j) that the operator computes")
+    if chain.scores is not None and chain.scores.target is aten.baddbmm.default:
+        causes.append("the scores are torch.baddbmm(input, q, k^T) with an input the pass does not read as zero "
+                      "(beta * input + alpha * q @ k^T)")
+    for node in chain.updates:
+        alpha = node.kwargs.get("alpha", 1)
+        if node.target is aten.sub.Tensor:
+            causes.append("the state update subtracts the outer product phi(k)^T v: Based's state only adds")
+            category = "state"
+        elif not isinstance(alpha, (int, float)) or float(alpha) != 1.0:
+            causes.append(f"the state update adds the outer product phi(k)^T v scaled by alpha={alpha} "
+                          "(kv_state.add_(x, alpha=...)): Based's state adds it unscaled")
+            category = "state"
+    if form == "linear":
+        adds = [n for n in chain.nodes if n.op == "call_function" and n.target is aten.add.Tensor
+                and not any(scalar_value(gm, a) is not None for a in n.args[:2])
+                and any(s in _ancestors(n, 24) for s in chain.sums)]
+        if len(adds) > 1:
+            causes.append(f"{len(adds)} tensors are added to the running sums (an initial state added twice?): "
+                          "Based's continued prefill adds one initial state")
+            category = "state"
+        firsts = [s for s in chain.sums if not any(p in _ancestors(s, 48) for p in chain.products)]
+        if firsts and len(firsts) == len(chain.sums) and any(
+                s in _ancestors(p, 48) for p in chain.products for s in chain.sums):
+            causes.append("the sums over time are taken before the product (sum_t phi(k_t) (x) sum_s v_s, as an "
+                          "einsum 'bhtf,bhsd->bhfd' computes): Based's state sums the products phi(k_j) (x) v_j")
+        for cat in chain.unread:
+            why = describe_unread(gm, cat)
+            if why is not None:
+                causes.append(why)
+                category = "feature_map" if category == "unsupported" else category
+                break
+    if chain.random is not None:
+        category = "unsupported"
+    return category, causes
+
+
+def _ancestors(node: fx.Node, limit: int) -> set:
+    found, stack = set(), [node]
+    while stack and len(found) < limit:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in found:
+                found.add(a)
+                stack.append(a)
+    return found
+
+
+_READS = {
+    "quadratic": "keep * P(q.k) (a mask that is a compile-time constant times a polynomial of the scores)",
+    "linear": "Based's running sums, sum over j <= i (or over all j) of phi(k_j) (x) v_j with phi the Taylor "
+              "feature map [c, a x, b x (x) x], contracted with phi(q)",
+    "step": "Based's recurrent step, kv_state + phi(k)^T v and k_state + phi(k) read out by phi(q)",
+}
+
+
+def unexplained(gm: fx.GraphModule, answered: set, covered: set, to_dynamo: dict):
+    """Yield (node, category, reason) for each attention-like chain of the lowered region ``gm`` that no
+    reader explained: ``answered``, the contractions a reader yielded a site or a refusal for;
+    ``covered``, the nodes those sites and refusals read (a chain reaching one is theirs)."""
+    reported: set = set()
+    for node, operands in _contractions(gm):
+        if node in answered or node in covered:
+            continue
+        for operand in operands:
+            if not isinstance(operand, fx.Node):
+                continue
+            chain = _walk(gm, operand, to_dynamo)
+            form = _form(chain)
+            if form is None:
+                continue
+            inner = [n for n in chain.nodes if n.op != "placeholder"]
+            if any(n in covered or n in reported for n in inner):
+                break
+            reported.update(inner)
+            reported.update(a for p in chain.products for a in p.all_input_nodes if a.op != "placeholder")
+            category, causes = _causes(gm, chain, form)
+            ops = chain.ops + chain.dynamo_ops
+            source = {"quadratic": "scores matmul", "linear": "product", "step": "state"}[form]
+            text = f"{_name(node)} <- " + " <- ".join(dict.fromkeys(ops)) + f" <- {source}" if ops else \
+                f"{_name(node)} <- {source}"
+            if chain.random is not None:
+                yield node, "unsupported", (
+                    f"the weights between the two matmuls go through {chain.random} (random: not a function of "
+                    f"q.k), chain: {text}")
+            elif causes:
+                yield node, category, f"{'; '.join(causes)} (chain: {text})"
+            else:
+                yield node, "unsupported", (
+                    f"{text} looks like {'attention' if form == 'quadratic' else 'linear attention' if form == 'linear' else 'a recurrent attention step'}, "
+                    f"but the pass could not read it as {_READS[form]}")
+            break
+
+
+def covered_by(gm: fx.GraphModule, nodes) -> set:
+    """The nodes of ``gm`` that ``nodes`` (sites' outputs, refused candidates) are computed from, down to
+    the region's inputs: what a reader already explained."""
+    found, stack = set(), [n for n in nodes if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node in found or node.op == "placeholder":
+            continue
+        found.add(node)
+        stack.extend(node.all_input_nodes)
+    return found

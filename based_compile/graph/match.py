@@ -32,7 +32,7 @@ from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
                            walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
-from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
+from .feature_map import describe_unread, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
 from .linear_form import match_linear, match_state_product
@@ -109,7 +109,11 @@ class Matcher:
                 raise Refused("feature_map", why, node)
         if phi_q is not None or phi_k is not None:
             if phi_q is None or phi_k is None:
-                raise Refused("feature_map", "only one of q and k goes through a feature map", node)
+                side, name = (x, "q") if phi_q is None else (y, "k")
+                why = describe_unread(self.gm, side.stop) if side.stop.op == "call_function" else None
+                raise Refused("feature_map", f"phi({'k' if name == 'q' else 'q'}) is read as a feature map but "
+                                             f"{name}'s side is not: {why}" if why is not None else
+                              "only one of q and k goes through a feature map", node)
             poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), x.factor * y.factor)
             return Weights(poly, None, False, node, phi_q.source, phi_k.source, "feature-map quadratic",
                            None, t, hint_shape(node), (1, 2), tk=tk, lengths=_lengths(node),
@@ -473,6 +477,14 @@ class Matcher:
                                              "takes a constant scale, and this one is applied after the "
                                              "polynomial or the mask (on the raw scores or on q it is rewritten)",
                                              node)
+            shape = hint_shape(other) or ()
+            at = [a - (len(w.shape) - len(shape)) for a in w.axes]
+            if isinstance(other, fx.Node) and all(i < 0 or shape[i] == 1 for i in at):
+                raise Refused("unsupported", f"the weights are multiplied by a tensor of shape {tuple(shape)} that "
+                                             "is the same along the query and key axes (a per-head or per-batch "
+                                             "scale, e.g. an nn.Parameter [1, H, 1, 1]) and not a compile-time "
+                                             "constant: the operator takes one constant scale (a per-head scale "
+                                             "of q before the scores is read)", node)
             raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
         if all(s == 1 for s in hint_shape(other)):
             value = self.constant(other)            # a scalar factor (a 0-d or one-element constant)
@@ -660,6 +672,12 @@ class Matcher:
             raise Refused("polynomial", f"f has a term of degree {deg}: {polynomial.describe(w.poly)} "
                                         "(x = q.k); Based is second order", where)
         if polynomial.coefficient(w.poly, 2) == 0.0:
+            unread = [why for why in (describe_unread(self.gm, n) for n in (q, k) if isinstance(n, fx.Node))
+                      if why is not None]
+            if unread:          # q.k is a product of computed features the feature map reader could not read
+                raise Refused("feature_map", f"the scores are q'.k' of computed features that are not read as a "
+                                             f"feature map ({unread[0]}), so f = {polynomial.describe(w.poly)} "
+                                             "(x = q'.k') has no second-order term", where)
             raise Refused("polynomial", f"f = {polynomial.describe(w.poly)} (x = q.k) has no second-order term",
                           where)
         causal = False
