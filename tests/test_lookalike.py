@@ -141,6 +141,12 @@ def sums_before_the_product(q, k, v):
     return torch.einsum("bhtf,bhfd->bhtd", qf, torch.einsum("bhtf,bhsd->bhfd", kf, v))
 
 
+def clamped_running_sums(q, k, v):
+    qf, kf = taylor(q), taylor(k)
+    kv = torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2).clamp(-20, 20)
+    return torch.einsum("bhtf,bhtfd->bhtd", qf, kv)
+
+
 def map_with_a_partial_linear_slice(q, k, v):
     def phi(x):
         x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * 0.5 ** 0.5
@@ -220,6 +226,7 @@ CASES = {
                                   ["added to the running sums"]),
     "state_over_all_but_the_last_key": (state_over_all_but_the_last_key, _qkv, None, ["slice"]),
     "sums_before_the_product": (sums_before_the_product, _qkv, None, ["before the product"]),
+    "clamped_running_sums": (clamped_running_sums, _qkv, None, ["clamp"]),
     "map_with_a_partial_linear_slice": (map_with_a_partial_linear_slice, _qkv, "feature_map",
                                         ["slice", "different tensors"]),
     "step_with_a_scaled_update": (step_with_a_scaled_update,

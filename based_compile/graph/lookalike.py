@@ -40,6 +40,14 @@ _FOLLOW = {aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, at
            aten.triu.default, aten.detach.default, aten.cumsum.default, aten.flip.default, aten.roll.default,
            aten.slice.Tensor, aten.select.int, aten.cat.default, aten.constant_pad_nd.default,
            aten.index_select.default, aten.slice_scatter.default, aten.select_scatter.default}
+# ops of a chain the readers read (sums, products, masks, views, the forms' own moves): any other op
+# on the chain is named in the reason
+_READ_OPS = {"add", "sub", "rsub", "mul", "div", "neg", "positive", "pow", "square", "addcmul", "addcdiv", "lerp",
+             "where", "masked_fill", "tril", "triu", "detach", "cumsum", "sum", "flip", "roll", "slice", "select",
+             "cat", "constant_pad_nd", "index_select", "slice_scatter", "select_scatter", "reciprocal", "copy",
+             "clone", "_to_copy", "ge", "gt", "le", "lt", "eq", "ne", "bitwise_not", "bitwise_and",
+             "bitwise_or", "logical_not", "logical_and", "logical_or", "arange", "ones_like", "zeros_like", "full",
+             "ones", "zeros", "scalar_tensor", "fill", "expand", "view", "unsqueeze", "squeeze"}
 _DYNAMO_ELEMENTWISE = {
     "mul", "add", "sub", "truediv", "div", "pow", "neg", "square", "addcmul", "addcdiv", "lerp", "where",
     "masked_fill", "masked_fill_", "mul_", "add_", "sub_", "div_", "pow_", "tril", "triu", "float", "double",
@@ -276,11 +284,20 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
         causes.append("the sequence is reversed (flip) around the running sum: it sums over j >= i (anti-causal), "
                       "not over j <= i")
         category = "mask"
-    if ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"} and form != "quadratic":
+    if ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"} and form == "linear":
         moved = sorted(ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"})
         causes.append(f"the keys, values or running sums go through {', '.join(moved)} along an axis (a token "
                       "left out or shifted: x[:, :, :-1], torch.cat, F.pad): not the sum over every j <= i (or "
                       "every j) that the operator computes")
+    written = sorted(ops & {"slice_scatter", "select_scatter", "index_put"})
+    if written and form == "quadratic":
+        causes.append(f"the weights are written in place at some entries ({', '.join(written)}: a[..., i, j] = x "
+                      "after the polynomial or the mask): no longer keep * P(q.k)")
+        category = "mask"
+    other = sorted(ops - _READ_OPS - {"index_put"})
+    if other:
+        causes.append(f"the chain goes through {', '.join(other)} (not a sum or product of its inputs: "
+                      "piecewise or transcendental), which no reader reads")
     if chain.scores is not None and chain.scores.target is aten.baddbmm.default:
         causes.append("the scores are torch.baddbmm(input, q, k^T) with an input the pass does not read as zero "
                       "(beta * input + alpha * q @ k^T)")
