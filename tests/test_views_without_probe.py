@@ -298,3 +298,30 @@ def test_labels_follow_reshapes_by_their_sizes_as_expressions():
     assert at_equal[1] == labels(("H", h))[0] and at_equal[2] == labels(("Tq", h))[0]
     with pytest.raises(axis_labels.Mismatch):
         axis_labels._reshape(labels(("B", b), ("H", h), ("Tq", t), ("Dk", d)), (b, t, h, d), "view")
+
+
+class GroupedBmm(torch.nn.Module):
+    """GQA by repeat_interleave(2) with B == H == 2 under dynamic=True: Dynamo gives batch and heads one
+    symbol s0 and the repeated k two heads, and the bmm of [s0 * s0] by [2 * s0] matrices is guarded
+    Eq(2*s0, s0**2) (s0 = 2) without replacing s0; the labels read s0 as the 2 it is pinned to."""
+
+    def forward(self, q, k, v):
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        t = k.shape[2]
+        s = torch.bmm(q.reshape(-1, t, q.shape[-1]), k.reshape(-1, t, k.shape[-1]).transpose(1, 2))
+        a = 1.0 + s.view(q.shape[0], q.shape[1], t, t) * 0.3
+        a = a + 0.045 * s.view(q.shape[0], q.shape[1], t, t) ** 2
+        return (a @ v) * (1 / a.sum(-1, keepdim=True))
+
+
+def test_size_pinned_by_a_guard_is_read_as_its_value():
+    recorder = Recorder()
+    module = GroupedBmm()
+    compiled = torch.compile(module, backend=based_compile.backend(inner=recorder), dynamic=True)
+    for t in (5, 8):
+        inputs = _inputs(t, t, ((2, 2, "T", 3), (2, 1, "T", 3), (2, 1, "T", 3)))
+        (out_c, grads_c), (out_e, grads_e) = _run(compiled, inputs, t), _run(module, inputs, t)
+        assert_rel_close(out_c, out_e, TOL, f"T={t}: output")
+        for c, e in zip(grads_c, grads_e):
+            assert_rel_close(c, e, TOL, f"T={t}: gradient")
+    assert recorder.sites() == [1], recorder.sites()

@@ -25,6 +25,8 @@ opaque label, which fails where it is checked: the site is refused with the reas
 """
 from __future__ import annotations
 
+import weakref
+
 import sympy
 import torch
 import torch.fx as fx
@@ -55,9 +57,45 @@ def _exact_floor_div(expr):
     return expr.replace(lambda e: isinstance(e, FloorDiv), exact)
 
 
+_PINNED = weakref.WeakKeyDictionary()       # shape env -> (number of guards read, {symbol: value})
+
+
+def _pinned(env) -> dict:
+    """Symbols a guard of ``env`` fixes to one value (``Eq(2*s0, s0**2)``: s0 = 2, where a batched
+    matmul of [s0 * s0] by [2 * s0] matrices was traced): the graph runs only at that value. Dynamo
+    records such a guard without replacing the symbol."""
+    guards = [g.expr for g in getattr(env, "guards", ())]
+    try:
+        cached = _PINNED.get(env)
+    except TypeError:           # not weakly referenceable: not cached
+        cached = None
+    if cached is not None and cached[0] == len(guards):
+        return cached[1]
+    pinned = {}
+    for expr in guards:
+        if not isinstance(expr, sympy.Eq) or len(expr.free_symbols) != 1:
+            continue
+        (sym,) = expr.free_symbols
+        difference = expr.lhs - expr.rhs
+        if not difference.is_polynomial(sym) or sympy.degree(difference, sym) > 4:
+            continue
+        roots = [r for r in sympy.solve(difference, sym) if r.is_integer and r.is_positive]
+        if len(roots) == 1:
+            pinned[sym] = roots[0]
+    try:
+        _PINNED[env] = (len(guards), pinned)
+    except TypeError:
+        pass
+    return pinned
+
+
 def _size(x):
     if isinstance(x, torch.SymInt):
-        return _exact_floor_div(x.node.expr)
+        expr = x.node.expr
+        pinned = _pinned(x.node.shape_env)
+        if pinned and expr.free_symbols & set(pinned):
+            expr = sympy.sympify(expr.xreplace(pinned))
+        return _exact_floor_div(expr)
     return sympy.Integer(int(x))
 
 
