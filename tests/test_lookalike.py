@@ -182,6 +182,19 @@ def map_built_in_place(q, k, v):
     return finish(torch.tril(phi(q) @ phi(k).transpose(-2, -1)), v)
 
 
+def map_of_k_under_no_grad(q, k, v):
+    with torch.no_grad():
+        kf = taylor(k)
+    return finish(torch.tril(taylor(q) @ kf.transpose(-2, -1)), v)
+
+
+def clamped_outer_product_piece(q, k, v):
+    def phi(x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2).clamp(max=3.0)
+        return torch.cat([torch.ones_like(x[..., :1]), x, x2 * 0.5 ** 0.5], -1)
+    return finish(torch.tril(phi(q) @ phi(k).transpose(-2, -1)), v)
+
+
 def relu_map(q, k, v):
     return finish(torch.tril(F.relu(q) @ F.relu(k).transpose(-2, -1)), v)
 
@@ -235,6 +248,8 @@ CASES = {
                                   "state", ["alpha=2"]),
     "map_built_in_place": (map_built_in_place, _qkv, "feature_map", ["in place", "torch.cat"]),
     "relu_map": (relu_map, _qkv, "feature_map", ["relu"]),
+    "map_of_k_under_no_grad": (map_of_k_under_no_grad, _qkv, "feature_map", ["detached", "no_grad"]),
+    "clamped_outer_product_piece": (clamped_outer_product_piece, _qkv, "feature_map", ["clamp("]),
     "padding_mask_on_phi_k": (padding_mask_on_phi_k, lambda: _qkv() + _keep(), "feature_map",
                               ["multiplied by a tensor", "padding mask"]),
     "head_scale": (None, _qkv, "unsupported", ["per-head", "(1, 3, 1, 1)"]),
@@ -261,7 +276,7 @@ def test_attention_like_region_gets_a_refusal_with_its_cause(name):
         assert category in [r.category for r in ex.refusals], ex
     # the false reasons of the old code are gone
     assert "only one of q and k goes through a feature map" not in reasons, ex
-    if name in ("map_built_in_place", "relu_map"):
+    if name in ("map_built_in_place", "relu_map", "clamped_outer_product_piece"):
         assert "f = 1*x^1 (x = q.k) has no second-order term" not in reasons, ex
 
 

@@ -418,9 +418,15 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if {p.kind for p in pieces} <= {"linear"}:
             return None                                       # a rotary split: an ordinary q
         sources = list(dict.fromkeys(p.source for p in pieces if p.source is not None))
-        named = ", ".join(_op_name(n) + " " + n.name if n.op == "call_function" else n.name for n in sources)
+        named = ", ".join(f"{_op_name(n)}(...)" if n.op == "call_function" else n.name for n in sources)
         return (f"the pieces of the feature map torch.cat are functions of different tensors ({named}: e.g. a "
-                f"slice x[..., :2] beside x (x) x): {_READ}")
+                f"slice x[..., :2] or a clamp of x beside x (x) x): {_READ}")
+    if target is aten.detach.default and isinstance(stop.args[0], fx.Node):
+        inner = _through_constants(gm, stop.args[0])
+        if inner.op == "call_function" and inner.target is aten.cat.default:
+            return ("the feature map is detached after it is computed (phi(x).detach(), or computed under "
+                    "torch.no_grad()): the operator would differentiate through it (phi(x.detach()) is read)")
+        return None
     if target in _SCATTERS:
         return ("the feature map is written in place into a new tensor (new_empty / zeros and slice "
                 f"assignments such as out[..., :1] = 1), which the pass does not read: {_READ}; write it as "
