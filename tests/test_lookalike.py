@@ -195,6 +195,12 @@ def clamped_outer_product_piece(q, k, v):
     return finish(torch.tril(phi(q) @ phi(k).transpose(-2, -1)), v)
 
 
+def exp_map(q, k, v):
+    def phi(x):
+        return torch.cat([torch.exp(x), torch.exp(-x)], -1)
+    return finish(torch.tril(phi(q) @ phi(k).transpose(-2, -1)), v)
+
+
 def relu_map(q, k, v):
     return finish(torch.tril(F.relu(q) @ F.relu(k).transpose(-2, -1)), v)
 
@@ -248,6 +254,7 @@ CASES = {
                                   "state", ["alpha=2"]),
     "map_built_in_place": (map_built_in_place, _qkv, "feature_map", ["in place", "torch.cat"]),
     "relu_map": (relu_map, _qkv, "feature_map", ["relu"]),
+    "exp_map": (exp_map, _qkv, "feature_map", ["exp(x)"]),
     "map_of_k_under_no_grad": (map_of_k_under_no_grad, _qkv, "feature_map", ["detached", "no_grad"]),
     "clamped_outer_product_piece": (clamped_outer_product_piece, _qkv, "feature_map", ["clamp("]),
     "padding_mask_on_phi_k": (padding_mask_on_phi_k, lambda: _qkv() + _keep(), "feature_map",
@@ -276,7 +283,7 @@ def test_attention_like_region_gets_a_refusal_with_its_cause(name):
         assert category in [r.category for r in ex.refusals], ex
     # the false reasons of the old code are gone
     assert "only one of q and k goes through a feature map" not in reasons, ex
-    if name in ("map_built_in_place", "relu_map", "clamped_outer_product_piece"):
+    if name in ("map_built_in_place", "relu_map", "clamped_outer_product_piece", "exp_map"):
         assert "f = 1*x^1 (x = q.k) has no second-order term" not in reasons, ex
 
 

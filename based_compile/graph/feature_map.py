@@ -416,6 +416,10 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
             return (f"piece {i} of the feature map torch.cat (computed by {what}) is not a constant column, x, "
                     f"x (x) x or products x_a x_b of the same x: {_READ}")
         if {p.kind for p in pieces} <= {"linear"}:
+            for i, p in enumerate(pieces):       # softmax(x) pieces (a Hedgehog map): name the op
+                src = p.source
+                if src is not None and src.op == "call_function" and _non_polynomial(src.target):
+                    return f"piece {i} of the feature map torch.cat is {_op_name(src)}(x): {_READ}"
             return None                                       # a rotary split: an ordinary q
         sources = list(dict.fromkeys(p.source for p in pieces if p.source is not None))
         named = ", ".join(f"{_op_name(n)}(...)" if n.op == "call_function" else n.name for n in sources)
@@ -442,8 +446,15 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
                         "a padding mask, a gate?): the operator's weights are phi(q).phi(k) with nothing "
                         "multiplied in (mask k before the map, or v)")
         return None
-    if torch.Tag.pointwise in getattr(target, "tags", ()) or target in (aten._softmax.default, aten.relu.default):
-        if target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default):
-            return None
+    if _non_polynomial(target):
         return f"{_op_name(stop)}(x) is not the Taylor feature map of Based: {_READ}"
     return None
+
+
+def _non_polynomial(target) -> bool:
+    """An elementwise (or softmax) op that is not a sum or product: relu, elu, exp, softmax, clamp, ..."""
+    if target in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.neg.default,
+                  aten.pow.Tensor_Scalar, aten.square.default, aten.rsub.Scalar, aten.rsub.Tensor):
+        return False
+    return torch.Tag.pointwise in getattr(target, "tags", ()) or target in (
+        aten._softmax.default, aten._log_softmax.default, aten.relu.default)
