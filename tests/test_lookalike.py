@@ -155,6 +155,13 @@ def map_with_a_partial_linear_slice(q, k, v):
     return read(qf, torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2), kf.cumsum(2))
 
 
+def linear_normaliser_under_no_grad(q, k, v):
+    qf, kf = taylor(q), taylor(k)
+    with torch.no_grad():
+        z = kf.cumsum(2)
+    return read(qf, torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2), z)
+
+
 def _phi_step(x):
     x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
     return torch.cat([torch.ones_like(x[..., :1]), x * 0.5 ** 0.5, x2 * 0.5], -1)
@@ -245,6 +252,7 @@ CASES = {
                                   ["added to the running sums"]),
     "state_over_all_but_the_last_key": (state_over_all_but_the_last_key, _qkv, None, ["slice"]),
     "sums_before_the_product": (sums_before_the_product, _qkv, None, ["before the product"]),
+    "linear_normaliser_under_no_grad": (linear_normaliser_under_no_grad, _qkv, "normaliser", ["detached"]),
     "clamped_running_sums": (clamped_running_sums, _qkv, None, ["clamp"]),
     "map_with_a_partial_linear_slice": (map_with_a_partial_linear_slice, _qkv, "feature_map",
                                         ["slice", "different tensors"]),

@@ -445,6 +445,13 @@ def _contraction(gm, prod: fx.Node, summed, where: fx.Node, top: tuple) -> Featu
                 raise NotACandidate("a product of two feature maps (the scores)")
             if not isinstance(y, fx.Node) or not y.op == "call_function":
                 raise NotACandidate("phi(q) times a non-tensor")
+            inner = y
+            while isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in VIEW_OPS:
+                inner = inner.args[0]
+            if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is aten.detach.default:
+                raise Refused("normaliser", "the sum of phi(k) the normaliser contracts phi(q) with is detached "
+                                            "(.detach(), or computed under torch.no_grad()): the operator would "
+                                            "differentiate through it", where)
             raise Refused("normaliser", "the normaliser contracts phi(q) with something that is not a sum of "
                                         "phi(k) over time", where)
         if prod.target is aten.bmm.default:
