@@ -112,12 +112,16 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     model_kwargs = dict(MODEL if model_kwargs is None else model_kwargs)
     model = build_model(model_kwargs, dtype, device)
     based = based_compile.backend(inner=inner)
-    graphs = []
+    graphs, rewritten = [], []
 
     @functools.wraps(based)         # keeps the backend's marks: under DDP it sees the whole graph first
     def counting_backend(gm, example_inputs, **kwargs):
         graphs.append(gm)
-        return based(gm, example_inputs, **kwargs)
+        compiled_fn = based(gm, example_inputs, **kwargs)
+        # The pass edits Dynamo's graph in place: what it rewrote is now a call in gm.
+        rewritten.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"
+                             and getattr(n.target, "__name__", "") == "based_attention_call"))
+        return compiled_fn
 
     if compile and placement == "blocks":
         for block in model.blocks:
@@ -151,9 +155,9 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
         checking = device.type == "cuda" and step == 1
         with count_syncs() if checking else contextlib.nullcontext([]) as waits:
             start = time.perf_counter()
-            # Count the calls in the last step, or under CUDA graphs in the first (compilation and the
-            # graphs' warm-up run their operators one by one; a replay dispatches none of them).
-            loss = forward_backward_step(tokens, count=step == (0 if compile_mode == "reduce-overhead" else steps - 1))
+            # Count the calls in the last step (under CUDA graphs a replay dispatches no operator: there the
+            # count is of the sites rewritten in the compiled graphs, below).
+            loss = forward_backward_step(tokens, count=step == steps - 1 and compile_mode != "reduce-overhead")
         host_times.append(time.perf_counter() - start)
         if checking:
             syncs = len(waits)
@@ -169,8 +173,10 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     # The median leaves out the first step (compilation) and the last (run under the profiler that
     # counts based::attention calls, which slows a short step by tens of percent).
     times = sorted(times[1:-1] or times[1:] or times)
+    if compile_mode == "reduce-overhead":
+        based_calls = sum(rewritten) if placement == "model" else None
     result = dict(losses=losses, step_s=times[len(times) // 2], step_times_s=step_times, graphs=len(graphs),
-                  based_calls=based_calls, placement=placement)
+                  based_calls=based_calls, rewritten_sites=sum(rewritten), placement=placement)
     if device.type == "cuda":
         # The second step (sync check) is left out too: a warning per wait costs host time.
         host = sorted(host_times[2:-1] or host_times[1:] or host_times)
