@@ -238,8 +238,13 @@ def _drop_full_slices(gm: fx.GraphModule) -> None:
 def live_users(node: fx.Node) -> list:
     """The users of ``node`` less views nobody uses (the whole-axis slices ``_drop_full_slices`` leaves
     in place: under dynamic shapes ``kv[:, :, -1]`` lowers with two of them, which read nothing)."""
-    return [u for u in node.users
-            if u.users or u.op != "call_function" or u.target not in _UNUSED_READS]
+    return [u for u in node.users if not _unused_read(u)]
+
+
+def _unused_read(node: fx.Node) -> bool:
+    """A view (or slice, select) whose users, through views, read nothing (functionalising an in-place
+    write leaves such chains: ``kv += s`` re-derives every view of ``kv`` taken before)."""
+    return node.op == "call_function" and node.target in _UNUSED_READS and all(_unused_read(u) for u in node.users)
 
 
 _UNUSED_READS = VIEW_OPS | {aten.slice.Tensor, aten.select.int}
