@@ -373,7 +373,9 @@ class Matcher:
         first = weights[0]
         if any(w.q is not first.q or w.k is not first.k or w.q_factor is not first.q_factor for w in weights):
             raise NotACandidate(f"{node.target} of weights of different scores")
-        if node.target not in POLYNOMIAL_OPS:
+        # a cast (a value-changing _to_copy, canonicalize) is read by evaluation: precision.py refuses the
+        # round trips that round (float64 -> float32 -> float64) with that reason, and reads exact ones
+        if node.target not in POLYNOMIAL_OPS and node.target is not torch.ops.prims.convert_element_type.default:
             raise Refused("polynomial", f"{node.target} of the scores is not a polynomial operation (only sums and "
                                         "products are read: a clamp, min/max, rounding or modulo is piecewise)", node)
         if any(w.keep is not None or w.junk for w in weights):
