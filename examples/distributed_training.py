@@ -77,6 +77,8 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         # One FSDP unit per ``fsdp_group`` consecutive blocks (1: each block, the usual recipe). Fewer
         # units, fewer collectives and hooks a step, for more parameters gathered at once.
+        if not isinstance(fsdp_group, int) or fsdp_group < 1:
+            raise ValueError(f"fsdp_group must be a whole number of blocks >= 1, got {fsdp_group!r}")
         blocks = list(model.blocks)
         units = [blocks[i:i + fsdp_group] for i in range(0, len(blocks), fsdp_group)]
         for i, unit in enumerate(units):
