@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch.utils._sympy.functions import FloorDiv
 
-from .canonicalize import VIEW_OPS, example_value, shape_of
+from .canonicalize import example_value, shape_of
 
 aten = torch.ops.aten
 
@@ -399,8 +399,7 @@ def _step(node: fx.Node, label_of, out_sizes):
         return tuple(labels)
     if target in (aten.bmm.default, aten.mm.default):
         a, b = label_of(args[0]), label_of(args[1])
-        contracted = unify(a[-1], b[-2], f"{where} (the axis the matmul contracts)")
-        del contracted
+        unify(a[-1], b[-2], f"{where} (the axis the matmul contracts)")
         if target is aten.mm.default:
             return (a[0], b[1])
         batch = unify(a[0], b[0], f"{where} (the matmul's batch axis)")

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, example_value, scalar_value
+from .canonicalize import example_value, scalar_value, strip_views
 
 aten = torch.ops.aten
 
@@ -27,8 +27,7 @@ _ZERO_FILLS = {aten.zeros.default: None, aten.zeros_like.default: None, aten.new
 
 def _zero_fill(gm: fx.GraphModule, node) -> bool:
     """``node`` is, through views, a tensor filled with the constant 0 (not ``0 * x``)."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
+    node = strip_views(node)
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _ZERO_FILLS:
         return False
     where = _ZERO_FILLS[node.target]

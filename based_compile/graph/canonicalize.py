@@ -379,6 +379,68 @@ def scalar_factor(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, float] | 
 
 
 @dataclass
+class ViewChain:
+    """A node read down through views (and scalar factors) to where the walk stopped.
+
+    trail: every node visited with the product of the scalar factors above it, the node first and
+    ``base`` last; views: the view nodes passed, outermost first; factor: the product of all the
+    scalar factors passed.
+    """
+
+    base: object
+    trail: list
+    views: list
+    factor: float
+
+    @property
+    def steps(self) -> list:
+        """The views and scalar factors passed, outermost first."""
+        return [n for n, _ in self.trail[:-1]]
+
+    def lands(self, axis: int | None) -> int | None:
+        """Where axis ``axis`` of ``base`` lands in the node the walk started at."""
+        return through_views(self.views, axis)
+
+
+def strip_views(node, view_ops=VIEW_OPS):
+    """``node`` under its views: the tensor they read."""
+    return read_views(None, node, view_ops=view_ops, scalars=False).base
+
+
+def through_views(views, axis: int | None) -> int | None:
+    """Where axis ``axis`` of the views' base lands after ``views`` (outermost first, as ``read_views``
+    lists them); None where a view merges, splits or reduces it."""
+    for view in reversed(views):
+        if axis is None:
+            return None
+        axis = track_axis(view, axis)
+    return axis
+
+
+def read_views(gm: fx.GraphModule | None, node, *, view_ops=VIEW_OPS, scalars: bool = True, same_shape: bool = False,
+               until=None) -> ViewChain:
+    """Walk from ``node`` down through ``view_ops`` and, with ``scalars``, scalar factors (``same_shape``:
+    only those that keep the shape, no broadcasting), stopping at ``until`` or at the first node that is
+    neither (``gm`` is read for the scalars only). Every reader of "x through views and scalar factors" in
+    the pass walks with this."""
+    trail, views, factor = [], [], 1.0
+    while True:
+        trail.append((node, factor))
+        if node is until or not isinstance(node, fx.Node) or node.op != "call_function":
+            break
+        if node.target in view_ops and isinstance(node.args[0], fx.Node):
+            views.append(node)
+            node = node.args[0]
+            continue
+        scaled = scalar_factor(gm, node) if scalars else None
+        if scaled is None or (same_shape and hint_shape(scaled[0]) != hint_shape(node)):
+            break
+        factor *= scaled[1]
+        node = scaled[0]
+    return ViewChain(base=node, trail=trail, views=views, factor=factor)
+
+
+@dataclass
 class Operand:
     """What a matmul operand is once views and scalar factors are read through.
 
@@ -394,24 +456,11 @@ class Operand:
 
 
 def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = True) -> Operand:
-    chain: list[tuple[fx.Node, float]] = []   # (node, factor accumulated from the operand to here)
-    factor = 1.0
-    current = node
-    while True:
-        chain.append((current, factor))
-        if current.op == "call_function" and current.target in VIEW_OPS and isinstance(current.args[0], fx.Node):
-            current = current.args[0]
-            continue
-        scaled = scalar_factor(gm, current) if through_scalars else None
-        if scaled is not None:
-            factor *= scaled[1]
-            current = scaled[0]
-            continue
-        break
-    four_d = [(n, f) for n, f in chain if shape_of(n) is not None and len(shape_of(n)) == 4]
-    source, f = four_d[-1] if four_d else chain[-1]
+    chain = read_views(gm, node, scalars=through_scalars)
+    four_d = [(n, f) for n, f in chain.trail if shape_of(n) is not None and len(shape_of(n)) == 4]
+    source, f = four_d[-1] if four_d else chain.trail[-1]
     alternatives = tuple(n for n, g in four_d[:-1] if g == f)
-    return Operand(source=source, factor=f, stop=current, alternatives=alternatives)
+    return Operand(source=source, factor=f, stop=chain.base, alternatives=alternatives)
 
 
 def _prod(xs) -> int:

@@ -227,7 +227,6 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     """The Taylor-like map a ``cat`` builds, or None when the cat is not a feature map."""
     if cat.op != "call_function" or cat.target is not aten.cat.default:
         return None
-    tensors = cat.args[0]
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     rank = len(hint_shape(cat))
     if dim not in (-1, rank - 1):

@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from . import polynomial
-from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value, track_axis
+from .canonicalize import (VIEW_OPS, example_value, hint, hint_shape, read_views, scalar_factor, scalar_value,
+                           through_views)
 from .feature_map import FeatureMap, pair_feature_maps, read_feature_map
 from .mask import Keep
 from .refusal import NotACandidate, Refused
@@ -74,27 +75,12 @@ class FeatureSum:
         return Keep.causal(0) if self.kind == "cumsum" else None
 
 
-def _views_to(gm, node, *, scalars: bool):
-    """(views from ``node`` down, outermost first; scalar factor; the node where the walk stopped)."""
-    views, factor = [], 1.0
-    while isinstance(node, fx.Node) and node.op == "call_function":
-        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-            views.append(node)
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node) if scalars else None
-        if scaled is None:
-            break
-        factor *= scaled[1]
-        node = scaled[0]
-    return views, factor, node
-
-
 def _feature_map(gm, node):
     """(map, cat, factor, views) when ``node`` is a Taylor feature map through views and scalar factors."""
     if not isinstance(node, fx.Node):
         return None
-    views, factor, stop = _views_to(gm, node, scalars=True)
+    chain = read_views(gm, node)
+    views, factor, stop = chain.views, chain.factor, chain.base
     if not isinstance(stop, fx.Node) or stop.op != "call_function":
         return None
     phi = read_feature_map(gm, stop)
@@ -106,7 +92,8 @@ def _state(gm, node):
     one axis of a feature map (through views on both sides), else None."""
     if not isinstance(node, fx.Node):
         return None
-    outer, _, state = _views_to(gm, node, scalars=False)
+    outer_chain = read_views(gm, node, scalars=False)
+    outer, state = outer_chain.views, outer_chain.base
     if not isinstance(state, fx.Node) or state.op != "call_function":
         return None
     initial = None
@@ -118,8 +105,8 @@ def _state(gm, node):
                     raise Refused("state", f"the initial k_state is added with alpha={state.kwargs['alpha']:g} (a "
                                            "decayed or gated state): not Based, whose states only add", state)
                 rank = len(hint_shape(run))
-                inner_views = _views_to(gm, run.args[0], scalars=True)[0]
-                initial = (state, init, run, run.args[1] % rank, _through(inner_views, rank - 1))
+                inner_views = read_views(gm, run.args[0]).views
+                initial = (state, init, run, run.args[1] % rank, through_views(inner_views, rank - 1))
                 state = run
                 break
     if state.target is aten.cumsum.default:
@@ -148,7 +135,7 @@ def _size(x):
 
 
 def _replay(views, x: torch.Tensor) -> torch.Tensor:
-    """``x`` through ``views`` (outermost first, as ``_views_to`` lists them), sizes at their hints."""
+    """``x`` through ``views`` (outermost first, as ``read_views`` lists them), sizes at their hints."""
     for view in reversed(views):
         args = [x] + [_size(a) for a in view.args[1:]]
         kwargs = {k: _size(v) for k, v in view.kwargs.items()}
@@ -385,13 +372,6 @@ def _runs(views, runs, sizes):
     return runs
 
 
-def _through(views, axis):
-    """Where ``axis`` of the base lands after ``views`` (outermost first), or None."""
-    for view in reversed(views):
-        axis = track_axis(view, axis) if axis is not None else None
-    return axis
-
-
 def read_feature_sum(gm: fx.GraphModule, node, top: tuple = ()) -> FeatureSum:
     """The feature normaliser ``node`` computes (``FeatureSum``); NotACandidate when it is none,
     Refused for a near-miss (a shifted running sum, another axis, eps after the reciprocal, ...).
@@ -445,9 +425,7 @@ def _contraction(gm, prod: fx.Node, summed, where: fx.Node, top: tuple) -> Featu
                 raise NotACandidate("a product of two feature maps (the scores)")
             if not isinstance(y, fx.Node) or not y.op == "call_function":
                 raise NotACandidate("phi(q) times a non-tensor")
-            inner = y
-            while isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in VIEW_OPS:
-                inner = inner.args[0]
+            inner = read_views(gm, y, scalars=False).base
             if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is aten.detach.default:
                 raise Refused("normaliser", "the sum of phi(k) the normaliser contracts phi(q) with is detached "
                                             "(.detach(), or computed under torch.no_grad()): the operator would "
@@ -477,7 +455,7 @@ def time_axis(gm: fx.GraphModule, operand: fx.Node, along: int) -> tuple[fx.Node
     n = torch.Size(shape).numel()
     along %= len(hint_shape(operand))
     if n > INDEX_MAX_ELEMENTS:
-        return cat, next((a for a in range(len(shape)) if _through(views, a) == along), None)
+        return cat, next((a for a in range(len(shape)) if through_views(views, a) == along), None)
     ids = _replay(views, torch.arange(n).view(shape))
     if ids.shape[along] < 2:
         return cat, None

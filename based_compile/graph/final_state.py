@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from ..kernels.arguments import check_arguments
 from ..op.attention_with_state import features_of_moments, moments
-from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, walk_operand
+from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, strip_views, walk_operand
 from .evaluate import GraphEvaluator
 from .feature_map import FeatureMap, read_feature_map
 from .mask import size_expr
@@ -77,11 +77,6 @@ class SiteStates:
     reads: list = field(default_factory=list)
 
 
-def _strip(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS \
-            and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _dim(d: int, rank: int) -> int:
@@ -168,7 +163,7 @@ class _Site:
 
 def _product_operands(gm, node):
     """(a, b) of an elementwise product, through views, or None; a scaled product raises."""
-    inner = _strip(node)
+    inner = strip_views(node)
     if not isinstance(inner, fx.Node) or inner.op != "call_function":
         return None
     if inner.target is aten.mul.Tensor and all(isinstance(x, fx.Node) for x in inner.args[:2]):
@@ -181,7 +176,7 @@ def _read_operand(gm, ev: GraphEvaluator, site: _Site, operand, where):
     None when it is no state of this site's k."""
     if not ev.depends_on(operand, {site.k}) or ev.depends_on(operand, {site.q}):
         return None
-    scaled = scalar_factor(gm, _strip(operand)) if _strip(operand).op == "call_function" else None
+    scaled = scalar_factor(gm, strip_views(operand)) if strip_views(operand).op == "call_function" else None
     if scaled is not None and scaled[1] != 1.0:
         raise Refused("state", f"a state summed with a factor ({scaled[1]:g} * phi(k) v^T): not Based's state, "
                                "whose terms only add", where)

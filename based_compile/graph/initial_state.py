@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, track_axis
+from .canonicalize import VIEW_OPS, example_value, hint_shape, read_views, scalar_factor
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -70,21 +70,9 @@ class InitialStates:
 def follow(gm, node, axis: int, *, scalars: bool = True) -> tuple[fx.Node, int | None]:
     """(the node under ``node``'s views and scalar factors, where its last axis lands in ``node``):
     the axis of a feature map's or v's features in the operand of a product."""
-    views = []
-    while isinstance(node, fx.Node) and node.op == "call_function":
-        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-            views.append(node)
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node) if scalars else None
-        if scaled is None or hint_shape(scaled[0]) != hint_shape(node):
-            break
-        node = scaled[0]
-    rank = len(hint_shape(node) or ())
-    at = axis % rank if rank else None
-    for view in reversed(views):
-        at = track_axis(view, at) if at is not None else None
-    return node, at
+    chain = read_views(gm, node, scalars=scalars, same_shape=True)
+    rank = len(hint_shape(chain.base) or ())
+    return chain.base, chain.lands(axis % rank) if rank else None
 
 
 def read_initial(gm, ev, init, state: fx.Node, dim: int, labels: dict, role: str, add: fx.Node,
@@ -100,15 +88,10 @@ def read_initial(gm, ev, init, state: fx.Node, dim: int, labels: dict, role: str
     if ev.depends_on(init, reads):
         raise Refused("state", f"the tensor added to the running sums (as an initial {what}) is computed from q, k "
                                "or v: not the state of earlier tokens", add)
-    node, views = init, []
-    while isinstance(node, fx.Node) and node.op == "call_function":
-        if node.target in _STATE_VIEWS and isinstance(node.args[0], fx.Node):
-            views.append(node)
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node)
-        if scaled is None:
-            break
+    chain = read_views(gm, init, view_ops=_STATE_VIEWS, scalars=False)
+    node = chain.base
+    scaled = scalar_factor(gm, node) if isinstance(node, fx.Node) else None
+    if scaled is not None:
         raise Refused("state", f"the initial {what} is scaled by {scaled[1]:g} before it is added (a decayed or "
                                f"gated state, 0.9 * {what} + ...): not Based, whose states only add", add)
     source = node
@@ -131,12 +114,7 @@ def read_initial(gm, ev, init, state: fx.Node, dim: int, labels: dict, role: str
                                f"sum has {', '.join(str(shape[a]) for a in broadcast)}): not a state of the sum's "
                                f"shape (a [B, H, F] key state where the [B, H, F, Dv] state belongs?)", add)
     src_shape = tuple(hint_shape(source) or ())
-    lands = []
-    for axis in range(len(src_shape)):
-        at = axis
-        for view in reversed(views):
-            at = track_axis(view, at) if at is not None else None
-        lands.append(at)
+    lands = [chain.lands(axis) for axis in range(len(src_shape))]
     squeeze = tuple(a for a, at in enumerate(lands) if src_shape[a] == 1 and (at is None or at == dim))
     kept = {at: a for a, at in enumerate(lands) if a not in squeeze}
     others = [a for a in range(rank) if a != dim and a not in labels]

@@ -21,8 +21,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output
-from .canonicalize import (VIEW_OPS, hint_shape, live_users, scalar_factor, shape_of, track_axis,
-                           walk_operand)
+from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, walk_operand
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
 from .initial_state import InitialStates, follow, read_initial
@@ -30,12 +29,6 @@ from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
-
-
-def _strip_views(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
-    return node
 
 
 # writes into part of a tensor, as functionalisation lowers ``x[i] += y``, ``x[:, :, 1:].add_(y)``
@@ -194,7 +187,7 @@ def match_linear(matcher, state: fx.Node):
     if kind is None:
         raise NotACandidate("not a state")
     state_kind, dim, kv_arg = kind
-    kv = _strip_views(kv_arg)
+    kv = strip_views(kv_arg)
     if not isinstance(kv, fx.Node) or kv.op != "call_function" or kv.target is not aten.mul.Tensor:
         raise NotACandidate("the state does not sum a product")
     (phi_k, cat_k, factor_k), v_arg = _feature_side(gm, kv.args[0], kv.args[1])
@@ -206,7 +199,7 @@ def match_linear(matcher, state: fx.Node):
                 raise Refused("feature_map", why, state)
         raise NotACandidate("the state does not sum phi(k) times a tensor")
     v_stop = walk_operand(gm, v_arg).stop
-    if read_feature_map(gm, v_stop) is not None or _state_kind(_strip_views(v_arg)) is not None:
+    if read_feature_map(gm, v_stop) is not None or _state_kind(strip_views(v_arg)) is not None:
         raise NotACandidate("phi(k) times phi(k), or times a running sum")
     v_walk = walk_operand(gm, v_arg, through_scalars=False)
     v = v_walk.source
@@ -221,7 +214,7 @@ def match_linear(matcher, state: fx.Node):
     if consumer is None:
         raise NotACandidate("the state has several users")
     if consumer.target in (aten.sub.Tensor, aten.add.Tensor) and \
-            any(_strip_views(arg) is kv or (_strip_views(arg) is not state
+            any(strip_views(arg) is kv or (strip_views(arg) is not state
                                             and matcher.evaluator.depends_on(arg, {cat_k}))
                 for arg in consumer.args[:2] if isinstance(arg, fx.Node)):
         raise Refused("mask", "the running sums leave out (or add) the current token: a shifted causal mask",
@@ -330,49 +323,20 @@ def _initial_states(phi_k, factor_k: float, kv, k) -> InitialStates:
 # is (phi(q) phi(k)^T) v, the quadratic form without a mask: it becomes the same Match.
 
 
-def _chain_to(gm, node, base):
-    """(views from ``base`` up to ``node``, outermost first; scalar factor) when ``node`` is ``base``
-    through views and scalar factors, else None."""
-    views, factor = [], 1.0
-    while node is not base:
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-            views.append(node)
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node)
-        if scaled is None:
-            return None
-        factor *= scaled[1]
-        node = scaled[0]
-    return views, factor
-
-
-def _track(views, axes):
-    """Where ``axes`` of the base land after ``views`` (outermost first), or None."""
-    for view in reversed(views):
-        axes = tuple(track_axis(view, a) for a in axes)
-        if None in axes:
-            return None
-    return axes
-
-
 def _feature_operand(gm, node):
     """(map, cat, factor, (time axis, feature axis) in ``node``) when ``node`` is a feature map through
     views and scalar factors, else None."""
     if not isinstance(node, fx.Node):
         return None
-    walked = walk_operand(gm, node)
-    phi = read_feature_map(gm, walked.stop) if walked.stop.op == "call_function" else None
+    chain = read_views(gm, node)
+    phi = read_feature_map(gm, chain.base) if chain.base.op == "call_function" else None
     if phi is None:
         return None
-    chain = _chain_to(gm, node, walked.stop)
-    rank = len(hint_shape(walked.stop))
-    axes = _track(chain[0], (rank - 2, rank - 1)) if chain is not None else None
-    if axes is None:
+    rank = len(hint_shape(chain.base))
+    axes = chain.lands(rank - 2), chain.lands(rank - 1)
+    if None in axes:
         return None
-    return phi, walked.stop, chain[1], axes
+    return phi, chain.base, chain.factor, axes
 
 
 def _state_normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
@@ -394,19 +358,11 @@ def match_state_product(matcher, bmm: fx.Node):
     phi_q, cat_q, factor_q, (q_time, q_feature) = q_side
     if (q_time, q_feature) != (1, 2):
         raise NotACandidate("the product does not contract phi(q) over its features")
-    inner = bmm.args[1]
-    views, factor_s = [], 1.0
-    while isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is not aten.bmm.default:
-        if inner.target in VIEW_OPS:
-            views.append(inner)
-            inner = inner.args[0]
-            continue
-        scaled = scalar_factor(gm, inner)
-        if scaled is None:
-            raise NotACandidate("the right operand is not a state product")
-        factor_s *= scaled[1]
-        inner = scaled[0]
-    if not isinstance(inner, fx.Node) or inner.op != "call_function" or _track(views, (1,)) != (1,):
+    chain = read_views(gm, bmm.args[1])
+    inner, factor_s = chain.base, chain.factor
+    if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is not aten.bmm.default:
+        raise NotACandidate("the right operand is not a state product")
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or chain.lands(1) != 1:
         raise NotACandidate("the right operand is not a state product over the features")
     k_side = _feature_operand(gm, inner.args[0])
     if k_side is None:

@@ -28,7 +28,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, hint_shape, identity_dropout, scalar_value, track_axis
+from .canonicalize import VIEW_OPS, hint_shape, identity_dropout, read_views, scalar_value, strip_views
 from .feature_map import describe_unread, read_feature_map
 
 aten = torch.ops.aten
@@ -95,7 +95,7 @@ def _product(node: fx.Node) -> bool:
 def _outer(node: fx.Node) -> bool:
     """An outer product: a bmm over a size-1 axis, or a product whose operands broadcast against each
     other (each has a size-1 axis where the other does not): phi(k)^T v of one token."""
-    node = _strip_views(node)
+    node = strip_views(node)
     if node.op != "call_function":
         return False
     if node.target is aten.bmm.default:
@@ -108,12 +108,6 @@ def _outer(node: fx.Node) -> bool:
     return any(x == 1 < y for x, y in zip(a, b)) and any(y == 1 < x for x, y in zip(a, b))
 
 
-def _strip_views(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
-        node = node.args[0]
-    return node
-
-
 def _accumulates(node: fx.Node) -> bool:
     """A running sum, or a sum over an axis that is not the last axis of the tensor its views move
     (over time, not over the features)."""
@@ -124,13 +118,8 @@ def _accumulates(node: fx.Node) -> bool:
     if node.target is not aten.sum.dim_IntList or len(node.args) < 2 or not node.args[1]:
         return False
     rank = len(hint_shape(node.args[0]) or ())
-    views, base = [], node.args[0]
-    while isinstance(base, fx.Node) and base.op == "call_function" and base.target in VIEW_OPS:
-        views.append(base)
-        base = base.args[0]
-    axis = len(hint_shape(base) or ()) - 1          # the features: the last axis of what the views move
-    for view in reversed(views):
-        axis = track_axis(view, axis) if axis is not None else None
+    chain = read_views(None, node.args[0], scalars=False)
+    axis = chain.lands(len(hint_shape(chain.base) or ()) - 1)     # the features: the last axis of what the views move
     return rank > 1 and axis is not None and all(d % rank != axis for d in node.args[1])
 
 
@@ -139,7 +128,7 @@ def _state_update(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
         return False
     a, b = node.args[:2]
-    return any(isinstance(x, fx.Node) and _strip_views(x).op == "placeholder" and isinstance(y, fx.Node)
+    return any(isinstance(x, fx.Node) and strip_views(x).op == "placeholder" and isinstance(y, fx.Node)
                and _outer(y) for x, y in ((a, b), (b, a)))
 
 
@@ -153,7 +142,7 @@ def _contractions(gm: fx.GraphModule):
         elif node.target is aten.baddbmm.default:
             yield node, node.args[1:3]
         elif node.target is aten.sum.dim_IntList and isinstance(node.args[0], fx.Node):
-            inner = _strip_views(node.args[0])
+            inner = strip_views(node.args[0])
             if inner.op == "call_function" and inner.target is aten.mul.Tensor and all(
                     _tensor(a) for a in inner.args[:2]):
                 yield node, inner.args[:2]

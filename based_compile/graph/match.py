@@ -29,8 +29,8 @@ from torch.fx.experimental.symbolic_shapes import guard_bool
 from . import mask as masks
 from . import polynomial
 from .candidate import Match, Weights, pick_output, view_chain
-from .canonicalize import (VIEW_OPS, example_value, fill_value, hint, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
-                           walk_operand)
+from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
+                           read_views, walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import describe_unread, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
@@ -592,18 +592,15 @@ class Matcher:
     def _weights_transposed(self, node) -> Weights:
         """The weights read through views that put the key axis before the query axis (``a.mT`` as the
         right operand of ``v.mT @ a.mT``), without reading the swap as the scores of (k, q)."""
-        chain = []
-        while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
-            chain.append(node)
-            node = node.args[0]
+        walked = read_views(None, node, scalars=False)
+        chain, node = walked.views, walked.base
         if not chain or not isinstance(node, fx.Node):
             raise NotACandidate("not transposed weights")
         w = self.weights(node)
         axes = w.axes
-        for view in reversed(chain):
-            axes = tuple(track_axis(view, a) for a in axes)
-            if None in axes:
-                raise NotACandidate("a view merges or splits the [T, T] axes of the weights")
+        axes = tuple(walked.lands(a) for a in axes)
+        if None in axes:
+            raise NotACandidate("a view merges or splits the [T, T] axes of the weights")
         return replace(w, shape=hint_shape(chain[0]), axes=axes)
 
     def match_quadratic(self, bmm: fx.Node) -> Match:

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ..op.recurrent_step import StepSpec, recurrent_step_reference
-from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value, walk_operand
+from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value, strip_views, walk_operand
 from .evaluate import GraphEvaluator
 from .feature_map import FeatureMap, map_readings, pair_feature_maps, read_feature_map, readings_of
 from .refusal import Refused
@@ -67,11 +67,6 @@ class StepMatch:
     outputs: tuple = ()           # unnormalised: candidates for y (the readout and the views after it), last first
 
 
-def _strip(node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS \
-            and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _feature_map_of(gm, node):
@@ -89,7 +84,7 @@ def _feature_map_of(gm, node):
 def _outer_operands(node):
     """(a, b) when ``node`` is, through views, an outer product over a size-1 axis (bmm [.., F, 1] @
     [.., 1, D], or a mul of two broadcast tensors), else None."""
-    node = _strip(node)
+    node = strip_views(node)
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     if node.target is aten.bmm.default:
@@ -110,7 +105,7 @@ def _outer_operands(node):
 
 def _check_state(gm, state, what: str, where):
     """A state operand that is scaled or gated is not Based's recurrence."""
-    inner = _strip(state)
+    inner = strip_views(state)
     if isinstance(inner, fx.Node) and inner.op == "call_function":
         scaled = scalar_factor(gm, inner)
         if scaled is not None:
@@ -142,8 +137,8 @@ def _updates(gm, add: fx.Node):
                 return ("kv", state, cat, phi, readings_of(gm, y, len(hint_shape(cat))))
         return ("outer", state, *pair)
     for state, update in ((a, b), (b, a)):
-        if hint_shape(state) == hint_shape(add) and _strip(update).op == "call_function":
-            return ("sum", state, _strip(update))
+        if hint_shape(state) == hint_shape(add) and strip_views(update).op == "call_function":
+            return ("sum", state, strip_views(update))
     return None
 
 
@@ -174,12 +169,12 @@ def _readout(gm, kv_new: fx.Node, k_new: fx.Node, cats_q: set):
         num, den = node.args[0], node.args[1]
         if not isinstance(num, fx.Node) or kv_new not in _reads(num, {kv_new}):
             continue
-        eps, inner = 0.0, _strip(den)
+        eps, inner = 0.0, strip_views(den)
         while inner.op == "call_function" and inner.target is aten.add.Tensor:
             c = scalar_value(gm, inner.args[1])
             if c is None:
                 break
-            eps, inner = eps + c, _strip(inner.args[0])
+            eps, inner = eps + c, strip_views(inner.args[0])
         # phi(q) is read beside the states, not through them (an earlier step's phi(k) is in the states)
         cat_num = _reads(num, cats_q, stop=frozenset({kv_new}))
         cat_den = _reads(inner, cats_q, stop=frozenset({k_new}))
@@ -245,7 +240,7 @@ def find_steps(gm: fx.GraphModule):
         else:
             outers.append((node, found[2], found[3]))
     for node, x, y in outers:       # state + x^T y with state' + x beside it: a recurrence on other features
-        features = next((f for f in (_strip(x), _strip(y)) if f in summed), None)
+        features = next((f for f in (strip_views(x), strip_views(y)) if f in summed), None)
         if features is not None:
             yield Refused("feature_map", "a recurrent state update (state + phi(k)^T v, k_state + phi(k)) whose "
                                          "features are not the Taylor feature map phi(x) = [c, a x, b x (x) x] of "

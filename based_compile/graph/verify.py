@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, size_hints, track_axis
+from .canonicalize import VIEW_OPS, example_value, hint_shape, read_views, size_hints, track_axis
 from .evaluate import GraphEvaluator
 from . import axis_labels
 from ..kernels.arguments import check_arguments
@@ -251,35 +251,6 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
                                 "Tk - Tq (e.g. a constant offset)", m.output)
 
 
-def _view_path(gm, operand, source) -> list[fx.Node] | None:
-    """The views and scalar factors from ``source`` to ``operand`` (source's first reader first), or
-    None when ``operand`` is not ``source`` read through views and scalar factors alone."""
-    path, node = [], operand
-    while node is not source:
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return None
-        if node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-            path.append(node)
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node)
-        if scaled is None or hint_shape(scaled[0]) != hint_shape(node):
-            return None
-        path.append(node)
-        node = scaled[0]
-    return path[::-1]
-
-
-def _lands(path, axis):
-    """Where axis ``axis`` of the path's source lands at its end (None: merged, split or reordered)."""
-    for node in path:
-        if axis is None:
-            return None
-        if node.target in VIEW_OPS:
-            axis = track_axis(node, axis)
-    return axis
-
-
 def _site_bmms(m: Match) -> list[fx.Node]:
     """The matmuls the site's output is computed from (its ancestors)."""
     seen, stack, found = set(), [m.output], []
@@ -312,11 +283,11 @@ def _axes_kept(m: Match, reading: Settled) -> str | None:
             rank = len(hint_shape(operand) or ())
             contracted, free = (rank - 1, rank - 2) if position == 0 else (rank - 2, rank - 1)
             for name, source in (("q", m.q), ("k", m.k), ("v", m.v)):
-                path = _view_path(gm, operand, source)
-                if path is None:
+                path = read_views(gm, operand, same_shape=True, until=source)
+                if path.base is not source:
                     continue
                 src_rank = len(hint_shape(source) or ())
-                time, feature = _lands(path, tdim), _lands(path, src_rank - 1)
+                time, feature = path.lands(tdim), path.lands(src_rank - 1)
                 want_time = contracted if name == "v" else free
                 want_feature = free if name == "v" else contracted
                 if time != want_time or feature != want_feature:

@@ -34,7 +34,6 @@ form above recomputed under autograd and differentiated. O(T) memory. No double 
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 import torch
 from torch import Tensor
