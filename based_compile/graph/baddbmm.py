@@ -17,7 +17,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .canonicalize import example_value, scalar_value, strip_views
+from .canonicalize import example_value, insert_after, scalar_value, strip_views
 
 aten = torch.ops.aten
 
@@ -50,18 +50,9 @@ def read_baddbmm_scores(gm: fx.GraphModule) -> None:
         mode = getattr(val, "fake_mode", None)
         if mode is None:
             continue
-        with graph.inserting_after(node):
-            product = graph.call_function(aten.bmm.default, (b1, b2))
-        scaled = product
-        with mode:
-            product.meta["val"] = aten.bmm.default(example_value(b1), example_value(b2))
+        product = scaled = insert_after(node, aten.bmm.default, (b1, b2), mode=mode, source=node)
         if alpha != 1:
-            with graph.inserting_after(product):
-                scaled = graph.call_function(aten.mul.Tensor, (product, alpha))
-            with mode:
-                scaled.meta["val"] = aten.mul.Tensor(product.meta["val"], alpha)
-        for meta in (product.meta, scaled.meta):
-            meta["stack_trace"] = node.meta.get("stack_trace")
+            scaled = insert_after(product, aten.mul.Tensor, (product, alpha), mode=mode, source=node)
         node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user not in (product, scaled))
     graph.lint()
     gm.recompile()

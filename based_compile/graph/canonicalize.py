@@ -47,6 +47,18 @@ def example_value(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def insert_after(after: fx.Node, target, args: tuple, *, mode, source: fx.Node) -> fx.Node:
+    """A new node ``target(*args)`` right after ``after``: its fake value computed under the fake
+    ``mode``, its stack trace ``source``'s (the user's line it rewrites)."""
+    graph = after.graph
+    with graph.inserting_after(after):
+        node = graph.call_function(target, args)
+    with mode:
+        node.meta["val"] = target(*(example_value(a) if isinstance(a, fx.Node) else a for a in args))
+    node.meta["stack_trace"] = source.meta.get("stack_trace")
+    return node
+
+
 def shape_of(node) -> tuple | None:
     val = example_value(node) if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None

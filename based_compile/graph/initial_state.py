@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, example_value, hint_shape, read_views, scalar_factor
+from .canonicalize import VIEW_OPS, example_value, hint_shape, insert_after, read_views, scalar_factor
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -186,15 +186,8 @@ def split_prepended_states(gm: fx.GraphModule) -> None:
         mode = getattr(val, "fake_mode", None)
         if mode is None:
             continue
-        with graph.inserting_after(node):
-            running = graph.call_function(aten.cumsum.default, (x, dim))
-        with graph.inserting_after(running):
-            added = graph.call_function(aten.add.Tensor, (s, running))
-        with mode:
-            running.meta["val"] = torch.ops.aten.cumsum.default(example_value(x), dim)
-            added.meta["val"] = torch.ops.aten.add.Tensor(example_value(s), running.meta["val"])
-        for meta in (running.meta, added.meta):
-            meta["stack_trace"] = node.meta.get("stack_trace")
+        running = insert_after(node, aten.cumsum.default, (x, dim), mode=mode, source=node)
+        added = insert_after(running, aten.add.Tensor, (s, running), mode=mode, source=node)
         for kind, user in rest:
             if kind == "rows":
                 user.replace_all_uses_with(added)
