@@ -13,6 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -199,56 +200,103 @@ def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available
     raise first_refusal
 
 
-def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float) -> None:
-    """A KV-cache site (Tq < Tk) on a graph with symbolic lengths: the mask was read at the traced
-    lengths, where a constant offset (``tril(ones(Tq, Tk), 2)``) is indistinguishable from Tk - Tq.
-    Evaluate the matched subgraph again with every symbolic size moved (each symbol by a different
-    amount, the longest by the most), and refuse unless the op's function still agrees."""
+def _moved_sizes(env, symbols: dict) -> dict | None:
+    """Other values of the symbolic sizes ``symbols`` (symbol -> traced value) that keep every guard of
+    the shape environment ``env`` true (relations between sizes Dynamo recorded as guards, e.g.
+    ``Eq(s49 + s7, s0 + s82)`` for a cache grown by cat): every size doubled (keeps sums, ratios and
+    divisibility), else each moved by a different amount, the longest by the most (keeps order), else
+    tripled, else moved by twice as much. Each changes Tk - Tq where both move. None when none does
+    (a graph specialised to its traced sizes, e.g. by a guard ``Eq(s0//2, 1)``)."""
+    values = {sym: int(v) for sym, v in size_hints(env).items()}
+    symbols, grown = dict(symbols), True
+    while grown:                 # sizes an equality ties to a moved one move too (v's length with k's)
+        grown = False
+        for guard in env.guards:
+            free = guard.expr.free_symbols
+            new = {sym for sym in free if sym in values} - symbols.keys()
+            if isinstance(guard.expr, sympy.Eq) and free & symbols.keys() and new:
+                symbols.update({sym: values[sym] for sym in new})
+                grown = True
+    ranked = sorted(symbols.items(), key=lambda kv: (kv[1], str(kv[0])))
+    for moved in ({sym: 2 * hint for sym, hint in ranked},
+                  {sym: hint + 1 + i for i, (sym, hint) in enumerate(ranked)},
+                  {sym: 3 * hint for sym, hint in ranked},
+                  {sym: hint + 2 + 2 * i for i, (sym, hint) in enumerate(ranked)}):
+        at = {**values, **moved}
+        try:
+            if all(bool(guard.expr.xreplace(at)) for guard in env.guards):
+                return moved
+        except (TypeError, ValueError):           # a guard that does not evaluate to a truth value
+            continue
+    return None
+
+
+def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float, fixed: dict,
+                         initial: tuple, factor) -> str | None:
+    """A site on a graph with symbolic sizes: the probe read it at the traced sizes, where, e.g., a
+    constant mask offset (``tril(ones(Tq, Tk), 2)``) is indistinguishable from Tk - Tq, or a view that
+    depends on the length may happen to line up. Evaluate the matched subgraph again with every
+    symbolic size moved (each symbol by a different amount, the longest by the most) and refuse
+    unless the op's function still agrees. ``fixed``: the probe's values of inputs whose shapes do
+    not move (initial states); ``initial``, ``factor``: the reference's states and q's factor.
+    None when it agrees or nothing is symbolic; why not, when the subgraph cannot be evaluated at
+    the moved sizes (a size guarded to divide another)."""
     m = reading.match
     symbols, env = {}, None
-    for node, value in evaluator.inputs.items():
+    for node in evaluator.inputs:
         fake = node.meta.get("val")
         sizes = fake.shape if isinstance(fake, torch.Tensor) else [fake] if isinstance(fake, torch.SymInt) else []
         for size in sizes:
             if isinstance(size, torch.SymInt):
                 env = size.node.shape_env
                 values = size_hints(env)
-                for sym in size.node.expr.free_symbols:
+                for sym in env.replace(size.node.expr).free_symbols:     # sizes guarded equal: one symbol
                     symbols[sym] = int(values[sym])
     if not symbols:
-        return
-    moved = {sym: hint + 1 + i for i, (sym, hint) in enumerate(sorted(symbols.items(), key=lambda kv: kv[1]))}
+        return None
+    moved = _moved_sizes(env, symbols)
+    if moved is None:
+        return ("no other sizes satisfy the graph's guards (sizes doubled, or each moved by a different amount): "
+                "the site is checked at the traced sizes only")
 
     def size_at(x):
-        return int(x.node.expr.xreplace(moved)) if isinstance(x, torch.SymInt) else int(x)
+        return int(env.replace(x.node.expr).xreplace(moved)) if isinstance(x, torch.SymInt) else int(x)
 
     gen = torch.Generator().manual_seed(4321)
-    substitute = {}
+    substitute = dict(fixed)
     for node in evaluator.inputs:
         fake = node.meta.get("val")
         if isinstance(fake, torch.SymInt):
             substitute[node] = size_at(fake)
-        elif isinstance(fake, torch.Tensor) and any(isinstance(x, torch.SymInt) for x in fake.shape):
+        elif isinstance(fake, torch.Tensor) and (node in (m.q, m.k, m.v)
+                                                 or any(isinstance(x, torch.SymInt) for x in fake.shape)):
             shape = [size_at(x) for x in fake.shape]
             if fake.dtype.is_floating_point:
                 substitute[node] = torch.randn(shape, generator=gen, dtype=torch.float64).to(
                     device=fake.device, dtype=dtype if node in (m.q, m.k, m.v) else fake.dtype)
             else:
                 substitute[node] = torch.zeros(shape, dtype=fake.dtype, device=fake.device)
+    for node in (m.q, m.k, m.v):                 # q, k or v computed in the graph (a cache grown by cat)
+        fake = example_value(node)
+        if node not in substitute and isinstance(fake, torch.Tensor) and fake.dtype.is_floating_point:
+            substitute[node] = torch.randn([size_at(x) for x in fake.shape], generator=gen,
+                                           dtype=torch.float64).to(device=fake.device, dtype=dtype)
     if not all(n in substitute for n in (m.q, m.k, m.v)):
-        return
+        return "q, k or v is not a floating-point tensor the probe can give values"
     where = ", ".join(f"{sym}: {symbols[sym]} -> {moved[sym]}" for sym in sorted(symbols, key=str))
     try:
         out = evaluator.evaluate(m.output, substitute=substitute)
-        ref = _reference(reading, *(substitute[n].to(torch.float64) for n in (m.q, m.k, m.v)))
-        err = _rel_error(out, ref)
+        ref = _reference(reading, *(substitute[n].to(torch.float64) * (factor if n is m.q else 1.0)
+                                    for n in (m.q, m.k, m.v)), initial)
     except Exception as exc:
-        raise Refused("verify", f"the KV-cache site could not be checked at other lengths ({where}): "
-                                f"{type(exc).__name__}: {exc}", m.output) from exc
+        return f"the site could not be evaluated at other sizes ({where}): {type(exc).__name__}: {exc}"
+    err = _rel_error(out, ref)
     if not err < tol:
-        raise Refused("verify", f"the KV-cache site agrees with Based attention at the traced lengths but not at "
-                                f"other lengths ({where}; relative error {err:.2e}): its mask does not follow "
-                                "Tk - Tq (e.g. a constant offset)", m.output)
+        what = ("its mask does not follow Tk - Tq (e.g. a constant offset)" if m.tk is not None else
+                "what it computes depends on the length in a way Based attention does not")
+        raise Refused("verify", f"the site agrees with Based attention at the traced sizes but not at other sizes "
+                                f"({where}; relative error {err:.2e}): {what}", m.output)
+    return None
 
 
 def _site_bmms(m: Match) -> list[fx.Node]:
@@ -377,8 +425,13 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             best = min(best, err)
             if err < tol:
                 reading.probed = True
-                if m.tk is not None:
-                    _probe_other_lengths(reading, evaluator, dtype, tol)
+                fixed = {st.source: values[st.source] for st in (m.initial.kv, m.initial.k)
+                         if st is not None} if m.initial is not None else {}
+                why = _probe_other_lengths(reading, evaluator, dtype, tol, fixed, initial, factor)
+                if why is not None:
+                    if m.tk is not None:            # a KV-cache mask must be seen to follow Tk - Tq
+                        raise Refused("verify", why, m.output)
+                    return _structural_reading(m, [reading], why)
                 return reading
         raise Refused("verify", f"structure matched ({readings[0].spec}) but the numerical probe disagrees: "
                                 f"relative error {best:.2e} >= {tol:.0e} on random inputs", m.output)

@@ -1,0 +1,175 @@
+"""The numerical probe of a site in a graph with symbolic sizes (``verify._probe_other_lengths``).
+
+The probe reads a site at the traced sizes; a graph with symbolic sizes runs at others too. After
+the probe agrees, the matched subgraph is evaluated again at other sizes that satisfy the graph's
+guards (``verify._moved_sizes``) and the site is refused unless it still agrees. This is a second
+line behind the symbolic mask proof (issue 13, class 3): the tests weaken that proof on purpose
+(judged at the traced sizes only, as the bug did) and check that the second line alone keeps the
+compiled model exact, for a square site and for a KV cache grown by ``torch.cat`` (k and v computed
+in the graph, which the probe at other lengths used to skip).
+"""
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+
+import based_compile
+from based_compile.graph import kv_mask, verify
+from based_calls import BasedOpCounter
+from compare import assert_rel_close
+
+
+def _poly(s):
+    return 1 + s + 0.5 * s * s
+
+
+def window(q, k, v):
+    """A sliding window of 3 keys: causal at T <= 3 only."""
+    t = q.shape[-2]
+    a = _poly((q @ k.mT) * 0.5)
+    ones = torch.ones(t, t, dtype=torch.bool)
+    a = a.masked_fill(~(torch.tril(ones) & ~torch.tril(ones, diagonal=-3)), 0.0)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def cat_constant_offset(q, k_cache, v_cache, k_new, v_new):
+    """A KV cache grown by cat, masked with a constant offset 5: Tk - Tq only while the cache holds 5."""
+    k, v = torch.cat([k_cache, k_new], -2), torch.cat([v_cache, v_new], -2)
+    a = _poly((q @ k.mT) * 0.5)
+    a = a.masked_fill(~torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(5), 0.0)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def cat_aligned(q, k_cache, v_cache, k_new, v_new):
+    """The exact twin: the mask offset follows the cache (Tk - Tq)."""
+    k, v = torch.cat([k_cache, k_new], -2), torch.cat([v_cache, v_new], -2)
+    a = _poly((q @ k.mT) * 0.5)
+    a = a.masked_fill(~torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(k.shape[-2] - q.shape[-2]), 0.0)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.fixture
+def mask_proof_at_traced_sizes(monkeypatch):
+    """kv_mask.classify judging at the traced sizes only (every size symbol at ``hint[0]``)."""
+    hint = [None]
+    judge = kv_mask.classify
+
+    def at_traced_sizes(keep, tq, tk):
+        def fix(x):
+            return x.xreplace({s: hint[0] for s in x.free_symbols}) if isinstance(x, sympy.Expr) else x
+        return judge(keep, int(fix(tq)) if isinstance(tq, sympy.Expr) else tq,
+                     int(fix(tk)) if isinstance(tk, sympy.Expr) else tk)
+
+    monkeypatch.setattr(kv_mask, "classify", at_traced_sizes)
+    return hint
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _calls_and_output(compiled, args):
+    compiled(*args)                                   # compiles (a profiler must not see Dynamo trace)
+    with BasedOpCounter() as counter:
+        out = compiled(*args)
+    return counter.total, out
+
+
+def test_square_site_that_agrees_only_at_the_traced_length_is_refused(mask_proof_at_traced_sizes):
+    mask_proof_at_traced_sizes[0] = 3
+    compiled = torch.compile(window, backend=based_compile.backend(inner="eager"), dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for t in (3, 8, 12):
+        args = [_randn(g, 1, 2, t, 4) for _ in range(3)]
+        calls, out = _calls_and_output(compiled, args)
+        assert calls == 0, f"T={t}: the window was rewritten as causal"
+        assert_rel_close(out, window(*args), 1e-12, f"T={t}")
+
+
+def test_without_the_second_line_the_weakened_proof_is_silently_wrong(mask_proof_at_traced_sizes, monkeypatch):
+    """The scenario above is a real hazard: without the probe at other sizes, the window is rewritten
+    as causal and the compiled model is wrong at T = 8."""
+    mask_proof_at_traced_sizes[0] = 3
+    monkeypatch.setattr(verify, "_probe_other_lengths", lambda *args: None)
+    compiled = torch.compile(window, backend=based_compile.backend(inner="eager"), dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    compiled(*[_randn(g, 1, 2, 3, 4) for _ in range(3)])        # traced at T = 3, where the window is causal
+    args = [_randn(g, 1, 2, 8, 4) for _ in range(3)]
+    calls, out = _calls_and_output(compiled, args)
+    want = window(*args)
+    assert calls >= 1 and ((out - want).norm() / want.norm()).item() > 0.1
+
+
+def _grow_cache(fn, rewritten):
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
+    g = torch.Generator().manual_seed(1)
+    for past in (5, 7, 11):
+        args = [_randn(g, 1, 2, 2, 4), _randn(g, 1, 2, past, 4), _randn(g, 1, 2, past, 3),
+                _randn(g, 1, 2, 2, 4), _randn(g, 1, 2, 2, 3)]
+        calls, out = _calls_and_output(compiled, args)
+        assert (calls >= 1) == rewritten, f"past={past}: based ran {calls}x"
+        assert_rel_close(out, fn(*args), 1e-12, f"past={past}")
+
+
+def test_cache_grown_by_cat_with_a_constant_offset_is_refused_at_other_lengths(mask_proof_at_traced_sizes):
+    mask_proof_at_traced_sizes[0] = 5
+    _grow_cache(cat_constant_offset, rewritten=False)
+
+
+def test_cache_grown_by_cat_aligned_to_its_end_stays_rewritten():
+    """The exact twin (the real mask proof): checked at other lengths, it agrees there."""
+    _grow_cache(cat_aligned, rewritten=True)
+
+
+# ------------------------------------------------------------------------------ the sizes it moves to
+class _Guard:
+    def __init__(self, expr):
+        self.expr = expr
+
+
+class _Env:
+    """What _moved_sizes reads of a ShapeEnv: the traced values and the guards."""
+
+    def __init__(self, values, guards):
+        self.backed_var_to_val = values
+        self.guards = [_Guard(g) for g in guards]
+
+
+S0, S1, S2, S3 = sympy.symbols("s0 s1 s2 s3", positive=True, integer=True)
+
+
+def _holds(env, moved):
+    at = {**env.backed_var_to_val, **moved}
+    return all(bool(g.expr.xreplace(at)) for g in env.guards)
+
+
+def test_moved_sizes_keep_a_sum_relation_and_move_every_symbol():
+    env = _Env({S0: 2, S1: 5, S2: 2, S3: 5}, [sympy.Eq(S2 + S1, S0 + S3)])
+    moved = verify._moved_sizes(env, {S0: 2, S1: 5, S2: 2, S3: 5})
+    assert moved is not None and _holds(env, moved)
+    assert all(moved[s] != v for s, v in env.backed_var_to_val.items())
+    assert moved[S1] - moved[S0] != 3                    # Tk - Tq moves: a constant offset shows
+
+
+def test_moved_sizes_follow_an_equality_to_a_symbol_not_asked_for():
+    env = _Env({S0: 4, S1: 4}, [sympy.Eq(S0, S1)])
+    moved = verify._moved_sizes(env, {S0: 4})
+    assert moved is not None and moved[S0] == moved[S1] != 4
+
+
+def test_moved_sizes_step_past_an_upper_bound_guard():
+    env = _Env({S0: 2}, [sympy.Lt(S0, 4)])               # doubling breaks it; moving by one does not
+    assert verify._moved_sizes(env, {S0: 2}) == {S0: 3}
+
+
+def test_no_moved_sizes_for_a_graph_specialised_to_its_length():
+    env = _Env({S0: 2}, [sympy.Eq(S0 // 2, 1), sympy.Eq(sympy.Mod(S0, 2), 0)])
+    assert verify._moved_sizes(env, {S0: 2}) is None
