@@ -1,6 +1,7 @@
 """Shared pytest configuration: the gpu/slow markers and random Based inputs."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -85,3 +86,21 @@ def make_inputs(b, h, t, dk, dv, *, kv_heads=None, dtype=torch.float64, device="
 def based_inputs():
     """Factory fixture: ``based_inputs(b, h, t, dk, dv, **kw)`` -> (q, k, v)."""
     return make_inputs
+
+
+
+@pytest.fixture(autouse=True)
+def _no_structured_trace_payloads():
+    """torch's structured trace (``TORCH_TRACE``) logs through "torch.__trace", which never propagates
+    and is always at DEBUG; torch computes each payload (graph dumps at every compile stage) whenever
+    that logger has a handler. pytest (>= 8) attaches its log-capture handlers to every
+    non-propagating logger, so without TORCH_TRACE every compile in the suite paid for payloads nobody
+    reads (about 8% of a compile-heavy file's time). A propagating logger gets no handler of pytest's;
+    torch's own lazy handler (TORCH_TRACE unset: it removes itself on first use) stays."""
+    trace = logging.getLogger("torch.__trace")
+    if not os.environ.get("TORCH_TRACE"):
+        trace.propagate = True
+        for handler in list(trace.handlers):
+            if type(handler).__name__ != "LazyTraceHandler":
+                trace.removeHandler(handler)
+    yield
