@@ -325,3 +325,42 @@ def test_size_pinned_by_a_guard_is_read_as_its_value():
         for c, e in zip(grads_c, grads_e):
             assert_rel_close(c, e, TOL, f"T={t}: gradient")
     assert recorder.sites() == [1], recorder.sites()
+
+
+# ------------------------------------------------------------------ one key/value head (multi-query)
+# k and v with one head, broadcast to every query head by the matmul itself: with one key head no
+# repetition can pair a query head with the wrong one, so the structure alone reads it (which axis
+# is the heads axis is still proven by the axis labels). Before: "grouped-query heads whose
+# repetition the structure does not show". Near-miss: one k and v shared over the batch.
+
+
+def _masked_based(q, k, v):
+    s = (q @ k.transpose(-2, -1)) * 0.5
+    a = 1 + s + 0.5 * s * s
+    t = q.shape[-2]
+    a = a.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), 0.0)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+MQA = ((2, 4, "T", 4), (2, 1, "T", 4), (2, 1, "T", 3))        # q with 4 heads, k and v with one
+SHARED_OVER_BATCH = ((2, 4, "T", 4), (1, 4, "T", 4), (1, 4, "T", 3))
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+def test_one_key_value_head_broadcast_by_the_matmul_is_rewritten(dynamic):
+    assert len(explain(_masked_based, shapes=MQA).sites) == 1
+    recorder = compile_and_compare(_masked_based, shapes=MQA, lengths=(4, 9, 13)) if dynamic is None else None
+    if dynamic:
+        recorder = Recorder()
+        compiled = torch.compile(_masked_based, backend=based_compile.backend(inner=recorder), dynamic=True)
+        for t in (5, 11):
+            inputs = _inputs(t, t, MQA)
+            assert_rel_close(compiled(*inputs), _masked_based(*inputs), TOL, f"T={t}")
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_keys_shared_over_the_batch_are_not_read_as_one_head():
+    ex = explain(_masked_based, shapes=SHARED_OVER_BATCH)
+    assert not ex.sites and ex.refusals, str(ex)
+    recorder = compile_and_compare(_masked_based, shapes=SHARED_OVER_BATCH, lengths=(4, 9))
+    assert not any(recorder.sites()), recorder.sites()

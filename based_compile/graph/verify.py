@@ -157,6 +157,19 @@ def _grouped_structure(m: Match, layout: str) -> bool:
     return True
 
 
+def _one_kv_head(m: Match, layout: str) -> bool:
+    """k and v have one head (multi-query attention): every query head reads it, so how it reaches
+    them (matmul broadcasting, expand, repeat, repeat_interleave) cannot pair a query head with the
+    wrong key head. Which axis is the heads axis is still proven (``axis_labels``)."""
+    head = 1 if layout == "BHTD" else 2
+    for node in (m.k, m.v):
+        fake = example_value(node)
+        if not isinstance(fake, torch.Tensor) or fake.dim() != 4 or not isinstance(fake.shape[head], int) \
+                or fake.shape[head] != 1:
+            return False
+    return True
+
+
 def _repeat_axes(node, head: int, depth: int) -> list[bool]:
     """For each unsqueeze reached from ``node`` through views: is the new axis right after the heads?"""
     found = []
@@ -348,7 +361,8 @@ def _structural_reading(m: Match, readings: list, why: str):
     """The first reading the graph's structure alone vouches for (no numerical probe): a grouped-
     query reading only where the heads' repetition is seen as such (``_grouped_structure``), and only
     a layout the views from q, k, v to the matmuls keep axis by axis (``_axes_kept``)."""
-    readings = [r for r in readings if r.spec.group == 1 or _grouped_structure(m, r.spec.layout)]
+    readings = [r for r in readings if r.spec.group == 1 or _one_kv_head(m, r.spec.layout)
+                or _grouped_structure(m, r.spec.layout)]
     if not readings:
         raise Refused("verify", f"grouped-query heads whose repetition the structure does not show ({why})",
                       m.output)
