@@ -173,3 +173,34 @@ def test_moved_sizes_step_past_an_upper_bound_guard():
 def test_no_moved_sizes_for_a_graph_specialised_to_its_length():
     env = _Env({S0: 2}, [sympy.Eq(S0 // 2, 1), sympy.Eq(sympy.Mod(S0, 2), 0)])
     assert verify._moved_sizes(env, {S0: 2}) is None
+
+
+def test_float_symbols_in_the_guards_keep_their_values():
+    """Dynamo makes some Python floats symbolic (a scale): their guards hold at their own values."""
+    zf = sympy.Symbol("zf0", real=True)
+    env = _Env({S0: 8, zf: 0.5}, [sympy.Eq(zf * 2, 1.0), sympy.Eq(sympy.Mod(S0, 4), 0)])
+    moved = verify._moved_sizes(env, {S0: 8})
+    assert moved == {S0: 16}
+
+
+def test_a_dynamic_language_model_is_checked_at_other_sizes(monkeypatch):
+    """The naive LM under dynamic=True: each site agrees at the moved sizes (no fallback)."""
+    import sys
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from naive_based_lm import BasedLM
+
+    seen = []
+    probe = verify._probe_other_lengths
+
+    def spy(*args, **kwargs):
+        seen.append(probe(*args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(verify, "_probe_other_lengths", spy)
+    torch.manual_seed(0)
+    model = BasedLM(vocab_size=64, d_model=32, n_layers=2, n_heads=2).double().eval()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"), dynamic=True)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert_rel_close(compiled(ids), model(ids), 1e-10, "logits")
+    assert seen == [None, None], seen

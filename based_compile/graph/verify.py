@@ -220,15 +220,15 @@ def _moved_sizes(env, symbols: dict) -> dict | None:
     divisibility), else each moved by a different amount, the longest by the most (keeps order), else
     tripled, else moved by twice as much. Each changes Tk - Tq where both move. None when none does
     (a graph specialised to its traced sizes, e.g. by a guard ``Eq(s0//2, 1)``)."""
-    values = {sym: int(v) for sym, v in size_hints(env).items()}
+    values = dict(size_hints(env))                      # sizes, and floats Dynamo made symbolic
     symbols, grown = dict(symbols), True
     while grown:                 # sizes an equality ties to a moved one move too (v's length with k's)
         grown = False
         for guard in env.guards:
             free = guard.expr.free_symbols
-            new = {sym for sym in free if sym in values} - symbols.keys()
+            new = {sym for sym in free if sym in values and sym.is_integer} - symbols.keys()
             if isinstance(guard.expr, sympy.Eq) and free & symbols.keys() and new:
-                symbols.update({sym: values[sym] for sym in new})
+                symbols.update({sym: int(values[sym]) for sym in new})
                 grown = True
     ranked = sorted(symbols.items(), key=lambda kv: (kv[1], str(kv[0])))
     for moved in ({sym: 2 * hint for sym, hint in ranked},
@@ -297,6 +297,12 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
     if not all(n in substitute for n in (m.q, m.k, m.v)):
         return "q, k or v is not a floating-point tensor the probe can give values"
     where = ", ".join(f"{sym}: {symbols[sym]} -> {moved[sym]}" for sym in sorted(symbols, key=str))
+    q, k, v = (substitute[n] for n in (m.q, m.k, m.v))
+    tdim = -2 if reading.spec.layout == "BHTD" or reading.unsqueeze_inputs else -3
+    size = q[..., 0].numel() * (k.shape[tdim] if "linear" not in m.form else (1 + q.shape[-1] ** 2 + q.shape[-1])
+                                * v.shape[-1])
+    if size > 4 * PROBE_MAX_ELEMENTS:
+        return f"the moved sizes ({where}) are too large for the probe ({size} elements)"
     try:
         out = evaluator.evaluate(m.output, substitute=substitute)
         ref = _reference(reading, *(substitute[n].to(torch.float64) * (factor if n is m.q else 1.0)
