@@ -243,7 +243,14 @@ def test_low_precision_keeps_the_users_dtype(dtype):
         want = brief(*(x.double() for x in args))
     got, with_state, _ = _run(brief, args)
     assert with_state >= 1
-    _assert_same(got, tuple(w.to(dtype) for w in want), 1e-5 if dtype == torch.float32 else 3e-2, str(dtype))
+    if dtype == torch.float32:     # 1e-5, or 4x eager float32's own error where fresh inputs are ill-conditioned
+        with torch.no_grad():
+            eager = brief(*args)
+        for i, (g, e, w) in enumerate(zip(got, eager, want)):
+            bar = max(1e-5, 4 * ((e.double() - w).norm() / w.norm()).item())
+            _assert_same((g,), (w.to(dtype),), bar, f"float32 result {i}")
+    else:
+        _assert_same(got, tuple(w.to(dtype) for w in want), 3e-2, str(dtype))
 
 
 @pytest.mark.parametrize("fn", [brief, einsums, in_place, prepended], ids=lambda f: f.__name__)

@@ -138,8 +138,14 @@ def test_low_precision_states_keep_the_users_dtype(dtype):
         want = quadratic_einsum_states(*(x.double() for x in args))
     got, with_state, _ = _run(quadratic_einsum_states, args)
     assert with_state >= 1
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    _assert_same(got, tuple(w.to(dtype) for w in want), tol, str(dtype))
+    if dtype == torch.float32:     # 1e-5, or 4x eager float32's own error where fresh inputs are ill-conditioned
+        with torch.no_grad():
+            eager = quadratic_einsum_states(*args)
+        for i, (g, e, w) in enumerate(zip(got, eager, want)):
+            bar = max(1e-5, 4 * ((e.double() - w).norm() / w.norm()).item())
+            _assert_same((g,), (w.to(dtype),), bar, f"float32 result {i}")
+    else:
+        _assert_same(got, tuple(w.to(dtype) for w in want), 2e-2, str(dtype))
 
 
 def test_no_cumsum_tensor_left_in_the_rewritten_graph():
