@@ -204,3 +204,90 @@ def test_a_dynamic_language_model_is_checked_at_other_sizes(monkeypatch):
     with torch.no_grad():
         assert_rel_close(compiled(ids), model(ids), 1e-10, "logits")
     assert seen == [None, None], seen
+
+
+# ------------------------------------------------------------------ found by the red team (2026-11-30)
+@pytest.fixture
+def moved_probe_results(monkeypatch):
+    """What each site's probe at other sizes returned (None: it ran and agreed)."""
+    seen = []
+    probe = verify._probe_other_lengths
+
+    def spy(*args, **kwargs):
+        seen.append(probe(*args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(verify, "_probe_other_lengths", spy)
+    return seen
+
+
+CACHE_MAX = 16
+
+
+def capped_cache(q, k, v):
+    """A KV cache the code caps: the guard Tk <= 16 with Tk traced at 16 leaves only smaller sizes."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tk > CACHE_MAX:
+        raise ValueError("cache overflow")
+    a = _poly((q @ k.mT) * 0.5)
+    a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0.0)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_a_capped_cache_is_checked_at_smaller_sizes(moved_probe_results):
+    """Before: every move went up, past the cap; the exact KV-cache site was refused."""
+    g = torch.Generator().manual_seed(0)
+    args = [_randn(g, 2, 3, 5, 4), _randn(g, 2, 3, CACHE_MAX, 4), _randn(g, 2, 3, CACHE_MAX, 5)]
+    compiled = torch.compile(capped_cache, backend=based_compile.backend(inner="eager"), dynamic=True)
+    calls, out = _calls_and_output(compiled, args)
+    assert calls == 1 and moved_probe_results == [None], moved_probe_results
+    assert_rel_close(out, capped_cache(*args), 1e-12, "capped cache")
+
+
+def test_a_data_dependent_length_does_not_cost_the_graph_its_other_sites():
+    """q, k, v sliced to n = n_t.item(): its size has no value to move. Before, the pass raised on it
+    and the whole graph ran unrewritten, the ordinary site beside it included."""
+    def one(q, k, v):
+        a = torch.tril(_poly((q @ k.mT) * 0.5))
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    def two(q, k, v, n_t):
+        n = n_t.item()
+        torch._check(n >= 2)
+        torch._check(n <= q.shape[-2])
+        return one(q, k, v), one(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+
+    g = torch.Generator().manual_seed(0)
+    args = [_randn(g, 2, 3, 12, 4), _randn(g, 2, 3, 12, 4), _randn(g, 2, 3, 12, 5), torch.tensor(9)]
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(two, backend=based_compile.backend(inner="eager"), dynamic=True)
+        calls, out = _calls_and_output(compiled, args)
+    assert calls == 2, calls
+    for o, w in zip(out, two(*args)):
+        assert_rel_close(o, w, 1e-12, "data-dependent length")
+
+
+def _phi(x):
+    x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+    return torch.cat([torch.ones_like(x[..., :1]), x / 2 ** 0.5, x2 / (2 * 2 ** 0.5)], -1)
+
+
+def prefill_from_states(q, k, v, kv_state, k_state):
+    kv = kv_state[:, :, None] + (_phi(k)[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = k_state[:, :, None] + _phi(k).cumsum(2)
+    o = (_phi(q)[..., None] * kv).sum(-2) / ((_phi(q) * ks).sum(-1, keepdim=True) + 1e-6)
+    return o, kv[:, :, -1], ks[:, :, -1]
+
+
+def test_a_continued_prefill_is_checked_at_other_sizes(moved_probe_results):
+    """The states' feature count 1 + D + D^2 is tied to the head dim by a guard: moved with it, and
+    the states drawn afresh at the moved sizes (before: evaluated with the traced states, it failed
+    and every such site fell back to the structural proof)."""
+    g = torch.Generator().manual_seed(2)
+    d, dv, f = 4, 5, 1 + 4 + 16
+    args = [_randn(g, 2, 3, 7, d), _randn(g, 2, 3, 7, d), _randn(g, 2, 3, 7, dv), _randn(g, 2, 3, f, dv),
+            _randn(g, 2, 3, f).abs() + 1.0]
+    compiled = torch.compile(prefill_from_states, backend=based_compile.backend(inner="eager"), dynamic=True)
+    calls, out = _calls_and_output(compiled, args)
+    assert calls >= 1 and moved_probe_results and all(r is None for r in moved_probe_results), moved_probe_results
+    for o, w in zip(out, prefill_from_states(*args)):
+        assert_rel_close(o, w, 1e-12, "continued prefill")

@@ -218,8 +218,10 @@ def _moved_sizes(env, symbols: dict) -> dict | None:
     the shape environment ``env`` true (relations between sizes Dynamo recorded as guards, e.g.
     ``Eq(s49 + s7, s0 + s82)`` for a cache grown by cat): every size doubled (keeps sums, ratios and
     divisibility), else each moved by a different amount, the longest by the most (keeps order), else
-    tripled, else moved by twice as much. Each changes Tk - Tq where both move. None when none does
-    (a graph specialised to its traced sizes, e.g. by a guard ``Eq(s0//2, 1)``)."""
+    tripled, else moved by twice as much, else halved, else each moved down (a size the code caps).
+    Each changes Tk - Tq where both move; a size an equality defines from others follows them
+    (``_tied``). None when none does (a graph specialised to its traced sizes, e.g. by a guard
+    ``Eq(s0//2, 1)``)."""
     values = dict(size_hints(env))                      # sizes, and floats Dynamo made symbolic
     symbols, grown = dict(symbols), True
     while grown:                 # sizes an equality ties to a moved one move too (v's length with k's)
@@ -231,10 +233,18 @@ def _moved_sizes(env, symbols: dict) -> dict | None:
                 symbols.update({sym: int(values[sym]) for sym in new})
                 grown = True
     ranked = sorted(symbols.items(), key=lambda kv: (kv[1], str(kv[0])))
-    for moved in ({sym: 2 * hint for sym, hint in ranked},
+    candidates = [{sym: 2 * hint for sym, hint in ranked},
                   {sym: hint + 1 + i for i, (sym, hint) in enumerate(ranked)},
                   {sym: 3 * hint for sym, hint in ranked},
-                  {sym: hint + 2 + 2 * i for i, (sym, hint) in enumerate(ranked)}):
+                  {sym: hint + 2 + 2 * i for i, (sym, hint) in enumerate(ranked)},
+                  # downwards, for a size the code caps (``if tk > MAX: raise``, a mask buffer of MAX rows)
+                  # (sizes at 2 stay: Dynamo specialises 0 and 1)
+                  {sym: max(2, hint // 2) for sym, hint in ranked},
+                  {sym: max(2, hint - 1 - i) for i, (sym, hint) in enumerate(ranked)}]
+    for moved in candidates:
+        moved = _tied(moved, env.guards, values)
+        if min(moved.values()) < 2 or all(moved[sym] == int(values[sym]) for sym in moved):
+            continue
         at = {**values, **moved}
         try:
             if all(bool(guard.expr.xreplace(at)) for guard in env.guards):
@@ -244,17 +254,27 @@ def _moved_sizes(env, symbols: dict) -> dict | None:
     return None
 
 
-def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float, fixed: dict,
-                         initial: tuple, factor) -> str | None:
-    """A site on a graph with symbolic sizes: the probe read it at the traced sizes, where, e.g., a
-    constant mask offset (``tril(ones(Tq, Tk), 2)``) is indistinguishable from Tk - Tq, or a view that
-    depends on the length may happen to line up. Evaluate the matched subgraph again with every
-    symbolic size moved (each symbol by a different amount, the longest by the most) and refuse
-    unless the op's function still agrees. ``fixed``: the probe's values of inputs whose shapes do
-    not move (initial states); ``initial``, ``factor``: the reference's states and q's factor.
-    None when it agrees or nothing is symbolic; why not, when the subgraph cannot be evaluated at
-    the moved sizes (a size guarded to divide another)."""
-    m = reading.match
+def _tied(moved: dict, guards, values: dict) -> dict:
+    """``moved`` with each size an equality guard defines from others (``Eq(s3, 1 + s1 + s1**2)``: a
+    state's feature count from the head dim) set to its value at the moved sizes."""
+    moved = dict(moved)
+    for _ in range(3):
+        for guard in guards:
+            if not isinstance(guard.expr, sympy.Eq):
+                continue
+            for lhs, rhs in (guard.expr.args, guard.expr.args[::-1]):
+                if lhs in moved and isinstance(lhs, sympy.Symbol) and lhs not in rhs.free_symbols:
+                    value = rhs.xreplace({**values, **moved})
+                    if getattr(value, "is_Integer", False):
+                        moved[lhs] = int(value)
+                    break
+    return moved
+
+
+def _moved_inputs(m: Match, evaluator: GraphEvaluator, dtype) -> tuple:
+    """(values of the subgraph's inputs at moved sizes: fresh q, k, v, initial states and every input
+    whose shape moves; the operator's initial states made of them (the reference's); where the sizes
+    moved, for messages), or (None, None, why not), or (None, None, None) when no size is symbolic."""
     symbols, env = {}, None
     for node in evaluator.inputs:
         fake = node.meta.get("val")
@@ -266,18 +286,27 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
                 for sym in env.replace(size.node.expr).free_symbols:     # sizes guarded equal: one symbol
                     symbols[sym] = int(values[sym])
     if not symbols:
-        return None
+        return None, None, None
     moved = _moved_sizes(env, symbols)
     if moved is None:
-        return ("no other sizes satisfy the graph's guards (sizes doubled, or each moved by a different amount): "
-                "the site is checked at the traced sizes only")
+        return None, None, ("no other sizes satisfy the graph's guards (sizes doubled, halved, or each moved up or down "
+                      "by a different amount): the site is checked at the traced sizes only")
 
     def size_at(x):
         return int(env.replace(x.node.expr).xreplace(moved)) if isinstance(x, torch.SymInt) else int(x)
 
     gen = torch.Generator().manual_seed(4321)
-    substitute = dict(fixed)
+    substitute, initial = {}, [None, None]
+    for i, st in enumerate((m.initial.kv, m.initial.k) if m.initial is not None else ()):
+        if st is not None:             # a continued prefill's states, at the moved feature and value sizes
+            fake = example_value(st.source)
+            x = torch.randn([size_at(s) for s in fake.shape], generator=gen, dtype=torch.float64)
+            x = x.abs() + 1.0 if i == 1 else x      # a k_state keeps the normaliser away from zero
+            substitute[st.source] = x.to(device=fake.device, dtype=dtype)
+            initial[i] = st.operator_tensor(substitute[st.source].to(torch.float64))
     for node in evaluator.inputs:
+        if node in substitute:
+            continue
         fake = node.meta.get("val")
         if isinstance(fake, torch.SymInt):
             substitute[node] = size_at(fake)
@@ -295,8 +324,26 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
             substitute[node] = torch.randn([size_at(x) for x in fake.shape], generator=gen,
                                            dtype=torch.float64).to(device=fake.device, dtype=dtype)
     if not all(n in substitute for n in (m.q, m.k, m.v)):
-        return "q, k or v is not a floating-point tensor the probe can give values"
-    where = ", ".join(f"{sym}: {symbols[sym]} -> {moved[sym]}" for sym in sorted(symbols, key=str))
+        return None, None, "q, k or v is not a floating-point tensor the probe can give values"
+    return substitute, tuple(initial), ", ".join(f"{sym}: {values[sym]} -> {moved[sym]}" for sym in sorted(moved, key=str))
+
+
+def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float, factor) -> str | None:
+    """A site on a graph with symbolic sizes: the probe read it at the traced sizes, where, e.g., a
+    constant mask offset (``tril(ones(Tq, Tk), 2)``) is indistinguishable from Tk - Tq, or a view that
+    depends on the length may happen to line up. Evaluate the matched subgraph again with every
+    symbolic size moved (each symbol by a different amount, the longest by the most) and refuse
+    unless the op's function still agrees (a continued prefill's states drawn afresh at the moved
+    sizes too). ``factor``: q's factor (a learnable scale, read at the traced sizes).
+    None when it agrees or nothing is symbolic; why not, when the subgraph cannot be evaluated at
+    the moved sizes (a size guarded to divide another)."""
+    m = reading.match
+    try:
+        substitute, initial, where = _moved_inputs(m, evaluator, dtype)
+    except Exception as exc:      # e.g. a data-dependent size (``n = t.item()``) has no value to move
+        return f"the sizes could not be moved ({type(exc).__name__}: {exc})"
+    if substitute is None:
+        return where
     q, k, v = (substitute[n] for n in (m.q, m.k, m.v))
     tdim = -2 if reading.spec.layout == "BHTD" or reading.unsqueeze_inputs else -3
     size = q[..., 0].numel() * (k.shape[tdim] if "linear" not in m.form else (1 + q.shape[-1] ** 2 + q.shape[-1])
@@ -445,12 +492,8 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             best = min(best, err)
             if err < tol:
                 reading.probed = True
-                fixed = {st.source: values[st.source] for st in (m.initial.kv, m.initial.k)
-                         if st is not None} if m.initial is not None else {}
-                why = _probe_other_lengths(reading, evaluator, dtype, tol, fixed, initial, factor)
-                if why is not None:
-                    if m.tk is not None:            # a KV-cache mask must be seen to follow Tk - Tq
-                        raise Refused("verify", why, m.output)
+                why = _probe_other_lengths(reading, evaluator, dtype, tol, factor)
+                if why is not None:          # not checked at other sizes: the structure must vouch for it too
                     return _structural_reading(m, [reading], why)
                 return reading
         raise Refused("verify", f"structure matched ({readings[0].spec}) but the numerical probe disagrees: "
