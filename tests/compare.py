@@ -25,3 +25,11 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
 def poison_(x: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so that any element a kernel forgot to write fails the comparison."""
     return x.fill_(float("nan"))
+
+
+def float32_bar(eager, want, floor: float = 1e-5) -> float:
+    """The relative-error bar of a float32 result against float64 on fresh random inputs: ``floor``,
+    or 4x eager float32's own error on the same inputs where that is larger (inputs that leave a
+    normaliser near its smallest value are ill-conditioned: eager float32 alone misses by 3e-5)."""
+    want = want.double()
+    return max(floor, 4 * ((eager.double() - want).norm() / want.norm().clamp_min(1e-300)).item())

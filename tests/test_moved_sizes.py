@@ -10,6 +10,9 @@ in the graph, which the probe at other lengths used to skip).
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import sympy
 import torch
@@ -183,30 +186,6 @@ def test_float_symbols_in_the_guards_keep_their_values():
     assert moved == {S0: 16}
 
 
-def test_a_dynamic_language_model_is_checked_at_other_sizes(monkeypatch):
-    """The naive LM under dynamic=True: each site agrees at the moved sizes (no fallback)."""
-    import sys
-    import os
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    from naive_based_lm import BasedLM
-
-    seen = []
-    probe = verify._probe_other_lengths
-
-    def spy(*args, **kwargs):
-        seen.append(probe(*args, **kwargs))
-        return seen[-1]
-    monkeypatch.setattr(verify, "_probe_other_lengths", spy)
-    torch.manual_seed(0)
-    model = BasedLM(vocab_size=64, d_model=32, n_layers=2, n_heads=2).double().eval()
-    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"), dynamic=True)
-    ids = torch.randint(0, 64, (2, 12))
-    with torch.no_grad():
-        assert_rel_close(compiled(ids), model(ids), 1e-10, "logits")
-    assert seen == [None, None], seen
-
-
-# ------------------------------------------------------------------ found by the red team (2026-11-30)
 @pytest.fixture
 def moved_probe_results(monkeypatch):
     """What each site's probe at other sizes returned (None: it ran and agreed)."""
@@ -220,6 +199,21 @@ def moved_probe_results(monkeypatch):
     return seen
 
 
+def test_a_dynamic_language_model_is_checked_at_other_sizes(moved_probe_results):
+    """The naive LM under dynamic=True: each site agrees at the moved sizes (no fallback)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from naive_based_lm import BasedLM
+
+    torch.manual_seed(0)
+    model = BasedLM(vocab_size=64, d_model=32, n_layers=2, n_heads=2).double().eval()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"), dynamic=True)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert_rel_close(compiled(ids), model(ids), 1e-10, "logits")
+    assert moved_probe_results == [None, None], moved_probe_results
+
+
+# ------------------------------------------------------------------ found by the red team (2026-11-30)
 CACHE_MAX = 16
 
 
