@@ -29,8 +29,8 @@ from torch.fx.experimental.symbolic_shapes import guard_bool
 from . import mask as masks
 from . import polynomial
 from .candidate import Match, Weights, pick_output, view_chain
-from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, scalar_factor, scalar_value, shape_of, track_axis,
-                           read_views, walk_operand)
+from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, read_views, scalar_factor, scalar_value,
+                           shape_of, track_axis, walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import describe_unread, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
