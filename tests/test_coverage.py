@@ -792,3 +792,33 @@ def test_top_left_shifted_mask_with_two_length_symbols_is_refused():
     recorder = Recorder()
     seen = dict(_lengths_run(TopLeft(diagonal=1), [(2, 2), (5, 5), (9, 9), (5, 7)], recorder))
     assert not any(recorder.sites()), seen
+
+
+# --------------------------------------------------------------------------- one key/value head, linear form
+# The running-sum form with k and v of one head broadcast to every query head (multi-query): the
+# normaliser's pairing proof now lets phi(k)'s single head meet every query head (as the numerator
+# does, whose reading proves that axis is the heads). Before: "the normaliser pairs a query row with
+# another row of the sum over phi(k)". Near-miss: k and v shared over the batch instead.
+
+
+def _lin_mqa(q, k, v):
+    qf, kf = _phi(q), _phi(k)
+    kv = (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    return (qf[..., None] * kv).sum(-2) / ((qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("probe", ["on", "off"])
+def test_one_key_value_head_in_the_linear_form_is_rewritten(probe, monkeypatch):
+    _skip_checks(monkeypatch, probe)
+    shapes = ((1, 3, "T", 4), (1, 1, "T", 4), (1, 1, "T", 3))
+    assert len(explain(_lin_mqa, shapes=shapes).sites) == 1
+    recorder = compile_and_compare(_lin_mqa, shapes=shapes)
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_keys_shared_over_the_batch_in_the_linear_form_are_refused():
+    shapes = ((2, 3, "T", 4), (1, 3, "T", 4), (1, 3, "T", 3))
+    ex = explain(_lin_mqa, shapes=shapes)
+    assert not ex.sites and ex.refusals, str(ex)
+    recorder = compile_and_compare(_lin_mqa, shapes=shapes)
+    assert not any(recorder.sites()), recorder.sites()

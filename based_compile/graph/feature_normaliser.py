@@ -207,10 +207,12 @@ def _pairing(prod: fx.Node, summed, q_operand: fx.Node, q_side, st, where: fx.No
         raise Refused("normaliser", "the normaliser's contraction does not run over the features of phi(q)", prod)
     if not bool((cq[..., -1] == ck[..., -1]).all()):
         raise Refused("normaliser", "the normaliser pairs different features of phi(q) and phi(k)", prod)
-    rows_q, rows_k = cq[..., :-1], ck[..., :-1]
-    if kind == "total" and time is not None:
-        keep = [a for a in range(len(shape_q) - 1) if a != time]
-        rows_q, rows_k = rows_q[..., keep], rows_k[..., keep]
+    # phi(k) with one entry on an axis where phi(q) has several, other than time (one key/value head
+    # read by every query head, multi-query attention): every row of phi(q) meets that one entry, as
+    # in the numerator, whose reading proves which axis it is (the heads; the batch is refused there)
+    shared = [a for a in range(len(shape_q) - 1) if shape_k[a] == 1 < shape_q[a] and time is not None and a != time]
+    keep = [a for a in range(len(shape_q) - 1) if a not in shared and not (kind == "total" and a == time)]
+    rows_q, rows_k = cq[..., keep], ck[..., keep]
     if not bool((rows_q == rows_k).all()):
         raise Refused("normaliser", "the normaliser pairs a query row with another row of the sum over phi(k) "
                                     "(another position, batch or head)", prod)
