@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import polynomial
-from .canonicalize import VIEW_OPS, hint_shape, scalar_factor, scalar_value, walk_operand
+from .canonicalize import VIEW_OPS, hint_shape, read_views, scalar_factor, scalar_value, walk_operand
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -49,17 +49,9 @@ class FeatureMap:
 
 
 def _strip(gm, node: fx.Node) -> tuple[fx.Node, float]:
-    factor = 1.0
-    while True:
-        if node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-            continue
-        scaled = scalar_factor(gm, node)
-        if scaled is not None:
-            node, f = scaled
-            factor *= f
-            continue
-        return node, factor
+    """(``node`` under its views and scalar factors, the product of those factors)."""
+    chain = read_views(gm, node)
+    return chain.base, chain.factor
 
 
 def _const_value(gm, node: fx.Node) -> float | None:

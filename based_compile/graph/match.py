@@ -30,7 +30,7 @@ from . import mask as masks
 from . import polynomial
 from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, read_views, scalar_factor, scalar_value,
-                           shape_of, track_axis, walk_operand)
+                           shape_of, through_views, track_axis, walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import describe_unread, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
@@ -211,8 +211,7 @@ class Matcher:
         keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         qa, ka = w.axes
         axis = qa if keepdim or qa < ka else qa - 1
-        for view in reversed(views):
-            axis = track_axis(view, axis) if axis is not None else None
+        axis = through_views(views, axis)
         rank_den, rank_out = len(hint_shape(den) or ()), len(hint_shape(divided) or ())
         if axis is None or axis + rank_out - rank_den != query_axis:
             raise Refused("normaliser", "the row sums' query axis does not run along the numerator's query axis "
