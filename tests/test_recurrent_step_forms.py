@@ -11,6 +11,7 @@ import torch
 
 import based_compile
 from compare import assert_rel_close
+from based_compile.graph import feature_normaliser, verify
 from test_recurrent_step import step_calls, taylor
 
 B, HKV, G, D, DV = 2, 2, 3, 4, 5
@@ -123,10 +124,15 @@ def _gqa_inputs(seed=0):
     return q, k, v, kv, ks
 
 
-def _check_rewritten(fn, args, steps=1):
+def _strides(x):
+    """The strides that place elements (those of axes longer than one)."""
+    return [st for st, n in zip(x.stride(), x.shape) if n > 1]
+
+
+def _check_rewritten(fn, args, steps=1, form="recurrent step"):
     report = based_compile.explain(fn, *(x.clone() for x in args))
     assert len(report.sites) == steps and not report.refusals, str(report)
-    assert all(s.form == "recurrent step" for s in report.sites)
+    assert all(s.form == form for s in report.sites), str(report)
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
     for seed in (1, 2):                      # fresh inputs on the second call (the compiled graph reused)
         args = [torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + i), dtype=x.dtype) * 0.3
@@ -140,6 +146,7 @@ def _check_rewritten(fn, args, steps=1):
         assert len(out) == len(ref)
         for got, want in zip(out, ref):
             assert_rel_close(got, want, 1e-10, "output / returned state")
+            assert _strides(got) == _strides(want), "a result in another memory layout than eager's"
         for got, want in zip(mine, theirs):            # the caller's tensors (in place: written)
             assert_rel_close(got, want, 1e-10, "caller's tensor")
     return report
@@ -287,6 +294,199 @@ def test_unnormalised_step_rewritten_exactly(fn):
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_unnormalised_near_misses_refused(fn, category, words):
     _check_refused(fn, _plain_inputs(fn), category, words)
+
+
+# ----------------------------------------------------------------------------- the kv state kept transposed
+# kv_state [B, H, Dv, F], the operator's [.., F, Dv] transposed: updated by v^T phi(k) (or an einsum
+# 'bhd,bhf->bhdf'), read out by phi(q) kv_state^T (or (kv_state phi(q)^T)^T, or an einsum); the key
+# state as [B, H, 1, F], [B, H, F] or [B, H, F, 1]. The operator reads the transposed view and its new
+# state is returned transposed back (contiguous where the user's update made a new tensor, written
+# into the caller's tensor where the update was in place). Found refused ("probe disagrees") before.
+
+def transposed_matmul(q, k, v, kv_state, k_state):        # [B, H, 1, D]; k_state [B, H, 1, F]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + v.transpose(-2, -1) @ pk
+    k_state = k_state + pk
+    return (pq @ kv_state.transpose(-2, -1)) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def transposed_einsum(q, k, v, kv_state, k_state):        # [B, H, D]; k_state [B, H, F]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + torch.einsum("bhd,bhf->bhdf", v, pk)
+    k_state = k_state + pk
+    num = torch.einsum("bhdf,bhf->bhd", kv_state, pq)
+    return num / (torch.einsum("bhf,bhf->bh", pq, k_state)[..., None] + 1e-6), kv_state, k_state
+
+
+def transposed_in_place(q, k, v, kv_state, k_state):      # the caller's states written; k_state [B, H, F, 1]
+    pq, pk = taylor(q), taylor(k)
+    kv_state.add_(v.mT @ pk)
+    k_state.add_(pk.mT)
+    return (kv_state @ pq.mT).mT / (pq @ k_state + 1e-6)
+
+
+def transposed_key_column(q, k, v, kv_state, k_state):    # functional, k_state [B, H, F, 1]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + v.mT @ pk
+    k_state = k_state + pk.mT
+    return (pq @ kv_state.mT) / (pq @ k_state + 1e-6), kv_state, k_state
+
+
+def transposed_unnormalised(q, k, v, kv_state):
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + v.mT @ pk
+    return pq @ kv_state.mT, kv_state
+
+
+def transposed_gqa(q, k, v, kv_state, k_state):           # states per kv head, q heads grouped on them
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + v.mT @ pk
+    k_state = k_state + pk
+    g = q.shape[1] // k.shape[1]
+    num = pq @ kv_state.repeat_interleave(g, dim=1).mT
+    return num / ((pq * k_state.repeat_interleave(g, dim=1)).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+# near-misses
+def transposed_decayed(q, k, v, kv_state, k_state):       # twin of transposed_matmul
+    pq, pk = taylor(q), taylor(k)
+    kv_state = 0.9 * kv_state + v.transpose(-2, -1) @ pk
+    k_state = k_state + pk
+    return (pq @ kv_state.transpose(-2, -1)) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def transposed_readout_not_transposed(q, k, v, kv_state, k_state):   # Dv == F: state [Dv, F] read as [F, Dv]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + v.transpose(-2, -1) @ pk
+    k_state = k_state + pk
+    return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def transposed_update_not_transposed(q, k, v, kv_state, k_state):    # Dv == F: [F, Dv] update, [Dv, F] readout
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + pk.transpose(-2, -1) @ v
+    k_state = k_state + pk
+    return (pq @ kv_state.transpose(-2, -1)) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def transposed_elu_map(q, k, v, kv_state, k_state):       # twin of transposed_matmul: elu + 1 features
+    pq, pk = (torch.cat([torch.nn.functional.elu(x) + 1, torch.zeros_like(taylor(x)[..., D:])], -1) for x in (q, k))
+    kv_state = kv_state + v.transpose(-2, -1) @ pk
+    k_state = k_state + pk
+    return (pq @ kv_state.transpose(-2, -1)) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+_TRANSPOSED_KEY_STATE = {transposed_einsum: (F,), transposed_in_place: (F, 1), transposed_key_column: (F, 1)}
+
+
+def _transposed_inputs(fn, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = HKV * G if fn is transposed_gqa else HKV
+    dv = F if fn in (transposed_readout_not_transposed, transposed_update_not_transposed) else DV
+    lead = (B, HKV) if fn is transposed_einsum else (B, HKV, 1)
+    q = torch.randn(B, h, *lead[2:], D, generator=g, dtype=torch.float64)
+    k = torch.randn(*lead, D, generator=g, dtype=torch.float64)
+    v = torch.randn(*lead, dv, generator=g, dtype=torch.float64)
+    kv = torch.randn(B, HKV, dv, F, generator=g, dtype=torch.float64) * 0.1
+    if fn is transposed_unnormalised:
+        return [q, k, v, kv]
+    ks = torch.rand(B, HKV, *_TRANSPOSED_KEY_STATE.get(fn, (1, F)), generator=g, dtype=torch.float64) * 0.1 + 1.0
+    return [q, k, v, kv, ks]
+
+
+@pytest.fixture(params=["probe", "structure"])
+def probe(request, monkeypatch):
+    """The pass as it runs, and with the attention probe's and the index tensors' limits at 0 (real
+    sizes): the step's own probe (states of a few kilobytes) runs either way."""
+    if request.param == "structure":
+        monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("fn", [transposed_matmul, transposed_einsum, transposed_in_place, transposed_key_column,
+                                transposed_unnormalised, transposed_gqa], ids=lambda f: f.__name__)
+def test_transposed_kv_state_rewritten_exactly(fn, probe):
+    _check_rewritten(fn, _transposed_inputs(fn), form="recurrent step (kv state [.., Dv, F])")
+
+
+def test_transposed_kv_state_operator_reads_the_transposed_view(monkeypatch):
+    """The operator gets the user's [B, H, Dv, F] state as its [B, H, F, Dv] view (no copy in the
+    graph), and the caller's tensor written in place holds eager's values after several steps."""
+    from based_compile.graph import rewrite
+    q, k, v, kv, ks = _transposed_inputs(transposed_in_place)
+    kv_mine, ks_mine, kv_ref, ks_ref = kv.clone(), ks.clone(), kv.clone(), ks.clone()
+    seen = []
+    original = rewrite.based_recurrent_step
+
+    def spy(*args):
+        if not isinstance(args[3], torch._subclasses.FakeTensor):      # the rewrite's fake run aside
+            seen.append((tuple(args[3].shape), args[3].data_ptr() == kv_mine.data_ptr()))
+        return original(*args)
+    monkeypatch.setattr(rewrite, "based_recurrent_step", spy)
+    compiled = torch.compile(transposed_in_place, backend=based_compile.backend(inner="eager"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(3):
+            x = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (q, k, v)]
+            calls, out = step_calls(compiled, *x, kv_mine, ks_mine)
+            assert calls >= 1
+            assert_rel_close(out, transposed_in_place(*x, kv_ref, ks_ref), 1e-12, "output")
+    assert seen == [((B, HKV, F, DV), True)] * 3
+    assert_rel_close(kv_mine, kv_ref, 1e-12, "kv_state")
+    assert_rel_close(ks_mine, ks_ref, 1e-12, "k_state")
+
+
+@pytest.mark.parametrize("fn,category,words", [
+    (transposed_decayed, "unsupported", "decayed"),
+    (transposed_readout_not_transposed, "verify", "as its transpose [.., Dv, F] alike"),
+    (transposed_update_not_transposed, "verify", "as its transpose [.., Dv, F] alike"),
+    (transposed_elu_map, "feature_map", "not the Taylor feature map"),
+], ids=lambda x: getattr(x, "__name__", None))
+def test_transposed_kv_state_near_misses_refused(fn, category, words):
+    _check_refused(fn, _transposed_inputs(fn), category, words)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fn", [transposed_matmul, transposed_in_place], ids=lambda f: f.__name__)
+def test_gpu_transposed_kv_state(fn):
+    """On CUDA (Inductor, bfloat16, Dk 16, Dv 64): the transposed state's view goes into the step kernel;
+    a chain of steps follows the float64 eager chain (output and states)."""
+    import math as _math
+    b, h, dk, dv = 2, 4, 16, 64
+    f = 1 + dk + dk * dk
+
+    def phi(x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (_math.sqrt(2) * _math.sqrt(dk))
+        return torch.cat([torch.ones_like(x[..., :1]), x / dk ** 0.25, x2], -1)
+
+    def step(q, k, v, kv_state, k_state):
+        pq, pk = phi(q), phi(k)
+        if fn is transposed_in_place:
+            kv_state.add_(v.mT @ pk)
+            k_state.add_(pk)
+            return (kv_state @ pq.mT).mT / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+        kv_state = kv_state + v.mT @ pk
+        k_state = k_state + pk
+        return (pq @ kv_state.mT) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="based")
+    g = torch.Generator().manual_seed(11)
+    kv, ks = torch.zeros(b, h, dv, f, dtype=torch.float64), torch.zeros(b, h, 1, f, dtype=torch.float64)
+    kv_c, ks_c = kv.to("cuda", torch.bfloat16), ks.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for i in range(4):
+            q, k = (torch.randn(b, h, 1, dk, generator=g, dtype=torch.float64) for _ in range(2))
+            v = torch.randn(b, h, 1, dv, generator=g, dtype=torch.float64)
+            o_ref, kv, ks = step(q, k, v, kv, ks)
+            o, kv_c, ks_c = compiled(*(x.to("cuda", torch.bfloat16) for x in (q, k, v)), kv_c, ks_c)
+            assert_rel_close(o, o_ref, 2e-2, f"o step {i}")
+            assert_rel_close(kv_c, kv, 2e-2, f"kv_state step {i}")
+            assert_rel_close(ks_c, ks, 2e-2, f"k_state step {i}")
+        sites = based_compile.explain(step, *(x.to("cuda", torch.bfloat16) for x in (q, k, v)), kv_c.clone(),
+                                      ks_c.clone()).sites
+    assert len(sites) == 1 and sites[0].form == "recurrent step (kv state [.., Dv, F])", sites
 
 
 # ----------------------------------------------------------------------------- the group size under dynamic shapes

@@ -11,8 +11,12 @@ the readout grouping q heads on their kv head (``kv_state.repeat_interleave(G, d
 ``expand`` + ``reshape`` spelling, or q reshaped to [B, Hkv, G, D]: query row i reads state row
 i // G). Each state is updated once per kv head.
 
+The kv state may also be kept transposed, [.., Dv, F] (``kv_state + v^T phi(k)``, read out by
+``phi(q) kv_state^T``): which layout it is, the probe decides (``kv_transposed``).
+
 It becomes ``based::recurrent_step(q, k, v, kv_state, k_state, pieces, factors, eps)``, which returns
-the output and the two updated states in the user's shapes and dtypes (``op/recurrent_step.py``).
+the output and the two updated states in the user's shapes and dtypes (``op/recurrent_step.py``); a
+transposed kv state goes in as its [.., F, Dv] view and its update comes back transposed.
 
 Reading (on the lowered, functional graph): the key-state update is an ``add`` of a state and phi(k)
 (a feature map ``cat``, ``feature_map.py``); the kv-state update an ``add`` of a state and the outer
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..op.recurrent_step import StepSpec, recurrent_step_reference
+from ..op.recurrent_step import StepSpec, feature_width, recurrent_step_reference
 from .canonicalize import VIEW_OPS, example_value, hint, hint_shape, scalar_factor, scalar_value, strip_views, walk_operand
 from .evaluate import GraphEvaluator
 from .feature_map import FeatureMap, map_readings, pair_feature_maps, read_feature_map, readings_of
@@ -65,6 +69,7 @@ class StepMatch:
     readings: tuple = ()          # candidates for (q, k, v), each nearest first; settle_step picks
     normalize: bool = True        # False: y = phi(q) kv_state, no denominator
     outputs: tuple = ()           # unnormalised: candidates for y (the readout and the views after it), last first
+    kv_transposed: bool = False   # the user keeps kv_state as [.., Dv, F] (the operator's [.., F, Dv] transposed)
 
 
 
@@ -366,7 +371,10 @@ def _guard_group(m: StepMatch) -> StepMatch:
 def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     """Evaluate the user's step on random float64 inputs and states (states built from a few random
     earlier tokens, as decoding has them) and compare its output and the new states with the
-    operator's; refuse ("verify") unless all agree."""
+    operator's, with the kv state in each layout the operator can read it in: rows x F x Dv as
+    stored, and, where the state's last two axes are [Dv, F], those two transposed (``kv_transposed``:
+    the rewrite hands the operator the transposed view and returns its result transposed back).
+    Refuse ("verify") unless one layout agrees on all three."""
     inputs = [n for n in (m.q, m.k, m.v, m.kv_state, m.k_state) if n is not None]
     for node in inputs:
         value = example_value(node)
@@ -376,6 +384,34 @@ def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
             raise Refused("unsupported", "the recurrent step runs with inputs that require grad: based::recurrent_step "
                                          "has no backward (decode under torch.no_grad())", m.output)
     shapes = {n: hint_shape(n) for n in inputs}
+    dk, dv = shapes[m.k][-1], shapes[m.v][-1]
+    kv_shape = shapes[m.kv_state]
+    layouts = [False]
+    try:
+        f = feature_width(m.pieces, dk)
+    except ValueError:
+        f = None
+    if f is not None and len(kv_shape) >= 2 and tuple(kv_shape[-2:]) == (dv, f):
+        layouts.append(True)
+    first = None
+    for transposed in layouts:
+        try:
+            _probe_layout(m, evaluator, shapes, transposed)
+        except Refused as refusal:
+            first = first or refusal
+            continue
+        m.kv_transposed = transposed
+        m.form = FORM + (" (kv state [.., Dv, F])" if transposed else "")
+        return m
+    if len(layouts) > 1 and first.category == "verify":
+        first = Refused(first.category, f"{first.reason} (with the kv state read as [.., F, Dv] and as its "
+                                        "transpose [.., Dv, F] alike)", first.node)
+    raise first
+
+
+def _probe_layout(m: StepMatch, evaluator: GraphEvaluator, shapes: dict, transposed: bool) -> None:
+    """The probe of ``_probe_step`` with the kv state in one layout (``transposed``: the user's state is
+    the operator's with its last two axes swapped); Refused unless the user's step agrees."""
     gen = torch.Generator().manual_seed(2024)
     dk, dv = shapes[m.k][-1], shapes[m.v][-1]
     rows = _rows(shapes[m.k])
@@ -384,9 +420,12 @@ def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
     if m.k is m.q:                                # one tensor read as q and as k (phi(x) for both)
         k = q
     v = torch.randn(shapes[m.v], generator=gen, dtype=torch.float64)
+    kv_shape = tuple(shapes[m.kv_state])
+    if transposed:                                # the operator's [.., F, Dv]
+        kv_shape = kv_shape[:-2] + (kv_shape[-1], kv_shape[-2])
     kv = ks = None
     try:
-        kv = torch.zeros(shapes[m.kv_state], dtype=torch.float64)
+        kv = torch.zeros(kv_shape, dtype=torch.float64)
         ks = None if m.k_state is None else torch.zeros(shapes[m.k_state], dtype=torch.float64)
         for _ in range(3):                        # states of three earlier tokens
             kj = torch.randn(rows, dk, generator=gen, dtype=torch.float64)
@@ -398,6 +437,9 @@ def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
         want = recurrent_step_reference(q, k, v, kv, ks, m.pieces, m.q_factors, m.k_factors, m.normalize, m.eps)
     except (ValueError, RuntimeError) as err:
         raise Refused("verify", f"the states do not fit the operator's rows x features reading: {err}", m.output) from err
+    if transposed:                                # the user's tensors: the operator's transposed, as stored
+        kv = kv.transpose(-2, -1).contiguous()
+        want = (want[0], want[1].transpose(-2, -1), want[2])
     substitute = {m.q: q, m.k: k, m.v: v, m.kv_state: kv}
     nodes, names = [m.output, m.kv_new], ["output", "kv state"]
     if m.k_state is not None:
@@ -424,7 +466,6 @@ def _probe_step(m: StepMatch, evaluator: GraphEvaluator) -> StepMatch:
         if not err < _TOLERANCE:
             raise Refused("verify", f"structure matched a Based recurrent step but the numerical probe disagrees on "
                                     f"the {name}: relative error {err:.2e} on random inputs{grouping}", m.output)
-    return m
 
 
 def spec_of(m: StepMatch) -> StepSpec:

@@ -241,9 +241,13 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             return node
 
         with graph.inserting_before(first_update):
+            if m.kv_transposed:         # the user's [.., Dv, F] state: the operator reads and writes [.., F, Dv]
+                kv_state = add(torch.transpose, (kv_state, -2, -1))
             step = add(based_recurrent_step, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
                                               list(m.k_factors), bool(m.normalize), float(m.eps)))
             results = [add(operator.getitem, (step, i)) for i in range(3)]
+            if m.kv_transposed:         # back in the user's layout
+                results[1] = add(torch.transpose, (results[1], -2, -1))
         o = results[0]
         for node, i in updates:
             new = results[i]
@@ -254,6 +258,9 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
                 graph.erase_node(node)
                 replaced[node] = written
             else:
+                if i == 1 and m.kv_transposed:      # contiguous, as the user's functional update makes it
+                    with graph.inserting_before(first_update):
+                        new = add("contiguous", (new,), method=True)
                 node.replace_all_uses_with(new)
                 replaced[node] = new
         want = example_value(output)
