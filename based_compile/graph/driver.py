@@ -355,8 +355,9 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
         if isinstance(result, Refused):
             _refuse(result, report)
             continue
-        if not to_dynamo[result[1].node].users:
-            continue                  # a state the code computes and never uses: nothing to return
+        site_nodes = _ancestors(to_dynamo[settled[result[0]].match.output])
+        if all(user in site_nodes for user in to_dynamo[result[1].node].users):
+            continue                  # a state the code never uses, or only the site's own readout does
         reads.setdefault(result[0], []).append(result[1])
     for index, site_reads in reads.items():
         site = settled[index]
@@ -392,6 +393,17 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
                                 "the PyTorch forms and one moments product on the CPU")
         log.info("based_compile: the prefill at %s returns its final state(s) %s: -> based::attention_with_state",
                  source_of(site.match.anchor), [to_dynamo[r.node].name for r in site_reads])
+
+
+def _ancestors(node: fx.Node) -> set:
+    """``node`` and every node it is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrite: bool,

@@ -137,6 +137,8 @@ def _size(x):
 def _replay(views, x: torch.Tensor) -> torch.Tensor:
     """``x`` through ``views`` (outermost first, as ``read_views`` lists them), sizes at their hints."""
     for view in reversed(views):
+        if view.target in (aten.view.default, aten._unsafe_view.default):
+            x = x.contiguous()     # the values a view shows, whatever the strides of the index tensor (a narrowed sum)
         args = [x] + [_size(a) for a in view.args[1:]]
         kwargs = {k: _size(v) for k, v in view.kwargs.items()}
         x = view.target(*args, **kwargs)

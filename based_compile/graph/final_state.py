@@ -22,6 +22,10 @@ a sum over an axis that is not time, a scaled or weighted sum (a decayed or gate
 features that are not a Taylor map. The operator is differentiable: states computed from inputs
 that require grad are rewritten too.
 
+A non-causal site read from its own states (``phi(q) @ (phi(k)^T @ v)``, ``linear_form``'s state product)
+that also returns them: those sums are inside the site, and they are its final states (every query reads
+the total); a state only the site's own readout reads is not returned (``driver``).
+
 A site whose running sums start from initial states (``initial_state.py``, a continued prefill):
 the last row of those sums (``kv[:, :, -1]`` of ``kv_state[:, :, None] + cumsum(...)``) is its
 state; the states must be in the attention's keys' feature map (the operator converts the initial
@@ -276,8 +280,10 @@ def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available
             if read is None:
                 continue
             visible = _visible(read.node, available)
-            if visible is None or visible in seen or ev.depends_on(site.settled.match.output, {read.node}):
+            inside = ev.depends_on(site.settled.match.output, {read.node})
+            if visible is None or visible in seen or (inside and site.settled.spec.causal):
                 continue                          # a value inside the site or of a decomposed operation
+            # (a non-causal site's own total sums, phi(q) @ (phi(k)^T v) returning phi(k)^T v, are its states)
             seen.add(visible)
             read.node = visible
             yield index, read

@@ -5,7 +5,8 @@
     den = (phi(q) * phi(k).cumsum(t)).sum(f) + eps
     o = num / den
 
-(``.sum(t, keepdim=True)`` instead of ``cumsum``: the non-causal form.) It is the quadratic
+(``.sum(t, keepdim=True)`` instead of ``cumsum``: the non-causal form; its other spellings, the state
+a matmul, an einsum or a sum without keepdim, are read at the end of this module as the state product.) It is the quadratic
 form phi(q_i) . phi(k_j) summed over j <= i, so it becomes the same Match (coefficients from
 the feature maps). Anchored on the state node (cumsum or sum over time of phi(k) * v). The
 normaliser is read by ``feature_normaliser`` (which rows and features it pairs, proven on index
@@ -14,14 +15,14 @@ the numerator are time and features is left to the numerical probe.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
 
 from . import polynomial
-from .candidate import Weights, pick_output
-from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, walk_operand
+from .candidate import Weights, pick_output, view_chain
+from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, track_axis, walk_operand
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
 from .initial_state import InitialStates, follow, read_initial
@@ -317,26 +318,122 @@ def _initial_states(phi_k, factor_k: float, kv, k) -> InitialStates:
 
 # ---------------------------------------------------------------------- the non-causal state product
 #
-#     o = phi(q) @ (phi(k)^T @ v)          (or phi(q) @ einsum('bhtf,bhtd->bhfd', phi(k), v))
-#     den = phi(q) @ phi(k).sum(t)[..., None] + eps   (or (phi(q) * phi(k).sum(t, keepdim=True)).sum(f))
+#     S = phi(k)^T @ v              summed over every key: a matmul, an einsum, or a product summed over
+#                                   time, ``(phi_k[..., :, None] * v[..., None, :]).sum(t)``; kept as
+#                                   [.., F, Dv] or transposed, [.., Dv, F] (``v^T @ phi(k)``)
+#     o = phi(q) @ S                or ``(S^T @ phi(q)^T)^T``, an einsum, ``(phi_q[..., :, None] * S).sum(f)``
+#     den = phi(q) . sum_t phi(k) + eps      (or none; ``feature_normaliser``)
 #
-# is (phi(q) phi(k)^T) v, the quadratic form without a mask: it becomes the same Match.
+# is (phi(q) phi(k)^T) v, the quadratic form without a mask: it becomes the same Match. Every spelling
+# is one reading: each contraction (a ``bmm``, or a product summed over one axis) is read as which axis
+# of each factor it sums and where the others go (``_contraction``), and each factor through its views
+# down to phi(q), phi(k), v or the state, whose axes are followed onto the factor's (``read_views``).
+# The state sums one axis of phi(k) and of v, the same one (time), and keeps phi(k)'s and v's features
+# on two axes; the readout sums phi(q)'s features against the state's features and keeps phi(q)'s time
+# and the state's values. Which axes are batch, heads and time is left to the numerical probe, and
+# without it to the axis labels (``axis_labels``).
+
+SUMMED, BROADCAST = "summed", "broadcast"
 
 
-def _feature_operand(gm, node):
-    """(map, cat, factor, (time axis, feature axis) in ``node``) when ``node`` is a feature map through
-    views and scalar factors, else None."""
-    if not isinstance(node, fx.Node):
+@dataclass(frozen=True)
+class _Contraction:
+    """A ``bmm`` or a product summed over one axis: its two factors, and for each axis of each factor
+    the output axis it becomes, ``SUMMED``, or ``BROADCAST`` (a size-one axis against a longer one)."""
+
+    node: fx.Node
+    factors: tuple
+    where: tuple
+
+
+def _contraction(node) -> _Contraction | None:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
-    chain = read_views(gm, node)
-    phi = read_feature_map(gm, chain.base) if chain.base.op == "call_function" else None
-    if phi is None:
+    if node.target is aten.bmm.default and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return _Contraction(node, tuple(node.args[:2]), ((0, 1, SUMMED), (0, SUMMED, 2)))
+    if node.target is not aten.sum.dim_IntList or len(node.args) < 2 or node.args[1] is None \
+            or len(node.args[1]) != 1:
         return None
-    rank = len(hint_shape(chain.base))
-    axes = chain.lands(rank - 2), chain.lands(rank - 1)
-    if None in axes:
+    prod = node.args[0]
+    if not isinstance(prod, fx.Node) or prod.op != "call_function" or prod.target is not aten.mul.Tensor \
+            or not all(isinstance(a, fx.Node) for a in prod.args[:2]):
         return None
-    return phi, chain.base, chain.factor, axes
+    out = hint_shape(prod)
+    rank = len(out)
+    dim = node.args[1][0] % rank
+    keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    where = []
+    for factor in prod.args[:2]:
+        shape = hint_shape(factor)
+        shift = rank - len(shape)
+        axes = []
+        for i, size in enumerate(shape):
+            m = i + shift
+            if size == 1 and out[m] > 1:
+                axes.append(BROADCAST)
+            elif m == dim:
+                axes.append(SUMMED)
+            else:
+                axes.append(m if keepdim or m < dim else m - 1)
+        where.append(tuple(axes))
+    return _Contraction(node, tuple(prod.args[:2]), tuple(where))
+
+
+def _axes(chain, where: tuple, rank: int) -> list:
+    """For each axis of ``chain``'s base (of rank ``rank``): what the contraction does with it
+    (``_Contraction.where`` of the factor the chain starts at), or None where a view merges or splits it."""
+    out = []
+    for axis in range(rank):
+        at = chain.lands(axis)
+        out.append(None if at is None else where[at])
+    return out
+
+
+@dataclass(frozen=True)
+class _StateSum:
+    """S = sum over time of phi(k) (x) v: the contraction ``node``, phi(k)'s map, cat and scalar factor,
+    v as read (``Operand``), the axis of phi(k)'s cat it sums (``time``), and the axes of S that hold
+    phi(k)'s features and v's features."""
+
+    node: fx.Node
+    phi: object
+    cat: fx.Node
+    factor: float
+    v: object
+    time: int
+    features: int
+    values: int
+
+
+def read_state_sum(gm, node) -> _StateSum | None:
+    """The non-causal state ``node`` computes (phi(k) summed over one axis that is not its features,
+    against v summed over one axis that is not its own), or None."""
+    c = _contraction(node)
+    if c is None:
+        return None
+    for i in (0, 1):
+        k_chain = read_views(gm, c.factors[i])
+        cat = k_chain.base
+        phi = read_feature_map(gm, cat) if isinstance(cat, fx.Node) and cat.op == "call_function" else None
+        if phi is None:
+            continue
+        other = c.factors[1 - i]
+        v = walk_operand(gm, other, through_scalars=False)
+        if v.stop.op == "call_function" and read_feature_map(gm, v.stop) is not None:
+            return None                               # phi(q) phi(k)^T: the scores
+        rank, v_rank = len(hint_shape(cat)), len(hint_shape(v.source) or ())
+        k_axes = _axes(k_chain, c.where[i], rank)
+        v_axes = _axes(read_views(gm, other, scalars=False, until=v.source), c.where[1 - i], v_rank)
+        summed_k = [a for a, w in enumerate(k_axes) if w == SUMMED]
+        summed_v = [a for a, w in enumerate(v_axes) if w == SUMMED]
+        if len(summed_k) != 1 or summed_k == [rank - 1] or len(summed_v) != 1 or summed_v == [v_rank - 1] \
+                or v_rank < 2:
+            return None
+        features, values = k_axes[rank - 1], v_axes[v_rank - 1]
+        if not isinstance(features, int) or not isinstance(values, int) or features == values:
+            return None
+        return _StateSum(node, phi, cat, k_chain.factor, v, summed_k[0], features, values)
+    return None
 
 
 def _state_normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
@@ -349,45 +446,68 @@ def _state_normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
     return eps, inverted
 
 
-def match_state_product(matcher, bmm: fx.Node):
-    """phi(q) @ (phi(k)^T @ v): the non-causal linear form, as a Match (Refused / NotACandidate)."""
-    gm = matcher.gm
-    q_side = _feature_operand(gm, bmm.args[0])
-    if q_side is None:
-        raise NotACandidate("the left operand is not a feature map")
-    phi_q, cat_q, factor_q, (q_time, q_feature) = q_side
-    if (q_time, q_feature) != (1, 2):
-        raise NotACandidate("the product does not contract phi(q) over its features")
-    chain = read_views(gm, bmm.args[1])
-    inner, factor_s = chain.base, chain.factor
-    if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target is not aten.bmm.default:
-        raise NotACandidate("the right operand is not a state product")
-    if not isinstance(inner, fx.Node) or inner.op != "call_function" or chain.lands(1) != 1:
-        raise NotACandidate("the right operand is not a state product over the features")
-    k_side = _feature_operand(gm, inner.args[0])
-    if k_side is None:
-        raise NotACandidate("the state does not sum phi(k)")
-    phi_k, cat_k, factor_k, (k_time, k_feature) = k_side
-    if (k_time, k_feature) != (2, 1):
-        raise Refused("feature_map", "the state contracts phi(k) over its features, not over time", bmm)
-    t, tk = hint_shape(cat_q)[-2], hint_shape(cat_k)[-2]
-    if t != tk:
-        raise NotACandidate("queries and keys of different lengths")
-    v_walk = walk_operand(gm, inner.args[1], through_scalars=False)
-    poly = polynomial.scale(pair_feature_maps(phi_q, phi_k), factor_q * factor_k * factor_s)
+def _readout_output(node: fx.Node, rows: int, values: int) -> fx.Node:
+    """The readout's output: the first 4-d view after ``node`` (whose axes ``rows`` and ``values`` hold
+    phi(q)'s time and the values) that has the values last and the rows before them (``(S^T phi(q)^T)^T``
+    is the view after the transpose back); ``pick_output`` when the product has them so already."""
+    if values == len(hint_shape(node)) - 1 and rows < values:
+        return pick_output(node)
+    for view in view_chain(node)[1:]:
+        rows, values = track_axis(view, rows), track_axis(view, values)
+        if rows is None or values is None:
+            break
+        if len(hint_shape(view)) == 4 and values == 3 and rows in (1, 2):
+            return view
+    raise NotACandidate("the state product is not read with its values last")
 
-    normalize, eps, start = False, 0.0, bmm
-    read = time_axis(gm, inner.args[0], 2)
-    time = read[1] if read is not None else None
-    user, found = _divided_by(_forward_through_views(bmm), lambda other: _state_normaliser(
-        gm, other, cat_q, cat_k, factor_q * factor_k * factor_s, time))
-    if user is not None:
-        eps, _ = found
-        normalize, start = True, user
-    length = size_expr(shape_of(cat_q)[-2])
-    w = Weights(poly, None, False, bmm, phi_q.source, phi_k.source, "feature-map linear (state product)", None, t,
-                lengths=(length, length))
-    match = matcher._finish(w, w.form, pick_output(start), phi_q.source, phi_k.source, v_walk.source, normalize,
-                            eps, bmm, start)
-    return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
-                   k_alternatives=other_readings(gm, cat_k, phi_k), v_alternatives=v_walk.alternatives)
+
+def match_state_product(matcher, node: fx.Node):
+    """phi(q) @ (phi(k)^T @ v), in any spelling of the two contractions: the non-causal linear form, as a
+    Match (Refused / NotACandidate). ``node``: the readout's contraction (a bmm, or a sum)."""
+    gm = matcher.gm
+    c = _contraction(node)
+    if c is None:
+        raise NotACandidate("not a contraction")
+    for i in (0, 1):
+        q_chain = read_views(gm, c.factors[i])
+        cat_q = q_chain.base
+        phi_q = read_feature_map(gm, cat_q) if isinstance(cat_q, fx.Node) and cat_q.op == "call_function" else None
+        if phi_q is None:
+            continue
+        s_chain = read_views(gm, c.factors[1 - i])
+        state = read_state_sum(gm, s_chain.base)
+        if state is None:
+            continue
+        rank = len(hint_shape(cat_q))
+        if rank != len(hint_shape(state.cat)):
+            raise NotACandidate("phi(q) and phi(k) of different ranks")
+        q_axes = _axes(q_chain, c.where[i], rank)
+        s_axes = _axes(s_chain, c.where[1 - i], len(hint_shape(state.node)))
+        if q_axes[rank - 1] != SUMMED or [a for a, w in enumerate(q_axes) if w == SUMMED] != [rank - 1]:
+            raise NotACandidate("the product does not contract phi(q) over its features alone")
+        if s_axes[state.features] != SUMMED or s_axes.count(SUMMED) != 1:
+            raise Refused("feature_map", "phi(q) is contracted with the state's values, not its features (a state "
+                                         "kept as [.., Dv, F] read as [.., F, Dv]?)", node)
+        rows, values = q_axes[state.time], s_axes[state.values]
+        if not isinstance(rows, int) or not isinstance(values, int):
+            raise NotACandidate("the readout does not keep phi(q)'s time and the state's values")
+        t, tk = hint_shape(cat_q)[state.time], hint_shape(state.cat)[state.time]
+        if t != tk:
+            raise NotACandidate("queries and keys of different lengths")
+        factor = q_chain.factor * state.factor * s_chain.factor
+        poly = polynomial.scale(pair_feature_maps(phi_q, state.phi), factor)
+        output = _readout_output(node, rows, values)
+        normalize, eps, start = False, 0.0, output
+        user, found = _divided_by(_forward_through_views(output), lambda other: _state_normaliser(
+            gm, other, cat_q, state.cat, factor, state.time))
+        if user is not None:
+            eps, _ = found
+            normalize, start = True, user
+        length = size_expr(shape_of(cat_q)[state.time])
+        w = Weights(poly, None, False, node, phi_q.source, state.phi.source, "feature-map linear (state product)",
+                    None, t, lengths=(length, length))
+        match = matcher._finish(w, w.form, pick_output(start) if normalize else output, phi_q.source,
+                                state.phi.source, state.v.source, normalize, eps, node, start)
+        return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
+                       k_alternatives=other_readings(gm, state.cat, state.phi), v_alternatives=state.v.alternatives)
+    raise NotACandidate("not phi(q) times a state sum_t phi(k_t)^T v_t")

@@ -35,7 +35,7 @@ from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import describe_unread, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
-from .linear_form import match_linear, match_state_product
+from .linear_form import match_linear, match_state_product, read_state_sum
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
@@ -108,6 +108,8 @@ class Matcher:
             if why is not None:
                 raise Refused("feature_map", why, node)
         if phi_q is not None or phi_k is not None:
+            if (phi_q is None or phi_k is None) and read_state_sum(self.gm, node) is not None:
+                raise NotACandidate("phi(k) times v summed over time: a state, read by its readout")
             if phi_q is None or phi_k is None:
                 side, name = (x, "q") if phi_q is None else (y, "k")
                 why = describe_unread(self.gm, side.stop) if side.stop.op == "call_function" else None
@@ -769,17 +771,29 @@ def _not_normalised(w: Weights) -> None:
 
 
 def find_matches(matcher: Matcher):
-    """Yield (Match | Refused, node) for every candidate site in the graph."""
+    """Yield (Match | Refused, node) for every candidate site in the graph (one Match per output: a site
+    two anchors read, e.g. a non-causal state read from its sum and from its readout, is the first's)."""
+    outputs = set()
     for node in list(matcher.gm.graph.nodes):
         if node.op != "call_function":
             continue
         try:
+            result = None
             if node.target is aten.bmm.default:
-                yield matcher.match_quadratic(node), node
+                result = matcher.match_quadratic(node)
             elif node.target in (aten.cumsum.default, aten.sum.dim_IntList):
-                result = match_linear(matcher, node)
-                if result is not None:
-                    yield result, node
+                try:
+                    result = match_linear(matcher, node)
+                except NotACandidate:
+                    if node.target is not aten.sum.dim_IntList:
+                        raise
+                    result = match_state_product(matcher, node)     # a readout summed over the features
+            if isinstance(result, Match):
+                if result.output in outputs:
+                    continue
+                outputs.add(result.output)
+            if result is not None:
+                yield result, node
         except Refused as refusal:
             if refusal.node is None:
                 refusal.node = node
