@@ -19,6 +19,9 @@ against wall time, launches, CUDA calls that can wait, the host's costliest oper
 ``--placements model,blocks`` also runs DDP and FSDP2 with each block compiled before wrapping;
 ``--compile-modes default,reduce-overhead`` also runs the per-GPU single run and DDP under CUDA
 graphs (efficiency against the single run under CUDA graphs; calls counted in the first step).
+``--fsdp-layouts blocks,root`` also runs FSDP2 with the whole model one unit ("(one unit)": one
+all-gather and one reduce-scatter a step, FSDP2's hooks once instead of once per block; under CUDA
+graphs too); ``--wrappers fsdp2`` leaves DDP out.
 Keep NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends, set here if unset).
 
     python benchmarks/distributed.py --world 2 [--out benchmarks/results] [--budget-s 240]
@@ -45,15 +48,21 @@ EFFICIENCY_BAR = 0.9
 
 GRAPHS = " (CUDA graphs)"      # the label of runs compiled with mode="reduce-overhead"
 COMPILE_MODES = ("default", "reduce-overhead")
+WRAPPERS = ("ddp", "fsdp2")
+# FSDP2's unit layouts in the run labels: each block a unit (the usual recipe, unlabelled), the whole model one.
+FSDP_LAYOUT_LABELS = {"blocks": "", "root": " (one unit)"}
 
 
 def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=CONFIGS, placements=("model",),
-         compile_modes=("default",)):
-    """(label, train kwargs) per run, most important first; DDP and FSDP2 once per compile placement
-    (examples/distributed_training.PLACEMENTS), the single-GPU runs compile the whole model. Under
-    ``compile_modes`` "reduce-overhead" (CUDA graphs) the per-GPU single run and DDP run again, FSDP2
-    not: it frees its gathered parameters between uses, so the graphs' input addresses change and CUDA
-    graphs re-record every step (532 ms a step at bf16 T=2048 on 2 H200s, against 81 ms without)."""
+         compile_modes=("default",), wrappers=WRAPPERS, fsdp_layouts=("blocks",)):
+    """(label, train kwargs) per run, most important first; each of ``wrappers`` (DDP, FSDP2) once per
+    compile placement (examples/distributed_training.PLACEMENTS), FSDP2 once per unit layout
+    (examples/distributed_training.FSDP_LAYOUTS); the single-GPU runs compile the whole model. Under
+    ``compile_modes`` "reduce-overhead" (CUDA graphs) the per-GPU single run and DDP run again, and FSDP2
+    in the "root" layout; FSDP2 in the "blocks" layout not: it frees each block's gathered parameters
+    after use, so the graphs' input addresses change and CUDA graphs re-record every step (532 ms a step
+    at bf16 T=2048 on 2 H200s, against 81 ms without). The root layout frees them once a step, after the
+    backward: whether they come back at the same addresses is what its CUDA-graph row shows."""
     runs = []
     for dtype, seqlen in configs:
         first = (dtype, seqlen) == CONFIGS[0]
@@ -70,9 +79,14 @@ def plan(world: int, per_gpu_batch: int, steps: int, timing_steps: int, configs=
             # graph; one compiled block stands for all blocks).
             for placement in ("model",) if graphs else placements:
                 suffix = "" if placement == "model" else f" ({placement} compiled)"
-                for mode in ("ddp",) if graphs else ("ddp", "fsdp2"):
-                    runs.append((dict(key, run=f"{mode} x{world}{suffix}{label}"),
-                                 dict(ckw, mode=mode, batch=per_gpu_batch * world, placement=placement)))
+                for mode in wrappers:
+                    for layout in fsdp_layouts if mode == "fsdp2" else (None,):
+                        if graphs and layout == "blocks":
+                            continue
+                        unit = FSDP_LAYOUT_LABELS.get(layout, "")
+                        runs.append((dict(key, run=f"{mode} x{world}{unit}{suffix}{label}"),
+                                     dict(ckw, mode=mode, batch=per_gpu_batch * world, placement=placement,
+                                          **({} if layout is None else dict(fsdp_layout=layout)))))
     return runs
 
 
@@ -163,7 +177,12 @@ def main() -> None:
                         "wrapped model), blocks (each block compiled before wrapping)")
     p.add_argument("--compile-modes", default="default",
                    help="comma-separated torch.compile modes of the per-GPU single and DDP runs: default, "
-                        "reduce-overhead (CUDA graphs; FSDP2 is not run under them)")
+                        "reduce-overhead (CUDA graphs; FSDP2 only in its root layout under them)")
+    p.add_argument("--wrappers", default=",".join(WRAPPERS),
+                   help="comma-separated wrappers to run beside the single-GPU runs: ddp, fsdp2")
+    p.add_argument("--fsdp-layouts", default="blocks",
+                   help="comma-separated FSDP2 unit layouts: blocks (each block a unit, then the model), "
+                        "root (the whole model one unit, gathered for the whole step)")
     args = p.parse_args()
     if args.world < 2 or torch.cuda.device_count() < args.world:
         sys.exit(f"needs {max(args.world, 2)} GPUs, found {torch.cuda.device_count()}")
@@ -182,7 +201,14 @@ def main() -> None:
     compile_modes = tuple(args.compile_modes.split(","))
     if not set(compile_modes) <= set(COMPILE_MODES):
         p.error(f"--compile-modes: each must be one of {COMPILE_MODES}, got {args.compile_modes!r}")
-    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs, placements, compile_modes)
+    wrappers = tuple(args.wrappers.split(","))
+    if not set(wrappers) <= set(WRAPPERS):
+        p.error(f"--wrappers: each must be one of {WRAPPERS}, got {args.wrappers!r}")
+    fsdp_layouts = tuple(args.fsdp_layouts.split(","))
+    if not set(fsdp_layouts) <= set(dt.FSDP_LAYOUTS):
+        p.error(f"--fsdp-layouts: each must be one of {dt.FSDP_LAYOUTS}, got {args.fsdp_layouts!r}")
+    runs = plan(args.world, args.per_gpu_batch, args.steps, args.timing_steps, configs, placements, compile_modes,
+                wrappers, fsdp_layouts)
     deadline = start + args.budget_s if args.budget_s else None
     # First the interconnect: an all-reduce's bus bandwidth bounds what a short step can scale to.
     results = dt.run_distributed_many(args.world, "cuda", [dict(mode="allreduce")] + [kw for _, kw in runs],

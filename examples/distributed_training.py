@@ -31,6 +31,14 @@ MODES = ("single", "ddp", "fsdp2")
 # block before wrapping (what PyTorch recommends for FSDP2, and its docs for DDP: compile the modules
 # inside the wrapper); the embedding, final norm and LM head then run eagerly.
 PLACEMENTS = ("model", "blocks")
+# How FSDP2 groups the parameters into units (each unit: its own all-gather, reduce-scatter and hooks):
+# "blocks" shards each run of ``fsdp_group`` blocks as a unit, then the model (the usual recipe: one
+# block's parameters gathered at a time); "root" makes the whole model one unit gathered for the whole
+# step (reshard_after_forward=False: one all-gather before the forward, none in the backward, one
+# reduce-scatter), which needs the memory of every parameter at once, as DDP does, and runs FSDP2's
+# hooks once a step instead of once per unit: about half of FSDP2's extra host work
+# (benchmarks/NOTES.md, tenth session).
+FSDP_LAYOUTS = ("blocks", "root")
 # Parameters of 10.7 MB in float64, so that DDP's graph splitting cuts it at small bucket caps:
 # at 1 MB between each block's k and v projections, at 1.1 MB between q and k (tests/test_distributed.py).
 MODEL = dict(vocab_size=64, d_model=256, n_layers=2, n_heads=4, feature_dim=16, max_len=256, conv_size=0)
@@ -63,7 +71,7 @@ def _fully_shard():
 
 
 def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float = DDP_BUCKET_CAP_MB,
-         fsdp_group: int = 1):
+         fsdp_group: int = 1, fsdp_layout: str = "blocks"):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         # Dynamo's DDP optimizer cuts the graph where DDP's gradient buckets end (a first bucket of
@@ -73,12 +81,17 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
                    gradient_as_bucket_view=True)
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        fully_shard = _fully_shard()
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         # One FSDP unit per ``fsdp_group`` consecutive blocks (1: each block, the usual recipe). Fewer
         # units, fewer collectives and hooks a step, for more parameters gathered at once.
-        if not isinstance(fsdp_group, int) or fsdp_group < 1:
+        if not isinstance(fsdp_group, int) or isinstance(fsdp_group, bool) or fsdp_group < 1:
             raise ValueError(f"fsdp_group must be a whole number of blocks >= 1, got {fsdp_group!r}")
+        if fsdp_layout not in FSDP_LAYOUTS:
+            raise ValueError(f"fsdp_layout must be one of {FSDP_LAYOUTS}, got {fsdp_layout!r}")
+        fully_shard = _fully_shard()
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        if fsdp_layout == "root":
+            fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            return model
         blocks = list(model.blocks)
         units = [blocks[i:i + fsdp_group] for i in range(0, len(blocks), fsdp_group)]
         for i, unit in enumerate(units):
@@ -92,10 +105,11 @@ def wrap(model: BasedLM, mode: str, device: torch.device, bucket_cap_mb: float =
 def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int, batch: int, seqlen: int,
           dtype=torch.float32, inner="inductor", compile=True, model_kwargs=None, lr: float = 0.05,
           bucket_cap_mb: float = DDP_BUCKET_CAP_MB, explain: bool = False, placement: str = "model",
-          compile_mode: str | None = None, fsdp_group: int = 1):
+          compile_mode: str | None = None, fsdp_group: int = 1, fsdp_layout: str = "blocks"):
     """Train ``steps`` steps under ``backend=based_compile.backend(inner=inner)`` (eagerly if not ``compile``),
     compiled where ``placement`` says (PLACEMENTS), with torch.compile's ``compile_mode``
-    (``"reduce-overhead"``: CUDA graphs); FSDP2 shards ``fsdp_group`` blocks per unit.
+    (``"reduce-overhead"``: CUDA graphs); FSDP2's units as ``fsdp_layout`` says (FSDP_LAYOUTS), with
+    ``fsdp_group`` blocks per unit in the "blocks" layout.
 
     Returns a dict: ``losses`` (averaged over ranks), ``step_s`` (median step seconds),
     ``graphs`` (how many graphs Dynamo handed to the backend: more than one when DDP's graph
@@ -128,7 +142,7 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     if compile and placement == "blocks":
         for block in model.blocks:
             block.compile(backend=counting_backend, mode=compile_mode)
-    model = wrap(model, mode, device, bucket_cap_mb, fsdp_group)
+    model = wrap(model, mode, device, bucket_cap_mb, fsdp_group, fsdp_layout)
     compiled = torch.compile(model, backend=counting_backend, mode=compile_mode) \
         if compile and placement == "model" else model
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -178,7 +192,8 @@ def train(mode: str, rank: int, world: int, device: torch.device, *, steps: int,
     if compile_mode == "reduce-overhead":
         based_calls = sum(rewritten) if placement == "model" else None
     result = dict(losses=losses, step_s=times[len(times) // 2], step_times_s=step_times, graphs=len(graphs),
-                  based_calls=based_calls, rewritten_sites=sum(rewritten), placement=placement)
+                  based_calls=based_calls, rewritten_sites=sum(rewritten), placement=placement,
+                  fsdp_layout=fsdp_layout if mode == "fsdp2" else None)
     if device.type == "cuda":
         # The second step (sync check) is left out too: a warning per wait costs host time.
         host = sorted(host_times[2:-1] or host_times[1:] or host_times)
@@ -340,11 +355,13 @@ def main() -> None:
     p.add_argument("--bucket-cap-mb", type=float, default=DDP_BUCKET_CAP_MB, help="DDP's bucket_cap_mb")
     p.add_argument("--placement", choices=PLACEMENTS, default="model",
                    help="compile the wrapped model, or each block before wrapping")
+    p.add_argument("--fsdp-layout", choices=FSDP_LAYOUTS, default="blocks",
+                   help="FSDP2's units: each block and the model (blocks), or the whole model as one unit (root)")
     args = p.parse_args()
     kw = dict(steps=args.steps, batch=args.batch, seqlen=args.seqlen)
     ref = train("single", 0, 1, torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"), **kw)
     out = run_distributed(args.mode, args.world, args.device, bucket_cap_mb=args.bucket_cap_mb,
-                          placement=args.placement, **kw)
+                          placement=args.placement, fsdp_layout=args.fsdp_layout, **kw)
     for step, r in enumerate(ref["losses"]):
         print(f"step {step}: single {r:.6f}  {args.mode} x{args.world} {out[0]['losses'][step]:.6f}")
     print(f"median step: single {ref['step_s'] * 1e3:.1f} ms, {args.mode} x{args.world} "

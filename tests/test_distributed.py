@@ -69,14 +69,49 @@ def test_ddp_rewrites_every_site_at_any_bucket_cap(single):
 @needs_gloo
 def test_fsdp2_rewrites_every_site(single):
     """The wrapped model compiled (graph breaks at FSDP2's hooks), and each block compiled before
-    fully_shard (what PyTorch recommends for FSDP2): every block is rewritten either way."""
-    ranks = dt.run_distributed_many(2, "cpu", [dict(KW, mode="fsdp2", placement=p) for p in dt.PLACEMENTS])
+    fully_shard (what PyTorch recommends for FSDP2): every block is rewritten either way. With the whole
+    model one FSDP2 unit (the "root" layout: FSDP2's hooks once a step, not once per block) the model
+    is one graph holding every site."""
+    runs = [dict(KW, mode="fsdp2", placement=p) for p in dt.PLACEMENTS]
+    runs.append(dict(KW, mode="fsdp2", placement="model", fsdp_layout="root"))
+    ranks = dt.run_distributed_many(2, "cpu", runs)
     for results in ranks:
-        for placement, r in zip(dt.PLACEMENTS, results):
-            assert r["placement"] == placement and r["based_calls"] == dt.MODEL["n_layers"], r
+        for run, r in zip(runs, results):
+            assert r["placement"] == run["placement"] and r["based_calls"] == dt.MODEL["n_layers"], r
+            assert r["fsdp_layout"] == run.get("fsdp_layout", "blocks"), r
             _same_losses(r, single)
-    for i in range(len(dt.PLACEMENTS)):
+        # The per-block layout breaks the graph at each block's hooks (the block's graph is reused for
+        # every block); the root layout leaves one graph with every site in it.
+        assert results[-1]["graphs"] == 1 and results[-1]["rewritten_sites"] == dt.MODEL["n_layers"], results[-1]
+    for i in range(len(runs)):
         assert ranks[0][i]["losses"] == ranks[1][i]["losses"]
+
+
+def test_fsdp_layout_and_group_are_checked():
+    """wrap() names a bad FSDP2 layout or unit size before it touches the process group."""
+    model = dt.build_model(dict(dt.MODEL, n_layers=1, d_model=16, n_heads=2), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="fsdp_layout"):
+        dt.wrap(model, "fsdp2", torch.device("cpu"), fsdp_layout="layers")
+    for group in (0, 1.5, True):
+        with pytest.raises(ValueError, match="fsdp_group"):
+            dt.wrap(model, "fsdp2", torch.device("cpu"), fsdp_group=group)
+
+
+def test_benchmark_plan_runs_fsdp2_layouts():
+    """benchmarks/distributed.py runs FSDP2 once per layout asked for, and under CUDA graphs only in the
+    root layout (the per-block layout re-records every step there); --wrappers fsdp2 leaves DDP out."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from benchmarks import distributed as bench
+
+    runs = bench.plan(2, 4, 3, 3, configs=(("bfloat16", 2048),), compile_modes=("default", "reduce-overhead"),
+                      wrappers=("fsdp2",), fsdp_layouts=("blocks", "root"))
+    got = [(label["run"], kw.get("fsdp_layout"), kw.get("compile_mode")) for label, kw in runs]
+    assert got == [("single (per-GPU batch)", None, None), ("fsdp2 x2", "blocks", None),
+                   ("fsdp2 x2 (one unit)", "root", None),
+                   ("single (per-GPU batch) (CUDA graphs)", None, "reduce-overhead"),
+                   ("fsdp2 x2 (one unit) (CUDA graphs)", "root", "reduce-overhead")], got
+    default = [label["run"] for label, _ in bench.plan(2, 4, 3, 3)]
+    assert "ddp x2" in default and "fsdp2 x2" in default and not any("one unit" in r for r in default), default
 
 
 def test_blocks_placement_compiles_one_graph_for_every_block():
