@@ -125,6 +125,8 @@ def _e2e(data: dict) -> str:
 DISTRIBUTED_BF16 = "distributed_bf16"
 # bfloat16 at T=2048 with and without CUDA graphs (--compile-modes default,reduce-overhead).
 DISTRIBUTED_GRAPHS = "distributed_graphs"
+# FSDP2's unit layouts in bfloat16, with and without CUDA graphs (--wrappers fsdp2 --fsdp-layouts blocks,root).
+DISTRIBUTED_FSDP = "distributed_fsdp"
 
 
 def _distributed(data: dict) -> str:
@@ -145,8 +147,14 @@ def _distributed(data: dict) -> str:
                  "counted there (the benchmark now counts the sites rewritten in the compiled graphs instead); "
                  "where the count is missing, the GPU kernel time of a step shows the rewrite: the same as the "
                  "rewritten model's without CUDA graphs (about 17.5 ms for one GPU), against 36 ms for the "
-                 "unrewritten model under Inductor. FSDP2 is not run under CUDA graphs: it frees and "
-                 "regathers its parameters, so the graphs would re-record every step.")
+                 "unrewritten model under Inductor.")
+        if any(r["run"].startswith("fsdp2") and "(CUDA graphs)" in r["run"] for r in rows):
+            note += (" FSDP2 runs under CUDA graphs only as one unit (\"one unit\": the whole model, gathered "
+                     "for the step): with a unit per block it frees and regathers each block's parameters "
+                     "inside the step, and the graphs would re-record every step.")
+        else:
+            note += (" FSDP2 is not run under CUDA graphs here: with a unit per block it frees and regathers its "
+                     "parameters, so the graphs would re-record every step.")
     for r in rows:
         step = f"{r['step_s'] * 1e3:.1f}" if r.get("step_s") is not None else r.get("status", "not run")
         eff = f"{r['efficiency']:.2f}" if r.get("efficiency") is not None else ""
@@ -269,7 +277,7 @@ def _generate_model(data: dict) -> str:
 
 
 RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed,
-             DISTRIBUTED_GRAPHS: _distributed, "generate": _generate,
+             DISTRIBUTED_GRAPHS: _distributed, DISTRIBUTED_FSDP: _distributed, "generate": _generate,
              "context_parallel": _context_parallel}
 
 
