@@ -438,12 +438,16 @@ def _role_labels(reading, m):
     order = ("H", "T", "D") if reading.unsqueeze_inputs else (
         ("B", "H", "T", "D") if reading.spec.layout == "BHTD" else ("B", "T", "H", "D"))
 
+    headless = getattr(reading, "unsqueeze_kv", (False, False))
+
     def labels(node, t_atom, d_atom, kv: bool):
         sizes = _sizes(node)
-        if sizes is None or len(sizes) != len(order):
-            raise Mismatch(f"{node.name} is not of rank {len(order)}")
+        # one key/value head without its axis ([B, T, D] next to a 4-d q): no heads label
+        roles = tuple(r for r in order if r != "H") if kv and headless[node is m.v] else order
+        if sizes is None or len(sizes) != len(roles):
+            raise Mismatch(f"{node.name} is not of rank {len(roles)}")
         out = []
-        for role, size in zip(order, sizes):
+        for role, size in zip(roles, sizes):
             if role == "H":
                 out.append(_norm([("H", sympy.Integer(group) if kv else one, size)]))
             else:

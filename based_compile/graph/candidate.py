@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .canonicalize import VIEW_OPS, hint_shape
+from .folded_rows import UNFOLDED
 from .mask import Keep
 
 
@@ -120,9 +121,11 @@ def view_chain(node: fx.Node) -> list[fx.Node]:
 
 
 def pick_output(start: fx.Node) -> fx.Node:
+    """The first 4-d tensor of the views of ``start`` (not one the unfolding of a matmul inserted:
+    ``folded_rows``), else ``start``."""
     chain = view_chain(start)
     for node in chain:
-        if len(hint_shape(node)) == 4:
+        if len(hint_shape(node)) == 4 and not node.meta.get(UNFOLDED):
             return node
     return start
 

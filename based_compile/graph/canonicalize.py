@@ -464,7 +464,8 @@ class Operand:
     source: fx.Node
     factor: float
     stop: fx.Node
-    alternatives: tuple = ()      # other 4-D tensors on the chain with the same factor, nearest first
+    alternatives: tuple = ()      # other 4-D tensors on the chain with the same factor, nearest first, then
+                                  # a 3-D tensor the chain starts from ([B, T, D]: one key/value head)
 
 
 def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = True) -> Operand:
@@ -472,6 +473,9 @@ def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = T
     four_d = [(n, f) for n, f in chain.trail if shape_of(n) is not None and len(shape_of(n)) == 4]
     source, f = four_d[-1] if four_d else chain.trail[-1]
     alternatives = tuple(n for n, g in four_d[:-1] if g == f)
+    base, g = chain.trail[-1]
+    if four_d and base is not source and g == f and shape_of(base) is not None and len(shape_of(base)) in (2, 3):
+        alternatives += (base,)     # [B, T, D] under views that add unit axes (one head without its axis)
     return Operand(source=source, factor=f, stop=chain.base, alternatives=alternatives)
 
 

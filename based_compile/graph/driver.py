@@ -26,6 +26,7 @@ from .canonicalize import (attention_region, example_value, extract_region, hint
                            same_value_source)
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
+from .folded_rows import unfold_folded_rows
 from .initial_state import split_prepended_states
 from .inplace import OutputAliased, Storages, first_write_between, plan_output, written_before_output
 from .lookalike import covered_by, unexplained
@@ -266,10 +267,14 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     output_node.args = ((),)      # every node was an output only to map it back: not a real user
     split_prepended_states(aten_gm)           # cat([state, x]).cumsum(t)[1:] -> state + x.cumsum(t)
     read_baddbmm_scores(aten_gm)              # baddbmm(0, q, kT, alpha=a) -> a * bmm(q, kT)
+    unfolded = unfold_folded_rows(aten_gm)    # bmm([B, H*T, D], [B, D, S]) -> bmm([B*H, T, D], [B*H, D, S])
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
     for dynamo_node, aten_node in zip(outputs, aten_outputs):
         if isinstance(aten_node, fx.Node):
             to_dynamo.setdefault(aten_node, dynamo_node)
+    for old, new in unfolded.items():         # the unfolded product is the user's matmul's value
+        if old in to_dynamo:
+            to_dynamo.setdefault(new, to_dynamo[old])
     for dynamo_node, aten_node in zip(outputs, aten_outputs):      # the value a regenerated view shows
         source = same_value_source(aten_node) if isinstance(aten_node, fx.Node) else None
         if source is not None:

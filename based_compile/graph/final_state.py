@@ -307,8 +307,7 @@ def settle_states(site, reads: list, ev: GraphEvaluator, to_dynamo: dict) -> Sit
     gen = torch.Generator().manual_seed(2025)
     values = {n: torch.randn(hint_shape(n), generator=gen, dtype=torch.float64) for n in (m.q, m.k, m.v)}
     q, k, v = (values[n] for n in (m.q, m.k, m.v))
-    if site.unsqueeze_inputs:
-        q, k, v = (x.unsqueeze(0) for x in (q, k, v))
+    q, k, v = site.operator_inputs(q, k, v)
     args = check_arguments(q, k, v, spec.scale, spec.coeffs, spec.causal, spec.normalize, spec.eps, spec.layout)
     kv, ks = features_of_moments(moments(k, v, args), pieces, k_factors, args.dk)
     if init is not None:                  # the states the running sums start from, at random values

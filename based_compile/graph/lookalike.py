@@ -23,12 +23,14 @@ chains that share nodes are reported once.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 import torch.fx as fx
 
-from .canonicalize import VIEW_OPS, hint_shape, identity_dropout, read_views, scalar_value, strip_views
+from .canonicalize import (VIEW_OPS, hint_shape, identity_dropout, read_views, scalar_value, strip_views,
+                           track_axis)
 from .feature_map import describe_unread, read_feature_map
 
 aten = torch.ops.aten
@@ -73,6 +75,29 @@ def _square(node: fx.Node) -> bool:
     shape = hint_shape(node)
     return (node.op == "call_function" and node.target in _MATMULS and shape is not None
             and len(shape) >= 2 and shape[-1] == shape[-2])
+
+
+def _folded_square(node: fx.Node):
+    """A matmul whose [.., T, T] shape appears only after views split one of its axes (heads or batch
+    folded with time into its rows or its columns): (the view that shows it square, "rows" or
+    "columns"), else None."""
+    shape = hint_shape(node)
+    if node.op != "call_function" or node.target not in _MATMULS or shape is None or len(shape) < 2 \
+            or shape[-1] == shape[-2]:
+        return None
+    numel = math.prod(shape)
+    stack, seen = [(node, 0)], set()
+    while stack:
+        current, depth = stack.pop()
+        for user in current.users:
+            if user in seen or user.op != "call_function" or user.target not in VIEW_OPS or depth >= 8:
+                continue
+            seen.add(user)
+            out = hint_shape(user)
+            if out is not None and len(out) >= 3 and out[-1] == out[-2] and math.prod(out) == numel:
+                return user, ("rows" if shape[-1] == out[-1] else "columns")
+            stack.append((user, depth + 1))
+    return None
 
 
 def _tensor(node) -> bool:
@@ -155,6 +180,7 @@ class _Chain:
         self.nodes: list[fx.Node] = []
         self.ops: list[str] = []
         self.scores: fx.Node | None = None
+        self.folded = None                      # (view, "rows" | "columns") when the scores fold an axis
         self.sums: list[fx.Node] = []
         self.products: list[fx.Node] = []
         self.updates: list[fx.Node] = []
@@ -185,6 +211,10 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
         target = node.target
         if _square(node):
             chain.scores = chain.scores or node
+            continue
+        folded = _folded_square(node) if chain.scores is None else None
+        if folded is not None:
+            chain.scores, chain.folded = node, folded
             continue
         if target in VIEW_OPS:
             stack.append(node.args[0])
@@ -287,6 +317,12 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
     if other:
         causes.append(f"the chain goes through {', '.join(other)} (not a sum or product of its inputs: "
                       "piecewise or transcendental), which no reader reads")
+    if form == "quadratic" and chain.folded is not None:
+        causes.append(_folded_cause(chain))
+    elif form == "quadratic" and chain.scores is not None:
+        regrouped = _regrouping_view(chain)
+        if regrouped is not None:
+            causes.append(regrouped)
     if chain.scores is not None and chain.scores.target is aten.baddbmm.default:
         causes.append("the scores are torch.baddbmm(input, q, k^T) with an input the pass does not read as zero "
                       "(beta * input + alpha * q @ k^T)")
@@ -321,6 +357,61 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
     if chain.random is not None:
         category = "unsupported"
     return category, causes
+
+
+def _folded_cause(chain: _Chain) -> str:
+    scores, (view, where) = chain.scores, chain.folded
+    operands = " @ ".join(str(list(hint_shape(a) or ())) for a in scores.args[-2:] if isinstance(a, fx.Node))
+    shown = f"{_name(scores)} {operands} -> {list(hint_shape(scores))}, viewed as {list(hint_shape(view))}"
+    if where == "columns":
+        return (f"the scores matmul folds several key heads (or batch entries) with the keys into its columns "
+                f"({shown}): each query is scored against the keys of several heads, one query head shared by "
+                "several key heads, which the operator (groups of query heads sharing one key/value head) does "
+                "not compute")
+    return (f"the scores matmul folds heads (or batch) with the queries into its rows ({shown}), and the pass "
+            "could not unfold it into a batched matmul: it unfolds rows that split into heads and a query axis it "
+            "can identify (of the keys' length, or the second-to-last axis of the scores as the code views them) "
+            "against one shared key tensor")
+
+
+def _regrouping_view(chain: _Chain) -> str | None:
+    """Why, in words, when a view between the scores and the contraction does not keep the weights'
+    query and key axes as axes (heads and time regrouped: folded into one axis, or folded and split in
+    different orders); else None. Followed forward from the scores along the chain's nodes."""
+    members = set(chain.nodes)
+    rank = len(hint_shape(chain.scores) or ())
+    stack, seen = [(chain.scores, (rank - 2, rank - 1))], set()
+    while stack:
+        node, axes = stack.pop()
+        for user in node.users:
+            if user not in members or user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if user.target in VIEW_OPS:
+                moved = tuple(track_axis(user, a) for a in axes)
+                if None in moved:
+                    after = sorted({_name(n) for n in chain.nodes if n in _descendants(user, members)
+                                    and n.op == "call_function" and n.target not in VIEW_OPS})
+                    acting = f"; {', '.join(after)} then act(s) on the regrouped tensor" if after else ""
+                    return (f"a view ({_name(user)}: {list(hint_shape(node))} -> {list(hint_shape(user))}) does not "
+                            "keep the weights' query and key axes as axes: it regroups them with heads or batch "
+                            f"(folded into one axis, or folded and split in different orders){acting}; the pass "
+                            "reads the weights only as [.., Tq, Tk] with heads and batch apart")
+                stack.append((user, moved))
+                continue
+            shift = len(hint_shape(user) or ()) - len(hint_shape(node) or ())
+            stack.append((user, tuple(a + shift for a in axes)))
+    return None
+
+
+def _descendants(node: fx.Node, within: set) -> set:
+    found, stack = set(), [node]
+    while stack:
+        for user in stack.pop().users:
+            if user in within and user not in found:
+                found.add(user)
+                stack.append(user)
+    return found
 
 
 def _ancestors(node: fx.Node, limit: int) -> set:

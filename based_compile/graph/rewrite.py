@@ -147,6 +147,10 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                 q = add(operator.mul, (q, replaced.get(factor, factor)))
             if site.unsqueeze_inputs:
                 q, k, v = (add(torch.unsqueeze, (x, 0)) for x in (q, k, v))
+            if site.unsqueeze_kv[0]:            # one key/value head without its axis: the op's heads axis
+                k = add(torch.unsqueeze, (k, site.head_axis))
+            if site.unsqueeze_kv[1]:
+                v = add(torch.unsqueeze, (v, site.head_axis))
             spec_args = (q, k, v, s.layout, float(s.scale), float(s.c0), float(s.c1), float(s.c2), bool(s.causal),
                          bool(s.normalize), float(s.eps), int(s.group))
             initial = m.initial

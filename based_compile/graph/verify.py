@@ -48,19 +48,37 @@ class Settled:
     flatten_out: bool             # the user's output folds the first two axes
     probed: bool
     states: object = None         # final_state.SiteStates: the final states the prefill returns, if any
+    # (k, v): [B, T, D] without a heads axis next to a 4-d q (one key/value head, multi-query
+    # attention: ``k[:, :, 0]``); the op reads it with a heads axis of size one
+    unsqueeze_kv: tuple = (False, False)
+
+    @property
+    def head_axis(self) -> int:
+        return 1 if self.spec.layout == "BHTD" else 2
+
+    def operator_inputs(self, q, k, v) -> tuple:
+        """Values of the user's q, k, v as the operator reads them."""
+        if self.unsqueeze_inputs:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        k, v = (x.unsqueeze(self.head_axis) if flag else x for x, flag in zip((k, v), self.unsqueeze_kv))
+        return q, k, v
 
 
 def _readings(m: Match):
     shapes = [hint_shape(n) for n in (m.q, m.k, m.v)]
-    ranks = {len(s) for s in shapes}
-    if len(ranks) != 1 or ranks.pop() not in (3, 4):
+    ranks = [len(s) for s in shapes]
+    # k and v [B, T, D] next to a 4-d q: one key/value head without its axis (multi-query attention)
+    headless = (ranks[0] == 4 and all(r in (3, 4) for r in ranks[1:]) and 3 in ranks[1:])
+    if not headless and (len(set(ranks)) != 1 or ranks[0] not in (3, 4)):
         raise Refused("unsupported", f"q, k, v have shapes {shapes}: expected [B, H, T, D] or [B, T, H, D] "
-                                     "(or [B*H, T, D])")
+                                     "(or [B*H, T, D]; k and v may be [B, T, D], one head)")
     unsqueeze = len(shapes[0]) == 3
-    qs, ks, vs = [((1,) + s) if unsqueeze else s for s in shapes]
+    flags = (ranks[1] == 3, ranks[2] == 3) if headless else (False, False)
     out_shape = hint_shape(m.output)
     readings = []
     for layout, tdim, hdim in (("BHTD", 2, 1), ("BTHD", 1, 2)):
+        qs, ks, vs = [((1,) + s) if unsqueeze else s for s in shapes]
+        ks, vs = (s[:hdim] + (1,) + s[hdim:] if flag else s for s, flag in zip((ks, vs), flags))
         if not (qs[tdim] == m.t and ks[tdim] == vs[tdim] == m.key_length):
             continue
         heads, kv_heads = qs[hdim], ks[hdim]
@@ -79,14 +97,14 @@ def _readings(m: Match):
                     spec = BasedSpec(layout=layout, scale=m.scale, c0=m.coeffs[0], c1=m.coeffs[1],
                                      c2=m.coeffs[2], causal=m.causal, normalize=m.normalize, eps=m.eps,
                                      group=heads // kv_heads)
-                    readings.append(Settled(m, spec, unsqueeze, transpose, flatten, False))
+                    readings.append(Settled(m, spec, unsqueeze, transpose, flatten, False, unsqueeze_kv=flags))
     if not readings:
         chunked = _chunked(m)
         if chunked is not None:
             raise Refused("unsupported", chunked, m.output)
         raise Refused("unsupported", f"q {shapes[0]}, k {shapes[1]}, v {shapes[2]} and output {out_shape} "
                                      "are not a [B, H, T, D] / [B, T, H, D] attention layout", m.output)
-    return readings, (qs, ks, vs)
+    return readings, qs, vs
 
 
 def _chunked(m: Match) -> str | None:
@@ -121,8 +139,7 @@ def _reference(reading: Settled, q, k, v, initial: tuple = (None, None)) -> torc
     """The op's output for this reading; ``initial``: the operator's initial states (kv0, k0) of a
     continued prefill (``reading.match.initial``), whose feature map converts them."""
     s = reading.spec
-    if reading.unsqueeze_inputs:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    q, k, v = reading.operator_inputs(q, k, v)
     if reading.match.initial is None:
         o = _naive(q, k, v, s)
     else:
@@ -157,12 +174,15 @@ def _grouped_structure(m: Match, layout: str) -> bool:
     return True
 
 
-def _one_kv_head(m: Match, layout: str) -> bool:
+def _one_kv_head(m: Match, reading: Settled) -> bool:
     """k and v have one head (multi-query attention): every query head reads it, so how it reaches
     them (matmul broadcasting, expand, repeat, repeat_interleave) cannot pair a query head with the
-    wrong key head. Which axis is the heads axis is still proven (``axis_labels``)."""
-    head = 1 if layout == "BHTD" else 2
-    for node in (m.k, m.v):
+    wrong key head. Which axis is the heads axis is still proven (``axis_labels``). A k or v of
+    [B, T, D] (``k[:, :, 0]``) is one head without its axis."""
+    head = reading.head_axis
+    for node, headless in zip((m.k, m.v), reading.unsqueeze_kv):
+        if headless:
+            continue
         fake = example_value(node)
         if not isinstance(fake, torch.Tensor) or fake.dim() != 4 or not isinstance(fake.shape[head], int) \
                 or fake.shape[head] != 1:
@@ -186,17 +206,25 @@ def _repeat_axes(node, head: int, depth: int) -> list[bool]:
     return found
 
 
+def _paired(k, v) -> bool:
+    """k and v agree on every axis but the features ([B, H, T]; one head with or without its axis:
+    [B, 1, T] or [B, T])."""
+    def rows(x):
+        return tuple(s for s in hint_shape(x)[:-1] if s != 1)
+    return len(hint_shape(k)) == len(hint_shape(v)) and hint_shape(k)[:-1] == hint_shape(v)[:-1] \
+        or rows(k) == rows(v)
+
+
 def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available=None) -> Settled:
     """The first reading of ``m`` the probe confirms: k and v as found (the un-repeated heads
     under GQA), then each alternative pair (e.g. heads repeated by tiling, which the op must
     see repeated); each with q as found, then its alternatives (q read on the other side of a
     transpose, when k and v come from elsewhere, e.g. a KV cache in another layout)."""
-    pairs = [(m.k, m.v)] + [(k, v) for k in m.k_alternatives for v in m.v_alternatives
-                             if hint_shape(k)[:3] == hint_shape(v)[:3]]
+    pairs = [(m.k, m.v)] + [(k, v) for k in m.k_alternatives for v in m.v_alternatives if _paired(k, v)]
     # k as found with another reading of v, and the reverse: k computed after its transpose (rotary
     # embeddings, a norm) while v is read before its own
     pairs += [(k, v) for k, v in [(m.k, v) for v in m.v_alternatives] + [(k, m.v) for k in m.k_alternatives]
-              if hint_shape(k)[:3] == hint_shape(v)[:3]]
+              if _paired(k, v)]
     if available is not None:
         pairs = [(k, v) for k, v in pairs if available(k) and available(v)]
     if not pairs:
@@ -345,7 +373,7 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
     if substitute is None:
         return where
     q, k, v = (substitute[n] for n in (m.q, m.k, m.v))
-    tdim = -2 if reading.spec.layout == "BHTD" or reading.unsqueeze_inputs else -3
+    tdim = -2 if reading.spec.layout == "BHTD" or reading.unsqueeze_inputs or k.dim() == 3 else -3
     size = q[..., 0].numel() * (k.shape[tdim] if "linear" not in m.form else (1 + q.shape[-1] ** 2 + q.shape[-1])
                                 * v.shape[-1])
     if size > 4 * PROBE_MAX_ELEMENTS:
@@ -401,7 +429,8 @@ def _axes_kept(m: Match, reading: Settled) -> str | None:
                 if path.base is not source:
                     continue
                 src_rank = len(hint_shape(source) or ())
-                time, feature = path.lands(tdim), path.lands(src_rank - 1)
+                headless = name != "q" and reading.unsqueeze_kv[name == "v"]
+                time, feature = path.lands(1 if headless else tdim), path.lands(src_rank - 1)
                 want_time = contracted if name == "v" else free
                 want_feature = free if name == "v" else contracted
                 if time != want_time or feature != want_feature:
@@ -414,7 +443,7 @@ def _structural_reading(m: Match, readings: list, why: str):
     """The first reading the graph's structure alone vouches for (no numerical probe): a grouped-
     query reading only where the heads' repetition is seen as such (``_grouped_structure``), and only
     a layout the views from q, k, v to the matmuls keep axis by axis (``_axes_kept``)."""
-    readings = [r for r in readings if r.spec.group == 1 or _one_kv_head(m, r.spec.layout)
+    readings = [r for r in readings if r.spec.group == 1 or _one_kv_head(m, r)
                 or _grouped_structure(m, r.spec.layout)]
     if not readings:
         raise Refused("verify", f"grouped-query heads whose repetition the structure does not show ({why})",
@@ -449,7 +478,7 @@ def _initial_values(m: Match, values: dict, gen, device, dtype) -> tuple:
 
 
 def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
-    readings, (qs, ks, vs) = _readings(m)
+    readings, qs, vs = _readings(m)
     if m.initial is not None:       # the user's states are per query head: k and v as the op reads them
         readings = [r for r in readings if r.spec.group == 1]
         if not readings:
