@@ -221,8 +221,12 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
             continue
         if _state_update(node):
             chain.updates.append(node)
-        if target is aten.cat.default and read_feature_map(gm, node) is not None:
+        fmap = read_feature_map(gm, node) if target is aten.cat.default else None
+        if fmap is not None:
             chain.maps.append(node)             # a feature map the pass reads: its pieces are its reader's
+            picked = strip_views(fmap.source)   # phi(k[:, 0]): its x picks one entry of an axis
+            if isinstance(picked, fx.Node) and picked.op == "call_function" and picked.target is aten.select.int:
+                chain.ops.append("select")
             continue
         if target is aten.cat.default and describe_unread(gm, node) is not None:
             chain.unread.append(node)           # a feature map the pass does not read: said why, not walked
@@ -303,11 +307,16 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
         causes.append("the sequence is reversed (flip) around the running sum: it sums over j >= i (anti-causal), "
                       "not over j <= i")
         category = "mask"
-    if ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"} and form == "linear":
-        moved = sorted(ops & {"slice", "select", "constant_pad_nd", "cat", "roll", "index_select"})
+    if ops & {"slice", "constant_pad_nd", "cat", "roll", "index_select"} and form == "linear":
+        moved = sorted(ops & {"slice", "constant_pad_nd", "cat", "roll", "index_select"})
         causes.append(f"the keys, values or running sums go through {', '.join(moved)} along an axis (a token "
                       "left out or shifted: x[:, :, :-1], torch.cat, F.pad): not the sum over every j <= i (or "
                       "every j) that the operator computes")
+    if "select" in ops and form == "linear":
+        causes.append("the keys, values or running sums go through select (one entry of an axis, dropping the "
+                      "axis: k[:, 0] picks one key/value head, x[:, :, i] one token): the running-sum form is read "
+                      "with one key/value head only where its heads axis is kept (k[:, :1], k[:, 0, None]), and "
+                      "summed over every token")
     written = sorted(ops & {"slice_scatter", "select_scatter", "index_put"})
     if written and form == "quadratic":
         causes.append(f"the weights are written in place at some entries ({', '.join(written)}: a[..., i, j] = x "
