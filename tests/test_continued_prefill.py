@@ -453,3 +453,315 @@ def test_gpu_compiled_continued_prefill(dtype, no_tf32):
     _assert_same(got, tuple(w.to(x.dtype) for w, x in zip(want, got)), tol, "values")
     for name, x, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
         _assert_same(x, w.to(x.dtype), 2 * tol, f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------- the quadratic spelling
+# The block's own tokens through the T x T weights, the earlier tokens through the states:
+#     num = a @ v + phi(q) @ kv_state,  den = a.sum(-1) + phi(q) . k_state + eps
+# Before, only a @ v ran the operator (unnormalised) and the row sums kept the T x T weights in the
+# graph; now the whole site runs based::attention_with_state from the states, and the returned
+# kv_state + phi(k)^T v, k_state + phi(k).sum(t) are the operator's.
+
+def quad_feature_maps(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.transpose(-2, -1))
+    num = a @ v + qf @ kv_state
+    den = a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6
+    return num / den, kv_state + kf.transpose(-2, -1) @ v, k_state + kf.sum(2)
+
+
+def quad_polynomial(q, k, v, kv_state, k_state):             # the weights from q.k, phi(q) only for the states
+    s = q @ k.transpose(-2, -1) / 2
+    a = (1 + s + 0.5 * s * s).masked_fill(~torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(), 0)
+    qf, kf = phi(q), phi(k)
+    num = a @ v + qf @ kv_state
+    den = a.sum(-1, keepdim=True) + (qf * k_state[:, :, None]).sum(-1, keepdim=True)
+    return num / (den + 1e-6), kv_state + torch.einsum("bhtf,bhtd->bhfd", kf, v), k_state + kf.sum(2)
+
+
+def quad_einsums(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    a = torch.einsum("bhif,bhjf->bhij", qf, kf) * torch.tril(torch.ones(q.shape[2], q.shape[2]))
+    num = torch.einsum("bhij,bhjd->bhid", a, v) + torch.einsum("bhif,bhfd->bhid", qf, kv_state)
+    den = a.sum(-1) + torch.einsum("bhif,bhf->bhi", qf, k_state) + 1e-6
+    return num / den[..., None], kv_state + torch.einsum("bhtf,bhtd->bhfd", kf, v), k_state + kf.sum(2)
+
+
+def quad_unnormalised(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.transpose(-2, -1))
+    return a @ v + qf @ kv_state, kv_state + kf.transpose(-2, -1) @ v
+
+
+def quad_value_major(q, k, v, kv_state, k_state):            # kv_state [B, H, Dv, F]
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    num = a @ v + qf @ kv_state.mT
+    return num / (a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6), kv_state + v.mT @ kf, k_state + kf.sum(2)
+
+
+def quad_bthd(q, k, v, kv_state, k_state):                   # q, k, v: [B, T, H, D]
+    qf, kf = phi(q), phi(k)
+    t = q.shape[1]
+    a = torch.einsum("bihf,bjhf->bhij", qf, kf).tril()
+    num = torch.einsum("bhij,bjhd->bihd", a, v) + torch.einsum("bthf,bhfd->bthd", qf, kv_state)
+    den = a.sum(-1).transpose(1, 2) + torch.einsum("bthf,bhf->bth", qf, k_state) + 1e-6
+    return num / den[..., None], kv_state + torch.einsum("bthf,bthd->bhfd", kf, v), k_state + kf.sum(1)
+
+
+def quad_states_with_time_axis(q, k, v, kv_state, k_state):  # states [B, H, 1, F, Dv], [B, H, 1, F]
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    num = a @ v + (qf[..., :, None] * kv_state).sum(-2)
+    den = a.sum(-1, keepdim=True) + (qf * k_state).sum(-1, keepdim=True) + 1e-6
+    new_kv = kv_state + (kf[..., :, None] * v[..., None, :]).sum(2, keepdim=True)
+    return num / den, new_kv, k_state + kf.sum(2, keepdim=True)
+
+
+def quad_output_only(q, k, v, kv_state, k_state):
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    return (a @ v + qf @ kv_state) / (a.sum(-1, keepdim=True) + qf @ k_state.unsqueeze(-1) + 1e-6)
+
+
+def quad_non_causal(q, k, v, kv_state, k_state):             # every query sees every key of the block
+    qf, kf = phi(q), phi(k)
+    a = qf @ kf.mT
+    return (a @ v + qf @ kv_state) / (a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6)
+
+
+QUADRATIC_FORMS = [
+    (quad_feature_maps, "BHFD", "BHTD", True),
+    (quad_polynomial, "BHFD", "BHTD", True),
+    (quad_einsums, "BHFD", "BHTD", True),
+    (quad_unnormalised, "BHFD", "BHTD", True),
+    (quad_value_major, "BHDF", "BHTD", True),
+    (quad_bthd, "BHFD", "BTHD", True),
+    (quad_states_with_time_axis, "BH1FD", "BHTD", True),
+    (quad_output_only, "BHFD", "BHTD", False),
+    (quad_non_causal, "BHFD", "BHTD", False),
+]
+
+
+def _no_t_by_t(fn, args) -> str:
+    """The compiled graphs' code, asserted to hold no [.., T, T] tensor (the weights are gone)."""
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=based_compile.backend(inner=inner))(*args)
+    for gm in seen:
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == value.shape[-2] == T:
+                raise AssertionError(f"a T x T tensor is left in the graph: {node.format_node()}")
+    return "\n".join(gm.code for gm in seen)
+
+
+@pytest.mark.parametrize("fn,states,layout,returns", QUADRATIC_FORMS, ids=[f[0].__name__ for f in QUADRATIC_FORMS])
+def test_quadratic_spelling_runs_the_state_operator(fn, states, layout, returns, probe):
+    args = _inputs(layout, states)
+    e = based_compile.explain(fn, *args)
+    assert len(e.sites) == 1 and not e.refusals, str(e)
+    assert "from initial state" in e.sites[0].form and ("final state" in e.sites[0].form) == returns, str(e)
+    assert ("non-causal" in str(e.sites[0].spec)) == (fn is quad_non_causal), str(e)
+    with torch.no_grad():
+        want = fn(*args)
+    got, with_state, _ = _run(fn, args)
+    assert with_state >= 1
+    _assert_same(got, want, 1e-10, fn.__name__)
+    args = _inputs(layout, states)                 # fresh values, the same code
+    with torch.no_grad():
+        want = fn(*args)
+    got, _, _ = _run(fn, args)
+    _assert_same(got, want, 1e-10, fn.__name__ + " (fresh inputs)")
+
+
+@pytest.mark.parametrize("fn", [quad_feature_maps, quad_polynomial, quad_value_major, quad_output_only],
+                         ids=lambda f: f.__name__)
+def test_quadratic_spelling_leaves_no_t_by_t_weights(fn):
+    args = _inputs("BHTD", "BHDF" if fn is quad_value_major else "BHFD")
+    code = _no_t_by_t(fn, args)
+    assert "attention_with_state" in code and "tril" not in code, code
+
+
+@pytest.mark.parametrize("fn,states,layout", [(quad_feature_maps, "BHFD", "BHTD"), (quad_value_major, "BHDF", "BHTD"),
+                                              (quad_bthd, "BHFD", "BTHD")], ids=lambda x: getattr(x, "__name__", x))
+def test_quadratic_spelling_gradients(fn, states, layout):
+    """Values and gradients in q, k, v and both initial states (through the output and the returned
+    states) against eager autograd in float64."""
+    base = _inputs(layout, states)
+    args = [x.clone().requires_grad_() for x in base]
+    ref_args = [x.clone().requires_grad_() for x in base]
+    want = _tuple(fn(*ref_args))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = _tuple(compiled(*args))
+        cots = [torch.randn_like(w) for w in want]
+        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("based::attention_with_state_backward", 0) >= 1
+    _assert_same(got, want, 1e-10, "values")
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+    for name, g, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
+        _assert_same(g, w, 1e-10, f"d{name}")
+
+
+def test_quadratic_spelling_chunked_prefill_equals_one_prefill():
+    """Two compiled chunks of the quadratic spelling, the second from the first's states, give the whole
+    sequence's output and states."""
+    q, k, v, _, _ = _inputs(t=2 * T)
+    zeros = (torch.zeros(2, H, F, DV, dtype=torch.float64), torch.zeros(2, H, F, dtype=torch.float64))
+    with torch.no_grad():
+        want = brief(q, k, v, *zeros)
+        torch._dynamo.reset()
+        compiled = torch.compile(quad_feature_maps, backend=based_compile.backend(inner="eager"))
+        o1, kv1, k1 = compiled(q[:, :, :T], k[:, :, :T], v[:, :, :T], *zeros)
+        o2, kv2, k2 = compiled(q[:, :, T:], k[:, :, T:], v[:, :, T:], kv1, k1)
+    _assert_same((torch.cat([o1, o2], 2), kv2, k2), want, 1e-10, "chunked")
+
+
+@pytest.mark.parametrize("fn", [quad_feature_maps, quad_polynomial], ids=lambda f: f.__name__)
+def test_quadratic_spelling_dynamic_lengths(fn):
+    """torch.compile(dynamic=True): rewritten from the states at each length, exact."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
+    for t in (11, 12, 13):
+        args = _inputs(t=t)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = compiled(*args)
+            want = fn(*args)
+        calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
+        assert calls >= 1, f"T={t}: not rewritten"
+        _assert_same(got, want, 1e-10, f"T={t}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_quadratic_continued_prefill(dtype, no_tf32):
+    """On CUDA: the quadratic spelling compiled (Inductor inner) at Dk = 16, Dv = 64, T = 1000, from
+    random states; output, new states and gradients in q, k, v and both states against float64 eager."""
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    b, h, t, dk, dv = 2, 4, 1000, 16, 64
+    f = 1 + dk + dk * dk
+
+    def code(q, k, v, kv_state, k_state):
+        qf, kf = phi(q, dk), phi(k, dk)
+        a = torch.tril(qf @ kf.mT)
+        num = a @ v + qf @ kv_state
+        den = a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6
+        return num / den, kv_state + kf.mT @ v, k_state + kf.sum(2)
+
+    base = [torch.randn(b, h, t, d, generator=g, dtype=torch.float64) * s for d, s in ((dk, 0.5), (dk, 0.5), (dv, 1))]
+    base += [torch.randn(b, h, f, dv, generator=g, dtype=torch.float64) * 0.1,
+             (torch.rand(b, h, f, generator=g, dtype=torch.float64) + 0.5) * 100]
+    args = [x.to("cuda", dtype).requires_grad_() for x in base]
+    ref_args = [x.detach().double().requires_grad_() for x in args]
+    want = code(*ref_args)
+    torch._dynamo.reset()
+    got = torch.compile(code, backend="based")(*args)
+    cots = [torch.randn_like(w) for w in want]
+    grads = torch.autograd.grad(sum((x * c.to(x.dtype)).sum() for x, c in zip(got, cots)), args)
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    _assert_same(got, tuple(w.to(x.dtype) for w, x in zip(want, got)), tol, "values")
+    for name, x, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
+        _assert_same(x, w.to(x.dtype), 2 * tol, f"d{name}")
+
+
+# near-misses
+def quad_decayed_state(q, k, v, kv_state, k_state):         # twin of quad_feature_maps
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.transpose(-2, -1))
+    num = a @ v + qf @ (0.9 * kv_state)
+    den = a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6
+    return num / den, kv_state + kf.transpose(-2, -1) @ v, k_state + kf.sum(2)
+
+
+def quad_decayed_term(q, k, v, kv_state, k_state):          # twin of quad_output_only
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    return (a @ v + qf @ kv_state) / (a.sum(-1, keepdim=True) + 0.5 * (qf @ k_state.unsqueeze(-1)) + 1e-6)
+
+
+def quad_state_read_by_k(q, k, v, kv_state, k_state):       # twin of quad_unnormalised: phi(k), not phi(q)
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.transpose(-2, -1))
+    return a @ v + kf @ kv_state, kv_state + kf.transpose(-2, -1) @ v
+
+
+def quad_square_map_state(q, k, v, kv_state, k_state):      # twin of quad_output_only: [1, x, x * x] reads
+    def sq(x):                                              # the states (kept as [B, H, 1 + 2 D, ...])
+        return torch.cat([torch.ones_like(x[..., :1]), x, x * x], -1)
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    return (a @ v + sq(q) @ kv_state) / (a.sum(-1, keepdim=True) + sq(q) @ k_state.unsqueeze(-1) + 1e-6)
+
+
+def quad_two_maps(q, k, v, kv_state, k_state):              # twin of quad_output_only: k_state read by another map
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    return (a @ v + qf @ kv_state) / (a.sum(-1, keepdim=True) + phi(q, d=9) @ k_state.unsqueeze(-1) + 1e-6)
+
+
+def quad_state_not_transposed(q, k, v, kv_state, k_state):  # twin of quad_value_major (Dv == F): numerator reads
+    qf, kf = phi(q), phi(k)                                 # kv_state as [F, Dv], the returned state is [Dv, F]
+    a = torch.tril(qf @ kf.mT)
+    num = a @ v + qf @ kv_state
+    return num / (a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6), kv_state + v.mT @ kf, k_state + kf.sum(2)
+
+
+def quad_key_state_over_heads(q, k, v, kv_state, k_state):  # twin of quad_feature_maps: the returned k_state
+    qf, kf = phi(q), phi(k)                                 # sums over the heads (H == T here)
+    a = torch.tril(qf @ kf.transpose(-2, -1))
+    num = a @ v + qf @ kv_state
+    den = a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6
+    return num / den, kv_state + kf.transpose(-2, -1) @ v, k_state + kf.sum(1)
+
+
+# (fn, state layout, q/k/v layout, T, category, what explain() says, refused: the site or the state)
+QUADRATIC_NEAR_MISSES = [
+    (quad_decayed_state, "BHFD", "BHTD", T, "state", "scaled by 0.9", "site"),
+    (quad_decayed_term, "BHFD", "BHTD", T, "state", "scaled by 0.5", "site"),
+    (quad_state_read_by_k, "BHFD", "BHTD", T, "state", "another query than the attention's", "site"),
+    (quad_square_map_state, "SQUARE_MAP", "BHTD", T, "unsupported", "not [c, a x, b x (x) x]", "site"),
+    (quad_two_maps, "BHFD", "BHTD", T, "state", "two different feature maps", "site"),
+    (quad_state_not_transposed, "SQUARE", "BHTD", T, "verify", "disagrees with the operator's in every layout",
+     "state"),
+    (quad_key_state_over_heads, "BHFD", "BHTD", H, "verify", "disagrees with the operator's in every layout",
+     "state"),
+]
+
+
+@pytest.mark.parametrize("fn,states,layout,t,category,reason,refused", QUADRATIC_NEAR_MISSES,
+                         ids=[n[0].__name__ for n in QUADRATIC_NEAR_MISSES])
+def test_quadratic_spelling_near_miss_is_refused_with_a_reason(fn, states, layout, t, category, reason, refused,
+                                                                probe):
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    if states == "SQUARE":                      # Dv == F: the state [B, H, F, F], either orientation fits
+        q, k, _, _, k0 = _inputs(layout, "BHFD", t=t)
+        v = torch.randn(*q.shape[:-1], F, generator=g, dtype=torch.float64)
+        args = (q, k, v, torch.randn(2, H, F, F, generator=g, dtype=torch.float64), k0)
+    elif states == "SQUARE_MAP":                # the states in [1, x, x * x]'s 1 + 2 D features
+        q, k, v, _, _ = _inputs(layout, "BHFD", t=t)
+        args = (q, k, v, torch.randn(2, H, 1 + 2 * D, DV, generator=g, dtype=torch.float64),
+                torch.rand(2, H, 1 + 2 * D, generator=g, dtype=torch.float64) + 1.0)
+    else:
+        args = _inputs(layout, states, t=t)
+    with torch.no_grad():
+        want = fn(*args)
+    got, with_state, _ = _run(fn, args)
+    _assert_same(got, want, 1e-10, fn.__name__)
+    e = based_compile.explain(fn, *args)
+    assert any(r.category == category and reason in r.reason for r in e.refusals), str(e)
+    if refused == "site":
+        assert with_state == 0, "based::attention_with_state must not run"
+        assert not any("from initial state" in s.form for s in e.sites), str(e)
+    else:                       # the site runs from its initial states; its states are left to the inner compiler
+        assert len(e.sites) == 1 and "from initial state" in e.sites[0].form, str(e)
+        assert "final state" not in e.sites[0].form, str(e)

@@ -303,10 +303,10 @@ def quadratic_continued(q, k, v, kv0, k0):                # the quadratic form p
 
 
 def test_prefill_continued_from_initial_states():
-    """The quadratic spelling is rewritten in part (its a @ v and the added states run
-    based::attention_with_state; phi(q) kv0 and the row sums a.sum(-1), with the T x T weights, stay
-    PyTorch): exact against eager. The linear spelling (running sums from the initial states) runs
-    based::attention_with_state from the states (tests/test_continued_prefill.py has its forms)."""
+    """Both spellings run based::attention_with_state from the states and return the operator's states:
+    the quadratic one (its a @ v, phi(q) kv0, the row sums and phi(q) . k0: nothing of the T x T weights
+    left) and the linear one (running sums from the initial states). tests/test_continued_prefill.py has
+    their forms."""
     args = _inputs(None, "BHTD")
     args = (*args, *_initial_states(args))
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_prefill_continued_from_initial_states():
     assert with_state >= 1
     _assert_same(got, want, 1e-10, "quadratic_continued")
     e = based_compile.explain(quadratic_continued, *args)
-    assert len(e.sites) == 1 and "final state" in e.sites[0].form, str(e)
+    assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and "final state" in e.sites[0].form, str(e)
 
     with torch.no_grad():
         want = linear_continued(*args)

@@ -306,14 +306,14 @@ def test_gpu_non_causal_state_product_with_states(dtype, no_tf32):
     g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
     base = [torch.randn(2, 4, 1000, d, generator=g, dtype=torch.float64) for d in (16, 16, 64)]
     args = [x.to("cuda", dtype).requires_grad_() for x in base]
-    ref_args = [x.clone().cuda().requires_grad_() for x in base]
+    ref_args = [x.detach().double().requires_grad_() for x in args]      # the inputs as rounded
     torch._dynamo.reset()
     got = torch.compile(returns_the_states, backend="based")(*args)
     want = returns_the_states(*ref_args)
     cots = [torch.randn_like(w) for w in want]
     grads = torch.autograd.grad(sum((x * c.to(dtype)).sum() for x, c in zip(got, cots)), args)
     wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
-    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
     for name, x, w in zip(("o", "kv_state", "k_state"), got, want):
         _assert_same((x,), (w.to(x.dtype),), tol, name)
     for name, x, w in zip("qkv", grads, wants):

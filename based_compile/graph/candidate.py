@@ -44,6 +44,7 @@ class Weights:
     lengths: tuple = ()           # (Tq, Tk): ints, or size expressions under dynamic shapes
     q_factor: fx.Node | None = None   # a one-element tensor the raw scores were multiplied by: q * it is q
     feature_sum: object = None    # feature_normaliser.FeatureSum: these weights are a normaliser written on features
+    k_state_term: object = None   # state_readout.StateTerm: a normaliser of these row sums plus phi(q) . k_state
 
     def same_function(self, other: "Weights") -> bool:
         same_keep = (self.keep is None and other.keep is None) or (

@@ -42,9 +42,10 @@ import torch.fx as fx
 
 from ..kernels.arguments import check_arguments
 from ..op.attention_with_state import features_of_moments, moments
-from .canonicalize import VIEW_OPS, example_value, hint_shape, scalar_factor, strip_views, walk_operand
+from .canonicalize import VIEW_OPS, example_value, hint_shape, read_views, scalar_factor, strip_views, walk_operand
 from .evaluate import GraphEvaluator
 from .feature_map import FeatureMap, read_feature_map
+from .initial_state import STATE_VIEWS
 from .mask import size_expr
 from .refusal import Refused
 
@@ -62,6 +63,7 @@ class StateRead:
     repeat: bool = False          # the user's heads are the op's kv heads repeated over the GQA group
     transpose: bool = False       # the user's kv state is [.., Dv, F]
     initial: bool = False         # the last row of running sums that start from the site's initial state
+    inner: fx.Node | None = None  # initial: the sum over this prefill's tokens the initial state is added to
 
     @property
     def pieces(self) -> tuple:
@@ -162,7 +164,11 @@ class _Site:
         m = settled.match
         self.settled, self.q, self.k, self.v, self.t = settled, m.q, m.k, m.v, m.key_length
         init = m.initial
-        self.starts = {} if init is None else {st.add: st.running for st in (init.kv, init.k) if st is not None}
+        self.starts = {} if init is None else {st.add: st.running for st in (init.kv, init.k)
+                                               if st is not None and st.running is not None}
+        # the initial states themselves (a state added beside the quadratic form: no running sum)
+        self.sources = {} if init is None else {st.source: kind for kind, st in (("kv", init.kv), ("k", init.k))
+                                                if st is not None and st.running is None}
 
 
 def _product_operands(gm, node):
@@ -208,6 +214,14 @@ def _candidate(gm, ev, site: _Site, node: fx.Node):
     """(StateRead | None) for ``node`` as a state of ``site``; Refused for a near-miss."""
     if node.op != "call_function":
         return None
+    if node.target is aten.add.Tensor and site.sources and float(node.kwargs.get("alpha", 1)) == 1.0 \
+            and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        for start, other in (node.args[:2], node.args[1::-1]):      # kv_state + phi(k)^T v: the state after
+            kind = site.sources.get(read_views(gm, start, view_ops=STATE_VIEWS, scalars=False).base)
+            inner = strip_views(other)
+            read = _candidate(gm, ev, site, inner) if kind is not None and isinstance(inner, fx.Node) else None
+            if read is not None and read.kind == kind and not read.initial:
+                return StateRead(node, kind, read.phi, initial=True, inner=read.node)
     if node.target is aten.sum.dim_IntList and len(node.args) > 1 and node.args[1] is not None \
             and len(node.args[1]) == 1:
         operand = node.args[0]
@@ -267,7 +281,7 @@ def _visible(node: fx.Node, available) -> fx.Node | None:
 def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available):
     """Yield (site index, StateRead) or Refused for the final states the settled sites' prefills return."""
     sites = [_Site(s) for s in settled]
-    seen = set()
+    seen, found = set(), []
     for node in gm.graph.nodes:
         for index, site in enumerate(sites):
             try:
@@ -286,8 +300,13 @@ def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available
             # (a non-causal site's own total sums, phi(q) @ (phi(k)^T v) returning phi(k)^T v, are its states)
             seen.add(visible)
             read.node = visible
-            yield index, read
+            found.append((index, read))
             break
+    # the sum an initial state is added to (kv_state + phi(k)^T v) is read within that state, not on its own
+    within = {(index, _visible(read.inner, available)) for index, read in found if read.inner is not None}
+    for index, read in found:
+        if (index, read.node) not in within:
+            yield index, read
 
 
 def settle_states(site, reads: list, ev: GraphEvaluator, to_dynamo: dict) -> SiteStates:

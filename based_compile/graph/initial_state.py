@@ -8,7 +8,8 @@
 or as the cumsum's first row: ``torch.cat([kv_state[:, :, None], x], 2).cumsum(2)[:, :, 1:]``). Every
 query then also sees the earlier tokens through the states: o gains phi(q) kv_state over
 phi(q) . k_state. The linear-form reader (``linear_form.py``) and the feature normaliser
-(``feature_normaliser.py``) call ``read_initial`` on the tensor added to a running sum; the site
+(``feature_normaliser.py``) call ``read_initial`` on the tensor added to a running sum (written beside
+the quadratic form instead, ``phi(q) @ kv_state`` added to ``a @ v``, ``state_readout.py`` reads it); the site
 then runs ``based::attention_with_state`` with the states, laid out as the operator takes them
 ([B, H, F, Dv], [B, H, F]).
 
@@ -35,7 +36,7 @@ from .refusal import Refused
 aten = torch.ops.aten
 
 # views an initial state may be read through (a cast is not one: its rounding is part of the code)
-_STATE_VIEWS = VIEW_OPS - {aten._to_copy.default}
+STATE_VIEWS = VIEW_OPS - {aten._to_copy.default}
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class InitialState:
     source: fx.Node
     squeeze: tuple
     perm: tuple
-    add: fx.Node               # the node that adds it to the running sum
-    running: fx.Node           # the running sum (cumsum) it is added to
+    add: fx.Node               # the node that adds it to the running sum (or its readout to the quadratic form's)
+    running: fx.Node | None    # the running sum (cumsum) it is added to; None: read by phi(q) (``state_readout``)
 
     def operator_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """The operator's state from a value of ``source``."""
@@ -88,7 +89,7 @@ def read_initial(gm, ev, init, state: fx.Node, dim: int, labels: dict, role: str
     if ev.depends_on(init, reads):
         raise Refused("state", f"the tensor added to the running sums (as an initial {what}) is computed from q, k "
                                "or v: not the state of earlier tokens", add)
-    chain = read_views(gm, init, view_ops=_STATE_VIEWS, scalars=False)
+    chain = read_views(gm, init, view_ops=STATE_VIEWS, scalars=False)
     node = chain.base
     scaled = scalar_factor(gm, node) if isinstance(node, fx.Node) else None
     if scaled is not None:

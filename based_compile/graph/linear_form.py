@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .candidate import Weights, pick_output, view_chain
+from .contraction import SUMMED, axes_of, contraction
 from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, track_axis, walk_operand
 from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
@@ -202,6 +203,11 @@ def match_linear(matcher, state: fx.Node):
     v_stop = walk_operand(gm, v_arg).stop
     if read_feature_map(gm, v_stop) is not None or _state_kind(strip_views(v_arg)) is not None:
         raise NotACandidate("phi(k) times phi(k), or times a running sum")
+    k_arg = kv.args[0] if walk_operand(gm, kv.args[0]).stop is cat_k else kv.args[1]
+    _, feature = follow(gm, k_arg, -1)
+    if feature is not None and feature + len(hint_shape(kv)) - len(hint_shape(k_arg)) == dim % len(hint_shape(kv)):
+        raise NotACandidate("a product summed over phi's features (a contraction, e.g. phi(q) . k_state), not over "
+                            "time")
     v_walk = walk_operand(gm, v_arg, through_scalars=False)
     v = v_walk.source
     t = hint_shape(kv)[dim]
@@ -326,68 +332,12 @@ def _initial_states(phi_k, factor_k: float, kv, k) -> InitialStates:
 #
 # is (phi(q) phi(k)^T) v, the quadratic form without a mask: it becomes the same Match. Every spelling
 # is one reading: each contraction (a ``bmm``, or a product summed over one axis) is read as which axis
-# of each factor it sums and where the others go (``_contraction``), and each factor through its views
+# of each factor it sums and where the others go (``contraction``), and each factor through its views
 # down to phi(q), phi(k), v or the state, whose axes are followed onto the factor's (``read_views``).
 # The state sums one axis of phi(k) and of v, the same one (time), and keeps phi(k)'s and v's features
 # on two axes; the readout sums phi(q)'s features against the state's features and keeps phi(q)'s time
 # and the state's values. Which axes are batch, heads and time is left to the numerical probe, and
 # without it to the axis labels (``axis_labels``).
-
-SUMMED, BROADCAST = "summed", "broadcast"
-
-
-@dataclass(frozen=True)
-class _Contraction:
-    """A ``bmm`` or a product summed over one axis: its two factors, and for each axis of each factor
-    the output axis it becomes, ``SUMMED``, or ``BROADCAST`` (a size-one axis against a longer one)."""
-
-    node: fx.Node
-    factors: tuple
-    where: tuple
-
-
-def _contraction(node) -> _Contraction | None:
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    if node.target is aten.bmm.default and all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return _Contraction(node, tuple(node.args[:2]), ((0, 1, SUMMED), (0, SUMMED, 2)))
-    if node.target is not aten.sum.dim_IntList or len(node.args) < 2 or node.args[1] is None \
-            or len(node.args[1]) != 1:
-        return None
-    prod = node.args[0]
-    if not isinstance(prod, fx.Node) or prod.op != "call_function" or prod.target is not aten.mul.Tensor \
-            or not all(isinstance(a, fx.Node) for a in prod.args[:2]):
-        return None
-    out = hint_shape(prod)
-    rank = len(out)
-    dim = node.args[1][0] % rank
-    keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
-    where = []
-    for factor in prod.args[:2]:
-        shape = hint_shape(factor)
-        shift = rank - len(shape)
-        axes = []
-        for i, size in enumerate(shape):
-            m = i + shift
-            if size == 1 and out[m] > 1:
-                axes.append(BROADCAST)
-            elif m == dim:
-                axes.append(SUMMED)
-            else:
-                axes.append(m if keepdim or m < dim else m - 1)
-        where.append(tuple(axes))
-    return _Contraction(node, tuple(prod.args[:2]), tuple(where))
-
-
-def _axes(chain, where: tuple, rank: int) -> list:
-    """For each axis of ``chain``'s base (of rank ``rank``): what the contraction does with it
-    (``_Contraction.where`` of the factor the chain starts at), or None where a view merges or splits it."""
-    out = []
-    for axis in range(rank):
-        at = chain.lands(axis)
-        out.append(None if at is None else where[at])
-    return out
-
 
 @dataclass(frozen=True)
 class _StateSum:
@@ -408,7 +358,7 @@ class _StateSum:
 def read_state_sum(gm, node) -> _StateSum | None:
     """The non-causal state ``node`` computes (phi(k) summed over one axis that is not its features,
     against v summed over one axis that is not its own), or None."""
-    c = _contraction(node)
+    c = contraction(node)
     if c is None:
         return None
     for i in (0, 1):
@@ -422,8 +372,8 @@ def read_state_sum(gm, node) -> _StateSum | None:
         if v.stop.op == "call_function" and read_feature_map(gm, v.stop) is not None:
             return None                               # phi(q) phi(k)^T: the scores
         rank, v_rank = len(hint_shape(cat)), len(hint_shape(v.source) or ())
-        k_axes = _axes(k_chain, c.where[i], rank)
-        v_axes = _axes(read_views(gm, other, scalars=False, until=v.source), c.where[1 - i], v_rank)
+        k_axes = axes_of(k_chain, c.where[i], rank)
+        v_axes = axes_of(read_views(gm, other, scalars=False, until=v.source), c.where[1 - i], v_rank)
         summed_k = [a for a, w in enumerate(k_axes) if w == SUMMED]
         summed_v = [a for a, w in enumerate(v_axes) if w == SUMMED]
         if len(summed_k) != 1 or summed_k == [rank - 1] or len(summed_v) != 1 or summed_v == [v_rank - 1] \
@@ -465,7 +415,7 @@ def match_state_product(matcher, node: fx.Node):
     """phi(q) @ (phi(k)^T @ v), in any spelling of the two contractions: the non-causal linear form, as a
     Match (Refused / NotACandidate). ``node``: the readout's contraction (a bmm, or a sum)."""
     gm = matcher.gm
-    c = _contraction(node)
+    c = contraction(node)
     if c is None:
         raise NotACandidate("not a contraction")
     for i in (0, 1):
@@ -481,8 +431,8 @@ def match_state_product(matcher, node: fx.Node):
         rank = len(hint_shape(cat_q))
         if rank != len(hint_shape(state.cat)):
             raise NotACandidate("phi(q) and phi(k) of different ranks")
-        q_axes = _axes(q_chain, c.where[i], rank)
-        s_axes = _axes(s_chain, c.where[1 - i], len(hint_shape(state.node)))
+        q_axes = axes_of(q_chain, c.where[i], rank)
+        s_axes = axes_of(s_chain, c.where[1 - i], len(hint_shape(state.node)))
         if q_axes[rank - 1] != SUMMED or [a for a, w in enumerate(q_axes) if w == SUMMED] != [rank - 1]:
             raise NotACandidate("the product does not contract phi(q) over its features alone")
         if s_axes[state.features] != SUMMED or s_axes.count(SUMMED) != 1:

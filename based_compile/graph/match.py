@@ -12,7 +12,9 @@ operand is read backwards as an abstract value ``Weights = keep * P(q.k)``:
 
 The normaliser is read from the user of the numerator: division by (or multiplication by
 the reciprocal of) the row sums of weights, plus eps; those weights must be the same
-abstract value as the numerator's. The linear (cumsum) feature-map form is anchored on the
+abstract value as the numerator's. A numerator plus ``phi(q) @ kv_state`` and row sums plus
+``phi(q) . k_state`` are a continued prefill from those initial states (``state_readout``). The
+linear (cumsum) feature-map form is anchored on the
 ``cumsum`` of k (x) v (``match_linear``). Everything the reading cannot explain either ends
 the candidate silently (``NotACandidate``: nothing Based-like) or refuses it with a
 category (``Refused``); ``verify.py`` then settles layout and GQA group with a numerical probe.
@@ -37,6 +39,7 @@ from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
 from .linear_form import match_linear, match_state_product, read_state_sum
 from .refusal import NotACandidate, Refused
+from .state_readout import initial_states, read_state_term
 
 aten = torch.ops.aten
 log = logging.getLogger("based_compile")
@@ -162,6 +165,10 @@ class Matcher:
         """weights / (row sums + eps) (or * reciprocal): normalised before the matmul with V."""
         w = self.weights(weights_arg)
         wz, eps, inverted = self.normaliser(z_arg)
+        if wz.k_state_term is not None:
+            raise Refused("state", "the weights are divided by their row sums plus phi(q) . k_state before the "
+                                   "matmul with v: the earlier tokens' values (phi(q) kv_state) are not in the "
+                                   "numerator", node)
         if inverted == divide:
             raise Refused("normaliser", "divides by the reciprocal of the row sums" if divide else
                           "multiplies the weights by their row sums instead of dividing", node)
@@ -516,6 +523,19 @@ class Matcher:
                 if inverted:
                     raise Refused("normaliser", "eps is added after the reciprocal of the row sums", node)
                 return w, eps + c, inverted
+            if alpha == 1.0 and all(isinstance(a, fx.Node) for a in args[:2]):
+                for rows, other in (args[:2], args[1::-1]):     # row sums + phi(q) . k_state (earlier tokens)
+                    try:
+                        w, eps, inverted = self.normaliser(rows, top)
+                    except NotACandidate:
+                        continue
+                    if inverted:
+                        raise Refused("normaliser", "a k_state term is added to the reciprocal of the row sums",
+                                      node)
+                    if w.k_state_term is not None:
+                        raise Refused("state", "two k_state terms are added to the row sums", node)
+                    term = read_state_term(self.gm, self.evaluator, other, "k", w.q, {w.q, w.k}, node)
+                    return replace(w, k_state_term=term), eps, inverted
             raise NotACandidate("sum of two tensors")
         if target is aten.reciprocal.default:
             w, eps, inverted = self.normaliser(args[0], top)
@@ -646,22 +666,58 @@ class Matcher:
         if w.tk is not None and polynomial.degree(w.poly) < 2:
             raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
         v = v_operand.source
+        kv_term = self._numerator_state(path, w, v, value_axis, query_axis)
+        start = bmm
+        if kv_term is not None:              # a @ v + phi(q) @ kv_state: the numerator is that sum
+            add, term, value_axis, query_axis = kv_term
+            path, start = view_chain(add), add
         found = self._find_normaliser(path, value_axis, query_axis)
         normalize, eps = w.row_normalised is not None, w.row_normalised or 0.0
-        start = bmm
         if found is not None and normalize:
             raise Refused("normaliser", "the output is normalised twice (weights and output)", found[0])
+        k_term = None
         if found is not None:
             start, wz, eps = found
             why = self._normaliser_mismatch(wz, w)
             if why is not None:
                 raise Refused("normaliser", why, start)
-            normalize = True
+            normalize, k_term = True, wz.k_state_term
         output = pick_output(start) if start is not bmm or path[0] is bmm else path[0]
+        initial = None
+        if kv_term is not None or k_term is not None:
+            if w.tk is not None:
+                raise Refused("unsupported", "a block of queries against a KV cache that also reads initial states "
+                                             "(phi(q) . kv_state): not rewritten", start)
+            initial = initial_states(None if kv_term is None else kv_term[1], k_term, w.poly, start)
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
         return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives,
-                       q_alternatives=w.q_alternatives, q_factor=w.q_factor)
+                       q_alternatives=w.q_alternatives, q_factor=w.q_factor, initial=initial)
+
+    def _numerator_state(self, path: list, w: Weights, v, value_axis, query_axis):
+        """(the add, its StateTerm, the value and query axes in the add) when the numerator (``path``: the
+        weights' product with v and its views) has phi(q) @ kv_state added, the earlier tokens' values,
+        else None."""
+        for p in path:
+            if p is not path[0]:
+                value_axis = track_axis(p, value_axis) if value_axis is not None else None
+                query_axis = track_axis(p, query_axis) if query_axis is not None else None
+            for u in p.users:
+                if u.op != "call_function" or u.target is not aten.add.Tensor or p not in u.args[:2] \
+                        or float(u.kwargs.get("alpha", 1)) != 1.0 or hint_shape(u) != hint_shape(p):
+                    continue
+                other = u.args[1] if u.args[0] is p else u.args[0]
+                if not isinstance(other, fx.Node):
+                    continue
+                try:
+                    term = read_state_term(self.gm, self.evaluator, other, "kv", w.q, {w.q, w.k, v}, u)
+                except NotACandidate:
+                    continue
+                if w.q_factor is not None:
+                    raise Refused("unsupported", "initial states read beside scores scaled by a learnable "
+                                                 "one-element tensor: not rewritten", u)
+                return u, term, value_axis, query_axis
+        return None
 
     def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
         if w.junk:

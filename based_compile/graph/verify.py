@@ -23,6 +23,7 @@ from . import axis_labels
 from ..kernels.arguments import check_arguments
 from ..kernels.naive import naive_parallel_based
 from ..op.attention_with_state import composed_forward
+from ..op.recurrent_step import feature_width
 from .candidate import Match
 from .refusal import Refused
 from ..op.spec import BasedSpec
@@ -477,6 +478,21 @@ def _initial_values(m: Match, values: dict, gen, device, dtype) -> tuple:
     return tuple(out)
 
 
+def _states_fit(m: Match, reading: Settled, qs, vs) -> bool:
+    """A continued prefill's initial states, as the operator takes them (``InitialState.operator_tensor``
+    of the traced shapes), are [B, H, F, Dv] and [B, H, F] for this reading's batch and heads (the
+    operator checks it when it runs: a state broadcast over the batch would raise there)."""
+    heads = qs[1] if reading.spec.layout == "BHTD" else qs[2]
+    f = feature_width(m.initial.pieces, qs[-1])
+    for st, want in ((m.initial.kv, (qs[0], heads, f, vs[-1])), (m.initial.k, (qs[0], heads, f))):
+        if st is None:
+            continue
+        shape = [n for a, n in enumerate(hint_shape(st.source)) if a not in st.squeeze]
+        if len(shape) != len(st.perm) or tuple(shape[p] for p in st.perm) != want:
+            return False
+    return True
+
+
 def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
     readings, qs, vs = _readings(m)
     if m.initial is not None:       # the user's states are per query head: k and v as the op reads them
@@ -485,6 +501,11 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             raise Refused("unsupported", "a prefill continued from initial states with grouped-query heads (k and v "
                                          "shared by several query heads): the states the code adds are per query "
                                          "head, the operator's per key/value head", m.output)
+        readings = [r for r in readings if _states_fit(m, r, qs, vs)]
+        if not readings:
+            raise Refused("state", "the initial states, read as the operator takes them, are not [B, H, F, Dv] and "
+                                   "[B, H, F] of the attention's batch and heads (a state broadcast over them?)",
+                          m.output)
     if not probe:
         return _structural_reading(m, readings, "the numerical probe is off")
     rows = math.prod(qs[:3])                                     # B * H * T
