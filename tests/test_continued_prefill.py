@@ -724,6 +724,13 @@ def quad_key_state_over_heads(q, k, v, kv_state, k_state):  # twin of quad_featu
     return num / den, kv_state + kf.transpose(-2, -1) @ v, k_state + kf.sum(1)
 
 
+def quad_rows_transposed(q, k, v, kv_state, k_state):       # twin of quad_output_only at H == T: the row sums
+    qf, kf = phi(q), phi(k)                                 # transposed between heads and time
+    a = torch.tril(qf @ kf.mT)
+    den = a.sum(-1, keepdim=True).transpose(1, 2) + qf @ k_state.unsqueeze(-1) + 1e-6
+    return (a @ v + qf @ kv_state) / den
+
+
 # (fn, state layout, q/k/v layout, T, category, what explain() says, refused: the site or the state)
 QUADRATIC_NEAR_MISSES = [
     (quad_decayed_state, "BHFD", "BHTD", T, "state", "scaled by 0.9", "site"),
@@ -735,6 +742,7 @@ QUADRATIC_NEAR_MISSES = [
      "state"),
     (quad_key_state_over_heads, "BHFD", "BHTD", H, "verify", "disagrees with the operator's in every layout",
      "state"),
+    (quad_rows_transposed, "BHFD", "BHTD", H, "normaliser", "query axis does not run along", "site"),
 ]
 
 

@@ -200,6 +200,8 @@ class Matcher:
                 node = node.args[0]
             elif target is aten.add.Tensor and scalar_value(self.gm, node.args[0]) is not None:
                 node = node.args[1]
+            elif target is aten.add.Tensor and self._beside_state_term(node) is not None:
+                node = self._beside_state_term(node)        # row sums + phi(q) . k_state: the row sums
             elif target is aten.reciprocal.default:
                 node = node.args[0]
             elif scalar_factor(self.gm, node) is not None:
@@ -225,6 +227,22 @@ class Matcher:
         if axis is None or axis + rank_out - rank_den != query_axis:
             raise Refused("normaliser", "the row sums' query axis does not run along the numerator's query axis "
                                         "(transposed between heads and time, or merged by a view)", divided)
+
+    def _beside_state_term(self, add: fx.Node):
+        """The operand of ``add`` that a phi(q) . state term (``state_readout``) is added to, or None."""
+        if not all(isinstance(a, fx.Node) for a in add.args[:2]):
+            return None
+        for rows in add.args[:2]:
+            base = read_views(None, rows, scalars=False).base
+            if not (isinstance(base, fx.Node) and base.op == "call_function"
+                    and base.target in (aten.sum.dim_IntList, aten.sum.default)):
+                continue
+            try:
+                self.weights(base.args[0])
+            except NotACandidate:
+                continue
+            return rows
+        return None
 
     def _feature_normaliser(self, node: fx.Node, top: tuple = ()) -> Weights:
         """A normaliser written on the features (``feature_normaliser``), phi(q) . cumsum(phi(k)) or
