@@ -530,6 +530,23 @@ def quad_non_causal(q, k, v, kv_state, k_state):             # every query sees 
     return (a @ v + qf @ kv_state) / (a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6)
 
 
+def quad_in_place(q, k, v, kv_state, k_state):               # the states' terms added in place
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    num = a @ v
+    num += qf @ kv_state
+    den = a.sum(-1, keepdim=True)
+    den.add_(qf @ k_state[..., None])
+    return num / (den + 1e-6), kv_state + kf.mT @ v, k_state + kf.sum(2)
+
+
+def quad_reordered(q, k, v, kv_state, k_state):              # terms in another order, times the reciprocal
+    qf, kf = phi(q), phi(k)
+    a = torch.tril(qf @ kf.mT)
+    z = 1.0 / (1e-6 + qf @ k_state[..., None] + a.sum(-1, keepdim=True))
+    return (qf @ kv_state + a @ v) * z
+
+
 QUADRATIC_FORMS = [
     (quad_feature_maps, "BHFD", "BHTD", True),
     (quad_polynomial, "BHFD", "BHTD", True),
@@ -540,6 +557,8 @@ QUADRATIC_FORMS = [
     (quad_states_with_time_axis, "BH1FD", "BHTD", True),
     (quad_output_only, "BHFD", "BHTD", False),
     (quad_non_causal, "BHFD", "BHTD", False),
+    (quad_in_place, "BHFD", "BHTD", True),
+    (quad_reordered, "BHFD", "BHTD", False),
 ]
 
 

@@ -228,6 +228,39 @@ class Matcher:
             raise Refused("normaliser", "the row sums' query axis does not run along the numerator's query axis "
                                         "(transposed between heads and time, or merged by a view)", divided)
 
+    def _normaliser_with_state(self, add: fx.Node, top: tuple) -> tuple[Weights, float, bool]:
+        """A sum (of sums: ``add`` and the adds under it) of the row sums, one phi(q) . k_state term
+        (``state_readout``) and numbers (eps): (the row sums' weights with the term, eps, inverted)."""
+        leaves, stack = [], [add]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.add.Tensor \
+                    and float(node.kwargs.get("alpha", 1)) == 1.0:
+                stack.extend(node.args[1::-1])
+            else:
+                leaves.append(node)
+        eps = sum(c for c in (scalar_value(self.gm, x) for x in leaves) if c is not None)
+        tensors = [x for x in leaves if scalar_value(self.gm, x) is None]
+        if len(tensors) != 2 or not all(isinstance(x, fx.Node) for x in tensors):
+            raise NotACandidate("not a sum of the row sums and one other tensor")
+        for rows, other in (tensors, tensors[::-1]):
+            try:
+                term = read_state_term(self.gm, self.evaluator, other, "k", None, set(), add)
+                w, eps_rows, inverted = self.normaliser(rows, top)
+            except NotACandidate:
+                continue
+            if self.evaluator.depends_on(term.state.source, {w.q, w.k}):
+                continue
+            if term.phi.source is not w.q:
+                raise Refused("state", "phi(q) . k_state reads another query than the attention's (phi of another "
+                                       "tensor): not the queries' view of the earlier tokens", add)
+            if inverted:
+                raise Refused("normaliser", "a term is added to the reciprocal of the row sums", add)
+            if w.k_state_term is not None:
+                raise Refused("state", "two k_state terms are added to the row sums", add)
+            return replace(w, k_state_term=term), eps + eps_rows, False
+        raise NotACandidate("sum of two tensors")
+
     def _beside_state_term(self, add: fx.Node):
         """The operand of ``add`` that a phi(q) . state term (``state_readout``) is added to, or None."""
         if not all(isinstance(a, fx.Node) for a in add.args[:2]):
@@ -541,19 +574,8 @@ class Matcher:
                 if inverted:
                     raise Refused("normaliser", "eps is added after the reciprocal of the row sums", node)
                 return w, eps + c, inverted
-            if alpha == 1.0 and all(isinstance(a, fx.Node) for a in args[:2]):
-                for rows, other in (args[:2], args[1::-1]):     # row sums + phi(q) . k_state (earlier tokens)
-                    try:
-                        w, eps, inverted = self.normaliser(rows, top)
-                    except NotACandidate:
-                        continue
-                    if inverted:
-                        raise Refused("normaliser", "a k_state term is added to the reciprocal of the row sums",
-                                      node)
-                    if w.k_state_term is not None:
-                        raise Refused("state", "two k_state terms are added to the row sums", node)
-                    term = read_state_term(self.gm, self.evaluator, other, "k", w.q, {w.q, w.k}, node)
-                    return replace(w, k_state_term=term), eps, inverted
+            if alpha == 1.0:               # row sums + phi(q) . k_state (+ eps), in any order: the earlier tokens
+                return self._normaliser_with_state(node, top)
             raise NotACandidate("sum of two tensors")
         if target is aten.reciprocal.default:
             w, eps, inverted = self.normaliser(args[0], top)

@@ -52,7 +52,8 @@ class StateTerm:
 def read_state_term(gm, ev, node, role: str, q: fx.Node, reads: set, add: fx.Node) -> StateTerm:
     """The term ``node`` (added to the numerator, role "kv", or to the row sums, role "k", by ``add``) as
     phi(q) . state; NotACandidate when it is no such product, Refused for a near-miss. ``q``: the
-    attention's query; ``reads``: nodes the state must not read (q, k, v)."""
+    attention's query (None: the caller checks ``phi.source``); ``reads``: nodes the state must not read
+    (q, k, v; an empty set: the caller checks)."""
     what = "kv_state" if role == "kv" else "k_state"
     outer = read_views(gm, node)
     c = contraction(outer.base)
@@ -74,7 +75,7 @@ def read_state_term(gm, ev, node, role: str, q: fx.Node, reads: set, add: fx.Nod
             factor = outer.factor if outer.factor != 1.0 else scalar_factor(gm, source)[1]
             raise Refused("state", f"the initial {what} is scaled by {factor:g} where phi(q) reads it (a decayed or "
                                    f"gated state, 0.9 * {what}): not Based, whose states only add", add)
-        if phi.source is not q:
+        if q is not None and phi.source is not q:
             raise Refused("state", f"phi(q) . {what} reads another query than the attention's (phi of another "
                                    "tensor): not the queries' view of the earlier tokens", add)
         rank = len(hint_shape(cat))
