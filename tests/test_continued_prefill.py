@@ -588,16 +588,15 @@ def test_quadratic_spelling_runs_the_state_operator(fn, states, layout, returns,
     assert len(e.sites) == 1 and not e.refusals, str(e)
     assert "from initial state" in e.sites[0].form and ("final state" in e.sites[0].form) == returns, str(e)
     assert ("non-causal" in str(e.sites[0].spec)) == (fn is quad_non_causal), str(e)
-    with torch.no_grad():
-        want = fn(*args)
-    got, with_state, _ = _run(fn, args)
-    assert with_state >= 1
-    _assert_same(got, want, 1e-10, fn.__name__)
-    args = _inputs(layout, states)                 # fresh values, the same code
-    with torch.no_grad():
-        want = fn(*args)
-    got, _, _ = _run(fn, args)
-    _assert_same(got, want, 1e-10, fn.__name__ + " (fresh inputs)")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
+    for _ in range(2):                              # fresh values, the compiled graph reused
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = compiled(*args)
+            want = fn(*args)
+        assert sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state") >= 1
+        _assert_same(got, want, 1e-10, fn.__name__)
+        args = _inputs(layout, states)
 
 
 @pytest.mark.parametrize("fn", [quad_feature_maps, quad_polynomial, quad_value_major, quad_output_only],
