@@ -47,7 +47,7 @@ def _poly(s):
 
 def _causal(a, tq, tk=None):
     tk = tq if tk is None else tk
-    return a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0)
+    return a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=a.device).tril(tk - tq), 0)
 
 
 def _z_bthd(a):
@@ -208,7 +208,7 @@ def mask_over_the_folded_rows(q, k, v):
     b, t, h, d = q.shape
     kk, vv = k[:, :, 0], v[:, :, 0]
     a = _poly((q.transpose(1, 2).reshape(b, h * t, d) @ kk.mT) * 0.25)
-    a = a.masked_fill(~torch.ones(h * t, t, dtype=torch.bool).tril(), 0)
+    a = a.masked_fill(~torch.ones(h * t, t, dtype=torch.bool, device=a.device).tril(), 0)
     return (a @ vv).view(b, h, t, -1).transpose(1, 2)
 
 
