@@ -233,6 +233,18 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     return FeatureMap(pieces, sources.pop())
 
 
+
+def feature_map_factors(gm: fx.GraphModule, factors):
+    """Each of a contraction's factors that is a feature map through views, in order, as (index, its
+    views ``ViewChain``, the ``FeatureMap``); the chain's ``base`` is the map's ``cat``."""
+    for i, factor in enumerate(factors):
+        chain = read_views(gm, factor)
+        base = chain.base
+        phi = read_feature_map(gm, base) if isinstance(base, fx.Node) and base.op == "call_function" else None
+        if phi is not None:
+            yield i, chain, phi
+
+
 def unread_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Why a ``cat`` along the last axis that looks like a Taylor map (a constant column beside other
     pieces) is not read as one, when the cause is a piece scaled by a one-element tensor whose value is

@@ -24,7 +24,7 @@ from . import polynomial
 from .candidate import Weights, pick_output, view_chain
 from .contraction import SUMMED, axes_of, contraction
 from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, track_axis, walk_operand
-from .feature_map import other_readings, pair_feature_maps, read_feature_map, unread_reason
+from .feature_map import feature_map_factors, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
 from .initial_state import InitialStates, follow, read_initial
 from .mask import Keep, size_expr
@@ -361,12 +361,8 @@ def read_state_sum(gm, node) -> _StateSum | None:
     c = contraction(node)
     if c is None:
         return None
-    for i in (0, 1):
-        k_chain = read_views(gm, c.factors[i])
+    for i, k_chain, phi in feature_map_factors(gm, c.factors):
         cat = k_chain.base
-        phi = read_feature_map(gm, cat) if isinstance(cat, fx.Node) and cat.op == "call_function" else None
-        if phi is None:
-            continue
         other = c.factors[1 - i]
         v = walk_operand(gm, other, through_scalars=False)
         if v.stop.op == "call_function" and read_feature_map(gm, v.stop) is not None:
@@ -418,12 +414,8 @@ def match_state_product(matcher, node: fx.Node):
     c = contraction(node)
     if c is None:
         raise NotACandidate("not a contraction")
-    for i in (0, 1):
-        q_chain = read_views(gm, c.factors[i])
+    for i, q_chain, phi_q in feature_map_factors(gm, c.factors):
         cat_q = q_chain.base
-        phi_q = read_feature_map(gm, cat_q) if isinstance(cat_q, fx.Node) and cat_q.op == "call_function" else None
-        if phi_q is None:
-            continue
         s_chain = read_views(gm, c.factors[1 - i])
         state = read_state_sum(gm, s_chain.base)
         if state is None:

@@ -33,7 +33,7 @@ import torch.fx as fx
 from . import polynomial
 from .canonicalize import hint_shape, read_views, scalar_factor
 from .contraction import BROADCAST, SUMMED, axes_of, contraction
-from .feature_map import FeatureMap, read_feature_map
+from .feature_map import FeatureMap, feature_map_factors, read_feature_map
 from .initial_state import STATE_VIEWS, InitialState, InitialStates
 from .refusal import NotACandidate, Refused
 
@@ -59,12 +59,8 @@ def read_state_term(gm, ev, node, role: str, q: fx.Node, reads: set, add: fx.Nod
     c = contraction(outer.base)
     if c is None:
         raise NotACandidate("not a contraction")
-    for i in (0, 1):
-        q_chain = read_views(gm, c.factors[i])
+    for i, q_chain, phi in feature_map_factors(gm, c.factors):
         cat = q_chain.base
-        phi = read_feature_map(gm, cat) if isinstance(cat, fx.Node) and cat.op == "call_function" else None
-        if phi is None:
-            continue
         s_chain = read_views(gm, c.factors[1 - i], view_ops=STATE_VIEWS, scalars=False)
         source = s_chain.base
         if not isinstance(source, fx.Node) or read_feature_map(gm, source) is not None:
