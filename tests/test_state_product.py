@@ -318,3 +318,35 @@ def test_gpu_non_causal_state_product_with_states(dtype, no_tf32):
         _assert_same((x,), (w.to(x.dtype),), tol, name)
     for name, x, w in zip("qkv", grads, wants):
         _assert_same((x,), (w.to(dtype),), 2 * tol, f"d{name}")
+
+
+def returns_the_state_flattened(q, k, v):               # the state returned as [B * H, F, Dv], k state [B * H * F]
+    qf, kf = phi(q), phi(k)
+    kv = kf.mT @ v
+    ks = kf.sum(2)
+    return (qf @ kv) / (qf @ ks[..., None] + 1e-6), kv.flatten(0, 1), ks.reshape(-1)
+
+
+def test_state_returned_reshaped_is_not_the_operators(probe):
+    """A returned state the code reshapes (flatten(0, 1)): its values are the operator's state read as
+    another shape, but the rewrite places a state only by transposing and adding or removing size-1 axes.
+    Before, the compiled model returned [B, H, F, Dv] where eager returns [B * H, F, Dv]. Now that
+    state is refused (the user's code computes it) and the site still runs the operator."""
+    e = based_compile.explain(returns_the_state_flattened, *_inputs())
+    assert len(e.sites) == 1 and "final state" not in e.sites[0].form, str(e)
+    assert any(r.category == "state" and f"reshaped to [{B * H}, {F}, {DV}]" in r.reason for r in e.refusals), str(e)
+    torch._dynamo.reset()
+    compiled = torch.compile(returns_the_state_flattened, backend=based_compile.backend(inner="aot_eager"))
+    for t in (T, T + 3):                          # the second length recompiles with a symbolic length
+        args = _inputs(t=t, requires_grad=True)
+        ref_args = [x.detach().clone().requires_grad_() for x in args]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = compiled(*args)
+        assert _calls(prof) >= 1, "the operator did not run"
+        want = returns_the_state_flattened(*ref_args)
+        _assert_same(got, want, 1e-10, "values")
+        cots = [torch.randn_like(w) for w in want]
+        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
+        wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+        for name, g, w in zip("qkv", grads, wants):
+            _assert_same((g,), (w,), 1e-10, f"d{name}")

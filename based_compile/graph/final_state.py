@@ -363,4 +363,9 @@ def settle_states(site, reads: list, ev: GraphEvaluator, to_dynamo: dict) -> Sit
             what = "sum_t phi(k_t)^T v_t" if read.kind == "kv" else "sum_t phi(k_t)"
             raise Refused("verify", f"structure matched a prefill's final state ({what}) but the numerical probe "
                                     f"disagrees with the operator's in every layout it can produce", read.node)
+        if [n for n in x.shape if n != 1] != [n for n in got.shape if n != 1]:
+            # the probe compared the values as a reshape of the operator's state; the rewrite places the
+            # state only by transposing and adding or removing size-1 axes, so a reshape it cannot undo
+            raise Refused("state", f"the returned state is the operator's {list(x.shape)} reshaped to "
+                                   f"{list(got.shape)}: only size-1 axes can be added or removed", read.node)
     return SiteStates(pieces, k_factors, list(reads))
