@@ -24,6 +24,15 @@ if not torch.cuda.is_available():
 # torch._inductor.config is first imported; subprocesses inherit it.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
+# One intra-op thread (torch's OpenMP/MKL pool), here and in subprocesses (OMP_NUM_THREADS, read when
+# a process starts): the suite's tensors are tiny, so a second thread buys nothing, and its OpenMP
+# workers spin-wait between parallel regions, burning a core: alone, the same tests took up to twice
+# the CPU time (test_op.py 28 CPU-s -> 13); in CI, where two pytest processes share two cores, those
+# spinning threads take the other process's core. Set OMP_NUM_THREADS yourself to override both.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # The multi-process tests (gloo: context parallel, DDP, FSDP2) start their ranks through
 # torch.multiprocessing with the "spawn" method, the tests' own and the examples' and benchmarks'
 # (mp.spawn, mp.start_processes(start_method="spawn")). Each spawned rank is a fresh interpreter
