@@ -1,5 +1,6 @@
-"""benchmarks/generate.py's logic on the CPU (--dry: tiny shapes, eager inner compilers) and the
-README's generate table rendered from what it writes."""
+"""benchmarks/generate.py's logic on the CPU (--dry: tiny shapes, eager inner compilers; --samples 1:
+each timing loop runs once, the kernels under Triton's interpreter) and the README's generate table
+rendered from what it writes."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def test_floors_count_the_bytes_a_step_must_move():
 
 def test_dry_run_writes_json_and_the_table_renders(tmp_path, monkeypatch):
     torch._dynamo.reset()
-    data = generate.main(["--dry", "--out", str(tmp_path), "--contexts", "64,100", "--batches", "1,2",
+    data = generate.main(["--dry", "--samples", "1", "--out", str(tmp_path), "--contexts", "64,100", "--batches", "1,2",
                           "--entries", "eager_kv,based_kv,based_rec,sdpa_d64", "--model-entries",
                           "inductor_recurrent,based_recurrent,inductor_static_cudagraphs,based_static_cudagraphs"])
     torch._dynamo.reset()
@@ -77,7 +78,7 @@ def test_step_only_dry_run(tmp_path):
     based entries were rewritten, the direct kernel call ran (the interpreter on the CPU)."""
     torch._dynamo.reset()
     entries = ["null", "inductor_rec", "based_rec", "based_rec_tiled", "flat_bv32"]
-    data = generate.main(["--dry", "--step-only", "--out", str(tmp_path), "--batches", "1",
+    data = generate.main(["--dry", "--samples", "1", "--step-only", "--out", str(tmp_path), "--batches", "1",
                           "--step-entries", ",".join(entries)])
     torch._dynamo.reset()
     written = json.loads((tmp_path / "generate_step.json").read_text())
