@@ -6,10 +6,12 @@ based::attention_with_state with the states, (2) return what the eager code retu
 within 1e-10; output and new states in the user's layout, shape and dtype), with the numerical
 probe on and off (the structure alone must not mistake axes), (3) give eager's gradients in q, k,
 v and both initial states when they require grad. Each near-miss must keep eager's values, not run
-the state operator, and say why in explain(). Inputs are fresh random tensors.
+the state operator, and say why in explain() (read from the pass's report of the compile,
+``PassReports``, not from a second trace). Inputs are fresh random tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 
 import based_compile
 from compare import float32_bar
+from pass_reports import PassReports
 from based_compile.graph import feature_normaliser, verify
 
 D, DV, T, H = 4, 5, 11, 2
@@ -139,10 +142,13 @@ def _inputs(layout="BHTD", states="BHFD", dtype=torch.float64, t=T):
     return tuple(x.to(dtype) for x in (q, k, v, kv0, k0))
 
 
-def _run(fn, args):
+def _run(fn, args, reports=None):
+    """(compiled fn(*args) without grad, based::attention_with_state calls, based::attention calls);
+    ``reports``: a ``PassReports`` that gets the pass's report of the compile (explain()'s, one trace)."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            reports or contextlib.nullcontext():
         got = compiled(*args)
     counts = {e.key: e.count for e in prof.key_averages()}
     return got, counts.get("based::attention_with_state", 0), counts.get("based::attention", 0)
@@ -174,11 +180,12 @@ def test_form_runs_the_state_operator_with_eager_values(fn, states, layout, prob
     args = _inputs(layout, states)
     with torch.no_grad():
         want = fn(*args)
-    got, with_state, _ = _run(fn, args)
+    got, with_state, _ = _run(fn, args, reports := PassReports())
     assert with_state >= 1, f"based::attention_with_state ran {with_state}x"   # (on the CPU it runs based::attention)
     _assert_same(got, want, 1e-10, fn.__name__)
-    e = based_compile.explain(fn, *args)
-    assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and not e.refusals, str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and not e.refusals, str(e)
 
 
 @pytest.mark.parametrize("fn,states,layout", [FORMS[0], FORMS[3], FORMS[4], FORMS[5]],
@@ -392,15 +399,17 @@ def test_near_miss_is_refused_with_a_reason(fn, states, layout, reason, refused,
     args = _inputs(layout, states)
     with torch.no_grad():
         want = fn(*args)
-    got, with_state, _ = _run(fn, args)
+    got, with_state, _ = _run(fn, args, reports := PassReports())
     _assert_same(got, want, 1e-10, fn.__name__)
-    e = based_compile.explain(fn, *args)
-    assert any(reason in r.reason for r in e.refusals), str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert any(reason in r.reason for r in e.refusals), str(e)
+        if refused == "site":
+            assert not any("from initial state" in s.form for s in e.sites), str(e)
+        else:                   # the kv state is left to the inner compiler (the key state may still be returned)
+            assert not any("final state (kv_state" in s.form for s in e.sites), str(e)
     if refused == "site":
         assert with_state == 0, "based::attention_with_state must not run"
-        assert not any("from initial state" in s.form for s in e.sites), str(e)
-    else:                       # the kv state is left to the inner compiler (the key state may still be returned)
-        assert not any("final state (kv_state" in s.form for s in e.sites), str(e)
 
 
 @pytest.mark.parametrize("fn", [brief, prepended], ids=lambda f: f.__name__)

@@ -3,11 +3,13 @@
 Each form is compiled with backend="based" (inner="eager") and must (1) run
 based::attention_with_state, (2) return the output and the states the eager code returns
 (float64 inputs: within 1e-10; the states in the user's layout, shape and dtype). Each near-miss
-must keep eager's values, not run the state operator, and say why in explain(). Inputs are fresh
-random tensors.
+must keep eager's values, not run the state operator, and say why in explain() (read from the
+pass's report of the compile, ``PassReports``, not from a second trace). Inputs are fresh random
+tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 import based_compile
 from compare import float32_bar
+from pass_reports import PassReports
 
 D, DV, T, H = 4, 5, 11, 2
 
@@ -104,10 +107,13 @@ def _inputs(kv_heads, layout, dtype=torch.float64, t=T):
                  for h, d in ((H, D), (hk, D), (hk, DV)))
 
 
-def _run(fn, args):
+def _run(fn, args, reports=None):
+    """(compiled fn(*args) without grad, based::attention_with_state calls, based::attention calls);
+    ``reports``: a ``PassReports`` that gets the pass's report of the compile (explain()'s, one trace)."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            reports or contextlib.nullcontext():
         got = compiled(*args)
     counts = {e.key: e.count for e in prof.key_averages()}
     return got, counts.get("based::attention_with_state", 0), counts.get("based::attention", 0)
@@ -125,11 +131,12 @@ def test_form_runs_the_state_operator_with_eager_values(fn, kv_heads, layout):
     args = _inputs(kv_heads, layout)
     with torch.no_grad():
         want = fn(*args)
-    got, with_state, plain = _run(fn, args)
+    got, with_state, plain = _run(fn, args, reports := PassReports())
     assert with_state >= 1 and plain == 0, f"based::attention_with_state ran {with_state}x, based::attention {plain}x"
     _assert_same(got, want, 1e-10, fn.__name__)
-    e = based_compile.explain(fn, *args)
-    assert len(e.sites) == 1 and "final state" in e.sites[0].form, str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert len(e.sites) == 1 and "final state" in e.sites[0].form, str(e)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -203,11 +210,12 @@ def test_near_miss_is_refused_with_a_reason(fn, reason):
     args = _inputs(None, "BHTD")
     with torch.no_grad():
         want = fn(*args)
-    got, with_state, plain = _run(fn, args)
+    got, with_state, plain = _run(fn, args, reports := PassReports())
     assert with_state == 0 and plain >= 1, "the attention is rewritten, the state is not"
     _assert_same(got, want, 1e-10, fn.__name__)
-    e = based_compile.explain(fn, *args)
-    assert any(reason in r.reason for r in e.refusals), str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert any(reason in r.reason for r in e.refusals), str(e)
 
 
 @pytest.mark.parametrize("fn", [quadratic_einsum_states, linear_cumsum_last_rows], ids=lambda f: f.__name__)
@@ -220,7 +228,7 @@ def test_states_that_require_grad_are_differentiated(fn):
     cots = [torch.randn_like(w) for w in want]
     gw = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), args)
     torch._dynamo.reset()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, PassReports() as reports:
         got = torch.compile(fn, backend=based_compile.backend(inner="eager"))(*args)
         gg = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
     counts = {e.key: e.count for e in prof.key_averages()}
@@ -228,8 +236,9 @@ def test_states_that_require_grad_are_differentiated(fn):
     assert counts.get("based::attention_with_state_backward", 0) >= 1
     _assert_same(got, want, 1e-10, "values")
     _assert_same(gg, gw, 1e-10, "gradients")
-    e = based_compile.explain(fn, *args)
-    assert len(e.sites) == 1 and "final state" in e.sites[0].form and not e.refusals, str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert len(e.sites) == 1 and "final state" in e.sites[0].form and not e.refusals, str(e)
 
 
 def fixed_row(q, k, v):                                              # row 10: the last one only at T = 11
@@ -311,16 +320,20 @@ def test_prefill_continued_from_initial_states():
     args = (*args, *_initial_states(args))
     with torch.no_grad():
         want = quadratic_continued(*args)
-    got, with_state, _ = _run(quadratic_continued, args)
+    got, with_state, _ = _run(quadratic_continued, args, reports := PassReports())
     assert with_state >= 1
     _assert_same(got, want, 1e-10, "quadratic_continued")
-    e = based_compile.explain(quadratic_continued, *args)
-    assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and "final state" in e.sites[0].form, str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and "final state" in e.sites[0].form, \
+            str(e)
 
     with torch.no_grad():
         want = linear_continued(*args)
-    got, with_state, _ = _run(linear_continued, args)
+    got, with_state, _ = _run(linear_continued, args, reports := PassReports())
     assert with_state >= 1
     _assert_same(got, want, 1e-10, "linear_continued")
-    e = based_compile.explain(linear_continued, *args)
-    assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and "final state" in e.sites[0].form, str(e)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert len(e.sites) == 1 and "from initial state" in e.sites[0].form and "final state" in e.sites[0].form, \
+            str(e)

@@ -26,6 +26,7 @@ from based_compile.graph.driver import run_pass
 from based_compile.graph.mask import Keep, MaskError
 from based_compile.graph.report import Explanation
 from compare import assert_rel_close
+from pass_reports import PassReports
 
 DK, DV = 4, 3
 
@@ -152,16 +153,29 @@ def test_causal_masks_rewritten_and_exact_at_every_length(kind):
     assert "tril" not in codes[0] and "arange" not in codes[0], f"{kind}: the dead mask stays in the graph"
 
 
+# The refusal under a symbolic length names what the mask keeps (strict_arange: test_dynamic_refusal_reasons).
+DYNAMIC_REASONS = {"window3": "windowed (banded) mask: keeps only -2 <= j - i <= 0",
+                   "moving_diagonal": "its diagonal moves with the length",
+                   "buffer_causal_up_to_20": "not a function of j - i"}
+
+
 @pytest.mark.parametrize("kind,lengths,extra", NEAR_MISSES, ids=[c[0] for c in NEAR_MISSES])
 def test_near_miss_masks_refused_under_dynamic_shapes_and_exact(kind, lengths, extra):
     """Traced with a symbolic length whose example value makes the mask look causal (the old reader
-    judged it there: errors up to 0.64 at the other lengths), then run at other lengths."""
+    judged it there: errors up to 0.64 at the other lengths), then run at other lengths; the refusal
+    names what the mask keeps (``DYNAMIC_REASONS``)."""
     model = Masked(kind)
     backend, codes = _recorder()
     compiled = torch.compile(model, backend=backend, dynamic=True)
-    for t in lengths:
-        _check_values_and_grads(model, compiled, *_qkv(t, seed=t, tk=t + extra), f"{kind} at T={t}")
+    with PassReports() as reports:
+        for t in lengths:
+            _check_values_and_grads(model, compiled, *_qkv(t, seed=t, tk=t + extra), f"{kind} at T={t}")
     assert codes and not any("based_attention_call" in c for c in codes), f"{kind}: rewritten"
+    assert reports.graphs and not any(reports.sites()), str(reports)
+    if kind in DYNAMIC_REASONS:
+        for ex in reports.graphs:
+            assert [r.category for r in ex.refusals] == ["mask"], (kind, ex)
+            assert DYNAMIC_REASONS[kind] in ex.refusals[0].reason, (kind, ex.refusals[0].reason)
 
 
 def test_issue_window_under_automatic_dynamic_shapes():
@@ -204,30 +218,26 @@ def test_indices_in_a_narrow_dtype_are_exact_only_where_they_fit(dtype, cast, sh
         torch._dynamo.reset()
         backend, codes = _recorder()
         compiled = torch.compile(attend, backend=backend, dynamic=False)
-        _check_values_and_grads(attend, compiled, *_qkv(t, seed=t), f"{dtype} indices, static T={t}")
+        with PassReports() as reports:              # explain()'s report, from the compile's own trace
+            _check_values_and_grads(attend, compiled, *_qkv(t, seed=t), f"{dtype} indices, static T={t}")
         assert any("based_attention_call" in c for c in codes) == rewritten, (dtype, t, codes)
-        ex = based_compile.explain(attend, *_qkv(t, seed=t))
-        if not rewritten:
+        assert reports.graphs, str(reports)
+        for ex in reports.graphs if not rewritten else ():
             assert f"indices held in {dtype}" in ex.refusals[0].reason, ex
 
 
 def test_dynamic_refusal_reasons():
-    """The refusal under a symbolic length names what the mask keeps."""
-    cases = {"window3": "windowed (banded) mask: keeps only -2 <= j - i <= 0",
-             "moving_diagonal": "its diagonal moves with the length",
-             "buffer_causal_up_to_20": "not a function of j - i",
-             "strict_arange": "shifted causal mask (keeps j - i <= -1)"}
-    for kind, reason in cases.items():
-        ex = Explanation()
+    """The refusal under a symbolic length names what the mask keeps: here where q and k have one
+    length symbol (T = 12; traced at T = 4, as above, they have two, and the reason says so)."""
+    ex = Explanation()
 
-        def report(gm, example_inputs):
-            run_pass(gm, example_inputs, rewrite=False, verify=True, report=ex)
-            return gm.forward
-        torch._dynamo.reset()
-        torch.compile(Masked(kind), backend=report, dynamic=True)(*_qkv(12, seed=0))
-        assert not ex.sites, kind
-        assert [r.category for r in ex.refusals] == ["mask"], (kind, ex)
-        assert reason in ex.refusals[0].reason, (kind, ex.refusals[0].reason)
+    def report(gm, example_inputs):
+        run_pass(gm, example_inputs, rewrite=False, verify=True, report=ex)
+        return gm.forward
+    torch.compile(Masked("strict_arange"), backend=report, dynamic=True)(*_qkv(12, seed=0))
+    assert not ex.sites
+    assert [r.category for r in ex.refusals] == ["mask"], ex
+    assert "shifted causal mask (keeps j - i <= -1)" in ex.refusals[0].reason, ex.refusals[0].reason
 
 
 def test_keep_algebra():

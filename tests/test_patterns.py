@@ -1,11 +1,14 @@
 """Pattern-match tests of the `based` backend, driven by the zoo (tests/zoo.py).
 
-For every accepted entry: explain() finds the expected sites with the expected spec; the
+For every accepted entry: the pass finds the expected sites with the expected spec; the
 compiled module matches eager in values and gradients (inputs and parameters); and the
 `based` operator really runs in the compiled code (counted with the profiler).
 For every near-miss: no site and the expected refusal category; compiled (a set of near-misses
 covering every axis of their accepted twins, every refusal class and category): no `based`
 operator at run time, and the compiled module still matches eager.
+What explain() says of a module the test compiles anyway is read from the report the backend's
+pass makes of that compile (``PassReports``: the same pass, rewrite and verify on, on the same
+static trace), not from a second trace; explain() runs on every near-miss not compiled here.
 
 The first group of tests checks the catalogue itself (no backend needed): each accepted
 entry computes exactly the Based function its spec describes (against the float64
@@ -23,6 +26,7 @@ import torch
 import zoo
 from based_calls import BasedOpCounter
 from compare import assert_rel_close, rel_error
+from pass_reports import PassReports
 from based_compile.kernels import naive_parallel_based
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -90,8 +94,13 @@ def compile_with(entry, dtype, inner="aot_eager", seed=0, **options):
     return module, compiled, inputs
 
 
-def assert_matches_eager(module, compiled, inputs, tol, seed=1):
-    out_c, grads_c = forward_backward(compiled, inputs, seed)
+def assert_matches_eager(module, compiled, inputs, tol, seed=1, reports=None):
+    """Compiled (its first call, the compile, under ``reports`` when given) against eager."""
+    if reports is not None:
+        with reports:
+            out_c, grads_c = forward_backward(compiled, inputs, seed)
+    else:
+        out_c, grads_c = forward_backward(compiled, inputs, seed)
     out_e, grads_e = forward_backward(module, inputs, seed)
     assert_rel_close(out_c, out_e, tol, "compiled output vs eager")
     names = [f"input {i}" for i in range(len(inputs))] + [f"parameter {n}" for n, p in module.named_parameters()
@@ -182,12 +191,8 @@ def check_site_spec(name, spec, expected: zoo.Accept):
     assert spec.group == expected.group, f"{name}: group={spec.group}, expected {expected.group}"
 
 
-@pytest.mark.parametrize("entry", zoo.ACCEPTED, ids=ids)
-def test_explain_finds_accepted_site(entry):
-    import based_compile
-
-    module, inputs = entry.make(torch.float64, 0)
-    ex = based_compile.explain(module, *inputs)
+def check_accepted_report(entry, ex):
+    """explain()'s report of an accepted entry (or the pass's report of its compile): its sites, specs."""
     assert len(ex.sites) == entry.expected.count, \
         f"{entry.name}: {len(ex.sites)} sites, expected {entry.expected.count}; refusals: {ex.refusals}"
     for site in ex.sites:
@@ -198,12 +203,8 @@ def test_explain_finds_accepted_site(entry):
     assert str(ex).strip(), "explain() prints nothing"
 
 
-@pytest.mark.parametrize("entry", zoo.REFUSED, ids=ids)
-def test_explain_refuses_near_miss(entry):
-    import based_compile
-
-    module, inputs = entry.make(torch.float64, 0)
-    ex = based_compile.explain(module, *inputs)
+def check_refused_report(entry, ex):
+    """explain()'s report of a near-miss (or the pass's report of its compile): no site, the category."""
     assert not ex.sites, f"{entry.name}: near-miss rewritten: {[str(s.spec) for s in ex.sites]}"
     for r in ex.refusals:
         assert r.category in zoo.CATEGORIES, f"{entry.name}: unknown refusal category {r.category!r}"
@@ -228,9 +229,13 @@ def test_explain_source_points_at_user_code():
 
 
 @pytest.mark.parametrize("entry", zoo.ACCEPTED, ids=ids)
-def test_compiled_accepted_matches_eager_and_runs_based_op(entry):
+def test_compiled_accepted_is_found_with_its_spec_matches_eager_and_runs_based_op(entry):
     module, compiled, inputs = compile_with(entry, torch.float64)
-    assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+    reports = PassReports()
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float64], reports=reports)
+    assert reports.graphs, reports          # one graph, traced once (or again after a restart of Dynamo's analysis)
+    for report in reports.graphs:
+        check_accepted_report(entry, report)
     fwd = count_based_calls(compiled, inputs)
     assert fwd == entry.expected.count, f"{entry.name}: {fwd} torch.ops.based calls in the forward, " \
                                         f"expected {entry.expected.count}"
@@ -299,7 +304,7 @@ def _near_miss_traits(entry):
 
 
 def _compiled_near_misses():
-    """Near-misses to compile (explain() refuses every one above): greedily, until each axis of an
+    """Near-misses to compile (each refused: by the report of its compile): greedily, until each axis of an
     accepted twin, each refusal class and each refusal category is compiled at least once (48 of 98;
     the others refuse on the same path, in a form the chosen ones share)."""
     left, chosen = set().union(*map(_near_miss_traits, zoo.REFUSED)), []
@@ -320,11 +325,25 @@ def test_compiled_near_misses_cover_every_axis_class_and_category():
     assert {c for kind, c in covered if kind == "class"} == set(zoo.REFUSAL_CLASSES)
 
 
+@pytest.mark.parametrize("entry", [e for e in zoo.REFUSED if e.name not in {c.name for c in COMPILED_NEAR_MISSES}],
+                         ids=ids)
+def test_explain_refuses_near_miss(entry):
+    """The near-misses not compiled below (those are checked on the compile's report)."""
+    import based_compile
+
+    module, inputs = entry.make(torch.float64, 0)
+    check_refused_report(entry, based_compile.explain(module, *inputs))
+
+
 @pytest.mark.parametrize("entry", COMPILED_NEAR_MISSES, ids=ids)
-def test_compiled_near_miss_matches_eager_without_based_op(entry):
+def test_compiled_near_miss_is_refused_matches_eager_without_based_op(entry):
     # inner="eager": nothing was rewritten, so AOTAutograd would only test PyTorch (and cost time)
     module, compiled, inputs = compile_with(entry, torch.float64, inner="eager")
-    assert_matches_eager(module, compiled, inputs, TOL[torch.float64])
+    reports = PassReports()
+    assert_matches_eager(module, compiled, inputs, TOL[torch.float64], reports=reports)
+    assert reports.graphs, reports
+    for report in reports.graphs:
+        check_refused_report(entry, report)
     calls = count_based_calls(compiled, inputs, backward=True)
     assert calls == 0, f"{entry.name}: the based op ran {calls} times on a near-miss"
 

@@ -5,6 +5,8 @@ Small modules in the styles of public Based / Taylor linear-attention repositori
 weights before the feature map, ...). Each accepted form is compiled with backend="based"
 (inner="aot_eager") and must match eager in float64 (output and every gradient, 1e-10) at two
 lengths and run the ``based`` operator; each near-miss must be refused with the reason named.
+What explain() says is read from the pass's reports of the compile's graphs (``PassReports``; the
+first is the static trace explain() would make), not from another trace.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from based_calls import BasedOpCounter
 from compare import assert_rel_close
+from pass_reports import PassReports
 
 import based_compile
 
@@ -106,19 +109,31 @@ def _forward_backward(module, x, seed):
     return out.detach(), torch.autograd.grad(out, [x] + params, cot)
 
 
-def _check_against_eager(module, rewritten: bool, lengths=(12, 17)):
-    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
-    for i, t in enumerate(lengths):
-        x = _inputs(t, 10 + i)
-        out_c, grads_c = _forward_backward(compiled, x, seed=i)
-        out_e, grads_e = _forward_backward(module, x, seed=i)
-        assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
-        names = ["x"] + [n for n, p in module.named_parameters() if p.requires_grad]
-        for name, gc, ge in zip(names, grads_c, grads_e):
-            assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient of {name}")
-        with BasedOpCounter() as counter:
-            compiled(x)
-        assert (counter.total > 0) == rewritten, f"T={t}: based calls {dict(counter.calls)}"
+def _check_against_eager(module, rewritten: bool, lengths=(12, 17), keep=None) -> PassReports:
+    """Compiled (aot_eager) against eager at each length; the pass's report of each graph compiled.
+    ``keep``: a list that gets each graph the based backend hands its inner compiler."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def inner(gm, example_inputs):
+        if keep is not None:
+            keep.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(module, backend=based_compile.backend(inner=inner))
+    with PassReports() as reports:
+        for i, t in enumerate(lengths):
+            x = _inputs(t, 10 + i)
+            out_c, grads_c = _forward_backward(compiled, x, seed=i)
+            out_e, grads_e = _forward_backward(module, x, seed=i)
+            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+            names = ["x"] + [n for n, p in module.named_parameters() if p.requires_grad]
+            for name, gc, ge in zip(names, grads_c, grads_e):
+                assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient of {name}")
+            with BasedOpCounter() as counter:       # called as compared: x requiring grad (else: another graph)
+                compiled(x.detach().requires_grad_(True))
+            assert (counter.total > 0) == rewritten, f"T={t}: based calls {dict(counter.calls)}"
+    assert len(reports.graphs) >= len(lengths), reports     # more: Dynamo restarted its analysis (floats)
+    return reports
 
 
 @pytest.mark.parametrize("style", ["rmsnorm_q_normalize_k", "weight_both"])
@@ -127,18 +142,16 @@ def test_norm_or_weight_before_the_feature_map_is_rewritten(style):
     of two different tensors inside the map: 'only one of q and k goes through a feature map'."""
     torch.manual_seed(0)
     module = NormedBased(style).double()
-    explanation = based_compile.explain(module, _inputs(12, 0))
-    assert len(explanation.sites) == 1, str(explanation)
-    _check_against_eager(module, rewritten=True)
+    for explanation in _check_against_eager(module, rewritten=True).graphs:
+        assert len(explanation.sites) == 1, str(explanation)
 
 
 def test_outer_product_of_x_with_a_weighted_x_is_refused():
     """Near-miss of weight_both: x (x) (w * x) is not a function of q.k."""
     torch.manual_seed(0)
     module = NormedBased("near_outer_x_weighted_x").double()
-    explanation = based_compile.explain(module, _inputs(12, 0))
-    assert not explanation.sites and explanation.refusals, str(explanation)
-    _check_against_eager(module, rewritten=False)
+    for explanation in _check_against_eager(module, rewritten=False).graphs:
+        assert not explanation.sites and explanation.refusals, str(explanation)
 
 
 class RecurrentBased(nn.Module):
@@ -189,18 +202,9 @@ def test_recurrent_path_with_einsum_is_rewritten(kwargs):
     product summed over the features: explain() found no site and said nothing."""
     torch.manual_seed(0)
     module = RecurrentBased(**kwargs).double()
-    explanation = based_compile.explain(module, _inputs(12, 0))
-    assert len(explanation.sites) == 1 and not explanation.refusals, str(explanation)
-    _check_against_eager(module, rewritten=True)
-
     graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(module, backend=based_compile.backend(inner=keep))(_inputs(12, 1))
+    for explanation in _check_against_eager(module, rewritten=True, keep=graphs).graphs:
+        assert len(explanation.sites) == 1 and not explanation.refusals, str(explanation)
     left = [n for gm in graphs for n in gm.graph.nodes if "cumsum" in str(n.target) or "einsum" in str(n.target)]
     assert not left, f"the running sums are still computed after the rewrite: {left}"
 
@@ -208,10 +212,9 @@ def test_recurrent_path_with_einsum_is_rewritten(kwargs):
 def test_recurrent_path_normalised_by_a_total_sum_is_refused():
     torch.manual_seed(0)
     module = RecurrentBased(normaliser="near_total").double()
-    explanation = based_compile.explain(module, _inputs(12, 0))
-    assert not explanation.sites, str(explanation)
-    assert [r.category for r in explanation.refusals] == ["normaliser"], str(explanation)
-    _check_against_eager(module, rewritten=False)
+    for explanation in _check_against_eager(module, rewritten=False).graphs:
+        assert not explanation.sites, str(explanation)
+        assert [r.category for r in explanation.refusals] == ["normaliser"], str(explanation)
 
 
 def _phi(x):
@@ -243,13 +246,15 @@ def test_recurrent_path_near_misses_are_refused(fn, category):
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
-    explanation = based_compile.explain(fn, q, k, v)
-    assert not explanation.sites and explanation.refusals, str(explanation)
-    if category is not None:
-        assert explanation.refusals[0].category == category, str(explanation)
-        assert "shifted" in explanation.refusals[0].reason
     compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
-    assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
+    with PassReports() as reports:
+        assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
+    assert reports.graphs, str(reports)
+    for explanation in reports.graphs:
+        assert not explanation.sites and explanation.refusals, str(explanation)
+        if category is not None:
+            assert explanation.refusals[0].category == category, str(explanation)
+            assert "shifted" in explanation.refusals[0].reason
 
 
 class TemperatureMap(nn.Module):
@@ -287,12 +292,14 @@ def test_feature_map_piece_scaled_by_a_learnable_temperature_is_refused_with_the
     q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
     module = TemperatureMap(form, piece, buffer)
-    explanation = based_compile.explain(module, q, k, v)
-    assert not explanation.sites and explanation.refusals, str(explanation)
-    assert {r.category for r in explanation.refusals} == {"feature_map"}, str(explanation)
-    assert all("temperature" in r.reason for r in explanation.refusals), str(explanation)
     compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
-    assert_rel_close(compiled(q, k, v), module(q, k, v), 1e-12)
+    with PassReports() as reports:
+        assert_rel_close(compiled(q, k, v), module(q, k, v), 1e-12)
+    assert reports.graphs, str(reports)
+    for explanation in reports.graphs:
+        assert not explanation.sites and explanation.refusals, str(explanation)
+        assert {r.category for r in explanation.refusals} == {"feature_map"}, str(explanation)
+        assert all("temperature" in r.reason for r in explanation.refusals), str(explanation)
 
 
 def _rotate_half(x):
@@ -346,21 +353,22 @@ def test_rotary_before_the_feature_map_is_rewritten(lengths, probe, monkeypatch)
     def inputs(t, seed):
         return _inputs(t, seed), torch.arange(t)[None].expand(2, t) + seed
 
-    explanation = based_compile.explain(module, *inputs(lengths[0], 0))
-    assert len(explanation.sites) == 1, str(explanation)
     compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
-    for i, t in enumerate(lengths):
-        x, pos = inputs(t, 10 + i)
-        x = x.requires_grad_(True)
-        out_c, out_e = compiled(x, pos), module(x, pos)
-        assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
-        cot = torch.randn(out_e.shape, dtype=out_e.dtype)
-        params = list(module.parameters())
-        for gc, ge in zip(torch.autograd.grad(out_c, [x] + params, cot), torch.autograd.grad(out_e, [x] + params, cot)):
-            assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
-        with BasedOpCounter() as counter:
-            compiled(x, pos)
-        assert counter.total > 0, f"T={t}: not rewritten"
+    with PassReports() as reports:
+        for i, t in enumerate(lengths):
+            x, pos = inputs(t, 10 + i)
+            x = x.requires_grad_(True)
+            out_c, out_e = compiled(x, pos), module(x, pos)
+            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+            cot = torch.randn(out_e.shape, dtype=out_e.dtype)
+            params = list(module.parameters())
+            for gc, ge in zip(torch.autograd.grad(out_c, [x] + params, cot),
+                              torch.autograd.grad(out_e, [x] + params, cot)):
+                assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+            with BasedOpCounter() as counter:
+                compiled(x, pos)
+            assert counter.total > 0, f"T={t}: not rewritten"
+    assert len(reports.graphs) >= 2 and all(n == 1 for n in reports.sites()), str(reports)
 
 
 def _map_outer_by_matmul(x, other=None):
@@ -393,19 +401,20 @@ def test_outer_product_written_as_a_matmul(fn, rewritten, probe, monkeypatch):
     if not probe:
         monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
     compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"), dynamic=False)
-    for t in (12, 17):
-        g = torch.Generator().manual_seed(t)
-        q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-        v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
-        if t == 12:
-            explanation = based_compile.explain(fn, q, k, v)
-            assert len(explanation.sites) == int(rewritten), str(explanation)
-            assert rewritten or explanation.refusals, str(explanation)
-        out_c, out_e = compiled(q, k, v), fn(q, k, v)
-        assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
-        cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
-        for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
-            assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
-        with BasedOpCounter() as counter:
-            compiled(q, k, v)
-        assert (counter.total > 0) == rewritten
+    with PassReports() as reports:
+        for t in (12, 17):
+            g = torch.Generator().manual_seed(t)
+            q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
+            out_c, out_e = compiled(q, k, v), fn(q, k, v)
+            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+            cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
+            for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
+                assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+            with BasedOpCounter() as counter:
+                compiled(q, k, v)
+            assert (counter.total > 0) == rewritten
+    assert len(reports.graphs) >= 2, str(reports)
+    for explanation in reports.graphs:
+        assert len(explanation.sites) == int(rewritten), str(explanation)
+        assert rewritten or explanation.refusals, str(explanation)

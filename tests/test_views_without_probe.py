@@ -3,7 +3,8 @@ casts and views around q, k, v and the normaliser are read, never taken on trust
 
 A cast is a view only when it keeps the dtype; any other (fake quantisation, ``.long()``, a
 bfloat16 round trip, even a widening) is an op of its own: q, k, v become its output (exact), or
-the site is refused. Every test compares values and gradients with eager in float64.
+the site is refused. Every test compares values and gradients with eager in float64; what explain()
+would say is read from the pass's report of each compiled graph (``PassReports``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 
 import based_compile
 from compare import assert_rel_close
-from test_coverage import QKV, Recorder, _inputs, _phi, explain
+from pass_reports import PassReports
+from test_coverage import QKV, Recorder, _inputs, _phi
 
 TOL = 1e-10
 
@@ -27,17 +29,20 @@ def _run(fn, inputs, seed):
 
 
 def compile_and_compare(module, shapes=QKV, lengths=(4, 9), dtype=torch.float64) -> Recorder:
-    """Values and gradients (None where eager gives none) of the compiled module against eager."""
+    """Values and gradients (None where eager gives none) of the compiled module against eager; the
+    Recorder, with the pass's report of each graph in ``.reports`` (the first: the static trace)."""
     recorder = Recorder()
     compiled = torch.compile(module, backend=based_compile.backend(inner=recorder))
-    for t in lengths:
-        inputs = [x.to(dtype) for x in _inputs(100 + t, t, shapes)]
-        (out_c, grads_c), (out_e, grads_e) = _run(compiled, inputs, t), _run(module, inputs, t)
-        assert_rel_close(out_c, out_e, TOL, f"T={t}: output, compiled vs eager")
-        for j, (c, e) in enumerate(zip(grads_c, grads_e)):
-            assert (c is None) == (e is None), f"T={t}: input {j} has a gradient in one of compiled, eager"
-            if e is not None:
-                assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}, compiled vs eager")
+    with PassReports() as recorder.reports:
+        for t in lengths:
+            inputs = [x.to(dtype) for x in _inputs(100 + t, t, shapes)]
+            (out_c, grads_c), (out_e, grads_e) = _run(compiled, inputs, t), _run(module, inputs, t)
+            assert_rel_close(out_c, out_e, TOL, f"T={t}: output, compiled vs eager")
+            for j, (c, e) in enumerate(zip(grads_c, grads_e)):
+                assert (c is None) == (e is None), f"T={t}: input {j} has a gradient in one of compiled, eager"
+                if e is not None:
+                    assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}, compiled vs eager")
+    assert len(recorder.reports.graphs) >= len(recorder.graphs) >= 1, recorder.reports   # more: a restart
     return recorder
 
 
@@ -74,10 +79,9 @@ class KeysCast(torch.nn.Module):
 
 @pytest.mark.parametrize("cast", ["int8", "long", "bf16"])
 def test_value_changing_cast_of_the_keys_is_not_a_view(cast):
-    ex = explain(KeysCast(cast))
-    # Rewritten on the cast's output (exact: eager gives k no gradient through an integer cast) or refused.
-    assert all(s.spec is not None for s in ex.sites)
     recorder = compile_and_compare(KeysCast(cast), lengths=(4, 9))
+    # Rewritten on the cast's output (exact: eager gives k no gradient through an integer cast) or refused.
+    assert all(s.spec is not None for ex in recorder.reports.graphs for s in ex.sites)
     assert all(n <= 1 for n in recorder.sites())
 
 
@@ -126,9 +130,9 @@ class CastNormaliser(torch.nn.Module):
 
 @pytest.mark.parametrize("where", ["den_long", "den_bf16", "phi_q_long"])
 def test_value_changing_cast_in_the_normaliser_or_features_is_refused(where):
-    ex = explain(CastNormaliser(where))
-    assert not ex.sites and ex.refusals, ex
     recorder = compile_and_compare(CastNormaliser(where), lengths=(4, 9))
+    for ex in recorder.reports.graphs:
+        assert not ex.sites and ex.refusals, ex
     assert not any(recorder.sites())
 
 
@@ -183,14 +187,12 @@ HEADS_EQ_T = ((1, "T", "T", 2), (1, "T", "T", 2), (1, "T", "T", 3))
 @pytest.mark.parametrize("after", [True, False])
 @pytest.mark.parametrize("swap", [False, True])
 def test_row_sums_transposed_between_heads_and_time_are_refused(swap, after):
-    shapes = [[s if s != "T" else 5 for s in shape] for shape in HEADS_EQ_T]
-    ex = based_compile.explain(RowSumsTransposed(swap, after), *[torch.randn(*s, dtype=torch.float64)
-                                                                for s in shapes])
-    if swap:
-        assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
-    else:
-        assert len(ex.sites) == 1, ex
     recorder = compile_and_compare(RowSumsTransposed(swap, after), shapes=HEADS_EQ_T, lengths=(4, 6))
+    for ex in recorder.reports.graphs:
+        if swap:
+            assert not ex.sites and "normaliser" in [r.category for r in ex.refusals], ex
+        else:
+            assert len(ex.sites) == 1, ex
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
 
 
@@ -246,10 +248,10 @@ B_EQ_H = ((2, 2, "T", 3), (2, 2, "T", 3), (2, 2, "T", 4))
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_linear_state_transposed_between_batch_and_heads(swap):
-    ex = explain(LinearStateTransposed(swap), shapes=B_EQ_H)
-    assert len(ex.sites) == (0 if swap else 1), ex
-    assert not swap or any("batch meets heads" in r.reason for r in ex.refusals), ex
     recorder = compile_and_compare(LinearStateTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == (0 if swap else 1), ex
+        assert not swap or any("batch meets heads" in r.reason for r in ex.refusals), ex
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
 
 
@@ -269,10 +271,10 @@ class KeysMapTransposed(torch.nn.Module):
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_key_feature_map_transposed_between_batch_and_heads(swap):
-    ex = explain(KeysMapTransposed(swap), shapes=B_EQ_H)
-    assert len(ex.sites) == (0 if swap else 1), ex
-    assert not swap or any("the matmul's batch axis" in r.reason for r in ex.refusals), ex
     recorder = compile_and_compare(KeysMapTransposed(swap), shapes=B_EQ_H, lengths=(4, 6))
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == (0 if swap else 1), ex
+        assert not swap or any("the matmul's batch axis" in r.reason for r in ex.refusals), ex
     assert all(n == (0 if swap else 1) for n in recorder.sites()), recorder.sites()
 
 
@@ -348,19 +350,20 @@ SHARED_OVER_BATCH = ((2, 4, "T", 4), (1, 4, "T", 4), (1, 4, "T", 3))
 
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
 def test_one_key_value_head_broadcast_by_the_matmul_is_rewritten(dynamic):
-    assert len(explain(_masked_based, shapes=MQA).sites) == 1
     recorder = compile_and_compare(_masked_based, shapes=MQA, lengths=(4, 9, 13)) if dynamic is None else None
     if dynamic:
         recorder = Recorder()
         compiled = torch.compile(_masked_based, backend=based_compile.backend(inner=recorder), dynamic=True)
-        for t in (5, 11):
-            inputs = _inputs(t, t, MQA)
-            assert_rel_close(compiled(*inputs), _masked_based(*inputs), TOL, f"T={t}")
+        with PassReports() as recorder.reports:
+            for t in (5, 11):
+                inputs = _inputs(t, t, MQA)
+                assert_rel_close(compiled(*inputs), _masked_based(*inputs), TOL, f"T={t}")
+    assert recorder.reports.sites() == [1] * len(recorder.graphs), recorder.reports
     assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
 
 
 def test_keys_shared_over_the_batch_are_not_read_as_one_head():
-    ex = explain(_masked_based, shapes=SHARED_OVER_BATCH)
-    assert not ex.sites and ex.refusals, str(ex)
     recorder = compile_and_compare(_masked_based, shapes=SHARED_OVER_BATCH, lengths=(4, 9))
+    for ex in recorder.reports.graphs:
+        assert not ex.sites and ex.refusals, str(ex)
     assert not any(recorder.sites()), recorder.sites()
