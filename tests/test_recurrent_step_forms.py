@@ -447,6 +447,40 @@ def test_transposed_kv_state_near_misses_refused(fn, category, words):
     _check_refused(fn, _transposed_inputs(fn), category, words)
 
 
+def feature_major_matmul(q, k, v, kv_state, k_state):     # kv_state [B, H, F, Dv]; k_state [B, H, 1, F]
+    pq, pk = taylor(q), taylor(k)
+    kv_state = kv_state + pk.transpose(-2, -1) @ v
+    k_state = k_state + pk
+    return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+@pytest.mark.parametrize("fn", [feature_major_matmul, transposed_matmul], ids=lambda f: f.__name__)
+def test_float32_states_promoted_by_a_float64_update(fn, probe):
+    """float64 q, k, v on float32 states: a functional update makes float64 states (type promotion) and
+    the readout reads them unrounded; before, the operator kept them float32 (the returned states
+    float32, the output off by float32 rounding, 5e-8). (In place, the caller's float32 states stay
+    float32 and a matmul readout of them by float64 features is an error in eager.)"""
+    q, k, v, kv, ks = _transposed_inputs(transposed_matmul)
+    if fn is feature_major_matmul:
+        kv = kv.mT.contiguous()
+    args = [q, k, v, kv.float(), ks.float()]
+    report = based_compile.explain(fn, *(x.clone() for x in args))
+    assert len(report.sites) == 1 and not report.refusals, str(report)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
+    for seed in (1, 2):
+        fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + i), dtype=x.dtype) * 0.3
+                 for i, x in enumerate(args)]
+        mine, theirs = [x.clone() for x in fresh], [x.clone() for x in fresh]
+        with torch.no_grad():
+            calls, out = step_calls(compiled, *mine)
+            ref = fn(*theirs)
+        assert calls >= 1
+        out, ref = (x if isinstance(x, tuple) else (x,) for x in (out, ref))
+        for got, want in zip(out + tuple(mine), ref + tuple(theirs), strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
+            assert_rel_close(got, want, 1e-12, "output, returned state or caller's tensor")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fn", [transposed_matmul, transposed_in_place], ids=lambda f: f.__name__)
 def test_gpu_transposed_kv_state(fn):

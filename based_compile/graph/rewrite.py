@@ -245,6 +245,15 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             return node
 
         with graph.inserting_before(first_update):
+            # A functional update promotes a state of a lower dtype (kv_state float32 + a float64 phi(k)^T v
+            # is float64) and the readout reads the promoted sum; the operator keeps its states' dtypes,
+            # so it gets such a state cast to the dtype the user's update makes.
+            promoted = {1: kv_state, 2: k_state}
+            for node, i in updates:
+                want_dtype = example_value(node).dtype
+                if not writes_in_place(node) and example_value(promoted[i]).dtype != want_dtype:
+                    promoted[i] = add("to", (promoted[i], want_dtype), method=True)
+            kv_state, k_state = promoted[1], promoted[2]
             if m.kv_transposed:         # the user's [.., Dv, F] state: the operator reads and writes [.., F, Dv]
                 kv_state = add(torch.transpose, (kv_state, -2, -1))
             step = add(based_recurrent_step, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
