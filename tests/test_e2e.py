@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from based_calls import BasedOpCounter
 from compare import assert_rel_close
+from conftest import FAKE_TENSOR_CACHE_DEFAULT
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, D_MODEL, LAYERS, HEADS, FEATURE_DIM, BATCH = 32, 32, 2, 2, 4, 2
@@ -49,6 +50,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def torch_defaults():
+    """End to end as users run it: torch's own fake-tensor dispatch cache (tests/conftest.py turns it off)."""
+    with torch._dynamo.config.patch(fake_tensor_cache_enabled=FAKE_TENSOR_CACHE_DEFAULT):
+        yield
 
 
 def make_model(dtype=torch.float64, seed=0, **kwargs):
