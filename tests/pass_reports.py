@@ -38,6 +38,15 @@ class PassReports:
         self._module.run_pass = self._run_pass
         return False
 
+    def merged(self) -> Explanation:
+        """One report of every graph, as explain() gives for a model Dynamo compiles in several graphs."""
+        merged = Explanation(graphs=len(self.graphs))
+        for report in self.graphs:
+            merged.sites.extend(report.sites)
+            for refusal in report.refusals:
+                merged.add_refusal(refusal)
+        return merged
+
     def sites(self) -> list[int]:
         """Sites found per compiled graph."""
         return [len(r.sites) for r in self.graphs]

@@ -16,6 +16,7 @@ import based_compile
 from based_compile.graph.canonicalize import writes_in_place
 from based_compile.graph.rewrite import based_attention_call
 from compare import assert_rel_close
+from pass_reports import PassReports
 
 TOL = 1e-10
 
@@ -69,11 +70,13 @@ def run(fn, inputs, seed=1):
 
 
 def compile_and_compare(fn, *, inner="eager", seed=0, t=8):
-    """Compile ``fn``, check values and gradients against eager float64; the Recorder."""
+    """Compile ``fn``, check values and gradients against eager float64; the Recorder, with the pass's
+    report of the compile in ``.reports`` (explain()'s, from the same trace)."""
     recorder = Recorder(inner)
     compiled = torch.compile(fn, backend=based_compile.backend(inner=recorder), fullgraph=True)
     inputs = qkv(seed, t=t)
-    outs_c, grads_c = run(compiled, inputs)
+    with PassReports() as recorder.reports:
+        outs_c, grads_c = run(compiled, inputs)
     outs_e, grads_e = run(fn, inputs)
     for i, (c, e) in enumerate(zip(outs_c, outs_e)):
         assert_rel_close(c, e, TOL, f"output {i}, compiled vs eager")
@@ -293,7 +296,7 @@ def test_output_read_through_another_view_while_written_is_refused():
 
     recorder = compile_and_compare(aliased)
     assert recorder.sites == 0
-    report = based_compile.explain(aliased, *qkv(0))
+    report = recorder.reports.merged()
     assert not report.sites
     assert any("another view" in r.reason for r in report.refusals), report
 
@@ -327,9 +330,10 @@ def test_precision_losing_round_trip_is_refused():
     recorder = Recorder()
     compiled = torch.compile(scores_round_trip, backend=based_compile.backend(inner=recorder))
     inputs = qkv(0)
-    assert torch.equal(compiled(*inputs), scores_round_trip(*inputs))
+    with PassReports() as reports:                  # explain()'s report, from the compile's own trace
+        assert torch.equal(compiled(*inputs), scores_round_trip(*inputs))
     assert recorder.sites == 0
-    report = based_compile.explain(scores_round_trip, *qkv(0))
+    report = reports.merged()
     assert not report.sites
     assert any("casts to torch.float32" in r.reason for r in report.refusals), report
 

@@ -14,6 +14,7 @@ import based_compile
 from based_compile.kernels.naive import naive_parallel_based
 from based_compile.op.recurrent_step import based_recurrent_step, feature_map
 from compare import assert_rel_close
+from pass_reports import PassReports
 
 B, H, D, DV = 2, 3, 4, 5
 PIECES = ("const:1", "linear", "outer")
@@ -180,14 +181,14 @@ def step_calls(fn, *args):
                          ids=lambda f: f.__name__)
 def test_step_forms_are_rewritten_and_exact(fn):
     args = _inputs(fn)
-    report = based_compile.explain(fn, *(x.clone() for x in args))
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
+    with torch.no_grad(), PassReports() as reports:     # explain()'s report, from the compile's own trace
+        calls, out = step_calls(compiled, *mine)
+    report = reports.merged()
     assert len(report.sites) == 1 and not report.refusals, str(report)
     assert report.sites[0].form == ("recurrent step (kv state [.., Dv, F])" if fn is step_transposed_state
                                     else "recurrent step")
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
-    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
-    with torch.no_grad():
-        calls, out = step_calls(compiled, *mine)
     ref = fn(*theirs)
     assert calls >= 1
     out, ref = (x if isinstance(x, tuple) else (x,) for x in (out, ref))
@@ -206,11 +207,12 @@ def test_step_forms_are_rewritten_and_exact(fn):
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_step_near_misses_are_refused(fn, category, words):
     args = _inputs(fn)
-    report = based_compile.explain(fn, *(x.clone() for x in args))
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    with PassReports() as reports:                  # explain()'s report, from the compile's own trace
+        calls, out = step_calls(compiled, *(x.clone() for x in args))
+    report = reports.merged()
     assert not report.sites, str(report)
     assert any(r.category == category and words in r.reason for r in report.refusals), str(report)
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
-    calls, out = step_calls(compiled, *(x.clone() for x in args))
     assert calls == 0
     for got, want in zip(out, fn(*(x.clone() for x in args))):
         assert_rel_close(got, want, 1e-13, "refused step vs eager")
@@ -265,14 +267,14 @@ def step_writes_after_the_step(q, k, v, kv_state, k_state):          # accepted 
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_writes_into_step_inputs_while_it_runs(fn, rewritten):
     args = _inputs(fn)
-    report = based_compile.explain(fn, *(x.clone() for x in args))
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
+    with torch.no_grad(), PassReports() as reports:     # explain()'s report, from the compile's own trace
+        calls, out = step_calls(compiled, *mine)
+    report = reports.merged()
     assert len(report.sites) == int(rewritten), str(report)
     if not rewritten:
         assert any(r.category == "unsupported" and "writes in place" in r.reason for r in report.refusals), str(report)
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
-    mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
-    with torch.no_grad():
-        calls, out = step_calls(compiled, *mine)
     assert (calls >= 1) == rewritten
     assert_rel_close(out, fn(*theirs), 1e-13, "output")
     for got, want, name in zip(mine, theirs, ("q", "k", "v", "kv_state", "k_state")):
@@ -291,13 +293,14 @@ def test_step_with_inputs_that_require_grad(fn, rewritten):
     crash at compile time (the lowered graph's fake inputs do not carry requires_grad: the check read
     them and let the step through, then the operator raised inside the backend)."""
     args = _inputs(fn)
-    report = based_compile.explain(fn, args[0].clone().requires_grad_(), *(x.clone() for x in args[1:]))
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    q1, q2 = args[0].clone().requires_grad_(), args[0].clone().requires_grad_()
+    with PassReports() as reports:                  # explain()'s report, from the compile's own trace
+        calls, out = step_calls(compiled, q1, *(x.clone() for x in args[1:]))
+    report = reports.merged()
     assert len(report.sites) == int(rewritten), str(report)
     if not rewritten:
         assert any(r.category == "unsupported" and "require grad" in r.reason for r in report.refusals), str(report)
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
-    q1, q2 = args[0].clone().requires_grad_(), args[0].clone().requires_grad_()
-    calls, out = step_calls(compiled, q1, *(x.clone() for x in args[1:]))
     ref = fn(q2, *(x.clone() for x in args[1:]))
     assert (calls >= 1) == rewritten
     for got, want in zip(out, ref):
@@ -351,12 +354,12 @@ def test_several_steps_in_one_graph(fn, steps):
     kv = torch.randn(*lead, B, H, f, DV, generator=g, dtype=torch.float64) * 0.1
     ks = torch.rand(*lead, B, H, 1, f, generator=g, dtype=torch.float64) * 0.1 + 1.0
     args = (q, k, v, kv, ks)
-    report = based_compile.explain(fn, *(x.clone() for x in args))
-    assert len(report.sites) == steps and not report.refusals, str(report)
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
     mine, theirs = [x.clone() for x in args], [x.clone() for x in args]
-    with torch.no_grad():
+    with torch.no_grad(), PassReports() as reports:     # explain()'s report, from the compile's own trace
         calls, out = step_calls(compiled, *mine)
+    report = reports.merged()
+    assert len(report.sites) == steps and not report.refusals, str(report)
     ref = fn(*theirs)
     assert calls >= steps
     out, ref = (x if isinstance(x, tuple) else (x,) for x in (out, ref))
@@ -370,11 +373,11 @@ def test_one_tensor_as_q_and_k():
     """step(x, x, v, ...): Dynamo passes one tensor for q and k; the probe gave them two random values
     and refused the step ('probe disagrees', relative error 1.0)."""
     q, _, v, kv, ks = _inputs(step_matmul)
-    report = based_compile.explain(step_matmul, q, q, v, kv.clone(), ks.clone())
-    assert len(report.sites) == 1 and not report.refusals, str(report)
     compiled = torch.compile(step_matmul, backend=based_compile.backend(inner="eager"))
-    with torch.no_grad():
+    with torch.no_grad(), PassReports() as reports:     # explain()'s report, from the compile's own trace
         calls, out = step_calls(compiled, q, q, v, kv.clone(), ks.clone())
+    report = reports.merged()
+    assert len(report.sites) == 1 and not report.refusals, str(report)
     assert calls >= 1
     for got, want in zip(out, step_matmul(q, q, v, kv.clone(), ks.clone())):
         assert_rel_close(got, want, 1e-13, "output / returned state")

@@ -7,7 +7,7 @@ for decoding (the site then runs based::attention_with_state, which returns them
 Each form is compiled with backend="based" (inner="eager") and must run the operator and give eager's
 values, returned states and gradients in float64 on fresh random inputs, with the numerical probe
 on and off (the structure alone, as at real sizes). Each near-miss keeps eager's values, runs no
-operator, and explain() says why.
+operator, and explain() says why (read from the pass's report of the compile, ``PassReports``).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 import based_compile
 from based_compile.graph import feature_normaliser, verify
+from pass_reports import PassReports
 
 B, H, T, D, DV = 2, 2, 7, 4, 5
 F = 1 + D + D * D
@@ -156,16 +157,13 @@ def probe(request, monkeypatch):
 
 @pytest.mark.parametrize("fn,layout,dv,states", FORMS, ids=[f[0].__name__ for f in FORMS])
 def test_form_is_rewritten_with_eager_values_and_gradients(fn, layout, dv, states, probe):
-    e = based_compile.explain(fn, *_inputs(layout, dv))
-    assert len(e.sites) == 1 and not e.refusals, str(e)
-    assert "state product" in e.sites[0].form and "non-causal" in str(e.sites[0].spec), str(e)
-    assert ("final state" in e.sites[0].form) == states, str(e)
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
+    reports = PassReports()                         # explain()'s report, from the compile's own trace
     for _ in range(2):                              # fresh inputs, the compiled graph reused
         args = _inputs(layout, dv, requires_grad=True)
         ref_args = [x.detach().clone().requires_grad_() for x in args]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, reports:
             got = _tuple(compiled(*args))
         assert _calls(prof) >= 1, "the operator did not run"
         want = _tuple(fn(*ref_args))
@@ -175,6 +173,11 @@ def test_form_is_rewritten_with_eager_values_and_gradients(fn, layout, dv, state
         wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
         for name, g, w in zip("qkv", grads, wants):
             _assert_same(g, w, 1e-10, f"d{name}")
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert len(e.sites) == 1 and not e.refusals, str(e)
+        assert "state product" in e.sites[0].form and "non-causal" in str(e.sites[0].spec), str(e)
+        assert ("final state" in e.sites[0].form) == states, str(e)
 
 
 @pytest.mark.parametrize("fn", [broadcast_state_matmul_readout, value_major_einsums, returns_the_states],
@@ -263,15 +266,17 @@ NEAR_MISSES = [
 def test_near_miss_is_refused_with_a_reason(fn, shape, category, reason, probe):
     layout, dv, t, h = shape
     args = _inputs(layout, dv, t, h)
-    e = based_compile.explain(fn, *args)
-    assert not e.sites, str(e)
-    assert any(r.category == category and reason in r.reason for r in e.refusals), str(e)
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            PassReports() as reports:               # explain()'s report, from the compile's own trace
         got = compiled(*args)
     assert _calls(prof) == 0
     _assert_same(got, fn(*args), 1e-12, fn.__name__)
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        assert not e.sites, str(e)
+        assert any(r.category == category and reason in r.reason for r in e.refusals), str(e)
 
 
 @pytest.mark.parametrize("fn", [returns_the_states, value_major_einsums], ids=lambda f: f.__name__)
