@@ -1,35 +1,38 @@
 """Chunkwise-parallel Based attention in Triton, states in the symmetric basis (DESIGN.md section 2).
 
-T is cut into chunks of BT tokens and the chunks into segments of SEG chunks. With the feature
-maps phi_q, phi_k of kernels/symmetric_basis.py over the padded key dim BK (a power of two, 16 at
-Dk = 16): block A = the BK (BK / 2) rolled pairs x_a x_{(a + d) mod BK}, block B = (x_a, x_a^2),
-and the constant; 128 + 32 + 1 = 161 state rows at Dk = 16 (153 distinct; the full outer product
-would need 273). The coefficients and the scale ride on phi_k; V' = [V, 1] (its ones column is
-the normaliser, kept in float32 beside the value columns):
+With the feature maps phi_q, phi_k of kernels/symmetric_basis.py over the padded key dim BK (a power
+of two, 16 at Dk = 16): block A = the BK (BK / 2) rolled pairs x_a x_{(a + d) mod BK}, block B =
+(x_a, x_a^2), and the constant; 128 + 32 + 1 = 161 state rows at Dk = 16 (153 distinct; the full outer
+product would need 273). The coefficients and the scale ride on phi_k; V' = [V, 1] (its ones column
+is the normaliser, kept in float32 beside the value columns).
 
-  1. state kernel, one program per (segment, value block, batch x kv head), all in parallel:
-     the segment's state  dS_s = sum_{j in s} phi_k(k_j)^T v'_j        [F, Dv + 1], float32;
-  2. scan kernel: in place, slot s becomes the exclusive prefix S_{<s} (a walk over the NS
-     segments, not over the tokens); non-causal: the total;
-  3. output kernel, one program per (segment, value block, batch x query head), in parallel:
-     starting from S_{<s}, for each chunk c of the segment
-         o_c = phi_q(Q_c) S + f(Q_c K_c^T)|masked V'_c        (tensor-core dots, float32 accumulators)
-         S  += phi_k(K_c)^T V'_c
-     normalised by the ones column. Non-causal: every chunk reads the total, nothing else.
+Forward: kernels/prefix_chunked.py (prefix states at chunk boundaries split over programs by their
+rows, then every query tile in parallel); it returns o and the float32 normaliser z, all the backward
+needs.
+
+Backward, in this module: T is cut into chunks of BT tokens and the chunks into segments of SEG
+chunks, three stages in both directions:
+  1. state kernels, one program per (segment, value block, batch x kv head), all in parallel: the
+     segment's state dS_s = sum_{j in s} phi_k(k_j)^T v'_j [F, Dv + 1] float32 (and the reverse
+     R below);
+  2. scans (kernels/segment_scan.py): in place, slot s becomes the exclusive prefix S_{<s} (a walk
+     over the NS segments, not over the tokens); non-causal: the total;
+  3. the gradient kernels below, one program per (segment, value block, batch x head), each walking
+     its segment from the scanned state.
 Causal calls skip the one segment total no one reads (so a single segment needs no states).
 
-The stored path (ChunkedConfig.stored, causal only) moves the walk out of the output kernels, whose
+The stored path (ChunkedConfig.stored, causal only) moves the walk out of the gradient kernels, whose
 float32 [161, BV] state plus feature tiles exceed the register file (spills, L1-bound, 2 programs an
-SM): after stages 1-2 a walk kernel per segment (state only, no outputs) writes every chunk's state
-S_{<c} (and, backward, R_{>c}) in the input dtype, the dtype the dots round it to anyway (float32
-normaliser rows); the output kernels then read one state per chunk and carry nothing, so any chunk
-is independent (out_seg chunks a program, pipelined by num_stages). Extra bytes: n_chunks x 161 x
-(2 Dv + 4) per (batch, kv head) each way, 2.7 MB a head at T = 8192 with 64-token chunks.
+SM): after stages 1-2 a walk kernel per segment (state only) writes every chunk's state S_{<c} and
+R_{>c} in the input dtype, the dtype the dots round it to anyway (float32 normaliser rows); the
+gradient kernels then read one state per chunk and carry nothing (out_seg chunks a program).
+Extra bytes: n_chunks x 161 x (2 Dv + 4) per (batch, kv head) each way, 2.7 MB a head at T = 8192
+with 64-token chunks.
 
 The pair factors x_{(a + d) mod BK} come from the tile in registers (tl.gather, or a one-hot dot),
 or from gathered loads (L1 hits); their products in float32, rounded to the input dtype for the dots.
 
-Backward, the same three stages in both directions (nothing stored by the forward but o and z):
+The backward's stages:
   - the forward states S (recomputed by stages 1-2) for dq;
   - reverse states R_{>s} = sum_{i after s} phi_q(q_i)^T [dn_i, dz_i] (summed over a GQA group) for
     dk and dv, scanned from the end;
@@ -58,20 +61,21 @@ from .arguments import BasedArguments, check_arguments, check_kernel_device, tri
 from .function import BasedKernelFunction
 from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
 from .parallel import _parallel_bwd_prep_kernel
+from .prefix_chunked import prefix_forward
+from .segment_scan import segment_scan_kernel
 from .tiles import load_rows, store_rows
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DK = 32
 MAX_DV = 256
 MAX_SEGMENT_CHUNKS = 32
-# GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in the output
-# kernels (the stored path: in the walk): the segment length follows from it, how the rolled pair
-# factors are formed: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot[, the stored path
-# (0/1), chunks per output program on the stored path, the state kernels' value block and warps (0:
-# as the output kernels)]), for 16-bit inputs forward and backward, and for float32. The value block is capped by the state kept in registers: (slot rows) x BV <= 161 x 64.
-# H200 sweeps at T=8192 (benchmarks/NOTES.md, chunked calls 1-2): forward 2.52 ms with (32, 64, 4, 1,
-# 1024, 1) against 4.07 with gathered loads; forward+backward 8.80 ms with the backward below.
-FORWARD_LAUNCH = (32, 64, 4, 1, 1024, 1, 0, 1)
+# The backward's GPU launches, (chunk tokens, value block, warps, pipeline stages, programs wanted in
+# the gradient kernels (the stored path: in the walk): the segment length follows from it, how the
+# rolled pair factors are formed: 0 gathered loads, 1 tl.gather from registers, 2 a one-hot dot[, the
+# stored path (0/1), chunks per gradient program on the stored path, the state kernels' value block
+# and warps (0: as the gradient kernels)]), for 16-bit inputs and for float32. The value block is
+# capped by the state kept in registers: (slot rows) x BV <= 161 x 64. H200 sweeps at T=8192
+# (benchmarks/NOTES.md, chunked calls 1-2): forward+backward 8.80 ms with this backward.
 BACKWARD_LAUNCH = (32, 64, 4, 1, 1024, 2, 0, 1)
 FLOAT32_LAUNCH = (32, 64, 4, 1, 1024, 0, 0, 1)
 STATE_REGISTER_BUDGET = 161 * 64
@@ -320,111 +324,6 @@ def _segment_state_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: scan over segments, in place
-# ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["NS", "N_IN"])
-def _segment_scan_kernel(st, NS, N_IN, W, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    # slots [NS + 1, W] per (batch, head), N_IN segment totals in slots 0.. (REVERSE: NS - 1 down):
-    # each becomes the sum of the totals before it (REVERSE: after it), and the slot after the last
-    # (N_IN; REVERSE: NS - 1 - N_IN) gets the sum of all N_IN.
-    i_bh, i_w = tl.program_id(0), tl.program_id(1)
-    offs = i_w * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < W
-    base = st + i_bh.to(tl.int64) * (NS + 1) * W
-    run = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, N_IN):
-        if REVERSE:
-            s = NS - 1 - i
-        else:
-            s = i
-        x = tl.load(base + s * W + offs, mask=mask, other=0.0)
-        tl.store(base + s * W + offs, run, mask=mask)
-        run += x
-    if REVERSE:
-        tl.store(base + (NS - 1 - N_IN) * W + offs, run, mask=mask)
-    else:
-        tl.store(base + N_IN * W + offs, run, mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 3, forward: outputs
-# ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T", "SEG", "NS"])
-def _chunked_fwd_kernel(
-    q, k, v, o, z, st, cz,
-    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-    T, H, GROUP, DK, DV, SEG, NS, W, c0, c1, c2, eps,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, MODE: tl.constexpr,
-    STORED: tl.constexpr,
-):
-    # STORED (causal only): st / cz are the per-chunk states S_{<c} of the walk; nothing is carried
-    FA: tl.constexpr = BK // 2 * BK
-    FB: tl.constexpr = 2 * BK
-    NF: tl.constexpr = FA + FB + 1
-    i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = (i_bh // H).to(tl.int64)
-    h = (i_bh % H).to(tl.int64)
-    hk = h // GROUP
-    q += b * sq_b + h * sq_h
-    k += b * sk_b + hk * sk_h
-    v += b * sv_b + hk * sv_h
-    o += b * so_b + h * so_h
-    z += i_bh.to(tl.int64) * T
-    dt = q.dtype.element_ty
-    offs_t = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    wa, wb = _key_weights(c1, c2, BK)
-    if not STORED:
-        if CAUSAL:
-            slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + i_s) * W      # S_{<s}
-        else:
-            slot = st + ((i_bh // GROUP).to(tl.int64) * (NS + 1) + NS) * W      # the total
-        sa, sb, s0, za, zb, z0 = _load_state(slot, FA, FB, offs_v, DV, NORMALIZE)
-
-    n_chunks = tl.cdiv(T, BT)
-    for c in range(i_s * SEG, tl.minimum(i_s * SEG + SEG, n_chunks)):
-        if STORED:
-            ps, pz = _chunk_slot(st, cz, i_bh // GROUP, c, T, BT, NF, DV)
-            sa, sb, s0, za, zb, z0 = _load_chunk_state(ps, pz, FA, FB, offs_v, DV, NORMALIZE)
-        rows = c * BT + offs_t
-        valid = rows < T
-        qc = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                          # [BT, BK]
-        fa, fb = _features(qc.to(tl.float32), _rolled(q, rows, sq_t, sq_d, T, DK, qc, BT, BK, MODE, PRECISION), BT, BK)
-        acc = tl.dot(fa.to(dt), sa.to(dt), input_precision=PRECISION)               # [BT, BV]
-        acc = tl.dot(fb.to(dt), sb.to(dt), acc, input_precision=PRECISION)
-        acc += s0[None, :]
-        if NORMALIZE:
-            zc = tl.sum(fa * za[None, :], axis=1) + tl.sum(fb * zb[None, :], axis=1) + z0   # [BT]
-        if CAUSAL:
-            kc = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
-            vc = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
-            keep = (offs_t[:, None] >= offs_t[None, :]) & valid[None, :]
-            a = _poly(tl.dot(qc, tl.trans(kc), input_precision=PRECISION), c0, c1, c2)
-            a = tl.where(keep, a, 0.0)                                                # [BT, BT]
-            acc = tl.dot(a.to(dt), vc, acc, input_precision=PRECISION)
-            if NORMALIZE:
-                zc += tl.sum(a, axis=1)
-            if not STORED:
-                ka, kb = _features(kc.to(tl.float32), _rolled(k, rows, sk_t, sk_d, T, DK, kc, BT, BK, MODE, PRECISION), BT, BK)
-                ka = ka * wa[None, :]
-                kb = kb * wb[None, :]
-                sa = tl.dot(tl.trans(ka.to(dt)), vc, sa, input_precision=PRECISION)
-                sb = tl.dot(tl.trans(kb.to(dt)), vc, sb, input_precision=PRECISION)
-                s0 += c0 * tl.sum(vc.to(tl.float32), axis=0)
-                if NORMALIZE:
-                    za += tl.sum(ka, axis=0)
-                    zb += tl.sum(kb, axis=0)
-                    z0 += c0 * tl.sum(valid.to(tl.float32), axis=0)
-        if NORMALIZE:
-            acc = acc / (zc[:, None] + eps)
-            if i_v == 0:
-                tl.store(z + rows, zc, mask=valid)
-        store_rows(o, acc, rows, offs_v, so_t, so_d, T, DV)
-
-
-# ----------------------------------------------------------------------------------------------
 # Stage 3, backward: dq (segments walked forward)
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "SEG", "NS"])
@@ -659,7 +558,7 @@ def _segment_chunks(args: BasedArguments, bt: int, bv: int, target: int) -> int:
 
 
 def config_from_launch(args: BasedArguments, launch: tuple) -> ChunkedConfig:
-    """A launch tuple (see FORWARD_LAUNCH) resolved for these arguments."""
+    """A launch tuple (see BACKWARD_LAUNCH) resolved for these arguments."""
     bt, bv, warps, stages, target, mode, stored, out_seg, state_bv, state_warps = (
         tuple(launch) + (0, 1, 0, 0)[len(launch) - 6:])
     if stored and bt > 64:
@@ -673,13 +572,13 @@ def config_from_launch(args: BasedArguments, launch: tuple) -> ChunkedConfig:
                          state_bv=state_bv, state_warps=state_warps)
 
 
-def chunked_config(args: BasedArguments, dtype: torch.dtype, backward: bool = False) -> ChunkedConfig:
-    """Block sizes for these arguments (small, fixed ones under the interpreter)."""
+def chunked_config(args: BasedArguments, dtype: torch.dtype) -> ChunkedConfig:
+    """The backward's block sizes for these arguments (small, fixed ones under the interpreter)."""
     if triton_interpreting():
         return ChunkedConfig(bt=16, seg=2, bv=_value_block(args))
     if dtype == torch.float32:       # exact float32 dots: small tiles (the reference path, not the fast one)
         return config_from_launch(args, FLOAT32_LAUNCH)
-    return config_from_launch(args, BACKWARD_LAUNCH if backward else FORWARD_LAUNCH)
+    return config_from_launch(args, BACKWARD_LAUNCH)
 
 
 def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
@@ -729,7 +628,7 @@ def _states(x, y, dz, args: BasedArguments, cfg: ChunkedConfig, keys: bool, x_st
         _segment_state_kernel[(n_in, n_v, bhk)](
             x, y, dz, st, st, st, *x_strides, *y_strides, *sizes, s_off, c0, c1, c2, WALK=False, **common)
     block = 1024
-    _segment_scan_kernel[(bhk, cdiv(w, block))](
+    segment_scan_kernel[(bhk, cdiv(w, block))](
         st, ns, n_in, w, REVERSE=args.causal and not keys, BLOCK=block, num_warps=4)
     if not cfg.stored_for(args):
         return st, st, ns, w
@@ -749,29 +648,10 @@ def _stage3(args: BasedArguments, cfg: ChunkedConfig, ns: int, heads: int):
     return (ns, n_v, args.batch * heads), cfg.seg, ns
 
 
-def _forward(q, k, v, args: BasedArguments, cfg: ChunkedConfig):
-    b, h, t = args.batch, args.heads, args.length
-    ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
-    st, sz, ns, w = _states(k, v, k, args, cfg, True, ks, vs)
-    o = _new_buffer((*q.shape[:-1], args.dv), q.dtype, q.device)
-    z = _new_buffer((b, h, t), torch.float32, q.device) if args.normalize else o
-    c0, c1, c2 = scaled_coefficients(args)
-    grid, seg, ns = _stage3(args, cfg, ns, h)
-    _chunked_fwd_kernel[grid](
-        q, k, v, o, z, st, sz,
-        *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
-        t, h, args.group, args.dk, args.dv, seg, ns, w, c0, c1, c2, args.eps,
-        BT=cfg.bt, BK=_pow2(args.dk), BV=cfg.bv,
-        CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), MODE=cfg.features,
-        STORED=cfg.stored_for(args), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return o, (z if args.normalize else None)
-
-
 def chunked_forward(q, k, v, args: BasedArguments):
     """Kernel contract: (o, z), o like q (dtype and layout), z the float32 normaliser [B, H, T] or None."""
     _check_supported(q, args)
-    return _forward(q, k, v, args, chunked_config(args, q.dtype))
+    return prefix_forward(q, k, v, args)
 
 
 def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
@@ -827,7 +707,7 @@ def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
 def chunked_backward(q, k, v, o, z, do, args: BasedArguments):
     """Kernel contract: (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv summed over a group)."""
     _check_supported(q, args)
-    return _backward(q, k, v, o, z, do, args, chunked_config(args, q.dtype, backward=True))
+    return _backward(q, k, v, o, z, do, args, chunked_config(args, q.dtype))
 
 
 def check_chunked_arguments(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, normalize=True, eps=1e-6,

@@ -13,7 +13,7 @@ import torch
 from compare import assert_rel_close
 from conftest import make_inputs
 
-from based_compile.kernels import chunked, naive_chunkwise_based, naive_parallel_based
+from based_compile.kernels import chunked, naive_chunkwise_based, naive_parallel_based, prefix_chunked
 from based_compile.kernels.arguments import check_arguments, triton_interpreting
 from based_compile.kernels.chunked import chunked_based, chunked_forward
 from based_compile.kernels.symmetric_basis import (
@@ -32,6 +32,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 2e-2}
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     monkeypatch.setattr(chunked, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(prefix_chunked, "POISON_OUTPUTS", True)
 
 
 def _check(b, h, t, dk, dv, *, kv_heads=None, layout="BHTD", causal=True, normalize=True, coeffs=BASED,
@@ -149,7 +150,7 @@ def test_launch_tuples_resolve_to_configs():
     new = chunked.config_from_launch(args, (64, 64, 4, 2, 64, 1, 1, 4, 32, 8))
     assert (new.bt, new.bv, new.stored, new.out_seg, new.state_bv, new.state_warps) == (64, 64, True, 4, 32, 8)
     assert new.seg == 8            # 64 chunks, 2 x 4 heads: segments of 8 chunks give the 64 programs wanted
-    for launch in (chunked.FORWARD_LAUNCH, chunked.BACKWARD_LAUNCH, chunked.FLOAT32_LAUNCH):
+    for launch in (chunked.BACKWARD_LAUNCH, chunked.FLOAT32_LAUNCH):
         chunked.config_from_launch(args, launch)
     with pytest.raises(ValueError, match="stored path takes chunks of at most 64"):    # crashed on the H200
         chunked.config_from_launch(args, (128, 64, 8, 1, 1024, 1, 1))
@@ -209,21 +210,24 @@ def test_bad_arguments_raise_naming_the_argument(monkeypatch):
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs the GPU block sizes under the interpreter")
 def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
-    """The GPU's chunk of 64 tokens and its segment length, at a T that is no multiple of a chunk."""
+    """The GPU's tiles (forward: 64-token tiles, two state chunks in two segments; backward: its chunk
+    length in two segments), at a T that is no multiple of a chunk."""
     q, k, v = make_inputs(1, 2, 150, 16, 64, dtype=torch.float64)
     q, k, v = (x.to(torch.float16) for x in (q, k, v))
     args = check_arguments(q, k, v)
     monkeypatch.setattr(chunked, "triton_interpreting", lambda: False)
-    fwd_cfg, bwd_cfg = (chunked.chunked_config(args, torch.float16, backward=bwd) for bwd in (False, True))
+    monkeypatch.setattr(prefix_chunked, "triton_interpreting", lambda: False)
+    fwd_cfg, bwd_cfg = prefix_chunked.prefix_config(args), chunked.chunked_config(args, torch.float16)
     monkeypatch.setattr(chunked, "triton_interpreting", lambda: True)
-    assert fwd_cfg.bv == 64 and fwd_cfg.bt >= 32
-    fwd_cfg, bwd_cfg = (chunked.ChunkedConfig(c.bt, 2, c.bv) for c in (fwd_cfg, bwd_cfg))  # 2 segments: a scan
-    o, z = chunked._forward(q, k, v, args, fwd_cfg)
+    monkeypatch.setattr(prefix_chunked, "triton_interpreting", lambda: True)
+    assert fwd_cfg.bv == 64 and fwd_cfg.c >= 128 and bwd_cfg.bv == 64 and bwd_cfg.bt >= 32
+    bwd_cfg = chunked.ChunkedConfig(bwd_cfg.bt, 2, bwd_cfg.bv)                          # 2 segments: a scan
+    o, z = prefix_chunked.prefix_forward(q, k, v, args, dataclasses.replace(fwd_cfg, c=128, target=1 << 20))
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     ref = naive_parallel_based(qd, kd, vd)
     do = torch.randn_like(ref).to(torch.float16)
     ref.backward(do.double())
-    assert_rel_close(o, ref, TOL[torch.float16], f"o {fwd_cfg}")
+    assert_rel_close(o, ref, TOL[torch.float16], "o")
     grads = chunked._backward(q, k, v, o, z, do, args, bwd_cfg)
     for name, g, x in zip(("dq", "dk", "dv"), grads, (qd, kd, vd)):
         assert_rel_close(g, x.grad, 2 * TOL[torch.float16], f"{name} {bwd_cfg}")

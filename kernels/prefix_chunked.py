@@ -1,0 +1,444 @@
+"""Chunkwise-parallel Based attention with stored prefix states, in Triton (DESIGN.md section 2).
+
+T is cut into state chunks of C tokens. Three kernels, none of which carries a full state:
+
+  1. prefix-state kernel, one program per (feature block, value block, batch x kv head, segment):
+     walks its segment's chunks and, before adding chunk c, writes the running sum
+         S_{<c} = sum_{j < c, j in segment} phi_k(k_j)^T v_j      (one feature block: 64 rows or fewer)
+     into chunk c's slot, in the input dtype (the dtype its dot rounds it to anyway; the normaliser
+     rows sum_j phi_k(k_j) in float32). Each program holds a [64, BV] float32 block, not the
+     [161, BV] state: the state is split over programs by its rows, so nothing spills;
+  2. with more than one segment, a scan over the segments' totals (kernels/segment_scan.py);
+  3. output kernel, one program per (query tile of BT, value block, batch x query head), all in
+     parallel, nothing carried:
+         o = phi_q(Q) S_{<c} + f(Q K^T)|causal V  over the keys of chunk c up to the tile,
+     feature block by feature block on the tensor cores, the intra-chunk part as the parallel
+     kernel's loop (kernels/parallel.py). Non-causal: phi_q(Q) S_total and nothing else.
+
+The features are the symmetric basis of kernels/symmetric_basis.py over the padded BK: block A the
+rolled pairs x_a x_{(a + d) mod BK}, d = 1 .. BK / 2 (BK / 2 x BK rows, in blocks of DB offsets),
+block B (x_a, x_a^2) and the constant; 161 rows at Dk <= 16. The rolled copies come from gathered
+loads of the tile just read (L1 hits).
+
+Bytes of stored states: ceil(T / C) x 161 x (Dv x itemsize + 4) per (batch, kv head), plus the
+segment slots in float32; at C = 256, Dv = 64, bf16: 84 bytes a token, against 320 for q, k, v, o.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .arguments import BasedArguments, triton_interpreting
+from .segment_scan import segment_scan_kernel
+from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
+from .parallel import _fwd_step
+from .tiles import load_rows
+
+# When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
+POISON_OUTPUTS = False
+FEATURE_BLOCK = 64          # rows of block A per feature-block program (DB = FEATURE_BLOCK // BK offsets)
+
+
+@triton.jit
+def _pair_features(x, ptr, rows, s_t, s_d, T, DK, D0, DB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   PRECISION: tl.constexpr, MODE: tl.constexpr):
+    # [BT, DB * BK] float32, row order (d, a): x_a x_{(a + d + 1) mod BK} for d = D0 .. D0 + DB - 1, from
+    # the tile x [BT, BK] at ptr (zeros beyond T and Dk). How the rolled factor is formed:
+    #   MODE 0: gathered loads of the tile just read (L1 hits), [BT, DB, BK];
+    #   MODE 1: tl.gather from x in registers;
+    #   MODE 2: both factors as one-hot dots (exact: one nonzero product per element).
+    p = tl.arange(0, DB * BK)
+    a = p % BK
+    col = (a + D0 + p // BK + 1) % BK
+    if MODE == 0:
+        c3 = tl.reshape(col, (DB, BK))
+        mask = (rows < T)[:, None, None] & (c3 < DK)[None, :, :]
+        xr = tl.load(ptr + rows[:, None, None] * s_t + c3[None, :, :] * s_d, mask=mask, other=0.0)
+        return tl.reshape(x.to(tl.float32)[:, None, :] * xr.to(tl.float32), (BT, DB * BK))
+    elif MODE == 1:
+        xf = x.to(tl.float32)
+        first = tl.gather(xf, tl.broadcast_to(a[None, :], (BT, DB * BK)), axis=1)
+        second = tl.gather(xf, tl.broadcast_to(col[None, :], (BT, DB * BK)), axis=1)
+        return first * second
+    else:
+        src = tl.arange(0, BK)[:, None]
+        first = tl.dot(x, (src == a[None, :]).to(x.dtype), input_precision=PRECISION)       # x_a
+        second = tl.dot(x, (src == col[None, :]).to(x.dtype), input_precision=PRECISION)    # x_{a + d + 1}
+        return first * second
+
+
+@triton.jit
+def _pair_weights(D0, c2, DB: tl.constexpr, BK: tl.constexpr):
+    # phi_k's weights of _pair_features' rows: 2 c2, and c2 at offset BK / 2 (it meets every pair twice)
+    p = tl.arange(0, DB * BK)
+    return tl.where(D0 + p // BK == BK // 2 - 1, c2, 2.0 * c2)
+
+
+@triton.jit
+def _square_features(xf, BT: tl.constexpr, BK: tl.constexpr):
+    # [BT, 2 BK] float32, row order (a, j): x_a (j = 0), x_a^2 (j = 1)
+    return tl.reshape(tl.join(xf, xf * xf), (BT, 2 * BK))
+
+
+@triton.jit
+def _square_weights(c1, c2, BK: tl.constexpr):
+    p = tl.arange(0, 2 * BK)
+    return tl.where(p % 2 == 0, c1, c2)
+
+
+@triton.jit
+def _column_sums(f, zmat, BT: tl.constexpr, PRECISION: tl.constexpr):
+    # zmat [R, 16] float32 += f^T e0, f [BT, R] in the dots' dtype, e0 [BT, 16] ones in column 0: the
+    # column sums of f on the tensor cores (zmat's other columns stay 0)
+    e0 = tl.zeros([BT, 16], dtype=f.dtype) + (tl.arange(0, 16)[None, :] == 0).to(f.dtype)
+    return tl.dot(tl.trans(f), e0, zmat, input_precision=PRECISION)
+
+
+@triton.jit
+def _row_products(f, zs, PRECISION: tl.constexpr):
+    # [BT] = f zs for f [BT, R] in the dots' dtype and zs [R] float32, as one dot: zs split into its
+    # rounding to f's dtype (column 0) and the remainder (column 1), so zs loses nothing to the dtype
+    dt = f.dtype
+    hi = zs.to(dt).to(tl.float32)
+    lo = zs - hi
+    j = tl.arange(0, 16)[None, :]
+    m = tl.where(j == 0, hi[:, None], tl.where(j == 1, lo[:, None], 0.0))               # [R, 16]
+    return tl.sum(tl.dot(f, m.to(dt), input_precision=PRECISION), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. prefix states
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "NC", "SEGC", "NSEG"])
+def _prefix_state_kernel(
+    k, v, cs, cz, seg,
+    sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+    T, HK, DK, DV, NC, SEGC, NSEG, W, c0, c1, c2,
+    C: tl.constexpr, BTS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DB: tl.constexpr,
+    CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZDOT: tl.constexpr, MODE: tl.constexpr,
+):
+    # program (i_f, i_v, i_p): feature block i_f (< NA: block A's offsets i_f DB ..; NA: block B and the
+    # constant), value block i_v, batch x kv head i_p // NSEG, segment i_p % NSEG.
+    # CAUSAL: slot c of cs / cz gets the sum over the segment's chunks before c; with NSEG > 1 (or
+    # non-causal) the segment's total goes to seg [B * HK, NSEG + 1, W] (float32, scanned after).
+    NA: tl.constexpr = BK // 2 // DB
+    FA: tl.constexpr = BK // 2 * BK
+    FB: tl.constexpr = 2 * BK
+    NF: tl.constexpr = FA + FB + 1
+    i_f, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bhk = i_p // NSEG
+    i_s = i_p % NSEG
+    b = (i_bhk // HK).to(tl.int64)
+    hk = (i_bhk % HK).to(tl.int64)
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    dt = k.dtype.element_ty
+    offs_t = tl.arange(0, BTS)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    vmask = offs_v < DV
+    c_start = i_s * SEGC
+    c_end = tl.minimum(c_start + SEGC, NC)
+    slots = cs + i_bhk.to(tl.int64) * NC * NF * DV
+    zslots = cz + i_bhk.to(tl.int64) * NC * NF
+    total = seg + (i_bhk.to(tl.int64) * (NSEG + 1) + i_s) * W
+    if i_f < NA:
+        d0 = i_f * DB
+        w = _pair_weights(d0, c2, DB, BK)
+        r0 = d0 * BK                                                  # first slot row of the block
+        acc = tl.zeros([DB * BK, BV], dtype=tl.float32)
+        zacc = tl.zeros([DB * BK], dtype=tl.float32)
+        zmat = tl.zeros([DB * BK, 16], dtype=tl.float32)
+        for j in range(c_start * C, c_end * C, BTS):     # one flat loop: the pipeliner sees every step
+            if CAUSAL:
+                if j % C == 0:
+                    c = j // C
+                    rr = r0 + tl.arange(0, DB * BK)
+                    tl.store(slots + (c * NF + rr)[:, None] * DV + offs_v[None, :], acc.to(dt), mask=vmask[None, :])
+                    if NORMALIZE:
+                        if i_v == 0:
+                            if ZDOT:
+                                zacc = tl.sum(zmat, axis=1)
+                            tl.store(zslots + c * NF + rr, zacc)
+            rows = j + offs_t
+            kt = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vt = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            f = (_pair_features(kt, k, rows, sk_t, sk_d, T, DK, d0, DB, BTS, BK, PRECISION, MODE) * w[None, :]).to(dt)
+            acc = tl.dot(tl.trans(f), vt, acc, input_precision=PRECISION)
+            if NORMALIZE:
+                if ZDOT:
+                    zmat = _column_sums(f, zmat, BTS, PRECISION)
+                else:
+                    zacc += tl.sum(f.to(tl.float32), axis=0)
+        if NSEG > 1 or not CAUSAL:
+            rr = r0 + tl.arange(0, DB * BK)
+            tl.store(total + rr[:, None] * DV + offs_v[None, :], acc, mask=vmask[None, :])
+            if NORMALIZE:
+                if i_v == 0:
+                    if ZDOT:
+                        zacc = tl.sum(zmat, axis=1)
+                    tl.store(total + NF * DV + rr, zacc)
+    else:
+        wb = _square_weights(c1, c2, BK)
+        bacc = tl.zeros([FB, BV], dtype=tl.float32)
+        zbacc = tl.zeros([FB], dtype=tl.float32)
+        s0 = tl.zeros([BV], dtype=tl.float32)
+        z0 = 0.0
+        rb = FA + tl.arange(0, FB)
+        for j in range(c_start * C, c_end * C, BTS):
+            if CAUSAL:
+                if j % C == 0:
+                    c = j // C
+                    tl.store(slots + (c * NF + rb)[:, None] * DV + offs_v[None, :], bacc.to(dt), mask=vmask[None, :])
+                    tl.store(slots + (c * NF + FA + FB) * DV + offs_v, s0.to(dt), mask=vmask)
+                    if NORMALIZE:
+                        if i_v == 0:
+                            tl.store(zslots + c * NF + rb, zbacc)
+                            tl.store(zslots + c * NF + FA + FB, z0)
+            rows = j + offs_t
+            kt = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
+            vt = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
+            f = _square_features(kt.to(tl.float32), BTS, BK) * wb[None, :]
+            bacc = tl.dot(tl.trans(f.to(dt)), vt, bacc, input_precision=PRECISION)
+            s0 += c0 * tl.sum(vt.to(tl.float32), axis=0)
+            if NORMALIZE:
+                zbacc += tl.sum(f, axis=0)
+                z0 += c0 * tl.sum((rows < T).to(tl.float32), axis=0)
+        if NSEG > 1 or not CAUSAL:
+            tl.store(total + rb[:, None] * DV + offs_v[None, :], bacc, mask=vmask[None, :])
+            tl.store(total + (FA + FB) * DV + offs_v, s0, mask=vmask)
+            if NORMALIZE:
+                if i_v == 0:
+                    tl.store(total + NF * DV + rb, zbacc)
+                    tl.store(total + NF * DV + FA + FB, z0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. outputs
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _state_rows(slots, zslots, total, r0, R: tl.constexpr, BV: tl.constexpr, offs_v, DV, NF, FROM_SLOT: tl.constexpr,
+                FROM_TOTAL: tl.constexpr, NORMALIZE: tl.constexpr, dt: tl.constexpr):
+    # rows r0 .. r0 + R of the state the tile reads: [R, BV] in dt and [R] float32 normaliser rows
+    rr = r0 + tl.arange(0, R)
+    vmask = (offs_v < DV)[None, :]
+    s = tl.zeros([R, BV], dtype=tl.float32)
+    zs = tl.zeros([R], dtype=tl.float32)
+    if FROM_SLOT:
+        s += tl.load(slots + rr[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            zs += tl.load(zslots + rr)
+    if FROM_TOTAL:
+        s += tl.load(total + rr[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0)
+        if NORMALIZE:
+            zs += tl.load(total + NF * DV + rr)
+    return s.to(dt), zs
+
+
+@triton.jit(do_not_specialize=["T", "NC", "SEGC", "NSEG"])
+def _prefix_output_kernel(
+    q, k, v, o, z, cs, cz, seg,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
+    T, H, GROUP, NC, SEGC, NSEG, W, c0, c1, c2, eps,
+    DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DB: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    FROM_TOTAL: tl.constexpr, ZDOT: tl.constexpr, MODE: tl.constexpr,
+):
+    # FROM_TOTAL: the state includes the scanned segment slot (causal with segments; non-causal: the total)
+    NA: tl.constexpr = BK // 2 // DB
+    FA: tl.constexpr = BK // 2 * BK
+    FB: tl.constexpr = 2 * BK
+    NF: tl.constexpr = FA + FB + 1
+    # the last query tiles have the most keys: launch them first
+    i_t, i_v, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (i_bh // H).to(tl.int64)
+    h = (i_bh % H).to(tl.int64)
+    hk = h // GROUP
+    i_bhk = (i_bh // GROUP).to(tl.int64)
+    q += b * sq_b + h * sq_h
+    k += b * sk_b + hk * sk_h
+    v += b * sv_b + hk * sv_h
+    o += b * so_b + h * so_h
+    dt = q.dtype.element_ty
+    rows = i_t * BT + tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    c = (i_t * BT) // C
+    i_s = c // SEGC
+    slots = cs + (i_bhk * NC + c) * NF * DV
+    zslots = cz + (i_bhk * NC + c) * NF
+    if CAUSAL:
+        total = seg + (i_bhk * (NSEG + 1) + i_s) * W            # S before the segment (scanned)
+    else:
+        total = seg + (i_bhk * (NSEG + 1) + NSEG) * W           # the total
+
+    qt = load_rows(q, rows, offs_k, sq_t, sq_d, T, DK)                                   # [BT, BK]
+    qf = qt.to(tl.float32)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    zc = tl.zeros([BT], dtype=tl.float32)
+    for ia in tl.static_range(NA):
+        fa = _pair_features(qt, q, rows, sq_t, sq_d, T, DK, ia * DB, DB, BT, BK, PRECISION, MODE)                        # [BT, DB BK]
+        sa, za = _state_rows(slots, zslots, total, ia * DB * BK, DB * BK, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL,
+                             NORMALIZE, dt)
+        fa16 = fa.to(dt)
+        acc = tl.dot(fa16, sa, acc, input_precision=PRECISION)
+        if NORMALIZE:
+            if ZDOT:
+                zc += _row_products(fa16, za, PRECISION)
+            else:
+                zc += tl.sum(fa * za[None, :], axis=1)
+    fb = _square_features(qf, BT, BK)
+    sb, zb = _state_rows(slots, zslots, total, FA, FB, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL, NORMALIZE, dt)
+    fb16 = fb.to(dt)
+    acc = tl.dot(fb16, sb, acc, input_precision=PRECISION)
+    s0, z0 = _state_rows(slots, zslots, total, FA + FB, 1, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL, NORMALIZE,
+                         tl.float32)
+    acc += tl.reshape(s0, (1, BV))
+    if NORMALIZE:
+        if ZDOT:
+            zc += _row_products(fb16, zb, PRECISION) + tl.sum(z0, axis=0)
+        else:
+            zc += tl.sum(fb * zb[None, :], axis=1) + tl.sum(z0, axis=0)
+
+    if CAUSAL:      # the chunk's keys before the tile (unmasked), then the tile's own (masked)
+        full_end = i_t * BT
+        edge_end = tl.minimum(full_end + BT, T)
+        for s in range(c * C, full_end, BS):
+            acc, zc = _fwd_step(acc, zc, qt, k, v, rows, s, T, sk_t, sk_d, sv_t, sv_d, offs_v, c0, c1, c2,
+                                DK, DV, BS, BK, DK == BK, DV % BV == 0, False, CAUSAL, PRECISION)
+        for s in range(full_end, edge_end, BS):
+            acc, zc = _fwd_step(acc, zc, qt, k, v, rows, s, T, sk_t, sk_d, sv_t, sv_d, offs_v, c0, c1, c2,
+                                DK, DV, BS, BK, DK == BK, DV % BV == 0, True, CAUSAL, PRECISION)
+    if NORMALIZE:
+        acc = acc / (zc + eps)[:, None]
+        if i_v == 0:
+            tl.store(z + i_bh.to(tl.int64) * T + rows, zc, mask=rows < T)
+    omask = (rows < T)[:, None] & (offs_v < DV)[None, :]
+    tl.store(o + rows[:, None] * so_t + offs_v[None, :] * so_d, acc.to(o.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefixConfig:
+    """State chunk c, query tile bt, key tile bs, state sub-tile bts, value block bv, launches."""
+
+    c: int = 256
+    bt: int = 64
+    bs: int = 64
+    bts: int = 64
+    bv: int = 64
+    warps: int = 4
+    stages: int = 2
+    state_warps: int = 4
+    state_stages: int = 3
+    target: int = 256           # programs wanted in the state kernel (segments follow from it)
+    mode: int = 2               # how the rolled pair factors are formed (see _pair_features)
+    zdot: bool = True           # normaliser sums as tensor-core dots (else float32 reductions)
+    maxnreg: int = 0            # register cap of the output kernel (0: none)
+    state_maxnreg: int = 0
+    state_mode: int = 1         # the state kernel's mode (-1: mode)
+    state_bv: int = 0           # the state kernel's value block (0: bv)
+
+
+def _pow2(n: int) -> int:
+    return max(16, next_power_of_2(n))
+
+
+def feature_rows(dk: int) -> int:
+    bk = _pow2(dk)
+    return bk // 2 * bk + 2 * bk + 1
+
+
+def prefix_config(args: BasedArguments) -> PrefixConfig:
+    if triton_interpreting():
+        return PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=min(64, _pow2(args.dv)), target=1)
+    return PrefixConfig(bv=min(64, _pow2(args.dv)))
+
+
+def _segments(args: BasedArguments, cfg: PrefixConfig, n_feature_blocks: int, n_v: int) -> int:
+    """Chunks per segment: all of them, unless the state kernel would have fewer than cfg.target programs."""
+    nc = cdiv(args.length, cfg.c)
+    per_segment = n_feature_blocks * n_v * args.batch * args.kv_heads
+    nseg = 1
+    while nseg * 2 <= nc and nseg * per_segment < cfg.target:
+        nseg *= 2
+    return cdiv(nc, nseg)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    bk: int         # padded key dim
+    db: int         # pair offsets per feature block
+    na: int         # pair feature blocks (the state kernel has na + 1 feature programs)
+    nf: int         # state rows
+    nc: int         # state chunks
+    segc: int       # chunks per segment
+    nseg: int       # segments
+
+
+def _plan(args: BasedArguments, cfg: PrefixConfig) -> _Plan:
+    bk = _pow2(args.dk)
+    db = max(1, min(bk // 2, FEATURE_BLOCK // bk))
+    na = bk // 2 // db
+    nc = cdiv(args.length, cfg.c)
+    segc = _segments(args, cfg, na + 1, cdiv(args.dv, cfg.state_bv or cfg.bv)) if args.causal else nc
+    return _Plan(bk, db, na, feature_rows(args.dk), nc, segc, cdiv(nc, segc))
+
+
+def state_bytes(args: BasedArguments, cfg: PrefixConfig, itemsize: int = 2) -> int:
+    """Bytes of the stored states: per (batch, kv head), every chunk's slot (values of ``itemsize`` bytes,
+    float32 normaliser rows; non-causal: one) and, with segments or non-causal, (NSEG + 1) float32
+    segment slots."""
+    p = _plan(args, cfg)
+    slots = (p.nc if args.causal else 1) * p.nf * (args.dv * itemsize + 4)
+    if p.nseg > 1 or not args.causal:
+        slots += (p.nseg + 1) * p.nf * (args.dv + 1) * 4
+    return args.batch * args.kv_heads * slots
+
+
+def _cap(maxnreg: int) -> dict:
+    return {"maxnreg": maxnreg} if maxnreg and not triton_interpreting() else {}
+
+
+def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
+    """(o, z): o like q, z the float32 normaliser [B, H, T] or None."""
+    cfg = cfg or prefix_config(args)
+    b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
+    p = _plan(args, cfg)
+    bk, db, na, nf, nc, segc, nseg = p.bk, p.db, p.na, p.nf, p.nc, p.segc, p.nseg
+    n_v = cdiv(args.dv, cfg.bv)
+    w = nf * args.dv + nf
+    dev = q.device
+    poison = POISON_OUTPUTS
+    cs = new_buffer((b * hk, nc if args.causal else 1, nf, args.dv), q.dtype, dev, poison=poison)
+    cz = new_buffer((b * hk, nc if args.causal else 1, nf), torch.float32, dev, poison=poison)
+    use_total = nseg > 1 or not args.causal
+    sg = new_buffer((b * hk, nseg + 1, w) if use_total else (1,), torch.float32, dev, poison=poison)
+    c0, c1, c2 = scaled_coefficients(args)
+    prec = dot_precision(q.dtype)
+    ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
+    sbv = cfg.state_bv or cfg.bv
+    _prefix_state_kernel[(na + 1, cdiv(args.dv, sbv), b * hk * nseg)](
+        k, v, cs, cz, sg, *ks, *vs, t, hk, args.dk, args.dv, nc, segc, nseg, w, c0, c1, c2,
+        C=cfg.c, BTS=cfg.bts, BK=bk, BV=sbv, DB=db, CAUSAL=args.causal, NORMALIZE=args.normalize,
+        PRECISION=prec, ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
+        num_warps=cfg.state_warps, num_stages=cfg.state_stages, **_cap(cfg.state_maxnreg))
+    if use_total:
+        n_in = nseg - 1 if args.causal else nseg
+        block = 1024
+        segment_scan_kernel[(b * hk, cdiv(w, block))](sg, nseg, n_in, w, REVERSE=False, BLOCK=block, num_warps=4)
+    o = new_buffer((*q.shape[:-1], args.dv), q.dtype, dev, poison=poison)
+    z = new_buffer((b, h, t), torch.float32, dev, poison=poison) if args.normalize else o
+    _prefix_output_kernel[(cdiv(t, cfg.bt), n_v, b * h)](
+        q, k, v, o, z, cs, cz, sg,
+        *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
+        t, h, args.group, nc if args.causal else 1, segc, nseg, w, c0, c1, c2, args.eps,
+        DK=args.dk, DV=args.dv, C=cfg.c, BT=cfg.bt, BS=cfg.bs, BK=bk, BV=cfg.bv, DB=db, CAUSAL=args.causal,
+        NORMALIZE=args.normalize, PRECISION=prec, FROM_TOTAL=use_total, ZDOT=cfg.zdot, MODE=cfg.mode,
+        num_warps=cfg.warps, num_stages=cfg.stages, **_cap(cfg.maxnreg))
+    return o, (z if args.normalize else None)

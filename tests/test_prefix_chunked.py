@@ -1,0 +1,126 @@
+"""The chunked kernel's forward (kernels/prefix_chunked.py) against float64, launch by launch.
+
+CPU runs go through Triton's interpreter with state chunks of 32 tokens and 16-token tiles, so
+T = 45..77 spans several chunks with a partial last one; `target` forces segments (the scan and the
+segment prefix in the output kernel), `bv` value blocks. Every buffer starts as NaN
+(POISON_OUTPUTS). The gradients of the chunked kernel (this forward + chunked.py's backward) are
+tested in test_chunked.py; `-m gpu` runs realistic shapes with the GPU's launches.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from compare import assert_rel_close
+from conftest import make_inputs
+
+from based_compile.kernels import naive_parallel_based, prefix_chunked
+from based_compile.kernels.arguments import check_arguments
+
+SMALL = prefix_chunked.PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=64, target=1)
+SIGNED = (0.3, -0.7, 0.25)
+TOL = {torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    monkeypatch.setattr(prefix_chunked, "POISON_OUTPUTS", True)
+
+
+def _check(b, h, t, dk, dv, cfg, *, kv_heads=None, layout="BHTD", causal=True, normalize=True,
+           coeffs=(1.0, 1.0, 0.5), dtype=torch.float32, device="cpu", tol=None, scale=None):
+    q, k, v = make_inputs(b, h, t, dk, dv, kv_heads=kv_heads, layout=layout, device=device)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    kw = dict(coeffs=coeffs, causal=causal, normalize=normalize, layout=layout, scale=scale)
+    args = check_arguments(q, k, v, **kw)
+    o, z = prefix_chunked.prefix_forward(q, k, v, args, cfg)
+    ref = naive_parallel_based(q.double(), k.double(), v.double(), **kw)
+    what = f"T={t} Dk={dk} Dv={dv} {layout} kv_heads={kv_heads} causal={causal} normalize={normalize} {cfg}"
+    assert o.dtype == dtype and o.shape == ref.shape and o.stride() == q.new_empty(ref.shape).stride()
+    assert_rel_close(o, ref, TOL[dtype] if tol is None else tol, f"o ({what})")
+    if normalize:
+        ones = torch.ones_like(ref[..., :1])
+        group = h // (kv_heads or h)
+        kr = k.double().repeat_interleave(group, 2 if layout == "BTHD" else 1)
+        z_ref = naive_parallel_based(q.double(), kr, ones, normalize=False, **{x: kw[x] for x in
+                                     ("coeffs", "causal", "layout", "scale")})[..., 0]
+        if layout == "BTHD":
+            z_ref = z_ref.transpose(1, 2)
+        assert z.dtype == torch.float32 and z.shape == (b, h, t)
+        assert_rel_close(z, z_ref, TOL[dtype] if tol is None else tol, f"z ({what})")
+    else:
+        assert z is None
+
+
+@pytest.mark.parametrize("t,dk,dv,kv_heads,layout,causal,normalize,changes", [
+    (77, 16, 64, None, "BHTD", True, True, {}),
+    (77, 16, 64, 1, "BTHD", True, True, dict(target=100)),                 # 3 segments: scan + prefix
+    (50, 8, 24, 2, "BHTD", True, True, dict(bv=16, target=100)),          # 2 value blocks, GQA
+    (45, 16, 40, None, "BTHD", False, True, dict(bv=16)),                 # non-causal: the total only
+    (45, 16, 32, None, "BHTD", True, False, dict(target=100)),            # unnormalised, signed f
+    (70, 32, 32, None, "BTHD", True, True, dict(target=100)),             # Dk = 32: 8 pair blocks
+    (33, 5, 33, None, "BHTD", True, True, dict(zdot=False)),              # float32 normaliser sums
+    (64, 16, 64, None, "BHTD", True, True, dict(c=64, bt=32, bts=32)),    # T a multiple of the chunk
+    (1, 1, 3, None, "BHTD", True, True, {}),
+])
+def test_forward_matches_float64(t, dk, dv, kv_heads, layout, causal, normalize, changes):
+    _check(1, 4 if kv_heads else 2, t, dk, dv, dataclasses.replace(SMALL, **changes), kv_heads=kv_heads,
+           layout=layout, causal=causal, normalize=normalize, coeffs=(1.0, 1.0, 0.5) if normalize else SIGNED)
+
+
+@pytest.mark.parametrize("mode,state_mode", [(0, 0), (1, 1), (2, 2), (2, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_every_way_of_forming_the_pair_factors(mode, state_mode, dtype):
+    """Gathered loads, tl.gather and one-hot dots, in the state and the output kernels."""
+    cfg = dataclasses.replace(SMALL, mode=mode, state_mode=state_mode, target=100, state_bv=32)
+    _check(1, 2, 61, 16, 64, cfg, kv_heads=1, dtype=dtype, layout="BTHD")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_eps_scale_and_coefficients(causal):
+    q, k, v = make_inputs(1, 2, 40, 16, 24, dtype=torch.float32)
+    args = check_arguments(q, k, v, scale=0.37, coeffs=(0.5, 2.0, 0.1), causal=causal, eps=0.5)
+    o, _ = prefix_chunked.prefix_forward(q, k, v, args, SMALL)
+    ref = naive_parallel_based(q.double(), k.double(), v.double(), scale=0.37, coeffs=(0.5, 2.0, 0.1),
+                               causal=causal, eps=0.5)
+    assert_rel_close(o, ref, 2e-5, "o")
+
+
+def test_segments_follow_the_program_target():
+    q, k, v = make_inputs(2, 4, 4096, 16, 64, kv_heads=2, dtype=torch.float32)
+    args = check_arguments(q, k, v)
+    cfg = prefix_chunked.PrefixConfig(c=256, target=256)
+    # 16 chunks; 3 feature blocks x 1 value block x 4 kv heads = 12 programs a segment: 16 segments of 1
+    assert prefix_chunked._segments(args, cfg, 3, 1) == 1
+    assert prefix_chunked._segments(args, dataclasses.replace(cfg, target=24), 3, 1) == 8
+    assert prefix_chunked._segments(args, dataclasses.replace(cfg, target=1), 3, 1) == 16
+
+
+def test_state_bytes_are_linear_in_t():
+    cfg = prefix_chunked.PrefixConfig(c=256, target=1)
+
+    def count(t, **kw):
+        return prefix_chunked.state_bytes(check_arguments(*make_inputs(1, 2, t, 16, 64, dtype=torch.float32), **kw),
+                                          cfg)
+    assert count(4096) == 2 * 16 * 161 * (64 * 2 + 4) and count(8192) == 2 * count(4096)
+    assert count(8192, causal=False) == 2 * (161 * (64 * 2 + 4) + 2 * 161 * 65 * 4)    # one slot and the total
+
+
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,dk,dv,dtype,layout,kv_heads,causal,changes", [
+    (8192, 16, 64, torch.bfloat16, "BHTD", None, True, {}),
+    (8191, 16, 64, torch.bfloat16, "BTHD", None, False, {}),
+    (4097, 16, 128, torch.bfloat16, "BTHD", 2, True, {}),
+    (4096, 16, 64, torch.float16, "BTHD", None, True, dict(target=4096)),        # segments
+    (2047, 16, 64, torch.float32, "BHTD", None, True, {}),
+    (2048, 32, 64, torch.bfloat16, "BHTD", 2, True, dict(mode=1, state_mode=0)),
+    (3000, 16, 64, torch.bfloat16, "BHTD", None, True, dict(zdot=False, state_bv=32, c=128)),
+])
+def test_gpu_realistic_shapes(t, dk, dv, dtype, layout, kv_heads, causal, changes, no_tf32):
+    cfg = dataclasses.replace(prefix_chunked.PrefixConfig(), **changes)
+    _check(2, 4, t, dk, dv, cfg, kv_heads=kv_heads, layout=layout, causal=causal, dtype=dtype, device="cuda",
+           tol=GPU_TOL[dtype])
