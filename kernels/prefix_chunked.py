@@ -119,11 +119,13 @@ def _prefix_state_kernel(
     T, HK, DK, DV, NC, SEGC, NSEG, W, c0, c1, c2,
     C: tl.constexpr, BTS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DB: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZDOT: tl.constexpr, MODE: tl.constexpr,
+    STORE_TOTAL: tl.constexpr,
 ):
     # program (i_f, i_v, i_p): feature block i_f (< NA: block A's offsets i_f DB ..; NA: block B and the
     # constant), value block i_v, batch x kv head i_p // NSEG, segment i_p % NSEG.
-    # CAUSAL: slot c of cs / cz gets the sum over the segment's chunks before c; with NSEG > 1 (or
-    # non-causal) the segment's total goes to seg [B * HK, NSEG + 1, W] (float32, scanned after).
+    # CAUSAL: slot c of cs / cz gets the sum over the segment's chunks before c. STORE_TOTAL (NSEG > 1,
+    # or non-causal): the segment's total goes to seg [B * HK, NSEG + 1, W] (float32, scanned after).
+    # (A constexpr: `NSEG > 1 or not CAUSAL` with a runtime NSEG compiled to `NSEG > 1` on the GPU.)
     NA: tl.constexpr = BK // 2 // DB
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
@@ -173,7 +175,7 @@ def _prefix_state_kernel(
                     zmat = _column_sums(f, zmat, BTS, PRECISION)
                 else:
                     zacc += tl.sum(f.to(tl.float32), axis=0)
-        if NSEG > 1 or not CAUSAL:
+        if STORE_TOTAL:
             rr = r0 + tl.arange(0, DB * BK)
             tl.store(total + rr[:, None] * DV + offs_v[None, :], acc, mask=vmask[None, :])
             if NORMALIZE:
@@ -207,7 +209,7 @@ def _prefix_state_kernel(
             if NORMALIZE:
                 zbacc += tl.sum(f, axis=0)
                 z0 += c0 * tl.sum((rows < T).to(tl.float32), axis=0)
-        if NSEG > 1 or not CAUSAL:
+        if STORE_TOTAL:
             tl.store(total + rb[:, None] * DV + offs_v[None, :], bacc, mask=vmask[None, :])
             tl.store(total + (FA + FB) * DV + offs_v, s0, mask=vmask)
             if NORMALIZE:
@@ -427,6 +429,7 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
         k, v, cs, cz, sg, *ks, *vs, t, hk, args.dk, args.dv, nc, segc, nseg, w, c0, c1, c2,
         C=cfg.c, BTS=cfg.bts, BK=bk, BV=sbv, DB=db, CAUSAL=args.causal, NORMALIZE=args.normalize,
         PRECISION=prec, ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
+        STORE_TOTAL=use_total,
         num_warps=cfg.state_warps, num_stages=cfg.state_stages, **_cap(cfg.state_maxnreg))
     if use_total:
         n_in = nseg - 1 if args.causal else nseg

@@ -29,20 +29,24 @@ CASES = [
     ("cpu", True, 32768, 16, 64, 4, F32, "cpu_chunked"),
     ("cpu", False, 32768, 128, 128, 1, torch.float64, "cpu_chunked"),
     ("cuda", False, 128, 16, 64, 256, BF16, "parallel"),
-    ("cuda", False, 65536, 16, 64, 256, BF16, "fused_chunk"),
-    ("cuda", False, 65536, 16, 64, 1, F32, "fused_chunk"),
+    ("cuda", False, 65536, 16, 64, 256, BF16, "chunked"),
+    ("cuda", False, 65536, 16, 64, 1, F32, "chunked"),
     ("cuda", True, 1024, 16, 64, 256, BF16, "parallel"),
     ("cuda", True, 65536, 16, 64, 256, BF16, "chunked"),
     ("cuda", True, 65536, 16, 128, 256, BF16, "fused_chunk"),
-    ("cuda", True, 65536, 16, 64, 16, BF16, "fused_chunk"),     # few heads: chunked not measured there
-    ("cuda", False, 4096, 16, 64, 256, BF16, "parallel"),       # measured crossovers (policy.py)
-    ("cuda", False, 8192, 16, 64, 256, BF16, "fused_chunk"),
+    ("cuda", True, 65536, 16, 64, 16, BF16, "chunked"),         # few heads: chunked from 16384
+    ("cuda", True, 8192, 16, 64, 16, BF16, "parallel"),
+    ("cuda", False, 2048, 16, 64, 256, BF16, "parallel"),       # measured crossovers (policy.py)
+    ("cuda", False, 4096, 16, 64, 256, BF16, "chunked"),
+    ("cuda", False, 8192, 16, 64, 256, BF16, "chunked"),
     ("cuda", False, 4096, 16, 128, 256, BF16, "fused_chunk"),
-    ("cuda", False, 16384, 16, 64, 16, BF16, "parallel"),       # few heads: parallel stays ahead
+    ("cuda", False, 8192, 16, 64, 16, BF16, "parallel"),        # few heads: parallel ahead up to 8192
+    ("cuda", False, 16384, 16, 64, 16, BF16, "chunked"),
     ("cuda", True, 4096, 16, 64, 256, BF16, "parallel"),
     ("cuda", True, 8192, 16, 64, 256, BF16, "chunked"),         # chunked ahead of both in training
     ("cuda", True, 16384, 16, 64, 256, BF16, "chunked"),
-    ("cuda", False, 16384, 16, 64, 256, BF16, "fused_chunk"),   # ... but not in inference
+    ("cuda", False, 16384, 16, 64, 256, BF16, "chunked"),       # ... and in inference
+    ("cuda", False, 16384, 16, 128, 256, BF16, "fused_chunk"),  # Dv > 64: not measured, fused chunk
     ("cuda", True, 16384, 32, 64, 256, BF16, "parallel"),
     ("cuda", False, 65536, 32, 64, 256, BF16, "parallel"),      # fused_chunk measured slower at Dk=32
     ("cuda", False, 65536, 64, 64, 256, BF16, "parallel"),      # fused_chunk supports Dk <= 32
@@ -85,7 +89,7 @@ def test_every_chunked_row_switches_at_its_t():
         assert decide_for("cuda", row.training, row.t - 1, row.max_dk, dv, row.min_bh, BF16).kernel != "chunked"
         d = decide_for("cuda", row.training, row.t, row.max_dk, dv, row.min_bh, BF16)
         assert d.kernel == "chunked" and f"T={row.t} >= {row.t}" in d.reason
-        assert decide_for("cuda", not row.training, row.t, row.max_dk, dv, row.min_bh, BF16).kernel != "chunked"
+        assert decide_for("cuda", row.training, row.t, row.max_dk + 1, dv, row.min_bh, BF16).kernel != "chunked"
 
 
 def test_fused_chunk_limit_is_respected_at_every_length():
@@ -121,7 +125,7 @@ def test_describe_reads_sizes_through_the_layout():
     text = policy.describe(BasedSpec(layout="BTHD"), q, k, v, training=False)
     assert text == "cpu_quadratic: inference, T=40 < %d" % policy.CPU_CROSSOVERS[0].t
     cuda_row = policy.CUDA_CROSSOVERS[0]
-    assert str(decide_for("cuda", False, 8192, 16, 64, 256, BF16)) == f"fused_chunk: inference, T=8192 >= {cuda_row.t}"
+    assert str(decide_for("cuda", False, 8192, 16, 128, 256, BF16)) == f"fused_chunk: inference, T=8192 >= {cuda_row.t}"
 
 
 def test_is_training():

@@ -72,21 +72,27 @@ class Crossover:
 #                         walks T in order and has only B*H*(Dv/BV) programs; the rows below extrapolate x4)
 #   B*H=256 Dk=32 Dv=64   fused_chunk 10-35x slower than parallel at every T (register spills): never chosen.
 CUDA_CROSSOVERS = (
-    Crossover(training=False, t=8192, max_dk=16, max_dv=64, min_bh=64),
+    # (inference, Dk <= 16, Dv <= 64: fused_chunk from T=8192 (B*H >= 64), now CUDA_CHUNKED's rows)
     Crossover(training=False, t=4096, max_dk=16, min_bh=64),
     Crossover(training=False, t=32768, max_dk=16),
     # (training, Dk <= 16, Dv <= 64, B*H >= 64: fused_chunk from T=16384, now CUDA_CHUNKED's from 8192)
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
     Crossover(training=True, t=65536, max_dk=16),
 )
-# CUDA, the chunkwise-parallel kernel (kernels/chunked.py): a matching row takes it from T >= t on, ahead of
-# the table above. Measured 2026-11-29 on an H200 (torch 2.11.0+cu130, triton 3.6.0, B*H=256, Dk=16,
-# Dv=64, bf16, causal, normalised; benchmarks/chunked_h200.py, benchmarks/results/chunked_h200.json),
-# forward+backward ms, chunked / parallel / fused_chunk: T=4096 4.16 / 3.22 / 6.20, T=8192 8.68 / 11.71 /
-# 12.38, T=16384 17.6 / 44.6 / 24.8, T=65536 70.1 / - / 99.1. Forward alone it is behind fused_chunk at
-# every T (2.49 vs 2.11 ms at 8192): never chosen for inference. Other shapes were not measured.
+# CUDA, the chunkwise-parallel kernel (kernels/chunked.py, its forward kernels/prefix_chunked.py): a matching
+# row takes it from T >= t on, ahead of the table above. Measured 2026-11-30 on an H200 (torch 2.11.0+cu130,
+# triton 3.6.0, H=16, Dk=16, Dv=64, bf16, causal, normalised; `python benchmarks/crossover_h200.py`, one run,
+# benchmarks/NOTES.md), ms, parallel / fused_chunk / chunked:
+#   B=16 forward   T=2048 0.244 / 0.536 / 0.382   T=4096 0.854 / 1.065 / 0.739   T=8192 3.18 / 2.12 / 1.46
+#   B=16 fwd+bwd   T=4096 3.22 / 6.27 / 3.74      T=8192 11.6 / 12.5 / 7.71      T=16384 44.5 / 25.0 / 15.6
+#   B=1  forward   T=8192 0.241 / 0.915 / 0.309   T=16384 0.836 / 1.84 / 0.323   T=32768 3.10 / 3.68 / 0.618
+#   B=1  fwd+bwd   T=8192 0.908 / 7.02 / 1.31     T=16384 3.03 / 14.6 / 1.92     T=32768 10.9 / 29.8 / 3.01
+# Other shapes (Dk > 16, Dv > 64) were not measured: the rows above and below keep them.
 CUDA_CHUNKED = (
     Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
+    Crossover(training=True, t=16384, max_dk=16, max_dv=64),
+    Crossover(training=False, t=4096, max_dk=16, max_dv=64, min_bh=64),
+    Crossover(training=False, t=16384, max_dk=16, max_dv=64),
 )
 # The decode kernel takes Tq <= DECODE_MAX_TQ queries against a longer cache (inference). It reads the
 # cache once for all G * Tq rows of a kv head (tl.dot tiles of up to 64 rows): for such a handful of
