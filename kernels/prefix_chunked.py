@@ -408,7 +408,12 @@ def _cap(maxnreg: int) -> dict:
 
 
 def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
-    """(o, z): o like q, z the float32 normaliser [B, H, T] or None."""
+    """(o, z): o like q, z the float32 normaliser [B, H, T] or None.
+
+    Non-causal runs under the interpreter only: on the H200 (triton 3.6) its output kernel, which has no
+    intra-chunk loop, made an illegal memory access (benchmarks/NOTES.md, 2026-11-30)."""
+    if not args.causal and not triton_interpreting():
+        raise NotImplementedError("prefix_forward: non-causal calls on CUDA take the fused chunk's forward")
     cfg = cfg or prefix_config(args)
     b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
     p = _plan(args, cfg)
