@@ -8,7 +8,7 @@ is the normaliser, kept in float32 beside the value columns).
 
 Forward: kernels/prefix_chunked.py (prefix states at chunk boundaries split over programs by their
 rows, then every query tile in parallel); it returns o and the float32 normaliser z, all the backward
-needs. Non-causal calls on CUDA take the fused chunk's forward (kernels/fused_chunk.py) instead.
+needs.
 
 Backward, in this module: T is cut into chunks of BT tokens and the chunks into segments of SEG
 chunks, three stages in both directions:
@@ -61,7 +61,6 @@ from .arguments import BasedArguments, check_arguments, check_kernel_device, tri
 from .function import BasedKernelFunction
 from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
 from .parallel import _parallel_bwd_prep_kernel
-from .fused_chunk import fused_chunk_forward
 from .prefix_chunked import prefix_forward
 from .segment_scan import segment_scan_kernel
 from .tiles import load_rows, store_rows
@@ -652,10 +651,6 @@ def _stage3(args: BasedArguments, cfg: ChunkedConfig, ns: int, heads: int):
 def chunked_forward(q, k, v, args: BasedArguments):
     """Kernel contract: (o, z), o like q (dtype and layout), z the float32 normaliser [B, H, T] or None."""
     _check_supported(q, args)
-    if not args.causal and q.is_cuda:
-        # the prefix kernels' non-causal launch made an illegal memory access on the H200 (triton 3.6;
-        # benchmarks/NOTES.md, 2026-11-30): the fused chunk's forward gives the same (o, z)
-        return fused_chunk_forward(q, k, v, args)
     return prefix_forward(q, k, v, args)
 
 

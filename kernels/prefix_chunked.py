@@ -39,7 +39,6 @@ from .tiles import load_rows
 
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
-FEATURE_BLOCK = 64          # rows of block A per feature-block program (DB = FEATURE_BLOCK // BK offsets)
 
 
 @triton.jit
@@ -112,6 +111,45 @@ def _row_products(f, zs, PRECISION: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # 1. prefix states
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _square_step(kt, vt, rows, T, wb, bacc, zbacc, s0, z0, c0, BTS: tl.constexpr, BK: tl.constexpr,
+                 NORMALIZE: tl.constexpr, PRECISION: tl.constexpr):
+    # block B (x_a, x_a^2) and the constant: one step of BTS keys
+    f = _square_features(kt.to(tl.float32), BTS, BK) * wb[None, :]
+    bacc = tl.dot(tl.trans(f.to(vt.dtype)), vt, bacc, input_precision=PRECISION)
+    s0 += c0 * tl.sum(vt.to(tl.float32), axis=0)
+    if NORMALIZE:
+        zbacc += tl.sum(f, axis=0)
+        z0 += c0 * tl.sum((rows < T).to(tl.float32), axis=0)
+    return bacc, zbacc, s0, z0
+
+
+@triton.jit
+def _store_square(vals, zs, bacc, zbacc, s0, z0, FA: tl.constexpr, FB: tl.constexpr, offs_v, DV,
+                  NORMALIZE: tl.constexpr, i_v):
+    # block B's rows and the constant's into a state ([NF, DV] values at vals, [NF] normaliser at zs)
+    rb = FA + tl.arange(0, FB)
+    vmask = offs_v < DV
+    et = vals.dtype.element_ty
+    tl.store(vals + rb[:, None] * DV + offs_v[None, :], bacc.to(et), mask=vmask[None, :])
+    tl.store(vals + (FA + FB) * DV + offs_v, s0.to(et), mask=vmask)
+    if NORMALIZE:
+        if i_v == 0:
+            tl.store(zs + rb, zbacc)
+            tl.store(zs + FA + FB, z0)
+
+
+@triton.jit
+def _store_pairs(vals, zs, acc, zacc, r0, R: tl.constexpr, offs_v, DV, NORMALIZE: tl.constexpr, i_v):
+    # R pair rows from r0 into a state
+    rr = r0 + tl.arange(0, R)
+    vmask = offs_v < DV
+    tl.store(vals + rr[:, None] * DV + offs_v[None, :], acc.to(vals.dtype.element_ty), mask=vmask[None, :])
+    if NORMALIZE:
+        if i_v == 0:
+            tl.store(zs + rr, zacc)
+
+
 @triton.jit(do_not_specialize=["T", "NC", "SEGC", "NSEG"])
 def _prefix_state_kernel(
     k, v, cs, cz, seg,
@@ -119,13 +157,13 @@ def _prefix_state_kernel(
     T, HK, DK, DV, NC, SEGC, NSEG, W, c0, c1, c2,
     C: tl.constexpr, BTS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DB: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZDOT: tl.constexpr, MODE: tl.constexpr,
-    STORE_TOTAL: tl.constexpr,
+    STORE_TOTAL: tl.constexpr, MERGE_B: tl.constexpr,
 ):
     # program (i_f, i_v, i_p): feature block i_f (< NA: block A's offsets i_f DB ..; NA: block B and the
-    # constant), value block i_v, batch x kv head i_p // NSEG, segment i_p % NSEG.
+    # constant, or with MERGE_B (NA == 1) all of them in program 0, which reads K and V once), value
+    # block i_v, batch x kv head i_p // NSEG, segment i_p % NSEG.
     # CAUSAL: slot c of cs / cz gets the sum over the segment's chunks before c. STORE_TOTAL (NSEG > 1,
     # or non-causal): the segment's total goes to seg [B * HK, NSEG + 1, W] (float32, scanned after).
-    # (A constexpr: `NSEG > 1 or not CAUSAL` with a runtime NSEG compiled to `NSEG > 1` on the GPU.)
     NA: tl.constexpr = BK // 2 // DB
     FA: tl.constexpr = BK // 2 * BK
     FB: tl.constexpr = 2 * BK
@@ -141,12 +179,12 @@ def _prefix_state_kernel(
     offs_t = tl.arange(0, BTS)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    vmask = offs_v < DV
     c_start = i_s * SEGC
     c_end = tl.minimum(c_start + SEGC, NC)
     slots = cs + i_bhk.to(tl.int64) * NC * NF * DV
     zslots = cz + i_bhk.to(tl.int64) * NC * NF
     total = seg + (i_bhk.to(tl.int64) * (NSEG + 1) + i_s) * W
+    wb = _square_weights(c1, c2, BK)
     if i_f < NA:
         d0 = i_f * DB
         w = _pair_weights(d0, c2, DB, BK)
@@ -154,17 +192,22 @@ def _prefix_state_kernel(
         acc = tl.zeros([DB * BK, BV], dtype=tl.float32)
         zacc = tl.zeros([DB * BK], dtype=tl.float32)
         zmat = tl.zeros([DB * BK, 16], dtype=tl.float32)
+        if MERGE_B:
+            bacc = tl.zeros([FB, BV], dtype=tl.float32)
+            zbacc = tl.zeros([FB], dtype=tl.float32)
+            s0 = tl.zeros([BV], dtype=tl.float32)
+            z0 = 0.0
         for j in range(c_start * C, c_end * C, BTS):     # one flat loop: the pipeliner sees every step
             if CAUSAL:
                 if j % C == 0:
                     c = j // C
-                    rr = r0 + tl.arange(0, DB * BK)
-                    tl.store(slots + (c * NF + rr)[:, None] * DV + offs_v[None, :], acc.to(dt), mask=vmask[None, :])
-                    if NORMALIZE:
-                        if i_v == 0:
-                            if ZDOT:
-                                zacc = tl.sum(zmat, axis=1)
-                            tl.store(zslots + c * NF + rr, zacc)
+                    if ZDOT:
+                        zacc = tl.sum(zmat, axis=1)
+                    _store_pairs(slots + c * NF * DV, zslots + c * NF, acc, zacc, r0, DB * BK, offs_v, DV,
+                                 NORMALIZE, i_v)
+                    if MERGE_B:
+                        _store_square(slots + c * NF * DV, zslots + c * NF, bacc, zbacc, s0, z0, FA, FB, offs_v,
+                                      DV, NORMALIZE, i_v)
             rows = j + offs_t
             kt = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vt = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
@@ -175,47 +218,33 @@ def _prefix_state_kernel(
                     zmat = _column_sums(f, zmat, BTS, PRECISION)
                 else:
                     zacc += tl.sum(f.to(tl.float32), axis=0)
+            if MERGE_B:
+                bacc, zbacc, s0, z0 = _square_step(kt, vt, rows, T, wb, bacc, zbacc, s0, z0, c0, BTS, BK,
+                                                   NORMALIZE, PRECISION)
         if STORE_TOTAL:
-            rr = r0 + tl.arange(0, DB * BK)
-            tl.store(total + rr[:, None] * DV + offs_v[None, :], acc, mask=vmask[None, :])
-            if NORMALIZE:
-                if i_v == 0:
-                    if ZDOT:
-                        zacc = tl.sum(zmat, axis=1)
-                    tl.store(total + NF * DV + rr, zacc)
+            if ZDOT:
+                zacc = tl.sum(zmat, axis=1)
+            _store_pairs(total, total + NF * DV, acc, zacc, r0, DB * BK, offs_v, DV, NORMALIZE, i_v)
+            if MERGE_B:
+                _store_square(total, total + NF * DV, bacc, zbacc, s0, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
     else:
-        wb = _square_weights(c1, c2, BK)
         bacc = tl.zeros([FB, BV], dtype=tl.float32)
         zbacc = tl.zeros([FB], dtype=tl.float32)
         s0 = tl.zeros([BV], dtype=tl.float32)
         z0 = 0.0
-        rb = FA + tl.arange(0, FB)
         for j in range(c_start * C, c_end * C, BTS):
             if CAUSAL:
                 if j % C == 0:
                     c = j // C
-                    tl.store(slots + (c * NF + rb)[:, None] * DV + offs_v[None, :], bacc.to(dt), mask=vmask[None, :])
-                    tl.store(slots + (c * NF + FA + FB) * DV + offs_v, s0.to(dt), mask=vmask)
-                    if NORMALIZE:
-                        if i_v == 0:
-                            tl.store(zslots + c * NF + rb, zbacc)
-                            tl.store(zslots + c * NF + FA + FB, z0)
+                    _store_square(slots + c * NF * DV, zslots + c * NF, bacc, zbacc, s0, z0, FA, FB, offs_v, DV,
+                                  NORMALIZE, i_v)
             rows = j + offs_t
             kt = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vt = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
-            f = _square_features(kt.to(tl.float32), BTS, BK) * wb[None, :]
-            bacc = tl.dot(tl.trans(f.to(dt)), vt, bacc, input_precision=PRECISION)
-            s0 += c0 * tl.sum(vt.to(tl.float32), axis=0)
-            if NORMALIZE:
-                zbacc += tl.sum(f, axis=0)
-                z0 += c0 * tl.sum((rows < T).to(tl.float32), axis=0)
+            bacc, zbacc, s0, z0 = _square_step(kt, vt, rows, T, wb, bacc, zbacc, s0, z0, c0, BTS, BK, NORMALIZE,
+                                               PRECISION)
         if STORE_TOTAL:
-            tl.store(total + rb[:, None] * DV + offs_v[None, :], bacc, mask=vmask[None, :])
-            tl.store(total + (FA + FB) * DV + offs_v, s0, mask=vmask)
-            if NORMALIZE:
-                if i_v == 0:
-                    tl.store(total + NF * DV + rb, zbacc)
-                    tl.store(total + NF * DV + FA + FB, z0)
+            _store_square(total, total + NF * DV, bacc, zbacc, s0, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +369,11 @@ class PrefixConfig:
     state_stages: int = 3
     target: int = 256           # programs wanted in the state kernel (segments follow from it)
     mode: int = 2               # how the rolled pair factors are formed (see _pair_features)
-    zdot: bool = True           # normaliser sums as tensor-core dots (else float32 reductions)
+    # normaliser sums as tensor-core dots (else float32 reductions). Causal only in the output kernel: without
+    # its intra-chunk loop (non-causal) the H200 (triton 3.6) made an illegal memory access with them at 4
+    # warps and 64-query tiles (benchmarks/NOTES.md, 2026-11-30); the float32 sums ran exact there.
+    zdot: bool = True
+    pair_rows: int = 64         # rows of block A per state program (128 at Dk <= 16: one program, block B too)
     maxnreg: int = 0            # register cap of the output kernel (0: none)
     state_maxnreg: int = 0
     state_mode: int = 1         # the state kernel's mode (-1: mode)
@@ -385,10 +418,10 @@ class _Plan:
 
 def _plan(args: BasedArguments, cfg: PrefixConfig) -> _Plan:
     bk = _pow2(args.dk)
-    db = max(1, min(bk // 2, FEATURE_BLOCK // bk))
+    db = max(1, min(bk // 2, cfg.pair_rows // bk))
     na = bk // 2 // db
     nc = cdiv(args.length, cfg.c)
-    segc = _segments(args, cfg, na + 1, cdiv(args.dv, cfg.state_bv or cfg.bv)) if args.causal else nc
+    segc = _segments(args, cfg, na + (na > 1), cdiv(args.dv, cfg.state_bv or cfg.bv)) if args.causal else nc
     return _Plan(bk, db, na, feature_rows(args.dk), nc, segc, cdiv(nc, segc))
 
 
@@ -408,12 +441,7 @@ def _cap(maxnreg: int) -> dict:
 
 
 def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
-    """(o, z): o like q, z the float32 normaliser [B, H, T] or None.
-
-    Non-causal runs under the interpreter only: on the H200 (triton 3.6) its output kernel, which has no
-    intra-chunk loop, made an illegal memory access (benchmarks/NOTES.md, 2026-11-30)."""
-    if not args.causal and not triton_interpreting():
-        raise NotImplementedError("prefix_forward: non-causal calls on CUDA take the fused chunk's forward")
+    """(o, z): o like q, z the float32 normaliser [B, H, T] or None."""
     cfg = cfg or prefix_config(args)
     b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
     p = _plan(args, cfg)
@@ -430,11 +458,12 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
     prec = dot_precision(q.dtype)
     ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
     sbv = cfg.state_bv or cfg.bv
-    _prefix_state_kernel[(na + 1, cdiv(args.dv, sbv), b * hk * nseg)](
+    merge_b = na == 1
+    _prefix_state_kernel[(na + (not merge_b), cdiv(args.dv, sbv), b * hk * nseg)](
         k, v, cs, cz, sg, *ks, *vs, t, hk, args.dk, args.dv, nc, segc, nseg, w, c0, c1, c2,
         C=cfg.c, BTS=cfg.bts, BK=bk, BV=sbv, DB=db, CAUSAL=args.causal, NORMALIZE=args.normalize,
         PRECISION=prec, ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
-        STORE_TOTAL=use_total,
+        STORE_TOTAL=use_total, MERGE_B=merge_b,
         num_warps=cfg.state_warps, num_stages=cfg.state_stages, **_cap(cfg.state_maxnreg))
     if use_total:
         n_in = nseg - 1 if args.causal else nseg
@@ -447,6 +476,6 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
         *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
         t, h, args.group, nc if args.causal else 1, segc, nseg, w, c0, c1, c2, args.eps,
         DK=args.dk, DV=args.dv, C=cfg.c, BT=cfg.bt, BS=cfg.bs, BK=bk, BV=cfg.bv, DB=db, CAUSAL=args.causal,
-        NORMALIZE=args.normalize, PRECISION=prec, FROM_TOTAL=use_total, ZDOT=cfg.zdot, MODE=cfg.mode,
+        NORMALIZE=args.normalize, PRECISION=prec, FROM_TOTAL=use_total, ZDOT=cfg.zdot and args.causal, MODE=cfg.mode,
         num_warps=cfg.warps, num_stages=cfg.stages, **_cap(cfg.maxnreg))
     return o, (z if args.normalize else None)

@@ -63,6 +63,10 @@ def _check(b, h, t, dk, dv, cfg, *, kv_heads=None, layout="BHTD", causal=True, n
     (33, 5, 33, None, "BHTD", True, True, dict(zdot=False)),              # float32 normaliser sums
     (64, 16, 64, None, "BHTD", True, True, dict(c=64, bt=32, bts=32)),    # T a multiple of the chunk
     (1, 1, 3, None, "BHTD", True, True, {}),
+    (77, 16, 64, 1, "BTHD", True, True, dict(pair_rows=128, target=100)),  # one state program: A and B
+    (45, 16, 40, None, "BHTD", False, True, dict(pair_rows=128, bv=16)),
+    (45, 12, 32, None, "BTHD", True, False, dict(pair_rows=128, state_bv=16)),
+    (70, 32, 32, None, "BHTD", True, True, dict(pair_rows=128)),           # Dk = 32: 4 pair blocks + B
 ])
 def test_forward_matches_float64(t, dk, dv, kv_heads, layout, causal, normalize, changes):
     _check(1, 4 if kv_heads else 2, t, dk, dv, dataclasses.replace(SMALL, **changes), kv_heads=kv_heads,
@@ -114,6 +118,7 @@ GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,dk,dv,dtype,layout,kv_heads,causal,changes", [
     (8192, 16, 64, torch.bfloat16, "BHTD", None, True, {}),
+    (8191, 16, 64, torch.bfloat16, "BTHD", None, False, {}),                     # non-causal: no zdot
     (4097, 16, 128, torch.bfloat16, "BTHD", 2, True, {}),
     (4096, 16, 64, torch.float16, "BTHD", None, True, dict(target=4096)),        # segments
     (2047, 16, 64, torch.float32, "BHTD", None, True, {}),
