@@ -52,19 +52,20 @@ CHECK_SHAPE = (1, 2, 64, 150) if DRY else (2, 4, 1024, 999)     # B, H, T compil
 START = time.time()
 
 # ---------------------------------------------------------------------------------------------- variants
-# chunked: (forward launch, backward launch), tuples as chunked.FORWARD_LAUNCH:
+# chunked: backward launches, tuples as chunked.BACKWARD_LAUNCH (the forward is kernels/prefix_chunked.py's
+# default; benchmarks/prefix_h200.py sweeps its launches):
 # (chunk, value block, warps, stages, target programs, feature mode, stored, chunks per output program,
 #  state kernels' value block, state kernels' warps)
 CHUNKED = {
-    "ch_default": (chunked.FORWARD_LAUNCH, chunked.BACKWARD_LAUNCH),
-    "ch_bv32": ((32, 32, 4, 1, 1024, 1), (32, 32, 4, 1, 1024, 2)),
-    "ch_bt64w8": ((64, 64, 8, 2, 1024, 1), (64, 64, 8, 1, 1024, 2)),
-    "st_bt32w4": ((32, 64, 4, 2, 1024, 1, 1, 4, 0, 4), (32, 64, 4, 2, 1024, 2, 1, 4, 0, 4)),
-    "st_bt64w4": ((64, 64, 4, 2, 1024, 1, 1, 2, 0, 8), (64, 64, 4, 2, 1024, 2, 1, 2, 0, 8)),
-    "st_bt64w8": ((64, 64, 8, 2, 1024, 1, 1, 2, 0, 8), (64, 64, 8, 2, 1024, 2, 1, 2, 0, 8)),
-    "st_bt64sv32": ((64, 64, 4, 3, 2048, 1, 1, 4, 32, 4), (64, 64, 4, 3, 2048, 2, 1, 4, 32, 4)),
-    "st_bt64bv32": ((64, 32, 4, 2, 1024, 1, 1, 2, 32, 4), (64, 32, 4, 2, 1024, 2, 1, 2, 32, 4)),
-    "st_bt64m2": ((64, 64, 4, 2, 1024, 2, 1, 2, 0, 8), (64, 64, 4, 2, 1024, 1, 1, 2, 0, 8)),
+    "ch_default": chunked.BACKWARD_LAUNCH,
+    "ch_bv32": (32, 32, 4, 1, 1024, 2),
+    "ch_bt64w8": (64, 64, 8, 1, 1024, 2),
+    "st_bt32w4": (32, 64, 4, 2, 1024, 2, 1, 4, 0, 4),
+    "st_bt64w4": (64, 64, 4, 2, 1024, 2, 1, 2, 0, 8),
+    "st_bt64w8": (64, 64, 8, 2, 1024, 2, 1, 2, 0, 8),
+    "st_bt64sv32": (64, 64, 4, 3, 2048, 2, 1, 4, 32, 4),
+    "st_bt64bv32": (64, 32, 4, 2, 1024, 2, 1, 2, 32, 4),
+    "st_bt64m1": (64, 64, 4, 2, 1024, 1, 1, 2, 0, 8),
 }
 # parallel: {kernel: (block_t, block_s, warps, stages)} over the defaults; the backward is the atomic one
 _P = parallel.LaunchConfig
@@ -81,13 +82,12 @@ PARALLEL_MAX_T = 8192           # quadratic: its variants stop here (the default
 
 
 def _chunked_fn(name):
-    fl, bl = CHUNKED[name]
+    launch = CHUNKED[name]
 
     def run(q, k, v):
         args = check_arguments(q, k, v)
-        fwd = functools.partial(chunked._forward, cfg=chunked.config_from_launch(args, fl))
-        bwd = functools.partial(chunked._backward, cfg=chunked.config_from_launch(args, bl))
-        return BasedKernelFunction.apply(q, k, v, args, fwd, bwd)
+        bwd = functools.partial(chunked._backward, cfg=chunked.config_from_launch(args, launch))
+        return BasedKernelFunction.apply(q, k, v, args, chunked.chunked_forward, bwd)
     return run
 
 
