@@ -1,27 +1,33 @@
-"""Chunkwise-parallel Based attention with stored prefix states, in Triton (DESIGN.md section 2).
+"""Chunkwise-parallel Based attention with stored prefix states, in Triton (DESIGN.md section 2): the
+forward of the chunked kernel (kernels/chunked.py holds its backward).
 
 T is cut into state chunks of C tokens. Three kernels, none of which carries a full state:
 
   1. prefix-state kernel, one program per (feature block, value block, batch x kv head, segment):
-     walks its segment's chunks and, before adding chunk c, writes the running sum
-         S_{<c} = sum_{j < c, j in segment} phi_k(k_j)^T v_j      (one feature block: 64 rows or fewer)
+     walks its segment in steps of BTS keys and, at the start of each chunk c, writes the running sum
+         S_{<c} = sum_{j < c, j in segment} phi_k(k_j)^T v_j      (its feature block: 64 rows by default)
      into chunk c's slot, in the input dtype (the dtype its dot rounds it to anyway; the normaliser
      rows sum_j phi_k(k_j) in float32). Each program holds a [64, BV] float32 block, not the
-     [161, BV] state: the state is split over programs by its rows, so nothing spills;
+     [161, BV] state: the state is split over programs by its rows, so nothing spills
+     (PrefixConfig.pair_rows = 128 at Dk <= 16: one program for all rows, K and V read once);
   2. with more than one segment, a scan over the segments' totals (kernels/segment_scan.py);
   3. output kernel, one program per (query tile of BT, value block, batch x query head), all in
      parallel, nothing carried:
          o = phi_q(Q) S_{<c} + f(Q K^T)|causal V  over the keys of chunk c up to the tile,
      feature block by feature block on the tensor cores, the intra-chunk part as the parallel
-     kernel's loop (kernels/parallel.py). Non-causal: phi_q(Q) S_total and nothing else.
+     kernel's loop (kernels/parallel.py); with segments S_{<c} adds the scanned float32 slot of its
+     segment. Non-causal: phi_q(Q) S_total and nothing else.
 
 The features are the symmetric basis of kernels/symmetric_basis.py over the padded BK: block A the
 rolled pairs x_a x_{(a + d) mod BK}, d = 1 .. BK / 2 (BK / 2 x BK rows, in blocks of DB offsets),
-block B (x_a, x_a^2) and the constant; 161 rows at Dk <= 16. The rolled copies come from gathered
-loads of the tile just read (L1 hits).
+block B (x_a, x_a^2) and the constant; 161 rows at Dk <= 16. The pair factors come from the tile in
+registers (one-hot dots or tl.gather) or from gathered loads (_pair_features' MODE). The normaliser's
+sums can run as dots too (PrefixConfig.zdot; a float32 value is split into two columns, its rounding
+and the remainder, so it loses nothing to the dtype).
 
 Bytes of stored states: ceil(T / C) x 161 x (Dv x itemsize + 4) per (batch, kv head), plus the
-segment slots in float32; at C = 256, Dv = 64, bf16: 84 bytes a token, against 320 for q, k, v, o.
+segment slots in float32 (state_bytes); at C = 256, Dv = 64, bf16: 84 bytes a token, against 320
+for q, k, v, o. H200 numbers and profiles: benchmarks/NOTES.md (2026-11-30, eleventh session).
 """
 from __future__ import annotations
 
@@ -356,7 +362,8 @@ def _prefix_output_kernel(
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PrefixConfig:
-    """State chunk c, query tile bt, key tile bs, state sub-tile bts, value block bv, launches."""
+    """Launches: state chunk c, query tile bt, key tile bs, state step bts, value block bv, warps and stages
+    of the output and state kernels. The defaults are the H200's best at T = 8192 (benchmarks/NOTES.md)."""
 
     c: int = 256
     bt: int = 64
@@ -440,9 +447,28 @@ def _cap(maxnreg: int) -> dict:
     return {"maxnreg": maxnreg} if maxnreg and not triton_interpreting() else {}
 
 
+def _check_config(cfg: PrefixConfig) -> None:
+    tiles = {"c": cfg.c, "bt": cfg.bt, "bs": cfg.bs, "bts": cfg.bts, "bv": cfg.bv}
+    for name, n in tiles.items():
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"PrefixConfig.{name} must be a power of two >= 16, got {n}")
+    if cfg.c % cfg.bt or cfg.c % cfg.bts or cfg.bt % cfg.bs:
+        raise ValueError(f"PrefixConfig: a state chunk (c={cfg.c}) must hold whole query tiles (bt={cfg.bt}) and "
+                         f"state steps (bts={cfg.bts}), a query tile whole key tiles (bs={cfg.bs})")
+    if cfg.state_bv and (cfg.state_bv < 16 or cfg.state_bv & (cfg.state_bv - 1)):
+        raise ValueError(f"PrefixConfig.state_bv must be 0 or a power of two >= 16, got {cfg.state_bv}")
+    if cfg.pair_rows not in (64, 128):
+        raise ValueError(f"PrefixConfig.pair_rows must be 64 or 128, got {cfg.pair_rows}")
+    if cfg.mode not in (0, 1, 2) or cfg.state_mode not in (-1, 0, 1, 2):
+        raise ValueError(f"PrefixConfig: mode must be 0, 1 or 2 and state_mode -1, 0, 1 or 2, got {cfg.mode}, "
+                         f"{cfg.state_mode}")
+
+
 def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
-    """(o, z): o like q, z the float32 normaliser [B, H, T] or None."""
+    """(o, z): o like q, z the float32 normaliser [B, H, T] or None. q, k, v as checked by ``args``
+    (kernels/chunked.py checks the kernel's limits first); ``cfg``: the launches (prefix_config's)."""
     cfg = cfg or prefix_config(args)
+    _check_config(cfg)
     b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
     p = _plan(args, cfg)
     bk, db, na, nf, nc, segc, nseg = p.bk, p.db, p.na, p.nf, p.nc, p.segc, p.nseg

@@ -92,6 +92,17 @@ def test_large_eps_scale_and_coefficients(causal):
     assert_rel_close(o, ref, 2e-5, "o")
 
 
+@pytest.mark.parametrize("changes,match", [
+    (dict(c=48), "power of two"), (dict(bt=8), "power of two"), (dict(c=32, bt=64), "whole query tiles"),
+    (dict(bts=64), "state steps"), (dict(bs=32, bt=16), "whole key tiles"), (dict(state_bv=24), "state_bv"),
+    (dict(pair_rows=32), "pair_rows"), (dict(mode=3), "mode"),
+])
+def test_bad_launches_raise(changes, match):
+    q, k, v = make_inputs(1, 2, 40, 16, 24, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        prefix_chunked.prefix_forward(q, k, v, check_arguments(q, k, v), dataclasses.replace(SMALL, **changes))
+
+
 def test_segments_follow_the_program_target():
     q, k, v = make_inputs(2, 4, 4096, 16, 64, kv_heads=2, dtype=torch.float32)
     args = check_arguments(q, k, v)
