@@ -3,13 +3,15 @@ and forward+backward (training) medians of our three Triton kernels at B*H = 16 
 Dv=64, bf16, causal, normalised).
 
 Usage: python benchmarks/crossover_h200.py --out DIR [--ts 2048,4096,8192,16384,32768] [--bs 1,16]
-Prints the table last; writes crossover_h200.json into --out.
+Prints the table last; writes crossover.json into --out (the README's table: benchmarks/results/crossover.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
+import time
 
 import torch
 import triton.testing
@@ -47,9 +49,13 @@ def main() -> None:
                 row[f"{name}_fwdbwd"] = _ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
             rows.append(row)
             print(row, flush=True)
-            with open(os.path.join(a.out, "crossover_h200.json"), "w") as f:
+            with open(os.path.join(a.out, "crossover.json"), "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "triton": triton.__version__, "rows": rows}, f, indent=1)
+                           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "command": "python " + " ".join(sys.argv),
+                           "config": {"H": 16, "Dk": 16, "Dv": 64, "dtype": "bf16", "causal": True,
+                                      "normalize": True},
+                           "rows": rows}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}, H=16 Dk=16 Dv=64 bf16 causal normalised, median ms")
     print("| B | T | parallel fwd | fused_chunk fwd | chunked fwd | parallel fwd+bwd | fused_chunk fwd+bwd | "
           "chunked fwd+bwd |")

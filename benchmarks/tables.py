@@ -16,6 +16,10 @@ import pathlib
 import re
 import sys
 
+import torch
+
+from based_compile.op.policy import decide_for
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -276,7 +280,29 @@ def _generate_model(data: dict) -> str:
             f"`mode=\"reduce-overhead\"`." + gpu_text + "\n\n" + "\n".join(lines))
 
 
-RENDERERS = {"kernels": _kernels, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed,
+# ----------------------------------------------------------------------------------------- crossover
+
+def _crossover(data: dict) -> str:
+    kernels = ("parallel", "fused_chunk", "chunked")
+    head = (["B", "T"] + [f"{k.replace('_', ' ')} fwd" for k in kernels] + ["policy, inference"]
+            + [f"{k.replace('_', ' ')} fwd+bwd" for k in kernels] + ["policy, training"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    c = data["config"]
+    for r in data["rows"]:
+        cells = [str(r["B"]), str(r["T"])]
+        for mode, training in (("fwd", False), ("fwdbwd", True)):
+            times = {k: r.get(f"{k}_{mode}") for k in kernels}
+            best = min((t, k) for k, t in times.items() if t is not None)[1]
+            cells += [("**" + _ms(t) + "**" if k == best else _ms(t)) for k, t in times.items()]
+            cells.append(decide_for("cuda", training, r["T"], c["Dk"], c["Dv"], r["B"] * c["H"],
+                                    torch.bfloat16).kernel.replace("_", " "))
+        lines.append("| " + " | ".join(cells) + " |")
+    return (_caption(data, "python benchmarks/crossover_h200.py --out OUT") + f" H={c['H']}, Dk={c['Dk']}, "
+            f"Dv={c['Dv']}, {c['dtype']}, causal, normalised; median ms, the fastest in bold, and the kernel "
+            f"the policy (based_compile/op/policy.py) picks for that call:\n\n" + "\n".join(lines))
+
+
+RENDERERS = {"kernels": _kernels, "crossover": _crossover, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed,
              DISTRIBUTED_GRAPHS: _distributed, DISTRIBUTED_FSDP: _distributed, "generate": _generate,
              "context_parallel": _context_parallel}
 
