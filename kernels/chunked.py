@@ -46,8 +46,9 @@ State bytes (all O(T / (BT SEG))): (NS + 1) x 161 x (Dv + 1) float32 per (batch,
 Dk = 16 (41.9 KB a slot at Dv = 64), once for the forward and twice for the backward (S and R).
 
 Precision: float32 accumulators and states; dot operands in the input dtype (float16/bfloat16
-tensor cores; float32 inputs use exact float32 dots). With float16 inputs the states are rounded
-to float16 before their dot, so sum_j k_a k_b v_j must stay within float16's range.
+tensor cores; float32 inputs use exact float32 dots). In this backward, float16 states are rounded
+to float16 before their dot, so sum_j k_a k_b v_j must stay within float16's range (the forward keeps
+float16 inputs' states in float32: kernels/prefix_chunked.py's state_dtype).
 """
 from __future__ import annotations
 

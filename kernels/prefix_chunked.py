@@ -6,8 +6,9 @@ T is cut into state chunks of C tokens. Three kernels, none of which carries a f
   1. prefix-state kernel, one program per (feature block, value block, batch x kv head, segment):
      walks its segment in steps of BTS keys and, at the start of each chunk c, writes the running sum
          S_{<c} = sum_{j < c, j in segment} phi_k(k_j)^T v_j      (its feature block: 64 rows by default)
-     into chunk c's slot, in the input dtype (the dtype its dot rounds it to anyway; the normaliser
-     rows sum_j phi_k(k_j) in float32). Each program holds a [64, BV] float32 block, not the
+     into chunk c's slot, in the input dtype (the dtype its dot rounds it to anyway; float32 for
+     float16 inputs, whose range sums over many keys exceed; the normaliser rows sum_j phi_k(k_j)
+     in float32). Each program holds a [64, BV] float32 block, not the
      [161, BV] state: the state is split over programs by its rows, so nothing spills
      (PrefixConfig.pair_rows = 128 at Dk <= 16: one program for all rows, K and V read once);
   2. with more than one segment, a scan over the segments' totals (kernels/segment_scan.py);
@@ -300,6 +301,7 @@ def _prefix_output_kernel(
     v += b * sv_b + hk * sv_h
     o += b * so_b + h * so_h
     dt = q.dtype.element_ty
+    sd = cs.dtype.element_ty          # the states' dot dtype: dt, or float32 for float16 inputs
     rows = i_t * BT + tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -319,8 +321,8 @@ def _prefix_output_kernel(
     for ia in tl.static_range(NA):
         fa = _pair_features(qt, q, rows, sq_t, sq_d, T, DK, ia * DB, DB, BT, BK, PRECISION, MODE)                        # [BT, DB BK]
         sa, za = _state_rows(slots, zslots, total, ia * DB * BK, DB * BK, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL,
-                             NORMALIZE, dt)
-        fa16 = fa.to(dt)
+                             NORMALIZE, sd)
+        fa16 = fa.to(sd)
         acc = tl.dot(fa16, sa, acc, input_precision=PRECISION)
         if NORMALIZE:
             if ZDOT:
@@ -328,8 +330,8 @@ def _prefix_output_kernel(
             else:
                 zc += tl.sum(fa * za[None, :], axis=1)
     fb = _square_features(qf, BT, BK)
-    sb, zb = _state_rows(slots, zslots, total, FA, FB, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL, NORMALIZE, dt)
-    fb16 = fb.to(dt)
+    sb, zb = _state_rows(slots, zslots, total, FA, FB, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL, NORMALIZE, sd)
+    fb16 = fb.to(sd)
     acc = tl.dot(fb16, sb, acc, input_precision=PRECISION)
     s0, z0 = _state_rows(slots, zslots, total, FA + FB, 1, BV, offs_v, DV, NF, CAUSAL, FROM_TOTAL, NORMALIZE,
                          tl.float32)
@@ -432,8 +434,16 @@ def _plan(args: BasedArguments, cfg: PrefixConfig) -> _Plan:
     return _Plan(bk, db, na, feature_rows(args.dk), nc, segc, cdiv(nc, segc))
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The chunk slots' dtype: the input dtype, but float32 for float16 inputs. float16's range (65504) is
+    too small for sums over thousands of keys (the constant row alone is c0 sum_j v_j), so their states
+    stay float32 and meet float32 features in tf32 dots; bfloat16 has float32's range."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def state_bytes(args: BasedArguments, cfg: PrefixConfig, itemsize: int = 2) -> int:
-    """Bytes of the stored states: per (batch, kv head), every chunk's slot (values of ``itemsize`` bytes,
+    """Bytes of the stored states: per (batch, kv head), every chunk's slot (values of ``itemsize`` bytes:
+    that of state_dtype,
     float32 normaliser rows; non-causal: one) and, with segments or non-causal, (NSEG + 1) float32
     segment slots."""
     p = _plan(args, cfg)
@@ -467,6 +477,8 @@ def _check_config(cfg: PrefixConfig) -> None:
 def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
     """(o, z): o like q, z the float32 normaliser [B, H, T] or None. q, k, v as checked by ``args``
     (kernels/chunked.py checks the kernel's limits first); ``cfg``: the launches (prefix_config's)."""
+    if args.tk != args.length:
+        raise ValueError(f"prefix_forward takes as many queries as keys, got Tq={args.length}, Tk={args.tk}")
     cfg = cfg or prefix_config(args)
     _check_config(cfg)
     b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
@@ -476,7 +488,7 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
     w = nf * args.dv + nf
     dev = q.device
     poison = POISON_OUTPUTS
-    cs = new_buffer((b * hk, nc if args.causal else 1, nf, args.dv), q.dtype, dev, poison=poison)
+    cs = new_buffer((b * hk, nc if args.causal else 1, nf, args.dv), state_dtype(q.dtype), dev, poison=poison)
     cz = new_buffer((b * hk, nc if args.causal else 1, nf), torch.float32, dev, poison=poison)
     use_total = nseg > 1 or not args.causal
     sg = new_buffer((b * hk, nseg + 1, w) if use_total else (1,), torch.float32, dev, poison=poison)

@@ -103,6 +103,41 @@ def test_bad_launches_raise(changes, match):
         prefix_chunked.prefix_forward(q, k, v, check_arguments(q, k, v), dataclasses.replace(SMALL, **changes))
 
 
+# Red-team findings (2026-11-30): launches the host accepted but the kernels could not handle (silently
+# wrong or unwritten), and float16 states that overflowed where the parallel kernel is exact.
+@pytest.mark.parametrize("cfg,t", [
+    (dict(c=32, bt=16, bs=32, bts=16, bv=16), 32),     # bs > bt: keys after the tile went in unmasked
+    (dict(c=16, bt=16, bs=16, bts=32, bv=16), 48),     # bts > c: chunk slots never written
+    (dict(c=64, bt=32, bs=64), 150),                   # the defaults with bt changed alone
+])
+def test_launches_the_kernels_cannot_run_are_refused(cfg, t):
+    q, k, v = make_inputs(1, 1, t, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="PrefixConfig"):
+        prefix_chunked.prefix_forward(q, k, v, check_arguments(q, k, v), dataclasses.replace(SMALL, target=1, **cfg))
+
+
+@pytest.mark.parametrize("what,qs,ks,vshift,scale", [
+    ("constant row: c0 sum_j v_j ~ 96000 > 65504", 1.0, 1.0, 1000.0, None),
+    ("normaliser and pair rows: sum_j c2 k_a^2 > 65504", 1e-3, 50.0, 0.0, 1.0),
+])
+@pytest.mark.parametrize("zdot", [True, False])
+def test_float16_states_do_not_overflow(what, qs, ks, vshift, scale, zdot):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 100, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (q * qs).half(), (k * ks).half(), (v + vshift).half()
+    args = check_arguments(q, k, v, scale=scale)
+    o, z = prefix_chunked.prefix_forward(q, k, v, args, dataclasses.replace(SMALL, bv=16, zdot=zdot))
+    assert torch.isfinite(z).all() and torch.isfinite(o).all(), what
+    assert_rel_close(o, naive_parallel_based(q.double(), k.double(), v.double(), scale=scale), 6e-3, what)
+
+
+def test_a_kv_cache_is_refused():
+    q, k, v = make_inputs(1, 2, 40, 16, 24, dtype=torch.float32)
+    args = check_arguments(q[:, :, -8:], k, v, shorter_queries=True)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        prefix_chunked.prefix_forward(q[:, :, -8:], k, v, args, SMALL)
+
+
 def test_segments_follow_the_program_target():
     q, k, v = make_inputs(2, 4, 4096, 16, 64, kv_heads=2, dtype=torch.float32)
     args = check_arguments(q, k, v)
@@ -120,6 +155,8 @@ def test_state_bytes_are_linear_in_t():
         return prefix_chunked.state_bytes(check_arguments(*make_inputs(1, 2, t, 16, 64, dtype=torch.float32), **kw),
                                           cfg)
     assert count(4096) == 2 * 16 * 161 * (64 * 2 + 4) and count(8192) == 2 * count(4096)
+    assert prefix_chunked.state_dtype(torch.float16) == torch.float32                   # float16: float32 slots
+    assert prefix_chunked.state_dtype(torch.bfloat16) == torch.bfloat16
     assert count(8192, causal=False) == 2 * (161 * (64 * 2 + 4) + 2 * 161 * 65 * 4)    # one slot and the total
 
 
