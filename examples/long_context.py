@@ -8,7 +8,7 @@ The model is examples/naive_based_lm.py, whose Based mixers form the T x T atten
   eager     the naive code as written                  O(T^2) memory per head
   inductor  torch.compile(model) on the same code      fuses, but still O(T^2)
   based     torch.compile(model, backend="based")     O(T) memory; the policy picks the kernel
-                                                        (fused chunk at long T, printed per T)
+                                                        (the chunked kernel at long T, printed per T)
   sdpa      the same model with softmax attention through F.scaled_dot_product_attention
             (FlashAttention on the GPU): the usual Transformer baseline, a different function
 Reports median time, tokens/s and peak memory per entry; an entry that runs out of memory
