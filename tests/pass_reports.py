@@ -1,5 +1,5 @@
-"""What the based backend's pass reported while a test compiled: explain()'s report without a second
-trace of the model.
+"""What the based backend did while a test compiled: explain()'s report without a second trace of the
+model (``PassReports``), and the rewritten graphs themselves (``compiled_graphs``).
 
 ``explain(model, *inputs)`` traces the model with Dynamo and runs the pass (``run_pass``, rewrite and
 verify on) with a report; the based backend runs that same pass, with a report of its own, on every
@@ -11,7 +11,25 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+import based_compile
 from based_compile.graph.report import Explanation
+
+
+def compiled_graphs(fn, *args) -> list:
+    """The graph modules the based backend hands its inner compiler when ``fn(*args)`` is compiled (no
+    grad, Dynamo reset first): the graphs after the rewrite, to read what is left in them."""
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=based_compile.backend(inner=inner))(*args)
+    return seen
 
 
 class PassReports:

@@ -19,7 +19,7 @@ import torch
 
 import based_compile
 from compare import float32_bar
-from pass_reports import PassReports
+from pass_reports import PassReports, compiled_graphs
 from based_compile.graph import feature_normaliser, verify
 
 D, DV, T, H = 4, 5, 11, 2
@@ -412,22 +412,6 @@ def test_near_miss_is_refused_with_a_reason(fn, states, layout, reason, refused,
         assert with_state == 0, "based::attention_with_state must not run"
 
 
-@pytest.mark.parametrize("fn", [brief, prepended], ids=lambda f: f.__name__)
-def test_dynamic_lengths(fn):
-    """torch.compile(dynamic=True): one graph for every T, rewritten from the states at each length
-    (the state's one row along time is a 1 at every length, not the traced T)."""
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
-    for t in (11, 12, 13):
-        args = _inputs(t=t)
-        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            got = compiled(*args)
-            want = fn(*args)
-        calls = sum(e.count for e in prof.key_averages() if e.key == "based::attention_with_state")
-        assert calls >= 1, f"T={t}: not rewritten"
-        _assert_same(got, want, 1e-10, f"T={t}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_compiled_continued_prefill(dtype, no_tf32):
@@ -573,15 +557,7 @@ QUADRATIC_FORMS = [
 
 def _no_t_by_t(fn, args) -> str:
     """The compiled graphs' code, asserted to hold no [.., T, T] tensor (the weights are gone)."""
-    seen = []
-
-    def inner(gm, example_inputs):
-        seen.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(fn, backend=based_compile.backend(inner=inner))(*args)
+    seen = compiled_graphs(fn, *args)
     for gm in seen:
         for node in gm.graph.nodes:
             value = node.meta.get("example_value")
@@ -656,9 +632,10 @@ def test_quadratic_spelling_chunked_prefill_equals_one_prefill():
     _assert_same((torch.cat([o1, o2], 2), kv2, k2), want, 1e-10, "chunked")
 
 
-@pytest.mark.parametrize("fn", [quad_feature_maps, quad_polynomial], ids=lambda f: f.__name__)
-def test_quadratic_spelling_dynamic_lengths(fn):
-    """torch.compile(dynamic=True): rewritten from the states at each length, exact."""
+@pytest.mark.parametrize("fn", [brief, prepended, quad_feature_maps, quad_polynomial], ids=lambda f: f.__name__)
+def test_dynamic_lengths(fn):
+    """torch.compile(dynamic=True): one graph for every T, rewritten from the states at each length (the
+    state's one row along time is a 1 at every length, not the traced T), linear and quadratic spellings."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
     for t in (11, 12, 13):

@@ -17,7 +17,7 @@ import torch
 
 import based_compile
 from compare import float32_bar
-from pass_reports import PassReports
+from pass_reports import PassReports, compiled_graphs
 
 D, DV, T, H = 4, 5, 11, 2
 
@@ -157,17 +157,7 @@ def test_low_precision_states_keep_the_users_dtype(dtype):
 
 def test_no_cumsum_tensor_left_in_the_rewritten_graph():
     """O(T) memory: the [T, Dv, F] running sum of the linear form is gone after the rewrite."""
-    seen = []
-
-    def inner(gm, example_inputs):
-        seen.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    args = _inputs(None, "BHTD")
-    with torch.no_grad():
-        torch.compile(linear_cumsum_last_rows, backend=based_compile.backend(inner=inner))(*args)
-    code = "\n".join(gm.code for gm in seen)
+    code = "\n".join(gm.code for gm in compiled_graphs(linear_cumsum_last_rows, *_inputs(None, "BHTD")))
     assert "cumsum" not in code and "attention_with_state" in code, code
 
 
