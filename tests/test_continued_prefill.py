@@ -256,16 +256,7 @@ def test_low_precision_keeps_the_users_dtype(dtype):
 @pytest.mark.parametrize("fn", [brief, einsums, in_place, prepended], ids=lambda f: f.__name__)
 def test_no_running_sum_left_in_the_rewritten_graph(fn):
     """O(T) memory: no [T, F, Dv] running sum (no cumsum at all) after the rewrite."""
-    seen = []
-
-    def inner(gm, example_inputs):
-        seen.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(fn, backend=based_compile.backend(inner=inner))(*_inputs())
-    code = "\n".join(gm.code for gm in seen)
+    code = "\n".join(gm.code for gm in compiled_graphs(fn, *_inputs()))
     assert "cumsum" not in code and "attention_with_state" in code, code
 
 
@@ -412,25 +403,16 @@ def test_near_miss_is_refused_with_a_reason(fn, states, layout, reason, refused,
         assert with_state == 0, "based::attention_with_state must not run"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_compiled_continued_prefill(dtype, no_tf32):
-    """On CUDA: the brief's code compiled (Inductor inner) at Dk = 16, Dv = 64, T = 1000, from random
-    states; output, new states and gradients in q, k, v and both states against float64 eager."""
+GPU_DK = 16
+
+
+def _check_compiled_on_gpu(code, dtype):
+    """code(q, k, v, kv_state, k_state) -> (o, kv_state', k_state') compiled with the based backend on CUDA
+    (B=2 H=4 T=1000 Dk=16 Dv=64, states of 1 + Dk + Dk^2 features from random earlier tokens): values and
+    the gradients in q, k, v and both states against float64 eager."""
     g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
-    b, h, t, dk, dv = 2, 4, 1000, 16, 64
+    b, h, t, dk, dv = 2, 4, 1000, GPU_DK, 64
     f = 1 + dk + dk * dk
-
-    def phi16(x):
-        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
-        return torch.cat([torch.ones_like(x[..., :1]), x / dk ** 0.25, x2 / (math.sqrt(2) * math.sqrt(dk))], -1)
-
-    def code(q, k, v, kv_state, k_state):
-        kv = kv_state[:, :, None] + (phi16(k)[..., :, None] * v[..., None, :]).cumsum(2)
-        ks = k_state[:, :, None] + phi16(k).cumsum(2)
-        o = (phi16(q)[..., None] * kv).sum(-2) / ((phi16(q) * ks).sum(-1, keepdim=True) + 1e-6)
-        return o, kv[:, :, -1], ks[:, :, -1]
-
     base = [torch.randn(b, h, t, d, generator=g, dtype=torch.float64) * s for d, s in ((dk, 0.5), (dk, 0.5), (dv, 1))]
     base += [torch.randn(b, h, f, dv, generator=g, dtype=torch.float64) * 0.1,
              (torch.rand(b, h, f, generator=g, dtype=torch.float64) + 0.5) * 100]
@@ -446,6 +428,26 @@ def test_gpu_compiled_continued_prefill(dtype, no_tf32):
     _assert_same(got, tuple(w.to(x.dtype) for w, x in zip(want, got)), tol, "values")
     for name, x, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
         _assert_same(x, w.to(x.dtype), 2 * tol, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_continued_prefill(dtype, no_tf32):
+    """On CUDA: the brief's code compiled (Inductor inner) at Dk = 16, Dv = 64, T = 1000, from random
+    states; output, new states and gradients in q, k, v and both states against float64 eager."""
+    dk = GPU_DK
+
+    def phi16(x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+        return torch.cat([torch.ones_like(x[..., :1]), x / dk ** 0.25, x2 / (math.sqrt(2) * math.sqrt(dk))], -1)
+
+    def code(q, k, v, kv_state, k_state):
+        kv = kv_state[:, :, None] + (phi16(k)[..., :, None] * v[..., None, :]).cumsum(2)
+        ks = k_state[:, :, None] + phi16(k).cumsum(2)
+        o = (phi16(q)[..., None] * kv).sum(-2) / ((phi16(q) * ks).sum(-1, keepdim=True) + 1e-6)
+        return o, kv[:, :, -1], ks[:, :, -1]
+
+    _check_compiled_on_gpu(code, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the quadratic spelling
@@ -653,9 +655,7 @@ def test_dynamic_lengths(fn):
 def test_gpu_compiled_quadratic_continued_prefill(dtype, no_tf32):
     """On CUDA: the quadratic spelling compiled (Inductor inner) at Dk = 16, Dv = 64, T = 1000, from
     random states; output, new states and gradients in q, k, v and both states against float64 eager."""
-    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
-    b, h, t, dk, dv = 2, 4, 1000, 16, 64
-    f = 1 + dk + dk * dk
+    dk = GPU_DK
 
     def code(q, k, v, kv_state, k_state):
         qf, kf = phi(q, dk), phi(k, dk)
@@ -664,21 +664,7 @@ def test_gpu_compiled_quadratic_continued_prefill(dtype, no_tf32):
         den = a.sum(-1, keepdim=True) + qf @ k_state[..., None] + 1e-6
         return num / den, kv_state + kf.mT @ v, k_state + kf.sum(2)
 
-    base = [torch.randn(b, h, t, d, generator=g, dtype=torch.float64) * s for d, s in ((dk, 0.5), (dk, 0.5), (dv, 1))]
-    base += [torch.randn(b, h, f, dv, generator=g, dtype=torch.float64) * 0.1,
-             (torch.rand(b, h, f, generator=g, dtype=torch.float64) + 0.5) * 100]
-    args = [x.to("cuda", dtype).requires_grad_() for x in base]
-    ref_args = [x.detach().double().requires_grad_() for x in args]
-    want = code(*ref_args)
-    torch._dynamo.reset()
-    got = torch.compile(code, backend="based")(*args)
-    cots = [torch.randn_like(w) for w in want]
-    grads = torch.autograd.grad(sum((x * c.to(x.dtype)).sum() for x, c in zip(got, cots)), args)
-    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    _assert_same(got, tuple(w.to(x.dtype) for w, x in zip(want, got)), tol, "values")
-    for name, x, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
-        _assert_same(x, w.to(x.dtype), 2 * tol, f"d{name}")
+    _check_compiled_on_gpu(code, dtype)
 
 
 # near-misses
