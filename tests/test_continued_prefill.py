@@ -193,6 +193,12 @@ def test_form_runs_the_state_operator_with_eager_values(fn, states, layout, prob
 def test_gradients_in_q_k_v_and_the_initial_states(fn, states, layout):
     """Everything requires grad: values and gradients (through the output and the returned states)
     against eager's autograd in float64."""
+    _check_gradients(fn, states, layout)
+
+
+def _check_gradients(fn, states, layout):
+    """fn compiled (eager inner) with q, k, v and both states requiring grad: based::attention_with_state
+    and its backward run; values and every gradient equal float64 eager's."""
     base = _inputs(layout, states)
     args = [x.clone().requires_grad_() for x in base]
     ref_args = [x.clone().requires_grad_() for x in base]
@@ -602,22 +608,7 @@ def test_quadratic_spelling_leaves_no_t_by_t_weights(fn):
 def test_quadratic_spelling_gradients(fn, states, layout):
     """Values and gradients in q, k, v and both initial states (through the output and the returned
     states) against eager autograd in float64."""
-    base = _inputs(layout, states)
-    args = [x.clone().requires_grad_() for x in base]
-    ref_args = [x.clone().requires_grad_() for x in base]
-    want = _tuple(fn(*ref_args))
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), fullgraph=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        got = _tuple(compiled(*args))
-        cots = [torch.randn_like(w) for w in want]
-        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
-    counts = {e.key: e.count for e in prof.key_averages()}
-    assert counts.get("based::attention_with_state_backward", 0) >= 1
-    _assert_same(got, want, 1e-10, "values")
-    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
-    for name, g, w in zip(("q", "k", "v", "kv_state", "k_state"), grads, wants):
-        _assert_same(g, w, 1e-10, f"d{name}")
+    _check_gradients(fn, states, layout)
 
 
 def test_quadratic_spelling_chunked_prefill_equals_one_prefill():
