@@ -4,7 +4,8 @@ with ratios to the floor measured in the same run (B=16 H=16 Dk=16 Dv=64 bf16 ca
 
 Usage: python benchmarks/prefix_h200.py --out DIR [--sweep-t 8192] [--ts 1024,...] [--budget-s 400]
        [--backward] [--no-sweep]
---backward checks gradients and sweeps forward+backward (this forward with kernels/chunked.py's backward).
+--backward checks gradients and sweeps forward+backward (kernels/prefix_backward.py at the same launch); the
+table's ours_chunked is the shipped chunked kernel (this forward with kernels/chunked.py's backward).
 Prints a short table last; writes prefix_h200.json into --out (after every stage).
 """
 from __future__ import annotations
@@ -42,11 +43,11 @@ def prefix_run(cfg):
 
 
 def prefix_train(cfg):
-    """This forward launch with the chunked kernel's backward (kernels/chunked.py)."""
-    from based_compile.kernels.chunked import chunked_backward
+    """This forward launch with the prefix-state backward (kernels/prefix_backward.py) at the same launch."""
     from based_compile.kernels.function import BasedKernelFunction
+    from based_compile.kernels.prefix_backward import prefix_backward
     fwd = lambda q, k, v, a: prefix_chunked.prefix_forward(q, k, v, a, cfg)  # noqa: E731
-    bwd = chunked_backward
+    bwd = lambda q, k, v, o, z, do, a: prefix_backward(q, k, v, o, z, do, a, cfg)  # noqa: E731
 
     def run(q, k, v, causal=True):
         return BasedKernelFunction.apply(q, k, v, check_arguments(q, k, v, causal=causal), fwd, bwd)
@@ -121,6 +122,7 @@ def main() -> None:
         dict(bts=128, state_warps=8), dict(bv=32), dict(target=4096), dict(target=256),
         dict(maxnreg=128), dict(state_maxnreg=128), dict(bt=128, bs=64, warps=4),
         dict(c=512, bt=128, warps=8), dict(state_stages=3), dict(stages=1),
+        dict(dkv_warps=4), dict(reverse_warps=4), dict(warps=8), dict(c=128, bt=64, bs=32),
     )]
     res["sweep"] = []
     best, best_ms = base, float("inf")

@@ -387,6 +387,10 @@ class PrefixConfig:
     state_maxnreg: int = 0
     state_mode: int = 1         # the state kernel's mode (-1: mode)
     state_bv: int = 0           # the state kernel's value block (0: bv)
+    # the backward (kernels/prefix_backward.py): warps of its dk/dv and reverse-state kernels (dq: warps);
+    # chosen by the sm_90 cross-compile's spills (8 warps: none), not yet timed on a GPU
+    dkv_warps: int = 8
+    reverse_warps: int = 8
 
 
 def _pow2(n: int) -> int:
@@ -474,6 +478,34 @@ def _check_config(cfg: PrefixConfig) -> None:
                          f"{cfg.state_mode}")
 
 
+def forward_states(k, v, args: BasedArguments, cfg: PrefixConfig, p: _Plan):
+    """Stages 1-2: (slots [B * Hkv, NC, NF, Dv] in state_dtype(k's dtype), normaliser slots [B * Hkv, NC, NF] float32, the
+    segment slots [B * Hkv, NSEG + 1, W] float32 (scanned), whether the output kernels read them)."""
+    b, hk, t = args.batch, args.kv_heads, args.length
+    w = p.nf * args.dv + p.nf
+    dev = k.device
+    poison = POISON_OUTPUTS
+    cs = new_buffer((b * hk, p.nc if args.causal else 1, p.nf, args.dv), state_dtype(k.dtype), dev, poison=poison)
+    cz = new_buffer((b * hk, p.nc if args.causal else 1, p.nf), torch.float32, dev, poison=poison)
+    use_total = p.nseg > 1 or not args.causal
+    sg = new_buffer((b * hk, p.nseg + 1, w) if use_total else (1,), torch.float32, dev, poison=poison)
+    c0, c1, c2 = scaled_coefficients(args)
+    sbv = cfg.state_bv or cfg.bv
+    merge_b = p.na == 1
+    _prefix_state_kernel[(p.na + (not merge_b), cdiv(args.dv, sbv), b * hk * p.nseg)](
+        k, v, cs, cz, sg, *bhtd_strides(k, args.layout), *bhtd_strides(v, args.layout), t, hk, args.dk, args.dv,
+        p.nc, p.segc, p.nseg, w, c0, c1, c2,
+        C=cfg.c, BTS=cfg.bts, BK=p.bk, BV=sbv, DB=p.db, CAUSAL=args.causal, NORMALIZE=args.normalize,
+        PRECISION=dot_precision(k.dtype), ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
+        STORE_TOTAL=use_total, MERGE_B=merge_b,
+        num_warps=cfg.state_warps, num_stages=cfg.state_stages, **_cap(cfg.state_maxnreg))
+    if use_total:
+        n_in = p.nseg - 1 if args.causal else p.nseg
+        block = 1024
+        segment_scan_kernel[(b * hk, cdiv(w, block))](sg, p.nseg, n_in, w, REVERSE=False, BLOCK=block, num_warps=4)
+    return cs, cz, sg, use_total
+
+
 def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
     """(o, z): o like q, z the float32 normaliser [B, H, T] or None. q, k, v as checked by ``args``
     (kernels/chunked.py checks the kernel's limits first); ``cfg``: the launches (prefix_config's)."""
@@ -481,39 +513,23 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
         raise ValueError(f"prefix_forward takes as many queries as keys, got Tq={args.length}, Tk={args.tk}")
     cfg = cfg or prefix_config(args)
     _check_config(cfg)
-    b, h, hk, t = args.batch, args.heads, args.kv_heads, args.length
+    b, h, t = args.batch, args.heads, args.length
     p = _plan(args, cfg)
-    bk, db, na, nf, nc, segc, nseg = p.bk, p.db, p.na, p.nf, p.nc, p.segc, p.nseg
+    cs, cz, sg, use_total = forward_states(k, v, args, cfg, p)
     n_v = cdiv(args.dv, cfg.bv)
-    w = nf * args.dv + nf
+    w = p.nf * args.dv + p.nf
     dev = q.device
     poison = POISON_OUTPUTS
-    cs = new_buffer((b * hk, nc if args.causal else 1, nf, args.dv), state_dtype(q.dtype), dev, poison=poison)
-    cz = new_buffer((b * hk, nc if args.causal else 1, nf), torch.float32, dev, poison=poison)
-    use_total = nseg > 1 or not args.causal
-    sg = new_buffer((b * hk, nseg + 1, w) if use_total else (1,), torch.float32, dev, poison=poison)
     c0, c1, c2 = scaled_coefficients(args)
-    prec = dot_precision(q.dtype)
     ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
-    sbv = cfg.state_bv or cfg.bv
-    merge_b = na == 1
-    _prefix_state_kernel[(na + (not merge_b), cdiv(args.dv, sbv), b * hk * nseg)](
-        k, v, cs, cz, sg, *ks, *vs, t, hk, args.dk, args.dv, nc, segc, nseg, w, c0, c1, c2,
-        C=cfg.c, BTS=cfg.bts, BK=bk, BV=sbv, DB=db, CAUSAL=args.causal, NORMALIZE=args.normalize,
-        PRECISION=prec, ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
-        STORE_TOTAL=use_total, MERGE_B=merge_b,
-        num_warps=cfg.state_warps, num_stages=cfg.state_stages, **_cap(cfg.state_maxnreg))
-    if use_total:
-        n_in = nseg - 1 if args.causal else nseg
-        block = 1024
-        segment_scan_kernel[(b * hk, cdiv(w, block))](sg, nseg, n_in, w, REVERSE=False, BLOCK=block, num_warps=4)
     o = new_buffer((*q.shape[:-1], args.dv), q.dtype, dev, poison=poison)
     z = new_buffer((b, h, t), torch.float32, dev, poison=poison) if args.normalize else o
     _prefix_output_kernel[(cdiv(t, cfg.bt), n_v, b * h)](
         q, k, v, o, z, cs, cz, sg,
         *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
-        t, h, args.group, nc if args.causal else 1, segc, nseg, w, c0, c1, c2, args.eps,
-        DK=args.dk, DV=args.dv, C=cfg.c, BT=cfg.bt, BS=cfg.bs, BK=bk, BV=cfg.bv, DB=db, CAUSAL=args.causal,
-        NORMALIZE=args.normalize, PRECISION=prec, FROM_TOTAL=use_total, ZDOT=cfg.zdot and args.causal, MODE=cfg.mode,
-        num_warps=cfg.warps, num_stages=cfg.stages, **_cap(cfg.maxnreg))
+        t, h, args.group, p.nc if args.causal else 1, p.segc, p.nseg, w, c0, c1, c2, args.eps,
+        DK=args.dk, DV=args.dv, C=cfg.c, BT=cfg.bt, BS=cfg.bs, BK=p.bk, BV=cfg.bv, DB=p.db, CAUSAL=args.causal,
+        NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), FROM_TOTAL=use_total,
+        ZDOT=cfg.zdot and args.causal, MODE=cfg.mode, num_warps=cfg.warps, num_stages=cfg.stages,
+        **_cap(cfg.maxnreg))
     return o, (z if args.normalize else None)
