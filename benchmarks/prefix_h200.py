@@ -121,7 +121,7 @@ def main() -> None:
         dict(c=128), dict(c=512), dict(bt=128, warps=8), dict(stages=3), dict(state_warps=8),
         dict(bts=128, state_warps=8), dict(bv=32), dict(target=4096), dict(target=256),
         dict(maxnreg=128), dict(state_maxnreg=128), dict(bt=128, bs=64, warps=4),
-        dict(c=512, bt=128, warps=8), dict(state_stages=3), dict(stages=1),
+        dict(c=512, bt=128, warps=8), dict(state_stages=3),
         dict(dkv_warps=4), dict(reverse_warps=4), dict(warps=8), dict(c=128, bt=64, bs=32),
     )]
     res["sweep"] = []
@@ -130,11 +130,10 @@ def main() -> None:
         for cfg in sweep:
             if time.time() - START > a.budget_s * 0.45:
                 break
-            with torch.no_grad():
-                try:
-                    r = fwd_ms(prefix_train(cfg) if a.backward else prefix_run(cfg), a.sweep_t)
-                except Exception as e:
-                    r = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            try:
+                r = fwd_ms(prefix_train(cfg) if a.backward else prefix_run(cfg), a.sweep_t)
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             key = "fwdbwd_ms" if a.backward else "fwd_ms"
             ms = r.get(key) or float("inf")
             print("sweep", cfg, r, flush=True)

@@ -13,7 +13,10 @@ With dn = do / (z + eps) and dz = -(do . o) / (z + eps) (normalised; dn = do, no
      phi_k's weights, contracted); plus the intra-chunk part over the chunk's queries from the tile on,
      summed over the group's query heads.
 
-No T x T memory; states O(T / C). One value block (BV = the padded Dv) in the gradient kernels.
+No T x T memory; states O(T / C). One value block (BV = the padded Dv) in the gradient kernels, so
+Dv <= MAX_DV (128). float16 inputs are refused (FLOAT16_REFUSAL): their float32 state dots beside
+float16 tiles made the dq kernel read shared memory out of range on the H200 (Triton 3.6); the
+chunked kernel's float16 calls take kernels/chunked.py's backward. H200 times: benchmarks/NOTES.md.
 The features' contraction uses the same one-hot matrices as the forward's pair factors: for
 f = x_a x_b, d x_a += g x_b and d x_b += g x_a, two dots with the transposed selections.
 """
@@ -45,6 +48,15 @@ from .tiles import load_rows
 
 # When True, every output and buffer is filled with NaN before a kernel writes it (tests set this).
 POISON_OUTPUTS = False
+MAX_DV = 128
+FLOAT16_REFUSAL = ("the prefix-state backward does not take float16 inputs: on the H200 (Triton 3.6) its dq kernel "
+                   "read shared memory out of range with float16 tiles beside float32 states "
+                   "(benchmarks/NOTES.md, twelfth session)")
+
+
+def supports(args: BasedArguments, dtype: torch.dtype) -> bool:
+    """Whether prefix_backward takes these arguments (the chunked kernel's other calls take its own backward)."""
+    return dtype != torch.float16 and args.dv <= MAX_DV
 
 
 @triton.jit
@@ -351,6 +363,10 @@ def _prefix_dkv_kernel(
 # ----------------------------------------------------------------------------------------------
 def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig | None = None):
     """(dq, dk, dv) with the shapes, dtypes and layout of q, k, v (dk, dv summed over a GQA group)."""
+    if q.dtype == torch.float16:
+        raise TypeError(FLOAT16_REFUSAL)
+    if args.dv > MAX_DV:
+        raise ValueError(f"the prefix-state backward takes Dv up to {MAX_DV}, got Dv={args.dv}")
     cfg = cfg or prefix_config(args)
     _check_config(cfg)
     b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv

@@ -388,9 +388,9 @@ class PrefixConfig:
     state_mode: int = 1         # the state kernel's mode (-1: mode)
     state_bv: int = 0           # the state kernel's value block (0: bv)
     # the backward (kernels/prefix_backward.py): warps of its dk/dv and reverse-state kernels (dq: warps);
-    # chosen by the sm_90 cross-compile's spills (8 warps: none), not yet timed on a GPU
-    dkv_warps: int = 8
-    reverse_warps: int = 8
+    # 4 and 4 the H200's best at T = 8192 (fwd+bwd 5.34 ms; 8 and 8: 7.31; benchmarks/NOTES.md, twelfth session)
+    dkv_warps: int = 4
+    reverse_warps: int = 4
 
 
 def _pow2(n: int) -> int:

@@ -40,10 +40,14 @@ CASES = [
     ("cuda", False, 4096, 16, 64, 256, BF16, "chunked"),
     ("cuda", False, 8192, 16, 64, 256, BF16, "chunked"),
     ("cuda", False, 4096, 16, 128, 256, BF16, "fused_chunk"),
-    ("cuda", False, 8192, 16, 64, 16, BF16, "parallel"),        # few heads: parallel ahead up to 8192
-    ("cuda", False, 16384, 16, 64, 16, BF16, "chunked"),
-    ("cuda", True, 4096, 16, 64, 256, BF16, "parallel"),
-    ("cuda", True, 8192, 16, 64, 256, BF16, "chunked"),         # chunked ahead of both in training
+    ("cuda", False, 4096, 16, 64, 16, BF16, "parallel"),        # few heads: parallel ahead up to 4096
+    ("cuda", False, 8192, 16, 64, 16, BF16, "chunked"),
+    ("cuda", True, 2048, 16, 64, 256, BF16, "parallel"),
+    ("cuda", True, 4096, 16, 64, 256, BF16, "chunked"),         # chunked ahead of both in training
+    ("cuda", True, 4096, 16, 64, 256, F32, "chunked"),
+    ("cuda", True, 4096, 16, 64, 256, torch.float16, "parallel"),   # float16: the segment-walking backward
+    ("cuda", True, 8192, 16, 64, 256, torch.float16, "chunked"),
+    ("cuda", True, 8192, 16, 64, 256, BF16, "chunked"),
     ("cuda", True, 16384, 16, 64, 256, BF16, "chunked"),
     ("cuda", False, 16384, 16, 64, 256, BF16, "chunked"),       # ... and in inference
     ("cuda", False, 16384, 16, 128, 256, BF16, "fused_chunk"),  # Dv > 64: not measured, fused chunk
@@ -84,12 +88,20 @@ def test_every_crossover_row_switches_at_its_t(device, table):
 
 
 def test_every_chunked_row_switches_at_its_t():
+    checked = 0
     for row in policy.CUDA_CHUNKED:
         dv = min(row.max_dv, 64)
-        assert decide_for("cuda", row.training, row.t - 1, row.max_dk, dv, row.min_bh, BF16).kernel != "chunked"
-        d = decide_for("cuda", row.training, row.t, row.max_dk, dv, row.min_bh, BF16)
+        # a dtype for which this row is the first that matches, so that the boundary is its own
+        dtype = next((d for d in (BF16, F32, torch.float16) if (not row.dtypes or d in row.dtypes) and next(
+            r for r in policy.CUDA_CHUNKED if r.matches(row.training, row.max_dk, dv, row.min_bh, d)) is row), None)
+        if dtype is None:
+            continue
+        assert decide_for("cuda", row.training, row.t - 1, row.max_dk, dv, row.min_bh, dtype).kernel != "chunked"
+        d = decide_for("cuda", row.training, row.t, row.max_dk, dv, row.min_bh, dtype)
         assert d.kernel == "chunked" and f"T={row.t} >= {row.t}" in d.reason
-        assert decide_for("cuda", row.training, row.t, row.max_dk + 1, dv, row.min_bh, BF16).kernel != "chunked"
+        assert decide_for("cuda", row.training, row.t, row.max_dk + 1, dv, row.min_bh, dtype).kernel != "chunked"
+        checked += 1
+    assert checked == len(policy.CUDA_CHUNKED), "a row that no call can reach"
 
 
 def test_fused_chunk_limit_is_respected_at_every_length():

@@ -59,11 +59,35 @@ def test_gradients_match_float64(t, dk, dv, kv_heads, layout, causal, normalize,
            layout=layout, causal=causal, normalize=normalize, coeffs=(1.0, 1.0, 0.5) if normalize else SIGNED)
 
 
-def test_float16():
-    _check(1, 2, 70, 16, 64, SMALL, dtype=torch.float16)
+@pytest.mark.parametrize("dtype,dv,error", [(torch.float16, 64, TypeError), (torch.float32, 129, ValueError)])
+def test_refuses_what_it_does_not_take(dtype, dv, error):
+    q, k, v = (x.to(dtype) for x in make_inputs(1, 2, 40, 16, dv))
+    args = check_arguments(q, k, v)
+    o, z = prefix_chunked.prefix_forward(q, k, v, args, SMALL)
+    with pytest.raises(error, match="float16" if dtype == torch.float16 else "Dv up to 128"):
+        prefix_backward.prefix_backward(q, k, v, o, z, torch.randn_like(o), args, SMALL)
+    assert not prefix_backward.supports(args, dtype)
 
 
-GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+@pytest.mark.parametrize("dtype,dv,prefix", [(torch.float32, 64, True), (torch.float32, 128, True),
+                                             (torch.float16, 64, False), (torch.float32, 130, False)])
+def test_chunked_based_routes_its_backward(monkeypatch, dtype, dv, prefix):
+    """chunked_based's backward is the prefix-state one where it applies, else the segment walk; both exact."""
+    from based_compile.kernels import chunked
+    calls = []
+    real = chunked.prefix_backward
+    monkeypatch.setattr(chunked, "prefix_backward", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (x.to(dtype).requires_grad_() for x in make_inputs(1, 2, 50, 8, dv))
+    do = torch.randn(1, 2, 50, dv, dtype=dtype)
+    grads = torch.autograd.grad(chunked.chunked_based(q, k, v), (q, k, v), do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = torch.autograd.grad(naive_parallel_based(*leaves), leaves, do.double())
+    for name, g, r in zip("qkv", grads, ref):
+        assert_rel_close(g, r, TOL[dtype], f"d{name}")
+    assert bool(calls) == prefix
+
+
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.gpu
@@ -71,7 +95,7 @@ GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
     (8192, 16, 64, torch.bfloat16, "BHTD", None, True, {}),
     (8191, 16, 64, torch.bfloat16, "BTHD", None, False, {}),
     (4097, 16, 128, torch.bfloat16, "BTHD", 2, True, {}),
-    (4096, 16, 64, torch.float16, "BTHD", None, True, dict(target=4096)),
+    (4096, 16, 64, torch.bfloat16, "BTHD", None, True, dict(target=4096)),         # segments
     (2047, 16, 64, torch.float32, "BHTD", None, True, {}),
     (2048, 32, 64, torch.bfloat16, "BHTD", 2, True, {}),
 ])

@@ -79,20 +79,24 @@ CUDA_CROSSOVERS = (
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
     Crossover(training=True, t=65536, max_dk=16),
 )
-# CUDA, the chunkwise-parallel kernel (kernels/chunked.py, its forward kernels/prefix_chunked.py): a matching
-# row takes it from T >= t on, ahead of the table above. Measured 2026-11-30 on an H200 (torch 2.11.0+cu130,
-# triton 3.6.0, H=16, Dk=16, Dv=64, bf16, causal, normalised; `python benchmarks/crossover_h200.py`, one run,
-# benchmarks/NOTES.md), ms, parallel / fused_chunk / chunked:
-#   B=16 forward   T=2048 0.244 / 0.536 / 0.382   T=4096 0.854 / 1.065 / 0.739   T=8192 3.18 / 2.12 / 1.46
-#   B=16 fwd+bwd   T=4096 3.22 / 6.27 / 3.74      T=8192 11.6 / 12.5 / 7.71      T=16384 44.5 / 25.0 / 15.6
-#   B=1  forward   T=8192 0.241 / 0.915 / 0.309   T=16384 0.836 / 1.84 / 0.323   T=32768 3.10 / 3.68 / 0.618
-#   B=1  fwd+bwd   T=8192 0.908 / 7.02 / 1.31     T=16384 3.03 / 14.6 / 1.92     T=32768 10.9 / 29.8 / 3.01
+# CUDA, the chunkwise-parallel kernel (kernels/chunked.py: forward kernels/prefix_chunked.py, backward
+# kernels/prefix_backward.py for bfloat16/float32, its own segment walk for float16): a matching row takes it
+# from T >= t on, ahead of the table above. Measured 2026-11-30 on an H200 (torch 2.11.0+cu130, triton 3.6.0,
+# H=16, Dk=16, Dv=64, bf16, causal, normalised; `python benchmarks/crossover_h200.py`, one run,
+# benchmarks/NOTES.md twelfth session), ms, parallel / fused_chunk / chunked:
+#   B=16 forward   T=2048 0.246 / 0.537 / 0.380   T=4096 0.854 / 1.064 / 0.741   T=8192 3.25 / 2.12 / 1.47
+#   B=16 fwd+bwd   T=2048 0.977 / 3.12 / 1.37     T=4096 3.23 / 6.23 / 2.69      T=8192 11.8 / 12.4 / 5.33
+#   B=1  forward   T=4096 0.081 / 0.460 / 0.108   T=8192 0.242 / 0.917 / 0.168   T=16384 0.847 / 1.84 / 0.330
+#   B=1  fwd+bwd   T=8192 0.897 / 6.92 / 0.957    T=16384 3.02 / 14.3 / 1.01     T=32768 11.0 / 29.1 / 1.92
+# float16 training keeps the segment-walking backward (the prefix backward refuses float16), measured the
+# session before with it at B=16: T=4096 3.22 / 6.27 / 3.74, T=8192 11.6 / 12.5 / 7.71: from 8192.
 # Other shapes (Dk > 16, Dv > 64) were not measured: the rows above and below keep them.
 CUDA_CHUNKED = (
+    Crossover(training=True, t=4096, max_dk=16, max_dv=64, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
     Crossover(training=True, t=16384, max_dk=16, max_dv=64),
     Crossover(training=False, t=4096, max_dk=16, max_dv=64, min_bh=64),
-    Crossover(training=False, t=16384, max_dk=16, max_dv=64),
+    Crossover(training=False, t=8192, max_dk=16, max_dv=64),
 )
 # The decode kernel takes Tq <= DECODE_MAX_TQ queries against a longer cache (inference). It reads the
 # cache once for all G * Tq rows of a kv head (tl.dot tiles of up to 64 rows): for such a handful of
