@@ -33,13 +33,23 @@ CASES = [
     ("cuda", False, 65536, 16, 64, 1, F32, "chunked"),
     ("cuda", True, 1024, 16, 64, 256, BF16, "parallel"),
     ("cuda", True, 65536, 16, 64, 256, BF16, "chunked"),
-    ("cuda", True, 65536, 16, 128, 256, BF16, "fused_chunk"),
+    ("cuda", True, 65536, 16, 128, 256, BF16, "chunked"),
+    ("cuda", True, 65536, 16, 128, 256, torch.float16, "fused_chunk"),   # float16 at Dv > 64: not measured
+    ("cuda", True, 65536, 16, 256, 256, BF16, "fused_chunk"),
     ("cuda", True, 65536, 16, 64, 16, BF16, "chunked"),         # few heads: chunked from 16384
     ("cuda", True, 8192, 16, 64, 16, BF16, "parallel"),
     ("cuda", False, 2048, 16, 64, 256, BF16, "parallel"),       # measured crossovers (policy.py)
     ("cuda", False, 4096, 16, 64, 256, BF16, "chunked"),
     ("cuda", False, 8192, 16, 64, 256, BF16, "chunked"),
-    ("cuda", False, 4096, 16, 128, 256, BF16, "fused_chunk"),
+    ("cuda", False, 2048, 16, 128, 256, BF16, "parallel"),
+    ("cuda", False, 4096, 16, 128, 256, BF16, "chunked"),      # Dv = 128 measured: chunked ahead of fused chunk
+    ("cuda", False, 4096, 16, 256, 256, BF16, "fused_chunk"),
+    ("cuda", False, 4096, 16, 128, 16, BF16, "parallel"),
+    ("cuda", False, 8192, 16, 128, 16, BF16, "chunked"),
+    ("cuda", True, 2048, 16, 128, 256, BF16, "parallel"),
+    ("cuda", True, 4096, 16, 128, 256, BF16, "chunked"),
+    ("cuda", True, 4096, 16, 128, 16, BF16, "parallel"),
+    ("cuda", True, 8192, 16, 128, 16, BF16, "chunked"),
     ("cuda", False, 4096, 16, 64, 16, BF16, "parallel"),        # few heads: parallel ahead up to 4096
     ("cuda", False, 8192, 16, 64, 16, BF16, "chunked"),
     ("cuda", True, 2048, 16, 64, 256, BF16, "parallel"),
@@ -50,9 +60,17 @@ CASES = [
     ("cuda", True, 8192, 16, 64, 256, BF16, "chunked"),
     ("cuda", True, 16384, 16, 64, 256, BF16, "chunked"),
     ("cuda", False, 16384, 16, 64, 256, BF16, "chunked"),       # ... and in inference
-    ("cuda", False, 16384, 16, 128, 256, BF16, "fused_chunk"),  # Dv > 64: not measured, fused chunk
-    ("cuda", True, 16384, 32, 64, 256, BF16, "parallel"),
-    ("cuda", False, 65536, 32, 64, 256, BF16, "parallel"),      # fused_chunk measured slower at Dk=32
+    ("cuda", False, 16384, 16, 256, 256, BF16, "fused_chunk"),  # Dv > 128: not measured, fused chunk
+    ("cuda", True, 4096, 32, 64, 256, BF16, "parallel"),        # Dk = 32: chunked from 8192 (B*H >= 64)
+    ("cuda", True, 8192, 32, 64, 256, BF16, "chunked"),
+    ("cuda", True, 8192, 32, 64, 256, torch.float16, "parallel"),
+    ("cuda", True, 8192, 32, 64, 16, BF16, "parallel"),         # ... from 16384 below
+    ("cuda", True, 16384, 32, 64, 16, BF16, "chunked"),
+    ("cuda", False, 4096, 32, 64, 256, BF16, "parallel"),
+    ("cuda", False, 8192, 32, 64, 256, BF16, "chunked"),
+    ("cuda", False, 8192, 32, 64, 16, BF16, "parallel"),
+    ("cuda", False, 16384, 32, 64, 16, BF16, "chunked"),
+    ("cuda", False, 65536, 32, 128, 256, BF16, "parallel"),     # Dk = 32, Dv = 128: not measured; fused chunk slower at Dk=32
     ("cuda", False, 65536, 64, 64, 256, BF16, "parallel"),      # fused_chunk supports Dk <= 32
     ("cuda", True, 1 << 20, 128, 256, 256, BF16, "parallel"),
 ]
@@ -90,18 +108,27 @@ def test_every_crossover_row_switches_at_its_t(device, table):
 def test_every_chunked_row_switches_at_its_t():
     checked = 0
     for row in policy.CUDA_CHUNKED:
-        dv = min(row.max_dv, 64)
-        # a dtype for which this row is the first that matches, so that the boundary is its own
-        dtype = next((d for d in (BF16, F32, torch.float16) if (not row.dtypes or d in row.dtypes) and next(
-            r for r in policy.CUDA_CHUNKED if r.matches(row.training, row.max_dk, dv, row.min_bh, d)) is row), None)
+        # a Dv and dtype for which this row is the first that matches, so that the boundary is its own
+        dv, dtype = next(((dv, d) for dv in (64, row.max_dv) for d in (BF16, F32, torch.float16)
+                          if (not row.dtypes or d in row.dtypes) and next(
+                              r for r in policy.CUDA_CHUNKED if r.matches(row.training, row.max_dk, dv, row.min_bh, d))
+                          is row), (None, None))
         if dtype is None:
             continue
         assert decide_for("cuda", row.training, row.t - 1, row.max_dk, dv, row.min_bh, dtype).kernel != "chunked"
         d = decide_for("cuda", row.training, row.t, row.max_dk, dv, row.min_bh, dtype)
         assert d.kernel == "chunked" and f"T={row.t} >= {row.t}" in d.reason
-        assert decide_for("cuda", row.training, row.t, row.max_dk + 1, dv, row.min_bh, dtype).kernel != "chunked"
         checked += 1
     assert checked == len(policy.CUDA_CHUNKED), "a row that no call can reach"
+
+
+def test_chunked_is_never_chosen_beyond_its_limits():
+    from based_compile.kernels import chunked
+    for t in (4096, 1 << 16, 1 << 22):
+        for training in (False, True):
+            for dtype in (BF16, F32, torch.float16):
+                for dk, dv in ((chunked.MAX_DK + 1, 64), (64, 64), (128, 128), (16, chunked.MAX_DV + 1)):
+                    assert decide_for("cuda", training, t, dk, dv, 256, dtype).kernel != "chunked"
 
 
 def test_fused_chunk_limit_is_respected_at_every_length():
@@ -137,7 +164,7 @@ def test_describe_reads_sizes_through_the_layout():
     text = policy.describe(BasedSpec(layout="BTHD"), q, k, v, training=False)
     assert text == "cpu_quadratic: inference, T=40 < %d" % policy.CPU_CROSSOVERS[0].t
     cuda_row = policy.CUDA_CROSSOVERS[0]
-    assert str(decide_for("cuda", False, 8192, 16, 128, 256, BF16)) == f"fused_chunk: inference, T=8192 >= {cuda_row.t}"
+    assert str(decide_for("cuda", False, 8192, 16, 256, 256, BF16)) == f"fused_chunk: inference, T=8192 >= {cuda_row.t}"
 
 
 def test_is_training():

@@ -90,13 +90,29 @@ CUDA_CROSSOVERS = (
 #   B=1  fwd+bwd   T=8192 0.897 / 6.92 / 0.957    T=16384 3.02 / 14.3 / 1.01     T=32768 11.0 / 29.1 / 1.92
 # float16 training keeps the segment-walking backward (the prefix backward refuses float16), measured the
 # session before with it at B=16: T=4096 3.22 / 6.27 / 3.74, T=8192 11.6 / 12.5 / 7.71: from 8192.
-# Other shapes (Dk > 16, Dv > 64) were not measured: the rows above and below keep them.
+# Dk=32 Dv=64 and Dk=16 Dv=128 (`--dk 32 --dv 64`, `--dk 16 --dv 128`, the same session; README tables):
+#   Dk=32  B=16 fwd      T=4096 0.969 / 29.0 / 1.61    T=8192 3.61 / 57.8 / 3.21     (fused chunk never)
+#   Dk=32  B=16 fwd+bwd  T=4096 4.63 / 66.0 / 6.09     T=8192 17.1 / 132 / 12.1
+#   Dk=32  B=1  fwd      T=8192 0.262 / 7.62 / 0.407   T=16384 0.926 / 15.3 / 0.793
+#   Dk=32  B=1  fwd+bwd  T=8192 1.29 / 20.2 / 1.35     T=16384 4.42 / 40.4 / 2.61
+#   Dv=128 B=16 fwd      T=2048 0.594 / 1.04 / 0.689   T=4096 1.98 / 2.07 / 1.35
+#   Dv=128 B=16 fwd+bwd  T=2048 1.99 / 6.32 / 2.05     T=4096 6.95 / 12.5 / 4.04
+#   Dv=128 B=1  fwd      T=4096 0.166 / 0.463 / 0.362  T=8192 0.510 / 0.916 / 0.313
+#   Dv=128 B=1  fwd+bwd  T=4096 0.823 / 3.68 / 1.50    T=8192 1.78 / 7.39 / 1.44
+# Training rows name bfloat16 and float32 where the measurement used the prefix backward; Dk 17-32 with
+# Dv > 64 and Dv > 128 were not measured: the table above keeps them. Rows are read in order.
 CUDA_CHUNKED = (
     Crossover(training=True, t=4096, max_dk=16, max_dv=64, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
+    Crossover(training=True, t=4096, max_dk=16, max_dv=128, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
+    Crossover(training=True, t=8192, max_dk=32, max_dv=64, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=16384, max_dk=16, max_dv=64),
-    Crossover(training=False, t=4096, max_dk=16, max_dv=64, min_bh=64),
-    Crossover(training=False, t=8192, max_dk=16, max_dv=64),
+    Crossover(training=True, t=8192, max_dk=16, max_dv=128, dtypes=(torch.bfloat16, torch.float32)),
+    Crossover(training=True, t=16384, max_dk=32, max_dv=64, dtypes=(torch.bfloat16, torch.float32)),
+    Crossover(training=False, t=4096, max_dk=16, max_dv=128, min_bh=64),
+    Crossover(training=False, t=8192, max_dk=32, max_dv=64, min_bh=64),
+    Crossover(training=False, t=8192, max_dk=16, max_dv=128),
+    Crossover(training=False, t=16384, max_dk=32, max_dv=64),
 )
 # The decode kernel takes Tq <= DECODE_MAX_TQ queries against a longer cache (inference). It reads the
 # cache once for all G * Tq rows of a kv head (tl.dot tiles of up to 64 rows): for such a handful of
