@@ -52,8 +52,9 @@ CHECK_SHAPE = (1, 2, 64, 150) if DRY else (2, 4, 1024, 999)     # B, H, T compil
 START = time.time()
 
 # ---------------------------------------------------------------------------------------------- variants
-# chunked: backward launches, tuples as chunked.BACKWARD_LAUNCH (the forward is kernels/prefix_chunked.py's
-# default; benchmarks/prefix_h200.py sweeps its launches):
+# chunked: launches of its segment-walking backward (kernels/chunked.py's _backward, which float16 inputs and
+# Dv > 128 take), tuples as chunked.BACKWARD_LAUNCH (the forward is kernels/prefix_chunked.py's default;
+# benchmarks/prefix_h200.py sweeps its launches and, with --backward, the prefix-state backward's):
 # (chunk, value block, warps, stages, target programs, feature mode, stored, chunks per output program,
 #  state kernels' value block, state kernels' warps)
 CHUNKED = {

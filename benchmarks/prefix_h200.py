@@ -5,7 +5,7 @@ with ratios to the floor measured in the same run (B=16 H=16 Dk=16 Dv=64 bf16 ca
 Usage: python benchmarks/prefix_h200.py --out DIR [--sweep-t 8192] [--ts 1024,...] [--budget-s 400]
        [--backward] [--no-sweep]
 --backward checks gradients and sweeps forward+backward (kernels/prefix_backward.py at the same launch); the
-table's ours_chunked is the shipped chunked kernel (this forward with kernels/chunked.py's backward).
+table's ours_chunked is the shipped chunked kernel at its default launch.
 Prints a short table last; writes prefix_h200.json into --out (after every stage).
 """
 from __future__ import annotations
