@@ -3,12 +3,15 @@
 Each kernel module provides a ``forward(q, k, v, args) -> (o, z)`` and a
 ``backward(q, k, v, o, z, do, args) -> (dq, dk, dv)`` (z: the float32 normaliser
 [B, H, T] for ``normalize=True``, else None); this turns such a pair into a
-differentiable function. The ``torch.ops.based`` operator registers the same pair
-with ``torch.library`` instead.
+differentiable function, once: the backward is not differentiable itself, so gradients taken
+with ``create_graph=True`` raise when differentiated again instead of silently counting as
+constants. The ``torch.ops.based`` operator registers the same pair with ``torch.library``
+instead (and refuses double backward the same way).
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .arguments import BasedArguments
 
@@ -22,6 +25,7 @@ class BasedKernelFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, z = ctx.saved_tensors
         dq, dk, dv = ctx.kernel_backward(q, k, v, o, z, do, ctx.args)

@@ -1,0 +1,24 @@
+"""The kernels' public functions under ``create_graph=True``: exact first-order gradients, and a loss
+that differentiates them again raises instead of silently treating them as constants."""
+from __future__ import annotations
+
+import pytest
+import torch
+from compare import assert_rel_close
+from conftest import make_inputs
+
+from based_compile.kernels import chunked_based, fused_chunk_based, naive_parallel_based, parallel_based
+
+
+@pytest.mark.parametrize("fn", [parallel_based, fused_chunk_based, chunked_based], ids=lambda f: f.__name__)
+def test_create_graph_gives_first_order_grads_and_refuses_the_second(fn):
+    q, k, v = make_inputs(1, 2, 40, 8, 16, dtype=torch.float32, requires_grad=True)
+    grads = torch.autograd.grad(fn(q, k, v).square().sum(), (q, k, v), create_graph=True)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = torch.autograd.grad(naive_parallel_based(*leaves).square().sum(), leaves)
+    for name, g, r in zip("qkv", grads, ref):
+        assert_rel_close(g, r, 2e-5, f"d{name}")
+    # a second-order term beside a first-order one: without the refusal, the dq term would drop out
+    loss = grads[0].square().sum() + q.sum()
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        loss.backward()
