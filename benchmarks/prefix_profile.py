@@ -1,7 +1,7 @@
 """Per-kernel GPU times of the prefix-state chunked kernels (issue 16), from torch.profiler.
 
 Usage: python benchmarks/prefix_profile.py [--t 8192] [--cfgs '[{}, {"bt": 128}]'] [--backward] [--once]
-(--backward: also kernels/chunked.py's backward)
+(--backward: also the backward, kernels/prefix_backward.py, at the same launch)
 Prints, per launch configuration, each kernel's mean time over 10 calls (B=16 H=16 Dk=16 Dv=64 bf16
 causal normalised). --once runs one warm call and nothing else (for ncu).
 """
@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from based_compile.kernels import chunked, prefix_chunked
+from based_compile.kernels import prefix_backward, prefix_chunked
 from based_compile.kernels.arguments import check_arguments
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         def step():
             o, z = prefix_chunked.prefix_forward(q, k, v, args, cfg)
             if a.backward:
-                chunked.chunked_backward(q, k, v, o, z, do, args)
+                prefix_backward.prefix_backward(q, k, v, o, z, do, args, cfg)
         step()
         torch.cuda.synchronize()
         if a.once:
