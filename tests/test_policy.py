@@ -259,3 +259,21 @@ def test_operator_follows_the_environment_and_the_mode(monkeypatch):
     with torch.no_grad():
         based_attention(q, k, v, BasedSpec(scale=0.5))
     assert chunked == [1, 1] and seen[-1] is False
+
+
+@pytest.mark.parametrize("name", ["crossover", "crossover_dk32_dv64", "crossover_dk16_dv128"])
+def test_policy_picks_the_fastest_measured_kernel(name):
+    """Every row of the H200 crossover measurements (benchmarks/results, the README's tables): the kernel the
+    policy picks is the fastest measured there, or within 10% of it (run-to-run noise of short calls)."""
+    import json
+    import pathlib
+
+    data = json.loads((pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json")
+                      .read_text())
+    c = data["config"]
+    for row in data["rows"]:
+        for mode, training in (("fwd", False), ("fwdbwd", True)):
+            times = {k: row[f"{k}_{mode}"] for k in ("parallel", "fused_chunk", "chunked") if f"{k}_{mode}" in row}
+            pick = decide_for("cuda", training, row["T"], c["Dk"], c["Dv"], row["B"] * c["H"], BF16).kernel
+            assert pick in times, (name, row, mode, pick)
+            assert times[pick] <= 1.1 * min(times.values()), (name, row["B"], row["T"], mode, pick, times)
