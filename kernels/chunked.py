@@ -12,7 +12,7 @@ needs.
 
 Backward: kernels/prefix_backward.py (reverse states at chunk boundaries, then every query tile and
 every key tile in parallel) for bfloat16 and float32 with Dv <= 128; float16 inputs and Dv > 128 take
-the segment-walking backward of this module (1.3-1.4x slower at T >= 8192 on the H200).
+the segment-walking backward of this module (1.4-1.5x slower at T >= 8192 on the H200).
 
 The segment-walking backward: T is cut into chunks of BT tokens and the chunks into segments of SEG
 chunks, three stages in both directions:
