@@ -72,10 +72,9 @@ class Crossover:
 #                         walks T in order and has only B*H*(Dv/BV) programs; the rows below extrapolate x4)
 #   B*H=256 Dk=32 Dv=64   fused_chunk 10-35x slower than parallel at every T (register spills): never chosen.
 CUDA_CROSSOVERS = (
-    # (inference, Dk <= 16, Dv <= 64: fused_chunk from T=8192 (B*H >= 64), now CUDA_CHUNKED's rows)
+    # (these rows now decide only what CUDA_CHUNKED's rows do not take: Dv > 128, float16 training at Dv > 64)
     Crossover(training=False, t=4096, max_dk=16, min_bh=64),
     Crossover(training=False, t=32768, max_dk=16),
-    # (training, Dk <= 16, Dv <= 64, B*H >= 64: fused_chunk from T=16384, now CUDA_CHUNKED's from 8192)
     Crossover(training=True, t=8192, max_dk=16, min_bh=64),
     Crossover(training=True, t=65536, max_dk=16),
 )
