@@ -660,6 +660,13 @@ def chunked_forward(q, k, v, args: BasedArguments):
     return prefix_forward(q, k, v, args)
 
 
+def chunked_training_forward(q, k, v, args: BasedArguments):
+    """chunked_forward for a call whose backward will run: a normalised z also carries the prefix states, so
+    that the backward does not compute them again (kernels/kept_states.py)."""
+    _check_supported(q, args)
+    return prefix_forward(q, k, v, args, keep=prefix_backward_supports(args, q.dtype))
+
+
 def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: ChunkedConfig):
     b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
     dev = q.device
@@ -734,7 +741,9 @@ def chunked_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, norm
     Dk from 1 to 32, Dv up to 256; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1).
     """
     args = check_chunked_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
-    return BasedKernelFunction.apply(q, k, v, args, chunked_forward, chunked_backward)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    forward = chunked_training_forward if training else chunked_forward
+    return BasedKernelFunction.apply(q, k, v, args, forward, chunked_backward)
 
 
 def _new_buffer(shape, dtype, device) -> torch.Tensor:

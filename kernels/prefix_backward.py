@@ -41,6 +41,7 @@ from .prefix_chunked import (
     _state_rows,
     forward_states,
     prefix_config,
+    recovered_states,
     state_dtype,
 )
 from .segment_scan import segment_scan_kernel
@@ -369,6 +370,8 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
         raise ValueError(f"the prefix-state backward takes Dv up to {MAX_DV}, got Dv={args.dv}")
     cfg = cfg or prefix_config(args)
     _check_config(cfg)
+    kept = recovered_states(z, args, cfg, q.dtype) if args.normalize else None    # the forward's (keep=True)
+    fwd_plan = _plan(args, cfg)
     b, h, hk, t, dk_, dv_ = args.batch, args.heads, args.kv_heads, args.length, args.dk, args.dv
     dev = q.device
     poison = POISON_OUTPUTS
@@ -386,7 +389,11 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
     else:
         dn, dz = do, do
         dn_strides = bhtd_strides(do, args.layout)
-    cs, cz, sg, use_total = forward_states(k, v, args, cfg, p)
+    if kept is None:
+        fwd_plan = p
+        kept = forward_states(k, v, args, cfg, p)
+    cs, cz, sg, fwd_total = kept
+    use_total = p.nseg > 1 or not args.causal
     nf, nc, w = p.nf, p.nc, p.nf * dv_ + p.nf
     prec = dot_precision(q.dtype)
     c0, c1, c2 = scaled_coefficients(args)
@@ -407,12 +414,13 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
     dv = new_buffer(v.shape, v.dtype, dev, poison=poison)
     nc_arg = nc if args.causal else 1
     common = dict(DK=dk_, DV=dv_, C=cfg.c, BK=p.bk, BV=bv, DB=p.db, CAUSAL=args.causal,
-                  NORMALIZE=args.normalize, PRECISION=prec, FROM_TOTAL=use_total, num_stages=cfg.stages)
+                  NORMALIZE=args.normalize, PRECISION=prec, num_stages=cfg.stages)
     _prefix_dq_kernel[(cdiv(t, cfg.bt), b * h)](
         q, k, v, dn, dz, dq, cs, cz, sg, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dq, args.layout),
-        t, h, args.group, nc_arg, p.segc, p.nseg, w, c1, c2, BT=cfg.bt, BS=cfg.bs, num_warps=cfg.warps, **common)
+        t, h, args.group, nc_arg, fwd_plan.segc, fwd_plan.nseg, w, c1, c2, BT=cfg.bt, BS=cfg.bs,
+        FROM_TOTAL=fwd_total, num_warps=cfg.warps, **common)
     _prefix_dkv_kernel[(cdiv(t, cfg.bt), b * hk)](
         q, k, v, dn, dz, dk, dv, rs, rz, rg, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dk, args.layout),
         *bhtd_strides(dv, args.layout), t, h, args.group, nc_arg, p.segc, p.nseg, w, c0, c1, c2,
-        BT=cfg.bs, BS=cfg.bt, num_warps=cfg.dkv_warps, **common)
+        BT=cfg.bs, BS=cfg.bt, FROM_TOTAL=use_total, num_warps=cfg.dkv_warps, **common)
     return dq, dk, dv

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kept_states import carried, carrier
 from .arguments import BasedArguments, triton_interpreting
 from .segment_scan import segment_scan_kernel
 from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
@@ -370,7 +371,10 @@ class PrefixConfig:
     c: int = 256
     bt: int = 64
     bs: int = 64
-    bts: int = 64
+    # state steps of 128 keys and one-hot pair factors in the state kernel: its time at T = 8192 went from 0.81 to
+    # 0.58 ms a call, the reverse-state kernel's from 0.95 to 0.68 (64 and tl.gather before; benchmarks/NOTES.md,
+    # thirteenth session)
+    bts: int = 128
     bv: int = 64
     warps: int = 4
     stages: int = 2
@@ -385,7 +389,7 @@ class PrefixConfig:
     pair_rows: int = 64         # rows of block A per state program (128 at Dk <= 16: one program, block B too)
     maxnreg: int = 0            # register cap of the output kernel (0: none)
     state_maxnreg: int = 0
-    state_mode: int = 1         # the state kernel's mode (-1: mode)
+    state_mode: int = 2         # the state kernel's mode (-1: mode)
     state_bv: int = 0           # the state kernel's value block (0: bv)
     # the backward (kernels/prefix_backward.py): warps of its dk/dv and reverse-state kernels (dq: warps);
     # 4 and 4 the H200's best at T = 8192 (fwd+bwd 5.34 ms; 8 and 8: 7.31; benchmarks/NOTES.md, twelfth session)
@@ -478,17 +482,31 @@ def _check_config(cfg: PrefixConfig) -> None:
                          f"{cfg.state_mode}")
 
 
-def forward_states(k, v, args: BasedArguments, cfg: PrefixConfig, p: _Plan):
+def state_parts(args: BasedArguments, p: _Plan, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of forward_states' three buffers for inputs of ``dtype``: the slots, their normaliser rows,
+    the segment slots."""
+    b, hk = args.batch, args.kv_heads
+    n_slots = p.nc if args.causal else 1
+    use_total = p.nseg > 1 or not args.causal
+    return [((b * hk, n_slots, p.nf, args.dv), state_dtype(dtype)),
+            ((b * hk, n_slots, p.nf), torch.float32),
+            ((b * hk, p.nseg + 1, p.nf * args.dv + p.nf) if use_total else (1,), torch.float32)]
+
+
+def forward_states(k, v, args: BasedArguments, cfg: PrefixConfig, p: _Plan, out=None):
     """Stages 1-2: (slots [B * Hkv, NC, NF, Dv] in state_dtype(k's dtype), normaliser slots [B * Hkv, NC, NF] float32, the
-    segment slots [B * Hkv, NSEG + 1, W] float32 (scanned), whether the output kernels read them)."""
+    segment slots [B * Hkv, NSEG + 1, W] float32 (scanned), whether the output kernels read them), written into
+    ``out`` (three tensors as state_parts says) when given."""
     b, hk, t = args.batch, args.kv_heads, args.length
     w = p.nf * args.dv + p.nf
-    dev = k.device
-    poison = POISON_OUTPUTS
-    cs = new_buffer((b * hk, p.nc if args.causal else 1, p.nf, args.dv), state_dtype(k.dtype), dev, poison=poison)
-    cz = new_buffer((b * hk, p.nc if args.causal else 1, p.nf), torch.float32, dev, poison=poison)
+    parts = state_parts(args, p, k.dtype)
+    if out is None:
+        out = [new_buffer(shape, dtype, k.device, poison=POISON_OUTPUTS) for shape, dtype in parts]
+    elif POISON_OUTPUTS:
+        for x in out:
+            x.fill_(float("nan"))
+    cs, cz, sg = out
     use_total = p.nseg > 1 or not args.causal
-    sg = new_buffer((b * hk, p.nseg + 1, w) if use_total else (1,), torch.float32, dev, poison=poison)
     c0, c1, c2 = scaled_coefficients(args)
     sbv = cfg.state_bv or cfg.bv
     merge_b = p.na == 1
@@ -506,16 +524,22 @@ def forward_states(k, v, args: BasedArguments, cfg: PrefixConfig, p: _Plan):
     return cs, cz, sg, use_total
 
 
-def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None):
+def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = None, keep: bool = False):
     """(o, z): o like q, z the float32 normaliser [B, H, T] or None. q, k, v as checked by ``args``
-    (kernels/chunked.py checks the kernel's limits first); ``cfg``: the launches (prefix_config's)."""
+    (kernels/chunked.py checks the kernel's limits first); ``cfg``: the launches (prefix_config's).
+    ``keep`` (normalised only): z carries the states for the backward (kernels/kept_states.py)."""
     if args.tk != args.length:
         raise ValueError(f"prefix_forward takes as many queries as keys, got Tq={args.length}, Tk={args.tk}")
     cfg = cfg or prefix_config(args)
     _check_config(cfg)
     b, h, t = args.batch, args.heads, args.length
     p = _plan(args, cfg)
-    cs, cz, sg, use_total = forward_states(k, v, args, cfg, p)
+    z, out = None, None
+    if keep and args.normalize:
+        z, out = carrier((b, h, t), state_parts(args, p, k.dtype), q.device)
+        if POISON_OUTPUTS:
+            z.fill_(float("nan"))
+    cs, cz, sg, use_total = forward_states(k, v, args, cfg, p, out)
     n_v = cdiv(args.dv, cfg.bv)
     w = p.nf * args.dv + p.nf
     dev = q.device
@@ -523,7 +547,8 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
     c0, c1, c2 = scaled_coefficients(args)
     ks, vs = bhtd_strides(k, args.layout), bhtd_strides(v, args.layout)
     o = new_buffer((*q.shape[:-1], args.dv), q.dtype, dev, poison=poison)
-    z = new_buffer((b, h, t), torch.float32, dev, poison=poison) if args.normalize else o
+    if z is None:
+        z = new_buffer((b, h, t), torch.float32, dev, poison=poison) if args.normalize else o
     _prefix_output_kernel[(cdiv(t, cfg.bt), n_v, b * h)](
         q, k, v, o, z, cs, cz, sg,
         *bhtd_strides(q, args.layout), *ks, *vs, *bhtd_strides(o, args.layout),
@@ -533,3 +558,11 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
         ZDOT=cfg.zdot and args.causal, MODE=cfg.mode, num_warps=cfg.warps, num_stages=cfg.stages,
         **_cap(cfg.maxnreg))
     return o, (z if args.normalize else None)
+
+
+def recovered_states(z, args: BasedArguments, cfg: PrefixConfig, dtype: torch.dtype):
+    """forward_states' result that prefix_forward(keep=True) left beside this z (same arguments and launch ``cfg``),
+    or None."""
+    p = _plan(args, cfg)
+    out = carried(z, state_parts(args, p, dtype))
+    return None if out is None else (*out, p.nseg > 1 or not args.causal)

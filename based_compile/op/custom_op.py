@@ -120,12 +120,14 @@ def _no_z(q: Tensor) -> Tensor:
     return q.new_empty((0,), dtype=torch.float32)
 
 
-def _kernel_pair(kernel: str):
-    """(forward, backward) of a Triton kernel, following the kernel contract."""
+def _kernel_pair(kernel: str, training: bool = False):
+    """(forward, backward) of a Triton kernel, following the kernel contract (``training``: the backward
+    will run; the chunked kernel's forward then keeps its states for it)."""
     if kernel == "parallel":
         return parallel_kernel.parallel_forward, parallel_kernel.parallel_backward
     if kernel == "chunked":
-        return chunked_kernel.chunked_forward, chunked_kernel.chunked_backward
+        forward = chunked_kernel.chunked_training_forward if training else chunked_kernel.chunked_forward
+        return forward, chunked_kernel.chunked_backward
     return fused_chunk_kernel.fused_chunk_forward, fused_chunk_kernel.fused_chunk_backward
 
 
@@ -200,7 +202,7 @@ def _make_plan(q, k, v, layout, scale, c0, c1, c2, causal, normalize, eps, train
     kernel = policy.choose_kernel(args, q, k, v, training)
     if kernel in policy.TRITON_KERNELS:
         _check_kernel_limits(q, args)
-        forward, backward = _kernel_pair(kernel)
+        forward, backward = _kernel_pair(kernel, training)
     elif kernel == "decode":        # forward only; a backward (grad through a decode call) is the PyTorch one
         forward, backward = decode_kernel.decode_forward, _cpu_pair("quadratic")[1]
     else:
