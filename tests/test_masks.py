@@ -88,6 +88,10 @@ class Masked(nn.Module):
             a = a * torch.tril(torch.ones(tq, t, dtype=q.dtype))
         elif kind == "tril_on_weights":
             a = torch.tril(a)
+        elif kind == "ones_like_weights":                           # a constant: only a's shape is read
+            a = a * torch.ones_like(a).tril()
+        elif kind == "new_ones_of_weights":
+            a = a * a.new_ones(tq, t).tril()
         elif kind == "window_and_causal_or":
             # (j <= i - 3) | (-2 <= j - i <= 0) is j <= i
             a = a.masked_fill(~((j[None, :] <= i[:, None] - 3) | (torch.tril(ones()) & ~torch.tril(ones(), -3))), 0.0)
@@ -103,6 +107,8 @@ class Masked(nn.Module):
             a = a.masked_fill(~torch.tril(ones(), diagonal=1), 0.0)
         elif kind == "strict_arange":
             a = torch.where(i[:, None] > j[None, :], a, 0.0)
+        elif kind == "ones_like_weights_strict":
+            a = a * torch.ones_like(a).tril(-1)
         elif kind == "moving_diagonal":                             # causal at T = 8 only
             a = a * torch.tril(torch.ones(tq, t, dtype=q.dtype), diagonal=t - 8)
         elif kind == "top_left_rectangular":                        # Tq < Tk, aligned to the start
@@ -113,10 +119,10 @@ class Masked(nn.Module):
 
 
 ACCEPTED = ["tril_ones", "triu_ones_1", "arange_ge", "arange_offsets_cancel", "float_tril_mul", "tril_on_weights",
-            "window_and_causal_or", "buffer_slice"]
+            "window_and_causal_or", "buffer_slice", "ones_like_weights", "new_ones_of_weights"]
 # (kind, lengths: the first is where the mask looks causal (the length a graph was judged at), extra keys)
 NEAR_MISSES = [("window3", (3, 8, 12), 0), ("arange_window", (3, 9), 0), ("shifted_diagonal", (2, 6), 0),
-               ("strict_arange", (4, 7), 0), ("moving_diagonal", (8, 12, 16), 0),
+               ("strict_arange", (4, 7), 0), ("ones_like_weights_strict", (4, 7), 0), ("moving_diagonal", (8, 12, 16), 0),
                ("buffer_causal_up_to_20", (12, 24), 0), ("top_left_rectangular", (5, 9), 3)]
 
 

@@ -17,6 +17,11 @@ from .canonicalize import hint
 
 _SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
              torch.ops.aten.sym_storage_offset.default}
+# Fills that read only the shape (and dtype, device) of their first argument, never its values:
+# ``ones_like(a)`` is a constant whatever ``a`` holds.
+_SHAPE_OF_FIRST_ARG = {torch.ops.aten.ones_like.default, torch.ops.aten.zeros_like.default,
+                       torch.ops.aten.full_like.default, torch.ops.aten.new_ones.default,
+                       torch.ops.aten.new_zeros.default, torch.ops.aten.new_full.default}
 
 
 class NotConstant(Exception):
@@ -92,7 +97,8 @@ class GraphEvaluator:
     def depends_on(self, node: fx.Node, targets: set) -> bool:
         """True when the value of ``node`` reads any node of ``targets`` (transitively).
 
-        Reading only a size (``sym_size``) of a tensor is not reading its value.
+        Reading only a size (``sym_size``) of a tensor, or only its shape (``ones_like(a)``,
+        ``a.new_zeros(...)``), is not reading its value.
         """
         seen, stack = set(), [node]
         while stack:
@@ -103,6 +109,9 @@ class GraphEvaluator:
                 continue
             seen.add(n)
             if n.op == "call_function" and n.target in _SIZE_OPS:
+                continue
+            if n.op == "call_function" and n.target in _SHAPE_OF_FIRST_ARG:
+                stack.extend(a for a in n.all_input_nodes if a is not n.args[0])
                 continue
             stack.extend(n.all_input_nodes)
         return False
