@@ -209,6 +209,56 @@ def test_recurrent_path_with_einsum_is_rewritten(kwargs):
     assert not left, f"the running sums are still computed after the rewrite: {left}"
 
 
+def _linear_divided_directly(q, k, v):
+    qf, kf = _phi(q), _phi(k)
+    kv = torch.einsum("bhnf,bhnd->bhnfd", kf, v).cumsum(2)
+    z = (qf * kf.cumsum(2)).sum(-1, keepdim=True)
+    return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + 1e-3)
+
+
+def _linear_divided_by_a_total(q, k, v):           # near-miss: the normaliser sums every key
+    qf, kf = _phi(q), _phi(k)
+    kv = torch.einsum("bhnf,bhnd->bhnfd", kf, v).cumsum(2)
+    z = (qf * kf.sum(2, keepdim=True)).sum(-1, keepdim=True)
+    return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + 1e-3)
+
+
+@pytest.mark.parametrize("fn, normalised", [(_linear_divided_directly, True), (_linear_divided_by_a_total, False)],
+                         ids=["running", "near_total"])
+def test_recurrent_path_normaliser_under_a_symbolic_length(fn, normalised):
+    """The output is the division itself: under a symbolic length (the second length, automatic dynamic
+    shapes) the numerator's view is also read by a size query (``sym_size``, for the division's shape),
+    which stopped the reader on its way to the division: the numerator alone was rewritten and the
+    normaliser's running sum of phi(k) stayed in the graph."""
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(fn, backend=based_compile.backend(inner=inner))
+    with PassReports() as reports:
+        for t in (12, 17):
+            g = torch.Generator().manual_seed(t)
+            q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
+            out_c, out_e = compiled(q, k, v), fn(q, k, v)
+            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+            cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
+            for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
+                assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+    assert len(reports.graphs) == 2, str(reports)
+    for explanation in reports.graphs:
+        if normalised:
+            assert len(explanation.sites) == 1 and explanation.sites[0].spec.normalize, str(explanation)
+        else:
+            assert not explanation.sites and explanation.refusals[0].category == "normaliser", str(explanation)
+    if normalised:
+        left = [n for gm in graphs for n in gm.graph.nodes if "cumsum" in str(n.target)]
+        assert not left, f"the normaliser's running sum is still computed after the rewrite: {left}"
+
+
 def test_recurrent_path_normalised_by_a_total_sum_is_refused():
     torch.manual_seed(0)
     module = RecurrentBased(normaliser="near_total").double()

@@ -247,10 +247,17 @@ def _drop_full_slices(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(node.args[0], delete_user_cb=lambda user: user.op != "output")
 
 
+# Queries of a tensor's sizes: under dynamic shapes a view's target shape reads them (``sym_size``).
+SIZE_QUERIES = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
+
+
 def live_users(node: fx.Node) -> list:
-    """The users of ``node`` less views nobody uses (the whole-axis slices ``_drop_full_slices`` leaves
-    in place: under dynamic shapes ``kv[:, :, -1]`` lowers with two of them, which read nothing)."""
-    return [u for u in node.users if not _unused_read(u)]
+    """The users of ``node`` that read its values: less views nobody uses (the whole-axis slices
+    ``_drop_full_slices`` leaves in place: under dynamic shapes ``kv[:, :, -1]`` lowers with two of them,
+    which read nothing) and less queries of its sizes (under dynamic shapes a division's output view
+    reads the numerator's length: ``sym_size``)."""
+    return [u for u in node.users
+            if not _unused_read(u) and not (u.op == "call_function" and u.target in SIZE_QUERIES)]
 
 
 def _unused_read(node: fx.Node) -> bool:
