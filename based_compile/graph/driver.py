@@ -24,6 +24,7 @@ from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
 from .canonicalize import (attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten,
                            same_value_source)
+from .constant_fills import read_constant_fills
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
 from .folded_rows import unfold_folded_rows
@@ -267,6 +268,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     output_node.args = ((),)      # every node was an output only to map it back: not a real user
     split_prepended_states(aten_gm)           # cat([state, x]).cumsum(t)[1:] -> state + x.cumsum(t)
     read_baddbmm_scores(aten_gm)              # baddbmm(0, q, kT, alpha=a) -> a * bmm(q, kT)
+    read_constant_fills(aten_gm)              # z + full_like(z, eps) -> z + eps
     unfolded = unfold_folded_rows(aten_gm)    # bmm([B, H*T, D], [B, D, S]) -> bmm([B*H, T, D], [B*H, D, S])
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
     for dynamo_node, aten_node in zip(outputs, aten_outputs):

@@ -1,0 +1,76 @@
+"""Tensors filled with one number, used as that number: ``z + torch.full_like(z, eps)`` is ``z + eps``.
+
+A fill (``full_like(x, c)``, ``ones_like(x)``, ``x.new_full(.., c)``, ``torch.full(.., c)``, through
+views) added to, subtracted from, multiplying or dividing a tensor whose shape and dtype the
+result keeps computes, element by element, what the same op with the Python number ``c`` does.
+``read_constant_fills(gm)`` rewrites those operands, in the lowered graph before matching, as the
+number, so that every reader (an eps beside a normaliser, a scale) sees a scalar. The fill itself
+is left in place (dead once nothing else reads it); a fill that would broadcast the other operand,
+or change its dtype, is left as written. Only fills of a Python number are read: a fill of a
+symbolic value would have to be guarded at its traced value.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .canonicalize import example_value, strip_views
+
+aten = torch.ops.aten
+
+# The fill ops and their value: a number, or the position of the fill argument.
+_FILLS = {aten.ones_like.default: 1.0, aten.ones.default: 1.0, aten.new_ones.default: 1.0,
+          aten.zeros_like.default: 0.0, aten.zeros.default: 0.0, aten.new_zeros.default: 0.0,
+          aten.full_like.default: 1, aten.full.default: 1, aten.new_full.default: 2}
+# Binary ops and the operand positions a fill may take.
+_OPS = {aten.add.Tensor: (0, 1), aten.mul.Tensor: (0, 1), aten.sub.Tensor: (1,), aten.div.Tensor: (1,)}
+
+
+def _fill_number(node) -> float | None:
+    base = strip_views(node)
+    if not isinstance(base, fx.Node) or base.op != "call_function" or base.target not in _FILLS:
+        return None
+    where = _FILLS[base.target]
+    if isinstance(where, float):
+        return where
+    value = base.args[where] if len(base.args) > where else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _keeps(result, other) -> bool:
+    """The op's result has ``other``'s shape and dtype: the fill neither broadcasts nor promotes it."""
+    if not isinstance(result, torch.Tensor) or not isinstance(other, torch.Tensor):
+        return False
+    if result.dtype != other.dtype or result.dim() != other.dim():
+        return False
+    return all(statically_known_true(a == b) for a, b in zip(result.shape, other.shape))
+
+
+def read_constant_fills(gm: fx.GraphModule) -> None:
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _OPS or len(node.args) < 2:
+            continue
+        if node.target is aten.add.Tensor or node.target is aten.sub.Tensor:
+            if float(node.kwargs.get("alpha", 1)) != 1.0:
+                continue
+        for i in _OPS[node.target]:
+            fill, other = node.args[i], node.args[1 - i]
+            if not isinstance(fill, fx.Node) or not isinstance(other, fx.Node):
+                continue
+            number = _fill_number(fill)
+            if number is None or not _keeps(example_value(node), example_value(other)):
+                continue
+            args = list(node.args)
+            args[i] = number
+            if i == 0:                        # the number second: what every reader expects of a scalar
+                args = [args[1], args[0]]
+            node.args = tuple(args)
+            changed = True
+            break
+    if changed:
+        gm.graph.lint()
+        gm.recompile()

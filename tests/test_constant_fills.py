@@ -1,0 +1,130 @@
+"""Constants are values, not spellings: tensors filled with one number (``full_like``, ``new_full``,
+``ones_like``) read as that number.
+
+- eps written as a fill beside the normaliser (``z + torch.full_like(z, eps)``, ``z + z.new_full((1,), eps)``,
+  ``reciprocal(full_like(z, eps) + z)``) is the normalised site's eps: before ``constant_fills``, only the
+  numerator was rewritten and the T x T weights were still built for the row sums;
+- near-miss: a fill that is not one number once it reaches the normaliser (a running sum of it, eps growing
+  with the row) is not an eps: the normaliser is left as written (values exact; the site, if any, is not
+  normalised).
+
+Each form is compiled with backend="based" (inner="aot_eager") in float64 at two lengths (the second
+under a symbolic length) and compared with eager, values and gradients; the graphs handed to the inner
+compiler are read for what is left of the T x T weights.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import based_compile
+from compare import assert_rel_close
+from pass_reports import PassReports
+
+B, H, D, DV = 2, 2, 4, 5
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def phi(x):
+    x = x * D ** -0.25
+    x2 = torch.einsum("...i,...j->...ij", x, x).flatten(-2) / math.sqrt(2)
+    return torch.cat([torch.ones_like(x[..., :1]), x, x2], -1)
+
+
+def quadratic_full_like(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a.sum(-1, keepdim=True) + torch.full_like(a[..., :1], 1e-4))
+
+
+def quadratic_fill_first_reciprocal(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    z = a.sum(-1, keepdim=True)
+    return (a @ v) * torch.reciprocal(torch.full_like(z, 1e-2) + z)
+
+
+def linear_new_full(q, k, v):
+    qf, kf = phi(q), phi(k)
+    kv = torch.einsum("bhnf,bhnd->bhnfd", kf, v).cumsum(2)
+    z = (qf * kf.cumsum(2)).sum(-1, keepdim=True)
+    return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + z.new_full((1,), 1e-3))
+
+
+def quadratic_running_fill(q, k, v):              # near-miss: eps_i = (i + 1) * 1e-2, not one number
+    a = torch.tril(phi(q) @ phi(k).mT)
+    z = a.sum(-1, keepdim=True)
+    return (a @ v) / (z + torch.full_like(z, 1e-2).cumsum(-2))
+
+
+def linear_running_fill(q, k, v):                 # near-miss, the linear form's twin
+    qf, kf = phi(q), phi(k)
+    kv = torch.einsum("bhnf,bhnd->bhnfd", kf, v).cumsum(2)
+    z = (qf * kf.cumsum(2)).sum(-1, keepdim=True)
+    return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + torch.full_like(z, 1e-2).cumsum(-2))
+
+
+def _square(gm, t) -> list[str]:
+    """Nodes of a graph with two axes of the length t (the T x T weights or anything like them)."""
+    found = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.Tensor):
+            sizes = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
+            if sizes.count(t) >= 2:
+                found.append(node.name)
+    return found
+
+
+def _compile_and_compare(fn):
+    """(reports, [(length, graphs compiled at it)]) after comparing compiled and eager at T = 11, 13."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(fn, backend=based_compile.backend(inner=inner))
+    per_length = []
+    with PassReports() as reports:
+        for t in (11, 13):
+            g = torch.Generator().manual_seed(t)
+            q, k = (torch.randn(B, H, t, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            v = torch.randn(B, H, t, DV, generator=g, dtype=torch.float64, requires_grad=True)
+            before = len(graphs)
+            out_c, out_e = compiled(q, k, v), fn(q, k, v)
+            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+            cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
+            for name, gc, ge in zip("qkv", torch.autograd.grad(out_c, (q, k, v), cot),
+                                    torch.autograd.grad(out_e, (q, k, v), cot)):
+                assert_rel_close(gc, ge, 1e-10, f"T={t}: d{name}")
+            per_length.append((t, graphs[before:]))
+    assert len(reports.graphs) == 2, str(reports)
+    return reports, per_length
+
+
+@pytest.mark.parametrize("fn, eps", [(quadratic_full_like, 1e-4), (quadratic_fill_first_reciprocal, 1e-2),
+                                     (linear_new_full, 1e-3)], ids=["full_like", "fill_first_reciprocal", "new_full"])
+def test_eps_written_as_a_fill_is_the_normalised_sites_eps(fn, eps):
+    reports, per_length = _compile_and_compare(fn)
+    for explanation in reports.graphs:
+        assert len(explanation.sites) == 1 and not explanation.refusals, str(explanation)
+        spec = explanation.sites[0].spec
+        assert spec.normalize and spec.eps == pytest.approx(eps, rel=1e-12), str(reports)
+    for t, graphs in per_length:
+        assert graphs and all(not _square(gm, t) for gm in graphs), \
+            f"T={t}: T x T tensors left: {[_square(gm, t) for gm in graphs]}"
+
+
+@pytest.mark.parametrize("fn", [quadratic_running_fill, linear_running_fill], ids=["quadratic", "linear"])
+def test_a_fill_that_is_not_one_number_is_not_an_eps(fn):
+    reports, _ = _compile_and_compare(fn)
+    for explanation in reports.graphs:
+        assert not any(site.spec.normalize for site in explanation.sites), str(explanation)
