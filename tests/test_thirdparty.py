@@ -468,3 +468,33 @@ def test_outer_product_written_as_a_matmul(fn, rewritten, probe, monkeypatch):
     for explanation in reports.graphs:
         assert len(explanation.sites) == int(rewritten), str(explanation)
         assert rewritten or explanation.refusals, str(explanation)
+
+
+def _map_on_stacked_qk(q, k, v):
+    qf, kf = _phi(torch.stack([q, k])).unbind(0)
+    a = torch.tril(qf @ kf.mT)
+    return a @ v / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _map_on_concatenated_qk(q, k, v):
+    qf, kf = _phi(torch.cat([q, k], dim=2)).split(q.shape[2], dim=2)
+    a = torch.tril(qf @ kf.mT)
+    return a @ v / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("fn", [_map_on_stacked_qk, _map_on_concatenated_qk], ids=["stack_unbind", "cat_split"])
+def test_feature_map_of_q_and_k_together_is_refused_with_the_reason(fn):
+    """phi computed once on q and k stacked (or concatenated over time) and split apart: not read (the
+    pass reads phi(q) and phi(k)); the refusal said 'polynomial: f = 1*x^1 (x = q.k) has no second-order
+    term', as if the model had no Taylor map."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
+    with PassReports() as reports:
+        assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
+    assert reports.graphs, str(reports)
+    for explanation in reports.graphs:
+        assert not explanation.sites and explanation.refusals, str(explanation)
+        assert {r.category for r in explanation.refusals} == {"feature_map"}, str(explanation)
+        assert all("holds q and k together" in r.reason for r in explanation.refusals), str(explanation)

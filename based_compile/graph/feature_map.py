@@ -17,6 +17,7 @@ and the upper triangle weighted by sqrt(2)); an elementwise square alone (no x_a
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -367,6 +368,10 @@ def _pairs_coefficient(pairs, source) -> float:
 # In-place writes as functionalisation lowers them: a map built into new_empty / zeros by slice writes.
 _SCATTERS = {aten.slice_scatter.default, aten.select_scatter.default, aten.index_put.default,
              aten.as_strided_scatter.default, aten.copy.default}
+# Ops that take a part of a tensor along one axis (``x[0]``, ``x.unbind(0)``, ``x.split(t, 2)``).
+_PARTS = {aten.select.int, aten.slice.Tensor, aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default,
+          aten.chunk.default}
+
 
 
 def _op_name(node: fx.Node) -> str:
@@ -449,6 +454,14 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
                         "a padding mask, a gate?): the operator's weights are phi(q).phi(k) with nothing "
                         "multiplied in (mask k before the map, or v)")
         return None
+    whole = stop.args[0] if target is operator.getitem and stop.args else stop
+    if isinstance(whole, fx.Node) and whole.op == "call_function" and whole.target in _PARTS \
+            and isinstance(whole.args[0], fx.Node):
+        inner = _through_constants(gm, whole.args[0])
+        if inner.op == "call_function" and inner.target is aten.cat.default and read_feature_map(gm, inner) is not None:
+            return ("the feature map is computed once on a tensor that holds q and k together (torch.stack([q, k]), "
+                    "torch.cat([q, k], ...)) and then split apart: the pass reads phi applied to q and to k "
+                    "themselves (apply the feature map to each)")
     if _non_polynomial(target):
         return f"{_op_name(stop)}(x) is not the Taylor feature map of Based: {_READ}"
     return None
