@@ -228,6 +228,21 @@ class HeadScale(nn.Module):
         return finish(torch.tril(1 + s + 0.5 * s * s), v)
 
 
+def token_loop(q, k, v):
+    """The recurrence written as a Python loop over the tokens (unrolled by Dynamo), the states made in the
+    code: no site (a prefill is read from its running sums), and was no refusal either."""
+    qf, kf = taylor(q), taylor(k)
+    s = torch.zeros(B, H, F_DIM, DV, dtype=q.dtype)
+    z = torch.zeros(B, H, F_DIM, dtype=q.dtype)
+    out = []
+    for i in range(q.shape[2]):
+        s = s + kf[:, :, i, :, None] * v[:, :, i, None, :]
+        z = z + kf[:, :, i]
+        num = torch.einsum("bhf,bhfd->bhd", qf[:, :, i], s)
+        out.append(num / (torch.einsum("bhf,bhf->bh", qf[:, :, i], z)[..., None] + 1e-6))
+    return torch.stack(out, 2)
+
+
 def _states():
     return _inputs((B, H, F_DIM, DV), (B, H, F_DIM), seed=1, grad=False)
 
@@ -269,6 +284,7 @@ CASES = {
     "padding_mask_on_phi_k": (padding_mask_on_phi_k, lambda: _qkv() + _keep(), "feature_map",
                               ["multiplied by a tensor", "padding mask"]),
     "head_scale": (None, _qkv, "unsupported", ["per-head", "(1, 3, 1, 1)"]),
+    "token_loop": (token_loop, lambda: _qkv(4), "unsupported", ["recurrent attention step"]),
 }
 
 
@@ -296,7 +312,7 @@ def test_attention_like_region_gets_a_refusal_with_its_cause(name):
         assert "f = 1*x^1 (x = q.k) has no second-order term" not in reasons, ex
 
 
-@pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum"])
+@pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop"])
 def test_refused_lookalikes_compute_what_eager_does(name):
     fn, make, _, _ = CASES[name]
     ref_inputs, inputs = make(), make()

@@ -148,13 +148,28 @@ def _accumulates(node: fx.Node) -> bool:
     return rank > 1 and axis is not None and all(d % rank != axis for d in node.args[1])
 
 
-def _state_update(node: fx.Node) -> bool:
-    """A region input (a state) plus an outer product: kv_state + phi(k)^T v."""
+_FILLS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default, aten.full.default,
+          aten.full_like.default, aten.new_full.default}
+
+
+def _state_update(node: fx.Node, depth: int = 0) -> bool:
+    """A state plus an outer product: kv_state + phi(k)^T v, the state a region input, a fill made in the
+    graph (``torch.zeros``), or, in a loop over the tokens unrolled by Dynamo, the previous update (the
+    first one, ``zeros + phi(k_0)^T v_0``, is an outer product plus 0 once fills are read as numbers)."""
     if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
         return False
     a, b = node.args[:2]
-    return any(isinstance(x, fx.Node) and strip_views(x).op == "placeholder" and isinstance(y, fx.Node)
-               and _outer(y) for x, y in ((a, b), (b, a)))
+    return any(isinstance(x, fx.Node) and _state(strip_views(x), depth) and isinstance(y, fx.Node) and _outer(y)
+               for x, y in ((a, b), (b, a)))
+
+
+def _state(node: fx.Node, depth: int) -> bool:
+    if node.op == "placeholder" or (node.op == "call_function" and node.target in _FILLS):
+        return True
+    if node.op == "call_function" and node.target is aten.add.Tensor and len(node.args) > 1 \
+            and isinstance(node.args[0], fx.Node) and scalar_value(node.graph.owning_module, node.args[1]) is not None:
+        return _outer(node.args[0]) or _state(strip_views(node.args[0]), depth)
+    return depth < 2 and _state_update(node, depth + 1)
 
 
 def _contractions(gm: fx.GraphModule):
