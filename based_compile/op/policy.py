@@ -82,28 +82,30 @@ CUDA_CROSSOVERS = (
 # kernels/prefix_backward.py for bfloat16/float32, its own segment walk for float16): a matching row takes it
 # from T >= t on, ahead of the table above. Measured 2026-11-30 on an H200 (torch 2.11.0+cu130, triton 3.6.0,
 # H=16, Dk=16, Dv=64, bf16, causal, normalised; `python benchmarks/crossover_h200.py`, one run,
-# benchmarks/NOTES.md twelfth session), ms, parallel / fused_chunk / chunked:
-#   B=16 forward   T=2048 0.246 / 0.537 / 0.380   T=4096 0.854 / 1.064 / 0.741   T=8192 3.25 / 2.12 / 1.47
-#   B=16 fwd+bwd   T=2048 0.977 / 3.12 / 1.37     T=4096 3.23 / 6.23 / 2.69      T=8192 11.8 / 12.4 / 5.33
-#   B=1  forward   T=4096 0.081 / 0.460 / 0.108   T=8192 0.242 / 0.917 / 0.168   T=16384 0.847 / 1.84 / 0.330
-#   B=1  fwd+bwd   T=8192 0.897 / 6.92 / 0.957    T=16384 3.02 / 14.3 / 1.01     T=32768 11.0 / 29.1 / 1.92
+# benchmarks/NOTES.md thirteenth session: 128-key state steps, training keeps the forward's states),
+# ms, parallel / fused_chunk / chunked:
+#   B=16 forward   T=2048 0.242 / 0.533 / 0.321   T=4096 0.835 / 1.06 / 0.621    T=8192 3.13 / 2.11 / 1.23
+#   B=16 fwd+bwd   T=2048 0.979 / 3.09 / 1.39     T=4096 3.20 / 6.16 / 2.02      T=8192 11.4 / 12.3 / 3.99
+#   B=1  forward   T=4096 0.084 / 0.460 / 0.206   T=8192 0.241 / 0.910 / 0.235   T=16384 0.830 / 1.83 / 0.290
+#   B=1  fwd+bwd   T=8192 0.894 / 6.76 / 1.45     T=16384 3.01 / 14.4 / 1.26     T=32768 10.8 / 29.5 / 1.44
 # float16 training keeps the segment-walking backward (the prefix backward refuses float16), measured the
-# session before with it at B=16: T=4096 3.22 / 6.27 / 3.74, T=8192 11.6 / 12.5 / 7.71: from 8192.
+# twelfth session with it at B=16: T=4096 3.22 / 6.27 / 3.74, T=8192 11.6 / 12.5 / 7.71: from 8192.
 # Dk=32 Dv=64 and Dk=16 Dv=128 (`--dk 32 --dv 64`, `--dk 16 --dv 128`, the same session; README tables):
-#   Dk=32  B=16 fwd      T=4096 0.969 / 29.0 / 1.61    T=8192 3.61 / 57.8 / 3.21     (fused chunk never)
-#   Dk=32  B=16 fwd+bwd  T=4096 4.63 / 66.0 / 6.09     T=8192 17.1 / 132 / 12.1
-#   Dk=32  B=1  fwd      T=8192 0.262 / 7.62 / 0.407   T=16384 0.926 / 15.3 / 0.793
-#   Dk=32  B=1  fwd+bwd  T=8192 1.29 / 20.2 / 1.35     T=16384 4.42 / 40.4 / 2.61
-#   Dv=128 B=16 fwd      T=2048 0.594 / 1.04 / 0.689   T=4096 1.98 / 2.07 / 1.35
-#   Dv=128 B=16 fwd+bwd  T=2048 1.99 / 6.32 / 2.05     T=4096 6.95 / 12.5 / 4.04
-#   Dv=128 B=1  fwd      T=4096 0.166 / 0.463 / 0.362  T=8192 0.510 / 0.916 / 0.313
-#   Dv=128 B=1  fwd+bwd  T=4096 0.823 / 3.68 / 1.50    T=8192 1.78 / 7.39 / 1.44
+#   Dk=32  B=16 fwd      T=4096 0.949 / 28.3 / 1.40    T=8192 3.51 / 57.9 / 2.77     (fused chunk never)
+#   Dk=32  B=16 fwd+bwd  T=4096 4.56 / 65.3 / 4.88     T=8192 16.8 / 131 / 9.70
+#   Dk=32  B=1  fwd      T=8192 0.263 / 7.60 / 0.352   T=16384 0.901 / 15.2 / 0.676
+#   Dk=32  B=1  fwd+bwd  T=8192 1.29 / 20.2 / 1.58     T=16384 4.41 / 40.2 / 1.95
+#   Dv=128 B=16 fwd      T=2048 0.592 / 1.04 / 0.585   T=4096 1.98 / 2.07 / 1.14
+#   Dv=128 B=16 fwd+bwd  T=2048 1.99 / 6.33 / 1.68     T=4096 6.95 / 12.5 / 3.30
+#   Dv=128 B=1  fwd      T=4096 0.166 / 0.466 / 0.354  T=8192 0.511 / 0.923 / 0.277
+#   Dv=128 B=1  fwd+bwd  T=4096 0.687 / 3.68 / 1.67    T=8192 1.78 / 7.44 / 1.50
 # Training rows name bfloat16 and float32 where the measurement used the prefix backward; Dk 17-32 with
-# Dv > 64 and Dv > 128 were not measured: the table above keeps them. Rows are read in order.
+# Dv > 64 and Dv > 128 were not measured: the table above keeps them. Dv 65-127 follow the Dv = 128 rows.
+# Rows are read in order.
 CUDA_CHUNKED = (
     Crossover(training=True, t=4096, max_dk=16, max_dv=64, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
-    Crossover(training=True, t=4096, max_dk=16, max_dv=128, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
+    Crossover(training=True, t=2048, max_dk=16, max_dv=128, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=8192, max_dk=32, max_dv=64, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=16384, max_dk=16, max_dv=64),
     Crossover(training=True, t=8192, max_dk=16, max_dv=128, dtypes=(torch.bfloat16, torch.float32)),
