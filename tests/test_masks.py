@@ -70,7 +70,8 @@ class Masked(nn.Module):
         tq, t = q.shape[-2], k.shape[-2]
         a = _weights(q, k)
         kind = self.kind
-        uses = {"arange_ge", "arange_offsets_cancel", "window_and_causal_or", "arange_window", "strict_arange"}
+        uses = {"arange_ge", "arange_offsets_cancel", "window_and_causal_or", "arange_window", "strict_arange",
+                "additive_finfo_min", "additive_finfo_min_lt"}
 
         def ones():                                   # built only where a kind uses it
             return torch.ones(tq, t, dtype=torch.bool, device=q.device)
@@ -92,6 +93,14 @@ class Masked(nn.Module):
             a = a * torch.ones_like(a).tril()
         elif kind == "new_ones_of_weights":
             a = a * a.new_ones(tq, t).tril()
+        elif kind == "additive_neginf_eq":                          # a softmax model's additive mask
+            a = a.masked_fill(torch.full((tq, t), float("-inf")).triu(1) == float("-inf"), 0.0)
+        elif kind == "additive_exp":
+            a = a * torch.full((tq, t), float("-inf")).triu(1).exp()
+        elif kind == "additive_finfo_min":                          # the finfo.min spelling, == 0 keeps
+            m = torch.full((tq, t), torch.finfo(q.dtype).min, dtype=q.dtype)
+            m = m.masked_fill(i[:, None] >= j[None, :], 0.0)
+            a = a * (m == 0)
         elif kind == "window_and_causal_or":
             # (j <= i - 3) | (-2 <= j - i <= 0) is j <= i
             a = a.masked_fill(~((j[None, :] <= i[:, None] - 3) | (torch.tril(ones()) & ~torch.tril(ones(), -3))), 0.0)
@@ -109,6 +118,12 @@ class Masked(nn.Module):
             a = torch.where(i[:, None] > j[None, :], a, 0.0)
         elif kind == "ones_like_weights_strict":
             a = a * torch.ones_like(a).tril(-1)
+        elif kind == "additive_neginf_diagonal":                    # triu(0): the diagonal is masked too
+            a = a.masked_fill(torch.full((tq, t), float("-inf")).triu() == float("-inf"), 0.0)
+        elif kind == "additive_finfo_min_lt":                       # < 0 keeps what the mask drops
+            m = torch.full((tq, t), torch.finfo(q.dtype).min, dtype=q.dtype)
+            m = m.masked_fill(i[:, None] >= j[None, :], 0.0)
+            a = a * (m < 0)
         elif kind == "moving_diagonal":                             # causal at T = 8 only
             a = a * torch.tril(torch.ones(tq, t, dtype=q.dtype), diagonal=t - 8)
         elif kind == "top_left_rectangular":                        # Tq < Tk, aligned to the start
@@ -119,10 +134,12 @@ class Masked(nn.Module):
 
 
 ACCEPTED = ["tril_ones", "triu_ones_1", "arange_ge", "arange_offsets_cancel", "float_tril_mul", "tril_on_weights",
-            "window_and_causal_or", "buffer_slice", "ones_like_weights", "new_ones_of_weights"]
+            "window_and_causal_or", "buffer_slice", "ones_like_weights", "new_ones_of_weights", "additive_neginf_eq",
+            "additive_exp", "additive_finfo_min"]
 # (kind, lengths: the first is where the mask looks causal (the length a graph was judged at), extra keys)
 NEAR_MISSES = [("window3", (3, 8, 12), 0), ("arange_window", (3, 9), 0), ("shifted_diagonal", (2, 6), 0),
-               ("strict_arange", (4, 7), 0), ("ones_like_weights_strict", (4, 7), 0), ("moving_diagonal", (8, 12, 16), 0),
+               ("strict_arange", (4, 7), 0), ("ones_like_weights_strict", (4, 7), 0),
+               ("additive_neginf_diagonal", (4, 7), 0), ("additive_finfo_min_lt", (4, 7), 0), ("moving_diagonal", (8, 12, 16), 0),
                ("buffer_causal_up_to_20", (12, 24), 0), ("top_left_rectangular", (5, 9), 3)]
 
 

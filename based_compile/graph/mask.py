@@ -313,6 +313,8 @@ class Keep:
 #           | ("table", index, axes, shifts): tables[index][x_axes[k] + shifts[k] ...] (axes[k] None: pinned)
 #           | ("not", p) | ("and", p, q) | ("or", p, q)
 #   _Table: a concrete tensor read at coordinates (x_axes[k] + shifts[k]) (a buffer, maybe sliced)
+#   _Pick:  a two-valued tensor, ``hi`` where ``pred`` holds and ``lo`` elsewhere (numbers in the tensor's
+#           dtype, any of them: an additive mask's -inf or finfo.min and 0, read by ``== -inf``, ``exp``)
 
 @dataclass(frozen=True)
 class _Lin:
@@ -333,6 +335,14 @@ class _Table:
     index: int
     axes: tuple
     shifts: tuple
+
+
+@dataclass(frozen=True)
+class _Pick:
+    rank: int
+    pred: tuple
+    hi: float
+    lo: float
 
 
 _TRUE, _FALSE = ("const", True), ("const", False)
@@ -364,6 +374,11 @@ def _or(p, q):
     if q == _FALSE:
         return p
     return ("or", p, q)
+
+
+def _choose(p, hi: bool, lo: bool):
+    """The predicate of ``hi where p else lo`` for two truth values."""
+    return _or(_and(p, ("const", hi)), _and(_not(p), ("const", lo)))
 
 
 def _map_atoms(p, fn):
@@ -398,6 +413,8 @@ def _reaxis(value, where: list, rank: int):
         return _Lin(rank, coefs, off)
     if isinstance(value, _Bool):
         return _Bool(rank, _map_atoms(value.pred, atom))
+    if isinstance(value, _Pick):
+        return _Pick(rank, _map_atoms(value.pred, atom), value.hi, value.lo)
     if isinstance(value, _Table):
         return _Table(rank, value.index, tuple(None if a is None else where[a] for a in value.axes), value.shifts)
     return value
@@ -414,6 +431,8 @@ def _shift(value, axis: int, s):
         return _Lin(value.rank, value.coefs, value.off + value.coefs[axis] * s if value.coefs[axis] else value.off)
     if isinstance(value, _Bool):
         return _Bool(value.rank, _map_atoms(value.pred, atom))
+    if isinstance(value, _Pick):
+        return _Pick(value.rank, _map_atoms(value.pred, atom), value.hi, value.lo)
     if isinstance(value, _Table):
         return _Table(value.rank, value.index, value.axes,
                       tuple(sh + s if a == axis else sh for a, sh in zip(value.axes, value.shifts)))
@@ -440,6 +459,39 @@ _FILL_OPS = {aten.ones.default: 1, aten.zeros.default: 0, aten.ones_like.default
 _EXACT_UP_TO = {torch.float32: 1 << 24, torch.float16: 1 << 11, torch.bfloat16: 1 << 8,
                 torch.int32: (1 << 31) - 1, torch.int16: (1 << 15) - 1, torch.int8: (1 << 7) - 1,
                 torch.uint8: 255}
+
+
+def _uniform(value) -> float | None:
+    """The one number every element of an abstract value holds, or None."""
+    if isinstance(value, _Lin) and not any(value.coefs) and _is_int(value.off):
+        return float(value.off)
+    if isinstance(value, _Bool) and value.pred[0] == "const":
+        return float(value.pred[1])
+    if isinstance(value, _Pick):
+        hi, lo = _pick_values(value)
+        if hi == lo:
+            return hi
+    return None
+
+
+def _pick_values(value: "_Pick") -> tuple[float, float]:
+    """(hi, lo) of a two-valued mask, each replaced by the other where the predicate never (or always) holds."""
+    if value.pred == _TRUE:
+        return value.hi, value.hi
+    if value.pred == _FALSE:
+        return value.lo, value.lo
+    return value.hi, value.lo
+
+
+def _in_dtype(c: float, dtype) -> float:
+    """``c`` as a tensor of ``dtype`` holds it (a fill rounds to its dtype)."""
+    if not getattr(dtype, "is_floating_point", False):
+        return float(c)
+    return float(torch.tensor(c, dtype=dtype).item())
+
+
+def _number(c: float) -> str:
+    return f"{c:g}"
 
 
 def _exact_indices(node: fx.Node, value):
@@ -491,7 +543,7 @@ class _Reader:
         if isinstance(arg, int):
             return _Lin(0, (), arg)
         if isinstance(arg, float):
-            if arg == int(arg) and math.isfinite(arg):
+            if math.isfinite(arg) and arg == int(arg):
                 return _Lin(0, (), int(arg))
             raise MaskError(f"the mask is built with the non-integer value {arg}")
         if isinstance(arg, fx.Node):
@@ -535,6 +587,8 @@ class _Reader:
             if isinstance(value, MaskError):
                 raise value
             return value
+        if isinstance(a, float) and not (math.isfinite(a) and a == int(a)):
+            return _Pick(0, _TRUE, a, a)        # -inf, finfo.min, 0.5: a number an additive mask holds
         s = self.scalar(a)
         if s is None:
             raise MaskError(f"the mask is built from {a!r}")
@@ -574,6 +628,12 @@ class _Reader:
                     raise MaskError("multiplies the weights by a matrix that is not 0/1")
                 self.tables[value.index] = t = t != 0
             return _Bool(value.rank, ("table", value.index, value.axes, value.shifts))
+        if isinstance(value, _Pick):
+            hi, lo = _pick_values(value)
+            if {hi, lo} <= {0.0, 1.0}:
+                return _Bool(value.rank, _choose(value.pred, hi == 1.0, lo == 1.0))
+            values = " and ".join(_number(c) for c in sorted({hi, lo} - {0.0, 1.0}))
+            raise MaskError(f"the mask has values other than 0 and 1 ({values})")
         raise MaskError("the mask has values other than 0 and 1 (an index tensor used as a mask)")
 
     def as_lin(self, value):
@@ -581,6 +641,9 @@ class _Reader:
             return value
         if isinstance(value, _Bool) and value.pred[0] == "const":
             return _Lin(value.rank, (0,) * value.rank, int(value.pred[1]))
+        c = _uniform(value)
+        if c is not None and math.isfinite(c) and c == int(c):
+            return _Lin(value.rank, (0,) * value.rank, int(c))
         raise MaskError("the mask does arithmetic on a 0/1 tensor")
 
     # ------------------------------------------------------------ one node
@@ -596,6 +659,9 @@ class _Reader:
         if target in (aten.full.default, aten.full_like.default, aten.new_full.default, aten.fill.Scalar,
                       aten.scalar_tensor.default):
             fill = args[0] if target is aten.scalar_tensor.default else args[1]
+            if isinstance(fill, float) and not (math.isfinite(fill) and fill == int(fill)):
+                c = _in_dtype(fill, getattr(example_value(node), "dtype", torch.float64))
+                return _Pick(len(shape), _TRUE, c, c)
             s = self.scalar(fill)
             if s is None:
                 raise MaskError(f"the mask is filled with {fill!r}")
@@ -617,9 +683,12 @@ class _Reader:
                 return self._table_op(node, value)
             if dtype == torch.bool and isinstance(value, _Lin):
                 return self.as_bool(value)
+            if isinstance(value, _Pick):
+                return self._pick_unary(node, value)
             return value
         if target in (aten.tril.default, aten.triu.default):
-            x = self.as_bool(self.arg(args[0]))
+            x = self.arg(args[0])
+            x = x if isinstance(x, _Pick) and not {x.hi, x.lo} <= {0.0, 1.0} else self.as_bool(x)
             d = args[1] if len(args) > 1 else kwargs.get("diagonal", 0)
             d = self.scalar(d)
             if d is None:
@@ -632,6 +701,10 @@ class _Reader:
             else:                                      # x_row - x_col + d <= 0
                 coefs[r - 1], coefs[r - 2] = -1, 1
                 atom = ("le", tuple(coefs), d.off)
+            if isinstance(x, _Pick):                   # hi where pred and on the triangle, 0 elsewhere
+                if x.pred != _TRUE and x.lo != 0.0:
+                    raise MaskError(f"tril/triu of a mask with three values ({_number(x.hi)}, {_number(x.lo)}, 0)")
+                return _Pick(r, _and(self.pin_ones(x, shape).pred, atom), x.hi, 0.0)
             return _Bool(r, _and(self.pin_ones(x, shape).pred, atom) if x.pred != _FALSE else _FALSE)
         if target in _NOT_OPS:
             value = self.arg(args[0])
@@ -642,16 +715,23 @@ class _Reader:
         if target in _AND_OPS or target in _OR_OPS or target in _XOR_OPS or target is aten.mul.Tensor:
             return self._binary_bool(node, shape)
         if target in _COMPARISONS:
-            return self._compare(node, shape, _COMPARISONS[target])
+            picked = self._compare_pick(node, shape, _COMPARISONS[target])
+            return picked if picked is not None else self._compare(node, shape, _COMPARISONS[target])
         if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
                       aten.rsub.Tensor, aten.neg.default):
             return self._arith(node, shape)
         if target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):
+            picked = self._select_pick(node, shape, args[0], args[1], args[2])
+            if picked is not None:
+                return picked
             cond = self.broadcast(self.as_bool(self.arg(args[0])), shape, self.shape(args[0]))
             a = self.broadcast(self.as_bool(self.arg(args[1])), shape, self.shape(args[1]))
             b = self.broadcast(self.as_bool(self.arg(args[2])), shape, self.shape(args[2]))
             return _Bool(len(shape), _or(_and(cond.pred, a.pred), _and(_not(cond.pred), b.pred)))
         if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            picked = self._select_pick(node, shape, args[1], args[2], args[0])
+            if picked is not None:
+                return picked
             x = self.broadcast(self.as_bool(self.arg(args[0])), shape, self.shape(args[0]))
             cond = self.broadcast(self.as_bool(self.arg(args[1])), shape, self.shape(args[1]))
             fill = self.broadcast(self.as_bool(self.arg(args[2])), shape, self.shape(args[2]))
@@ -659,7 +739,54 @@ class _Reader:
         view = self._view(node, shape)
         if view is not None:
             return view
+        tensors = [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
+        if len(tensors) == 1 and tensors[0] is args[0] and torch.Tag.pointwise in getattr(target, "tags", ()):
+            value = self.arg(args[0])
+            if isinstance(value, _Pick):           # exp, isinf, neg, ... of a two-valued mask: of its values
+                return self._pick_unary(node, value)
         return self._unknown(node, shape)
+
+    # ------------------------------------------------------------ two-valued masks
+    def _pick_unary(self, node, value: "_Pick"):
+        """A one-tensor elementwise op (a cast, exp, isinf, ...) of a two-valued mask: the op of its values."""
+        src = example_value(node.args[0])
+        values = torch.tensor([value.hi, value.lo], dtype=getattr(src, "dtype", torch.float64))
+        kwargs = {k: v for k, v in node.kwargs.items() if k not in ("device", "layout", "pin_memory")}
+        with torch.no_grad():
+            out = node.target(values, *node.args[1:], **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != values.shape:
+            raise MaskError(f"the mask is built with {getattr(node.target, '__name__', node.target)}")
+        hi, lo = (float(x) for x in out.tolist())
+        if out.dtype == torch.bool:
+            return _Bool(value.rank, _choose(value.pred, bool(hi), bool(lo)))
+        return _Pick(value.rank, value.pred, hi, lo)
+
+    def _compare_pick(self, node, shape, op):
+        """``m == -inf``, ``m < 0``, ... with m two-valued and the other side one number; None otherwise."""
+        a_arg, b_arg = node.args[0], node.args[1]
+        a, b = self.arg(a_arg), self.arg(b_arg)
+        if not (isinstance(a, _Pick) or isinstance(b, _Pick)):
+            return None
+        m, m_arg, c, flip = (a, a_arg, _uniform(b), False) if isinstance(a, _Pick) else (b, b_arg, _uniform(a), True)
+        if c is None:
+            raise MaskError("the mask compares two tensors that hold more than one value each")
+        fn = {"le": operator.le, "ge": operator.ge, "lt": operator.lt, "gt": operator.gt, "eq": operator.eq,
+              "ne": operator.ne}[op]
+        hi, lo = _pick_values(m)
+        truth = (lambda x: fn(c, x)) if flip else (lambda x: fn(x, c))
+        m = self.broadcast(m, shape, self.shape(m_arg))
+        return _Bool(len(shape), _choose(m.pred, truth(hi), truth(lo)))
+
+    def _select_pick(self, node, shape, cond_arg, yes_arg, no_arg):
+        """where(cond, yes, no) / masked_fill with yes and no one number each, one of them not 0 or 1 (an
+        additive mask): two-valued. None when both are 0/1 (the 0/1 reading) or when not read."""
+        yes, no = self.arg(yes_arg), self.arg(no_arg)
+        cy, cn = _uniform(yes), _uniform(no)
+        if cy is None or cn is None or {cy, cn} <= {0.0, 1.0}:
+            return None
+        cond = self.broadcast(self.as_bool(self.arg(cond_arg)), shape, self.shape(cond_arg))
+        dtype = getattr(example_value(node), "dtype", torch.float64)
+        return _Pick(len(shape), cond.pred, _in_dtype(cy, dtype), _in_dtype(cn, dtype))
 
     def _leaf(self, node):
         value = self.evaluate(node)
