@@ -95,6 +95,8 @@ class Masked(nn.Module):
             a = a * a.new_ones(tq, t).tril()
         elif kind == "additive_neginf_eq":                          # a softmax model's additive mask
             a = a.masked_fill(torch.full((tq, t), float("-inf")).triu(1) == float("-inf"), 0.0)
+        elif kind == "additive_half_fill":                          # compared in float16: half(0.1) == 0.1
+            a = a.masked_fill(torch.full((tq, t), 0.1, dtype=torch.float16).triu(1) == 0.1, 0.0)
         elif kind == "additive_exp":
             a = a * torch.full((tq, t), float("-inf")).triu(1).exp()
         elif kind == "additive_finfo_min":                          # the finfo.min spelling, == 0 keeps
@@ -135,7 +137,7 @@ class Masked(nn.Module):
 
 ACCEPTED = ["tril_ones", "triu_ones_1", "arange_ge", "arange_offsets_cancel", "float_tril_mul", "tril_on_weights",
             "window_and_causal_or", "buffer_slice", "ones_like_weights", "new_ones_of_weights", "additive_neginf_eq",
-            "additive_exp", "additive_finfo_min"]
+            "additive_exp", "additive_finfo_min", "additive_half_fill"]
 # (kind, lengths: the first is where the mask looks causal (the length a graph was judged at), extra keys)
 NEAR_MISSES = [("window3", (3, 8, 12), 0), ("arange_window", (3, 9), 0), ("shifted_diagonal", (2, 6), 0),
                ("strict_arange", (4, 7), 0), ("ones_like_weights_strict", (4, 7), 0),

@@ -772,7 +772,11 @@ class _Reader:
             raise MaskError("the mask compares two tensors that hold more than one value each")
         fn = {"le": operator.le, "ge": operator.ge, "lt": operator.lt, "gt": operator.gt, "eq": operator.eq,
               "ne": operator.ne}[op]
-        hi, lo = _pick_values(m)
+        # compared in the dtype the operands promote to (a Python number takes the tensor's: float16 0.1)
+        operands = [example_value(x) if isinstance(x, fx.Node) else x for x in (a_arg, b_arg)]
+        dtype = torch.result_type(*operands)
+        hi, lo = (_in_dtype(x, dtype) for x in _pick_values(m))
+        c = _in_dtype(c, dtype)
         truth = (lambda x: fn(c, x)) if flip else (lambda x: fn(x, c))
         m = self.broadcast(m, shape, self.shape(m_arg))
         return _Bool(len(shape), _choose(m.pred, truth(hi), truth(lo)))
