@@ -1,6 +1,6 @@
 """Per-kernel GPU times of the prefix-state chunked kernels (issue 16), from torch.profiler.
 
-Usage: python benchmarks/prefix_profile.py [--t 8192] [--b 16] [--dk 16] [--dv 64] [--cfgs '[{}, {"bt": 128}]']
+Usage: python benchmarks/prefix_profile.py [--t 8192] [--b 16] [--dk 16] [--dv 64] [--dtype bfloat16] [--cfgs '[{}, {"bt": 128}]']
        [--backward] [--once]
 (--backward: also the backward, kernels/prefix_backward.py, at the same launch, the forward keeping its states
 for it as in training; --recompute: the backward computes them again)
@@ -26,13 +26,14 @@ def main() -> None:
     p.add_argument("--b", type=int, default=16)
     p.add_argument("--dk", type=int, default=16)
     p.add_argument("--dv", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--cfgs", default="[{}]")
     p.add_argument("--backward", action="store_true")
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--once", action="store_true")
     a = p.parse_args()
-    q, k = (torch.randn(a.b, 16, a.t, a.dk, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v, do = (torch.randn(a.b, 16, a.t, a.dv, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q, k = (torch.randn(a.b, 16, a.t, a.dk, device="cuda", dtype=getattr(torch, a.dtype)) for _ in range(2))
+    v, do = (torch.randn(a.b, 16, a.t, a.dv, device="cuda", dtype=getattr(torch, a.dtype)) for _ in range(2))
     args = check_arguments(q, k, v)
     for kw in json.loads(a.cfgs):
         cfg = dataclasses.replace(prefix_chunked.PrefixConfig(), **kw)
@@ -56,7 +57,7 @@ def main() -> None:
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 times[e.name] += e.device_time / 10 / 1e3
         total = sum(times.values())
-        print(f"Dk={a.dk} Dv={a.dv} cfg {kw}: total {total:.3f} ms " + ", ".join(f"{n} {ms:.3f}" for n, ms in
+        print(f"{a.dtype} Dk={a.dk} Dv={a.dv} cfg {kw}: total {total:.3f} ms " + ", ".join(f"{n} {ms:.3f}" for n, ms in
                                                             sorted(times.items(), key=lambda x: -x[1])), flush=True)
 
 

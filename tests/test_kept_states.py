@@ -162,3 +162,19 @@ def test_gpu_compiled_training_step_keeps_its_states(state_runs, monkeypatch, dt
     from based_compile.op import config
     monkeypatch.setattr(config, "kernel", "chunked")
     _compiled_training_keeps_states(state_runs, "inductor", "cuda", dtype, tol)
+
+
+def test_the_gpu_default_launch_under_the_interpreter(state_runs):
+    """The launch the H200 runs (256-token chunks, 128-key state steps, one-hot pair factors, 64-row tiles),
+    forward and kept-state backward, at a T that ends inside a chunk."""
+    cfg = prefix_chunked.PrefixConfig()
+    q, k, v = make_inputs(1, 2, 300, 16, 64, dtype=torch.float32)
+    args = check_arguments(q, k, v)
+    do = torch.randn(1, 2, 300, 64)
+    o, grads = _gradients(q, k, v, do, args, cfg, keep=True)
+    assert state_runs == []
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = naive_parallel_based(*leaves)
+    assert_rel_close(o, ref, 2e-5, "o")
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, leaves, do.double())):
+        assert_rel_close(g, r, 2e-5, f"d{name}")
