@@ -367,3 +367,42 @@ def test_keys_shared_over_the_batch_are_not_read_as_one_head():
     for ex in recorder.reports.graphs:
         assert not ex.sites and ex.refusals, str(ex)
     assert not any(recorder.sites()), recorder.sites()
+
+
+def _phi_scaled_first(x, flip=False):
+    x = x * x.shape[-1] ** -0.25                   # the scale on x, before the map (Based's TaylorExp variant)
+    x2 = torch.einsum("...i,...j->...ij", x, x.flip(-1) if flip else x).flatten(-2) / math.sqrt(2)
+    return torch.cat([torch.ones(x.shape[:-1] + (1,), dtype=x.dtype), x, x2], -1)
+
+
+def _per_head_loop(q, k, v, flip=False):
+    """One head at a time, picked by q[:, h] ([B, T, D], then the map): the scale of x sits below the
+    unsqueeze that makes the outer product 4-D."""
+    out = []
+    for h in range(q.shape[1]):
+        a = torch.tril(_phi_scaled_first(q[:, h], flip) @ _phi_scaled_first(k[:, h], flip).transpose(1, 2))
+        out.append((a @ v[:, h]) / (a.sum(-1, keepdim=True) + 1e-6))
+    return torch.stack(out, 1)
+
+
+def _per_head_loop_flipped(q, k, v):                # near-miss: x (x) flip(x) is not a function of q.k
+    return _per_head_loop(q, k, v, flip=True)
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["structure_only", "probe"])
+def test_map_of_one_picked_head_with_the_scale_first(probe, monkeypatch):
+    """x = q[:, h] * d**-0.25, then [1, x, x (x) x / sqrt(2)]: the outer product's factor was read from
+    above the unsqueeze that makes it 4-D, without the scale below it: f = 1 + s + 2 s^2 instead of
+    s^2 / 2. Rewritten and 0.3 off without the probe; with it, refused ('the numerical probe disagrees')."""
+    if probe:
+        monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 1 << 22)
+    recorder = compile_and_compare(_per_head_loop)
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == 2 and not ex.refusals, str(ex)
+        assert all(site.spec.c2 * site.spec.scale ** 2 == pytest.approx(0.125) for site in ex.sites), str(ex)
+
+
+def test_map_of_one_picked_head_near_miss_is_refused():
+    recorder = compile_and_compare(_per_head_loop_flipped)
+    for ex in recorder.reports.graphs:
+        assert not ex.sites and ex.refusals, str(ex)

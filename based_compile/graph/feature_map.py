@@ -100,17 +100,15 @@ def _monomial(gm, node: fx.Node, rank: int | None = None):
                 return None
             return inner[0] * int(n), factor * inner[1] ** int(n), inner[2]
     operand = walk_operand(gm, node)
-    source = operand.source
+    source, factor = operand.source, operand.factor
     if rank is not None and len(hint_shape(source)) != rank:
-        node_ = node
-        while True:               # the views between the operand and where the walk stopped
-            if len(hint_shape(node_) or ()) == rank:
-                source = node_
-            if node_ is operand.stop or not (node_.op == "call_function" and node_.args
-                                             and isinstance(node_.args[0], fx.Node)):
-                break
-            node_ = node_.args[0] if node_.target in VIEW_OPS else (scalar_factor(gm, node_) or (operand.stop,))[0]
-    return 1, operand.factor, source
+        # the deepest tensor of the map's rank on the chain of views and scalar factors, with the factors
+        # above it (not those above walk_operand's 4-D source: x = q[:, 0] * c of a [B, T, D] map is
+        # unsqueezed to 4-D above c, and c was lost: the outer product read c^4 too large)
+        matching = [(n, f) for n, f in read_views(gm, node).trail if len(hint_shape(n) or ()) == rank]
+        if matching:
+            source, factor = matching[-1]
+    return 1, factor, source
 
 
 def _piece(gm, node: fx.Node) -> Piece | None:
