@@ -406,3 +406,24 @@ def test_map_of_one_picked_head_near_miss_is_refused():
     recorder = compile_and_compare(_per_head_loop_flipped)
     for ex in recorder.reports.graphs:
         assert not ex.sites and ex.refusals, str(ex)
+
+
+def _map_of_unsqueezed(q, k, v, c=0.7):
+    """phi of a 5-D x = (q * c).unsqueeze(2): the scale sits below the view that makes x 5-D."""
+    qf = _phi_scaled_first((q * c).unsqueeze(2) if c != 1.0 else q.unsqueeze(2))
+    kf = _phi_scaled_first(k).unsqueeze(2)
+    a = torch.tril(qf @ kf.transpose(-1, -2))
+    return ((a @ v.unsqueeze(2)) / (a.sum(-1, keepdim=True) + 1e-6)).squeeze(2)
+
+
+def _map_of_unsqueezed_unscaled(q, k, v):
+    return _map_of_unsqueezed(q, k, v, c=1.0)
+
+
+@pytest.mark.parametrize("fn", [_map_of_unsqueezed, _map_of_unsqueezed_unscaled], ids=["scaled", "unscaled"])
+def test_map_of_a_scaled_unsqueezed_query_keeps_its_scale(fn):
+    """The candidates for q under a 5-D map were taken below the scale c (q itself) while the map's pieces
+    were read above it: rewritten as based::attention(q, ...) without c (0.1 off, gradients 0.4)."""
+    recorder = compile_and_compare(fn)
+    for ex in recorder.reports.graphs:
+        assert ex.sites or ex.refusals, str(ex)

@@ -273,9 +273,12 @@ def unread_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 def readings_of(gm, node: fx.Node, rank: int) -> tuple:
     """The tensors of ``rank`` dims on the chain of views (and scalar factors) from ``node`` down,
-    nearest first, only those below every scalar factor (a scaled q is not q): the candidates for
-    the tensor the user passed (x before the unsqueeze of an outer product, or before a transpose)."""
-    found = []
+    nearest first, the deepest such tensor and those with the same scalar factors above them (a
+    scaled q is not q): the candidates for the tensor the user passed (x before the unsqueeze of an
+    outer product, or before a transpose), as the pieces' factors read them (``_monomial``). None of
+    that rank below a scalar factor (x = (q * c).unsqueeze(2), a 5-D map of a 4-D q): q is not a
+    reading (c would be lost); () when none has the rank at all and a factor was passed."""
+    groups, found = [], []
     while True:
         if len(hint_shape(node) or ()) == rank:
             found.append(node)
@@ -284,16 +287,22 @@ def readings_of(gm, node: fx.Node, rank: int) -> tuple:
             continue
         scaled = scalar_factor(gm, node) if node.op == "call_function" else None
         if scaled is not None:
+            groups.append(found)
             found, node = [], scaled[0]
             continue
-        return tuple(found) or (node,)
+        groups.append(found)
+        break
+    for group in reversed(groups):
+        if group:
+            return tuple(group)
+    return (node,) if len(groups) == 1 else ()
 
 
 def map_readings(gm, cat: fx.Node, phi: FeatureMap) -> tuple:
     """Candidates for x of phi(x) = cat(...), read from its linear piece, nearest first."""
     for piece in phi.pieces:
         if piece.kind == "linear" and piece.node is not None:
-            return readings_of(gm, piece.node, len(hint_shape(cat)))
+            return readings_of(gm, piece.node, len(hint_shape(cat))) or (phi.source,)
     return (phi.source,)
 
 

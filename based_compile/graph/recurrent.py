@@ -139,7 +139,7 @@ def _updates(gm, add: fx.Node):
             phi, cat = _feature_map_of(gm, x)
             if phi is not None and _feature_map_of(gm, y)[0] is None and not _reads(state, {cat}) \
                     and hint_shape(state) == hint_shape(add):
-                return ("kv", state, cat, phi, readings_of(gm, y, len(hint_shape(cat))))
+                return ("kv", state, cat, phi, readings_of(gm, y, len(hint_shape(cat))) or (y,))
         return ("outer", state, *pair)
     for state, update in ((a, b), (b, a)):
         if hint_shape(state) == hint_shape(add) and strip_views(update).op == "call_function":
