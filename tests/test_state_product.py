@@ -180,6 +180,46 @@ def test_form_is_rewritten_with_eager_values_and_gradients(fn, layout, dv, state
         assert ("final state" in e.sites[0].form) == states, str(e)
 
 
+def _cross_inputs(layout, tq, tk, requires_grad=True):
+    g = torch.Generator().manual_seed(tq * 100 + tk)
+    shape = (lambda t, d: (B, H, t, d)) if layout == "BHTD" else (lambda t, d: (B, t, H, d))
+    out = [torch.randn(*shape(t, d), generator=g, dtype=torch.float64) for t, d in ((tq, D), (tk, D), (tk, DV))]
+    return [x.requires_grad_(requires_grad) for x in out]
+
+
+@pytest.mark.parametrize("fn,layout", [(matmuls, "BHTD"), (bthd_einsums, "BTHD"), (returns_the_states, "BHTD")],
+                         ids=["matmuls", "bthd_einsums", "returns_the_states"])
+@pytest.mark.parametrize("extra_keys", [4, -3], ids=["more_keys", "fewer_keys"])
+def test_state_product_of_queries_against_keys_of_another_length(fn, layout, extra_keys, probe):
+    """Cross attention: q of length Tq against k, v of length Tk. With Tq < Tk (the operator's non-causal
+    Tq <= Tk, as the quadratic form reads it) the state product was refused as 'could not read it as
+    Based's running sums'; with Tq > Tk it stays refused (the operator does not take it), exact."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    reports = PassReports()
+    ran = 0
+    for tq in (T, T + 2):
+        args = _cross_inputs(layout, tq, tq + extra_keys)
+        ref_args = [x.detach().clone().requires_grad_() for x in args]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, reports:
+            got = _tuple(compiled(*args))
+        ran += _calls(prof)
+        want = _tuple(fn(*ref_args))
+        _assert_same(got, want, 1e-10, fn.__name__)
+        cots = [torch.randn_like(w) for w in want]
+        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
+        wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+        for name, g, w in zip("qkv", grads, wants):
+            _assert_same(g, w, 1e-10, f"d{name}")
+    assert reports.graphs, str(reports)
+    for e in reports.graphs:
+        if extra_keys > 0:
+            assert len(e.sites) == 1 and not e.refusals, str(e)
+        else:
+            assert not e.sites and e.refusals, str(e)
+    assert (ran > 0) == (extra_keys > 0), ran
+
+
 @pytest.mark.parametrize("fn", [broadcast_state_matmul_readout, value_major_einsums, returns_the_states],
                          ids=lambda f: f.__name__)
 def test_returned_state_is_the_operators(fn):

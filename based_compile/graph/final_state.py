@@ -284,6 +284,8 @@ def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available
     seen, found = set(), []
     for node in gm.graph.nodes:
         for index, site in enumerate(sites):
+            if site.settled.match.tk is not None:
+                continue        # queries against keys of another length: the states stay the user's code's
             try:
                 read = _candidate(gm, ev, site, node)
             except Refused as refusal:

@@ -434,8 +434,8 @@ def match_state_product(matcher, node: fx.Node):
         if not isinstance(rows, int) or not isinstance(values, int):
             raise NotACandidate("the readout does not keep phi(q)'s time and the state's values")
         t, tk = hint_shape(cat_q)[state.time], hint_shape(state.cat)[state.time]
-        if t != tk:
-            raise NotACandidate("queries and keys of different lengths")
+        if tk < t:                      # the operator takes Tq <= Tk (non-causal: queries against any keys)
+            raise NotACandidate("more queries than keys")
         factor = q_chain.factor * state.factor * s_chain.factor
         poly = polynomial.scale(pair_feature_maps(phi_q, state.phi), factor)
         output = _readout_output(node, rows, values)
@@ -446,8 +446,9 @@ def match_state_product(matcher, node: fx.Node):
             eps, _ = found
             normalize, start = True, user
         length = size_expr(shape_of(cat_q)[state.time])
+        keys = size_expr(shape_of(state.cat)[state.time]) if tk != t else length     # non-causal: any Tk
         w = Weights(poly, None, False, node, phi_q.source, state.phi.source, "feature-map linear (state product)",
-                    None, t, lengths=(length, length))
+                    None, t, lengths=(length, keys), tk=tk if tk != t else None)
         match = matcher._finish(w, w.form, pick_output(start) if normalize else output, phi_q.source,
                                 state.phi.source, state.v.source, normalize, eps, node, start)
         return replace(match, q_alternatives=other_readings(gm, cat_q, phi_q),
