@@ -70,6 +70,39 @@ def linear_running_fill(q, k, v):                 # near-miss, the linear form's
     return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + torch.full_like(z, 1e-2).cumsum(-2))
 
 
+# fills whose own dtype changes their number: read as the number the elements hold
+def quadratic_int_fill(q, k, v):                  # holds 0 (0.5 truncated): z + 0
+    a = torch.tril(phi(q) @ phi(k).mT)
+    z = a.sum(-1, keepdim=True)
+    return (a @ v) / (z + torch.full_like(z, 0.5, dtype=torch.int64))
+
+
+def quadratic_bfloat16_fill(q, k, v):             # holds 0.30078125
+    a = torch.tril(phi(q) @ phi(k).mT)
+    z = a.sum(-1, keepdim=True)
+    return (a @ v) / (z + torch.full_like(z, 0.3, dtype=torch.bfloat16))
+
+
+def linear_long_fill(q, k, v):                    # holds 2 (2.5 truncated)
+    qf, kf = phi(q), phi(k)
+    kv = torch.einsum("bhnf,bhnd->bhnfd", kf, v).cumsum(2)
+    z = (qf * kf.cumsum(2)).sum(-1, keepdim=True)
+    return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + z.new_full((1,), 2.5, dtype=torch.long))
+
+
+def scale_int_fill(q, k, v):                      # s * 1 (1.5 truncated)
+    s = q @ k.mT
+    s = s * torch.full_like(s, 1.5, dtype=torch.int32)
+    a = torch.tril(1 + s + 0.5 * s * s)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def scale_float32_fill(q, k, v):                  # float32 0.3 in a float64 model
+    s = (q @ k.mT) * torch.full((), 0.3, dtype=torch.float32)
+    a = torch.tril(1 + s + 0.5 * s * s)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
 def _square(gm, t) -> list[str]:
     """Nodes of a graph with two axes of the length t (the T x T weights or anything like them)."""
     found = []
@@ -128,3 +161,19 @@ def test_a_fill_that_is_not_one_number_is_not_an_eps(fn):
     reports, _ = _compile_and_compare(fn)
     for explanation in reports.graphs:
         assert not any(site.spec.normalize for site in explanation.sites), str(explanation)
+
+
+@pytest.mark.parametrize("fn, eps", [(quadratic_int_fill, 0.0), (quadratic_bfloat16_fill, 0.30078125),
+                                     (linear_long_fill, 2.0), (scale_int_fill, 1e-6), (scale_float32_fill, 1e-6)],
+                         ids=["int", "bfloat16", "long", "int_scale", "float32_scale"])
+def test_a_fill_is_the_number_its_dtype_holds(fn, eps, monkeypatch):
+    """A fill of c in a dtype that does not hold c is the number it holds (with the probe off, as at long
+    sequences: read as written, an int64 fill of 0.5 became eps = 0.5, an int32 fill of 1.5 a scale 1.5,
+    errors 0.13-0.52, and the probe, which ran on the graph after the fills were read, did not see it)."""
+    from based_compile.graph import verify
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    reports, _ = _compile_and_compare(fn)
+    for explanation in reports.graphs:
+        for site in explanation.sites:
+            assert not site.spec.normalize or site.spec.eps == pytest.approx(eps, rel=1e-12, abs=1e-300), str(site)
+

@@ -128,6 +128,15 @@ class Masked(nn.Module):
             a = a * (m < 0)
         elif kind == "moving_diagonal":                             # causal at T = 8 only
             a = a * torch.tril(torch.ones(tq, t, dtype=q.dtype), diagonal=t - 8)
+        # the number a fill holds is its dtype's: read as written, each of these looked causal
+        elif kind == "int_fill_half":                               # full(0.5, int64) holds 0: masks nothing
+            a = a.masked_fill(torch.full((tq, t), 0.5, dtype=torch.int64).triu(1) != 0, 0.0)
+        elif kind == "int_masked_fill":                             # 0.7 into int32 is 0: masks nothing
+            m = torch.zeros(tq, t, dtype=torch.int32).masked_fill(torch.ones(tq, t, dtype=torch.bool).triu(1), 0.7)
+            a = a.masked_fill(m != 0, 0.0)
+        elif kind == "bf16_fill_257":                               # bfloat16 257 holds 256: keeps nothing
+            keep = torch.ones(tq, t, dtype=torch.bool).tril() & (torch.full((tq, t), 257.0, dtype=torch.bfloat16) != 256)
+            a = a * keep
         elif kind == "top_left_rectangular":                        # Tq < Tk, aligned to the start
             a = a.masked_fill(~torch.tril(ones()), 0.0)
         else:
@@ -330,3 +339,22 @@ def test_long_context_cpu_memory_stays_linear(what, t):
     assert result["growth"] < 1.5 * 2 ** 30, f"{what} at T={t}: peak RSS grew {result['growth'] / 2 ** 30:.2f} GB"
     for code in result["codes"]:
         assert "based_attention_call" in code and "tril" not in code and "ones" not in code, code
+
+
+@pytest.mark.parametrize("kind", ["int_fill_half", "int_masked_fill", "bf16_fill_257"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_fill_holds_the_number_of_its_dtype(kind, dynamic, monkeypatch):
+    """A mask filled with a number its dtype changes (truncated to an integer, rounded to bfloat16) is read with
+    the number it holds: none of these is causal (the first two mask nothing, the last everything). Read as
+    written they were rewritten as causal (errors 1.4-2.6), caught only by the numerical probe, which is off
+    here as it is at long sequences."""
+    from based_compile.graph import verify
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    model = Masked(kind)
+    backend, codes = _recorder()
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    with PassReports() as reports:
+        for t in (5, 9):
+            _check_values_and_grads(model, compiled, *_qkv(t, seed=t), f"{kind} at T={t}")
+    assert reports.graphs and not any(site.spec.causal for site in reports.merged().sites), str(reports)
+

@@ -6,10 +6,13 @@ result keeps computes, element by element, what the same op with the Python numb
 ``read_constant_fills(gm)`` rewrites those operands, in the lowered graph before matching, as the
 number, so that every reader (an eps beside a normaliser, a scale) sees a scalar. The fill itself
 is left in place (dead once nothing else reads it); a fill that would broadcast the other operand,
-or change its dtype, is left as written. Only fills of a Python number are read: a fill of a
+or change its dtype, is left as written. The number is what the fill's elements hold: rounded to the
+fill's own dtype and to every cast between it and the op (an integer fill of 0.5 is 0). Only fills of a Python number are read: a fill of a
 symbolic value would have to be guarded at its traced value.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -28,16 +31,44 @@ _OPS = {aten.add.Tensor: (0, 1), aten.mul.Tensor: (0, 1), aten.sub.Tensor: (1,),
 
 
 def _fill_number(node) -> float | None:
+    """The number every element of ``node`` holds: the fill's, rounded to the fill's own dtype and to every
+    cast on the way up (``full_like(z, 0.5, dtype=torch.int64)`` holds 0, a bfloat16 fill of 0.3 holds
+    0.30078125); None when ``node`` is not a fill through views or a dtype is not known."""
     base = strip_views(node)
     if not isinstance(base, fx.Node) or base.op != "call_function" or base.target not in _FILLS:
         return None
     where = _FILLS[base.target]
     if isinstance(where, float):
-        return where
-    value = base.args[where] if len(base.args) > where else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = where
+    else:
+        value = base.args[where] if len(base.args) > where else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+    chain, cur = [], node
+    while cur is not base:                         # the views and casts between the fill and node
+        if not isinstance(cur, fx.Node) or not cur.args or len(chain) > 64:
+            return None
+        chain.append(cur)
+        cur = cur.args[0]
+    for n in (base, *reversed(chain)):
+        value = _held(value, n)
+        if value is None:
+            return None
+    return value
+
+
+def _held(value, node) -> float | None:
+    """``value`` as an element of ``node``'s tensor holds it (rounded, truncated or made a bool by its dtype)."""
+    dtype = getattr(example_value(node), "dtype", None)
+    if dtype is None or dtype.is_complex:
         return None
-    return float(value)
+    if not dtype.is_floating_point and not math.isfinite(value):
+        return None
+    source = torch.int64 if isinstance(value, int) else torch.float64
+    try:
+        return float(torch.tensor(value, dtype=source).to(dtype).item())
+    except (RuntimeError, OverflowError):
+        return None
 
 
 def _keeps(result, other) -> bool:

@@ -483,11 +483,18 @@ def _pick_values(value: "_Pick") -> tuple[float, float]:
     return value.hi, value.lo
 
 
-def _in_dtype(c: float, dtype) -> float:
-    """``c`` as a tensor of ``dtype`` holds it (a fill rounds to its dtype)."""
-    if not getattr(dtype, "is_floating_point", False):
+def _in_dtype(c, dtype) -> float:
+    """``c`` as a tensor of ``dtype`` holds it: rounded to a floating dtype, truncated to an integer one, made a
+    bool (a fill converts its number so); a MaskError where the dtype cannot hold it at all."""
+    if not isinstance(dtype, torch.dtype):
         return float(c)
-    return float(torch.tensor(c, dtype=dtype).item())
+    if not dtype.is_floating_point and not math.isfinite(c):
+        raise MaskError(f"the mask fills {c} into {dtype}")
+    source = torch.int64 if isinstance(c, int) else torch.float64
+    try:
+        return float(torch.tensor(c, dtype=source).to(dtype).item())
+    except (RuntimeError, OverflowError) as e:
+        raise MaskError(f"the mask fills {c} into {dtype}") from e
 
 
 def _number(c: float) -> str:
@@ -659,9 +666,12 @@ class _Reader:
         if target in (aten.full.default, aten.full_like.default, aten.new_full.default, aten.fill.Scalar,
                       aten.scalar_tensor.default):
             fill = args[0] if target is aten.scalar_tensor.default else args[1]
-            if isinstance(fill, float) and not (math.isfinite(fill) and fill == int(fill)):
-                c = _in_dtype(fill, getattr(example_value(node), "dtype", torch.float64))
-                return _Pick(len(shape), _TRUE, c, c)
+            if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+                # the number the elements hold (full((T, T), 257., dtype=bfloat16) holds 256)
+                fill = _in_dtype(fill, getattr(example_value(node), "dtype", torch.float64))
+                if not (math.isfinite(fill) and fill == int(fill)):
+                    return _Pick(len(shape), _TRUE, fill, fill)
+                fill = int(fill)
             s = self.scalar(fill)
             if s is None:
                 raise MaskError(f"the mask is filled with {fill!r}")
