@@ -6,7 +6,10 @@
   numerator was rewritten and the T x T weights were still built for the row sums;
 - near-miss: a fill that is not one number once it reaches the normaliser (a running sum of it, eps growing
   with the row) is not an eps: the normaliser is left as written (values exact; the site, if any, is not
-  normalised).
+  normalised);
+- row sums spelled as a product with a column of ones (``a @ torch.ones(T, 1)``, ``a @ ones_like(v[..., :1])``)
+  are the row sums: before, the numerator alone was rewritten (or the product as a second attention with
+  v = ones) and the T x T weights stayed; twice the row sums (a column of twos) is refused as scaled.
 
 Each form is compiled with backend="based" (inner="aot_eager") in float64 at two lengths (the second
 under a symbolic length) and compared with eager, values and gradients; the graphs handed to the inner
@@ -103,6 +106,21 @@ def scale_float32_fill(q, k, v):                  # float32 0.3 in a float64 mod
     return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
 
 
+def quadratic_ones_column(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a @ torch.ones(a.shape[-1], 1, dtype=a.dtype) + 1e-6)
+
+
+def quadratic_ones_like_column(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a @ torch.ones_like(v[..., :1]) + 1e-6)
+
+
+def quadratic_twos_column(q, k, v):               # near-miss: 2 * the row sums
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a @ torch.full((a.shape[-1], 1), 2.0, dtype=a.dtype) + 1e-6)
+
+
 def _square(gm, t) -> list[str]:
     """Nodes of a graph with two axes of the length t (the T x T weights or anything like them)."""
     found = []
@@ -144,7 +162,9 @@ def _compile_and_compare(fn):
 
 
 @pytest.mark.parametrize("fn, eps", [(quadratic_full_like, 1e-4), (quadratic_fill_first_reciprocal, 1e-2),
-                                     (linear_new_full, 1e-3)], ids=["full_like", "fill_first_reciprocal", "new_full"])
+                                     (linear_new_full, 1e-3), (quadratic_ones_column, 1e-6),
+                                     (quadratic_ones_like_column, 1e-6)],
+                         ids=["full_like", "fill_first_reciprocal", "new_full", "ones_column", "ones_like_column"])
 def test_eps_written_as_a_fill_is_the_normalised_sites_eps(fn, eps):
     reports, per_length = _compile_and_compare(fn)
     for explanation in reports.graphs:
@@ -177,3 +197,11 @@ def test_a_fill_is_the_number_its_dtype_holds(fn, eps, monkeypatch):
         for site in explanation.sites:
             assert not site.spec.normalize or site.spec.eps == pytest.approx(eps, rel=1e-12, abs=1e-300), str(site)
 
+
+
+def test_row_sums_of_a_column_of_twos_are_refused_as_scaled():
+    reports, _ = _compile_and_compare(quadratic_twos_column)
+    for explanation in reports.graphs:
+        assert not any(site.spec.normalize for site in explanation.sites), str(explanation)
+        assert any(r.category == "normaliser" and "scaled by 2" in r.reason for r in explanation.refusals), \
+            str(explanation)

@@ -9,6 +9,9 @@ is left in place (dead once nothing else reads it); a fill that would broadcast 
 or change its dtype, is left as written. The number is what the fill's elements hold: rounded to the
 fill's own dtype and to every cast between it and the op (an integer fill of 0.5 is 0). Only fills of a Python number are read: a fill of a
 symbolic value would have to be guarded at its traced value.
+
+A matmul by one column filled with c (``a @ torch.ones(T, 1)``, a row sum spelled as a product) is c times
+the sum of ``a`` over its last axis: rewritten as that sum (the row sums a normaliser reads).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .canonicalize import example_value, strip_views
+from .canonicalize import example_value, insert_after, strip_views
 
 aten = torch.ops.aten
 
@@ -80,8 +83,60 @@ def _keeps(result, other) -> bool:
     return all(statically_known_true(a == b) for a, b in zip(result.shape, other.shape))
 
 
+def _matmul_by_fill(node: fx.Node) -> bool:
+    """``mm(a, fill)`` / ``bmm(a, fill)`` of one column -> c * a.sum(-1, keepdim=True)."""
+    if node.op != "call_function" or node.target not in (aten.mm.default, aten.bmm.default):
+        return False
+    a, fill = node.args[:2]
+    if not isinstance(a, fx.Node) or not isinstance(fill, fx.Node):
+        return False
+    number = _fill_number(fill)
+    out, value = example_value(node), example_value(fill)
+    mode = getattr(out, "fake_mode", None)
+    if number is None or mode is None or not isinstance(value, torch.Tensor) or out.dtype != value.dtype \
+            or not statically_known_true(out.shape[-1] == 1):
+        return False
+    # a @ ones(T, 1) of a 4-D a is mm(a.view(N, T), ones) viewed back: sum a itself where each user views
+    # the product back to a's shape with one column, or without it (einsum "bhnm,m->bhn"): the sums keep
+    # a's axes for the normaliser's reader
+    base = a
+    while node.target is aten.mm.default and base.op == "call_function" and base.target in _VIEWS and isinstance(base.args[0], fx.Node) \
+            and statically_known_true(example_value(base.args[0]).shape[-1] == example_value(a).shape[-1]):
+        base = base.args[0]
+    rows = tuple(example_value(base).shape[:-1])
+    views = [u for u in node.users if u.op == "call_function" and u.target in _VIEWS]
+    keepdim = next((k for k, shape in ((True, (*rows, 1)), (False, rows)) if views and len(views) == len(node.users)
+                    and all(_same_shape(example_value(u).shape, shape) for u in views)), None)
+    if base is not a and keepdim is not None:
+        result = insert_after(node, aten.sum.dim_IntList, (base, [-1], keepdim), mode=mode, source=node)
+        if number != 1.0:
+            result = insert_after(result, aten.mul.Tensor, (result, number), mode=mode, source=node)
+        for user in list(node.users):
+            user.replace_all_uses_with(result)
+            node.graph.erase_node(user)
+        node.graph.erase_node(node)     # dead: no reader may take it for a product (it would be a second site)
+        return True
+    result = insert_after(node, aten.sum.dim_IntList, (a, [-1], True), mode=mode, source=node)
+    if number != 1.0:
+        result = insert_after(result, aten.mul.Tensor, (result, number), mode=mode, source=node)
+    node.replace_all_uses_with(result)
+    node.graph.erase_node(node)
+    return True
+
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def read_constant_fills(gm: fx.GraphModule) -> None:
     changed = False
+    for node in list(gm.graph.nodes):
+        if _matmul_by_fill(node):
+            changed = True
+            continue
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _OPS or len(node.args) < 2:
             continue
