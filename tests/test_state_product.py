@@ -220,6 +220,23 @@ def test_state_product_of_queries_against_keys_of_another_length(fn, layout, ext
     assert (ran > 0) == (extra_keys > 0), ran
 
 
+def test_a_refusal_for_more_queries_than_keys_is_guarded():
+    """Under dynamic shapes, a first call with Tq > Tk (refused) does not leave every later length unrewritten:
+    the refused graph is guarded to Tq > Tk, and Tq <= Tk recompiles and is rewritten (it was not: one call
+    at Tq > Tk turned the operator off for all later calls, values still exact)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(matmuls, backend=based_compile.backend(inner="eager"), dynamic=True)
+    calls = []
+    for tq, tk in ((5, 9), (6, 10), (9, 5), (5, 9), (6, 10), (7, 7)):
+        args = _cross_inputs("BHTD", tq, tk)
+        compiled(*args)                                         # compiles where it must
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = compiled(*args)
+        calls.append(_calls(prof))
+        _assert_same(_tuple(got), _tuple(matmuls(*args)), 1e-10, f"Tq={tq} Tk={tk}")
+    assert [c > 0 for c in calls] == [True, True, False, True, True, True], calls
+
+
 @pytest.mark.parametrize("fn", [broadcast_state_matmul_readout, value_major_einsums, returns_the_states],
                          ids=lambda f: f.__name__)
 def test_returned_state_is_the_operators(fn):
