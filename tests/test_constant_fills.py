@@ -205,3 +205,32 @@ def test_row_sums_of_a_column_of_twos_are_refused_as_scaled():
         assert not any(site.spec.normalize for site in explanation.sites), str(explanation)
         assert any(r.category == "normaliser" and "scaled by 2" in r.reason for r in explanation.refusals), \
             str(explanation)
+
+
+def linear_from_a_zero_state(q, k, v, fill=0.0):
+    """The running sums started from a state the code makes with torch.zeros (or a near-miss: ones)."""
+    qf, kf = phi(q), phi(k)
+    s0 = torch.full((q.shape[0], q.shape[1], qf.shape[-1], v.shape[-1]), fill, dtype=q.dtype)
+    kv = s0[:, :, None] + torch.einsum("bhnf,bhnd->bhnfd", kf, v).cumsum(2)
+    z = (qf * kf.cumsum(2)).sum(-1, keepdim=True)
+    return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + 1e-6)
+
+
+def linear_from_a_state_of_ones(q, k, v):           # near-miss: kv starts at 1, the normaliser at 0
+    return linear_from_a_zero_state(q, k, v, fill=1.0)
+
+
+def test_running_sums_from_a_zero_state_made_in_the_code():
+    """zeros + x is x: the state made by torch.zeros (read before as a zero initial state, then, once fills were
+    read as numbers, as 'cumsum + 0.0', which no reader read: refused)."""
+    reports, per_length = _compile_and_compare(linear_from_a_zero_state)
+    for explanation in reports.graphs:
+        assert len(explanation.sites) == 1 and explanation.sites[0].spec.normalize, str(explanation)
+    for t, graphs in per_length:
+        assert all("cumsum" not in str(n.target) for gm in graphs for n in gm.graph.nodes), f"T={t}"
+
+
+def test_running_sums_from_a_state_of_ones_stay_exact():
+    reports, _ = _compile_and_compare(linear_from_a_state_of_ones)
+    for explanation in reports.graphs:
+        assert explanation.sites or explanation.refusals, str(explanation)

@@ -6,7 +6,8 @@ result keeps computes, element by element, what the same op with the Python numb
 ``read_constant_fills(gm)`` rewrites those operands, in the lowered graph before matching, as the
 number, so that every reader (an eps beside a normaliser, a scale) sees a scalar. The fill itself
 is left in place (dead once nothing else reads it); a fill that would broadcast the other operand,
-or change its dtype, is left as written. The number is what the fill's elements hold: rounded to the
+or change its dtype, is left as written; a fill that changes nothing (``x + zeros``, ``x * ones``) is
+dropped. The number is what the fill's elements hold: rounded to the
 fill's own dtype and to every cast between it and the op (an integer fill of 0.5 is 0). Only fills of a Python number are read: a fill of a
 symbolic value would have to be guarded at its traced value.
 
@@ -137,7 +138,7 @@ def read_constant_fills(gm: fx.GraphModule) -> None:
         if _matmul_by_fill(node):
             changed = True
             continue
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _OPS or len(node.args) < 2:
             continue
         if node.target is aten.add.Tensor or node.target is aten.sub.Tensor:
@@ -150,6 +151,12 @@ def read_constant_fills(gm: fx.GraphModule) -> None:
             number = _fill_number(fill)
             if number is None or not _keeps(example_value(node), example_value(other)):
                 continue
+            identity = 0.0 if node.target in (aten.add.Tensor, aten.sub.Tensor) else 1.0
+            if number == identity:            # x + zeros (a state started from torch.zeros), x * ones: x
+                node.replace_all_uses_with(other)
+                gm.graph.erase_node(node)     # no reader may count it as a second user of x
+                changed = True
+                break
             args = list(node.args)
             args[i] = number
             if i == 0:                        # the number second: what every reader expects of a scalar

@@ -155,7 +155,7 @@ _FILLS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default, a
 def _state_update(node: fx.Node, depth: int = 0) -> bool:
     """A state plus an outer product: kv_state + phi(k)^T v, the state a region input, a fill made in the
     graph (``torch.zeros``), or, in a loop over the tokens unrolled by Dynamo, the previous update (the
-    first one, ``zeros + phi(k_0)^T v_0``, is an outer product plus 0 once fills are read as numbers)."""
+    first one, ``zeros + phi(k_0)^T v_0``, is the outer product itself once fills are read as numbers)."""
     if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor):
         return False
     a, b = node.args[:2]
@@ -164,7 +164,7 @@ def _state_update(node: fx.Node, depth: int = 0) -> bool:
 
 
 def _state(node: fx.Node, depth: int) -> bool:
-    if node.op == "placeholder" or (node.op == "call_function" and node.target in _FILLS):
+    if node.op == "placeholder" or (node.op == "call_function" and node.target in _FILLS) or _outer(node):
         return True
     if node.op == "call_function" and node.target is aten.add.Tensor and len(node.args) > 1 \
             and isinstance(node.args[0], fx.Node) and scalar_value(node.graph.owning_module, node.args[1]) is not None:
