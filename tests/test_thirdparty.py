@@ -223,6 +223,19 @@ def _linear_divided_by_a_total(q, k, v):           # near-miss: the normaliser s
     return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + 1e-3)
 
 
+def _same_as_eager(compiled, fn, t):
+    """Fresh float64 q, k, v of length t: the compiled fn's output and gradients are eager's (1e-10)."""
+    g = torch.Generator().manual_seed(t)
+    q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
+    out_c, out_e = compiled(q, k, v), fn(q, k, v)
+    assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
+    cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
+    for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
+        assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+    return q, k, v
+
+
 @pytest.mark.parametrize("fn, normalised", [(_linear_divided_directly, True), (_linear_divided_by_a_total, False)],
                          ids=["running", "near_total"])
 def test_recurrent_path_normaliser_under_a_symbolic_length(fn, normalised):
@@ -240,14 +253,7 @@ def test_recurrent_path_normaliser_under_a_symbolic_length(fn, normalised):
     compiled = torch.compile(fn, backend=based_compile.backend(inner=inner))
     with PassReports() as reports:
         for t in (12, 17):
-            g = torch.Generator().manual_seed(t)
-            q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-            v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
-            out_c, out_e = compiled(q, k, v), fn(q, k, v)
-            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
-            cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
-            for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
-                assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+            _same_as_eager(compiled, fn, t)
     assert len(reports.graphs) == 2, str(reports)
     for explanation in reports.graphs:
         if normalised:
@@ -453,14 +459,7 @@ def test_outer_product_written_as_a_matmul(fn, rewritten, probe, monkeypatch):
     compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"), dynamic=False)
     with PassReports() as reports:
         for t in (12, 17):
-            g = torch.Generator().manual_seed(t)
-            q, k = (torch.randn(2, H, t, FD, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-            v = torch.randn(2, H, t, HD, generator=g, dtype=torch.float64, requires_grad=True)
-            out_c, out_e = compiled(q, k, v), fn(q, k, v)
-            assert_rel_close(out_c, out_e, 1e-10, f"T={t}: output")
-            cot = torch.randn(out_e.shape, generator=g, dtype=out_e.dtype)
-            for gc, ge in zip(torch.autograd.grad(out_c, (q, k, v), cot), torch.autograd.grad(out_e, (q, k, v), cot)):
-                assert_rel_close(gc, ge, 1e-10, f"T={t}: gradient")
+            q, k, v = _same_as_eager(compiled, fn, t)
             with BasedOpCounter() as counter:
                 compiled(q, k, v)
             assert (counter.total > 0) == rewritten
