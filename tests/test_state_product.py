@@ -145,6 +145,21 @@ def _calls(prof) -> int:
     return counts.get("based::attention", 0) + counts.get("based::attention_with_state", 0)
 
 
+def _same_as_eager(compiled, fn, args, reports) -> int:
+    """The compiled fn's outputs and gradients at ``args`` are eager's (1e-10); the operator calls it made."""
+    ref_args = [x.detach().clone().requires_grad_() for x in args]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, reports:
+        got = _tuple(compiled(*args))
+    want = _tuple(fn(*ref_args))
+    _assert_same(got, want, 1e-10, fn.__name__)
+    cots = [torch.randn_like(w) for w in want]
+    grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
+    wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
+    for name, g, w in zip("qkv", grads, wants):
+        _assert_same(g, w, 1e-10, f"d{name}")
+    return _calls(prof)
+
+
 @pytest.fixture(params=["probe", "structure"])
 def probe(request, monkeypatch):
     """The pass with its numerical probe, and without it (the probe's and the index tensors' limits at
@@ -162,17 +177,7 @@ def test_form_is_rewritten_with_eager_values_and_gradients(fn, layout, dv, state
     reports = PassReports()                         # explain()'s report, from the compile's own trace
     for _ in range(2):                              # fresh inputs, the compiled graph reused
         args = _inputs(layout, dv, requires_grad=True)
-        ref_args = [x.detach().clone().requires_grad_() for x in args]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, reports:
-            got = _tuple(compiled(*args))
-        assert _calls(prof) >= 1, "the operator did not run"
-        want = _tuple(fn(*ref_args))
-        _assert_same(got, want, 1e-10, fn.__name__)
-        cots = [torch.randn_like(w) for w in want]
-        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
-        wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
-        for name, g, w in zip("qkv", grads, wants):
-            _assert_same(g, w, 1e-10, f"d{name}")
+        assert _same_as_eager(compiled, fn, args, reports) >= 1, "the operator did not run"
     assert reports.graphs, str(reports)
     for e in reports.graphs:
         assert len(e.sites) == 1 and not e.refusals, str(e)
@@ -200,17 +205,7 @@ def test_state_product_of_queries_against_keys_of_another_length(fn, layout, ext
     ran = 0
     for tq in (T, T + 2):
         args = _cross_inputs(layout, tq, tq + extra_keys)
-        ref_args = [x.detach().clone().requires_grad_() for x in args]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, reports:
-            got = _tuple(compiled(*args))
-        ran += _calls(prof)
-        want = _tuple(fn(*ref_args))
-        _assert_same(got, want, 1e-10, fn.__name__)
-        cots = [torch.randn_like(w) for w in want]
-        grads = torch.autograd.grad(sum((g * c).sum() for g, c in zip(got, cots)), args)
-        wants = torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), ref_args)
-        for name, g, w in zip("qkv", grads, wants):
-            _assert_same(g, w, 1e-10, f"d{name}")
+        ran += _same_as_eager(compiled, fn, args, reports)
     assert reports.graphs, str(reports)
     for e in reports.graphs:
         if extra_keys > 0:

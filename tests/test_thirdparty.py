@@ -223,6 +223,20 @@ def _linear_divided_by_a_total(q, k, v):           # near-miss: the normaliser s
     return torch.einsum("bhnf,bhnfd->bhnd", qf, kv) / (z + 1e-3)
 
 
+def _refused_and_exact(fn) -> list:
+    """The reports of fn compiled at T = 12: each refused, with no site, and the values eager's."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
+    with PassReports() as reports:
+        assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
+    assert reports.graphs, str(reports)
+    for explanation in reports.graphs:
+        assert not explanation.sites and explanation.refusals, str(explanation)
+    return reports.graphs
+
+
 def _same_as_eager(compiled, fn, t):
     """Fresh float64 q, k, v of length t: the compiled fn's output and gradients are eager's (1e-10)."""
     g = torch.Generator().manual_seed(t)
@@ -299,15 +313,7 @@ def _state_summed_over_features(q, k, v):
                          ids=["pad", "cat", "cumsum_over_features"])
 def test_recurrent_path_near_misses_are_refused(fn, category):
     """Exclusive running sums (the current token left out) were refused with no reason at all."""
-    g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
-    with PassReports() as reports:
-        assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
-    assert reports.graphs, str(reports)
-    for explanation in reports.graphs:
-        assert not explanation.sites and explanation.refusals, str(explanation)
+    for explanation in _refused_and_exact(fn):
         if category is not None:
             assert explanation.refusals[0].category == category, str(explanation)
             assert "shifted" in explanation.refusals[0].reason
@@ -486,14 +492,6 @@ def test_feature_map_of_q_and_k_together_is_refused_with_the_reason(fn):
     """phi computed once on q and k stacked (or concatenated over time) and split apart: not read (the
     pass reads phi(q) and phi(k)); the refusal said 'polynomial: f = 1*x^1 (x = q.k) has no second-order
     term', as if the model had no Taylor map."""
-    g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
-    compiled = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))
-    with PassReports() as reports:
-        assert_rel_close(compiled(q, k, v), fn(q, k, v), 1e-12)
-    assert reports.graphs, str(reports)
-    for explanation in reports.graphs:
-        assert not explanation.sites and explanation.refusals, str(explanation)
+    for explanation in _refused_and_exact(fn):
         assert {r.category for r in explanation.refusals} == {"feature_map"}, str(explanation)
         assert all("holds q and k together" in r.reason for r in explanation.refusals), str(explanation)
