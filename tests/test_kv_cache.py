@@ -297,6 +297,20 @@ def test_constant_offset_is_not_taken_for_tk_minus_tq_under_dynamic_lengths():
         assert_rel_close(compiled(q, k, v), block_constant_offset(q, k, v), 1e-12, f"Tq={tq} Tk={tk}")
 
 
+
+@pytest.mark.parametrize("fn", [decode_no_mask, block_tril_offset], ids=lambda f: f.__name__)
+def test_more_queries_than_keys_is_guarded(fn):
+    """Under dynamic shapes, a call with Tq > Tk (not a candidate: the scores have more rows than columns) does
+    not leave every later length unrewritten: its graph is guarded to Tq > Tk, and Tq <= Tk recompiles and is
+    rewritten (it was not: after calls at (9, 5) and (10, 6), (3, 11) ran without the operator, values exact)."""
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
+    calls = []
+    for tq, tk in ((9, 5), (10, 6), (3, 11), (4, 12), (11, 7)):
+        args = _inputs(tq, tk, seed=tq + tk)
+        calls.append(based_calls(compiled, *args)[0])
+        assert_rel_close(based_calls(compiled, *args)[1], fn(*args), 1e-12, f"Tq={tq} Tk={tk}")
+    assert [c > 0 for c in calls] == [False, False, True, True, False], calls
+
 # ----------------------------------------------------------------------------- a sliced buffer, growing cache
 # bias[..., Tk - Tq:Tk, :Tk] (GPT-2's spelling) was refused once Tk became dynamic ('the mask slices a
 # buffer at a length-dependent offset'): every decode step after the first ran unrewritten. The whole

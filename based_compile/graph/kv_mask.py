@@ -12,7 +12,25 @@ or size expressions under dynamic shapes; see ``mask.py`` for the rule):
 """
 from __future__ import annotations
 
+import logging
+
+import torch
+from torch.fx.experimental.symbolic_shapes import guard_bool
+
 from .mask import Keep, size_expr
+
+log = logging.getLogger("based_compile")
+
+
+def guard_more_queries(tq, tk) -> None:
+    """Under dynamic shapes, guard Tq > Tk (ints or SymInts) for a site refused for it, as Dynamo guards what it
+    traced: this graph, left as written, then runs only at such lengths, and a call with Tq <= Tk recompiles and
+    is read on its own (unguarded, the first Tq > Tk call's graph served every later length unrewritten)."""
+    if isinstance(tq, torch.SymInt) or isinstance(tk, torch.SymInt):
+        try:
+            guard_bool(tq > tk)
+        except Exception as err:  # noqa: BLE001 - the shape environment refused: nothing guarded, still exact
+            log.debug("based_compile: could not guard Tq > Tk (%s: %s)", type(err).__name__, err)
 
 
 def classify(keep: Keep, tq, tk) -> tuple[str, str]:

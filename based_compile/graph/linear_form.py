@@ -15,12 +15,10 @@ the numerator are time and features is left to the numerical probe.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import guard_bool
 
 from . import polynomial
 from .candidate import Weights, pick_output, view_chain
@@ -29,12 +27,11 @@ from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of
 from .feature_map import feature_map_factors, other_readings, pair_feature_maps, read_feature_map, unread_reason
 from .feature_normaliser import read_feature_sum, time_axis
 from .initial_state import InitialStates, follow, read_initial
+from .kv_mask import guard_more_queries
 from .mask import Keep, size_expr
 from .refusal import NotACandidate, Refused
 
 aten = torch.ops.aten
-
-log = logging.getLogger("based_compile")
 
 
 # writes into part of a tensor, as functionalisation lowers ``x[i] += y``, ``x[:, :, 1:].add_(y)``
@@ -411,19 +408,6 @@ def _readout_output(node: fx.Node, rows: int, values: int) -> fx.Node:
     raise NotACandidate("the state product is not read with its values last")
 
 
-def _guard_more_queries(q: fx.Node, k: fx.Node, axis: int) -> None:
-    """Under dynamic shapes, guard Tq > Tk for a site refused for it, as Dynamo guards what it traced: this
-    graph, left as written, then runs only at such lengths, and a call with Tq <= Tk recompiles and is read
-    on its own (unguarded, the first Tq > Tk call's graph served every later length unrewritten)."""
-    tq, tk = (shape_of(n) or [None] * (axis + 1) for n in (q, k))
-    tq, tk = tq[axis], tk[axis]
-    if isinstance(tq, torch.SymInt) or isinstance(tk, torch.SymInt):
-        try:
-            guard_bool(tq > tk)
-        except Exception as err:  # noqa: BLE001 - the shape environment refused: nothing guarded, still exact
-            log.debug("based_compile: could not guard Tq > Tk (%s: %s)", type(err).__name__, err)
-
-
 def match_state_product(matcher, node: fx.Node):
     """phi(q) @ (phi(k)^T @ v), in any spelling of the two contractions: the non-causal linear form, as a
     Match (Refused / NotACandidate). ``node``: the readout's contraction (a bmm, or a sum)."""
@@ -452,7 +436,7 @@ def match_state_product(matcher, node: fx.Node):
             raise NotACandidate("the readout does not keep phi(q)'s time and the state's values")
         t, tk = hint_shape(cat_q)[state.time], hint_shape(state.cat)[state.time]
         if tk < t:                      # the operator takes Tq <= Tk (non-causal: queries against any keys)
-            _guard_more_queries(cat_q, state.cat, state.time)
+            guard_more_queries(shape_of(cat_q)[state.time], shape_of(state.cat)[state.time])
             raise NotACandidate("more queries than keys")
         factor = q_chain.factor * state.factor * s_chain.factor
         poly = polynomial.scale(pair_feature_maps(phi_q, state.phi), factor)

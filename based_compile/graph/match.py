@@ -338,7 +338,10 @@ class Matcher:
         args = node.args
         if target is aten.bmm.default:
             shape = hint_shape(node)
-            if shape is None or len(shape) != 3 or shape[-2] > shape[-1]:
+            if shape is None or len(shape) != 3:
+                raise NotACandidate("bmm output is not 3-d")
+            if shape[-2] > shape[-1]:
+                kv_mask.guard_more_queries(*shape_of(node)[-2:])
                 raise NotACandidate("bmm output has more rows (queries) than columns (keys)")
             return self.scores(node)
         if target in VIEW_OPS:
