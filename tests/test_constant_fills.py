@@ -8,8 +8,10 @@
   with the row) is not an eps: the normaliser is left as written (values exact; the site, if any, is not
   normalised);
 - row sums spelled as a product with a column of ones (``a @ torch.ones(T, 1)``, ``a @ ones_like(v[..., :1])``)
-  are the row sums: before, the numerator alone was rewritten (or the product as a second attention with
-  v = ones) and the T x T weights stayed; twice the row sums (a column of twos) is refused as scaled.
+  or with ones in every column (``a @ torch.ones(T, Dv)``, ``a @ ones_like(v)``, einsum ``"bhij,j->bhi"``
+  with ``torch.ones(T)``) are the row sums: before, the numerator alone was rewritten (or the product as a
+  second attention with v = ones) and the T x T weights stayed; twice the row sums (a column or a matrix of
+  twos) is refused as scaled, and row sums weighted per column are no normaliser.
 
 Each form is compiled with backend="based" (inner="aot_eager") in float64 at two lengths (the second
 under a symbolic length) and compared with eager, values and gradients; the graphs handed to the inner
@@ -121,6 +123,34 @@ def quadratic_twos_column(q, k, v):               # near-miss: 2 * the row sums
     return (a @ v) / (a @ torch.full((a.shape[-1], 1), 2.0, dtype=a.dtype) + 1e-6)
 
 
+# row sums in every column: a product with a [T, Dv] fill, or einsum's vector of ones
+def quadratic_ones_matrix(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a @ torch.ones(a.shape[-1], v.shape[-1], dtype=a.dtype) + 1e-6)
+
+
+def quadratic_ones_like_v(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a @ torch.ones_like(v) + 1e-6)
+
+
+def quadratic_einsum_ones(q, k, v):
+    a = torch.tril(torch.einsum("bhid,bhjd->bhij", phi(q), phi(k)))
+    z = torch.einsum("bhij,j->bhi", a, torch.ones(a.shape[-1], dtype=a.dtype))
+    return torch.einsum("bhij,bhjd->bhid", a, v) / (z[..., None] + 1e-6)
+
+
+def quadratic_twos_matrix(q, k, v):               # near-miss: 2 * the row sums in every column
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a @ torch.full((a.shape[-1], v.shape[-1]), 2.0, dtype=a.dtype) + 1e-6)
+
+
+def quadratic_ones_matrix_weighted(q, k, v):      # near-miss: each column of the row sums weighted differently
+    a = torch.tril(phi(q) @ phi(k).mT)
+    w = torch.arange(1, v.shape[-1] + 1, dtype=a.dtype)
+    return (a @ v) / ((a @ torch.ones(a.shape[-1], v.shape[-1], dtype=a.dtype)) * w + 1e-6)
+
+
 def _square(gm, t) -> list[str]:
     """Nodes of a graph with two axes of the length t (the T x T weights or anything like them)."""
     found = []
@@ -163,8 +193,10 @@ def _compile_and_compare(fn):
 
 @pytest.mark.parametrize("fn, eps", [(quadratic_full_like, 1e-4), (quadratic_fill_first_reciprocal, 1e-2),
                                      (linear_new_full, 1e-3), (quadratic_ones_column, 1e-6),
-                                     (quadratic_ones_like_column, 1e-6)],
-                         ids=["full_like", "fill_first_reciprocal", "new_full", "ones_column", "ones_like_column"])
+                                     (quadratic_ones_like_column, 1e-6), (quadratic_ones_matrix, 1e-6),
+                                     (quadratic_ones_like_v, 1e-6), (quadratic_einsum_ones, 1e-6)],
+                         ids=["full_like", "fill_first_reciprocal", "new_full", "ones_column", "ones_like_column",
+                              "ones_matrix", "ones_like_v", "einsum_ones"])
 def test_eps_written_as_a_fill_is_the_normalised_sites_eps(fn, eps):
     reports, per_length = _compile_and_compare(fn)
     for explanation in reports.graphs:
@@ -199,12 +231,36 @@ def test_a_fill_is_the_number_its_dtype_holds(fn, eps, monkeypatch):
 
 
 
-def test_row_sums_of_a_column_of_twos_are_refused_as_scaled():
-    reports, _ = _compile_and_compare(quadratic_twos_column)
+@pytest.mark.parametrize("fn", [quadratic_twos_column, quadratic_twos_matrix], ids=["column", "matrix"])
+def test_row_sums_of_twos_are_refused_as_scaled(fn):
+    reports, _ = _compile_and_compare(fn)
     for explanation in reports.graphs:
         assert not any(site.spec.normalize for site in explanation.sites), str(explanation)
         assert any(r.category == "normaliser" and "scaled by 2" in r.reason for r in explanation.refusals), \
             str(explanation)
+
+
+def test_row_sums_in_every_column_of_a_symbolic_width():
+    """a @ ones_like(v) where Dv changes between calls (a symbolic width under dynamic shapes): the row sums are
+    broadcast to the width the fill has (the pass failed on this graph before: an expand to a SymInt)."""
+    compiled = torch.compile(quadratic_ones_like_v, backend=based_compile.backend(inner="eager"))
+    for t, dv in ((7, 5), (9, 6), (11, 3)):
+        g = torch.Generator().manual_seed(t)
+        q, k = (torch.randn(B, H, t, D, generator=g, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(B, H, t, dv, generator=g, dtype=torch.float64)
+        with PassReports() as reports:
+            out = compiled(q, k, v)
+        assert_rel_close(out, quadratic_ones_like_v(q, k, v), 1e-10, f"T={t} Dv={dv}")
+        for explanation in reports.graphs:
+            assert len(explanation.sites) == 1 and explanation.sites[0].spec.normalize, str(explanation)
+
+
+def test_row_sums_weighted_per_column_are_not_a_normaliser():
+    """Row sums spelled a @ ones(T, Dv), then multiplied by a weight per column: each column divides by another
+    number, so the site is not normalised (values exact)."""
+    reports, _ = _compile_and_compare(quadratic_ones_matrix_weighted)
+    for explanation in reports.graphs:
+        assert not any(site.spec.normalize for site in explanation.sites), str(explanation)
 
 
 def linear_from_a_zero_state(q, k, v, fill=0.0):

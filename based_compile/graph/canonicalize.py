@@ -54,7 +54,7 @@ def insert_after(after: fx.Node, target, args: tuple, *, mode, source: fx.Node) 
     with graph.inserting_after(after):
         node = graph.call_function(target, args)
     with mode:
-        node.meta["val"] = target(*(example_value(a) if isinstance(a, fx.Node) else a for a in args))
+        node.meta["val"] = target(*fx.node.map_arg(args, example_value))
     node.meta["stack_trace"] = source.meta.get("stack_trace")
     return node
 

@@ -11,8 +11,9 @@ dropped. The number is what the fill's elements hold: rounded to the
 fill's own dtype and to every cast between it and the op (an integer fill of 0.5 is 0). Only fills of a Python number are read: a fill of a
 symbolic value would have to be guarded at its traced value.
 
-A matmul by one column filled with c (``a @ torch.ones(T, 1)``, a row sum spelled as a product) is c times
-the sum of ``a`` over its last axis: rewritten as that sum (the row sums a normaliser reads).
+A matmul by a fill (``a @ torch.ones(T, 1)``, ``a @ torch.ones_like(v)``, einsum ``"bhij,j->bhi"`` with
+``torch.ones(T)``: a row sum spelled as a product) is c times the sum of ``a`` over its last axis, in every
+column: rewritten as that sum, broadcast to the product's columns (the row sums a normaliser reads).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ aten = torch.ops.aten
 _FILLS = {aten.ones_like.default: 1.0, aten.ones.default: 1.0, aten.new_ones.default: 1.0,
           aten.zeros_like.default: 0.0, aten.zeros.default: 0.0, aten.new_zeros.default: 0.0,
           aten.full_like.default: 1, aten.full.default: 1, aten.new_full.default: 2}
+# Views that read a tensor's elements in order (a matmul's operand flattened to rows).
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 # Binary ops and the operand positions a fill may take.
 _OPS = {aten.add.Tensor: (0, 1), aten.mul.Tensor: (0, 1), aten.sub.Tensor: (1,), aten.div.Tensor: (1,)}
 
@@ -85,7 +88,8 @@ def _keeps(result, other) -> bool:
 
 
 def _matmul_by_fill(node: fx.Node) -> bool:
-    """``mm(a, fill)`` / ``bmm(a, fill)`` of one column -> c * a.sum(-1, keepdim=True)."""
+    """``mm(a, fill)`` / ``bmm(a, fill)`` -> c * a.sum(-1, keepdim=True), broadcast to the product's columns
+    when there are more than one (every column of ``a @ full(T, n, c)`` is c times a's row sums)."""
     if node.op != "call_function" or node.target not in (aten.mm.default, aten.bmm.default):
         return False
     a, fill = node.args[:2]
@@ -94,38 +98,65 @@ def _matmul_by_fill(node: fx.Node) -> bool:
     number = _fill_number(fill)
     out, value = example_value(node), example_value(fill)
     mode = getattr(out, "fake_mode", None)
-    if number is None or mode is None or not isinstance(value, torch.Tensor) or out.dtype != value.dtype \
-            or not statically_known_true(out.shape[-1] == 1):
+    if number is None or mode is None or not isinstance(value, torch.Tensor) or out.dtype != value.dtype:
         return False
-    # a @ ones(T, 1) of a 4-D a is mm(a.view(N, T), ones) viewed back: sum a itself where each user views
-    # the product back to a's shape with one column, or without it (einsum "bhnm,m->bhn"): the sums keep
-    # a's axes for the normaliser's reader
+    columns = out.shape[-1]
+    # a @ ones(T, n) of a 4-D a is mm(a.view(N, T), ones) (bmm(a.view(N, T, T), ..) for a batched fill) viewed
+    # back: sum a itself where each user views the product back to a's rows with the n columns, or without a
+    # single column (einsum "bhnm,m->bhn"): the sums keep a's axes for the normaliser's reader
     base = a
-    while node.target is aten.mm.default and base.op == "call_function" and base.target in _VIEWS and isinstance(base.args[0], fx.Node) \
-            and statically_known_true(example_value(base.args[0]).shape[-1] == example_value(a).shape[-1]):
+    while _keeps_last_axis(base):
         base = base.args[0]
     rows = tuple(example_value(base).shape[:-1])
     views = [u for u in node.users if u.op == "call_function" and u.target in _VIEWS]
-    keepdim = next((k for k, shape in ((True, (*rows, 1)), (False, rows)) if views and len(views) == len(node.users)
+    shapes = [(True, (*rows, columns))] + ([(False, rows)] if statically_known_true(columns == 1) else [])
+    keepdim = next((k for k, shape in shapes if views and len(views) == len(node.users)
                     and all(_same_shape(example_value(u).shape, shape) for u in views)), None)
     if base is not a and keepdim is not None:
-        result = insert_after(node, aten.sum.dim_IntList, (base, [-1], keepdim), mode=mode, source=node)
-        if number != 1.0:
-            result = insert_after(result, aten.mul.Tensor, (result, number), mode=mode, source=node)
+        result = _scaled_row_sums(node, base, keepdim, number, columns, mode)
         for user in list(node.users):
             user.replace_all_uses_with(result)
             node.graph.erase_node(user)
-        node.graph.erase_node(node)     # dead: no reader may take it for a product (it would be a second site)
-        return True
-    result = insert_after(node, aten.sum.dim_IntList, (a, [-1], True), mode=mode, source=node)
-    if number != 1.0:
-        result = insert_after(result, aten.mul.Tensor, (result, number), mode=mode, source=node)
-    node.replace_all_uses_with(result)
-    node.graph.erase_node(node)
+    else:
+        result = _scaled_row_sums(node, a, True, number, columns, mode)
+        node.replace_all_uses_with(result)
+    node.graph.erase_node(node)     # dead: no reader may take it for a product (it would be a second site)
     return True
 
 
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+def _scaled_row_sums(node: fx.Node, a: fx.Node, keepdim: bool, number: float, columns, mode) -> fx.Node:
+    """c * a.sum(-1, keepdim), inserted after ``node``; with keepdim, expanded to ``columns`` columns."""
+    result = insert_after(node, aten.sum.dim_IntList, (a, [-1], keepdim), mode=mode, source=node)
+    if keepdim and not statically_known_true(columns == 1):
+        if not isinstance(columns, int):          # a symbolic width: read off the fill, as the graph sized it
+            fill = node.args[1]
+            columns = insert_after(result, aten.sym_size.int, (fill, example_value(fill).dim() - 1), mode=mode,
+                                   source=node)
+        rank = example_value(result).dim()
+        after = columns if isinstance(columns, fx.Node) else result
+        result = insert_after(after, aten.expand.default, (result, [-1] * (rank - 1) + [columns]), mode=mode,
+                              source=node)
+    if number != 1.0:
+        result = insert_after(result, aten.mul.Tensor, (result, number), mode=mode, source=node)
+    return result
+
+
+def _keeps_last_axis(node: fx.Node) -> bool:
+    """``node`` is a view, a reshape, an expand to the same shape or a permute in place of a tensor whose last
+    axis it keeps as it is: the rows it reads are the tensor's rows, in their order."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    source = example_value(node.args[0])
+    here = example_value(node)
+    if not isinstance(source, torch.Tensor) or not isinstance(here, torch.Tensor) or source.dim() == 0:
+        return False
+    if node.target in _VIEWS:
+        return statically_known_true(source.shape[-1] == here.shape[-1])
+    if node.target is aten.expand.default:
+        return _same_shape(source.shape, here.shape)
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == list(range(source.dim()))
+    return False
 
 
 def _same_shape(a, b) -> bool:

@@ -829,13 +829,33 @@ def _moves_axes(view: fx.Node) -> bool:
 
 
 def _constant_along(den, divided: fx.Node, axis: int) -> bool:
-    """``den``, broadcast against ``divided`` (the output of the division), has one entry along ``axis``:
-    the row sums divide each row, not each column (``z[..., None, :]`` would divide columns)."""
-    shape, out = hint_shape(den) if isinstance(den, fx.Node) else (), hint_shape(divided)
-    if shape is None or out is None:
+    """``den``, broadcast against ``divided`` (the output of the division), has one value along ``axis``:
+    the row sums divide each row, not each column (``z[..., None, :]`` would divide columns). One value: one
+    entry, or one entry expanded (``z.expand(..., Dv)``, as a row sum spelled ``a @ ones(T, Dv)`` is read),
+    through a scalar added, subtracted, multiplied or divided."""
+    out = hint_shape(divided)
+    return out is not None and _one_value_along(den, axis - len(out))
+
+
+_SCALAR_OPS = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+
+
+def _one_value_along(node, axis: int) -> bool:
+    """``node`` holds one value along its axis ``axis`` (counted from the end, negative; missing: one)."""
+    shape = hint_shape(node) if isinstance(node, fx.Node) else ()
+    if shape is None:
         return False
-    at = axis - (len(out) - len(shape))
-    return at < 0 or shape[at] == 1
+    if -axis > len(shape) or shape[axis] == 1:
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is aten.expand.default:
+        return _one_value_along(node.args[0], axis)
+    if node.target in _SCALAR_OPS and len(node.args) == 2:
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and hint_shape(a)]
+        if len(tensors) == 1 and float(node.kwargs.get("alpha", 1)) == 1.0:
+            return _one_value_along(tensors[0], axis)
+    return False
 
 
 def _intersect(a: masks.Keep, b: masks.Keep) -> masks.Keep:
