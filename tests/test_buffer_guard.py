@@ -123,6 +123,23 @@ def test_no_wrapper_without_buffers():
     assert compiled_fn is seen[0]
 
 
+def _masked_by_an_argument(q, k, v, buffers):      # a list the caller passes, named like a module's buffers
+    s = q @ k.mT / 2
+    a = (1 + s + 0.5 * s * s) * buffers[0]
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_an_argument_named_buffers_is_not_a_registered_buffer():
+    """Only a module's registered buffers (``._buffers[...]`` in Dynamo's source name) are read by value: an
+    argument called ``buffers`` is an input like any other (it was baked in, and a call with another mask
+    raised StaleBufferError)."""
+    compiled = torch.compile(_masked_by_an_argument, backend=based_compile.backend(inner="eager"))
+    t = 6
+    for mask in (torch.ones(t, t, dtype=torch.float64).tril(), torch.ones(t, t, dtype=torch.float64)):
+        q, k, v = (torch.randn(1, 2, t, 4, dtype=torch.float64) for _ in range(3))
+        assert_rel_close(compiled(q, k, v, [mask]), _masked_by_an_argument(q, k, v, [mask]), 1e-10)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_gpu_mask_buffer_guard(mode, no_tf32):

@@ -36,7 +36,9 @@ def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
         if not isinstance(value, torch.Tensor):
             flags.append(True)
             continue
-        flags.append("buffers" in source_name(node) and not value.requires_grad)
+        # a module's registered buffer: L['self']._buffers['tril'], L['self']._modules['attn']._buffers['mask']
+        # (not any name with the word in it: an argument called ``buffers`` is an input like any other)
+        flags.append("._buffers[" in source_name(node) and not value.requires_grad)
     return flags
 
 
