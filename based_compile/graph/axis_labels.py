@@ -20,7 +20,9 @@ identity only at the traced length ([B, H, T, D] -> [B, T, H, D] at T == H) is a
 here. Axes that vary only with constants (a mask, ``torch.ones``) and axes broadcast by ``expand``
 are wildcards (GQA's repeated heads are k's heads times a wildcard). Features built by feature maps
 (concatenations, index gathers of the q/k feature axis) are checked to come from the feature axis
-alone; which features pair up is the feature-map reader's proof. An op not known here gives an
+alone, and to meet the other side's features in the same order (a view that regroups one map's feature
+axis pairs feature f with another); which features a map holds where is the feature-map reader's proof
+(``feature_order``). An op not known here gives an
 opaque label, which fails where it is checked: the site is refused with the reason, not guessed.
 """
 from __future__ import annotations
@@ -208,6 +210,10 @@ def unify(a, b, where: str):
         return a
     if _compound(a) or _compound(b):
         if _features_only(a) and _features_only(b) and _eq(_total(a), _total(b)):
+            if not _same_order(a, b):
+                raise Mismatch(f"{where}: features meet features in another order (a view splits and regroups "
+                               "the feature axis on one side only: feature f of one map meets another feature "
+                               "of the other)")
             return a if _compound(a) else b
         raise Mismatch(f"{where}: {describe(a)} meets {describe(b)}")
     refined = _refine(a, b)
@@ -222,6 +228,14 @@ def unify(a, b, where: str):
         else:
             raise Mismatch(f"{where}: {describe(a)} meets {describe(b)}")
     return _norm(out)
+
+
+def _same_order(a, b) -> bool:
+    """Two feature labels of the same size walk their features in the same order: cut at the same
+    boundaries, each pair of pieces has the same stride (its place in its map), broadcast pieces aside."""
+    refined = _refine(a, b)
+    return refined is not None and all(pa[0] == WILD or pb[0] == WILD or _eq(pa[1], pb[1])
+                                       for pa, pb in zip(*refined))
 
 
 def describe(label) -> str:

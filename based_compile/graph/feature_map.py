@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .canonicalize import VIEW_OPS, hint_shape, read_views, scalar_factor, scalar_value, walk_operand
+from .feature_order import keeps_last_axis, linear_in_order, outer_in_order, square_in_order
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -120,12 +121,16 @@ def _piece(gm, node: fx.Node) -> Piece | None:
     if degree == 0:
         return Piece("const", factor, width, None)
     d = hint_shape(source)[-1]
-    if degree == 1:
-        return Piece("linear", factor, width, source) if width == d else None
+    if degree == 1:                              # x_a at feature a (not x's features reordered by views)
+        return Piece("linear", factor, width, source) if width == d and linear_in_order(gm, node, source) else None
     if width != d ** degree:
         if degree == 2 and width == d:           # x * x: the products x_a x_a
+            if not square_in_order(gm, node, source):
+                return None
             return Piece("pairs", factor, width, source, tuple((a, a) for a in range(d)))
         return Piece("elementwise", factor, width, source)    # x ** 3 elementwise: not a function of q.k
+    if degree == 2 and not outer_in_order(gm, node, source):     # x_a x_b at feature a * D + b
+        return None
     return Piece("outer" if degree == 2 else f"degree{degree}", factor, width, source)
 
 
@@ -195,6 +200,10 @@ def _pairs_piece(gm, node: fx.Node, rank: int) -> Piece | None:
     x = walk_operand(gm, ia[1])      # the source as the other pieces read it (through views and scalars)
     if len(hint_shape(x.source) or ()) != rank:
         return None
+    # feature f is x_{i_f} x_{j_f}: the index's axis, and x's below it, reach the piece's last axis whole
+    if not keeps_last_axis(gm, node, stop) or not keeps_last_axis(gm, ia[1], x.source) \
+            or not all(keeps_last_axis(gm, f, _strip(gm, f)[0]) for f in (a, b)):
+        return None
     return Piece("pairs", factor * ia[0] * ib[0] * x.factor ** 2, len(ia[2]), x.source, tuple(zip(ia[2], ib[2])))
 
 
@@ -205,6 +214,9 @@ def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:
         stop, f = _strip(gm, t)
         if stop.op == "call_function" and stop.target is aten.cat.default and len(hint_shape(stop)) == rank \
                 and (stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)) in (-1, rank - 1):
+            if not keeps_last_axis(gm, t, stop):       # the nested map's features, in their order
+                out.append(None)
+                continue
             out += _pieces(gm, stop, rank, factor * f)
             continue
         piece = _pairs_piece(gm, t, rank) or _piece(gm, t)      # (a product of two tensors is an x of its own in _piece)
@@ -428,6 +440,14 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
             i, t = bad[0]
             inner = _through_constants(gm, t)
             what = _op_name(inner) if inner.op == "call_function" else inner.name
+            mono = _monomial(gm, t, rank) if isinstance(t, fx.Node) else None
+            if mono is not None and mono[0] in (1, 2) and mono[2] is not None:
+                d, width = hint_shape(mono[2])[-1], hint_shape(t)[-1]
+                if width in (d, d * d):
+                    return (f"piece {i} of the feature map torch.cat (computed by {what}) is of degree {mono[0]} "
+                            "in x but does not hold x's features in order (x_a at feature a, x_a x_b at feature "
+                            "a * D + b): a view regroups the feature axis, or a square x_a^2 stands where x_a x_b "
+                            f"should: {_READ}")
             return (f"piece {i} of the feature map torch.cat (computed by {what}) is not a constant column, x, "
                     f"x (x) x or products x_a x_b of the same x: {_READ}")
         if {p.kind for p in pieces} <= {"linear"}:
