@@ -5,15 +5,16 @@ Each kernel module provides a ``forward(q, k, v, args) -> (o, z)`` and a
 [B, H, T] for ``normalize=True``, else None); this turns such a pair into a
 differentiable function, once: the backward is not differentiable itself, so gradients taken
 with ``create_graph=True`` raise when differentiated again instead of silently counting as
-constants. The ``torch.ops.based`` operator registers the same pair with ``torch.library``
-instead (and refuses double backward the same way).
+constants (``first_order.py``, whenever q, k, v or the incoming gradient require grad). The
+``torch.ops.based`` operator registers the same pair with ``torch.library`` instead (and refuses
+double backward through the same ``first_order``).
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .arguments import BasedArguments
+from .first_order import first_order
 
 
 class BasedKernelFunction(torch.autograd.Function):
@@ -25,8 +26,9 @@ class BasedKernelFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, z = ctx.saved_tensors
-        dq, dk, dv = ctx.kernel_backward(q, k, v, o, z, do, ctx.args)
+        backward = ctx.kernel_backward
+        dq, dk, dv = first_order(getattr(backward, "__name__", "the kernel's backward"), backward,
+                                 q, k, v, o, z, do, ctx.args)
         return dq, dk, dv, None, None, None

@@ -34,6 +34,7 @@ form above recomputed under autograd and differentiated. O(T) memory. No double 
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ from .custom_op import based_attention
 from .dispatch import direct_backend
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, triton_interpreting
+from ..kernels.first_order import first_order, wants_graph
 from .recurrent_step import feature_width, piece_width
 from .spec import BasedSpec
 
@@ -363,22 +365,16 @@ def _autograd(keyset, q, k, v, *rest):
         return _OP.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params, kv0, k0)
 
 
-class _BackwardAutograd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, keyset, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("based::attention_with_state_backward is not differentiable: no double backward")
+def _redispatch_backward(keyset, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return _BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
 def _backward_autograd(keyset, *args):
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return _BackwardAutograd.apply(keyset, *args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    if wants_graph(*args):      # create_graph=True: first-order gradients, which refuse a second backward
+        return first_order("based::attention_with_state_backward", functools.partial(_redispatch_backward, keyset),
+                           *args)
+    return _redispatch_backward(keyset, *args)
 
 
 for _key in ("CPU", "CUDA"):

@@ -46,6 +46,8 @@ the naive PyTorch code it replaces runs its matmuls in that dtype). The output h
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -56,6 +58,7 @@ from ..kernels import decode as decode_kernel
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels import parallel as parallel_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, environ_get
+from ..kernels.first_order import first_order, wants_graph
 from .spec import BasedSpec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -445,28 +448,17 @@ def _attention_autograd(keyset, q, k, v, *params):
         return _ATTENTION.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *params)
 
 
-class _BackwardAutograd(torch.autograd.Function):
-    """``based::attention_backward`` under grad mode (``create_graph=True``): the first-order
-    gradients are computed; differentiating them again raises (no double backward)."""
-
-    @staticmethod
-    def forward(ctx, keyset, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ATTENTION_BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("based::attention_backward is not differentiable: Based attention has no "
-                           "double backward (gradients of gradients)")
+def _redispatch_backward(keyset, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ATTENTION_BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
 def _attention_backward_autograd(keyset, *args):
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return _BackwardAutograd.apply(keyset, *args)
+    if wants_graph(*args):      # create_graph=True: first-order gradients, which refuse a second backward
+        return first_order("based::attention_backward", functools.partial(_redispatch_backward, keyset), *args)
     if _straight_to_backend(keyset):        # a compiled backward's call: no second trip through the dispatcher
         return _attention_backward(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _ATTENTION_BACKWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return _redispatch_backward(keyset, *args)
 
 
 _LIBRARY.impl("attention", _attention_autograd, "Autograd", with_keyset=True)
