@@ -479,6 +479,30 @@ def test_autocast_cpu_casts_to_the_autocast_dtype(kernel_setting):
         assert based_attention(q, k.half(), v, spec).dtype == torch.float16    # mixed inputs: all cast
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_leaves_float64_alone(kernel_setting, autocast_dtype):
+    """Autocast never casts float64 (a float64 matmul under autocast stays float64): neither does the
+    operator, eagerly, through the dispatcher or compiled."""
+    spec = BasedSpec(scale=0.5)
+    q, k, v = make_inputs(1, 2, 12, 4, 3, dtype=torch.float64, requires_grad=True)
+    ref = reference(q.detach(), k.detach(), v.detach(), spec)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        assert (q @ k.transpose(-2, -1)).dtype == torch.float64          # what autocast itself does
+        outs = (based_attention(q, k, v, spec),
+                torch.ops.based.attention(q, k, v, "BHTD", 0.5, 1.0, 1.0, 0.5, True, True, 1e-6)[0],
+                torch.compile(lambda q, k, v: based_attention(q, k, v, spec), fullgraph=True)(q, k, v))
+    for o in outs:
+        assert o.dtype == torch.float64
+        assert_rel_close(o, ref, 1e-10)
+    o = outs[0]
+    q64, k64, v64 = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(o)
+    for g, r in zip(torch.autograd.grad(o, (q, k, v), do),
+                    torch.autograd.grad(reference(q64, k64, v64, spec), (q64, k64, v64), do)):
+        assert g.dtype == torch.float64
+        assert_rel_close(g, r, 1e-10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: long-context inference on the CPU never builds T x T
 # ---------------------------------------------------------------------------------------------

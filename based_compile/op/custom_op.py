@@ -40,9 +40,10 @@ bfloat16, float32; for Tq < Tk the decode kernel at inference with a few queries
 forms, see policy.py); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
 the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
 
-Autocast: inside ``torch.autocast(device, dtype)`` the operator casts floating q, k, v to the
-autocast dtype of their device, then runs with autocast off (Based attention is matmul-like, and
-the naive PyTorch code it replaces runs its matmuls in that dtype). The output has that dtype.
+Autocast: inside ``torch.autocast(device, dtype)`` the operator casts q, k, v of their device to
+its autocast dtype where autocast itself would (float16, bfloat16, float32; float64 stays
+float64), then runs with autocast off (Based attention is matmul-like, and the naive PyTorch code
+it replaces runs its matmuls in that dtype). The output has the dtype the inputs were cast to.
 """
 from __future__ import annotations
 
@@ -465,9 +466,17 @@ _LIBRARY.impl("attention", _attention_autograd, "Autograd", with_keyset=True)
 _LIBRARY.impl("attention_backward", _attention_backward_autograd, "Autograd", with_keyset=True)
 
 
+def _autocast_eligible(x: Tensor, device_type: str) -> bool:
+    """Whether autocast on ``device_type`` casts ``x`` for a lower-precision op (ATen's
+    ``at::autocast::is_eligible``): a floating tensor on that device, float64 excepted (autocast
+    leaves float64 alone, so a float64 matmul under autocast stays float64)."""
+    return x.is_floating_point() and x.dtype != torch.float64 and x.device.type == device_type
+
+
 def _register_autocast(device_type: str) -> None:
-    """Cast floating q, k, v to the current autocast dtype of ``device_type`` (not a fixed dtype,
-    which is all ``torch.library.register_autocast`` offers), then run with autocast off."""
+    """Cast q, k, v to the current autocast dtype of ``device_type`` (not a fixed dtype, which is
+    all ``torch.library.register_autocast`` offers) where autocast would (``_autocast_eligible``:
+    float64 stays float64), then run with autocast off."""
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     key = getattr(torch._C.DispatchKey, key_name)
     op = torch.ops.based.attention.default
@@ -476,7 +485,7 @@ def _register_autocast(device_type: str) -> None:
         target = torch.get_autocast_dtype(device_type)
 
         def cast(x):
-            if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == device_type:
+            if isinstance(x, Tensor) and _autocast_eligible(x, device_type):
                 return x.to(target)
             return x
 
