@@ -166,11 +166,23 @@ def triton_interpreting() -> bool:
     return environ_get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_kernel_device(q: torch.Tensor) -> None:
-    """Triton kernels need CUDA tensors, or CPU tensors under the Triton interpreter."""
+def check_kernel_device(q: torch.Tensor, *, dots: bool = True) -> None:
+    """Triton kernels need CUDA tensors, or CPU tensors under the Triton interpreter.
+
+    Under the interpreter, a kernel with ``tl.dot`` (``dots``: all but the recurrent step's) refuses
+    bfloat16: the interpreter's ``tl.dot`` on bfloat16 operands returns wrong values (outputs near
+    zero), so the kernels would return garbage instead of Based attention. CUDA tensors are not
+    affected."""
     if q.is_cuda:
         return
     if q.device.type == "cpu" and triton_interpreting():
+        if dots and q.dtype == torch.bfloat16:
+            raise TypeError(
+                "q, k, v are bfloat16 CPU tensors under TRITON_INTERPRET=1: Triton's interpreter computes "
+                "tl.dot on bfloat16 operands wrongly, so the Triton kernels refuse bfloat16 there. Use float32 "
+                "or float16 under the interpreter, CUDA tensors, or the PyTorch forms on the CPU "
+                "(based_compile.kernels.naive_*, or based_attention with config.kernel 'auto')."
+            )
         return
     raise ValueError(
         f"q, k, v are on {q.device}; the Triton kernels need CUDA tensors "

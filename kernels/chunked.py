@@ -738,7 +738,8 @@ def chunked_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, norm
     """Differentiable chunkwise-parallel Based attention (O(T) memory); see ``naive_parallel_based``.
 
     q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv] (or [B, T, H, D] with layout="BTHD");
-    Dk from 1 to 32, Dv up to 256; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1).
+    Dk from 1 to 32, Dv up to 256; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1, float16
+    or float32 only: the interpreter's bfloat16 tl.dot is wrong, so bfloat16 raises there).
     """
     args = check_chunked_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout)
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

@@ -733,7 +733,8 @@ def fused_chunk_based(q, k, v, scale=None, coeffs=(1.0, 1.0, 0.5), causal=True, 
     """Differentiable fused-chunk Based attention (O(T) memory); see ``naive_parallel_based`` for the math.
 
     q: [B, H, T, Dk], k: [B, Hkv, T, Dk], v: [B, Hkv, T, Dv] (or [B, T, H, D] with layout="BTHD");
-    Dk from 1 to 32; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1).
+    Dk from 1 to 32; float16, bfloat16 or float32; CUDA tensors (CPU under TRITON_INTERPRET=1, float16
+    or float32 only: the interpreter's bfloat16 tl.dot is wrong, so bfloat16 raises there).
     """
     args = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout, dtypes=ACCEPTED_DTYPES)
     _check_supported(q, args)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .arguments import BasedArguments
+from .arguments import BasedArguments, check_kernel_device
 from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
 from .parallel import _dkv_step, _dq_step, _parallel_bwd_prep_kernel
 from .prefix_chunked import (
@@ -364,6 +364,7 @@ def _prefix_dkv_kernel(
 # ----------------------------------------------------------------------------------------------
 def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig | None = None):
     """(dq, dk, dv) with the shapes, dtypes and layout of q, k, v (dk, dv summed over a GQA group)."""
+    check_kernel_device(q)
     if q.dtype == torch.float16:
         raise TypeError(FLOAT16_REFUSAL)
     if args.dv > MAX_DV:

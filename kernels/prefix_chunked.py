@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .kept_states import carried, carrier
-from .arguments import BasedArguments, triton_interpreting
+from .arguments import BasedArguments, check_kernel_device, triton_interpreting
 from .segment_scan import segment_scan_kernel
 from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
 from .parallel import _fwd_step
@@ -528,6 +528,7 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
     """(o, z): o like q, z the float32 normaliser [B, H, T] or None. q, k, v as checked by ``args``
     (kernels/chunked.py checks the kernel's limits first); ``cfg``: the launches (prefix_config's).
     ``keep`` (normalised only): z carries the states for the backward (kernels/kept_states.py)."""
+    check_kernel_device(q)
     if args.tk != args.length:
         raise ValueError(f"prefix_forward takes as many queries as keys, got Tq={args.length}, Tk={args.tk}")
     cfg = cfg or prefix_config(args)

@@ -363,7 +363,7 @@ def recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, nor
     what the kernel itself needs (``supported`` must be None). ``variant``: "flat" or "tiled" (the
     module's docstring); ``block_v``: Dv columns per program (a power of two; None: chosen by shape).
     """
-    check_kernel_device(q)
+    check_kernel_device(q, dots=False)         # no tl.dot: bfloat16 is exact under the interpreter too
     if variant not in VARIANTS:
         raise ValueError(f"recurrent_step kernel: variant must be one of {VARIANTS}, got {variant!r}")
     if block_v is not None and (not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1)):

@@ -4,7 +4,8 @@
 
 - ``"auto"`` (default): ``based_compile.policy`` picks by mode (training or inference) and shape.
 - ``"parallel"``, ``"fused_chunk"``, ``"chunked"``: force that Triton kernel. CUDA tensors run it; CPU tensors run it
-  under Triton's interpreter (``TRITON_INTERPRET=1``), and otherwise run the PyTorch form of the same
+  under Triton's interpreter (``TRITON_INTERPRET=1``; float16 and float32 only: bfloat16 raises a TypeError,
+  the interpreter's bfloat16 ``tl.dot`` being wrong), and otherwise run the PyTorch form of the same
   algorithm (parallel -> ``cpu_quadratic``, fused_chunk and chunked -> ``cpu_chunked``).
 - ``"cpu_quadratic"``, ``"cpu_chunked"``: force a PyTorch form; CPU tensors only (a CUDA tensor raises).
 

@@ -38,7 +38,8 @@ positions. Dynamic Tk traces once (the fake implementation is symbolic in Tk).
 Devices: CUDA runs the Triton kernels (``based_compile.kernels``: parallel / fused_chunk / chunked, float16,
 bfloat16, float32; for Tq < Tk the decode kernel at inference with a few queries, else the PyTorch
 forms, see policy.py); CPU runs ``based_compile.cpu_path`` (any floating dtype, float64 included), or
-the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py).
+the Triton kernels under ``TRITON_INTERPRET=1`` when the user forces one (config.py; not bfloat16,
+which the kernels refuse under the interpreter).
 
 Autocast: inside ``torch.autocast(device, dtype)`` the operator casts q, k, v of their device to
 its autocast dtype where autocast itself would (float16, bfloat16, float32; float64 stays
