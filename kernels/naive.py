@@ -135,7 +135,7 @@ def naive_chunkwise_based(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=Tru
         o = pq @ states + w @ vc
     else:
         o = pq @ ds.sum(2, keepdim=True)
-    o = o.reshape(b, h, n * chunk_size, -1)[:, :, :t]
+    o = o.reshape(b, h, n * chunk_size, o.shape[-1])[:, :, :t]           # explicit width: B may be 0
     o = o[..., :-1] / (o[..., -1:] + a.eps) if normalize else o[..., :-1]
     return _from_bhtd(o, layout)
 

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from based_compile.kernels import naive_chunk_based, naive_parallel_based
+from based_compile.kernels import naive_chunk_based, naive_chunkwise_based, naive_parallel_based
 from compare import assert_rel_close
 from conftest import make_inputs
 
@@ -122,3 +122,16 @@ def test_bad_chunk_size_is_named(chunk_size):
     q, k, v = make_inputs(1, 2, 4, 8, 8)
     with pytest.raises(ValueError, match="chunk_size"):
         naive_chunk_based(q, k, v, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("fn", [naive_parallel_based, naive_chunk_based, naive_chunkwise_based],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("causal,normalize", [(True, True), (False, False)])
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+def test_empty_batch_gives_empty_outputs_and_grads(fn, causal, normalize, layout):
+    """B = 0: an empty output of the right shape (and empty gradients), as every other entry point."""
+    q, k, v = make_inputs(0, 2, 7, 4, 3, layout=layout, requires_grad=True)
+    o = fn(q, k, v, causal=causal, normalize=normalize, layout=layout)
+    assert o.shape == ((0, 2, 7, 3) if layout == "BHTD" else (0, 7, 2, 3))
+    o.sum().backward()
+    assert [x.grad.shape for x in (q, k, v)] == [x.shape for x in (q, k, v)]
