@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .arguments import DEFAULT_COEFFS, check_arguments
+from .step_arguments import check_step_arguments
 from .symmetric_basis import key_features, query_features
 
 
@@ -159,14 +160,14 @@ def naive_recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factor
     """One recurrent Based step, computed in q's dtype (float64 inputs: the float64 reference).
 
     k: [..., Dk], v: [..., Dv] (R rows); kv_state R * F * Dv elements read as [R, F, Dv], k_state
-    R * F as [R, F] (or None: a zero key state). q: [..., Dk] with G * R rows, query row i reading
-    state row i // G (grouped-query attention; G = 1 one state per query row). Returns (o [q's
-    leading dims, Dv], kv_state' and k_state' in the states' shapes; k_state' as [k's leading dims, F]
-    when k_state is None): kv' = kv + phi(k)^T v, k' = k_state + phi(k),
-    o = phi(q) kv' / (phi(q) . k' + eps) (or phi(q) kv')."""
-    dk, dv = q.shape[-1], v.shape[-1]
-    rows = k.numel() // dk
-    group = q.numel() // dk // rows
+    R * F as [R, F] (or None, in an unnormalised step: a zero key state). q: [..., Dk] with G * R
+    rows, query row i reading state row i // G (grouped-query attention; G = 1 one state per query
+    row). Returns (o [q's leading dims, Dv], kv_state' and k_state' in the states' shapes; k_state'
+    as [k's leading dims, F] when k_state is None): kv' = kv + phi(k)^T v, k' = k_state + phi(k),
+    o = phi(q) kv' / (phi(q) . k' + eps) (or phi(q) kv'). The arguments are checked as
+    ``based::recurrent_step`` checks them (``check_step_arguments``)."""
+    rows, dk, dv, _, group = check_step_arguments(q, k, v, kv_state, k_state, pieces, q_factors, k_factors,
+                                                  normalize, eps, who="naive_recurrent_step")
     dtype = q.dtype
     pq = _step_features(q.reshape(rows * group, dk), pieces, q_factors)
     pk = _step_features(k.reshape(rows, dk).to(dtype), pieces, k_factors)

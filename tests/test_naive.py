@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from based_compile.kernels import naive_chunk_based, naive_chunkwise_based, naive_parallel_based
+from based_compile.kernels import (naive_chunk_based, naive_chunkwise_based, naive_parallel_based,
+                                   naive_recurrent_step)
 from compare import assert_rel_close
 from conftest import make_inputs
 
@@ -135,3 +136,26 @@ def test_empty_batch_gives_empty_outputs_and_grads(fn, causal, normalize, layout
     assert o.shape == ((0, 2, 7, 3) if layout == "BHTD" else (0, 7, 2, 3))
     o.sum().backward()
     assert [x.grad.shape for x in (q, k, v)] == [x.shape for x in (q, k, v)]
+
+
+STEP_MAP = (["const:1", "linear", "outer"], [1.0, 0.5, 0.125], [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(kv_state=torch.randn(1, 2, 13, 3)), ValueError, r"naive_recurrent_step: kv_state must hold rows \* F \* Dv"),
+    (dict(q=torch.ones(1, 2, 1, 3, dtype=torch.long)), TypeError, "naive_recurrent_step: q must have a floating dtype"),
+    (dict(q_factors=[1.0, 0.5]), ValueError, "naive_recurrent_step: q_factors must have one factor per piece"),
+    (dict(q=torch.randn(1, 3, 1, 3)), ValueError, "naive_recurrent_step: q's rows .* must be a multiple G of k's"),
+    (dict(k_state=None), ValueError, "naive_recurrent_step: k_state is None, which only an unnormalised step"),
+    (dict(pieces="linear"), ValueError, "naive_recurrent_step: pieces must be a non-empty list"),
+    (dict(eps=-1.0), ValueError, "naive_recurrent_step: eps"),
+])
+def test_recurrent_step_reference_checks_its_arguments(bad, exc, match):
+    """naive_recurrent_step checks its arguments as based::recurrent_step does (check_step_arguments)."""
+    args = dict(q=torch.randn(1, 2, 1, 3), k=torch.randn(1, 2, 1, 3), v=torch.randn(1, 2, 1, 4),
+                kv_state=torch.randn(1, 2, 13, 4), k_state=torch.randn(1, 2, 1, 13), pieces=STEP_MAP[0],
+                q_factors=STEP_MAP[1], k_factors=STEP_MAP[2])
+    naive_recurrent_step(**args)
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        naive_recurrent_step(**args)
