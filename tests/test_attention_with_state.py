@@ -114,6 +114,12 @@ def test_bad_arguments():
         based_attention_with_state(q, k, v, spec, *BASED_MAP, kv0, k0.long())
     with pytest.raises(ValueError, match="nonzero factors"):
         based_attention_with_state(q, k, v, spec, ["const:1", "linear", "outer"], [1.0, 0.0, 1.0], kv0, k0)
+    with pytest.raises(TypeError, match=r"pieces must be a list of feature-map pieces .* got 'linear'"):
+        based_attention_with_state(q, k, v, spec, "linear", [1.0] * 6)     # not six pieces 'l', 'i', ...
+    with pytest.raises(TypeError, match="k_factors must be a list of numbers"):
+        based_attention_with_state(q, k, v, spec, ["linear"], 1.0)
+    with pytest.raises(TypeError, match=r"pieces must be a list of feature-map pieces .* got \[1\]"):
+        based_attention_with_state(q, k, v, spec, [1], [1.0])
 
 
 # ------------------------------------------------------------ initial states: a prefill continued from them

@@ -395,4 +395,9 @@ def based_attention_with_state(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec,
     sees (they enter o as phi_q(q) kv0 and phi_q(q) . k0). Differentiable in q, k, v, kv0, k0."""
     if not isinstance(spec, BasedSpec):
         raise TypeError(f"spec must be a based_compile.spec.BasedSpec, got {type(spec).__name__}")
+    if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, str) for p in pieces):   # not a str
+        raise TypeError(f"pieces must be a list of feature-map pieces ('const:W', 'linear', 'outer'), e.g. "
+                        f"['const:1', 'linear', 'outer'], got {pieces!r}")
+    if not isinstance(k_factors, (list, tuple)):
+        raise TypeError(f"k_factors must be a list of numbers, one per piece of pieces, got {k_factors!r}")
     return _OP(q, k, v, *spec.op_arguments, list(pieces), [float(f) for f in k_factors], kv0, k0)
