@@ -573,11 +573,7 @@ def fused_chunk_forward_with_state(q, k, v, args: BasedArguments, initial=None, 
         raise ValueError(f"fused_chunk_forward_with_state takes q, k, v of one length, got Tq={args.length}, "
                          f"Tk={args.tk}")
     if initial is not None:
-        want = (args.batch, args.kv_heads, moment_rows(args.dk), args.dv + 1)
-        if not isinstance(initial, torch.Tensor) or tuple(initial.shape) != want or initial.device != q.device:
-            got = list(initial.shape) if isinstance(initial, torch.Tensor) else type(initial).__name__
-            raise ValueError(f"initial must be a {list(want)} tensor on {q.device} (moments per key/value head), "
-                             f"got {got}")
+        _check_moments("initial", initial, q, args, "key/value head")
     return _forward(q, k, v, args, forward_config(args, q.dtype), initial, final=final)
 
 
@@ -598,11 +594,17 @@ def _per_query_head(m: torch.Tensor, args: BasedArguments) -> torch.Tensor:
     return m.reshape(b, args.heads, *m.shape[3:]).contiguous()
 
 
-def _check_moments(name: str, m, heads: int, q: torch.Tensor, args: BasedArguments) -> None:
+def _check_moments(name: str, m, q: torch.Tensor, args: BasedArguments, per: str) -> None:
+    """Moments [B, heads, 1 + Dk + Dk^2, Dv + 1] per ``per`` ("key/value head" or "query head"),
+    floating (read as float32), on q's device."""
+    heads = args.kv_heads if per == "key/value head" else args.heads
     want = (args.batch, heads, moment_rows(args.dk), args.dv + 1)
-    if not isinstance(m, torch.Tensor) or tuple(m.shape) != want or m.device != q.device:
-        got = list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-        raise ValueError(f"{name} must be a {list(want)} tensor on {q.device}, got {got}")
+    if not isinstance(m, torch.Tensor) or not m.is_floating_point():
+        got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+        raise TypeError(f"{name} must be a floating tensor (float32 moments per {per}), got {got}")
+    if tuple(m.shape) != want or m.device != q.device:
+        raise ValueError(f"{name} must be a {list(want)} tensor on {q.device} (moments per {per}), "
+                         f"got {list(m.shape)} on {m.device}")
 
 
 def _backward(q, k, v, o, z, do, args: BasedArguments, cfg: FusedChunkConfig, initial=None, later=None,
@@ -678,9 +680,9 @@ def fused_chunk_backward_with_state(q, k, v, o, z, do, args: BasedArguments, ini
         raise ValueError(f"fused_chunk_backward_with_state takes q, k, v of one length, got Tq={args.length}, "
                          f"Tk={args.tk}")
     if initial is not None:
-        _check_moments("initial", initial, args.kv_heads, q, args)
+        _check_moments("initial", initial, q, args, "key/value head")
     if later is not None:
-        _check_moments("later", later, args.heads, q, args)
+        _check_moments("later", later, q, args, "query head")
     return _backward(q, k, v, o, z, do, args, backward_config(args, q.dtype), initial, later)
 
 

@@ -92,6 +92,14 @@ def test_bad_initial_state_raises_naming_it():
     args = check_arguments(q, k, v)
     with pytest.raises(ValueError, match="initial"):
         fused_chunk_forward_with_state(q, k, v, args, initial=torch.zeros(1, 2, 21, 8))
+    with pytest.raises(TypeError, match="initial must be a floating tensor .* got torch.int64"):
+        fused_chunk_forward_with_state(q, k, v, args, initial=torch.zeros(1, 2, 21, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match="initial must be a floating tensor .* got int"):
+        fused_chunk_forward_with_state(q, k, v, args, initial=0)
+    o, z = fused_chunk_forward(q, k, v, args)
+    with pytest.raises(TypeError, match="later must be a floating tensor .* got torch.int64"):
+        fused_chunk.fused_chunk_backward_with_state(q, k, v, o, z, torch.ones_like(o), args,
+                                                    later=torch.zeros(1, 2, 21, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="one length"):
         fused_chunk_forward_with_state(q[:, :, :3], k, v, check_arguments(q[:, :, :3], k, v, shorter_queries=True))
 
