@@ -153,7 +153,7 @@ def test_compiled_naive_lm_equals_one_process(results):
 def test_helpers_need_the_context():
     import based_compile
 
-    with pytest.raises(RuntimeError, match="context_parallel"):
+    with pytest.raises(RuntimeError, match=r"shard_sequence must be used inside `with based_compile.context_parallel"):
         based_compile.shard_sequence(torch.ones(2, 4), seq_dim=1)
     x = torch.randn(1, 3, 5, dtype=torch.float64)
     y = based_compile.sequence_halo(x, 2, seq_dim=2)          # outside: zeros, as causal padding

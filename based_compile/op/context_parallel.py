@@ -251,7 +251,8 @@ def shard_causal_convs(model: torch.nn.Module) -> list:
 
 def _require_active(what: str) -> _Group:
     if _active is None:
-        raise RuntimeError(f"{what} is used inside `with based_compile.context_parallel(mesh):`")
+        raise RuntimeError(f"{what} must be used inside `with based_compile.context_parallel(mesh):`, "
+                           "and no such block is active")
     return _active
 
 
