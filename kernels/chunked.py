@@ -64,7 +64,8 @@ import triton.language as tl
 
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
+from .launch import (bhtd_strides, cdiv, check_grid_rows, dot_precision, new_buffer, next_power_of_2,
+                     scaled_coefficients)
 from .parallel import _parallel_bwd_prep_kernel
 from .prefix_backward import prefix_backward, supports as prefix_backward_supports
 from .prefix_chunked import prefix_forward
@@ -594,6 +595,7 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
         raise ValueError(f"chunked_based supports feature dims Dk from 1 to {MAX_DK}, got Dk={args.dk}")
     if not 1 <= args.dv <= MAX_DV:
         raise ValueError(f"chunked_based supports value dims Dv from 1 to {MAX_DV}, got Dv={args.dv}")
+    check_grid_rows(args)
     check_kernel_device(q)
 
 

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from .arguments import BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2
+from .launch import bhtd_strides, cdiv, check_grid_rows, dot_precision, new_buffer, next_power_of_2
 from .tiles import load_rows, store_rows
 
 ACCEPTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -512,6 +512,7 @@ def _check_supported(q: torch.Tensor, args: BasedArguments) -> None:
         raise TypeError(f"q, k, v dtype must be one of (float16, bfloat16, float32), got {q.dtype}")
     if not 1 <= args.dk <= MAX_DK:
         raise ValueError(f"fused_chunk_based supports feature dims Dk from 1 to {MAX_DK}, got Dk={args.dk}")
+    check_grid_rows(args)
     check_kernel_device(q)
 
 

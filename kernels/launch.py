@@ -7,6 +7,8 @@
 - ``scaled_coefficients``: f(scale * r) = c0 + (c1 scale) r + (c2 scale^2) r^2 in the raw q.k;
 - ``new_buffer``: an output or work buffer, filled with NaN when ``poison`` (tests set the kernel
   modules' POISON_OUTPUTS so that an element no kernel writes shows up);
+- ``check_grid_rows``: B * H within ``MAX_GRID_ROWS`` (65535), the most programs a CUDA grid holds
+  on its axes 1 and 2, where the kernels put their (batch, head) programs;
 - ``cdiv``, ``next_power_of_2``: ``triton.cdiv`` and ``triton.next_power_of_2`` for host code (grids,
   block sizes). Triton 3.9 makes those ``constexpr_function`` objects that cost ~3 us a call on the
   host (a dozen per layer and step); these are plain integer arithmetic with the same results.
@@ -16,6 +18,20 @@ from __future__ import annotations
 import torch
 
 from .arguments import BasedArguments
+
+
+MAX_GRID_ROWS = 65535    # CUDA's limit on grid axes 1 and 2 (axis 0: 2^31 - 1)
+
+
+def check_grid_rows(args: BasedArguments) -> None:
+    """The kernels launch one program row per (batch, query head) (or (batch, key/value head), fewer) on
+    grid axis 1 or 2, which CUDA caps at 65535: more would fail to launch. Checked on every device, so
+    that a call refused on a GPU is refused under the interpreter too."""
+    rows = args.batch * args.heads
+    if rows > MAX_GRID_ROWS:
+        raise ValueError(f"B * H = {args.batch} * {args.heads} = {rows} is over {MAX_GRID_ROWS}: the Triton kernels "
+                         f"launch a program per (batch, head) on a CUDA grid axis that holds at most "
+                         f"{MAX_GRID_ROWS}; split the batch (based_attention runs a PyTorch form there)")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .arguments import DEFAULT_COEFFS, BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, cdiv, dot_precision, next_power_of_2, scaled_coefficients
+from .launch import bhtd_strides, cdiv, check_grid_rows, dot_precision, next_power_of_2, scaled_coefficients
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backward scheme: False = separate dq and dk/dv kernels (deterministic); True = dq added
@@ -423,6 +423,7 @@ def _output_shape(args: BasedArguments, d: int) -> tuple[int, int, int, int]:
 def parallel_forward(q, k, v, args: BasedArguments, configs: dict[str, LaunchConfig] | None = None):
     """(o, z): o [B, H, T, Dv] or [B, T, H, Dv] in q's dtype, z [B, H, T] float32 (None unnormalised)."""
     check_kernel_device(q)
+    check_grid_rows(args)
     cfg = (configs or launch_configs(args, q.dtype))["fwd"]
     b, h, t = args.batch, args.heads, args.length
     bk = _pow2(args.dk)
@@ -453,6 +454,7 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
     run to run). None: ATOMIC_DQ_DEFAULT, unless torch.use_deterministic_algorithms(True) is on.
     """
     check_kernel_device(q)
+    check_grid_rows(args)
     cfgs = configs or launch_configs(args, q.dtype)
     if atomic_dq is None:
         atomic_dq = ATOMIC_DQ_DEFAULT and not torch.are_deterministic_algorithms_enabled()
@@ -502,12 +504,13 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
 
 def check_parallel_arguments(q, k, v, scale=None, coeffs=DEFAULT_COEFFS, causal=True, normalize=True, eps=1e-6,
                              layout="BHTD") -> BasedArguments:
-    """check_arguments plus the parallel kernel's limits (dtypes, Dk <= 128, Dv <= 256, device)."""
+    """check_arguments plus the parallel kernel's limits (dtypes, Dk <= 128, Dv <= 256, B * H, device)."""
     args = check_arguments(q, k, v, scale, coeffs, causal, normalize, eps, layout, dtypes=KERNEL_DTYPES)
     if args.dk > MAX_DK:
         raise ValueError(f"q, k feature dim Dk must be in 1..{MAX_DK} for the parallel kernel, got {args.dk}")
     if args.dv > MAX_DV:
         raise ValueError(f"v feature dim Dv must be in 1..{MAX_DV} for the parallel kernel, got {args.dv}")
+    check_grid_rows(args)
     check_kernel_device(q)
     return args
 

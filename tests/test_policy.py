@@ -278,3 +278,20 @@ def test_policy_picks_the_fastest_measured_kernel(name):
             pick = decide_for("cuda", training, row["T"], c["Dk"], c["Dv"], row["B"] * c["H"], BF16).kernel
             assert pick in times, (name, row, mode, pick)
             assert times[pick] <= 1.1 * min(times.values()), (name, row["B"], row["T"], mode, pick, times)
+
+
+def test_cuda_over_the_grid_limit_takes_the_pytorch_forms(monkeypatch):
+    """B*H > 65535 does not fit the Triton kernels' grid (a program per (batch, head) on axis 1 or 2):
+    'auto' picks the PyTorch form of what it would have picked; a forced kernel stays (and raises)."""
+    from based_compile.kernels.launch import MAX_GRID_ROWS
+    assert MAX_GRID_ROWS == 65535
+    for training, t, expected in ((False, 128, "parallel"), (True, 1 << 16, "chunked"), (False, 1 << 16, "chunked")):
+        assert decide_for("cuda", training, t, 16, 64, MAX_GRID_ROWS, BF16).kernel == expected
+        d = decide_for("cuda", training, t, 16, 64, MAX_GRID_ROWS + 1, BF16)
+        assert d.kernel == policy.PYTORCH_FORM_OF[expected]
+        assert f"B*H={MAX_GRID_ROWS + 1} > {MAX_GRID_ROWS}" in d.reason
+    # queries against a KV cache: the decode kernel (B*H on axis 0) still; training the PyTorch form
+    assert decide_for("cuda", False, 1, 16, 64, 1 << 20, BF16, tk=100).kernel == "decode"
+    assert decide_for("cuda", True, 1, 16, 64, 1 << 20, BF16, tk=100).kernel == "pytorch_quadratic"
+    monkeypatch.setattr(config, "kernel", "parallel")
+    assert decide_for("cuda", False, 128, 16, 64, 1 << 20, BF16).kernel == "parallel"

@@ -45,6 +45,7 @@ from .dispatch import direct_backend
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, triton_interpreting
 from ..kernels.first_order import first_order, wants_graph
+from ..kernels.launch import MAX_GRID_ROWS
 from .recurrent_step import feature_width, piece_width
 from .spec import BasedSpec
 
@@ -157,9 +158,12 @@ def symmetric(m: Tensor, dk: int) -> Tensor:
 
 
 def _uses_kernel(q: Tensor, args: BasedArguments) -> bool:
-    """The fused-chunk kernel (the one with states) on CUDA within its limits; on the CPU only when a
-    Triton kernel is forced under the interpreter (config.py)."""
+    """The fused-chunk kernel (the one with states) on CUDA within its limits (Dk, dtypes, B * H within
+    the grid's ``MAX_GRID_ROWS``); on the CPU only when a Triton kernel is forced under the interpreter
+    (config.py)."""
     if args.dk > fused_chunk_kernel.MAX_DK or q.dtype not in KERNEL_DTYPES:
+        return False
+    if q.device.type == "cuda" and args.batch * args.heads > MAX_GRID_ROWS:
         return False
     if q.device.type == "cuda":
         return True

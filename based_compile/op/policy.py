@@ -12,6 +12,10 @@ Tq < Tk on CUDA, inference, Tq <= DECODE_MAX_TQ: the decode kernel (kernels/deco
 kernel is forced. Otherwise the quadratic form costs O(Tq * Tk), the chunked one pads the queries
 to Tk; the quadratic form is chosen while Tq is under the crossover of the square table.
 
+B*H over 65535 on CUDA (``kernels.launch.MAX_GRID_ROWS``: the Triton kernels put a program per
+(batch, head) on a grid axis that CUDA caps there): the PyTorch form of what the tables pick
+(pytorch_quadratic / pytorch_chunked); a forced Triton kernel raises a ValueError naming the limit.
+
 Mode: training when grad mode is on and any of q, k, v requires grad (``is_training``), else
 inference. The operator cannot see this itself (its implementation runs below autograd, with grad
 mode off), so ``based_compile.ops.based_attention`` decides it when it is called (or traced) and
@@ -30,6 +34,7 @@ import torch
 from . import config
 from ..kernels import decode, fused_chunk
 from ..kernels.arguments import BasedArguments, triton_interpreting
+from ..kernels.launch import MAX_GRID_ROWS
 
 KERNELS = ("parallel", "fused_chunk", "chunked", "decode", "cpu_quadratic", "cpu_chunked", "pytorch_quadratic",
            "pytorch_chunked")
@@ -191,7 +196,7 @@ def decide_for(device: str, training: bool, t: int, dk: int, dv: int, bh: int, d
     if kernel in TRITON_KERNELS and device == "cpu":
         kernel = CPU_FORM_OF[kernel]
     if device == "cuda":
-        kernel = PYTORCH_FORM_OF[kernel]
+        kernel = PYTORCH_FORM_OF.get(kernel, kernel)       # already a PyTorch form over the grid limit
         _log_fallback()
     why = (f"Tq={t} < Tk={tk} (queries at the end of a KV cache): the decode kernel takes inference with "
            f"Tq <= {DECODE_MAX_TQ} and no forced kernel, the other Triton kernels Tq == Tk; this runs the PyTorch "
@@ -213,7 +218,6 @@ def _decide_square(device: str, training: bool, t: int, dk: int, dv: int, bh: in
         raise TypeError(f"training must be a bool, got {training!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"q, k, v are on {device}; based attention runs on cpu or cuda tensors")
-    mode = "training" if training else "inference"
     forced, source = config.forced_kernel()
     if forced != "auto":
         if device == "cuda" and forced not in TRITON_KERNELS:
@@ -222,6 +226,15 @@ def _decide_square(device: str, training: bool, t: int, dk: int, dv: int, bh: in
         if device == "cpu" and forced in TRITON_KERNELS and not triton_interpreting():
             return Decision(CPU_FORM_OF[forced], f"forced {forced} by {source}; CPU tensors run its PyTorch form")
         return Decision(forced, f"forced by {source}")
+    decision = _decide_auto(device, training, t, dk, dv, bh, dtype)
+    if device == "cuda" and bh > MAX_GRID_ROWS:
+        return Decision(PYTORCH_FORM_OF[decision.kernel], f"B*H={bh} > {MAX_GRID_ROWS}, the Triton kernels' grid "
+                                                          f"limit: the PyTorch form of {decision}")
+    return decision
+
+
+def _decide_auto(device: str, training: bool, t: int, dk: int, dv: int, bh: int, dtype: torch.dtype) -> Decision:
+    mode = "training" if training else "inference"
     if device == "cuda":
         cross = _crossover_t(CUDA_CHUNKED, training, dk, dv, bh, dtype)
         if t >= cross:
