@@ -22,6 +22,7 @@ from ..op import policy
 from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
+from .autocast_scope import analysis_without_autocast
 from .canonicalize import (attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten,
                            same_value_source)
 from .constant_fills import read_constant_fills
@@ -144,7 +145,9 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
 def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
              constants: list[bool] | None = None) -> Rewritten | None:
     try:
-        found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report, constants=constants)
+        with analysis_without_autocast():
+            found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report,
+                                constants=constants)
     except Exception as err:      # a bug of the pass must not stop the model from compiling
         log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
                     type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))

@@ -61,6 +61,7 @@ from ..op.attention_with_state import based_attention_with_state
 from ..op.custom_op import based_attention
 from ..op.recurrent_step import based_recurrent_step
 from ..op.spec import BasedSpec
+from .autocast_scope import casts_under_autocast, without_autocast
 from .canonicalize import example_value, writes_in_place
 from .inplace import Storages, erasable, plan_output
 from .verify import Settled
@@ -69,20 +70,27 @@ aten = torch.ops.aten
 
 
 def based_attention_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
-                         normalize: bool, eps: float, group: int):
-    """The rewritten site: o = based_attention(q, k, v, BasedSpec(...)) (q: [B, H, T, Dk] or [B, T, H, Dk])."""
+                         normalize: bool, eps: float, group: int, keep_dtype: bool = False):
+    """The rewritten site: o = based_attention(q, k, v, BasedSpec(...)) (q: [B, H, T, Dk] or [B, T, H, Dk]);
+    ``keep_dtype``: a site autocast leaves in its inputs' dtype runs with autocast off (``autocast_scope``)."""
     spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
                      eps=eps, group=group)
+    if keep_dtype:
+        with without_autocast(q.device.type):
+            return based_attention(q, k, v, spec)
     return based_attention(q, k, v, spec)
 
 
 def based_attention_with_state_call(q, k, v, layout: str, scale: float, c0: float, c1: float, c2: float, causal: bool,
                                     normalize: bool, eps: float, group: int, pieces: list, k_factors: list,
-                                    kv0=None, k0=None):
+                                    kv0=None, k0=None, keep_dtype: bool = False):
     """The rewritten site of a prefill that returns its final states, or starts from initial states
     ``kv0``, ``k0`` (a continued prefill): (o, kv_state, k_state)."""
     spec = BasedSpec(layout=layout, scale=scale, c0=c0, c1=c1, c2=c2, causal=causal, normalize=normalize,
                      eps=eps, group=group)
+    if keep_dtype:
+        with without_autocast(q.device.type):
+            return based_attention_with_state(q, k, v, spec, pieces, k_factors, kv0, k0)
     return based_attention_with_state(q, k, v, spec, pieces, k_factors, kv0, k0)
 
 
@@ -120,6 +128,9 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
     for site in sites:
         m, s = site.match, site.spec
         q, k, v, output = (to_dynamo[n] for n in (m.q, m.k, m.v, m.output))
+        sources = [q, k, v] + [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k) if st is not None] \
+            if m.initial is not None else [q, k, v]
+        keep_dtype = not casts_under_autocast(output, sources)
         plan = plan_output(gm, output, storages)        # the driver refused the sites it raises for
         q, k, v = (replaced.get(n, n) for n in (q, k, v))
         fakes = [example_value(n) for n in (q, k, v)]
@@ -155,7 +166,7 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                          bool(s.normalize), float(s.eps), int(s.group))
             initial = m.initial
             if states is None and initial is None:
-                out = add(based_attention_call, spec_args)
+                out = add(based_attention_call, (*spec_args, keep_dtype) if keep_dtype else spec_args)
             else:
                 starts = []
                 for st in (None, None) if initial is None else (initial.kv, initial.k):
@@ -171,7 +182,8 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                     starts.append(x)
                 plan_of = initial if initial is not None else states
                 call = add(based_attention_with_state_call,
-                           (*spec_args, list(plan_of.pieces), [float(f) for f in plan_of.k_factors], *starts))
+                           (*spec_args, list(plan_of.pieces), [float(f) for f in plan_of.k_factors], *starts),
+                           {"keep_dtype": True} if keep_dtype else None)
                 out, kv_new, k_new = (add(operator.getitem, (call, i)) for i in range(3))
                 for r in states.reads if states is not None else ():
                     user = to_dynamo[r.node]

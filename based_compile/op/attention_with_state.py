@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import config, context_parallel, cpu_path, policy
-from .custom_op import based_attention
+from .custom_op import based_attention, register_autocast
 from .dispatch import direct_backend
 from ..kernels import fused_chunk as fused_chunk_kernel
 from ..kernels.arguments import BasedArguments, check_arguments, triton_interpreting
@@ -388,6 +388,8 @@ _LIBRARY.impl("attention_with_state", _autograd, "Autograd", with_keyset=True)
 _LIBRARY.impl("attention_with_state_backward", _backward_autograd, "Autograd", with_keyset=True)
 torch.library.register_fake("based::attention_with_state", _fake, lib=_LIBRARY)
 torch.library.register_fake("based::attention_with_state_backward", _backward_fake, lib=_LIBRARY)
+for _device_type in ("cpu", "cuda"):        # cast as based::attention is (its fake returns what its inputs make)
+    register_autocast(_LIBRARY, "attention_with_state", _device_type)
 
 
 def based_attention_with_state(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec, pieces, k_factors,

@@ -474,13 +474,15 @@ def _autocast_eligible(x: Tensor, device_type: str) -> bool:
     return x.is_floating_point() and x.dtype != torch.float64 and x.device.type == device_type
 
 
-def _register_autocast(device_type: str) -> None:
-    """Cast q, k, v to the current autocast dtype of ``device_type`` (not a fixed dtype, which is
-    all ``torch.library.register_autocast`` offers) where autocast would (``_autocast_eligible``:
-    float64 stays float64), then run with autocast off."""
+def register_autocast(library, name: str, device_type: str) -> None:
+    """Cast the tensor arguments of ``based::{name}`` to the current autocast dtype of ``device_type`` (not a
+    fixed dtype, which is all ``torch.library.register_autocast`` offers) where autocast would
+    (``_autocast_eligible``: float64 stays float64), then run with autocast off. The operators are
+    matmul-like: their inputs are cast as a matmul's would be (a site that autocast leaves in float32 in
+    eager is run with autocast off by the rewrite: ``graph.autocast_scope``)."""
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     key = getattr(torch._C.DispatchKey, key_name)
-    op = torch.ops.based.attention.default
+    op = getattr(torch.ops.based, name).default
 
     def cast_and_run(*args):
         target = torch.get_autocast_dtype(device_type)
@@ -496,11 +498,11 @@ def _register_autocast(device_type: str) -> None:
     if op.has_kernel_for_dispatch_key(key):
         op.py_kernels.pop(key)
     op.py_impl(key)(cast_and_run)
-    _LIBRARY.impl("attention", lambda _keyset, *args: cast_and_run(*args), key_name, with_keyset=True)
+    library.impl(name, lambda _keyset, *args: cast_and_run(*args), key_name, with_keyset=True)
 
 
 for _device_type in ("cpu", "cuda"):
-    _register_autocast(_device_type)
+    register_autocast(_LIBRARY, "attention", _device_type)
 
 
 def based_attention(q: Tensor, k: Tensor, v: Tensor, spec: BasedSpec) -> Tensor:

@@ -1,0 +1,64 @@
+"""Whether autocast would lower a site's precision in eager: only its matmul-like ops are autocast's.
+
+Inside ``torch.autocast``, eager PyTorch runs matmuls, bmm and einsum in the autocast dtype and leaves
+elementwise products, sums and cumsums in their inputs' dtype. The ``based`` operator is matmul-like: under
+autocast it casts q, k, v to the autocast dtype (``op.custom_op``), as a site written with matmuls or
+einsums computes in eager. A site written with elementwise products and sums alone (``(phi(k)[..., :, None] *
+v[..., None, :]).cumsum(2)`` and a broadcast readout) computes in float32 in eager even under autocast, so
+its rewrite runs the operator with autocast off (``keep_dtype``): the same precision as the user's code.
+The pass itself reads and probes a graph compiled inside autocast with autocast off
+(``analysis_without_autocast``): the casts autocast would insert before matmuls are not the user's code.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+
+import torch
+import torch.fx as fx
+
+# the ops of Dynamo's graph that autocast runs in its lower precision (CUDA's and CPU's lists alike)
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm,
+                     torch.addmm, torch.addbmm, torch.tensordot, torch.nn.functional.linear, torch.mv,
+                     torch.dot, torch.chain_matmul, torch.linalg.multi_dot, torch.linalg.matmul,
+                     torch.nn.functional.scaled_dot_product_attention}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "baddbmm", "addmm", "mv", "dot"}
+
+
+def casts_under_autocast(output: fx.Node, inputs) -> bool:
+    """Some node between ``inputs`` (q, k, v, initial states) and ``output`` in Dynamo's graph is one that
+    autocast runs in lower precision (or one this module does not know: then True, the operator's own
+    rule)."""
+    stop = set(inputs)
+    seen, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+            return True
+        if node.op == "call_method" and node.target in _MATMUL_METHODS:
+            return True
+        if node.op == "call_module":
+            return True
+        stack.extend(node.all_input_nodes)
+    return False
+
+
+def analysis_without_autocast():
+    """A context with autocast off on the CPU and CUDA, for the pass's own tracing and probing: a graph
+    compiled inside ``torch.autocast`` is read as the code is written (its matmuls' casts are autocast's,
+    not the user's), and the rewrite keeps autocast's casts by the rules above."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def without_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` when it is on (else a no-op context)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

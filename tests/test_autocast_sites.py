@@ -1,0 +1,133 @@
+"""Under torch.autocast, a rewritten site computes in the precision the user's code computes in
+(graph/autocast_scope.py, op/custom_op.register_autocast).
+
+Eager autocast runs matmuls, bmm and einsum in its lower dtype and leaves elementwise products, sums and
+cumsums in float32. The operators cast their inputs as a matmul's (a site written with matmuls or einsums),
+and a site written with elementwise products and sums alone runs with autocast off. Before, such a site
+(the broadcast running-sum form) ran in bfloat16 after the rewrite while eager kept float32 (error ~1e-2),
+and based::attention_with_state had no autocast rule at all (its CPU form ran under autocast op by op).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import based_compile
+from based_calls import BasedOpCounter
+from compare import assert_rel_close
+
+B, H, T, D, DV = 2, 2, 11, 4, 5
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def phi(x):
+    x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (math.sqrt(2) * math.sqrt(D))
+    return torch.cat([torch.ones_like(x[..., :1]), x / D ** 0.25, x2], -1)
+
+
+def broadcast_running_sums(q, k, v):             # no matmul: float32 under autocast in eager
+    qf, kf = phi(q), phi(k)
+    kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    y = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+    return y
+
+
+def broadcast_running_sums_with_states(q, k, v):
+    qf, kf = phi(q), phi(k)
+    kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    kc = kf.cumsum(2)
+    y = (qf.unsqueeze(-1) * kv).sum(-2) / ((qf * kc).sum(-1, keepdim=True) + 1e-6)
+    return y, kv[:, :, -1], kc[:, :, -1]
+
+
+def matmuls(q, k, v):                              # matmuls: bfloat16 under autocast in eager
+    s = q @ k.mT / 2
+    a = torch.tril(1 + s + 0.5 * s * s)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def feature_map_matmuls(q, k, v):
+    a = torch.tril(phi(q) @ phi(k).mT)
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, T, d, generator=g) for d in (D, D, DV))
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("fn", [broadcast_running_sums, broadcast_running_sums_with_states],
+                         ids=lambda f: f.__name__)
+def test_a_site_autocast_leaves_in_float32_stays_float32(fn, inner):
+    compiled = torch.compile(fn, backend=based_compile.backend(inner=inner))
+    q, k, v = _inputs(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _tuple(fn(q, k, v))
+        compiled(q, k, v)                                  # compiles
+        with BasedOpCounter() as counter:
+            got = _tuple(compiled(q, k, v))
+    assert sum(counter.calls.values()) >= 1, counter.calls
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        assert_rel_close(g, w, 1e-5, "compiled vs eager under autocast")
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("fn", [matmuls, feature_map_matmuls], ids=lambda f: f.__name__)
+def test_a_matmul_site_is_rewritten_and_cast_as_autocast_casts_it(fn, inner):
+    """A site written with matmuls, compiled inside autocast, is read as written (it was refused: the pass
+    read autocast's casts before the matmuls as the user's) and runs the operator in autocast's dtype: values
+    and gradients as close to float64 as eager's own."""
+    compiled = torch.compile(fn, backend=based_compile.backend(inner=inner))
+    q, k, v = (x.requires_grad_() for x in _inputs(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fn(q, k, v)
+        compiled(q, k, v)
+        with BasedOpCounter() as counter:
+            got = compiled(q, k, v)
+    assert sum(counter.calls.values()) >= 1, counter.calls
+    assert got.dtype == want.dtype
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    reference = fn(q64, k64, v64)
+    cot = torch.randn(reference.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pairs = [(got, want, reference)]
+    grads_got = torch.autograd.grad(got, (q, k, v), cot.to(got.dtype))
+    grads_want = torch.autograd.grad(want, (q, k, v), cot.to(want.dtype))
+    grads_ref = torch.autograd.grad(reference, (q64, k64, v64), cot)
+    pairs += list(zip(grads_got, grads_want, grads_ref))
+    for g, w, r in pairs:       # both in bfloat16's precision: the operator no worse than eager's autocast
+        assert (g.double() - r).norm() <= 2 * (w.double() - r).norm() + 1e-3 * r.norm()
+
+
+def test_attention_with_state_casts_like_attention():
+    """based::attention_with_state under autocast casts q, k, v as based::attention does; its fake agrees
+    with what it returns (compiled with aot_eager, fullgraph)."""
+    from based_compile import BasedSpec
+    from based_compile.op.attention_with_state import based_attention_with_state
+    pieces = ["const:1", "linear", "outer"]
+
+    def f(q, k, v):
+        return based_attention_with_state(q, k, v, BasedSpec(scale=0.5), pieces, [1.0, 1.0, 1.0])
+
+    q, k, v = _inputs(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = f(q, k, v)
+        plain = based_compile.based_attention(q, k, v, BasedSpec(scale=0.5))
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert eager[0].dtype == plain.dtype == torch.bfloat16
+    assert [x.dtype for x in compiled] == [x.dtype for x in eager]
+    for c, e in zip(compiled, eager):
+        assert_rel_close(c.float(), e.float(), 1e-6, "compiled vs eager")
