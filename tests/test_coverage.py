@@ -332,6 +332,66 @@ def test_compressed_map_with_a_wrong_off_diagonal_weight_is_refused():
     assert "x_0 x_1" in ex.refusals[0].reason
 
 
+# The compressed map with its index pairs kept in registered buffers (fla's TaylorFeatureMap): a
+# buffer is a compile-time constant, read by value like an inline triu_indices, and guarded (a write
+# to it after compiling raises). Near misses: buffers that do not list the upper triangle (the
+# diagonal pairs twice), and index tensors passed as arguments (not constants).
+
+
+class TriuBuffers(torch.nn.Module):
+    def __init__(self, d=4, pairs="triu"):
+        super().__init__()
+        iu = torch.triu_indices(d, d, 1) if pairs == "triu" else torch.triu_indices(d, d, 0)[:, :d * (d - 1) // 2]
+        self.register_buffer("iu0", iu[0], persistent=False)
+        self.register_buffer("iu1", iu[1], persistent=False)
+
+    def phi(self, x, iu0, iu1):
+        d = x.shape[-1]
+        diag = x * x / math.sqrt(2 * d)
+        off = x[..., iu0] * x[..., iu1] / math.sqrt(d)
+        return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, diag, off], -1)
+
+    def forward(self, q, k, v, iu0=None, iu1=None):
+        iu0 = self.iu0 if iu0 is None else iu0
+        iu1 = self.iu1 if iu1 is None else iu1
+        qf, kf = self.phi(q, iu0, iu1), self.phi(k, iu0, iu1)
+        kv = torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2)
+        z = torch.einsum("bhtf,bhtf->bht", qf, kf.cumsum(2))[..., None]
+        return torch.einsum("bhtf,bhtfd->bhtd", qf, kv) / (z + 1e-6)
+
+
+def test_compressed_map_with_indices_in_buffers_is_rewritten():
+    recorder = compile_and_compare(TriuBuffers())
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == 1 and not ex.refusals, ex
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+
+
+def test_compressed_map_index_buffers_are_guarded():
+    module = TriuBuffers()
+    compiled = torch.compile(module, backend=based_compile.backend(inner=Recorder()))
+    q, k, v = _inputs(0, 6, QKV)
+    assert_rel_close(compiled(q, k, v), module(q, k, v), TOL, "before the write")
+    with torch.no_grad():
+        module.iu1.copy_(module.iu0)                       # the pairs (a, a): another function
+    with pytest.raises(based_compile.StaleBufferError, match=r"_buffers\['iu1'\]"):
+        compiled(q, k, v)
+
+
+def test_compressed_map_with_buffers_that_are_not_the_upper_triangle_is_refused():
+    ex = explain(TriuBuffers(pairs="with diagonal"))
+    assert not ex.sites and [r.category for r in ex.refusals] == ["feature_map"], ex
+    assert "not (x.y)^2 times one constant" in ex.refusals[0].reason, ex
+
+
+def test_compressed_map_with_index_arguments_is_refused_and_says_so():
+    iu = torch.triu_indices(4, 4, 1)
+    ex = based_compile.explain(TriuBuffers(), *_inputs(0, 6, QKV), iu[0], iu[1])
+    assert not ex.sites and [r.category for r in ex.refusals] == ["feature_map"], ex
+    assert "index" in ex.refusals[0].reason and "compile-time constant" in ex.refusals[0].reason, ex
+    assert "different tensors" not in ex.refusals[0].reason, ex
+
+
 # --------------------------------------------------------------------------- (v.mT @ a.mT).mT
 # The weights as the right operand, transposed: (v^T a^T)^T = a v. Near miss: (v.mT @ a).mT sums
 # over the query axis of the weights (a^T v): refused as an attention lookalike.

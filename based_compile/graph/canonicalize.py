@@ -279,6 +279,24 @@ def constant_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None
 
 
+_BUFFER_VALUES = "based_compile.buffer_values"
+
+
+def declare_buffer_values(gm: fx.GraphModule, values: dict) -> None:
+    """Record the compile-time values of ``gm``'s placeholders that are registered buffers (``values``:
+    placeholder -> tensor). Readers that need a constant operand by value (``buffer_value``: an index
+    tensor of a feature map) read them; a rewrite that relies on one guards it (``inputs.baked_buffers``
+    lists every buffer a rewritten site reads)."""
+    gm.meta[_BUFFER_VALUES] = dict(values)
+
+
+def buffer_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The compile-time value of a placeholder declared a registered buffer, else None."""
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        return getattr(gm, "meta", {}).get(_BUFFER_VALUES, {}).get(node)
+    return None
+
+
 def size_hints(shape_env) -> dict:
     """A shape environment's example value of each backed size symbol. torch >= 2.13 names the map
     ``backed_var_to_val`` (``var_to_val`` warns there as deprecated); torch 2.11-2.12 has ``var_to_val``."""

@@ -23,7 +23,7 @@ from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
 from .autocast_scope import analysis_without_autocast
-from .canonicalize import (attention_region, example_value, extract_region, hint, hint_shape, lower_to_aten,
+from .canonicalize import (attention_region, declare_buffer_values, example_value, extract_region, hint, hint_shape, lower_to_aten,
                            same_value_source)
 from .constant_fills import read_constant_fills
 from .evaluate import GraphEvaluator, LazyTensor
@@ -286,6 +286,8 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
             to_dynamo.setdefault(source, dynamo_node)
     real, variable = region_inputs(gm, example_inputs, inputs, aten_inputs, constants)
     evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
+    declare_buffer_values(aten_gm, {n: v for n, v in evaluator.inputs.items()
+                                    if n not in variable and isinstance(v, torch.Tensor)})
     matcher = Matcher(aten_gm, evaluator, variable)
     storages = Storages(gm)
     settled, answered, refused = [], set(), []

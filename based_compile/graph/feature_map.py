@@ -5,7 +5,8 @@
 - "linear": the source x times a;
 - "outer": the flattened outer product x (x) x times b (width D^2);
 - "pairs": products x_a * x_b listed feature by feature: an elementwise x * x (the pairs (a, a)), or
-  ``x[..., i] * x[..., j]`` with constant index tensors (the upper triangle of ``triu_indices``);
+  ``x[..., i] * x[..., j]`` with constant index tensors (the upper triangle of ``triu_indices``, inline
+  or kept in registered buffers, read by value and guarded);
   a ``cat`` nested in the map (the compressed map's ``cat([x * x, sqrt(2) x[iu] x[ju]])``) is read
   piece by piece;
 - "degreeN": a flattened N-fold outer product (N >= 3): a higher-order term, refused.
@@ -24,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import polynomial
-from .canonicalize import VIEW_OPS, hint_shape, read_views, scalar_factor, scalar_value, walk_operand
+from .canonicalize import VIEW_OPS, buffer_value, hint_shape, read_views, scalar_factor, scalar_value, walk_operand
 from .feature_order import keeps_last_axis, linear_in_order, outer_in_order, square_in_order
 from .refusal import Refused
 
@@ -134,16 +135,20 @@ def _piece(gm, node: fx.Node) -> Piece | None:
     return Piece("outer" if degree == 2 else f"degree{degree}", factor, width, source)
 
 
-def _constant(node) -> torch.Tensor | None:
-    """The value of a small integer tensor computed from constants alone (``triu_indices``)."""
+def _constant(gm, node) -> torch.Tensor | None:
+    """The value of a small integer tensor computed from constants alone (``triu_indices``, or a
+    registered buffer that holds it: read by value, and guarded when a rewrite relies on it)."""
     if not isinstance(node, fx.Node):
         return node
+    buffer = buffer_value(gm, node)
+    if buffer is not None:
+        return buffer
     if node.op != "call_function" or node.target in (aten.sym_size.int,):
         return None
     args, kwargs = [], {}
     for a in node.args:
         if isinstance(a, fx.Node):
-            a = _constant(a)
+            a = _constant(gm, a)
             if a is None:
                 return None
         elif isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
@@ -172,7 +177,7 @@ def _indexed(gm, node: fx.Node, rank: int):
         if not isinstance(x, fx.Node) or len(hint_shape(x) or ()) != rank or len(indices) != rank \
                 or any(i is not None for i in indices[:-1]):
             return None
-        idx = _constant(indices[-1])
+        idx = _constant(gm, indices[-1])
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype.is_floating_point:
             return None
         d = hint_shape(x)[-1]
@@ -434,6 +439,9 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
         dim = stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)
         if rank == 0 or dim not in (-1, rank - 1):
             return None
+        unread_index = _unread_index(gm, stop, rank)
+        if unread_index is not None:
+            return unread_index
         pieces = _pieces(gm, stop, rank)
         bad = [(i, t) for i, (t, p) in enumerate(zip(stop.args[0], pieces)) if p is None]
         if bad:
@@ -491,6 +499,36 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
                     "themselves (apply the feature map to each)")
     if _non_polynomial(target):
         return f"{_op_name(stop)}(x) is not the Taylor feature map of Based: {_READ}"
+    return None
+
+
+def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
+    """Why a product ``x[..., i] * x[..., j]`` among a map's pieces (a nested cat's included) is not read:
+    an index tensor whose value is not a compile-time constant (an argument of forward, or computed from
+    one); else None."""
+    for t in cat.args[0]:
+        if not isinstance(t, fx.Node):
+            continue
+        stop, _ = _strip(gm, t)
+        if stop.op != "call_function":
+            continue
+        if stop.target is aten.cat.default and len(hint_shape(stop) or ()) == rank:
+            why = _unread_index(gm, stop, rank)
+            if why is not None:
+                return why
+            continue
+        if stop.target is not aten.mul.Tensor:
+            continue
+        for factor in stop.args[:2]:
+            inner = _strip(gm, factor)[0] if isinstance(factor, fx.Node) else None
+            if inner is None or inner.op != "call_function" or inner.target is not aten.index.Tensor:
+                continue
+            index = inner.args[1][-1] if inner.args[1] else None
+            if isinstance(index, fx.Node) and _constant(gm, index) is None:
+                return (f"a piece of the feature map torch.cat is a product x[..., i] * x[..., j] whose index "
+                        f"tensor ({index.name}) is not a compile-time constant (an argument of forward, or "
+                        "computed from one): the pass reads which products x_a x_b the map lists from the "
+                        "indices' values (torch.triu_indices inline, or kept in a registered buffer)")
     return None
 
 
