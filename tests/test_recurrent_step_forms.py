@@ -555,3 +555,52 @@ def _run_group_sizes():
             assert (calls >= 1) == (g == 1), f"G={g}: based::recurrent_step ran {calls}x"
         for got, want in zip(out, gqa_repeat(q, k, v, kv.clone(), ks.clone())):
             assert_rel_close(got, want, 1e-10, f"B={b} Hkv={hkv} G={g}")
+
+
+# ----------------------------------------------------------------------------- the token taken after the map
+# phi applied to the token's [B, H, 1, D] slice, then the token taken out (phi(q)[:, :, 0], .select(2, -1),
+# .squeeze(2)) and the step written on [B, H, F] with einsums: a select of a size-1 axis is a view of the
+# map, read like the squeeze (both the numerator and the normaliser). Near miss: the map of two tokens
+# and one of them taken (a part of the map, not a view of it): refused.
+
+def _einsum_step(pq, pk, v, kv_state, k_state):
+    kv_state = kv_state + torch.einsum("bhf,bhd->bhfd", pk, v)
+    k_state = k_state + pk
+    y = torch.einsum("bhf,bhfd->bhd", pq, kv_state) / (torch.einsum("bhf,bhf->bh", pq, k_state)[..., None] + 1e-12)
+    return y, kv_state, k_state
+
+
+def token_selected(q, k, v, kv_state, k_state):
+    pq, pk = taylor(q), taylor(k)
+    return _einsum_step(pq[:, :, 0], pk[:, :, 0], v[:, :, 0], kv_state, k_state)
+
+
+def token_selected_last(q, k, v, kv_state, k_state):
+    return _einsum_step(taylor(q).select(2, -1), taylor(k).select(2, -1), v.select(2, -1), kv_state, k_state)
+
+
+def token_squeezed(q, k, v, kv_state, k_state):
+    return _einsum_step(taylor(q).squeeze(2), taylor(k).squeeze(2), v.squeeze(2), kv_state, k_state)
+
+
+def token_of_two(q, k, v, kv_state, k_state):             # the map of [B, H, 2, D], the first token taken
+    q2, k2 = torch.cat([q, q], 2), torch.cat([k, k], 2)
+    return _einsum_step(taylor(q2)[:, :, 0], taylor(k2)[:, :, 0], v[:, :, 0], kv_state, k_state)
+
+
+def _token_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, HKV, 1, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, HKV, 1, DV, generator=g, dtype=torch.float64)
+    kv = torch.randn(B, HKV, F, DV, generator=g, dtype=torch.float64) * 0.1
+    return [q, k, v, kv, torch.rand(B, HKV, F, generator=g, dtype=torch.float64) + 1]
+
+
+@pytest.mark.parametrize("fn", [token_selected, token_selected_last, token_squeezed], ids=lambda f: f.__name__)
+def test_token_taken_after_the_map_rewritten_exactly(fn):
+    report = _check_rewritten(fn, _token_inputs())
+    assert "normalised (eps=1e-12)" in str(report.sites[0].spec), str(report)
+
+
+def test_token_of_a_two_token_map_refused():
+    _check_refused(token_of_two, _token_inputs(), "feature_map", "one token taken out of a feature map of several")

@@ -23,8 +23,8 @@ from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
 from .autocast_scope import analysis_without_autocast
-from .canonicalize import (attention_region, declare_buffer_values, example_value, extract_region, hint, hint_shape, lower_to_aten,
-                           same_value_source)
+from .canonicalize import (attention_region, declare_buffer_values, example_value, extract_region, hint, hint_shape,
+                           lower_to_aten, same_value_source)
 from .constant_fills import read_constant_fills
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
@@ -42,6 +42,7 @@ from .rewrite import (based_attention_call, based_attention_with_state_call, rew
                       rewrite_recurrent_steps)
 from .subgraphs import hidden_attention
 from .verify import settle
+from .unit_select import read_unit_selects
 
 log = logging.getLogger("based_compile")
 
@@ -272,6 +273,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     split_prepended_states(aten_gm)           # cat([state, x]).cumsum(t)[1:] -> state + x.cumsum(t)
     read_baddbmm_scores(aten_gm)              # baddbmm(0, q, kT, alpha=a) -> a * bmm(q, kT)
     read_constant_fills(aten_gm)              # z + full_like(z, eps) -> z + eps
+    read_unit_selects(aten_gm)                # phi(q)[:, :, 0] of a [B, H, 1, F] map -> phi(q).squeeze(2)
     unfolded = unfold_folded_rows(aten_gm)    # bmm([B, H*T, D], [B, D, S]) -> bmm([B*H, T, D], [B*H, D, S])
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
     for dynamo_node, aten_node in zip(outputs, aten_outputs):

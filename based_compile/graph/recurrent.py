@@ -148,12 +148,15 @@ def _updates(gm, add: fx.Node):
 
 
 def _reads(node: fx.Node, targets: set, depth: int = 8, stop: frozenset = frozenset()) -> set:
-    """The nodes of ``targets`` that ``node`` reads within ``depth`` steps back, not reading past the
-    nodes of ``stop``."""
+    """The nodes of ``targets`` that ``node`` reads within ``depth`` operations back, not reading past
+    the nodes of ``stop``. Views are not counted: they only rearrange what they read (an einsum's
+    lowering puts several around each operand, and a map squeezed to the token, ``phi(q).squeeze(2)``,
+    adds more)."""
     found, frontier, seen = set(), [node], set()
     for _ in range(depth):
         nxt = []
-        for n in frontier:
+        while frontier:
+            n = frontier.pop()
             for a in n.all_input_nodes:
                 if a in seen:
                     continue
@@ -161,7 +164,8 @@ def _reads(node: fx.Node, targets: set, depth: int = 8, stop: frozenset = frozen
                 if a in targets:
                     found.add(a)
                 elif a not in stop:
-                    nxt.append(a)
+                    view = a.op == "call_function" and a.target in VIEW_OPS
+                    (frontier if view else nxt).append(a)
         frontier = nxt
     return found
 
@@ -246,7 +250,12 @@ def find_steps(gm: fx.GraphModule):
             outers.append((node, found[2], found[3]))
     for node, x, y in outers:       # state + x^T y with state' + x beside it: a recurrence on other features
         features = next((f for f in (strip_views(x), strip_views(y)) if f in summed), None)
-        if features is not None:
+        if features is not None and _token_of_map(gm, features):
+            yield Refused("feature_map", "a recurrent state update (state + phi(k)^T v, k_state + phi(k)) whose "
+                                         "features are one token taken out of a feature map of several tokens "
+                                         "(phi(k)[:, :, i] of a [B, H, T, D] map, T > 1): the pass reads the map "
+                                         "of the token itself, phi(k[:, :, i]) or phi of a [B, H, 1, D] slice", node)
+        elif features is not None:
             yield Refused("feature_map", "a recurrent state update (state + phi(k)^T v, k_state + phi(k)) whose "
                                          "features are not the Taylor feature map phi(x) = [c, a x, b x (x) x] of "
                                          "Based", node)
@@ -259,6 +268,17 @@ def find_steps(gm: fx.GraphModule):
             if refusal.node is None:
                 refusal.node = kv_new
             yield refusal
+
+
+def _token_of_map(gm, features: fx.Node) -> bool:
+    """``features`` takes a part of a feature map along an axis other than its features (a select or
+    slice of a time axis longer than one: a select of a size-1 axis is a view, ``unit_select.py``)."""
+    if features.op != "call_function" or features.target not in (aten.select.int, aten.slice.Tensor):
+        return False
+    dim = features.args[1] if len(features.args) > 1 else 0
+    whole = features.args[0]
+    rank = len(hint_shape(whole) or ())
+    return rank > 0 and dim not in (-1, rank - 1) and _feature_map_of(gm, whole)[0] is not None
 
 
 def _check_step_map(phi: FeatureMap, where) -> None:
