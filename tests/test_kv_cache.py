@@ -7,6 +7,7 @@ queries in front of the block, sliced to the block: independent of the Tq < Tk c
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import sympy
@@ -418,3 +419,56 @@ def test_blocks_against_a_concatenated_cache(fn, rewritten):
             assert (calls >= 1) == rewritten, f"Tq={tq} past={past}: based::attention ran {calls}x"
         for got, want in zip(out, ref):
             assert_rel_close(got, want, 1e-12, f"Tq={tq} past={past}")
+
+
+# ----------------------------------------------------------------------------- one mask, two caches
+# HF's DynamicCache decoding: the mask is built once from the first layer's cache length and sliced to
+# each layer's keys (attention_mask[:, :, :, :k.shape[-2]]). Under dynamic shapes each layer's cache
+# length is its own symbol: the second layer's mask fits the operator only where the two are equal.
+# They are equal where traced: the pass guards them equal (as Dynamo guards what it traced), and both
+# layers are rewritten; a call with caches of other lengths recompiles, and that graph's second layer
+# (its mask offset is the first cache's, not its own Tk - Tq) is refused, with sizes by their values.
+
+
+def two_caches_one_mask(q, k0, v0, k1, v1):
+    tq = q.shape[-2]
+    past = k0.shape[-2] - tq
+    position = torch.arange(past, past + tq)
+    mask = (torch.arange(past + tq)[None, :] <= position[:, None])[None, None]
+    out = []
+    for k, v in ((k0, v0), (k1, v1)):
+        a = _poly(q @ k.transpose(-2, -1) / 2.0)
+        a = a.masked_fill(~mask[:, :, :, :k.shape[-2]], 0.0)
+        out.append(_normalised(a, v))
+    return out[0] + out[1]
+
+
+def test_one_mask_sliced_to_two_caches_is_rewritten_in_both():
+    compiled = torch.compile(two_caches_one_mask, backend=based_compile.backend(inner="eager"))
+    g = torch.Generator().manual_seed(4)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    with PassReports() as reports:
+        for tk in (6, 7, 8, 9):                              # the second call compiles the dynamic graph
+            args = (t(B, H, 1, DK), t(B, H, tk, DK), t(B, H, tk, DV), t(B, H, tk, DK), t(B, H, tk, DV))
+            compiled(*args)                                 # compiles (not counted: tracing runs the op too)
+            calls, out = based_calls(compiled, *args)
+            assert calls == 2, f"Tk={tk}: based::attention ran {calls}x"
+            assert_rel_close(out, two_caches_one_mask(*args), 1e-12, f"Tk={tk}")
+    assert len(reports.graphs) == 2, str(reports)
+    for report in reports.graphs:
+        assert len(report.sites) == 2 and not report.refusals, str(report)
+    with PassReports() as reports:                          # the second cache shorter: the guard fails
+        for tk0, tk1 in ((9, 7), (10, 8)):
+            args = (t(B, H, 1, DK), t(B, H, tk0, DK), t(B, H, tk0, DV), t(B, H, tk1, DK), t(B, H, tk1, DV))
+            compiled(*args)
+            calls, out = based_calls(compiled, *args)
+            assert calls == 1, f"Tk={tk0}, {tk1}: based::attention ran {calls}x"
+            assert_rel_close(out, two_caches_one_mask(*args), 1e-12, f"Tk={tk0}, {tk1}")
+    assert reports.graphs, str(reports)
+    for report in reports.graphs:
+        assert len(report.sites) == 1 and len(report.refusals) == 1, str(report)
+        reason = report.refusals[0].reason
+        assert "not aligned to the end of the keys" in reason, reason
+        assert re.search(r"\bs\d+\b", reason) is None, reason          # no symbol names: sizes by value

@@ -17,7 +17,7 @@ import logging
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_bool
 
-from .mask import Keep, size_expr
+from .mask import Keep, guard_equal_sizes, size_expr, size_text
 
 log = logging.getLogger("based_compile")
 
@@ -33,6 +33,21 @@ def guard_more_queries(tq, tk) -> None:
             log.debug("based_compile: could not guard Tq > Tk (%s: %s)", type(err).__name__, err)
 
 
+def tie_offset(keep: Keep, tq, tk) -> bool:
+    """A causal mask whose offset is a size other than Tk - Tq but equal to it at the traced sizes (a
+    mask built for the first layer's cache length, ``arange(past + Tq) <= cache_position[:, None]``,
+    sliced to each layer's keys, ``mask[..., :k.shape[-2]]``, where Dynamo gives each layer's cache
+    length its own symbol): guard the two equal (``mask.guard_equal_sizes``), so that this graph runs
+    only where the mask is the operator's, and other sizes recompile. Returns whether it did."""
+    tq, tk = size_expr(tq), size_expr(tk)
+    if tq is None or tk is None:
+        return False
+    pieces = keep.steps.intervals()
+    if len(pieces) != 1 or pieces[0][0] is not None or pieces[0][1] is None:
+        return False                              # not j - i <= offset
+    return guard_equal_sizes(keep.base + pieces[0][1], tk - tq)
+
+
 def classify(keep: Keep, tq, tk) -> tuple[str, str]:
     """("causal", ""), ("none", "") or ("refuse", why) for what a site's masks keep of [tq, tk] weights."""
     tq, tk = size_expr(tq), size_expr(tk)
@@ -46,11 +61,13 @@ def classify(keep: Keep, tq, tk) -> tuple[str, str]:
     if end == 0:
         return "refuse", keep.refusal()
     if keep.equals_on(Keep.causal(0), tq, tk):
-        return "refuse", (f"causal mask aligned to the top left with Tq={tq} < Tk={tk} (query i sees keys j <= i, "
-                          f"the last {end} keys unseen): not the KV-cache mask ones(Tq, Tk).tril(Tk - Tq)")
+        return "refuse", (f"causal mask aligned to the top left with Tq={size_text(tq)} < Tk={size_text(tk)} (query i "
+                          f"sees keys j <= i, the last {size_text(end)} keys unseen): not the KV-cache mask "
+                          "ones(Tq, Tk).tril(Tk - Tq)")
     pieces = keep.steps.intervals()
     if len(pieces) == 1 and pieces[0][0] is None:
         offset = keep.base + pieces[0][1]
-        return "refuse", (f"causal mask with offset {offset} (query i sees keys j <= i + {offset}), not Tk - Tq = "
-                          f"{end}: not aligned to the end of the keys")
-    return "refuse", f"{keep.refusal()} (Tq={tq}, Tk={tk}: the causal mask is aligned to the end of the keys)"
+        return "refuse", (f"causal mask with offset {size_text(offset)} (query i sees keys j <= i + offset), not "
+                          f"Tk - Tq = {size_text(end)}: not aligned to the end of the keys")
+    return "refuse", (f"{keep.refusal()} (Tq={size_text(tq)}, Tk={size_text(tk)}: the causal mask is aligned to the "
+                      "end of the keys)")

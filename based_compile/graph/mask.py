@@ -45,6 +45,7 @@ API (also for other forms, e.g. a query block against a KV cache: causal aligned
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import operator
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_bool
 
 from .canonicalize import example_value, size_hints
+
+log = logging.getLogger("based_compile")
 
 aten = torch.ops.aten
 
@@ -97,13 +101,61 @@ def _difference(a, b):
     return int(d) if getattr(d, "is_Integer", False) else _guarded_constant(d)
 
 
+def _shape_env():
+    """The shape environment of the compilation in progress, or None."""
+    context = torch._guards.TracingContext.try_get()
+    return context.fake_mode.shape_env if context is not None and context.fake_mode is not None else None
+
+
+def traced_value(x) -> int | None:
+    """A size (int or size expression) at the sizes the graph was traced at, or None."""
+    if _is_int(x):
+        return x
+    try:
+        shape_env = _shape_env()
+        value = x.xreplace(size_hints(shape_env)) if shape_env is not None and hasattr(x, "xreplace") else None
+        return int(value) if getattr(value, "is_Integer", False) else None
+    except Exception:  # noqa: BLE001 - a private API of the shape environment: no value
+        return None
+
+
+def size_text(x) -> str:
+    """A size for a reason: an int as it is, a size expression by its traced value ("7 (symbolic)"),
+    not by the names of Dynamo's symbols; outside a compilation, with no traced sizes, as written)."""
+    if _is_int(x):
+        return str(x)
+    value = traced_value(x)
+    return f"{value} (symbolic)" if value is not None else str(x)
+
+
+def guard_equal_sizes(a, b) -> bool:
+    """Guard a == b for two size expressions that are equal at the traced sizes but not provably so
+    (two symbols Dynamo gave one length: two layers' cache lengths), as Dynamo guards what it traced:
+    the graph then runs only where they are equal, and other sizes recompile. Returns whether it did.
+    Only a relation between sizes is guarded, never a size pinned to a number (``tril(T - 8)`` is causal
+    at T = 8 alone: guarding T == 8 would make a graph of symbolic length serve one length)."""
+    d = a - b
+    if _is_int(d):
+        return d == 0
+    d = sympy.expand(d)
+    if len(getattr(d, "free_symbols", ())) < 2 or traced_value(d) != 0:
+        return False
+    try:
+        shape_env = _shape_env()
+        if shape_env is None:
+            return False
+        return bool(guard_bool(shape_env.create_symintnode(d, hint=0) == 0))
+    except Exception as err:  # noqa: BLE001 - the shape environment refused: nothing guarded
+        log.debug("based_compile: could not guard %s == %s (%s: %s)", a, b, type(err).__name__, err)
+        return False
+
+
 def _guarded_constant(d):
     """A size expression as the int it equals wherever the graph runs, by the guards Dynamo traced it
     under (``Eq(s61 + s82, s0 + s82)`` when a mask of [Tq, past + Tq] broadcasts against scores of
     [Tq, past + new]: new - Tq is 0), else None. Outside a compilation, or on any failure: None."""
     try:
-        context = torch._guards.TracingContext.try_get()
-        shape_env = context.fake_mode.shape_env if context is not None and context.fake_mode is not None else None
+        shape_env = _shape_env()
         if shape_env is None or not hasattr(d, "free_symbols"):
             return None
         value = d.xreplace(size_hints(shape_env))
@@ -116,7 +168,7 @@ def _guarded_constant(d):
 
 
 def _text(x) -> str:
-    return str(x)
+    return size_text(x)
 
 
 # ---------------------------------------------------------------------- step functions of t = d - base

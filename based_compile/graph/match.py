@@ -785,6 +785,8 @@ class Matcher:
             if kind == "refuse" and _tie_lengths(w, lambda t: kv_mask.classify(w.keep, t, t)[0]
                                                                  != "refuse"):
                 kind, why = kv_mask.classify(w.keep, w.lengths[0], w.lengths[0])
+            elif kind == "refuse" and kv_mask.tie_offset(w.keep, *w.lengths):
+                kind, why = kv_mask.classify(w.keep, *w.lengths)
             if kind == "refuse":
                 raise Refused("mask", why, where)
             causal = kind == "causal"
