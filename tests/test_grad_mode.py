@@ -139,3 +139,35 @@ def test_graph_compiled_without_grad_is_rewritten():
         with BasedOpCounter() as counter:
             compiled(q, k, v)
     assert counter.total > 0
+
+
+# ----------------------------------------------------------------------------- the kernel line's mode
+# explain()'s kernel line (and the log's) says what the operator will decide at run time: training when
+# grad mode is on and any of q, k, v requires grad. q, k, v computed from parameters inside the graph
+# require grad although the lowered region's copies of them do not (it said "inference" for a training
+# call). Near miss: the same model with its parameters frozen, called with grad mode on: inference.
+
+
+class Projected(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, H * (2 * DK + DV), dtype=torch.float64)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, H, 2 * DK + DV).transpose(1, 2).split([DK, DK, DV], -1)
+        a = _weights(q, k)
+        return ((a @ v) / (a.sum(-1, keepdim=True) + 1e-6)).sum()
+
+
+@pytest.mark.parametrize("frozen,grad,mode", [(False, True, "training"), (False, False, "inference"),
+                                              (True, True, "inference")])
+def test_kernel_line_names_the_mode_the_operator_runs_in(frozen, grad, mode):
+    from pass_reports import PassReports
+    model = Projected().requires_grad_(not frozen)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with PassReports() as reports, torch.set_grad_enabled(grad):
+        torch.compile(model, backend=based_compile.backend(inner="eager"))(x)
+    assert reports.graphs and all(len(r.sites) == 1 for r in reports.graphs), str(reports.merged())
+    kernel = reports.graphs[0].sites[0].kernel
+    assert f": {mode}," in kernel and ("inference" if mode == "training" else "training") not in kernel, kernel

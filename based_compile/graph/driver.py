@@ -79,12 +79,23 @@ def reject_sites(sources: list[str], reason: str) -> None:
         REJECTED_BY_INNER[source] = reason
 
 
-def _kernel_description(spec, q_node, k_node, v_node) -> str:
+def _kernel_description(spec, q_node, k_node, v_node, dynamo_nodes=()) -> str:
+    """The kernel the policy will pick for a site, as it decides at run time: training when grad mode is
+    enabled and any of q, k, v requires grad. The lowered region's q, k, v are computed outside it and
+    do not carry requires_grad; the model's graph's (``dynamo_nodes``, Dynamo's example values, which
+    follow the parameters and inputs the graph is guarded on) do. Where those are missing, both
+    choices are listed."""
     try:
         fakes = [example_value(n) for n in (q_node, k_node, v_node)]
         reals = [torch.empty((), dtype=f.dtype, device=f.device).expand(hint_shape(n))
                  for f, n in zip(fakes, (q_node, k_node, v_node))]
-        training = torch.is_grad_enabled() and any(f.requires_grad for f in fakes)
+        traced = [example_value(n) for n in dynamo_nodes]
+        if len(traced) != 3 or not all(isinstance(t, torch.Tensor) for t in traced):
+            if not torch.is_grad_enabled():
+                return policy.describe(spec, *reals, False)
+            return (f"{policy.describe(spec, *reals, True)} if q, k or v requires grad at run time, else "
+                    f"{policy.describe(spec, *reals, False)}")
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in traced)
         return policy.describe(spec, *reals, training)
     except Exception as err:                  # explain() must still report the site
         return f"auto (the policy could not decide at compile time: {type(err).__name__}: {err})"
@@ -338,7 +349,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                 f"{name} {to_dynamo[st.source].name}" for name, st in (("kv_state", result.initial.kv),
                                                                       ("k_state", result.initial.k)) if st is not None) + ")"
         entry = Site(source_of(result.anchor), form, site.spec,
-                     _kernel_description(site.spec, site.match.q, site.match.k, site.match.v),
+                     _kernel_description(site.spec, site.match.q, site.match.k, site.match.v,
+                                         [to_dynamo[n] for n in (site.match.q, site.match.k, site.match.v)
+                                          if n in to_dynamo]),
                      nodes={role: to_dynamo[getattr(site.match, role)].name for role in ("q", "k", "v", "output")})
         if report is not None:
             report.sites.append(entry)
