@@ -243,6 +243,37 @@ def token_loop(q, k, v):
     return torch.stack(out, 2)
 
 
+_SLOPES = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64).view(1, H, 1, 1)
+
+
+def _poly_finish(sim, v):
+    t = sim.shape[-1]
+    a = (1 + sim + 0.5 * sim * sim).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), 0.0)
+    return finish(a, v)
+
+
+def alibi(q, k, v):                               # ALiBi: - slope * |j - i|, added before the polynomial
+    r = torch.arange(q.shape[-2])
+    return _poly_finish(scores(q, k) - _SLOPES * (r[None, :] - r[:, None]).abs(), v)
+
+
+class RelativeBias(nn.Module):
+    """A T5-style bias: an embedding of the clamped distance j - i, one value per head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Embedding(8, H, dtype=torch.float64)
+
+    def forward(self, q, k, v):
+        r = torch.arange(q.shape[-2])
+        bias = self.rel((r[None, :] - r[:, None]).clamp(-4, 3) + 4).permute(2, 0, 1).unsqueeze(0)
+        return _poly_finish(scores(q, k) + bias, v)
+
+
+def query_norm_term(q, k, v):                     # near miss: the added term is a function of q
+    return _poly_finish(scores(q, k) + (q * q).sum(-1, keepdim=True).exp(), v)
+
+
 def _states():
     return _inputs((B, H, F_DIM, DV), (B, H, F_DIM), seed=1, grad=False)
 
@@ -285,11 +316,16 @@ CASES = {
                               ["multiplied by a tensor", "padding mask"]),
     "head_scale": (None, _qkv, "unsupported", ["per-head", "(1, 3, 1, 1)"]),
     "token_loop": (token_loop, lambda: _qkv(4), "unsupported", ["recurrent attention step"]),
+    "alibi": (alibi, _qkv, "unsupported", ["not a function of q.k (a position bias?) is added to the scores"]),
+    "relative_bias": (RelativeBias, _qkv, "unsupported",
+                      ["not a function of q.k (a position bias?) is added to the scores"]),
 }
 
 
 def _model(name):
     fn = CASES[name][0]
+    if isinstance(fn, type):
+        return fn()
     return HeadScale() if fn is None else Fn(fn)
 
 
@@ -310,6 +346,13 @@ def test_attention_like_region_gets_a_refusal_with_its_cause(name):
     assert "only one of q and k goes through a feature map" not in reasons, ex
     if name in ("map_built_in_place", "relu_map", "clamped_outer_product_piece", "exp_map"):
         assert "f = 1*x^1 (x = q.k) has no second-order term" not in reasons, ex
+
+
+def test_a_term_of_q_added_to_the_scores_is_not_called_a_position_bias():
+    ex = based_compile.explain(Fn(query_norm_term), *_qkv())
+    assert not ex.sites and ex.refusals, ex
+    assert not any("position bias" in r.reason for r in ex.refusals), ex
+    assert "abs" not in based_compile.explain(Fn(alibi), *_qkv()).refusals[0].reason
 
 
 @pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop"])

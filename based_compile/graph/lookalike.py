@@ -204,6 +204,7 @@ class _Chain:
         self.nonview = False
         self.random: str | None = None
         self.dynamo_ops: list[str] = []
+        self.biases: list[fx.Node] = []         # terms added to the scores that are not functions of q.k
 
 
 def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
@@ -255,8 +256,64 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
         if target in _FOLLOW or _accumulates(node) or torch.Tag.pointwise in getattr(target, "tags", ()):
             chain.nonview = True
             chain.ops.append(_name(node))
+            bias = _added_term(gm, node)
+            if bias is not None:                # scores + bias: the bias side is not walked (not the chain's)
+                chain.biases.append(bias)
+                stack.extend(a for a in node.all_input_nodes if a is not bias)
+                continue
             stack.extend(node.all_input_nodes)
     return chain
+
+
+_SIZE_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+def _added_term(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The operand of a sum (``add`` / ``sub``) of two tensors that is not a function of the scores: one
+    side is computed from a square matmul (the scores), the other reads none of what the scores are
+    computed from (only sizes, constants, buffers, parameters, positions: an ALiBi or T5 bias)."""
+    if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor):
+        return None
+    args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(args) != 2 or any(scalar_value(gm, a) is not None or not _tensor(a) for a in args):
+        return None
+    reach = [_scores_below(a) for a in args]
+    if sum(r is not None for r in reach) != 1:
+        return None
+    scores, bias = (reach[0], args[1]) if reach[0] is not None else (reach[1], args[0])
+    # what the scores are computed from: q and k themselves (inputs too), and every op above them
+    operands = {strip_views(a) for a in scores.args if isinstance(a, fx.Node)}
+    computed = {n for n in _ancestors(scores, _MAX_NODES * 4) if n.op == "call_function"} | {scores} | operands
+    return bias if not (_value_ancestors(bias) & computed) else None
+
+
+def _scores_below(node: fx.Node) -> fx.Node | None:
+    """A square matmul (the scores) that ``node`` is computed from, within the walk's bound, else None."""
+    stack, seen = [node], set()
+    while stack and len(seen) < _MAX_NODES:
+        n = stack.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if _square(n):
+            return n
+        if n.target not in _MATMULS:
+            stack.extend(n.all_input_nodes)
+    return None
+
+
+def _value_ancestors(node: fx.Node) -> set:
+    """The nodes ``node``'s value is computed from (not through sizes: ``arange(q.shape[-2])`` reads no value)."""
+    found, stack = set(), [node]
+    while stack and len(found) < _MAX_NODES * 4:
+        n = stack.pop()
+        if n in found:
+            continue
+        found.add(n)
+        if n.op == "call_function" and n.target in _SIZE_OPS:
+            continue
+        stack.extend(n.all_input_nodes)
+    return found
 
 
 def _walk_dynamo(start: fx.Node):
@@ -337,6 +394,11 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
         causes.append(f"the weights are written in place at some entries ({', '.join(written)}: a[..., i, j] = x "
                       "after the polynomial or the mask): no longer keep * P(q.k)")
         category = "mask"
+    if chain.biases and form == "quadratic":
+        shapes = ", ".join(str(list(hint_shape(b) or ())) for b in dict.fromkeys(chain.biases))
+        causes.append(f"a term that is not a function of q.k (a position bias?) is added to the scores (shape "
+                      f"{shapes}: ALiBi, a relative-position bias, a bias buffer): the operator's weights are "
+                      "P(q.k) alone")
     other = sorted(ops - _READ_OPS - {"index_put"})
     if other:
         causes.append(f"the chain goes through {', '.join(other)} (not a sum or product of its inputs: "
