@@ -297,6 +297,33 @@ def buffer_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return None
 
 
+_OUTER_OPERANDS = "based_compile.outer_operands"
+
+
+def declare_outer_operands(gm: fx.GraphModule, nodes: set) -> None:
+    """Record which placeholders of ``gm`` (a checkpointed body's region) are tensors computed in the
+    graph around the ``torch.utils.checkpoint`` call and passed in: the pass reads the body on its own,
+    so their values are not known to it (``reads_outer_operand`` names them in a refusal)."""
+    gm.meta[_OUTER_OPERANDS] = frozenset(nodes)
+
+
+def reads_outer_operand(gm: fx.GraphModule, node) -> bool:
+    """``node`` is computed from a placeholder declared by ``declare_outer_operands``."""
+    outer = getattr(gm, "meta", {}).get(_OUTER_OPERANDS)
+    if not outer or not isinstance(node, fx.Node):
+        return False
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in outer:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def size_hints(shape_env) -> dict:
     """A shape environment's example value of each backed size symbol. torch >= 2.13 names the map
     ``backed_var_to_val`` (``var_to_val`` warns there as deprecated); torch 2.11-2.12 has ``var_to_val``."""

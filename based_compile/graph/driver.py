@@ -23,8 +23,8 @@ from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
 from .autocast_scope import analysis_without_autocast
-from .canonicalize import (attention_region, declare_buffer_values, example_value, extract_region, hint, hint_shape,
-                           lower_to_aten, same_value_source)
+from .canonicalize import (attention_region, declare_buffer_values, declare_outer_operands, example_value,
+                           extract_region, hint, hint_shape, lower_to_aten, same_value_source)
 from .constant_fills import read_constant_fills
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
@@ -155,11 +155,11 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
 
 
 def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
-             constants: list[bool] | None = None) -> Rewritten | None:
+             constants: list[bool] | None = None, outside: list[bool] | None = None) -> Rewritten | None:
     try:
         with analysis_without_autocast():
             found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report,
-                                constants=constants)
+                                constants=constants, outside=outside)
     except Exception as err:      # a bug of the pass must not stop the model from compiling
         log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
                     type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -215,7 +215,9 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
         if len(real) != sum(n.op == "placeholder" for n in body.graph.nodes):
             continue
         read.add(body)
-        result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants)
+        outside = [arg not in index_of and isinstance(example_value(arg), torch.Tensor) for arg in args]
+        result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants,
+                          outside=outside)
         if result is None:
             continue
         _clone_returned_outputs(body)
@@ -270,7 +272,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 
 def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None,
-                constants: list[bool] | None = None):
+                constants: list[bool] | None = None, outside: list[bool] | None = None):
     """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None."""
     region = attention_region(gm)
     if not region:
@@ -301,6 +303,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     evaluator = GraphEvaluator(aten_gm, real, variable_placeholders=variable)
     declare_buffer_values(aten_gm, {n: v for n, v in evaluator.inputs.items()
                                     if n not in variable and isinstance(v, torch.Tensor)})
+    if outside is not None:                   # a checkpointed body's inputs computed in the outer graph
+        passed = {p for p, flag in zip((n for n in gm.graph.nodes if n.op == "placeholder"), outside) if flag}
+        declare_outer_operands(aten_gm, {a for d, a in zip(inputs, aten_inputs) if d in passed})
     matcher = Matcher(aten_gm, evaluator, variable)
     storages = Storages(gm)
     settled, answered, refused = [], set(), []

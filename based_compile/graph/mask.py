@@ -55,7 +55,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import guard_bool
 
-from .canonicalize import example_value, size_hints
+from .canonicalize import example_value, reads_outer_operand, size_hints
 
 log = logging.getLogger("based_compile")
 
@@ -854,10 +854,17 @@ class _Reader:
         dtype = getattr(example_value(node), "dtype", torch.float64)
         return _Pick(len(shape), cond.pred, _in_dtype(cy, dtype), _in_dtype(cn, dtype))
 
+    def _not_constant(self, node) -> str:
+        if reads_outer_operand(self.gm, node):
+            return ("the mask is an input of a checkpointed region (computed outside the function passed to "
+                    "torch.utils.checkpoint and passed in): the pass reads the region on its own and does not read "
+                    "the mask from the outer graph (build the mask inside the checkpointed function)")
+        return "the mask is not a compile-time constant (it depends on inputs)"
+
     def _leaf(self, node):
         value = self.evaluate(node)
         if value is None:
-            raise MaskError("the mask is not a compile-time constant (it depends on inputs)")
+            raise MaskError(self._not_constant(node))
         if not isinstance(value, torch.Tensor):
             raise MaskError(f"the mask is a {type(value).__name__}, not a tensor")
         return self.table(value.detach().cpu())
@@ -888,7 +895,7 @@ class _Reader:
                             "time, and not read structurally")
         value = self.evaluate(node)
         if value is None:
-            raise MaskError("the mask is not a compile-time constant (it depends on inputs)")
+            raise MaskError(self._not_constant(node))
         return self.table(value.detach().cpu())
 
     def _binary_bool(self, node, shape):
