@@ -8,8 +8,8 @@ broadcast to a square; x's features regrouped by views (``unflatten``, ``transpo
 linear piece of one map; a whole phi(k) regrouped by views on one side only, in the quadratic, running-sum
 and state forms. Each is checked here with the probe off (as at real sizes) and on: the near-misses run
 no operator and keep eager's values; the accepted spellings (the outer product as a product of unsqueezes,
-as a matmul, as an einsum; both maps regrouped the same way, which pairs the same features) are rewritten
-and exact, values and gradients, in float64.
+expanded or not, transposed (x_b x_a: the same product), as a matmul, as an einsum; both whole maps regrouped
+the same way, which pairs the same features) are rewritten and exact, values and gradients, in float64.
 """
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ def taylor_matmul(x):                        # x_a x_b as a matmul over a unit a
 
 def taylor_einsum(x):
     return _map(x, torch.einsum("...i,...j->...ij", x, x).flatten(-2))
+
+
+def taylor_transposed(x):                    # x_b x_a at a * D + b: the same product (symmetric)
+    return _map(x, (x.unsqueeze(-1) * x.unsqueeze(-2)).transpose(-1, -2).flatten(-2))
+
+
+def taylor_expanded(x):                      # both factors expanded to the square first
+    square = (*x.shape, x.shape[-1])
+    return _map(x, (x.unsqueeze(-1).expand(square) * x.unsqueeze(-2).expand(square)).flatten(-2))
+
+
+def outer_regrouped(x):                      # the [D, D] block read as [D * D / 2, 2] transposed
+    p = x.unsqueeze(-1) * x.unsqueeze(-2)
+    return _map(x, p.reshape(*x.shape[:-1], D * D // 2, 2).mT.reshape(*x.shape[:-1], D * D))
 
 
 def regrouped(p):                            # a reshape of [.., F] read as [.., 3, F/3] transposed
@@ -97,6 +111,9 @@ ACCEPTED = {
     "quadratic": quadratic(taylor, taylor),
     "quadratic_matmul_outer": quadratic(taylor_matmul, taylor_matmul),
     "quadratic_einsum_outer": quadratic(taylor_einsum, taylor_einsum),
+    "quadratic_transposed_outer": quadratic(taylor_transposed, taylor),
+    "quadratic_expanded_outer": quadratic(taylor_expanded, taylor_expanded),
+    "running_sums_transposed_outer": running_sums(taylor_transposed, taylor_transposed),
     "quadratic_both_regrouped": quadratic(lambda x: regrouped(taylor(x)), lambda x: regrouped(taylor(x))),
     "running_sums": running_sums(taylor, taylor),
     "running_sums_einsum_outer": running_sums(taylor_einsum, taylor_einsum),
@@ -107,6 +124,7 @@ REFUSED = {
     "quadratic_squares_repeated": quadratic(squares_repeated, squares_repeated),
     "quadratic_squares_broadcast": quadratic(squares_broadcast, squares_broadcast),
     "quadratic_linear_regrouped_on_q": quadratic(linear_regrouped, taylor),
+    "quadratic_outer_regrouped": quadratic(outer_regrouped, outer_regrouped),
     "quadratic_phi_k_regrouped": quadratic(taylor, lambda x: regrouped(taylor(x))),
     "running_sums_squares_repeated": running_sums(squares_repeated, squares_repeated),
     "running_sums_linear_regrouped_on_q": running_sums(linear_regrouped, taylor),

@@ -7,10 +7,11 @@ view reorders the features of an axis only by splitting or merging it (``x.unfla
 claims when:
 
 - "linear": x's feature axis reaches the piece's last axis whole (``feature_axis``), x_a at feature a;
-- "outer": the piece is, through reshapes only, the last two axes of a product of two factors of x
-  (``x.unsqueeze(-1) * x.unsqueeze(-2)``, or the bmm of [N, D, 1] by [N, 1, D]) merged row-major,
-  one factor's features on each of those two axes and a single entry on the other: x_a x_b at
-  feature a * D + b (``x.repeat_interleave(D, -1) ** 2`` holds x_a^2 there: refused);
+- "outer": the piece is, through reshapes (and swaps of the two D axes: the product is symmetric), the
+  last two axes of a product of two factors of x (``x.unsqueeze(-1) * x.unsqueeze(-2)``, expanded or not,
+  or the bmm of [N, D, 1] by [N, 1, D]) merged row-major, one factor's features on each of those two axes
+  and one value along the other: x_a x_b at feature a * D + b (``x.repeat_interleave(D, -1) ** 2`` holds
+  x_a^2 there: refused);
 - an elementwise square ("pairs" (a, a)): both factors' features on the product's last axis;
 - a tensor read through views above the map (a nested ``cat``, a gathered ``x[..., idx]``): the axis it
   contributes reaches the reader's last axis whole.
@@ -83,7 +84,7 @@ def outer_in_order(gm, node: fx.Node, source: fx.Node) -> bool:
     chain = read_views(gm, node, same_shape=True)
     product = chain.base
     if not isinstance(product, fx.Node) or product.op != "call_function" \
-            or any(v.target not in _RESHAPES for v in chain.views):
+            or not all(v.target in _RESHAPES or _swaps_last_two(v, d) for v in chain.views):
         return False
     shape, out = hint_shape(product), hint_shape(node)
     if shape is None or len(shape) < 2 or tuple(shape[-2:]) != (d, d) or out[-1] != d * d \
@@ -102,10 +103,10 @@ def outer_in_order(gm, node: fx.Node, source: fx.Node) -> bool:
             placed.append(axis + rank - len(hint_shape(f)))
         if sorted(placed) != [rank - 2, rank - 1]:
             return False
-        # each factor holds one entry along the other's feature axis (not x broadcast to a square)
+        # each factor holds one value along the other's feature axis (not x broadcast to a square)
         for f, other in ((a, placed[1]), (b, placed[0])):
             at = other - (rank - len(hint_shape(f)))
-            if at >= 0 and hint_shape(f)[at] != 1:
+            if at >= 0 and hint_shape(f)[at] != 1 and not _broadcast_axis(gm, f, source, at):
                 return False
         return _same_rows(gm, a, b, source, rank)
     if product.target is aten.bmm.default:
@@ -115,6 +116,32 @@ def outer_in_order(gm, node: fx.Node, source: fx.Node) -> bool:
         return feature_axis(gm, a, source) == 1 and feature_axis(gm, b, source) == 2 and \
             _same_rows(gm, a, b, source, 3)
     return False
+
+
+def _swaps_last_two(view: fx.Node, d: int) -> bool:
+    """A transpose (or permute) of exactly the last two axes of a tensor that ends in [D, D]: x_a x_b becomes
+    x_b x_a, the same product (every reshape around it keeps the row-major order of the D * D block)."""
+    shape = hint_shape(view.args[0]) if isinstance(view.args[0], fx.Node) else None
+    if shape is None or len(shape) < 2 or tuple(shape[-2:]) != (d, d):
+        return False
+    r = len(shape)
+    if view.target is aten.transpose.int:
+        return sorted((view.args[1] % r, view.args[2] % r)) == [r - 2, r - 1]
+    if view.target is aten.permute.default:
+        return [x % r for x in view.args[1]] == list(range(r - 2)) + [r - 1, r - 2]
+    return False
+
+
+def _broadcast_axis(gm, factor: fx.Node, source: fx.Node, at: int) -> bool:
+    """Axis ``at`` of ``factor`` (views of ``source``) is none of x's axes: a unit axis added and expanded
+    (``x.unsqueeze(-1).expand(..., D, D)``), along which the factor holds one value. Proven only when every
+    axis of x longer than one lands whole in the factor (a merge of two of x's axes lands nowhere)."""
+    chain = read_views(gm, factor, until=source, same_shape=True)
+    shape = hint_shape(source) or ()
+    landed = [chain.lands(axis) for axis in range(len(shape))]
+    if any(x is None for x, size in zip(landed, shape) if size != 1):
+        return False
+    return at not in landed
 
 
 def _same_rows(gm, a: fx.Node, b: fx.Node, source: fx.Node, rank: int) -> bool:
