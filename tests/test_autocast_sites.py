@@ -131,3 +131,72 @@ def test_attention_with_state_casts_like_attention():
     assert [x.dtype for x in compiled] == [x.dtype for x in eager]
     for c, e in zip(compiled, eager):
         assert_rel_close(c.float(), e.float(), 1e-6, "compiled vs eager")
+
+
+# ------------------------------------------------------------------ mixed precisions (a reviewer's cases)
+def matmuls_without_autocast_divided_outside(q, k, v):
+    with torch.autocast("cpu", enabled=False):            # the matmuls in float32 ...
+        s = q @ k.mT / 2
+        a = torch.tril(1 + s + 0.5 * s * s)
+        num, den = a @ v, a.sum(-1, keepdim=True)
+    return num / (den + 1e-6)                              # ... the output under the caller's autocast
+
+
+def states_elementwise_readout_matmul(q, k, v):         # states float32 in eager, the readout bfloat16
+    qf, kf = phi(q), phi(k)
+    kv = (kf.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(2)
+    kc = kf.cumsum(2)
+    y = (qf.unsqueeze(-2) @ kv).squeeze(-2) / ((qf * kc).sum(-1, keepdim=True) + 1e-6)
+    return y, kv[:, :, -1], kc[:, :, -1]
+
+
+def step_elementwise(q, k, v, kv, ks):                   # a decode step of products and sums: float32
+    pq, pk = phi(q), phi(k)
+    kv = kv + pk.transpose(-2, -1) * v
+    ks = ks + pk
+    num = (pq.transpose(-2, -1) * kv).sum(-2, keepdim=True)
+    return num / ((pq * ks).sum(-1, keepdim=True) + 1e-6), kv, ks
+
+
+def _no_worse_than_eager(compiled_fn, fn, args):
+    """Each returned tensor: eager's dtype, and no further from float64 than eager's own autocast error."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _tuple(fn(*args))
+        compiled_fn(*args)
+        with BasedOpCounter() as counter:
+            got = _tuple(compiled_fn(*args))
+    reference = _tuple(fn(*(a.double() for a in args)))
+    for g, w, r in zip(got, want, reference):
+        assert g.dtype == w.dtype
+        assert (g.double() - r).norm() <= 2 * (w.double() - r).norm() + 1e-6 * r.norm()
+    return counter.calls
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_a_site_split_by_an_autocast_switch_is_refused(inner):
+    """torch.autocast switched inside the attention (its matmuls off, its output under the caller's
+    autocast): the operator, inserted at the output, would run under the output's setting (bfloat16 where
+    eager's matmuls ran in float32: error 2.6e-3 against 7.8e-8); the site is refused."""
+    fn = matmuls_without_autocast_divided_outside
+    calls = _no_worse_than_eager(torch.compile(fn, backend=based_compile.backend(inner=inner)), fn, _inputs(6))
+    assert not calls, calls
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_returned_states_keep_eagers_precision(inner):
+    """States eager computes in float32 (products and cumsums) are not computed in bfloat16 because the
+    output is read through a matmul (error 2.5e-3 against 5e-8 before)."""
+    fn = states_elementwise_readout_matmul
+    calls = _no_worse_than_eager(torch.compile(fn, backend=based_compile.backend(inner=inner)), fn, _inputs(7))
+    assert calls, calls
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_a_recurrent_step_autocast_leaves_in_float32_stays_float32(inner):
+    q, k, v = (x[:, :, :1] for x in _inputs(8))
+    f = 1 + D + D * D
+    g = torch.Generator().manual_seed(9)
+    kv, ks = torch.randn(B, H, f, DV, generator=g), torch.rand(B, H, 1, f, generator=g) + 1
+    calls = _no_worse_than_eager(torch.compile(step_elementwise, backend=based_compile.backend(inner=inner)),
+                                 step_elementwise, (q, k, v, kv, ks))
+    assert calls, calls

@@ -46,6 +46,43 @@ def casts_under_autocast(output: fx.Node, inputs) -> bool:
     return False
 
 
+def _switches_autocast(node: fx.Node) -> bool:
+    """``torch.autocast(...)`` entered or left in Dynamo's graph (``_enter_autocast`` / ``_exit_autocast``)."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    module = getattr(target, "__module__", "") or ""
+    return node.op == "call_function" and "autocast" in name and module.startswith("torch")
+
+
+def switch_inside(output: fx.Node, inputs) -> fx.Node | None:
+    """An autocast switch of Dynamo's graph between the first node computed from ``inputs`` on the way to
+    ``output`` and ``output`` itself: the site's matmuls and its output run under different settings (the
+    operator, inserted at the output, would take the output's), or None."""
+    graph = output.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    stop = set(inputs)
+    seen, stack, first = set(), [output], position[output]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if any(a in stop for a in node.all_input_nodes):
+            first = min(first, position[node])
+        stack.extend(node.all_input_nodes)
+    for node in graph.nodes:
+        if first < position[node] < position[output] and _switches_autocast(node):
+            return node
+    return None
+
+
+def keeps_dtype(outputs, inputs) -> bool:
+    """Whether the operator standing for ``outputs`` (the output, the returned states) runs with autocast off:
+    unless every one of them is computed through a matmul-like op (cast in eager), one is not, and the
+    operator cast to autocast's dtype would compute it in lower precision than the user's code."""
+    return not all(casts_under_autocast(o, inputs) for o in outputs)
+
+
 def analysis_without_autocast():
     """A context with autocast off on the CPU and CUDA, for the pass's own tracing and probing: a graph
     compiled inside ``torch.autocast`` is read as the code is written (its matmuls' casts are autocast's,

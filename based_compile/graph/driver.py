@@ -22,7 +22,7 @@ from ..op import policy
 from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
-from .autocast_scope import analysis_without_autocast
+from .autocast_scope import analysis_without_autocast, switch_inside
 from .canonicalize import (attention_region, declare_buffer_values, declare_outer_operands, example_value,
                            extract_region, hint, hint_shape, lower_to_aten, same_value_source)
 from .constant_fills import read_constant_fills
@@ -343,6 +343,12 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                 plan_output(gm, to_dynamo[site.match.output], storages)
             except OutputAliased as err:
                 raise Refused("unsupported", str(err), result.output) from None
+            switch = switch_inside(to_dynamo[site.match.output],
+                                   [to_dynamo[n] for n in (site.match.q, site.match.k, site.match.v, *starts)])
+            if switch is not None:
+                raise Refused("unsupported", f"torch.autocast is entered or left inside the attention ({switch.name}): "
+                                             "its matmuls and its output run under different autocast settings",
+                              result.output)
         except Refused as refusal:
             refused.append(refusal.node)
             _refuse(refusal, report)
@@ -455,6 +461,12 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrit
                 raise Refused("unsupported", f"the step's tensors {missing} are intermediate values of a decomposed "
                                              "operation, not values of the model's graph", result.output)
             _check_step_reads(gm, result, to_dynamo, storages)
+            switch = switch_inside(to_dynamo[result.output], [to_dynamo[n] for n in (
+                result.q, result.k, result.v, result.kv_state, result.k_state) if n is not None])
+            if switch is not None:
+                raise Refused("unsupported", f"torch.autocast is entered or left inside the step ({switch.name}): its "
+                                             "matmuls and its output run under different autocast settings",
+                              result.output)
         except Refused as refusal:
             refused.append(refusal.node)
             _refuse(refusal, report)

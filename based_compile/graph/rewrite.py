@@ -61,7 +61,7 @@ from ..op.attention_with_state import based_attention_with_state
 from ..op.custom_op import based_attention
 from ..op.recurrent_step import based_recurrent_step
 from ..op.spec import BasedSpec
-from .autocast_scope import casts_under_autocast, without_autocast
+from .autocast_scope import keeps_dtype, without_autocast
 from .canonicalize import example_value, writes_in_place
 from .inplace import Storages, erasable, plan_output
 from .verify import Settled
@@ -92,6 +92,16 @@ def based_attention_with_state_call(q, k, v, layout: str, scale: float, c0: floa
         with without_autocast(q.device.type):
             return based_attention_with_state(q, k, v, spec, pieces, k_factors, kv0, k0)
     return based_attention_with_state(q, k, v, spec, pieces, k_factors, kv0, k0)
+
+
+def recurrent_step_call(q, k, v, kv_state, k_state, pieces: list, q_factors: list, k_factors: list,
+                        normalize: bool, eps: float, keep_dtype: bool = False):
+    """The rewritten recurrent step: ``based_recurrent_step``; with ``keep_dtype`` (a step autocast leaves in
+    its inputs' dtype in eager, ``autocast_scope``), run with autocast off."""
+    if keep_dtype:
+        with without_autocast(q.device.type):
+            return based_recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
+    return based_recurrent_step(q, k, v, kv_state, k_state, pieces, q_factors, k_factors, normalize, eps)
 
 
 def hint_shape_of(node: fx.Node) -> tuple:
@@ -130,7 +140,8 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
         q, k, v, output = (to_dynamo[n] for n in (m.q, m.k, m.v, m.output))
         sources = [q, k, v] + [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k) if st is not None] \
             if m.initial is not None else [q, k, v]
-        keep_dtype = not casts_under_autocast(output, sources)
+        returned = [output] + ([to_dynamo[r.node] for r in site.states.reads] if site.states is not None else [])
+        keep_dtype = keeps_dtype(returned, sources)
         plan = plan_output(gm, output, storages)        # the driver refused the sites it raises for
         q, k, v = (replaced.get(n, n) for n in (q, k, v))
         fakes = [example_value(n) for n in (q, k, v)]
@@ -268,8 +279,10 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             kv_state, k_state = promoted[1], promoted[2]
             if m.kv_transposed:         # the user's [.., Dv, F] state: the operator reads and writes [.., F, Dv]
                 kv_state = add(torch.transpose, (kv_state, -2, -1))
-            step = add(based_recurrent_step, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
-                                              list(m.k_factors), bool(m.normalize), float(m.eps)))
+            keep = keeps_dtype([n for n in (output, kv_new, k_new) if n is not None],
+                               [n for n in (q, k, v, kv_state, k_state) if n is not None])
+            step = add(recurrent_step_call, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
+                                             list(m.k_factors), bool(m.normalize), float(m.eps), keep))
             results = [add(operator.getitem, (step, i)) for i in range(3)]
             if m.kv_transposed:         # back in the user's layout
                 results[1] = add(torch.transpose, (results[1], -2, -1))

@@ -475,7 +475,7 @@ def _autocast_eligible(x: Tensor, device_type: str) -> bool:
 
 
 def register_autocast(library, name: str, device_type: str) -> None:
-    """Cast the tensor arguments of ``based::{name}`` to the current autocast dtype of ``device_type`` (not a
+    """Cast q, k, v (the first three arguments) of ``based::{name}`` to the current autocast dtype of ``device_type`` (not a
     fixed dtype, which is all ``torch.library.register_autocast`` offers) where autocast would
     (``_autocast_eligible``: float64 stays float64), then run with autocast off. The operators are
     matmul-like: their inputs are cast as a matmul's would be (a site that autocast leaves in float32 in
@@ -492,8 +492,8 @@ def register_autocast(library, name: str, device_type: str) -> None:
                 return x.to(target)
             return x
 
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(*(cast(a) for a in args))
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):   # q, k, v only (not states)
+            return op(*(cast(a) if i < 3 else a for i, a in enumerate(args)))
 
     if op.has_kernel_for_dispatch_key(key):
         op.py_kernels.pop(key)
