@@ -140,6 +140,45 @@ def test_an_argument_named_buffers_is_not_a_registered_buffer():
         assert_rel_close(compiled(q, k, v, [mask]), _masked_by_an_argument(q, k, v, [mask]), 1e-10)
 
 
+class _PrefillWithStateBuffers(nn.Module):
+    """A continued prefill whose states live in registered buffers, written back after each chunk."""
+
+    def __init__(self, b, h, f, dv):
+        super().__init__()
+        self.register_buffer("kv", torch.zeros(b, h, f, dv, dtype=torch.float64))
+        self.register_buffer("ks", torch.zeros(b, h, f, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        d = q.shape[-1]
+        x2 = (q.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2) / (math.sqrt(2) * math.sqrt(d))
+        qf = torch.cat([torch.ones_like(q[..., :1]), q / d ** 0.25, x2], -1)
+        y2 = (k.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2) / (math.sqrt(2) * math.sqrt(d))
+        kf = torch.cat([torch.ones_like(k[..., :1]), k / d ** 0.25, y2], -1)
+        kv = self.kv[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+        ks = self.ks[:, :, None] + kf.cumsum(2)
+        o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+        self.kv.copy_(kv[:, :, -1])
+        self.ks.copy_(ks[:, :, -1])
+        return o
+
+
+def test_state_buffers_the_model_writes_are_not_baked():
+    """Buffers the graph writes in place (a stateful prefill's states) are the model's state, read as tensors
+    at run time: not compile-time constants guarded against change (the second call raised StaleBufferError)."""
+    b, h, d, dv = 2, 2, 3, 4
+    f = 1 + d + d * d
+    eager, compiled_model = _PrefillWithStateBuffers(b, h, f, dv), _PrefillWithStateBuffers(b, h, f, dv)
+    compiled = torch.compile(compiled_model, backend=based_compile.backend(inner="eager"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        q, k, v = (torch.randn(b, h, 5, x, generator=g, dtype=torch.float64) for x in (d, d, dv))
+        with BasedOpCounter() as counter:
+            got = compiled(q, k, v)
+        assert_rel_close(got, eager(q, k, v), 1e-10)
+        assert_rel_close(compiled_model.kv, eager.kv, 1e-10)
+    assert counter.calls, counter.calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_gpu_mask_buffer_guard(mode, no_tf32):

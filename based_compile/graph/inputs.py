@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .candidate import site_inputs
-from .canonicalize import example_value, hint
+from .canonicalize import example_value, hint, strip_views, writes_in_place
 from .evaluate import GraphEvaluator, LazyTensor
 from .report import source_of
 
@@ -30,7 +30,10 @@ class BakedBuffer:
 
 
 def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
-    """Per placeholder: True when it is a registered buffer or a size (compile-time constant)."""
+    """Per placeholder: True when it is a registered buffer the graph does not write, or a size (compile-time
+    constant). A buffer the graph writes in place (recurrent states kept in buffers, ``self.kv.add_(...)``,
+    ``self.kv.copy_(...)``) is the model's state: a variable, read as the tensor it is at run time."""
+    written = _written_placeholders(gm)
     flags = []
     for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
         if not isinstance(value, torch.Tensor):
@@ -38,8 +41,19 @@ def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
             continue
         # a module's registered buffer: L['self']._buffers['tril'], L['self']._modules['attn']._buffers['mask']
         # (not any name with the word in it: an argument called ``buffers`` is an input like any other)
-        flags.append("._buffers[" in source_name(node) and not value.requires_grad)
+        flags.append("._buffers[" in source_name(node) and not value.requires_grad and node not in written)
     return flags
+
+
+def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
+    """The placeholders the graph writes in place, directly or through a view."""
+    written = set()
+    for node in gm.graph.nodes:
+        if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
+            base = strip_views(node.args[0])
+            if isinstance(base, fx.Node) and base.op == "placeholder":
+                written.add(base)
+    return written
 
 
 def source_name(placeholder: fx.Node) -> str:
