@@ -143,8 +143,9 @@ def test_an_argument_named_buffers_is_not_a_registered_buffer():
 class _PrefillWithStateBuffers(nn.Module):
     """A continued prefill whose states live in registered buffers, written back after each chunk."""
 
-    def __init__(self, b, h, f, dv):
+    def __init__(self, b, h, f, dv, write="always"):
         super().__init__()
+        self.write = write
         self.register_buffer("kv", torch.zeros(b, h, f, dv, dtype=torch.float64))
         self.register_buffer("ks", torch.zeros(b, h, f, dtype=torch.float64))
 
@@ -157,20 +158,27 @@ class _PrefillWithStateBuffers(nn.Module):
         kv = self.kv[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
         ks = self.ks[:, :, None] + kf.cumsum(2)
         o = (qf[..., None] * kv).sum(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
-        self.kv.copy_(kv[:, :, -1])
+        if self.write == "view":                # the same write, through a view of the buffer
+            self.kv.view(-1).copy_(kv[:, :, -1].reshape(-1))
+        elif self.write == "always":
+            self.kv.copy_(kv[:, :, -1])
         self.ks.copy_(ks[:, :, -1])
         return o
 
 
-def test_state_buffers_the_model_writes_are_not_baked():
-    """Buffers the graph writes in place (a stateful prefill's states) are the model's state, read as tensors
-    at run time: not compile-time constants guarded against change (the second call raised StaleBufferError)."""
+@pytest.mark.parametrize("writes", [["always"] * 3, ["view"] * 3, ["never", "always", "never"]],
+                         ids=["written", "written_through_a_view", "written_in_some_calls"])
+def test_state_buffers_the_model_writes_are_not_baked(writes):
+    """Buffers the graph writes in place (a stateful prefill's states), directly or through a view, are the
+    model's state, read as tensors at run time; and a state the operator reads is never baked, even by a graph
+    that does not write it (the second call raised StaleBufferError)."""
     b, h, d, dv = 2, 2, 3, 4
     f = 1 + d + d * d
     eager, compiled_model = _PrefillWithStateBuffers(b, h, f, dv), _PrefillWithStateBuffers(b, h, f, dv)
     compiled = torch.compile(compiled_model, backend=based_compile.backend(inner="eager"))
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for write in writes:
+        eager.write = compiled_model.write = write
         q, k, v = (torch.randn(b, h, 5, x, generator=g, dtype=torch.float64) for x in (d, d, dv))
         with BasedOpCounter() as counter:
             got = compiled(q, k, v)

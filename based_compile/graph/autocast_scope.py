@@ -18,11 +18,29 @@ import torch
 import torch.fx as fx
 
 # the ops of Dynamo's graph that autocast runs in its lower precision (CUDA's and CPU's lists alike)
-_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.einsum, torch.baddbmm,
-                     torch.addmm, torch.addbmm, torch.tensordot, torch.nn.functional.linear, torch.mv,
-                     torch.dot, torch.chain_matmul, torch.linalg.multi_dot, torch.linalg.matmul,
+# (on the CPU and on CUDA both; mv and dot, cast on CUDA only, are left out: where in doubt the operator runs
+# with autocast off, at least as precise as eager, and its result is cast to eager's dtype)
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.addbmm,
+                     torch.nn.functional.linear, torch.chain_matmul, torch.linalg.multi_dot, torch.linalg.matmul,
                      torch.nn.functional.scaled_dot_product_attention}
-_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "baddbmm", "addmm", "mv", "dot"}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "baddbmm", "addmm"}
+
+
+def _contracting_einsum(node: fx.Node) -> bool:
+    """An einsum that sums over an index of two or more operands: torch runs it as a bmm, which autocast casts
+    (an outer product, ``"...i,...j->...ij"``, or a one-operand sum, ``"bhtf->bhf"``, stays in its dtype)."""
+    args = node.args
+    if not args or not isinstance(args[0], str):
+        return True                               # a form we do not read: as a matmul (the operator's rule)
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    equation = args[0].replace(" ", "")
+    if "->" not in equation:
+        return len(operands) > 1                  # implicit output: indices seen once; assume a contraction
+    inputs, output = equation.split("->")
+    summed = set(inputs.replace(",", "").replace(".", "")) - set(output.replace(".", ""))
+    return len(operands) > 1 and bool(summed)
 
 
 def casts_under_autocast(output: fx.Node, inputs) -> bool:
@@ -37,6 +55,8 @@ def casts_under_autocast(output: fx.Node, inputs) -> bool:
             continue
         seen.add(node)
         if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+            return True
+        if node.op == "call_function" and node.target is torch.einsum and _contracting_einsum(node):
             return True
         if node.op == "call_method" and node.target in _MATMUL_METHODS:
             return True
@@ -54,14 +74,17 @@ def _switches_autocast(node: fx.Node) -> bool:
     return node.op == "call_function" and "autocast" in name and module.startswith("torch")
 
 
-def switch_inside(output: fx.Node, inputs) -> fx.Node | None:
-    """An autocast switch of Dynamo's graph between the first node computed from ``inputs`` on the way to
-    ``output`` and ``output`` itself: the site's matmuls and its output run under different settings (the
-    operator, inserted at the output, would take the output's), or None."""
-    graph = output.graph
+def switch_inside(outputs, inputs) -> fx.Node | None:
+    """An autocast switch of Dynamo's graph between the first node computed from ``inputs`` on the way to any of
+    ``outputs`` (the output, returned states, a step's state updates) and the last of them: the site's matmuls
+    and its results run under different settings (the operator, inserted at one place, would take that
+    place's), or None."""
+    outputs = [o for o in outputs if o is not None]
+    graph = outputs[0].graph
     position = {n: i for i, n in enumerate(graph.nodes)}
     stop = set(inputs)
-    seen, stack, first = set(), [output], position[output]
+    seen, stack = set(), list(outputs)
+    first, last = min(position[o] for o in outputs), max(position[o] for o in outputs)
     while stack:
         node = stack.pop()
         if node in seen or node in stop:
@@ -71,7 +94,7 @@ def switch_inside(output: fx.Node, inputs) -> fx.Node | None:
             first = min(first, position[node])
         stack.extend(node.all_input_nodes)
     for node in graph.nodes:
-        if first < position[node] < position[output] and _switches_autocast(node):
+        if first < position[node] < last and _switches_autocast(node):
             return node
     return None
 

@@ -343,7 +343,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                 plan_output(gm, to_dynamo[site.match.output], storages)
             except OutputAliased as err:
                 raise Refused("unsupported", str(err), result.output) from None
-            switch = switch_inside(to_dynamo[site.match.output],
+            switch = switch_inside([to_dynamo[site.match.output]],
                                    [to_dynamo[n] for n in (site.match.q, site.match.k, site.match.v, *starts)])
             if switch is not None:
                 raise Refused("unsupported", f"torch.autocast is entered or left inside the attention ({switch.name}): "
@@ -409,6 +409,14 @@ def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Sto
             if late:
                 raise Refused("unsupported", f"the prefill's state is computed before {late} exist(s): the operator "
                                              "that returns both cannot run there", site_reads[0].node)
+            starts = [] if site.match.initial is None else \
+                [st.source for st in (site.match.initial.kv, site.match.initial.k) if st is not None]
+            switch = switch_inside([output] + [to_dynamo[r.node] for r in site_reads],
+                                   [to_dynamo[n] for n in (site.match.q, site.match.k, site.match.v, *starts)])
+            if switch is not None:
+                raise Refused("unsupported", f"torch.autocast is entered or left between the prefill's output and its "
+                                             f"state(s) ({switch.name}): they run under different autocast settings",
+                              site_reads[0].node)
             init = site.match.initial       # the in-place write that adds an initial state is the op's own
             own = set() if init is None else {to_dynamo.get(st.add) for st in (init.kv, init.k) if st is not None}
             for r in site_reads:
@@ -461,8 +469,9 @@ def _find_steps(gm, aten_gm, evaluator, to_dynamo, storages: Storages, *, rewrit
                 raise Refused("unsupported", f"the step's tensors {missing} are intermediate values of a decomposed "
                                              "operation, not values of the model's graph", result.output)
             _check_step_reads(gm, result, to_dynamo, storages)
-            switch = switch_inside(to_dynamo[result.output], [to_dynamo[n] for n in (
-                result.q, result.k, result.v, result.kv_state, result.k_state) if n is not None])
+            switch = switch_inside([to_dynamo[n] for n in (result.output, result.kv_new, result.k_new) if n is not None],
+                                   [to_dynamo[n] for n in (result.q, result.k, result.v, result.kv_state,
+                                                           result.k_state) if n is not None])
             if switch is not None:
                 raise Refused("unsupported", f"torch.autocast is entered or left inside the step ({switch.name}): its "
                                              "matmuls and its output run under different autocast settings",

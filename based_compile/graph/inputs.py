@@ -15,8 +15,9 @@ import torch
 import torch.fx as fx
 
 from .candidate import site_inputs
-from .canonicalize import example_value, hint, strip_views, writes_in_place
+from .canonicalize import example_value, hint
 from .evaluate import GraphEvaluator, LazyTensor
+from .inplace import UNKNOWN, storage_key, written_node
 from .report import source_of
 
 
@@ -46,13 +47,22 @@ def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
-    """The placeholders the graph writes in place, directly or through a view."""
+    """The placeholders the graph writes in place, directly or through any view (``self.kv.copy_(x)``,
+    ``self.kv[:].copy_(x)``, ``self.kv.view(...).add_(x)``): the write's target lives in their storage."""
+    keys = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            key = storage_key(node)
+            if key is not None:
+                keys.setdefault(key, []).append(node)
     written = set()
     for node in gm.graph.nodes:
-        if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
-            base = strip_views(node.args[0])
-            if isinstance(base, fx.Node) and base.op == "placeholder":
-                written.add(base)
+        target = written_node(node)
+        if target is not None:
+            key = storage_key(target)
+            if key is UNKNOWN:                    # a write into memory we cannot name: every tensor input
+                return {n for group in keys.values() for n in group}
+            written.update(keys.get(key, ()))
     return written
 
 
@@ -72,7 +82,8 @@ def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dyna
     baked: dict[int, BakedBuffer] = {}
     for site in settled:
         m = site.match
-        for node in site_inputs(site.match) - {m.q, m.k, m.v}:
+        starts = {st.source for st in (m.initial.kv, m.initial.k) if st is not None} if m.initial is not None else set()
+        for node in site_inputs(site.match) - {m.q, m.k, m.v} - starts:      # states are read at run time
             dynamo = to_dynamo.get(node)
             if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
                     and dynamo is not None and dynamo in index_of):

@@ -279,10 +279,11 @@ def rewrite_recurrent_steps(gm: fx.GraphModule, steps: list, to_dynamo: dict) ->
             kv_state, k_state = promoted[1], promoted[2]
             if m.kv_transposed:         # the user's [.., Dv, F] state: the operator reads and writes [.., F, Dv]
                 kv_state = add(torch.transpose, (kv_state, -2, -1))
-            keep = keeps_dtype([n for n in (output, kv_new, k_new) if n is not None],
-                               [n for n in (q, k, v, kv_state, k_state) if n is not None])
+            # with autocast off always: the operator has no autocast rule (its CPU form would otherwise run
+            # under autocast op by op with inner="eager", and not under AOT), and a step's state update is
+            # elementwise (float32 in eager) in nearly every spelling; the output is cast to eager's dtype
             step = add(recurrent_step_call, (q, k, v, kv_state, k_state, list(m.pieces), list(m.q_factors),
-                                             list(m.k_factors), bool(m.normalize), float(m.eps), keep))
+                                             list(m.k_factors), bool(m.normalize), float(m.eps), True))
             results = [add(operator.getitem, (step, i)) for i in range(3)]
             if m.kv_transposed:         # back in the user's layout
                 results[1] = add(torch.transpose, (results[1], -2, -1))
