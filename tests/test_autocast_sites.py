@@ -258,3 +258,39 @@ def test_a_step_split_by_an_autocast_switch_is_refused(inner):
     assert not counter.calls, counter.calls
     assert_rel_close(got, want, 1e-6, "output")
     assert_rel_close(got_state, want_state, 1e-6, "state")
+
+
+def implicit_einsum_outer_running_sums(q, k, v):      # "...f,...d" (no '->'): an outer product, float32
+    qf, kf = phi(q), phi(k)
+    kv = torch.einsum("...f,...d", kf, v).cumsum(2)             # [.., Dv, F]: implicit output, sorted
+    y = (qf.unsqueeze(-2) * kv).sum(-1) / ((qf * kf.cumsum(2)).sum(-1, keepdim=True) + 1e-6)
+    return y
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_what_autocast_casts_is_read_off_the_traced_dtypes(inner):
+    """Whether a site's code computes in the lower precision is read off the dtypes Dynamo traced, not off op
+    names: an einsum outer product without '->' stays float32 (it was taken for a matmul: 2.6e-3 against
+    1.2e-7)."""
+    fn = implicit_einsum_outer_running_sums
+    assert _no_worse_than_eager(torch.compile(fn, backend=based_compile.backend(inner=inner)), fn, _inputs(14))
+
+
+def continued_prefill_bf16_inputs_float32_states(q, k, v, kv0, ks0):
+    qf, kf = phi(q), phi(k)
+    kv = kv0[:, :, None] + (kf[..., :, None] * v[..., None, :]).cumsum(2)
+    ks = ks0[:, :, None] + kf.cumsum(2)
+    return (qf.unsqueeze(-2) @ kv).squeeze(-2) / ((qf * ks).sum(-1, keepdim=True) + 1e-6)
+
+
+def test_a_graph_only_autocast_makes_valid_is_read_as_traced(caplog):
+    """bfloat16 q, k, v against float32 states in a matmul (valid only under autocast): read with autocast
+    off, the pass failed on the graph and compiled it unchanged with a warning; it reads it as traced."""
+    q, k, v = (x.bfloat16() for x in _inputs(15))
+    g = torch.Generator().manual_seed(16)
+    kv0, ks0 = torch.randn(B, H, 1 + D + D * D, DV, generator=g), torch.rand(B, H, 1 + D + D * D, generator=g) + 1
+    fn = continued_prefill_bf16_inputs_float32_states
+    with caplog.at_level("WARNING", logger="based_compile"):
+        _no_worse_than_eager(torch.compile(fn, backend=based_compile.backend(inner="eager")), fn,
+                             (q, k, v, kv0, ks0))
+    assert not [r for r in caplog.records if "the pass failed" in r.getMessage()], caplog.text

@@ -1,9 +1,10 @@
 """Whether autocast would lower a site's precision in eager: only its matmul-like ops are autocast's.
 
-Inside ``torch.autocast``, eager PyTorch runs matmuls, bmm and einsum in the autocast dtype and leaves
-elementwise products, sums and cumsums in their inputs' dtype. The ``based`` operator is matmul-like: under
-autocast it casts q, k, v to the autocast dtype (``op.custom_op``), as a site written with matmuls or
-einsums computes in eager. A site written with elementwise products and sums alone (``(phi(k)[..., :, None] *
+Inside ``torch.autocast``, eager PyTorch runs matmuls, bmm (and an einsum that runs as one) in the autocast
+dtype and leaves elementwise products, sums and cumsums in their inputs' dtype. Which nodes did is read off the
+dtypes Dynamo traced (a float16/bfloat16 value computed from a wider one), not off the ops' names. The
+``based`` operator is matmul-like: under autocast it casts q, k, v to the autocast dtype (``op.custom_op``), as
+a site written with matmuls or einsums computes in eager. A site written with elementwise products and sums alone (``(phi(k)[..., :, None] *
 v[..., None, :]).cumsum(2)`` and a broadcast readout) computes in float32 in eager even under autocast, so
 its rewrite runs the operator with autocast off (``keep_dtype``): the same precision as the user's code.
 The pass itself reads and probes a graph compiled inside autocast with autocast off
@@ -12,41 +13,34 @@ The pass itself reads and probes a graph compiled inside autocast with autocast 
 from __future__ import annotations
 
 import contextlib
-import operator
 
 import torch
 import torch.fx as fx
 
-# the ops of Dynamo's graph that autocast runs in its lower precision (CUDA's and CPU's lists alike)
-# (on the CPU and on CUDA both; mv and dot, cast on CUDA only, are left out: where in doubt the operator runs
-# with autocast off, at least as precise as eager, and its result is cast to eager's dtype)
-_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.addbmm,
-                     torch.nn.functional.linear, torch.chain_matmul, torch.linalg.multi_dot, torch.linalg.matmul,
-                     torch.nn.functional.scaled_dot_product_attention}
-_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__", "baddbmm", "addmm"}
+from .canonicalize import example_value
+
+_LOWER = (torch.float16, torch.bfloat16)
 
 
-def _contracting_einsum(node: fx.Node) -> bool:
-    """An einsum that sums over an index of two or more operands: torch runs it as a bmm, which autocast casts
-    (an outer product, ``"...i,...j->...ij"``, or a one-operand sum, ``"bhtf->bhf"``, stays in its dtype)."""
-    args = node.args
-    if not args or not isinstance(args[0], str):
-        return True                               # a form we do not read: as a matmul (the operator's rule)
-    operands = args[1:]
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = operands[0]
-    equation = args[0].replace(" ", "")
-    if "->" not in equation:
-        return len(operands) > 1                  # implicit output: indices seen once; assume a contraction
-    inputs, output = equation.split("->")
-    summed = set(inputs.replace(",", "").replace(".", "")) - set(output.replace(".", ""))
-    return len(operands) > 1 and bool(summed)
+def _lowers_precision(node: fx.Node) -> bool:
+    """``node`` computes a float16/bfloat16 value from a wider floating input, as Dynamo traced it (under the
+    autocast the model runs in): autocast cast it (a matmul, bmm, an einsum that runs as one, linear,
+    vecdot, ...), or the user did (``x.to(torch.bfloat16)``); either way the user's code computes there in the
+    lower precision, whatever the op is called."""
+    out = example_value(node)
+    if not isinstance(out, torch.Tensor) or out.dtype not in _LOWER:
+        return False
+    for arg in node.all_input_nodes:
+        value = example_value(arg)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in _LOWER:
+            return True
+    return False
 
 
 def casts_under_autocast(output: fx.Node, inputs) -> bool:
-    """Some node between ``inputs`` (q, k, v, initial states) and ``output`` in Dynamo's graph is one that
-    autocast runs in lower precision (or one this module does not know: then True, the operator's own
-    rule)."""
+    """Some node between ``inputs`` (q, k, v, initial states) and ``output`` in Dynamo's graph lowers the
+    precision of what it reads (``_lowers_precision``): the user's code computes this result in float16 or
+    bfloat16 somewhere, so the operator may too."""
     stop = set(inputs)
     seen, stack = set(), [output]
     while stack:
@@ -54,13 +48,7 @@ def casts_under_autocast(output: fx.Node, inputs) -> bool:
         if node in seen or node in stop:
             continue
         seen.add(node)
-        if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
-            return True
-        if node.op == "call_function" and node.target is torch.einsum and _contracting_einsum(node):
-            return True
-        if node.op == "call_method" and node.target in _MATMUL_METHODS:
-            return True
-        if node.op == "call_module":
+        if node.op in ("call_function", "call_method", "call_module") and _lowers_precision(node):
             return True
         stack.extend(node.all_input_nodes)
     return False

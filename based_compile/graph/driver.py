@@ -157,7 +157,16 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
 def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
              constants: list[bool] | None = None, outside: list[bool] | None = None) -> Rewritten | None:
     try:
-        with analysis_without_autocast():
+        autocast_on = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+        try:
+            with analysis_without_autocast():
+                found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report,
+                                    constants=constants, outside=outside)
+        except Exception as err:  # noqa: BLE001 - e.g. a bf16 @ f32 matmul that only autocast makes valid
+            if not autocast_on:
+                raise
+            log.debug("based_compile: reading the graph with autocast off failed (%s: %s); read as traced",
+                      type(err).__name__, err)
             found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report,
                                 constants=constants, outside=outside)
     except Exception as err:      # a bug of the pass must not stop the model from compiling

@@ -83,7 +83,7 @@ def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dyna
     for site in settled:
         m = site.match
         starts = {st.source for st in (m.initial.kv, m.initial.k) if st is not None} if m.initial is not None else set()
-        for node in site_inputs(site.match) - {m.q, m.k, m.v} - starts:      # states are read at run time
+        for node in site_inputs(site.match) - {m.q, m.k, m.v} - _read_through(starts):   # states: read at run time
             dynamo = to_dynamo.get(node)
             if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
                     and dynamo is not None and dynamo in index_of):
@@ -91,6 +91,22 @@ def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dyna
                 baked.setdefault(i, BakedBuffer(i, source_name(dynamo), f"read at compile time by the "
                                                 f"site at {source_of(m.anchor)}: {site.spec}"))
     return list(baked.values())
+
+
+def _read_through(nodes) -> set:
+    """``nodes`` and what each reads through ops of one tensor input (a slice, a view, a cast, a clone of a
+    state buffer: ``self.kv[:b]``): the tensors the operator reads at run time through them."""
+    out, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in out or not isinstance(node, fx.Node):
+            continue
+        out.add(node)
+        if node.op == "call_function":
+            tensors = [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
+            if len(tensors) == 1:
+                stack.append(tensors[0])
+    return out
 
 
 def region_inputs(gm, example_inputs, inputs, aten_inputs, constants=None):
