@@ -6,7 +6,6 @@ queries in front of the block, sliced to the block: independent of the Tq < Tk c
 """
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
