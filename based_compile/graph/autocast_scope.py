@@ -1,12 +1,13 @@
-"""Whether autocast would lower a site's precision in eager: only its matmul-like ops are autocast's.
+"""Whether autocast lowers a site's precision in eager, and running the operator at that precision.
 
 Inside ``torch.autocast``, eager PyTorch runs matmuls, bmm (and an einsum that runs as one) in the autocast
 dtype and leaves elementwise products, sums and cumsums in their inputs' dtype. Which nodes did is read off the
 dtypes Dynamo traced (a float16/bfloat16 value computed from a wider one), not off the ops' names. The
-``based`` operator is matmul-like: under autocast it casts q, k, v to the autocast dtype (``op.custom_op``), as
-a site written with matmuls or einsums computes in eager. A site written with elementwise products and sums alone (``(phi(k)[..., :, None] *
-v[..., None, :]).cumsum(2)`` and a broadcast readout) computes in float32 in eager even under autocast, so
-its rewrite runs the operator with autocast off (``keep_dtype``): the same precision as the user's code.
+``based`` operator is matmul-like: under autocast it casts q, k, v to the autocast dtype (``op.custom_op``),
+as a site written with matmuls or einsums computes in eager. A site one of whose results is computed in
+float32 all the way (``(phi(k)[..., :, None] * v[..., None, :]).cumsum(2)`` and a broadcast readout) keeps
+float32 in eager even under autocast, so its rewrite runs the operator with autocast off (``keep_dtype``):
+no less precise than the user's code. A site split by an autocast switch is refused (``switch_inside``).
 The pass itself reads and probes a graph compiled inside autocast with autocast off
 (``analysis_without_autocast``): the casts autocast would insert before matmuls are not the user's code.
 """
@@ -89,8 +90,8 @@ def switch_inside(outputs, inputs) -> fx.Node | None:
 
 def keeps_dtype(outputs, inputs) -> bool:
     """Whether the operator standing for ``outputs`` (the output, the returned states) runs with autocast off:
-    unless every one of them is computed through a matmul-like op (cast in eager), one is not, and the
-    operator cast to autocast's dtype would compute it in lower precision than the user's code."""
+    unless the user's code computes every one of them in lower precision somewhere (``casts_under_autocast``),
+    the operator cast to autocast's dtype would compute one in lower precision than the user's code does."""
     return not all(casts_under_autocast(o, inputs) for o in outputs)
 
 
