@@ -77,6 +77,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches reset before and after a test: each test compiles afresh (``pytestmark =
+    pytest.mark.usefixtures("fresh_dynamo")`` in the files that compile)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def no_tf32():
     """float32 matmuls in full precision (no TF32) for one test: GPU references are compared at 1e-4."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

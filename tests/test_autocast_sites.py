@@ -21,11 +21,7 @@ from compare import assert_rel_close
 B, H, T, D, DV = 2, 2, 11, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def phi(x):

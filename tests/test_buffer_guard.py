@@ -16,11 +16,7 @@ from compare import assert_rel_close
 from based_compile import StaleBufferError
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def compiled_masked_layer(inner="eager"):

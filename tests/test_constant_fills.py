@@ -31,11 +31,7 @@ from pass_reports import PassReports
 B, H, D, DV = 2, 2, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def phi(x):

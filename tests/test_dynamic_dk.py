@@ -19,11 +19,7 @@ from compare import assert_rel_close
 B, H, DV = 2, 3, 5
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def taylor(x):                       # scales from the symbolic size: d ** 0.25, sqrt(d) as tensor ops

@@ -45,11 +45,7 @@ def load_examples_lm():
 naive_based_lm = load_examples_lm()
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 @pytest.fixture(autouse=True)

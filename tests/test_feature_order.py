@@ -28,11 +28,7 @@ B, H, T, D, DV = 2, 3, 12, 4, 5
 R2, RD = math.sqrt(2), math.sqrt(D)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def _map(x, x2):

@@ -25,11 +25,7 @@ B, H, D, DV = 2, 3, 4, 5
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 @pytest.fixture(params=["probe", "structure"])

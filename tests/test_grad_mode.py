@@ -21,11 +21,7 @@ from based_compile.graph import feature_normaliser, verify
 B, H, DK, DV = 2, 3, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def _taylor(x):

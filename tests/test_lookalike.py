@@ -26,11 +26,7 @@ B, H, T, DK, DV = 2, 3, 7, 4, 5
 F_DIM = 1 + DK + DK * DK
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def _inputs(*shapes, seed=0, grad=True):

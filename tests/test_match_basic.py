@@ -22,11 +22,7 @@ from compare import assert_rel_close
 B, H, T, DK, DV = 2, 2, 8, 4, 3
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def qkv(t=T, seed=0, h=H, hkv=H):

@@ -68,11 +68,7 @@ def mask_proof_at_traced_sizes(monkeypatch):
     return hint
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def _randn(g, *shape):

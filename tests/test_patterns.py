@@ -39,11 +39,7 @@ def ids(entry):
     return entry.name
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def reference(spec: zoo.Accept, q, k, v):

@@ -21,11 +21,7 @@ PIECES = ("const:1", "linear", "outer")
 FACTORS = (1.0, D ** -0.25, 1 / (math.sqrt(2) * math.sqrt(D)))      # phi(q).phi(k) = 1 + s + s^2/2, s = q.k/2
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 def taylor(x):

@@ -19,11 +19,7 @@ B, HKV, G, D, DV = 2, 2, 3, 4, 5
 F = 1 + D + D * D
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 # ----------------------------------------------------------------------------- grouped-query states

@@ -26,11 +26,7 @@ import based_compile
 D_MODEL, H, FD, HD = 16, 2, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
 class TaylorExp(nn.Module):
