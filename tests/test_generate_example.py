@@ -166,7 +166,7 @@ def test_static_step_graph_keeps_the_cache_static_for_cuda_graphs():
     pass: every cache tensor still a static input (else CUDA graphs would copy it into their own
     buffers each replay, and skip a graph that writes a non-static input), each layer's step one
     based::recurrent_step whose states are written back into the cache by copy_, no add_ left."""
-    from based_compile.op.recurrent_step import based_recurrent_step
+    from based_compile.graph.rewrite import recurrent_step_call
 
     torch._dynamo.reset()
     model = _model()
@@ -177,7 +177,7 @@ def test_static_step_graph_keeps_the_cache_static_for_cuda_graphs():
         static = {n.name for n in gm.graph.find_nodes(op="placeholder")
                   if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")}
         seen["static"] = static
-        seen["steps"] = [n for n in gm.graph.nodes if n.target is based_recurrent_step]
+        seen["steps"] = [n for n in gm.graph.nodes if n.target is recurrent_step_call]
         seen["writes"] = [(n.target, n.args[0].name) for n in gm.graph.nodes if n.op == "call_method"
                           and n.target in ("copy_", "add_")]
         return gm.forward
