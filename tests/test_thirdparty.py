@@ -346,16 +346,7 @@ class TemperatureMap(nn.Module):
 @pytest.mark.parametrize("piece, buffer", [("x2", False), ("x", False), ("x2", True)])
 def test_feature_map_piece_scaled_by_a_learnable_temperature_is_refused_with_the_reason(form, piece, buffer):
     """Was 'polynomial: f = 1*x^1 has no second-order term' (quadratic) or no refusal at all (linear)."""
-    g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(2, H, 12, FD, generator=g, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(2, H, 12, HD, generator=g, dtype=torch.float64)
-    module = TemperatureMap(form, piece, buffer)
-    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
-    with PassReports() as reports:
-        assert_rel_close(compiled(q, k, v), module(q, k, v), 1e-12)
-    assert reports.graphs, str(reports)
-    for explanation in reports.graphs:
-        assert not explanation.sites and explanation.refusals, str(explanation)
+    for explanation in _refused_and_exact(TemperatureMap(form, piece, buffer)):
         assert {r.category for r in explanation.refusals} == {"feature_map"}, str(explanation)
         assert all("temperature" in r.reason for r in explanation.refusals), str(explanation)
 
