@@ -4,7 +4,8 @@ Usage: python benchmarks/prefix_profile.py [--t 8192] [--b 16] [--dk 16] [--dv 6
        [--backward] [--once]
 (--backward: also the backward, kernels/prefix_backward.py, at the same launch, the forward keeping its states
 for it as in training; --recompute: the backward computes them again)
-Prints, per launch configuration, each kernel's mean time over 10 calls (B=16 H=16 Dk=16 Dv=64 bf16
+Each configuration is the shipped launch (prefix_config) with the given fields changed ('{"maxnreg": 0}' lifts
+the output kernel's register cap). Prints, per launch configuration, each kernel's mean time over 10 calls (B=16 H=16 Dk=16 Dv=64 bf16
 causal normalised unless said). --once runs one warm call and nothing else (for ncu).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     v, do = (torch.randn(a.b, 16, a.t, a.dv, device="cuda", dtype=getattr(torch, a.dtype)) for _ in range(2))
     args = check_arguments(q, k, v)
     for kw in json.loads(a.cfgs):
-        cfg = dataclasses.replace(prefix_chunked.PrefixConfig(), **kw)
+        cfg = dataclasses.replace(prefix_chunked.prefix_config(args, q.dtype), **kw)     # the shipped launch, changed
 
         def step():
             o, z = prefix_chunked.prefix_forward(q, k, v, args, cfg, keep=a.backward and not a.recompute)

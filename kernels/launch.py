@@ -9,6 +9,8 @@
   modules' POISON_OUTPUTS so that an element no kernel writes shows up);
 - ``check_grid_rows``: B * H within ``MAX_GRID_ROWS`` (65535), the most programs a CUDA grid holds
   on its axes 1 and 2, where the kernels put their (batch, head) programs;
+- ``register_cap``: the launch keyword that caps a kernel's registers per thread (``maxnreg``; none
+  under the interpreter, which has no registers): fewer registers, more programs resident on an SM;
 - ``cdiv``, ``next_power_of_2``: ``triton.cdiv`` and ``triton.next_power_of_2`` for host code (grids,
   block sizes). Triton 3.9 makes those ``constexpr_function`` objects that cost ~3 us a call on the
   host (a dozen per layer and step); these are plain integer arithmetic with the same results.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import BasedArguments
+from .arguments import BasedArguments, triton_interpreting
 
 
 MAX_GRID_ROWS = 65535    # CUDA's limit on grid axes 1 and 2 (axis 0: 2^31 - 1)
@@ -32,6 +34,13 @@ def check_grid_rows(args: BasedArguments) -> None:
         raise ValueError(f"B * H = {args.batch} * {args.heads} = {rows} is over {MAX_GRID_ROWS}: the Triton kernels "
                          f"launch a program per (batch, head) on a CUDA grid axis that holds at most "
                          f"{MAX_GRID_ROWS}; split the batch (based_attention runs a PyTorch form there)")
+
+
+def register_cap(maxnreg: int) -> dict:
+    """Launch keywords for a register cap of ``maxnreg`` per thread (0: no cap)."""
+    if maxnreg < 0:
+        raise ValueError(f"maxnreg must be 0 (no cap) or a register count, got {maxnreg}")
+    return {"maxnreg": maxnreg} if maxnreg and not triton_interpreting() else {}
 
 
 def cdiv(a: int, b: int) -> int:

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from .arguments import DEFAULT_COEFFS, BasedArguments, check_arguments, check_kernel_device, triton_interpreting
 from .function import BasedKernelFunction
-from .launch import bhtd_strides, cdiv, check_grid_rows, dot_precision, next_power_of_2, scaled_coefficients
+from .launch import (bhtd_strides, cdiv, check_grid_rows, dot_precision, next_power_of_2, register_cap,
+                     scaled_coefficients)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backward scheme: False = separate dq and dk/dv kernels (deterministic); True = dq added
@@ -372,6 +373,7 @@ class LaunchConfig:
     block_s: int
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int = 0            # register cap per thread (0: none)
 
 
 def _pow2(n: int) -> int:
@@ -439,7 +441,7 @@ def parallel_forward(q, k, v, args: BasedArguments, configs: dict[str, LaunchCon
         t, h, args.group, c0, c1, c2, args.eps,
         DK=args.dk, DV=args.dv, BK=bk, BV=bv, BT=cfg.block_t, BS=cfg.block_s,
         CAUSAL=args.causal, NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **register_cap(cfg.maxnreg),
     )
     return o, z
 
@@ -487,14 +489,14 @@ def parallel_backward(q, k, v, o, z, do, args: BasedArguments, configs: dict[str
         _parallel_dq_kernel[(cdiv(t, cfg.block_t), b * h)](
             q, k, v, dn, dz, dq, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dq, args.layout),
             t, h, args.group, c1, 2.0 * c2, BT=cfg.block_t, BS=cfg.block_s, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **register_cap(cfg.maxnreg),
         )
     cfg = cfgs["dkv_atomic" if atomic_dq else "dkv"]
     _parallel_dkv_kernel[(cdiv(t, cfg.block_t), b * hk)](
         q, k, v, dn, dz, dk, dv, dq_acc, *qs, *ks, *vs, *dn_strides,
         *bhtd_strides(dk, args.layout), *bhtd_strides(dv, args.layout),
         t, h, hk, args.group, c0, c1, c2, 2.0 * c2, BT=cfg.block_s, BS=cfg.block_t, **common,
-        ATOMIC_DQ=atomic_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ATOMIC_DQ=atomic_dq, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **register_cap(cfg.maxnreg),
     )
     if atomic_dq:  # [B, H, T, BK] float32 -> dq's dtype and layout
         dq_bhtd = dq if args.layout == "BHTD" else dq.transpose(1, 2)

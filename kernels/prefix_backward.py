@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .arguments import BasedArguments, check_kernel_device
-from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
+from .launch import (bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, register_cap,
+                     scaled_coefficients)
 from .parallel import _dkv_step, _dq_step, _parallel_bwd_prep_kernel
 from .prefix_chunked import (
     PrefixConfig,
@@ -369,7 +370,7 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
         raise TypeError(FLOAT16_REFUSAL)
     if args.dv > MAX_DV:
         raise ValueError(f"the prefix-state backward takes Dv up to {MAX_DV}, got Dv={args.dv}")
-    cfg = cfg or prefix_config(args)
+    cfg = cfg or prefix_config(args, q.dtype)
     _check_config(cfg)
     kept = recovered_states(z, args, cfg, q.dtype) if args.normalize else None    # the forward's (keep=True)
     fwd_plan = _plan(args, cfg)
@@ -405,7 +406,8 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
     _reverse_state_kernel[(p.na + 1, b * hk * p.nseg)](
         q, dn, dz, rs, rz, rg, *qs, *dn_strides, t, h, args.group, dk_, dv_, nc, p.segc, p.nseg, w,
         C=cfg.c, BTS=cfg.bts, BK=p.bk, BV=bv, DB=p.db, CAUSAL=args.causal, NORMALIZE=args.normalize,
-        PRECISION=prec, STORE_TOTAL=use_total, num_warps=cfg.reverse_warps, num_stages=cfg.state_stages)
+        PRECISION=prec, STORE_TOTAL=use_total, num_warps=cfg.reverse_warps, num_stages=cfg.state_stages,
+        **register_cap(cfg.reverse_maxnreg))
     if use_total:
         n_in = p.nseg - 1 if args.causal else p.nseg
         segment_scan_kernel[(b * hk, cdiv(w, 1024))](rg, p.nseg, n_in, w, REVERSE=args.causal, BLOCK=1024,
@@ -419,9 +421,10 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
     _prefix_dq_kernel[(cdiv(t, cfg.bt), b * h)](
         q, k, v, dn, dz, dq, cs, cz, sg, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dq, args.layout),
         t, h, args.group, nc_arg, fwd_plan.segc, fwd_plan.nseg, w, c1, c2, BT=cfg.bt, BS=cfg.bs,
-        FROM_TOTAL=fwd_total, num_warps=cfg.warps, **common)
+        FROM_TOTAL=fwd_total, num_warps=cfg.warps, **common, **register_cap(cfg.dq_maxnreg))
     _prefix_dkv_kernel[(cdiv(t, cfg.bt), b * hk)](
         q, k, v, dn, dz, dk, dv, rs, rz, rg, *qs, *ks, *vs, *dn_strides, *bhtd_strides(dk, args.layout),
         *bhtd_strides(dv, args.layout), t, h, args.group, nc_arg, p.segc, p.nseg, w, c0, c1, c2,
-        BT=cfg.bs, BS=cfg.bt, FROM_TOTAL=use_total, num_warps=cfg.dkv_warps, **common)
+        BT=cfg.bs, BS=cfg.bt, FROM_TOTAL=use_total, num_warps=cfg.dkv_warps, **common,
+        **register_cap(cfg.dkv_maxnreg))
     return dq, dk, dv

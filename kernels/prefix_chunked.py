@@ -41,7 +41,8 @@ import triton.language as tl
 from .kept_states import carried, carrier
 from .arguments import BasedArguments, check_kernel_device, triton_interpreting
 from .segment_scan import segment_scan_kernel
-from .launch import bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, scaled_coefficients
+from .launch import (bhtd_strides, cdiv, dot_precision, new_buffer, next_power_of_2, register_cap,
+                     scaled_coefficients)
 from .parallel import _fwd_step
 from .tiles import load_rows
 
@@ -395,6 +396,9 @@ class PrefixConfig:
     # 4 and 4 the H200's best at T = 8192 (fwd+bwd 5.34 ms; 8 and 8: 7.31; benchmarks/NOTES.md, twelfth session)
     dkv_warps: int = 4
     reverse_warps: int = 4
+    dq_maxnreg: int = 0         # register caps of the backward's dq, dk/dv and reverse-state kernels (0: none)
+    dkv_maxnreg: int = 0
+    reverse_maxnreg: int = 0
 
 
 def _pow2(n: int) -> int:
@@ -406,10 +410,25 @@ def feature_rows(dk: int) -> int:
     return bk // 2 * bk + 2 * bk + 1
 
 
-def prefix_config(args: BasedArguments) -> PrefixConfig:
+def prefix_config(args: BasedArguments, dtype: torch.dtype | None = None) -> PrefixConfig:
+    """The launch for these arguments and inputs of ``dtype`` (None: as bfloat16)."""
     if triton_interpreting():
         return PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=min(64, _pow2(args.dv)), target=1)
-    return PrefixConfig(bv=min(64, _pow2(args.dv)))
+    return PrefixConfig(bv=min(64, _pow2(args.dv)), **_register_caps(args, dtype))
+
+
+def _register_caps(args: BasedArguments, dtype: torch.dtype | None) -> dict:
+    """Register caps that let more programs share an SM, where the H200 measured them faster (bfloat16,
+    Dk <= 16; benchmarks/NOTES.md, fifteenth session). At T = 8192, B=16 H=16 bf16: Dv = 64 fwd+bwd 4.03 ->
+    3.60 ms (output kernel 0.66 -> 0.59, dq 0.83 -> 0.60, dk/dv 1.10 -> 0.97); Dv = 128 output 1.31 -> 1.16,
+    dq 1.06 -> 0.91 (its dk/dv slower capped: 1.52 -> 1.64). At Dk = 32 every cap was slower (dq 2.7 -> 5.3 ms)."""
+    if dtype not in (None, torch.bfloat16) or args.dk > 16:     # float16 (float32 slots), float32: not measured
+        return {}
+    if args.dv <= 64:
+        return {"maxnreg": 128, "dq_maxnreg": 128, "dkv_maxnreg": 168}
+    if args.dv <= 128:
+        return {"maxnreg": 128, "dq_maxnreg": 168}
+    return {}
 
 
 def _segments(args: BasedArguments, cfg: PrefixConfig, n_feature_blocks: int, n_v: int) -> int:
@@ -459,10 +478,6 @@ def state_bytes(args: BasedArguments, cfg: PrefixConfig, itemsize: int = 2) -> i
     if p.nseg > 1 or not args.causal:
         slots += (p.nseg + 1) * p.nf * (args.dv + 1) * 4
     return args.batch * args.kv_heads * slots
-
-
-def _cap(maxnreg: int) -> dict:
-    return {"maxnreg": maxnreg} if maxnreg and not triton_interpreting() else {}
 
 
 def _check_config(cfg: PrefixConfig) -> None:
@@ -516,7 +531,7 @@ def forward_states(k, v, args: BasedArguments, cfg: PrefixConfig, p: _Plan, out=
         C=cfg.c, BTS=cfg.bts, BK=p.bk, BV=sbv, DB=p.db, CAUSAL=args.causal, NORMALIZE=args.normalize,
         PRECISION=dot_precision(k.dtype), ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
         STORE_TOTAL=use_total, MERGE_B=merge_b,
-        num_warps=cfg.state_warps, num_stages=cfg.state_stages, **_cap(cfg.state_maxnreg))
+        num_warps=cfg.state_warps, num_stages=cfg.state_stages, **register_cap(cfg.state_maxnreg))
     if use_total:
         n_in = p.nseg - 1 if args.causal else p.nseg
         block = 1024
@@ -531,7 +546,7 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
     check_kernel_device(q)
     if args.tk != args.length:
         raise ValueError(f"prefix_forward takes as many queries as keys, got Tq={args.length}, Tk={args.tk}")
-    cfg = cfg or prefix_config(args)
+    cfg = cfg or prefix_config(args, q.dtype)
     _check_config(cfg)
     b, h, t = args.batch, args.heads, args.length
     p = _plan(args, cfg)
@@ -557,7 +572,7 @@ def prefix_forward(q, k, v, args: BasedArguments, cfg: PrefixConfig | None = Non
         DK=args.dk, DV=args.dv, C=cfg.c, BT=cfg.bt, BS=cfg.bs, BK=p.bk, BV=cfg.bv, DB=p.db, CAUSAL=args.causal,
         NORMALIZE=args.normalize, PRECISION=dot_precision(q.dtype), FROM_TOTAL=use_total,
         ZDOT=cfg.zdot and args.causal, MODE=cfg.mode, num_warps=cfg.warps, num_stages=cfg.stages,
-        **_cap(cfg.maxnreg))
+        **register_cap(cfg.maxnreg))
     return o, (z if args.normalize else None)
 
 

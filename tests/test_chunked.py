@@ -217,7 +217,7 @@ def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
     args = check_arguments(q, k, v)
     monkeypatch.setattr(chunked, "triton_interpreting", lambda: False)
     monkeypatch.setattr(prefix_chunked, "triton_interpreting", lambda: False)
-    fwd_cfg, bwd_cfg = prefix_chunked.prefix_config(args), chunked.chunked_config(args, torch.float16)
+    fwd_cfg, bwd_cfg = prefix_chunked.prefix_config(args, q.dtype), chunked.chunked_config(args, torch.float16)
     monkeypatch.setattr(chunked, "triton_interpreting", lambda: True)
     monkeypatch.setattr(prefix_chunked, "triton_interpreting", lambda: True)
     assert fwd_cfg.bv == 64 and fwd_cfg.c >= 128 and bwd_cfg.bv == 64 and bwd_cfg.bt >= 32

@@ -101,7 +101,7 @@ def test_recover_gives_back_what_allocate_laid_out_and_nothing_else():
 
 
 def test_chunked_based_keeps_states_only_when_gradients_are_wanted(state_runs, monkeypatch):
-    monkeypatch.setattr(prefix_chunked, "prefix_config", lambda args: SMALL)
+    monkeypatch.setattr(prefix_chunked, "prefix_config", lambda args, dtype=None: SMALL)
     q, k, v = make_inputs(1, 2, 70, 16, 32, dtype=torch.float32)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     o = chunked.chunked_based(*leaves)
@@ -152,7 +152,7 @@ def test_a_compiled_training_step_keeps_its_states(state_runs, monkeypatch):
     from based_compile.op import config
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(config, "kernel", "chunked")
-    monkeypatch.setattr(prefix_chunked, "prefix_config", lambda args: SMALL)
+    monkeypatch.setattr(prefix_chunked, "prefix_config", lambda args, dtype=None: SMALL)
     _compiled_training_keeps_states(state_runs, "aot_eager", "cpu", torch.float32, 2e-5)
 
 
