@@ -290,3 +290,32 @@ def test_a_graph_only_autocast_makes_valid_is_read_as_traced(caplog):
         _no_worse_than_eager(torch.compile(fn, backend=based_compile.backend(inner="eager")), fn,
                              (q, k, v, kv0, ks0))
     assert not [r for r in caplog.records if "the pass failed" in r.getMessage()], caplog.text
+
+
+# ------------------------------------------------------------------ CUDA autocast (the kernels' path)
+@pytest.mark.gpu
+@pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("fn", [matmuls, broadcast_running_sums], ids=lambda f: f.__name__)
+def test_cuda_autocast_runs_the_kernels_in_eagers_precision(fn, inner):
+    """On CUDA under bfloat16 autocast: the matmul site runs the Triton kernels in bfloat16, the broadcast
+    running-sum site in float32 (autocast off), each with values and gradients no further from float64
+    than eager's own autocast result (T = 300: past the kernels' tile and chunk edges)."""
+    g = torch.Generator(device="cuda").manual_seed(14)
+    q, k, v = (torch.randn(2, 4, 300, d, device="cuda", generator=g).requires_grad_() for d in (D, D, 32))
+    compiled = torch.compile(fn, backend=based_compile.backend(inner=inner))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = fn(q, k, v)
+        compiled(q, k, v)
+        with BasedOpCounter() as counter:
+            got = compiled(q, k, v)
+    assert counter.total >= 1, counter.calls
+    assert got.dtype == want.dtype
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    reference = fn(q64, k64, v64)
+    cot = torch.randn(reference.shape, dtype=torch.float64, device="cuda", generator=g)
+    pairs = [(got, want, reference)]
+    pairs += list(zip(torch.autograd.grad(got, (q, k, v), cot.to(got.dtype)),
+                      torch.autograd.grad(want, (q, k, v), cot.to(want.dtype)),
+                      torch.autograd.grad(reference, (q64, k64, v64), cot)))
+    for got_x, want_x, ref in pairs:
+        assert (got_x.double() - ref).norm() <= 2 * (want_x.double() - ref).norm() + 1e-5 * ref.norm()

@@ -43,3 +43,25 @@ def test_the_limit_itself():
         check_grid_rows(type(one)(**{**one.__dict__, "batch": batch, "heads": heads, "kv_heads": 1}))
     with pytest.raises(ValueError, match="65536 is over 65535"):
         check_grid_rows(type(one)(**{**one.__dict__, "batch": 4096, "heads": 16, "kv_heads": 1}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True])
+def test_the_operator_on_cuda_takes_a_pytorch_form_over_the_limit(training):
+    """On CUDA the operator's policy routes B * H > 65535 to the PyTorch form of the kernel it would pick:
+    the call runs and matches float64 (values, and the gradients when training)."""
+    from based_compile import BasedSpec, based_attention
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(32768, 2, 5, d, device="cuda", generator=g) for d in (4, 4, 3))
+    if training:
+        q.requires_grad_()
+    spec = BasedSpec(scale=0.5)
+    out = based_attention(q, k, v, spec)
+    q64, k64, v64 = (x.detach().cpu().double() for x in (q, k, v))     # the reference: float64 on the CPU
+    want = based_attention(q64, k64, v64, spec)
+    assert (out.cpu().double() - want).abs().max() <= 1e-4 * want.abs().max()
+    if training:
+        q64.requires_grad_()
+        (gq,) = torch.autograd.grad(out.sum(), q)
+        (wq,) = torch.autograd.grad(based_attention(q64, k64, v64, spec).sum(), q64)
+        assert (gq.cpu().double() - wq).abs().max() <= 1e-4 * wq.abs().max()
