@@ -4,7 +4,9 @@ Configuration (DESIGN.md section 4): B=16, H=16, Dk=16, Dv=64, bf16, causal, nor
 1024..16384. For each T and entry: median forward and forward+backward time
 (triton.testing.do_bench, fresh random inputs), peak memory (torch.cuda.max_memory_allocated,
 inputs included) and the ratio of each time to the physical floor measured in the same run
-(benchmarks/floor.py). Entries:
+(benchmarks/floor.py). Up to GRAPH_TS_UPTO, also the GPU time of the same calls replayed as one CUDA
+graph (``*_graph_ms``): the eager time of a short call can be the host's (Python, autograd, Triton's
+launcher), the graph's is the kernels' alone. Entries:
   ours_parallel, ours_fused_chunk       based_compile.kernels (fused chunk skipped if not implemented)
   ours_chunked                          the chunkwise-parallel kernel (symmetric-basis states)
   ours_parallel_split                   ours_parallel with the deterministic split backward (default: atomic dq)
@@ -45,6 +47,8 @@ ALL_TS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 LONG_TS_FROM = 32768                      # from here on only LONG_ENTRIES run
 LONG_ENTRIES = ("ours_chunked", "ours_fused_chunk", "sdpa_causal_d64")
 QUICK_TS = (1024, 4096)
+GRAPH_TS_UPTO = 4096                      # CUDA-graph times up to here (beyond, the host is never the limit)
+GRAPH_ENTRIES = ("ours_parallel", "ours_parallel_split", "ours_chunked", "fla_parallel", "sdpa_causal_d64")
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -185,14 +189,47 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _graph_ms(fn) -> float:
+    """Median GPU time of fn replayed as a CUDA graph (captured after three warm calls on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return _median_ms(graph.replay)
+    finally:
+        del graph
+        torch.cuda.empty_cache()
+
+
+def _graphable(run, q, k, v, mode, do):
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                run(q, k, v)
+        return fwd
+
+    def fwdbwd():
+        q.grad = k.grad = v.grad = None
+        run(q, k, v).backward(do)
+    return fwdbwd
+
+
 def time_entry(name, layout, run, t):
-    """{'fwd_ms', 'fwdbwd_ms', 'fwd_peak_mb', 'fwdbwd_peak_mb'} for one entry at one T."""
+    """{'fwd_ms', 'fwdbwd_ms', 'fwd_peak_mb', 'fwdbwd_peak_mb'} for one entry at one T, and
+    'fwd_graph_ms', 'fwdbwd_graph_ms' (CUDA-graph replay) for GRAPH_ENTRIES up to GRAPH_TS_UPTO."""
     res = {}
     if layout == "BHTD_D64":
         q, k, v = _inputs(t, "BHTD", 64, 64)
     else:
         q, k, v = _inputs(t, layout)
     torch.cuda.synchronize()
+    do = None
     for mode in ("fwd", "fwdbwd"):
         try:
             torch.cuda.empty_cache()
@@ -209,6 +246,13 @@ def time_entry(name, layout, run, t):
             res[f"{mode}_ms"] = None
             res[f"{mode}_error"] = "OOM" if _is_oom(e) else f"{type(e).__name__}: {str(e)[:200]}"
             torch.cuda.empty_cache()
+            continue
+        if name in GRAPH_ENTRIES and t <= GRAPH_TS_UPTO:
+            try:
+                res[f"{mode}_graph_ms"] = _graph_ms(_graphable(run, q, k, v, mode, do))
+            except Exception as e:
+                res[f"{mode}_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                torch.cuda.empty_cache()
     return res
 
 
@@ -393,11 +437,13 @@ def main() -> None:
     print()
     print(f"{report['device']}  B={B} H={H} Dk={DK} Dv={DV} bf16 causal normalised; times: median ms "
           f"(x floor); peak MiB fwd/fwd+bwd")
-    print(f"{'T':>6} {'entry':18s} {'fwd ms':>9} {'xfloor':>7} {'fwd+bwd ms':>11} {'xfloor':>7} {'peak MiB':>15}")
+    print(f"{'T':>6} {'entry':18s} {'fwd ms':>9} {'xfloor':>7} {'fwd+bwd ms':>11} {'xfloor':>7} {'peak MiB':>15} "
+          f"{'graph fwd':>10} {'graph f+b':>10}")
     for r in report["results"]:
         peak = f"{_fmt(r.get('fwd_peak_mb'), '.0f')}/{_fmt(r.get('fwdbwd_peak_mb'), '.0f')}"
         print(f"{r['T']:6d} {r['entry']:18s} {_fmt(r.get('fwd_ms')):>9} {_fmt(r.get('fwd_over_floor'), '.1f'):>7} "
-              f"{_fmt(r.get('fwdbwd_ms')):>11} {_fmt(r.get('fwdbwd_over_floor'), '.1f'):>7} {peak:>15}")
+              f"{_fmt(r.get('fwdbwd_ms')):>11} {_fmt(r.get('fwdbwd_over_floor'), '.1f'):>7} {peak:>15} "
+              f"{_fmt(r.get('fwd_graph_ms')):>10} {_fmt(r.get('fwdbwd_graph_ms')):>10}")
     for bar in bars:
         print(f"T={bar['T']:6d}: fwd speedup vs fla best {_fmt(bar['fwd_speedup_vs_fla'], '.2f')}x (bar 2x), "
               f"fwd+bwd {_fmt(bar['fwdbwd_speedup_vs_fla'], '.2f')}x (bar 1.5x up to T=8192)")

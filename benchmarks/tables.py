@@ -61,7 +61,7 @@ def _kernels(data: dict) -> str:
 
     head = (["T"] + [f"ours {e[5:].replace('_', ' ')} fwd" for e in ours]
             + ["fla best fwd", "SDPA d64 fwd", "ours best fwd+bwd", "fla best fwd+bwd", "SDPA d64 fwd+bwd",
-               "Inductor fwd+bwd"])
+               "Inductor fwd+bwd", "ours best fwd+bwd, graph", "SDPA d64 fwd+bwd, graph"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for t in ts:
         fla_f, _ = best("fla_", t, "fwd_ms")
@@ -72,6 +72,10 @@ def _kernels(data: dict) -> str:
                   with_floor(our_b_entry, t, "fwdbwd_ms") if our_b_entry else "–", _ms(fla_b),
                   _ms(by.get(("sdpa_causal_d64", t), {}).get("fwdbwd_ms")),
                   _ms(by.get(("inductor_naive", t), {}).get("fwdbwd_ms"))]
+        our_g, our_g_entry = best("ours_", t, "fwdbwd_graph_ms")
+        g_floor = by[our_g_entry, t]["fwdbwd_floor_ms"] if our_g_entry else None
+        cells += [f"{_ms(our_g)} ({our_g / g_floor:.1f}, {our_g_entry[5:].replace('_', ' ')})" if our_g_entry else "–",
+                  _ms(by.get(("sdpa_causal_d64", t), {}).get("fwdbwd_graph_ms"))]
         lines.append("| " + " | ".join(cells) + " |")
     c = data["config"]
     ceil = data["ceilings"]
@@ -79,7 +83,9 @@ def _kernels(data: dict) -> str:
             f"Dv={c['Dv']}, {c['dtype']}, {'causal' if c['causal'] else 'non-causal'}, "
             f"{'normalised' if c['normalize'] else 'unnormalised'}; median ms, in brackets the ratio to the "
             f"physical floor (copy {ceil['copy_bytes_per_s'] / 1e12:.1f} TB/s, bf16 matmul "
-            f"{ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, measured in the same run):\n\n" + "\n".join(lines))
+            f"{ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, measured in the same run). \"graph\": the same "
+            f"fwd+bwd call replayed as one CUDA graph (up to T=4096), the kernels' GPU time without the host's "
+            f"(Python, autograd, launches), as under `torch.compile(mode=\"reduce-overhead\")`:\n\n" + "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------- e2e

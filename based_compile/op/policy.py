@@ -85,26 +85,27 @@ CUDA_CROSSOVERS = (
 )
 # CUDA, the chunkwise-parallel kernel (kernels/chunked.py: forward kernels/prefix_chunked.py, backward
 # kernels/prefix_backward.py for bfloat16/float32, its own segment walk for float16): a matching row takes it
-# from T >= t on, ahead of the table above. Measured 2026-11-30 on an H200 (torch 2.11.0+cu130, triton 3.6.0,
+# from T >= t on, ahead of the table above. Measured 2026-12-01 on an H200 (torch 2.11.0+cu130, triton 3.6.0,
 # H=16, Dk=16, Dv=64, bf16, causal, normalised; `python benchmarks/crossover_h200.py`, one run,
-# benchmarks/NOTES.md thirteenth session: 128-key state steps, training keeps the forward's states),
-# ms, parallel / fused_chunk / chunked:
-#   B=16 forward   T=2048 0.242 / 0.533 / 0.321   T=4096 0.835 / 1.06 / 0.621    T=8192 3.13 / 2.11 / 1.23
-#   B=16 fwd+bwd   T=2048 0.979 / 3.09 / 1.39     T=4096 3.20 / 6.16 / 2.02      T=8192 11.4 / 12.3 / 3.99
-#   B=1  forward   T=4096 0.084 / 0.460 / 0.206   T=8192 0.241 / 0.910 / 0.235   T=16384 0.830 / 1.83 / 0.290
-#   B=1  fwd+bwd   T=8192 0.894 / 6.76 / 1.45     T=16384 3.01 / 14.4 / 1.26     T=32768 10.8 / 29.5 / 1.44
+# benchmarks/NOTES.md fifteenth session: the prefix kernels' register caps), ms, parallel / fused_chunk / chunked:
+#   B=16 forward   T=2048 0.243 / 0.535 / 0.304   T=4096 0.864 / 1.07 / 0.590    T=8192 3.19 / 2.12 / 1.16
+#   B=16 fwd+bwd   T=2048 0.977 / 3.13 / 1.48     T=4096 3.22 / 6.23 / 1.81      T=8192 11.6 / 12.5 / 3.57
+#   B=1  forward   T=4096 0.082 / 0.463 / 0.408   T=8192 0.241 / 0.919 / 0.162   T=16384 0.818 / 1.84 / 0.261
+#   B=1  fwd+bwd   T=8192 0.895 / 6.95 / 1.15     T=16384 3.01 / 14.5 / 1.17     T=32768 10.8 / 29.6 / 1.70
 # float16 training keeps the segment-walking backward (the prefix backward refuses float16), measured the
 # twelfth session with it at B=16: T=4096 3.22 / 6.27 / 3.74, T=8192 11.6 / 12.5 / 7.71: from 8192.
-# Dk=32 Dv=64 and Dk=16 Dv=128 (`--dk 32 --dv 64`, `--dk 16 --dv 128`, the same session; README tables):
+# Dk=16 Dv=128 (`--dk 16 --dv 128`, the same run; README table):
+#   Dv=128 B=16 fwd      T=2048 0.602 / 1.05 / 0.553   T=4096 2.02 / 2.08 / 1.08
+#   Dv=128 B=16 fwd+bwd  T=2048 2.01 / 6.43 / 1.61     T=4096 6.99 / 12.7 / 3.18
+#   Dv=128 B=1  fwd      T=4096 0.169 / 0.468 / 0.339  T=8192 0.518 / 0.934 / 0.278
+#   Dv=128 B=1  fwd+bwd  T=4096 0.939 / 3.71 / 1.38    T=8192 1.79 / 7.47 / 1.22
+# Dk=32 Dv=64 (`--dk 32 --dv 64`, thirteenth session; the register caps do not apply there):
 #   Dk=32  B=16 fwd      T=4096 0.949 / 28.3 / 1.40    T=8192 3.51 / 57.9 / 2.77     (fused chunk never)
 #   Dk=32  B=16 fwd+bwd  T=4096 4.56 / 65.3 / 4.88     T=8192 16.8 / 131 / 9.70
 #   Dk=32  B=1  fwd      T=8192 0.263 / 7.60 / 0.352   T=16384 0.901 / 15.2 / 0.676
 #   Dk=32  B=1  fwd+bwd  T=8192 1.29 / 20.2 / 1.58     T=16384 4.41 / 40.2 / 1.95
-#   Dv=128 B=16 fwd      T=2048 0.592 / 1.04 / 0.585   T=4096 1.98 / 2.07 / 1.14
-#   Dv=128 B=16 fwd+bwd  T=2048 1.99 / 6.33 / 1.68     T=4096 6.95 / 12.5 / 3.30
-#   Dv=128 B=1  fwd      T=4096 0.166 / 0.466 / 0.354  T=8192 0.511 / 0.923 / 0.277
-#   Dv=128 B=1  fwd+bwd  T=4096 0.687 / 3.68 / 1.67    T=8192 1.78 / 7.44 / 1.50
-# Training rows name bfloat16 and float32 where the measurement used the prefix backward; Dk 17-32 with
+# Training rows name bfloat16 and float32 where the measurement used the prefix backward; the Dv = 128
+# inference row from 2048 names bfloat16, the dtype the register caps were measured in. Dk 17-32 with
 # Dv > 64 and Dv > 128 were not measured: the table above keeps them. Dv 65-127 follow the Dv = 128 rows.
 # Rows are read in order.
 CUDA_CHUNKED = (
@@ -115,6 +116,8 @@ CUDA_CHUNKED = (
     Crossover(training=True, t=16384, max_dk=16, max_dv=64),
     Crossover(training=True, t=8192, max_dk=16, max_dv=128, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=16384, max_dk=32, max_dv=64, dtypes=(torch.bfloat16, torch.float32)),
+    Crossover(training=False, t=4096, max_dk=16, max_dv=64, min_bh=64),
+    Crossover(training=False, t=2048, max_dk=16, max_dv=128, min_bh=64, dtypes=(torch.bfloat16,)),
     Crossover(training=False, t=4096, max_dk=16, max_dv=128, min_bh=64),
     Crossover(training=False, t=8192, max_dk=32, max_dv=64, min_bh=64),
     Crossover(training=False, t=8192, max_dk=16, max_dv=128),
