@@ -311,7 +311,8 @@ CASES = {
     "padding_mask_on_phi_k": (padding_mask_on_phi_k, lambda: _qkv() + _keep(), "feature_map",
                               ["multiplied by a tensor", "padding mask"]),
     "head_scale": (None, _qkv, "unsupported", ["per-head", "(1, 3, 1, 1)"]),
-    "token_loop": (token_loop, lambda: _qkv(4), "unsupported", ["recurrent attention step"]),
+    # kf[:, :, i] spelled in both updates: read as one token of the map (recurrent._same_part)
+    "token_loop": (token_loop, lambda: _qkv(4), "feature_map", ["one token taken out of a feature map of several"]),
     "alibi": (alibi, _qkv, "unsupported", ["not a function of q.k (a position bias?) is added to the scores"]),
     "relative_bias": (RelativeBias, _qkv, "unsupported",
                       ["not a function of q.k (a position bias?) is added to the scores"]),

@@ -237,14 +237,32 @@ def _mark_value_changing_casts(gm: fx.GraphModule) -> None:
 
 def _drop_full_slices(gm: fx.GraphModule) -> None:
     """``x[..., :, None]`` lowers to a slice over the whole axis: use x itself (the node stays
-    in the graph, unused, so a map from nodes to Dynamo's graph keeps working)."""
+    in the graph, unused, so a map from nodes to Dynamo's graph keeps working). So does a slice that
+    covers an axis of constant size whatever its spelling: ``k[:, :, -1:]`` of a [B, H, 1, D] token (the
+    last token of one) is k itself. A slice of a symbolic size is whole only as ``[0:]``: ``[-1:]`` of a
+    length T is a part of it at T > 1."""
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.slice.Tensor:
             continue
-        args = list(node.args) + [None] * (5 - len(node.args))
-        _, _, start, end, step = args[:5]
-        if start in (None, 0) and step in (None, 1) and (end is None or (isinstance(end, int) and end >= (1 << 62))):
+        if _whole_axis_slice(node):
             node.replace_all_uses_with(node.args[0], delete_user_cb=lambda user: user.op != "output")
+
+
+def _whole_axis_slice(node: fx.Node) -> bool:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, end, step = args[:5]
+    dim = 0 if dim is None else dim
+    if step not in (None, 1):
+        return False
+    if start in (None, 0) and (end is None or (isinstance(end, int) and end >= (1 << 62))):
+        return True
+    value = example_value(x) if isinstance(x, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not isinstance(dim, int) or not -value.dim() <= dim < value.dim():
+        return False
+    size = value.shape[dim]
+    if not isinstance(size, int) or not all(b is None or isinstance(b, int) for b in (start, end)):
+        return False
+    return range(size)[slice(start, end)] == range(size)
 
 
 # Queries of a tensor's sizes: under dynamic shapes a view's target shape reads them (``sym_size``).

@@ -30,7 +30,7 @@ from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
 from .folded_rows import unfold_folded_rows
 from .initial_state import split_prepended_states
-from .inplace import OutputAliased, Storages, first_write_between, plan_output, written_before_output
+from .inplace import OutputAliased, Storages, copies_over, first_write_between, plan_output, written_before_output
 from .lookalike import covered_by, unexplained
 from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_inputs, source_name
 from .match import Matcher, find_matches
@@ -519,9 +519,11 @@ def _check_step_reads(gm, step, to_dynamo, storages: Storages) -> None:
     if late:
         raise Refused("unsupported", f"{', '.join(late)} computed after the first state update "
                                      f"({source_of(first)}): the operator reads every input there", step.output)
-    exempt = {reads["kv_state"]: {kv_new}}
+    # the step's own state updates, in place (kv_state.add_(...)) or stored by a copy of the functional
+    # update over the state (kv_state.copy_(kv_state + ...)): the operator's new states go there
+    exempt = {reads["kv_state"]: {kv_new} | copies_over(gm, kv_new, reads["kv_state"], storages)}
     if k_new is not None:
-        exempt[reads["k_state"]] = {k_new}
+        exempt[reads["k_state"]] = {k_new} | copies_over(gm, k_new, reads["k_state"], storages)
     written = first_write_between(gm, list(reads.values()), output, storages, exempt)
     if written:
         raise Refused("unsupported", f"{written} writes in place, while the recurrent step runs, into a tensor it "

@@ -131,6 +131,30 @@ def first_write_between(gm: fx.GraphModule, reads, end: fx.Node, storages: Stora
     return None
 
 
+_COPIES = {"copy_", torch.Tensor.copy_, torch.ops.aten.copy_.default}
+
+
+def copies_over(gm: fx.GraphModule, value: fx.Node, target: fx.Node, storages: Storages) -> set:
+    """The ``x.copy_(value)`` nodes of Dynamo's graph that write ``value`` over all of ``target``'s memory
+    as it is viewed (the same shape, strides, offset and dtype: a copy that broadcasts, casts or
+    writes a part of it is not one): ``kv_state.copy_(kv_state + phi_k.mT @ v)`` stores a state
+    update where ``kv_state`` was, which an operator that computes that update may do itself."""
+    found = set()
+    geometry = _geometry(target)
+    if geometry is None:
+        return found
+    for node in value.users:
+        if node.op not in ("call_method", "call_function") or node.target not in _COPIES or node.kwargs \
+                or len(node.args) != 2 or node.args[1] is not value:
+            continue
+        dest = node.args[0]
+        if isinstance(dest, fx.Node) and storages.same(dest, target) and storages.of(dest) != UNKNOWN \
+                and _geometry(dest) == geometry and _geometry(value) is not None \
+                and _geometry(value)[0] == geometry[0] and _geometry(value)[3] == geometry[3]:
+            found.add(node)
+    return found
+
+
 @dataclass
 class OutputPlan:
     """How the site's output node is replaced: ``repoint``: (reader, old input) pairs to read the new

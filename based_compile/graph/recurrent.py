@@ -11,6 +11,13 @@ the readout grouping q heads on their kv head (``kv_state.repeat_interleave(G, d
 ``expand`` + ``reshape`` spelling, or q reshaped to [B, Hkv, G, D]: query row i reads state row
 i // G). Each state is updated once per kv head.
 
+The states may have any leading axes (the step's rows): HazyResearch zoology's ``recurrent_forward``
+keeps them 5-d and broadcast, ``kv_state += phi_k[:, :, -1:, None, :] * v[:, :, -1:, :, None]``
+([B, H, 1, Dv, F]) read out by ``(phi_q[:, :, :, None, :] * kv_state).sum(-1)``; the token's
+``[:, :, -1:]`` of a one-token axis is the tensor itself (``canonicalize._drop_full_slices``). A state
+stored back by ``state.copy_(state + update)`` is the update written in place (the driver's
+``_check_step_reads``, ``inplace.copies_over``).
+
 The kv state may also be kept transposed, [.., Dv, F] (``kv_state + v^T phi(k)``, read out by
 ``phi(q) kv_state^T``): which layout it is, the probe decides (``kv_transposed``).
 
@@ -249,7 +256,7 @@ def find_steps(gm: fx.GraphModule):
         else:
             outers.append((node, found[2], found[3]))
     for node, x, y in outers:       # state + x^T y with state' + x beside it: a recurrence on other features
-        features = next((f for f in (strip_views(x), strip_views(y)) if f in summed), None)
+        features = next((f for f in (strip_views(x), strip_views(y)) if any(_same_part(f, s) for s in summed)), None)
         if features is not None and _token_of_map(gm, features):
             yield Refused("feature_map", "a recurrent state update (state + phi(k)^T v, k_state + phi(k)) whose "
                                          "features are one token taken out of a feature map of several tokens "
@@ -268,6 +275,16 @@ def find_steps(gm: fx.GraphModule):
             if refusal.node is None:
                 refusal.node = kv_new
             yield refusal
+
+
+def _same_part(a: fx.Node, b: fx.Node) -> bool:
+    """``a`` and ``b`` are one value: the same node, or the same slice or select of the same tensor
+    spelled twice (``phi_k[:, :, -1:]`` in the kv update and again in the key update)."""
+    if a is b:
+        return True
+    parts = (aten.slice.Tensor, aten.select.int)
+    return a.op == b.op == "call_function" and a.target is b.target and a.target in parts \
+        and a.args == b.args and a.kwargs == b.kwargs
 
 
 def _token_of_map(gm, features: fx.Node) -> bool:
@@ -335,12 +352,13 @@ def settle_step(m: StepMatch, evaluator: GraphEvaluator, available=None) -> Step
     operator (one Dk for q and k, v with k's leading dims, q's rows a multiple G of k's: one q shape
     for k first, then grouped readings) and, for an unnormalised step, the output among the readout's
     views, probed (``_probe_step``)."""
-    fits, grouped = [], []
+    fits, grouped, unavailable = [], [], []
     qs, ks, vs = m.readings or ((m.q,), (m.k,), (m.v,))
     for q in qs:
         for k in ks:
             for v in vs:
                 if available is not None and not all(available(x) for x in (q, k, v)):
+                    unavailable.extend(x for x in (q, k, v) if not available(x) and x not in unavailable)
                     continue
                 sq, sk, sv = hint_shape(q), hint_shape(k), hint_shape(v)
                 if sq is None or sk is None or sv is None or sq[-1] != sk[-1] or sv[:-1] != sk[:-1]:
@@ -352,6 +370,12 @@ def settle_step(m: StepMatch, evaluator: GraphEvaluator, available=None) -> Step
     fits += grouped
     if not fits:
         shapes = [[list(hint_shape(x)) for x in r] for r in (qs, ks, vs)]
+        if unavailable:
+            raise Refused("unsupported", f"no reading of q, k, v that the operator can be given: "
+                                         f"{[n.name for n in unavailable]} are intermediate values of one operation of "
+                                         f"the model's graph (a part of an indexing expression such as "
+                                         f"v[:, :, :1, :, None]), and no other reading fits (candidates {shapes})",
+                          m.output)
         raise Refused("unsupported", f"no reading of q, k, v with one Dk for q and k, v with k's leading dims and "
                                      f"q's rows a multiple of k's (candidates {shapes})", m.output)
     m.q, m.k, m.v = fits[0]
