@@ -281,3 +281,25 @@ def test_broadcast_step_near_misses_refused(fn, category, words):
     out, ref = (x if isinstance(x, tuple) else (x,) for x in (out, ref))
     for got, want in zip(out + tuple(mine), ref + tuple(theirs), strict=True):
         assert_rel_close(got, want, 1e-6 if dtype is torch.float32 else 1e-13, "refused step vs eager")
+
+
+def test_zoology_step_under_dynamic_shapes():
+    """Compiled with dynamic=True: the one-token axis stays a constant 1 (Dynamo specialises sizes 0
+    and 1), so ``[:, :, -1:]`` is the whole axis at every batch and head count the graph runs at;
+    each call runs the operator and is exact."""
+    compiled = torch.compile(zoology_in_place, backend=based_compile.backend(inner="aot_eager"), dynamic=True)
+    for b, h in ((2, 3), (3, 2), (1, 4)):
+        gen = torch.Generator().manual_seed(b * 10 + h)
+        q, k = (torch.randn(b, h, 1, D, generator=gen, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(b, h, 1, DV, generator=gen, dtype=torch.float64)
+        kv = torch.randn(b, h, 1, DV, F, generator=gen, dtype=torch.float64) * 0.3
+        ks = torch.rand(b, h, 1, 1, F, generator=gen, dtype=torch.float64) + 1.0
+        mine, theirs = [kv.clone(), ks.clone()], [kv.clone(), ks.clone()]
+        with torch.no_grad():
+            compiled(q, k, v, kv.clone(), ks.clone())                     # compiles when it must
+            with BasedOpCounter() as counter:
+                out = compiled(q, k, v, *mine)
+            ref = zoology_in_place(q, k, v, *theirs)
+        assert counter.calls["based::recurrent_step"] == 1, (b, h, counter.calls)
+        for got, want in zip((out, *mine), (ref, *theirs)):
+            assert_rel_close(got, want, 1e-12, f"B={b} H={h}")
