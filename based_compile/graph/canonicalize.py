@@ -318,28 +318,30 @@ def buffer_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
 _OUTER_OPERANDS = "based_compile.outer_operands"
 
 
-def declare_outer_operands(gm: fx.GraphModule, nodes: set) -> None:
+def declare_outer_operands(gm: fx.GraphModule, reasons: dict) -> None:
     """Record which placeholders of ``gm`` (a checkpointed body's region) are tensors computed in the
-    graph around the ``torch.utils.checkpoint`` call and passed in: the pass reads the body on its own,
-    so their values are not known to it (``reads_outer_operand`` names them in a refusal)."""
-    gm.meta[_OUTER_OPERANDS] = frozenset(nodes)
+    graph around the ``torch.utils.checkpoint`` call and passed in without their computation
+    (``checkpoint_operands`` copies in those built from sizes and buffers), each with why
+    (``reads_outer_operand`` gives it to a refusal)."""
+    gm.meta[_OUTER_OPERANDS] = dict(reasons)
 
 
-def reads_outer_operand(gm: fx.GraphModule, node) -> bool:
-    """``node`` is computed from a placeholder declared by ``declare_outer_operands``."""
+def reads_outer_operand(gm: fx.GraphModule, node) -> str | None:
+    """Why the value of ``node`` is not known: it is computed from a placeholder declared by
+    ``declare_outer_operands`` (that placeholder's reason), else None."""
     outer = getattr(gm, "meta", {}).get(_OUTER_OPERANDS)
     if not outer or not isinstance(node, fx.Node):
-        return False
+        return None
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in outer:
-            return True
+            return outer[n]
         if n in seen:
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)
-    return False
+    return None
 
 
 def size_hints(shape_env) -> dict:
@@ -655,7 +657,8 @@ def _contracts(node: fx.Node) -> bool:
     return any(w in name for w in ("matmul", "bmm", "cumsum"))
 
 
-def _eligible(node: fx.Node) -> bool:
+def eligible(node: fx.Node) -> bool:
+    """A node that may join an attention region (pure, not a projection or another barrier)."""
     if node.op not in ("call_function", "call_method", "get_attr"):
         return False
     if identity_dropout(node):
@@ -677,17 +680,17 @@ def attention_region(gm: fx.GraphModule) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method"):
             names[node] = _target_name(node)
-    anchors = [n for n, name in names.items() if any(w in name for w in _ANCHOR_WORDS) and _eligible(n)]
+    anchors = [n for n, name in names.items() if any(w in name for w in _ANCHOR_WORDS) and eligible(n)]
     if not anchors and any("cat" in s for s in names.values()):
         # the non-causal linear form: a feature map (cat) contracted with sums
-        anchors = [n for n, name in names.items() if name in ("sum", "cat") and _eligible(n)]
+        anchors = [n for n, name in names.items() if name in ("sum", "cat") and eligible(n)]
     region = set(anchors)
     frontier = list(anchors)
     for _ in range(REGION_DEPTH):
         nxt = []
         for node in frontier:
             for other in list(node.all_input_nodes) + list(node.users):
-                if other not in region and _eligible(other):
+                if other not in region and eligible(other):
                     region.add(other)
                     nxt.append(other)
         frontier = nxt

@@ -9,7 +9,6 @@ pass never stops a model from compiling: the graph is then left unchanged, with 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import time
@@ -25,10 +24,12 @@ from .baddbmm import read_baddbmm_scores
 from .autocast_scope import analysis_without_autocast, switch_inside
 from .canonicalize import (attention_region, declare_buffer_values, declare_outer_operands, example_value,
                            extract_region, hint, hint_shape, lower_to_aten, same_value_source)
+from .checkpoint_operands import splice
 from .constant_fills import read_constant_fills
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
 from .folded_rows import unfold_folded_rows
+from .graph_copy import copy_graph
 from .initial_state import split_prepended_states
 from .inplace import OutputAliased, Storages, copies_over, first_write_between, plan_output, written_before_output
 from .lookalike import covered_by, unexplained
@@ -134,7 +135,8 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
     global pass_seconds
     start = time.perf_counter()
     try:
-        bodies, read = _rewrite_checkpoint_bodies(gm, example_inputs, rewrite=rewrite, verify=verify, report=report)
+        bodies, read, outer_before = _rewrite_checkpoint_bodies(gm, example_inputs, rewrite=rewrite, verify=verify,
+                                                                report=report)
         if report is not None:            # attention in another higher-order op's body: left as written, said so
             try:
                 for refusal in hidden_attention(gm, read):
@@ -146,7 +148,9 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
         if not bodies:
             return result
         if result is None:
-            result = Rewritten(gm, [], _copy_graph(gm.graph), [])
+            result = Rewritten(gm, [], copy_graph(gm.graph), [])
+        if outer_before is not None:      # an operand of a checkpoint call was dropped: undo that too
+            result = result._replace(original=outer_before)
         return result._replace(baked=result.baked + [b for body in bodies for b in body.baked],
                                sources=result.sources + [x for body in bodies for x in body.sources],
                                bodies=tuple((body.gm, body.original) for body in bodies))
@@ -155,7 +159,7 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
 
 
 def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
-             constants: list[bool] | None = None, outside: list[bool] | None = None) -> Rewritten | None:
+             constants: list[bool] | None = None, outside: dict[int, str] | None = None) -> Rewritten | None:
     try:
         autocast_on = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
         try:
@@ -179,41 +183,52 @@ def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
     if found is None:
         return None
     settled, steps, to_dynamo, region, baked = found
-    original = _copy_graph(gm.graph)
+    original = copy_graph(gm.graph)
     sources = [source_of(site.match.anchor) for site in settled]
     rewrite_recurrent_steps(gm, steps, to_dynamo)
     return Rewritten(rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked, original, sources)
 
 
 def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
-                               report: Explanation | None) -> tuple[list[Rewritten], set]:
+                               report: Explanation | None) -> tuple[list[Rewritten], set, fx.Graph | None]:
     """The pass on the body of each ``torch.utils.checkpoint`` call (Dynamo's
     ``tag_activation_checkpoint`` higher-order op): a site inside is rewritten inside, and the body
     stays checkpointed (recomputed in the backward). The body's inputs take the values of the call's
     arguments: a graph input's example value (a registered buffer stays a compile-time constant, and
-    a rewrite that bakes it in guards the graph input), else a random tensor of its shape.
-    Returns the rewritten bodies and every body the pass read (sites and refusals reported)."""
+    a rewrite that bakes it in guards the graph input), else a random tensor of its shape. An argument
+    the graph around the call builds from sizes and buffers (a causal mask built outside and passed in)
+    is read where it is built (``checkpoint_operands``); one the rewritten body no longer reads is
+    dropped from the call. Returns the rewritten bodies, every body the pass read (sites and refusals
+    reported), and a copy of ``gm``'s graph before the first change to it (None: unchanged)."""
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     read: set = set()
     if hop is None:
-        return [], read
+        return [], read, None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {n: i for i, n in enumerate(placeholders)}
     constant_flags = constant_placeholders(gm, example_inputs)
-    done = []
+    constant = {n: constant_flags[i] for n, i in index_of.items()}
+    done, outer_before = [], None
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not hop or not node.args \
                 or not isinstance(node.args[0], fx.Node) or node.args[0].op != "get_attr":
             continue
         body = getattr(gm, node.args[0].target, None)
-        args = node.args[1:]
-        if not isinstance(body, fx.GraphModule) or not all(isinstance(a, fx.Node) for a in args):
+        if not isinstance(body, fx.GraphModule) or not all(isinstance(a, fx.Node) for a in node.args[1:]):
             continue
+        if len(node.args) - 1 != sum(n.op == "placeholder" for n in body.graph.nodes):
+            continue
+        spliced = splice(gm, node, body, constant)
+        args = list(node.args[1:]) + spliced.leaves
         real, constants = [], []
         for i, arg in enumerate(args):
             if arg in index_of:
                 real.append(example_inputs[index_of[arg]])
                 constants.append(constant_flags[index_of[arg]])
+                continue
+            if arg.op == "get_attr":                  # a constant of the outer graph a copied mask reads
+                real.append(getattr(gm, str(arg.target)))
+                constants.append(True)
                 continue
             value = example_value(arg)
             if isinstance(value, torch.Tensor):
@@ -221,23 +236,31 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
             else:
                 real.append(hint(value) if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else value)
             constants.append(not isinstance(value, torch.Tensor))
-        if len(real) != sum(n.op == "placeholder" for n in body.graph.nodes):
-            continue
         read.add(body)
-        outside = [arg not in index_of and isinstance(example_value(arg), torch.Tensor) for arg in args]
+        outside = {i: spliced.reasons.get(i, "computed outside it") for i, arg in enumerate(args)
+                   if arg not in index_of and arg.op != "get_attr" and isinstance(example_value(arg), torch.Tensor)}
         result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants,
                           outside=outside)
         if result is None:
+            spliced.undo()
             continue
-        _clone_returned_outputs(body)
         # a buffer the body's rewrite baked in is the graph input passed to the body at that position
         baked = []
         for b in result.baked:
             arg = args[b.index]
             if arg in index_of:
                 baked.append(BakedBuffer(index_of[arg], source_name(arg), b.why))
-        done.append(Rewritten(result.gm, baked, result.original, result.sources))
-    return done, read
+        try:
+            before = spliced.settle()
+        except RuntimeError as err:               # a defect of the pass: the body stays as written
+            log.warning("based_compile: the checkpointed body is left as written (%s)", err)
+            spliced.undo()
+            continue
+        if outer_before is None:
+            outer_before = before
+        _clone_returned_outputs(body)
+        done.append(Rewritten(result.gm, baked, spliced.original or result.original, result.sources))
+    return done, read, outer_before
 
 
 def _clone_returned_outputs(body: fx.GraphModule) -> None:
@@ -269,19 +292,8 @@ def _clone_returned_outputs(body: fx.GraphModule) -> None:
     body.recompile()
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy of ``graph`` that an inner compiler takes for the original: nodes with their meta and
-    the attributes Dynamo sets on them (``_dynamo_source`` on placeholders)."""
-    copied = copy.deepcopy(graph)
-    for old, new in zip(graph.nodes, copied.nodes, strict=True):      # graph_copy keeps the order
-        for name, value in vars(old).items():
-            if name not in vars(new):
-                setattr(new, name, value)
-    return copied
-
-
 def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None,
-                constants: list[bool] | None = None, outside: list[bool] | None = None):
+                constants: list[bool] | None = None, outside: dict[int, str] | None = None):
     """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None."""
     region = attention_region(gm)
     if not region:
@@ -313,8 +325,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     declare_buffer_values(aten_gm, {n: v for n, v in evaluator.inputs.items()
                                     if n not in variable and isinstance(v, torch.Tensor)})
     if outside is not None:                   # a checkpointed body's inputs computed in the outer graph
-        passed = {p for p, flag in zip((n for n in gm.graph.nodes if n.op == "placeholder"), outside) if flag}
-        declare_outer_operands(aten_gm, {a for d, a in zip(inputs, aten_inputs) if d in passed})
+        passed = {p: outside[i] for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+                  if i in outside}
+        declare_outer_operands(aten_gm, {a: passed[d] for d, a in zip(inputs, aten_inputs) if d in passed})
     matcher = Matcher(aten_gm, evaluator, variable)
     storages = Storages(gm)
     settled, answered, refused = [], set(), []

@@ -855,10 +855,11 @@ class _Reader:
         return _Pick(len(shape), cond.pred, _in_dtype(cy, dtype), _in_dtype(cn, dtype))
 
     def _not_constant(self, node) -> str:
-        if reads_outer_operand(self.gm, node):
-            return ("the mask is an input of a checkpointed region (computed outside the function passed to "
-                    "torch.utils.checkpoint and passed in): the pass reads the region on its own and does not read "
-                    "the mask from the outer graph (build the mask inside the checkpointed function)")
+        outer = reads_outer_operand(self.gm, node)
+        if outer is not None:
+            return (f"the mask is an input of a checkpointed region, {outer}: not a compile-time constant "
+                    "(a mask built from sizes or a registered buffer outside the function passed to "
+                    "torch.utils.checkpoint is read where it is built)")
         return "the mask is not a compile-time constant (it depends on inputs)"
 
     def _leaf(self, node):

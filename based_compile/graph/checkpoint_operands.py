@@ -1,0 +1,218 @@
+"""A checkpointed body's operands that the graph around it builds from sizes and buffers (a mask).
+
+HF-style gradient checkpointing builds the causal mask once, outside the layers, and passes it into
+each checkpointed function: ``checkpoint(layer, hidden, mask, use_reentrant=False)``. Dynamo records
+the call as ``tag_activation_checkpoint(body, *operands)``, and inside the body the mask is a
+placeholder. Its value is read where it is built: ``splice`` copies the outer graph's computation of
+such an operand into the body, in front of its uses, so that the body reads as if the mask were built
+inside the function (the same readers, proofs and dynamic-shape guards as any mask; a registered buffer
+it reads stays a compile-time constant and is guarded as the graph input it is).
+
+Only an operand whose computation reads no input's values is copied: every op pure and of the kinds a
+region may hold, its leaves sizes, registered buffers the graph does not write, or tensors read for
+their sizes alone, at most ``MAX_NODES`` ops (in-place writes into its memory before the call
+included). Any other operand computed outside stays a placeholder, with the reason
+(``Splice.reasons``) that the mask reader gives if it is the mask.
+
+After a rewrite, ``Splice.settle`` puts the body back to reading its placeholders (the copies are
+dropped), and an operand the rewritten body no longer reads is dropped from the call, and the outer
+computation of it erased when nothing else reads it: the T x T mask that only fed the rewritten site
+is gone from both graphs; the body stays checkpointed. ``Splice.undo`` restores the body unread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .canonicalize import eligible, example_value
+from .graph_copy import copy_graph
+from .inplace import UNKNOWN, Storages, erasable, storage_key, written_node
+
+MAX_NODES = 64
+_SIZE_WORDS = ("size", "numel", "dim", "stride")
+
+
+def _name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target)).split(".")[-1]
+
+
+def _size_query(node: fx.Node) -> bool:
+    """``x.size(2)``, ``sym_size(x, 2)``, ``x.dim()``: a node that reads a tensor's shape, not its values."""
+    return (node.op in ("call_function", "call_method") and not isinstance(example_value(node), torch.Tensor)
+            and any(w in _name(node).lower() for w in _SIZE_WORDS))
+
+
+def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict, storages: Storages):
+    """(the nodes computing ``root``, in graph order; its leaves) or the reason it is not copied."""
+    inside: set = set()
+    leaves: set = set()
+    stack = [root]
+    while True:
+        while stack:
+            node = stack.pop()
+            if node in inside or node in leaves:
+                continue
+            if node.op in ("placeholder", "get_attr"):
+                leaves.add(node)
+                continue
+            if not eligible(node) or node.op not in ("call_function", "call_method"):
+                return f"computed outside it with {_name(node)} (not read through the checkpoint boundary)"
+            inside.add(node)
+            if len(inside) > MAX_NODES:
+                return f"computed outside it by more than {MAX_NODES} ops (not read through the checkpoint boundary)"
+            if _size_query(node):
+                leaves.update(a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)
+                              and a not in inside)
+                stack.extend(a for a in node.all_input_nodes if not isinstance(example_value(a), torch.Tensor))
+                continue
+            stack.extend(node.all_input_nodes)
+        # in-place writes into the memory of what it computes, before the call, are part of its value
+        keys = {storages.of(n) for n in inside} - {None}
+        if UNKNOWN in keys:
+            return "computed outside it into memory the pass cannot name"
+        writes = [n for n in gm.graph.nodes if storages.position[n] < storages.position[hop] and n not in inside
+                  and written_node(n) is not None and storages.of(written_node(n)) in keys | {UNKNOWN}]
+        if not writes:
+            break
+        stack.extend(writes)
+    for leaf in leaves:
+        value = example_value(leaf)
+        if not isinstance(value, torch.Tensor) or leaf.op == "get_attr" or constant.get(leaf, False):
+            continue
+        if any(u in inside and not _size_query(u) for u in leaf.users):
+            return "computed outside it from values of inputs (not a compile-time constant)"
+    leaves -= inside
+    return [n for n in gm.graph.nodes if n in inside], leaves
+
+
+@dataclass
+class Splice:
+    """The outer computations copied into ``body`` for the call ``hop``."""
+
+    gm: fx.GraphModule
+    hop: fx.Node
+    body: fx.GraphModule
+    original: fx.Graph | None = None                   # the body before the copy (None: nothing copied)
+    roots: dict = field(default_factory=dict)          # operand position -> its copy in the body
+    outer: dict = field(default_factory=dict)          # operand position -> outer nodes computing it
+    leaves: list = field(default_factory=list)         # outer nodes given new body placeholders, in order
+    copies: list = field(default_factory=list)         # body nodes copied in, in order
+    reasons: dict = field(default_factory=dict)        # operand position -> why it was not copied
+
+    def undo(self) -> None:
+        """The body as it was (nothing rewritten)."""
+        if self.original is None:
+            return
+        self.body.graph = self.original
+        self.body.recompile()
+
+    def settle(self) -> fx.Graph | None:
+        """After a rewrite of the body: the copies dropped (what still reads an operand's copy reads the
+        operand again), operands the body no longer reads dropped from the call and from the body, and
+        their outer computations erased where nothing else reads them. Returns a copy of the outer graph
+        before it changed, or None when it did not. Raises RuntimeError when a copy is still read."""
+        if self.original is None:
+            return None
+        graph = self.body.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        for position, copy_ in self.roots.items():
+            copy_.replace_all_uses_with(placeholders[position])
+        live = set(graph.nodes)                   # the rewrite erased the copies its region held
+        for node in reversed(self.copies):
+            if node not in live:
+                continue
+            if node.users:
+                raise RuntimeError(f"the copy of {node.name} from the outer graph is still read after the rewrite")
+            graph.erase_node(node)
+        for placeholder in placeholders[len(placeholders) - len(self.leaves):]:
+            if placeholder.users:
+                raise RuntimeError(f"the outer value {placeholder.name} is still read after the rewrite")
+            graph.erase_node(placeholder)
+        unused = [p for p in self.roots if not placeholders[p].users]
+        if not unused or not self._sole_caller():
+            self.body.recompile()
+            return None
+        before = copy_graph(self.gm.graph)
+        storages = Storages(self.gm)
+        for p in unused:
+            graph.erase_node(placeholders[p])
+        operands = list(self.hop.args[1:])
+        dropped = [operands[p] for p in unused]
+        self.hop.args = (self.hop.args[0], *(a for i, a in enumerate(operands) if i not in unused))
+        candidates = set(dropped).union(*(self.outer[p] for p in unused))
+        erased: set = set()
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(self.gm.graph.nodes)):
+                if node in candidates and erasable(node, storages, erased):
+                    self.gm.graph.erase_node(node)
+                    candidates.discard(node)
+                    erased.add(node)
+                    changed = True
+        self.body.recompile()
+        self.gm.recompile()
+        return before
+
+    def _sole_caller(self) -> bool:
+        """The body is called by this call alone (its signature may change)."""
+        attr = self.hop.args[0]
+        calls = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == attr.target]
+        return len(calls) == 1 and list(attr.users) == [self.hop]
+
+
+def splice(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, constant: dict) -> Splice:
+    """Copy into ``body`` the outer computation of each tensor operand of ``hop`` built in ``gm`` from sizes
+    and buffers (``constant``: outer placeholder -> compile-time constant). New placeholders for the
+    copies' leaves that are not operands already are appended after the body's own (``Splice.leaves``:
+    pass their values after the operands')."""
+    result = Splice(gm, hop, body)
+    operands = list(hop.args[1:])
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(operands):
+        return result
+    storages = Storages(gm)
+    slices = {}
+    for position, operand in enumerate(operands):
+        if operand.op in ("placeholder", "get_attr") or not isinstance(example_value(operand), torch.Tensor):
+            continue
+        found = _outer_slice(gm, operand, hop, constant, storages)
+        if isinstance(found, str):
+            result.reasons[position] = found
+        else:
+            slices[position] = found
+    if not slices:
+        return result
+    result.original = copy_graph(body.graph)
+    env: dict = {}
+    for position, operand in enumerate(operands):
+        env.setdefault(operand, placeholders[position])
+    nodes = set().union(*(set(s[0]) for s in slices.values()))
+    leaves = [n for n in gm.graph.nodes if any(n in s[1] for s in slices.values()) and n not in env
+              and n not in nodes]
+    graph = body.graph
+    with graph.inserting_after(placeholders[-1]):
+        for leaf in reversed(leaves):             # each inserted right after the last operand
+            new = graph.placeholder(f"outer_{leaf.name}")
+            new.meta = dict(leaf.meta)
+            env[leaf] = new
+    result.leaves = leaves
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        for node in gm.graph.nodes:
+            if node in nodes:
+                env[node] = graph.node_copy(node, lambda a: env[a])
+                result.copies.append(env[node])
+    for position, (computed, _) in slices.items():
+        root = env[operands[position]] if operands[position] in nodes else None
+        if root is None:
+            continue
+        placeholders[position].replace_all_uses_with(root)
+        result.roots[position] = root
+        result.outer[position] = set(computed)
+    body.recompile()
+    return result
