@@ -189,33 +189,7 @@ def test_attention_inside_checkpoint_near_miss_is_refused(buffer):
     assert not any(n.target is based_attention_call for b in bodies for n in b.graph.nodes)
 
 
-class MaskBuiltOutside(Checkpointed):
-    """The causal mask built in forward (from sizes only) and passed into the checkpointed function, as
-    HF models with gradient checkpointing do: the body's mask is an input of the body. Not read (the
-    pass reads the body on its own): refused, saying so; a mask passed in as a forward argument (near
-    miss of the wording) keeps the reason that it depends on inputs."""
-
-    def __init__(self, as_argument=False):
-        super().__init__()
-        self.as_argument = as_argument
-
-    def forward(self, q, k, v, mask=None):
-        t = q.shape[-2]
-        if mask is None:
-            mask = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
-        return torch.utils.checkpoint.checkpoint(self.attend, q * 1.5, k, v, mask, use_reentrant=False)
-
-
-@pytest.mark.parametrize("as_argument", [False, True])
-def test_mask_built_outside_the_checkpoint_is_refused_saying_so(as_argument):
-    module = MaskBuiltOutside()
-    q, k, v = _inputs(0, 6, QKV)
-    args = (q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()) if as_argument else (q, k, v)
-    ex = based_compile.explain(module, *args)
-    assert not ex.sites and [r.category for r in ex.refusals] == ["mask"], ex
-    outside = "input of a checkpointed region" in ex.refusals[0].reason
-    assert outside != as_argument, ex
-    assert ("depends on inputs" in ex.refusals[0].reason) == as_argument, ex
+# A mask built outside the checkpointed function and passed in: tests/test_checkpointed_mask.py.
 
 
 # --------------------------------------------------------------------------- a checkpointed feature map

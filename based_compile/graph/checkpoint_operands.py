@@ -35,15 +35,27 @@ _SIZE_WORDS = ("size", "numel", "dim", "stride")
 
 
 def _name(node: fx.Node) -> str:
+    """``ones``, ``masked_fill_``, ``sym_size.int``, ``mul``: what a node calls, for a reason."""
     if node.op == "call_method":
         return str(node.target)
-    return getattr(node.target, "__name__", str(node.target)).split(".")[-1]
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def _size_query(node: fx.Node) -> bool:
     """``x.size(2)``, ``sym_size(x, 2)``, ``x.dim()``: a node that reads a tensor's shape, not its values."""
     return (node.op in ("call_function", "call_method") and not isinstance(example_value(node), torch.Tensor)
             and any(w in _name(node).lower() for w in _SIZE_WORDS))
+
+
+def _not_copied(node: fx.Node) -> str | None:
+    """Why an op of the outer computation is not copied into the body, or None."""
+    if node.op not in ("call_function", "call_method"):
+        return f"computed outside it by {node.op} {node.name}"
+    if node.is_impure():
+        return f"computed outside it with {_name(node)}, which is random or has side effects"
+    if isinstance(node.target, torch._ops.HigherOrderOperator) or not eligible(node):
+        return f"computed outside it with {_name(node)}, which the pass does not read across the call"
+    return None
 
 
 def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict, storages: Storages):
@@ -59,11 +71,12 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
             if node.op in ("placeholder", "get_attr"):
                 leaves.add(node)
                 continue
-            if not eligible(node) or node.op not in ("call_function", "call_method"):
-                return f"computed outside it with {_name(node)} (not read through the checkpoint boundary)"
+            why = _not_copied(node)
+            if why is not None:
+                return why
             inside.add(node)
             if len(inside) > MAX_NODES:
-                return f"computed outside it by more than {MAX_NODES} ops (not read through the checkpoint boundary)"
+                return f"computed outside it by more than {MAX_NODES} ops (not read across the call)"
             if _size_query(node):
                 leaves.update(a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)
                               and a not in inside)
@@ -84,7 +97,7 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
         if not isinstance(value, torch.Tensor) or leaf.op == "get_attr" or constant.get(leaf, False):
             continue
         if any(u in inside and not _size_query(u) for u in leaf.users):
-            return "computed outside it from values of inputs (not a compile-time constant)"
+            return "computed outside it from values of inputs"
     leaves -= inside
     return [n for n in gm.graph.nodes if n in inside], leaves
 

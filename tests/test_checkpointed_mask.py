@@ -1,0 +1,257 @@
+"""A causal mask built outside a checkpointed function and passed in (HF-style gradient checkpointing:
+``checkpoint(layer, hidden, mask, use_reentrant=False)``): the pass reads the mask where the outer graph
+builds it (``graph/checkpoint_operands.py``), with the proofs any mask gets, rewrites the attention inside
+the body, which stays checkpointed, and drops the mask from the call (and from the outer graph where
+nothing else reads it). Near misses (a mask that is not causal, one built at another length and sliced,
+a weighting, a mask that depends on inputs' values) are refused with their reasons and run as written.
+
+Every program is compiled (inner ``aot_eager``; one test ``inductor``) at several lengths (a symbolic
+length from the second) and compared with eager in float64, values and gradients of every input, on
+fresh random inputs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import checkpoint
+
+import based_compile
+from based_calls import BasedOpCounter
+from based_compile.graph.rewrite import based_attention_call
+from compare import assert_rel_close
+from pass_reports import PassReports
+
+TOL = 1e-10
+HOP = torch.ops.higher_order.tag_activation_checkpoint
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
+
+
+def build_mask(kind: str, t: int, dtype, buffer=None, batch=1):
+    """The mask, built outside the checkpointed function as the model's forward builds it."""
+    if kind == "tril":
+        return torch.tril(torch.ones(t, t, dtype=dtype))
+    if kind == "arange":
+        return (torch.arange(t)[None, :] <= torch.arange(t)[:, None]).to(dtype)
+    if kind == "hf":              # transformers' _prepare_4d_causal_attention_mask: 0 kept, finfo.min masked
+        mask = torch.full((t, t), torch.finfo(dtype).min, dtype=dtype)
+        cond = torch.arange(mask.size(-1))
+        mask.masked_fill_(cond < (cond + 1).view(mask.size(-1), 1), 0)
+        return mask[None, None, :, :].expand(batch, 1, t, t)
+    if kind == "buffer":
+        return buffer[:t, :t].to(dtype)
+    # near misses
+    if kind == "triu":
+        return torch.triu(torch.ones(t, t, dtype=dtype))
+    if kind == "longer":          # built for t + 2 positions and sliced: query i sees keys j <= i + 2
+        return torch.ones(t + 2, t + 2, dtype=dtype).tril()[2:, :t]
+    if kind == "weighting":       # 2 below the diagonal, 1 on it: not 0/1
+        return torch.ones(t, t, dtype=dtype).tril() + torch.ones(t, t, dtype=dtype).tril(-1)
+    raise ValueError(kind)
+
+
+class Layers(torch.nn.Module):
+    """``layers`` attention layers, each called through torch.utils.checkpoint with the one mask the
+    forward builds. ``use``: how a layer applies it: multiplied (``mul``), ``masked_fill(~mask, 0)``
+    (``fill``), or an HF additive mask zeroing where it is not 0 (``additive``)."""
+
+    def __init__(self, kind="tril", use="mul", layers=1, read_again=False):
+        super().__init__()
+        self.kind, self.use, self.layers, self.read_again = kind, use, layers, read_again
+        self.register_buffer("causal", torch.ones(32, 32, dtype=torch.bool).tril())
+
+    def attend(self, q, k, v, mask):
+        s = q @ k.transpose(-2, -1) / 2
+        a = 1 + s + s * s / 2
+        if self.use == "mul":
+            a = a * mask
+        elif self.use == "fill":
+            a = a.masked_fill(~mask, 0.0)
+        else:
+            a = a.masked_fill(mask != 0, 0.0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        dtype = torch.bool if self.use == "fill" else q.dtype
+        mask = build_mask(self.kind, t, dtype, self.causal, q.shape[0])
+        o = q
+        for i in range(self.layers):
+            o = checkpoint(self.attend, o * (1.5 + i), k, v, mask, use_reentrant=False)
+        if self.read_again:                   # the mask is read outside the call too
+            o = o + mask.sum() / 100
+        return o
+
+
+QKV = ((1, 2, "T", 4), (1, 2, "T", 4), (1, 2, "T", 4))
+
+
+def _inputs(seed, t, shapes=QKV):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*[t if s == "T" else s for s in shape], generator=g, dtype=torch.float64)
+            for shape in shapes]
+
+
+def _run(fn, inputs, seed):
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*inputs)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out.detach(), torch.autograd.grad(out, inputs, cot)
+
+
+class Recorder:
+    """An inner compiler that keeps the graphs the based backend hands it, then compiles with ``inner``."""
+
+    def __init__(self, inner="aot_eager"):
+        self.graphs: list[fx.GraphModule] = []
+        self.inner = torch._dynamo.lookup_backend(inner)
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return self.inner(gm, example_inputs)
+
+
+def compile_and_compare(module, lengths=(5, 9, 13), inner="aot_eager"):
+    """Compile, call at each length, compare values and gradients with eager in float64, and count the
+    operator calls of one more forward at the last length. The Recorder, with the pass's reports."""
+    recorder = Recorder(inner)
+    compiled = torch.compile(module, backend=based_compile.backend(inner=recorder))
+    with PassReports() as recorder.reports:
+        for t in lengths:
+            inputs = _inputs(100 + t, t)
+            out_c, grads_c = _run(compiled, inputs, t)
+            out_e, grads_e = _run(module, inputs, t)
+            assert_rel_close(out_c, out_e, TOL, f"T={t}: output, compiled vs eager")
+            for j, (c, e) in enumerate(zip(grads_c, grads_e)):
+                assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}, compiled vs eager")
+    with torch.no_grad(), BasedOpCounter() as recorder.counter:
+        compiled(*inputs)
+    return recorder
+
+
+def _square(node: fx.Node) -> bool:
+    """A node computing a value whose two last axes have one length that is not a head dim: a T x T
+    tensor (a graph input, the registered buffer, is not computed)."""
+    if node.op == "placeholder":
+        return False
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return False
+    a, b = (s.node.hint if isinstance(s, torch.SymInt) else s for s in value.shape[-2:])
+    return a == b and a not in (1, 4)
+
+
+def _bodies(gm):
+    return [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is HOP]
+
+
+CASES = [("tril", "mul"), ("arange", "mul"), ("hf", "additive"), ("buffer", "fill"), ("tril", "fill")]
+
+
+@pytest.mark.parametrize("kind,use", CASES, ids=[f"{k}-{u}" for k, u in CASES])
+def test_mask_built_outside_the_checkpoint_is_read_and_dropped(kind, use):
+    recorder = compile_and_compare(Layers(kind, use, layers=2))
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == 2 and all(s.spec.causal for s in ex.sites) and not ex.refusals, ex
+    assert recorder.counter.total >= 2, recorder.counter.calls
+    for gm in recorder.graphs:
+        bodies = _bodies(gm)
+        assert len(bodies) == 2                                   # still checkpointed
+        for body in bodies:
+            assert sum(n.target is based_attention_call for n in body.graph.nodes) == 1
+            assert not any(_square(n) for n in body.graph.nodes), body.code
+        assert not any(_square(n) for n in gm.graph.nodes), gm.code  # the mask fed the sites only
+
+
+def test_mask_read_again_outside_stays_there_not_in_the_body():
+    recorder = compile_and_compare(Layers("tril", "mul", read_again=True))
+    assert all(len(ex.sites) == 1 for ex in recorder.reports.graphs), recorder.reports
+    for gm in recorder.graphs:
+        assert any(_square(n) for n in gm.graph.nodes)            # mask.sum() still reads it
+        body, = _bodies(gm)
+        assert not any(_square(n) for n in body.graph.nodes), body.code
+
+
+def test_buffer_sliced_outside_is_guarded():
+    module = Layers("buffer", "fill")
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
+    inputs = _inputs(0, 6)
+    compiled(*inputs)
+    module.causal.fill_(True)                 # no longer causal: the rewrite read the old values
+    with pytest.raises(based_compile.StaleBufferError, match="causal"):
+        compiled(*inputs)
+
+
+def test_mask_built_outside_under_inductor():
+    recorder = compile_and_compare(Layers("arange", "mul"), lengths=(6, 11), inner="inductor")
+    assert all(len(ex.sites) == 1 for ex in recorder.reports.graphs), recorder.reports
+    assert recorder.counter.total >= 1, recorder.counter.calls
+
+
+NEAR = [("triu", "mul", "j - i"), ("longer", "mul", "j - i"), ("weighting", "mul", "arithmetic on a 0/1 tensor")]
+
+
+@pytest.mark.parametrize("kind,use,why", NEAR, ids=[k for k, _, _ in NEAR])
+def test_near_miss_mask_built_outside_is_refused_and_left(kind, use, why):
+    recorder = compile_and_compare(Layers(kind, use))
+    for ex in recorder.reports.graphs:
+        assert not ex.sites and [r.category for r in ex.refusals] == ["mask"], ex
+        assert why in ex.refusals[0].reason and "checkpointed region" not in ex.refusals[0].reason, ex
+    assert recorder.counter.total == 0
+    for gm in recorder.graphs:                # body and call as written: the mask passed in and read
+        body, = _bodies(gm)
+        assert any(_square(n) for n in body.graph.nodes) and any(_square(n) for n in gm.graph.nodes)
+
+
+class FromInputs(Layers):
+    """The mask from the values of inputs: a padding mask combined with the causal one (HF with an
+    attention_mask), a random mask built outside, or a mask passed to forward."""
+
+    def __init__(self, how):
+        super().__init__(use="fill")
+        self.how = how
+
+    def forward(self, q, k, v, mask=None):
+        t = q.shape[-2]
+        if self.how == "padding":
+            mask = torch.ones(t, t, dtype=torch.bool).tril() & (v[0, 0, :, 0] > -10)[None, :]
+        elif self.how == "random":
+            mask = torch.rand(t, t) < 2.0        # all True, but random: not a constant
+        return checkpoint(self.attend, q * 1.5, k, v, mask, use_reentrant=False)
+
+
+@pytest.mark.parametrize("how,why", [("padding", "from values of inputs"), ("random", "rand, which is random"),
+                                     ("argument", "depends on inputs")])
+def test_mask_from_inputs_is_refused_saying_why(how, why):
+    module = FromInputs(how)
+    q, k, v = _inputs(0, 6)
+    args = (q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()) if how == "argument" else (q, k, v)
+    ex = based_compile.explain(module, *args)
+    assert not ex.sites and [r.category for r in ex.refusals] == ["mask"], ex
+    assert why in ex.refusals[0].reason, ex
+
+
+def test_inner_compiler_rejecting_the_rewrite_gets_the_call_and_body_as_written(monkeypatch):
+    """A planted failure: the inner compiler raises on a graph whose body holds the rewritten site; the
+    graph it then compiles is Dynamo's as traced (the mask passed in, the body reading it), and runs exactly."""
+    from based_compile.graph import driver
+    monkeypatch.setattr(driver, "REJECTED_BY_INNER", {})
+    seen = []
+
+    def picky_inner(gm, example_inputs):
+        rewritten = any(n.target is based_attention_call for b in _bodies(gm) for n in b.graph.nodes)
+        seen.append((rewritten, [len(n.args) for n in gm.graph.nodes if n.target is HOP],
+                     [any(_square(n) for n in b.graph.nodes) for b in _bodies(gm)]))
+        if rewritten:
+            raise RuntimeError("planted: the inner compiler cannot compile this graph")
+        return gm.forward
+
+    module = Layers("tril", "mul")
+    compiled = torch.compile(module, backend=based_compile.backend(inner=picky_inner))
+    inputs = _inputs(0, 7)
+    out_c, grads_c = _run(compiled, inputs, 1)
+    assert [s[0] for s in seen] == [True, False], seen
+    assert seen[1][1] == [seen[0][1][0] + 1] and seen[1][2] == [True], seen      # the mask is back
+    out_e, grads_e = _run(module, inputs, 1)
+    for c, e in zip((out_c, *grads_c), (out_e, *grads_e)):
+        assert_rel_close(c, e, TOL, "compiled unrewritten vs eager")
