@@ -53,7 +53,8 @@ def build_mask(kind: str, t: int, dtype, buffer=None, batch=1):
 class Layers(torch.nn.Module):
     """``layers`` attention layers, each called through torch.utils.checkpoint with the one mask the
     forward builds. ``use``: how a layer applies it: multiplied (``mul``), ``masked_fill(~mask, 0)``
-    (``fill``), or an HF additive mask zeroing where it is not 0 (``additive``)."""
+    (``fill``), or an HF additive mask zeroing where it is not 0 (``additive``), multiplied by its
+    ``exp`` (``exp``), or added to the weights (``add``, a near miss)."""
 
     def __init__(self, kind="tril", use="mul", layers=1, read_again=False):
         super().__init__()
@@ -67,6 +68,10 @@ class Layers(torch.nn.Module):
             a = a * mask
         elif self.use == "fill":
             a = a.masked_fill(~mask, 0.0)
+        elif self.use == "exp":                   # exp of the additive mask: 1 kept, 0 masked
+            a = a * torch.exp(mask)
+        elif self.use == "add":                   # added to the weights: not a Based mask
+            a = a + mask
         else:
             a = a.masked_fill(mask != 0, 0.0)
         return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
@@ -145,7 +150,7 @@ def _bodies(gm):
     return [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is HOP]
 
 
-CASES = [("tril", "mul"), ("arange", "mul"), ("hf", "additive"), ("buffer", "fill"), ("tril", "fill")]
+CASES = [("tril", "mul"), ("arange", "mul"), ("hf", "additive"), ("hf", "exp"), ("buffer", "fill"), ("tril", "fill")]
 
 
 @pytest.mark.parametrize("kind,use", CASES, ids=[f"{k}-{u}" for k, u in CASES])
@@ -255,3 +260,11 @@ def test_inner_compiler_rejecting_the_rewrite_gets_the_call_and_body_as_written(
     out_e, grads_e = _run(module, inputs, 1)
     for c, e in zip((out_c, *grads_c), (out_e, *grads_e)):
         assert_rel_close(c, e, TOL, "compiled unrewritten vs eager")
+
+
+def test_additive_mask_added_to_the_weights_is_refused():
+    """HF's additive mask added to the polynomial weights (not read through an ``exp``): read where it is
+    built, it is still not a Based mask but a term added to the scores."""
+    ex = based_compile.explain(Layers("hf", "add"), *_inputs(0, 6))
+    assert not ex.sites and [r.category for r in ex.refusals] == ["unsupported"], ex
+    assert "added to the scores" in ex.refusals[0].reason, ex
