@@ -40,6 +40,12 @@ def build_mask(kind: str, t: int, dtype, buffer=None, batch=1):
         return mask[None, None, :, :].expand(batch, 1, t, t)
     if kind == "buffer":
         return buffer[:t, :t].to(dtype)
+    if kind in ("written", "written_above"):    # in place: the writes before the call are its value
+        mask = torch.ones(t, t, dtype=dtype)
+        mask.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(1), 0)
+        if kind == "written_above":             # keys two and more after the query kept again
+            mask.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(2), 1)
+        return mask
     # near misses
     if kind == "triu":
         return torch.triu(torch.ones(t, t, dtype=dtype))
@@ -150,7 +156,8 @@ def _bodies(gm):
     return [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is HOP]
 
 
-CASES = [("tril", "mul"), ("arange", "mul"), ("hf", "additive"), ("hf", "exp"), ("buffer", "fill"), ("tril", "fill")]
+CASES = [("tril", "mul"), ("arange", "mul"), ("hf", "additive"), ("hf", "exp"), ("buffer", "fill"), ("tril", "fill"),
+         ("written", "mul")]
 
 
 @pytest.mark.parametrize("kind,use", CASES, ids=[f"{k}-{u}" for k, u in CASES])
@@ -193,7 +200,8 @@ def test_mask_built_outside_under_inductor():
     assert recorder.counter.total >= 1, recorder.counter.calls
 
 
-NEAR = [("triu", "mul", "j - i"), ("longer", "mul", "j - i"), ("weighting", "mul", "arithmetic on a 0/1 tensor")]
+NEAR = [("triu", "mul", "j - i"), ("longer", "mul", "j - i"), ("weighting", "mul", "arithmetic on a 0/1 tensor"),
+        ("written_above", "mul", "j - i >= 2")]
 
 
 @pytest.mark.parametrize("kind,use,why", NEAR, ids=[k for k, _, _ in NEAR])
@@ -212,8 +220,8 @@ class FromInputs(Layers):
     """The mask from the values of inputs: a padding mask combined with the causal one (HF with an
     attention_mask), a random mask built outside, or a mask passed to forward."""
 
-    def __init__(self, how):
-        super().__init__(use="fill")
+    def __init__(self, how, use="fill"):
+        super().__init__(use=use)
         self.how = how
 
     def forward(self, q, k, v, mask=None):
@@ -221,14 +229,15 @@ class FromInputs(Layers):
         if self.how == "padding":
             mask = torch.ones(t, t, dtype=torch.bool).tril() & (v[0, 0, :, 0] > -10)[None, :]
         elif self.how == "random":
-            mask = torch.rand(t, t) < 2.0        # all True, but random: not a constant
+            mask = torch.rand(t, t, dtype=q.dtype) < 2.0      # all True, but random: not a constant
         return checkpoint(self.attend, q * 1.5, k, v, mask, use_reentrant=False)
 
 
+@pytest.mark.parametrize("use", ["fill", "mul"])
 @pytest.mark.parametrize("how,why", [("padding", "from values of inputs"), ("random", "rand, which is random"),
-                                     ("argument", "depends on inputs")])
-def test_mask_from_inputs_is_refused_saying_why(how, why):
-    module = FromInputs(how)
+                                     ("argument", "not a compile-time constant")])
+def test_mask_from_inputs_is_refused_saying_why(how, why, use):
+    module = FromInputs(how, use)
     q, k, v = _inputs(0, 6)
     args = (q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()) if how == "argument" else (q, k, v)
     ex = based_compile.explain(module, *args)

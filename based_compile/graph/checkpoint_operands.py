@@ -62,6 +62,7 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
     """(the nodes computing ``root``, in graph order; its leaves) or the reason it is not copied."""
     inside: set = set()
     leaves: set = set()
+    writes: set = set()                  # writes into its memory (``mask[i] = 0`` is impure, and copied)
     stack = [root]
     while True:
         while stack:
@@ -71,7 +72,7 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
             if node.op in ("placeholder", "get_attr"):
                 leaves.add(node)
                 continue
-            why = _not_copied(node)
+            why = None if node in writes else _not_copied(node)
             if why is not None:
                 return why
             inside.add(node)
@@ -87,11 +88,12 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
         keys = {storages.of(n) for n in inside} - {None}
         if UNKNOWN in keys:
             return "computed outside it into memory the pass cannot name"
-        writes = [n for n in gm.graph.nodes if storages.position[n] < storages.position[hop] and n not in inside
-                  and written_node(n) is not None and storages.of(written_node(n)) in keys | {UNKNOWN}]
-        if not writes:
+        found = [n for n in gm.graph.nodes if storages.position[n] < storages.position[hop] and n not in inside
+                 and written_node(n) is not None and storages.of(written_node(n)) in keys | {UNKNOWN}]
+        if not found:
             break
-        stack.extend(writes)
+        writes.update(found)
+        stack.extend(found)
     for leaf in leaves:
         value = example_value(leaf)
         if not isinstance(value, torch.Tensor) or leaf.op == "get_attr" or constant.get(leaf, False):

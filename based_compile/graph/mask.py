@@ -855,12 +855,7 @@ class _Reader:
         return _Pick(len(shape), cond.pred, _in_dtype(cy, dtype), _in_dtype(cn, dtype))
 
     def _not_constant(self, node) -> str:
-        outer = reads_outer_operand(self.gm, node)
-        if outer is not None:
-            return (f"the mask is an input of a checkpointed region, {outer}: not a compile-time constant "
-                    "(a mask built from sizes or a registered buffer outside the function passed to "
-                    "torch.utils.checkpoint is read where it is built)")
-        return "the mask is not a compile-time constant (it depends on inputs)"
+        return passed_in_reason(self.gm, node) or "the mask is not a compile-time constant (it depends on inputs)"
 
     def _leaf(self, node):
         value = self.evaluate(node)
@@ -1089,6 +1084,17 @@ def _reads_symbolic_size(node: fx.Node) -> bool:
             return True
         stack.extend(n.all_input_nodes)
     return False
+
+
+def passed_in_reason(gm: fx.GraphModule, node) -> str | None:
+    """Why a mask computed from an input of a checkpointed region that was not read where the graph
+    around the call builds it (``checkpoint_operands``) is not a constant, or None for any other node."""
+    outer = reads_outer_operand(gm, node)
+    if outer is None:
+        return None
+    return (f"the mask is an input of a checkpointed region, {outer}: not a compile-time constant (a mask "
+            "built from sizes or a registered buffer outside the function passed to torch.utils.checkpoint "
+            "is read where it is built)")
 
 
 # ---------------------------------------------------------------------- onto the weights' (i, j)

@@ -549,7 +549,8 @@ class Matcher:
                                              "scale, e.g. an nn.Parameter [1, H, 1, 1]) and not a compile-time "
                                              "constant: the operator takes one constant scale (a per-head scale "
                                              "of q before the scores is read)", node)
-            raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
+            raise Refused("mask", masks.passed_in_reason(self.gm, other)
+                          or "weights multiplied by a tensor that is not a compile-time constant", node)
         if all(s == 1 for s in hint_shape(other)):
             value = self.constant(other)            # a scalar factor (a 0-d or one-element constant)
             if value is None:
