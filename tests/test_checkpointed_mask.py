@@ -277,3 +277,62 @@ def test_additive_mask_added_to_the_weights_is_refused():
     ex = based_compile.explain(Layers("hf", "add"), *_inputs(0, 6))
     assert not ex.sites and [r.category for r in ex.refusals] == ["unsupported"], ex
     assert "added to the scores" in ex.refusals[0].reason, ex
+
+
+class _Block(torch.nn.Module):
+    """A pre-norm block: fused q/k/v projection, Based attention masked by HF's additive mask, MLP."""
+
+    def __init__(self, d=16, h=2):
+        super().__init__()
+        self.h = h
+        self.norm = torch.nn.LayerNorm(d)
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        self.o = torch.nn.Linear(d, d, bias=False)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+    def forward(self, x, attention_mask):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2)) / (d // self.h) ** 0.5
+        a = (1 + s + 0.5 * s * s).masked_fill(attention_mask < 0, 0.0)
+        o = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+        x = x + self.o(o.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(x)
+
+
+class _LM(torch.nn.Module):
+    """Embedding, the 4-d causal mask built once, each block called through torch.utils.checkpoint."""
+
+    def __init__(self, layers=2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(layers))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        mask = build_mask("hf", ids.shape[1], x.dtype, batch=ids.shape[0])
+        for block in self.blocks:
+            x = checkpoint(block.__call__, x, mask, use_reentrant=False)
+        return x
+
+
+def test_hf_style_gradient_checkpointing_lm():
+    torch.manual_seed(0)
+    model = _LM().double()
+    recorder = Recorder()
+    compiled = torch.compile(model, backend=based_compile.backend(inner=recorder))
+    params = list(model.parameters())
+    with PassReports() as reports:
+        for t in (7, 12, 17):
+            ids = torch.randint(0, 50, (2, t), generator=torch.Generator().manual_seed(t))
+            cot = torch.randn(2, t, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+            got, want = compiled(ids), model(ids)
+            assert_rel_close(got, want, TOL, f"T={t}: output")
+            for gc, ge in zip(torch.autograd.grad(got, params, cot), torch.autograd.grad(want, params, cot)):
+                assert_rel_close(gc, ge, TOL, f"T={t}: gradient of a parameter")
+    assert all(len(ex.sites) == 2 and not ex.refusals for ex in reports.graphs), reports
+    with torch.no_grad(), BasedOpCounter() as counter:
+        compiled(ids)
+    assert counter.total >= 2, counter.calls
+    for gm in recorder.graphs:
+        assert len(_bodies(gm)) == 2 and not any(_square(n) for n in gm.graph.nodes), gm.code
