@@ -203,6 +203,17 @@ def splice(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, constant: dic
     if not slices:
         return result
     result.original = copy_graph(body.graph)
+    try:
+        _copy_in(result, gm, body, operands, placeholders, slices)
+    except Exception:
+        result.undo()
+        raise
+    return result
+
+
+def _copy_in(result: Splice, gm, body, operands, placeholders, slices) -> None:
+    """Copy the slices into ``body`` (new placeholders for their leaves), in front of its first op, and
+    point each copied operand's uses at its copy."""
     env: dict = {}
     for position, operand in enumerate(operands):
         env.setdefault(operand, placeholders[position])
@@ -230,4 +241,3 @@ def splice(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, constant: dic
         result.roots[position] = root
         result.outer[position] = set(computed)
     body.recompile()
-    return result
