@@ -336,3 +336,21 @@ def test_hf_style_gradient_checkpointing_lm():
     assert counter.total >= 2, counter.calls
     for gm in recorder.graphs:
         assert len(_bodies(gm)) == 2 and not any(_square(n) for n in gm.graph.nodes), gm.code
+
+
+def test_a_failure_copying_the_mask_in_leaves_the_body_read_on_its_own(monkeypatch, caplog):
+    """A planted defect of the copy: the model still compiles, the body as written (the mask refused as
+    passed in), exactly."""
+    from based_compile.graph import checkpoint_operands
+
+    def broken(*args):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(checkpoint_operands, "_copy_in", broken)
+    recorder = compile_and_compare(Layers("tril", "mul"), lengths=(6,))
+    ex, = recorder.reports.graphs
+    assert not ex.sites and "input of a checkpointed region" in ex.refusals[0].reason, ex
+    assert any("planted" in r.getMessage() for r in caplog.records)
+    body, = _bodies(recorder.graphs[0])
+    assert any(_square(n) for n in recorder.graphs[0].graph.nodes) and not any(
+        n.name.startswith("outer_") for n in body.graph.nodes)
