@@ -354,3 +354,23 @@ def test_a_failure_copying_the_mask_in_leaves_the_body_read_on_its_own(monkeypat
     body, = _bodies(recorder.graphs[0])
     assert any(_square(n) for n in recorder.graphs[0].graph.nodes) and not any(
         n.name.startswith("outer_") for n in body.graph.nodes)
+
+
+def test_a_failure_dropping_the_mask_from_the_call_leaves_both_graphs_as_written(monkeypatch, caplog):
+    """A planted defect after the outer graph was changed (the mask's operand dropped from the first call,
+    then a failure): the outer graph is put back, every body as written, the model exact."""
+    from based_compile.graph import checkpoint_operands
+    real = checkpoint_operands.Splice._drop_operands
+
+    def broken(self, *args):
+        real(self, *args)
+        raise ValueError("planted after the drop")
+
+    monkeypatch.setattr(checkpoint_operands.Splice, "_drop_operands", broken)
+    recorder = compile_and_compare(Layers("tril", "mul", layers=2), lengths=(6,))
+    assert any("planted after the drop" in r.getMessage() for r in caplog.records)
+    for gm in recorder.graphs:
+        assert len(_bodies(gm)) == 2
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is HOP]
+        assert len(calls) == 2 and all(len(n.args) == 5 for n in calls), gm.code   # body, q, k, v, mask
+        assert all(any(_square(n) for n in body.graph.nodes) for body in _bodies(gm))

@@ -117,6 +117,7 @@ class Splice:
     leaves: list = field(default_factory=list)         # outer nodes given new body placeholders, in order
     copies: list = field(default_factory=list)         # body nodes copied in, in order
     reasons: dict = field(default_factory=dict)        # operand position -> why it was not copied
+    outer_replaced: bool = False                       # settle failed and put back a copy of the outer graph
 
     def undo(self) -> None:
         """The body as it was (nothing rewritten)."""
@@ -129,7 +130,8 @@ class Splice:
         """After a rewrite of the body: the copies dropped (what still reads an operand's copy reads the
         operand again), operands the body no longer reads dropped from the call and from the body, and
         their outer computations erased where nothing else reads them. Returns a copy of the outer graph
-        before it changed, or None when it did not. Raises RuntimeError when a copy is still read."""
+        before it changed, or None when it did not. Raises RuntimeError when a copy is still read; on any
+        error the outer graph is left as it was."""
         if self.original is None:
             return None
         graph = self.body.graph
@@ -152,9 +154,21 @@ class Splice:
             self.body.recompile()
             return None
         before = copy_graph(self.gm.graph)
+        try:
+            self._drop_operands(unused, placeholders)
+        except Exception:
+            self.gm.graph = copy_graph(before)         # the outer graph as it was; the caller undoes the body
+            self.gm.recompile()
+            self.outer_replaced = True                 # its nodes are new: the caller's nodes are stale
+            raise
+        self.body.recompile()
+        self.gm.recompile()
+        return before
+
+    def _drop_operands(self, unused: list[int], placeholders: list[fx.Node]) -> None:
         storages = Storages(self.gm)
         for p in unused:
-            graph.erase_node(placeholders[p])
+            self.body.graph.erase_node(placeholders[p])
         operands = list(self.hop.args[1:])
         dropped = [operands[p] for p in unused]
         self.hop.args = (self.hop.args[0], *(a for i, a in enumerate(operands) if i not in unused))
@@ -169,9 +183,6 @@ class Splice:
                     candidates.discard(node)
                     erased.add(node)
                     changed = True
-        self.body.recompile()
-        self.gm.recompile()
-        return before
 
     def _sole_caller(self) -> bool:
         """The body is called by this call alone (its signature may change)."""

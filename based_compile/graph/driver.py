@@ -257,9 +257,11 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
                 baked.append(BakedBuffer(index_of[arg], source_name(arg), b.why))
         try:
             before = spliced.settle()
-        except RuntimeError as err:               # a defect of the pass: the body stays as written
-            log.warning("based_compile: the checkpointed body is left as written (%s)", err)
+        except Exception as err:  # noqa: BLE001 - a defect of the pass: the body stays as written
+            log.warning("based_compile: the checkpointed body is left as written (%s: %s)", type(err).__name__, err)
             spliced.undo()
+            if spliced.outer_replaced:       # the outer graph was put back as a copy: its other calls stay as written
+                break
             continue
         if outer_before is None:
             outer_before = before
