@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .canonicalize import eligible, example_value
 from .graph_copy import copy_graph
-from .inplace import UNKNOWN, Storages, erasable, storage_key, written_node
+from .inplace import UNKNOWN, Storages, erasable, written_node
 
 MAX_NODES = 64
 _SIZE_WORDS = ("size", "numel", "dim", "stride")
