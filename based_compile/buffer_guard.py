@@ -5,10 +5,12 @@ what makes a site causal, a scale kept in a buffer becomes the spec's scale. Dyn
 buffer's shape, dtype and device, not its values, so a model that changes such a buffer after
 compiling (in place, or by assigning another tensor) would keep running a rewrite that no
 longer computes what the model does. ``guard_buffers`` wraps the compiled callable: every call
-checks that each such buffer is the tensor seen at compile time with the same version counter
-(a few attribute reads); when one is not, its values are compared with a copy taken at compile
-time (once per change; the copy is kept on the CPU), and if they differ the call raises
-``StaleBufferError`` naming the buffer, instead of returning a wrong result.
+checks that each such buffer is a tensor already found equal, with the same version counter and
+storage (a few attribute reads; the one seen at compile time, and others found equal since: blocks
+compiled one by one share a graph, each with its own buffer); when one is not, its values are
+compared with a copy taken at compile time (once per tensor and change; the copy is kept on the CPU),
+and if they differ the call raises ``StaleBufferError`` naming the buffer, instead of returning a
+wrong result.
 
 Limitation: writes the version counter does not count (through ``.data``, or into inference
 tensors made under ``torch.inference_mode``, which have none) are not seen; another tensor or
@@ -35,16 +37,32 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 class _Watched:
+    """One baked buffer: its values at compile time, and the tensors already found equal to them (at their
+    version and storage), so that each is compared once per change. Several are remembered: blocks
+    compiled one by one share one compiled graph, each calling it with its own buffer (12 blocks, 12
+    tensors); remembering only the last made every call compare (a copy to the CPU and a sync on CUDA)."""
+
+    MAX_SEEN = 256
+
     def __init__(self, baked: BakedBuffer, value: torch.Tensor):
         self.baked = baked
         self.values = value.detach().to("cpu", copy=True)
+        self.seen: dict[int, tuple] = {}            # id(tensor) -> (weakref, version, data_ptr)
         self._remember(value)
 
     def _remember(self, t: torch.Tensor) -> None:
-        self.ref, self.version, self.data_ptr = weakref.ref(t), _version(t), t.data_ptr()
+        if len(self.seen) >= self.MAX_SEEN:
+            self.seen = {k: v for k, v in self.seen.items() if v[0]() is not None}
+            if len(self.seen) >= self.MAX_SEEN:
+                self.seen.clear()
+        self.seen[id(t)] = (weakref.ref(t), _version(t), t.data_ptr())
+
+    def _known(self, t: torch.Tensor) -> bool:
+        entry = self.seen.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == _version(t) and entry[2] == t.data_ptr()
 
     def check(self, t: torch.Tensor) -> None:
-        if self.ref() is t and self.version == _version(t) and self.data_ptr == t.data_ptr():
+        if self._known(t):
             return
         same = (t.shape == self.values.shape and t.dtype == self.values.dtype
                 and torch.equal(t.detach().cpu(), self.values))

@@ -212,3 +212,30 @@ def test_gpu_mask_buffer_guard(mode, no_tf32):
         model.bias.fill_(1.0)
     with pytest.raises(StaleBufferError):
         compiled(x)
+
+
+def test_blocks_compiled_one_by_one_compare_each_buffer_once(monkeypatch):
+    """Blocks compiled one by one (the README's advice for DDP and FSDP2) share one compiled graph, each
+    calling it with its own mask buffer of equal values: each buffer is compared once, not on every call
+    (the guard remembered only the last tensor: every call copied the buffer to the CPU, a sync on CUDA)."""
+    blocks = [zoo.projected()()[0] for _ in range(3)]
+    for b in blocks[1:]:
+        b.load_state_dict(blocks[0].state_dict())
+    backend = based_compile.backend(inner="eager")
+    compiled = [torch.compile(b, backend=backend) for b in blocks]
+    x = zoo.projected()()[1][0]
+    compiled[0](x)                                               # compiles (outside any BasedOpCounter)
+    compared = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or real_equal(a, b))
+    for _ in range(4):
+        for b, c in zip(blocks, compiled):
+            with BasedOpCounter() as counter:
+                out = c(x)
+            assert counter.calls.get("based::attention") == 1, counter.calls
+            assert_rel_close(out, b(x), 1e-10)
+    assert len(compared) <= len(blocks) - 1, len(compared)      # the compiling block's buffer is known
+    with torch.no_grad():
+        blocks[2].bias.fill_(1.0)                                # one block's buffer changed: still caught
+    with pytest.raises(StaleBufferError):
+        compiled[2](x)

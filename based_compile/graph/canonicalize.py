@@ -28,6 +28,8 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import guard_int, guard_scalar, statically_known_true
 
+from .writes import written_arguments
+
 aten = torch.ops.aten
 
 VIEW_OPS = {
@@ -76,8 +78,6 @@ def hint_shape(node) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(hint(s)) for s in shape)
 
 
-INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
-                      operator.iand, operator.ior, operator.setitem}
 
 
 def has_inplace_ops(gm: fx.GraphModule) -> bool:
@@ -704,15 +704,9 @@ def attention_region(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def writes_in_place(node: fx.Node) -> bool:
-    """True when ``node`` writes into its first argument (``x[i] = y``, ``x += y``, ``x.fill_(...)``)."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op != "call_function":
-        return False
-    if node.target in INPLACE_OPERATORS:
-        return True
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_")
+    """True when ``node`` writes into one of its arguments (``x[i] = y``, ``x += y``, ``x.fill_(...)``,
+    ``torch.ops.aten.copy_.default(x, y)``, a checkpointed function that writes its input: ``writes.py``)."""
+    return bool(written_arguments(node))
 
 
 def computed_without_grad(gm: fx.GraphModule) -> set[fx.Node]:

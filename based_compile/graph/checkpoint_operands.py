@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .canonicalize import eligible, example_value
 from .graph_copy import copy_graph
-from .inplace import UNKNOWN, Storages, erasable, written_node
+from .inplace import UNKNOWN, Storages, erasable, written_nodes
 
 MAX_NODES = 64
 _SIZE_WORDS = ("size", "numel", "dim", "stride")
@@ -89,9 +89,15 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
         if UNKNOWN in keys:
             return "computed outside it into memory the pass cannot name"
         found = [n for n in gm.graph.nodes if storages.position[n] < storages.position[hop] and n not in inside
-                 and written_node(n) is not None and storages.of(written_node(n)) in keys | {UNKNOWN}]
+                 and any(storages.of(t) in keys | {UNKNOWN} for t in written_nodes(n))]
         if not found:
             break
+        for write in found:                  # a write the copy cannot take: a checkpointed function's, ...
+            if isinstance(write.target, torch._ops.HigherOrderOperator) or write.op not in ("call_function",
+                                                                                            "call_method"):
+                return f"written before the call by {_name(write)}, which the pass does not read across"
+            if len(written_nodes(write)) != 1:
+                return f"written before the call by {_name(write)}, which writes more than one tensor"
         writes.update(found)
         stack.extend(found)
     for leaf in leaves:

@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from .candidate import site_inputs
-from .canonicalize import example_value, writes_in_place
+from .canonicalize import example_value
+from .writes import written_arguments
 from .report import source_of
 
 UNKNOWN = "unknown"       # a tensor whose storage cannot be read: aliases anything
@@ -44,15 +45,18 @@ def storage_key(node: fx.Node):
         return UNKNOWN
 
 
-def written_node(node: fx.Node) -> fx.Node | None:
-    """The node whose memory ``node`` writes into (``x`` of ``x.add_(y)``, ``x += y``, ``x[i] = y``,
-    ``torch.add(a, b, out=x)``), or None."""
+def written_nodes(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose memory ``node`` writes into (``x`` of ``x.add_(y)``, ``x += y``, ``x[i] = y``,
+    ``torch.add(a, b, out=x)``, every input a checkpointed function writes: ``writes.py``), [] for none."""
     out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
-    if isinstance(out, fx.Node):
-        return out
-    if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
+    found = written_arguments(node)
+    return [out, *(x for x in found if x is not out)] if isinstance(out, fx.Node) else found
+
+
+def written_node(node: fx.Node) -> fx.Node | None:
+    """The first of ``written_nodes`` (what most writes write: one tensor), or None."""
+    found = written_nodes(node)
+    return found[0] if found else None
 
 
 @dataclass
@@ -86,9 +90,8 @@ class Storages:
         return ka is not None and kb is not None and (ka == kb or UNKNOWN in (ka, kb))
 
     def writes_into(self, node: fx.Node, key) -> bool:
-        target = written_node(node)
-        return target is not None and (self.of(target) == key or UNKNOWN in (self.of(target), key)
-                                       or self.of(target) is None)
+        return any(self.of(target) == key or UNKNOWN in (self.of(target), key) or self.of(target) is None
+                   for target in written_nodes(node))
 
     def reads(self, node: fx.Node, key) -> bool:
         """Does ``node`` read memory ``key`` (through any input, the output node included)?"""
@@ -212,7 +215,7 @@ def plan_output(gm: fx.GraphModule, output: fx.Node, storages: Storages) -> Outp
             repoint.append((node, x))
         if storages.of(node) == key:
             derived.add(node)
-        if written_node(node) is not None and storages.same(written_node(node), output):
+        if any(storages.same(target, output) for target in written_nodes(node)):
             clone = True
     return OutputPlan(repoint, derived, clone)
 
@@ -225,14 +228,15 @@ def erasable(node: fx.Node, storages: Storages, erased: set) -> bool:
     not a graph input's (a buffer or an argument the caller sees). Other side effects never die."""
     if node.users:
         return False
-    target = written_node(node)
-    if target is None:
+    targets = written_nodes(node)
+    if not targets:
         return not node.is_impure() and node.op in ("call_function", "call_method", "get_attr")
-    key = storages.of(target)
-    if key is None or key == UNKNOWN or key in storages.inputs:
-        return False
     here = storages.position[node]
-    for other, pos in storages.position.items():
-        if pos > here and other not in erased and storages.reads(other, key):
+    for target in targets:
+        key = storages.of(target)
+        if key is None or key == UNKNOWN or key in storages.inputs:
             return False
+        for other, pos in storages.position.items():
+            if pos > here and other not in erased and storages.reads(other, key):
+                return False
     return True

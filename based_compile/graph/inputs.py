@@ -17,7 +17,7 @@ import torch.fx as fx
 from .candidate import site_inputs
 from .canonicalize import example_value, hint
 from .evaluate import GraphEvaluator, LazyTensor
-from .inplace import UNKNOWN, storage_key, written_node
+from .inplace import UNKNOWN, storage_key, written_nodes
 from .report import source_of
 
 
@@ -57,8 +57,7 @@ def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
                 keys.setdefault(key, []).append(node)
     written = set()
     for node in gm.graph.nodes:
-        target = written_node(node)
-        if target is not None:
+        for target in written_nodes(node):
             key = storage_key(target)
             if key is UNKNOWN:                    # a write into memory we cannot name: every tensor input
                 return {n for group in keys.values() for n in group}
