@@ -535,6 +535,19 @@ def _pick_values(value: "_Pick") -> tuple[float, float]:
     return value.hi, value.lo
 
 
+def _one_valued(value, node) -> "_Pick | None":
+    """A constant tensor (``full((T, T), finfo.min)``: an index value without coordinates) as the
+    one-valued mask it also is (read by tril / triu, compared, exponentiated like an additive mask), or
+    None for anything else (and for a value that is a size, not a number)."""
+    if isinstance(value, _Pick):
+        return value
+    if isinstance(value, _Lin) and not any(value.coefs) and _is_int(value.off):
+        dtype = getattr(example_value(node), "dtype", None) if isinstance(node, fx.Node) else None
+        c = _in_dtype(value.off, dtype)
+        return _Pick(value.rank, _TRUE, c, c)
+    return None
+
+
 def _in_dtype(c, dtype) -> float:
     """``c`` as a tensor of ``dtype`` holds it: rounded to a floating dtype, truncated to an integer one, made a
     bool (a fill converts its number so); a MaskError where the dtype cannot hold it at all."""
@@ -542,6 +555,8 @@ def _in_dtype(c, dtype) -> float:
         return float(c)
     if not dtype.is_floating_point and not math.isfinite(c):
         raise MaskError(f"the mask fills {c} into {dtype}")
+    if isinstance(c, int) and not -(1 << 63) <= c < (1 << 63):
+        c = float(c)                                   # finfo.min read as an integer: the float it was
     source = torch.int64 if isinstance(c, int) else torch.float64
     try:
         return float(torch.tensor(c, dtype=source).to(dtype).item())
@@ -587,6 +602,7 @@ class _Reader:
         self.evaluate = evaluate          # node -> concrete tensor, or None when it depends on inputs
         self.values: dict = {}
         self.tables: list[torch.Tensor] = []
+        self.table_names: list[str] = []
 
     # ------------------------------------------------------------ helpers
     def shape(self, node) -> tuple | None:
@@ -653,8 +669,10 @@ class _Reader:
             raise MaskError(f"the mask is built from {a!r}")
         return s
 
-    def table(self, tensor: torch.Tensor):
+    def table(self, tensor: torch.Tensor, what: str):
+        """A concrete tensor read by coordinates; ``what`` names it in a reason ("the registered mask buffer")."""
         self.tables.append(tensor)
+        self.table_names.append(what)
         r = tensor.dim()
         return _Table(r, len(self.tables) - 1, tuple(range(r)), (0,) * r)
 
@@ -750,7 +768,8 @@ class _Reader:
             return value
         if target in (aten.tril.default, aten.triu.default):
             x = self.arg(args[0])
-            x = x if isinstance(x, _Pick) and not {x.hi, x.lo} <= {0.0, 1.0} else self.as_bool(x)
+            pick = _one_valued(x, args[0])
+            x = pick if pick is not None and not {pick.hi, pick.lo} <= {0.0, 1.0} else self.as_bool(x)
             d = args[1] if len(args) > 1 else kwargs.get("diagonal", 0)
             d = self.scalar(d)
             if d is None:
@@ -803,8 +822,8 @@ class _Reader:
             return view
         tensors = [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
         if len(tensors) == 1 and tensors[0] is args[0] and torch.Tag.pointwise in getattr(target, "tags", ()):
-            value = self.arg(args[0])
-            if isinstance(value, _Pick):           # exp, isinf, neg, ... of a two-valued mask: of its values
+            value = _one_valued(self.arg(args[0]), args[0])
+            if value is not None:                  # exp, isinf, neg, ... of a two-valued mask: of its values
                 return self._pick_unary(node, value)
         return self._unknown(node, shape)
 
@@ -863,7 +882,7 @@ class _Reader:
             raise MaskError(self._not_constant(node))
         if not isinstance(value, torch.Tensor):
             raise MaskError(f"the mask is a {type(value).__name__}, not a tensor")
-        return self.table(value.detach().cpu())
+        return self.table(value.detach().cpu(), "the registered mask buffer ({shape})")
 
     def _table_op(self, node, value: _Table):
         """An elementwise op with scalars on a table: applied to the table itself (its own size)."""
@@ -874,6 +893,7 @@ class _Reader:
         with torch.no_grad():
             result = node.target(*args, **kwargs)
         self.tables.append(result)
+        self.table_names.append(self.table_names[value.index])
         return _Table(value.rank, len(self.tables) - 1, value.axes, value.shifts)
 
     def _unknown(self, node, shape):
@@ -892,7 +912,7 @@ class _Reader:
         value = self.evaluate(node)
         if value is None:
             raise MaskError(self._not_constant(node))
-        return self.table(value.detach().cpu())
+        return self.table(value.detach().cpu(), f"the mask built with {name}, evaluated at the traced size {{shape}},")
 
     def _binary_bool(self, node, shape):
         a_arg, b_arg = node.args[0], node.args[1]
@@ -957,6 +977,10 @@ class _Reader:
         a, b = self.arg(a_arg), self.arg(b_arg)
         if isinstance(a, _Table) and isinstance(b, _Lin) and not any(b.coefs):
             return self._table_op(node, a)
+        if isinstance(a, _Table) and isinstance(b, _Lin) or isinstance(b, _Table) and isinstance(a, _Lin):
+            # positions compared with a table (``j <= clamp(i, max=15)`` read at the traced size): not a 0/1
+            # mask, so the comparison itself is the table (static shapes), or refused
+            return self._unknown(node, shape)
         if isinstance(a, _Bool) or isinstance(b, _Bool) or isinstance(a, _Table) or isinstance(b, _Table):
             return self._compare_bool(node, shape, op, a, b)
         a = self.broadcast(self.as_lin(a), shape, self.shape(a_arg))
@@ -1109,12 +1133,13 @@ def _position_axis(role: str, single) -> str | None:
     return None
 
 
-def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes, single=(False, False)) -> Keep:
+def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes, single=(False, False),
+                what: str = "the registered mask buffer ({shape})") -> Keep:
     """A bool table read at (x + shift) per axis, as a function of d = j - i (it must be Toeplitz on
     the part the graph can read)."""
     if any(a is not None and _position_axis(roles[a], single) and not _is_int(sh) and table.shape[k] != 1
            for k, (a, sh) in enumerate(zip(axes, shifts))):
-        return _shifted_table_keep(table, axes, shifts, roles, single)
+        return _shifted_table_keep(table, axes, shifts, roles, single, what)
     index: list = []
     picks = {}
     for k, (a, sh) in enumerate(zip(axes, shifts)):
@@ -1159,16 +1184,16 @@ def _table_keep(table: torch.Tensor, axes, shifts, roles, sizes, single=(False, 
     if m.shape[0] == 0 or m.shape[1] == 0:
         return Keep.const(True)
     part = "readable part" if all(_is_int(s) for s in sizes) else "lengths"
-    return Keep(0, _toeplitz_steps(m, table, part))
+    return Keep(0, _toeplitz_steps(m, table, part, what))
 
 
-def _toeplitz_steps(m: torch.Tensor, table: torch.Tensor, part: str) -> Steps:
+def _toeplitz_steps(m: torch.Tensor, table: torch.Tensor, part: str, what: str) -> Steps:
     """f with m[r, c] = f(c - r) (m a 2-D bool table, rows i, columns j), or MaskError."""
     rows, cols = m.shape
     for r0 in range(0, rows - 1, _TOEPLITZ_ROWS):
         r1 = min(rows - 1, r0 + _TOEPLITZ_ROWS)
         if not torch.equal(m[r0 + 1:r1 + 1, 1:], m[r0:r1, :-1]):
-            raise MaskError(f"the registered mask buffer ({tuple(table.shape)}) is not a function of j - i "
+            raise MaskError(f"{what.format(shape=tuple(table.shape))} is not a function of j - i "
                             f"over the {part} (not a tril/triu/band pattern): its structure at other lengths "
                             "is not proven")
     f = torch.cat([m[:, 0].flip(0), m[0, 1:]]).tolist()      # f(d) for d = -(rows-1) .. cols-1
@@ -1176,7 +1201,7 @@ def _toeplitz_steps(m: torch.Tensor, table: torch.Tensor, part: str) -> Steps:
     return Steps(bool(f[0]), tuple(lo + t for t in range(1, len(f)) if f[t] != f[t - 1]))
 
 
-def _shifted_table_keep(table: torch.Tensor, axes, shifts, roles, single) -> Keep:
+def _shifted_table_keep(table: torch.Tensor, axes, shifts, roles, single, what: str) -> Keep:
     """A table read at a length-dependent offset (``bias[..., Tk - Tq:Tk, :Tk]``, a KV cache's rows):
     the whole table must be a function f of its own column - row, which it then is wherever the
     graph reads it at any length (a read past its end is a shape error in the user's code); read at
@@ -1208,22 +1233,23 @@ def _shifted_table_keep(table: torch.Tensor, axes, shifts, roles, single) -> Kee
         m = m.t()
     if m.shape[0] == 0 or m.shape[1] == 0:
         raise MaskError("the mask slices an empty buffer at a length-dependent offset")
-    return Keep(size_expr(shift["i"]) - size_expr(shift["j"]), _toeplitz_steps(m, table, "whole buffer"))
+    return Keep(size_expr(shift["i"]) - size_expr(shift["j"]), _toeplitz_steps(m, table, "whole buffer", what))
 
 
-def _keep_of_pred(pred, roles, sizes, tables, single) -> Keep:
+def _keep_of_pred(pred, roles, sizes, tables, single, names=()) -> Keep:
     """``single``: (Tq == 1, Tk == 1): that position is always 0, so its coefficient is free."""
     kind = pred[0]
     if kind == "const":
         return Keep.const(pred[1])
     if kind == "not":
-        return ~_keep_of_pred(pred[1], roles, sizes, tables, single)
+        return ~_keep_of_pred(pred[1], roles, sizes, tables, single, names)
     if kind in ("and", "or"):
-        a = _keep_of_pred(pred[1], roles, sizes, tables, single)
-        b = _keep_of_pred(pred[2], roles, sizes, tables, single)
+        a = _keep_of_pred(pred[1], roles, sizes, tables, single, names)
+        b = _keep_of_pred(pred[2], roles, sizes, tables, single, names)
         return a & b if kind == "and" else a | b
     if kind == "table":
-        return _table_keep(tables[pred[1]], pred[2], pred[3], roles, sizes, single)
+        what = names[pred[1]] if pred[1] < len(names) else "the registered mask buffer ({shape})"
+        return _table_keep(tables[pred[1]], pred[2], pred[3], roles, sizes, single, what)
     coefs, off = pred[1], pred[2]                     # sum(coefs * x) + off <= 0
     ci = cj = 0
     for a, c in enumerate(coefs):
@@ -1276,5 +1302,5 @@ def keep_of(gm: fx.GraphModule, node, weights_rank: int, axes: tuple, evaluate, 
                      "i" if w == ai else "j" if w == aj else "other")
         sizes.append(s)
     single = tuple(size_expr(n) == 1 for n in lengths) if len(lengths) == 2 else (False, False)
-    keep = _keep_of_pred(value.pred, roles, sizes, reader.tables, single)
+    keep = _keep_of_pred(value.pred, roles, sizes, reader.tables, single, reader.table_names)
     return ~keep if invert else keep
