@@ -537,7 +537,8 @@ class Operand:
     factor: float
     stop: fx.Node
     alternatives: tuple = ()      # other 4-D tensors on the chain with the same factor, nearest first, then
-                                  # a 3-D tensor the chain starts from ([B, T, D]: one key/value head)
+                                  # a 3-D tensor the chain starts from ([B, T, D]: one key/value head), then
+                                  # the 3-D tensor nearest the 4-D source ([B*H, T, D]: heads folded)
 
 
 def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = True) -> Operand:
@@ -548,6 +549,10 @@ def walk_operand(gm: fx.GraphModule, node: fx.Node, *, through_scalars: bool = T
     base, g = chain.trail[-1]
     if four_d and base is not source and g == f and shape_of(base) is not None and len(shape_of(base)) in (2, 3):
         alternatives += (base,)     # [B, T, D] under views that add unit axes (one head without its axis)
+    if four_d:                      # [B*H, T, D] the matmul reads, folded from a 4-D source (torch.bmm on heads
+        folded = [n for n, g in chain.trail[:chain.trail.index(four_d[0])]          # folded into the batch)
+                  if g == f and shape_of(n) is not None and len(shape_of(n)) == 3 and n not in alternatives]
+        alternatives += tuple(folded[-1:])
     return Operand(source=source, factor=f, stop=chain.base, alternatives=alternatives)
 
 

@@ -90,6 +90,10 @@ def _kernel_description(spec, q_node, k_node, v_node, dynamo_nodes=()) -> str:
         fakes = [example_value(n) for n in (q_node, k_node, v_node)]
         reals = [torch.empty((), dtype=f.dtype, device=f.device).expand(hint_shape(n))
                  for f, n in zip(fakes, (q_node, k_node, v_node))]
+        if reals[0].dim() == 3:               # [B*H, T, D] (heads folded): the operator reads [1, B*H, T, D]
+            reals = [r.unsqueeze(0) for r in reals]
+        head = 1 if spec.layout == "BHTD" else 2
+        reals = [r if r.dim() == 4 else r.unsqueeze(head) for r in reals]     # one key/value head, no axis
         traced = [example_value(n) for n in dynamo_nodes]
         if len(traced) != 3 or not all(isinstance(t, torch.Tensor) for t in traced):
             if not torch.is_grad_enabled():

@@ -108,6 +108,9 @@ def _monomial(gm, node: fx.Node, rank: int | None = None):
         # above it (not those above walk_operand's 4-D source: x = q[:, 0] * c of a [B, T, D] map is
         # unsqueezed to 4-D above c, and c was lost: the outer product read c^4 too large)
         matching = [(n, f) for n, f in read_views(gm, node).trail if len(hint_shape(n) or ()) == rank]
+        # not past a view that splits or merges the feature axis (the [B, T, H * D] projection that
+        # view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D) folds heads out of is not x)
+        matching = [(n, f) for n, f in matching if hint_shape(n)[-1] == hint_shape(matching[0][0])[-1]]
         if matching:
             source, factor = matching[-1]
     return 1, factor, source

@@ -493,8 +493,30 @@ def _states_fit(m: Match, reading: Settled, qs, vs) -> bool:
     return True
 
 
+def _folded_output(m: Match) -> fx.Node | None:
+    """For q, k, v of [B*H, T, D] (heads folded into the batch of torch.bmm) whose output was taken at a 4-D
+    view of it (``o.view(B, H, T, Dv)``): the [B*H, T, Dv] tensor that view reads, the output the operator
+    then replaces (the user's view stays). None otherwise."""
+    shapes = [hint_shape(n) for n in (m.q, m.k, m.v)]
+    if any(s is None or len(s) != 3 for s in shapes) or len(hint_shape(m.output) or ()) != 4:
+        return None
+    node = m.output
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+        node = node.args[0]
+        if isinstance(node, fx.Node) and hint_shape(node) == (shapes[0][0], shapes[0][1], shapes[2][2]):
+            return node
+    return None
+
+
 def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
-    readings, qs, vs = _readings(m)
+    try:
+        readings, qs, vs = _readings(m)
+    except Refused:
+        folded = _folded_output(m)
+        if folded is None:
+            raise
+        m = replace(m, output=folded)
+        readings, qs, vs = _readings(m)
     if m.initial is not None:       # the user's states are per query head: k and v as the op reads them
         readings = [r for r in readings if r.spec.group == 1]
         if not readings:
