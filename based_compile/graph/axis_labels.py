@@ -20,7 +20,8 @@ identity only at the traced length ([B, H, T, D] -> [B, T, H, D] at T == H) is a
 here. Axes that vary only with constants (a mask, ``torch.ones``) and axes broadcast by ``expand``
 are wildcards (GQA's repeated heads are k's heads times a wildcard). Features built by feature maps
 (concatenations, index gathers of the q/k feature axis) are checked to come from the feature axis
-alone, and to meet the other side's features in the same order (a view that regroups one map's feature
+alone (a diagonal, or a gather by index pairs, of two feature axes included), and to meet the other
+side's features in the same order (a view that regroups one map's feature
 axis pairs feature f with another); which features a map holds where is the feature-map reader's proof
 (``feature_order``). An op not known here gives an
 opaque label, which fails where it is checked: the site is refused with the reason, not guessed.
@@ -385,7 +386,22 @@ def _step(node: fx.Node, label_of, out_sizes):
             ix = indices[d]
             labels[d] = _norm([(("index", (labels[d],), ix.name), sympy.Integer(1), out_sizes[d])])
             return tuple(labels)
+        if len(used) == 2 and used[1] == used[0] + 1 and all(
+                isinstance(indices[d], fx.Node) and len(_sizes(indices[d]) or ()) == 1 for d in used):
+            # P[..., I, J] (adjacent index tensors): pairs of the two axes' entries along one axis, in place
+            d = used[0]
+            pair = (("index", (labels[d], labels[d + 1]), tuple(indices[i].name for i in used)),
+                    sympy.Integer(1), out_sizes[d])
+            return tuple(labels[:d]) + (_norm([pair]),) + tuple(labels[d + 2:])
         return _opaque(node, out_sizes)
+    if target is aten.diagonal.default:
+        labels = label_of(args[0])
+        rank = len(labels)
+        offset, dim1, dim2 = (list(args[1:]) + [0, 0, 1][len(args) - 1:])[:3]
+        dims = (dim1 % rank, dim2 % rank)
+        kept = tuple(lab for i, lab in enumerate(labels) if i not in dims)
+        diag = (("index", (labels[dims[0]], labels[dims[1]]), f"diagonal{offset}"), sympy.Integer(1), out_sizes[-1])
+        return kept + (_norm([diag]),)
     if target in _REDUCE:
         labels = label_of(args[0])
         dims_arg = args[1] if len(args) > 1 else None

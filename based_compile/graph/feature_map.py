@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from . import polynomial
 from .canonicalize import VIEW_OPS, buffer_value, hint_shape, read_views, scalar_factor, scalar_value, walk_operand
-from .feature_order import keeps_last_axis, linear_in_order, outer_in_order, square_in_order
+from .feature_order import keeps_last_axis, linear_in_order, outer_block_in_order, outer_in_order, square_in_order
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -215,6 +215,55 @@ def _pairs_piece(gm, node: fx.Node, rank: int) -> Piece | None:
     return Piece("pairs", factor * ia[0] * ib[0] * x.factor ** 2, len(ia[2]), x.source, tuple(zip(ia[2], ib[2])))
 
 
+def _block_pairs(gm, stop: fx.Node, rank: int):
+    """(the [.., D, D] tensor read, the pairs (a, b) of its last two axes, feature by feature) when ``stop``
+    is ``torch.diagonal`` of those two axes (offset o: the pairs (a, a + |o|)) or ``P[..., I, J]`` with
+    constant 1-d index tensors I, J on them (the pairs (I_f, J_f)); else None. Its output is ``rank``-d,
+    the pairs along its last axis."""
+    if stop.op != "call_function" or not isinstance(stop.args[0], fx.Node):
+        return None
+    block = stop.args[0]
+    shape = hint_shape(block) or ()
+    if len(shape) != rank + 1 or shape[-1] != shape[-2]:
+        return None
+    d = shape[-1]
+    if stop.target is aten.diagonal.default:
+        offset, dim1, dim2 = (list(stop.args[1:]) + [0, 0, 1][len(stop.args) - 1:])[:3]
+        if sorted((dim1 % (rank + 1), dim2 % (rank + 1))) != [rank - 1, rank]:
+            return None
+        o = abs(int(offset))
+        return block, tuple((a, a + o) for a in range(d - o))
+    if stop.target is aten.index.Tensor:
+        indices = list(stop.args[1])
+        if len(indices) != rank + 1 or any(i is not None for i in indices[:-2]):
+            return None
+        values = [_constant(gm, i) for i in indices[-2:]]
+        if not all(isinstance(v, torch.Tensor) and v.dim() == 1 and not v.dtype.is_floating_point
+                   and v.dtype is not torch.bool for v in values) or values[0].numel() != values[1].numel():
+            return None
+        rows, cols = ([int(i) % d for i in v.tolist()] for v in values)
+        return block, tuple(zip(rows, cols))
+    return None
+
+
+def _block_piece(gm, node: fx.Node, rank: int) -> Piece | None:
+    """torch.diagonal of x (x) x, or x (x) x gathered at constant index pairs ``P[..., I, J]`` (the
+    memory-saving Taylor map: the squares, and the products below the diagonal through ``tril_indices``):
+    the products x_a x_b, feature by feature."""
+    stop, factor = _strip(gm, node)
+    read = _block_pairs(gm, stop, rank)
+    if read is None:
+        return None
+    block, pairs = read
+    if len(pairs) != hint_shape(node)[-1] or not keeps_last_axis(gm, node, stop):
+        return None
+    mono = _monomial(gm, block, rank)
+    if mono is None or mono[0] != 2 or mono[2] is None or len(hint_shape(mono[2]) or ()) != rank \
+            or not outer_block_in_order(gm, block, mono[2]):
+        return None
+    return Piece("pairs", factor * mono[1], len(pairs), mono[2], pairs)
+
+
 def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:
     """The pieces of a cat along the last axis; a cat nested in it is read piece by piece."""
     out = []
@@ -227,7 +276,8 @@ def _pieces(gm, cat: fx.Node, rank: int, factor: float = 1.0) -> list:
                 continue
             out += _pieces(gm, stop, rank, factor * f)
             continue
-        piece = _pairs_piece(gm, t, rank) or _piece(gm, t)      # (a product of two tensors is an x of its own in _piece)
+        piece = _pairs_piece(gm, t, rank) or _block_piece(gm, t, rank) or _piece(gm, t)
+        # (a product of two tensors is an x of its own in _piece)
         if piece is not None:
             piece = replace(piece, factor=piece.factor * factor, node=t)
         out.append(piece)
@@ -442,7 +492,7 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
         dim = stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)
         if rank == 0 or dim not in (-1, rank - 1):
             return None
-        unread_index = _unread_index(gm, stop, rank)
+        unread_index = _unread_index(gm, stop, rank) or _unread_block(gm, stop, rank)
         if unread_index is not None:
             return unread_index
         pieces = _pieces(gm, stop, rank)
@@ -520,18 +570,57 @@ def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
             if why is not None:
                 return why
             continue
-        if stop.target is not aten.mul.Tensor:
-            continue
-        for factor in stop.args[:2]:
-            inner = _strip(gm, factor)[0] if isinstance(factor, fx.Node) else None
-            if inner is None or inner.op != "call_function" or inner.target is not aten.index.Tensor:
+        if stop.target is aten.mul.Tensor:
+            gathers = [_strip(gm, f)[0] for f in stop.args[:2] if isinstance(f, fx.Node)]
+            what = "a product x[..., i] * x[..., j]"
+        else:
+            gathers, what = [stop], "a gather t[..., idx] (such as x (x) x at tril_indices)"
+        for inner in gathers:
+            if inner.op != "call_function" or inner.target is not aten.index.Tensor:
                 continue
-            index = inner.args[1][-1] if inner.args[1] else None
-            if isinstance(index, fx.Node) and _constant(gm, index) is None:
-                return (f"a piece of the feature map torch.cat is a product x[..., i] * x[..., j] whose index "
-                        f"tensor ({index.name}) is not a compile-time constant (an argument of forward, or "
-                        "computed from one): the pass reads which products x_a x_b the map lists from the "
-                        "indices' values (torch.triu_indices inline, or kept in a registered buffer)")
+            for index in inner.args[1]:
+                if isinstance(index, fx.Node) and _constant(gm, index) is None:
+                    return (f"a piece of the feature map torch.cat is {what} whose index tensor ({index.name}) "
+                            "is not a compile-time constant (an argument of forward or computed from one, a "
+                            "plain tensor attribute of the module rather than a registered buffer, or a buffer "
+                            "the model writes): the pass reads which products x_a x_b the map lists from the "
+                            "indices' values (torch.triu_indices / tril_indices inline, or kept in a registered "
+                            "buffer)")
+    return None
+
+
+def _unread_block(gm, cat: fx.Node, rank: int) -> str | None:
+    """Why a piece that is ``torch.diagonal`` or a gather ``P[..., i, j]`` of a [.., D, D] tensor (a nested
+    cat's included) is not read as products x_a x_b; else None."""
+    for t in cat.args[0]:
+        if not isinstance(t, fx.Node):
+            continue
+        stop, _ = _strip(gm, t)
+        if stop.op != "call_function":
+            continue
+        if stop.target is aten.cat.default and len(hint_shape(stop) or ()) == rank:
+            why = _unread_block(gm, stop, rank)
+            if why is not None:
+                return why
+            continue
+        if stop.target not in (aten.diagonal.default, aten.index.Tensor) or _block_piece(gm, t, rank) is not None:
+            continue
+        block = stop.args[0]
+        if len(hint_shape(block) or ()) != rank + 1:
+            continue
+        what = "torch.diagonal" if stop.target is aten.diagonal.default else "a gather P[..., i, j]"
+        read = _block_pairs(gm, stop, rank)
+        if read is None:
+            return (f"a piece of the feature map torch.cat is {what} of a [.., D, D] tensor that does not take "
+                    "the pairs of its last two axes (a diagonal of other axes, or index tensors other than two "
+                    f"constant 1-d ones on the last two axes): {_READ}")
+        mono = _monomial(gm, block, rank)
+        if mono is None or mono[0] != 2 or mono[2] is None or not outer_block_in_order(gm, block, mono[2]):
+            return (f"a piece of the feature map torch.cat is {what} of a [.., D, D] tensor ({block.name}) the "
+                    "pass does not prove is the outer product x (x) x of the map's x (x_a x_b at [.., a, b]): "
+                    f"{_READ}")
+        return (f"a piece of the feature map torch.cat is {what} of x (x) x whose features are not the pairs "
+                f"it lists along the map's last axis (a view moves or regroups them): {_READ}")
     return None
 
 

@@ -13,6 +13,8 @@ claims when:
   and one value along the other: x_a x_b at feature a * D + b (``x.repeat_interleave(D, -1) ** 2`` holds
   x_a^2 there: refused);
 - an elementwise square ("pairs" (a, a)): both factors' features on the product's last axis;
+- a diagonal or a gather of index pairs of the product ("pairs"): the product, through reshapes that keep
+  its last two axes whole and swaps of them, holds x_a x_b at [..., a, b] (``outer_block_in_order``);
 - a tensor read through views above the map (a nested ``cat``, a gathered ``x[..., idx]``): the axis it
   contributes reaches the reader's last axis whole.
 
@@ -90,7 +92,35 @@ def outer_in_order(gm, node: fx.Node, source: fx.Node) -> bool:
     if shape is None or len(shape) < 2 or tuple(shape[-2:]) != (d, d) or out[-1] != d * d \
             or math.prod(shape[:-2]) != math.prod(out[:-1]):
         return False
-    rank = len(shape)
+    return _product_in_order(gm, product, source)
+
+
+def outer_block_in_order(gm, node: fx.Node, source: fx.Node) -> bool:
+    """``node`` (ending in [D, D]) is x (x) x unflattened: x_a x_b at [..., a, b] (or [..., b, a]), through
+    same-shape scalar factors, swaps of its last two axes and reshapes that keep the [D, D] block whole (the
+    product a diagonal or a gather of index pairs reads)."""
+    d = (hint_shape(source) or (0,))[-1]
+    chain = read_views(gm, node, same_shape=True)
+    product = chain.base
+    if not isinstance(product, fx.Node) or product.op != "call_function":
+        return False
+    for v in chain.views:
+        if _swaps_last_two(v, d):
+            continue
+        shapes = (hint_shape(v.args[0]) or (), hint_shape(v) or ())
+        if v.target not in _RESHAPES or any(len(s) < 2 or tuple(s[-2:]) != (d, d) for s in shapes) \
+                or math.prod(shapes[0]) != math.prod(shapes[1]):
+            return False
+    shape, out = hint_shape(product), hint_shape(node)
+    if shape is None or out is None or len(shape) < 2 or tuple(shape[-2:]) != (d, d) or tuple(out[-2:]) != (d, d):
+        return False
+    return _product_in_order(gm, product, source)
+
+
+def _product_in_order(gm, product: fx.Node, source: fx.Node) -> bool:
+    """``product`` (ending in [D, D]) multiplies x's features along its last two axes, one factor's on each,
+    within one row of x: x_a x_b at [..., a, b]."""
+    rank = len(hint_shape(product))
     if product.target is aten.mul.Tensor:
         a, b = product.args[:2]
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
