@@ -211,3 +211,28 @@ def test_index_buffer_is_guarded():
     module.feature_map.tril_indices.copy_(torch.triu_indices(D, D, 1))     # other values (still Based)
     with pytest.raises(based_compile.StaleBufferError, match="tril_indices"):
         compiled(*inputs)
+
+
+class RowsTransposed(torch.nn.Module):
+    """Near miss: the squares and products taken of x.transpose(1, 2) ([B, T, H, ..]) beside pieces of x
+    ([B, H, T, ..]): at T == H the cat joins rows of other tokens and heads."""
+
+    def phi(self, x):
+        xt = x.transpose(1, 2)
+        x2 = torch.einsum("...m,...n->...mn", xt, xt) / math.sqrt(D)
+        ti = torch.tril_indices(D, D, -1)
+        x2d, x2o = torch.diagonal(x2, dim1=-2, dim2=-1) / math.sqrt(2), x2[..., ti[0], ti[1]]
+        return torch.cat([torch.ones_like(x[..., :1]), x / D ** 0.25, x2d, x2o], -1)
+
+    def forward(self, q, k, v):
+        a = (self.phi(q) @ self.phi(k).mT).tril()
+        return a @ v / a.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_squares_of_other_rows_are_refused(probe, monkeypatch):
+    if not probe:
+        monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    ex = based_compile.explain(RowsTransposed(), *_inputs(0, 2))             # T == H == 2
+    assert not ex.sites and [r.category for r in ex.refusals] == ["verify"], ex
+    assert ("numerical probe disagrees" if probe else "heads meets query time") in ex.refusals[0].reason, ex

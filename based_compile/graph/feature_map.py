@@ -171,6 +171,11 @@ def _constant(gm, node) -> torch.Tensor | None:
     return value
 
 
+def _is_index(value) -> bool:
+    """A 1-d tensor of integer indices (a bool or uint8 tensor indexes as a mask: not positions)."""
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.dtype in (torch.int64, torch.int32)
+
+
 def _indexed(gm, node: fx.Node, rank: int):
     """(factor, x, indices) when ``node`` is, through views and scalar factors, ``x[..., idx]`` with a
     constant 1-d index tensor on the last axis (indices: a tuple of ints), or x itself (all of them)."""
@@ -181,7 +186,7 @@ def _indexed(gm, node: fx.Node, rank: int):
                 or any(i is not None for i in indices[:-1]):
             return None
         idx = _constant(gm, indices[-1])
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype.is_floating_point:
+        if not _is_index(idx):
             return None
         d = hint_shape(x)[-1]
         idx = [int(i) % d for i in idx.tolist()]
@@ -238,8 +243,7 @@ def _block_pairs(gm, stop: fx.Node, rank: int):
         if len(indices) != rank + 1 or any(i is not None for i in indices[:-2]):
             return None
         values = [_constant(gm, i) for i in indices[-2:]]
-        if not all(isinstance(v, torch.Tensor) and v.dim() == 1 and not v.dtype.is_floating_point
-                   and v.dtype is not torch.bool for v in values) or values[0].numel() != values[1].numel():
+        if not all(_is_index(v) for v in values) or values[0].numel() != values[1].numel():
             return None
         rows, cols = ([int(i) % d for i in v.tolist()] for v in values)
         return block, tuple(zip(rows, cols))
