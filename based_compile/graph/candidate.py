@@ -14,6 +14,7 @@ from . import polynomial
 from .canonicalize import VIEW_OPS, hint_shape
 from .folded_rows import UNFOLDED
 from .mask import Keep
+from .score_scale import ScoreScale
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Weights:
     def key_length(self) -> int:
         return self.t if self.tk is None else self.tk
     lengths: tuple = ()           # (Tq, Tk): ints, or size expressions under dynamic shapes
-    q_factor: fx.Node | None = None   # a one-element tensor the raw scores were multiplied by: q * it is q
+    score_scale: ScoreScale | None = None   # one-element tensors the raw scores were multiplied or divided by
     feature_sum: object = None    # feature_normaliser.FeatureSum: these weights are a normaliser written on features
     k_state_term: object = None   # state_readout.StateTerm: a normaliser of these row sums plus phi(q) . k_state
 
@@ -50,7 +51,7 @@ class Weights:
         same_keep = (self.keep is None and other.keep is None) or (
             self.keep is not None and other.keep is not None and self.keep == other.keep)
         return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
-                and self.q_factor is other.q_factor
+                and self.score_scale == other.score_scale
                 and polynomial.close(self.poly, other.poly))
 
     def describe(self) -> str:
@@ -77,7 +78,7 @@ class Match:
     v_alternatives: tuple = ()
     q_alternatives: tuple = ()    # other readings of q (the other side of a transpose), tried after q
     tk: int | None = None         # keys and values' length when it differs from the queries' (``t``)
-    q_factor: fx.Node | None = None   # a one-element tensor (a learnable scale): the op reads q * q_factor
+    score_scale: ScoreScale | None = None   # a scale of the scores read at run time: the op reads q times it
     initial: object = None        # initial_state.InitialStates: the running sums start from earlier tokens' states
 
     @property
@@ -133,7 +134,8 @@ def pick_output(start: fx.Node) -> fx.Node:
 
 def site_inputs(match: Match) -> set:
     """The lowered placeholders the replaced part of a site reads (from its output back to, not
-    through, q, k and v), with q, k and v."""
+    through, q, k and v), with q, k, v and the nodes of a scale read at run time (the operator reads
+    them at the output's position: a write into them before it is a write into what it reads)."""
     stop, seen, stack, found = {match.q, match.k, match.v}, set(), [match.output], {match.q, match.k, match.v}
     while stack:
         node = stack.pop()
@@ -146,4 +148,6 @@ def site_inputs(match: Match) -> set:
         stack.extend(node.all_input_nodes)
     if match.initial is not None:
         found |= {s.source for s in (match.initial.kv, match.initial.k) if s is not None}
+    if match.score_scale is not None:
+        found |= set(match.score_scale.nodes)
     return found

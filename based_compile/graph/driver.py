@@ -41,6 +41,7 @@ from .refusal import Refused
 from .report import Explanation, Refusal, Site, source_of
 from .rewrite import (based_attention_call, based_attention_with_state_call, rewrite_dynamo_sites,
                       rewrite_recurrent_steps)
+from .score_scale import readable_source
 from .subgraphs import hidden_attention
 from .verify import settle
 from .unit_select import read_unit_selects
@@ -360,8 +361,9 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                 raise Refused("unsupported", f"{reason}: left to the inner compiler", result.output)
             starts = [] if site.match.initial is None else \
                 [st.source for st in (site.match.initial.kv, site.match.initial.k) if st is not None]
+            scale = [] if site.match.score_scale is None else site.match.score_scale.nodes
             missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output,
-                                        site.match.q_factor, *starts) if n is not None and n not in to_dynamo]
+                                        *scale, *starts) if n is not None and n not in to_dynamo]
             if missing:
                 raise Refused("unsupported", f"the matched tensors {missing} are intermediate values of a "
                                              "decomposed operation, not values of the model's graph", result.output)
@@ -396,11 +398,12 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                      _kernel_description(site.spec, site.match.q, site.match.k, site.match.v,
                                          [to_dynamo[n] for n in (site.match.q, site.match.k, site.match.v)
                                           if n in to_dynamo]),
-                     nodes={role: to_dynamo[getattr(site.match, role)].name for role in ("q", "k", "v", "output")})
+                     nodes={role: to_dynamo[getattr(site.match, role)].name for role in ("q", "k", "v", "output")},
+                     run_time_scale=_scale_words(site.match, to_dynamo))
         if report is not None:
             report.sites.append(entry)
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
-                 entry.source, site.spec, entry.kernel, "" if rewrite else " [not rewritten: report only]")
+                 entry.source, entry.spec_text, entry.kernel, "" if rewrite else " [not rewritten: report only]")
     _find_states(gm, aten_gm, evaluator, settled, to_dynamo, storages, report)
     steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report,
                         refused=refused)
@@ -413,6 +416,18 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     if not (settled or steps) or not rewrite:
         return None
     return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+
+
+def _scale_words(match, to_dynamo) -> str:
+    """What a scale of the scores read at run time is (``score_scale``), graph inputs named as the model
+    names them (``self.temperature``); "" without one."""
+    if match.score_scale is None:
+        return ""
+
+    def name_of(node):
+        dynamo = to_dynamo.get(node)
+        return readable_source(source_name(dynamo)) if dynamo is not None and dynamo.op == "placeholder" else None
+    return match.score_scale.describe(name_of)
 
 
 def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Storages,

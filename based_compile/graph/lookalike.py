@@ -261,6 +261,10 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
                 chain.biases.append(bias)
                 stack.extend(a for a in node.all_input_nodes if a is not bias)
                 continue
+            scale = _one_element_factor(node)
+            if scale is not None:               # x * c, x / c: what c is computed from is not the chain's
+                stack.extend(a for a in node.all_input_nodes if a is not scale)
+                continue
             stack.extend(node.all_input_nodes)
     return chain
 
@@ -285,6 +289,20 @@ def _added_term(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     operands = {strip_views(a) for a in scores.args if isinstance(a, fx.Node)}
     computed = {n for n in _ancestors(scores, _MAX_NODES * 4) if n.op == "call_function"} | {scores} | operands
     return bias if not (_value_ancestors(bias) & computed) else None
+
+
+def _one_element_factor(node: fx.Node) -> fx.Node | None:
+    """The one-element operand of a product or quotient of a larger tensor and a one-element one
+    (``s / (t.abs().sqrt() * 3)``: a scale, whose own ops are not applied to the chain), else None."""
+    if node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    for x, y in ((b, a), (a, b)) if node.target is aten.mul.Tensor else ((b, a),):
+        if hint_shape(x) is not None and not _tensor(x) and _tensor(y):
+            return x
+    return None
 
 
 def _scores_below(node: fx.Node) -> fx.Node | None:

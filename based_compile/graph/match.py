@@ -39,6 +39,7 @@ from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
 from .linear_form import match_linear, match_state_product, read_state_sum
 from .refusal import NotACandidate, Refused
+from .score_scale import ScoreScale
 from .state_readout import initial_states, read_state_term
 
 aten = torch.ops.aten
@@ -368,7 +369,7 @@ class Matcher:
         if target is aten.mul.Tensor:
             return self._read_mul(node)
         if target is aten.div.Tensor and isinstance(args[1], fx.Node):
-            return self._row_normalised(node, args[0], args[1], divide=True)
+            return self._read_divided(node)
         if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             w = self.weights(args[0])
             fill = fill_value(self.gm, args[2])
@@ -433,7 +434,7 @@ class Matcher:
         if not weights:
             raise NotACandidate("no weights among the operands")
         first = weights[0]
-        if any(w.q is not first.q or w.k is not first.k or w.q_factor is not first.q_factor for w in weights):
+        if any(w.q is not first.q or w.k is not first.k or w.score_scale != first.score_scale for w in weights):
             raise NotACandidate(f"{node.target} of weights of different scores")
         # a cast (a value-changing _to_copy, canonicalize) is read by evaluation: precision.py refuses the
         # round trips that round (float64 -> float32 -> float64) with that reason, and reads exact ones
@@ -480,7 +481,7 @@ class Matcher:
         wa, wb = self.weights(a), self.weights(b)
         _not_normalised(wa)
         _not_normalised(wb)
-        if wa.q is not wb.q or wa.k is not wb.k or wa.q_factor is not wb.q_factor:
+        if wa.q is not wb.q or wa.k is not wb.k or wa.score_scale != wb.score_scale:
             raise NotACandidate("sum of weights of different scores")
         poly = polynomial.add(polynomial.scale(wa.poly, sign_a), polynomial.scale(wb.poly, sign_b))
         same_keep = (wa.keep is None and wb.keep is None) or (
@@ -508,7 +509,7 @@ class Matcher:
         if wa is not None and wb is not None:
             _not_normalised(wa)
             _not_normalised(wb)
-            if wa.q is not wb.q or wa.k is not wb.k or wa.q_factor is not wb.q_factor:
+            if wa.q is not wb.q or wa.k is not wb.k or wa.score_scale != wb.score_scale:
                 raise NotACandidate("product of weights of different scores")
             s_scale = None
             if a is b and polynomial.is_monomial(wa.poly, 1):
@@ -524,40 +525,81 @@ class Matcher:
         w, other = (wa, b) if wa is not None else (wb, a)
         if w is None:
             raise NotACandidate("product without weights")
-        if not isinstance(other, fx.Node) or self.evaluator.depends_on(other, self.variable):
+        if self._variable(other):
             try:
                 return self._row_normalised(node, a if w is wa else b, other, divide=False)
             except NotACandidate:
                 pass
-            if isinstance(other, fx.Node) and all(s == 1 for s in hint_shape(other) or ()) \
-                    and polynomial.is_monomial(w.poly, 1) and w.keep is None and not w.junk \
-                    and w.q_factor is None and w.tk is None \
-                    and getattr(example_value(other), "dtype", None) == getattr(example_value(w.q), "dtype", 0):
-                # raw scores times a learnable scale: sigma c (q.k) = sigma ((c q) . k), the op reads c * q
-                return replace(self._broadcast(node, w), q_factor=other)
-            if isinstance(other, fx.Node) and all(s == 1 for s in hint_shape(other) or ()):
-                raise Refused("unsupported", "the weights are scaled by a one-element tensor that is not a "
-                                             "compile-time constant (a learnable scale, nn.Parameter): the operator "
-                                             "takes a constant scale, and this one is applied after the "
-                                             "polynomial or the mask (on the raw scores or on q it is rewritten)",
-                                             node)
-            shape = hint_shape(other) or ()
-            at = [a - (len(w.shape) - len(shape)) for a in w.axes]
-            if isinstance(other, fx.Node) and all(i < 0 or shape[i] == 1 for i in at):
-                raise Refused("unsupported", f"the weights are multiplied by a tensor of shape {tuple(shape)} that "
-                                             "is the same along the query and key axes (a per-head or per-batch "
-                                             "scale, e.g. an nn.Parameter [1, H, 1, 1]) and not a compile-time "
-                                             "constant: the operator takes one constant scale (a per-head scale "
-                                             "of q before the scores is read)", node)
-            raise Refused("mask", masks.passed_in_reason(self.gm, other)
-                          or "weights multiplied by a tensor that is not a compile-time constant", node)
-        if all(s == 1 for s in hint_shape(other)):
-            value = self.constant(other)            # a scalar factor (a 0-d or one-element constant)
-            if value is None:
-                raise Refused("mask", "weights multiplied by a tensor that is not a compile-time constant", node)
-            return self._with_poly(w, polynomial.scale(w.poly, float(value.reshape(()).item())))
-        w = self._broadcast(node, w)
-        return self._mask(w, self._keep_of(other, w, False, node), other)
+        return self._read_scaled(node, w, other, 1)
+
+    def _variable(self, other) -> bool:
+        return not isinstance(other, fx.Node) or self.evaluator.depends_on(other, self.variable)
+
+    def _read_divided(self, node: fx.Node) -> Weights:
+        """weights / x: divided by their row sums (normalised before the matmul with v), else by a
+        factor (``_read_scaled``: division by a one-element tensor is multiplication by its reciprocal)."""
+        try:
+            return self._row_normalised(node, node.args[0], node.args[1], divide=True)
+        except NotACandidate:
+            pass
+        return self._read_scaled(node, self.weights(node.args[0]), node.args[1], -1)
+
+    def _read_scaled(self, node: fx.Node, w: Weights, other, power: int) -> Weights:
+        """``w`` times (``power`` 1) or divided by (-1) the tensor ``other``, which is not a row sum of
+        the weights. One element and a compile-time constant: a number in P. One element and not a
+        constant (a learnable parameter, a scale computed from the inputs), on the raw scores: a scale
+        read at run time (``score_scale``; the op reads q times it). Anything else is refused with
+        what it is (a scale after the polynomial or a mask, a scale computed from the scores, a
+        per-head or per-query scale) or, multiplying, read as a mask."""
+        verb = "multiplied" if power == 1 else "divided"
+        if not isinstance(other, fx.Node) or hint_shape(other) is None:
+            raise NotACandidate(f"weights {verb} by something that is not a tensor")
+        if not self._variable(other):
+            if _one_element(other):                 # a scalar factor (a 0-d or one-element constant)
+                value = self.constant(other)
+                if value is None:
+                    raise Refused("mask", f"weights {verb} by a tensor that is not a compile-time constant", node)
+                c = float(value.reshape(()).item())
+                if power == -1 and c == 0.0:
+                    raise Refused("polynomial", "the scores are divided by a constant zero", node)
+                return self._with_poly(w, polynomial.scale(w.poly, c if power == 1 else 1.0 / c))
+            if power == -1:
+                raise NotACandidate("weights divided by a constant tensor of more than one element")
+            w = self._broadcast(node, w)
+            return self._mask(w, self._keep_of(other, w, False, node), other)
+        if w.scores is not None and self.evaluator.depends_on(other, {w.scores}):
+            raise Refused("unsupported", f"the weights are {verb} by a tensor of shape {tuple(hint_shape(other))} "
+                                         "computed from the scores themselves (their sum, mean or max, not the row "
+                                         "sums of the weights): the operator never forms the T x T scores, so it "
+                                         "cannot read a scale computed from them", node)
+        if _one_element(other):
+            if not (polynomial.is_monomial(w.poly, 1) and w.keep is None and not w.junk and w.tk is None):
+                raise Refused("unsupported", f"the weights are {verb} by a one-element tensor that is not a "
+                                             "compile-time constant (a learnable scale, nn.Parameter, or one "
+                                             "computed at run time) after the polynomial or the mask: c P(s) is "
+                                             "not P(c s) (on the raw scores or on q it is rewritten)", node)
+            if getattr(example_value(other), "dtype", None) != getattr(example_value(w.q), "dtype", 0):
+                raise Refused("unsupported", f"the scores are {verb} by a one-element tensor of another dtype "
+                                             f"({getattr(example_value(other), 'dtype', None)}) than q's "
+                                             f"({getattr(example_value(w.q), 'dtype', None)}): not read (what "
+                                             "the product is rounded to follows type promotion)", node)
+            # sigma c (q.k) = sigma ((c q) . k): the op reads q times c (or q / c), c as the graph computes it
+            scale = (w.score_scale or ScoreScale()).times(other, power)
+            return replace(self._broadcast(node, w), score_scale=scale)
+        shape = tuple(hint_shape(other))
+        if all(i < 0 or shape[i] == 1 for i in (a - (len(w.shape) - len(shape)) for a in w.axes)):
+            raise Refused("unsupported", f"the weights are {verb} by a tensor of shape {shape} that is the same "
+                                         "along the query and key axes (a per-head or per-batch scale, e.g. an "
+                                         "nn.Parameter [1, H, 1, 1]) and not a compile-time constant: the operator "
+                                         "takes one scale for every head (a per-head scale of q before the scores "
+                                         "is read)", node)
+        if power == -1:
+            raise Refused("unsupported", f"the weights are divided by a tensor of shape "
+                                         f"{shape} that varies along the query or key axis "
+                                         "and is neither their row sums nor a compile-time constant (a per-query "
+                                         "temperature?): the operator takes one scale", node)
+        raise Refused("mask", masks.passed_in_reason(self.gm, other)
+                      or "weights multiplied by a tensor that is not a compile-time constant", node)
 
     # ------------------------------------------------------------------ normaliser
 
@@ -736,7 +778,7 @@ class Matcher:
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
         return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives,
-                       q_alternatives=w.q_alternatives, q_factor=w.q_factor, initial=initial)
+                       q_alternatives=w.q_alternatives, score_scale=w.score_scale, initial=initial)
 
     def _numerator_state(self, path: list, w: Weights, v, value_axis, query_axis):
         """(the add, its StateTerm, the value and query axes in the add) when the numerator (``path``: the
@@ -757,7 +799,7 @@ class Matcher:
                     term = read_state_term(self.gm, self.evaluator, other, "kv", w.q, {w.q, w.k, v}, u)
                 except NotACandidate:
                     continue
-                if w.q_factor is not None:
+                if w.score_scale is not None:
                     raise Refused("unsupported", "initial states read beside scores scaled by a learnable "
                                                  "one-element tensor: not rewritten", u)
                 return u, term, value_axis, query_axis
@@ -859,6 +901,12 @@ def _one_value_along(node, axis: int) -> bool:
         if len(tensors) == 1 and float(node.kwargs.get("alpha", 1)) == 1.0:
             return _one_value_along(tensors[0], axis)
     return False
+
+
+def _one_element(node) -> bool:
+    """A tensor of one element (any rank: a 0-d parameter, a [1, 1, 1, 1] buffer)."""
+    shape = hint_shape(node) if isinstance(node, fx.Node) else None
+    return shape is not None and all(s == 1 for s in shape)
 
 
 def _intersect(a: masks.Keep, b: masks.Keep) -> masks.Keep:

@@ -31,9 +31,14 @@ class Site:
     # Dynamo's nodes of the site (role q/k/v/output -> node name), to place it in a split graph's pieces.
     nodes: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     piece: str = ""       # under DDP's graph splitting: the piece(s) of the graph the site lies in
+    run_time_scale: str = ""   # a factor of q.k read at run time besides spec.scale: "(1 / self.temperature)"
+
+    @property
+    def spec_text(self) -> str:
+        return self.spec.describe(self.run_time_scale)
 
     def __str__(self) -> str:
-        text = f"{self.source}\n    form: {self.form}\n    spec: {self.spec}\n    kernel: {self.kernel}"
+        text = f"{self.source}\n    form: {self.form}\n    spec: {self.spec_text}\n    kernel: {self.kernel}"
         return text + (f"\n    graph piece: {self.piece}" if self.piece else "")
 
 

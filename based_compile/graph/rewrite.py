@@ -164,9 +164,8 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
             where = min([output] + [to_dynamo[r.node] for r in states.reads], key=storages.position.__getitem__)
         at = where
         with graph.inserting_before(where):
-            if m.q_factor is not None:          # scores times a learnable scale: the op reads scale * q
-                factor = to_dynamo[m.q_factor]
-                q = add(operator.mul, (q, replaced.get(factor, factor)))
+            if m.score_scale is not None:       # scores times (or over) a scale read at run time: so is q
+                q = m.score_scale.apply(q, add, lambda n: replaced.get(to_dynamo[n], to_dynamo[n]))
             if site.unsqueeze_inputs:
                 q, k, v = (add(torch.unsqueeze, (x, 0)) for x in (q, k, v))
             if site.unsqueeze_kv[0]:            # one key/value head without its axis: the op's heads axis

@@ -357,13 +357,22 @@ def _moved_inputs(m: Match, evaluator: GraphEvaluator, dtype) -> tuple:
     return substitute, tuple(initial), ", ".join(f"{sym}: {values[sym]} -> {moved[sym]}" for sym in sorted(moved, key=str))
 
 
-def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float, factor) -> str | None:
+def _scale_of_q(m: Match, evaluator: GraphEvaluator, substitute: dict):
+    """The factor the operator reads q times (a scale of the scores read at run time, ``score_scale``),
+    evaluated as the rewritten graph computes it: from the same inputs as the output it is compared
+    with (the probe's q, k, v, or its moved sizes), so that a scale computed from q follows the probe's q."""
+    if m.score_scale is None:
+        return 1.0
+    return m.score_scale.value(lambda node: evaluator.evaluate(node, substitute=substitute))
+
+
+def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float) -> str | None:
     """A site on a graph with symbolic sizes: the probe read it at the traced sizes, where, e.g., a
     constant mask offset (``tril(ones(Tq, Tk), 2)``) is indistinguishable from Tk - Tq, or a view that
     depends on the length may happen to line up. Evaluate the matched subgraph again with every
     symbolic size moved (each symbol by a different amount, the longest by the most) and refuse
     unless the op's function still agrees (a continued prefill's states drawn afresh at the moved
-    sizes too). ``factor``: q's factor (a learnable scale, read at the traced sizes).
+    sizes too); a scale of the scores read at run time is evaluated at the moved sizes too.
     None when it agrees or nothing is symbolic; why not, when the subgraph cannot be evaluated at
     the moved sizes (a size guarded to divide another)."""
     m = reading.match
@@ -381,6 +390,7 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
         return f"the moved sizes ({where}) are too large for the probe ({size} elements)"
     try:
         out = evaluator.evaluate(m.output, substitute=substitute)
+        factor = _scale_of_q(m, evaluator, substitute)
         ref = _reference(reading, *(substitute[n].to(torch.float64) * (factor if n is m.q else 1.0)
                                     for n in (m.q, m.k, m.v)), initial)
     except Exception as exc:
@@ -556,7 +566,7 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             continue
         tol = max(_TOLERANCE.get(out.dtype, 1e-3), _TOLERANCE.get(dtype, 1e-3))
         best = math.inf
-        factor = 1.0 if m.q_factor is None else evaluator.evaluate(m.q_factor).to(torch.float64).reshape(())
+        factor = _scale_of_q(m, evaluator, values)
         for reading in readings:
             ref = _reference(reading, *(values[n].to(torch.float64) * (factor if n is m.q else 1.0)
                                         for n in (m.q, m.k, m.v)), initial)
@@ -564,7 +574,7 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             best = min(best, err)
             if err < tol:
                 reading.probed = True
-                why = _probe_other_lengths(reading, evaluator, dtype, tol, factor)
+                why = _probe_other_lengths(reading, evaluator, dtype, tol)
                 if why is not None:          # not checked at other sizes: the structure must vouch for it too
                     return _structural_reading(m, [reading], why)
                 return reading

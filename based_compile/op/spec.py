@@ -57,8 +57,14 @@ class BasedSpec:
         return asdict(self)
 
     def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, run_time_scale: str = "") -> str:
+        """The spec in words; ``run_time_scale``: a factor of q.k read at run time besides ``scale``
+        (the graph pass's reading of a learnable temperature, ``(1 / self.temperature)``)."""
         poly = f"{self.c0:g} + {self.c1:g}*s + {self.c2:g}*s^2"
         norm = f"normalised (eps={self.eps:g})" if self.normalize else "unnormalised"
         gqa = f", GQA group {self.group}" if self.group != 1 else ""
-        return (f"{self.layout}, s = {self.scale:.6g} * q.k, f(s) = {poly}, "
+        times = f"{self.scale:.6g} * {run_time_scale + ' * ' if run_time_scale else ''}q.k"
+        return (f"{self.layout}, s = {times}, f(s) = {poly}, "
                 f"{'causal' if self.causal else 'non-causal'}, {norm}{gqa}")
