@@ -57,6 +57,21 @@ class Weights:
     def describe(self) -> str:
         return f"{polynomial.describe(self.poly)} (x = q.k){'' if self.keep is None else ', masked'}"
 
+    def difference(self, other: "Weights") -> str | None:
+        """How ``other`` (the numerator's weights) is another function than these (a normaliser's), in
+        words, or None when ``same_function``."""
+        if self.same_function(other):
+            return None
+        if self.describe() != other.describe():
+            return f"sums {self.describe()} but the numerator uses {other.describe()}"
+        for mine, theirs, name in ((self.q, other.q, "queries"), (self.k, other.k, "keys")):
+            if mine is not theirs:
+                return (f"sums {self.describe()} as the numerator does, but of other {name} ({mine.name}, the "
+                        f"numerator's {theirs.name}: another tensor or view)")
+        if self.q_factor is not other.q_factor:
+            return f"sums {self.describe()} as the numerator does, but with another one-element scale on q.k"
+        return f"sums {self.describe()} as the numerator does, but masked otherwise"
+
 
 @dataclass
 class Match:

@@ -306,6 +306,17 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
     return FeatureMap(pieces, sources.pop())
 
 
+def same_feature_map(gm: fx.GraphModule, a: fx.Node, b: fx.Node) -> bool:
+    """``a`` and ``b`` (two cats) are one feature map: the same node, or the same pieces (kinds, factors,
+    widths, products, in order) of the same tensor at the same shape, which compute the same values
+    (``phi(q)`` called twice: in the scores and in the normaliser)."""
+    if a is b:
+        return True
+    phi_a, phi_b = read_feature_map(gm, a), read_feature_map(gm, b)
+    return phi_a is not None and phi_b is not None and phi_a.source is phi_b.source \
+        and phi_a.pieces == phi_b.pieces and hint_shape(a) == hint_shape(b)
+
+
 
 def feature_map_factors(gm: fx.GraphModule, factors):
     """Each of a contraction's factors that is a feature map through views, in order, as (index, its

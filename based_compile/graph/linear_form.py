@@ -24,7 +24,8 @@ from . import polynomial
 from .candidate import Weights, pick_output, view_chain
 from .contraction import SUMMED, axes_of, contraction
 from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, track_axis, walk_operand
-from .feature_map import feature_map_factors, other_readings, pair_feature_maps, read_feature_map, unread_reason
+from .feature_map import (feature_map_factors, other_readings, pair_feature_maps, read_feature_map,
+                          same_feature_map, unread_reason)
 from .feature_normaliser import read_feature_sum, time_axis
 from .initial_state import InitialStates, follow, read_initial
 from .kv_mask import guard_more_queries
@@ -151,26 +152,15 @@ def _refuse_shifted(state: fx.Node, consumer: fx.Node | None, dim: int) -> None:
                                           "shifted by a token, a shifted causal mask (Based sums over j <= i)", user)
 
 
-def _same_map(gm, a: fx.Node, b: fx.Node) -> bool:
-    """``a`` and ``b`` are one feature map: the same node, or the same pieces (kinds, factors, widths,
-    products) of the same tensor at the same shape (``phi(q)`` called twice, in the numerator and in
-    the normaliser)."""
-    if a is b:
-        return True
-    phi_a, phi_b = read_feature_map(gm, a), read_feature_map(gm, b)
-    return phi_a is not None and phi_b is not None and phi_a.source is phi_b.source \
-        and phi_a.pieces == phi_b.pieces and hint_shape(a) == hint_shape(b)
-
-
 def _normaliser(gm, node, cat_q, cat_k, factor: float, time: int | None):
     """(state kind, eps, initial k_state or None, inverted) of den = phi(q) . sum_{j <= i} phi(k_j) + eps
     (``FeatureSum.initial``: the running sum starts from an initial state) over the numerator's
     feature maps ``cat_q`` and ``cat_k`` (``feature_normaliser``), with the numerator's scalar
     ``factor`` on them and its sum over the maps' axis ``time``; NotACandidate / Refused."""
     found = read_feature_sum(gm, node)
-    if not _same_map(gm, found.cat_q, cat_q):
+    if not same_feature_map(gm, found.cat_q, cat_q):
         raise NotACandidate("not a contraction with phi(q)")
-    if not _same_map(gm, found.cat_k, cat_k):
+    if not same_feature_map(gm, found.cat_k, cat_k):
         raise Refused("normaliser", "the normaliser sums a different key feature map than the numerator", node)
     if abs(found.factor - factor) > 1e-12 * max(abs(factor), 1e-300):
         raise Refused("normaliser", f"the normaliser's feature maps are scaled by {found.factor:g} and the "

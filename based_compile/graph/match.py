@@ -34,7 +34,8 @@ from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, read_views, scalar_factor, scalar_value,
                            shape_of, through_views, track_axis, walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
-from .feature_map import describe_unread, other_readings, pair_feature_maps, read_feature_map, unread_reason
+from .feature_map import (describe_unread, other_readings, pair_feature_maps, read_feature_map, same_feature_map,
+                          unread_reason)
 from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
 from .linear_form import match_linear, match_state_product, read_state_sum
@@ -294,8 +295,9 @@ class Matcher:
         """Why the normaliser ``wz`` does not sum the numerator's weights ``w`` (None when it does: the
         same function of q.k, mask, q and k; a feature normaliser also over the very feature maps the
         scores multiply, along the numerator's time axis, at equal lengths)."""
-        if not wz.same_function(w):
-            return f"the normaliser sums {wz.describe()} but the numerator uses {w.describe()}"
+        difference = wz.difference(w)
+        if difference is not None:
+            return f"the normaliser {difference}"
         found = wz.feature_sum
         if found is None:
             return None
@@ -303,13 +305,15 @@ class Matcher:
             return "the normaliser is written on the features but the numerator's scores are not phi(q) @ phi(k)^T"
         # the scores' query rows (axis 1 of [N, T, F]) and key columns (axis 2 of [N, F, T]) run along
         # the axis of the maps' cats (the leading axes of q and k) that the normaliser sums over; the
-        # cats themselves are the normaliser's (phi of another view of q or k is another function)
+        # cats are the normaliser's, or compute the same map of the same tensor (phi(q) called twice); phi
+        # of another view of q or k is another function
         for operand, along, cat, name in ((w.scores.args[0], 1, found.cat_q, "query"),
                                           (w.scores.args[1], 2, found.cat_k, "key")):
             read = time_axis(self.gm, operand, along)
-            if read is None or read[0] is not cat:
-                return f"the normaliser's {name} feature map is not the one the numerator's scores read (phi of " \
-                       f"another view of the {name}s, or another node)"
+            if read is None or not same_feature_map(self.gm, read[0], cat):
+                whose = "queries" if name == "query" else "keys"
+                return f"the normaliser's {name} feature map is not the one the numerator's scores read (another " \
+                       f"map, or the map of another tensor or view of the {whose})"
             if read[1] != found.time:
                 return f"the normaliser sums phi(k) over another axis than the numerator's {name} axis"
         return None
