@@ -253,6 +253,16 @@ def alibi(q, k, v):                               # ALiBi: - slope * |j - i|, ad
     return _poly_finish(scores(q, k) - _SLOPES * (r[None, :] - r[:, None]).abs(), v)
 
 
+def softmax_attention(q, k, v):                   # softmax cuts the region: said from Dynamo's graph
+    t = q.shape[-2]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    return scores(q, k).masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+
+def softmax_feature_maps(q, k, v):                 # "efficient attention": softmax of q and k, no T x T scores
+    return q.softmax(-1) @ (k.softmax(-2).mT @ v)
+
+
 class RelativeBias(nn.Module):
     """A T5-style bias: an embedding of the clamped distance j - i, one value per head."""
 
@@ -316,6 +326,8 @@ CASES = {
     "alibi": (alibi, _qkv, "unsupported", ["not a function of q.k (a position bias?) is added to the scores"]),
     "relative_bias": (RelativeBias, _qkv, "unsupported",
                       ["not a function of q.k (a position bias?) is added to the scores"]),
+    "softmax_attention": (softmax_attention, _qkv, "polynomial",
+                          ["softmax attention", "softmax of the scores", "not a polynomial of q.k"]),
 }
 
 
@@ -352,7 +364,12 @@ def test_a_term_of_q_added_to_the_scores_is_not_called_a_position_bias():
     assert "abs" not in based_compile.explain(Fn(alibi), *_qkv()).refusals[0].reason
 
 
-@pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop"])
+def test_softmax_of_the_features_is_not_called_softmax_attention():
+    ex = based_compile.explain(Fn(softmax_feature_maps), *_qkv())
+    assert not ex.sites and not any("softmax attention" in r.reason for r in ex.refusals), ex
+
+
+@pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop", "softmax_attention"])
 def test_refused_lookalikes_compute_what_eager_does(name):
     fn, make, _, _ = CASES[name]
     ref_inputs, inputs = make(), make()

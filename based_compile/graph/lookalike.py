@@ -58,6 +58,9 @@ _DYNAMO_ELEMENTWISE = {
 }
 _DYNAMO_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 _DYNAMO_MATMUL = {"matmul", "bmm", "einsum", "__matmul__", "baddbmm"}
+# softmax cuts a region (it is no op the readers read): the chain goes on in Dynamo's graph, and a softmax
+# over square scores is softmax attention, which is said as such
+_DYNAMO_SOFTMAX = {"softmax", "log_softmax", "_softmax", "_safe_softmax"}
 
 
 def _name(node: fx.Node) -> str:
@@ -203,6 +206,7 @@ class _Chain:
         self.unread: list[fx.Node] = []         # cats it does not read as one
         self.nonview = False
         self.random: str | None = None
+        self.softmax: str | None = None         # softmax of square scores in Dynamo's graph (softmax attention)
         self.dynamo_ops: list[str] = []
         self.biases: list[fx.Node] = []         # terms added to the scores that are not functions of q.k
 
@@ -220,7 +224,7 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
             dynamo = to_dynamo.get(node)
             found = _walk_dynamo(dynamo) if dynamo is not None else None
             if found is not None:
-                chain.dynamo_ops, chain.random = found
+                chain.dynamo_ops, chain.random, chain.softmax = found
             continue
         if node.op != "call_function":
             continue
@@ -335,9 +339,10 @@ def _value_ancestors(node: fx.Node) -> set:
 
 
 def _walk_dynamo(start: fx.Node):
-    """(ops, random op or None) of an elementwise chain to a matmul in Dynamo's graph, from where the
-    region was cut, or None."""
-    stack, seen, ops, random = [start], set(), [], None
+    """(ops, random op or None, softmax or None) of an elementwise chain to a matmul in Dynamo's graph,
+    from where the region was cut, or None. The softmax is named only when the matmul it reads is
+    square (the scores: softmax attention), not for a softmax of projections (a feature map)."""
+    stack, seen, ops, random, softmax = [start], set(), [], None, None
     while stack and len(seen) < _MAX_NODES:
         node = stack.pop()
         if node in seen or node.op not in ("call_function", "call_method"):
@@ -346,7 +351,14 @@ def _walk_dynamo(start: fx.Node):
         name = _name(node)
         if name in _DYNAMO_MATMUL:
             if ops:
-                return ops, random
+                shape = hint_shape(node)
+                square = shape is not None and len(shape) >= 2 and shape[-1] == shape[-2]
+                return ops, random, (softmax if square else None)
+            continue
+        if name in _DYNAMO_SOFTMAX:
+            ops.append(name)
+            softmax = softmax or name
+            stack.extend(node.all_input_nodes)
             continue
         if name in _DYNAMO_RANDOM:
             if identity_dropout(node):
@@ -363,7 +375,7 @@ def _walk_dynamo(start: fx.Node):
 
 
 def _form(chain: _Chain) -> str | None:
-    if chain.random is not None and chain.dynamo_ops:
+    if (chain.random is not None or chain.softmax is not None) and chain.dynamo_ops:
         return "quadratic"
     if chain.scores is not None and (chain.nonview or chain.scores.target is not aten.bmm.default):
         return "quadratic"
@@ -417,6 +429,10 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
         causes.append(f"a term that is not a function of q.k (a position bias?) is added to the scores (shape "
                       f"{shapes}: ALiBi, a relative-position bias, a bias buffer): the operator's weights are "
                       "P(q.k) alone")
+    if chain.softmax is not None:
+        causes.append(f"softmax attention: the weights are {chain.softmax} of the scores (exp normalised by its sum "
+                      "over an axis), not a polynomial of q.k (Based's weights are its own polynomial, not exp)")
+        category = "polynomial"
     other = sorted(ops - _READ_OPS - {"index_put"})
     if other:
         causes.append(f"the chain goes through {', '.join(other)} (not a sum or product of its inputs: "
