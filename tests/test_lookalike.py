@@ -253,6 +253,11 @@ def alibi(q, k, v):                               # ALiBi: - slope * |j - i|, ad
     return _poly_finish(scores(q, k) - _SLOPES * (r[None, :] - r[:, None]).abs(), v)
 
 
+def padding_mask_on_phi_k_linear(q, k, v, keep):   # the mask is not the values of the normaliser's sum
+    qf, kf = taylor(q), taylor(k) * keep[:, None, :, None]
+    return read(qf, torch.einsum("bhtf,bhtd->bhtfd", kf, v).cumsum(2), kf.cumsum(2))
+
+
 def softmax_attention(q, k, v):                   # softmax cuts the region: said from Dynamo's graph
     t = q.shape[-2]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
@@ -326,6 +331,8 @@ CASES = {
     "alibi": (alibi, _qkv, "unsupported", ["not a function of q.k (a position bias?) is added to the scores"]),
     "relative_bias": (RelativeBias, _qkv, "unsupported",
                       ["not a function of q.k (a position bias?) is added to the scores"]),
+    "padding_mask_on_phi_k_linear": (padding_mask_on_phi_k_linear, lambda: _qkv() + _keep(), "feature_map",
+                                     ["multiplied by a tensor", "padding mask"]),
     "softmax_attention": (softmax_attention, _qkv, "polynomial",
                           ["softmax attention", "softmax of the scores", "not a polynomial of q.k"]),
 }
@@ -353,6 +360,8 @@ def test_attention_like_region_gets_a_refusal_with_its_cause(name):
         assert category in [r.category for r in ex.refusals], ex
     # the false reasons of the old code are gone
     assert "only one of q and k goes through a feature map" not in reasons, ex
+    if name.startswith("padding_mask"):
+        assert "attention layout" not in reasons, ex          # the mask was read as the normaliser's v
     if name in ("map_built_in_place", "relu_map", "clamped_outer_product_piece", "exp_map"):
         assert "f = 1*x^1 (x = q.k) has no second-order term" not in reasons, ex
 
@@ -369,7 +378,8 @@ def test_softmax_of_the_features_is_not_called_softmax_attention():
     assert not ex.sites and not any("softmax attention" in r.reason for r in ex.refusals), ex
 
 
-@pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop", "softmax_attention"])
+@pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop", "softmax_attention",
+                                  "padding_mask_on_phi_k_linear"])
 def test_refused_lookalikes_compute_what_eager_does(name):
     fn, make, _, _ = CASES[name]
     ref_inputs, inputs = make(), make()
@@ -383,7 +393,8 @@ def test_refused_lookalikes_compute_what_eager_does(name):
     assert counter.total == 0
     assert_rel_close(out, expected, 1e-12)
     for x, y in zip(inputs, ref_inputs):
-        assert_rel_close(x.grad, y.grad, 1e-12)
+        if y.requires_grad:                           # a padding mask is no parameter of the model
+            assert_rel_close(x.grad, y.grad, 1e-12)
 
 
 class Pooling(nn.Module):

@@ -487,6 +487,23 @@ def _through_constants(gm, node: fx.Node) -> fx.Node:
 _READ = "the pass reads the Taylor map phi(x) = torch.cat([c, a x, b x (x) x], -1) (or its compressed form)"
 
 
+def multiplied_map_reason(gm: fx.GraphModule, product: fx.Node) -> str | None:
+    """Why ``product``, a feature map the pass reads times a tensor that is not one number
+    (``phi(k) * attention_mask[:, None, :, None]``), is not a feature map; None for any other node."""
+    if product.op != "call_function" or product.target is not aten.mul.Tensor or len(product.args) < 2:
+        return None
+    for a, b in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            continue
+        inner = _through_constants(gm, a)
+        if inner.op == "call_function" and inner.target is aten.cat.default \
+                and read_feature_map(gm, inner) is not None and scalar_value(gm, b) is None:
+            return (f"the feature map is multiplied by a tensor ({b.name}, shape {tuple(hint_shape(b) or ())}: "
+                    "a padding mask, a gate?): the operator's weights are phi(q).phi(k) with nothing "
+                    "multiplied in (masking k before the map is not the same: phi(0) is not 0)")
+    return None
+
+
 def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """What the pass could not read of a tensor that stands where a feature map would (an operand of the
     scores, of a running sum or of a readout), or None when it reads it (or it is not computed in the
@@ -546,17 +563,8 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return ("the feature map is written in place into a new tensor (new_empty / zeros and slice "
                 f"assignments such as out[..., :1] = 1), which the pass does not read: {_READ}; write it as "
                 "torch.cat")
-    if target is aten.mul.Tensor and len(stop.args) > 1:
-        for a, b in ((stop.args[0], stop.args[1]), (stop.args[1], stop.args[0])):
-            if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-                continue
-            inner = _through_constants(gm, a)
-            if inner.op == "call_function" and inner.target is aten.cat.default \
-                    and read_feature_map(gm, inner) is not None and scalar_value(gm, b) is None:
-                return (f"the feature map is multiplied by a tensor ({b.name}, shape {tuple(hint_shape(b) or ())}: "
-                        "a padding mask, a gate?): the operator's weights are phi(q).phi(k) with nothing "
-                        "multiplied in (mask k before the map, or v)")
-        return None
+    if target is aten.mul.Tensor:
+        return multiplied_map_reason(gm, stop)
     whole = stop.args[0] if target is operator.getitem and stop.args else stop
     if isinstance(whole, fx.Node) and whole.op == "call_function" and whole.target in _PARTS \
             and isinstance(whole.args[0], fx.Node):

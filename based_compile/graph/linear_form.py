@@ -24,8 +24,8 @@ from . import polynomial
 from .candidate import Weights, pick_output, view_chain
 from .contraction import SUMMED, axes_of, contraction
 from .canonicalize import VIEW_OPS, hint_shape, live_users, read_views, shape_of, strip_views, track_axis, walk_operand
-from .feature_map import (feature_map_factors, other_readings, pair_feature_maps, read_feature_map,
-                          same_feature_map, unread_reason)
+from .feature_map import (feature_map_factors, multiplied_map_reason, other_readings, pair_feature_maps,
+                          read_feature_map, same_feature_map, unread_reason)
 from .feature_normaliser import read_feature_sum, time_axis
 from .initial_state import InitialStates, follow, read_initial
 from .kv_mask import guard_more_queries
@@ -62,6 +62,24 @@ def _feature_side(gm, a, b):
         if phi is not None:
             return (phi, walked.stop, walked.factor), other
     return (None, None, None), None
+
+
+def _factor_elsewhere(product: fx.Node, state: fx.Node) -> bool:
+    """``product`` (through views) is also a factor of another product or matmul than the one ``state`` sums."""
+    stack, seen = [product], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in live_users(node):
+            if user is state or user.op != "call_function":
+                continue
+            if user.target in VIEW_OPS:
+                stack.append(user)
+            elif user.target in (aten.mul.Tensor, aten.bmm.default):
+                return True
+    return False
 
 
 def _divided_by(end, read):
@@ -187,10 +205,19 @@ def match_linear(matcher, state: fx.Node):
     if phi_k is None or not isinstance(v_arg, fx.Node):
         for arg in kv.args[:2]:
             stop = walk_operand(gm, arg).stop if isinstance(arg, fx.Node) else None
-            why = unread_reason(gm, stop) if stop is not None and stop.op == "call_function" else None
+            why = (unread_reason(gm, stop) or multiplied_map_reason(gm, stop)) \
+                if stop is not None and stop.op == "call_function" else None
             if why is not None:
                 raise Refused("feature_map", why, state)
         raise NotACandidate("the state does not sum phi(k) times a tensor")
+    map_side = kv.args[0] if walk_operand(gm, kv.args[0]).stop is cat_k else kv.args[1]
+    if hint_shape(kv) == hint_shape(map_side) and _factor_elsewhere(kv, state):
+        # phi(k) * x adds no axis of x's (no outer product) and is also a factor of another product (the
+        # numerator's (phi(k) * mask) (x) v, beside this normaliser's running sum of it): x multiplies the
+        # keys' feature map, it is not this sum's values
+        why = multiplied_map_reason(gm, kv)
+        if why is not None:
+            raise Refused("feature_map", why, state)
     v_stop = walk_operand(gm, v_arg).stop
     if read_feature_map(gm, v_stop) is not None or _state_kind(strip_views(v_arg)) is not None:
         raise NotACandidate("phi(k) times phi(k), or times a running sum")
