@@ -1,4 +1,5 @@
-"""Guard the registered buffers whose values a rewrite relied on.
+"""Guard the registered buffers (and integer tensor attributes, graph/inputs.py) whose values a rewrite
+relied on.
 
 The pass reads some registered buffers by value at compile time: a ``tril`` mask buffer is
 what makes a site causal, a scale kept in a buffer becomes the spec's scale. Dynamo guards a
@@ -61,6 +62,9 @@ class _Watched:
         entry = self.seen.get(id(t))
         return entry is not None and entry[0]() is t and entry[1] == _version(t) and entry[2] == t.data_ptr()
 
+    def _kind(self) -> str:
+        return "registered buffer" if "._buffers[" in self.baked.name else "integer tensor attribute"
+
     def check(self, t: torch.Tensor) -> None:
         if self._known(t):
             return
@@ -68,7 +72,7 @@ class _Watched:
                 and torch.equal(t.detach().cpu(), self.values))
         if not same:
             raise StaleBufferError(
-                f"based_compile: the registered buffer {self.baked.name} has changed since torch.compile "
+                f"based_compile: the {self._kind()} {self.baked.name} has changed since torch.compile "
                 f"read it; the Based attention rewrite relied on its values ({self.baked.why}). "
                 "Compile the model again (torch._dynamo.reset(), then torch.compile), or compile with "
                 "based_compile.backend(rewrite=False).")

@@ -239,3 +239,27 @@ def test_blocks_compiled_one_by_one_compare_each_buffer_once(monkeypatch):
         blocks[2].bias.fill_(1.0)                                # one block's buffer changed: still caught
     with pytest.raises(StaleBufferError):
         compiled[2](x)
+
+
+class ScaledByAnAttribute(nn.Module):
+    """A float scale kept as a plain tensor attribute (a schedule may replace it): a variable, read at run
+    time, never baked; an integer one (an index table) is a constant, like a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.tensor(0.5, dtype=torch.float64)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = (q @ k.mT) * self.scale
+        a = (1 + s + 0.5 * s * s).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), 0.0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_a_float_tensor_attribute_is_read_at_run_time():
+    model = ScaledByAnAttribute()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    q, k, v = (torch.randn(1, 2, 7, 4, dtype=torch.float64) for _ in range(3))
+    assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)
+    model.scale = torch.tensor(0.25, dtype=torch.float64)                # replaced: no error, followed
+    assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)

@@ -7,8 +7,9 @@ with ``tril = tril_indices(D, D, -1)`` in a registered buffer (or inline): the d
 x_a^2 / sqrt(2d), the gather the products x_a x_b (a > b) / sqrt(d), so phi(q).phi(k) = 1 + s + s^2 / 2,
 s = q.k / sqrt(d): Based, read as the products each feature holds (``feature_map._block_piece``).
 Near misses refused, with their reasons: index pairs that list a product twice and miss another, a diagonal
-with the wrong weight, the diagonal counted twice (``tril_indices(D, D, 0)`` beside it), indices in a plain
-tensor attribute or in a buffer the model writes (not compile-time constants).
+with the wrong weight, the diagonal counted twice (``tril_indices(D, D, 0)`` beside it), indices in a buffer
+the model writes (not a compile-time constant). Indices in a plain integer tensor attribute (zoology's own
+code) are read like a buffer, and guarded.
 
 Accepted programs are compiled (inner ``aot_eager``; one test ``inductor``) at several lengths (a symbolic
 length from the second), compared with eager in float64 (values and gradients of q, k, v, fresh random
@@ -197,10 +198,31 @@ def test_diagonal_of_another_product_is_refused():
     assert "torch.diagonal" in reason and "does not prove is the outer product" in reason, reason
 
 
-@pytest.mark.parametrize("indices", ["attribute", "written"])
-def test_indices_that_are_not_compile_time_constants_are_refused(indices):
-    reason = _refusal(Attention(indices=indices))
+def test_indices_the_model_writes_are_refused():
+    reason = _refusal(Attention(indices="written"))
     assert "not a compile-time constant" in reason, reason
+
+
+def test_indices_in_a_plain_attribute_are_read_and_guarded():
+    """zoology's own TaylorExp keeps ``self.tril_indices = torch.tril_indices(...)`` as a plain attribute: an
+    integer module attribute is a compile-time constant like a buffer, and guarded the same way."""
+    module = Attention(indices="attribute")
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
+    for t in (5, 9):
+        inputs = _inputs(t, t)
+        with torch.no_grad():
+            compiled(*inputs)
+            with BasedOpCounter() as counter:
+                got = compiled(*inputs)
+        assert counter.total >= 1, counter.calls
+        assert_rel_close(got, module(*inputs), TOL, f"T={t}")
+    module.feature_map.tril_indices = module.feature_map.tril_indices.clone()     # the same values: runs
+    with torch.no_grad():
+        assert_rel_close(compiled(*inputs), module(*inputs), TOL, "reassigned")
+    module.feature_map.tril_indices = torch.triu_indices(D, D, 1)        # other values: guarded
+    with torch.no_grad(), pytest.raises(based_compile.StaleBufferError,
+                                        match="integer tensor attribute.*tril_indices"):
+        compiled(*inputs)
 
 
 def test_index_buffer_is_guarded():

@@ -9,6 +9,8 @@ site took at compile time, for ``buffer_guard`` to watch at run time.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +33,12 @@ class BakedBuffer:
 
 
 def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
-    """Per placeholder: True when it is a registered buffer the graph does not write, or a size (compile-time
-    constant). A buffer the graph writes in place (recurrent states kept in buffers, ``self.kv.add_(...)``,
-    ``self.kv.copy_(...)``) is the model's state: a variable, read as the tensor it is at run time."""
+    """Per placeholder: True when it is a registered buffer the graph does not write, an integer tensor kept as a
+    plain module attribute that the graph does not write (index tables: zoology's ``self.tril_indices =
+    torch.tril_indices(...)``), or a size (compile-time constant). A buffer the graph writes in place (recurrent
+    states kept in buffers, ``self.kv.add_(...)``, ``self.kv.copy_(...)``) is the model's state: a variable,
+    read as the tensor it is at run time. Floating plain attributes (a scale a schedule replaces) stay
+    variables. What a rewrite reads of a constant is guarded (buffer_guard.py)."""
     written = _written_placeholders(gm)
     flags = []
     for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
@@ -42,8 +47,21 @@ def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
             continue
         # a module's registered buffer: L['self']._buffers['tril'], L['self']._modules['attn']._buffers['mask']
         # (not any name with the word in it: an argument called ``buffers`` is an input like any other)
-        flags.append("._buffers[" in source_name(node) and not value.requires_grad and node not in written)
+        name = source_name(node)
+        attribute = _integer_attribute(name, value)
+        flags.append(("._buffers[" in name or attribute) and not value.requires_grad and node not in written)
     return flags
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_ATTRIBUTE = re.compile(r"L\['self'\](?:\._modules\['[^']+'\]|\.[A-Za-z_]\w*)*\.[A-Za-z_]\w*")
+
+
+def _integer_attribute(name: str, value: torch.Tensor) -> bool:
+    """An integer tensor that is a plain attribute of the compiled module or of one of its submodules
+    (``L['self'].tril_indices``, ``L['self']._modules['fm'].idx``, ``L['self'].fm.idx``): not a parameter,
+    a buffer (read above), an argument or an item of a container."""
+    return value.dtype in _INDEX_DTYPES and _ATTRIBUTE.fullmatch(name) is not None
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
