@@ -263,3 +263,27 @@ def test_a_float_tensor_attribute_is_read_at_run_time():
     assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)
     model.scale = torch.tensor(0.25, dtype=torch.float64)                # replaced: no error, followed
     assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)
+
+
+class StepScaled(nn.Module):
+    """A one-element integer attribute a schedule replaces every call (a step counter): read at run time, not
+    baked (an integer attribute of more elements, an index table, is a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = torch.tensor(3)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        s = (q @ k.mT) / self.step
+        a = (1 + s + 0.5 * s * s).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), 0.0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_a_one_element_integer_attribute_replaced_every_call_keeps_running():
+    model = StepScaled()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    q, k, v = (torch.randn(1, 2, 7, 4, dtype=torch.float64) for _ in range(3))
+    for step in (3, 4, 5):
+        model.step = torch.tensor(step)
+        assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10, f"step {step}")

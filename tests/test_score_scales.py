@@ -192,7 +192,21 @@ class AfterPolynomial(torch.nn.Module):
         return _out(_weights(q @ k.mT) / self.temperature, v)
 
 
+class NormaliserUnscaled(torch.nn.Module):
+    """The numerator's scores divided by the temperature, the normaliser's not: other weights (the reason
+    was an internal error of the pass, an attribute left from a rename)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = torch.nn.Parameter(torch.tensor(1.9, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        s = q @ k.mT
+        return (_weights(s / self.temperature) @ v) / (_weights(s).sum(-1, keepdim=True) + 1e-6)
+
+
 REFUSED = {
+    "normaliser without the temperature": (NormaliserUnscaled, "another one-element scale on q.k"),
     "per-head temperature": (lambda: Scaled(ACCEPTED["divided by a parameter"], (1, H, 1, 1)), "per-head"),
     "per-query temperature": (PerQuery, "per-query"),
     "scale from the scores (amax)": (lambda: FromScores("amax"), "computed from the scores themselves"),

@@ -1,6 +1,7 @@
 """In-place writes are read from what a node is, not from its name (graph/writes.py): an ATen overload
-(``torch.ops.aten.fill_.Scalar``: its name ends in ``.Scalar``), a custom operator with ``mutates_args``,
-and a ``torch.utils.checkpoint`` call whose function writes a tensor passed to it. Before, each of these
+(``torch.ops.aten.fill_.Scalar``: its name ends in ``.Scalar``), a custom operator with ``mutates_args``
+(a tensor or a list of them), ``torch._foreach_*_`` (each tensor of its first list), and a
+``torch.utils.checkpoint`` call whose function writes a tensor passed to it. Before, each of these
 went unseen: a mask written by them was read as the tril it was built as, and ``v`` written after
 ``a @ v`` was read by the operator at the output (errors 0.5-1.6, a reviewer's cases). Every program is
 compiled (inner ``aot_eager``) and compared with eager in float64 at two lengths."""
@@ -69,7 +70,21 @@ def v_written_after_the_numerator(q, k, v):
     return num / (a.sum(-1, keepdim=True) + 1e-6)
 
 
+@torch.library.custom_op("based_compile_tests::open_masks", mutates_args={"masks"})
+def open_masks(masks: list[torch.Tensor]) -> None:
+    for m in masks:
+        m.add_(1.0)
+
+
+@open_masks.register_fake
+def _(masks):
+    return None
+
+
 CASES = {
+    "torch._foreach_add_": masked(lambda m: torch._foreach_add_([m], 1.0), False),
+    "torch._foreach_add_, checkpointed": masked(lambda m: torch._foreach_add_([m], 1.0), True),
+    "custom op writing a list": masked(lambda m: open_masks([m]), False),
     "custom op, checkpointed": masked(open_mask, True),
     "custom op": masked(open_mask, False),
     "aten.fill_.Scalar, checkpointed": masked(lambda m: torch.ops.aten.fill_.Scalar(m, 1.0), True),
@@ -130,6 +145,8 @@ def test_written_arguments_reads_the_schema():
     assert written_arguments(calls[0]) == [y]
     (x, y), calls = _targets(lambda x, y: torch.add(x, y))
     assert written_arguments(calls[0]) == []
+    (x, y), calls = _targets(lambda x, y: torch._foreach_mul_([x, y], 2.0))
+    assert written_arguments(calls[0]) == [x, y]
 
 
 def taylor(x):

@@ -68,7 +68,7 @@ class Weights:
             if mine is not theirs:
                 return (f"sums {self.describe()} as the numerator does, but of other {name} ({mine.name}, the "
                         f"numerator's {theirs.name}: another tensor or view)")
-        if self.q_factor is not other.q_factor:
+        if self.score_scale != other.score_scale:
             return f"sums {self.describe()} as the numerator does, but with another one-element scale on q.k"
         return f"sums {self.describe()} as the numerator does, but masked otherwise"
 

@@ -702,8 +702,7 @@ def attention_region(gm: fx.GraphModule) -> list[fx.Node]:
     # A write into a region tensor that is not eligible itself (``x[i] = y`` is impure) belongs to
     # the region too: without it, the region's copy would read that tensor unwritten.
     for node in gm.graph.nodes:
-        if (node not in region and writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node)
-                and node.args[0] in region):
+        if node not in region and any(x in region for x in written_arguments(node)):
             region.add(node)
     return [n for n in gm.graph.nodes if n in region]
 

@@ -37,8 +37,9 @@ def constant_placeholders(gm: fx.GraphModule, example_inputs) -> list[bool]:
     plain module attribute that the graph does not write (index tables: zoology's ``self.tril_indices =
     torch.tril_indices(...)``), or a size (compile-time constant). A buffer the graph writes in place (recurrent
     states kept in buffers, ``self.kv.add_(...)``, ``self.kv.copy_(...)``) is the model's state: a variable,
-    read as the tensor it is at run time. Floating plain attributes (a scale a schedule replaces) stay
-    variables. What a rewrite reads of a constant is guarded (buffer_guard.py)."""
+    read as the tensor it is at run time. Floating plain attributes (a scale a schedule replaces) and
+    one-element integer ones (a step counter) stay variables. What a rewrite reads of a constant is guarded
+    (buffer_guard.py)."""
     written = _written_placeholders(gm)
     flags = []
     for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
@@ -58,10 +59,11 @@ _ATTRIBUTE = re.compile(r"L\['self'\](?:\._modules\['[^']+'\]|\.[A-Za-z_]\w*)*\.
 
 
 def _integer_attribute(name: str, value: torch.Tensor) -> bool:
-    """An integer tensor that is a plain attribute of the compiled module or of one of its submodules
-    (``L['self'].tril_indices``, ``L['self']._modules['fm'].idx``, ``L['self'].fm.idx``): not a parameter,
-    a buffer (read above), an argument or an item of a container."""
-    return value.dtype in _INDEX_DTYPES and _ATTRIBUTE.fullmatch(name) is not None
+    """An integer table of more than one element that is a plain attribute of the compiled module or of one
+    of its submodules (``L['self'].tril_indices``, ``L['self']._modules['fm'].idx``, ``L['self'].fm.idx``):
+    not a parameter, a buffer (read above), an argument or an item of a container. A one-element integer
+    (a step counter, an offset a schedule replaces) stays read at run time."""
+    return value.dtype in _INDEX_DTYPES and value.numel() > 1 and _ATTRIBUTE.fullmatch(name) is not None
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:

@@ -8,7 +8,8 @@ Read from what the node is, not from how it is spelled:
   - a higher-order operator (a ``torch.utils.checkpoint`` call, ...) whose body writes one of its
     inputs, or memory the pass cannot name: every tensor it is given (a checkpointed function that
     fills the mask passed to it writes that mask);
-  - a function named with a trailing ``_`` (``torch.relu_``): its first argument.
+  - a function named with a trailing ``_`` (``torch.relu_``, ``torch._foreach_add_``): its first argument,
+    or every tensor of it when it is a list (the ``_foreach_`` ops write each tensor of their first list).
 """
 from __future__ import annotations
 
@@ -37,11 +38,17 @@ def written_arguments(node: fx.Node) -> list[fx.Node]:
     if schemas:
         return _schema_written(node, schemas)
     name = getattr(target, "__name__", "")
-    return _first(node) if name.endswith("_") and not name.startswith("_") else []
+    return _first(node) if name.endswith("_") and not name.startswith("__") else []
 
 
 def _first(node: fx.Node) -> list[fx.Node]:
-    return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    """The first argument, or the tensors of it when it is a list or tuple."""
+    if not node.args:
+        return []
+    first = node.args[0]
+    if isinstance(first, (list, tuple)):
+        return [x for x in first if isinstance(x, fx.Node)]
+    return [first] if isinstance(first, fx.Node) else []
 
 
 def _schemas(target) -> list:
