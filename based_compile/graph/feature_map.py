@@ -307,14 +307,34 @@ def read_feature_map(gm: fx.GraphModule, cat: fx.Node) -> FeatureMap | None:
 
 
 def same_feature_map(gm: fx.GraphModule, a: fx.Node, b: fx.Node) -> bool:
-    """``a`` and ``b`` (two cats) are one feature map: the same node, or the same pieces (kinds, factors,
-    widths, products, in order) of the same tensor at the same shape, which compute the same values
-    (``phi(q)`` called twice: in the scores and in the normaliser)."""
+    """``a`` and ``b`` (two cats) are one feature map: the same node, or the same computation op by op from
+    the same inputs (``phi(q)`` called twice: in the scores and in the normaliser). Not pieces read alike
+    of the same tensor: those are read through views, and phi of another view of q (``q.reshape`` where
+    the scores read ``q.transpose``) holds other rows."""
+    return _same_computation(a, b, {})
+
+
+def _same_computation(a, b, seen: dict, depth: int = 0) -> bool:
+    """``a`` and ``b`` compute the same values: the same node, or one deterministic op with equal constant
+    arguments applied to arguments that compute the same values (at most 64 ops deep)."""
     if a is b:
         return True
-    phi_a, phi_b = read_feature_map(gm, a), read_feature_map(gm, b)
-    return phi_a is not None and phi_b is not None and phi_a.source is phi_b.source \
-        and phi_a.pieces == phi_b.pieces and hint_shape(a) == hint_shape(b)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(_same_computation(x, y, seen, depth) for x, y in zip(a, b))
+        return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
+    key = (a, b)
+    if key in seen:
+        return seen[key]
+    if depth > 64 or a.op != "call_function" or b.op != "call_function" or a.target is not b.target \
+            or a.is_impure() or b.is_impure() or a.kwargs.keys() != b.kwargs.keys() \
+            or hint_shape(a) != hint_shape(b):
+        seen[key] = False
+        return False
+    same = _same_computation(list(a.args), list(b.args), seen, depth + 1) and all(
+        _same_computation(a.kwargs[name], b.kwargs[name], seen, depth + 1) for name in a.kwargs)
+    seen[key] = same
+    return same
 
 
 
@@ -578,10 +598,9 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
-    """Why a product ``x[..., i] * x[..., j]`` among a map's pieces (a nested cat's included) is not read:
-    an index tensor whose value is not a compile-time constant (an argument of forward, or computed from
-    one); else None."""
+def _leaf_pieces(gm, cat: fx.Node, rank: int):
+    """(piece, the op under its views and scalar factors) for each computed piece of a map's torch.cat, the
+    pieces of a nested cat of the map's rank in its place."""
     for t in cat.args[0]:
         if not isinstance(t, fx.Node):
             continue
@@ -589,10 +608,16 @@ def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
         if stop.op != "call_function":
             continue
         if stop.target is aten.cat.default and len(hint_shape(stop) or ()) == rank:
-            why = _unread_index(gm, stop, rank)
-            if why is not None:
-                return why
+            yield from _leaf_pieces(gm, stop, rank)
             continue
+        yield t, stop
+
+
+def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
+    """Why a product ``x[..., i] * x[..., j]`` among a map's pieces (a nested cat's included) is not read:
+    an index tensor whose value is not a compile-time constant (an argument of forward, or computed from
+    one); else None."""
+    for t, stop in _leaf_pieces(gm, cat, rank):
         if stop.target is aten.mul.Tensor:
             gathers = [_strip(gm, f)[0] for f in stop.args[:2] if isinstance(f, fx.Node)]
             what = "a product x[..., i] * x[..., j]"
@@ -605,8 +630,8 @@ def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
                 if isinstance(index, fx.Node) and _constant(gm, index) is None:
                     return (f"a piece of the feature map torch.cat is {what} whose index tensor ({index.name}) "
                             "is not a compile-time constant (an argument of forward or computed from one, a "
-                            "plain tensor attribute of the module rather than a registered buffer, or a buffer "
-                            "the model writes): the pass reads which products x_a x_b the map lists from the "
+                            "plain tensor attribute that is not an integer table, or a buffer the model "
+                            "writes): the pass reads which products x_a x_b the map lists from the "
                             "indices' values (torch.triu_indices / tril_indices inline, or kept in a registered "
                             "buffer)")
     return None
@@ -615,17 +640,7 @@ def _unread_index(gm, cat: fx.Node, rank: int) -> str | None:
 def _unread_block(gm, cat: fx.Node, rank: int) -> str | None:
     """Why a piece that is ``torch.diagonal`` or a gather ``P[..., i, j]`` of a [.., D, D] tensor (a nested
     cat's included) is not read as products x_a x_b; else None."""
-    for t in cat.args[0]:
-        if not isinstance(t, fx.Node):
-            continue
-        stop, _ = _strip(gm, t)
-        if stop.op != "call_function":
-            continue
-        if stop.target is aten.cat.default and len(hint_shape(stop) or ()) == rank:
-            why = _unread_block(gm, stop, rank)
-            if why is not None:
-                return why
-            continue
+    for t, stop in _leaf_pieces(gm, cat, rank):
         if stop.target not in (aten.diagonal.default, aten.index.Tensor) or _block_piece(gm, t, rank) is not None:
             continue
         block = stop.args[0]
