@@ -63,7 +63,7 @@ def _integer_attribute(name: str, value: torch.Tensor) -> bool:
     of its submodules (``L['self'].tril_indices``, ``L['self']._modules['fm'].idx``, ``L['self'].fm.idx``):
     not a parameter, a buffer (read above), an argument or an item of a container. A one-element integer
     (a step counter, an offset a schedule replaces) stays read at run time."""
-    return value.dtype in _INDEX_DTYPES and value.numel() > 1 and _ATTRIBUTE.fullmatch(name) is not None
+    return value.dtype in _INDEX_DTYPES and _ATTRIBUTE.fullmatch(name) is not None and int(hint(value.numel())) > 1
 
 
 def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
