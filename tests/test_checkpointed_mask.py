@@ -20,6 +20,8 @@ import based_compile
 from based_calls import BasedOpCounter
 from based_compile.graph.rewrite import based_attention_call
 from compare import assert_rel_close
+from compiled_compare import Recorder, shaped_inputs, values_and_grads as _run
+from compiled_compare import compile_and_compare as compare_compiled
 from pass_reports import PassReports
 
 TOL = 1e-10
@@ -98,46 +100,12 @@ QKV = ((1, 2, "T", 4), (1, 2, "T", 4), (1, 2, "T", 4))
 
 
 def _inputs(seed, t, shapes=QKV):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*[t if s == "T" else s for s in shape], generator=g, dtype=torch.float64)
-            for shape in shapes]
+    return shaped_inputs(seed, t, shapes)
 
 
-def _run(fn, inputs, seed):
-    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    out = fn(*inputs)
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return out.detach(), torch.autograd.grad(out, inputs, cot)
-
-
-class Recorder:
-    """An inner compiler that keeps the graphs the based backend hands it, then compiles with ``inner``."""
-
-    def __init__(self, inner="aot_eager"):
-        self.graphs: list[fx.GraphModule] = []
-        self.inner = torch._dynamo.lookup_backend(inner)
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return self.inner(gm, example_inputs)
-
-
-def compile_and_compare(module, lengths=(5, 9, 13), inner="aot_eager"):
-    """Compile, call at each length, compare values and gradients with eager in float64, and count the
-    operator calls of one more forward at the last length. The Recorder, with the pass's reports."""
-    recorder = Recorder(inner)
-    compiled = torch.compile(module, backend=based_compile.backend(inner=recorder))
-    with PassReports() as recorder.reports:
-        for t in lengths:
-            inputs = _inputs(100 + t, t)
-            out_c, grads_c = _run(compiled, inputs, t)
-            out_e, grads_e = _run(module, inputs, t)
-            assert_rel_close(out_c, out_e, TOL, f"T={t}: output, compiled vs eager")
-            for j, (c, e) in enumerate(zip(grads_c, grads_e)):
-                assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}, compiled vs eager")
-    with torch.no_grad(), BasedOpCounter() as recorder.counter:
-        compiled(*inputs)
-    return recorder
+def compile_and_compare(module, lengths=(5, 9, 13), inner="aot_eager") -> Recorder:
+    """compiled_compare's at this file's shapes, counting the operator's calls (``.counter``)."""
+    return compare_compiled(module, QKV, lengths, inner=inner, tol=TOL, count=True)
 
 
 def _square(node: fx.Node) -> bool:

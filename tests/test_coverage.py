@@ -19,6 +19,8 @@ import torch.fx as fx
 import based_compile
 from based_compile.graph.rewrite import based_attention_call
 from compare import assert_rel_close
+from compiled_compare import Recorder, shaped_inputs, values_and_grads as _run
+from compiled_compare import compile_and_compare as compare_compiled
 from pass_reports import PassReports
 
 TOL = 1e-10
@@ -27,53 +29,17 @@ TOL = 1e-10
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")     # conftest.py: Dynamo reset around each test
 
 
-class Recorder:
-    """An inner compiler (eager) that keeps the graphs the based backend hands it."""
-
-    def __init__(self):
-        self.graphs: list[fx.GraphModule] = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return gm.forward
-
-    def sites(self) -> list[int]:
-        """Rewritten sites per compiled graph."""
-        return [sum(n.target is based_attention_call for n in g.graph.nodes) for g in self.graphs]
-
-
-def _inputs(seed, t, shapes):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*[t if s == "T" else s for s in shape], generator=g, dtype=torch.float64)
-            for shape in shapes]
-
-
-def _run(fn, inputs, seed):
-    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    out = fn(*inputs)
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return out.detach(), torch.autograd.grad(out, inputs, cot)
-
-
 QKV = ((1, 2, "T", 4), (1, 2, "T", 4), (1, 2, "T", 3))
 
 
 def compile_and_compare(module, shapes=QKV, lengths=(4, 9, 13), dynamic=None) -> Recorder:
-    """Compile, call at each length, compare values and gradients with eager; the Recorder, with the
-    pass's report of each graph in ``.reports`` (one graph traced at the first length, one with a
-    symbolic length at the second unless ``dynamic``)."""
-    recorder = Recorder()
-    compiled = torch.compile(module, backend=based_compile.backend(inner=recorder), dynamic=dynamic)
-    with PassReports() as recorder.reports:
-        for i, t in enumerate(lengths):
-            inputs = _inputs(100 + t, t, shapes)
-            out_c, grads_c = _run(compiled, inputs, t)
-            out_e, grads_e = _run(module, inputs, t)
-            assert_rel_close(out_c, out_e, TOL, f"T={t}: output, compiled vs eager")
-            for j, (c, e) in enumerate(zip(grads_c, grads_e)):
-                assert_rel_close(c, e, TOL, f"T={t}: gradient of input {j}, compiled vs eager")
-    assert len(recorder.reports.graphs) >= len(recorder.graphs) >= 1, recorder.reports   # more: a restart
-    return recorder
+    """compiled_compare's, eagerly compiled (one graph traced at the first length, one with a symbolic length
+    at the second unless ``dynamic``)."""
+    return compare_compiled(module, shapes, lengths, dynamic=dynamic, tol=TOL)
+
+
+def _inputs(seed, t, shapes):
+    return shaped_inputs(seed, t, shapes)
 
 
 def explain(module, shapes=QKV, t=6):
