@@ -35,9 +35,11 @@ from .parallel import _dkv_step, _dq_step, _parallel_bwd_prep_kernel
 from .prefix_chunked import (
     PrefixConfig,
     _check_config,
+    _pair_features_t,
     _pair_weights,
     _plan,
     _square_features,
+    _square_features_t,
     _square_weights,
     _state_rows,
     forward_states,
@@ -99,7 +101,9 @@ def _reverse_state_kernel(
     T, H, GROUP, DK, DV, NC, SEGC, NSEG, W,
     C: tl.constexpr, BTS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DB: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, STORE_TOTAL: tl.constexpr,
+    TRANS: tl.constexpr,
 ):
+    # TRANS: the features formed transposed ([rows, BTS], the dot's first operand without a transpose)
     # program (i_f, i_p): feature block i_f (< NA: pair offsets i_f DB ..; NA: block B and the constant),
     # batch x kv head i_p // NSEG, segment i_p % NSEG. Walks its segment from the end; CAUSAL: before
     # adding chunk c, its slot gets the sum over the segment's later chunks. STORE_TOTAL: the segment's
@@ -144,12 +148,19 @@ def _reverse_state_kernel(
                 h = hk * GROUP + g
                 qt = load_rows(q + b * sq_b + h * sq_h, rows, offs_k, sq_t, sq_d, T, DK)
                 dnt = load_rows(dn + b * sdn_b + h * sdn_h, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)
-                first, second, e1, e2 = _pair_factors(qt, d0, DB, BK, PRECISION)
-                f = first * second
-                acc = tl.dot(tl.trans(f.to(dt)), dnt, acc, input_precision=PRECISION)
-                if NORMALIZE:
-                    dzt = tl.load(dz + (b * H + h) * T + rows, mask=rows < T, other=0.0)
-                    zacc += tl.sum(f * dzt[:, None], axis=0)
+                if TRANS:
+                    ft = _pair_features_t(qt, d0, DB, BK, PRECISION)
+                    acc = tl.dot(ft.to(dt), dnt, acc, input_precision=PRECISION)
+                    if NORMALIZE:
+                        dzt = tl.load(dz + (b * H + h) * T + rows, mask=rows < T, other=0.0)
+                        zacc += tl.sum(ft * dzt[None, :], axis=1)
+                else:
+                    first, second, e1, e2 = _pair_factors(qt, d0, DB, BK, PRECISION)
+                    f = first * second
+                    acc = tl.dot(tl.trans(f.to(dt)), dnt, acc, input_precision=PRECISION)
+                    if NORMALIZE:
+                        dzt = tl.load(dz + (b * H + h) * T + rows, mask=rows < T, other=0.0)
+                        zacc += tl.sum(f * dzt[:, None], axis=0)
         if STORE_TOTAL:
             tl.store(total + rr[:, None] * DV + offs_v[None, :], acc, mask=vmask[None, :])
             if NORMALIZE:
@@ -175,13 +186,20 @@ def _reverse_state_kernel(
                 h = hk * GROUP + g
                 qt = load_rows(q + b * sq_b + h * sq_h, rows, offs_k, sq_t, sq_d, T, DK)
                 dnt = load_rows(dn + b * sdn_b + h * sdn_h, rows, offs_v, sdn_t, sdn_d, T, DV).to(dt)
-                f = _square_features(qt.to(tl.float32), BTS, BK)
-                bacc = tl.dot(tl.trans(f.to(dt)), dnt, bacc, input_precision=PRECISION)
                 s0 += tl.sum(dnt.to(tl.float32), axis=0)
                 if NORMALIZE:
                     dzt = tl.load(dz + (b * H + h) * T + rows, mask=rows < T, other=0.0)
-                    zbacc += tl.sum(f * dzt[:, None], axis=0)
                     z0 += tl.sum(dzt, axis=0)
+                if TRANS:
+                    ft = _square_features_t(qt, BK, PRECISION)
+                    bacc = tl.dot(ft.to(dt), dnt, bacc, input_precision=PRECISION)
+                    if NORMALIZE:
+                        zbacc += tl.sum(ft * dzt[None, :], axis=1)
+                else:
+                    f = _square_features(qt.to(tl.float32), BTS, BK)
+                    bacc = tl.dot(tl.trans(f.to(dt)), dnt, bacc, input_precision=PRECISION)
+                    if NORMALIZE:
+                        zbacc += tl.sum(f * dzt[:, None], axis=0)
         if STORE_TOTAL:
             tl.store(total + rb[:, None] * DV + offs_v[None, :], bacc, mask=vmask[None, :])
             tl.store(total + (FA + FB) * DV + offs_v, s0, mask=vmask)
@@ -406,7 +424,7 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
     _reverse_state_kernel[(p.na + 1, b * hk * p.nseg)](
         q, dn, dz, rs, rz, rg, *qs, *dn_strides, t, h, args.group, dk_, dv_, nc, p.segc, p.nseg, w,
         C=cfg.c, BTS=cfg.bts, BK=p.bk, BV=bv, DB=p.db, CAUSAL=args.causal, NORMALIZE=args.normalize,
-        PRECISION=prec, STORE_TOTAL=use_total, num_warps=cfg.reverse_warps, num_stages=cfg.state_stages,
+        PRECISION=prec, STORE_TOTAL=use_total, TRANS=cfg.reverse_trans, num_warps=cfg.reverse_warps, num_stages=cfg.state_stages,
         **register_cap(cfg.reverse_maxnreg))
     if use_total:
         n_in = p.nseg - 1 if args.causal else p.nseg

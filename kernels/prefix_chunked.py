@@ -22,7 +22,10 @@ T is cut into state chunks of C tokens. Three kernels, none of which carries a f
 The features are the symmetric basis of kernels/symmetric_basis.py over the padded BK: block A the
 rolled pairs x_a x_{(a + d) mod BK}, d = 1 .. BK / 2 (BK / 2 x BK rows, in blocks of DB offsets),
 block B (x_a, x_a^2) and the constant; 161 rows at Dk <= 16. The pair factors come from the tile in
-registers (one-hot dots or tl.gather) or from gathered loads (_pair_features' MODE). The normaliser's
+registers (one-hot dots or tl.gather) or from gathered loads (_pair_features' MODE). The state kernels
+form theirs transposed, [rows, keys] (PrefixConfig.state_trans: one-hot [rows, BK] times the tile's
+transpose), so that phi(K)^T meets V as a dot's first operand straight from registers: a [keys, rows]
+tile had to be transposed through shared memory first, the stall ncu found (21% faster). The normaliser's
 sums can run as dots too (PrefixConfig.zdot; a float32 value is split into two columns, its rounding
 and the remainder, so it loses nothing to the dtype).
 
@@ -98,6 +101,36 @@ def _square_weights(c1, c2, BK: tl.constexpr):
 
 
 @triton.jit
+def _pair_features_t(x, D0, DB: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    # [DB * BK, BT] float32: _pair_features' MODE 2 transposed, formed transposed (one-hot [DB BK, BK] times
+    # x^T), so that it meets the values [BT, BV] as a dot's first operand without a transpose in between
+    p = tl.arange(0, DB * BK)
+    a = p % BK
+    col = (a + D0 + p // BK + 1) % BK
+    src = tl.arange(0, BK)[None, :]
+    xt = tl.trans(x)
+    first = tl.dot((a[:, None] == src).to(x.dtype), xt, input_precision=PRECISION)       # x_a
+    second = tl.dot((col[:, None] == src).to(x.dtype), xt, input_precision=PRECISION)    # x_{a + d + 1}
+    return first * second
+
+
+@triton.jit
+def _square_features_t(x, BK: tl.constexpr, PRECISION: tl.constexpr):
+    # [2 BK, BT] float32: _square_features transposed (rows (a, j): x_a for j = 0, x_a^2 for j = 1), by one
+    # one-hot dot
+    p = tl.arange(0, 2 * BK)
+    xa = tl.dot((p[:, None] // 2 == tl.arange(0, BK)[None, :]).to(x.dtype), tl.trans(x), input_precision=PRECISION)
+    return tl.where((p % 2 == 1)[:, None], xa * xa, xa)
+
+
+@triton.jit
+def _row_sums_t(ft, zmat, BT: tl.constexpr, PRECISION: tl.constexpr):
+    # _column_sums of ft^T: zmat [R, 16] += ft e0, ft [R, BT] in the dots' dtype
+    e0 = tl.zeros([BT, 16], dtype=ft.dtype) + (tl.arange(0, 16)[None, :] == 0).to(ft.dtype)
+    return tl.dot(ft, e0, zmat, input_precision=PRECISION)
+
+
+@triton.jit
 def _column_sums(f, zmat, BT: tl.constexpr, PRECISION: tl.constexpr):
     # zmat [R, 16] float32 += f^T e0, f [BT, R] in the dots' dtype, e0 [BT, 16] ones in column 0: the
     # column sums of f on the tensor cores (zmat's other columns stay 0)
@@ -122,13 +155,20 @@ def _row_products(f, zs, PRECISION: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _square_step(kt, vt, rows, T, wb, bacc, zbacc, s0, z0, c0, BTS: tl.constexpr, BK: tl.constexpr,
-                 NORMALIZE: tl.constexpr, PRECISION: tl.constexpr):
-    # block B (x_a, x_a^2) and the constant: one step of BTS keys
-    f = _square_features(kt.to(tl.float32), BTS, BK) * wb[None, :]
-    bacc = tl.dot(tl.trans(f.to(vt.dtype)), vt, bacc, input_precision=PRECISION)
+                 NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, TRANS: tl.constexpr):
+    # block B (x_a, x_a^2) and the constant: one step of BTS keys (TRANS: the features formed transposed)
+    if TRANS:
+        ft = _square_features_t(kt, BK, PRECISION) * wb[:, None]
+        bacc = tl.dot(ft.to(vt.dtype), vt, bacc, input_precision=PRECISION)
+        if NORMALIZE:
+            zbacc += tl.sum(ft, axis=1)
+    else:
+        f = _square_features(kt.to(tl.float32), BTS, BK) * wb[None, :]
+        bacc = tl.dot(tl.trans(f.to(vt.dtype)), vt, bacc, input_precision=PRECISION)
+        if NORMALIZE:
+            zbacc += tl.sum(f, axis=0)
     s0 += c0 * tl.sum(vt.to(tl.float32), axis=0)
     if NORMALIZE:
-        zbacc += tl.sum(f, axis=0)
         z0 += c0 * tl.sum((rows < T).to(tl.float32), axis=0)
     return bacc, zbacc, s0, z0
 
@@ -166,7 +206,7 @@ def _prefix_state_kernel(
     T, HK, DK, DV, NC, SEGC, NSEG, W, c0, c1, c2,
     C: tl.constexpr, BTS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DB: tl.constexpr,
     CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, ZDOT: tl.constexpr, MODE: tl.constexpr,
-    STORE_TOTAL: tl.constexpr, MERGE_B: tl.constexpr,
+    STORE_TOTAL: tl.constexpr, MERGE_B: tl.constexpr, TRANS: tl.constexpr,
 ):
     # program (i_f, i_v, i_p): feature block i_f (< NA: block A's offsets i_f DB ..; NA: block B and the
     # constant, or with MERGE_B (NA == 1) all of them in program 0, which reads K and V once), value
@@ -220,16 +260,25 @@ def _prefix_state_kernel(
             rows = j + offs_t
             kt = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vt = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
-            f = (_pair_features(kt, k, rows, sk_t, sk_d, T, DK, d0, DB, BTS, BK, PRECISION, MODE) * w[None, :]).to(dt)
-            acc = tl.dot(tl.trans(f), vt, acc, input_precision=PRECISION)
-            if NORMALIZE:
-                if ZDOT:
-                    zmat = _column_sums(f, zmat, BTS, PRECISION)
-                else:
-                    zacc += tl.sum(f.to(tl.float32), axis=0)
+            if TRANS:
+                ft = (_pair_features_t(kt, d0, DB, BK, PRECISION) * w[:, None]).to(dt)           # [DB BK, BTS]
+                acc = tl.dot(ft, vt, acc, input_precision=PRECISION)
+                if NORMALIZE:
+                    if ZDOT:
+                        zmat = _row_sums_t(ft, zmat, BTS, PRECISION)
+                    else:
+                        zacc += tl.sum(ft.to(tl.float32), axis=1)
+            else:
+                f = (_pair_features(kt, k, rows, sk_t, sk_d, T, DK, d0, DB, BTS, BK, PRECISION, MODE) * w[None, :]).to(dt)
+                acc = tl.dot(tl.trans(f), vt, acc, input_precision=PRECISION)
+                if NORMALIZE:
+                    if ZDOT:
+                        zmat = _column_sums(f, zmat, BTS, PRECISION)
+                    else:
+                        zacc += tl.sum(f.to(tl.float32), axis=0)
             if MERGE_B:
                 bacc, zbacc, s0, z0 = _square_step(kt, vt, rows, T, wb, bacc, zbacc, s0, z0, c0, BTS, BK,
-                                                   NORMALIZE, PRECISION)
+                                                   NORMALIZE, PRECISION, TRANS)
         if STORE_TOTAL:
             if ZDOT:
                 zacc = tl.sum(zmat, axis=1)
@@ -251,7 +300,7 @@ def _prefix_state_kernel(
             kt = load_rows(k, rows, offs_k, sk_t, sk_d, T, DK)
             vt = load_rows(v, rows, offs_v, sv_t, sv_d, T, DV)
             bacc, zbacc, s0, z0 = _square_step(kt, vt, rows, T, wb, bacc, zbacc, s0, z0, c0, BTS, BK, NORMALIZE,
-                                               PRECISION)
+                                               PRECISION, TRANS)
         if STORE_TOTAL:
             _store_square(total, total + NF * DV, bacc, zbacc, s0, z0, FA, FB, offs_v, DV, NORMALIZE, i_v)
 
@@ -392,6 +441,10 @@ class PrefixConfig:
     state_maxnreg: int = 0
     state_mode: int = 2         # the state kernel's mode (-1: mode)
     state_bv: int = 0           # the state kernel's value block (0: bv)
+    # the state kernel forms its features transposed ([rows, keys], one-hot dots: MODE 2's values; state_mode
+    # unused), so they meet the values as a dot's first operand with no transpose in between: 0.581 -> 0.457 ms
+    # at T = 8192 (Dv 128: 0.988 -> 0.777, Dk 32: 1.055 -> 0.986; benchmarks/NOTES.md, sixteenth session)
+    state_trans: bool = True
     # the backward (kernels/prefix_backward.py): warps of its dk/dv and reverse-state kernels (dq: warps);
     # 4 and 4 the H200's best at T = 8192 (fwd+bwd 5.34 ms; 8 and 8: 7.31; benchmarks/NOTES.md, twelfth session)
     dkv_warps: int = 4
@@ -399,6 +452,9 @@ class PrefixConfig:
     dq_maxnreg: int = 0         # register caps of the backward's dq, dk/dv and reverse-state kernels (0: none)
     dkv_maxnreg: int = 0
     reverse_maxnreg: int = 0
+    # the same in the backward's reverse-state kernel: 0.687 -> 0.508 ms (Dk 32: 1.447 -> 0.982), but slower at
+    # Dv 128 (1.263 -> 1.545): prefix_config takes it at Dv <= 64 only
+    reverse_trans: bool = True
 
 
 def _pow2(n: int) -> int:
@@ -412,9 +468,11 @@ def feature_rows(dk: int) -> int:
 
 def prefix_config(args: BasedArguments, dtype: torch.dtype | None = None) -> PrefixConfig:
     """The launch for these arguments and inputs of ``dtype`` (None: as bfloat16)."""
+    reverse_trans = args.dv <= 64
     if triton_interpreting():
-        return PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=min(64, _pow2(args.dv)), target=1)
-    return PrefixConfig(bv=min(64, _pow2(args.dv)), **_register_caps(args, dtype))
+        return PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=min(64, _pow2(args.dv)), target=1,
+                            reverse_trans=reverse_trans)
+    return PrefixConfig(bv=min(64, _pow2(args.dv)), reverse_trans=reverse_trans, **_register_caps(args, dtype))
 
 
 def _register_caps(args: BasedArguments, dtype: torch.dtype | None) -> dict:
@@ -530,7 +588,7 @@ def forward_states(k, v, args: BasedArguments, cfg: PrefixConfig, p: _Plan, out=
         p.nc, p.segc, p.nseg, w, c0, c1, c2,
         C=cfg.c, BTS=cfg.bts, BK=p.bk, BV=sbv, DB=p.db, CAUSAL=args.causal, NORMALIZE=args.normalize,
         PRECISION=dot_precision(k.dtype), ZDOT=cfg.zdot, MODE=cfg.mode if cfg.state_mode < 0 else cfg.state_mode,
-        STORE_TOTAL=use_total, MERGE_B=merge_b,
+        STORE_TOTAL=use_total, MERGE_B=merge_b, TRANS=cfg.state_trans,
         num_warps=cfg.state_warps, num_stages=cfg.state_stages, **register_cap(cfg.state_maxnreg))
     if use_total:
         n_in = p.nseg - 1 if args.causal else p.nseg

@@ -53,6 +53,12 @@ def _check(b, h, t, dk, dv, cfg, *, kv_heads=None, layout="BHTD", causal=True, n
     (70, 32, 32, None, "BTHD", True, True, dict(target=100)),              # Dk = 32
     (33, 5, 33, 1, "BHTD", True, True, dict(c=64, bt=32, bts=32)),         # key tiles of 32, query steps of 16
     (1, 1, 3, None, "BHTD", True, False, {}),    # one token: normalised, dq and dk would be 0
+    # the state kernels' features formed as [keys, rows] (transposed in the dot: Dv > 64, and the launch before)
+    (77, 16, 64, 1, "BTHD", True, True, dict(reverse_trans=False, target=100)),
+    (50, 8, 24, 2, "BHTD", True, True, dict(reverse_trans=False, state_trans=False)),
+    (45, 16, 40, None, "BTHD", False, True, dict(reverse_trans=False)),
+    (45, 16, 32, None, "BHTD", True, False, dict(reverse_trans=False, target=100)),
+    (70, 32, 32, None, "BTHD", True, True, dict(reverse_trans=False)),
 ])
 def test_gradients_match_float64(t, dk, dv, kv_heads, layout, causal, normalize, changes):
     _check(1, 4 if kv_heads else 2, t, dk, dv, dataclasses.replace(SMALL, **changes), kv_heads=kv_heads,
@@ -98,6 +104,9 @@ GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
     (4096, 16, 64, torch.bfloat16, "BTHD", None, True, dict(target=4096)),         # segments
     (2047, 16, 64, torch.float32, "BHTD", None, True, {}),
     (2048, 32, 64, torch.bfloat16, "BHTD", 2, True, {}),
+    (8192, 16, 64, torch.bfloat16, "BHTD", None, True, dict(state_trans=False, reverse_trans=False)),
+    (4097, 16, 128, torch.bfloat16, "BTHD", 2, False, dict(reverse_trans=False)),     # as prefix_config at Dv > 64
+    (2047, 16, 64, torch.float32, "BHTD", None, True, dict(state_trans=False, reverse_trans=False)),
 ])
 def test_gpu_realistic_shapes(t, dk, dv, dtype, layout, kv_heads, causal, changes, no_tf32):
     q, k, v = (x.to(dtype) for x in make_inputs(2, 4, t, dk, dv, kv_heads=kv_heads, layout=layout, device="cuda"))

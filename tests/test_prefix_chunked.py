@@ -67,17 +67,26 @@ def _check(b, h, t, dk, dv, cfg, *, kv_heads=None, layout="BHTD", causal=True, n
     (45, 16, 40, None, "BHTD", False, True, dict(pair_rows=128, bv=16)),
     (45, 12, 32, None, "BTHD", True, False, dict(pair_rows=128, state_bv=16)),
     (70, 32, 32, None, "BHTD", True, True, dict(pair_rows=128)),           # Dk = 32: 4 pair blocks + B
+    # the state kernel's features formed as [keys, rows] (transposed in the dot: the launch before state_trans)
+    (77, 16, 64, 1, "BTHD", True, True, dict(state_trans=False, target=100)),
+    (45, 16, 40, None, "BHTD", False, True, dict(state_trans=False, bv=16)),
+    (45, 12, 32, None, "BTHD", True, False, dict(state_trans=False, pair_rows=128, state_bv=16)),
+    (33, 5, 33, None, "BHTD", True, True, dict(state_trans=False, zdot=False)),
+    (70, 32, 32, None, "BHTD", True, True, dict(state_trans=False, pair_rows=128)),
 ])
 def test_forward_matches_float64(t, dk, dv, kv_heads, layout, causal, normalize, changes):
     _check(1, 4 if kv_heads else 2, t, dk, dv, dataclasses.replace(SMALL, **changes), kv_heads=kv_heads,
            layout=layout, causal=causal, normalize=normalize, coeffs=(1.0, 1.0, 0.5) if normalize else SIGNED)
 
 
-@pytest.mark.parametrize("mode,state_mode", [(0, 0), (1, 1), (2, 2), (2, -1)])
+@pytest.mark.parametrize("mode,state_mode,state_trans", [(0, 0, False), (1, 1, False), (2, 2, False),
+                                                      (2, -1, False), (0, 0, True), (1, 1, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_every_way_of_forming_the_pair_factors(mode, state_mode, dtype):
-    """Gathered loads, tl.gather and one-hot dots, in the state and the output kernels."""
-    cfg = dataclasses.replace(SMALL, mode=mode, state_mode=state_mode, target=100, state_bv=32)
+def test_every_way_of_forming_the_pair_factors(mode, state_mode, state_trans, dtype):
+    """Gathered loads, tl.gather and one-hot dots, in the state and the output kernels; the state kernel's
+    features formed transposed (its mode then unused)."""
+    cfg = dataclasses.replace(SMALL, mode=mode, state_mode=state_mode, target=100, state_bv=32,
+                              state_trans=state_trans)
     _check(1, 2, 61, 16, 64, cfg, kv_heads=1, dtype=dtype, layout="BTHD")
 
 
@@ -172,6 +181,11 @@ GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
     (2047, 16, 64, torch.float32, "BHTD", None, True, {}),
     (2048, 32, 64, torch.bfloat16, "BHTD", 2, True, dict(mode=1, state_mode=0)),
     (3000, 16, 64, torch.bfloat16, "BHTD", None, True, dict(zdot=False, state_bv=32, c=128)),
+    (8192, 16, 64, torch.bfloat16, "BTHD", 2, True, dict(state_trans=False)),
+    (4097, 16, 128, torch.bfloat16, "BHTD", None, False, dict(state_trans=False)),
+    (2047, 16, 64, torch.float32, "BHTD", None, True, dict(state_trans=False)),
+    (4096, 16, 64, torch.float16, "BTHD", None, True, dict(state_trans=False, target=4096)),
+    (2048, 32, 64, torch.bfloat16, "BHTD", 2, True, dict(pair_rows=128)),
 ])
 def test_gpu_realistic_shapes(t, dk, dv, dtype, layout, kv_heads, causal, changes, no_tf32):
     cfg = dataclasses.replace(prefix_chunked.PrefixConfig(), **changes)

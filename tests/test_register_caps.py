@@ -41,7 +41,8 @@ def test_caps_where_measured(on_a_gpu, dk, dv, dtype, want):
     assert (cfg.maxnreg, cfg.dq_maxnreg, cfg.dkv_maxnreg) == want
     assert cfg.state_maxnreg == cfg.reverse_maxnreg == 0
     uncapped = dataclasses.replace(cfg, maxnreg=0, dq_maxnreg=0, dkv_maxnreg=0)
-    assert uncapped == prefix_chunked.PrefixConfig(bv=cfg.bv)       # nothing else differs from the defaults
+    # nothing else differs from the defaults (but the reverse-state kernel's transposed features, Dv <= 64 only)
+    assert uncapped == prefix_chunked.PrefixConfig(bv=cfg.bv, reverse_trans=dv <= 64)
 
 
 def test_register_cap(monkeypatch):
