@@ -22,7 +22,6 @@ f = x_a x_b, d x_a += g x_b and d x_b += g x_a, two dots with the transposed sel
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import triton
@@ -43,6 +42,7 @@ from .prefix_chunked import (
     _square_weights,
     _state_rows,
     forward_states,
+    one_value_block,
     prefix_config,
     recovered_states,
     state_dtype,
@@ -396,7 +396,7 @@ def prefix_backward(q, k, v, o, z, do, args: BasedArguments, cfg: PrefixConfig |
     dev = q.device
     poison = POISON_OUTPUTS
     bv = max(16, next_power_of_2(dv_))
-    cfg = dataclasses.replace(cfg, bv=bv, state_bv=0)                  # one value block
+    cfg = one_value_block(cfg, bv)
     p = _plan(args, cfg)
     if args.normalize:
         dn = new_buffer((b, h, t, dv_), do.dtype, dev, poison=poison)

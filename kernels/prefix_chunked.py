@@ -35,6 +35,8 @@ for q, k, v, o. H200 numbers and profiles: benchmarks/NOTES.md (2026-11-30, elev
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -467,24 +469,35 @@ def feature_rows(dk: int) -> int:
 
 
 def prefix_config(args: BasedArguments, dtype: torch.dtype | None = None) -> PrefixConfig:
-    """The launch for these arguments and inputs of ``dtype`` (None: as bfloat16)."""
-    reverse_trans = args.dv <= 64
-    if triton_interpreting():
-        return PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=min(64, _pow2(args.dv)), target=1,
-                            reverse_trans=reverse_trans)
-    return PrefixConfig(bv=min(64, _pow2(args.dv)), reverse_trans=reverse_trans, **_register_caps(args, dtype))
+    """The launch for these arguments and inputs of ``dtype`` (None: as bfloat16). One frozen object per
+    (Dk, Dv, dtype): a call's forward and backward both ask, and building a PrefixConfig costs microseconds."""
+    return _launch_for(args.dk, args.dv, dtype, triton_interpreting())
 
 
-def _register_caps(args: BasedArguments, dtype: torch.dtype | None) -> dict:
+@functools.lru_cache(maxsize=None)
+def _launch_for(dk: int, dv: int, dtype: torch.dtype | None, interpreting: bool) -> PrefixConfig:
+    reverse_trans = dv <= 64
+    if interpreting:
+        return PrefixConfig(c=32, bt=16, bs=16, bts=16, bv=min(64, _pow2(dv)), target=1, reverse_trans=reverse_trans)
+    return PrefixConfig(bv=min(64, _pow2(dv)), reverse_trans=reverse_trans, **_register_caps(dk, dv, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def one_value_block(cfg: PrefixConfig, bv: int) -> PrefixConfig:
+    """``cfg`` with one value block of ``bv`` in every kernel (the backward's launch)."""
+    return dataclasses.replace(cfg, bv=bv, state_bv=0)
+
+
+def _register_caps(dk: int, dv: int, dtype: torch.dtype | None) -> dict:
     """Register caps that let more programs share an SM, where the H200 measured them faster (bfloat16,
     Dk <= 16; benchmarks/NOTES.md, fifteenth session). At T = 8192, B=16 H=16 bf16: Dv = 64 fwd+bwd 4.03 ->
     3.60 ms (output kernel 0.66 -> 0.59, dq 0.83 -> 0.60, dk/dv 1.10 -> 0.97); Dv = 128 output 1.31 -> 1.16,
     dq 1.06 -> 0.91 (its dk/dv slower capped: 1.52 -> 1.64). At Dk = 32 every cap was slower (dq 2.7 -> 5.3 ms)."""
-    if dtype not in (None, torch.bfloat16) or args.dk > 16:     # float16 (float32 slots), float32: not measured
+    if dtype not in (None, torch.bfloat16) or dk > 16:     # float16 (float32 slots), float32: not measured
         return {}
-    if args.dv <= 64:
+    if dv <= 64:
         return {"maxnreg": 128, "dq_maxnreg": 128, "dkv_maxnreg": 168}
-    if args.dv <= 128:
+    if dv <= 128:
         return {"maxnreg": 128, "dq_maxnreg": 168}
     return {}
 
@@ -510,6 +523,7 @@ class _Plan:
     nseg: int       # segments
 
 
+@functools.lru_cache(maxsize=256)
 def _plan(args: BasedArguments, cfg: PrefixConfig) -> _Plan:
     bk = _pow2(args.dk)
     db = max(1, min(bk // 2, cfg.pair_rows // bk))
