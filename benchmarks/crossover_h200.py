@@ -37,6 +37,9 @@ def main() -> None:
     command = "python benchmarks/crossover_h200.py --out OUT"
     if name != "crossover":
         command += f" --dk {a.dk} --dv {a.dv}"
+    for flag in ("ts", "bs"):               # the command as run, for the README's caption
+        if getattr(a, flag) != p.get_default(flag):
+            command += f" --{flag} {getattr(a, flag)}"
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for b in [int(x) for x in a.bs.split(",")]:

@@ -308,7 +308,7 @@ def _crossover(data: dict) -> str:
             f"the policy (based_compile/op/policy.py) picks for that call:\n\n" + "\n".join(lines))
 
 
-RENDERERS = {"kernels": _kernels, "crossover": _crossover, "crossover_dk32_dv64": _crossover,
+RENDERERS = {"kernels": _kernels, "crossover": _crossover, "crossover_short": _crossover, "crossover_dk32_dv64": _crossover,
              "crossover_dk16_dv128": _crossover, "e2e": _e2e, "distributed": _distributed, DISTRIBUTED_BF16: _distributed,
              DISTRIBUTED_GRAPHS: _distributed, DISTRIBUTED_FSDP: _distributed, "generate": _generate,
              "context_parallel": _context_parallel}

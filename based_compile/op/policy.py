@@ -107,8 +107,14 @@ CUDA_CROSSOVERS = (
 # Training rows name bfloat16 and float32 where the measurement used the prefix backward; the Dv = 128
 # inference row from 2048 names bfloat16, the dtype the register caps were measured in. Dk 17-32 with
 # Dv > 64 and Dv > 128 were not measured: the table above keeps them. Dv 65-127 follow the Dv = 128 rows.
+# Sixteenth session (the state kernels' transposed features; `crossover_h200.py --ts 1024,2048 --bs 4,16`, one
+# run, benchmarks/NOTES.md), bf16 training at Dv=64, ms, parallel / fused_chunk / chunked:
+#   B=16 fwd+bwd   T=1024 0.346 / 1.55 / 0.878    T=2048 0.975 / 3.10 / 0.848
+#   B=4  fwd+bwd   T=1024 0.349 / 0.880 / 0.714   T=2048 0.293 / 1.83 / 0.907   (host-bound: chunked's 6 launches)
+# so bfloat16 training at B*H >= 256 takes chunked from 2048 (the first row); B*H 64-255 from 4096, as before.
 # Rows are read in order.
 CUDA_CHUNKED = (
+    Crossover(training=True, t=2048, max_dk=16, max_dv=64, min_bh=256, dtypes=(torch.bfloat16,)),
     Crossover(training=True, t=4096, max_dk=16, max_dv=64, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
     Crossover(training=True, t=8192, max_dk=16, max_dv=64, min_bh=64),
     Crossover(training=True, t=2048, max_dk=16, max_dv=128, min_bh=64, dtypes=(torch.bfloat16, torch.float32)),
