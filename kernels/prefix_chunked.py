@@ -441,7 +441,7 @@ class PrefixConfig:
     pair_rows: int = 64         # rows of block A per state program (128 at Dk <= 16: one program, block B too)
     maxnreg: int = 0            # register cap of the output kernel (0: none)
     state_maxnreg: int = 0
-    state_mode: int = 2         # the state kernel's mode (-1: mode)
+    state_mode: int = 2         # the state kernel's mode (-1: mode) when state_trans is off
     state_bv: int = 0           # the state kernel's value block (0: bv)
     # the state kernel forms its features transposed ([rows, keys], one-hot dots: MODE 2's values; state_mode
     # unused), so they meet the values as a dot's first operand with no transpose in between: 0.581 -> 0.457 ms
