@@ -276,3 +276,107 @@ def test_probe_checks_the_scale_on_its_own_inputs(monkeypatch):
     assert_rel_close(out, module(*inputs), TOL, "output")
     for ex in reports.graphs:
         assert not ex.sites and [r.category for r in ex.refusals] == ["verify"], ex
+
+
+# --------------------------------------------------------------------------- against a KV cache (Tq < Tk)
+# A block of Tq queries against Tk >= Tq cached keys, causal aligned to the end (query i sees keys
+# j <= i + Tk - Tq), or one decoded query against the whole cache: the scale is read on q as for Tq == Tk.
+# It was refused ('after the polynomial or the mask', a wrong reason) for every Tq < Tk call.
+
+def _cache_inputs(tq, tk, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, t, d, generator=g, dtype=torch.float64) for t, d in ((tq, D), (tk, D), (tk, DV))]
+
+
+class CacheScaled(torch.nn.Module):
+    """``scale(self, s, q, k, v)`` of the raw [Tq, Tk] scores; ``where``: "scores" (the raw scores),
+    "polynomial" (the weights, after the polynomial), "mask" (the masked weights)."""
+
+    def __init__(self, scale, where="scores", causal=True):
+        super().__init__()
+        self.scale, self.where, self.causal = scale, where, causal
+        self.temperature = torch.nn.Parameter(torch.tensor(2.5, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        tq, tk = q.shape[-2], k.shape[-2]
+        s = q @ k.mT
+        if self.where == "scores":
+            s = self.scale(self, s, q, k, v)
+        a = 1 + s + 0.5 * s * s
+        if self.where == "polynomial":
+            a = self.scale(self, a, q, k, v)
+        if self.causal:
+            a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0.0)
+        if self.where == "mask":
+            a = self.scale(self, a, q, k, v)
+        return _out(a, v)
+
+
+def _compare_cache(module, sizes, dynamic=None):
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"), dynamic=dynamic)
+    names = ["q", "k", "v"] + [n for n, _ in module.named_parameters()]
+    calls = []
+    with PassReports() as reports:
+        for tq, tk in sizes:
+            inputs = _cache_inputs(tq, tk, 10 * tq + tk)
+            out_c, grads_c = _grads(module, compiled, inputs, tk)
+            out_e, grads_e = _grads(module, module, inputs, tk)
+            assert_rel_close(out_c, out_e, TOL, f"Tq={tq} Tk={tk}: output, compiled vs eager")
+            for name, c, e in zip(names, grads_c, grads_e):
+                if e is not None:
+                    assert_rel_close(c, e, TOL, f"Tq={tq} Tk={tk}: gradient of {name}, compiled vs eager")
+            with BasedOpCounter() as counter:
+                compiled(*[x.requires_grad_(True) for x in inputs])
+            calls.append(counter.calls["based::attention"])
+    return reports, calls
+
+
+CACHE_SIZES = [(3, 9), (3, 10), (2, 11), (1, 12)]
+
+
+@pytest.mark.parametrize("name", ["divided by a parameter", "times a scale computed from q",
+                                  "divided by a scale computed from k and v"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "whole_cache"])
+def test_run_time_scale_against_a_kv_cache_is_rewritten_exactly(name, causal):
+    reports, calls = _compare_cache(CacheScaled(ACCEPTED[name], causal=causal), CACHE_SIZES)
+    assert calls == [1] * len(CACHE_SIZES), calls
+    assert reports.graphs, reports
+    for ex in reports.graphs:
+        assert len(ex.sites) == 1 and not ex.refusals, ex
+        assert "KV cache" in ex.sites[0].form, ex
+
+
+def test_run_time_scale_against_a_kv_cache_under_dynamic_shapes():
+    reports, calls = _compare_cache(CacheScaled(ACCEPTED["divided by a parameter"]), CACHE_SIZES, dynamic=True)
+    assert calls == [1] * len(CACHE_SIZES), calls
+    assert all(len(ex.sites) == 1 for ex in reports.graphs), reports
+
+
+def test_explain_names_the_temperature_against_a_kv_cache():
+    ex = based_compile.explain(CacheScaled(ACCEPTED["divided by a parameter"]), *_cache_inputs(3, 9, 0))
+    assert len(ex.sites) == 1 and not ex.refusals, ex
+    text = str(ex.sites[0])
+    assert "s = 1 * (1 / self.temperature) * q.k" in text, text
+    assert "KV cache (Tq=3 <= Tk=9, causal aligned to the end)" in text, text
+
+
+@pytest.mark.parametrize("where,why", [
+    ("polynomial", "after the polynomial"),
+    ("mask", "after the polynomial or the mask"),
+])
+def test_temperature_after_the_weights_against_a_kv_cache_is_refused(where, why):
+    module = CacheScaled(ACCEPTED["divided by a parameter"], where=where)
+    reports, calls = _compare_cache(module, CACHE_SIZES[:2])
+    assert calls == [0, 0], calls
+    for ex in reports.graphs:
+        assert not ex.sites and any(why in r.reason for r in ex.refusals), ex
+    ex = based_compile.explain(module, *_cache_inputs(3, 9, 0))
+    assert not ex.sites and any(why in r.reason for r in ex.refusals), ex
+
+
+def test_per_query_temperature_against_a_kv_cache_is_refused():
+    module = CacheScaled(lambda m, s, q, k, v: s / (1 + q.norm(dim=-1, keepdim=True)))
+    reports, calls = _compare_cache(module, CACHE_SIZES[:2])
+    assert calls == [0, 0], calls
+    for ex in reports.graphs:
+        assert not ex.sites and any("per-query" in r.reason for r in ex.refusals), ex

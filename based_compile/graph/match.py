@@ -577,7 +577,7 @@ class Matcher:
                                          "sums of the weights): the operator never forms the T x T scores, so it "
                                          "cannot read a scale computed from them", node)
         if _one_element(other):
-            if not (polynomial.is_monomial(w.poly, 1) and w.keep is None and not w.junk and w.tk is None):
+            if not (polynomial.is_monomial(w.poly, 1) and w.keep is None and not w.junk):
                 raise Refused("unsupported", f"the weights are {verb} by a one-element tensor that is not a "
                                              "compile-time constant (a learnable scale, nn.Parameter, or one "
                                              "computed at run time) after the polynomial or the mask: c P(s) is "
