@@ -378,6 +378,70 @@ def test_softmax_of_the_features_is_not_called_softmax_attention():
     assert not ex.sites and not any("softmax attention" in r.reason for r in ex.refusals), ex
 
 
+# ----------------------------------------------------------------------------- softmax with Tq != Tk
+# Softmax of scores whose query and key lengths differ (cross-attention, a block of queries against a KV
+# cache) got no report at all ("0 sites, 0 refusals"): only square scores were taken for scores. Scores
+# are now a matmul of two tensors that are not the model's weights; a softmax of a projection by a
+# weight (x @ self.w, a feature map) is still not softmax attention.
+
+
+def softmax_cross_attention(q, k, v):
+    return (q @ k.transpose(-2, -1) * DK ** -0.5).softmax(-1) @ v
+
+
+def softmax_against_a_cache(q, k, v):
+    tq, tk = q.shape[-2], k.shape[-2]
+    keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    return (q @ k.transpose(-2, -1) * DK ** -0.5).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+class ProjectedCrossAttention(nn.Module):
+    """Decoder queries against an encoder's keys and values, projected by nn.Linear (a seq2seq model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(DK, DK, dtype=torch.float64) for _ in range(3))
+
+    def forward(self, q, k, v):
+        s = torch.matmul(self.q_proj(q), self.k_proj(k).transpose(2, 3)) / math.sqrt(DK)
+        return torch.softmax(s, dim=-1) @ self.v_proj(k)
+
+
+class SoftmaxOfAProjection(nn.Module):
+    """A feature map softmax(x @ w) (Hedgehog-like) of m = 6 features, read by linear attention: the
+    softmax reads a [.., T, m] product of x and a weight, not scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(DK, 6, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        qf, kf = (q @ self.w).softmax(-1), (k @ self.w.detach().to(k.dtype)).softmax(-1)
+        return qf @ (kf.mT @ v)
+
+
+def _cache_qkv(tq=3, tk=9):
+    return _inputs((B, H, tq, DK), (B, H, tk, DK), (B, H, tk, DV))
+
+
+@pytest.mark.parametrize("fn,tq", [(softmax_cross_attention, 3), (softmax_cross_attention, 12),
+                                   (softmax_against_a_cache, 3), (softmax_against_a_cache, 1),
+                                   (ProjectedCrossAttention, 3)],
+                         ids=["cross_fewer_queries", "cross_more_queries", "cache_block", "cache_decode",
+                              "projected"])
+def test_softmax_with_queries_and_keys_of_other_lengths_is_reported(fn, tq):
+    model = fn() if isinstance(fn, type) else Fn(fn)
+    ex = based_compile.explain(model, *_cache_qkv(tq, 9))
+    assert not ex.sites and len(ex.refusals) == 1, ex
+    r = ex.refusals[0]
+    assert r.category == "polynomial" and "softmax attention" in r.reason and "softmax of the scores" in r.reason, ex
+
+
+def test_softmax_of_a_projection_by_a_weight_is_not_called_softmax_attention():
+    ex = based_compile.explain(SoftmaxOfAProjection(), *_qkv())
+    assert not ex.sites and not any("softmax attention" in r.reason for r in ex.refusals), ex
+
+
 @pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop", "softmax_attention",
                                   "padding_mask_on_phi_k_linear"])
 def test_refused_lookalikes_compute_what_eager_does(name):

@@ -32,6 +32,7 @@ import torch.fx as fx
 from .canonicalize import (VIEW_OPS, hint_shape, identity_dropout, read_views, scalar_value, strip_views,
                            track_axis)
 from .feature_map import describe_unread, read_feature_map
+from .inputs import source_name
 
 aten = torch.ops.aten
 
@@ -59,7 +60,7 @@ _DYNAMO_ELEMENTWISE = {
 _DYNAMO_RANDOM = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 _DYNAMO_MATMUL = {"matmul", "bmm", "einsum", "__matmul__", "baddbmm"}
 # softmax cuts a region (it is no op the readers read): the chain goes on in Dynamo's graph, and a softmax
-# over square scores is softmax attention, which is said as such
+# over scores (square, or q @ k^T against keys of another length) is softmax attention, which is said as such
 _DYNAMO_SOFTMAX = {"softmax", "log_softmax", "_softmax", "_safe_softmax"}
 
 
@@ -206,7 +207,7 @@ class _Chain:
         self.unread: list[fx.Node] = []         # cats it does not read as one
         self.nonview = False
         self.random: str | None = None
-        self.softmax: str | None = None         # softmax of square scores in Dynamo's graph (softmax attention)
+        self.softmax: str | None = None         # softmax of the scores in Dynamo's graph (softmax attention)
         self.dynamo_ops: list[str] = []
         self.biases: list[fx.Node] = []         # terms added to the scores that are not functions of q.k
 
@@ -340,8 +341,9 @@ def _value_ancestors(node: fx.Node) -> set:
 
 def _walk_dynamo(start: fx.Node):
     """(ops, random op or None, softmax or None) of an elementwise chain to a matmul in Dynamo's graph,
-    from where the region was cut, or None. The softmax is named only when the matmul it reads is
-    square (the scores: softmax attention), not for a softmax of projections (a feature map)."""
+    from where the region was cut, or None. The softmax is named only when the matmul it reads forms
+    scores (``_dynamo_scores``: softmax attention, Tq == Tk or not), not for a softmax of projections (a
+    feature map)."""
     stack, seen, ops, random, softmax = [start], set(), [], None, None
     while stack and len(seen) < _MAX_NODES:
         node = stack.pop()
@@ -351,9 +353,7 @@ def _walk_dynamo(start: fx.Node):
         name = _name(node)
         if name in _DYNAMO_MATMUL:
             if ops:
-                shape = hint_shape(node)
-                square = shape is not None and len(shape) >= 2 and shape[-1] == shape[-2]
-                return ops, random, (softmax if square else None)
+                return ops, random, (softmax if _dynamo_scores(node) else None)
             continue
         if name in _DYNAMO_SOFTMAX:
             ops.append(name)
@@ -372,6 +372,39 @@ def _walk_dynamo(start: fx.Node):
             ops.append(name)
             stack.extend(node.all_input_nodes)
     return None
+
+
+_DYNAMO_VIEWS = {"view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "expand", "t",
+                 "mT", "float", "double", "to", "type_as", "clone", "detach", "getattr"}
+
+
+def _dynamo_scores(node: fx.Node) -> bool:
+    """A matmul of Dynamo's graph that forms scores: square ``[.., T, T]``, or ``[.., Tq, Tk]`` of two
+    operands neither of which is a module's parameter or buffer (``q @ k.mT`` against keys of another
+    length: cross-attention, a KV cache), not a projection by a weight (``softmax(x @ self.w)``: a
+    feature map)."""
+    shape = hint_shape(node)
+    if shape is None or len(shape) < 2:
+        return False
+    if shape[-1] == shape[-2]:
+        return True
+    operands = [a for a in (node.args[1:] if _name(node) in ("einsum", "baddbmm") else node.args[:2])
+                if isinstance(a, fx.Node)]
+    return len(operands) == 2 and not any(_module_tensor(a) for a in operands)
+
+
+def _module_tensor(node: fx.Node) -> bool:
+    """``node`` is, through views and casts, a parameter or buffer of the model (a weight)."""
+    for _ in range(16):
+        if node.op == "get_attr":
+            return True
+        if node.op == "placeholder":
+            return any(part in source_name(node) for part in ("_parameters[", "_buffers["))
+        if node.op not in ("call_function", "call_method") or _name(node) not in _DYNAMO_VIEWS \
+                or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+    return False
 
 
 def _form(chain: _Chain) -> str | None:
