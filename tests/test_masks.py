@@ -358,3 +358,68 @@ def test_a_fill_holds_the_number_of_its_dtype(kind, dynamic, monkeypatch):
             _check_values_and_grads(model, compiled, *_qkv(t, seed=t), f"{kind} at T={t}")
     assert reports.graphs and not any(site.spec.causal for site in reports.merged().sites), str(reports)
 
+
+
+# ----------------------------------------------------------------------------- a mask before the polynomial
+# A mask on the raw scores (zeros), then the polynomial (f(0) = c0 != 0 at the masked entries), then a mask:
+# exactly keep * f(s) when the later mask hides every entry the first one masked (it keeps no more). The
+# reader cleared the first mask's leftovers after any later mask (it tested the intersection of the two
+# against the first, always empty): pre tril(0), post tril(1) was read as causal, the f(0) = 1 of the
+# entries j = i + 1 dropped, refused only by the numerical probe, and silently wrong where the probe does
+# not run (T = 2100 in float32: relative error 0.92).
+
+
+class MaskedTwice(nn.Module):
+    """The raw scores masked with ``tril(pre)`` (None: not masked), the polynomial, then masked with
+    ``tril(post)`` (None: not masked); against a KV cache (Tq < Tk) both diagonals are offset by Tk - Tq."""
+
+    def __init__(self, pre, post, spelling="masked_fill"):
+        super().__init__()
+        self.pre, self.post, self.spelling = pre, post, spelling
+
+    def forward(self, q, k, v):
+        tq, tk = q.shape[-2], k.shape[-2]
+
+        def keep(d):
+            return torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq + d)
+        s = q @ k.mT
+        if self.pre is not None:
+            s = s.masked_fill(~keep(self.pre), 0.0) if self.spelling == "masked_fill" else \
+                torch.where(keep(self.pre), s, 0) if self.spelling == "where" else s * keep(self.pre).to(s.dtype)
+        s = s * 0.5
+        a = 1 + s + 0.5 * s ** 2
+        if self.post is not None:
+            a = a.masked_fill(~keep(self.post), 0.0)
+        return _normalised(a, v)
+
+
+@pytest.mark.parametrize("pre,post,spelling", [(0, 0, "masked_fill"), (0, 0, "where"), (2, 0, "masked_fill"),
+                                               (0, 0, "multiplied")],
+                         ids=["same", "same_where", "wider_first", "same_multiplied"])
+@pytest.mark.parametrize("extra", [0, 4], ids=["square", "kv_cache"])
+def test_mask_before_the_polynomial_hidden_by_a_later_mask_is_rewritten(pre, post, spelling, extra):
+    model = MaskedTwice(pre, post, spelling)
+    backend, codes = _recorder()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for t in (5, 11, 17):
+        _check_values_and_grads(model, compiled, *_qkv(t, seed=t, tk=t + extra), f"T={t}")
+    assert len(codes) == 1 and "based_attention_call" in codes[0], "not rewritten"
+
+
+@pytest.mark.parametrize("pre,post", [(0, 1), (-1, 0), (0, None), (0, 6)],
+                         ids=["later_keeps_one_more", "first_drops_the_diagonal", "no_later_mask",
+                              "later_keeps_all"])
+@pytest.mark.parametrize("extra", [0, 4], ids=["square", "kv_cache"])
+def test_mask_before_the_polynomial_not_hidden_is_refused_by_structure(pre, post, extra, monkeypatch):
+    """Refused by the reader with the reason, not by the probe: with the probe off (as at sizes it skips),
+    the compiled model still computes what eager does."""
+    monkeypatch.setattr("based_compile.graph.verify.PROBE_MAX_ELEMENTS", 0)
+    model = MaskedTwice(pre, post)
+    backend, codes = _recorder()
+    compiled = torch.compile(model, backend=backend)
+    with PassReports() as reports:
+        _check_values_and_grads(model, compiled, *_qkv(6, seed=3, tk=6 + extra), "T=6")
+    assert codes and not any("based_attention_call" in c for c in codes), "rewritten"
+    for ex in reports.graphs:
+        assert [r.category for r in ex.refusals] == ["mask"], ex
+        assert "no mask after it hides every entry it masked" in ex.refusals[0].reason, ex

@@ -153,7 +153,7 @@ class Matcher:
         _not_normalised(w)
         new_keep = keep if w.keep is None else _intersect(w.keep, keep)
         junk = w.junk
-        if junk and w.keep is not None and (new_keep & ~w.keep).is_empty():
+        if junk and w.keep is not None and _hides(keep, w.keep):
             junk = False                    # the new mask hides everything the old one left behind
         buffers = w.buffers | (self._buffers(source) if isinstance(source, fx.Node) else frozenset())
         return replace(w, keep=new_keep, junk=junk, buffers=buffers)
@@ -811,8 +811,8 @@ class Matcher:
 
     def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
         if w.junk:
-            raise Refused("mask", "the mask is applied before the polynomial: masked scores still pass "
-                                  "through f (f(0) != 0)", where)
+            raise Refused("mask", "the mask is applied before the polynomial, and no mask after it hides every "
+                                  "entry it masked: masked scores still pass through f (f(0) != 0)", where)
         deg = polynomial.degree(w.poly)
         if deg > 2:
             raise Refused("polynomial", f"f has a term of degree {deg}: {polynomial.describe(w.poly)} "
@@ -918,6 +918,15 @@ def _intersect(a: masks.Keep, b: masks.Keep) -> masks.Keep:
         return a & b
     except masks.MaskError as err:
         raise Refused("mask", str(err)) from err
+
+
+def _hides(keep: masks.Keep, kept: masks.Keep) -> bool:
+    """A mask that keeps ``keep`` hides every entry outside ``kept`` (keep is within kept, at every size):
+    what an earlier mask left behind (P(0) = c0 where the raw scores were masked) is zero after it."""
+    try:
+        return (keep & ~kept).is_empty()
+    except masks.MaskError:
+        return False
 
 
 def _evaluate(poly: polynomial.Poly, x: float) -> float:
