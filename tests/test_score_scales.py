@@ -290,23 +290,33 @@ def _cache_inputs(tq, tk, seed):
 
 class CacheScaled(torch.nn.Module):
     """``scale(self, s, q, k, v)`` of the raw [Tq, Tk] scores; ``where``: "scores" (the raw scores),
-    "polynomial" (the weights, after the polynomial), "mask" (the masked weights)."""
+    "masked scores" (the raw scores masked, then scaled, then the polynomial and the mask again),
+    "masked scores only" (the same without the mask after the polynomial), "polynomial" (the weights,
+    after the polynomial), "mask" (the masked weights)."""
 
     def __init__(self, scale, where="scores", causal=True):
         super().__init__()
         self.scale, self.where, self.causal = scale, where, causal
         self.temperature = torch.nn.Parameter(torch.tensor(2.5, dtype=torch.float64))
+        self.other = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
 
     def forward(self, q, k, v):
         tq, tk = q.shape[-2], k.shape[-2]
+        keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
         s = q @ k.mT
         if self.where == "scores":
             s = self.scale(self, s, q, k, v)
+        if self.where.startswith("masked scores"):
+            s = self.scale(self, s.masked_fill(~keep, 0.0) if self.causal else torch.where(keep, s, 0), q, k, v)
         a = 1 + s + 0.5 * s * s
         if self.where == "polynomial":
             a = self.scale(self, a, q, k, v)
-        if self.causal:
-            a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0.0)
+        if self.where == "masked scores only":
+            pass
+        elif self.causal:
+            a = a.masked_fill(~keep, 0.0)
+        elif self.where == "masked scores":
+            a = torch.where(keep, a, 0)
         if self.where == "mask":
             a = self.scale(self, a, q, k, v)
         return _out(a, v)
@@ -362,7 +372,7 @@ def test_explain_names_the_temperature_against_a_kv_cache():
 
 @pytest.mark.parametrize("where,why", [
     ("polynomial", "after the polynomial"),
-    ("mask", "after the polynomial or the mask"),
+    ("mask", "after the polynomial"),
 ])
 def test_temperature_after_the_weights_against_a_kv_cache_is_refused(where, why):
     module = CacheScaled(ACCEPTED["divided by a parameter"], where=where)
@@ -380,3 +390,47 @@ def test_per_query_temperature_against_a_kv_cache_is_refused():
     assert calls == [0, 0], calls
     for ex in reports.graphs:
         assert not ex.sites and any("per-query" in r.reason for r in ex.refusals), ex
+
+
+# --------------------------------------------------------------------------- after a mask of the raw scores
+# s = (q @ k.mT).masked_fill(~causal, 0) / self.temperature (or torch.where(causal, s, 0) * c), then the
+# polynomial and the mask: c (keep s) = keep (c s), so the scale is read on q as for unmasked scores (it
+# was refused as 'after the polynomial or the mask'). The polynomial of the masked scores is f(0) = c0 at
+# the masked entries: exact only where a mask after the polynomial hides them (without it, refused).
+
+
+MASKED_SIZES = [(6, 6), (9, 9), (3, 9), (1, 10)]
+
+
+@pytest.mark.parametrize("name", ["divided by a parameter", "times a scale computed from q",
+                                  "times then divided by two parameters"])
+@pytest.mark.parametrize("spelling", [True, False], ids=["masked_fill", "where"])
+def test_run_time_scale_of_masked_raw_scores_is_rewritten_exactly(name, spelling):
+    reports, calls = _compare_cache(CacheScaled(ACCEPTED[name], where="masked scores", causal=spelling),
+                                    MASKED_SIZES)
+    assert calls == [1] * len(MASKED_SIZES), calls
+    for ex in reports.graphs:
+        assert len(ex.sites) == 1 and not ex.refusals, ex
+        assert ex.sites[0].spec.causal, ex
+
+
+def test_run_time_scale_of_masked_raw_scores_under_dynamic_shapes():
+    reports, calls = _compare_cache(CacheScaled(ACCEPTED["divided by a parameter"], where="masked scores"),
+                                    MASKED_SIZES, dynamic=True)
+    assert calls == [1] * len(MASKED_SIZES), calls
+
+
+def test_explain_names_the_temperature_of_masked_raw_scores():
+    module = CacheScaled(ACCEPTED["divided by a parameter"], where="masked scores")
+    ex = based_compile.explain(module, *_cache_inputs(6, 6, 0))
+    assert len(ex.sites) == 1 and not ex.refusals, ex
+    assert "s = 1 * (1 / self.temperature) * q.k" in str(ex.sites[0]) and "causal" in str(ex.sites[0]), ex
+
+
+def test_run_time_scale_of_masked_raw_scores_without_a_later_mask_is_refused():
+    module = CacheScaled(ACCEPTED["divided by a parameter"], where="masked scores only")
+    reports, calls = _compare_cache(module, [(6, 6), (3, 9)])
+    assert calls == [0, 0], calls
+    for ex in reports.graphs:
+        assert not ex.sites and [r.category for r in ex.refusals] == ["mask"], ex
+        assert "the mask is applied before the polynomial" in ex.refusals[0].reason, ex

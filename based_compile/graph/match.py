@@ -551,9 +551,10 @@ class Matcher:
     def _read_scaled(self, node: fx.Node, w: Weights, other, power: int) -> Weights:
         """``w`` times (``power`` 1) or divided by (-1) the tensor ``other``, which is not a row sum of
         the weights. One element and a compile-time constant: a number in P. One element and not a
-        constant (a learnable parameter, a scale computed from the inputs), on the raw scores: a scale
-        read at run time (``score_scale``; the op reads q times it). Anything else is refused with
-        what it is (a scale after the polynomial or a mask, a scale computed from the scores, a
+        constant (a learnable parameter, a scale computed from the inputs), on the raw scores, masked or
+        not (a mask fills zeros: c (keep s) = keep (c s)): a scale read at run time (``score_scale``; the
+        op reads q times it). Anything else is refused with what it is (a scale after the polynomial, a
+        scale computed from the scores, a
         per-head or per-query scale) or, multiplying, read as a mask."""
         verb = "multiplied" if power == 1 else "divided"
         if not isinstance(other, fx.Node) or hint_shape(other) is None:
@@ -577,11 +578,13 @@ class Matcher:
                                          "sums of the weights): the operator never forms the T x T scores, so it "
                                          "cannot read a scale computed from them", node)
         if _one_element(other):
-            if not (polynomial.is_monomial(w.poly, 1) and w.keep is None and not w.junk):
+            # on the raw scores, masked or not: a mask fills zeros (or multiplies), and c (keep sigma s) is
+            # keep (sigma c s); after the polynomial, c P(s) is not P(c s)
+            if not (polynomial.is_monomial(w.poly, 1) and not w.junk):
                 raise Refused("unsupported", f"the weights are {verb} by a one-element tensor that is not a "
                                              "compile-time constant (a learnable scale, nn.Parameter, or one "
-                                             "computed at run time) after the polynomial or the mask: c P(s) is "
-                                             "not P(c s) (on the raw scores or on q it is rewritten)", node)
+                                             "computed at run time) after the polynomial: c P(s) is not P(c s) "
+                                             "(on the raw scores, masked or not, or on q it is rewritten)", node)
             if getattr(example_value(other), "dtype", None) != getattr(example_value(w.q), "dtype", 0):
                 raise Refused("unsupported", f"the scores are {verb} by a one-element tensor of another dtype "
                                              f"({getattr(example_value(other), 'dtype', None)}) than q's "
