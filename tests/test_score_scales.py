@@ -7,7 +7,8 @@ Accepted programs are compiled (inner "aot_eager", the probe on at these small s
 compared with eager in float64, values and the gradients of q, k, v and of every parameter, on fresh
 random inputs; the ``based`` operator is counted on a call that does not compile. Near misses (a
 per-head or per-query temperature, a scale computed from the scores, a temperature applied after the
-polynomial, a write into the scale before the output) are refused with their reasons. explain() names
+polynomial of normalised attention, a write into the scale before the output) are refused with their
+reasons; after the polynomial of an unnormalised output, the scale is the output's. explain() names
 the scale the operator reads at run time.
 """
 from __future__ import annotations
@@ -434,3 +435,121 @@ def test_run_time_scale_of_masked_raw_scores_without_a_later_mask_is_refused():
     for ex in reports.graphs:
         assert not ex.sites and [r.category for r in ex.refusals] == ["mask"], ex
         assert "the mask is applied before the polynomial" in ex.refusals[0].reason, ex
+
+
+# --------------------------------------------------------------------------- after the polynomial, unnormalised
+# (c P(s)) @ v = c (P(s) @ v): a one-element scale read at run time applied to the weights after the
+# polynomial (c * s**2 / self.temperature, (1 + s + s**2 / 2) / t) is exact as the operator's output times
+# it, for an unnormalised output, whatever the sign of the scale (it was refused: c P(s) is not P(c s), and
+# c s**2 = (sqrt(c) s)**2 only for c > 0). Normalised, it is not the operator's function (eps is not scaled:
+# c P / (sum c P + eps) = P / (sum P + eps / c)) and stays refused, with that reason (AfterPolynomial above);
+# so is a sum or a power of the scaled weights (c P(s) + 1 is no c P'(s)).
+
+
+class WeightsScaled(torch.nn.Module):
+    """Unnormalised Based-like attention whose weights ``poly(s)`` go through ``then(self, a, q)`` after the
+    polynomial, before (``mask_first`` False) or after the causal mask; ``temperature`` may be negative."""
+
+    def __init__(self, poly, then, mask_first=False, temperature=-1.7):
+        super().__init__()
+        self.poly, self.then, self.mask_first = poly, then, mask_first
+        self.temperature = torch.nn.Parameter(torch.tensor(temperature, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        tq, tk = q.shape[-2], k.shape[-2]
+        keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        a = self.poly((q @ k.mT) * 0.5)
+        if self.mask_first:
+            a = a.masked_fill(~keep, 0.0)
+        a = self.then(self, a, q)
+        if not self.mask_first:
+            a = a.masked_fill(~keep, 0.0)
+        return a @ v
+
+
+POLYNOMIALS = {"homogeneous": lambda s: 0.5 * s ** 2, "taylor": lambda s: 1 + s + 0.5 * s * s}
+WEIGHT_SCALES = {
+    "divided by a parameter": lambda m, a, q: a / m.temperature,
+    "times a scale computed from q, then by a constant": lambda m, a, q: (a * (0.1 + q.abs().mean())) * 3.0,
+}
+
+
+@pytest.mark.parametrize("mask_first", [False, True], ids=["then_masked", "masked_first"])
+@pytest.mark.parametrize("scale", list(WEIGHT_SCALES))
+@pytest.mark.parametrize("poly", list(POLYNOMIALS))
+def test_run_time_scale_after_the_polynomial_scales_the_unnormalised_output(poly, scale, mask_first):
+    module = WeightsScaled(POLYNOMIALS[poly], WEIGHT_SCALES[scale], mask_first)
+    reports, calls = _compare_cache(module, [(6, 6), (3, 9)])
+    assert calls == [1, 1], calls
+    for ex in reports.graphs:
+        assert len(ex.sites) == 1 and not ex.refusals, ex
+        assert "unnormalised, output times" in ex.sites[0].spec_text, ex
+
+
+def test_run_time_scale_after_the_polynomial_under_dynamic_shapes_and_a_changed_value():
+    module = WeightsScaled(POLYNOMIALS["homogeneous"], WEIGHT_SCALES["divided by a parameter"])
+    reports, calls = _compare_cache(module, MASKED_SIZES, dynamic=True)
+    assert calls == [1] * len(MASKED_SIZES), calls
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
+    inputs = _cache_inputs(3, 9, 5)
+    with torch.no_grad():
+        assert_rel_close(compiled(*inputs), module(*inputs), TOL, "before the change")
+        module.temperature.mul_(-4.0)              # another sign: read at run time
+        assert_rel_close(compiled(*inputs), module(*inputs), TOL, "after the temperature changed")
+
+
+def test_explain_names_the_scale_of_the_output():
+    module = WeightsScaled(POLYNOMIALS["homogeneous"], WEIGHT_SCALES["divided by a parameter"])
+    ex = based_compile.explain(module, *_cache_inputs(6, 6, 0))
+    assert len(ex.sites) == 1 and not ex.refusals, ex
+    text = str(ex.sites[0])
+    assert "f(s) = 0 + 0*s + 0.5*s^2" in text and "unnormalised, output times (1 / self.temperature)" in text, text
+
+
+@pytest.mark.parametrize("then,why", [
+    (lambda m, a, q: a / m.temperature + 1.0, "then go through aten.add"),
+    (lambda m, a, q: (a / m.temperature) ** 2, "then go through aten.pow"),
+    (lambda m, a, q: a / m.temperature + a, "then go through aten.add"),
+], ids=["plus_one", "squared", "plus_the_weights"])
+def test_scaled_weights_changed_after_the_scale_are_refused(then, why):
+    module = WeightsScaled(POLYNOMIALS["taylor"], then)
+    reports, calls = _compare_cache(module, [(6, 6), (3, 9)])
+    assert calls == [0, 0], calls
+    for ex in reports.graphs:
+        assert not ex.sites and any(why in r.reason for r in ex.refusals), ex
+
+
+class NormalisedAfterScale(torch.nn.Module):
+    """c * s**2 / t, normalised with eps: P / (sum P + eps t / c), not the operator's function."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = torch.nn.Parameter(torch.tensor(2.5, dtype=torch.float64))
+
+    def forward(self, q, k, v):
+        s = (q @ k.mT) * 0.5
+        causal = torch.tril(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool))
+        return _out((0.5 * s ** 2 / self.temperature).masked_fill(~causal, 0.0), v)
+
+
+def test_homogeneous_polynomial_scaled_then_normalised_is_refused_with_the_eps_reason():
+    reports, calls = _compare_cache(NormalisedAfterScale(), [(6, 6)])
+    assert calls == [0], calls
+    for ex in reports.graphs:
+        assert not ex.sites and any("eps / c" in r.reason and "after the polynomial" in r.reason
+                                    for r in ex.refusals), ex
+
+
+def test_probe_checks_the_scale_of_the_output(monkeypatch):
+    """A planted misreading (the power of a factor flipped: t read for 1 / t) of a scale of the weights: the
+    numerical probe, multiplying the operator's output as the rewrite would, refuses it."""
+    real_times = score_scale.ScoreScale.times
+    monkeypatch.setattr(score_scale.ScoreScale, "times", lambda self, node, power: real_times(self, node, -power))
+    module = WeightsScaled(POLYNOMIALS["taylor"], WEIGHT_SCALES["divided by a parameter"])
+    compiled = torch.compile(module, backend=based_compile.backend(inner="aot_eager"))
+    inputs = _cache_inputs(7, 7, 4)
+    with PassReports() as reports:
+        out = compiled(*inputs)
+    assert_rel_close(out, module(*inputs), TOL, "output")
+    for ex in reports.graphs:
+        assert not ex.sites and [r.category for r in ex.refusals] == ["verify"], ex

@@ -44,6 +44,7 @@ class Weights:
         return self.t if self.tk is None else self.tk
     lengths: tuple = ()           # (Tq, Tk): ints, or size expressions under dynamic shapes
     score_scale: ScoreScale | None = None   # one-element tensors the raw scores were multiplied or divided by
+    out_scale: ScoreScale | None = None     # one-element tensors read at run time the weights were scaled by
     feature_sum: object = None    # feature_normaliser.FeatureSum: these weights are a normaliser written on features
     k_state_term: object = None   # state_readout.StateTerm: a normaliser of these row sums plus phi(q) . k_state
 
@@ -51,7 +52,7 @@ class Weights:
         same_keep = (self.keep is None and other.keep is None) or (
             self.keep is not None and other.keep is not None and self.keep == other.keep)
         return (same_keep and self.junk == other.junk and self.q is other.q and self.k is other.k
-                and self.score_scale == other.score_scale
+                and self.score_scale == other.score_scale and self.out_scale == other.out_scale
                 and polynomial.close(self.poly, other.poly))
 
     def describe(self) -> str:
@@ -70,6 +71,9 @@ class Weights:
                         f"numerator's {theirs.name}: another tensor or view)")
         if self.score_scale != other.score_scale:
             return f"sums {self.describe()} as the numerator does, but with another one-element scale on q.k"
+        if self.out_scale != other.out_scale:
+            return (f"sums {self.describe()} as the numerator does, but with another one-element scale of the "
+                    "weights (after the polynomial)")
         return f"sums {self.describe()} as the numerator does, but masked otherwise"
 
 
@@ -94,6 +98,9 @@ class Match:
     q_alternatives: tuple = ()    # other readings of q (the other side of a transpose), tried after q
     tk: int | None = None         # keys and values' length when it differs from the queries' (``t``)
     score_scale: ScoreScale | None = None   # a scale of the scores read at run time: the op reads q times it
+    # a scale of the weights read at run time (after the polynomial), of an unnormalised output: the op's
+    # output is multiplied by it ((c P(s)) @ v = c (P(s) @ v))
+    out_scale: ScoreScale | None = None
     initial: object = None        # initial_state.InitialStates: the running sums start from earlier tokens' states
 
     @property
@@ -163,6 +170,7 @@ def site_inputs(match: Match) -> set:
         stack.extend(node.all_input_nodes)
     if match.initial is not None:
         found |= {s.source for s in (match.initial.kv, match.initial.k) if s is not None}
-    if match.score_scale is not None:
-        found |= set(match.score_scale.nodes)
+    for scale in (match.score_scale, match.out_scale):
+        if scale is not None:
+            found |= set(scale.nodes)
     return found

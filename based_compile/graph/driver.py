@@ -361,7 +361,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                 raise Refused("unsupported", f"{reason}: left to the inner compiler", result.output)
             starts = [] if site.match.initial is None else \
                 [st.source for st in (site.match.initial.kv, site.match.initial.k) if st is not None]
-            scale = [] if site.match.score_scale is None else site.match.score_scale.nodes
+            scale = [n for x in (site.match.score_scale, site.match.out_scale) if x is not None for n in x.nodes]
             missing = [n.name for n in (site.match.q, site.match.k, site.match.v, site.match.output,
                                         *scale, *starts) if n is not None and n not in to_dynamo]
             if missing:
@@ -399,7 +399,8 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                                          [to_dynamo[n] for n in (site.match.q, site.match.k, site.match.v)
                                           if n in to_dynamo]),
                      nodes={role: to_dynamo[getattr(site.match, role)].name for role in ("q", "k", "v", "output")},
-                     run_time_scale=_scale_words(site.match, to_dynamo))
+                     run_time_scale=_scale_words(site.match.score_scale, to_dynamo),
+                     output_scale=_scale_words(site.match.out_scale, to_dynamo))
         if report is not None:
             report.sites.append(entry)
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
@@ -418,16 +419,16 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
 
 
-def _scale_words(match, to_dynamo) -> str:
-    """What a scale of the scores read at run time is (``score_scale``), graph inputs named as the model
-    names them (``self.temperature``); "" without one."""
-    if match.score_scale is None:
+def _scale_words(scale, to_dynamo) -> str:
+    """What a scale read at run time (a match's ``score_scale`` or ``out_scale``) is, graph inputs named as
+    the model names them (``self.temperature``); "" without one."""
+    if scale is None:
         return ""
 
     def name_of(node):
         dynamo = to_dynamo.get(node)
         return readable_source(source_name(dynamo)) if dynamo is not None and dynamo.op == "placeholder" else None
-    return match.score_scale.describe(name_of)
+    return scale.describe(name_of)
 
 
 def _find_states(gm, aten_gm, evaluator, settled: list, to_dynamo, storages: Storages,

@@ -284,8 +284,9 @@ def find_states(gm: fx.GraphModule, ev: GraphEvaluator, settled: list, available
     seen, found = set(), []
     for node in gm.graph.nodes:
         for index, site in enumerate(sites):
-            if site.settled.match.tk is not None:
-                continue        # queries against keys of another length: the states stay the user's code's
+            if site.settled.match.tk is not None or site.settled.match.out_scale is not None:
+                continue        # queries against keys of another length, or an output scaled at run time: the
+                                # states stay the user's code's
             try:
                 read = _candidate(gm, ev, site, node)
             except Refused as refusal:

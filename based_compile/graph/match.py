@@ -158,8 +158,12 @@ class Matcher:
         buffers = w.buffers | (self._buffers(source) if isinstance(source, fx.Node) else frozenset())
         return replace(w, keep=new_keep, junk=junk, buffers=buffers)
 
-    def _with_poly(self, w: Weights, poly, *, junk=None, s_scale=None) -> Weights:
+    def _with_poly(self, w: Weights, poly, *, junk=None, s_scale=None, node=None) -> Weights:
+        """``w`` with the polynomial ``poly``; ``node``: the op, which does not commute with a scale of the
+        weights read at run time (a sum, a power; None: a constant factor, which does)."""
         _not_normalised(w)
+        if node is not None:
+            _unscaled(w, node)
         return replace(w, poly=poly, junk=w.junk if junk is None else junk,
                        s_scale=w.s_scale if s_scale is None else s_scale)
 
@@ -175,6 +179,9 @@ class Matcher:
             raise Refused("normaliser", "divides by the reciprocal of the row sums" if divide else
                           "multiplies the weights by their row sums instead of dividing", node)
         _not_normalised(w)
+        for x in (w, wz):
+            if x.out_scale is not None:
+                raise Refused("unsupported", _NORMALISED_SCALE, node)
         w = self._broadcast(node, w)
         if not _constant_along(z_arg, node, w.axes[1]):
             raise Refused("normaliser", "the row sums are broadcast along the key axis (each column divided by "
@@ -369,7 +376,7 @@ class Matcher:
             if n is None or n != int(n) or n < 1:
                 raise Refused("polynomial", f"weights raised to the power {args[1]!r}", node)
             s_scale = w.poly[1] if (int(n) == 2 and polynomial.is_monomial(w.poly, 1)) else None
-            return self._with_poly(w, polynomial.power(w.poly, int(n)), s_scale=s_scale)
+            return self._with_poly(w, polynomial.power(w.poly, int(n)), s_scale=s_scale, node=node)
         if target is aten.mul.Tensor:
             return self._read_mul(node)
         if target is aten.div.Tensor and isinstance(args[1], fx.Node):
@@ -433,6 +440,7 @@ class Matcher:
                 continue
             w = self.weights(arg)          # NotACandidate: not a function of the weights alone
             _not_normalised(w)
+            _unscaled(w, node)
             seen[arg] = w
             weights.append(w)
         if not weights:
@@ -481,10 +489,12 @@ class Matcher:
             w = self.weights(tensor_arg)
             poly = polynomial.add(polynomial.scale(w.poly, sign_t), (sign_c * const,))
             junk = w.junk or (w.keep is not None and const != 0.0)
-            return self._with_poly(w, poly, junk=junk)
+            return self._with_poly(w, poly, junk=junk, node=node)
         wa, wb = self.weights(a), self.weights(b)
         _not_normalised(wa)
         _not_normalised(wb)
+        _unscaled(wa, node)
+        _unscaled(wb, node)
         if wa.q is not wb.q or wa.k is not wb.k or wa.score_scale != wb.score_scale:
             raise NotACandidate("sum of weights of different scores")
         poly = polynomial.add(polynomial.scale(wa.poly, sign_a), polynomial.scale(wb.poly, sign_b))
@@ -513,6 +523,8 @@ class Matcher:
         if wa is not None and wb is not None:
             _not_normalised(wa)
             _not_normalised(wb)
+            _unscaled(wa, node)
+            _unscaled(wb, node)
             if wa.q is not wb.q or wa.k is not wb.k or wa.score_scale != wb.score_scale:
                 raise NotACandidate("product of weights of different scores")
             s_scale = None
@@ -553,7 +565,8 @@ class Matcher:
         the weights. One element and a compile-time constant: a number in P. One element and not a
         constant (a learnable parameter, a scale computed from the inputs), on the raw scores, masked or
         not (a mask fills zeros: c (keep s) = keep (c s)): a scale read at run time (``score_scale``; the
-        op reads q times it). Anything else is refused with what it is (a scale after the polynomial, a
+        op reads q times it); after the polynomial, a scale of the weights (``out_scale``: of an
+        unnormalised output, the op's output times it). Anything else is refused with what it is (a
         scale computed from the scores, a
         per-head or per-query scale) or, multiplying, read as a mask."""
         verb = "multiplied" if power == 1 else "divided"
@@ -578,21 +591,24 @@ class Matcher:
                                          "sums of the weights): the operator never forms the T x T scores, so it "
                                          "cannot read a scale computed from them", node)
         if _one_element(other):
-            # on the raw scores, masked or not: a mask fills zeros (or multiplies), and c (keep sigma s) is
-            # keep (sigma c s); after the polynomial, c P(s) is not P(c s)
-            if not (polynomial.is_monomial(w.poly, 1) and not w.junk):
-                raise Refused("unsupported", f"the weights are {verb} by a one-element tensor that is not a "
-                                             "compile-time constant (a learnable scale, nn.Parameter, or one "
-                                             "computed at run time) after the polynomial: c P(s) is not P(c s) "
-                                             "(on the raw scores, masked or not, or on q it is rewritten)", node)
             if getattr(example_value(other), "dtype", None) != getattr(example_value(w.q), "dtype", 0):
                 raise Refused("unsupported", f"the scores are {verb} by a one-element tensor of another dtype "
                                              f"({getattr(example_value(other), 'dtype', None)}) than q's "
                                              f"({getattr(example_value(w.q), 'dtype', None)}): not read (what "
                                              "the product is rounded to follows type promotion)", node)
-            # sigma c (q.k) = sigma ((c q) . k): the op reads q times c (or q / c), c as the graph computes it
-            scale = (w.score_scale or ScoreScale()).times(other, power)
-            return replace(self._broadcast(node, w), score_scale=scale)
+            if polynomial.is_monomial(w.poly, 1) and not w.junk and w.out_scale is None:
+                # on the raw scores, masked or not: a mask fills zeros (or multiplies), and c (keep sigma s) is
+                # keep (sigma c s); sigma c (q.k) = sigma ((c q) . k): the op reads q times c (or q / c), c as
+                # the graph computes it
+                scale = (w.score_scale or ScoreScale()).times(other, power)
+                return replace(self._broadcast(node, w), score_scale=scale)
+            # after the polynomial: c P(s) is not P(c s), but (c P(s)) @ v is c (P(s) @ v), the output times c
+            # (masks and constant factors commute with it; a sum, a power or a normaliser do not: refused)
+            if len(hint_shape(other)) > 4:
+                raise Refused("unsupported", f"the weights are {verb} by a one-element tensor of rank "
+                                             f"{len(hint_shape(other))} (more axes than the output's)", node)
+            scale = (w.out_scale or ScoreScale()).times(other, power)
+            return replace(self._broadcast(node, w), out_scale=scale)
         shape = tuple(hint_shape(other))
         if all(i < 0 or shape[i] == 1 for i in (a - (len(w.shape) - len(shape)) for a in w.axes)):
             raise Refused("unsupported", f"the weights are {verb} by a tensor of shape {shape} that is the same "
@@ -775,6 +791,8 @@ class Matcher:
             if why is not None:
                 raise Refused("normaliser", why, start)
             normalize, k_term = True, wz.k_state_term
+        if w.out_scale is not None and normalize:
+            raise Refused("unsupported", _NORMALISED_SCALE, start)
         output = pick_output(start) if start is not bmm or path[0] is bmm else path[0]
         initial = None
         if kv_term is not None or k_term is not None:
@@ -785,7 +803,8 @@ class Matcher:
         match = self._finish(w, "quadratic" if w.form == "quadratic" else w.form, output, w.q, w.k, v,
                              normalize, eps, w.scores, bmm)
         return replace(match, k_alternatives=w.k_alternatives, v_alternatives=v_operand.alternatives,
-                       q_alternatives=w.q_alternatives, score_scale=w.score_scale, initial=initial)
+                       q_alternatives=w.q_alternatives, score_scale=w.score_scale, out_scale=w.out_scale,
+                       initial=initial)
 
     def _numerator_state(self, path: list, w: Weights, v, value_axis, query_axis):
         """(the add, its StateTerm, the value and query axes in the add) when the numerator (``path``: the
@@ -806,7 +825,7 @@ class Matcher:
                     term = read_state_term(self.gm, self.evaluator, other, "kv", w.q, {w.q, w.k, v}, u)
                 except NotACandidate:
                     continue
-                if w.score_scale is not None:
+                if w.score_scale is not None or w.out_scale is not None:
                     raise Refused("unsupported", "initial states read beside scores scaled by a learnable "
                                                  "one-element tensor: not rewritten", u)
                 return u, term, value_axis, query_axis
@@ -949,6 +968,23 @@ def _swapped(w: Weights) -> Weights:
     if w.tk is not None:
         raise NotACandidate("transposed weights of queries and keys of different lengths")
     return replace(w, q=w.k, k=w.q, k_alternatives=())
+
+
+_NORMALISED_SCALE = (
+    "the weights are scaled by a one-element tensor that is not a compile-time constant (a learnable scale, "
+    "nn.Parameter, or one computed at run time) after the polynomial, and normalised by their row sums: c P(s) "
+    "is not P(c s), and c P(s) / (sum c P(s) + eps) is P(s) / (sum P(s) + eps / c), an eps the operator does not "
+    "take (on the raw scores or on q it is rewritten; an unnormalised output is rewritten times the scale)")
+
+
+def _unscaled(w: Weights, node: fx.Node) -> None:
+    """Refused when ``w`` is scaled at run time after the polynomial (``out_scale``) and ``node`` (a sum, a
+    power, another function of the weights) does not commute with that scale."""
+    if w.out_scale is not None:
+        raise Refused("unsupported", f"the weights are scaled by a one-element tensor that is not a compile-time "
+                                     f"constant after the polynomial, then go through {node.target}: c P(s) is "
+                                     "not P(c s), and only a scale of the weights as they meet v (the output "
+                                     "times it) is read", node)
 
 
 def _not_normalised(w: Weights) -> None:

@@ -32,10 +32,12 @@ class Site:
     nodes: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     piece: str = ""       # under DDP's graph splitting: the piece(s) of the graph the site lies in
     run_time_scale: str = ""   # a factor of q.k read at run time besides spec.scale: "(1 / self.temperature)"
+    output_scale: str = ""     # a factor of the (unnormalised) output read at run time: the weights' scale
 
     @property
     def spec_text(self) -> str:
-        return self.spec.describe(self.run_time_scale)
+        text = self.spec.describe(self.run_time_scale)
+        return f"{text}, output times {self.output_scale}" if self.output_scale else text
 
     def __str__(self) -> str:
         text = f"{self.source}\n    form: {self.form}\n    spec: {self.spec_text}\n    kernel: {self.kernel}"

@@ -215,6 +215,8 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                     user.replace_all_uses_with(new)
         at = output
         with graph.inserting_before(output):
+            if m.out_scale is not None:         # the weights times a scale read at run time: so is the output
+                out = m.out_scale.apply(out, add, lambda n: replaced.get(to_dynamo[n], to_dynamo[n]))
             if site.transpose_out:
                 out = add(torch.transpose, (out, 1, 2))
             if site.flatten_out:

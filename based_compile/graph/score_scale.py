@@ -6,10 +6,12 @@ constant (a learnable ``nn.Parameter``, ``1 / self.temperature``, a scale comput
 same tensor, computed by the graph as written, so the value and the gradient of ``c`` are the
 model's. Division by a one-element tensor is multiplication by its reciprocal, whatever it is
 computed from; the matcher (``match._read_scaled``) checks that it is one element, of q's dtype, not
-a function of the scores themselves, and applied to the raw scores (before the polynomial and any
-mask). ``ScoreScale`` records the factors (node, power +1 or -1), builds their product where the
-rewrite needs it, evaluates it for the numerical probe (on the probe's own q, k and v: a scale
-computed from q follows q) and says what it is for explain().
+a function of the scores themselves, and applied to the raw scores (before the polynomial; a mask that
+fills zeros before it commutes with it). Applied to the weights after the polynomial it is a scale of
+an unnormalised output instead ((c P(s)) @ v = c (P(s) @ v): the match's ``out_scale``, the same record,
+which the rewrite multiplies the operator's output by). ``ScoreScale`` records the factors (node, power
++1 or -1), builds their product where the rewrite needs it, evaluates it for the numerical probe (on
+the probe's own q, k and v: a scale computed from q follows q) and says what it is for explain().
 """
 from __future__ import annotations
 

@@ -357,13 +357,20 @@ def _moved_inputs(m: Match, evaluator: GraphEvaluator, dtype) -> tuple:
     return substitute, tuple(initial), ", ".join(f"{sym}: {values[sym]} -> {moved[sym]}" for sym in sorted(moved, key=str))
 
 
-def _scale_of_q(m: Match, evaluator: GraphEvaluator, substitute: dict):
-    """The factor the operator reads q times (a scale of the scores read at run time, ``score_scale``),
-    evaluated as the rewritten graph computes it: from the same inputs as the output it is compared
-    with (the probe's q, k, v, or its moved sizes), so that a scale computed from q follows the probe's q."""
-    if m.score_scale is None:
+def _scale_of_q(m: Match, evaluator: GraphEvaluator, substitute: dict, scale=None):
+    """The factor the operator reads q times (a scale of the scores read at run time, ``score_scale``;
+    ``scale``: another one, the output's ``out_scale``), evaluated as the rewritten graph computes it:
+    from the same inputs as the output it is compared with (the probe's q, k, v, or its moved sizes), so
+    that a scale computed from q follows the probe's q."""
+    scale = m.score_scale if scale is None else scale
+    if scale is None:
         return 1.0
-    return m.score_scale.value(lambda node: evaluator.evaluate(node, substitute=substitute))
+    return scale.value(lambda node: evaluator.evaluate(node, substitute=substitute))
+
+
+def _scale_of_output(m: Match, evaluator: GraphEvaluator, substitute: dict):
+    """The factor the rewritten graph multiplies the operator's output by (``out_scale``), or 1."""
+    return 1.0 if m.out_scale is None else _scale_of_q(m, evaluator, substitute, m.out_scale)
 
 
 def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol: float) -> str | None:
@@ -392,7 +399,7 @@ def _probe_other_lengths(reading: Settled, evaluator: GraphEvaluator, dtype, tol
         out = evaluator.evaluate(m.output, substitute=substitute)
         factor = _scale_of_q(m, evaluator, substitute)
         ref = _reference(reading, *(substitute[n].to(torch.float64) * (factor if n is m.q else 1.0)
-                                    for n in (m.q, m.k, m.v)), initial)
+                                    for n in (m.q, m.k, m.v)), initial) * _scale_of_output(m, evaluator, substitute)
     except Exception as exc:
         return f"the site could not be evaluated at other sizes ({where}): {type(exc).__name__}: {exc}"
     err = _rel_error(out, ref)
@@ -566,10 +573,10 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
             continue
         tol = max(_TOLERANCE.get(out.dtype, 1e-3), _TOLERANCE.get(dtype, 1e-3))
         best = math.inf
-        factor = _scale_of_q(m, evaluator, values)
+        factor, out_factor = _scale_of_q(m, evaluator, values), _scale_of_output(m, evaluator, values)
         for reading in readings:
             ref = _reference(reading, *(values[n].to(torch.float64) * (factor if n is m.q else 1.0)
-                                        for n in (m.q, m.k, m.v)), initial)
+                                        for n in (m.q, m.k, m.v)), initial) * out_factor
             err = _rel_error(out, ref)
             best = min(best, err)
             if err < tol:
