@@ -1,6 +1,7 @@
 """Compile a module with the based backend, call it at several lengths and compare values and gradients with
 eager (float64 inputs): the harness of the graph-pass tests that record what the backend hands its inner
-compiler (test_coverage, test_checkpointed_mask, test_memsave_map)."""
+compiler (test_coverage, test_checkpointed_mask, test_memsave_map, test_additive_masks,
+test_feature_map_computed_twice)."""
 from __future__ import annotations
 
 import torch
@@ -46,9 +47,10 @@ def values_and_grads(fn, inputs, seed):
 
 def compile_and_compare(module, shapes, lengths, *, inner="eager", dynamic=None, tol=1e-10, count=False) -> Recorder:
     """Compile, call at each length, compare values and gradients with eager; the Recorder, with the pass's
-    report of each graph in ``.reports`` and, with ``count``, the operator calls of one more forward at the
-    last length in ``.counter``."""
+    report of each graph in ``.reports`` and, with ``count``, the operator calls of one more forward at each
+    length in ``.calls`` (at the last length, the counter itself in ``.counter``)."""
     recorder = Recorder(inner)
+    recorder.calls = []
     compiled = torch.compile(module, backend=based_compile.backend(inner=recorder), dynamic=dynamic)
     with PassReports() as recorder.reports:
         for t in lengths:
@@ -58,8 +60,9 @@ def compile_and_compare(module, shapes, lengths, *, inner="eager", dynamic=None,
             assert_rel_close(out_c, out_e, tol, f"T={t}: output, compiled vs eager")
             for j, (c, e) in enumerate(zip(grads_c, grads_e)):
                 assert_rel_close(c, e, tol, f"T={t}: gradient of input {j}, compiled vs eager")
+            if count:       # inputs that require grad, as above: the same compiled graph, no new report
+                with BasedOpCounter() as recorder.counter:
+                    compiled(*[x.requires_grad_(True) for x in shaped_inputs(200 + t, t, shapes)])
+                recorder.calls.append(recorder.counter.total)
     assert len(recorder.reports.graphs) >= len(recorder.graphs) >= 1, recorder.reports   # more: a restart
-    if count:
-        with torch.no_grad(), BasedOpCounter() as recorder.counter:
-            compiled(*inputs)
     return recorder

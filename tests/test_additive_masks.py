@@ -13,10 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import based_compile
-from based_calls import BasedOpCounter
-from compare import assert_rel_close
-from pass_reports import PassReports
+from compiled_compare import compile_and_compare
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +21,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _qkv(t, seed):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(2, 3, t, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (4, 4, 3))
 
 
 def _attend(q, k, v, keep_or_drop):
@@ -56,24 +48,13 @@ NEAR_MISSES = {   # name: (form, what the refusal says it keeps)
 }
 
 
+QKV = [(2, 3, "T", 4), (2, 3, "T", 4), (2, 3, "T", 3)]
+
+
 def _run(form, lengths):
-    model = lambda q, k, v: _attend(q, k, v, form)  # noqa: E731
-    compiled = torch.compile(model, backend=based_compile.backend(inner="aot_eager"))
-    calls = []
-    with PassReports() as reports:
-        for t in lengths:
-            ref_in, cmp_in = _qkv(t, seed=t), _qkv(t, seed=t)
-            ref, out = model(*ref_in), compiled(*cmp_in)
-            with BasedOpCounter() as counter:
-                compiled(*_qkv(t, seed=t + 100))
-            calls.append(counter.total)
-            assert_rel_close(out, ref, 1e-10, f"T={t}: output")
-            w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=ref.dtype)
-            (ref * w).sum().backward()
-            (out * w).sum().backward()
-            for name, x, y in zip("qkv", cmp_in, ref_in):
-                assert_rel_close(x.grad, y.grad, 1e-9, f"T={t}: d{name}")
-    return calls, reports
+    recorder = compile_and_compare(lambda q, k, v: _attend(q, k, v, form), QKV, lengths, inner="aot_eager",
+                                   tol=1e-9, count=True)
+    return recorder.calls, recorder.reports
 
 
 @pytest.mark.parametrize("name", FORMS)
