@@ -315,6 +315,44 @@ def test_a_failing_pass_leaves_the_graph_to_the_inner_compiler(monkeypatch, capl
     assert not report.sites and any("planted failure" in r.reason for r in report.refusals)
 
 
+@pytest.mark.parametrize("step", ["rewrite_dynamo_sites", "rewrite_recurrent_steps"])
+def test_a_failing_rewrite_puts_the_graph_back(monkeypatch, caplog, step):
+    """A bug in the rewrite itself (after the sites were found, the graph half changed) is logged and
+    reported; the graph goes back to Dynamo's, so the model compiles and computes the same, and explain()
+    lists the site as refused with the error, not as rewritten."""
+    from based_compile.graph import driver
+
+    real = getattr(driver, step)
+
+    def broken(gm, *args, **kwargs):
+        real(gm, *args, **kwargs)               # the graph changed ...
+        raise RuntimeError("planted rewrite failure")   # ... then the rewrite fails
+
+    monkeypatch.setattr(driver, step, broken)
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.5
+        a = (1 + s + 0.5 * s * s).tril()
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    codes = []
+
+    def inner(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="based_compile"):
+        out = torch.compile(attn, backend=based_compile.backend(inner=inner))(q, k, v)
+    torch.testing.assert_close(out, attn(q, k, v), rtol=0, atol=0)
+    assert "planted rewrite failure" in caplog.text
+    assert codes and all("based_attention" not in code for code in codes)
+    report = based_compile.explain(attn, q, k, v)
+    assert not report.sites, report
+    assert any("planted rewrite failure" in r.reason for r in report.refusals), report
+
+
 def test_sites_the_operator_cannot_run_are_left_to_the_inner_compiler(monkeypatch):
     """A site on tensors the operator would refuse (here: a planted reason) is refused at compile time."""
     from based_compile.graph import driver

@@ -165,6 +165,7 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
 
 def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
              constants: list[bool] | None = None, outside: dict[int, str] | None = None) -> Rewritten | None:
+    reported = len(report.sites) if report is not None else 0
     try:
         autocast_on = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
         try:
@@ -190,8 +191,21 @@ def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
     settled, steps, to_dynamo, region, baked = found
     original = copy_graph(gm.graph)
     sources = [source_of(site.match.anchor) for site in settled]
-    rewrite_recurrent_steps(gm, steps, to_dynamo)
-    return Rewritten(rewrite_dynamo_sites(gm, settled, to_dynamo, region), baked, original, sources)
+    try:
+        rewrite_recurrent_steps(gm, steps, to_dynamo)
+        rewritten = rewrite_dynamo_sites(gm, settled, to_dynamo, region)
+    except Exception as err:      # a bug of the rewrite: the graph as Dynamo made it, compiled unchanged
+        gm.graph = original
+        gm.recompile()
+        log.warning("based_compile: rewriting this graph failed (%s: %s); it is compiled unchanged",
+                    type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+        if report is not None:      # its sites were not rewritten after all: refusals, with the error
+            del report.sites[reported:]
+            for source in sources or ["<graph>"]:
+                report.add_refusal(Refusal(source, "unsupported",
+                                           f"internal error of the rewrite: {type(err).__name__}: {err}"))
+        return None
+    return Rewritten(rewritten, baked, original, sources)
 
 
 def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
