@@ -154,6 +154,24 @@ def test_diagonal_with_the_wrong_weight_is_refused():
     assert "not (x.y)^2 times one constant" in reason and "x_0 x_1 has the weight" in reason, reason
 
 
+def test_products_without_the_squares_are_refused_with_what_they_lack(monkeypatch):
+    """Only the products above the diagonal (x_a x_b, a < b; fla's map with its pairs shifted reads so): the
+    reason names the missing squares (it said "x_0^2 has the weight 0 ..., 0 wanted")."""
+    from types import SimpleNamespace
+
+    from based_compile.graph import feature_map
+    from based_compile.graph.refusal import Refused
+
+    monkeypatch.setattr(feature_map, "hint_shape", lambda source: (2, D))
+    upper = [(a, b) for a in range(D) for b in range(a + 1, D)]
+    piece = SimpleNamespace(kind="pairs", factor=1.0, pairs=upper)
+    with pytest.raises(Refused) as err:
+        feature_map._pairs_coefficient([(piece, piece)], None)
+    reason = str(err.value)
+    assert "not (x.y)^2 times one constant" in reason and "x_0^2 has no weight" in reason, reason
+    assert "0 wanted" not in reason, reason
+
+
 def test_diagonal_counted_twice_is_refused():
     reason = _refusal(Attention(indices="tril0"))            # tril_indices(D, D, 0) lists x_a^2 too
     assert "not (x.y)^2 times one constant" in reason, reason

@@ -464,11 +464,15 @@ def _pairs_coefficient(pairs, source) -> float:
             key = (min(a, b), max(a, b))
             weight[key] = weight.get(key, 0.0) + w
     c = weight.get((0, 0), 0.0)
+    if c == 0.0:
+        raise Refused("feature_map", "the feature map's products x_a x_b are not (x.y)^2 times one constant: x_0^2 "
+                                     "has no weight in phi(q).phi(k), and (x.y)^2 weights every x_a^2 alike (c) and "
+                                     "every x_a x_b by 2c")
     for a in range(d):
         for b in range(a, d):
             want = c if a == b else 2.0 * c
             got = weight.get((a, b), 0.0)
-            if c == 0.0 or abs(got - want) > 1e-12 * abs(want):
+            if abs(got - want) > 1e-12 * abs(want):
                 what = "x_%d^2" % a if a == b else "x_%d x_%d" % (a, b)
                 raise Refused("feature_map", f"the feature map's products x_a x_b are not (x.y)^2 times one "
                                              f"constant: {what} has the weight {got:.6g} in phi(q).phi(k), "
