@@ -177,3 +177,33 @@ def test_a_decode_step_whose_phi_k_is_written_between_its_updates():
             assert_rel_close(compiled(q, k, v, kv2, ks2), fn(q, k, v, kv, ks), 1e-12, f"step {i}")
             assert_rel_close(ks2, ks, 1e-12, f"k_state {i}")
             assert_rel_close(kv2, kv, 1e-12, f"kv_state {i}")
+
+
+@torch.library.custom_op("based_compile_tests::rotate_k", mutates_args={"k"})
+def rotate_k(k: torch.Tensor) -> None:
+    k.copy_(k.roll(1, -1))
+
+
+@rotate_k.register_fake
+def _(k):
+    return None
+
+
+def test_k_written_in_place_by_a_custom_op_is_exact_or_refused_naming_k():
+    """k rotated in place by a custom op (vLLM's rotary_embedding style): compiled == eager, and if the
+    site is refused, the reason names k (it said "k and v are intermediate values ..." with v untouched)."""
+    def model(q, k, v):
+        k = k.clone()
+        rotate_k(k)
+        s = q @ k.transpose(-2, -1) / 2
+        a = (1 + s + s * s / 2).tril()
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    out = torch.compile(model, backend=based_compile.backend(inner="aot_eager"))(q, k, v)
+    assert_rel_close(out, model(q, k, v), 1e-10, "output")
+    ex = based_compile.explain(model, q, k, v)
+    for refusal in ex.refusals:
+        assert "k and v" not in refusal.reason, ex
+    assert ex.sites or any("k is an intermediate value" in r.reason for r in ex.refusals), ex

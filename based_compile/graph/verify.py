@@ -229,7 +229,10 @@ def settle(m: Match, evaluator: GraphEvaluator, *, probe: bool = True, available
     if available is not None:
         pairs = [(k, v) for k, v in pairs if available(k) and available(v)]
     if not pairs:
-        raise Refused("unsupported", "k and v are intermediate values of a decomposed operation", m.output)
+        missing = [name for name, x in (("k", m.k), ("v", m.v)) if available is not None and not available(x)]
+        what = (f"{missing[0]} is an intermediate value" if len(missing) == 1 else "k and v are intermediate values")
+        raise Refused("unsupported", f"{what} of an operation that the compiled graph keeps whole (a decomposed "
+                                     "operation, or a custom op that writes it in place)", m.output)
     queries = [m.q] + [q for q in m.q_alternatives if available is None or available(q)]
     first_refusal = None
     for q, k, v in ((q, k, v) for q in queries for k, v in pairs):
