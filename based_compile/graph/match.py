@@ -32,7 +32,7 @@ from . import mask as masks
 from . import polynomial
 from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, read_views, scalar_factor, scalar_value,
-                           shape_of, through_views, track_axis, walk_operand)
+                           shape_of, specialised_value, through_views, track_axis, walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
 from .feature_map import (describe_unread, other_readings, pair_feature_maps, read_feature_map, same_feature_map,
                           unread_reason)
@@ -82,7 +82,10 @@ class Matcher:
     # ------------------------------------------------------------------ constants
 
     def constant(self, node) -> torch.Tensor | None:
-        """The compile-time value of a tensor that depends only on constants and buffers."""
+        """The compile-time value of a tensor that depends only on constants, buffers and sizes. A value
+        computed from a symbolic size (``torch.tensor(float(k.shape[-2])).sqrt()`` under dynamic shapes) is
+        evaluated at the traced size, so those sizes are specialised (guarded, ``specialised_value``): a call
+        at another length recompiles instead of reusing the number (it was baked silently)."""
         if not isinstance(node, fx.Node) or not isinstance(shape_of(node), tuple):
             return None
         if node in self._constants:
@@ -93,6 +96,9 @@ class Matcher:
                 value = self.evaluator.evaluate(node)
             except NotConstant:
                 value = None
+            if value is not None:
+                for size in self.evaluator.symbolic_values_read(node):
+                    specialised_value(size)
         self._constants[node] = value
         return value
 
