@@ -203,6 +203,7 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
         lowered = make_fx(run, tracing_mode="real", decomposition_table={})(*fake_args)
     _drop_full_slices(lowered)
+    split_reduction_dtypes(lowered)
     _mark_value_changing_casts(lowered)
     return lowered
 
@@ -233,6 +234,49 @@ def _mark_value_changing_casts(gm: fx.GraphModule) -> None:
         if src is None or dst is None or not exact_cast(src, dst):
             node.target = torch.ops.prims.convert_element_type.default
             node.args, node.kwargs = (node.args[0], dst if dst is not None else torch.float32), {}
+
+
+# Reductions whose ``dtype=`` casts the input before reducing (PyTorch's definition, the same bits on CPU:
+# ``x.sum(d, dtype=t)`` == ``x.to(t).sum(d)``, ``x.cumsum(d, dtype=t)`` == ``x.to(t).cumsum(d)``). ``mean``
+# is not one: it divides in its accumulation type before rounding, and no reader reads a mean.
+_CAST_FIRST_REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.cumsum.default}
+
+# meta key of a cast ``split_reduction_dtypes`` wrote: the reduction whose ``dtype=`` it spells out
+REDUCTION_DTYPE = "based_compile.reduction_dtype"
+
+
+def split_reduction_dtypes(gm: fx.GraphModule) -> None:
+    """A sum or running sum of a floating tensor with a floating ``dtype=`` other than its input's becomes the
+    explicit cast it is followed by the reduction without ``dtype=``; one with its input's own dtype drops the
+    argument (a no-op). The readers of sums (normalisers, running sums, state products) never look at
+    ``dtype=``: they then see the cast, which no reader reads through (``exact_cast``), and ``precision``
+    judges it like any ``.to()`` (a narrowing inside a site is a lossy round trip). A reduction of an integer
+    or bool tensor, or to one, is left as written (its default dtype is not its input's)."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _CAST_FIRST_REDUCTIONS or "dtype" not in node.kwargs:
+            continue
+        dst, x = node.kwargs["dtype"], node.args[0] if node.args else None
+        src, value = _dtype_of(x), example_value(x) if isinstance(x, fx.Node) else None
+        if not isinstance(dst, torch.dtype) or src is None or not (src.is_floating_point and dst.is_floating_point):
+            continue
+        kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+        if src != dst:
+            mode = getattr(value, "fake_mode", None)
+            if mode is None:
+                continue
+            with gm.graph.inserting_before(node):
+                cast = gm.graph.call_function(torch.ops.prims.convert_element_type.default, (x, dst))
+            with mode:
+                cast.meta["val"] = torch.ops.prims.convert_element_type.default(value, dst)
+            cast.meta["stack_trace"] = node.meta.get("stack_trace")
+            cast.meta[REDUCTION_DTYPE] = node
+            node.args = (cast, *node.args[1:])
+        node.kwargs = kwargs
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _drop_full_slices(gm: fx.GraphModule) -> None:

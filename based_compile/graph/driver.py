@@ -35,7 +35,7 @@ from .inplace import OutputAliased, Storages, copies_over, first_write_between, 
 from .lookalike import covered_by, unexplained
 from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_inputs, source_name
 from .match import Matcher, find_matches
-from .precision import lossy_round_trip
+from .precision import describe_cast, lossy_round_trip, reduction_dtype_note
 from .recurrent import find_steps, settle_step, spec_of
 from .refusal import Refused
 from .report import Explanation, Refusal, Site, source_of
@@ -366,9 +366,8 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         try:
             cast = lossy_round_trip(result)
             if cast is not None:
-                raise Refused("unsupported", f"{source_of(cast)} casts to {example_value(cast).dtype} inside the "
-                                             f"attention and back: that rounding is part of what it computes",
-                              result.output)
+                raise Refused("unsupported", f"{describe_cast(cast)} inside the attention and back: that "
+                                             "rounding is part of what it computes", result.output)
             site = settle(result, evaluator, probe=verify, available=to_dynamo.__contains__)
             reason = _unsupported_reason(site)
             if reason is not None:
@@ -586,6 +585,7 @@ def _check_step_reads(gm, step, to_dynamo, storages: Storages) -> None:
 
 
 def _refuse(refusal: Refused, report: Explanation | None) -> None:
+    refusal = reduction_dtype_note(refusal)
     entry = Refusal(source_of(refusal.node), refusal.category, refusal.reason)
     log.debug("based_compile: refused at %s (%s): %s", entry.source, entry.category, entry.reason)
     if report is not None:

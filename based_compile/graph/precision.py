@@ -6,6 +6,11 @@ inside the attention that rounds to a lower precision and comes back (``s.float(
 function, by the cast dtype's rounding (2e-9 for a float32 trip in float64, 4e-3 for bfloat16),
 which a numerical probe at its tolerance may not see. ``lossy_round_trip`` finds such a cast
 structurally, on the lowered site (from its output back to q, k, v), so it is refused at any size.
+
+A sum or running sum written with ``dtype=`` casts its input before it reduces; the lowering spells that cast
+out (``canonicalize.split_reduction_dtypes``), so it is judged here like any ``.to()``. ``reduction_dtype_note``
+names such a reduction in a refusal it precedes: no reader reads through its cast, and the reader's own reason
+(a normaliser "not a sum of phi(k)", a chain "through convert_element_type") would not say why.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import torch
 import torch.fx as fx
 
 from .candidate import Match
-from .canonicalize import example_value
+from .canonicalize import REDUCTION_DTYPE, example_value
+from .refusal import Refused
+from .report import source_of
 
 aten = torch.ops.aten
 
@@ -56,3 +63,47 @@ def lossy_round_trip(match: Match) -> fx.Node | None:
         if _eps(dst) > _eps(src) and _eps(dst) > out_eps:
             return node
     return None
+
+
+def describe_cast(cast: fx.Node, at: fx.Node | None = None) -> str:
+    """The user's line of a cast and what it does, for a refusal: an explicit cast, or a reduction's ``dtype=``
+    (the line not repeated when it is ``at``'s, the refused node's)."""
+    src, dst = _dtype(cast.args[0]) if cast.args else None, _dtype(cast)
+    reduction = cast.meta.get(REDUCTION_DTYPE)
+    if reduction is None:
+        return f"{source_of(cast)} casts to {dst}"
+    name = "running sum" if reduction.target is aten.cumsum.default else "sum"
+    where = "this line" if at is not None and source_of(at) == source_of(reduction) else source_of(reduction)
+    return f"the {name} with dtype={dst} of a {src} tensor at {where} (its input cast to {dst} first)"
+
+
+def _narrows(cast: fx.Node) -> bool:
+    src, dst = _dtype(cast.args[0]) if cast.args else None, _dtype(cast)
+    return None not in (src, dst) and None not in (_eps(src), _eps(dst)) and _eps(dst) > _eps(src)
+
+
+def reduction_dtype_note(refusal: Refused) -> Refused:
+    """``refusal`` with its reason led by the reductions with a ``dtype=`` other than their input's that the
+    refused node reads (a narrowing first: it rounds what the operator would not); as it was when there is none."""
+    node = refusal.node
+    if not isinstance(node, fx.Node):
+        return refusal
+    casts, seen, stack = [], set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.meta.get(REDUCTION_DTYPE) is not None:
+            casts.append(current)
+        stack.extend(current.all_input_nodes)
+    if not casts:
+        return refusal
+    cast = next((c for c in casts if _narrows(c)), casts[0])
+    if _narrows(cast):
+        why = (f"{describe_cast(cast, node)}: it rounds every element to {_dtype(cast)} before summing, a rounding the "
+               "Based operator does not do, so no reader reads it as the operator's sum")
+    else:
+        why = (f"{describe_cast(cast, node)}: a widening cast inside the attention, which no reader reads "
+               f"through (as an explicit .to({_dtype(cast)}) there)")
+    return Refused(refusal.category, f"{why} ({refusal.reason})", refusal.node)
