@@ -25,8 +25,10 @@ import torch
 import torch.fx as fx
 
 from . import polynomial
-from .canonicalize import VIEW_OPS, buffer_value, hint_shape, read_views, scalar_factor, scalar_value, walk_operand
+from .canonicalize import (VIEW_OPS, buffer_value, hint_shape, read_views, scalar_factor, scalar_value, shape_of,
+                           specialised_value, walk_operand)
 from .feature_order import keeps_last_axis, linear_in_order, outer_block_in_order, outer_in_order, square_in_order
+from .marked_dynamic import is_marked_dynamic
 from .refusal import Refused
 
 aten = torch.ops.aten
@@ -441,6 +443,8 @@ def pair_feature_maps(phi_q: FeatureMap, phi_k: FeatureMap) -> polynomial.Poly:
     poly: polynomial.Poly = (0.0,)
     pairs = [(pq, pk) for pq, pk in zip(phi_q.pieces, phi_k.pieces) if pq.kind == "pairs"]
     if pairs:
+        for phi in (phi_q, phi_k):
+            _specialise_feature_size(phi.source)
         poly = polynomial.add(poly, (0.0, 0.0, _pairs_coefficient(pairs, phi_q.source)))
     for pq, pk in zip(phi_q.pieces, phi_k.pieces):
         if pq.kind == "pairs":
@@ -449,6 +453,29 @@ def pair_feature_maps(phi_q: FeatureMap, phi_k: FeatureMap) -> polynomial.Poly:
         weight = pq.factor * pk.factor * (pq.width if pq.kind == "const" else 1.0)
         poly = polynomial.add(poly, tuple([0.0] * power + [weight]))
     return poly
+
+
+def _specialise_feature_size(source: fx.Node) -> None:
+    """Guard x's feature size equal to its traced value when it is symbolic (``dynamic=True``, or
+    ``mark_dynamic`` on the feature axis). The products x_a x_b a map lists are proven to be (x.y)^2 at
+    the traced size only: a table fixed at one Dk (``triu_indices(4, 4, 1)`` inline, in a buffer or an
+    attribute; zoology's ``tril_indices`` of ``forward_mem_save``) lists the pairs of 4 features at any
+    Dk, and at Dk = 8 the map is not Based. A call at another Dk recompiles instead of reusing the proof
+    (as ``specialised_value`` does for a scale computed from Dk). Refused when the size cannot be guarded."""
+    size = (shape_of(source) or (None,))[-1]
+    if not isinstance(size, torch.SymInt):
+        return
+    if is_marked_dynamic(size):
+        raise Refused("feature_map", f"the feature map's products x_a x_b are (x.y)^2 at the traced feature size "
+                                     f"{hint_shape(source)[-1]} alone (a table of index pairs fixed at one size), "
+                                     "and the feature axis is marked dynamic (torch._dynamo.mark_dynamic), so the "
+                                     "pass cannot specialise it: use maybe_mark_dynamic, or leave that axis static")
+    try:
+        specialised_value(size)
+    except Exception as err:  # noqa: BLE001 - no guard: the proof would hold at the traced Dk alone
+        raise Refused("feature_map", f"the feature map's products x_a x_b are read at the traced feature size "
+                                     f"{hint_shape(source)[-1]} of a symbolic size that could not be guarded "
+                                     f"({type(err).__name__}): at another size they would not be (x.y)^2") from err
 
 
 def _pairs_coefficient(pairs, source) -> float:
