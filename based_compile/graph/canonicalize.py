@@ -715,6 +715,13 @@ def eligible(node: fx.Node) -> bool:
     if node.op == "call_function":
         if _checkpointed_map(node):
             return True
+        if node.target is operator.getitem and node.args and isinstance(node.args[0], fx.Node) \
+                and node.args[0].op == "call_function" and isinstance(example_value(node.args[0]), (tuple, list)) \
+                and not eligible(node.args[0]):
+            # an element of the tuple a barrier returns (q of a custom autograd.Function, of torch.cond: a
+            # higher-order operator's value) is a tensor input of the region, not the tuple (x[i] of a tensor,
+            # an index table's row, stays in the region)
+            return False
         if node.target in _STATEFUL_TARGETS or isinstance(node.target, torch._ops.HigherOrderOperator):
             return False
         if node.is_impure():
