@@ -95,6 +95,22 @@ def keeps_dtype(outputs, inputs) -> bool:
     return not all(casts_under_autocast(o, inputs) for o in outputs)
 
 
+def widened_after_lowering(outputs, inputs) -> fx.Node | None:
+    """A result among ``outputs`` that the user's code computes in lower precision on the way (autocast's matmul,
+    ``casts_under_autocast``) and then returns wider (float32 or float64, as Dynamo traced it: a normaliser summed
+    with ``dtype=torch.float32`` or after ``.float()`` inside autocast), or None. The operator that would stand
+    for it runs at autocast's dtype and returns that (``keeps_dtype``): a narrower result than eager's, rounded
+    to float16/bfloat16, so such a site is refused."""
+    for out in outputs:
+        if out is None:
+            continue
+        value = example_value(out)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in _LOWER \
+                and casts_under_autocast(out, inputs):
+            return out
+    return None
+
+
 def analysis_without_autocast():
     """A context with autocast off on the CPU and CUDA, for the pass's own tracing and probing: a graph
     compiled inside ``torch.autocast`` is read as the code is written (its matmuls' casts are autocast's,

@@ -21,7 +21,7 @@ from ..op import policy
 from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
-from .autocast_scope import analysis_without_autocast, switch_inside
+from .autocast_scope import analysis_without_autocast, keeps_dtype, switch_inside, widened_after_lowering
 from .canonicalize import (attention_region, declare_buffer_values, declare_outer_operands, example_value,
                            extract_region, hint, hint_shape, lower_to_aten, same_value_source)
 from .checkpoint_operands import Splice, splice
@@ -133,6 +133,33 @@ def run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
 
 def _same(x):
     return x
+
+
+def _refuse_widened(settled: list, to_dynamo, report: Explanation | None) -> list:
+    """Drop from ``settled`` (refused, with the reason) each site the operator would return narrower than eager:
+    a result computed in autocast's lower precision and returned wider (``widened_after_lowering``) while the
+    operator, run cast as a matmul (``keeps_dtype`` false: the same outputs the rewrite weighs), returns
+    autocast's dtype. Returns the refused sites' outputs."""
+    dropped = []
+    for site in list(settled):
+        m = site.match
+        returned = [to_dynamo[m.output]] + ([to_dynamo[r.node] for r in site.states.reads]
+                                            if getattr(site, "states", None) is not None else [])
+        starts = [] if m.initial is None else [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k)
+                                               if st is not None]
+        inputs = [to_dynamo[n] for n in (m.q, m.k, m.v)] + starts
+        wide = widened_after_lowering(returned, inputs)
+        if wide is None or keeps_dtype(returned, inputs):
+            continue
+        settled.remove(site)
+        if report is not None:
+            report.sites[:] = [e for e in report.sites if e.nodes.get("output") != to_dynamo[m.output].name]
+        _refuse(Refused("unsupported", f"under torch.autocast the attention computes in lower precision and "
+                                       f"returns {wide.name} in {example_value(wide).dtype} (a normaliser or a sum "
+                                       "widened after the matmuls): the operator, cast as a matmul is, would return "
+                                       "it rounded to autocast's dtype", m.output), report)
+        dropped.append(m.output)
+    return dropped
 
 
 def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool,
@@ -419,6 +446,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, entry.spec_text, entry.kernel, "" if rewrite else " [not rewritten: report only]")
     _find_states(gm, aten_gm, evaluator, settled, to_dynamo, storages, report)
+    refused.extend(_refuse_widened(settled, to_dynamo, report))
     steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report,
                         refused=refused)
     if not steps:                 # a lookalike no reader answered: a refusal
