@@ -43,6 +43,24 @@ class LazyTensor:
         return x.to(device=self.device, dtype=self.dtype)
 
 
+def _values_read(node: fx.Node):
+    """``node`` and every node whose value it is computed from, once each; a size (``sym_size``) or the shape alone
+    (``ones_like(a)``, ``a.new_zeros(...)``) of a tensor is not its value, so the walk does not go on through it."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        yield n
+        if n.op == "call_function" and n.target in _SIZE_OPS:
+            continue
+        if n.op == "call_function" and n.target in _SHAPE_OF_FIRST_ARG:
+            stack.extend(a for a in n.all_input_nodes if a is not n.args[0])
+            continue
+        stack.extend(n.all_input_nodes)
+
+
 class GraphEvaluator:
     def __init__(self, gm: fx.GraphModule, real_inputs, *, variable_placeholders=()):
         self.gm = gm
@@ -100,44 +118,20 @@ class GraphEvaluator:
         Reading only a size (``sym_size``) of a tensor, or only its shape (``ones_like(a)``,
         ``a.new_zeros(...)``), is not reading its value.
         """
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n in targets:
-                return True
-            if n in seen:
-                continue
-            seen.add(n)
-            if n.op == "call_function" and n.target in _SIZE_OPS:
-                continue
-            if n.op == "call_function" and n.target in _SHAPE_OF_FIRST_ARG:
-                stack.extend(a for a in n.all_input_nodes if a is not n.args[0])
-                continue
-            stack.extend(n.all_input_nodes)
-        return False
+        return any(n in targets for n in _values_read(node))
 
     def symbolic_values_read(self, node: fx.Node) -> list:
         """The symbolic scalars (SymInt / SymFloat: a size under dynamic shapes, ``sym_size``, ``sym_float``, a
         float input) that the value of ``node`` is computed from, reading the same inputs as ``depends_on``
         (a tensor read only for its shape contributes its symbolic sizes). ``evaluate`` reads them at their
         example values: whoever keeps what it computed as a constant must specialise them."""
-        found, seen, stack = [], set(), [node]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
+        found = []
+        for n in _values_read(node):
             val = n.meta.get("val", n.meta.get("example_value"))
             if isinstance(val, (torch.SymInt, torch.SymFloat)):
                 found.append(val)
             elif isinstance(val, torch.Tensor):
                 found.extend(s for s in val.shape if isinstance(s, torch.SymInt))
-            if n.op == "call_function" and n.target in _SIZE_OPS:
-                continue
-            if n.op == "call_function" and n.target in _SHAPE_OF_FIRST_ARG:
-                stack.extend(a for a in n.all_input_nodes if a is not n.args[0])
-                continue
-            stack.extend(n.all_input_nodes)
         return [v for v in found if v.node.expr.free_symbols]
 
     def placeholders_read(self, node: fx.Node) -> list[fx.Node]:
