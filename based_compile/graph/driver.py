@@ -144,7 +144,7 @@ def _refuse_widened(settled: list, to_dynamo, report: Explanation | None) -> lis
     for site in list(settled):
         m = site.match
         returned = [to_dynamo[m.output]] + ([to_dynamo[r.node] for r in site.states.reads]
-                                            if getattr(site, "states", None) is not None else [])
+                                            if site.states is not None else [])
         starts = [] if m.initial is None else [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k)
                                                if st is not None]
         inputs = [to_dynamo[n] for n in (m.q, m.k, m.v)] + starts
