@@ -393,6 +393,8 @@ def launch_configs(args: BasedArguments, dtype: torch.dtype = torch.bfloat16) ->
     if dtype == torch.float32:
         return _FLOAT32_CONFIGS
     bk, bv = _pow2(args.dk), _pow2(args.dv)
+    if bk <= 16 and bv <= 64:
+        return _SMALL_KEY_CONFIGS
     if bk <= 32 and bv <= 64:
         return _SMALL_HEAD_CONFIGS
     if bk <= 64 and bv <= 128:
@@ -408,9 +410,17 @@ _INTERPRETER_CONFIGS = _table(*[LaunchConfig(32, 16, 4, 1)] * 4)
 # Exact fp32 dots run on the FMA pipes, and their unrolled code compiles slowly (a 64 x 64 dk/dv tile
 # took ~90 s to compile): small tiles; fp32 is the reference path, not the fast one.
 _FLOAT32_CONFIGS = _table(LaunchConfig(64, 32, 4, 1), *[LaunchConfig(32, 32, 4, 1)] * 3)
-# Dk <= 32, Dv <= 64: H100 sweeps at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md)
+# Dk <= 32, Dv <= 64: H100 sweeps at Dk=16, Dv=64, T=2048/8192 (benchmarks/NOTES.md); the atomic dk/dv kernel
+# re-measured on the H200 (seventeenth session): 64-key programs capped at 168 registers, bf16 and fp16 alike,
+# 0.76-0.82x the time of (128, 64, 4, 2) at Dk = 32, 0.86x at Dk = 16 T = 1024, 0.96-1.03x elsewhere
+_DKV_ATOMIC_SMALL = LaunchConfig(64, 64, 4, 2, maxnreg=168)
 _SMALL_HEAD_CONFIGS = _table(LaunchConfig(128, 32, 4, 3), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 4, 3),
-                             LaunchConfig(128, 64, 4, 2))
+                             _DKV_ATOMIC_SMALL)
+# Dk <= 16 (the same, but 64-query forward programs with 64-key steps): H200 forward 0.86-0.91x at T = 1024
+# (B=16 H=16), 0.87x at B=1 T=8192, 0.96x at Dv = 32; 1.02x at B=16 T=4096, where the chunked kernel runs
+# instead. At Dk = 32 (Dv = 64) it was 1.02-1.07x: the table above keeps 128-query programs there.
+_SMALL_KEY_CONFIGS = _table(LaunchConfig(64, 64, 4, 3), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 4, 3),
+                            _DKV_ATOMIC_SMALL)
 _MEDIUM_HEAD_CONFIGS = _table(LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 32, 4, 2),
                               LaunchConfig(64, 32, 4, 2))
 _LARGE_HEAD_CONFIGS = _table(LaunchConfig(64, 32, 4, 2), *[LaunchConfig(64, 32, 8, 1)] * 3)

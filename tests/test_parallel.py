@@ -279,10 +279,10 @@ def test_gpu_variants(no_tf32):
 
 
 @pytest.mark.skipif(not triton_interpreting(), reason="runs the GPU tables under the interpreter")
-# float16: each head-size table (small, medium, large) with each dk/dv kernel (split, atomic dq); float32
+# float16: each head-size table (small keys, small, medium, large) with each dk/dv kernel (split, atomic dq); float32
 # has one table whatever the head size: each (Dk, Dv) once, both dk/dv kernels among them.
 @pytest.mark.parametrize("dtype,dk,dv,atomic_dq", [
-    *[(torch.float16, dk, dv, atomic) for dk, dv in [(16, 64), (64, 128), (128, 256)] for atomic in (True, False)],
+    *[(torch.float16, dk, dv, atomic) for dk, dv in [(16, 64), (32, 64), (64, 128), (128, 256)] for atomic in (True, False)],
     (torch.float32, 16, 64, True), (torch.float32, 64, 128, False), (torch.float32, 128, 256, True),
 ], ids=lambda x: str(x).replace("torch.", ""))
 def test_gpu_launch_configs_under_the_interpreter(dtype, dk, dv, atomic_dq, monkeypatch):
