@@ -285,6 +285,79 @@ def query_norm_term(q, k, v):                     # near miss: the added term is
     return _poly_finish(scores(q, k) + (q * q).sum(-1, keepdim=True).exp(), v)
 
 
+# ----------------------------------------------------------------------------- ops that cut the region (red team M4)
+# A custom autograd.Function or a tensor hook between the scores and the weights' matmul with v stays out of
+# the region (Dynamo's autograd_function_apply / register_hook): the lowered region saw weights from nowhere and
+# the report said nothing. An in-place write into the weights between the normaliser and the numerator
+# (functionalised into diagonal_scatter / index_put) was no op the walk followed: nothing either.
+
+
+class TripleGrad(torch.autograd.Function):
+    """The identity, whose backward triples the gradient (not the gradient of its forward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 3.0
+
+
+def _naive(q, k, v, on_scores=None, on_weights=None):
+    s = scores(q, k)
+    if on_scores is not None:
+        s = on_scores(s)
+    a = torch.tril(1 + s + 0.5 * s * s)
+    if on_weights is not None:
+        a = on_weights(a)
+    return finish(a, v)
+
+
+def _hooked(x):
+    if x.requires_grad:
+        x.register_hook(lambda g: g * 3.0)
+    return x
+
+
+def function_on_scores(q, k, v):
+    return _naive(q, k, v, on_scores=TripleGrad.apply)
+
+
+def function_on_weights(q, k, v):
+    return _naive(q, k, v, on_weights=TripleGrad.apply)
+
+
+def hook_on_scores(q, k, v):
+    return _naive(q, k, v, on_scores=_hooked)
+
+
+def hook_on_weights(q, k, v):
+    return _naive(q, k, v, on_weights=_hooked)
+
+
+def diagonal_zeroed_in_place(q, k, v):
+    s = scores(q, k)
+    a = torch.tril(1 + s + 0.5 * s * s)
+    z = a.sum(-1, keepdim=True) + 1e-6
+    a.diagonal(dim1=-2, dim2=-1).zero_()          # after the normaliser, before the numerator
+    return (a @ v) / z
+
+
+def diagonal_zeroed_by_index(q, k, v):
+    s = scores(q, k)
+    a = torch.tril(1 + s + 0.5 * s * s)
+    z = a.sum(-1, keepdim=True) + 1e-6
+    i = torch.arange(q.shape[-2])
+    a[..., i, i] = 0.0
+    return (a @ v) / z
+
+
+def normalize_p2(q, k, v):                        # near miss of F.normalize(p=1) (rewritten: test_one_norm.py)
+    s = scores(q, k)
+    return F.normalize(torch.tril(1 + s + 0.5 * s * s), p=2, dim=-1) @ v
+
+
 def _states():
     return _inputs((B, H, F_DIM, DV), (B, H, F_DIM), seed=1, grad=False)
 
@@ -335,6 +408,15 @@ CASES = {
                                      ["multiplied by a tensor", "padding mask"]),
     "softmax_attention": (softmax_attention, _qkv, "polynomial",
                           ["softmax attention", "softmax of the scores", "not a polynomial of q.k"]),
+    "function_on_scores": (function_on_scores, _qkv, "unsupported",
+                           ["custom torch.autograd.Function", "its backward is its own"]),
+    "function_on_weights": (function_on_weights, _qkv, "unsupported",
+                            ["custom torch.autograd.Function", "on_weights(a)"]),
+    "hook_on_scores": (hook_on_scores, _qkv, "unsupported", ["register_hook", "the hook would not run"]),
+    "hook_on_weights": (hook_on_weights, _qkv, "unsupported", ["register_hook", "the hook would not run"]),
+    "diagonal_zeroed_in_place": (diagonal_zeroed_in_place, _qkv, "mask", ["written in place", "diagonal_scatter"]),
+    "diagonal_zeroed_by_index": (diagonal_zeroed_by_index, _qkv, "mask", ["written in place", "index_put"]),
+    "normalize_p2": (normalize_p2, _qkv, "unsupported", ["F.normalize with p=2", "2-norm"]),
 }
 
 
@@ -443,7 +525,8 @@ def test_softmax_of_a_projection_by_a_weight_is_not_called_softmax_attention():
 
 
 @pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop", "softmax_attention",
-                                  "padding_mask_on_phi_k_linear"])
+                                  "padding_mask_on_phi_k_linear", "function_on_weights", "hook_on_scores",
+                                  "diagonal_zeroed_in_place"])
 def test_refused_lookalikes_compute_what_eager_does(name):
     fn, make, _, _ = CASES[name]
     ref_inputs, inputs = make(), make()

@@ -33,6 +33,7 @@ from .canonicalize import (VIEW_OPS, hint_shape, identity_dropout, read_views, s
                            track_axis)
 from .feature_map import describe_unread, read_feature_map
 from .inputs import source_name
+from . import region_cuts
 
 aten = torch.ops.aten
 
@@ -43,6 +44,13 @@ _FOLLOW = {aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, at
            aten.triu.default, aten.detach.default, aten.cumsum.default, aten.flip.default, aten.roll.default,
            aten.slice.Tensor, aten.select.int, aten.cat.default, aten.constant_pad_nd.default,
            aten.index_select.default, aten.slice_scatter.default, aten.select_scatter.default}
+# ops that write some entries of a tensor (functionalised in-place writes: a[..., i, i] = 0,
+# a.diagonal().zero_(), a.scatter_(...)): the chain goes on through the tensor written into
+_WRITES = {aten.slice_scatter.default, aten.select_scatter.default, aten.diagonal_scatter.default,
+           aten.as_strided_scatter.default, aten.index_put.default, aten.index_fill.int_Scalar,
+           aten.index_fill.int_Tensor, aten.index_copy.default, aten.index_add.default, aten.masked_scatter.default,
+           aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.scatter_reduce.two}
+_FOLLOW |= _WRITES
 # ops of a chain the readers read (sums, products, masks, views, the forms' own moves): any other op
 # on the chain is named in the reason
 _READ_OPS = {"add", "sub", "rsub", "mul", "div", "neg", "positive", "pow", "square", "addcmul", "addcdiv", "lerp",
@@ -73,6 +81,10 @@ def _name(node: fx.Node) -> str:
     if isinstance(t, torch._ops.OpOverload):
         return t.overloadpacket.__name__
     return getattr(t, "__name__", str(t)).split(".")[-1]
+
+
+def _name_of(target) -> str:
+    return target.overloadpacket.__name__
 
 
 def _square(node: fx.Node) -> bool:
@@ -209,6 +221,8 @@ class _Chain:
         self.random: str | None = None
         self.softmax: str | None = None         # softmax of the scores in Dynamo's graph (softmax attention)
         self.dynamo_ops: list[str] = []
+        self.unknown: list[str] = []            # ops of the region the walk went through that are no reader's
+        self.cuts: tuple = ()                   # ops of Dynamo's graph between scores and weights no reader reads
         self.biases: list[fx.Node] = []         # terms added to the scores that are not functions of q.k
 
 
@@ -224,8 +238,8 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
         if node.op == "placeholder":
             dynamo = to_dynamo.get(node)
             found = _walk_dynamo(dynamo) if dynamo is not None else None
-            if found is not None:
-                chain.dynamo_ops, chain.random, chain.softmax = found
+            if found is not None and not chain.dynamo_ops:
+                chain.dynamo_ops, chain.random, chain.softmax, chain.cuts = found
             continue
         if node.op != "call_function":
             continue
@@ -266,11 +280,24 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
                 chain.biases.append(bias)
                 stack.extend(a for a in node.all_input_nodes if a is not bias)
                 continue
+            if target in _WRITES:               # the tensor written into goes on (what is written: the write's)
+                stack.append(node.args[0])
+                continue
             scale = _one_element_factor(node)
             if scale is not None:               # x * c, x / c: what c is computed from is not the chain's
                 stack.extend(a for a in node.all_input_nodes if a is not scale)
                 continue
             stack.extend(node.all_input_nodes)
+            continue
+        # any other op that keeps the shape of a floating operand (sort, cummax, a custom op, ...): the chain
+        # goes on through that operand, and the op is named
+        value = node.meta.get("val")
+        same = [a for a in node.all_input_nodes if hint_shape(a) == hint_shape(node)]
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and same:
+            chain.nonview = True
+            chain.ops.append(_name(node))
+            chain.unknown.append(_name(node))
+            stack.extend(same)
     return chain
 
 
@@ -340,11 +367,14 @@ def _value_ancestors(node: fx.Node) -> set:
 
 
 def _walk_dynamo(start: fx.Node):
-    """(ops, random op or None, softmax or None) of an elementwise chain to a matmul in Dynamo's graph,
+    """(ops, random op or None, softmax or None, cuts) of an elementwise chain to a matmul in Dynamo's graph,
     from where the region was cut, or None. The softmax is named only when the matmul it reads forms
     scores (``_dynamo_scores``: softmax attention, Tq == Tk or not), not for a softmax of projections (a
-    feature map)."""
-    stack, seen, ops, random, softmax = [start], set(), [], None, None
+    feature map). ``cuts``: what the ops the chain went through that cut the region and that no reader
+    reads are (``region_cuts``: a custom autograd.Function, a tensor hook, F.normalize(p=2), ...), given
+    only when the matmul forms square scores of the shape of ``start`` (the weights, cut between the scores
+    and their matmul with v); else ()."""
+    stack, seen, ops, random, softmax, cuts = [start], set(), [], None, None, []
     while stack and len(seen) < _MAX_NODES:
         node = stack.pop()
         if node in seen or node.op not in ("call_function", "call_method"):
@@ -353,7 +383,12 @@ def _walk_dynamo(start: fx.Node):
         name = _name(node)
         if name in _DYNAMO_MATMUL:
             if ops:
-                return ops, random, (softmax if _dynamo_scores(node) else None)
+                square = hint_shape(node) or ()
+                weights = hint_shape(start) or ()
+                scores = len(square) >= 2 and square[-1] == square[-2] and tuple(square[-2:]) == tuple(weights[-2:])
+                # the cuts on the way from the weights to these scores (not those of a mask beside them)
+                cuts = [what for cut, what in cuts if scores and node in _ancestors(cut, _MAX_NODES)]
+                return ops, random, (softmax if _dynamo_scores(node) else None), tuple(cuts)
             continue
         if name in _DYNAMO_SOFTMAX:
             ops.append(name)
@@ -371,6 +406,14 @@ def _walk_dynamo(start: fx.Node):
         if name in _DYNAMO_ELEMENTWISE:
             ops.append(name)
             stack.extend(node.all_input_nodes)
+            continue
+        through = region_cuts.inputs_through(node)
+        if through is not None:
+            what = region_cuts.describe(node)
+            if what is not None:
+                ops.append(name)
+                cuts.append((node, what))
+            stack.extend(through)
     return None
 
 
@@ -408,7 +451,7 @@ def _module_tensor(node: fx.Node) -> bool:
 
 
 def _form(chain: _Chain) -> str | None:
-    if (chain.random is not None or chain.softmax is not None) and chain.dynamo_ops:
+    if (chain.random is not None or chain.softmax is not None or chain.cuts) and chain.dynamo_ops:
         return "quadratic"
     if chain.scores is not None and (chain.nonview or chain.scores.target is not aten.bmm.default):
         return "quadratic"
@@ -452,7 +495,7 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
                       "axis: k[:, 0] picks one key/value head, x[:, :, i] one token): the running-sum form is read "
                       "with one key/value head only where its heads axis is kept (k[:, :1], k[:, 0, None]), and "
                       "summed over every token")
-    written = sorted(ops & {"slice_scatter", "select_scatter", "index_put"})
+    written = sorted(ops & {_name_of(t) for t in _WRITES})
     if written and form == "quadratic":
         causes.append(f"the weights are written in place at some entries ({', '.join(written)}: a[..., i, j] = x "
                       "after the polynomial or the mask): no longer keep * P(q.k)")
@@ -466,10 +509,15 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
         causes.append(f"softmax attention: the weights are {chain.softmax} of the scores (exp normalised by its sum "
                       "over an axis), not a polynomial of q.k (Based's weights are its own polynomial, not exp)")
         category = "polynomial"
-    other = sorted(ops - _READ_OPS - {"index_put"})
+    for what in dict.fromkeys(chain.cuts):
+        causes.append(f"between the scores and their matmul with v, the weights go through {what}")
+    other = sorted(ops - _READ_OPS - {_name_of(t) for t in _WRITES} - set(chain.unknown))
     if other:
         causes.append(f"the chain goes through {', '.join(other)} (not a sum or product of its inputs: "
                       "piecewise or transcendental), which no reader reads")
+    if chain.unknown:
+        causes.append(f"the chain goes through {', '.join(sorted(set(chain.unknown)))}, an operation no reader "
+                      "reads")
     if form == "quadratic" and chain.folded is not None:
         causes.append(_folded_cause(chain))
     elif form == "quadratic" and chain.scores is not None:
