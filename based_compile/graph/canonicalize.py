@@ -726,8 +726,30 @@ def eligible(node: fx.Node) -> bool:
             return False
         if node.is_impure():
             return False
+    if _norm_call(node):
+        return _one_norm(node)
     name = _target_name(node).lower()
     return not any(word in name for word in _BARRIER_WORDS)
+
+
+# calls that take a p-norm along an axis (the name of p, its default): with p = 1 the row sums of weights that are
+# never negative (``match`` reads them), not a norm layer; other p stay out of the region
+_NORMS = {torch.nn.functional.normalize: ("p", 2.0), torch.linalg.vector_norm: ("ord", 2.0),
+          torch.norm: ("p", "fro"), "norm": ("p", "fro")}
+
+
+def _norm_call(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "norm") or (
+        node.op == "call_function" and not isinstance(node.target, str) and node.target in _NORMS)
+
+
+def _one_norm(node: fx.Node) -> bool:
+    """``F.normalize(a, p=1, dim=...)``, ``torch.linalg.vector_norm(a, ord=1, ...)``, ``a.norm(p=1, ...)``."""
+    if "out" in node.kwargs:
+        return False
+    name, default = _NORMS[node.target]
+    p = node.kwargs.get(name, node.args[1] if len(node.args) > 1 else default)
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and float(p) == 1.0
 
 
 def attention_region(gm: fx.GraphModule) -> list[fx.Node]:

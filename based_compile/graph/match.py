@@ -219,22 +219,26 @@ class Matcher:
                 node = self._beside_state_term(node)        # row sums + phi(q) . k_state: the row sums
             elif target is aten.reciprocal.default:
                 node = node.args[0]
+            elif target in (aten.clamp.default, aten.clamp_min.default) and _clamp_max(node) is None:
+                node = node.args[0]                          # a clamp that never binds (normaliser read it)
             elif scalar_factor(self.gm, node) is not None:
                 node = scalar_factor(self.gm, node)[0]
-            elif target in (aten.sum.dim_IntList, aten.bmm.default):
+            elif target in (aten.sum.dim_IntList, aten.bmm.default, aten.linalg_vector_norm.default):
                 break
             else:
                 return
+        norm = target is aten.linalg_vector_norm.default
         try:
             if target is aten.bmm.default:
                 raise NotACandidate("a contraction of features")
-            w = self.weights(node.args[0])
+            w = self.weights(_abs_of(node.args[0]) if _abs_of(node.args[0]) is not None else node.args[0])
         except NotACandidate:                        # a feature normaliser: its pairing is read by its reader;
             if any(_moves_axes(view) for view in views):    # an axis moved after it is not traced here
                 raise Refused("normaliser", "the normaliser on the features is transposed (permute/transpose) "
                                             "before it divides: its query axis is not traced", divided)
             return
-        keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        at = 3 if norm else 2
+        keepdim = bool(node.args[at] if len(node.args) > at else node.kwargs.get("keepdim", False))
         qa, ka = w.axes
         axis = qa if keepdim or qa < ka else qa - 1
         axis = through_views(views, axis)
@@ -661,6 +665,11 @@ class Matcher:
             if scaled[1] != 1.0:
                 raise Refused("normaliser", f"the row sums are scaled by {scaled[1]:g}", node)
             return w, eps, inverted
+        if target is aten.linalg_vector_norm.default:
+            return self._one_norm(node, node.args[0], node.args[1] if len(node.args) > 1 else 2,
+                                  node.args[2] if len(node.args) > 2 else None), 0.0, False
+        if target is aten.sum.dim_IntList and _abs_of(args[0]) is not None:      # a.abs().sum(-1): a 1-norm
+            return self._one_norm(node, _abs_of(args[0]), 1, args[1] if len(args) > 1 else None), 0.0, False
         if target in (aten.sum.dim_IntList, aten.sum.default):
             x = args[0]
             rank = len(hint_shape(x))
@@ -676,6 +685,10 @@ class Matcher:
             return w, 0.0, False
         if target is aten.bmm.default:
             return self._feature_normaliser(node, top), 0.0, False
+        if target in (aten.clamp.default, aten.clamp_min.default) and _clamp_max(node) is None:
+            w, eps, inverted = self.normaliser(args[0], top)
+            self._clamp_never_binds(node, w, eps, inverted)
+            return w, eps, inverted
         if target in (aten.clamp.default, aten.clamp_min.default, aten.maximum.default, aten.abs.default):
             try:
                 self.normaliser(args[0])
@@ -683,6 +696,50 @@ class Matcher:
                 raise
             raise Refused("normaliser", f"the normaliser goes through {target}, not + eps", node)
         raise NotACandidate("not a normaliser")
+
+    def _one_norm(self, node: fx.Node, x, order, dims) -> Weights:
+        """The weights ``x`` summed as a p-norm over ``dims`` (``F.normalize``, ``vector_norm``, ``a.abs().sum``):
+        their row sums when p = 1 and no weight is negative (|P| = P: P of least value >= 0 on the real line,
+        masked entries 0); Refused otherwise."""
+        if "dtype" in node.kwargs:
+            raise Refused("normaliser", "the weights' norm is taken in another dtype (vector_norm(dtype=...))", node)
+        try:
+            w = self.weights(x)
+        except NotACandidate:
+            raise NotACandidate("not a norm of weights") from None
+        if not isinstance(order, (int, float)) or float(order) != 1.0:
+            raise Refused("normaliser", f"the weights are divided by their {order}-norm (F.normalize with p={order}, "
+                                        f"vector_norm with ord={order}), not by their row sums", node)
+        rank = len(hint_shape(x))
+        if dims is None or _normalise_dims(dims, rank) != [w.axes[1]]:
+            raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
+        least = polynomial.minimum(w.poly)
+        if least is None or least < 0.0 or w.out_scale is not None:
+            raise Refused("normaliser", f"the weights are divided by the sums of their absolute values (a 1-norm: "
+                                        f"F.normalize(p=1), vector_norm(ord=1), a.abs().sum()) and f = "
+                                        f"{polynomial.describe(w.poly)} (x = q.k) "
+                                        f"{'takes negative values' if w.out_scale is None else 'is scaled at run time'}"
+                                        ": |f| is not f, and the operator sums f", node)
+        return w
+
+    def _clamp_never_binds(self, node: fx.Node, w: Weights, eps: float, inverted: bool) -> None:
+        """Refused unless ``clamp_min(z + eps, c)`` of the row sums z of ``w`` is z + eps everywhere: every row
+        keeps an entry (the masks the operator runs keep the diagonal, or the last Tk - Tq + i + 1 keys) and no
+        entry is negative, so z is at least P's least value m, and c <= m + eps (F.normalize's eps, 1e-12,
+        under Based's m = 1/2)."""
+        bound = scalar_value(self.gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("min"))
+        least = polynomial.minimum(w.poly)
+        if inverted or bound is None or w.k_state_term is not None or w.out_scale is not None:
+            raise Refused("normaliser", f"the normaliser goes through {node.target}, not + eps", node)
+        if least is None or least < 0.0:
+            raise Refused("normaliser", f"the row sums are clamped from below ({node.target}, min {bound:g}) and f = "
+                                        f"{polynomial.describe(w.poly)} (x = q.k) takes negative values: the clamp "
+                                        "may bind, and it is not + eps", node)
+        if bound > least + eps:
+            raise Refused("normaliser", f"the row sums are clamped from below ({node.target}, min {bound:g}) above "
+                                        f"their least value {least + eps:g} (f = {polynomial.describe(w.poly)} >= "
+                                        f"{least:g}, x = q.k{f', plus eps {eps:g}' if eps else ''}): the clamp binds "
+                                        "on rows of small weights, and it is not + eps", node)
 
     def _find_normaliser(self, path: list[fx.Node], value_axis: int, query_axis: int | None = None):
         """(the division, the weights its normaliser sums, eps) on the numerator's path (``path``, from
@@ -933,6 +990,20 @@ def _one_value_along(node, axis: int) -> bool:
         if len(tensors) == 1 and float(node.kwargs.get("alpha", 1)) == 1.0:
             return _one_value_along(tensors[0], axis)
     return False
+
+
+def _abs_of(node):
+    """x of ``x.abs()``, else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.abs.default:
+        return node.args[0]
+    return None
+
+
+def _clamp_max(node: fx.Node):
+    """The upper bound of a clamp (None for clamp_min, or a clamp with no max)."""
+    if node.target is aten.clamp_min.default:
+        return None
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
 
 
 def _one_element(node) -> bool:

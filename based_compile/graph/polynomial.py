@@ -58,6 +58,18 @@ def close(a: Poly, b: Poly, rel: float = 1e-9) -> bool:
     return all(math.isclose(coefficient(a, i), coefficient(b, i), rel_tol=rel, abs_tol=1e-300) for i in range(n))
 
 
+def minimum(a: Poly) -> float | None:
+    """The least value of P over the real line, for degree <= 2; None when P is unbounded below or of
+    higher degree (not worked out). Based's 1 + x + x^2/2 has minimum 1/2 (at x = -1)."""
+    a = trim(a)
+    d = degree(a)
+    if d <= 0:
+        return coefficient(a, 0)
+    if d == 1 or d > 2 or a[2] < 0.0:
+        return None
+    return a[0] - a[1] * a[1] / (4.0 * a[2])
+
+
 def describe(a: Poly) -> str:
     terms = [f"{c:.6g}*x^{i}" if i else f"{c:.6g}" for i, c in enumerate(a) if c != 0.0]
     return " + ".join(terms) if terms else "0"
