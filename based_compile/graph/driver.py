@@ -26,6 +26,7 @@ from .canonicalize import (attention_region, declare_buffer_values, declare_oute
                            extract_region, hint, hint_shape, lower_to_aten, same_value_source)
 from .checkpoint_operands import Splice, splice
 from .constant_fills import read_constant_fills
+from .constant_pad import read_constant_pads
 from .evaluate import GraphEvaluator, LazyTensor
 from .final_state import find_states, settle_states
 from .folded_rows import unfold_folded_rows
@@ -361,6 +362,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     read_baddbmm_scores(aten_gm)              # baddbmm(0, q, kT, alpha=a) -> a * bmm(q, kT)
     read_constant_fills(aten_gm)              # z + full_like(z, eps) -> z + eps
     read_unit_selects(aten_gm)                # phi(q)[:, :, 0] of a [B, H, 1, F] map -> phi(q).squeeze(2)
+    read_constant_pads(aten_gm)               # F.pad(x, (1, 0), value=c) -> cat([full_like(x[..., :1], c), x], -1)
     unfolded = unfold_folded_rows(aten_gm)    # bmm([B, H*T, D], [B, D, S]) -> bmm([B*H, T, D], [B*H, D, S])
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
     for dynamo_node, aten_node in zip(outputs, aten_outputs):

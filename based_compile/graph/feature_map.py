@@ -626,6 +626,16 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
                     "themselves (apply the feature map to each)")
     if _non_polynomial(target):
         return f"{_op_name(stop)}(x) is not the Taylor feature map of Based: {_READ}"
+    ops, inner = [], stop              # a map the pass reads, then ops it does not read (a replicate pad, a pad of
+    while len(ops) < 4 and inner.op == "call_function" and inner.args and isinstance(inner.args[0], fx.Node):
+        ops.append(_op_name(inner))    # the time axis and a slice: a token shifted)
+        inner = _through_constants(gm, inner.args[0])
+        if inner.op == "call_function" and inner.target is aten.cat.default:
+            if read_feature_map(gm, inner) is None:
+                break
+            return (f"the feature map torch.cat goes through {', '.join(reversed(ops))} (a pad of another axis than "
+                    "its last, a slice, a pad that is not constant: only a constant pad of its last axis, "
+                    f"F.pad(phi, (1, 0), value=c), is read, as a constant column): {_READ}")
     return None
 
 
