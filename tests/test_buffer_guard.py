@@ -287,3 +287,100 @@ def test_a_one_element_integer_attribute_replaced_every_call_keeps_running():
     for step in (3, 4, 5):
         model.step = torch.tensor(step)
         assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10, f"step {step}")
+
+
+# ----------------------------------------------------------------------------- feature-map constants in buffers
+# zoology's TaylorExp with its constants (d^1/4, sqrt(d), sqrt(2)) kept as 0-d registered buffers: refused as "a
+# learnable temperature" (red team M5), though a buffer is no parameter and a buffer scale of the scores was read.
+# A 0-d buffer is now a number where any reader takes one (canonicalize.scalar_value), and a rewritten site or
+# recurrent step that read it guards it: a changed value raises instead of running the old one.
+
+
+class TaylorWithBufferConstants(nn.Module):
+    def __init__(self, d=4, persistent=True):
+        super().__init__()
+        for name, value in (("rrd", d ** 0.25), ("rd", math.sqrt(d)), ("r2", math.sqrt(2))):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64), persistent=persistent)
+
+    def phi(self, x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / self.r2
+        return torch.cat([torch.ones_like(x[..., :1]), x / self.rrd, x2 / self.rd], -1)
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        a = (self.phi(q) @ self.phi(k).mT).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), 0)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_feature_map_constants_in_buffers_are_read_and_guarded(persistent, monkeypatch):
+    from based_compile.graph import verify
+    from compiled_compare import compile_and_compare
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    model = TaylorWithBufferConstants(persistent=persistent)
+    rec = compile_and_compare(model, [(2, 3, "T", 4), (2, 3, "T", 4), (2, 3, "T", 5)], (5, 9))
+    assert sum(rec.sites()) >= 1 and not any(r.refusals for r in rec.reports.graphs), rec.reports
+    spec = rec.reports.graphs[0].sites[0].spec
+    assert all(math.isclose(a, b) for a, b in zip((spec.scale, spec.c0, spec.c1, spec.c2), (0.5, 1, 1, 0.5))), spec
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    q, k, v = (torch.randn(2, 3, 7, d, dtype=torch.float64) for d in (4, 4, 5))
+    check = lambda: assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)      # noqa: E731
+    check()
+    with torch.no_grad():
+        model.rd.mul_(1.0)                          # version bumped, values unchanged
+    check()
+    with torch.no_grad():
+        model.rd.mul_(2.0)                          # another map: refused to run, not silently the old one
+    with pytest.raises(StaleBufferError, match=r"_buffers\['rd'\].*changed since torch.compile"):
+        compiled(q, k, v)
+    model.rd = torch.tensor(math.sqrt(4), dtype=torch.float64)      # back, as another tensor: equal, runs
+    check()
+
+
+class StepWithBufferConstant(nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.register_buffer("rrd", torch.tensor(d ** 0.25, dtype=torch.float64))
+
+    def forward(self, q, k, v, kv_state, k_state):
+        def phi(x):
+            x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (math.sqrt(2) * math.sqrt(x.shape[-1]))
+            return torch.cat([torch.ones_like(x[..., :1]), x / self.rrd, x2], -1)
+        pq, pk = phi(q), phi(k)
+        kv_state = kv_state + pk.transpose(-2, -1) @ v
+        k_state = k_state + pk
+        return (pq @ kv_state) / ((pq * k_state).sum(-1, keepdim=True) + 1e-6), kv_state, k_state
+
+
+def test_recurrent_step_reading_a_buffer_constant_is_guarded():
+    model = StepWithBufferConstant()
+    f = 1 + 4 + 16
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, generator=g, dtype=torch.float64) for s in
+            ((2, 3, 1, 4), (2, 3, 1, 4), (2, 3, 1, 5), (2, 3, f, 5), (2, 3, 1, f))]
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    with torch.no_grad():
+        compiled(*args)                             # compiles (outside any BasedOpCounter: the probe calls the op)
+        with BasedOpCounter() as counter:
+            out = compiled(*args)
+        assert counter.calls.get("based::recurrent_step") == 1, counter.calls
+        for got, want in zip(out, model(*args)):
+            assert_rel_close(got, want, 1e-10)
+        model.rrd.mul_(2.0)
+        with pytest.raises(StaleBufferError, match=r"_buffers\['rrd'\]"):
+            compiled(*args)
+        ex = based_compile.explain(model, *args)
+    assert len(ex.sites) == 1 and "recurrent step" in str(ex), ex     # the report of a step prints
+
+
+def test_feature_map_constant_in_a_parameter_is_still_refused():
+    class ParameterConstant(TaylorWithBufferConstants):
+        def __init__(self):
+            super().__init__()
+            del self.rd
+            self.rd = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    q, k, v = (torch.randn(2, 3, 7, d, dtype=torch.float64) for d in (4, 4, 5))
+    ex = based_compile.explain(ParameterConstant(), q, k, v)
+    assert not ex.sites and [r.category for r in ex.refusals] == ["feature_map"], ex
+    assert "nn.Parameter" in ex.refusals[0].reason and "registered buffer" in ex.refusals[0].reason, ex

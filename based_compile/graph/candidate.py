@@ -154,11 +154,10 @@ def pick_output(start: fx.Node) -> fx.Node:
     return start
 
 
-def site_inputs(match: Match) -> set:
-    """The lowered placeholders the replaced part of a site reads (from its output back to, not
-    through, q, k and v), with q, k, v and the nodes of a scale read at run time (the operator reads
-    them at the output's position: a write into them before it is a write into what it reads)."""
-    stop, seen, stack, found = {match.q, match.k, match.v}, set(), [match.output], {match.q, match.k, match.v}
+def placeholders_between(outputs, inputs) -> set:
+    """The lowered placeholders read by the part of the graph a rewrite replaces: from ``outputs`` back to,
+    not through, ``inputs`` (what the operator reads at run time)."""
+    stop, seen, stack, found = set(inputs), set(), [n for n in outputs if n is not None], set()
     while stack:
         node = stack.pop()
         if node in seen or node in stop:
@@ -168,6 +167,14 @@ def site_inputs(match: Match) -> set:
             found.add(node)
             continue
         stack.extend(node.all_input_nodes)
+    return found
+
+
+def site_inputs(match: Match) -> set:
+    """The lowered placeholders the replaced part of a site reads (from its output back to, not
+    through, q, k and v), with q, k, v and the nodes of a scale read at run time (the operator reads
+    them at the output's position: a write into them before it is a write into what it reads)."""
+    found = placeholders_between([match.output], [match.q, match.k, match.v]) | {match.q, match.k, match.v}
     if match.initial is not None:
         found |= {s.source for s in (match.initial.kv, match.initial.k) if s is not None}
     for scale in (match.score_scale, match.out_scale):

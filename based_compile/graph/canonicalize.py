@@ -421,7 +421,9 @@ def specialised_value(val) -> float:
 
 
 def scalar_value(gm: fx.GraphModule, arg) -> float | None:
-    """A scalar operand as a float: a Python number, a sym node (guarded), or a 0-d constant."""
+    """A scalar operand as a float: a Python number, a sym node (guarded), or a 0-d constant (a lifted
+    constant, or a registered buffer: ``buffer_value``, read at compile time like any buffer a rewrite relies
+    on, and guarded by ``inputs.baked_buffers`` when a rewritten site or step reads it)."""
     if isinstance(arg, bool):
         return None
     if isinstance(arg, (int, float)):
@@ -434,6 +436,8 @@ def scalar_value(gm: fx.GraphModule, arg) -> float | None:
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         return float(val)
     const = constant_tensor(gm, arg)
+    if const is None:
+        const = buffer_value(gm, arg)
     if const is not None and const.numel() == 1 and const.dim() == 0:
         return float(const.item())
     if arg.op == "call_function" and arg.target in (aten.scalar_tensor.default, aten.lift_fresh_copy.default):

@@ -459,7 +459,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
                 _refuse(Refused(category, why, node), report)
     if not (settled or steps) or not rewrite:
         return None
-    return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo)
+    return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo, steps)
 
 
 def _scale_words(scale, to_dynamo) -> str:

@@ -373,8 +373,10 @@ def unread_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
             shape = hint_shape(arg) if isinstance(arg, fx.Node) else None
             if shape is not None and all(s == 1 for s in shape) and scalar_value(gm, arg) is None:
                 return (f"a piece of the feature map is scaled by a one-element tensor ({arg.name}: a learnable "
-                        "temperature, a parameter or buffer) that is not read as a constant: the operator takes "
-                        "constant coefficients (scale x before the map, or use a Python number)")
+                        "temperature, an nn.Parameter, a plain tensor attribute or a value computed at run time) "
+                        "that is not a compile-time constant: the operator takes constant coefficients (scale x "
+                        "before the map, use a Python number, or keep a fixed value in a registered buffer, which "
+                        "is read as the constant it is and guarded)")
     return None
 
 

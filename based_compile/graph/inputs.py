@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .candidate import site_inputs
+from .candidate import placeholders_between, site_inputs
 from .canonicalize import example_value, hint
 from .evaluate import GraphEvaluator, LazyTensor
 from .inplace import UNKNOWN, storage_key, written_nodes
@@ -93,22 +93,31 @@ def source_name(placeholder: fx.Node) -> str:
     return placeholder.name
 
 
-def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dynamo: dict) -> list[BakedBuffer]:
-    """The graph inputs whose values the rewritten sites took at compile time: tensors the replaced
-    part of each site (from its output back to, not through, q, k and v) reads and that are not
-    variables (registered buffers: a mask, a scale)."""
+def baked_buffers(gm, settled, evaluator: GraphEvaluator, variable: set, to_dynamo: dict,
+                  steps=()) -> list[BakedBuffer]:
+    """The graph inputs whose values the rewritten sites and recurrent steps took at compile time: tensors the
+    replaced part of each site (from its output back to, not through, q, k and v) or step (from its output and
+    new states back to q, k, v and its states) reads and that are not variables (registered buffers: a mask, a
+    scale, a feature map's constant, an index table)."""
     index_of = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     baked: dict[int, BakedBuffer] = {}
+    read = []
     for site in settled:
         m = site.match
         starts = {st.source for st in (m.initial.kv, m.initial.k) if st is not None} if m.initial is not None else set()
-        for node in site_inputs(site.match) - {m.q, m.k, m.v} - _read_through(starts):   # states: read at run time
+        read.append((site_inputs(site.match) - {m.q, m.k, m.v} - _read_through(starts),   # states: read at run time
+                     f"site at {source_of(m.anchor)}: {site.spec}"))
+    for step in steps:
+        inputs = [step.q, step.k, step.v, step.kv_state, step.k_state]
+        read.append((placeholders_between([step.output, step.kv_new, step.k_new], inputs) - _read_through(
+            [n for n in inputs if n is not None]), f"recurrent step at {source_of(step.anchor)}"))
+    for nodes, what in read:
+        for node in nodes:
             dynamo = to_dynamo.get(node)
             if (node not in variable and isinstance(evaluator.inputs.get(node), torch.Tensor)
                     and dynamo is not None and dynamo in index_of):
                 i = index_of[dynamo]
-                baked.setdefault(i, BakedBuffer(i, source_name(dynamo), f"read at compile time by the "
-                                                f"site at {source_of(m.anchor)}: {site.spec}"))
+                baked.setdefault(i, BakedBuffer(i, source_name(dynamo), f"read at compile time by the {what}"))
     return list(baked.values())
 
 

@@ -36,7 +36,8 @@ class Site:
 
     @property
     def spec_text(self) -> str:
-        text = self.spec.describe(self.run_time_scale)
+        describe = getattr(self.spec, "describe", None)      # a recurrent step's StepSpec says itself
+        text = describe(self.run_time_scale) if describe is not None else str(self.spec)
         return f"{text}, output times {self.output_scale}" if self.output_scale else text
 
     def __str__(self) -> str:
