@@ -353,6 +353,23 @@ def diagonal_zeroed_by_index(q, k, v):
     return (a @ v) / z
 
 
+class TaylorFunction(torch.autograd.Function):
+    """The Taylor map with a hand-written backward (only the linear piece's gradient, a straight-through
+    estimate: not the gradient of the forward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return taylor(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[..., 1:1 + DK] * DK ** -0.25
+
+
+def feature_map_in_a_function(q, k, v):         # was "f = 1*x^1 (x = q.k) has no second-order term"
+    return finish(torch.tril(TaylorFunction.apply(q) @ TaylorFunction.apply(k).transpose(-2, -1)), v)
+
+
 def normalize_p2(q, k, v):                        # near miss of F.normalize(p=1) (rewritten: test_one_norm.py)
     s = scores(q, k)
     return F.normalize(torch.tril(1 + s + 0.5 * s * s), p=2, dim=-1) @ v
@@ -417,6 +434,8 @@ CASES = {
     "diagonal_zeroed_in_place": (diagonal_zeroed_in_place, _qkv, "mask", ["written in place", "diagonal_scatter"]),
     "diagonal_zeroed_by_index": (diagonal_zeroed_by_index, _qkv, "mask", ["written in place", "index_put"]),
     "normalize_p2": (normalize_p2, _qkv, "unsupported", ["F.normalize with p=2", "2-norm"]),
+    "feature_map_in_a_function": (feature_map_in_a_function, _qkv, "feature_map",
+                                  ["computed by a custom torch.autograd.Function"]),
 }
 
 
@@ -526,7 +545,7 @@ def test_softmax_of_a_projection_by_a_weight_is_not_called_softmax_attention():
 
 @pytest.mark.parametrize("name", ["detached_numerator", "reverse_cumsum", "token_loop", "softmax_attention",
                                   "padding_mask_on_phi_k_linear", "function_on_weights", "hook_on_scores",
-                                  "diagonal_zeroed_in_place"])
+                                  "diagonal_zeroed_in_place", "feature_map_in_a_function"])
 def test_refused_lookalikes_compute_what_eager_does(name):
     fn, make, _, _ = CASES[name]
     ref_inputs, inputs = make(), make()
@@ -679,3 +698,17 @@ def test_initial_state_added_in_place_twice_is_refused():
     assert reports.graphs, str(reports)
     for ex in reports.graphs:
         assert not ex.sites and ex.refusals, ex
+
+
+def test_a_lookalike_beside_a_recurrent_step_is_reported():
+    """The lookalike reader ran only on graphs without a recurrent step: a refused lookalike in the same graph
+    as a rewritten step (a decode step and another attention) got no report."""
+    from test_recurrent_step import _inputs as step_inputs, step_matmul
+
+    def both(q, k, v, kv_state, k_state, q2, k2, v2):
+        return step_matmul(q, k, v, kv_state, k_state) + (diagonal_zeroed_in_place(q2, k2, v2),)
+
+    with torch.no_grad():
+        ex = based_compile.explain(Fn(both), *step_inputs(step_matmul), *_qkv(grad=False))
+    assert [s.form for s in ex.sites] == ["recurrent step"], ex
+    assert len(ex.refusals) == 1 and "diagonal_scatter" in ex.refusals[0].reason, ex

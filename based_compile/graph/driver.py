@@ -39,6 +39,7 @@ from .match import Matcher, find_matches
 from .precision import describe_cast, lossy_round_trip, reduction_dtype_note
 from .recurrent import find_steps, settle_step, spec_of
 from .refusal import Refused
+from .region_cuts import mark_inputs
 from .report import Explanation, Refusal, Site, source_of
 from .rewrite import (based_attention_call, based_attention_with_state_call, rewrite_dynamo_sites,
                       rewrite_recurrent_steps)
@@ -365,6 +366,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     read_constant_pads(aten_gm)               # F.pad(x, (1, 0), value=c) -> cat([full_like(x[..., :1], c), x], -1)
     unfolded = unfold_folded_rows(aten_gm)    # bmm([B, H*T, D], [B, D, S]) -> bmm([B*H, T, D], [B*H, D, S])
     to_dynamo: dict[fx.Node, fx.Node] = dict(zip(aten_inputs, inputs))
+    mark_inputs(inputs, aten_inputs)          # what a custom Function or a hook computed, for the reasons
     for dynamo_node, aten_node in zip(outputs, aten_outputs):
         if isinstance(aten_node, fx.Node):
             to_dynamo.setdefault(aten_node, dynamo_node)
@@ -451,12 +453,14 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
     refused.extend(_refuse_widened(settled, to_dynamo, report))
     steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report,
                         refused=refused)
-    if not steps:                 # a lookalike no reader answered: a refusal
-        covered = covered_by(aten_gm, list(answered) + refused + [site.match.output for site in settled])
-        lines = {source_of(n) for n in refused + [site.match.anchor for site in settled] if n is not None}
-        for node, category, why in unexplained(aten_gm, answered, covered, to_dynamo):
-            if source_of(node) not in lines:        # a line with a site or a refusal already says what it is
-                _refuse(Refused(category, why, node), report)
+    # a lookalike no reader answered: a refusal (what the sites and steps compute is theirs)
+    step_nodes = [n for step in steps for n in (step.output, step.kv_new, step.k_new) if n is not None]
+    covered = covered_by(aten_gm, list(answered) + refused + [site.match.output for site in settled] + step_nodes)
+    lines = {source_of(n) for n in refused + [site.match.anchor for site in settled] + [step.anchor for step in steps]
+             if n is not None}
+    for node, category, why in unexplained(aten_gm, answered, covered, to_dynamo):
+        if source_of(node) not in lines:        # a line with a site or a refusal already says what it is
+            _refuse(Refused(category, why, node), report)
     if not (settled or steps) or not rewrite:
         return None
     return settled, steps, to_dynamo, region, baked_buffers(gm, settled, evaluator, variable, to_dynamo, steps)

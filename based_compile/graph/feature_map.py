@@ -30,6 +30,7 @@ from .canonicalize import (VIEW_OPS, buffer_value, hint_shape, read_views, scala
 from .feature_order import keeps_last_axis, linear_in_order, outer_block_in_order, outer_in_order, square_in_order
 from .marked_dynamic import is_marked_dynamic
 from .refusal import Refused
+from .region_cuts import computed_by
 
 aten = torch.ops.aten
 
@@ -564,6 +565,8 @@ def describe_unread(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if not isinstance(node, fx.Node):
         return None
     stop = _through_constants(gm, node)
+    if computed_by(stop) is not None:          # q' of a feature map the code computes in a custom Function
+        return f"it is computed by {computed_by(stop)}"
     if stop.op != "call_function":
         return None
     target = stop.target

@@ -6,7 +6,9 @@ An attention region (``canonicalize.attention_region``) stops at ops that may no
 the region leaves out by name (``F.normalize`` other than with p=1, ...). Between the scores and the
 weights' matmul with v, such an op splits the attention in two: the lowered region then sees
 weights that come from nowhere, and no reader could say why. ``lookalike`` walks on through these
-ops in Dynamo's graph (``inputs_through``) and names them in its refusal (``describe``).
+ops in Dynamo's graph (``inputs_through``) and names them in its refusal (``describe``). A region input that
+such an op computes (q' and k' of a feature map written as a custom Function) is marked on the lowered
+placeholder (``mark_inputs``), so that a reader that cannot read it says what computed it (``computed_by``).
 """
 from __future__ import annotations
 
@@ -81,3 +83,20 @@ def describe(node: fx.Node) -> str | None:
         return (f"F.normalize with p={p} ({where}): each row divided by its {p}-norm; the pass reads F.normalize "
                 "only with p=1 (the row sums of weights that are never negative)")
     return f"{name} ({where}), an operation the pass does not read"
+
+
+_CUT = "based_compile.computed_by"
+
+
+def mark_inputs(dynamo_inputs, lowered_placeholders) -> None:
+    """Mark each lowered placeholder whose Dynamo node a higher-order operator computes (an element of a custom
+    Function's outputs, a hooked tensor) with what computed it."""
+    for dynamo, placeholder in zip(dynamo_inputs, lowered_placeholders):
+        hop = dynamo.args[0] if _element_of_hop(dynamo) else dynamo if _hop(dynamo) else None
+        if hop is not None:
+            placeholder.meta[_CUT] = describe(hop)
+
+
+def computed_by(node) -> str | None:
+    """What computed a lowered placeholder ``mark_inputs`` marked, in words, else None."""
+    return node.meta.get(_CUT) if isinstance(node, fx.Node) and node.op == "placeholder" else None
