@@ -15,9 +15,11 @@ slices, cats, pads) to what it mixes:
 - recurrent step: a region input (a state) plus an outer product (kv_state + phi(k)^T v).
 
 It yields one refusal per such chain, saying which of its ops the readers do not read (a
-``detach`` or ``no_grad``, a running sum of the weights, a flip, a slice, a scaled update, ...)
-and, where the region was cut (a dropout with p > 0 in training is random and never part of a
-region), goes on in Dynamo's graph. A chain that reaches a node a reader explained (``covered``:
+``detach`` or ``no_grad``, a running sum of the weights, a flip, a slice, a scaled update, an
+in-place write into the weights, any other op that keeps a floating operand's shape, ...) and,
+where the region was cut (a dropout with p > 0 in training is random and never part of a region; a
+custom autograd.Function, a tensor hook, ``F.normalize(p=2)``: ``region_cuts``), goes on in
+Dynamo's graph. A chain that reaches a node a reader explained (``covered``:
 what the sites compute and what their refusals read) is that reader's, and not reported again;
 chains that share nodes are reported once.
 """
@@ -51,6 +53,7 @@ _WRITES = {aten.slice_scatter.default, aten.select_scatter.default, aten.diagona
            aten.index_fill.int_Tensor, aten.index_copy.default, aten.index_add.default, aten.masked_scatter.default,
            aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.scatter_reduce.two}
 _FOLLOW |= _WRITES
+_WRITE_NAMES = {t.overloadpacket.__name__ for t in _WRITES}
 # ops of a chain the readers read (sums, products, masks, views, the forms' own moves): any other op
 # on the chain is named in the reason
 _READ_OPS = {"add", "sub", "rsub", "mul", "div", "neg", "positive", "pow", "square", "addcmul", "addcdiv", "lerp",
@@ -81,10 +84,6 @@ def _name(node: fx.Node) -> str:
     if isinstance(t, torch._ops.OpOverload):
         return t.overloadpacket.__name__
     return getattr(t, "__name__", str(t)).split(".")[-1]
-
-
-def _name_of(target) -> str:
-    return target.overloadpacket.__name__
 
 
 def _square(node: fx.Node) -> bool:
@@ -387,8 +386,8 @@ def _walk_dynamo(start: fx.Node):
                 weights = hint_shape(start) or ()
                 scores = len(square) >= 2 and square[-1] == square[-2] and tuple(square[-2:]) == tuple(weights[-2:])
                 # the cuts on the way from the weights to these scores (not those of a mask beside them)
-                cuts = [what for cut, what in cuts if scores and node in _ancestors(cut, _MAX_NODES)]
-                return ops, random, (softmax if _dynamo_scores(node) else None), tuple(cuts)
+                between = tuple(what for cut, what in cuts if scores and node in _ancestors(cut, _MAX_NODES))
+                return ops, random, (softmax if _dynamo_scores(node) else None), between
             continue
         if name in _DYNAMO_SOFTMAX:
             ops.append(name)
@@ -495,7 +494,7 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
                       "axis: k[:, 0] picks one key/value head, x[:, :, i] one token): the running-sum form is read "
                       "with one key/value head only where its heads axis is kept (k[:, :1], k[:, 0, None]), and "
                       "summed over every token")
-    written = sorted(ops & {_name_of(t) for t in _WRITES})
+    written = sorted(ops & _WRITE_NAMES)
     if written and form == "quadratic":
         causes.append(f"the weights are written in place at some entries ({', '.join(written)}: a[..., i, j] = x "
                       "after the polynomial or the mask): no longer keep * P(q.k)")
@@ -511,7 +510,7 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
         category = "polynomial"
     for what in dict.fromkeys(chain.cuts):
         causes.append(f"between the scores and their matmul with v, the weights go through {what}")
-    other = sorted(ops - _READ_OPS - {_name_of(t) for t in _WRITES} - set(chain.unknown))
+    other = sorted(ops - _READ_OPS - _WRITE_NAMES - set(chain.unknown))
     if other:
         causes.append(f"the chain goes through {', '.join(other)} (not a sum or product of its inputs: "
                       "piecewise or transcendental), which no reader reads")
