@@ -14,10 +14,17 @@ their sizes alone, at most ``MAX_NODES`` ops (in-place writes into its memory be
 included). Any other operand computed outside stays a placeholder, with the reason
 (``Splice.reasons``) that the mask reader gives if it is the mask.
 
+An operand that is a view of another tensor (``k.mT``: Dynamo evaluates an attribute of the function's
+argument outside the body and passes the view in; or ``checkpoint(f, q, k.transpose(-2, -1), v)``) is
+copied in too, as that view of the tensor it views (``_view_slice``): the body then reads q, k, v as the
+function would had it taken the view itself.
+
 After a rewrite, ``Splice.settle`` puts the body back to reading its placeholders (the copies are
 dropped), and an operand the rewritten body no longer reads is dropped from the call, and the outer
 computation of it erased when nothing else reads it: the T x T mask that only fed the rewritten site
-is gone from both graphs; the body stays checkpointed. ``Splice.undo`` restores the body unread.
+is gone from both graphs; the body stays checkpointed. A tensor a copied view viewed that the rewritten
+body reads (k, where the call passed k.mT) is passed to the call as an operand of its own.
+``Splice.undo`` restores the body unread.
 """
 from __future__ import annotations
 
@@ -110,6 +117,43 @@ def _outer_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict
     return [n for n in gm.graph.nodes if n in inside], leaves
 
 
+def _view_slice(gm: fx.GraphModule, root: fx.Node, hop: fx.Node, constant: dict, storages: Storages):
+    """(the views computing ``root``, in graph order; the tensor they view and the leaves of any sizes they
+    read) when ``root`` is a view of one tensor through views alone, else None.
+
+    Dynamo evaluates an attribute of a checkpointed function's argument (``k.mT``, ``k.T``) outside the
+    body and passes the view in, and code may pass ``k.transpose(-2, -1)`` itself: the body then reads
+    the view as a tensor of its own. A view aliases what it views (the same memory: ``Storages``), so
+    computing it inside the body from that tensor reads the same values at the call, writes before the
+    call included, and the body reads as if the function had taken the view itself."""
+    chain: list = []
+    leaves: set = set()
+    node = root
+    while node.op in ("call_function", "call_method") and _not_copied(node) is None and not written_nodes(node):
+        tensors = [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
+        key = storages.of(node)
+        if len(tensors) != 1 or key in (None, UNKNOWN) or key != storages.of(tensors[0]):
+            break
+        for size in node.all_input_nodes:            # sizes a view reads (``k.view(b, h, t, d)``, dynamic)
+            if size is tensors[0]:
+                continue
+            if size.op == "placeholder":
+                leaves.add(size)
+                continue
+            found = _outer_slice(gm, size, hop, constant, storages)
+            if isinstance(found, str):
+                return None
+            chain.extend(found[0])
+            leaves.update(found[1])
+        chain.append(node)
+        node = tensors[0]
+    if not chain or node.op == "get_attr":      # a view of a constant of the graph: ``_outer_slice``'s
+        return None
+    leaves.add(node)
+    inside = set(chain)
+    return [n for n in gm.graph.nodes if n in inside], leaves - inside
+
+
 @dataclass
 class Splice:
     """The outer computations copied into ``body`` for the call ``hop``."""
@@ -151,16 +195,22 @@ class Splice:
             if node.users:
                 raise RuntimeError(f"the copy of {node.name} from the outer graph is still read after the rewrite")
             graph.erase_node(node)
-        for placeholder in placeholders[len(placeholders) - len(self.leaves):]:
+        kept = []                                 # leaves the rewritten body reads: the tensor a view viewed
+        for leaf, placeholder in zip(self.leaves, placeholders[len(placeholders) - len(self.leaves):]):
             if placeholder.users:
-                raise RuntimeError(f"the outer value {placeholder.name} is still read after the rewrite")
-            graph.erase_node(placeholder)
+                kept.append(leaf)
+            else:
+                graph.erase_node(placeholder)
+        if kept and not self._sole_caller():
+            raise RuntimeError(f"the outer values {[n.name for n in kept]} are still read after the rewrite of a "
+                               "body another call shares")
         unused = [p for p in self.roots if not placeholders[p].users]
-        if not unused or not self._sole_caller():
+        if not kept and (not unused or not self._sole_caller()):
             self.body.recompile()
             return None
         before = copy_graph(self.gm.graph)
         try:
+            self.hop.args = (*self.hop.args, *kept)    # passed after the operands, as the body reads them
             self._drop_operands(unused, placeholders)
         except Exception:
             self.gm.graph = copy_graph(before)         # the outer graph as it was; the caller undoes the body
@@ -172,6 +222,8 @@ class Splice:
         return before
 
     def _drop_operands(self, unused: list[int], placeholders: list[fx.Node]) -> None:
+        if not unused:
+            return
         storages = Storages(self.gm)
         for p in unused:
             self.body.graph.erase_node(placeholders[p])
@@ -213,6 +265,8 @@ def splice(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, constant: dic
         if operand.op in ("placeholder", "get_attr") or not isinstance(example_value(operand), torch.Tensor):
             continue
         found = _outer_slice(gm, operand, hop, constant, storages)
+        if isinstance(found, str):
+            found = _view_slice(gm, operand, hop, constant, storages) or found
         if isinstance(found, str):
             result.reasons[position] = found
         else:

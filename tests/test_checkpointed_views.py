@@ -1,0 +1,114 @@
+"""A checkpointed function's argument that is a view of another tensor: ``k.mT`` read inside the function
+(Dynamo evaluates the attribute outside the body and passes the view in) or ``checkpoint(f, q,
+k.transpose(-2, -1), v)``. The pass reads the view in the body as the view it is
+(``graph/checkpoint_operands.py``): the attention inside is rewritten as when the function takes the view
+itself, the body stays checkpointed and is passed the tensor the view viewed. It was refused with an untrue
+reason (k "not a [B, H, T, D] layout"). Near misses: a copy of the transpose (``.contiguous()``) keeps the
+honest layout refusal, and an anti-causal mask behind ``k.mT`` is refused for its mask.
+
+Values and gradients compiled vs eager in float64 on fresh random inputs at several lengths (dynamic from
+the second), the numerical probe off.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from compiled_compare import compile_and_compare
+from based_compile.graph import verify
+
+HOP = torch.ops.higher_order.tag_activation_checkpoint
+QKV = ((2, 3, "T", 4), (2, 3, "T", 4), (2, 3, "T", 5))
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+
+@pytest.fixture(autouse=True)
+def probe_off(monkeypatch):
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)     # what real sizes get
+
+
+def weights(s):
+    return 1 + s + 0.5 * s * s
+
+
+def attend_mT(q, k, v):
+    a = weights(q @ k.mT * 0.5).tril()
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def attend_kt(q, kt, v):                      # the function takes the keys transposed
+    a = weights(q @ kt * 0.5).tril()
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def attend_swapped(q, k, v):                  # the scores of (k, q) transposed back: q.mT is an argument's view
+    a = weights((k @ q.mT).mT * 0.5).tril()
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+class Checkpointed(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.proj = torch.nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, q, k, v):
+        if self.how == "mT":
+            return checkpoint(attend_mT, q, k, v, use_reentrant=False)
+        if self.how == "passed_transposed":
+            return checkpoint(attend_kt, q, k.transpose(-2, -1), v, use_reentrant=False)
+        if self.how == "passed_mT_of_projection":     # the viewed tensor computed in the graph
+            return checkpoint(attend_kt, q, self.proj(k).mT, v, use_reentrant=False)
+        if self.how == "tied":                         # the view of an argument the function takes too
+            x = q + k
+            return checkpoint(attend_kt, x, x.mT, v, use_reentrant=False)
+        if self.how == "view_with_sizes":              # a view that reads sizes
+            b, h, t, d = k.shape
+            return checkpoint(attend_kt, q, k.reshape(b, h, t, d).transpose(2, 3), v, use_reentrant=False)
+        if self.how == "swapped":
+            return checkpoint(attend_swapped, q, k, v, use_reentrant=False)
+        # near misses
+        if self.how == "copied":
+            return checkpoint(attend_kt, q, k.mT.contiguous(), v, use_reentrant=False)
+        if self.how == "anticausal":
+            return checkpoint(_anticausal, q, k, v, use_reentrant=False)
+        raise ValueError(self.how)
+
+
+def _anticausal(q, k, v):
+    a = weights(q @ k.mT * 0.5).triu()
+    return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def _bodies(gm):
+    return [getattr(gm, n.args[0].target) for n in gm.graph.nodes if n.target is HOP]
+
+
+@pytest.mark.parametrize("how", ["mT", "passed_transposed", "passed_mT_of_projection", "tied", "view_with_sizes",
+                                 "swapped"])
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_view_operand_read_in_the_body(how, dynamic):
+    recorder = compile_and_compare(Checkpointed(how), QKV, (5, 9, 13), dynamic=dynamic, count=True)
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == 1 and not ex.refusals, ex
+    assert all(c >= 1 for c in recorder.calls), recorder.calls
+    for gm in recorder.graphs:
+        assert len(_bodies(gm)) == 1                     # still checkpointed
+        call = next(n for n in gm.graph.nodes if n.target is HOP)
+        body = _bodies(gm)[0]
+        assert len(call.args) - 1 == sum(n.op == "placeholder" for n in body.graph.nodes)
+
+
+def test_copied_transpose_is_refused_as_the_layout_it_has():
+    recorder = compile_and_compare(Checkpointed("copied"), QKV, (5, 9), count=True)
+    assert recorder.calls == [0, 0]
+    reasons = [r.reason for ex in recorder.reports.graphs for r in ex.refusals]
+    assert any("layout" in r for r in reasons), reasons
+
+
+def test_anticausal_behind_mT_is_refused_for_its_mask():
+    recorder = compile_and_compare(Checkpointed("anticausal"), QKV, (5, 9), count=True)
+    assert recorder.calls == [0, 0]
+    refusals = [r for ex in recorder.reports.graphs for r in ex.refusals]
+    assert refusals and all(r.category == "mask" for r in refusals), refusals
