@@ -427,3 +427,41 @@ def test_map_of_a_scaled_unsqueezed_query_keeps_its_scale(fn):
     recorder = compile_and_compare(fn)
     for ex in recorder.reports.graphs:
         assert ex.sites or ex.refusals, str(ex)
+
+
+class Tied(torch.nn.Module):
+    """q, k, v that are one tensor (``q = k = v = x``), or two of them one tensor; ``permuted``: the values are x
+    through a view that reorders time (a near miss)."""
+
+    def __init__(self, tie, permuted=False):
+        super().__init__()
+        self.tie, self.permuted = tie, permuted
+
+    def forward(self, x, y):
+        q, k, v = {"qkv": (x, x, x), "qk": (x, x, y), "kv": (y, x, x), "qv": (x, y, x)}[self.tie]
+        if self.permuted:
+            v = _permute_time(v)
+        s = q @ k.mT * 0.5
+        a = torch.tril(1 + s + 0.5 * s * s)
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+TIED = ((1, 2, "T", 4), (1, 2, "T", 4))
+
+
+@pytest.mark.parametrize("tie", ["qkv", "qk", "kv", "qv"])
+def test_tied_operands_are_read_in_each_role(tie):
+    """One tensor in several roles: at each matmul the tensor plays the role the matmul gives it (the scores':
+    q's or k's, the values': v's); its views were checked against every role it has, and a tie of v with q or
+    k was refused without the probe ("v's views ... reorder the sequence") though v is x with no view."""
+    recorder = compile_and_compare(Tied(tie), shapes=TIED, lengths=(4, 9, 13))
+    assert recorder.sites() and all(n == 1 for n in recorder.sites()), recorder.sites()
+    assert all(len(ex.sites) == 1 and not ex.refusals for ex in recorder.reports.graphs), recorder.reports.graphs
+
+
+@pytest.mark.parametrize("tie", ["qkv", "kv"])
+def test_tied_values_through_a_time_permuting_view_are_refused(tie):
+    recorder = compile_and_compare(Tied(tie, permuted=True), shapes=TIED, lengths=(4, 8))
+    assert recorder.sites() == [0] * len(recorder.sites())
+    reasons = [r.reason for ex in recorder.reports.graphs for r in ex.refusals]
+    assert reasons and all("v's views" in r for r in reasons), reasons

@@ -445,10 +445,21 @@ def _axes_kept(m: Match, reading: Settled) -> str | None:
             operand = bmm.args[position]
             rank = len(hint_shape(operand) or ())
             contracted, free = (rank - 1, rank - 2) if position == 0 else (rank - 2, rank - 1)
+            # q, k, v that are one tensor (``q = k = v = x``, ``k = v``): the role the operand plays at this
+            # matmul is q's or k's when the other operand reads q, k or v through views too (the scores),
+            # v's when it does not (the weights times the values); q and k ask the same of their axes
+            roles: dict = {}
             for name, source in (("q", m.q), ("k", m.k), ("v", m.v)):
+                roles.setdefault(source, []).append(name)
+            other = bmm.args[1 - position]
+            scores = any(read_views(gm, other, same_shape=True, until=s).base is s for s in roles)
+            for source, names in roles.items():
                 path = read_views(gm, operand, same_shape=True, until=source)
                 if path.base is not source:
                     continue
+                if len(names) > 1 and "v" in names:
+                    names = [n for n in names if n != "v"] if scores else ["v"]
+                name = names[0]
                 src_rank = len(hint_shape(source) or ())
                 headless = name != "q" and reading.unsqueeze_kv[name == "v"]
                 time, feature = path.lands(1 if headless else tdim), path.lands(src_rank - 1)
