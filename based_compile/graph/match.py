@@ -383,8 +383,12 @@ class Matcher:
         if target in (aten.pow.Tensor_Scalar, aten.square.default):
             w = self.weights(args[0])
             n = 2.0 if target is aten.square.default else scalar_value(self.gm, args[1])
-            if n is None or n != int(n) or n < 1:
+            if n is None or n != int(n) or n < 0:
                 raise Refused("polynomial", f"weights raised to the power {args[1]!r}", node)
+            if n == 0:
+                # w ** 0 is 1 everywhere (pow(x, 0) = 1 for every x, nan and inf included: the term of degree
+                # 0 of a Taylor sum written sum(s ** i / i!)); what a mask zeroed becomes 1, as with w + c
+                return self._with_poly(w, (1.0,), junk=w.junk or w.keep is not None, node=node)
             s_scale = w.poly[1] if (int(n) == 2 and polynomial.is_monomial(w.poly, 1)) else None
             return self._with_poly(w, polynomial.power(w.poly, int(n)), s_scale=s_scale, node=node)
         if target is aten.mul.Tensor:
