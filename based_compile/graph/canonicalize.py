@@ -710,9 +710,25 @@ def _contracts(node: fx.Node) -> bool:
     return any(w in name for w in ("matmul", "bmm", "cumsum"))
 
 
+def _wrapped(node) -> bool:
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(value)
+
+
+def under_transform(node: fx.Node) -> bool:
+    """A node Dynamo traced inside a functorch transform (``torch.vmap``, ``torch.func.grad``, ``jvp``): its
+    example value, or a tensor it reads, is one the transform wraps (vmap's batched tensor of one example's
+    shape), which exists only inside the transform: the pass can neither lower nor evaluate it, nor give the
+    operator its shapes (the node that unwraps the result, ``_remove_batch_dim``, reads one)."""
+    return _wrapped(node) or any(_wrapped(a) for a in node.all_input_nodes)
+
+
 def eligible(node: fx.Node) -> bool:
-    """A node that may join an attention region (pure, not a projection or another barrier)."""
+    """A node that may join an attention region (pure, not a projection or another barrier, not inside a
+    functorch transform)."""
     if node.op not in ("call_function", "call_method", "get_attr"):
+        return False
+    if under_transform(node):
         return False
     if identity_dropout(node):
         return True

@@ -44,7 +44,7 @@ from .report import Explanation, Refusal, Site, source_of
 from .rewrite import (based_attention_call, based_attention_with_state_call, rewrite_dynamo_sites,
                       rewrite_recurrent_steps)
 from .score_scale import readable_source
-from .subgraphs import hidden_attention
+from .subgraphs import hidden_attention, transformed_attention
 from .verify import settle
 from .unit_select import read_unit_selects
 
@@ -173,7 +173,7 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
                                                                 report=report)
         if report is not None:            # attention in another higher-order op's body: left as written, said so
             try:
-                for refusal in hidden_attention(gm, read):
+                for refusal in hidden_attention(gm, read) + transformed_attention(gm):
                     report.add_refusal(refusal)
             except Exception as err:  # noqa: BLE001 - a report only
                 log.warning("based_compile: looking into higher-order op bodies failed (%s: %s)",

@@ -1,4 +1,4 @@
-"""Attention the pass does not look into: the bodies of higher-order operators.
+"""Attention the pass does not look into: the bodies of higher-order operators, and functorch transforms.
 
 Dynamo turns ``torch.utils.checkpoint.checkpoint(fn, ...)`` inside a compiled model into a
 higher-order operator (``tag_activation_checkpoint``) whose body is a separate graph module. The
@@ -12,6 +12,10 @@ for a graph with a refusal instead of attending within the shard.
 sequence mixer of the kinds the pass rewrites: a matmul (``matmul``, ``bmm``, ``einsum``, ``@``)
 with an operand computed from another matmul (scores times values), or a ``cumsum`` (the linear
 form's running sums). A body with projections only (``linear``) is not reported.
+
+``transformed_attention(gm)`` does the same for mixing Dynamo traced inside ``torch.vmap`` or another
+``torch.func`` transform: its tensors are the transform's (``canonicalize.under_transform``), which the pass
+cannot lower or evaluate outside it (it failed with an internal error), so no region holds them.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .canonicalize import example_value, under_transform
 from .report import Refusal, source_of
 
 _MATMUL = {"matmul", "bmm", "baddbmm", "einsum", "__matmul__", "__rmatmul__"}
@@ -43,10 +48,10 @@ def _bodies(gm: fx.GraphModule, node: fx.Node):
                 yield body
 
 
-def _mixer(body: fx.GraphModule) -> fx.Node | None:
-    """The first matmul of a matmul chain or cumsum in ``body`` (not in its own bodies), or None."""
+def _mixer(nodes) -> fx.Node | None:
+    """The first matmul of a matmul chain or cumsum among ``nodes`` (a body's, not its own bodies'), or None."""
     from_matmul: set[fx.Node] = set()
-    for node in body.graph.nodes:
+    for node in nodes:
         if node.op not in ("call_function", "call_method"):
             continue
         name = _name(node)
@@ -71,7 +76,7 @@ def hidden_attention(gm: fx.GraphModule, read=frozenset()) -> list[Refusal]:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
             continue
         for body in _bodies(gm, node):
-            mixer = None if body in read else _mixer(body)
+            mixer = None if body in read else _mixer(body.graph.nodes)
             if mixer is not None:
                 refusals.append(Refusal(
                     source_of(mixer), "unsupported",
@@ -81,3 +86,22 @@ def hidden_attention(gm: fx.GraphModule, read=frozenset()) -> list[Refusal]:
                     "around a compiled block)"))
             refusals.extend(hidden_attention(body, read))
     return refusals
+
+
+def transformed_attention(gm: fx.GraphModule) -> list[Refusal]:
+    """A refusal for the attention-like sequence mixing (as ``hidden_attention``'s) that ``gm`` computes inside a
+    functorch transform Dynamo traced into the graph (``torch.vmap(attn)(q, k, v)``, ``torch.func.grad``): its
+    tensors are the transform's (``canonicalize.under_transform``), never part of a region, so it is left as
+    written. One refusal, at the first such mixer."""
+    inside = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and under_transform(n)]
+    mixer = _mixer(inside)
+    if mixer is None:
+        return []
+    batched = any(isinstance(example_value(n), torch.Tensor) and torch._C._functorch.is_batchedtensor(example_value(n))
+                  for n in inside)
+    what = "torch.vmap" if batched else "a torch.func transform (grad, jvp, jacrev, ...)"
+    hint = " (to have it rewritten, write the attention for the whole batch, without vmap)" if batched else ""
+    return [Refusal(source_of(mixer), "unsupported",
+                    f"inside {what}, which Dynamo traced into the graph: the pass does not read the transform's "
+                    f"tensors (one example's shape, batched or differentiated by the transform), so this "
+                    f"{_name(mixer)} is left as written{hint}")]
