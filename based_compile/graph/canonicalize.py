@@ -181,6 +181,29 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     Traced with the fake (possibly symbolic) example values Dynamo recorded, so dynamic
     shapes stay symbolic. Nodes keep their ``stack_trace`` meta.
     """
+    return finish_lowering(trace_to_aten(gm))
+
+
+class _Around(fx.Interpreter):
+    """An interpreter that runs each node inside the context ``around(node)`` gives (``trace_to_aten``)."""
+
+    def __init__(self, gm, around):
+        super().__init__(gm)
+        self.around = around
+
+    def run_node(self, node):
+        with self.around(node):
+            return super().run_node(node)
+
+
+class _AroundAtTime(_AtTime, _Around):
+    pass
+
+
+def trace_to_aten(gm: fx.GraphModule, around=None) -> fx.GraphModule:
+    """The first step of ``lower_to_aten``: Dynamo graph -> functional ATen graph as traced, before the reading
+    of reductions' dtypes and of casts (``finish_lowering``). Each node's ``from_node`` names the Dynamo node it
+    was traced for. ``around``: node -> a context each node of ``gm`` is traced in (the autocast it ran under)."""
     fake_args = [example_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
     fake_mode = next((a.fake_mode for a in fake_args if isinstance(a, torch._subclasses.FakeTensor)), None)
     if fake_mode is None:
@@ -188,12 +211,12 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
 
     def run(*args):
         if not has_inplace_ops(gm):           # functionalising costs ~40% of the lowering time
-            return fx.Interpreter(gm).run(*args)
+            return (fx.Interpreter(gm) if around is None else _Around(gm, around)).run(*args)
         # Functionalise the way AOTAutograd does (FunctionalTensorMode): in-place ops become
         # their functional forms. Each output is the value its node had when it ran (``_AtTime``).
         with FunctionalTensorMode():
             wrapped = [FunctionalTensor.to_functional(a) if isinstance(a, torch.Tensor) else a for a in args]
-            return _AtTime(gm).run(*wrapped)
+            return (_AtTime(gm) if around is None else _AroundAtTime(gm, around)).run(*wrapped)
 
     # The Python dispatcher keeps size queries symbolic (as AOTAutograd does): without it a
     # dynamic length would be specialised to the example's.
@@ -201,7 +224,12 @@ def lower_to_aten(gm: fx.GraphModule) -> fx.GraphModule:
     # a plain view, and the pass read a ``.detach()``ed normaliser as differentiable (gradients of q
     # and k off by 0.6-0.9); an explicit table, even empty, keeps ``aten.detach`` (torch 2.13 always did).
     with fx_traceback.preserve_node_meta(), fake_mode, enable_python_dispatcher():
-        lowered = make_fx(run, tracing_mode="real", decomposition_table={})(*fake_args)
+        return make_fx(run, tracing_mode="real", decomposition_table={})(*fake_args)
+
+
+def finish_lowering(lowered: fx.GraphModule) -> fx.GraphModule:
+    """The second step of ``lower_to_aten``: full slices dropped, reductions' ``dtype=`` spelled out as casts and
+    value-changing casts marked, by the dtypes the nodes' fake values hold."""
     _drop_full_slices(lowered)
     split_reduction_dtypes(lowered)
     _mark_value_changing_casts(lowered)
