@@ -36,7 +36,7 @@ from .inplace import OutputAliased, Storages, copies_over, first_write_between, 
 from .lookalike import covered_by, unexplained
 from .inputs import BakedBuffer, baked_buffers, constant_placeholders, region_inputs, source_name
 from .match import Matcher, find_matches
-from .precision import describe_cast, lossy_round_trip, reduction_dtype_note
+from .precision import describe_cast, lossy_round_trip, reduction_dtype_note, weights_cast_note
 from .recurrent import find_steps, settle_step, spec_of
 from .refusal import Refused
 from .region_cuts import mark_inputs
@@ -619,7 +619,8 @@ def _check_step_reads(gm, step, to_dynamo, storages: Storages) -> None:
 
 
 def _refuse(refusal: Refused, report: Explanation | None) -> None:
-    refusal = reduction_dtype_note(refusal)
+    noted = reduction_dtype_note(refusal)
+    refusal = noted if noted is not refusal else weights_cast_note(refusal)
     entry = Refusal(source_of(refusal.node), refusal.category, refusal.reason)
     log.debug("based_compile: refused at %s (%s): %s", entry.source, entry.category, entry.reason)
     if report is not None:

@@ -107,3 +107,48 @@ def reduction_dtype_note(refusal: Refused) -> Refused:
         why = (f"{describe_cast(cast, node)}: a widening cast inside the attention, which no reader reads "
                f"through (as an explicit .to({_dtype(cast)}) there)")
     return Refused(refusal.category, f"{why} ({refusal.reason})", refusal.node)
+
+
+_MATMULS = {aten.bmm.default, aten.mm.default, aten.baddbmm.default, aten.addmm.default}
+
+
+def _reads_a_matmul(node: fx.Node) -> bool:
+    """``node`` is computed from a matmul's result (scores, weights), not from constants alone (a mask's cast)."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_function" and current.target in _MATMULS:
+            return True
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def weights_cast_note(refusal: Refused) -> Refused:
+    """``refusal`` with its reason led by an explicit cast between a floating dtype and another (``a.float()``) of
+    what the refused node computes from the last matmuls (scores, weights, a normaliser) where there is one: no
+    reader reads through such a cast (``exact_cast``), and the reader's own reason (masked entries "of 0, not 0")
+    would not say why; as it was when there is none."""
+    node = refusal.node
+    if not isinstance(node, fx.Node):
+        return refusal
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_function" and current.target in _MATMULS:
+            continue
+        if current.op == "call_function" and current.target in _CASTS and current.meta.get(REDUCTION_DTYPE) is None \
+                and _reads_a_matmul(current):
+            src = _dtype(current.args[0]) if current.args else None
+            dst = _dtype(current)
+            if src is not None and dst is not None and src != dst and src.is_floating_point and dst.is_floating_point:
+                change = "a narrowing cast: it rounds every element" if _narrows(current) else "a widening cast"
+                why = f"{describe_cast(current)} from {src}: {change} inside the attention, which no reader reads through"
+                return Refused(refusal.category, f"{why} ({refusal.reason})", refusal.node)
+        stack.extend(current.all_input_nodes)
+    return refusal
