@@ -281,7 +281,8 @@ def continued_prefill_bf16_inputs_float32_states(q, k, v, kv0, ks0):
 
 def test_a_graph_only_autocast_makes_valid_is_read_as_traced(caplog):
     """bfloat16 q, k, v against float32 states in a matmul (valid only under autocast): read with autocast
-    off, the pass failed on the graph and compiled it unchanged with a warning; it reads it as traced."""
+    off, the pass failed on the graph and compiled it unchanged with a warning; it lowers it as traced, autocast's
+    casts taken out (graph/autocast_lowering.py, tests/test_autocast_mixed_dtypes.py)."""
     q, k, v = (x.bfloat16() for x in _inputs(15))
     g = torch.Generator().manual_seed(16)
     kv0, ks0 = torch.randn(B, H, 1 + D + D * D, DV, generator=g), torch.rand(B, H, 1 + D + D * D, generator=g) + 1

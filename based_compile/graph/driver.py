@@ -21,9 +21,11 @@ from ..op import policy
 from ..op.custom_op import unsupported_reason
 from ..op.recurrent_step import describe_step
 from .baddbmm import read_baddbmm_scores
-from .autocast_scope import analysis_without_autocast, keeps_dtype, switch_inside, widened_after_lowering
+from .autocast_lowering import lower_region
+from .autocast_scope import (analysis_without_autocast, operator_precision, settings_by_node, switch_inside,
+                             traced_settings)
 from .canonicalize import (attention_region, declare_buffer_values, declare_outer_operands, example_value,
-                           extract_region, hint, hint_shape, lower_to_aten, same_value_source)
+                           extract_region, hint, hint_shape, same_value_source)
 from .checkpoint_operands import Splice, splice
 from .constant_fills import read_constant_fills
 from .constant_pad import read_constant_pads
@@ -110,9 +112,17 @@ def _kernel_description(spec, q_node, k_node, v_node, dynamo_nodes=()) -> str:
 
 
 def _unsupported_reason(site) -> str | None:
-    values = [example_value(n) for n in (site.match.q, site.match.k, site.match.v)]
+    """Why the operator could not run on the site's q, k, v, or None. q, k, v of different dtypes are read as the
+    operator will get them, cast to one (``site.precision``, settled first): to its dtype, or by autocast."""
+    nodes = (site.match.q, site.match.k, site.match.v)
+    values = [example_value(n) for n in nodes]
     if not all(isinstance(x, torch.Tensor) for x in values):
         return None
+    if len({x.dtype for x in values}) > 1:
+        if site.precision is None:
+            return None                 # settled later (``_settle_precision``), with the states
+        values = [torch.empty((), dtype=site.precision.dtype, device=x.device).expand(hint_shape(n))
+                  for x, n in zip(values, nodes)]
     return unsupported_reason(*values)
 
 
@@ -137,11 +147,12 @@ def _same(x):
     return x
 
 
-def _refuse_widened(settled: list, to_dynamo, report: Explanation | None) -> list:
-    """Drop from ``settled`` (refused, with the reason) each site the operator would return narrower than eager:
-    a result computed in autocast's lower precision and returned wider (``widened_after_lowering``) while the
-    operator, run cast as a matmul (``keeps_dtype`` false: the same outputs the rewrite weighs), returns
-    autocast's dtype. Returns the refused sites' outputs."""
+def _settle_precision(settled: list, to_dynamo, settings: dict, report: Explanation | None) -> list:
+    """Give each site of ``settled`` the precision its operator runs at (``autocast_scope.operator_precision``: cast
+    as a matmul under autocast, or with autocast off, q, k, v of different dtypes cast to one), weighed over every
+    result the rewrite replaces (the output and returned states), and check the operator runs at the dtype q, k,
+    v then have (``unsupported_reason``); drop (refused, with the reason) each site that cannot. ``settings``: node
+    name -> the autocast settings it was traced in. Returns the refused sites' outputs."""
     dropped = []
     for site in list(settled):
         m = site.match
@@ -149,18 +160,25 @@ def _refuse_widened(settled: list, to_dynamo, report: Explanation | None) -> lis
                                             if site.states is not None else [])
         starts = [] if m.initial is None else [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k)
                                                if st is not None]
-        inputs = [to_dynamo[n] for n in (m.q, m.k, m.v)] + starts
-        wide = widened_after_lowering(returned, inputs)
-        if wide is None or keeps_dtype(returned, inputs):
+        q, k, v = (to_dynamo[n] for n in (m.q, m.k, m.v))
+        try:
+            site.precision = operator_precision(returned, [q, k, v] + starts, q, k, v,
+                                                settings.get(to_dynamo[m.output].name, {}))
+            reason = _unsupported_reason(site) if len({example_value(x).dtype for x in (q, k, v)}) > 1 else None
+            if reason is not None:
+                raise Refused("unsupported", f"{reason}: left to the inner compiler", m.output)
+        except Refused as refusal:
+            settled.remove(site)
+            if report is not None:
+                report.sites[:] = [e for e in report.sites if e.nodes.get("output") != to_dynamo[m.output].name]
+            _refuse(refusal, report)
+            dropped.append(m.output)
             continue
-        settled.remove(site)
-        if report is not None:
-            report.sites[:] = [e for e in report.sites if e.nodes.get("output") != to_dynamo[m.output].name]
-        _refuse(Refused("unsupported", f"under torch.autocast the attention computes in lower precision and "
-                                       f"returns {wide.name} in {example_value(wide).dtype} (a normaliser or a sum "
-                                       "widened after the matmuls): the operator, cast as a matmul is, would return "
-                                       "it rounded to autocast's dtype", m.output), report)
-        dropped.append(m.output)
+        if site.precision.dtype is not None and report is not None:     # explain() says what the operator takes
+            entry = next((e for e in report.sites if e.nodes.get("output") == to_dynamo[m.output].name), None)
+            if entry is not None:
+                dtypes = ", ".join(str(example_value(x).dtype).replace("torch.", "") for x in (q, k, v))
+                entry.form += f" (q, k, v of {dtypes} cast to {str(site.precision.dtype).replace('torch.', '')})"
     return dropped
 
 
@@ -193,21 +211,17 @@ def _run_pass(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool
 
 
 def _run_one(gm: fx.GraphModule, example_inputs, *, rewrite: bool, verify: bool, report: Explanation | None,
-             constants: list[bool] | None = None, outside: dict[int, str] | None = None) -> Rewritten | None:
+             constants: list[bool] | None = None, outside: dict[int, str] | None = None,
+             autocast: dict | None = None) -> Rewritten | None:
+    """The pass on one graph (Dynamo's, or a checkpointed body); ``autocast``: the autocast settings it runs under
+    (device type -> dtype; the caller's when None, a checkpoint call's inside ``torch.autocast`` for its body)."""
     reported = len(report.sites) if report is not None else 0
     try:
-        autocast_on = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
-        try:
-            with analysis_without_autocast():
-                found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report,
-                                    constants=constants, outside=outside)
-        except Exception as err:  # noqa: BLE001 - e.g. a bf16 @ f32 matmul that only autocast makes valid
-            if not autocast_on:
-                raise
-            log.debug("based_compile: reading the graph with autocast off failed (%s: %s); read as traced",
-                      type(err).__name__, err)
+        outer = traced_settings() if autocast is None else autocast
+        settings = settings_by_node(gm, outer)      # the autocast each node was traced in
+        with analysis_without_autocast():
             found = _find_sites(gm, example_inputs, verify=verify, rewrite=rewrite, report=report,
-                                constants=constants, outside=outside)
+                                constants=constants, outside=outside, autocast=settings)
     except Exception as err:      # a bug of the pass must not stop the model from compiling
         log.warning("based_compile: the pass failed on this graph (%s: %s); it is compiled unchanged",
                     type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -255,6 +269,7 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {n: i for i, n in enumerate(placeholders)}
     constant_flags = constant_placeholders(gm, example_inputs)
+    autocast_at = settings_by_node(gm, traced_settings())     # a body runs under its call's autocast
     constant = {n: constant_flags[i] for n, i in index_of.items()}
     done, outer_before = [], None
     for node in list(gm.graph.nodes):
@@ -293,7 +308,7 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
         outside = {i: spliced.reasons.get(i, "computed outside it") for i, arg in enumerate(args)
                    if arg not in index_of and arg.op != "get_attr" and isinstance(example_value(arg), torch.Tensor)}
         result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants,
-                          outside=outside)
+                          outside=outside, autocast=autocast_at.get(node.name, {}))
         if result is None:
             spliced.undo()
             continue
@@ -348,13 +363,15 @@ def _clone_returned_outputs(body: fx.GraphModule) -> None:
 
 
 def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bool, report: Explanation | None,
-                constants: list[bool] | None = None, outside: dict[int, str] | None = None):
-    """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None."""
+                constants: list[bool] | None = None, outside: dict[int, str] | None = None, autocast: dict | None = None):
+    """Detection without side effects on ``gm``: (settled sites, ATen -> Dynamo node map, region) or None.
+    ``autocast``: the autocast settings each node was traced in (``autocast_scope.settings_by_node``); the
+    caller runs this with autocast off."""
     region = attention_region(gm)
     if not region:
         return None
     sub, inputs, outputs = extract_region(gm, region)
-    aten_gm = lower_to_aten(sub)
+    aten_gm = lower_region(sub, autocast or {})
     aten_inputs = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     output_node = next(n for n in aten_gm.graph.nodes if n.op == "output")
     aten_outputs = output_node.args[0]
@@ -450,7 +467,7 @@ def _find_sites(gm: fx.GraphModule, example_inputs, *, verify: bool, rewrite: bo
         log.info("based_compile: %s Based attention at %s -> based::attention (%s); kernel: %s%s", result.form,
                  entry.source, entry.spec_text, entry.kernel, "" if rewrite else " [not rewritten: report only]")
     _find_states(gm, aten_gm, evaluator, settled, to_dynamo, storages, report)
-    refused.extend(_refuse_widened(settled, to_dynamo, report))
+    refused.extend(_settle_precision(settled, to_dynamo, autocast or {}, report))
     steps = _find_steps(gm, aten_gm, evaluator, to_dynamo, storages, rewrite=rewrite, report=report,
                         refused=refused)
     # a lookalike no reader answered: a refusal (what the sites and steps compute is theirs)

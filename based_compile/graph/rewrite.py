@@ -61,7 +61,7 @@ from ..op.attention_with_state import based_attention_with_state
 from ..op.custom_op import based_attention
 from ..op.recurrent_step import based_recurrent_step
 from ..op.spec import BasedSpec
-from .autocast_scope import keeps_dtype, without_autocast
+from .autocast_scope import without_autocast
 from .canonicalize import example_value, writes_in_place
 from .inplace import Storages, erasable, plan_output
 from .verify import Settled
@@ -138,10 +138,8 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
     for site in sites:
         m, s = site.match, site.spec
         q, k, v, output = (to_dynamo[n] for n in (m.q, m.k, m.v, m.output))
-        sources = [q, k, v] + [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k) if st is not None] \
-            if m.initial is not None else [q, k, v]
-        returned = [output] + ([to_dynamo[r.node] for r in site.states.reads] if site.states is not None else [])
-        keep_dtype = keeps_dtype(returned, sources)
+        precision = site.precision          # the driver settled it (``autocast_scope.operator_precision``)
+        keep_dtype = precision.keep_dtype
         plan = plan_output(gm, output, storages)        # the driver refused the sites it raises for
         q, k, v = (replaced.get(n, n) for n in (q, k, v))
         fakes = [example_value(n) for n in (q, k, v)]
@@ -164,6 +162,9 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
             where = min([output] + [to_dynamo[r.node] for r in states.reads], key=storages.position.__getitem__)
         at = where
         with graph.inserting_before(where):
+            if precision.dtype is not None:     # q, k, v of different dtypes: cast to the one the operator takes
+                q, k, v = (x if example_value(x).dtype == precision.dtype else
+                           add("to", (x, precision.dtype), method=True) for x in (q, k, v))
             if m.score_scale is not None:       # scores times (or over) a scale read at run time: so is q
                 q = m.score_scale.apply(q, add, lambda n: replaced.get(to_dynamo[n], to_dynamo[n]))
             if site.unsqueeze_inputs:

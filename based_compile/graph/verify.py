@@ -49,6 +49,7 @@ class Settled:
     flatten_out: bool             # the user's output folds the first two axes
     probed: bool
     states: object = None         # final_state.SiteStates: the final states the prefill returns, if any
+    precision: object = None      # autocast_scope.OperatorPrecision: how the operator runs (set by the driver)
     # (k, v): [B, T, D] without a heads axis next to a 4-d q (one key/value head, multi-query
     # attention: ``k[:, :, 0]``); the op reads it with a heads axis of size one
     unsqueeze_kv: tuple = (False, False)
@@ -572,7 +573,11 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
     fake_q = example_value(m.q)
     device = fake_q.device
     errors = []
-    for dtype in (torch.float64, fake_q.dtype):
+    widest = fake_q.dtype                   # q, k, v of different dtypes (mixed under autocast): also in the widest
+    for node in (m.k, m.v):
+        if isinstance(example_value(node), torch.Tensor) and example_value(node).is_floating_point():
+            widest = torch.promote_types(widest, example_value(node).dtype)
+    for dtype in dict.fromkeys((torch.float64, fake_q.dtype, widest)):
         gen = torch.Generator().manual_seed(1234)
         values = {}
         for node in (m.q, m.k, m.v):
