@@ -322,42 +322,5 @@ def test_cuda_autocast_runs_the_kernels_in_eagers_precision(fn, inner):
         assert (got_x.double() - ref).norm() <= 2 * (want_x.double() - ref).norm() + 1e-5 * ref.norm()
 
 
-def _causal_weights(q, k):
-    t = q.shape[-2]
-    s = q @ k.mT * 0.5
-    return (1 + s + 0.5 * s * s).masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool)), 0)
-
-
-WIDENED = {      # inside autocast: a float16/bfloat16 numerator over a normaliser widened to float32
-    "sum_dtype": lambda q, k, v: (lambda a: (a @ v) / (a.sum(-1, keepdim=True, dtype=torch.float32) + 1e-6))(
-        _causal_weights(q, k)),
-    "float_sum": lambda q, k, v: (lambda a: (a @ v) / (a.float().sum(-1, keepdim=True) + 1e-6))(_causal_weights(q, k)),
-    "weights_float": lambda q, k, v: (lambda a: (a @ v) / (a.sum(-1, keepdim=True) + 1e-6))(
-        _causal_weights(q, k).float()),
-    "non_causal_key_sum": lambda q, k, v: (lambda qf, kf: (qf @ torch.einsum("bhtf,bhtd->bhfd", kf, v)) / (
-        (qf * kf.sum(2, keepdim=True, dtype=torch.float32)).sum(-1, keepdim=True) + 1e-6))(phi(q), phi(k)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(WIDENED))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_an_output_widened_after_autocasts_matmuls_is_refused(name, dtype, monkeypatch):
-    """Eager returns float32 (a float16 numerator over a float32 normaliser); the operator, cast as a matmul
-    is, would return float16/bfloat16, its values rounded to it (3.6e-4 and 3e-3 off eager, red team), and the
-    numerical probe (off here, as at real sizes) does not see dtypes: the site is refused, with the reason."""
-    from based_compile.graph import verify
-    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
-    form = WIDENED[name]
-
-    def fn(q, k, v):
-        with torch.autocast("cpu", dtype=dtype):
-            return form(q, k, v)
-
-    q, k, v = _inputs(11)
-    want = fn(q, k, v)
-    got = torch.compile(fn, backend=based_compile.backend(inner="aot_eager"))(q, k, v)
-    assert got.dtype == want.dtype == torch.float32
-    assert_rel_close(got, want, 1e-6, name)
-    ex = based_compile.explain(fn, q, k, v)
-    assert not ex.sites, ex
-    assert any("returns" in r.reason and "autocast" in r.reason for r in ex.refusals), ex
+# An output widened after autocast's matmuls (a.sum(-1, dtype=torch.float32), what CUDA's autocast does to a.sum)
+# is rewritten, cast as a matmul and cast to eager's dtype: tests/test_autocast_widened.py.

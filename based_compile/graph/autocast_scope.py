@@ -1,13 +1,17 @@
 """Whether autocast lowers a site's precision in eager, and running the operator at that precision.
 
 Inside ``torch.autocast``, eager PyTorch runs matmuls, bmm (and an einsum that runs as one) in the autocast
-dtype and leaves elementwise products, sums and cumsums in their inputs' dtype. Which nodes did is read off the
-dtypes Dynamo traced (a float16/bfloat16 value computed from a wider one), not off the ops' names. The
+dtype and leaves elementwise products, sums and cumsums in their inputs' dtype (on CUDA it widens sum, cumsum,
+pow, reciprocal to float32). Which values are rounded where is read off the dtypes Dynamo traced, not off the
+ops' names. The
 ``based`` operator is matmul-like: under autocast it casts q, k, v to the autocast dtype (``op.custom_op``),
 as a site written with matmuls or einsums computes in eager. A site one of whose results is computed in
-float32 all the way (``(phi(k)[..., :, None] * v[..., None, :]).cumsum(2)`` and a broadcast readout) keeps
+float32 along some path (``(phi(k)[..., :, None] * v[..., None, :]).cumsum(2)`` and a broadcast readout) keeps
 float32 in eager even under autocast, so its rewrite runs the operator with autocast off (``keep_dtype``):
-no less precise than the user's code. A site split by an autocast switch is refused (``switch_inside``).
+no less precise than the user's code. A result computed low and returned wider (eager's float32 row sums of
+bfloat16 weights on CUDA) is computed by the operator cast as a matmul and cast to eager's dtype; a site whose
+feature map or products promote to a wider dtype than q, k, v (a float32 ones column) runs in that dtype
+(``computed_precision``). A site split by an autocast switch is refused (``switch_inside``).
 The pass itself reads and probes a graph compiled inside autocast with autocast off
 (``analysis_without_autocast``): the casts autocast would insert before matmuls are not the user's code.
 A graph only autocast makes valid (q, k from ``nn.Linear`` in bfloat16 against a float32 v) is read as written
@@ -26,38 +30,6 @@ from .canonicalize import example_value
 from .refusal import Refused
 
 _LOWER = (torch.float16, torch.bfloat16)
-
-
-def _lowers_precision(node: fx.Node) -> bool:
-    """``node`` computes a float16/bfloat16 value from a wider floating input, as Dynamo traced it (under the
-    autocast the model runs in): autocast cast it (a matmul, bmm, an einsum that runs as one, linear,
-    vecdot, ...), or the user did (``x.to(torch.bfloat16)``); either way the user's code computes there in the
-    lower precision, whatever the op is called."""
-    out = example_value(node)
-    if not isinstance(out, torch.Tensor) or out.dtype not in _LOWER:
-        return False
-    for arg in node.all_input_nodes:
-        value = example_value(arg)
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in _LOWER:
-            return True
-    return False
-
-
-def casts_under_autocast(output: fx.Node, inputs) -> bool:
-    """Some node between ``inputs`` (q, k, v, initial states) and ``output`` in Dynamo's graph lowers the
-    precision of what it reads (``_lowers_precision``): the user's code computes this result in float16 or
-    bfloat16 somewhere, so the operator may too."""
-    stop = set(inputs)
-    seen, stack = set(), [output]
-    while stack:
-        node = stack.pop()
-        if node in seen or node in stop:
-            continue
-        seen.add(node)
-        if node.op in ("call_function", "call_method", "call_module") and _lowers_precision(node):
-            return True
-        stack.extend(node.all_input_nodes)
-    return False
 
 
 def _switches_autocast(node: fx.Node) -> bool:
@@ -144,27 +116,64 @@ def switch_inside(outputs, inputs) -> fx.Node | None:
     return next(n for n in graph.nodes if first < position[n] < last and _switches_autocast(n))
 
 
-def keeps_dtype(outputs, inputs) -> bool:
-    """Whether the operator standing for ``outputs`` (the output, the returned states) runs with autocast off:
-    unless the user's code computes every one of them in lower precision somewhere (``casts_under_autocast``),
-    the operator cast to autocast's dtype would compute one in lower precision than the user's code does."""
-    return not all(casts_under_autocast(o, inputs) for o in outputs)
+# floating dtypes by precision (mantissa bits): bfloat16 < float16 < float32 < float64
+_RANK = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 
 
-def widened_after_lowering(outputs, inputs) -> fx.Node | None:
-    """A result among ``outputs`` that the user's code computes in lower precision on the way (autocast's matmul,
-    ``casts_under_autocast``) and then returns wider (float32 or float64, as Dynamo traced it: a normaliser summed
-    with ``dtype=torch.float32`` or after ``.float()`` inside autocast), or None. The operator that would stand
-    for it runs at autocast's dtype and returns that (``keeps_dtype``): a narrower result than eager's, rounded
-    to float16/bfloat16, so such a site is refused."""
-    for out in outputs:
-        if out is None:
+# ops that move or view values without arithmetic: they round nothing (a path's precision is where it computes)
+_MOVES = {"getitem", "unsqueeze", "squeeze", "view", "reshape", "transpose", "permute", "expand", "expand_as",
+          "flatten", "unflatten", "contiguous", "clone", "cat", "concat", "concatenate", "stack", "narrow", "select",
+          "split", "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "repeat", "repeat_interleave",
+          "tile", "broadcast_to", "view_as", "reshape_as", "t", "mT", "T", "diagonal", "tril", "triu", "detach",
+          "roll", "flip", "index_select", "gather", "masked_fill", "where", "pad"}
+
+
+def _moves(node: fx.Node) -> bool:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name in _MOVES
+
+
+def _tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [x for x in value if isinstance(x, torch.Tensor)]
+    return []
+
+
+def computed_precision(returned, inputs) -> torch.dtype | None:
+    """The precision the user's code computes ``returned`` (the output, returned states; Dynamo's nodes) in, as
+    Dynamo traced it, from ``inputs`` (q, k, v, initial states): along each path of values from an input to a
+    result, the narrowest floating dtype of the values computed on it (the input's own dtype and values only moved
+    or viewed left out: the operator reads the same values); over the paths, the widest of these. A path with no value narrower than
+    float32 (a float32 ones column that promotes a bfloat16 feature map, ``phi(k) * v`` in float32, a
+    normaliser summed in float32 from float32 features) computes in float32 however the others round, so the
+    operator runs in float32 (``operator_precision``); only when every path rounds to float16/bfloat16 (autocast's
+    matmuls: on CUDA a sum, cumsum or pow widened after them is still computed from their rounded results) may it
+    run there. Edges read by sizes alone (``q.shape``) are not paths of values. None when no floating value lies
+    on a path."""
+    graph = returned[0].graph
+    stop = set(inputs)
+    top = object()                      # an input: no dtype yet
+    best: dict = {}
+    for node in graph.nodes:
+        if node in stop:
+            best[node] = top
             continue
-        value = example_value(out)
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in _LOWER \
-                and casts_under_autocast(out, inputs):
-            return out
-    return None
+        reads = [best[a] for a in node.all_input_nodes if a in best and _tensors(example_value(a))]
+        if not reads:
+            continue
+        widest = top if top in reads else max((r for r in reads if r is not None),
+                                              key=_RANK.__getitem__, default=None)
+        tensors = [t for t in _tensors(example_value(node)) if t.dtype in _RANK]
+        if tensors and not _moves(node):
+            own = min((t.dtype for t in tensors), key=_RANK.__getitem__)
+            widest = own if widest is top or widest is None or _RANK[own] < _RANK[widest] else widest
+        best[node] = widest
+    found = [best.get(r) for r in returned if r is not None]
+    found = [f for f in found if f is not None and f is not top]
+    return max(found, key=_RANK.__getitem__) if found else None
 
 
 def analysis_without_autocast():
@@ -199,48 +208,35 @@ def _names(dtypes) -> str:
 def operator_precision(returned, inputs, q: fx.Node, k: fx.Node, v: fx.Node, settings: dict) -> OperatorPrecision:
     """The precision the operator standing for ``returned`` (the output, returned states; Dynamo's nodes) runs at,
     read from ``inputs`` (q, k, v, initial states) as Dynamo traced them under the autocast ``settings``
-    (``settings_by_node`` at the output), or ``Refused`` with the reason.
+    (``settings_by_node`` at the output), or ``Refused`` with the reason. The operator computes no less precisely
+    than the user's code (``computed_precision``: the widest precision any path from an input to a result keeps):
 
-    - Some result computed in lower precision by the user's code and returned wider (``widened_after_lowering``):
-      refused, unless the operator keeps its inputs' dtypes anyway.
-    - Cast as a matmul (a result computed in autocast's dtype somewhere): q, k, v of different dtypes (bfloat16 q,
-      k from ``nn.Linear``, a float32 v) are cast to autocast's dtype on their device, as eager's matmuls cast
-      them and as the operator's autocast rule casts q, k, v of one dtype. float64 is not cast by autocast: mixed
-      with another dtype it is refused, and so are different dtypes where autocast is off (nothing casts them).
-    - Autocast off (``keeps_dtype``): q, k, v of different dtypes (a float32 v against bfloat16 q, k in products
-      and sums: type promotion) are cast to the widest of them, and the operator computes in it throughout (its
-      results then cast to eager's dtypes, as for q, k, v of one dtype); eager computes none of its results in a
-      wider dtype (promotion goes no wider, autocast's matmuls narrower), and one it returns wider is refused."""
-    keep = keeps_dtype(returned, inputs)
-    wide = widened_after_lowering(returned, inputs)
-    output = returned[0]
-    if wide is not None and not keep:
-        raise Refused("unsupported", f"under torch.autocast the attention computes in lower precision and returns "
-                                     f"{wide.name} in {example_value(wide).dtype} (a normaliser or a sum widened after "
-                                     "the matmuls): the operator, cast as a matmul is, would return it rounded to "
-                                     "autocast's dtype", output)
+    - Every path rounds to autocast's dtype on the device (its matmuls; a sum or cumsum autocast widens to float32
+      after them on CUDA, ``a.sum(-1, dtype=torch.float32)``, ``a.float()`` before a matmul autocast lowers again):
+      cast as a matmul (the operator's autocast rule; q, k, v of different dtypes cast to autocast's dtype first,
+      as eager's matmuls cast them; float64 in the mix refused: autocast never casts it). Its results, rounded to
+      autocast's dtype as eager's matmul results are, are then cast to the dtypes eager returns (``rewrite``).
+    - Otherwise autocast off: q, k, v cast to the widest of their dtypes and the computed precision (a bfloat16 q,
+      k, v whose feature map promotes to float32 run in float32), never narrower than they are; the results then
+      cast to eager's dtypes."""
     values = [example_value(x) for x in (q, k, v)]
     dtypes = [x.dtype for x in values]
-    if len(set(dtypes)) == 1:
-        return OperatorPrecision(keep)
-    mixed = f"q, k, v are {_names(dtypes)}"
+    output = returned[0]
+    computed = computed_precision(returned, inputs)
     device = values[0].device.type
-    if not keep:
-        if device not in settings:
-            raise Refused("unsupported", f"{mixed} and the attention computes in lower precision with autocast off "
-                                         "on their device: nothing casts them to one dtype for the operator", output)
+    if computed in _LOWER and settings.get(device) == computed:
+        if len(set(dtypes)) == 1:
+            return OperatorPrecision(False)
         if any(not x.is_floating_point() or x.dtype == torch.float64 or x.device.type != device for x in values):
-            raise Refused("unsupported", f"{mixed}: under torch.autocast the matmuls cast float16, bfloat16 and "
-                                         "float32 to autocast's dtype, never float64, so they do not meet in one "
-                                         "dtype the operator could take", output)
-        return OperatorPrecision(False, settings[device])
+            raise Refused("unsupported", f"q, k, v are {_names(dtypes)}: under torch.autocast the matmuls cast "
+                                         "float16, bfloat16 and float32 to autocast's dtype, never float64, so they "
+                                         "do not meet in one dtype the operator could take", output)
+        return OperatorPrecision(False, computed)
     widest = dtypes[0]
     for d in dtypes[1:]:
         widest = torch.promote_types(widest, d)
-    for result in returned:
-        value = example_value(result)
-        if not (isinstance(value, torch.Tensor) and torch.promote_types(value.dtype, widest) == widest):
-            raise Refused("unsupported", f"{mixed} and the attention returns {result.name} in "
-                                         f"{getattr(value, 'dtype', None)}, wider than all of them: the operator would "
-                                         f"compute it in {widest}", output)
+    if computed is not None and computed not in _LOWER and widest in _RANK and _RANK[computed] > _RANK[widest]:
+        widest = computed
+    if all(d == widest for d in dtypes):
+        return OperatorPrecision(True)
     return OperatorPrecision(True, widest)

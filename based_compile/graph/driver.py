@@ -118,7 +118,7 @@ def _unsupported_reason(site) -> str | None:
     values = [example_value(n) for n in nodes]
     if not all(isinstance(x, torch.Tensor) for x in values):
         return None
-    if len({x.dtype for x in values}) > 1:
+    if site.precision is not None and site.precision.dtype is not None or len({x.dtype for x in values}) > 1:
         if site.precision is None:
             return None                 # settled later (``_settle_precision``), with the states
         values = [torch.empty((), dtype=site.precision.dtype, device=x.device).expand(hint_shape(n))
@@ -164,7 +164,7 @@ def _settle_precision(settled: list, to_dynamo, settings: dict, report: Explanat
         try:
             site.precision = operator_precision(returned, [q, k, v] + starts, q, k, v,
                                                 settings.get(to_dynamo[m.output].name, {}))
-            reason = _unsupported_reason(site) if len({example_value(x).dtype for x in (q, k, v)}) > 1 else None
+            reason = _unsupported_reason(site) if site.precision.dtype is not None else None
             if reason is not None:
                 raise Refused("unsupported", f"{reason}: left to the inner compiler", m.output)
         except Refused as refusal:

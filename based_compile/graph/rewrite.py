@@ -211,8 +211,8 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
                             new = add(torch.squeeze, (new, tuple(ones)))
                         for i in (i for i, x in enumerate(want_shape) if x == 1):
                             new = add(torch.unsqueeze, (new, i))
-                    if want_state.dtype != example_value(new).dtype:
-                        new = add("to", (new, want_state.dtype), method=True)
+                    if not keep_dtype or want_state.dtype != example_value(new).dtype:
+                        new = add("to", (new, want_state.dtype), method=True)     # see the output's cast
                     user.replace_all_uses_with(new)
         at = output
         with graph.inserting_before(output):
@@ -223,7 +223,10 @@ def rewrite_dynamo_sites(gm: fx.GraphModule, sites: list[Settled], to_dynamo: di
             if site.flatten_out:
                 out = add(torch.flatten, (out, 0, 1))
             want = example_value(output)
-            if want.dtype != example_value(out).dtype:
+            # cast as a matmul under autocast, the operator returns autocast's dtype at run time while its value
+            # here (traced with autocast off) says q's: eager's dtype is set whatever it says (a float32 row sum
+            # of bfloat16 weights makes eager's output float32, autocast_scope.operator_precision)
+            if not keep_dtype or want.dtype != example_value(out).dtype:
                 out = add("to", (out, want.dtype), method=True)
             if plan.clone:
                 out = add(torch.clone, (out,))
