@@ -128,6 +128,16 @@ _MOVES = {"getitem", "unsqueeze", "squeeze", "view", "reshape", "transpose", "pe
           "roll", "flip", "index_select", "gather", "masked_fill", "where", "pad"}
 
 
+# ops that read only a tensor's shape, dtype and device (``q.new_ones(t, t)`` for a mask): no path of values
+_METADATA = {"new_ones", "new_zeros", "new_full", "new_empty", "ones_like", "zeros_like", "full_like", "empty_like",
+             "size", "dim", "numel", "stride"}
+
+
+def _name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
 def _moves(node: fx.Node) -> bool:
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
@@ -151,7 +161,7 @@ def computed_precision(returned, inputs) -> torch.dtype | None:
     normaliser summed in float32 from float32 features) computes in float32 however the others round, so the
     operator runs in float32 (``operator_precision``); only when every path rounds to float16/bfloat16 (autocast's
     matmuls: on CUDA a sum, cumsum or pow widened after them is still computed from their rounded results) may it
-    run there. Edges read by sizes alone (``q.shape``) are not paths of values. None when no floating value lies
+    run there. Edges read by sizes alone (``q.shape``, ``q.new_ones(t, t)``) are not paths of values. None when no floating value lies
     on a path."""
     graph = returned[0].graph
     stop = set(inputs)
@@ -160,6 +170,8 @@ def computed_precision(returned, inputs) -> torch.dtype | None:
     for node in graph.nodes:
         if node in stop:
             best[node] = top
+            continue
+        if _name(node) in _METADATA:
             continue
         reads = [best[a] for a in node.all_input_nodes if a in best and _tensors(example_value(a))]
         if not reads:
