@@ -154,15 +154,15 @@ def _tensors(value) -> list:
 
 def computed_precision(returned, inputs) -> torch.dtype | None:
     """The precision the user's code computes ``returned`` (the output, returned states; Dynamo's nodes) in, as
-    Dynamo traced it, from ``inputs`` (q, k, v, initial states): along each path of values from an input to a
-    result, the narrowest floating dtype of the values computed on it (the input's own dtype and values only moved
-    or viewed left out: the operator reads the same values); over the paths, the widest of these. A path with no value narrower than
-    float32 (a float32 ones column that promotes a bfloat16 feature map, ``phi(k) * v`` in float32, a
-    normaliser summed in float32 from float32 features) computes in float32 however the others round, so the
-    operator runs in float32 (``operator_precision``); only when every path rounds to float16/bfloat16 (autocast's
-    matmuls: on CUDA a sum, cumsum or pow widened after them is still computed from their rounded results) may it
-    run there. Edges read by sizes alone (``q.shape``, ``q.new_ones(t, t)``) are not paths of values. None when no floating value lies
-    on a path."""
+    Dynamo traced it, from ``inputs`` (q, k, v): along each path of values from an input to a result, the
+    narrowest floating dtype of the values computed on it (the input's own dtype and values only moved or viewed
+    left out: the operator reads the same values); over the paths, the widest of these. A path with no value
+    narrower than float32 (a float32 ones column that promotes a bfloat16 feature map, ``phi(k) * v`` in
+    float32, a normaliser summed in float32 from float32 features) computes in float32 however the others
+    round, so the operator runs in float32 (``operator_precision``); only when every path rounds to
+    float16/bfloat16 (autocast's matmuls: on CUDA a sum, cumsum or pow widened after them is still computed from
+    their rounded results) may it run there. Edges read by sizes alone (``q.shape``, ``q.new_ones(t, t)``) are
+    not paths of values. None when no floating value lies on a path."""
     graph = returned[0].graph
     stop = set(inputs)
     top = object()                      # an input: no dtype yet
@@ -217,11 +217,12 @@ def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def operator_precision(returned, inputs, q: fx.Node, k: fx.Node, v: fx.Node, settings: dict) -> OperatorPrecision:
+def operator_precision(returned, q: fx.Node, k: fx.Node, v: fx.Node, settings: dict) -> OperatorPrecision:
     """The precision the operator standing for ``returned`` (the output, returned states; Dynamo's nodes) runs at,
-    read from ``inputs`` (q, k, v, initial states) as Dynamo traced them under the autocast ``settings``
-    (``settings_by_node`` at the output), or ``Refused`` with the reason. The operator computes no less precisely
-    than the user's code (``computed_precision``: the widest precision any path from an input to a result keeps):
+    read from ``q``, ``k``, ``v`` (initial states passed in are not cast) as Dynamo traced them under the
+    autocast ``settings`` (``settings_by_node`` at the output), or ``Refused`` with the reason. The operator
+    computes no less precisely than the user's code (``computed_precision``: the widest precision any path from
+    q, k, v to a result keeps):
 
     - Every path rounds to autocast's dtype on the device (its matmuls; a sum or cumsum autocast widens to float32
       after them on CUDA, ``a.sum(-1, dtype=torch.float32)``, ``a.float()`` before a matmul autocast lowers again):
@@ -234,7 +235,7 @@ def operator_precision(returned, inputs, q: fx.Node, k: fx.Node, v: fx.Node, set
     values = [example_value(x) for x in (q, k, v)]
     dtypes = [x.dtype for x in values]
     output = returned[0]
-    computed = computed_precision(returned, inputs)
+    computed = computed_precision(returned, [q, k, v])   # paths from q, k, v: states passed in are not cast
     device = values[0].device.type
     if computed in _LOWER and settings.get(device) == computed:
         if len(set(dtypes)) == 1:

@@ -149,7 +149,8 @@ def _same(x):
 
 def _settle_precision(settled: list, to_dynamo, settings: dict, report: Explanation | None) -> list:
     """Give each site of ``settled`` the precision its operator runs at (``autocast_scope.operator_precision``: cast
-    as a matmul under autocast, or with autocast off, q, k, v of different dtypes cast to one), weighed over every
+    as a matmul under autocast, or with autocast off, q, k, v cast to one dtype where they differ or the user's
+    code computes wider), weighed over every
     result the rewrite replaces (the output and returned states), and check the operator runs at the dtype q, k,
     v then have (``unsupported_reason``); drop (refused, with the reason) each site that cannot. ``settings``: node
     name -> the autocast settings it was traced in. Returns the refused sites' outputs."""
@@ -158,12 +159,9 @@ def _settle_precision(settled: list, to_dynamo, settings: dict, report: Explanat
         m = site.match
         returned = [to_dynamo[m.output]] + ([to_dynamo[r.node] for r in site.states.reads]
                                             if site.states is not None else [])
-        starts = [] if m.initial is None else [to_dynamo[st.source] for st in (m.initial.kv, m.initial.k)
-                                               if st is not None]
         q, k, v = (to_dynamo[n] for n in (m.q, m.k, m.v))
         try:
-            site.precision = operator_precision(returned, [q, k, v] + starts, q, k, v,
-                                                settings.get(to_dynamo[m.output].name, {}))
+            site.precision = operator_precision(returned, q, k, v, settings.get(to_dynamo[m.output].name, {}))
             reason = _unsupported_reason(site) if site.precision.dtype is not None else None
             if reason is not None:
                 raise Refused("unsupported", f"{reason}: left to the inner compiler", m.output)
