@@ -13,9 +13,14 @@ compared with a copy taken at compile time (once per tensor and change; the copy
 and if they differ the call raises ``StaleBufferError`` naming the buffer, instead of returning a
 wrong result.
 
-Limitation: writes the version counter does not count (through ``.data``, or into inference
-tensors made under ``torch.inference_mode``, which have none) are not seen; another tensor or
-storage always is.
+A small buffer on the CPU (at most ``COMPARE_ALWAYS`` elements: the 0-d feature-map constants and scales
+a rewrite reads as numbers) is compared by value on every call, whatever its version counter says: that
+costs a few microseconds and no synchronisation, and it also sees writes the counter does not count.
+
+Limitation: for the other buffers (masks, and small buffers on a GPU, where a comparison would wait for
+the device), writes the version counter does not count (through ``.data``, ``.numpy()`` or the storage,
+or into inference tensors made under ``torch.inference_mode``, which have none) are not seen; another
+tensor or storage always is.
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ import weakref
 import torch
 
 from .graph.inputs import BakedBuffer
+
+
+# CPU buffers of at most this many elements are compared by value on every call (module docstring)
+COMPARE_ALWAYS = 64
 
 
 class StaleBufferError(RuntimeError):
@@ -66,7 +75,8 @@ class _Watched:
         return "registered buffer" if "._buffers[" in self.baked.name else "integer tensor attribute"
 
     def check(self, t: torch.Tensor) -> None:
-        if self._known(t):
+        small_cpu = t.device.type == "cpu" and t.numel() <= COMPARE_ALWAYS
+        if not small_cpu and self._known(t):
             return
         same = (t.shape == self.values.shape and t.dtype == self.values.dtype
                 and torch.equal(t.detach().cpu(), self.values))

@@ -338,6 +338,38 @@ def test_feature_map_constants_in_buffers_are_read_and_guarded(persistent, monke
     check()
 
 
+@pytest.mark.parametrize("write", ["data", "numpy", "storage", "inference_mode"])
+def test_small_cpu_buffers_are_compared_by_value_every_call(write, monkeypatch):
+    """Writes the version counter does not count (``.data``, ``.numpy()``, the storage, a buffer made under
+    inference_mode) kept the old constant running with no error (relative error 0.23, red team): a small CPU
+    buffer is now compared by value on every call."""
+    from based_compile.graph import verify
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    if write == "inference_mode":
+        with torch.inference_mode():
+            model = TaylorWithBufferConstants()
+    else:
+        model = TaylorWithBufferConstants()
+    compiled = torch.compile(model, backend=based_compile.backend(inner="eager"))
+    q, k, v = (torch.randn(2, 3, 7, d, dtype=torch.float64) for d in (4, 4, 5))
+    with BasedOpCounter() as counter:
+        assert_rel_close(compiled(q, k, v), model(q, k, v), 1e-10)
+    assert counter.total >= 1, counter.calls
+    new = 2 * math.sqrt(4)
+    if write == "data":
+        model.rd.data.fill_(new)
+    elif write == "numpy":
+        model.rd.numpy().fill(new)
+    elif write == "storage":
+        model.rd.untyped_storage().copy_(torch.tensor(new, dtype=torch.float64).untyped_storage())
+    else:
+        with torch.inference_mode():
+            model.rd.fill_(new)
+    assert model.rd.item() == new
+    with pytest.raises(StaleBufferError, match=r"_buffers\['rd'\]"):
+        compiled(q, k, v)
+
+
 class StepWithBufferConstant(nn.Module):
     def __init__(self, d=4):
         super().__init__()
