@@ -86,6 +86,18 @@ def fresh_dynamo():
 
 
 @pytest.fixture
+def probe_off(monkeypatch):
+    """The pass without its numerical probe and its index probe, as at real sizes (where neither runs), and
+    Dynamo reset around the test (``pytestmark = pytest.mark.usefixtures("probe_off")``)."""
+    from based_compile.graph import feature_normaliser, verify
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", 0)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def no_tf32():
     """float32 matmuls in full precision (no TF32) for one test: GPU references are compared at 1e-4."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -17,20 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from based_compile.graph import feature_normaliser, verify
 from compiled_compare import compile_and_compare
 
 B, H, DK, DV = 2, 3, 4, 5
 QKV = [(B, H, "T", DK), (B, H, "T", DK), (B, H, "T", DV)]
 
 
-@pytest.fixture(autouse=True)
-def probe_off(monkeypatch):
-    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", 0)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("probe_off")     # conftest.py: as at real sizes, Dynamo reset
 
 
 def phi(x, how, value):

@@ -18,7 +18,6 @@ import torch
 import torch.fx as fx
 
 import based_compile
-from based_compile.graph import feature_normaliser, verify
 from based_compile.graph.canonicalize import REDUCTION_DTYPE, split_reduction_dtypes
 from compare import assert_rel_close
 from compiled_compare import Recorder, values_and_grads
@@ -30,13 +29,7 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 TOL = {F32: 1e-5, F64: 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def probe_off(monkeypatch):
-    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
-    monkeypatch.setattr(feature_normaliser, "INDEX_MAX_ELEMENTS", 0)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("probe_off")     # conftest.py: as at real sizes, Dynamo reset
 
 
 def _phi(x):
