@@ -16,16 +16,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from compiled_compare import compile_and_compare
-from based_compile.graph import verify
 
 HOP = torch.ops.higher_order.tag_activation_checkpoint
 QKV = ((2, 3, "T", 4), (2, 3, "T", 4), (2, 3, "T", 5))
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-
-@pytest.fixture(autouse=True)
-def probe_off(monkeypatch):
-    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)     # what real sizes get
+pytestmark = pytest.mark.usefixtures("probe_off")     # conftest: probes off, Dynamo reset
 
 
 def weights(s):
@@ -112,3 +106,72 @@ def test_anticausal_behind_mT_is_refused_for_its_mask():
     assert recorder.calls == [0, 0]
     refusals = [r for ex in recorder.reports.graphs for r in ex.refusals]
     assert refusals and all(r.category == "mask" for r in refusals), refusals
+
+
+# Chains of views (red team): the rewrite reads an inner view of the chain (``k.transpose(0, 1)`` of
+# ``k.transpose(0, 1).mT``, ``k[:, :, :-1]``, ``k.detach()``), which stays in the body as the view of k it is.
+# They were left as written by the backend while explain() reported a site.
+def _chain(how):
+    def fn(q, k, v):
+        if how == "batch_head_swapped":                 # k given as [H, B, T, D]
+            return checkpoint(attend_kt, q, k.transpose(0, 1).mT, v, use_reentrant=False)
+        if how == "sliced":
+            return checkpoint(attend_kt, q[:, :, 1:], k[:, :, :-1].mT, v[:, :, :-1], use_reentrant=False)
+        if how == "detached":                           # k's gradient through the queries alone
+            return checkpoint(attend_kt, q + k, k.detach().mT, v, use_reentrant=False)
+        if how == "detached_copied":                    # near miss: a copy, read as the layout it has
+            return checkpoint(attend_kt, q + k, k.detach().mT.contiguous(), v, use_reentrant=False)
+        raise ValueError(how)
+    return fn
+
+
+CHAIN_QKV = {"batch_head_swapped": ((2, 3, "T", 4), (3, 2, "T", 4), (2, 3, "T", 5))}
+
+
+@pytest.mark.parametrize("how", ["batch_head_swapped", "sliced", "detached"])
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_a_chain_of_views_is_rewritten_and_explain_says_so(how, dynamic):
+    shapes = CHAIN_QKV.get(how, QKV)
+    recorder = compile_and_compare(_chain(how), shapes, (5, 9, 13), dynamic=dynamic, count=True)
+    for ex in recorder.reports.graphs:
+        assert len(ex.sites) == 1 and not ex.refusals, ex
+    assert all(c >= 1 for c in recorder.calls), recorder.calls
+    for gm in recorder.graphs:
+        assert len(_bodies(gm)) == 1
+
+
+def test_explain_agrees_with_what_runs_for_a_chain_of_views():
+    from based_calls import BasedOpCounter
+    from compiled_compare import shaped_inputs
+    import based_compile
+    fn = _chain("batch_head_swapped")
+    inputs = shaped_inputs(3, 9, CHAIN_QKV["batch_head_swapped"])
+    ex = based_compile.explain(fn, *inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"))
+    compiled(*inputs)
+    with BasedOpCounter() as counter:
+        compiled(*inputs)
+    assert len(ex.sites) == 1 and not ex.refusals and counter.total >= 1, (ex, counter.calls)
+
+
+def test_detached_copy_is_refused_as_the_layout_it_has():
+    recorder = compile_and_compare(_chain("detached_copied"), QKV, (5, 9), count=True)
+    assert recorder.calls == [0, 0]
+    reasons = [r.reason for ex in recorder.reports.graphs for r in ex.refusals]
+    assert any("layout" in r for r in reasons), reasons
+
+
+def test_a_body_left_as_written_after_the_rewrite_is_reported_as_refused(monkeypatch, caplog):
+    """A planted failure settling the body after its rewrite: the body runs as written, and the report
+    (explain()'s) says so instead of naming a site."""
+    from based_compile.graph import checkpoint_operands
+
+    def broken(self):
+        raise RuntimeError("planted settle failure")
+
+    monkeypatch.setattr(checkpoint_operands.Splice, "settle", broken)
+    recorder = compile_and_compare(_chain("detached"), QKV, (5, 9), count=True)
+    assert recorder.calls == [0, 0]
+    for ex in recorder.reports.graphs:
+        assert not ex.sites and any("planted settle failure" in r.reason for r in ex.refusals), ex

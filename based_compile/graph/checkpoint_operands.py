@@ -166,6 +166,7 @@ class Splice:
     outer: dict = field(default_factory=dict)          # operand position -> outer nodes computing it
     leaves: list = field(default_factory=list)         # outer nodes given new body placeholders, in order
     copies: list = field(default_factory=list)         # body nodes copied in, in order
+    views: set = field(default_factory=set)            # those copied from a view's chain (``_view_slice``) alone
     reasons: dict = field(default_factory=dict)        # operand position -> why it was not copied
     outer_replaced: bool = False                       # settle failed and put back a copy of the outer graph
 
@@ -178,7 +179,8 @@ class Splice:
 
     def settle(self) -> fx.Graph | None:
         """After a rewrite of the body: the copies dropped (what still reads an operand's copy reads the
-        operand again), operands the body no longer reads dropped from the call and from the body, and
+        operand again; a copied view of a chain that the rewrite still reads, ``k.transpose(0, 1)`` of
+        ``k.transpose(0, 1).mT``, stays, a view of the tensor passed in), operands the body no longer reads dropped from the call and from the body, and
         their outer computations erased where nothing else reads them. Returns a copy of the outer graph
         before it changed, or None when it did not. Raises RuntimeError when a copy is still read; on any
         error the outer graph is left as it was."""
@@ -192,9 +194,10 @@ class Splice:
         for node in reversed(self.copies):
             if node not in live:
                 continue
-            if node.users:
+            if node.users and node not in self.views:
                 raise RuntimeError(f"the copy of {node.name} from the outer graph is still read after the rewrite")
-            graph.erase_node(node)
+            if not node.users:
+                graph.erase_node(node)
         kept = []                                 # leaves the rewritten body reads: the tensor a view viewed
         for leaf, placeholder in zip(self.leaves, placeholders[len(placeholders) - len(self.leaves):]):
             if placeholder.users:
@@ -260,13 +263,16 @@ def splice(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, constant: dic
     if len(placeholders) != len(operands):
         return result
     storages = Storages(gm)
-    slices = {}
+    slices, views = {}, set()
     for position, operand in enumerate(operands):
         if operand.op in ("placeholder", "get_attr") or not isinstance(example_value(operand), torch.Tensor):
             continue
         found = _outer_slice(gm, operand, hop, constant, storages)
         if isinstance(found, str):
-            found = _view_slice(gm, operand, hop, constant, storages) or found
+            view = _view_slice(gm, operand, hop, constant, storages)
+            if view is not None:
+                views.add(position)
+            found = view or found
         if isinstance(found, str):
             result.reasons[position] = found
         else:
@@ -275,16 +281,16 @@ def splice(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, constant: dic
         return result
     result.original = copy_graph(body.graph)
     try:
-        _copy_in(result, gm, body, operands, placeholders, slices)
+        _copy_in(result, gm, body, operands, placeholders, slices, views)
     except Exception:
         result.undo()
         raise
     return result
 
 
-def _copy_in(result: Splice, gm, body, operands, placeholders, slices) -> None:
+def _copy_in(result: Splice, gm, body, operands, placeholders, slices, views: set) -> None:
     """Copy the slices into ``body`` (new placeholders for their leaves), in front of its first op, and
-    point each copied operand's uses at its copy."""
+    point each copied operand's uses at its copy. ``views``: the positions whose slice is a view's chain."""
     env: dict = {}
     for position, operand in enumerate(operands):
         env.setdefault(operand, placeholders[position])
@@ -304,6 +310,9 @@ def _copy_in(result: Splice, gm, body, operands, placeholders, slices) -> None:
             if node in nodes:
                 env[node] = graph.node_copy(node, lambda a: env[a])
                 result.copies.append(env[node])
+    in_views = set().union(*(set(s[0]) for p, s in slices.items() if p in views))
+    in_others = set().union(*(set(s[0]) for p, s in slices.items() if p not in views))
+    result.views = {env[n] for n in in_views - in_others}
     for position, (computed, _) in slices.items():
         root = env[operands[position]] if operands[position] in nodes else None
         if root is None:

@@ -305,6 +305,7 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
         read.add(body)
         outside = {i: spliced.reasons.get(i, "computed outside it") for i, arg in enumerate(args)
                    if arg not in index_of and arg.op != "get_attr" and isinstance(example_value(arg), torch.Tensor)}
+        reported = len(report.sites) if report is not None else 0
         result = _run_one(body, real, rewrite=rewrite, verify=verify, report=report, constants=constants,
                           outside=outside, autocast=autocast_at.get(node.name, {}))
         if result is None:
@@ -321,6 +322,11 @@ def _rewrite_checkpoint_bodies(gm: fx.GraphModule, example_inputs, *, rewrite: b
         except Exception as err:  # noqa: BLE001 - a defect of the pass: the body stays as written
             log.warning("based_compile: the checkpointed body is left as written (%s: %s)", type(err).__name__, err)
             spliced.undo()
+            if report is not None:           # its sites were not rewritten after all: refusals, with the error
+                del report.sites[reported:]
+                for source in result.sources or ["<graph>"]:
+                    report.add_refusal(Refusal(source, "unsupported", "the checkpointed body is left as written: "
+                                               f"internal error of the rewrite: {type(err).__name__}: {err}"))
             if spliced.outer_replaced:       # the outer graph was put back as a copy: its other calls stay as written
                 break
             continue
