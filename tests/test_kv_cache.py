@@ -300,7 +300,7 @@ def test_constant_offset_is_not_taken_for_tk_minus_tq_under_dynamic_lengths():
 
 @pytest.mark.parametrize("fn", [decode_no_mask, block_tril_offset], ids=lambda f: f.__name__)
 def test_more_queries_than_keys_is_guarded(fn):
-    """Under dynamic shapes, a call with Tq > Tk (not a candidate: the scores have more rows than columns) does
+    """Under dynamic shapes, a call with Tq > Tk (refused: the scores have more rows than columns) does
     not leave every later length unrewritten: its graph is guarded to Tq > Tk, and Tq <= Tk recompiles and is
     rewritten (it was not: after calls at (9, 5) and (10, 6), (3, 11) ran without the operator, values exact)."""
     compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=True)
@@ -310,6 +310,43 @@ def test_more_queries_than_keys_is_guarded(fn):
         calls.append(based_calls(compiled, *args)[0])
         assert_rel_close(based_calls(compiled, *args)[1], fn(*args), 1e-12, f"Tq={tq} Tk={tk}")
     assert [c > 0 for c in calls] == [False, False, True, True, False], calls
+
+def normalize_tril_offset(q, k, v):               # F.normalize(p=1) of the KV-cache weights
+    tq, tk = q.shape[-2], k.shape[-2]
+    a = _poly(q @ k.transpose(-2, -1) / 2.0)
+    a = a.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), 0.0)
+    return torch.nn.functional.normalize(a, p=1, dim=-1) @ v
+
+
+def rectangular_products(q, k, v):               # near miss: matmuls with more rows than columns, no polynomial
+    return (q @ k.transpose(-2, -1) / 2.0) @ v
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("fn", [decode_no_mask, block_tril_offset, normalize_tril_offset], ids=lambda f: f.__name__)
+def test_more_queries_than_keys_is_refused_with_its_reason(fn, dynamic):
+    """Tq > Tk (a block of 10 queries against 7 keys; masked by tril(Tk - Tq), its first rows empty) was
+    neither a site nor a refusal in explain() (red team): it is refused, saying so, and runs as written."""
+    compiled = torch.compile(fn, backend=based_compile.backend(inner="eager"), dynamic=dynamic)
+    with PassReports() as reports:
+        for tq, tk in ((10, 7), (12, 8)):
+            q, k, v = _inputs(tq, tk, seed=tq * tk)
+            calls, out = based_calls(compiled, q, k, v)
+            assert calls == 0
+            assert_rel_close(out, fn(q, k, v), 1e-12, f"Tq={tq} Tk={tk}")
+    assert reports.graphs, str(reports)
+    for report in reports.graphs:
+        assert not report.sites, str(report)
+        assert any(r.category == "mask" and "more queries" in r.reason for r in report.refusals), str(report)
+
+
+def test_rectangular_products_without_a_polynomial_are_not_refused():
+    compiled = torch.compile(rectangular_products, backend=based_compile.backend(inner="eager"))
+    with PassReports() as reports:
+        q, k, v = _inputs(10, 7, seed=3)
+        assert_rel_close(compiled(q, k, v), rectangular_products(q, k, v), 1e-12, "compiled vs eager")
+    assert all(not r.sites and not r.refusals for r in reports.graphs), str(reports)
+
 
 # ----------------------------------------------------------------------------- a sliced buffer, growing cache
 # bias[..., Tk - Tq:Tk, :Tk] (GPT-2's spelling) was refused once Tk became dynamic ('the mask slices a

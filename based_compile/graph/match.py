@@ -77,6 +77,7 @@ class Matcher:
         self.evaluator = evaluator
         self.variable = variable
         self._weights: dict[fx.Node, Weights | Exception] = {}
+        self._more_queries: set = set()      # scores matmuls with more rows (queries) than columns (keys)
         self._constants: dict[fx.Node, torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------ constants
@@ -364,13 +365,20 @@ class Matcher:
                 raise NotACandidate("bmm output is not 3-d")
             if shape[-2] > shape[-1]:
                 kv_mask.guard_more_queries(*shape_of(node)[-2:])
-                raise NotACandidate("bmm output has more rows (queries) than columns (keys)")
+                try:        # read on, so that attention with more queries than keys is refused, not unseen
+                    scores = self.scores(node)
+                except (NotACandidate, Refused) as err:
+                    raise NotACandidate("bmm output has more rows (queries) than columns (keys)") from err
+                self._more_queries.add(node)
+                return scores
             return self.scores(node)
         if target in VIEW_OPS:
             w = self.weights(args[0])
             ai, aj = (track_axis(node, a) for a in w.axes)
             if ai is None or aj is None:
                 raise NotACandidate("a view merges or splits the [T, T] axes of the weights")
+            if ai > aj and w.scores in self._more_queries:
+                raise NotACandidate("transposed weights of queries and keys of different lengths")
             if ai > aj:      # (k @ q.mT).mT: the scores of the swapped operands, transposed back
                 return _swapped(replace(w, shape=hint_shape(node), axes=(aj, ai)))
             return replace(w, shape=hint_shape(node), axes=(ai, aj))
@@ -841,6 +849,7 @@ class Matcher:
                     query_axis: int | None = 1) -> Match:
         if w.tk is not None and polynomial.degree(w.poly) < 2:
             raise NotACandidate("a product of rectangular matmuls without a polynomial: not attention-like")
+        self._refuse_more_queries(w, bmm)
         v = v_operand.source
         kv_term = self._numerator_state(path, w, v, value_axis, query_axis)
         start = bmm
@@ -898,7 +907,14 @@ class Matcher:
                 return u, term, value_axis, query_axis
         return None
 
+    def _refuse_more_queries(self, w: Weights, where) -> None:
+        if w.scores in self._more_queries:
+            tq, tk = hint_shape(w.scores)[-2:]
+            raise Refused("mask", f"more queries (Tq={tq}) than keys (Tk={tk}): the operator takes a block of "
+                                  "queries against at least as many keys (Tq <= Tk)", where)
+
     def _finish(self, w: Weights, form, output, q, k, v, normalize, eps, anchor, where) -> Match:
+        self._refuse_more_queries(w, where)
         if w.junk:
             raise Refused("mask", "the mask is applied before the polynomial, and no mask after it hides every "
                                   "entry it masked: masked scores still pass through f (f(0) != 0)", where)
