@@ -80,6 +80,10 @@ class OneNorm(nn.Module):
             return (a / a.abs().sum(-1, keepdim=True)) @ v
         if w == "query_axis":
             return F.normalize(a, p=1, dim=-2) @ v
+        if w == "keys_first":         # non-causal k @ q.mT summed over its rows (the keys), transposed after
+            return F.normalize(1 + (k @ q.mT / 2) + 0.5 * (k @ q.mT / 2) ** 2, p=1, dim=-2).mT @ v
+        if w == "both_axes":
+            return F.normalize(a, p=1, dim=(-1, -2)) @ v
         raise ValueError(w)
 
 
@@ -115,7 +119,10 @@ NEAR = {
     "clamp_above": ["clamped from below", "min 1", "above their least value 0.5"],
     "negative_normalize": ["sums of their absolute values", "takes negative values"],
     "negative_abs_sum": ["sums of their absolute values", "takes negative values"],
-    "query_axis": ["does not sum the weights over the key axis"],
+    "query_axis": ["sums the weights over the scores' rows", "of q @ k.mT: over the queries"],
+    "keys_first": ["sums the weights over the scores' rows", "of k @ q.mT transposed after the normaliser: over "
+                   "the keys, a layout the pass does not read"],
+    "both_axes": ["over the key axis and other axes"],
 }
 
 

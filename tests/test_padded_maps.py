@@ -39,6 +39,8 @@ def phi(x, how, value):
         return F.pad(torch.cat([x / d ** 0.25, x2], -1), (1, 2), mode="constant", value=value)
     if how == "replicate":
         return F.pad(torch.cat([x / d ** 0.25, x2], -1), (1, 0, 0, 0), mode="replicate")
+    if how == "features_first":       # built [B, H, F, T] (a pad of axis -2), transposed back into [B, H, T, F]
+        return torch.cat([F.pad(x.mT / d ** 0.25, (0, 0, 1, 0), value=value), x2.mT], -2).mT
     raise ValueError(how)
 
 
@@ -79,6 +81,9 @@ NEAR = {
     "sides_differ": (dict(how_q="whole", how_k="end"), "feature_map", ["different feature maps"]),
     "replicate": (dict(how_q="replicate"), "feature_map", ["goes through replication_pad"]),
     "time_shift": (dict(how_q="whole", form="shifted"), "feature_map", ["goes through constant_pad_nd, slice"]),
+    # not read (red team: refused as "f = 1*x^1 has no second-order term")
+    "features_first": (dict(how_q="features_first"), "feature_map", ["joins the pieces along axis -2",
+                                                                     "features first"]),
 }
 
 

@@ -541,6 +541,23 @@ def _through_constants(gm, node: fx.Node) -> fx.Node:
 _READ = "the pass reads the Taylor map phi(x) = torch.cat([c, a x, b x (x) x], -1) (or its compressed form)"
 
 
+def features_first(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a torch.cat that stands where a feature map would (an operand of the scores whose product has no
+    second-order term) is not read: it joins its pieces along another axis than the last (a map built
+    features first, ``[B, H, F, T]``, and transposed into the scores). None when ``node`` is no such cat."""
+    if not isinstance(node, fx.Node):
+        return None
+    stop = _through_constants(gm, node)
+    if stop.op != "call_function" or stop.target is not aten.cat.default:
+        return None
+    rank = len(hint_shape(stop) or ())
+    dim = stop.args[1] if len(stop.args) > 1 else stop.kwargs.get("dim", 0)
+    if rank < 2 or dim in (-1, rank - 1):
+        return None
+    return (f"its torch.cat joins the pieces along axis {dim} of {rank}, not the last: a feature map built with "
+            f"its features on another axis (features first, [B, H, F, T], then transposed) is not read; {_READ}")
+
+
 def multiplied_map_reason(gm: fx.GraphModule, product: fx.Node) -> str | None:
     """Why ``product``, a feature map the pass reads times a tensor that is not one number
     (``phi(k) * attention_mask[:, None, :, None]``), is not a feature map; None for any other node."""

@@ -34,8 +34,8 @@ from .candidate import Match, Weights, pick_output, view_chain
 from .canonicalize import (VIEW_OPS, example_value, fill_value, hint_shape, read_views, scalar_factor, scalar_value,
                            shape_of, specialised_value, through_views, track_axis, walk_operand)
 from .evaluate import GraphEvaluator, NotConstant
-from .feature_map import (describe_unread, other_readings, pair_feature_maps, read_feature_map, same_feature_map,
-                          unread_reason)
+from .feature_map import (describe_unread, features_first, other_readings, pair_feature_maps, read_feature_map,
+                          same_feature_map, unread_reason)
 from .feature_normaliser import read_feature_sum, time_axis
 from . import kv_mask
 from .linear_form import match_linear, match_state_product, read_state_sum
@@ -693,7 +693,7 @@ class Matcher:
                     return self._feature_normaliser(node, top), 0.0, False
                 raise
             if dims != [w.axes[1]]:
-                raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
+                raise Refused("normaliser", _not_key_axis(dims, w), node)
             return w, 0.0, False
         if target is aten.bmm.default:
             return self._feature_normaliser(node, top), 0.0, False
@@ -724,7 +724,7 @@ class Matcher:
                                         f"vector_norm with ord={order}), not by their row sums", node)
         rank = len(hint_shape(x))
         if dims is None or _normalise_dims(dims, rank) != [w.axes[1]]:
-            raise Refused("normaliser", "the normaliser does not sum the weights over the key axis", node)
+            raise Refused("normaliser", _not_key_axis(None if dims is None else _normalise_dims(dims, rank), w), node)
         least = polynomial.minimum(w.poly)
         if least is None or least < 0.0 or w.out_scale is not None:
             raise Refused("normaliser", f"the weights are divided by the sums of their absolute values (a 1-norm: "
@@ -923,8 +923,8 @@ class Matcher:
             raise Refused("polynomial", f"f has a term of degree {deg}: {polynomial.describe(w.poly)} "
                                         "(x = q.k); Based is second order", where)
         if polynomial.coefficient(w.poly, 2) == 0.0:
-            unread = [why for why in (describe_unread(self.gm, n) for n in (q, k) if isinstance(n, fx.Node))
-                      if why is not None]
+            unread = [why for why in (describe_unread(self.gm, n) or features_first(self.gm, n) for n in (q, k)
+                                      if isinstance(n, fx.Node)) if why is not None]
             if unread:          # q.k is a product of computed features the feature map reader could not read
                 raise Refused("feature_map", f"the scores are q'.k' of computed features that are not read as a "
                                              f"feature map ({unread[0]}), so f = {polynomial.describe(w.poly)} "
@@ -1050,6 +1050,16 @@ def _hides(keep: masks.Keep, kept: masks.Keep) -> bool:
 
 def _evaluate(poly: polynomial.Poly, x: float) -> float:
     return sum(c * x ** i for i, c in enumerate(poly))
+
+
+def _not_key_axis(dims, w: Weights) -> str:
+    """Why a sum of the weights over ``dims`` (None: every axis) is not their row sums."""
+    if dims == [w.axes[0]]:
+        return ("the normaliser sums the weights over the scores' rows (of q @ k.mT: over the queries; of k @ q.mT "
+                "transposed after the normaliser: over the keys, a layout the pass does not read)")
+    if dims is not None and w.axes[1] in dims:
+        return "the normaliser sums the weights over the key axis and other axes, not over the key axis alone"
+    return "the normaliser does not sum the weights over the key axis"
 
 
 def _swapped(w: Weights) -> Weights:
