@@ -416,3 +416,23 @@ def test_feature_map_constant_in_a_parameter_is_still_refused():
     ex = based_compile.explain(ParameterConstant(), q, k, v)
     assert not ex.sites and [r.category for r in ex.refusals] == ["feature_map"], ex
     assert "nn.Parameter" in ex.refusals[0].reason and "registered buffer" in ex.refusals[0].reason, ex
+
+
+class TaylorWithShapedBuffer(TaylorWithBufferConstants):
+    """rrd kept as a registered buffer of shape (1,): not read as a constant (only 0-d buffers are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rrd = torch.full((1,), 4 ** 0.25, dtype=torch.float64)
+
+
+def test_a_one_element_buffer_that_is_not_0d_is_refused_as_what_it_is(monkeypatch):
+    """Was refused as 'a learnable temperature, an nn.Parameter, a plain tensor attribute...' (red team): the
+    reason names its shape and that only a 0-d registered buffer is read as a constant."""
+    from based_compile.graph import verify
+    from compiled_compare import compile_and_compare
+    monkeypatch.setattr(verify, "PROBE_MAX_ELEMENTS", 0)
+    rec = compile_and_compare(TaylorWithShapedBuffer(), [(2, 3, "T", 4), (2, 3, "T", 4), (2, 3, "T", 5)], (5, 9))
+    assert sum(rec.sites()) == 0, rec.reports
+    reasons = " | ".join(r.reason for ex in rec.reports.graphs for r in ex.refusals)
+    assert "shape (1,)" in reasons and "a registered buffer that is not 0-d" in reasons, rec.reports

@@ -119,6 +119,8 @@ def _chain(how):
             return checkpoint(attend_kt, q[:, :, 1:], k[:, :, :-1].mT, v[:, :, :-1], use_reentrant=False)
         if how == "detached":                           # k's gradient through the queries alone
             return checkpoint(attend_kt, q + k, k.detach().mT, v, use_reentrant=False)
+        if how == "transposed_detached":                # near miss: detach above the view, not read
+            return checkpoint(attend_kt, q + k, k.mT.detach(), v, use_reentrant=False)
         if how == "detached_copied":                    # near miss: a copy, read as the layout it has
             return checkpoint(attend_kt, q + k, k.detach().mT.contiguous(), v, use_reentrant=False)
         raise ValueError(how)
@@ -175,3 +177,11 @@ def test_a_body_left_as_written_after_the_rewrite_is_reported_as_refused(monkeyp
     assert recorder.calls == [0, 0]
     for ex in recorder.reports.graphs:
         assert not ex.sites and any("planted settle failure" in r.reason for r in ex.refusals), ex
+
+
+def test_detach_of_a_transposed_view_is_refused_saying_so():
+    """Was refused as 'not a [B, H, T, D] layout' alone (red team): the reason says k is a detach of a view."""
+    recorder = compile_and_compare(_chain("transposed_detached"), QKV, (5, 9), count=True)
+    assert recorder.calls == [0, 0]
+    reasons = [r.reason for ex in recorder.reports.graphs for r in ex.refusals]
+    assert reasons and all("is a detach of a view" in r and "k.detach().mT is read" in r for r in reasons), reasons

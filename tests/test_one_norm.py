@@ -143,3 +143,31 @@ def test_explain_says_the_site_and_nothing_else():
     ex = based_compile.explain(OneNorm("normalize"), q, k, v)
     assert len(ex.sites) == 1 and not ex.refusals, ex
     assert "normalised (eps=0)" in ex.sites[0].spec_text and "causal" in ex.sites[0].spec_text, ex
+
+
+class LearnableCoefficient(nn.Module):
+    """1 + s + c2 s^2 with c2 an nn.Parameter: the operator takes constant coefficients."""
+
+    def __init__(self, normaliser):
+        super().__init__()
+        self.c2 = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.normaliser = normaliser
+
+    def forward(self, q, k, v):
+        s = q @ k.mT * DK ** -0.5
+        t = q.shape[-2]
+        a = (1 + s + self.c2 * s * s).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), 0)
+        if self.normaliser == "normalize":
+            return F.normalize(a, p=1, dim=-1) @ v
+        return (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("normaliser", ["normalize", "row_sum"])
+def test_a_learnable_coefficient_is_refused_as_one(normaliser):
+    """Was 'the chain goes through clamp_min ... which no reader reads' (F.normalize) or 'could not read it'
+    (red team): the reason names the learnable coefficient."""
+    rec = compile_and_compare(LearnableCoefficient(normaliser), QKV, (5, 9))
+    assert sum(rec.sites()) == 0, rec.reports
+    reasons = " | ".join(r.reason for ex in rec.reports.graphs for r in ex.refusals)
+    assert "a learnable coefficient, an nn.Parameter" in reasons and "clamp_min" not in reasons.split("(chain")[0], \
+        rec.reports

@@ -373,11 +373,12 @@ def unread_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
         for arg in stop.args[:2]:
             shape = hint_shape(arg) if isinstance(arg, fx.Node) else None
             if shape is not None and all(s == 1 for s in shape) and scalar_value(gm, arg) is None:
-                return (f"a piece of the feature map is scaled by a one-element tensor ({arg.name}: a learnable "
-                        "temperature, an nn.Parameter, a plain tensor attribute or a value computed at run time) "
-                        "that is not a compile-time constant: the operator takes constant coefficients (scale x "
-                        "before the map, use a Python number, or keep a fixed value in a registered buffer, which "
-                        "is read as the constant it is and guarded)")
+                return (f"a piece of the feature map is scaled by a one-element tensor ({arg.name}, shape "
+                        f"{tuple(shape)}) that the pass does not read as a compile-time constant (an nn.Parameter "
+                        "such as a learnable temperature, a plain tensor attribute, a value computed at run time, or "
+                        "a registered buffer that is not 0-d): the operator takes constant coefficients (scale x "
+                        "before the map, use a Python number, or keep a fixed value in a 0-d registered buffer, "
+                        "which is read as the constant it is and guarded)")
     return None
 
 

@@ -223,6 +223,7 @@ class _Chain:
         self.unknown: list[str] = []            # ops of the region the walk went through that are no reader's
         self.cuts: tuple = ()                   # ops of Dynamo's graph between scores and weights no reader reads
         self.biases: list[fx.Node] = []         # terms added to the scores that are not functions of q.k
+        self.learnable: list[fx.Node] = []      # one-element factors that are graph inputs requiring grad
 
 
 def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
@@ -283,6 +284,8 @@ def _walk(gm: fx.GraphModule, start: fx.Node, to_dynamo: dict) -> _Chain:
                 stack.append(node.args[0])
                 continue
             scale = _one_element_factor(node)
+            if scale is not None and _requires_grad_input(strip_views(scale), to_dynamo):
+                chain.learnable.append(scale)
             if scale is not None:               # x * c, x / c: what c is computed from is not the chain's
                 stack.extend(a for a in node.all_input_nodes if a is not scale)
                 continue
@@ -320,6 +323,15 @@ def _added_term(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     operands = {strip_views(a) for a in scores.args if isinstance(a, fx.Node)}
     computed = {n for n in _ancestors(scores, _MAX_NODES * 4) if n.op == "call_function"} | {scores} | operands
     return bias if not (_value_ancestors(bias) & computed) else None
+
+
+def _requires_grad_input(node, to_dynamo: dict) -> bool:
+    """A graph input (Dynamo's placeholder) whose value requires grad: an nn.Parameter, never a constant."""
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return False
+    dynamo = to_dynamo.get(node)
+    value = dynamo.meta.get("example_value") if isinstance(dynamo, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 def _one_element_factor(node: fx.Node) -> fx.Node | None:
@@ -517,6 +529,14 @@ def _causes(gm: fx.GraphModule, chain: _Chain, form: str) -> tuple[str, list[str
     if chain.unknown:
         causes.append(f"the chain goes through {', '.join(sorted(set(chain.unknown)))}, an operation no reader "
                       "reads")
+    if form == "quadratic" and chain.learnable:
+        # what stops the readers: the ops after it (F.normalize's clamp_min, its broadcast) are read elsewhere
+        causes = [c for c in causes if not c.startswith("the chain goes through")]
+        names = ", ".join(dict.fromkeys(n.name for n in chain.learnable))
+        causes.insert(0, f"a coefficient of the weights is a one-element tensor that requires grad ({names}: a "
+                         "learnable coefficient, an nn.Parameter): the operator takes constant coefficients of "
+                         "P(q.k), read at compile time")
+        return category, causes
     if form == "quadratic" and chain.folded is not None:
         causes.append(_folded_cause(chain))
     elif form == "quadratic" and chain.scores is not None:

@@ -105,8 +105,23 @@ def _readings(m: Match):
         if chunked is not None:
             raise Refused("unsupported", chunked, m.output)
         raise Refused("unsupported", f"q {shapes[0]}, k {shapes[1]}, v {shapes[2]} and output {out_shape} "
-                                     "are not a [B, H, T, D] / [B, T, H, D] attention layout", m.output)
+                                     "are not a [B, H, T, D] / [B, T, H, D] attention layout"
+                                     f"{_detached_view(m)}", m.output)
     return readings, qs, vs
+
+
+def _detached_view(m: Match) -> str:
+    """A note for the layout refusal when q, k or v is a detach of a view that moves its axes (``k.mT.detach()``):
+    the layout is read through views up to the detach, not through it (``k.detach().mT`` is read)."""
+    for name, node in (("q", m.q), ("k", m.k), ("v", m.v)):
+        if not (isinstance(node, fx.Node) and node.op == "call_function"
+                and node.target in (torch.ops.aten.detach.default, torch.ops.aten.alias.default)):
+            continue
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in VIEW_OPS:
+            return (f" ({name} is a detach of a view of another tensor, such as k.mT.detach(): the pass reads the "
+                    "layout through the views below a detach, not above it; k.detach().mT is read)")
+    return ""
 
 
 def _chunked(m: Match) -> str | None:
