@@ -659,11 +659,23 @@ def track_axis(node: fx.Node, axis: int) -> int | None:
         return axis
     if target is aten.expand.default:
         return axis + (len(out) - len(src)) if src[axis] == out[axis + len(out) - len(src)] else None
-    # view / reshape / unsqueeze / squeeze / flatten: match by the product of the axes before it.
+    if target is aten.unsqueeze.default:
+        d = args[1] % len(out)
+        return axis if axis < d else axis + 1
+    if target in (aten.squeeze.dim, aten.squeeze.dims):
+        dims = {d % len(src) for d in ([args[1]] if target is aten.squeeze.dim else args[1]) if src[d % len(src)] == 1}
+        return None if axis in dims else axis - sum(d < axis for d in dims)
+    # view / reshape / squeeze / flatten: match by the product of the axes before it; size-1 axes after the
+    # same product keep their order (the second of [.., 1, 1] is the second, not the first again: at T = 1 the
+    # weights' [T, T] axes are two such axes)
     before = _prod(src[:axis])
+    rank = sum(1 for a in range(axis) if src[a] == 1 and _prod(src[:a]) == before) if src[axis] == 1 else 0
     for x in range(len(out)):
         if _prod(out[:x]) == before and out[x] == src[axis]:
             if out[x] == 1 and src[axis] != 1:
+                continue
+            if rank:
+                rank -= 1
                 continue
             return x
     return None

@@ -924,6 +924,13 @@ class _Reader:
         if isinstance(a, _Table) and isinstance(b, _Lin) and not any(b.coefs) or \
                 isinstance(b, _Table) and isinstance(a, _Lin) and not any(a.coefs):
             return self._table_op(node, a if isinstance(a, _Table) else b)
+        if target is aten.mul.Tensor:
+            for m, m_arg, c in ((a, a_arg, b), (b, b_arg, a)):
+                if isinstance(m, _Bool) and isinstance(c, _Lin) and not any(c.coefs) and _is_int(c.off) \
+                        and c.off not in (0, 1):
+                    # c times a 0/1 mask (``2 * ones(T, T).tril()``): a mask of 0 and c
+                    m = self.broadcast(m, shape, self.shape(m_arg))
+                    return _Pick(len(shape), m.pred, float(c.off), 0.0)
         a = self.broadcast(self.as_bool(a), shape, self.shape(a_arg))
         b = self.broadcast(self.as_bool(b), shape, self.shape(b_arg))
         if target in _OR_OPS:
@@ -981,6 +988,10 @@ class _Reader:
             # positions compared with a table (``j <= clamp(i, max=15)`` read at the traced size): not a 0/1
             # mask, so the comparison itself is the table (static shapes), or refused
             return self._unknown(node, shape)
+        if any(isinstance(x, _Table) and not self._zero_one(x) for x in (a, b)):
+            # a table of numbers compared with another tensor (document ids, ``doc[:, None] == doc[None]``): the
+            # comparison is the table (static shapes), not a comparison of 0/1 masks
+            return self._unknown(node, shape)
         if isinstance(a, _Bool) or isinstance(b, _Bool) or isinstance(a, _Table) or isinstance(b, _Table):
             return self._compare_bool(node, shape, op, a, b)
         a = self.broadcast(self.as_lin(a), shape, self.shape(a_arg))
@@ -996,6 +1007,10 @@ class _Reader:
                 "eq": _and(le, ge),
                 "ne": _not(_and(le, ge))}[op]
         return _Bool(len(shape), pred)
+
+    def _zero_one(self, value: "_Table") -> bool:
+        t = self.tables[value.index]
+        return t.dtype == torch.bool or bool(((t == 0) | (t == 1)).all())
 
     def _compare_bool(self, node, shape, op, a, b):
         """m == 0, m != 0, m == 1, m > 0 ... on a 0/1 mask, and m == n between masks."""

@@ -470,17 +470,23 @@ class Matcher:
         first = weights[0]
         if any(w.q is not first.q or w.k is not first.k or w.score_scale != first.score_scale for w in weights):
             raise NotACandidate(f"{node.target} of weights of different scores")
-        # a cast (a value-changing _to_copy, canonicalize) is read by evaluation: precision.py refuses the
-        # round trips that round (float64 -> float32 -> float64) with that reason, and reads exact ones
-        if node.target not in POLYNOMIAL_OPS and node.target is not torch.ops.prims.convert_element_type.default:
+        # a cast (a value-changing _to_copy, canonicalize) keeps the weights' zeros (a mask) and is read as what
+        # it is: a widening is exact (the weights as they were; what the operator computes in, and whether eager
+        # returns wider than it would, is autocast_scope.operator_precision's); any other is read by evaluation,
+        # where a rounding one fails to fit (refused, saying so) and precision.py refuses the round trips that
+        # round (float64 -> float32 -> float64)
+        cast = node.target is torch.ops.prims.convert_element_type.default
+        if node.target not in POLYNOMIAL_OPS and not cast:
             raise Refused("polynomial", f"{node.target} of the scores is not a polynomial operation (only sums and "
                                         "products are read: a clamp, min/max, rounding or modulo is piecewise)", node)
-        if any(w.keep is not None or w.junk for w in weights):
+        if not cast and any(w.keep is not None or w.junk for w in weights):
             raise Refused("mask", f"{node.target} applied to masked weights: the masked entries become "
                                   f"{node.target} of 0, not 0", node)
         broadcast = [self._broadcast(node, w) for w in weights]
         if any(w.axes != broadcast[0].axes for w in broadcast):
             raise NotACandidate("operands with different [T, T] axes")
+        if cast and _widening(node):
+            return broadcast[0]
 
         def at(x: float) -> float:
             probe = {arg: torch.tensor(_evaluate(w.poly, x), dtype=torch.float64) for arg, w in seen.items()}
@@ -489,6 +495,9 @@ class Matcher:
             return float(node.target(*args, **kwargs))
 
         poly = polynomial.fit(at)
+        if poly is None and cast:
+            raise Refused("unsupported", f"the weights cast from {_dtype_of(node.args[0])} to {_dtype_of(node)}, "
+                                         "which rounds them: not a polynomial of q.k the operator computes", node)
         if poly is None:
             raise Refused("polynomial", f"{node.target} of the scores is not a polynomial in q.k (read by "
                                         f"evaluating it at {len(polynomial.FIT_POINTS)} points)", node)
@@ -603,6 +612,22 @@ class Matcher:
                 if power == -1 and c == 0.0:
                     raise Refused("polynomial", "the scores are divided by a constant zero", node)
                 return self._with_poly(w, polynomial.scale(w.poly, c if power == 1 else 1.0 / c))
+            if _same_along_weights(other, w):
+                # a constant of more than one element that is the same along the query and key axes: a number
+                # where all its elements are one (a constant is a value, not a spelling), else a per-head scale
+                value = self.constant(other)
+                if value is not None and value.numel() and bool((value == value.reshape(-1)[0]).all()):
+                    c = float(value.reshape(-1)[0].item())
+                    if power == -1 and c == 0.0:
+                        raise Refused("polynomial", "the scores are divided by a constant zero", node)
+                    w = self._broadcast(node, w)
+                    return self._with_poly(w, polynomial.scale(w.poly, c if power == 1 else 1.0 / c))
+                what = "scores" if polynomial.is_monomial(w.poly, 1) else "weights"
+                raise Refused("unsupported", f"the {what} are {verb} by a constant tensor of shape "
+                                             f"{tuple(hint_shape(other))} that is the same along the query and key "
+                                             "axes and differs between heads or batch entries (a per-head scale): "
+                                             "the operator takes one scale for every head (a per-head scale of q "
+                                             "before the scores is read)", node)
             if power == -1:
                 raise NotACandidate("weights divided by a constant tensor of more than one element")
             w = self._broadcast(node, w)
@@ -632,7 +657,7 @@ class Matcher:
             scale = (w.out_scale or ScoreScale()).times(other, power)
             return replace(self._broadcast(node, w), out_scale=scale)
         shape = tuple(hint_shape(other))
-        if all(i < 0 or shape[i] == 1 for i in (a - (len(w.shape) - len(shape)) for a in w.axes)):
+        if _same_along_weights(other, w):
             raise Refused("unsupported", f"the weights are {verb} by a tensor of shape {shape} that is the same "
                                          "along the query and key axes (a per-head or per-batch scale, e.g. an "
                                          "nn.Parameter [1, H, 1, 1]) and not a compile-time constant: the operator "
@@ -1093,6 +1118,27 @@ def _unscaled(w: Weights, node: fx.Node) -> None:
                                      "not P(c s), and only a scale of the weights as they meet v (the output "
                                      "times it) is read", node)
 
+
+def _same_along_weights(other: fx.Node, w: Weights) -> bool:
+    """``other``, broadcast against the weights ``w``, is the same along their query and key axes (size 1 or
+    absent there: a per-head or per-batch factor)."""
+    shape = tuple(hint_shape(other))
+    return all(i < 0 or shape[i] == 1 for i in (a - (len(w.shape) - len(shape)) for a in w.axes))
+
+
+def _dtype_of(node) -> torch.dtype | None:
+    value = example_value(node) if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _widening(cast: fx.Node) -> bool:
+    """A cast between floating dtypes to one at least as precise, which represents every value of its input
+    exactly (float16 or bfloat16 -> float32 -> float64; not float16 <-> bfloat16)."""
+    src, dst = _dtype_of(cast.args[0]) if cast.args else None, _dtype_of(cast)
+    if src is None or dst is None or not (src.is_floating_point and dst.is_floating_point):
+        return False
+    fs, fd = torch.finfo(src), torch.finfo(dst)
+    return fd.eps <= fs.eps and fd.max >= fs.max and fd.tiny <= fs.tiny
 
 def _not_normalised(w: Weights) -> None:
     if w.row_normalised is not None:

@@ -48,6 +48,12 @@ def site_nodes(match: Match) -> list[fx.Node]:
     return seen
 
 
+def cast_dtypes(match: Match) -> set:
+    """The floating dtypes the casts inside a site cast to (``a.float()`` of bfloat16 weights: float32)."""
+    return {_dtype(n) for n in site_nodes(match) if n.op == "call_function" and n.target in _CASTS
+            and _dtype(n) is not None and _dtype(n).is_floating_point}
+
+
 def lossy_round_trip(match: Match) -> fx.Node | None:
     """A cast inside the site to a floating dtype less precise than both its input and the site's
     output (a round trip through lower precision), or None."""
@@ -104,8 +110,8 @@ def reduction_dtype_note(refusal: Refused) -> Refused:
         why = (f"{describe_cast(cast, node)}: it rounds every element to {_dtype(cast)} before summing, a rounding the "
                "Based operator does not do, so no reader reads it as the operator's sum")
     else:
-        why = (f"{describe_cast(cast, node)}: a widening cast inside the attention, which no reader reads "
-               f"through (as an explicit .to({_dtype(cast)}) there)")
+        why = (f"{describe_cast(cast, node)}: a widening cast inside the attention, read as an explicit "
+               f".to({_dtype(cast)}) there")
     return Refused(refusal.category, f"{why} ({refusal.reason})", refusal.node)
 
 
@@ -127,10 +133,11 @@ def _reads_a_matmul(node: fx.Node) -> bool:
 
 
 def weights_cast_note(refusal: Refused) -> Refused:
-    """``refusal`` with its reason led by an explicit cast between a floating dtype and another (``a.float()``) of
-    what the refused node computes from the last matmuls (scores, weights, a normaliser) where there is one: no
-    reader reads through such a cast (``exact_cast``), and the reader's own reason (masked entries "of 0, not 0")
-    would not say why; as it was when there is none."""
+    """``refusal`` with its reason led by an explicit narrowing cast between floating dtypes (``a.half()`` of float32
+    weights) of what the refused node computes from the last matmuls (scores, weights, a normaliser) where there is
+    one: it rounds every element, no reader reads through it, and the reader's own reason would not say why; as it
+    was when there is none. A widening cast of the weights is read through (``match``: exact, zeros stay zeros);
+    whether eager then returns wider than the operator would is ``autocast_scope.operator_precision``'s."""
     node = refusal.node
     if not isinstance(node, fx.Node):
         return refusal
@@ -146,9 +153,10 @@ def weights_cast_note(refusal: Refused) -> Refused:
                 and _reads_a_matmul(current):
             src = _dtype(current.args[0]) if current.args else None
             dst = _dtype(current)
-            if src is not None and dst is not None and src != dst and src.is_floating_point and dst.is_floating_point:
-                change = "a narrowing cast: it rounds every element" if _narrows(current) else "a widening cast"
-                why = f"{describe_cast(current)} from {src}: {change} inside the attention, which no reader reads through"
+            if src is not None and dst is not None and src.is_floating_point and dst.is_floating_point \
+                    and _narrows(current):
+                why = (f"{describe_cast(current)} from {src}: a narrowing cast: it rounds every element inside the "
+                       "attention, which no reader reads through")
                 return Refused(refusal.category, f"{why} ({refusal.reason})", refusal.node)
         stack.extend(current.all_input_nodes)
     return refusal

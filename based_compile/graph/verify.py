@@ -25,6 +25,7 @@ from ..kernels.naive import naive_parallel_based
 from ..op.attention_with_state import composed_forward
 from ..op.recurrent_step import feature_width
 from .candidate import Match
+from .precision import cast_dtypes
 from .refusal import Refused
 from ..op.spec import BasedSpec
 
@@ -592,6 +593,9 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
     for node in (m.k, m.v):
         if isinstance(example_value(node), torch.Tensor) and example_value(node).is_floating_point():
             widest = torch.promote_types(widest, example_value(node).dtype)
+    # a site that casts inside (bfloat16 weights widened to float32 by .float()) computes that part in the cast's
+    # dtype whatever the probe's: it agrees with the reference to that dtype's accuracy only
+    inner_tolerance = max((_TOLERANCE.get(d, 1e-3) for d in cast_dtypes(m)), default=0.0)
     for dtype in dict.fromkeys((torch.float64, fake_q.dtype, widest)):
         gen = torch.Generator().manual_seed(1234)
         values = {}
@@ -605,7 +609,7 @@ def _settle_one(m: Match, evaluator: GraphEvaluator, *, probe: bool) -> Settled:
         except Exception as err:            # e.g. float64 probe against float32 parameters: retry in q's dtype
             errors.append(f"{type(err).__name__}: {err}")
             continue
-        tol = max(_TOLERANCE.get(out.dtype, 1e-3), _TOLERANCE.get(dtype, 1e-3))
+        tol = max(_TOLERANCE.get(out.dtype, 1e-3), _TOLERANCE.get(dtype, 1e-3), inner_tolerance)
         best = math.inf
         factor, out_factor = _scale_of_q(m, evaluator, values), _scale_of_output(m, evaluator, values)
         for reading in readings:
