@@ -253,7 +253,7 @@ NEAR_MISSES = {
                                         ["regroups", "[2, 7, 3, 7] -> [2, 3, 7, 7]"]),
     "mask_over_the_folded_rows": (mask_over_the_folded_rows, "BTHD", "unsupported",
                                   ["regroups", "masked_fill", "[2, 3, 7, 7] -> [2, 21, 7]"]),
-    "normaliser_over_the_queries": (normaliser_over_the_queries, "BTHD", "normaliser", ["key axis"]),
+    "normaliser_over_the_queries": (normaliser_over_the_queries, "BTHD", "normaliser", ["over the queries"]),
     "one_query_head_against_every_key_head": (one_query_head_against_every_key_head, "BHTD", "unsupported",
                                               ["columns", "several key heads", "[2, 7, 21]"]),
     "keys_shared_over_the_batch": (keys_shared_over_the_batch, "BHTD", "unsupported", ["(7, 4)"]),
